@@ -1,0 +1,72 @@
+"""Types shared by every TTT operator: the execution-form enum and the explicit state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class Impl(str, enum.Enum):
+    """Execution forms. Chosen explicitly with ``impl=``; there is no silent fallback.
+
+    - ``REFERENCE``: token by token, inner gradient from ``torch.func`` (autograd). Slow, obviously right.
+    - ``CHUNK``: the dual form, all work inside a mini-batch as matmuls; loop over mini-batches.
+    - ``RECURRENT``: token by token with the closed-form inner gradient (the primal form of decoding).
+    - ``TRITON``: fused GPU kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    - ``AUTO``: ``TRITON`` on CUDA tensors, ``CHUNK`` otherwise.
+    """
+
+    REFERENCE = "reference"
+    CHUNK = "chunk"
+    RECURRENT = "recurrent"
+    TRITON = "triton"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value: Impl | str) -> Impl:
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"impl must be one of {names}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class TTTState:
+    """The explicit state of a TTT operator after some prefix of a sequence.
+
+    Mini-batch TTT takes every inner gradient of a mini-batch at the weights the mini-batch started
+    from (``anchor``). To resume in the middle of a mini-batch we therefore carry the anchor and the
+    learning-rate-weighted gradient sum of the tokens already seen (``grad_sum``), plus how many
+    tokens of the mini-batch those were (``offset``).
+
+    Attributes:
+        weights: fast weights of the last token seen, e.g. ``(W [B, H, D, D], b [B, H, D])``.
+            This is what ``f_W`` would answer a query with.
+        anchor: fast weights at the start of the current mini-batch (same layout).
+        grad_sum: ``sum_{j < offset} lr_j * grad loss_j(anchor)`` (same layout).
+        offset: tokens of the current mini-batch already consumed, ``0 <= offset < mini_batch_size``.
+        mini_batch_size: the mini-batch size this state was produced with.
+        variant: the operator that produced it (``"ttt_linear"``, ``"ttt_mlp"``, ...).
+    """
+
+    weights: tuple[Tensor, ...]
+    anchor: tuple[Tensor, ...]
+    grad_sum: tuple[Tensor, ...]
+    offset: int
+    mini_batch_size: int
+    variant: str
+
+    def isfinite(self) -> Tensor:
+        """``[B]`` bool: True where every fast weight of that sequence is finite (no NaN/Inf)."""
+        flags = [torch.isfinite(t).flatten(1).all(dim=1) for t in self.anchor + self.grad_sum]
+        return torch.stack(flags).all(dim=0)
+
+    def detach(self) -> TTTState:
+        """The same state cut from the autograd graph (for truncated backprop through time)."""
+        d = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
+        return TTTState(d(self.weights), d(self.anchor), d(self.grad_sum), self.offset,
+                        self.mini_batch_size, self.variant)
