@@ -68,5 +68,6 @@ class TTTState:
     def detach(self) -> TTTState:
         """The same state cut from the autograd graph (for truncated backprop through time)."""
         d = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
-        return TTTState(d(self.weights), d(self.anchor), d(self.grad_sum), self.offset,
-                        self.mini_batch_size, self.variant)
+        return TTTState(
+            d(self.weights), d(self.anchor), d(self.grad_sum), self.offset, self.mini_batch_size, self.variant
+        )

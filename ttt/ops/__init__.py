@@ -1,0 +1,10 @@
+"""Functional TTT operators. Layout ``[B, H, T, D]``; state explicit; ``impl=`` picks the form."""
+
+from ._dispatch import TTTOutput
+from .family import *  # noqa: F403
+from .family import __all__ as _family_all
+from .ttt_linear import ttt_linear
+from .ttt_mlp import ttt_mlp
+from .types import Impl, TTTState
+
+__all__ = ["Impl", "TTTOutput", "TTTState", "ttt_linear", "ttt_mlp", *_family_all]

@@ -1,0 +1,106 @@
+"""Validation and ``impl=`` dispatch shared by ``ttt_linear`` and ``ttt_mlp``.
+
+Kept in one place so that every TTT operator rejects bad input with the same messages and no form
+is ever chosen silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+from torch import Tensor
+
+from . import _checks
+from ._state import fresh_state
+from .common import compute_dtype, default_token_eta
+from .types import Impl, TTTState
+
+
+class TTTOutput(NamedTuple):
+    """``output`` ``[B, H, T, D]`` in the dtype of q; ``final_state`` or None."""
+
+    output: Tensor
+    final_state: TTTState | None
+
+
+def resolve_impl(impl: Impl | str, q: Tensor, forms: dict[Impl, Callable | str]) -> Callable:
+    """Map ``impl`` to a callable; ``str`` entries are lazily imported ``module:function`` paths."""
+    choice = Impl.parse(impl)
+    if choice is Impl.AUTO:
+        choice = Impl.TRITON if q.is_cuda else Impl.CHUNK
+    if choice not in forms:
+        have = ", ".join(repr(i.value) for i in forms)
+        raise ValueError(f"impl={choice.value!r} is not available for this operator; choose one of {have}")
+    form = forms[choice]
+    if isinstance(form, str):
+        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(
+                f"impl={choice.value!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); q is on {q.device}"
+            )
+        module, name = form.split(":")
+        try:
+            form = getattr(importlib.import_module(module), name)
+        except ImportError as err:
+            raise ImportError(
+                f"impl={choice.value!r} needs Triton and its kernels ({module}): {err}"
+            ) from err
+    return form
+
+
+def run_ttt(
+    form: dict[Impl, Callable | str],
+    variant: str,
+    shapes_of: Callable[[int, int], tuple[tuple[int, ...], ...]],
+    names: tuple[str, ...],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    initial_state,
+    token_eta: Tensor | None,
+    mini_batch_size: int,
+    causal: bool,
+    output_final_state: bool,
+    eps: float,
+    impl: Impl | str,
+    check_finite: bool,
+) -> TTTOutput:
+    B, H, T, D = _checks.check_qkv(q, k, v)
+    _checks.check_per_token("lr", lr, B, H, T, q.device)
+    _checks.check_per_head("ln_weight", ln_weight, H, D, q.device)
+    _checks.check_per_head("ln_bias", ln_bias, H, D, q.device)
+    _checks.check_mini_batch_size(mini_batch_size)
+    if token_eta is None:
+        token_eta = default_token_eta(mini_batch_size, q.device)
+    _checks.check_token_eta(token_eta, mini_batch_size, q.device)
+    fn = resolve_impl(impl, q, form)
+    cd = compute_dtype(q.dtype)
+    state = fresh_state(
+        initial_state,
+        shapes=shapes_of(H, D),
+        names=names,
+        batch_size=B,
+        mini_batch_size=mini_batch_size,
+        variant=variant,
+        dtype=cd,
+        device=q.device,
+    )
+    if not causal and state.offset != 0:
+        raise ValueError(
+            f"causal=False reads each mini-batch's final weights, so it cannot resume inside a mini-batch "
+            f"(initial_state.offset={state.offset}); split non-causal sequences at multiples of "
+            f"mini_batch_size={mini_batch_size}"
+        )
+    if check_finite:
+        _checks.check_finite(q=q, k=k, v=v, lr=lr, ln_weight=ln_weight, ln_bias=ln_bias, token_eta=token_eta)
+        _checks.check_finite(
+            **{f"initial_state[{i}]": t for i, t in enumerate(state.anchor + state.grad_sum)}
+        )
+    o, final = fn(q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd), state, causal=causal, eps=eps)
+    return TTTOutput(o.to(q.dtype), final if output_final_state else None)

@@ -1,0 +1,56 @@
+"""TTT-Linear in its primal form: one token at a time, fast weights materialised after every token.
+
+This is the decoding form (a call with T = 1 at any offset inside a mini-batch) and an independent
+check of the dual form: it never forms the ``A`` matrix. Layout as in ``chunk.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._state import last_token_weights
+from ..common import layer_norm, ln_l2_grad, scan_mini_batches
+from ..types import TTTState
+
+
+def recurrent_ttt_linear(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    token_eta: Tensor,
+    state: TTTState,
+    *,
+    causal: bool,
+    eps: float,
+) -> tuple[Tensor, TTTState]:
+    if not causal:
+        raise ValueError("impl='recurrent' is the causal decoding form; use impl='chunk' for causal=False")
+    cd = state.anchor[0].dtype
+    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
+    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+
+    def step(start, c, offset, anchor, grad_sum):
+        W, bias = anchor
+        S_W, S_b = grad_sum
+        outs = []
+        for t in range(start, start + c):
+            q_t, k_t, v_t = q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]  # [B, H, 1, D]
+            G = ln_l2_grad(k_t @ W + bias[:, :, None], v_t - k_t, lw, lb, eps)  # [B, H, 1, D]
+            eta = lr[:, :, t, None, None]
+            S_W, S_b = S_W + eta * (k_t.transpose(-1, -2) @ G), S_b + eta[..., 0] * G[:, :, 0]
+            W_t, b_t = W - te[offset] * S_W, bias - te[offset] * S_b
+            outs.append(q_t @ W_t + b_t[:, :, None])
+            offset += 1
+        return torch.cat(outs, dim=2), (S_W, S_b)
+
+    zs, anchor, grad_sum, offset = scan_mini_batches(
+        step, state.anchor, state.grad_sum, state.offset, q.shape[2], te, state.mini_batch_size
+    )
+    Z = torch.cat(zs, dim=2) if zs else q
+    o = q + layer_norm(Z, lw, lb, eps)
+    weights = last_token_weights(anchor, grad_sum, offset, te)
+    return o, TTTState(weights, anchor, grad_sum, offset, state.mini_batch_size, state.variant)

@@ -1,0 +1,72 @@
+"""Public TTT-MLP operator: validation and dispatch on ``impl=``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .._dispatch import TTTOutput, run_ttt
+from ..types import Impl, TTTState
+from .chunk import chunk_ttt_mlp
+from .reference import naive_recurrent_ttt_mlp
+
+FORMS = {
+    Impl.REFERENCE: naive_recurrent_ttt_mlp,
+    Impl.CHUNK: chunk_ttt_mlp,
+    Impl.TRITON: "ttt.ops.ttt_mlp.triton:triton_ttt_mlp",
+}
+STATE_NAMES = ("W1", "b1", "W2", "b2")
+
+
+def ttt_mlp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    initial_state: tuple[Tensor, Tensor, Tensor, Tensor] | TTTState,
+    token_eta: Tensor | None = None,
+    mini_batch_size: int = 16,
+    causal: bool = True,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    impl: Impl | str = Impl.CHUNK,
+    check_finite: bool = False,
+) -> TTTOutput:
+    """TTT-MLP (Sun et al. 2024): ``ttt_linear`` with inner model ``LN(gelu_tanh(x W1 + b1) W2 + b2)``.
+
+    Args:
+        q, k, v: ``[B, H, T, D]``.
+        lr: ``[B, H, T]`` per-token inner learning rate.
+        ln_weight, ln_bias: ``[H, D]``.
+        initial_state: ``(W1 [B, H, D, M], b1 [B, H, M], W2 [B, H, M, D], b2 [B, H, D])`` for any hidden
+            size M (the paper uses 4D), leading B optional or 1; or the ``TTTState`` of a previous call.
+        token_eta, mini_batch_size, causal, output_final_state, eps, impl, check_finite: as ``ttt_linear``
+            (decoding is a T = 1 call with ``impl="chunk"``; there is no separate primal form).
+
+    Returns:
+        ``TTTOutput(output [B, H, T, D], final_state or None)``.
+
+    Examples::
+
+        >>> import torch, ttt
+        >>> B, H, T, D, M = 1, 2, 20, 8, 32
+        >>> q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+        >>> W1, W2 = torch.randn(H, D, M) * 0.02, torch.randn(H, M, D) * 0.02
+        >>> o, _ = ttt.ops.ttt_mlp(q, k, v, torch.full((B, H, T), 0.1), torch.ones(H, D), torch.zeros(H, D),
+        ...                        initial_state=(W1, torch.zeros(H, M), W2, torch.zeros(H, D)))
+        >>> o.shape
+        torch.Size([1, 2, 20, 8])
+    """
+
+    def shapes(H: int, D: int):
+        W1 = initial_state.anchor[0] if isinstance(initial_state, TTTState) else initial_state[0]
+        M = W1.shape[-1] if isinstance(W1, Tensor) else 4 * D
+        return (H, D, M), (H, M), (H, M, D), (H, D)
+
+    return run_ttt(
+        FORMS, "ttt_mlp", shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
+        initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
+        output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
+    )  # fmt: skip

@@ -1,0 +1,76 @@
+"""TTT-MLP in its dual form, layer by layer (derivation in ../ttt_linear/README.md, section TTT-MLP).
+
+For a mini-batch starting at ``(W1, b1, W2, b2)``, with all inner gradients taken there:
+
+    Z1 = K W1 + b1,  X2 = gelu(Z1),  Z2 = X2 W2 + b2
+    G2 = dLoss/dZ2 (LN + L2),        G1 = (G2 W2^T) * gelu'(Z1)
+    Z1bar = Q W1 + b1 - te * (Q S_W1 + S_b1) - A1 G1,      A1[i, j] = te_i lr_j (q_i . k_j + 1)
+    X2bar = gelu(Z1bar)
+    Z2bar = X2bar W2 + b2 - te * (X2bar S_W2 + S_b2) - A2 G2, A2[i, j] = te_i lr_j (X2bar_i . X2_j + 1)
+    o = Q + LN(Z2bar)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._state import last_token_weights
+from ..common import causal_eta_scores, gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad, scan_mini_batches
+from ..types import TTTState
+
+
+def chunk_ttt_mlp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    token_eta: Tensor,
+    state: TTTState,
+    *,
+    causal: bool,
+    eps: float,
+) -> tuple[Tensor, TTTState]:
+    cd = state.anchor[0].dtype
+    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
+    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+    b, T = state.mini_batch_size, q.shape[2]
+
+    def step(start, c, offset, anchor, grad_sum):
+        W1, b1, W2, b2 = anchor
+        sl = slice(start, start + c)
+        Q, K, V, LR = q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl]
+        te_c = te[offset : offset + c]
+        Z1 = K @ W1 + b1[:, :, None]  # [B, H, c, M]
+        X2 = gelu_tanh(Z1)
+        G2 = ln_l2_grad(X2 @ W2 + b2[:, :, None], V - K, lw, lb, eps)  # [B, H, c, D]
+        G1 = (G2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1)  # [B, H, c, M]
+        LG1, LG2 = LR[..., None] * G1, LR[..., None] * G2
+        prev = grad_sum
+        new = (
+            prev[0] + K.transpose(-1, -2) @ LG1,
+            prev[1] + LG1.sum(2),
+            prev[2] + X2.transpose(-1, -2) @ LG2,
+            prev[3] + LG2.sum(2),
+        )
+        if causal:
+            te_col = te_c[:, None]
+            Z1bar = Q @ W1 + b1[:, :, None] - te_col * (Q @ prev[0] + prev[1][:, :, None])
+            Z1bar = Z1bar - causal_eta_scores(Q, K, LR, te_c) @ G1
+            X2bar = gelu_tanh(Z1bar)
+            Z2bar = X2bar @ W2 + b2[:, :, None] - te_col * (X2bar @ prev[2] + prev[3][:, :, None])
+            Z2bar = Z2bar - causal_eta_scores(X2bar, X2, LR, te_c) @ G2
+        else:
+            W1e, b1e, W2e, b2e = (a - te_c[-1] * s for a, s in zip(anchor, new))
+            Z2bar = gelu_tanh(Q @ W1e + b1e[:, :, None]) @ W2e + b2e[:, :, None]
+        return Z2bar, new
+
+    zbars, anchor, grad_sum, offset = scan_mini_batches(
+        step, state.anchor, state.grad_sum, state.offset, T, te, b
+    )
+    Zbar = torch.cat(zbars, dim=2) if zbars else q
+    o = q + layer_norm(Zbar, lw, lb, eps)
+    weights = last_token_weights(anchor, grad_sum, offset, te)
+    return o, TTTState(weights, anchor, grad_sum, offset, b, state.variant)
