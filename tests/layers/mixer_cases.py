@@ -1,0 +1,32 @@
+"""Small float64 configurations of every mixer, shared by the protocol tests.
+
+``CASES`` maps a case id to the registry name plus constructor kwargs; :func:`make` builds it in float64
+with a fixed seed. ``EXACT_AFTER_PADDING`` lists the cases whose state after a padded forward continues exactly like the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ttt.layers import MIXERS
+
+DIM, HEADS = 24, 3
+
+
+def build(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MIXERS[name](dim=DIM, num_heads=HEADS, **kwargs).double()
+
+
+CASES: dict[str, dict] = {
+    "attention": dict(name="attention"),
+    "attention_gqa": dict(name="attention", num_kv_heads=1),
+    "swa": dict(name="swa", window=5),
+}
+
+EXACT_AFTER_PADDING = {"attention", "attention_gqa", "swa"}
+
+
+def make(case: str) -> torch.nn.Module:
+    spec = dict(CASES[case])
+    return build(spec.pop("name"), **spec)

@@ -1,0 +1,71 @@
+"""Attention-specific checks: the math against an explicit softmax, the window, the cache size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.layers import Attention, KVCache, SlidingWindowAttention
+from ttt.modules import apply_rotary, rotary_cos_sin
+
+
+def _explicit(layer: Attention, x: torch.Tensor, window: int | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal/window mask) v, head by head, no SDPA."""
+    batch, length, _ = x.shape
+    h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q = layer.q_proj(x).view(batch, length, h, d).transpose(1, 2)
+    k = layer.k_proj(x).view(batch, length, g, d).transpose(1, 2).repeat_interleave(h // g, dim=1)
+    v = layer.v_proj(x).view(batch, length, g, d).transpose(1, 2).repeat_interleave(h // g, dim=1)
+    cos, sin = rotary_cos_sin(torch.arange(length), d)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    scores = (q @ k.transpose(-1, -2)) / d**0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return layer.o_proj((probs @ v).transpose(1, 2).reshape(batch, length, -1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window", [None, 1, 4])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_matches_explicit_softmax(window, kv_heads):
+    torch.manual_seed(0)
+    layer = Attention(dim=32, num_heads=4, num_kv_heads=kv_heads, window=window).double()
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x)[0], _explicit(layer, x, window), atol=1e-12, rtol=0)
+
+
+@torch.no_grad()
+def test_sliding_window_cache_stays_bounded():
+    torch.manual_seed(0)
+    layer = SlidingWindowAttention(dim=16, num_heads=2, window=6).double()
+    state = layer.init_state(1)
+    for _ in range(40):
+        _, state = layer.step(torch.randn(1, 1, 16, dtype=torch.float64), state)
+    assert state.k.shape[2] == 5  # the next token sees itself plus the 5 cached ones
+    assert int(state.lengths) == 40
+
+
+@torch.no_grad()
+def test_full_cache_grows_and_reports_bytes():
+    layer = Attention(dim=16, num_heads=2)
+    _, state = layer(torch.randn(3, 10, 16))
+    assert isinstance(state, KVCache) and state.k.shape == (3, 2, 10, 8)
+    assert state.nbytes() == 2 * 3 * 2 * 10 * 8 * 4
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="num_heads"):
+        Attention(dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="even"):
+        Attention(dim=12, num_heads=4)
+    with pytest.raises(ValueError, match="window"):
+        Attention(dim=16, num_heads=2, window=0)
+
+
+def test_wrong_state_raises():
+    layer = Attention(dim=16, num_heads=2)
+    with pytest.raises(TypeError, match="KVCache"):
+        layer(torch.randn(1, 2, 16), state=(1, 2))
+    with pytest.raises(ValueError, match="B=2"):
+        layer(torch.randn(1, 2, 16), state=layer.init_state(2))

@@ -1,0 +1,14 @@
+"""Drop-in sequence mixers with one protocol (see :mod:`ttt.layers.protocol`).
+
+``MIXERS`` maps a name to a class built as ``cls(dim=..., num_heads=..., **layer_specific)``.
+"""
+
+from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
+from ttt.layers.protocol import Mixer
+
+MIXERS: dict[str, type] = {
+    "attention": Attention,
+    "swa": SlidingWindowAttention,
+}
+
+__all__ = ["MIXERS", "Attention", "KVCache", "Mixer", "SlidingWindowAttention"]

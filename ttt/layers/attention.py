@@ -1,0 +1,213 @@
+"""Causal multi-head softmax attention (SDPA + RoPE) with a KV cache: the baseline mixer.
+
+Shapes: B batch, T new tokens, S cached tokens, C model width, H query heads, G key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttt.layers.protocol import check_input, check_mask, merge_heads, split_heads
+from ttt.modules.rotary import apply_rotary, rotary_cos_sin
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The state of :class:`Attention` after a prefix.
+
+    Attributes:
+        k, v: cached keys (RoPE applied) and values ``[B, G, S, D]``.
+        positions: position of each cached token ``[B, S]`` (int64).
+        valid: ``[B, S]`` bool, False for cached padding (never attended to).
+        lengths: ``[B]`` int64, real tokens seen per row; the next token of a row sits at this position.
+    """
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor
+    valid: Tensor
+    lengths: Tensor
+
+    def detach(self) -> KVCache:
+        return KVCache(self.k.detach(), self.v.detach(), self.positions, self.valid, self.lengths)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (keys and values), for state-size comparisons."""
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class Attention(nn.Module):
+    """Causal softmax attention with rotary positions, as in Llama (and the TTT paper's Transformer baseline).
+
+    Args:
+        dim: model width C.
+        num_heads: H; ``dim % num_heads == 0``, head dim D = C / H (even, for RoPE).
+        num_kv_heads: G key/value heads (grouped-query attention, Ainslie et al. 2023).
+            Default: ``num_heads``.
+        window: sliding window W: a token attends to itself and the W - 1 tokens before it, and the cache
+            keeps only what the next token can see (constant-size state, for hybrids). Default: ``None``
+            (full causal attention).
+        rope_theta: RoPE base. Default: ``10000`` (ttt-lm-pytorch ``rope_theta``).
+        bias: bias in the q/k/v/o projections. Default: ``False`` (Llama, TTT baseline).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        window: int | None = None,
+        rope_theta: float = 10000.0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"need dim % num_heads == 0 and num_heads % num_kv_heads == 0, got "
+                f"dim={dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
+            )
+        if (dim // num_heads) % 2:
+            raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be None or >= 1, got {window}")
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.window, self.rope_theta = window, rope_theta
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for ``batch_size`` sequences."""
+        device = device or self.q_proj.weight.device
+        dtype = dtype or self.q_proj.weight.dtype
+        empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(
+            k=empty,
+            v=empty.clone(),
+            positions=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+            lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def forward(
+        self, x: Tensor, state: KVCache | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, KVCache]:
+        """Attend over the cache and the new tokens.
+
+        Args:
+            x: ``[B, T, C]``.
+            state: a :class:`KVCache` from ``init_state`` or a previous call, or ``None`` (sequence start).
+            mask: ``[B, T]`` bool, True = real token (right padding). Padded tokens are never attended to
+                and do not advance the positions, so a padded batch matches the unpadded sequences.
+
+        Returns:
+            ``(y [B, T, C], KVCache)``.
+        """
+        check_input("Attention", x, self.dim)
+        mask = check_mask("Attention", mask, x)
+        batch, length, _ = x.shape
+        q = split_heads(self.q_proj(x), self.num_heads)  # [B, H, T, D]
+        k = split_heads(self.k_proj(x), self.num_kv_heads)  # [B, G, T, D]
+        v = split_heads(self.v_proj(x), self.num_kv_heads)
+        steps = torch.arange(length, device=x.device)
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=k.dtype)
+            positions = steps.expand(batch, length)
+            cos, sin = rotary_cos_sin(steps, self.head_dim, theta=self.rope_theta)  # [T, D/2]
+        else:
+            self._check_state(state, batch)
+            positions = state.lengths[:, None] + steps  # [B, T]
+            cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)  # [B, 1, T, D/2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        valid_new = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        keys = torch.cat([state.k.to(k.dtype), k], dim=2)  # [B, G, S+T, D]
+        values = torch.cat([state.v.to(v.dtype), v], dim=2)
+        key_positions = torch.cat([state.positions, positions], dim=1)  # [B, S+T]
+        key_valid = torch.cat([state.valid, valid_new], dim=1)
+
+        if state.k.shape[2] == 0 and mask is None and self.window is None:
+            o = self._sdpa(q, keys, values, None, is_causal=True)
+        else:
+            allowed = self._allowed(positions, key_positions, key_valid, cached=state.k.shape[2])
+            o = self._sdpa(q, keys, values, allowed[:, None], is_causal=False)
+        y = self.o_proj(merge_heads(o))
+
+        lengths = state.lengths + valid_new.sum(dim=1)
+        return y, self._trim(KVCache(keys, values, key_positions, key_valid, lengths))
+
+    def step(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
+        """One decoding step: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], KVCache)``."""
+        check_input("Attention.step", x_t, self.dim, step=True)
+        return self.forward(x_t, state)
+
+    def _allowed(self, q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, *, cached: int) -> Tensor:
+        """``[B, T, S+T]`` bool: which keys each new query may attend to."""
+        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if self.window is not None:
+            allowed &= q_pos[:, :, None] - k_pos[:, None, :] < self.window
+        # a padded query may have no real key in reach; letting it see itself avoids an all -inf row (NaN)
+        length = q_pos.shape[1]
+        diagonal = torch.zeros_like(allowed)
+        diagonal[:, torch.arange(length), cached + torch.arange(length)] = True
+        return allowed | diagonal
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, is_causal: bool) -> Tensor:
+        if self.num_kv_heads != self.num_heads:
+            repeats = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _trim(self, cache: KVCache) -> KVCache:
+        """Drop cached tokens that no later query can reach (sliding window only)."""
+        if self.window is None or cache.k.shape[2] == 0:
+            return cache
+        # the next query of row b sits at lengths[b]; later queries see even less
+        needed = cache.valid & (cache.positions > cache.lengths[:, None] - self.window)  # [B, S]
+        if not needed.any():
+            start = cache.k.shape[2]
+        else:
+            start = int(needed.float().argmax(dim=1).masked_fill(~needed.any(dim=1), cache.k.shape[2]).min())
+        if start == 0:
+            return cache
+        return KVCache(
+            cache.k[:, :, start:],
+            cache.v[:, :, start:],
+            cache.positions[:, start:],
+            cache.valid[:, start:],
+            cache.lengths,
+        )
+
+    def _check_state(self, state: KVCache, batch: int) -> None:
+        if not isinstance(state, KVCache):
+            raise TypeError(
+                f"Attention: state must be a KVCache (from init_state or forward), got {type(state).__name__}"
+            )
+        if state.k.shape[0] != batch or state.k.shape[1] != self.num_kv_heads:
+            raise ValueError(
+                f"Attention: state holds [B={state.k.shape[0]}, G={state.k.shape[1]}] but the "
+                f"input has B={batch} and the layer G={self.num_kv_heads}"
+            )
+
+
+class SlidingWindowAttention(Attention):
+    """:class:`Attention` with a sliding window, for hybrid models (the ``"swa"`` mixer).
+
+    Args:
+        window: tokens each query sees, itself included. Default: ``512`` (a size for small-context
+            models on CPU; Samba, arXiv 2406.07522, uses 2048 at 4k context).
+        Other arguments as :class:`Attention`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, window: int = 512, **kwargs) -> None:
+        if window is None:
+            raise ValueError("SlidingWindowAttention needs a window (use Attention for full attention)")
+        super().__init__(dim, num_heads, window=window, **kwargs)

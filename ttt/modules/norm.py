@@ -1,0 +1,41 @@
+"""Normalisation blocks: RMSNorm, and the gated RMSNorm on the outputs of gated linear-attention layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, ``x / rms(x) * weight`` (Zhang & Sennrich, 2019).
+
+    Computed in float32 (float64 for float64 input) so that bf16 activations do not lose the mean square.
+
+    Args:
+        dim: size of the last dim C.
+        eps: added to the mean square. Default: ``1e-6`` (Llama, ttt-lm-pytorch ``rms_norm_eps``).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., C]`` -> ``[..., C]`` in ``x.dtype``."""
+        acc = x.float() if x.dtype != torch.float64 else x
+        normed = acc * torch.rsqrt(acc.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(acc.dtype)).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """``RMSNorm(x) * silu(gate)``: the output norm of Gated DeltaNet, Mamba2 and GLA-style layers.
+
+    The gate comes from a separate projection of the layer input; the SiLU lets the layer switch
+    channels off, which the papers report stabilises the recurrent output (Yang et al. 2024, GDN §3).
+    """
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        """``x, gate [..., C]`` -> ``[..., C]`` in ``x.dtype``."""
+        return super().forward(x) * F.silu(gate.to(x.dtype))
