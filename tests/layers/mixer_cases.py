@@ -1,7 +1,8 @@
 """Small float64 configurations of every mixer, shared by the protocol tests.
 
 ``CASES`` maps a case id to the registry name plus constructor kwargs; :func:`make` builds it in float64
-with a fixed seed. ``EXACT_AFTER_PADDING`` lists the cases whose state after a padded forward continues exactly like the unpadded sequence.
+with a fixed seed. ``EXACT_AFTER_PADDING``: cases whose state after a padded forward continues exactly
+like the unpadded sequence.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ CASES: dict[str, dict] = {
     "attention": dict(name="attention"),
     "attention_gqa": dict(name="attention", num_kv_heads=1),
     "swa": dict(name="swa", window=5),
+    "ttt_linear": dict(name="ttt_linear", mini_batch_size=4),
+    "ttt_linear_m": dict(name="ttt_linear", mini_batch_size=4, share_qk=True, use_gate=True),
+    "ttt_mlp": dict(name="ttt_mlp", mini_batch_size=4),
+    "ttt_mlp_m": dict(name="ttt_mlp", mini_batch_size=4, share_qk=True, use_gate=True),
 }
 
 EXACT_AFTER_PADDING = {"attention", "attention_gqa", "swa"}

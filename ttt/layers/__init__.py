@@ -5,10 +5,22 @@
 
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
 from ttt.layers.protocol import Mixer
+from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
 
 MIXERS: dict[str, type] = {
     "attention": Attention,
     "swa": SlidingWindowAttention,
+    "ttt_linear": TTTLinear,
+    "ttt_mlp": TTTMLP,
 }
 
-__all__ = ["MIXERS", "Attention", "KVCache", "Mixer", "SlidingWindowAttention"]
+__all__ = [
+    "MIXERS",
+    "Attention",
+    "KVCache",
+    "Mixer",
+    "SlidingWindowAttention",
+    "TTTLayerState",
+    "TTTLinear",
+    "TTTMLP",
+]

@@ -1,0 +1,305 @@
+"""TTT-Linear and TTT-MLP layers (Sun et al., arXiv 2407.04620) as drop-in attention replacements.
+
+The layer follows the official implementation (ttt-lm-pytorch / ttt-lm-jax, see ANCHORS 1.3): bias-free
+q/k/v/o projections; RoPE on q, k with positions restarting every mini-batch; a per-head learned gate on
+the inner learning rate, ``lr = base_lr * sigmoid(x w_h + b_h) / head_dim``; learnable offsets on
+``token_eta = max(1/(i+1) + offset_i, 0)``; a learned initial fast model ``W0`` and an inner LayerNorm per
+head; the TTT operator (``ttt.ops``) with the residual ``q + LN(f(q))``; a post-norm over the full width,
+an optional GELU output gate, and the output projection. With ``share_qk=True`` the q and k come from one
+projection through two separate causal short convolutions (the paper's "Mamba backbone" (M) variant).
+
+Shapes: B batch, T tokens, C model width, H heads, D head dim C/H, M hidden width of TTT-MLP, b mini-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ttt.ops
+from ttt.layers.protocol import check_input, check_mask, merge_heads, split_heads
+from ttt.modules.conv import ShortConv
+from ttt.modules.rotary import apply_rotary, rotary_cos_sin
+from ttt.ops import Impl, TTTState
+
+
+@dataclass(frozen=True)
+class TTTLayerState:
+    """The state of a TTT layer after a prefix.
+
+    Attributes:
+        ttt: the operator's state (fast weights plus the partial mini-batch), or ``None`` before the
+            first token (the layer then starts from its learned ``W0``, so gradients reach it).
+        conv_q, conv_k: short-convolution caches ``[B, C, K - 1]`` (``None`` without ``share_qk``).
+        position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``.
+    """
+
+    ttt: TTTState | None
+    conv_q: Tensor | None
+    conv_k: Tensor | None
+    position: int
+
+    def detach(self) -> TTTLayerState:
+        """The same state cut from the autograd graph (truncated backprop through time)."""
+        cut = lambda t: None if t is None else t.detach()  # noqa: E731
+        return TTTLayerState(self.ttt.detach() if self.ttt else None, cut(self.conv_q), cut(self.conv_k),
+                             self.position)  # fmt: skip
+
+    def nbytes(self) -> int:
+        """Bytes of the recurrent state (fast weights, anchors, gradient sums, conv caches)."""
+        tensors = [self.conv_q, self.conv_k]
+        if self.ttt is not None:
+            tensors += [*self.ttt.weights, *self.ttt.anchor, *self.ttt.grad_sum]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class _TTTLayer(nn.Module):
+    """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator."""
+
+    variant: str
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mini_batch_size: int,
+        base_lr: float,
+        use_gate: bool,
+        share_qk: bool,
+        conv_size: int,
+        rope_theta: float,
+        causal: bool,
+        impl: Impl | str,
+        decode_impl: Impl | str | None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        if (dim // num_heads) % 2:
+            raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.mini_batch_size, self.base_lr, self.rope_theta = mini_batch_size, base_lr, rope_theta
+        self.causal, self.share_qk = causal, share_qk
+        self.impl = Impl.parse(impl).value
+        self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
+        self.last_impl: str | None = None
+
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = None if share_qk else nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        # the (M) variant: one projection, two causal convs (ttt-lm-jax ttt_layer.py, conv_q / conv_k)
+        self.conv_q = ShortConv(dim, conv_size, bias=True) if share_qk else None
+        self.conv_k = ShortConv(dim, conv_size, bias=True) if share_qk else None
+        # inner learning-rate gate: one linear unit per head on x, N(0, 0.02) weights, zero bias
+        self.lr_gate = nn.Linear(dim, num_heads)
+        nn.init.normal_(self.lr_gate.weight, std=0.02)
+        nn.init.zeros_(self.lr_gate.bias)
+        self.token_eta_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        self.post_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.g_proj = nn.Linear(dim, dim, bias=False) if use_gate else None
+
+    def fast_weights(self) -> tuple[Tensor, ...]:
+        """The learned initial fast model, per head (no batch dim)."""
+        raise NotImplementedError
+
+    def _op(self, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, **kwargs) -> tuple[Tensor, TTTState]:
+        raise NotImplementedError
+
+    def token_eta(self) -> Tensor:
+        """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
+        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, device=self.token_eta_offset.device)
+        return (base.to(self.token_eta_offset.dtype) + self.token_eta_offset).clamp(min=0)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> TTTLayerState:
+        """The state before the first token: learned ``W0`` (``ttt=None``) and zero conv caches."""
+        caches = [None, None]
+        if self.share_qk:
+            caches = [
+                c.init_cache(batch_size, device=device, dtype=dtype) for c in (self.conv_q, self.conv_k)
+            ]
+        return TTTLayerState(None, caches[0], caches[1], 0)
+
+    def forward(
+        self, x: Tensor, state: TTTLayerState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, TTTLayerState]:
+        """Run the layer over a chunk.
+
+        Args:
+            x: ``[B, T, C]``.
+            state: a :class:`TTTLayerState` from ``init_state`` or a previous call, or ``None``.
+            mask: ``[B, T]`` bool, True = real token, right padding. Padded tokens get inner learning
+                rate 0, so they do not change the fast weights, and each row's real outputs equal those
+                of its unpadded sequence. The returned state of a padded row is *not* that of the
+                unpadded row (its padding still advanced the mini-batch position); do not continue it.
+
+        Returns:
+            ``(y [B, T, C], TTTLayerState)``.
+        """
+        name = type(self).__name__
+        check_input(name, x, self.dim)
+        mask = check_mask(name, mask, x)
+        return self._run(x, state, mask, self.impl)
+
+    def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
+        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
+        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True)
+        if not self.causal:
+            raise ValueError(
+                f"{type(self).__name__}(causal=False) reads each mini-batch's final weights, "
+                "so it cannot decode token by token; use it in encoders only"
+            )
+        return self._run(x_t, state, None, self.decode_impl)
+
+    def _run(self, x: Tensor, state: TTTLayerState | None, mask: Tensor | None, impl: str):
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        elif not isinstance(state, TTTLayerState):
+            raise TypeError(
+                f"{type(self).__name__}: state must be a TTTLayerState, got {type(state).__name__}"
+            )
+
+        q, k, conv_q, conv_k = self._query_key(x, state, mask)
+        v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
+        # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
+        positions = (state.position + torch.arange(length, device=x.device)) % self.mini_batch_size
+        cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        lr = self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim  # [B, H, T]
+        if mask is not None:
+            lr = lr * mask[:, None, :].to(lr.dtype)
+        initial = state.ttt if state.ttt is not None else self.fast_weights()
+        o, ttt_state = self._op(
+            q, k, v, lr,
+            initial_state=initial, token_eta=self.token_eta(), mini_batch_size=self.mini_batch_size,
+            causal=self.causal, output_final_state=True, impl=impl,
+        )  # fmt: skip
+        self.last_impl = impl
+
+        y = self.post_norm(merge_heads(o))  # [B, T, C]
+        if self.g_proj is not None:
+            y = F.gelu(self.g_proj(x), approximate="tanh") * y
+        return self.o_proj(y), TTTLayerState(ttt_state, conv_q, conv_k, state.position + length)
+
+    def _query_key(self, x: Tensor, state: TTTLayerState, mask: Tensor | None):
+        """q, k ``[B, H, T, D]`` and the new conv caches."""
+        if not self.share_qk:
+            q, k = self.q_proj(x), self.k_proj(x)
+            return split_heads(q, self.num_heads), split_heads(k, self.num_heads), None, None
+        shared = self.q_proj(x)
+        q, conv_q = self.conv_q(shared, state.conv_q, mask)
+        k, conv_k = self.conv_k(shared, state.conv_k, mask)
+        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), conv_q, conv_k
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, mini_batch_size={self.mini_batch_size}, "
+                f"base_lr={self.base_lr}, share_qk={self.share_qk}, use_gate={self.g_proj is not None}, "
+                f"causal={self.causal}, impl={self.impl!r}, decode_impl={self.decode_impl!r}")  # fmt: skip
+
+
+class TTTLinear(_TTTLayer):
+    """TTT-Linear: the fast model is ``x + LN(x W + b)`` per head, updated by mini-batch GD on each chunk.
+
+    Args:
+        dim: model width C.
+        num_heads: H (``dim % num_heads == 0``; D = C / H even, for RoPE).
+        mini_batch_size: inner mini-batch b. Default: ``16`` (paper §2.7, ttt-lm-pytorch).
+        base_lr: inner base learning rate. Default: ``1.0`` (ANCHORS 1.4, TTT-Linear).
+        use_gate: GELU output gate ``gelu_tanh(g_proj(x)) * post_norm(o)``. Default: ``False``
+            (Transformer backbone; the (M) variant uses ``True``).
+        share_qk: one q/k projection through two causal short convs (the (M) variant). Default: ``False``.
+        conv_size: kernel of those convs. Default: ``4`` (ttt-lm-jax ``conv_width``).
+        rope_theta: RoPE base. Default: ``10000``.
+        causal: ``False`` lets every token of a mini-batch read the weights after the whole mini-batch
+            (the non-causal form of the TTT video model, for encoders; cannot decode). Default: ``True``.
+        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"chunk"`` (dual form).
+        decode_impl: form used by ``step``. Default: ``"recurrent"`` (primal form, one token).
+
+    ``last_impl`` records the form the last call ran.
+    """
+
+    variant = "ttt_linear"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mini_batch_size: int = 16,
+        base_lr: float = 1.0,
+        use_gate: bool = False,
+        share_qk: bool = False,
+        conv_size: int = 4,
+        rope_theta: float = 10000.0,
+        causal: bool = True,
+        impl: Impl | str = "chunk",
+        decode_impl: Impl | str | None = "recurrent",
+    ) -> None:
+        super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
+                         share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
+                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+        self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
+        self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+
+    def fast_weights(self) -> tuple[Tensor, Tensor]:
+        """``(W0 [H, D, D], b0 [H, D])``."""
+        return self.W0, self.b0
+
+    def _op(self, q, k, v, lr, **kwargs):
+        return ttt.ops.ttt_linear(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+
+
+class TTTMLP(_TTTLayer):
+    """TTT-MLP: the fast model is ``x + LN(gelu_tanh(x W1 + b1) W2 + b2)`` per head, hidden M = 4 D.
+
+    Arguments as :class:`TTTLinear`, except:
+        base_lr: Default: ``0.1`` (ANCHORS 1.4, TTT-MLP; the paper also warms it up from 0.01, which is
+            a training-recipe matter).
+        hidden_mult: M / D. Default: ``4`` (ttt-lm-pytorch).
+        decode_impl: Default: ``"chunk"`` (``ttt_mlp`` decodes with a T = 1 chunk call).
+    """
+
+    variant = "ttt_mlp"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mini_batch_size: int = 16,
+        base_lr: float = 0.1,
+        hidden_mult: int = 4,
+        use_gate: bool = False,
+        share_qk: bool = False,
+        conv_size: int = 4,
+        rope_theta: float = 10000.0,
+        causal: bool = True,
+        impl: Impl | str = "chunk",
+        decode_impl: Impl | str | None = "chunk",
+    ) -> None:
+        super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
+                         share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
+                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+        hidden = hidden_mult * self.head_dim
+        # W2 ~ N(0, 0.02) too, after ttt-lm-jax commit ac8cdc8 "Fix TTT MLP Init"
+        self.W1 = nn.Parameter(torch.randn(num_heads, self.head_dim, hidden) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(num_heads, hidden))
+        self.W2 = nn.Parameter(torch.randn(num_heads, hidden, self.head_dim) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+
+    def fast_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(W1 [H, D, M], b1 [H, M], W2 [H, M, D], b2 [H, D])``."""
+        return self.W1, self.b1, self.W2, self.b2
+
+    def _op(self, q, k, v, lr, **kwargs):
+        return ttt.ops.ttt_mlp(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
