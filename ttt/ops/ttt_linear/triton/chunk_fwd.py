@@ -1,0 +1,188 @@
+"""Fused forward kernel of TTT-Linear (dual form): one program per (batch, head), mini-batch loop inside.
+
+Dims: B batch, H heads, T tokens of this call, D head dim (BD = D padded to a power of two >= 16),
+b mini-batch size (BT = b padded to a power of two >= 16), NS mini-batch segments of this call.
+
+Tokens are placed on a virtual grid ``u = offset + t`` so that segment ``n`` always covers grid slots
+``[n * b, (n + 1) * b)``; the slots before ``offset`` (first segment) and after ``offset + T`` (last
+segment) are masked. The fast weights (anchor W0 [D, D], b0 [D]) and, for the first segment, the
+carried gradient sum stay in registers in fp32 for the whole sequence.
+
+Optionally the anchor at the start of every segment is written to ``ckpt_w`` / ``ckpt_b``
+([B * H, NS, D, D] / [B * H, NS, D], fp32): the backward recomputes each segment from it, so
+activation memory is O(T * D + (T / b) * D^2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ln_rows(z, m_d, D: tl.constexpr, eps):
+    """Row LayerNorm statistics of z [BT, BD] over the D valid columns: (xhat, rstd [BT])."""
+    mu = tl.sum(z, axis=1) / D
+    zc = tl.where(m_d[None, :], z - mu[:, None], 0.0)
+    var = tl.sum(zc * zc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.constexpr, eps,
+                PREC: tl.constexpr):
+    """G = d/dZ 0.5 * ||LN(Z) - (v - k)||^2 at Z = k W0 + b0, rows outside m_row zeroed. [BT, BD]"""
+    b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_bias[None, :]
+    b_xh, b_rstd = _ln_rows(b_z, m_d, D, eps)
+    b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - (b_v - b_k)) * b_gamma[None, :]
+    b_g = (b_gx - tl.sum(b_gx, axis=1)[:, None] / D
+           - b_xh * (tl.sum(b_gx * b_xh, axis=1) / D)[:, None]) * b_rstd[:, None]
+    return tl.where(m_row[:, None] & m_d[None, :], b_g, 0.0)
+
+
+@triton.heuristics({
+    'STORE_CKPT': lambda args: args['ckpt_w'] is not None,
+})
+@triton.jit(do_not_specialize=['T', 'offset', 'NS'])
+def chunk_ttt_linear_fwd_kernel_fused(
+    q, k, v, lr, te, ln_w, ln_b,
+    h0_w, h0_b, g0_w, g0_b,
+    o, ht_w, ht_b, gt_w, gt_b,
+    ckpt_w, ckpt_b,
+    T, offset, NS, eps,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    MB: tl.constexpr,
+    BT: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PREC: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    i_h = i_bh % H
+    # int64 bases: B * H * T * D can pass 2^31
+    i_bh64 = i_bh.to(tl.int64)
+    o_i = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    m_dd = m_d[:, None] & m_d[None, :]
+    o_dd = o_d[:, None] * D + o_d[None, :]
+
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.).to(tl.float32)
+    te_last = tl.load(te + MB - 1).to(tl.float32)
+
+    # [BD, BD] anchor and [BD] bias, fp32, resident for the whole sequence
+    b_w = tl.load(h0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.)
+    b_b = tl.load(h0_b + i_bh64 * D + o_d, mask=m_d, other=0.)
+    # carried gradient sum of the tokens of the current mini-batch consumed by earlier calls
+    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.)
+    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.)
+
+    for n in range(0, NS):
+        # grid slot of row i is n * MB + i; token index t = slot - offset
+        o_t = n * MB + o_i - offset
+        m_t = (o_i < MB) & (o_t >= 0) & (o_t < T)
+        p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+        m_td = m_t[:, None] & m_d[None, :]
+        b_q = tl.load(q + p_tok, mask=m_td, other=0.).to(tl.float32)
+        b_k = tl.load(k + p_tok, mask=m_td, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_tok, mask=m_td, other=0.).to(tl.float32)
+        b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.).to(tl.float32)
+        if STORE_CKPT:
+            p_ck = (i_bh64 * NS + n) * D
+            tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
+            tl.store(ckpt_b + p_ck + o_d, b_b, mask=m_d)
+
+        # position of the last token of this segment inside its mini-batch
+        slot_end = tl.minimum(n * MB + MB, offset + T)
+        p_last = slot_end - 1 - n * MB
+        f_done = (slot_end == n * MB + MB).to(tl.float32)
+
+        b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)  # [BT, BD]
+        if CAUSAL:
+            b_eta = b_te
+            m_a = (o_i[:, None] >= o_i[None, :]) & m_t[None, :]
+        else:
+            b_eta = tl.zeros([BT], dtype=tl.float32) + tl.load(te + p_last).to(tl.float32)
+            m_a = (o_i[:, None] >= 0) & m_t[None, :]
+        # [BT, BT] eta_i * lr_j * (q_i . k_j + 1), causal (or segment) mask
+        b_p = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.)
+        b_zb = tl.dot(b_q, b_w, input_precision=PREC) + b_b[None, :] - tl.dot(b_a, b_g, input_precision=PREC)
+        if n == 0:
+            b_zs = tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :]
+            b_zb = b_zb - b_eta[:, None] * b_zs
+        b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
+        b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
+        tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
+
+        # accumulate this segment's lr-weighted gradients; on a full mini-batch, step the anchor
+        b_lg = b_g * b_lr[:, None]
+        b_gw += tl.dot(tl.trans(b_k), b_lg, input_precision=PREC)
+        b_gb += tl.sum(b_lg, axis=0)
+        b_w -= (f_done * te_last) * b_gw
+        b_b -= (f_done * te_last) * b_gb
+        b_gw *= 1.0 - f_done
+        b_gb *= 1.0 - f_done
+
+    tl.store(ht_w + i_bh64 * D * D + o_dd, b_w, mask=m_dd)
+    tl.store(ht_b + i_bh64 * D + o_d, b_b, mask=m_d)
+    tl.store(gt_w + i_bh64 * D * D + o_dd, b_gw, mask=m_dd)
+    tl.store(gt_b + i_bh64 * D + o_d, b_gb, mask=m_d)
+
+
+def launch_config(D: int, dtype: torch.dtype) -> dict:
+    """Block sizes, warps and dot precision shared by the forward and backward launchers."""
+    BD = max(16, triton.next_power_of_2(D))
+    # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs use tf32 (10-bit mantissa, more than bf16's 7)
+    prec = 'ieee' if dtype in (torch.float32, torch.float64) else 'tf32'
+    return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8)
+
+
+def chunk_ttt_linear_fwd_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_eta: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    h0: tuple[torch.Tensor, torch.Tensor],
+    g0: tuple[torch.Tensor, torch.Tensor],
+    *,
+    offset: int,
+    causal: bool,
+    eps: float,
+    store_ckpt: bool,
+    num_warps: int | None = None,
+):
+    """Launch the fused forward. q, k, v [B, H, T, D] contiguous; lr [B, H, T]; h0 / g0 = (W [B, H, D, D],
+    b [B, H, D]) contiguous fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
+    per-segment anchors (ckpt_w [B, H, NS, D, D], ckpt_b [B, H, NS, D]) or (None, None)."""
+    B, H, T, D = q.shape
+    MB = token_eta.shape[0]
+    NS = triton.cdiv(offset + T, MB)
+    cfg = launch_config(D, q.dtype)
+    BT = max(16, triton.next_power_of_2(MB))
+    o = torch.empty_like(q)
+    ht_w, ht_b = torch.empty_like(h0[0]), torch.empty_like(h0[1])
+    gt_w, gt_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
+    ckpt_w = ckpt_b = None
+    if store_ckpt:
+        ckpt_w = q.new_empty(B, H, NS, D, D, dtype=torch.float32)
+        ckpt_b = q.new_empty(B, H, NS, D, dtype=torch.float32)
+    chunk_ttt_linear_fwd_kernel_fused[(B * H,)](
+        q, k, v, lr, token_eta, ln_weight, ln_bias,
+        h0[0], h0[1], g0[0], g0[1],
+        o, ht_w, ht_b, gt_w, gt_b,
+        ckpt_w, ckpt_b,
+        T, offset, NS, eps,
+        H=H, D=D, BD=cfg['BD'], MB=MB, BT=BT, CAUSAL=causal, PREC=cfg['PREC'],
+        num_warps=num_warps or cfg['num_warps'],
+    )
+    return o, (ht_w, ht_b), (gt_w, gt_b), (ckpt_w, ckpt_b)

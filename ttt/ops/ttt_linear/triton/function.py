@@ -1,0 +1,89 @@
+"""Autograd glue for the fused TTT-Linear kernels (no math here; see chunk_fwd.py / chunk_bwd.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...types import TTTState
+from .chunk_bwd import chunk_ttt_linear_bwd_fused
+from .chunk_fwd import chunk_ttt_linear_fwd_fused
+
+
+class ChunkTTTLinearFunction(torch.autograd.Function):
+    """(q, k, v, lr, ln_w, ln_b, token_eta, W0, b0, gW0, gb0) -> (o, W, b, gW, gb).
+
+    Memory kept for backward: the inputs plus one fp32 anchor per mini-batch segment,
+    ``(T / b) * (D^2 + D)`` floats per (batch, head); every segment is recomputed from its anchor.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, lr, ln_w, ln_b, token_eta, w0, b0, gw0, gb0, offset, causal, eps):
+        q, k, v, lr = (x.contiguous() for x in (q, k, v, lr))
+        f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+        ln_w, ln_b, token_eta, w0, b0, gw0, gb0 = map(f32, (ln_w, ln_b, token_eta, w0, b0, gw0, gb0))
+        store = any(ctx.needs_input_grad)
+        o, (wt, bt), (gwt, gbt), ckpt = chunk_ttt_linear_fwd_fused(
+            q, k, v, lr, token_eta, ln_w, ln_b, (w0, b0), (gw0, gb0),
+            offset=offset, causal=causal, eps=eps, store_ckpt=store,
+        )
+        if store:
+            ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, *ckpt)
+        ctx.offset, ctx.causal, ctx.eps = offset, causal, eps
+        ctx.dtypes = (lr.dtype, ctx.needs_input_grad)
+        return o, wt, bt, gwt, gbt
+
+    @staticmethod
+    def backward(ctx, do, dwt, dbt, dgwt, dgbt):
+        q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, ckpt_w, ckpt_b = ctx.saved_tensors
+        z = lambda g, like: torch.zeros_like(like) if g is None else g.to(torch.float32).contiguous()  # noqa: E731
+        do = torch.zeros_like(q) if do is None else do.contiguous()
+        dq, dk, dv, dlr, dte, dln_w, dln_b, (dw0, db0), (dgw0, dgb0) = chunk_ttt_linear_bwd_fused(
+            q, k, v, lr, token_eta, ln_w, ln_b, (ckpt_w, ckpt_b), (gw0, gb0), do,
+            (z(dwt, gw0), z(dbt, gb0)), (z(dgwt, gw0), z(dgbt, gb0)),
+            offset=ctx.offset, causal=ctx.causal, eps=ctx.eps,
+        )
+        return dq, dk, dv, dlr.to(lr.dtype), dln_w, dln_b, dte, dw0, db0, dgw0, dgb0, None, None, None
+
+
+def triton_ttt_linear(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    token_eta: Tensor,
+    state: TTTState,
+    *,
+    causal: bool,
+    eps: float,
+) -> tuple[Tensor, TTTState]:
+    """TTT-Linear through the fused Triton kernels; same arguments and results as ``chunk_ttt_linear``.
+
+    Args:
+        q, k, v: ``[B, H, T, D]`` fp32 / bf16 / fp16 (float64 is refused: the kernels compute in fp32).
+        lr: ``[B, H, T]`` inner learning rate per token.
+        ln_weight, ln_bias: ``[H, D]`` inner LayerNorm.
+        token_eta: ``[b]`` per-position step factor of a mini-batch of size b.
+        state: ``TTTState`` expanded to batch B (anchor, grad_sum, offset).
+        causal: token i answers with the weights after token i (else: after the mini-batch's last token).
+        eps: LayerNorm epsilon.
+    Returns:
+        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token.
+    """
+    if q.dtype == torch.float64:
+        raise TypeError("the Triton TTT-Linear kernels compute in float32; use impl='chunk' for float64 inputs")
+    mb = token_eta.shape[0]
+    T = q.shape[2]
+    if T == 0:
+        return q.clone(), state
+    w0, b0 = state.anchor
+    gw0, gb0 = state.grad_sum
+    o, wt, bt, gwt, gbt = ChunkTTTLinearFunction.apply(
+        q, k, v, lr, ln_weight, ln_bias, token_eta, w0, b0, gw0, gb0, state.offset, causal, eps,
+    )
+    offset = (state.offset + T) % mb
+    te = token_eta.to(torch.float32)
+    weights = (wt, bt) if offset == 0 else (wt - te[offset - 1] * gwt, bt - te[offset - 1] * gbt)
+    return o, TTTState(weights, (wt, bt), (gwt, gbt), offset, mb, state.variant)
