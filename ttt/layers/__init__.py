@@ -4,6 +4,7 @@
 """
 
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
+from ttt.layers.bidirectional import Bidirectional
 from ttt.layers.protocol import Mixer
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
 

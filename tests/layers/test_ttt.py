@@ -1,0 +1,163 @@
+"""TTTLinear / TTTMLP specifics: the wiring against an explicit static model, the lr gate, padding and the
+fast weights, token_eta, the (M) variant, and that the chosen ``impl`` really ran."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ttt.ops
+from ttt.layers import TTTMLP, TTTLayerState, TTTLinear
+from ttt.modules import apply_rotary, rotary_cos_sin
+from ttt.ops import Impl
+from ttt.ops.ttt_linear import api as linear_api
+from ttt.ops.ttt_mlp import api as mlp_api
+
+LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}
+
+
+def _layer(kind: str, **kwargs):
+    torch.manual_seed(0)
+    return LAYERS[kind](dim=16, num_heads=2, mini_batch_size=4, **kwargs).double()
+
+
+def _x(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, length, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _ln(z, w, b, eps=1e-6):
+    return F.layer_norm(z, z.shape[-1:], eps=eps) * w[:, None, :] + b[:, None, :]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_zero_inner_lr_is_the_static_initial_model(use_gate):
+    """base_lr = 0 freezes the fast weights: y = o(post_norm(q + LN(q W0 + b0))) with RoPE mod b."""
+    layer = _layer("linear", base_lr=0.0, use_gate=use_gate)
+    x = _x(2, 11)
+    q = layer.q_proj(x).view(2, 11, 2, 8).transpose(1, 2)
+    cos, sin = rotary_cos_sin(torch.arange(11) % 4, 8)
+    q = apply_rotary(q, cos, sin)
+    o = q + _ln(q @ layer.W0 + layer.b0[:, None, :], layer.ln_weight, layer.ln_bias)
+    y = layer.post_norm(o.transpose(1, 2).reshape(2, 11, 16))
+    if use_gate:
+        y = F.gelu(layer.g_proj(x), approximate="tanh") * y
+    torch.testing.assert_close(layer(x)[0], layer.o_proj(y), atol=1e-12, rtol=0)
+
+
+def test_lr_gate_token_eta_and_padding_reach_the_operator(monkeypatch):
+    seen = {}
+
+    def spy(q, k, v, lr, ln_weight, ln_bias, **kwargs):
+        seen.update(lr=lr, **kwargs)
+        return real(q, k, v, lr, ln_weight, ln_bias, **kwargs)
+
+    real = ttt.ops.ttt_linear
+    monkeypatch.setattr(ttt.ops, "ttt_linear", spy)
+    layer = _layer("linear", base_lr=0.5)
+    x = _x(2, 8)
+    mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    layer(x, mask=mask)
+    want = 0.5 * torch.sigmoid(layer.lr_gate(x)).transpose(1, 2) / 8
+    torch.testing.assert_close(seen["lr"][0], want[0])
+    torch.testing.assert_close(seen["lr"][1, :, :5], want[1, :, :5])
+    assert (seen["lr"][1, :, 5:] == 0).all()
+    torch.testing.assert_close(seen["token_eta"], 1.0 / torch.arange(1, 5, dtype=torch.float64))
+    assert seen["mini_batch_size"] == 4 and seen["causal"] is True
+
+
+def test_token_eta_is_clamped_at_zero():
+    layer = _layer("linear")
+    with torch.no_grad():
+        layer.token_eta_offset.copy_(torch.tensor([0.5, -1.0, 0.0, -0.1], dtype=torch.float64))
+    torch.testing.assert_close(layer.token_eta(), torch.tensor([1.5, 0.0, 1 / 3, 0.15], dtype=torch.float64))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_padded_tokens_do_not_update_fast_weights(kind):
+    """8 real tokens (2 mini-batches) then 8 padded: the fast weights stop after the 8th token."""
+    layer = _layer(kind)
+    x = _x(1, 16)
+    mask = torch.arange(16)[None, :] < 8
+    _, padded = layer(x, mask=mask)
+    _, short = layer(x[:, :8])
+    assert padded.ttt.offset == short.ttt.offset == 0
+    for got, want in zip(padded.ttt.anchor, short.ttt.anchor):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "impl", "decode_impl", "api"),
+    [("linear", "chunk", "recurrent", linear_api), ("linear", "reference", "reference", linear_api),
+     ("mlp", "chunk", "chunk", mlp_api), ("mlp", "reference", "chunk", mlp_api)],
+)  # fmt: skip
+def test_chosen_impl_runs(monkeypatch, kind, impl, decode_impl, api):
+    calls = []
+    for form in {Impl(impl), Impl(decode_impl)}:
+        real = api.FORMS[form]
+
+        def counted(*args, _real=real, _form=form, **kwargs):
+            calls.append(_form.value)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setitem(api.FORMS, form, counted)
+    layer = _layer(kind, impl=impl, decode_impl=decode_impl)
+    _, state = layer(_x(1, 6))
+    assert calls == [impl] and layer.last_impl == impl
+    layer.step(_x(1, 1), state)
+    assert calls == [impl, decode_impl] and layer.last_impl == decode_impl
+
+
+def test_impl_is_validated():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        TTTLinear(dim=16, num_heads=2, impl="fast")
+
+
+@torch.no_grad()
+def test_impls_agree_in_the_layer():
+    x = _x(2, 10)
+    y_chunk, _ = _layer("linear", impl="chunk")(x)
+    y_ref, _ = _layer("linear", impl="reference")(x)
+    torch.testing.assert_close(y_chunk, y_ref, atol=1e-10, rtol=0)
+
+
+@torch.no_grad()
+def test_mamba_variant_shares_qk_and_carries_conv_state():
+    layer = _layer("mlp", share_qk=True, use_gate=True)
+    assert layer.k_proj is None and layer.conv_q is not None and layer.g_proj is not None
+    _, state = layer(_x(3, 5))
+    assert isinstance(state, TTTLayerState) and state.conv_q.shape == (3, 16, 3) and state.position == 5
+    assert state.nbytes() > 0 and bool(state.ttt.isfinite().all())
+
+
+def test_non_causal_encoder_mode():
+    layer = _layer("linear", causal=False)
+    x = _x(1, 8)
+    y, _ = layer(x)
+    # non-causal: the first token of a mini-batch already sees the mini-batch's later tokens
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    assert not torch.allclose(layer(x2)[0][:, 0], y[:, 0])
+    with pytest.raises(ValueError, match="cannot decode"):
+        layer.step(x[:, :1], layer.init_state(1))
+
+
+def test_gradient_reaches_initial_weights_through_a_chunked_sequence():
+    layer = _layer("linear")
+    x = _x(2, 9)
+    y1, state = layer(x[:, :5])
+    y2, _ = layer(x[:, 5:], state)
+    (y1.sum() + y2.square().sum()).backward()
+    assert layer.W0.grad.abs().sum() > 0 and layer.token_eta_offset.grad.abs().sum() > 0
+
+
+def test_float32_and_wrong_state():
+    layer = TTTLinear(dim=16, num_heads=2)
+    y, _ = layer(torch.randn(2, 20, 16))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    with pytest.raises(TypeError, match="TTTLayerState"):
+        layer(torch.randn(2, 3, 16), state=(1,))
+    with pytest.raises(ValueError, match="even"):
+        TTTLinear(dim=12, num_heads=4)
