@@ -18,6 +18,7 @@ MIXERS: dict[str, type] = {
 __all__ = [
     "MIXERS",
     "Attention",
+    "Bidirectional",
     "KVCache",
     "Mixer",
     "SlidingWindowAttention",
