@@ -31,27 +31,46 @@ def _ln_rows(z, m_d, D: tl.constexpr, eps):
 
 
 @triton.jit
-def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.constexpr, eps,
-                PREC: tl.constexpr):
+def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.constexpr, eps, PREC: tl.constexpr):
     """G = d/dZ 0.5 * ||LN(Z) - (v - k)||^2 at Z = k W0 + b0, rows outside m_row zeroed. [BT, BD]"""
     b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_bias[None, :]
     b_xh, b_rstd = _ln_rows(b_z, m_d, D, eps)
     b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - (b_v - b_k)) * b_gamma[None, :]
-    b_g = (b_gx - tl.sum(b_gx, axis=1)[:, None] / D
-           - b_xh * (tl.sum(b_gx * b_xh, axis=1) / D)[:, None]) * b_rstd[:, None]
+    b_g = (
+        b_gx - tl.sum(b_gx, axis=1)[:, None] / D - b_xh * (tl.sum(b_gx * b_xh, axis=1) / D)[:, None]
+    ) * b_rstd[:, None]
     return tl.where(m_row[:, None] & m_d[None, :], b_g, 0.0)
 
 
-@triton.heuristics({
-    'STORE_CKPT': lambda args: args['ckpt_w'] is not None,
-})
-@triton.jit(do_not_specialize=['T', 'offset', 'NS'])
+@triton.heuristics(
+    {
+        "STORE_CKPT": lambda args: args["ckpt_w"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T", "offset", "NS"])
 def chunk_ttt_linear_fwd_kernel_fused(
-    q, k, v, lr, te, ln_w, ln_b,
-    h0_w, h0_b, g0_w, g0_b,
-    o, ht_w, ht_b, gt_w, gt_b,
-    ckpt_w, ckpt_b,
-    T, offset, NS, eps,
+    q,
+    k,
+    v,
+    lr,
+    te,
+    ln_w,
+    ln_b,
+    h0_w,
+    h0_b,
+    g0_w,
+    g0_b,
+    o,
+    ht_w,
+    ht_b,
+    gt_w,
+    gt_b,
+    ckpt_w,
+    ckpt_b,
+    T,
+    offset,
+    NS,
+    eps,
     H: tl.constexpr,
     D: tl.constexpr,
     BD: tl.constexpr,
@@ -71,17 +90,17 @@ def chunk_ttt_linear_fwd_kernel_fused(
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
 
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.).to(tl.float32)
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
     te_last = tl.load(te + MB - 1).to(tl.float32)
 
     # [BD, BD] anchor and [BD] bias, fp32, resident for the whole sequence
-    b_w = tl.load(h0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.)
-    b_b = tl.load(h0_b + i_bh64 * D + o_d, mask=m_d, other=0.)
+    b_w = tl.load(h0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+    b_b = tl.load(h0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
     # carried gradient sum of the tokens of the current mini-batch consumed by earlier calls
-    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.)
-    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.)
+    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
 
     for n in range(0, NS):
         # grid slot of row i is n * MB + i; token index t = slot - offset
@@ -89,10 +108,10 @@ def chunk_ttt_linear_fwd_kernel_fused(
         m_t = (o_i < MB) & (o_t >= 0) & (o_t < T)
         p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
         m_td = m_t[:, None] & m_d[None, :]
-        b_q = tl.load(q + p_tok, mask=m_td, other=0.).to(tl.float32)
-        b_k = tl.load(k + p_tok, mask=m_td, other=0.).to(tl.float32)
-        b_v = tl.load(v + p_tok, mask=m_td, other=0.).to(tl.float32)
-        b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.).to(tl.float32)
+        b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+        b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
         if STORE_CKPT:
             p_ck = (i_bh64 * NS + n) * D
             tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
@@ -112,7 +131,7 @@ def chunk_ttt_linear_fwd_kernel_fused(
             m_a = (o_i[:, None] >= 0) & m_t[None, :]
         # [BT, BT] eta_i * lr_j * (q_i . k_j + 1), causal (or segment) mask
         b_p = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.)
+        b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.0)
         b_zb = tl.dot(b_q, b_w, input_precision=PREC) + b_b[None, :] - tl.dot(b_a, b_g, input_precision=PREC)
         if n == 0:
             b_zs = tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :]
@@ -140,7 +159,7 @@ def launch_config(D: int, dtype: torch.dtype) -> dict:
     """Block sizes, warps and dot precision shared by the forward and backward launchers."""
     BD = max(16, triton.next_power_of_2(D))
     # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs use tf32 (10-bit mantissa, more than bf16's 7)
-    prec = 'ieee' if dtype in (torch.float32, torch.float64) else 'tf32'
+    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8)
 
 
@@ -177,12 +196,35 @@ def chunk_ttt_linear_fwd_fused(
         ckpt_w = q.new_empty(B, H, NS, D, D, dtype=torch.float32)
         ckpt_b = q.new_empty(B, H, NS, D, dtype=torch.float32)
     chunk_ttt_linear_fwd_kernel_fused[(B * H,)](
-        q, k, v, lr, token_eta, ln_weight, ln_bias,
-        h0[0], h0[1], g0[0], g0[1],
-        o, ht_w, ht_b, gt_w, gt_b,
-        ckpt_w, ckpt_b,
-        T, offset, NS, eps,
-        H=H, D=D, BD=cfg['BD'], MB=MB, BT=BT, CAUSAL=causal, PREC=cfg['PREC'],
-        num_warps=num_warps or cfg['num_warps'],
+        q,
+        k,
+        v,
+        lr,
+        token_eta,
+        ln_weight,
+        ln_bias,
+        h0[0],
+        h0[1],
+        g0[0],
+        g0[1],
+        o,
+        ht_w,
+        ht_b,
+        gt_w,
+        gt_b,
+        ckpt_w,
+        ckpt_b,
+        T,
+        offset,
+        NS,
+        eps,
+        H=H,
+        D=D,
+        BD=cfg["BD"],
+        MB=MB,
+        BT=BT,
+        CAUSAL=causal,
+        PREC=cfg["PREC"],
+        num_warps=num_warps or cfg["num_warps"],
     )
     return o, (ht_w, ht_b), (gt_w, gt_b), (ckpt_w, ckpt_b)

@@ -24,8 +24,19 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
         ln_w, ln_b, token_eta, w0, b0, gw0, gb0 = map(f32, (ln_w, ln_b, token_eta, w0, b0, gw0, gb0))
         store = any(ctx.needs_input_grad)
         o, (wt, bt), (gwt, gbt), ckpt = chunk_ttt_linear_fwd_fused(
-            q, k, v, lr, token_eta, ln_w, ln_b, (w0, b0), (gw0, gb0),
-            offset=offset, causal=causal, eps=eps, store_ckpt=store,
+            q,
+            k,
+            v,
+            lr,
+            token_eta,
+            ln_w,
+            ln_b,
+            (w0, b0),
+            (gw0, gb0),
+            offset=offset,
+            causal=causal,
+            eps=eps,
+            store_ckpt=store,
         )
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, *ckpt)
@@ -39,9 +50,21 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
         z = lambda g, like: torch.zeros_like(like) if g is None else g.to(torch.float32).contiguous()  # noqa: E731
         do = torch.zeros_like(q) if do is None else do.contiguous()
         dq, dk, dv, dlr, dte, dln_w, dln_b, (dw0, db0), (dgw0, dgb0) = chunk_ttt_linear_bwd_fused(
-            q, k, v, lr, token_eta, ln_w, ln_b, (ckpt_w, ckpt_b), (gw0, gb0), do,
-            (z(dwt, gw0), z(dbt, gb0)), (z(dgwt, gw0), z(dgbt, gb0)),
-            offset=ctx.offset, causal=ctx.causal, eps=ctx.eps,
+            q,
+            k,
+            v,
+            lr,
+            token_eta,
+            ln_w,
+            ln_b,
+            (ckpt_w, ckpt_b),
+            (gw0, gb0),
+            do,
+            (z(dwt, gw0), z(dbt, gb0)),
+            (z(dgwt, gw0), z(dgbt, gb0)),
+            offset=ctx.offset,
+            causal=ctx.causal,
+            eps=ctx.eps,
         )
         return dq, dk, dv, dlr.to(lr.dtype), dln_w, dln_b, dte, dw0, db0, dgw0, dgb0, None, None, None
 
@@ -73,7 +96,9 @@ def triton_ttt_linear(
         ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token.
     """
     if q.dtype == torch.float64:
-        raise TypeError("the Triton TTT-Linear kernels compute in float32; use impl='chunk' for float64 inputs")
+        raise TypeError(
+            "the Triton TTT-Linear kernels compute in float32; use impl='chunk' for float64 inputs"
+        )
     mb = token_eta.shape[0]
     T = q.shape[2]
     if T == 0:
@@ -81,7 +106,20 @@ def triton_ttt_linear(
     w0, b0 = state.anchor
     gw0, gb0 = state.grad_sum
     o, wt, bt, gwt, gbt = ChunkTTTLinearFunction.apply(
-        q, k, v, lr, ln_weight, ln_bias, token_eta, w0, b0, gw0, gb0, state.offset, causal, eps,
+        q,
+        k,
+        v,
+        lr,
+        ln_weight,
+        ln_bias,
+        token_eta,
+        w0,
+        b0,
+        gw0,
+        gb0,
+        state.offset,
+        causal,
+        eps,
     )
     offset = (state.offset + T) % mb
     te = token_eta.to(torch.float32)
