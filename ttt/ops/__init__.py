@@ -3,8 +3,10 @@
 from ._dispatch import TTTOutput
 from .family import *  # noqa: F403
 from .family import __all__ as _family_all
+from .general import ttt_general
+from .ttt_attention import attention
 from .ttt_linear import ttt_linear
 from .ttt_mlp import ttt_mlp
 from .types import Impl, TTTState
 
-__all__ = ["Impl", "TTTOutput", "TTTState", "ttt_linear", "ttt_mlp", *_family_all]
+__all__ = ["attention", "Impl", "TTTOutput", "TTTState", "ttt_general", "ttt_linear", "ttt_mlp", *_family_all]

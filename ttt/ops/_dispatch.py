@@ -99,8 +99,8 @@ def run_ttt(
         )
     if check_finite:
         _checks.check_finite(q=q, k=k, v=v, lr=lr, ln_weight=ln_weight, ln_bias=ln_bias, token_eta=token_eta)
-        _checks.check_finite(
-            **{f"initial_state[{i}]": t for i, t in enumerate(state.anchor + state.grad_sum)}
-        )
+        named = {f"initial_state.anchor.{n}": t for n, t in zip(names, state.anchor)}
+        named.update({f"initial_state.grad_sum.{n}": t for n, t in zip(names, state.grad_sum)})
+        _checks.check_finite(**named)
     o, final = fn(q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd), state, causal=causal, eps=eps)
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)

@@ -95,13 +95,14 @@ def scan_mini_batches(step, anchor, grad_sum, offset: int, T: int, token_eta: Te
     return outs, anchor, grad_sum, offset
 
 
-def causal_eta_scores(qx: Tensor, kx: Tensor, lr: Tensor, token_eta: Tensor) -> Tensor:
+def causal_eta_scores(qx: Tensor, kx: Tensor, lr: Tensor, token_eta: Tensor, bias: bool = True) -> Tensor:
     """``A[i, j] = token_eta[i] * lr[j] * (qx_i . kx_j + 1)`` for ``j <= i``, else 0.
 
     The dual form of one linear layer ``x W + b`` read at the weights of token i: the ``+ 1`` is the
-    bias. qx, kx ``[B, H, c, D]``; lr ``[B, H, c]``; token_eta ``[c]``; returns ``[B, H, c, c]``.
+    bias (dropped with ``bias=False``). qx, kx ``[B, H, c, D]``; lr ``[B, H, c]``; token_eta ``[c]``;
+    returns ``[B, H, c, c]``.
     """
     c = qx.shape[-2]
     mask = torch.ones(c, c, dtype=torch.bool, device=qx.device).tril()
-    scores = (qx @ kx.transpose(-1, -2) + 1) * token_eta[:, None] * lr[..., None, :]
+    scores = (qx @ kx.transpose(-1, -2) + float(bias)) * token_eta[:, None] * lr[..., None, :]
     return scores.masked_fill(~mask, 0)

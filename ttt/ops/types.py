@@ -51,6 +51,7 @@ class TTTState:
         offset: tokens of the current mini-batch already consumed, ``0 <= offset < mini_batch_size``.
         mini_batch_size: the mini-batch size this state was produced with.
         variant: the operator that produced it (``"ttt_linear"``, ``"ttt_mlp"``, ...).
+        velocity: momentum buffers of the general operator (empty when it has no momentum).
     """
 
     weights: tuple[Tensor, ...]
@@ -59,15 +60,23 @@ class TTTState:
     offset: int
     mini_batch_size: int
     variant: str
+    velocity: tuple[Tensor, ...] = ()
 
     def isfinite(self) -> Tensor:
         """``[B]`` bool: True where every fast weight of that sequence is finite (no NaN/Inf)."""
-        flags = [torch.isfinite(t).flatten(1).all(dim=1) for t in self.anchor + self.grad_sum]
+        tensors = self.anchor + self.grad_sum + self.velocity
+        flags = [torch.isfinite(t).flatten(1).all(dim=1) for t in tensors]
         return torch.stack(flags).all(dim=0)
 
     def detach(self) -> TTTState:
         """The same state cut from the autograd graph (for truncated backprop through time)."""
         d = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
         return TTTState(
-            d(self.weights), d(self.anchor), d(self.grad_sum), self.offset, self.mini_batch_size, self.variant
+            d(self.weights),
+            d(self.anchor),
+            d(self.grad_sum),
+            self.offset,
+            self.mini_batch_size,
+            self.variant,
+            d(self.velocity),
         )

@@ -1,0 +1,69 @@
+"""``ttt.attention``: the SDPA drop-in, its two limits (delta rule, linear attention) and its state."""
+
+import pytest
+import torch
+
+import ttt
+from ttt.testing import max_abs_diff
+
+
+def qkv(B=2, H=3, T=21, Dk=5, Dv=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, Dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    return q, k, v, torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.5
+
+
+@pytest.mark.parametrize("b", [1, 4, 21])
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunk_matches_autograd_reference(b, causal):
+    q, k, v, lr = qkv()
+    a = ttt.attention(q, k, v, lr=lr, mini_batch_size=b, is_causal=causal)
+    r = ttt.attention(q, k, v, lr=lr, mini_batch_size=b, is_causal=causal, impl="reference")
+    assert max_abs_diff(a, r) < 1e-10
+
+
+def test_mini_batch_one_is_the_delta_rule():
+    q, k, v, beta = qkv()
+    S = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
+    outs = []
+    for t in range(q.shape[2]):
+        k_t, v_t = k[:, :, t], v[:, :, t]
+        err = torch.einsum("bhk,bhkv->bhv", k_t, S) - v_t
+        S = S - beta[:, :, t, None, None] * torch.einsum("bhk,bhv->bhkv", k_t, err)
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * 5**-0.5, S))
+    assert max_abs_diff(ttt.attention(q, k, v, lr=beta), torch.stack(outs, 2)) < 1e-12
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_whole_sequence_mini_batch_is_linear_attention(causal):
+    q, k, v, lr = qkv()
+    scores = (q @ k.transpose(-1, -2)) * 5**-0.5 * lr[:, :, None, :]
+    if causal:
+        scores = scores.tril()
+    assert (
+        max_abs_diff(ttt.attention(q, k, v, lr=lr, mini_batch_size=21, is_causal=causal), scores @ v) < 1e-12
+    )
+
+
+def test_state_split_and_dtype():
+    q, k, v, lr = qkv()
+    whole = ttt.attention(q, k, v, lr=lr, mini_batch_size=4)
+    a = ttt.attention(
+        q[:, :, :6], k[:, :, :6], v[:, :, :6], lr=lr[:, :, :6], mini_batch_size=4, output_final_state=True
+    )
+    b = ttt.attention(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], lr=lr[:, :, 6:], mini_batch_size=4,
+                      initial_state=a.final_state)  # fmt: skip
+    assert max_abs_diff(torch.cat([a.output, b], 2), whole) < 1e-12
+    out = ttt.attention(q.float(), k.float(), v.float(), lr=0.3)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 21, 6)
+
+
+def test_same_call_shape_as_sdpa():
+    q, k, v, _ = qkv(Dv=5)
+    assert (
+        ttt.attention(q, k, v, lr=0.1).shape
+        == torch.nn.functional.scaled_dot_product_attention(q, k, v).shape
+    )
+    with pytest.raises(ValueError, match="inner_model must be 'linear'"):
+        ttt.attention(q, k, v, lr=0.1, inner_model="mlp")

@@ -1,0 +1,141 @@
+"""``ttt.attention``: TTT as a drop-in for ``scaled_dot_product_attention`` (same order and shapes).
+
+Per head, the fast weight is a matrix ``S [Dk, Dv]`` with ``S_0 = 0``; token j's inner loss is
+``0.5 * ||S^T k_j - v_j||^2``; token i of a mini-batch reads
+``S_i = S_0 - token_eta[i] * sum_{j <= i} lr_j * k_j (S_0^T k_j - v_j)^T`` (its own update included)
+and outputs ``o_i = S_i^T (scale * q_i)``. Then:
+
+- ``mini_batch_size=1`` is online gradient descent, i.e. the delta rule (DeltaNet with beta = lr);
+- ``mini_batch_size >= T`` with ``S_0 = 0`` takes every gradient at ``S = 0``, where it is ``-k_j v_j^T``,
+  so ``o_i = scale * sum_{j <= i} lr_j (q_i . k_j) v_j``: causal linear attention (Sun et al. Thm 1);
+- in between, mini-batch GD interpolates: linear attention inside a mini-batch, delta-rule corrections
+  across mini-batches. ``token_eta`` defaults to ones here (a plain sum), so the limits above are exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._dispatch import TTTOutput, resolve_impl
+from ..common import causal_eta_scores, compute_dtype, scan_mini_batches
+from ..general import inner, ttt_general
+from ..types import Impl, TTTState
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    lr: Tensor | float,
+    mini_batch_size: int = 1,
+    is_causal: bool = True,
+    scale: float | None = None,
+    inner_model: str = "linear",
+    token_eta: Tensor | None = None,
+    initial_state: Tensor | TTTState | None = None,
+    output_final_state: bool = False,
+    impl: Impl | str = Impl.CHUNK,
+) -> Tensor | TTTOutput:
+    """TTT attention: answer each query with a linear model trained on the (k, v) pairs so far.
+
+    Args:
+        q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (as SDPA).
+        lr: inner learning rate, a constant or ``[B, H, T]`` (DeltaNet's beta).
+        mini_batch_size: gradients of a mini-batch are all taken at its starting weights. Default 1.
+        is_causal: False: each query reads the weights after its whole mini-batch (with
+            ``mini_batch_size >= T``: non-causal linear attention).
+        scale: query scale. Default ``1 / sqrt(Dk)`` as SDPA.
+        inner_model: only ``"linear"`` (``f(x) = S^T x``); other inner models: ``ttt.ops.ttt_general``.
+        token_eta: ``[mini_batch_size]``. Default ones.
+        initial_state: ``S_0`` ``[B or 1, H, Dk, Dv]`` or a previous ``TTTState``. Default zeros.
+        output_final_state: return ``TTTOutput(o, state)`` instead of the tensor ``o``.
+        impl: "chunk" (default) or "reference" (the general operator, autograd inner gradient).
+
+    Returns:
+        ``o`` ``[B, H, T, Dv]`` in q's dtype (or ``TTTOutput`` with ``output_final_state=True``).
+
+    Examples::
+
+        >>> import torch, ttt
+        >>> q, k, v = (torch.randn(2, 4, 64, 32) for _ in range(3))
+        >>> o = ttt.attention(q, k, v, lr=0.5)   # the delta rule
+        >>> o.shape
+        torch.Size([2, 4, 64, 32])
+    """
+    B, H, T, Dk = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
+    Dv, cd, b = v.shape[-1], compute_dtype(q.dtype), mini_batch_size
+    _checks.check_mini_batch_size(b)
+    if inner_model != "linear":
+        raise ValueError(
+            f"inner_model must be 'linear' (use ttt.ops.ttt_general for others), got {inner_model!r}"
+        )
+    if isinstance(lr, Tensor):
+        _checks.check_per_token("lr", lr, B, H, T, q.device)
+    else:
+        lr = torch.full((B, H, T), float(lr), device=q.device, dtype=cd)
+    te = torch.ones(b, device=q.device, dtype=cd) if token_eta is None else token_eta.to(cd)
+    _checks.check_token_eta(te, b, q.device)
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    if initial_state is None:
+        initial_state = q.new_zeros(1, H, Dk, Dv, dtype=cd)
+    if isinstance(initial_state, Tensor):
+        initial_state = (initial_state,)
+    form = resolve_impl(impl, q, {Impl.REFERENCE: _reference, Impl.CHUNK: _chunk})
+    o, state = form(q, k, v, lr, te, initial_state, b, is_causal, scale, cd)
+    return TTTOutput(o.to(q.dtype), state) if output_final_state else o.to(q.dtype)
+
+
+def _reference(q, k, v, lr, te, initial_state, b, causal, scale, cd):
+    def read(params, x):
+        return inner.linear_no_bias(params, scale * x)
+
+    o, st = ttt_general(
+        q, k, v, model=inner.linear_no_bias, initial_state=initial_state, loss="mse", readout=read, lr=lr,
+        mini_batch_size=b, token_eta=te, causal=causal, output_final_state=True,
+    )  # fmt: skip
+    return o, st
+
+
+def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
+    B, H, T, Dk = q.shape
+    if isinstance(initial_state, TTTState):
+        if initial_state.variant != "general" or initial_state.mini_batch_size != b:
+            raise ValueError(f"initial_state must be a 'general' state with mini_batch_size={b}")
+        if not causal and initial_state.offset:
+            raise ValueError("is_causal=False can only resume at a mini-batch boundary")
+        anchor, grad_sum, offset = initial_state.anchor, initial_state.grad_sum, initial_state.offset
+        anchor, grad_sum = (
+            (anchor[0].to(cd).expand(B, H, Dk, -1),),
+            (grad_sum[0].to(cd).expand(B, H, Dk, -1),),
+        )
+    else:
+        (S0,) = initial_state
+        if S0.dim() != 4 or S0.shape[0] not in (1, B) or tuple(S0.shape[1:]) != (H, Dk, v.shape[-1]):
+            raise ValueError(f"initial_state must have shape [B or 1, H, Dk, Dv] = {[B, H, Dk, v.shape[-1]]}, "
+                             f"got {list(S0.shape)}")  # fmt: skip
+        anchor = (S0.to(cd).expand(B, H, Dk, v.shape[-1]),)
+        grad_sum, offset = (torch.zeros_like(anchor[0]),), 0
+    qs, k, v, lr = (q * scale).to(cd), k.to(cd), v.to(cd), lr.to(cd)
+
+    def step(start, c, off, anchor, grad_sum):
+        (S,), (prev,) = anchor, grad_sum
+        sl = slice(start, start + c)
+        Q, K, V, LR, te_c = qs[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], te[off : off + c]
+        G = K @ S - V  # [B, H, c, Dv]: gradient of the loss w.r.t. the prediction
+        new = prev + K.transpose(-1, -2) @ (LR[..., None] * G)
+        if causal:
+            A = causal_eta_scores(Q, K, LR, te_c, bias=False)
+            o = Q @ S - te_c[:, None] * (Q @ prev) - A @ G
+        else:
+            o = Q @ (S - te_c[-1] * new)
+        return o, (new,)
+
+    outs, anchor, grad_sum, offset = scan_mini_batches(step, anchor, grad_sum, offset, T, te, b)
+    o = torch.cat(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
+    weights = (anchor[0] - te[offset - 1] * grad_sum[0],) if offset else anchor
+    return o, TTTState(weights, anchor, grad_sum, offset, b, "general")
