@@ -1,3 +1,26 @@
-"""The linear-attention family expressed as TTT rules (filled in by the family work)."""
+"""The linear-attention family as TTT rules (issue 3): each op is one gradient step on an inner
+objective over a matrix state ``S [B, H, Dk, Dv]`` with output ``o_t = S_t^T q_t``.
 
-__all__: list[str] = []
+Forms (``impl=``): "chunk" | "recurrent" | "autograd" (alias "reference"). Derivations: README.md.
+"""
+
+from .additive import gla, hebbian, hgrn2, linear_attention, mamba2, retnet
+from .delta import comba, deltanet, gated_deltanet, kda, longhorn, rwkv7
+from .rules import RULES, Rule
+
+__all__ = [
+    "linear_attention",
+    "retnet",
+    "mamba2",
+    "gla",
+    "hgrn2",
+    "hebbian",
+    "deltanet",
+    "gated_deltanet",
+    "kda",
+    "longhorn",
+    "comba",
+    "rwkv7",
+    "RULES",
+    "Rule",
+]

@@ -1,0 +1,131 @@
+"""Input checks shared by every family rule: one place, messages that name the expected shape/dtype."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# "reference" is the library-wide name (ttt.ops.Impl) of the autograd-defined token loop.
+_IMPLS = {"chunk": "chunk", "recurrent": "recurrent", "autograd": "autograd", "reference": "autograd"}
+
+
+def parse_impl(impl: str) -> str:
+    """Map ``impl`` to one of "chunk" | "recurrent" | "autograd"; anything else raises (no fallback)."""
+    value = getattr(impl, "value", impl)
+    if value not in _IMPLS:
+        raise ValueError(
+            f"impl must be one of 'chunk', 'recurrent', 'autograd' (alias 'reference') for the family "
+            f"rules (no Triton kernel exists for them), got {impl!r}"
+        )
+    return _IMPLS[value]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """State and accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_qkv(q: Tensor, k: Tensor | None, v: Tensor) -> tuple[int, int, int, int, int]:
+    """Check q, k [B, H, T, Dk] and v [B, H, T, Dv]; return (B, H, T, Dk, Dv)."""
+    named = [("q", q), ("v", v)] + ([("k", k)] if k is not None else [])
+    for name, x in named:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, H, T, D], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"q, k, v must share one dtype; q is {q.dtype}, {name} is {x.dtype}")
+    B, H, T, Dk = q.shape
+    if k is not None and tuple(k.shape) != (B, H, T, Dk):
+        raise ValueError(f"k must have the shape of q [B, H, T, Dk] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, H, T):
+        raise ValueError(f"v must be [B, H, T, Dv] with B, H, T = {(B, H, T)} (from q), got {tuple(v.shape)}")
+    return B, H, T, Dk, v.shape[-1]
+
+
+def check_gate(
+    name: str,
+    x: Tensor | float,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> Tensor:
+    """Check a gate against ``shape`` (exactly) and the range [low, high] (``(low, high]`` if
+    ``low_open``); return it in ``dtype``. Range checks look at values only, never at the graph."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {list(shape)}, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    with torch.no_grad():
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} must be finite (found NaN or Inf)")
+        if low is not None:
+            bad = (x <= low) if low_open else (x < low)
+            if bad.any():
+                bracket = "(" if low_open else "["
+                raise ValueError(
+                    f"{name} must lie in {bracket}{low}, {high if high is not None else 'inf'}], "
+                    f"got min {x.min().item():.4g}"
+                )
+        if high is not None and (x > high).any():
+            raise ValueError(f"{name} must be <= {high}, got max {x.max().item():.4g}")
+    return x.to(dtype)
+
+
+def resolve_log_decay(
+    alpha: Tensor | None,
+    log_alpha: Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    name: str = "alpha",
+) -> Tensor:
+    """The per-token decay in log space, ``log alpha <= 0``, from exactly one of ``alpha`` in (0, 1]
+    or ``log_alpha`` in [-inf, 0] (finite). Long sequences only ever sum these logs, so nothing
+    overflows (see README.md, 'Stability')."""
+    if (alpha is None) == (log_alpha is None):
+        raise ValueError(
+            f"pass exactly one of {name}= (in (0, 1]) or log_{name}= (<= 0), shape {list(shape)}"
+        )
+    if alpha is not None:
+        alpha = check_gate(name, alpha, shape, dtype, low=0.0, high=1.0, low_open=True)
+        return torch.log(alpha)
+    return check_gate(f"log_{name}", log_alpha, shape, dtype, high=0.0)
+
+
+def check_state(
+    initial_state: Tensor | None, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype, ref: Tensor
+):
+    """``initial_state`` [B, H, Dk, Dv] (or None = zeros), returned in the state dtype."""
+    if initial_state is None:
+        return torch.zeros(B, H, Dk, Dv, dtype=dtype, device=ref.device)
+    if not isinstance(initial_state, Tensor):
+        raise TypeError(f"initial_state must be a tensor [B, H, Dk, Dv], got {type(initial_state).__name__}")
+    if tuple(initial_state.shape) != (B, H, Dk, Dv):
+        raise ValueError(
+            f"initial_state must be [B, H, Dk, Dv] = {[B, H, Dk, Dv]}, got {list(initial_state.shape)}"
+        )
+    return initial_state.to(dtype)
+
+
+def resolve_scale(scale: float | None, Dk: int) -> float:
+    """``scale`` multiplies q; None means ``Dk ** -0.5`` (the fla convention)."""
+    if scale is None:
+        return Dk**-0.5
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale}")
+    return float(scale)
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size

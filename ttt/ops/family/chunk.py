@@ -1,0 +1,126 @@
+"""Chunk-parallel form of the family transition (derivation: README.md, 'Chunked form').
+
+Inside a chunk of C tokens every interaction is a [C, C] matrix product; only the state crosses chunk
+boundaries. Decays enter only as ``exp(G_r - G_i)`` with ``r >= i`` (log-decays summed over a stretch
+of the chunk), so every exponent is <= 0 and nothing overflows however long the sequence is.
+
+Dim legend: b batch, h heads, n chunks, c / r / i positions in a chunk, k key dim, v value dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .transition import Transition
+
+
+def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor) -> Tensor:
+    """``M[r, i] = sum_d x[r, d] y[i, d] exp(gx[r, d] - gy[i, d])`` where ``mask[r, i]``, else 0.
+
+    x, y [B, H, C, Dk]; gx, gy [B, H, C, 1] (scalar decay) or [B, H, C, Dk]; mask [C, C] bool.
+    Returns [B, H, C, C].
+    """
+    if gx.shape[-1] == 1:
+        diff = gx - gy.transpose(-1, -2)  # [B, H, C, C]
+        return (x @ y.transpose(-1, -2)) * torch.exp(diff.masked_fill(~mask, float("-inf")))
+    # per-channel decays cannot be factored out of the sum without exp(+G) (overflow), so the
+    # [C, C, Dk] decay tensor is formed explicitly, one chunk at a time
+    diff = gx.unsqueeze(-2) - gy.unsqueeze(-3)  # [B, H, C, C, Dk]
+    decay = torch.exp(diff.masked_fill(~mask.unsqueeze(-1), float("-inf")))
+    return torch.einsum("bhrd,bhid,bhrid->bhri", x, y, decay)
+
+
+def _fold_columns(q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """A per-value-column correction factor (Longhorn's vector step size) decouples the value
+    columns: column j is its own delta rule with Dv = 1. Fold the columns into the head axis."""
+    B, H, T, Dk = q.shape
+    Dv = tr.value.shape[-1]
+
+    def per_column(x: Tensor) -> Tensor:  # [B, H, T, D] -> [B, H * Dv, T, D]
+        return x.unsqueeze(2).expand(B, H, Dv, *x.shape[2:]).reshape(B, H * Dv, *x.shape[2:])
+
+    remove = tr.remove.unsqueeze(2) * tr.col.permute(0, 1, 3, 2).unsqueeze(-1)  # [B, H, Dv, T, Dk]
+    folded = Transition(
+        log_decay=per_column(tr.log_decay),
+        write=per_column(tr.write),
+        value=tr.value.permute(0, 1, 3, 2).reshape(B, H * Dv, T, 1),
+        remove=remove.reshape(B, H * Dv, T, Dk),
+        read=per_column(tr.read),
+    )
+    state = initial_state.permute(0, 1, 3, 2).reshape(B, H * Dv, Dk, 1)
+    o, S = chunk_transition(per_column(q), folded, state, chunk_size)
+    o = o.reshape(B, H, Dv, T).permute(0, 1, 3, 2)  # [B, H, T, Dv]
+    S = S.reshape(B, H, Dv, Dk).permute(0, 1, 3, 2)  # [B, H, Dk, Dv]
+    return o, S
+
+
+def chunk_transition(
+    q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: int = 64
+) -> tuple[Tensor, Tensor]:
+    """Chunk-parallel ``S_t = exp(g_t) S_{t-1} - remove_t read_t^T S_{t-1} + write_t value_t^T``.
+
+    Additive rules (``tr.remove is None``) are decay-weighted chunked linear attention. Delta rules
+    solve, per chunk, the unit lower-triangular system ``(I + L) E = R S_0 + L_w V`` for the
+    predictions ``E`` (the UT transform; its solution ``E = W S_0 + U`` is the WY representation).
+
+    Args:
+        q: queries, already scaled, [B, H, T, Dk].
+        tr: the per-token transition (see ``Transition``).
+        initial_state: S_0 [B, H, Dk, Dv].
+        chunk_size: tokens per chunk C; T need not be a multiple of it.
+
+    Returns:
+        o [B, H, T, Dv] and the final state S_T [B, H, Dk, Dv].
+    """
+    if tr.col is not None:
+        return _fold_columns(q, tr, initial_state, chunk_size)
+    B, H, T, Dk = q.shape
+    C = chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+
+    def chunked(x: Tensor | None) -> Tensor | None:  # [B, H, T, D] -> [B, H, N, C, D]
+        if x is None:
+            return None
+        # padded tokens write nothing and do not decay, so the final state is unchanged
+        return F.pad(x, (0, 0, 0, pad)).reshape(B, H, N, C, x.shape[-1])
+
+    qs, ws, vs, rms, rds, gs = map(chunked, (q, tr.write, tr.value, tr.remove, tr.read, tr.log_decay))
+    G = gs.cumsum(dim=-2)  # [B, H, N, C, Dg] log-decay from the chunk start through token r
+    G_before = G - gs  # through token r - 1
+    G_last = G[:, :, :, -1:]  # [B, H, N, 1, Dg]
+    inclusive = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    strict = inclusive.tril(-1)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+
+    S = initial_state
+    outputs = []
+    for n in range(N):
+        q_n, w_n, v_n, g_n, gb_n, gl_n = (
+            qs[:, :, n],
+            ws[:, :, n],
+            vs[:, :, n],
+            G[:, :, n],
+            G_before[:, :, n],
+            G_last[:, :, n],
+        )
+        o_n = (q_n * torch.exp(g_n)) @ S + _decayed_products(q_n, g_n, w_n, g_n, inclusive) @ v_n
+        state_decay = torch.exp(gl_n).transpose(-1, -2)  # [B, H, Dg, 1]
+        S_next = state_decay * S + (w_n * torch.exp(gl_n - g_n)).transpose(-1, -2) @ v_n
+        if rms is not None:
+            rm_n, rd_n = rms[:, :, n], rds[:, :, n]
+            # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_0 + L_rw V
+            system = eye + _decayed_products(rd_n, gb_n, rm_n, g_n, strict)  # [B, H, C, C]
+            rhs_state = rd_n * torch.exp(gb_n)  # [B, H, C, Dk]
+            rhs_values = _decayed_products(rd_n, gb_n, w_n, g_n, strict) @ v_n  # [B, H, C, Dv]
+            W = torch.linalg.solve_triangular(system, rhs_state, upper=False, unitriangular=True)
+            U = torch.linalg.solve_triangular(system, rhs_values, upper=False, unitriangular=True)
+            E = W @ S + U  # [B, H, C, Dv]
+            o_n = o_n - _decayed_products(q_n, g_n, rm_n, g_n, inclusive) @ E
+            S_next = S_next - (rm_n * torch.exp(gl_n - g_n)).transpose(-1, -2) @ E
+        outputs.append(o_n)
+        S = S_next
+    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, -1)[:, :, :T]
+    return o, S

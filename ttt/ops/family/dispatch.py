@@ -1,0 +1,47 @@
+"""Shared plumbing of the public family ops: dtype handling and the choice of form (``impl=``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import check_chunk_size, check_state, compute_dtype, parse_impl, resolve_scale
+from .chunk import chunk_transition
+from .engine import autograd_rule
+from .recurrent import recurrent_transition
+from .rules import RULES
+
+
+def run_rule(
+    name: str,
+    q: Tensor,
+    v: Tensor,
+    tokens: dict[str, Tensor],
+    *,
+    scale: float | None,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    impl: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Run rule ``name`` in the chosen form.
+
+    ``tokens`` holds the validated per-token tensors in the compute dtype, each [B, H, T] or
+    [B, H, T, D], always including ``k`` and ``v``; decays enter as ``log_alpha`` (<= 0).
+    """
+    form = parse_impl(impl)
+    check_chunk_size(chunk_size)
+    rule = RULES[name]
+    dtype = compute_dtype(q)
+    B, H, T, Dk = q.shape
+    S0 = check_state(initial_state, B, H, Dk, v.shape[-1], dtype, q)
+    q = q.to(dtype) * resolve_scale(scale, Dk)
+    if "log_alpha" in tokens:
+        tokens = {**tokens, "alpha": torch.exp(tokens["log_alpha"])}
+    if form == "autograd":
+        o, S = autograd_rule(rule.objective, q, tokens, S0)
+    elif form == "recurrent":
+        o, S = recurrent_transition(q, rule.closed_form(tokens), S0)
+    else:
+        o, S = chunk_transition(q, rule.closed_form(tokens), S0, chunk_size)
+    return o.to(v.dtype), (S if output_final_state else None)
