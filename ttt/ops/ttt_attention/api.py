@@ -116,8 +116,9 @@ def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
     else:
         (S0,) = initial_state
         if S0.dim() != 4 or S0.shape[0] not in (1, B) or tuple(S0.shape[1:]) != (H, Dk, v.shape[-1]):
-            raise ValueError(f"initial_state must have shape [B or 1, H, Dk, Dv] = {[B, H, Dk, v.shape[-1]]}, "
-                             f"got {list(S0.shape)}")  # fmt: skip
+            expected = [B, H, Dk, v.shape[-1]]
+            got = list(S0.shape)
+            raise ValueError(f"initial_state must have shape [B or 1, H, Dk, Dv] = {expected}, got {got}")
         anchor = (S0.to(cd).expand(B, H, Dk, v.shape[-1]),)
         grad_sum, offset = (torch.zeros_like(anchor[0]),), 0
     qs, k, v, lr = (q * scale).to(cd), k.to(cd), v.to(cd), lr.to(cd)
