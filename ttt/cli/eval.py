@@ -1,0 +1,48 @@
+"""``ttt eval``: validation loss, bits per byte and loss vs token position of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  ttt eval --checkpoint runs/ttt_linear-tiny
+  # longer windows than in training: does the loss keep falling with the position?
+  ttt eval --checkpoint runs/ttt_linear-tiny --context 1024 --batch-size 2 --max-batches 8
+  ttt eval --checkpoint runs/ttt_linear-tiny/step-000600 --corpus my_text.txt --out eval_out
+"""
+
+
+def create(subparsers: argparse._SubParsersAction) -> None:
+    from ttt.recipes.args import EvalArgs
+
+    from ._args import add_dataclass_args
+
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint (loss, bits/byte, loss vs position)",
+        epilog=EPILOG,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dataclass_args(p, EvalArgs)
+    p.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from ttt.recipes.args import EvalArgs
+    from ttt.recipes.eval import evaluate_checkpoint
+
+    from ._args import dataclass_from_namespace
+
+    args = dataclass_from_namespace(EvalArgs, ns)
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required")
+    r = evaluate_checkpoint(args)
+    print(
+        f"validation: loss {r.loss:.4f} nats/token, {r.bits_per_byte:.4f} bits/byte, perplexity "
+        f"{r.perplexity:.2f} ({r.windows} windows of {r.context} tokens)"
+    )
+    print("loss by position:")
+    for a, b, v in r.positions:
+        print(f"  {a:>6}-{b:<6} {v:.4f}")
+    return 0

@@ -1,0 +1,49 @@
+"""``ttt train``: train a language model (see :func:`ttt.recipes.train.train`)."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  # the README's main command: TTT-Linear, tiny preset, Shakespeare plays, 2 CPU cores
+  ttt train --threads 2
+
+  # the same shape with attention, TTT-MLP or a hybrid, at the attention model's parameter count
+  ttt train --mixer attention
+  ttt train --mixer ttt_mlp --out runs/mlp
+  ttt train --layer-mixers ttt_linear,attention,ttt_linear,attention --out runs/hybrid
+
+  # continue a run exactly where its last checkpoint left it
+  ttt train --out runs/ttt_linear-tiny --resume
+
+  # BPE tokens, another corpus, a paper-sized model on a GPU (bfloat16), 8 GPUs with torchrun
+  ttt train --tokenizer bpe --vocab-size 2048 --corpus python-stdlib
+  ttt train --preset 125m --context 2048 --batch-size 32 --dtype bfloat16 --device cuda
+  torchrun --nproc_per_node 8 -m ttt.cli.main train --preset 125m --batch-size 256
+"""
+
+
+def create(subparsers: argparse._SubParsersAction) -> None:
+    from ttt.recipes.args import TrainArgs
+
+    from ._args import add_dataclass_args
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a TTT (or attention) language model",
+        epilog=EPILOG,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dataclass_args(p, TrainArgs)
+    p.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from ttt.recipes.args import TrainArgs
+    from ttt.recipes.train import train
+
+    from ._args import dataclass_from_namespace
+
+    train(dataclass_from_namespace(TrainArgs, ns))
+    return 0

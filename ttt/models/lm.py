@@ -1,0 +1,201 @@
+"""A causal language model over any mixer of ``ttt.layers.MIXERS``.
+
+Pre-norm blocks (norm -> mixer -> residual -> norm -> SwiGLU -> residual), a final RMSNorm and a head
+tied to the embedding: the backbone of the TTT paper's Transformer baseline, with the attention swapped
+for whichever mixer each block names. Generation prefills the prompt in one call (the chunked form of
+the mixer) and then decodes one token at a time from the returned state, which for TTT and the
+linear-attention family has a constant size.
+
+Shapes: B batch, T tokens, C width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttt.modules import RMSNorm, SwiGLU
+
+from .config import LMConfig
+
+__all__ = ["Block", "CausalLM", "build_mixer", "sample", "state_nbytes"]
+
+
+def build_mixer(name: str, config: LMConfig) -> nn.Module:
+    """Instantiate mixer ``name`` from the registry with the config's width, heads and extra kwargs."""
+    from ttt.layers import MIXERS
+
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+    return MIXERS[name](dim=config.dim, num_heads=config.n_heads, **config.mixer_kwargs.get(name, {}))
+
+
+class Block(nn.Module):
+    """``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; the mixer's state passes through."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp_hidden: int | None, eps: float) -> None:
+        super().__init__()
+        self.mixer_norm, self.mixer = RMSNorm(dim, eps=eps), mixer
+        self.mlp_norm, self.mlp = RMSNorm(dim, eps=eps), SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        """``x [B, T, C]`` -> ``(x [B, T, C], state)``."""
+        h, state = self.mixer(self.mixer_norm(x), state=state, mask=mask)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """One token: ``x [B, 1, C]`` -> ``(x [B, 1, C], state)``."""
+        h, state = self.mixer.step(self.mixer_norm(x), state)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class CausalLM(nn.Module):
+    """Token embedding -> blocks -> RMSNorm -> head. See :class:`LMConfig` for the options."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(
+            Block(config.dim, build_mixer(name, config), config.mlp_hidden, config.norm_eps)
+            for name in config.mixers
+        )
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # mixers initialise themselves (TTT's W0, gates, ...); the embedding and the MLPs use N(0, 0.02),
+        # and the MLP output is scaled down by sqrt(2 * n_layers) as in GPT-2 so the residual stays O(1)
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            for lin in (block.mlp.gate_proj, block.mlp.up_proj):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.mlp.down_proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> list[Any]:
+        """Empty per-block states for ``batch_size`` sequences."""
+        return [b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+
+    def forward(
+        self, idx: Tensor, state: list[Any] | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Any]]:
+        """Logits for every position.
+
+        Args:
+            idx: ``[B, T]`` token ids.
+            state: per-block states from ``init_state`` or a previous call (continue a sequence), or None.
+            mask: ``[B, T]`` bool, True = real token (right padding); padded tokens do not change the state.
+
+        Returns:
+            ``(logits [B, T, V] float32, state)``.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [B, T] token ids, got shape {list(idx.shape)}")
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {idx.shape[1]} tokens is longer than max_seq_len = "
+                f"{self.config.max_seq_len} of this model"
+            )
+        states = state if state is not None else [None] * len(self.blocks)
+        x = self.embed(idx)  # [B, T, C]
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            x, s = block(x, state=s, mask=mask)
+            new_states.append(s)
+        return self.head(self.norm(x)).float(), new_states
+
+    def step(self, idx: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
+        """One decoding step: ``idx [B]`` or ``[B, 1]`` -> ``(logits [B, V] float32, state)``."""
+        x = self.embed(idx.view(-1, 1))  # [B, 1, C]
+        new_states = []
+        for block, s in zip(self.blocks, state):
+            x, s = block.step(x, s)
+            new_states.append(s)
+        return self.head(self.norm(x))[:, 0].float(), new_states
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield ``[B]`` sampled tokens one at a time after prefilling the prompt ``idx [B, T]``.
+
+        ``temperature == 0`` is greedy decoding. The prompt plus the new tokens must fit ``max_seq_len``.
+        """
+        if idx.numel() == 0 or idx.shape[-1] == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_seq_len = {self.config.max_seq_len}"
+            )
+        logits, state = self(idx)
+        logits = logits[:, -1]
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            yield token
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(token, state)
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
+        """``idx [B, T]`` -> ``[B, T + max_new_tokens]``; keyword options as :meth:`generate_stream`."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample one token per row from ``logits [B, V]``; ``temperature == 0`` takes the argmax."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the tensors of a (nested) state: a KV cache, TTT fast weights, lists of them."""
+    if callable(getattr(state, "nbytes", None)):
+        return int(state.nbytes())
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(s) for s in state)
+    if isinstance(state, dict):
+        return sum(state_nbytes(s) for s in state.values())
+    if hasattr(state, "__dataclass_fields__"):
+        return sum(state_nbytes(getattr(state, f)) for f in state.__dataclass_fields__)
+    if hasattr(state, "_fields"):
+        return sum(state_nbytes(s) for s in state)
+    return 0

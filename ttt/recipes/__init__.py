@@ -1,0 +1,1 @@
+"""Importable, typed recipes: train, eval, generate, bench (each also behind `ttt <command>`)."""

@@ -1,0 +1,317 @@
+"""Train a causal LM on a corpus: one readable loop (nanoGPT's shape), functions instead of globals.
+
+AdamW (0.9, 0.95), weight decay 0.1 on matrices, linear warm-up then cosine decay, gradient clipping at
+1.0: the TTT paper's recipe (Table 3, from the Mamba paper). Run with ``torchrun --nproc_per_node N``
+for data parallelism (gloo on CPU, NCCL on CUDA); every process draws the same global batch and keeps
+its rows, so N processes follow the single-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .args import TrainArgs
+from .common import lm_loss, resolve_device, save_plot, set_threads, setup_dist
+
+__all__ = ["TrainResult", "build_optimizer", "lr_at", "train"]
+
+# arguments that may change between a run and its --resume without changing the results
+RUNTIME_ARGS = {
+    "resume",
+    "overwrite",
+    "progress",
+    "plot",
+    "threads",
+    "device",
+    "out",
+    "eval_every",
+    "ckpt_every",
+    "eval_batches",
+}
+
+
+@dataclass
+class TrainResult:
+    """What a training run ends with."""
+
+    run_dir: str
+    step: int
+    val_loss: float
+    val_bits_per_byte: float
+    num_params: int
+    seconds: float
+    tokens_per_second: float
+    history: dict[str, list[list[float]]]
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Learning rate of ``step``: linear warm-up to ``lr``, then cosine down to ``min_lr``."""
+    warmup = int(args.warmup * args.steps) if args.warmup < 1 else int(args.warmup)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW with weight decay on parameters of >= 2 dims (matrices, fast-weight inits) only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, v in tensors.items():
+        if name.startswith("optim."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
+    now = dataclasses.asdict(args)
+    diff = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in RUNTIME_ARGS and saved.get(k) != now[k]
+    ]
+    if diff:
+        from ttt.models.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            "cannot resume: the checkpoint was trained with other arguments: " + "; ".join(diff)
+        )
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Train (or resume) a model as ``args`` says; returns the final validation figures."""
+    from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
+    from ttt.models import CausalLM, LMConfig, build_mixer
+    from ttt.models.checkpoint import (
+        CheckpointError,
+        config_diff,
+        find_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    from .eval import evaluate_loss
+
+    if args.steps < 1 or args.batch_size < 1 or args.context < 1:
+        raise ValueError("steps, batch_size and context must be >= 1")
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    dist = setup_dist(device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if args.batch_size % dist.world:
+        raise ValueError(f"batch_size {args.batch_size} must be divisible by the {dist.world} processes")
+    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
+
+    # a previous run in run_dir is either resumed or, only when asked, replaced
+    saved = None
+    if args.resume:
+        saved = load_checkpoint(run_dir, load_trainer=True)
+        _check_resume_args(saved[1].get("args", {}), args)
+    elif not args.overwrite:
+        try:
+            find_checkpoint(run_dir)
+        except CheckpointError:
+            pass
+        else:
+            raise FileExistsError(
+                f"{run_dir} already holds a checkpoint; pass --resume to continue it or "
+                "--overwrite to start over (or choose another --out)"
+            )
+
+    corpus = load_corpus(args.corpus)
+    tokenizer = (
+        tokenizer_from_dict(saved[1]["tokenizer"])
+        if saved
+        else train_tokenizer(args.tokenizer, corpus.train_text(), args.vocab_size)
+    )
+    data = prepare(corpus, tokenizer)
+    layer_mixers = tuple(args.layer_mixers.split(",")) if args.layer_mixers else None
+    config = LMConfig.from_name(
+        args.preset, mixer=args.mixer, vocab_size=tokenizer.vocab_size, layer_mixers=layer_mixers
+    )
+    if args.match_params and args.match_params.lower() != "none":
+        reference = dataclasses.replace(config, mixer=args.match_params, layer_mixers=None)
+        build_mixer(args.match_params, reference)  # unknown name: a clear error
+        config = config.match_params(reference)
+    if args.context > config.max_seq_len:
+        raise ValueError(
+            f"context {args.context} is longer than preset {args.preset!r} allows "
+            f"(max_seq_len = {config.max_seq_len})"
+        )
+    if saved and LMConfig.from_dict(saved[1]["config"]) != config:
+        raise CheckpointError(
+            "checkpoint was made with another model config: "
+            + config_diff(LMConfig.from_dict(saved[1]["config"]), config)
+        )
+
+    torch.manual_seed(args.seed)
+    model = CausalLM(config).to(device)
+    optimizer = build_optimizer(model, args)
+    sampler = torch.Generator().manual_seed(args.seed)
+    step, history, elapsed = 0, {"train": [], "val": []}, 0.0
+    if saved:
+        model_state, meta, trainer = saved
+        model.load_state_dict(model_state, strict=False)
+        _load_optimizer(optimizer, trainer, meta["optimizer"])
+        sampler.set_state(trainer["rng.sampler"])
+        torch.set_rng_state(trainer["rng.torch"])
+        step, history, elapsed = meta["step"], meta["history"], meta.get("seconds", 0.0)
+    ddp_model: nn.Module = model
+    if dist.world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def validate() -> tuple[float, float]:
+        with autocast:
+            loss, _ = evaluate_loss(
+                model,
+                data.validation,
+                batch_size=max(1, args.batch_size // dist.world),
+                context=args.context,
+                max_batches=args.eval_batches,
+                device=device,
+            )
+        return loss, data.bits_per_byte(loss)
+
+    def checkpoint() -> None:
+        if not dist.main:
+            return
+        tensors, opt_meta = _optimizer_tensors(optimizer)
+        tensors["rng.sampler"] = sampler.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {
+            "args": dataclasses.asdict(args),
+            "tokenizer": tokenizer.to_dict(),
+            "optimizer": opt_meta,
+            "history": history,
+            "seconds": elapsed,
+            "num_params": model.num_params(),
+        }
+        save_checkpoint(
+            run_dir,
+            step=step,
+            model_state=model.state_dict(),
+            config=config,
+            meta=meta,
+            trainer_tensors=tensors,
+        )
+
+    if dist.main:
+        print(
+            f"model: {args.preset} / {','.join(sorted(set(config.mixers)))}, "
+            f"{model.num_params():,} parameters; data: {corpus!r}, {data.train.numel():,} train tokens; "
+            f"device {device}, {dist.world} process(es)",
+            flush=True,
+        )
+    bar = None
+    if dist.main and args.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    tokens_per_step = args.batch_size * args.context
+    model.train()
+    t_last = time.perf_counter()
+    while step < args.steps:
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = sample_batch(data.train, args.batch_size, args.context, sampler, shard=(dist.rank, dist.world))
+        with autocast:
+            logits, _ = ddp_model(x.to(device))
+            loss = lm_loss(logits, y.to(device))
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        elapsed += dt
+        loss_value = loss.item()
+        history["train"].append([step, loss_value])
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.1e}")
+            bar.update(1)
+        if step % args.eval_every == 0 or step == args.steps:
+            val_loss, bpb = validate()
+            history["val"].append([step, val_loss, bpb])
+            if dist.main:
+                msg = (
+                    f"step {step}/{args.steps}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
+                    f"val bits/byte {bpb:.4f}, {tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s"
+                )
+                (bar.write if bar is not None else print)(msg)
+            t_last = time.perf_counter()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+            t_last = time.perf_counter()
+    if bar is not None:
+        bar.close()
+
+    if not history["val"] or history["val"][-1][0] != step:
+        val_loss, bpb = validate()
+        history["val"].append([step, val_loss, bpb])
+    val_loss, bpb = history["val"][-1][1], history["val"][-1][2]
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result_path = run_dir / "result.json"
+        if args.plot:
+            xs, ys = zip(*history["train"]) if history["train"] else ((), ())
+            curves = {"train": (list(xs), list(ys))}
+            if history["val"]:
+                curves["validation"] = ([v[0] for v in history["val"]], [v[1] for v in history["val"]])
+            save_plot(
+                run_dir / "loss_curve.png",
+                curves,
+                xlabel="step",
+                ylabel="loss (nats/token)",
+                title=f"{args.mixer} / {args.preset} on {args.corpus}",
+            )
+        print(
+            f"final: step {step}, val loss {val_loss:.4f} nats/token, val bits/byte {bpb:.4f} "
+            f"({elapsed:.0f} s of training)",
+            flush=True,
+        )
+    result = TrainResult(
+        str(run_dir),
+        step,
+        val_loss,
+        bpb,
+        model.num_params(),
+        elapsed,
+        tokens_per_step * len(history["train"]) / max(elapsed, 1e-9),
+        history,
+    )
+    if dist.main:
+        result_path.write_text(
+            json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=1)
+        )
+    return result
