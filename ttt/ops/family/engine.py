@@ -35,14 +35,16 @@ class Objective:
     """A rule's inner objective.
 
     Attributes:
-        loss: ``L_t(S, token) -> scalar`` for one head; S [Dk, Dv].
+        loss: ``L_t(S, token, S0) -> scalar`` for one head; S [Dk, Dv]. The gradient is taken in
+            ``S`` only; ``S0`` is the same point held fixed (a stop-gradient at the inner level that,
+            unlike ``.detach()``, keeps the outer graph to q, k, v and the gates).
         decay_first: optional ``(S, token) -> S~`` applied before the step (the seed's reading of
             GDN and KDA as SGD on the decayed state).
         implicit: take the proximal (implicit) step instead of the explicit one.
         formula: the objective in the seed table's notation (for docs and error messages).
     """
 
-    loss: Callable[[Tensor, Token], Tensor]
+    loss: Callable[[Tensor, Token, Tensor], Tensor]
     decay_first: Callable[[Tensor, Token], Tensor] | None = None
     implicit: bool = False
     formula: str = ""
@@ -50,7 +52,7 @@ class Objective:
 
 def _explicit_step(objective: Objective) -> Callable[[Tensor, Token], Tensor]:
     grad_loss = grad(objective.loss)
-    return lambda S, tok: S - grad_loss(S, tok)
+    return lambda S, tok: S - grad_loss(S, tok, S)
 
 
 def _implicit_step(objective: Objective) -> Callable[[Tensor, Token], Tensor]:
@@ -60,9 +62,9 @@ def _implicit_step(objective: Objective) -> Callable[[Tensor, Token], Tensor]:
 
     def step(S: Tensor, tok: Token) -> Tensor:
         n = S.numel()
-        H = hess_loss(S, tok).reshape(n, n)
+        H = hess_loss(S, tok, S).reshape(n, n)
         system = torch.eye(n, dtype=S.dtype, device=S.device) + H
-        delta = torch.linalg.solve(system, grad_loss(S, tok).reshape(n, 1))
+        delta = torch.linalg.solve(system, grad_loss(S, tok, S).reshape(n, 1))
         return S - delta.reshape(S.shape)
 
     return step

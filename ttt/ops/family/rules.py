@@ -2,8 +2,9 @@
 (the DPLR transition that forms (b) and (c) run). The derivations are in README.md.
 
 Objectives are written for one head: S [Dk, Dv], k [Dk], v [Dv]; scalar gates are 0-d, vector gates
-[Dk] (or [Dv] for Longhorn's step size). ``sg`` = stop-gradient (``.detach()``): the semi-gradient of
-Comba and RWKV7, whose correction reads with one key and writes along another.
+[Dk] (or [Dv] for Longhorn's step size). ``S0`` is the point the step starts from, held fixed by the
+inner gradient (``sg(S)`` in the formulas): it gives the semi-gradient of Comba and RWKV7, whose
+correction reads the prediction with one key and writes along another.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _scalar(x: Tensor) -> Tensor:  # [B, H, T] -> [B, H, T, 1]
 LINEAR_ATTENTION = Rule(
     name="linear_attention",
     objective=Objective(
-        loss=lambda S, t: -(_read(S, t["k"]) * t["v"]).sum(),
+        loss=lambda S, t, S0: -(_read(S, t["k"]) * t["v"]).sum(),
         formula="L = -<S^T k, v>",
     ),
     closed_form=lambda t: Transition(_no_decay(t["k"]), t["k"], t["v"]),
@@ -63,7 +64,7 @@ LINEAR_ATTENTION = Rule(
 
 # RetNet (alpha per head), Mamba2 (alpha_t per token) and Hebbian fast weights (decay, lr constants)
 _SCALAR_DECAY_OBJECTIVE = Objective(
-    loss=lambda S, t: -t["beta"] * (_read(S, t["k"]) * t["v"]).sum() + _decay_penalty(S, t["alpha"]),
+    loss=lambda S, t, S0: -t["beta"] * (_read(S, t["k"]) * t["v"]).sum() + _decay_penalty(S, t["alpha"]),
     formula="L = -beta <S^T k, v> + 1/2 ||sqrt(1 - alpha) S||_F^2",
 )
 
@@ -94,7 +95,7 @@ HEBBIAN = Rule(
 GLA = Rule(
     name="gla",
     objective=Objective(
-        loss=lambda S, t: -(_read(S, t["k"]) * t["v"]).sum() + _decay_penalty(S, t["alpha"]),
+        loss=lambda S, t, S0: -(_read(S, t["k"]) * t["v"]).sum() + _decay_penalty(S, t["alpha"]),
         formula="L = -<S^T k, v> + 1/2 ||sqrt(Diag(1 - alpha)) S||_F^2",
     ),
     closed_form=lambda t: Transition(t["log_alpha"], t["k"], t["v"]),
@@ -105,7 +106,7 @@ GLA = Rule(
 HGRN2 = Rule(
     name="hgrn2",
     objective=Objective(
-        loss=lambda S, t: -(_read(S, 1.0 - t["alpha"]) * t["v"]).sum() + _decay_penalty(S, t["alpha"]),
+        loss=lambda S, t, S0: -(_read(S, 1.0 - t["alpha"]) * t["v"]).sum() + _decay_penalty(S, t["alpha"]),
         formula="L = -<S^T (1 - alpha), v> + 1/2 ||sqrt(Diag(1 - alpha)) S||_F^2",
     ),
     closed_form=lambda t: Transition(t["log_alpha"], -torch.expm1(t["log_alpha"]), t["v"]),
@@ -114,7 +115,7 @@ HGRN2 = Rule(
 
 # delta rows: S_t = (D_t - remove_t read_t^T) S_{t-1} + write_t v_t^T ----------------------------
 
-_MSE = lambda S, t: 0.5 * t["beta"] * ((_read(S, t["k"]) - t["v"]) ** 2).sum()  # noqa: E731
+_MSE = lambda S, t, S0: 0.5 * t["beta"] * ((_read(S, t["k"]) - t["v"]) ** 2).sum()  # noqa: E731
 
 
 def _delta_closed_form(t: Token, log_decay: Tensor, decayed_key: Tensor) -> Transition:
@@ -169,7 +170,7 @@ def _longhorn_closed_form(t: Token) -> Transition:
 LONGHORN = Rule(
     name="longhorn",
     objective=Objective(
-        loss=lambda S, t: 0.5 * (t["beta"] * (_read(S, t["k"]) - t["v"]) ** 2).sum(),
+        loss=lambda S, t, S0: 0.5 * (t["beta"] * (_read(S, t["k"]) - t["v"]) ** 2).sum(),
         implicit=True,
         formula="S_t = argmin_S 1/2 ||S - S_{t-1}||^2 + 1/2 ||S^T k - v||^2_Diag(beta)  (implicit step)",
     ),
@@ -182,9 +183,9 @@ LONGHORN = Rule(
 COMBA = Rule(
     name="comba",
     objective=Objective(
-        loss=lambda S, t: (
+        loss=lambda S, t, S0: (
             _decay_penalty(S, t["alpha"])
-            + t["beta"] * (_read(S, t["k"]) * (_read(S, t["p"]).detach() - t["v"])).sum()
+            + t["beta"] * (_read(S, t["k"]) * (_read(S0, t["p"]) - t["v"])).sum()
         ),
         formula="L = 1/2 ||sqrt(1 - alpha) S||_F^2 + beta <S^T k, sg(S^T p) - v>",
     ),
@@ -201,9 +202,9 @@ COMBA = Rule(
 RWKV7 = Rule(
     name="rwkv7",
     objective=Objective(
-        loss=lambda S, t: (
+        loss=lambda S, t, S0: (
             _decay_penalty(S, t["alpha"])
-            + (_read(S, t["beta"] * t["k_hat"]) * _read(S, t["k_hat"]).detach()).sum()
+            + (_read(S, t["beta"] * t["k_hat"]) * _read(S0, t["k_hat"])).sum()
             - (_read(S, t["k"]) * t["v"]).sum()
         ),
         formula="L = 1/2 ||sqrt(Diag(1 - alpha)) S||_F^2 + <S^T (beta * k_hat), sg(S^T k_hat)> - <S^T k, v>",
