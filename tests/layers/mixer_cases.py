@@ -27,9 +27,23 @@ CASES: dict[str, dict] = {
     "ttt_linear_m": dict(name="ttt_linear", mini_batch_size=4, share_qk=True, use_gate=True),
     "ttt_mlp": dict(name="ttt_mlp", mini_batch_size=4),
     "ttt_mlp_m": dict(name="ttt_mlp", mini_batch_size=4, share_qk=True, use_gate=True),
+    "deltanet": dict(name="deltanet", chunk_size=8),
+    "gated_deltanet": dict(name="gated_deltanet", chunk_size=8),
+    "gated_deltanet_v2": dict(name="gated_deltanet", chunk_size=8, expand_v=2.0, conv_size=None),
+    "kda": dict(name="kda", chunk_size=8),
+    "longhorn": dict(name="longhorn", chunk_size=8),
 }
 
-EXACT_AFTER_PADDING = {"attention", "attention_gqa", "swa"}
+EXACT_AFTER_PADDING = {
+    "attention",
+    "attention_gqa",
+    "swa",
+    "deltanet",
+    "gated_deltanet",
+    "gated_deltanet_v2",
+    "kda",
+    "longhorn",
+}
 
 
 def make(case: str) -> torch.nn.Module:

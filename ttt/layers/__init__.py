@@ -5,6 +5,7 @@
 
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
 from ttt.layers.bidirectional import Bidirectional
+from ttt.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn, MatrixState
 from ttt.layers.protocol import Mixer
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
 
@@ -13,12 +14,21 @@ MIXERS: dict[str, type] = {
     "swa": SlidingWindowAttention,
     "ttt_linear": TTTLinear,
     "ttt_mlp": TTTMLP,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+    "kda": KimiDeltaAttention,
+    "longhorn": Longhorn,
 }
 
 __all__ = [
     "MIXERS",
     "Attention",
     "Bidirectional",
+    "DeltaNet",
+    "GatedDeltaNet",
+    "KimiDeltaAttention",
+    "Longhorn",
+    "MatrixState",
     "KVCache",
     "Mixer",
     "SlidingWindowAttention",

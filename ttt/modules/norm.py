@@ -30,12 +30,23 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """``RMSNorm(x) * silu(gate)``: the output norm of Gated DeltaNet, Mamba2 and GLA-style layers.
+    """``RMSNorm(x) * act(gate)``: the output norm of Gated DeltaNet, Mamba2 and KDA-style layers.
 
-    The gate comes from a separate projection of the layer input; the SiLU lets the layer switch
-    channels off, which the papers report stabilises the recurrent output (Yang et al. 2024, GDN §3).
+    The gate comes from a separate projection of the layer input and lets the layer switch channels
+    off (Yang et al. 2024, Gated DeltaNet; Mamba2 uses the same SiLU-gated norm).
+
+    Args:
+        dim, eps: as :class:`RMSNorm`.
+        activation: ``"silu"`` (GDN, Mamba2) or ``"sigmoid"`` (KDA). Default: ``"silu"``.
     """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, activation: str = "silu") -> None:
+        super().__init__(dim, eps=eps)
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"activation must be 'silu' or 'sigmoid', got {activation!r}")
+        self.activation = activation
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
         """``x, gate [..., C]`` -> ``[..., C]`` in ``x.dtype``."""
-        return super().forward(x) * F.silu(gate.to(x.dtype))
+        gate = gate.to(x.dtype)
+        return super().forward(x) * (F.silu(gate) if self.activation == "silu" else torch.sigmoid(gate))

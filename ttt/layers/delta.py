@@ -1,0 +1,299 @@
+"""Layers for the delta rows of the family (``ttt.ops.family``): DeltaNet, Gated DeltaNet, KDA, Longhorn.
+
+All four share the body of the Gated DeltaNet layer (Yang et al., arXiv 2412.06464, as in fla's
+``GatedDeltaNet``): bias-free q/k/v projections, a causal short convolution with SiLU on each, L2-normalised
+q and k per head, a per-token learning rate ``beta = sigmoid(x W_beta)``, the rule's decay, a per-head
+output RMSNorm (gated for GDN and KDA), and the output projection. They differ only in the gates they feed
+the operator (``_gates``). The state is the matrix ``S [B, H, Dk, Dv]`` plus the conv caches.
+
+Shapes: B batch, T tokens, C model width, H heads, Dk = C / H key head dim, Dv = expand_v * Dk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ttt.ops.family
+from ttt.layers.protocol import check_input, check_mask, split_heads
+from ttt.modules.conv import ShortConv
+from ttt.modules.norm import GatedRMSNorm, RMSNorm
+
+
+@dataclass(frozen=True)
+class MatrixState:
+    """State of a family layer.
+
+    Attributes:
+        S: the fast-weight matrix ``[B, H, Dk, Dv]`` (float32, float64 for float64 inputs), or ``None``
+            before the first token (zeros).
+        conv_q, conv_k, conv_v: short-conv caches ``[B, width, K - 1]``, or ``None`` without convs.
+    """
+
+    S: Tensor | None
+    conv_q: Tensor | None
+    conv_k: Tensor | None
+    conv_v: Tensor | None
+
+    def detach(self) -> MatrixState:
+        cut = lambda t: None if t is None else t.detach()  # noqa: E731
+        return MatrixState(cut(self.S), cut(self.conv_q), cut(self.conv_k), cut(self.conv_v))
+
+    def nbytes(self) -> int:
+        """Bytes of the recurrent state (matrix and conv caches)."""
+        tensors = (self.S, self.conv_q, self.conv_k, self.conv_v)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def mamba_decay_init(num_heads: int) -> tuple[Tensor, Tensor]:
+    """``(A_log, dt_bias)`` ``[H]`` as Mamba2 / GDN: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1].
+
+    The decay is ``log alpha = -exp(A_log) * softplus(a + dt_bias)``; ``dt_bias`` is the inverse softplus
+    of dt so that ``softplus(dt_bias) = dt`` at ``a = 0``.
+    """
+    A_log = torch.log(torch.empty(num_heads).uniform_(0, 16).clamp(min=1e-4))
+    dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
+class _DeltaFamilyLayer(nn.Module):
+    """The shared body; subclasses set ``rule``, ``gated_norm`` and define ``_gates``."""
+
+    rule: str
+    gated_norm: str | None = None  # activation of the output gate, or None for a plain RMSNorm
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        expand_v: float = 1.0,
+        conv_size: int | None = 4,
+        norm_eps: float = 1e-6,
+        impl: str = "chunk",
+        decode_impl: str = "recurrent",
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        for name, value in (("impl", impl), ("decode_impl", decode_impl)):
+            if getattr(value, "value", value) not in ("chunk", "recurrent", "reference", "autograd"):
+                raise ValueError(f"{name} must be 'chunk', 'recurrent' or 'reference', got {value!r}")
+        self.dim, self.num_heads = dim, num_heads
+        self.head_k_dim = dim // num_heads
+        self.head_v_dim = int(self.head_k_dim * expand_v)
+        if self.head_v_dim < 1:
+            raise ValueError(f"expand_v={expand_v} leaves no value dims")
+        self.impl, self.decode_impl, self.chunk_size = impl, decode_impl, chunk_size
+        self.last_impl: str | None = None
+        key_width, value_width = dim, num_heads * self.head_v_dim
+        self.q_proj = nn.Linear(dim, key_width, bias=False)
+        self.k_proj = nn.Linear(dim, key_width, bias=False)
+        self.v_proj = nn.Linear(dim, value_width, bias=False)
+        self.b_proj = nn.Linear(dim, num_heads, bias=False)
+        convs = conv_size is not None and conv_size > 0
+        self.conv_q = ShortConv(key_width, conv_size, activation="silu") if convs else None
+        self.conv_k = ShortConv(key_width, conv_size, activation="silu") if convs else None
+        self.conv_v = ShortConv(value_width, conv_size, activation="silu") if convs else None
+        if self.gated_norm is not None:
+            self.g_proj = nn.Linear(dim, value_width, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps, activation=self.gated_norm)
+        else:
+            self.g_proj = None
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_width, dim, bias=False)
+
+    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+        """The rule's per-token gates from ``x [B, T, C]``, each ``[B, H, T]`` or ``[B, H, T, D]``."""
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MatrixState:
+        """Zero matrix (``S=None``) and zero conv caches."""
+        if self.conv_q is None:
+            return MatrixState(None, None, None, None)
+        caches = [
+            c.init_cache(batch_size, device=device, dtype=dtype)
+            for c in (self.conv_q, self.conv_k, self.conv_v)
+        ]
+        return MatrixState(None, *caches)
+
+    def forward(
+        self, x: Tensor, state: MatrixState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, MatrixState]:
+        """Run the layer over a chunk.
+
+        Args:
+            x: ``[B, T, C]``.
+            state: a :class:`MatrixState` from ``init_state`` or a previous call, or ``None``.
+            mask: ``[B, T]`` bool, True = real token (right padding). A padded token gets a zero key, zero
+                learning rate and no decay, so it leaves ``S`` exactly unchanged; with the conv caches
+                (which keep each row's last real inputs) the returned state continues exactly like the
+                unpadded sequence.
+
+        Returns:
+            ``(y [B, T, C], MatrixState)``.
+        """
+        name = type(self).__name__
+        check_input(name, x, self.dim)
+        return self._run(x, state, check_mask(name, mask, x), self.impl)
+
+    def step(self, x_t: Tensor, state: MatrixState | None) -> tuple[Tensor, MatrixState]:
+        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
+        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True)
+        return self._run(x_t, state, None, self.decode_impl)
+
+    def _run(self, x: Tensor, state: MatrixState | None, mask: Tensor | None, impl: str):
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        elif not isinstance(state, MatrixState):
+            raise TypeError(f"{type(self).__name__}: state must be a MatrixState, got {type(state).__name__}")
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        caches = (None, None, None)
+        if self.conv_q is not None:
+            (q, cq), (k, ck), (v, cv) = (
+                conv(t, cache, mask)
+                for conv, t, cache in zip((self.conv_q, self.conv_k, self.conv_v), (q, k, v),
+                                          (state.conv_q, state.conv_k, state.conv_v))
+            )  # fmt: skip
+            caches = (cq, ck, cv)
+        q = F.normalize(split_heads(q, self.num_heads), dim=-1, eps=1e-6)  # [B, H, T, Dk]
+        k = F.normalize(split_heads(k, self.num_heads), dim=-1, eps=1e-6)
+        v = split_heads(v, self.num_heads)  # [B, H, T, Dv]
+        gates = self._gates(x)
+        if mask is not None:
+            real = mask[:, None, :].to(k.dtype)  # [B, 1, T]
+            k = k * real[..., None]
+            gates = {n: g * (real if g.dim() == 3 else real[..., None]) for n, g in gates.items()}
+        op = getattr(ttt.ops.family, self.rule)
+        o, S = op(q, k, v, **gates, initial_state=state.S, output_final_state=True, impl=impl,
+                  chunk_size=self.chunk_size)  # fmt: skip
+        self.last_impl = impl
+        o = o.transpose(1, 2)  # [B, T, H, Dv]
+        if self.g_proj is not None:
+            o = self.o_norm(o, self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(batch, length, -1)), MatrixState(S, *caches)
+
+    def extra_repr(self) -> str:
+        return (f"rule={self.rule!r}, dim={self.dim}, num_heads={self.num_heads}, "
+                f"head_k_dim={self.head_k_dim}, head_v_dim={self.head_v_dim}, impl={self.impl!r}, "
+                f"decode_impl={self.decode_impl!r}")  # fmt: skip
+
+
+_ARGS_DOC = """
+    Args:
+        dim: model width C.
+        num_heads: H (``dim % num_heads == 0``); key head dim Dk = C / H.
+        expand_v: Dv / Dk. Default: ``1.0`` (fla's GDN uses 2, which doubles the state and the value
+            projections; 1 keeps the layer near attention's parameter count).
+        conv_size: kernel of the causal short convs on q, k, v (SiLU); ``None`` or 0 for none.
+            Default: ``4`` (GDN, DeltaNet, Mamba).
+        norm_eps: output RMSNorm epsilon. Default: ``1e-6``.
+        impl: form of the operator in ``forward``: ``"chunk"`` | ``"recurrent"`` | ``"reference"``.
+            Default: ``"chunk"``.
+        decode_impl: form in ``step``. Default: ``"recurrent"``.
+        chunk_size: tokens per chunk of the chunk form. Default: ``64``.
+
+    ``last_impl`` records the form the last call ran.
+"""
+
+
+class DeltaNet(_DeltaFamilyLayer):
+    __doc__ = (
+        """DeltaNet (Schlag et al. 2021; Yang et al., arXiv 2406.06484).
+
+    ``S_t = (I - beta k k^T) S_{t-1} + beta k v^T``.
+
+    ``beta = sigmoid(x W_beta)`` per head; plain RMSNorm on the output (fla ``DeltaNet`` default).
+"""
+        + _ARGS_DOC
+    )
+
+    rule = "deltanet"
+
+    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+        return {"beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2)}  # [B, H, T]
+
+
+class GatedDeltaNet(_DeltaFamilyLayer):
+    __doc__ = (
+        """Gated DeltaNet (Yang et al., arXiv 2412.06464): ``S_t = (I - beta k k^T) alpha S + beta k v^T``.
+
+    ``beta = sigmoid(x W_beta)``; ``log alpha = -exp(A_log) * softplus(x W_a + dt_bias)`` per head with the
+    Mamba2 initialisation (:func:`mamba_decay_init`); output ``RMSNorm(o) * silu(x W_g)``.
+"""
+        + _ARGS_DOC
+    )
+
+    rule = "gated_deltanet"
+    gated_norm = "silu"
+
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.a_proj = nn.Linear(dim, num_heads, bias=False)
+        A_log, dt_bias = mamba_decay_init(num_heads)
+        self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
+
+    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+        log_alpha = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
+        return {"beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2), "log_alpha": log_alpha.transpose(1, 2)}
+
+
+class KimiDeltaAttention(_DeltaFamilyLayer):
+    __doc__ = (
+        """Kimi Delta Attention (Kimi Linear, arXiv 2510.26692): GDN with a per-channel decay.
+
+    ``log alpha = -exp(A_log) * softplus(x W_f + dt_bias)`` with one value per head and key channel (W_f
+    low rank, rank Dk, as the paper); output ``RMSNorm(o) * sigmoid(x W_g)``.
+"""
+        + _ARGS_DOC
+    )
+
+    rule = "kda"
+    gated_norm = "sigmoid"
+
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.f_proj = nn.Sequential(nn.Linear(dim, self.head_k_dim, bias=False),
+                                    nn.Linear(self.head_k_dim, dim, bias=False))  # fmt: skip
+        A_log, _ = mamba_decay_init(num_heads)
+        _, dt_bias = mamba_decay_init(dim)
+        self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
+
+    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+        batch, length, _ = x.shape
+        raw = F.softplus(self.f_proj(x) + self.dt_bias).view(batch, length, self.num_heads, self.head_k_dim)
+        log_alpha = -torch.exp(self.A_log)[:, None] * raw  # [B, T, H, Dk]
+        return {"beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2), "log_alpha": log_alpha.transpose(1, 2)}
+
+
+class Longhorn(_DeltaFamilyLayer):
+    __doc__ = (
+        """Longhorn (Liu et al., arXiv 2407.14207): the implicit (proximal) online step on
+    ``||S^T k - v||^2``, ``S_t = (I - eps k k^T) S + eps k v^T`` with
+    ``eps = beta / (1 + beta k^T k)``; stable for any beta.
+
+    ``beta = sigmoid(x W_beta)`` per head and value channel (the paper's per-channel step size); plain
+    RMSNorm on the output. Shares the GDN body (convs, L2-normalised q, k) rather than the paper's
+    Mamba block.
+"""
+        + _ARGS_DOC
+    )
+
+    rule = "longhorn"
+
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.b_proj = nn.Linear(dim, num_heads * self.head_v_dim, bias=False)
+
+    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+        batch, length, _ = x.shape
+        beta = torch.sigmoid(self.b_proj(x)).view(batch, length, self.num_heads, self.head_v_dim)
+        return {"beta": beta.transpose(1, 2)}  # [B, H, T, Dv]
