@@ -123,6 +123,8 @@ class LMConfig:
 
 #: named shapes. The paper's sizes use ttt-lm-pytorch's widths (TTT_STANDARD_CONFIGS) and its 2k context.
 PRESETS: dict[str, dict[str, Any]] = {
+    # for tests and smoke runs only (seconds on a CPU); not a useful model
+    "micro": dict(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=512),
     # 4 blocks x 128 wide (~0.8M parameters): ~1.9 bits/byte on Shakespeare after a few CPU minutes.
     # head dim 32 keeps TTT's per-head D x D fast weights cheap; 8k positions allow long-prefix decoding.
     "tiny": dict(dim=128, n_layers=4, n_heads=4, mlp_hidden=384, max_seq_len=8192),

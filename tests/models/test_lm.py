@@ -1,0 +1,104 @@
+"""The generic causal LM: decode == forward, padding and batch invariance, presets, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.layers import MIXERS
+from ttt.models import PRESETS, CausalLM, LMConfig, state_nbytes
+
+LM_MIXERS = [m for m in ("attention", "ttt_linear", "ttt_mlp", "gated_deltanet") if m in MIXERS]
+
+
+def micro(mixer: str, **kw) -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(LMConfig.from_name("micro", mixer=mixer, vocab_size=61, **kw)).eval()
+
+
+@pytest.mark.parametrize("mixer", LM_MIXERS)
+@pytest.mark.parametrize("prefix", [16, 29])
+def test_prefill_then_decode_equals_full_forward(mixer, prefix):
+    model = micro(mixer)
+    # 16: prefill ends on a mini-batch boundary; 29: in the middle of one
+    idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(idx)
+        logits, state = model(idx[:, :prefix])
+        outs = [logits]
+        for t in range(prefix, idx.shape[1]):
+            step_logits, state = model.step(idx[:, t], state)
+            outs.append(step_logits[:, None])
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", LM_MIXERS)
+def test_padding_and_batch_invariance(mixer):
+    model = micro(mixer)
+    g = torch.Generator().manual_seed(2)
+    lengths = [37, 20, 5]
+    seqs = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
+    batch = torch.zeros(3, 37, dtype=torch.long)
+    mask = torch.zeros(3, 37, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        batch[i, : len(s)], mask[i, : len(s)] = s, True
+    with torch.no_grad():
+        padded, _ = model(batch, mask=mask)
+        for i, s in enumerate(seqs):
+            alone, _ = model(s[None])
+            torch.testing.assert_close(padded[i, : len(s)], alone[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", LM_MIXERS)
+def test_generate_is_greedy_argmax_of_forward(mixer):
+    model = micro(mixer)
+    prompt = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, 6, temperature=0.0)
+    assert out.shape == (2, 15) and torch.equal(out[:, :9], prompt)
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])
+    assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
+
+
+def test_hybrid_per_layer_mixers_and_constant_state():
+    model = micro("ttt_linear", layer_mixers=("ttt_linear", "attention"))
+    assert [type(b.mixer).__name__ for b in model.blocks] == ["TTTLinear", "Attention"]
+    ttt_only = micro("ttt_linear")
+    with torch.no_grad():
+        short = state_nbytes(ttt_only(torch.zeros(1, 32, dtype=torch.long))[1])
+        long = state_nbytes(ttt_only(torch.zeros(1, 256, dtype=torch.long))[1])
+        kv_short = state_nbytes(micro("attention")(torch.zeros(1, 32, dtype=torch.long))[1])
+        kv_long = state_nbytes(micro("attention")(torch.zeros(1, 256, dtype=torch.long))[1])
+    assert short == long and kv_long == 8 * kv_short
+
+
+def test_paper_presets_have_paper_shapes():
+    shapes = {k: (p["dim"], p["n_layers"], p["n_heads"]) for k, p in PRESETS.items()}
+    assert shapes["125m"] == (768, 12, 12) and shapes["350m"] == (1024, 24, 16)
+    assert shapes["760m"] == (1536, 24, 16) and shapes["1.3b"] == (2048, 24, 32)
+    # with the 32k Llama vocabulary the 125m TTT-Linear model has ~125M parameters
+    n = LMConfig.from_name("125m", mixer="ttt_linear", vocab_size=32000).num_params()
+    assert 110e6 < n < 140e6
+
+
+def test_match_params_equalises_parameter_counts():
+    ref = LMConfig.from_name("tiny", mixer="attention")
+    for mixer in LM_MIXERS:
+        matched = LMConfig.from_name("tiny", mixer=mixer).match_params(ref)
+        assert abs(matched.num_params() - ref.num_params()) / ref.num_params() < 0.01
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown preset"):
+        LMConfig.from_name("7b")
+    with pytest.raises(ValueError, match="unknown mixer"):
+        CausalLM(LMConfig.from_name("micro", mixer="mamba9"))
+    with pytest.raises(ValueError, match="layer_mixers"):
+        LMConfig.from_name("micro", layer_mixers=("attention",))
+    model = micro("attention")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 513, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(torch.zeros(1, 500, dtype=torch.long), 20)
