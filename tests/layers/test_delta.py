@@ -86,7 +86,7 @@ def test_mamba_decay_initialisation_ranges():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("name", ["gated_deltanet", "longhorn"])
 def test_padded_tokens_leave_the_state_unchanged(name):
     layer = _layer(name)
     x = _x(1, 10)

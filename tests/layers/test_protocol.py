@@ -34,10 +34,10 @@ def test_step_loop_equals_forward(case):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("split", [1, 7, 16, 17])
+@pytest.mark.parametrize("split", [1, 7, 16])
 def test_split_with_state_equals_whole(case, split):
     layer = make(case)
-    x = _x(2, 37)
+    x = _x(2, 27)
     y, _ = layer(x)
     y1, state = layer(x[:, :split])
     y2, state = layer(x[:, split:], state)
