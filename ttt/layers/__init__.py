@@ -5,7 +5,8 @@
 
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
 from ttt.layers.bidirectional import Bidirectional
-from ttt.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn, MatrixState
+from ttt.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
+from ttt.layers.matrix import MatrixState
 from ttt.layers.protocol import Mixer
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
 

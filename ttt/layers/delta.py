@@ -4,7 +4,8 @@ All four share the body of the Gated DeltaNet layer (Yang et al., arXiv 2412.064
 ``GatedDeltaNet``): bias-free q/k/v projections, a causal short convolution with SiLU on each, L2-normalised
 q and k per head, a per-token learning rate ``beta = sigmoid(x W_beta)``, the rule's decay, a per-head
 output RMSNorm (gated for GDN and KDA), and the output projection. They differ only in the gates they feed
-the operator (``_gates``). The state is the matrix ``S [B, H, Dk, Dv]`` plus the conv caches.
+the operator (``_gates``). The state (:class:`~ttt.layers.matrix.MatrixState`) is the matrix
+``S [B, H, Dk, Dv]`` plus the conv caches of q, k, v.
 
 Shapes: B batch, T tokens, C model width, H heads, Dk = C / H key head dim, Dv = expand_v * Dk.
 """
@@ -12,41 +13,15 @@ Shapes: B batch, T tokens, C model width, H heads, Dk = C / H key head dim, Dv =
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ttt.ops.family
-from ttt.layers.protocol import check_input, check_mask, split_heads
+from ttt.layers.matrix import MatrixMixer, MatrixState, mask_tokens
+from ttt.layers.protocol import split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.norm import GatedRMSNorm, RMSNorm
-
-
-@dataclass(frozen=True)
-class MatrixState:
-    """State of a family layer.
-
-    Attributes:
-        S: the fast-weight matrix ``[B, H, Dk, Dv]`` (float32, float64 for float64 inputs), or ``None``
-            before the first token (zeros).
-        conv_q, conv_k, conv_v: short-conv caches ``[B, width, K - 1]``, or ``None`` without convs.
-    """
-
-    S: Tensor | None
-    conv_q: Tensor | None
-    conv_k: Tensor | None
-    conv_v: Tensor | None
-
-    def detach(self) -> MatrixState:
-        cut = lambda t: None if t is None else t.detach()  # noqa: E731
-        return MatrixState(cut(self.S), cut(self.conv_q), cut(self.conv_k), cut(self.conv_v))
-
-    def nbytes(self) -> int:
-        """Bytes of the recurrent state (matrix and conv caches)."""
-        tensors = (self.S, self.conv_q, self.conv_k, self.conv_v)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def mamba_decay_init(num_heads: int) -> tuple[Tensor, Tensor]:
@@ -60,7 +35,7 @@ def mamba_decay_init(num_heads: int) -> tuple[Tensor, Tensor]:
     return A_log, dt + torch.log(-torch.expm1(-dt))
 
 
-class _DeltaFamilyLayer(nn.Module):
+class _DeltaFamilyLayer(MatrixMixer):
     """The shared body; subclasses set ``rule``, ``gated_norm`` and define ``_gates``."""
 
     rule: str
@@ -78,19 +53,11 @@ class _DeltaFamilyLayer(nn.Module):
         decode_impl: str = "recurrent",
         chunk_size: int = 64,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-        for name, value in (("impl", impl), ("decode_impl", decode_impl)):
-            if getattr(value, "value", value) not in ("chunk", "recurrent", "reference", "autograd"):
-                raise ValueError(f"{name} must be 'chunk', 'recurrent' or 'reference', got {value!r}")
-        self.dim, self.num_heads = dim, num_heads
+        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
         self.head_k_dim = dim // num_heads
         self.head_v_dim = int(self.head_k_dim * expand_v)
         if self.head_v_dim < 1:
             raise ValueError(f"expand_v={expand_v} leaves no value dims")
-        self.impl, self.decode_impl, self.chunk_size = impl, decode_impl, chunk_size
-        self.last_impl: str | None = None
         key_width, value_width = dim, num_heads * self.head_v_dim
         self.q_proj = nn.Linear(dim, key_width, bias=False)
         self.k_proj = nn.Linear(dim, key_width, bias=False)
@@ -112,74 +79,24 @@ class _DeltaFamilyLayer(nn.Module):
         """The rule's per-token gates from ``x [B, T, C]``, each ``[B, H, T]`` or ``[B, H, T, D]``."""
         raise NotImplementedError
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> MatrixState:
-        """Zero matrix (``S=None``) and zero conv caches."""
-        if self.conv_q is None:
-            return MatrixState(None, None, None, None)
-        caches = [
-            c.init_cache(batch_size, device=device, dtype=dtype)
-            for c in (self.conv_q, self.conv_k, self.conv_v)
-        ]
-        return MatrixState(None, *caches)
+    def conv_modules(self) -> list[ShortConv]:
+        return [] if self.conv_q is None else [self.conv_q, self.conv_k, self.conv_v]
 
-    def forward(
-        self, x: Tensor, state: MatrixState | None = None, mask: Tensor | None = None
-    ) -> tuple[Tensor, MatrixState]:
-        """Run the layer over a chunk.
-
-        Args:
-            x: ``[B, T, C]``.
-            state: a :class:`MatrixState` from ``init_state`` or a previous call, or ``None``.
-            mask: ``[B, T]`` bool, True = real token (right padding). A padded token gets a zero key, zero
-                learning rate and no decay, so it leaves ``S`` exactly unchanged; with the conv caches
-                (which keep each row's last real inputs) the returned state continues exactly like the
-                unpadded sequence.
-
-        Returns:
-            ``(y [B, T, C], MatrixState)``.
-        """
-        name = type(self).__name__
-        check_input(name, x, self.dim)
-        return self._run(x, state, check_mask(name, mask, x), self.impl)
-
-    def step(self, x_t: Tensor, state: MatrixState | None) -> tuple[Tensor, MatrixState]:
-        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
-        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True)
-        return self._run(x_t, state, None, self.decode_impl)
-
-    def _run(self, x: Tensor, state: MatrixState | None, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
         batch, length, _ = x.shape
-        if state is None:
-            state = self.init_state(batch, device=x.device, dtype=x.dtype)
-        elif not isinstance(state, MatrixState):
-            raise TypeError(f"{type(self).__name__}: state must be a MatrixState, got {type(state).__name__}")
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        caches = (None, None, None)
-        if self.conv_q is not None:
-            (q, cq), (k, ck), (v, cv) = (
-                conv(t, cache, mask)
-                for conv, t, cache in zip((self.conv_q, self.conv_k, self.conv_v), (q, k, v),
-                                          (state.conv_q, state.conv_k, state.conv_v))
-            )  # fmt: skip
-            caches = (cq, ck, cv)
+        (q, k, v), caches = self._convolve([self.q_proj(x), self.k_proj(x), self.v_proj(x)], state, mask)
         q = F.normalize(split_heads(q, self.num_heads), dim=-1, eps=1e-6)  # [B, H, T, Dk]
         k = F.normalize(split_heads(k, self.num_heads), dim=-1, eps=1e-6)
         v = split_heads(v, self.num_heads)  # [B, H, T, Dv]
         gates = self._gates(x)
-        if mask is not None:
-            real = mask[:, None, :].to(k.dtype)  # [B, 1, T]
-            k = k * real[..., None]
-            gates = {n: g * (real if g.dim() == 3 else real[..., None]) for n, g in gates.items()}
-        op = getattr(ttt.ops.family, self.rule)
-        o, S = op(q, k, v, **gates, initial_state=state.S, output_final_state=True, impl=impl,
-                  chunk_size=self.chunk_size)  # fmt: skip
-        self.last_impl = impl
+        k, *values = mask_tokens(mask, k, *gates.values())
+        o, S = self._operator(self.rule, q, k, v, state=state, impl=impl, **dict(zip(gates, values)))
         o = o.transpose(1, 2)  # [B, T, H, Dv]
         if self.g_proj is not None:
             o = self.o_norm(o, self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim))
         else:
             o = self.o_norm(o)
-        return self.o_proj(o.reshape(batch, length, -1)), MatrixState(S, *caches)
+        return self.o_proj(o.reshape(batch, length, -1)), S, caches
 
     def extra_repr(self) -> str:
         return (f"rule={self.rule!r}, dim={self.dim}, num_heads={self.num_heads}, "

@@ -1,0 +1,150 @@
+"""Protocol plumbing shared by the family layers, whose state is a matrix ``S`` plus short-conv caches.
+
+A subclass builds its projections and gates and implements ``_mix``; this base validates input, keeps the
+state and records which form of the operator ran.
+
+Shapes: B batch, T tokens, C model width, H heads, Dk key head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import ttt.ops.family
+from ttt.layers.protocol import check_input, check_mask
+from ttt.modules.conv import ShortConv
+
+FORMS = ("chunk", "recurrent", "reference", "autograd")
+
+
+@dataclass(frozen=True)
+class MatrixState:
+    """State of a family layer.
+
+    Attributes:
+        S: the fast-weight matrix ``[B, H, Dk, Dv]`` (float32, float64 for float64 inputs), or ``None``
+            before the first token (zeros).
+        convs: short-conv caches ``[B, width, K - 1]``, in the layer's order (empty without convs).
+        lengths: ``[B]`` int64, real tokens seen per row (positions for layers with RoPE).
+    """
+
+    S: Tensor | None
+    convs: tuple[Tensor, ...]
+    lengths: Tensor
+
+    def detach(self) -> MatrixState:
+        """The same state cut from the autograd graph (truncated backprop through time)."""
+        S = None if self.S is None else self.S.detach()
+        return MatrixState(S, tuple(c.detach() for c in self.convs), self.lengths)
+
+    def nbytes(self) -> int:
+        """Bytes of the recurrent state (matrix and conv caches)."""
+        tensors = ([self.S] if self.S is not None else []) + list(self.convs)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class MatrixMixer(nn.Module):
+    """Base of the family layers.
+
+    Args:
+        dim: model width C.
+        num_heads: H (``dim % num_heads == 0``).
+        impl: form of the operator in ``forward``: ``"chunk"`` | ``"recurrent"`` | ``"reference"``.
+        decode_impl: form in ``step``.
+        chunk_size: tokens per chunk of the chunk form.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, impl: str, decode_impl: str, chunk_size: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        for name, value in (("impl", impl), ("decode_impl", decode_impl)):
+            if getattr(value, "value", value) not in FORMS:
+                raise ValueError(f"{name} must be 'chunk', 'recurrent' or 'reference', got {value!r}")
+        self.dim, self.num_heads = dim, num_heads
+        self.impl, self.decode_impl, self.chunk_size = impl, decode_impl, chunk_size
+        self.last_impl: str | None = None
+
+    def conv_modules(self) -> list[ShortConv]:
+        """The layer's short convs, in the order their caches sit in ``MatrixState.convs``."""
+        return []
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MatrixState:
+        """Zero matrix (``S=None``), zero conv caches, zero lengths."""
+        convs = tuple(c.init_cache(batch_size, device=device, dtype=dtype) for c in self.conv_modules())
+        device = device or next(self.parameters()).device
+        return MatrixState(None, convs, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def forward(
+        self, x: Tensor, state: MatrixState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, MatrixState]:
+        """Run the layer over a chunk.
+
+        Args:
+            x: ``[B, T, C]``.
+            state: a :class:`MatrixState` from ``init_state`` or a previous call, or ``None``.
+            mask: ``[B, T]`` bool, True = real token (right padding). A padded token leaves ``S`` exactly
+                unchanged (zero key and learning rate, no decay) and the conv caches keep each row's last
+                real inputs, so the returned state continues exactly like the unpadded sequence.
+
+        Returns:
+            ``(y [B, T, C], MatrixState)``.
+        """
+        name = type(self).__name__
+        check_input(name, x, self.dim)
+        return self._run(x, state, check_mask(name, mask, x), self.impl)
+
+    def step(self, x_t: Tensor, state: MatrixState | None) -> tuple[Tensor, MatrixState]:
+        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
+        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True)
+        return self._run(x_t, state, None, self.decode_impl)
+
+    def _run(self, x: Tensor, state: MatrixState | None, mask: Tensor | None, impl: str):
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        elif not isinstance(state, MatrixState):
+            raise TypeError(f"{type(self).__name__}: state must be a MatrixState, got {type(state).__name__}")
+        y, S, convs = self._mix(x, state, mask, impl)
+        self.last_impl = impl
+        added = mask.sum(dim=1) if mask is not None else x.shape[1]
+        return y, MatrixState(S, tuple(convs), state.lengths + added)
+
+    def _mix(
+        self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``(y [B, T, C], S, new conv caches)``; implemented by each layer."""
+        raise NotImplementedError
+
+    def _convolve(self, inputs: list[Tensor], state: MatrixState, mask: Tensor | None):
+        """Run ``conv_modules()`` over ``inputs`` (same order); returns the outputs and the new caches."""
+        convs = self.conv_modules()
+        if not convs:
+            return inputs, []
+        pairs = [conv(t, cache, mask) for conv, t, cache in zip(convs, inputs, state.convs)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _operator(
+        self, rule: str, *args: Tensor, state: MatrixState, impl: str, **gates
+    ) -> tuple[Tensor, Tensor]:
+        """Call ``ttt.ops.family.<rule>`` from ``state.S``; returns ``(o [B, H, T, Dv], S)``."""
+        op = getattr(ttt.ops.family, rule)
+        return op(*args, **gates, initial_state=state.S, output_final_state=True, impl=impl,
+                  chunk_size=self.chunk_size)  # fmt: skip
+
+
+def mask_tokens(mask: Tensor | None, *tensors: Tensor) -> list[Tensor]:
+    """Zero the padded tokens of per-token tensors ``[B, H, T]`` or ``[B, H, T, D]`` (identity without mask).
+
+    Zeroing the key (or the learning rate) stops a padded token from writing; zeroing a log-decay makes
+    it keep the state as it is.
+    """
+    if mask is None:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        real = mask[:, None, :].to(t.dtype)  # [B, 1, T]
+        out.append(t * (real if t.dim() == 3 else real[..., None]))
+    return out
