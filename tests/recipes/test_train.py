@@ -1,0 +1,119 @@
+"""The training recipe: smoke run, exact resume, atomic checkpoints, refusing to overwrite."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from ttt.recipes.args import TrainArgs
+from ttt.recipes.train import lr_at, train
+
+
+def small_args(corpus_dir: str, out: Path, **kw) -> TrainArgs:
+    base = dict(
+        mixer="ttt_linear",
+        preset="micro",
+        corpus=corpus_dir,
+        steps=3,
+        batch_size=4,
+        context=24,
+        eval_every=2,
+        eval_batches=2,
+        ckpt_every=2,
+        out=str(out),
+        progress=False,
+        plot=False,
+    )
+    return TrainArgs(**{**base, **kw})
+
+
+def test_three_step_smoke_run(corpus_dir, tmp_path):
+    r = train(small_args(corpus_dir, tmp_path / "run", plot=True))
+    assert r.step == 3 and len(r.history["train"]) == 3 and len(r.history["val"]) == 2
+    assert 0 < r.val_bits_per_byte < 10
+    assert find_checkpoint(tmp_path / "run").name == "step-000003"
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
+def test_resume_continues_exactly(corpus_dir, tmp_path, mixer):
+    straight = train(small_args(corpus_dir, tmp_path / "a", mixer=mixer, steps=6, ckpt_every=3))
+    train(small_args(corpus_dir, tmp_path / "b", mixer=mixer, steps=6, ckpt_every=3))
+    # simulate the interruption: drop the final checkpoint, keep the one of step 3
+    b = tmp_path / "b"
+    (b / "latest").write_text("step-000003\n")
+    resumed = train(small_args(corpus_dir, b, mixer=mixer, steps=6, ckpt_every=3, resume=True))
+    assert [s for s, _ in resumed.history["train"]] == list(range(1, 7))
+    for (_, x), (_, y) in zip(straight.history["train"], resumed.history["train"]):
+        assert abs(x - y) <= 1e-6
+    wa, _, _ = load_checkpoint(tmp_path / "a")
+    wb, _, _ = load_checkpoint(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_existing_run_is_not_overwritten(corpus_dir, tmp_path):
+    train(small_args(corpus_dir, tmp_path / "run"))
+    before = (find_checkpoint(tmp_path / "run") / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_args(corpus_dir, tmp_path / "run"))
+    with pytest.raises(CheckpointError, match="--lr"):
+        train(small_args(corpus_dir, tmp_path / "run", resume=True, lr=1.0))
+    with pytest.raises(CheckpointError, match="--mixer"):
+        train(small_args(corpus_dir, tmp_path / "run", resume=True, mixer="attention"))
+    assert (find_checkpoint(tmp_path / "run") / "model.safetensors").read_bytes() == before
+
+
+def test_bad_arguments(corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        train(small_args(corpus_dir, tmp_path / "x", context=600))
+    with pytest.raises(ValueError, match="unknown mixer"):
+        train(small_args(corpus_dir, tmp_path / "x", mixer="nope"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        train(small_args(corpus_dir, tmp_path / "x", preset="huge"))
+    with pytest.raises(ValueError, match="unknown corpus"):
+        train(small_args(corpus_dir, tmp_path / "x", corpus="nope"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(small_args(corpus_dir, tmp_path / "never", resume=True))
+    assert not (tmp_path / "x").exists()
+
+
+def test_schedule_warms_up_then_decays():
+    args = TrainArgs(steps=100, lr=1.0, min_lr=0.1, warmup=0.1)
+    lrs = [lr_at(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_kill_at_any_moment_leaves_a_complete_checkpoint(corpus_dir, tmp_path):
+    run = tmp_path / "killed"
+    args = small_args(corpus_dir, run, steps=10_000, ckpt_every=1, eval_every=10_000)
+    code = (
+        "import sys; from ttt.recipes.args import TrainArgs; from ttt.recipes.train import train; "
+        f"train(TrainArgs(**{dataclasses.asdict(args)!r}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(run.glob("step-*"))) < 2:
+            time.sleep(0.05)
+        # the child writes a checkpoint every step: kill it in the middle of whatever it is doing
+        time.sleep(0.37)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(list(run.glob("step-*"))) >= 1
+    _, meta, trainer = load_checkpoint(run, load_trainer=True)
+    assert meta["step"] >= 1 and "rng.sampler" in trainer
