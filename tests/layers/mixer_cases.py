@@ -32,18 +32,15 @@ CASES: dict[str, dict] = {
     "gated_deltanet_v2": dict(name="gated_deltanet", chunk_size=8, expand_v=2.0, conv_size=None),
     "kda": dict(name="kda", chunk_size=8),
     "longhorn": dict(name="longhorn", chunk_size=8),
+    "linear_attention": dict(name="linear_attention", chunk_size=8),
+    "retnet": dict(name="retnet", chunk_size=8),
+    "mamba2": dict(name="mamba2", chunk_size=8, d_state=8),
+    "gla": dict(name="gla", chunk_size=8),
+    "hgrn2": dict(name="hgrn2", chunk_size=8),
 }
 
-EXACT_AFTER_PADDING = {
-    "attention",
-    "attention_gqa",
-    "swa",
-    "deltanet",
-    "gated_deltanet",
-    "gated_deltanet_v2",
-    "kda",
-    "longhorn",
-}
+# TTT states after padding are documented as not continuable (padding advances the mini-batch slot)
+EXACT_AFTER_PADDING = {case for case, spec in CASES.items() if not spec["name"].startswith("ttt_")}
 
 
 def make(case: str) -> torch.nn.Module:

@@ -3,6 +3,7 @@
 ``MIXERS`` maps a name to a class built as ``cls(dim=..., num_heads=..., **layer_specific)``.
 """
 
+from ttt.layers.additive import HGRN2, GatedLinearAttention, LinearAttention, Mamba2, RetNet
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
 from ttt.layers.bidirectional import Bidirectional
 from ttt.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
@@ -19,6 +20,11 @@ MIXERS: dict[str, type] = {
     "gated_deltanet": GatedDeltaNet,
     "kda": KimiDeltaAttention,
     "longhorn": Longhorn,
+    "linear_attention": LinearAttention,
+    "retnet": RetNet,
+    "mamba2": Mamba2,
+    "gla": GatedLinearAttention,
+    "hgrn2": HGRN2,
 }
 
 __all__ = [
@@ -27,6 +33,11 @@ __all__ = [
     "Bidirectional",
     "DeltaNet",
     "GatedDeltaNet",
+    "GatedLinearAttention",
+    "HGRN2",
+    "LinearAttention",
+    "Mamba2",
+    "RetNet",
     "KimiDeltaAttention",
     "Longhorn",
     "MatrixState",

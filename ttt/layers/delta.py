@@ -24,13 +24,13 @@ from ttt.modules.conv import ShortConv
 from ttt.modules.norm import GatedRMSNorm, RMSNorm
 
 
-def mamba_decay_init(num_heads: int) -> tuple[Tensor, Tensor]:
-    """``(A_log, dt_bias)`` ``[H]`` as Mamba2 / GDN: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1].
+def mamba_decay_init(num_heads: int, a_range: tuple[float, float] = (0.0, 16.0)) -> tuple[Tensor, Tensor]:
+    """``(A_log, dt_bias)`` ``[H]`` as Mamba2 / GDN: A ~ U(a_range), dt log-uniform in [1e-3, 0.1].
 
     The decay is ``log alpha = -exp(A_log) * softplus(a + dt_bias)``; ``dt_bias`` is the inverse softplus
-    of dt so that ``softplus(dt_bias) = dt`` at ``a = 0``.
+    of dt so that ``softplus(dt_bias) = dt`` at ``a = 0``. GDN draws A from U(0, 16), Mamba2 from U(1, 16).
     """
-    A_log = torch.log(torch.empty(num_heads).uniform_(0, 16).clamp(min=1e-4))
+    A_log = torch.log(torch.empty(num_heads).uniform_(*a_range).clamp(min=1e-4))
     dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
     return A_log, dt + torch.log(-torch.expm1(-dt))
 
