@@ -156,6 +156,9 @@ def chunk_ttt_linear_bwd_kernel_fused(
         b_dq = b_do + tl.dot(b_dzb, tl.trans(b_w), input_precision=PREC)
         b_deta = tl.zeros([BT], dtype=tl.float32)
         if n == 0:
+            # reloaded: a tensor defined inside the first `if` does not outlive it when compiled
+            b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+            b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
             b_edz = b_eta[:, None] * b_dzb
             b_dq -= tl.dot(b_edz, tl.trans(b_gw), input_precision=PREC)
             b_deta -= tl.sum(b_dzb * b_zs, axis=1)

@@ -42,9 +42,37 @@ def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.conste
     return tl.where(m_row[:, None] & m_d[None, :], b_g, 0.0)
 
 
+@triton.jit
+def _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC: tl.constexpr):
+    """Zbar = Q W0 + b0 - (E * (Q K^T + 1)) G with E[i, j] = eta_i lr_j on mask m_a. [BT, BD]"""
+    b_p = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.0)
+    return tl.dot(b_q, b_w, input_precision=PREC) + b_b[None, :] - tl.dot(b_a, b_g, input_precision=PREC)
+
+
+@triton.jit
+def _segment_masks(n, o_i, offset, T, te, b_te, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr):
+    """Rows of segment n: token index, validity, eta per row, the [BT, BT] mask, last position, done flag."""
+    # grid slot of row i is n * MB + i; token index t = slot - offset
+    o_t = n * MB + o_i - offset
+    m_t = (o_i < MB) & (o_t >= 0) & (o_t < T)
+    # position of the last token of this segment inside its mini-batch
+    slot_end = tl.minimum(n * MB + MB, offset + T)
+    p_last = slot_end - 1 - n * MB
+    f_done = (slot_end == n * MB + MB).to(tl.float32)
+    if CAUSAL:
+        b_eta = b_te
+        m_a = (o_i[:, None] >= o_i[None, :]) & m_t[None, :]
+    else:
+        b_eta = tl.zeros([BT], dtype=tl.float32) + tl.load(te + p_last).to(tl.float32)
+        m_a = (o_i[:, None] >= 0) & m_t[None, :]
+    return o_t, m_t, b_eta, m_a, p_last, f_done
+
+
 @triton.heuristics(
     {
         "STORE_CKPT": lambda args: args["ckpt_w"] is not None,
+        "COMPUTE_O": lambda args: args["o"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
@@ -79,6 +107,7 @@ def chunk_ttt_linear_fwd_kernel_fused(
     CAUSAL: tl.constexpr,
     PREC: tl.constexpr,
     STORE_CKPT: tl.constexpr,
+    COMPUTE_O: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_h = i_bh % H
@@ -98,17 +127,11 @@ def chunk_ttt_linear_fwd_kernel_fused(
     # [BD, BD] anchor and [BD] bias, fp32, resident for the whole sequence
     b_w = tl.load(h0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
     b_b = tl.load(h0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
-    # carried gradient sum of the tokens of the current mini-batch consumed by earlier calls
-    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
-    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
 
     for n in range(0, NS):
-        # grid slot of row i is n * MB + i; token index t = slot - offset
-        o_t = n * MB + o_i - offset
-        m_t = (o_i < MB) & (o_t >= 0) & (o_t < T)
+        o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
         p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
         m_td = m_t[:, None] & m_d[None, :]
-        b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
         b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
         b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
@@ -117,42 +140,100 @@ def chunk_ttt_linear_fwd_kernel_fused(
             tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
             tl.store(ckpt_b + p_ck + o_d, b_b, mask=m_d)
 
-        # position of the last token of this segment inside its mini-batch
-        slot_end = tl.minimum(n * MB + MB, offset + T)
-        p_last = slot_end - 1 - n * MB
-        f_done = (slot_end == n * MB + MB).to(tl.float32)
-
         b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)  # [BT, BD]
-        if CAUSAL:
-            b_eta = b_te
-            m_a = (o_i[:, None] >= o_i[None, :]) & m_t[None, :]
-        else:
-            b_eta = tl.zeros([BT], dtype=tl.float32) + tl.load(te + p_last).to(tl.float32)
-            m_a = (o_i[:, None] >= 0) & m_t[None, :]
-        # [BT, BT] eta_i * lr_j * (q_i . k_j + 1), causal (or segment) mask
-        b_p = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.0)
-        b_zb = tl.dot(b_q, b_w, input_precision=PREC) + b_b[None, :] - tl.dot(b_a, b_g, input_precision=PREC)
-        if n == 0:
-            b_zs = tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :]
-            b_zb = b_zb - b_eta[:, None] * b_zs
-        b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
-        b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
-        tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
+        if COMPUTE_O:
+            b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+            b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
+            if n == 0:
+                # gradient sum carried in by the state (tokens of this mini-batch seen by earlier calls)
+                b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+                b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
+                b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
+            b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
+            b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
+            tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
 
-        # accumulate this segment's lr-weighted gradients; on a full mini-batch, step the anchor
+        # this segment's lr-weighted gradient sum (plus the carried one in the first segment); no
+        # [D, D] accumulator is carried across segments: only the anchor is
         b_lg = b_g * b_lr[:, None]
-        b_gw += tl.dot(tl.trans(b_k), b_lg, input_precision=PREC)
-        b_gb += tl.sum(b_lg, axis=0)
-        b_w -= (f_done * te_last) * b_gw
-        b_b -= (f_done * te_last) * b_gb
-        b_gw *= 1.0 - f_done
-        b_gb *= 1.0 - f_done
+        b_u = tl.dot(tl.trans(b_k), b_lg, input_precision=PREC)
+        b_ub = tl.sum(b_lg, axis=0)
+        if n == 0:
+            b_u += tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+            b_ub += tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
+        # a full mini-batch steps the anchor; a trailing partial one hands its sum to the next call
+        b_w -= (f_done * te_last) * b_u
+        b_b -= (f_done * te_last) * b_ub
+        if n == NS - 1:
+            tl.store(gt_w + i_bh64 * D * D + o_dd, (1.0 - f_done) * b_u, mask=m_dd)
+            tl.store(gt_b + i_bh64 * D + o_d, (1.0 - f_done) * b_ub, mask=m_d)
 
     tl.store(ht_w + i_bh64 * D * D + o_dd, b_w, mask=m_dd)
     tl.store(ht_b + i_bh64 * D + o_d, b_b, mask=m_d)
-    tl.store(gt_w + i_bh64 * D * D + o_dd, b_gw, mask=m_dd)
-    tl.store(gt_b + i_bh64 * D + o_d, b_gb, mask=m_d)
+
+
+@triton.jit(do_not_specialize=["T", "offset", "NS"])
+def chunk_ttt_linear_fwd_kernel_o(
+    q,
+    k,
+    v,
+    lr,
+    te,
+    ln_w,
+    ln_b,
+    g0_w,
+    g0_b,
+    ckpt_w,
+    ckpt_b,
+    o,
+    T,
+    offset,
+    NS,
+    eps,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    MB: tl.constexpr,
+    BT: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Outputs of one segment from its checkpointed anchor; grid (NS, B * H), no recurrence."""
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    i_bh64 = i_bh.to(tl.int64)
+    o_i = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    m_dd = m_d[:, None] & m_d[None, :]
+    o_dd = o_d[:, None] * D + o_d[None, :]
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
+    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    p_ck = (i_bh64 * NS + n) * D
+    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd, other=0.0)
+    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d, other=0.0)
+    b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)
+    b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
+    if n == 0:
+        b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+        b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
+        b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
+    b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
+    b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
+    tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
+
+
+# chosen from the H200 measurements in docs/kernels.md
+SPLIT_O = False
 
 
 def launch_config(D: int, dtype: torch.dtype) -> dict:
@@ -178,21 +259,29 @@ def chunk_ttt_linear_fwd_fused(
     causal: bool,
     eps: float,
     store_ckpt: bool,
+    split_o: bool | None = None,
     num_warps: int | None = None,
 ):
-    """Launch the fused forward. q, k, v [B, H, T, D] contiguous; lr [B, H, T]; h0 / g0 = (W [B, H, D, D],
+    """Launch the forward. q, k, v [B, H, T, D] contiguous; lr [B, H, T]; h0 / g0 = (W [B, H, D, D],
     b [B, H, D]) contiguous fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
-    per-segment anchors (ckpt_w [B, H, NS, D, D], ckpt_b [B, H, NS, D]) or (None, None)."""
+    per-segment anchors (ckpt_w [B, H, NS, D, D], ckpt_b [B, H, NS, D]) or (None, None).
+
+    ``split_o``: run only the recurrence sequentially (one program per (batch, head)) and compute the
+    outputs in a second, fully parallel launch (one program per (segment, batch, head)) from the
+    checkpointed anchors, instead of fusing both in the sequential loop. Default: ``SPLIT_O``.
+    """
+    split_o = SPLIT_O if split_o is None else split_o
     B, H, T, D = q.shape
     MB = token_eta.shape[0]
     NS = triton.cdiv(offset + T, MB)
     cfg = launch_config(D, q.dtype)
     BT = max(16, triton.next_power_of_2(MB))
     o = torch.empty_like(q)
+    o_fused = None if split_o else o
     ht_w, ht_b = torch.empty_like(h0[0]), torch.empty_like(h0[1])
     gt_w, gt_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
     ckpt_w = ckpt_b = None
-    if store_ckpt:
+    if store_ckpt or split_o:
         ckpt_w = q.new_empty(B, H, NS, D, D, dtype=torch.float32)
         ckpt_b = q.new_empty(B, H, NS, D, dtype=torch.float32)
     chunk_ttt_linear_fwd_kernel_fused[(B * H,)](
@@ -207,7 +296,7 @@ def chunk_ttt_linear_fwd_fused(
         h0[1],
         g0[0],
         g0[1],
-        o,
+        o_fused,
         ht_w,
         ht_b,
         gt_w,
@@ -227,4 +316,31 @@ def chunk_ttt_linear_fwd_fused(
         PREC=cfg["PREC"],
         num_warps=num_warps or cfg["num_warps"],
     )
+    if split_o:
+        chunk_ttt_linear_fwd_kernel_o[(NS, B * H)](
+            q,
+            k,
+            v,
+            lr,
+            token_eta,
+            ln_weight,
+            ln_bias,
+            g0[0],
+            g0[1],
+            ckpt_w,
+            ckpt_b,
+            o,
+            T,
+            offset,
+            NS,
+            eps,
+            H=H,
+            D=D,
+            BD=cfg["BD"],
+            MB=MB,
+            BT=BT,
+            CAUSAL=causal,
+            PREC=cfg["PREC"],
+            num_warps=4,
+        )
     return o, (ht_w, ht_b), (gt_w, gt_b), (ckpt_w, ckpt_b)

@@ -1,0 +1,269 @@
+"""Benchmark the fused Triton TTT-Linear against our chunked PyTorch form, SDPA (FlashAttention) and
+flash-linear-attention's ``chunk_ttt_linear``; forward and forward+backward, bf16, mini-batch 16.
+
+Every timed path is first checked: ours against the chunked form in float64 (output and the gradients
+of q, k, v, lr on a slice of the batch), with the R13 budget err(ours) <= 2 * (err(chunk in the bench
+dtype) + eps * max|ref|). A path that fails its check is not timed. fla computes a different function
+(see ANCHORS.md 9.2: output z + LN(z), q scaled, row-wise eta), so it is timed, not compared.
+
+    python benchmarks/kernels_ttt_linear.py                       # the three issue shapes
+    python benchmarks/kernels_ttt_linear.py --shapes 1,256,2,64   # a quick one
+    python benchmarks/kernels_ttt_linear.py --out benchmarks/results/kernels_ttt_linear_h200.md
+
+Writes a markdown table (GPU named) to ``--out`` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ttt.ops import TTTState, ttt_linear  # noqa: E402
+from ttt.ops.common import default_token_eta  # noqa: E402
+
+SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
+
+
+def make_inputs(B, T, H, D, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device)
+
+    x = {
+        "q": r(B, H, T, D, scale=0.5).to(dtype),
+        "k": r(B, H, T, D, scale=0.5).to(dtype),
+        "v": r(B, H, T, D).to(dtype),
+        # lr ~ base_lr * sigmoid(.) / D, as the TTT layer's gate
+        "lr": (torch.rand(B, H, T, generator=g) / D).to(device),
+        "ln_weight": 1 + r(H, D, scale=0.1),
+        "ln_bias": r(H, D, scale=0.1),
+        "W0": r(H, D, D, scale=0.02),
+        "b0": torch.zeros(H, D, device=device),
+    }
+    return x
+
+
+def ours_call(x, impl, mb=16, causal=True):
+    te = default_token_eta(mb, x["q"].device).float()
+    return ttt_linear(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["lr"],
+        x["ln_weight"],
+        x["ln_bias"],
+        initial_state=(x["W0"], x["b0"]),
+        token_eta=te,
+        mini_batch_size=mb,
+        causal=causal,
+        impl=impl,
+    ).output
+
+
+def with_grad(x, keys=("q", "k", "v", "lr", "ln_weight", "ln_bias", "W0", "b0")):
+    return {k: (v.detach().requires_grad_() if k in keys else v) for k, v in x.items()}
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def check_ours(x, dtype, slice_bh=(1, 2)):
+    """Our kernel vs the chunked form in fp64 on a [:1, :2] slice: output and grads of q, k, v, lr."""
+    b, h = slice_bh
+    xs = {k: (v[:b, :h] if v.dim() >= 3 and k in ("q", "k", "v", "lr") else v) for k, v in x.items()}
+    xs = {k: (v[:h] if k in ("ln_weight", "ln_bias", "W0", "b0") else v) for k, v in xs.items()}
+    do = torch.randn_like(xs["q"], dtype=torch.float32)
+    res = {}
+    for name, impl, dt in (("ref64", "chunk", torch.float64), ("low", "chunk", dtype), ("ours", "triton", dtype)):
+        xi = with_grad({k: v.to(dt) if k in ("q", "k", "v") else v.to(torch.float64 if dt == torch.float64 else torch.float32) for k, v in xs.items()})
+        o = ours_call(xi, impl)
+        o.backward(do.to(o.dtype))
+        res[name] = [o.detach()] + [xi[k].grad for k in ("q", "k", "v", "lr")]
+    report = {}
+    ok = True
+    for i, nm in enumerate(("o", "dq", "dk", "dv", "dlr")):
+        ref, low, got = (res[n][i].double() for n in ("ref64", "low", "ours"))
+        if not torch.isfinite(got).all():
+            ok = False
+            report[nm] = "non-finite"
+            continue
+        err = (got - ref).abs().max().item()
+        bound = 2 * ((low - ref).abs().max().item() + torch.finfo(dtype).eps * ref.abs().max().item())
+        report[nm] = f"{err:.2e}<={bound:.2e}"
+        ok &= err <= bound
+    return ok, report
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def bench(fn, device):
+    if device == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def fwd_bwd(call, x, do):
+    xg = with_grad(x)
+
+    def run():
+        for v in xg.values():
+            v.grad = None
+        o = call(xg)
+        o.backward(do)
+
+    return run
+
+
+def fla_call(xt):
+    from fla.ops.ttt import chunk_ttt_linear
+
+    return chunk_ttt_linear(
+        xt["q"],
+        xt["k"],
+        xt["v"],
+        xt["ln_weight"],
+        xt["ln_bias"],
+        xt["lr"],
+        chunk_size=16,
+        initial_state=xt["W0"],
+        initial_state_bias=xt["b0"],
+        output_final_state=False,
+    )[0]
+
+
+def fla_inputs(x):
+    """fla takes [B, T, H, D], eta [B, T, H, 1], W0 [B, H, D, D], b0 [B, H, 1, D]."""
+    B, H, T, D = x["q"].shape
+    t = {k: x[k].transpose(1, 2).contiguous() for k in ("q", "k", "v")}
+    t["lr"] = x["lr"].to(x["q"].dtype).transpose(1, 2)[..., None].contiguous()
+    t["ln_weight"], t["ln_bias"] = x["ln_weight"].to(x["q"].dtype), x["ln_bias"].to(x["q"].dtype)
+    t["W0"] = x["W0"][None].expand(B, H, D, D).float().contiguous()
+    t["b0"] = x["b0"][None, :, None].expand(B, H, 1, D).float().contiguous()
+    return t
+
+
+def sdpa_call(x):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
+
+
+def run_shape(B, T, H, D, dtype, device, args):
+    x = make_inputs(B, T, H, D, dtype, device)
+    row = {"shape": f"{B},{T},{H},{D}"}
+    ok, rep = check_ours(x, dtype)
+    row["check"] = ("pass " if ok else "FAIL ") + json.dumps(rep)
+    print(f"[{row['shape']}] check ours vs chunk fp64: {row['check']}", flush=True)
+    do = torch.randn_like(x["q"])
+    paths = {}
+    if ok:
+        paths["ours"] = lambda xx: ours_call(xx, "triton")
+    paths["chunk eager"] = lambda xx: ours_call(xx, "chunk")
+    if device == "cuda":
+        paths["sdpa flash"] = sdpa_call
+    for name, call in paths.items():
+        if name == "chunk eager" and T > args.eager_max_t:
+            continue
+        try:
+            with torch.no_grad():
+                row[f"{name} fwd"] = bench(lambda: call(x), device)
+            row[f"{name} fwdbwd"] = bench(fwd_bwd(call, x, do), device)
+        except Exception as err:  # a path that cannot run at this shape is reported, not hidden
+            row[f"{name} fwd"] = f"error: {type(err).__name__}: {str(err)[:80]}"
+        print(f"[{row['shape']}] {name}: {row.get(name + ' fwd')} / {row.get(name + ' fwdbwd')} ms", flush=True)
+    if args.fla:
+        try:
+            xt = fla_inputs(x)
+            with torch.no_grad():
+                o = fla_call(xt)
+            assert torch.isfinite(o).all(), "fla output not finite"
+            with torch.no_grad():
+                row["fla fwd"] = bench(lambda: fla_call(xt), device)
+            row["fla fwdbwd"] = bench(fwd_bwd(fla_call, xt, do.transpose(1, 2).contiguous()), device)
+        except Exception as err:
+            row["fla fwd"] = f"error: {type(err).__name__}: {str(err)[:120]}"
+        print(f"[{row['shape']}] fla: {row.get('fla fwd')} / {row.get('fla fwdbwd')} ms", flush=True)
+    del x
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def table(rows, header_lines):
+    cols = ["ours", "fla", "chunk eager", "sdpa flash"]
+    lines = list(header_lines)
+    for mode in ("fwd", "fwdbwd"):
+        lines += ["", f"### {mode} (ms, median of triton.testing.do_bench)", ""]
+        lines.append("| B,T,H,D | " + " | ".join(cols) + " | ours vs fla | ours vs sdpa |")
+        lines.append("|---" * (len(cols) + 3) + "|")
+        for r in rows:
+            vals = [r.get(f"{c} {mode}") for c in cols]
+            o, f_, s = r.get(f"ours {mode}"), r.get(f"fla {mode}"), r.get(f"sdpa flash {mode}")
+            sp = lambda a, b: f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"  # noqa: E731
+            lines.append(f"| {r['shape']} | " + " | ".join(fmt(v) for v in vals) + f" | {sp(o, f_)} | {sp(o, s)} |")
+    lines += ["", "### correctness gate (ours vs chunked fp64, max abs err <= budget)", ""]
+    lines += [f"- {r['shape']}: {r['check']}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D ... (default: the issue's three)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--no-fla", dest="fla", action="store_false", help="skip flash-linear-attention")
+    ap.add_argument("--eager-max-t", type=int, default=1 << 30, help="skip chunk eager above this T")
+    ap.add_argument("--out", default=None, help="markdown file to write")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shapes] if args.shapes else SHAPES
+    if device == "cpu":
+        args.fla = False
+    gpu = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
+    import triton
+
+    header = [
+        f"# TTT-Linear kernels: {gpu}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, dtype {args.dtype}, mini-batch 16, causal, "
+        f"W0 ~ N(0, 0.02), lr ~ U(0, 1/D).",
+        f"Command: `python benchmarks/kernels_ttt_linear.py {' '.join(sys.argv[1:])}`",
+        "fla = flash-linear-attention 0.6.0 `chunk_ttt_linear` (different function, timed only; "
+        "inputs pre-transposed to [B, T, H, D] outside the timed region). "
+        "sdpa flash = F.scaled_dot_product_attention(is_causal=True) on the FlashAttention backend.",
+        "fwd is timed under torch.no_grad(); fwdbwd = forward + o.backward(do).",
+    ]
+    rows = [run_shape(B, T, H, D, dtype, device, args) for (B, T, H, D) in shapes]
+    text = table(rows, header)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump({"gpu": gpu, "rows": rows}, f, indent=1)
+    return 0 if all(r["check"].startswith("pass") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
