@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ttt.ops import TTTState, ttt_linear  # noqa: E402
+from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
@@ -84,8 +84,19 @@ def check_ours(x, dtype, slice_bh=(1, 2)):
     xs = {k: (v[:h] if k in ("ln_weight", "ln_bias", "W0", "b0") else v) for k, v in xs.items()}
     do = torch.randn_like(xs["q"], dtype=torch.float32)
     res = {}
-    for name, impl, dt in (("ref64", "chunk", torch.float64), ("low", "chunk", dtype), ("ours", "triton", dtype)):
-        xi = with_grad({k: v.to(dt) if k in ("q", "k", "v") else v.to(torch.float64 if dt == torch.float64 else torch.float32) for k, v in xs.items()})
+    for name, impl, dt in (
+        ("ref64", "chunk", torch.float64),
+        ("low", "chunk", dtype),
+        ("ours", "triton", dtype),
+    ):
+        xi = with_grad(
+            {
+                k: v.to(dt)
+                if k in ("q", "k", "v")
+                else v.to(torch.float64 if dt == torch.float64 else torch.float32)
+                for k, v in xs.items()
+            }
+        )
         o = ours_call(xi, impl)
         o.backward(do.to(o.dtype))
         res[name] = [o.detach()] + [xi[k].grad for k in ("q", "k", "v", "lr")]
@@ -182,11 +193,13 @@ def run_shape(B, T, H, D, dtype, device, args):
             continue
         try:
             with torch.no_grad():
-                row[f"{name} fwd"] = bench(lambda: call(x), device)
+                row[f"{name} fwd"] = bench(lambda call=call: call(x), device)
             row[f"{name} fwdbwd"] = bench(fwd_bwd(call, x, do), device)
         except Exception as err:  # a path that cannot run at this shape is reported, not hidden
             row[f"{name} fwd"] = f"error: {type(err).__name__}: {str(err)[:80]}"
-        print(f"[{row['shape']}] {name}: {row.get(name + ' fwd')} / {row.get(name + ' fwdbwd')} ms", flush=True)
+        print(
+            f"[{row['shape']}] {name}: {row.get(name + ' fwd')} / {row.get(name + ' fwdbwd')} ms", flush=True
+        )
     if args.fla:
         try:
             xt = fla_inputs(x)
@@ -199,7 +212,6 @@ def run_shape(B, T, H, D, dtype, device, args):
         except Exception as err:
             row["fla fwd"] = f"error: {type(err).__name__}: {str(err)[:120]}"
         print(f"[{row['shape']}] fla: {row.get('fla fwd')} / {row.get('fla fwdbwd')} ms", flush=True)
-    del x
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -220,7 +232,9 @@ def table(rows, header_lines):
             vals = [r.get(f"{c} {mode}") for c in cols]
             o, f_, s = r.get(f"ours {mode}"), r.get(f"fla {mode}"), r.get(f"sdpa flash {mode}")
             sp = lambda a, b: f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"  # noqa: E731
-            lines.append(f"| {r['shape']} | " + " | ".join(fmt(v) for v in vals) + f" | {sp(o, f_)} | {sp(o, s)} |")
+            lines.append(
+                f"| {r['shape']} | " + " | ".join(fmt(v) for v in vals) + f" | {sp(o, f_)} | {sp(o, s)} |"
+            )
     lines += ["", "### correctness gate (ours vs chunked fp64, max abs err <= budget)", ""]
     lines += [f"- {r['shape']}: {r['check']}" for r in rows]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""Kernel-level timings of the TTT-Linear Triton launchers: warps per program, fused vs split forward,
+anchor checkpointing on/off, backward. Used to pick the defaults in ``ttt/ops/ttt_linear/triton``.
+
+    python benchmarks/kernels_ttt_linear_tune.py [--shapes B,T,H,D ...] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.ops.ttt_linear.triton.chunk_bwd import chunk_ttt_linear_bwd_fused  # noqa: E402
+from ttt.ops.ttt_linear.triton.chunk_fwd import chunk_ttt_linear_fwd_fused  # noqa: E402
+
+SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=None)
+    ap.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET=1, not a timing)"
+    shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shapes] if args.shapes else SHAPES
+    lines = [f"# TTT-Linear kernel variants: {gpu} ({args.dtype}, b = 16, causal)", ""]
+    lines += ["| B,T,H,D | variant | warps | ms |", "|---|---|---|---|"]
+    for B, T, H, D in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (
+            (torch.randn(B, H, T, D, generator=g) * 0.5).to(dev, getattr(torch, args.dtype)) for _ in range(3)
+        )
+        lr = (torch.rand(B, H, T, generator=g) / D).to(dev)
+        lw, lb = torch.ones(H, D, device=dev), torch.zeros(H, D, device=dev)
+        te = default_token_eta(16, dev).float()
+        h0 = ((torch.randn(B, H, D, D, generator=g) * 0.02).to(dev), torch.zeros(B, H, D, device=dev))
+        g0 = (torch.zeros(B, H, D, D, device=dev), torch.zeros(B, H, D, device=dev))
+        do = torch.randn_like(q)
+        _, _, _, ckpt = chunk_ttt_linear_fwd_fused(
+            q, k, v, lr, te, lw, lb, h0, g0, offset=0, causal=True, eps=1e-6, store_ckpt=True
+        )
+        ref = chunk_ttt_linear_fwd_fused(
+            q, k, v, lr, te, lw, lb, h0, g0, offset=0, causal=True, eps=1e-6, store_ckpt=False
+        )[0]
+        fwd_args = (q, k, v, lr, te, lw, lb, h0, g0)
+        bwd_args = (q, k, v, lr, te, lw, lb, ckpt, g0, do, g0, g0)
+        common = dict(offset=0, causal=True, eps=1e-6)
+        variants = []
+        for w in args.warps:
+            for name, kw in (
+                ("fwd fused", dict(store_ckpt=False, split_o=False)),
+                ("fwd fused + ckpt", dict(store_ckpt=True, split_o=False)),
+                ("fwd split (rec + o)", dict(store_ckpt=True, split_o=True)),
+            ):
+                variants.append(
+                    (name, w, partial(chunk_ttt_linear_fwd_fused, *fwd_args, num_warps=w, **kw, **common))
+                )
+            variants.append(("bwd", w, partial(chunk_ttt_linear_bwd_fused, *bwd_args, num_warps=w, **common)))
+        for name, w, fn in variants:
+            try:
+                out = fn()
+                if name.startswith("fwd"):
+                    err = (out[0].float() - ref.float()).abs().max().item()
+                    assert err < 1e-2, f"{name} w{w} differs from the fused forward by {err}"
+                if dev == "cuda":
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    ms = (time.perf_counter() - t0) * 1e3
+                cell = f"{ms:.3f}"
+            except Exception as err:  # an out-of-resources config is reported, not fatal
+                cell = f"error: {type(err).__name__}: {str(err)[:60]}"
+            lines.append(f"| {B},{T},{H},{D} | {name} | {w} | {cell} |")
+            print(lines[-1], flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
