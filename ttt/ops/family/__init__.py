@@ -6,7 +6,6 @@ Forms (``impl=``): "chunk" | "recurrent" | "autograd" (alias "reference"). Deriv
 
 from .additive import gla, hebbian, hgrn2, linear_attention, mamba2, retnet
 from .delta import comba, deltanet, gated_deltanet, kda, longhorn, rwkv7
-from .rules import RULES, Rule
 
 __all__ = [
     "linear_attention",
@@ -21,6 +20,4 @@ __all__ = [
     "longhorn",
     "comba",
     "rwkv7",
-    "RULES",
-    "Rule",
 ]

@@ -65,19 +65,15 @@ def check_gate(
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    bracket = "(" if low_open else "["
+    interval = f"{bracket}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
     with torch.no_grad():
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} must be finite (found NaN or Inf)")
-        if low is not None:
-            bad = (x <= low) if low_open else (x < low)
-            if bad.any():
-                bracket = "(" if low_open else "["
-                raise ValueError(
-                    f"{name} must lie in {bracket}{low}, {high if high is not None else 'inf'}], "
-                    f"got min {x.min().item():.4g}"
-                )
+        if low is not None and ((x <= low) if low_open else (x < low)).any():
+            raise ValueError(f"{name} must lie in {interval}, got min {x.min().item():.4g}")
         if high is not None and (x > high).any():
-            raise ValueError(f"{name} must be <= {high}, got max {x.max().item():.4g}")
+            raise ValueError(f"{name} must lie in {interval}, got max {x.max().item():.4g}")
     return x.to(dtype)
 
 

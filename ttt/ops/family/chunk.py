@@ -9,6 +9,8 @@ Dim legend: b batch, h heads, n chunks, c / r / i positions in a chunk, k key di
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,20 +18,52 @@ from torch import Tensor
 from .transition import Transition
 
 
+def _exp(x: Tensor) -> Tensor:
+    """``exp(x)`` for ``x <= 0``, with results below the smallest normal number flushed to exactly 0.
+
+    Strong decays make most pairwise factors underflow; subnormal arithmetic is ~100x slower on x86
+    CPUs, and those factors are below the dtype's resolution of any sum they enter.
+    """
+    floor = math.log(torch.finfo(x.dtype).tiny)
+    return torch.exp(x.masked_fill(x < floor, float("-inf")))
+
+
+_SUB = 16  # sub-block of the per-channel decay products (see _decayed_products)
+
+
 def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor) -> Tensor:
     """``M[r, i] = sum_d x[r, d] y[i, d] exp(gx[r, d] - gy[i, d])`` where ``mask[r, i]``, else 0.
 
-    x, y [B, H, C, Dk]; gx, gy [B, H, C, 1] (scalar decay) or [B, H, C, Dk]; mask [C, C] bool.
-    Returns [B, H, C, C].
+    x, y [B, H, C, Dk]; gx, gy [B, H, C, 1] (scalar decay) or [B, H, C, Dk]; mask [C, C] bool and
+    lower-triangular; ``gy`` non-increasing in the position and ``gx[r] <= gy[i]`` for ``i < r``
+    (log-decays summed from the chunk start). Returns [B, H, C, C].
     """
     if gx.shape[-1] == 1:
         diff = gx - gy.transpose(-1, -2)  # [B, H, C, C]
-        return (x @ y.transpose(-1, -2)) * torch.exp(diff.masked_fill(~mask, float("-inf")))
-    # per-channel decays cannot be factored out of the sum without exp(+G) (overflow), so the
-    # [C, C, Dk] decay tensor is formed explicitly, one chunk at a time
-    diff = gx.unsqueeze(-2) - gy.unsqueeze(-3)  # [B, H, C, C, Dk]
-    decay = torch.exp(diff.masked_fill(~mask.unsqueeze(-1), float("-inf")))
-    return torch.einsum("bhrd,bhid,bhrid->bhri", x, y, decay)
+        return (x @ y.transpose(-1, -2)) * _exp(diff.masked_fill(~mask, float("-inf")))
+    C = x.shape[-2]
+    c = _SUB if C % _SUB == 0 and C > _SUB else C
+    nb = C // c
+    # per-channel decays cannot be pulled out of the sum with one reference point without exp(+G)
+    # (overflow); inside a sub-block of c tokens the [c, c, Dk] decay tensor is formed explicitly
+    xb, gxb, yb, gyb = (t.unflatten(-2, (nb, c)) for t in (x, gx, y, gy))  # [B, H, nb, c, D]
+    diag_mask = mask.view(nb, c, nb, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, c, c]
+    diff = gxb.unsqueeze(-2) - gyb.unsqueeze(-3)  # [B, H, nb, c, c, Dk]
+    decay = _exp(diff.masked_fill(~diag_mask.unsqueeze(-1), float("-inf")))
+    diag = torch.einsum("bhnrd,bhnid,bhnrid->bhnri", xb, yb, decay)  # [B, H, nb, c, c]
+    block_eye = torch.eye(nb, dtype=x.dtype, device=x.device)[:, None, :, None]
+    M = (diag.unsqueeze(-2) * block_eye).reshape(*x.shape[:-2], C, C)
+    if nb == 1:
+        return M
+    # a later row block r > I and a column block I factor through the log-decay at the end of I,
+    # ref_I: both exp(gx_r - ref_I) and exp(ref_I - gy_i) have exponents <= 0
+    ref = gyb[..., -1:, :]  # [B, H, nb, 1, Dk]
+    y_scaled = yb * _exp(ref - gyb)  # [B, H, nb, c, Dk]
+    later = torch.arange(C, device=x.device)[None, :] >= (torch.arange(nb, device=x.device)[:, None] + 1) * c
+    x_exp = (gx.unsqueeze(-3) - ref).masked_fill(~later[..., None], float("-inf"))  # [B, H, nb, C, Dk]
+    x_scaled = x.unsqueeze(-3) * _exp(x_exp)
+    off = x_scaled @ y_scaled.transpose(-1, -2)  # [B, H, nb(I), C, c]
+    return M + off.permute(0, 1, 3, 2, 4).reshape(*x.shape[:-2], C, C)
 
 
 def _fold_columns(q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -106,20 +140,20 @@ def chunk_transition(
             G_before[:, :, n],
             G_last[:, :, n],
         )
-        o_n = (q_n * torch.exp(g_n)) @ S + _decayed_products(q_n, g_n, w_n, g_n, inclusive) @ v_n
-        state_decay = torch.exp(gl_n).transpose(-1, -2)  # [B, H, Dg, 1]
-        S_next = state_decay * S + (w_n * torch.exp(gl_n - g_n)).transpose(-1, -2) @ v_n
+        o_n = (q_n * _exp(g_n)) @ S + _decayed_products(q_n, g_n, w_n, g_n, inclusive) @ v_n
+        state_decay = _exp(gl_n).transpose(-1, -2)  # [B, H, Dg, 1]
+        S_next = state_decay * S + (w_n * _exp(gl_n - g_n)).transpose(-1, -2) @ v_n
         if rms is not None:
             rm_n, rd_n = rms[:, :, n], rds[:, :, n]
             # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_0 + L_rw V
             system = eye + _decayed_products(rd_n, gb_n, rm_n, g_n, strict)  # [B, H, C, C]
-            rhs_state = rd_n * torch.exp(gb_n)  # [B, H, C, Dk]
+            rhs_state = rd_n * _exp(gb_n)  # [B, H, C, Dk]
             rhs_values = _decayed_products(rd_n, gb_n, w_n, g_n, strict) @ v_n  # [B, H, C, Dv]
             W = torch.linalg.solve_triangular(system, rhs_state, upper=False, unitriangular=True)
             U = torch.linalg.solve_triangular(system, rhs_values, upper=False, unitriangular=True)
             E = W @ S + U  # [B, H, C, Dv]
             o_n = o_n - _decayed_products(q_n, g_n, rm_n, g_n, inclusive) @ E
-            S_next = S_next - (rm_n * torch.exp(gl_n - g_n)).transpose(-1, -2) @ E
+            S_next = S_next - (rm_n * _exp(gl_n - g_n)).transpose(-1, -2) @ E
         outputs.append(o_n)
         S = S_next
     o = torch.stack(outputs, dim=2).reshape(B, H, N * C, -1)[:, :, :T]
