@@ -184,7 +184,8 @@ class _TTTLayer(nn.Module):
             initial_state=initial, token_eta=self.token_eta(), mini_batch_size=self.mini_batch_size,
             causal=self.causal, output_final_state=True, impl=impl,
         )  # fmt: skip
-        self.last_impl = impl
+        # record the form that ran; "auto" resolves as in ttt.ops (triton on CUDA, chunk elsewhere)
+        self.last_impl = ("triton" if x.is_cuda else "chunk") if impl == "auto" else impl
 
         y = self.post_norm(merge_heads(o))  # [B, T, C]
         if self.g_proj is not None:
