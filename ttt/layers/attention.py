@@ -53,6 +53,17 @@ class Attention(nn.Module):
             (full causal attention).
         rope_theta: RoPE base. Default: ``10000`` (ttt-lm-pytorch ``rope_theta``).
         bias: bias in the q/k/v/o projections. Default: ``False`` (Llama, TTT baseline).
+
+    Examples::
+
+        >>> import torch
+        >>> from ttt.layers import Attention
+        >>> layer = Attention(dim=64, num_heads=4)
+        >>> x = torch.randn(2, 10, 64)
+        >>> y, cache = layer(x[:, :9])               # prefill
+        >>> y_last, cache = layer.step(x[:, 9:], cache)  # decode one token
+        >>> y.shape, y_last.shape, cache.k.shape
+        (torch.Size([2, 9, 64]), torch.Size([2, 1, 64]), torch.Size([2, 4, 10, 16]))
     """
 
     def __init__(

@@ -51,6 +51,16 @@ class Bidirectional(nn.Module):
         gate_init: initial ``alpha`` of both gates. Default: ``0.1`` (ttt-video-dit).
 
     Build one from the registry with :meth:`from_name`.
+
+    Examples::
+
+        >>> import torch
+        >>> from ttt.layers import Bidirectional
+        >>> encoder_mixer = Bidirectional.from_name("ttt_linear", dim=64, num_heads=4)
+        >>> x, mask = torch.randn(2, 12, 64), torch.arange(12) < torch.tensor([[12], [7]])
+        >>> y, _ = encoder_mixer(x, mask=mask)
+        >>> y.shape
+        torch.Size([2, 12, 64])
     """
 
     def __init__(self, mixer: nn.Module, *, shared: bool = True, gate_init: float = 0.1) -> None:

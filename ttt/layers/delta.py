@@ -151,6 +151,16 @@ class GatedDeltaNet(_DeltaFamilyLayer):
 
     rule = "gated_deltanet"
     gated_norm = "silu"
+    __doc__ += """
+    Examples::
+
+        >>> import torch
+        >>> from ttt.layers import GatedDeltaNet
+        >>> layer = GatedDeltaNet(dim=64, num_heads=4)
+        >>> y, state = layer(torch.randn(2, 20, 64))
+        >>> y.shape, state.S.shape, len(state.convs)
+        (torch.Size([2, 20, 64]), torch.Size([2, 4, 16, 16]), 3)
+    """
 
     def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)

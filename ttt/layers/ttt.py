@@ -227,6 +227,17 @@ class TTTLinear(_TTTLayer):
         decode_impl: form used by ``step``. Default: ``"recurrent"`` (primal form, one token).
 
     ``last_impl`` records the form the last call ran.
+
+    Examples::
+
+        >>> import torch
+        >>> from ttt.layers import TTTLinear
+        >>> layer = TTTLinear(dim=64, num_heads=4)
+        >>> x = torch.randn(2, 40, 64)
+        >>> y, state = layer(x[:, :37])                 # chunked dual form
+        >>> y_next, state = layer.step(x[:, 37:38], state)  # primal form, one token
+        >>> y.shape, state.position, state.ttt.offset, layer.last_impl
+        (torch.Size([2, 37, 64]), 38, 6, 'recurrent')
     """
 
     variant = "ttt_linear"
