@@ -73,3 +73,11 @@ def test_separate_parameters_and_errors():
         Bidirectional.from_name("nope", dim=16, num_heads=2)
     with pytest.raises(TypeError, match=r"\.dim"):
         Bidirectional(torch.nn.Linear(3, 3))
+
+
+@torch.no_grad()
+def test_non_causal_ttt_inside_encoder():
+    torch.manual_seed(0)
+    layer = Bidirectional.from_name("ttt_mlp", dim=16, num_heads=2, mini_batch_size=4, causal=False).double()
+    y, _ = layer(_x(2, 8))
+    assert y.shape == (2, 8, 16) and torch.isfinite(y).all()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttt.ops
 from ttt.layers import TTTMLP, TTTLayerState, TTTLinear
@@ -161,3 +163,20 @@ def test_float32_and_wrong_state():
         layer(torch.randn(2, 3, 16), state=(1,))
     with pytest.raises(ValueError, match="even"):
         TTTLinear(dim=12, num_heads=4)
+
+
+@torch.no_grad()
+@settings(max_examples=12, deadline=None)
+@given(length=st.integers(1, 30), cut=st.floats(0.0, 1.0), b=st.sampled_from([1, 3, 4]))
+def test_any_split_point_and_mini_batch_size(length, cut, b):
+    """Chunked calls resume at any offset, including mid-mini-batch, and match one call (RoPE mod b)."""
+    torch.manual_seed(0)
+    layer = TTTLinear(dim=16, num_heads=2, mini_batch_size=b).double()
+    x = _x(1, length)
+    split = int(cut * length)
+    y, _ = layer(x)
+    if split == 0:
+        return
+    y1, state = layer(x[:, :split])
+    y2, _ = layer(x[:, split:], state) if split < length else (x[:, :0], None)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, atol=1e-10, rtol=0)
