@@ -1,0 +1,151 @@
+"""CPU benchmark of the delta rows (issue 3): chunk form vs token recurrence for Gated DeltaNet and
+DeltaNet, and fla-core 0.6.0's pure-PyTorch references at the same shapes.
+
+    python benchmarks/family_cpu.py                    # B=1 H=4 T=4096 D=64, float32
+    python benchmarks/family_cpu.py --T 1024 --repeats 1   # quicker
+
+Before timing, every path's output is checked against our chunk form in float64 at a small shape
+(fla's references run in float32 internally, so they are held to float32 round-off). Times are
+medians of ``--repeats`` runs after one warm-up; fwd+bwd backpropagates ``o.sum()`` to q, k, v,
+beta (and alpha). Results go to ``benchmarks/results/family_cpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import ttt.ops.family as fam
+
+
+def _fla_naive(rel: str):
+    spec = importlib.util.find_spec("fla")
+    if spec is None:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "ops" / rel / "naive.py"
+    mod_spec = importlib.util.spec_from_file_location(f"_fla_naive_{rel}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def make_inputs(B, H, T, D, dtype, grad):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, B, H, T, D, generator=g, dtype=dtype).unbind(0)
+    x = {
+        "q": q,
+        "k": F.normalize(k, dim=-1),
+        "v": v,
+        "beta": torch.rand(B, H, T, generator=g, dtype=dtype),
+        "log_alpha": -0.1 * torch.rand(B, H, T, generator=g, dtype=dtype),
+    }
+    return {n: t.requires_grad_(grad) for n, t in x.items()}
+
+
+def paths(rule: str):
+    """name -> fn(inputs) -> o [B, H, T, D] for the given rule."""
+    gdn = _fla_naive("gated_delta_rule")
+    dr = _fla_naive("delta_rule")
+    out = {}
+    if rule == "gated_deltanet":
+        for impl in ("chunk", "recurrent"):
+            out[f"ttt {impl}"] = lambda x, impl=impl: fam.gated_deltanet(
+                x["q"], x["k"], x["v"], beta=x["beta"], log_alpha=x["log_alpha"], impl=impl
+            )[0]
+        if gdn is not None:
+            tr = lambda t: t.transpose(1, 2)  # noqa: E731
+            out["fla naive_chunk (C=64)"] = lambda x: tr(
+                gdn.naive_chunk_gated_delta_rule(
+                    tr(x["q"]), tr(x["k"]), tr(x["v"]), tr(x["log_alpha"]), tr(x["beta"]), chunk_size=64
+                )[0]
+            )
+            out["fla naive_recurrent"] = lambda x: tr(
+                gdn.naive_recurrent_gated_delta_rule(
+                    tr(x["q"]), tr(x["k"]), tr(x["v"]), tr(x["beta"]), tr(x["log_alpha"])
+                )[0]
+            )
+    else:
+        for impl in ("chunk", "recurrent"):
+            out[f"ttt {impl}"] = lambda x, impl=impl: fam.deltanet(x["q"], x["k"], x["v"], beta=x["beta"], impl=impl)[0]
+        if dr is not None:
+            out["fla delta_rule_chunkwise (C=64)"] = lambda x: dr.delta_rule_chunkwise(
+                x["q"], x["k"], x["v"], x["beta"], chunk_size=64
+            )[0]
+            out["fla delta_rule_recurrence"] = lambda x: dr.delta_rule_recurrence(x["q"], x["k"], x["v"], x["beta"])[0]
+    return out
+
+
+def check(rule: str) -> None:
+    """Refuse to time a wrong path: all agree with our float64 chunk form at B1 H2 T128 D16."""
+    x = make_inputs(1, 2, 128, 16, torch.float64, False)
+    ps = paths(rule)
+    ref = ps["ttt chunk"](x).double()
+    for name, fn in ps.items():
+        err = (fn(x).double() - ref).abs().max().item()
+        budget = 1e-10 if name.startswith("ttt") else 1e-4 * ref.abs().max().item()
+        if not err < budget:
+            raise SystemExit(f"{rule} {name}: max error {err:.3g} > {budget:.3g}; refusing to time it")
+        print(f"check {rule:15s} {name:32s} max err vs ttt chunk (fp64) {err:.1e}")
+
+
+def median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--B", type=int, default=1)
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared 2-core box: 1)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "family_cpu.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for rule in ("gated_deltanet", "deltanet"):
+        check(rule)
+        for backward in (False, True):
+            x = make_inputs(args.B, args.H, args.T, args.D, torch.float32, backward)
+            for name, fn in paths(rule).items():
+
+                def run(fn=fn, x=x, backward=backward):
+                    if backward:
+                        fn(x).sum().backward()
+                    else:
+                        with torch.no_grad():
+                            fn(x)
+
+                t = median_time(run, args.repeats)
+                mode = "fwd+bwd" if backward else "fwd"
+                rows.append((rule, mode, name, t))
+                print(f"{rule:15s} {mode:8s} {name:32s} {t * 1e3:10.1f} ms", flush=True)
+    header = (
+        f"# Family delta rows on CPU: chunk vs recurrence vs fla-core 0.6.0 references\n\n"
+        f"B={args.B} H={args.H} T={args.T} D={args.D}, float32, median of {args.repeats} after a warm-up, "
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_interop_threads()} interop threads. Produced by `python benchmarks/family_cpu.py`.\n\n"
+        "| rule | mode | path | ms | vs ttt chunk |\n|---|---|---|---|---|\n"
+    )
+    base = {(r, m): t for r, m, n, t in rows if n == "ttt chunk"}
+    body = "\n".join(f"| {r} | {m} | {n} | {t * 1e3:.1f} | {t / base[(r, m)]:.2f}x |" for r, m, n, t in rows)
+    Path(args.out).write_text(header + body + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
