@@ -32,6 +32,7 @@ CASES: dict[str, dict] = {
     "gated_deltanet_v2": dict(name="gated_deltanet", chunk_size=8, expand_v=2.0, conv_size=None),
     "kda": dict(name="kda", chunk_size=8),
     "longhorn": dict(name="longhorn", chunk_size=8),
+    "comba": dict(name="comba", chunk_size=8),
     "linear_attention": dict(name="linear_attention", chunk_size=8),
     "retnet": dict(name="retnet", chunk_size=8),
     "mamba2": dict(name="mamba2", chunk_size=8, d_state=8),

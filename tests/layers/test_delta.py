@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ttt.ops.family
-from ttt.layers import DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn, MatrixState
+from ttt.layers import Comba, DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn, MatrixState
 from ttt.ops.family import dispatch
 
 LAYERS = {
@@ -17,6 +17,7 @@ LAYERS = {
     "gated_deltanet": GatedDeltaNet,
     "kda": KimiDeltaAttention,
     "longhorn": Longhorn,
+    "comba": Comba,
 }
 
 
@@ -53,6 +54,31 @@ def test_gated_deltanet_matches_an_explicit_recurrence():
     o = torch.stack(outs)[None]  # [1, T, H, Dv]
     o = layer.o_norm(o, layer.g_proj(x).view(1, 7, 2, 8))
     torch.testing.assert_close(layer(x)[0], layer.o_proj(o.reshape(1, 7, 16)), atol=1e-12, rtol=0)
+
+
+@torch.no_grad()
+def test_comba_matches_an_explicit_recurrence():
+    """S_t = (a - b k p^T) S + b k v^T with p = sigmoid(d) k, read by the corrected query q - D p."""
+    layer = _layer("comba", conv_size=None, correction_factor=0.3)
+    x = _x(1, 6)
+    q = F.normalize(layer.q_proj(x).view(1, 6, 2, 8), dim=-1)
+    k = F.normalize(layer.k_proj(x).view(1, 6, 2, 8), dim=-1)
+    v = layer.v_proj(x).view(1, 6, 2, 8)
+    p = torch.sigmoid(layer.feedback)[:, None] * k[0]  # [T, H, Dk]
+    q = (q[0] - layer.D[:, None] * p) * 8**-0.5
+    beta = torch.sigmoid(layer.b_proj(x))[0]  # [T, H]
+    alpha = torch.exp(-torch.exp(layer.A_log) * F.softplus(layer.a_proj(x) + layer.dt_bias))[0]
+    S = torch.zeros(2, 8, 8, dtype=torch.float64)
+    outs = []
+    for t in range(6):
+        read = torch.einsum("hk,hkv->hv", p[t], S)  # p^T S
+        S = (
+            alpha[t, :, None, None] * S
+            + beta[t, :, None, None] * k[0, t][:, :, None] * (v[0, t] - read)[:, None]
+        )
+        outs.append(torch.einsum("hk,hkv->hv", q[t], S))
+    o = layer.o_norm(torch.stack(outs)[None], layer.g_proj(x).view(1, 6, 2, 8))
+    torch.testing.assert_close(layer(x)[0], layer.o_proj(o.reshape(1, 6, 16)), atol=1e-12, rtol=0)
 
 
 def test_gates_reach_the_operator_masked(monkeypatch):

@@ -6,7 +6,7 @@
 from ttt.layers.additive import HGRN2, GatedLinearAttention, LinearAttention, Mamba2, RetNet
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
 from ttt.layers.bidirectional import Bidirectional
-from ttt.layers.delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
+from ttt.layers.delta import Comba, DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
 from ttt.layers.matrix import MatrixState
 from ttt.layers.protocol import Mixer
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
@@ -20,6 +20,7 @@ MIXERS: dict[str, type] = {
     "gated_deltanet": GatedDeltaNet,
     "kda": KimiDeltaAttention,
     "longhorn": Longhorn,
+    "comba": Comba,
     "linear_attention": LinearAttention,
     "retnet": RetNet,
     "mamba2": Mamba2,
@@ -31,6 +32,7 @@ __all__ = [
     "MIXERS",
     "Attention",
     "Bidirectional",
+    "Comba",
     "DeltaNet",
     "GatedDeltaNet",
     "GatedLinearAttention",

@@ -1,4 +1,4 @@
-"""Layers for the delta rows of the family (``ttt.ops.family``): DeltaNet, Gated DeltaNet, KDA, Longhorn.
+"""Layers for the delta rows of ``ttt.ops.family``: DeltaNet, Gated DeltaNet, KDA, Longhorn, Comba.
 
 All four share the body of the Gated DeltaNet layer (Yang et al., arXiv 2412.06464, as in fla's
 ``GatedDeltaNet``): bias-free q/k/v projections, a causal short convolution with SiLU on each, L2-normalised
@@ -75,9 +75,14 @@ class _DeltaFamilyLayer(MatrixMixer):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_width, dim, bias=False)
 
-    def _gates(self, x: Tensor) -> dict[str, Tensor]:
-        """The rule's per-token gates from ``x [B, T, C]``, each ``[B, H, T]`` or ``[B, H, T, D]``."""
+    def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
+        """The rule's per-token inputs from ``x [B, T, C]`` and the normalised keys ``k [B, H, T, Dk]``,
+        each ``[B, H, T]`` or ``[B, H, T, D]``."""
         raise NotImplementedError
+
+    def _correct_query(self, q: Tensor, gates: dict[str, Tensor]) -> Tensor:
+        """Hook for rules that adjust the query (Comba's output correction); identity by default."""
+        return q
 
     def conv_modules(self) -> list[ShortConv]:
         return [] if self.conv_q is None else [self.conv_q, self.conv_k, self.conv_v]
@@ -88,7 +93,8 @@ class _DeltaFamilyLayer(MatrixMixer):
         q = F.normalize(split_heads(q, self.num_heads), dim=-1, eps=1e-6)  # [B, H, T, Dk]
         k = F.normalize(split_heads(k, self.num_heads), dim=-1, eps=1e-6)
         v = split_heads(v, self.num_heads)  # [B, H, T, Dv]
-        gates = self._gates(x)
+        gates = self._gates(x, k)
+        q = self._correct_query(q, gates)
         k, *values = mask_tokens(mask, k, *gates.values())
         o, S = self._operator(self.rule, q, k, v, state=state, impl=impl, **dict(zip(gates, values)))
         o = o.transpose(1, 2)  # [B, T, H, Dv]
@@ -135,7 +141,7 @@ class DeltaNet(_DeltaFamilyLayer):
 
     rule = "deltanet"
 
-    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+    def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
         return {"beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2)}  # [B, H, T]
 
 
@@ -168,7 +174,7 @@ class GatedDeltaNet(_DeltaFamilyLayer):
         A_log, dt_bias = mamba_decay_init(num_heads)
         self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
 
-    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+    def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
         log_alpha = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
         return {"beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2), "log_alpha": log_alpha.transpose(1, 2)}
 
@@ -194,7 +200,7 @@ class KimiDeltaAttention(_DeltaFamilyLayer):
         _, dt_bias = mamba_decay_init(dim)
         self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
 
-    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+    def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
         batch, length, _ = x.shape
         raw = F.softplus(self.f_proj(x) + self.dt_bias).view(batch, length, self.num_heads, self.head_k_dim)
         log_alpha = -torch.exp(self.A_log)[:, None] * raw  # [B, T, H, Dk]
@@ -220,7 +226,49 @@ class Longhorn(_DeltaFamilyLayer):
         super().__init__(dim, num_heads, **kwargs)
         self.b_proj = nn.Linear(dim, num_heads * self.head_v_dim, bias=False)
 
-    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+    def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
         batch, length, _ = x.shape
         beta = torch.sigmoid(self.b_proj(x)).view(batch, length, self.num_heads, self.head_v_dim)
         return {"beta": beta.transpose(1, 2)}  # [B, H, T, Dv]
+
+
+class Comba(_DeltaFamilyLayer):
+    __doc__ = (
+        """Comba (Hu et al., arXiv 2506.02475): closed-loop control of the delta rule,
+    ``S_t = (alpha_t - beta_t k_t p_t^T) S_{t-1} + beta_t k_t v_t^T``, read with the corrected query
+    ``q - D p``.
+
+    The GDN body and decay, plus the feedback key ``p = sigmoid(d_h) * k`` (``d`` learnable per head,
+    initialised to 1) and the output correction ``q - D_h p`` (``D`` initialised to
+    ``correction_factor``), as fla's ``Comba`` layer; q and k are L2-normalised before the correction.
+    Output ``RMSNorm(o) * sigmoid(x W_g)``.
+
+    Extra argument:
+        correction_factor: initial D. Default: ``1.0`` (fla notes 0.02 sometimes works better for small
+            models).
+"""
+        + _ARGS_DOC
+    )
+
+    rule = "comba"
+    gated_norm = "sigmoid"
+
+    def __init__(self, dim: int, num_heads: int, *, correction_factor: float = 1.0, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.a_proj = nn.Linear(dim, num_heads, bias=False)
+        A_log, dt_bias = mamba_decay_init(num_heads)
+        self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
+        self.feedback = nn.Parameter(torch.ones(num_heads))
+        self.D = nn.Parameter(torch.full((num_heads,), float(correction_factor)))
+
+    def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
+        log_alpha = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
+        p = torch.sigmoid(self.feedback)[None, :, None, None] * k  # [B, H, T, Dk]
+        return {
+            "p": p,
+            "beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2),
+            "log_alpha": log_alpha.transpose(1, 2),
+        }
+
+    def _correct_query(self, q: Tensor, gates: dict[str, Tensor]) -> Tensor:
+        return q - self.D[None, :, None, None] * gates["p"]
