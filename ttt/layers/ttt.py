@@ -53,7 +53,9 @@ class TTTLayerState:
         tensors = [self.conv_q, self.conv_k]
         if self.ttt is not None:
             tensors += [*self.ttt.weights, *self.ttt.anchor, *self.ttt.grad_sum]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        # at a mini-batch boundary `weights` and `anchor` are the same tensors; count each once
+        unique = {(t.data_ptr(), t.shape, t.dtype): t for t in tensors if t is not None}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 class _TTTLayer(nn.Module):
