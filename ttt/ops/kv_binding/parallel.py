@@ -1,0 +1,77 @@
+"""Chunk-parallel evaluation of the reduced KV-binding TTT (Liu et al. 2026, Sec. 6.2).
+
+Without momentum it is causal linear attention from W_0 (``ttt.ops.linear_attention``). With momentum
+mu, the velocity ``V_t = mu V_{t-1} + D_t`` (``D_t = k^_t^T v^_t``) and ``W_t = W_{t-1} + V_t`` give, for
+position t of a chunk that starts from (W_0, V_0),
+
+    W_t = W_0 + s_t V_0 + sum_{i <= t} c_{t-i} D_i,   s_t = sum_{j=1}^{t} mu^j,  c_n = sum_{m=0}^{n} mu^m
+    V_t = mu^t V_0 + sum_{i <= t} mu^{t-i} D_i
+
+so ``o_t = q^_t W_t`` needs only [C, C] Toeplitz weights: sums of powers of mu <= 1, never a division
+by a cumulative product (the reference implementation divides by cumprod(mu) and underflows on long
+sequences; see ANCHORS 7.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..family import linear_attention
+from .reduction import EffectiveLinearAttention
+
+
+def kv_binding_parallel(
+    eff: EffectiveLinearAttention,
+    W0: Tensor,
+    *,
+    velocity: Tensor | None = None,
+    chunk_size: int = 64,
+    output_final_state: bool = False,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Evaluate the reduced TTT layer chunk-parallel.
+
+    Args:
+        eff: ``reduce_kv_binding(...)``: q^, k^ [B, H, T, M], v^ [B, H, T, Dv], momentum mu.
+        W0: initial last-layer weights [B|1, H, M, Dv].
+        velocity: initial momentum buffer ``V_0 = -U_0`` [B|1, H, M, Dv]. Default: zeros.
+        chunk_size: tokens per chunk.
+        output_final_state: also return ``(W_T, V_T)``.
+
+    Returns:
+        o [B, H, T, Dv] and ``(W_T, V_T)`` or None.
+    """
+    q, k, v = eff.q, eff.k, eff.v
+    B, H, T, M = q.shape
+    W = W0.expand(B, H, M, v.shape[-1]).to(q.dtype)
+    if eff.momentum == 0.0 and velocity is None:
+        o, W_T = linear_attention(
+            q, k, v, scale=1.0, initial_state=W, output_final_state=True, chunk_size=chunk_size
+        )
+        return o, ((W_T, torch.zeros_like(W_T)) if output_final_state else None)
+    mu = float(eff.momentum)
+    V = torch.zeros_like(W) if velocity is None else velocity.expand_as(W).to(q.dtype)
+    C = chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+    qs, ks, vs = (F.pad(x, (0, 0, 0, pad)).reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
+    pos = torch.arange(C, dtype=q.dtype, device=q.device)
+    powers = mu**pos  # mu^0 .. mu^(C-1)
+    lag = pos[:, None] - pos[None, :]  # t - i
+    causal = lag >= 0
+    c_lag = torch.cumsum(powers, 0)  # c_n = sum_{m <= n} mu^m
+    C_w = torch.where(causal, c_lag[lag.clamp(min=0).long()], torch.zeros((), dtype=q.dtype))  # [C, C]
+    s = torch.cumsum(mu * powers, 0)  # s_t, t = position + 1
+    outputs = []
+    for n in range(N):
+        q_n, k_n, v_n = qs[:, :, n], ks[:, :, n], vs[:, :, n]
+        scores = (q_n @ k_n.transpose(-1, -2)) * C_w  # [B, H, C, C]
+        outputs.append(q_n @ W + s[:, None] * (q_n @ V) + scores @ v_n)
+        # state after the chunk's last real token L (padding would keep the velocity moving)
+        L = min(C, T - n * C)
+        to_end = (L - 1 - pos).clamp(min=0).long()  # L - 1 - i; padded tokens have D_i = 0
+        W = W + s[L - 1] * V + (k_n * c_lag[to_end][:, None]).transpose(-1, -2) @ v_n
+        V = mu**L * V + (k_n * powers[to_end][:, None]).transpose(-1, -2) @ v_n
+    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, -1)[:, :, :T]
+    return o, ((W, V) if output_final_state else None)
