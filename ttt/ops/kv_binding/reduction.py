@@ -88,7 +88,8 @@ def reduce_kv_binding(
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
-            f"q, k must be [B, H, T, D] and v [B, H, T, Dv]; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+            "q, k must be [B, H, T, D] and v [B, H, T, Dv]; "
+            f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
         )
     if not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
