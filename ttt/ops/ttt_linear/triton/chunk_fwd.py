@@ -69,6 +69,54 @@ def _segment_masks(n, o_i, offset, T, te, b_te, MB: tl.constexpr, BT: tl.constex
     return o_t, m_t, b_eta, m_a, p_last, f_done
 
 
+@triton.jit
+def _fwd_segment(
+    n, q, k, v, lr, te, g0_w, g0_b, o, gt_w, gt_b, ckpt_w, ckpt_b, b_w, b_b, b_gamma, b_beta, b_te,
+    te_last, i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+    D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    STORE_CKPT: tl.constexpr, COMPUTE_O: tl.constexpr, HAS_S: tl.constexpr,
+):  # fmt: skip
+    """One mini-batch segment: outputs, checkpoint, and the anchor after it. Returns (W, b)."""
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
+    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    if STORE_CKPT:
+        p_ck = (i_bh64 * NS + n) * D
+        tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
+        tl.store(ckpt_b + p_ck + o_d, b_b, mask=m_d)
+
+    b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)  # [BT, BD]
+    if COMPUTE_O:
+        b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+        b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
+        if HAS_S:
+            # gradient sum carried in by the state (tokens of this mini-batch seen by earlier calls)
+            b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+            b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
+            b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
+        b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
+        b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
+        tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
+
+    # this segment's lr-weighted gradient sum (plus the carried one in the first segment); no
+    # [D, D] accumulator is carried across segments: only the anchor is
+    b_lg = b_g * b_lr[:, None]
+    b_u = tl.dot(tl.trans(b_k), b_lg, input_precision=PREC)
+    b_ub = tl.sum(b_lg, axis=0)
+    if HAS_S:
+        b_u += tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+        b_ub += tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
+    # a trailing partial mini-batch hands its gradient sum to the next call (masked store: no branch)
+    # (index arithmetic keeps the flag a tensor when n is the literal 0 of the peeled segment)
+    tl.store(gt_w + i_bh64 * D * D + o_dd, (1.0 - f_done) * b_u, mask=m_dd & (o_dd * 0 + n == NS - 1))
+    tl.store(gt_b + i_bh64 * D + o_d, (1.0 - f_done) * b_ub, mask=m_d & (o_d * 0 + n == NS - 1))
+    # a full mini-batch steps the anchor
+    return b_w - (f_done * te_last) * b_u, b_b - (f_done * te_last) * b_ub
+
+
 @triton.heuristics(
     {
         "STORE_CKPT": lambda args: args["ckpt_w"] is not None,
@@ -128,45 +176,19 @@ def chunk_ttt_linear_fwd_kernel_fused(
     b_w = tl.load(h0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
     b_b = tl.load(h0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
 
-    for n in range(0, NS):
-        o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-        p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
-        m_td = m_t[:, None] & m_d[None, :]
-        b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-        b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
-        if STORE_CKPT:
-            p_ck = (i_bh64 * NS + n) * D
-            tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
-            tl.store(ckpt_b + p_ck + o_d, b_b, mask=m_d)
-
-        b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)  # [BT, BD]
-        if COMPUTE_O:
-            b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-            b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
-            if n == 0:
-                # gradient sum carried in by the state (tokens of this mini-batch seen by earlier calls)
-                b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
-                b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
-                b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
-            b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
-            b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
-            tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
-
-        # this segment's lr-weighted gradient sum (plus the carried one in the first segment); no
-        # [D, D] accumulator is carried across segments: only the anchor is
-        b_lg = b_g * b_lr[:, None]
-        b_u = tl.dot(tl.trans(b_k), b_lg, input_precision=PREC)
-        b_ub = tl.sum(b_lg, axis=0)
-        if n == 0:
-            b_u += tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
-            b_ub += tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
-        # a full mini-batch steps the anchor; a trailing partial one hands its sum to the next call
-        b_w -= (f_done * te_last) * b_u
-        b_b -= (f_done * te_last) * b_ub
-        if n == NS - 1:
-            tl.store(gt_w + i_bh64 * D * D + o_dd, (1.0 - f_done) * b_u, mask=m_dd)
-            tl.store(gt_b + i_bh64 * D + o_d, (1.0 - f_done) * b_ub, mask=m_d)
+    # the first segment also reads the gradient sum carried in by the state; it is peeled off the
+    # loop (a constexpr flag) rather than branched on inside it
+    b_w, b_b = _fwd_segment(
+        0, q, k, v, lr, te, g0_w, g0_b, o, gt_w, gt_b, ckpt_w, ckpt_b, b_w, b_b, b_gamma, b_beta, b_te,
+        te_last, i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+        D, MB, BT, CAUSAL, PREC, STORE_CKPT, COMPUTE_O, True,
+    )  # fmt: skip
+    for n in range(1, NS):
+        b_w, b_b = _fwd_segment(
+            n, q, k, v, lr, te, g0_w, g0_b, o, gt_w, gt_b, ckpt_w, ckpt_b, b_w, b_b, b_gamma, b_beta, b_te,
+            te_last, i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+            D, MB, BT, CAUSAL, PREC, STORE_CKPT, COMPUTE_O, False,
+        )  # fmt: skip
 
     tl.store(ht_w + i_bh64 * D * D + o_dd, b_w, mask=m_dd)
     tl.store(ht_b + i_bh64 * D + o_d, b_b, mask=m_d)
@@ -223,10 +245,10 @@ def chunk_ttt_linear_fwd_kernel_o(
     b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d, other=0.0)
     b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)
     b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
-    if n == 0:
-        b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
-        b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
-        b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
+    # carried gradient sum: only segment 0 reads it (masked loads instead of a branch)
+    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd & (o_dd * 0 + n == 0), other=0.0)
+    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d & (o_d * 0 + n == 0), other=0.0)
+    b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
     b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
     b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
     tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
@@ -241,7 +263,8 @@ def launch_config(D: int, dtype: torch.dtype) -> dict:
     BD = max(16, triton.next_power_of_2(D))
     # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs use tf32 (10-bit mantissa, more than bf16's 7)
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8)
+    # H200 sweep (docs/kernels.md): forward 4 warps at D <= 64 and 8 at D = 128; the sequential backward 8
+    return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8, num_warps_bwd=8)
 
 
 def chunk_ttt_linear_fwd_fused(
