@@ -217,6 +217,59 @@ def run_shape(B, T, H, D, dtype, device, args):
     return row
 
 
+def run_decode(contexts, B, H, D, dtype, device):
+    """Per-token latency of one decode step: ours (T = 1 through the public op, state carried) vs SDPA
+    over a KV cache of ``L`` tokens (FlashAttention backend, one query)."""
+    from ttt.ops import TTTState
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    q1, k1, v1 = ((torch.randn(B, H, 1, D, generator=g) * 0.5).to(device, dtype) for _ in range(3))
+    lr1 = (torch.rand(B, H, 1, generator=g) / D).to(device)
+    lw, lb = torch.ones(H, D, device=device), torch.zeros(H, D, device=device)
+    te = default_token_eta(16, device).float()
+    rows = []
+    for L in contexts:
+        W = (torch.randn(B, H, D, D, generator=g) * 0.02).to(device)
+        b = torch.zeros(B, H, D, device=device)
+        gs = (torch.randn(B, H, D, D, generator=g) * 1e-3).to(device), torch.zeros(B, H, D, device=device)
+        off = L % 16
+        st = TTTState((W, b), (W, b), gs, off, 16, "ttt_linear")
+
+        def ours(st=st):
+            return ttt_linear(
+                q1,
+                k1,
+                v1,
+                lr1,
+                lw,
+                lb,
+                initial_state=st,
+                token_eta=te,
+                output_final_state=True,
+                impl="triton",
+            )
+
+        row = {"L": L}
+        with torch.no_grad():
+            row["ours"] = bench(ours, device)
+            if device == "cuda":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                kc, vc = ((torch.randn(B, H, L, D, generator=g) * 0.5).to(device, dtype) for _ in range(2))
+
+                def sdpa(kc=kc, vc=vc):
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return F.scaled_dot_product_attention(q1, kc, vc)
+
+                row["sdpa"] = bench(sdpa, device)
+        rows.append(row)
+        print(
+            f"[decode L={L}] ours {row['ours']:.4f} ms, sdpa {row.get('sdpa', float('nan')):.4f} ms",
+            flush=True,
+        )
+    return rows
+
+
 def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
@@ -247,6 +300,7 @@ def main():
     ap.add_argument("--no-fla", dest="fla", action="store_false", help="skip flash-linear-attention")
     ap.add_argument("--eager-max-t", type=int, default=1 << 30, help="skip chunk eager above this T")
     ap.add_argument("--out", default=None, help="markdown file to write")
+    ap.add_argument("--decode", nargs="*", type=int, default=[1024, 4096, 16384, 65536], help="KV lengths")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -269,6 +323,11 @@ def main():
     ]
     rows = [run_shape(B, T, H, D, dtype, device, args) for (B, T, H, D) in shapes]
     text = table(rows, header)
+    if args.decode:
+        dec = run_decode(args.decode, 8, 16, 64, dtype, device)
+        text += "\n### decode: one token, B = 8, H = 16, D = 64 (ms per step; ours = the public op with T = 1)\n\n"
+        text += "| KV length | ours | sdpa flash (KV cache) |\n|---|---|---|\n"
+        text += "".join(f"| {r['L']} | {fmt(r['ours'])} | {fmt(r.get('sdpa'))} |\n" for r in dec)
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -27,6 +27,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16])
+    ap.add_argument("--stages", nargs="*", type=int, default=[1, 2, 3])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -36,7 +37,7 @@ def main():
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET=1, not a timing)"
     shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shapes] if args.shapes else SHAPES
     lines = [f"# TTT-Linear kernel variants: {gpu} ({args.dtype}, b = 16, causal)", ""]
-    lines += ["| B,T,H,D | variant | warps | ms |", "|---|---|---|---|"]
+    lines += ["| B,T,H,D | variant | warps/stages | ms |", "|---|---|---|---|"]
     for B, T, H, D in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (
@@ -59,15 +60,18 @@ def main():
         common = dict(offset=0, causal=True, eps=1e-6)
         variants = []
         for w in args.warps:
-            for name, kw in (
-                ("fwd fused", dict(store_ckpt=False, split_o=False)),
-                ("fwd fused + ckpt", dict(store_ckpt=True, split_o=False)),
-                ("fwd split (rec + o)", dict(store_ckpt=True, split_o=True)),
-            ):
-                variants.append(
-                    (name, w, partial(chunk_ttt_linear_fwd_fused, *fwd_args, num_warps=w, **kw, **common))
-                )
-            variants.append(("bwd", w, partial(chunk_ttt_linear_bwd_fused, *bwd_args, num_warps=w, **common)))
+            for st in args.stages:
+                for name, kw in (
+                    ("fwd fused", dict(store_ckpt=False, split_o=False)),
+                    ("fwd fused + ckpt", dict(store_ckpt=True, split_o=False)),
+                    ("fwd split (rec + o)", dict(store_ckpt=True, split_o=True)),
+                ):
+                    fn = partial(
+                        chunk_ttt_linear_fwd_fused, *fwd_args, num_warps=w, num_stages=st, **kw, **common
+                    )
+                    variants.append((name, f"{w}/{st}", fn))
+                fn = partial(chunk_ttt_linear_bwd_fused, *bwd_args, num_warps=w, num_stages=st, **common)
+                variants.append(("bwd (local + seq)", f"{w}/{st}", fn))
         for name, w, fn in variants:
             try:
                 out = fn()

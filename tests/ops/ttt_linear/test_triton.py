@@ -146,6 +146,24 @@ def test_split_equals_full():
     torch.testing.assert_close(state.anchor[0], full[1], rtol=1e-5, atol=1e-5)
 
 
+def test_decode_steps_equal_full():
+    """Decoding is a call with T = 1: 20 single-token triton calls chained through the state == one call."""
+    leaves, meta = make_case(1, 2, 20, 16, seed=13)
+    full, _, _ = run(leaves, meta, impl="triton", dtype=torch.float32, causal=True, grad=False)
+    x = {k: v.float() for k, v in leaves.items()}
+    state, outs = (x["W"], x["b"]), []
+    for t in range(20):
+        sl = slice(t, t + 1)
+        o, state = ttt_linear(
+            x["q"][:, :, sl], x["k"][:, :, sl], x["v"][:, :, sl], x["lr"][:, :, sl], x["ln_weight"],
+            x["ln_bias"], initial_state=state, token_eta=x["token_eta"], output_final_state=True,
+            impl="triton",
+        )  # fmt: skip
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.grad_sum[0], full[3], rtol=1e-5, atol=1e-5)
+
+
 def test_triton_form_runs(monkeypatch):
     """impl='triton' really reaches the fused kernel (R4): count calls of the forward launcher."""
     fn = importlib.import_module("ttt.ops.ttt_linear.triton.function")

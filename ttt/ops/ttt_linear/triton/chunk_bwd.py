@@ -320,6 +320,7 @@ def chunk_ttt_linear_bwd_fused(
     causal: bool,
     eps: float,
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ):
     """Launch the backward. Returns dq, dk, dv (dtype of q), dlr [B, H, T] fp32, dte [b] fp32,
     dln_w, dln_b [H, D] fp32, (dW0, db0) and (dgW0, dgb0) for the initial anchor and gradient sum.
@@ -352,7 +353,7 @@ def chunk_ttt_linear_bwd_fused(
         dht[0], dht[1], dgt[0], dgt[1], dk_f, dlr, dzb_f, dgl_f,
         dk, dv, dte_s, dlnw_s, dlnb_s, dh0_w, dh0_b, dg0s_w, dg0s_b,
         T, offset, NS, eps, LAST_PARTIAL=(offset + T) % MB != 0, ONE_SEGMENT=NS == 1,
-        num_warps=num_warps or cfg["num_warps_bwd"], **meta,
+        num_warps=num_warps or cfg["num_warps_bwd"], num_stages=num_stages or cfg["num_stages"], **meta,
     )  # fmt: skip
     dte = dte_p.sum((0, 1, 2)) + dte_s.sum((0, 1))
     dln_w = dlnw_p.sum((0, 2)) + dlnw_s.sum(0)

@@ -256,6 +256,8 @@ def chunk_ttt_linear_fwd_kernel_o(
 
 # chosen from the H200 measurements in docs/kernels.md
 SPLIT_O = False
+# software-pipelining depth of the sequential loops (loads of the next segment overlap this one)
+NUM_STAGES = 2
 
 
 def launch_config(D: int, dtype: torch.dtype) -> dict:
@@ -264,7 +266,7 @@ def launch_config(D: int, dtype: torch.dtype) -> dict:
     # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs use tf32 (10-bit mantissa, more than bf16's 7)
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     # H200 sweep (docs/kernels.md): forward 4 warps at D <= 64 and 8 at D = 128; the sequential backward 8
-    return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8, num_warps_bwd=8)
+    return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8, num_warps_bwd=8, num_stages=NUM_STAGES)
 
 
 def chunk_ttt_linear_fwd_fused(
@@ -284,6 +286,7 @@ def chunk_ttt_linear_fwd_fused(
     store_ckpt: bool,
     split_o: bool | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ):
     """Launch the forward. q, k, v [B, H, T, D] contiguous; lr [B, H, T]; h0 / g0 = (W [B, H, D, D],
     b [B, H, D]) contiguous fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
@@ -338,6 +341,7 @@ def chunk_ttt_linear_fwd_fused(
         CAUSAL=causal,
         PREC=cfg["PREC"],
         num_warps=num_warps or cfg["num_warps"],
+        num_stages=num_stages or cfg["num_stages"],
     )
     if split_o:
         chunk_ttt_linear_fwd_kernel_o[(NS, B * H)](
