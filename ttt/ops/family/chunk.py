@@ -34,36 +34,38 @@ _SUB = 16  # sub-block of the per-channel decay products (see _decayed_products)
 def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor) -> Tensor:
     """``M[r, i] = sum_d x[r, d] y[i, d] exp(gx[r, d] - gy[i, d])`` where ``mask[r, i]``, else 0.
 
-    x, y [B, H, C, Dk]; gx, gy [B, H, C, 1] (scalar decay) or [B, H, C, Dk]; mask [C, C] bool and
+    x, y [..., C, Dk]; gx, gy [..., C, 1] (scalar decay), [..., C, Dk], or None (no decay); mask [C, C] bool and
     lower-triangular; ``gy`` non-increasing in the position and ``gx[r] <= gy[i]`` for ``i < r``
-    (log-decays summed from the chunk start). Returns [B, H, C, C].
+    (log-decays summed from the chunk start). Returns [..., C, C].
     """
+    if gx is None:
+        return (x @ y.transpose(-1, -2)).masked_fill(~mask, 0.0)
     if gx.shape[-1] == 1:
-        diff = gx - gy.transpose(-1, -2)  # [B, H, C, C]
+        diff = gx - gy.transpose(-1, -2)  # [..., C, C]
         return (x @ y.transpose(-1, -2)) * _exp(diff.masked_fill(~mask, float("-inf")))
     C = x.shape[-2]
     c = _SUB if C % _SUB == 0 and C > _SUB else C
     nb = C // c
     # per-channel decays cannot be pulled out of the sum with one reference point without exp(+G)
     # (overflow); inside a sub-block of c tokens the [c, c, Dk] decay tensor is formed explicitly
-    xb, gxb, yb, gyb = (t.unflatten(-2, (nb, c)) for t in (x, gx, y, gy))  # [B, H, nb, c, D]
+    xb, gxb, yb, gyb = (t.unflatten(-2, (nb, c)) for t in (x, gx, y, gy))  # [..., nb, c, D]
     diag_mask = mask.view(nb, c, nb, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, c, c]
-    diff = gxb.unsqueeze(-2) - gyb.unsqueeze(-3)  # [B, H, nb, c, c, Dk]
+    diff = gxb.unsqueeze(-2) - gyb.unsqueeze(-3)  # [..., nb, c, c, Dk]
     decay = _exp(diff.masked_fill(~diag_mask.unsqueeze(-1), float("-inf")))
-    diag = torch.einsum("bhnrd,bhnid,bhnrid->bhnri", xb, yb, decay)  # [B, H, nb, c, c]
+    diag = torch.einsum("...nrd,...nid,...nrid->...nri", xb, yb, decay)  # [..., nb, c, c]
     block_eye = torch.eye(nb, dtype=x.dtype, device=x.device)[:, None, :, None]
     M = (diag.unsqueeze(-2) * block_eye).reshape(*x.shape[:-2], C, C)
     if nb == 1:
         return M
     # a later row block r > I and a column block I factor through the log-decay at the end of I,
     # ref_I: both exp(gx_r - ref_I) and exp(ref_I - gy_i) have exponents <= 0
-    ref = gyb[..., -1:, :]  # [B, H, nb, 1, Dk]
-    y_scaled = yb * _exp(ref - gyb)  # [B, H, nb, c, Dk]
+    ref = gyb[..., -1:, :]  # [..., nb, 1, Dk]
+    y_scaled = yb * _exp(ref - gyb)  # [..., nb, c, Dk]
     later = torch.arange(C, device=x.device)[None, :] >= (torch.arange(nb, device=x.device)[:, None] + 1) * c
-    x_exp = (gx.unsqueeze(-3) - ref).masked_fill(~later[..., None], float("-inf"))  # [B, H, nb, C, Dk]
+    x_exp = (gx.unsqueeze(-3) - ref).masked_fill(~later[..., None], float("-inf"))  # [..., nb, C, Dk]
     x_scaled = x.unsqueeze(-3) * _exp(x_exp)
-    off = x_scaled @ y_scaled.transpose(-1, -2)  # [B, H, nb(I), C, c]
-    return M + off.permute(0, 1, 3, 2, 4).reshape(*x.shape[:-2], C, C)
+    off = x_scaled @ y_scaled.transpose(-1, -2)  # [..., nb(I), C, c]
+    return M + off.movedim(-3, -2).reshape(*x.shape[:-2], C, C)
 
 
 def _fold_columns(q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -72,7 +74,9 @@ def _fold_columns(q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: 
     B, H, T, Dk = q.shape
     Dv = tr.value.shape[-1]
 
-    def per_column(x: Tensor) -> Tensor:  # [B, H, T, D] -> [B, H * Dv, T, D]
+    def per_column(x: Tensor | None) -> Tensor | None:  # [B, H, T, D] -> [B, H * Dv, T, D]
+        if x is None:
+            return None
         return x.unsqueeze(2).expand(B, H, Dv, *x.shape[2:]).reshape(B, H * Dv, *x.shape[2:])
 
     remove = tr.remove.unsqueeze(2) * tr.col.permute(0, 1, 3, 2).unsqueeze(-1)  # [B, H, Dv, T, Dk]
@@ -119,42 +123,54 @@ def chunk_transition(
         if x is None:
             return None
         # padded tokens write nothing and do not decay, so the final state is unchanged
-        return F.pad(x, (0, 0, 0, pad)).reshape(B, H, N, C, x.shape[-1])
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, H, N, C, x.shape[-1])
 
     qs, ws, vs, rms, rds, gs = map(chunked, (q, tr.write, tr.value, tr.remove, tr.read, tr.log_decay))
-    G = gs.cumsum(dim=-2)  # [B, H, N, C, Dg] log-decay from the chunk start through token r
-    G_before = G - gs  # through token r - 1
-    G_last = G[:, :, :, -1:]  # [B, H, N, 1, Dg]
+    if gs is not None:
+        G = gs.cumsum(dim=-2)  # [B, H, N, C, Dg] log-decay from the chunk start through token r
+        G_before = G - gs  # through token r - 1
+        G_last = G[..., -1:, :]  # [B, H, N, 1, Dg]
+        to_end = lambda x, g=G: x * _exp(G_last - g)  # noqa: E731
+        from_start = lambda x, g: x * _exp(g)  # noqa: E731
+    else:
+        G = G_before = None
+        to_end = lambda x, g=None: x  # noqa: E731
+        from_start = lambda x, g: x  # noqa: E731
     inclusive = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = inclusive.tril(-1)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+
+    # everything that does not depend on the incoming state, for all chunks at once:
+    #   o_n = A_n S_n + b_n,   S_{n+1} = Diag(d_n) S_n - M_n S_n + c_n
+    A = from_start(qs, G)  # [B, H, N, C, Dk]
+    P_qw = _decayed_products(qs, G, ws, G, inclusive)  # [B, H, N, C, C]
+    b = P_qw @ vs  # [B, H, N, C, Dv]
+    write_to_end = to_end(ws)  # [B, H, N, C, Dk]
+    c = write_to_end.transpose(-1, -2) @ vs  # [B, H, N, Dk, Dv]
+    d = None if gs is None else _exp(G_last).transpose(-1, -2)  # [B, H, N, Dg, 1]
+    M = None
+    if rms is not None:
+        # the delta rows write and remove along the same key (beta k): reuse its products
+        same = rms is ws
+        # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_n + L_rw V
+        L_rw = _decayed_products(rds, G_before, ws, G, strict)  # [B, H, N, C, C]
+        L_rr = L_rw if same else _decayed_products(rds, G_before, rms, G, strict)
+        system = torch.eye(C, dtype=q.dtype, device=q.device) + L_rr
+        rhs = torch.cat([from_start(rds, G_before), L_rw @ vs], dim=-1)  # [B, H, N, C, Dk + Dv]
+        WU = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        W, U = WU[..., :Dk], WU[..., Dk:]  # E = W S_n + U
+        P_qr = P_qw if same else _decayed_products(qs, G, rms, G, inclusive)
+        A = A - P_qr @ W
+        b = b - P_qr @ U
+        remove_to_end = write_to_end if same else to_end(rms)
+        M = remove_to_end.transpose(-1, -2) @ W  # [B, H, N, Dk, Dk]
+        c = c - remove_to_end.transpose(-1, -2) @ U
 
     S = initial_state
-    outputs = []
+    starts = []
     for n in range(N):
-        q_n, w_n, v_n, g_n, gb_n, gl_n = (
-            qs[:, :, n],
-            ws[:, :, n],
-            vs[:, :, n],
-            G[:, :, n],
-            G_before[:, :, n],
-            G_last[:, :, n],
-        )
-        o_n = (q_n * _exp(g_n)) @ S + _decayed_products(q_n, g_n, w_n, g_n, inclusive) @ v_n
-        state_decay = _exp(gl_n).transpose(-1, -2)  # [B, H, Dg, 1]
-        S_next = state_decay * S + (w_n * _exp(gl_n - g_n)).transpose(-1, -2) @ v_n
-        if rms is not None:
-            rm_n, rd_n = rms[:, :, n], rds[:, :, n]
-            # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_0 + L_rw V
-            system = eye + _decayed_products(rd_n, gb_n, rm_n, g_n, strict)  # [B, H, C, C]
-            rhs_state = rd_n * _exp(gb_n)  # [B, H, C, Dk]
-            rhs_values = _decayed_products(rd_n, gb_n, w_n, g_n, strict) @ v_n  # [B, H, C, Dv]
-            W = torch.linalg.solve_triangular(system, rhs_state, upper=False, unitriangular=True)
-            U = torch.linalg.solve_triangular(system, rhs_values, upper=False, unitriangular=True)
-            E = W @ S + U  # [B, H, C, Dv]
-            o_n = o_n - _decayed_products(q_n, g_n, rm_n, g_n, inclusive) @ E
-            S_next = S_next - (rm_n * _exp(gl_n - g_n)).transpose(-1, -2) @ E
-        outputs.append(o_n)
-        S = S_next
-    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, -1)[:, :, :T]
+        starts.append(S)
+        S_next = (S if d is None else d[:, :, n] * S) + c[:, :, n]
+        S = S_next - M[:, :, n] @ S if M is not None else S_next
+    o = A @ torch.stack(starts, dim=2) + b  # [B, H, N, C, Dv]
+    o = o.reshape(B, H, N * C, -1)[:, :, :T]
     return o, S

@@ -22,7 +22,7 @@ def recurrent_transition(q: Tensor, tr: Transition, initial_state: Tensor) -> tu
     S = initial_state
     outputs = []
     for t in range(q.shape[2]):
-        decayed = torch.exp(tr.log_decay[:, :, t]).unsqueeze(-1) * S  # [B, H, Dk, Dv]
+        decayed = S if tr.log_decay is None else torch.exp(tr.log_decay[:, :, t]).unsqueeze(-1) * S
         update = tr.write[:, :, t].unsqueeze(-1) * tr.value[:, :, t].unsqueeze(-2)
         if tr.remove is not None:
             # the correction reads the state before this token's decay (Comba, RWKV7); rules that

@@ -42,8 +42,9 @@ def _decay_penalty(S: Tensor, alpha: Tensor) -> Tensor:
     return 0.5 * (shrink * S * S).sum()
 
 
-def _no_decay(like: Tensor) -> Tensor:
-    return torch.zeros(*like.shape[:3], 1, dtype=like.dtype, device=like.device)
+def _no_decay(like: Tensor) -> None:
+    """No decay (``g = 0``): the forms skip the decay factors altogether."""
+    return None
 
 
 def _scalar(x: Tensor) -> Tensor:  # [B, H, T] -> [B, H, T, 1]

@@ -20,7 +20,8 @@ class Transition(NamedTuple):
     """Per-token tensors of the DPLR transition (all in the compute dtype).
 
     Attributes:
-        log_decay: ``g`` [B, H, T, 1] (scalar decay) or [B, H, T, Dk] (per key channel), ``<= 0``.
+        log_decay: ``g`` [B, H, T, 1] (scalar decay) or [B, H, T, Dk] (per key channel), ``<= 0``;
+            None means no decay (``g = 0``).
         write: key written with the value [B, H, T, Dk].
         value: value written [B, H, T, Dv].
         remove: direction of the correction [B, H, T, Dk], or None (additive rule).
@@ -28,7 +29,7 @@ class Transition(NamedTuple):
         col: per value-column factor on the correction [B, H, T, Dv], or None (= 1).
     """
 
-    log_decay: Tensor
+    log_decay: Tensor | None
     write: Tensor
     value: Tensor
     remove: Tensor | None = None
