@@ -35,8 +35,8 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
     """``M[r, i] = sum_d x[r, d] y[i, d] exp(gx[r, d] - gy[i, d])`` where ``mask[r, i]``, else 0.
 
     x, y [..., C, Dk]; gx, gy [..., C, 1] (scalar decay), [..., C, Dk], or None (no decay); mask
-    [C, C] bool and lower-triangular; ``gy`` non-increasing in the position and ``gx[r] <= gy[i]`` for ``i < r``
-    (log-decays summed from the chunk start). Returns [..., C, C].
+    [C, C] bool and lower-triangular; ``gy`` non-increasing in the position and ``gx[r] <= gy[i]``
+    for ``i < r`` (log-decays summed from the chunk start). Returns [..., C, C].
     """
     if gx is None:
         return (x @ y.transpose(-1, -2)).masked_fill(~mask, 0.0)
