@@ -80,9 +80,11 @@ def test_mamba2_is_the_ssd_recurrence():
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_forms_agree_in_the_layer(name):
     x = _x(1, 6)
-    y = {impl: _layer(name, impl=impl)(x)[0] for impl in ("chunk", "recurrent", "reference")}
-    torch.testing.assert_close(y["chunk"], y["recurrent"], atol=1e-10, rtol=0)
-    torch.testing.assert_close(y["reference"], y["recurrent"], atol=1e-10, rtol=0)
+    impls = ("chunk", "recurrent", "reference")
+    kwargs = {"d_state": 8} if name == "mamba2" else {}
+    y = {impl: _layer(name, impl=impl, **kwargs)(x)[0] for impl in impls}
+    for impl in impls[::2]:
+        torch.testing.assert_close(y[impl], y["recurrent"], atol=1e-10, rtol=0)
 
 
 def test_gla_gate_range_and_constructor_errors():

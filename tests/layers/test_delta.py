@@ -144,9 +144,10 @@ def test_chosen_impl_runs(monkeypatch, impl, decode_impl):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_forms_agree_in_the_layer(name):
     x = _x(1, 6)
-    y = {impl: _layer(name, impl=impl)(x)[0] for impl in ("chunk", "recurrent", "reference")}
-    torch.testing.assert_close(y["chunk"], y["recurrent"], atol=1e-10, rtol=0)
-    torch.testing.assert_close(y["reference"], y["recurrent"], atol=1e-10, rtol=0)
+    impls = ("chunk", "recurrent", "reference")
+    y = {impl: _layer(name, impl=impl)(x)[0] for impl in impls}
+    for impl in impls[::2]:
+        torch.testing.assert_close(y[impl], y["recurrent"], atol=1e-10, rtol=0)
 
 
 def test_shapes_and_errors():
