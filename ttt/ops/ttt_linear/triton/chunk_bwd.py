@@ -346,7 +346,7 @@ def chunk_ttt_linear_bwd_fused(
     chunk_ttt_linear_bwd_kernel_local[(NS, B * H)](
         q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1], do,
         dq, dk_f, dlr, dzb_f, dgl_f, dte_p, dlnw_p, dlnb_p, dg0l_w, dg0l_b,
-        T, offset, NS, eps, CAUSAL=causal, num_warps=4, **meta,
+        T, offset, NS, eps, CAUSAL=causal, num_warps=4 if cfg["BD"] <= 64 else 8, **meta,
     )  # fmt: skip
     chunk_ttt_linear_bwd_kernel_seq[(B * H,)](
         q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1],

@@ -368,6 +368,6 @@ def chunk_ttt_linear_fwd_fused(
             BT=BT,
             CAUSAL=causal,
             PREC=cfg["PREC"],
-            num_warps=4,
+            num_warps=4 if cfg["BD"] <= 64 else 8,
         )
     return o, (ht_w, ht_b), (gt_w, gt_b), (ckpt_w, ckpt_b)
