@@ -69,9 +69,8 @@ def test_padded_batch_matches_unpadded_sequences(case):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("case", sorted(EXACT_AFTER_PADDING))
 def test_padded_prefill_then_decode_matches_unpadded(case):
-    if case not in EXACT_AFTER_PADDING:
-        pytest.skip("this mixer's state after padding is documented as not continuable")
     layer = make(case)
     lengths = [13, 6]
     x = _x(2, 13)
@@ -118,3 +117,21 @@ def test_bad_input_raises(case):
         layer(_x(1, 4), mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, 1, 24\]"):
         layer.step(_x(1, 2), layer.init_state(1, dtype=torch.float64))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", sorted(EXACT_AFTER_PADDING))
+def test_padded_chunks_continue_like_the_unpadded_sequences(case):
+    """Two right-padded chunks in a row: each row's real tokens, concatenated, give the unpadded outputs."""
+    layer = make(case)
+    first, second = [9, 4], [3, 6]
+    x1, x2 = _x(2, 9), _x(2, 6, seed=2)
+    mask1 = torch.arange(9)[None, :] < torch.tensor(first)[:, None]
+    mask2 = torch.arange(6)[None, :] < torch.tensor(second)[:, None]
+    y1, state = layer(x1, mask=mask1)
+    y2, _ = layer(x2, state, mask=mask2)
+    for row in range(2):
+        a, b = first[row], second[row]
+        want, _ = layer(torch.cat([x1[row : row + 1, :a], x2[row : row + 1, :b]], dim=1))
+        torch.testing.assert_close(y1[row : row + 1, :a], want[:, :a], atol=ATOL, rtol=0)
+        torch.testing.assert_close(y2[row : row + 1, :b], want[:, a:], atol=ATOL, rtol=0)
