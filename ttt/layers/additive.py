@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttt.layers.delta import mamba_decay_init
-from ttt.layers.matrix import MatrixMixer, MatrixState, mask_tokens
+from ttt.layers.matrix import MatrixMixer, MatrixState, mamba_decay_init, mask_tokens
 from ttt.layers.protocol import merge_heads, split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.norm import GatedRMSNorm, RMSNorm

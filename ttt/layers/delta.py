@@ -12,27 +12,14 @@ Shapes: B batch, T tokens, C model width, H heads, Dk = C / H key head dim, Dv =
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttt.layers.matrix import MatrixMixer, MatrixState, mask_tokens
+from ttt.layers.matrix import MatrixMixer, MatrixState, mamba_decay_init, mask_tokens
 from ttt.layers.protocol import split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.norm import GatedRMSNorm, RMSNorm
-
-
-def mamba_decay_init(num_heads: int, a_range: tuple[float, float] = (0.0, 16.0)) -> tuple[Tensor, Tensor]:
-    """``(A_log, dt_bias)`` ``[H]`` as Mamba2 / GDN: A ~ U(a_range), dt log-uniform in [1e-3, 0.1].
-
-    The decay is ``log alpha = -exp(A_log) * softplus(a + dt_bias)``; ``dt_bias`` is the inverse softplus
-    of dt so that ``softplus(dt_bias) = dt`` at ``a = 0``. GDN draws A from U(0, 16), Mamba2 from U(1, 16).
-    """
-    A_log = torch.log(torch.empty(num_heads).uniform_(*a_range).clamp(min=1e-4))
-    dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-    return A_log, dt + torch.log(-torch.expm1(-dt))
 
 
 class _DeltaFamilyLayer(MatrixMixer):

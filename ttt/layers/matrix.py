@@ -8,6 +8,7 @@ Shapes: B batch, T tokens, C model width, H heads, Dk key head dim, Dv value hea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -148,3 +149,14 @@ def mask_tokens(mask: Tensor | None, *tensors: Tensor) -> list[Tensor]:
         real = mask[:, None, :].to(t.dtype)  # [B, 1, T]
         out.append(t * (real if t.dim() == 3 else real[..., None]))
     return out
+
+
+def mamba_decay_init(num_heads: int, a_range: tuple[float, float] = (0.0, 16.0)) -> tuple[Tensor, Tensor]:
+    """``(A_log, dt_bias)`` ``[H]`` as Mamba2 / GDN: A ~ U(a_range), dt log-uniform in [1e-3, 0.1].
+
+    The decay is ``log alpha = -exp(A_log) * softplus(a + dt_bias)``; ``dt_bias`` is the inverse softplus
+    of dt so that ``softplus(dt_bias) = dt`` at ``a = 0``. GDN draws A from U(0, 16), Mamba2 from U(1, 16).
+    """
+    A_log = torch.log(torch.empty(num_heads).uniform_(*a_range).clamp(min=1e-4))
+    dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    return A_log, dt + torch.log(-torch.expm1(-dt))
