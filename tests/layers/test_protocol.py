@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ttt.layers import Mixer
+
 from .mixer_cases import CASES, DIM, EXACT_AFTER_PADDING, make
 
 ATOL = 1e-10
@@ -23,6 +25,7 @@ def case(request) -> str:
 @torch.no_grad()
 def test_step_loop_equals_forward(case):
     layer = make(case)
+    assert isinstance(layer, Mixer)
     x = _x(2, 21)
     y, _ = layer(x)
     state = layer.init_state(2, dtype=torch.float64)

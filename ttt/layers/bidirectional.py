@@ -96,7 +96,9 @@ class Bidirectional(nn.Module):
             x: ``[B, T, C]``.
             state: must be ``None`` (a bidirectional pass needs the whole sequence at once).
             mask: ``[B, T]`` bool, True = real token (right padding). Only the real tokens are reversed,
-                so a padded batch gives, at its real positions, the outputs of the unpadded sequences.
+                so with causal inner mixers a padded batch gives, at its real positions, the outputs of the
+                unpadded sequences. (A ``causal=False`` TTT mixer reads each mini-batch's final weights, so
+                its last, partly padded mini-batch matches only when real lengths are multiples of b.)
 
         Returns:
             ``(y [B, T, C], None)``.
