@@ -70,7 +70,9 @@ class EncoderClassifier(nn.Module):
     def forward(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
         """``idx [B, T]`` (``mask [B, T]`` bool, right padding) -> class logits ``[B, K]``."""
         if idx.shape[1] > self.config.max_len:
-            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_len = {self.config.max_len}")
+            raise ValueError(
+                f"sequence of {idx.shape[1]} tokens is longer than max_len = {self.config.max_len}"
+            )
         x = self.embed(idx) + self.pos[: idx.shape[1]]  # [B, T, C]
         for block in self.blocks:
             x, _ = block(x, mask=mask)

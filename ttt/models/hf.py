@@ -209,7 +209,8 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         model_kwargs["cache"] = outputs.cache
         model_kwargs.pop("past_key_values", None)
         if (mask := model_kwargs.get("attention_mask")) is not None:
-            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], num_new_tokens)], -1)
+            ones = mask.new_ones(mask.shape[0], num_new_tokens)
+            model_kwargs["attention_mask"] = torch.cat([mask, ones], dim=-1)
         return model_kwargs
 
 

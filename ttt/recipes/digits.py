@@ -84,7 +84,8 @@ def train_digits(args: DigitsArgs) -> DigitsResult:
 def main(argv: list[str] | None = None) -> None:
     from .args import field_docs
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     docs = field_docs(DigitsArgs)
     for name, default in asdict(DigitsArgs()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int,
