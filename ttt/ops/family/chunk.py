@@ -18,14 +18,18 @@ from torch import Tensor
 from .transition import Transition
 
 
+def _floor(dtype: torch.dtype) -> float:
+    """log of the smallest normal number of ``dtype``."""
+    return math.log(torch.finfo(dtype).tiny)
+
+
 def _exp(x: Tensor) -> Tensor:
     """``exp(x)`` for ``x <= 0``, with results below the smallest normal number flushed to exactly 0.
 
     Strong decays make most pairwise factors underflow; subnormal arithmetic is ~100x slower on x86
     CPUs, and those factors are below the dtype's resolution of any sum they enter.
     """
-    floor = math.log(torch.finfo(x.dtype).tiny)
-    return torch.exp(x.masked_fill(x < floor, float("-inf")))
+    return torch.exp(torch.where(x < _floor(x.dtype), float("-inf"), x))
 
 
 _SUB = 16  # sub-block of the per-channel decay products (see _decayed_products)
@@ -41,8 +45,9 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
     if gx is None:
         return (x @ y.transpose(-1, -2)).masked_fill(~mask, 0.0)
     if gx.shape[-1] == 1:
-        diff = gx - gy.transpose(-1, -2)  # [..., C, C]
-        return (x @ y.transpose(-1, -2)) * _exp(diff.masked_fill(~mask, float("-inf")))
+        diff = gx - gy.transpose(-1, -2)  # [..., C, C], a fresh tensor: filled in place
+        diff.masked_fill_(~mask | (diff < _floor(diff.dtype)), float("-inf"))
+        return (x @ y.transpose(-1, -2)) * torch.exp(diff)
     C = x.shape[-2]
     c = _SUB if C % _SUB == 0 and C > _SUB else C
     nb = C // c
@@ -143,12 +148,13 @@ def chunk_transition(
     #   o_n = A_n S_n + b_n,   S_{n+1} = Diag(d_n) S_n - M_n S_n + c_n
     A = from_start(qs, G)  # [B, H, N, C, Dk]
     P_qw = _decayed_products(qs, G, ws, G, inclusive)  # [B, H, N, C, C]
-    b = P_qw @ vs  # [B, H, N, C, Dv]
     write_to_end = to_end(ws)  # [B, H, N, C, Dk]
-    c = write_to_end.transpose(-1, -2) @ vs  # [B, H, N, Dk, Dv]
     d = None if gs is None else _exp(G_last).transpose(-1, -2)  # [B, H, N, Dg, 1]
     M = None
-    if rms is not None:
+    if rms is None:
+        b = P_qw @ vs  # [B, H, N, C, Dv]
+        c = write_to_end.transpose(-1, -2) @ vs  # [B, H, N, Dk, Dv]
+    else:
         # the delta rows write and remove along the same key (beta k): reuse its products
         same = rms is ws
         # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_n + L_rw V
@@ -158,19 +164,40 @@ def chunk_transition(
         rhs = torch.cat([from_start(rds, G_before), L_rw @ vs], dim=-1)  # [B, H, N, C, Dk + Dv]
         WU = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
         W, U = WU[..., :Dk], WU[..., Dk:]  # E = W S_n + U
-        P_qr = P_qw if same else _decayed_products(qs, G, rms, G, inclusive)
-        A = A - P_qr @ W
-        b = b - P_qr @ U
-        remove_to_end = write_to_end if same else to_end(rms)
-        M = remove_to_end.transpose(-1, -2) @ W  # [B, H, N, Dk, Dk]
-        c = c - remove_to_end.transpose(-1, -2) @ U
+        if same:
+            # o = P (V - E), S_end = S + write^T (V - E): one product each instead of two
+            residual = vs - U  # [B, H, N, C, Dv]
+            A = A - P_qw @ W
+            b = P_qw @ residual
+            M = write_to_end.transpose(-1, -2) @ W  # [B, H, N, Dk, Dk]
+            c = write_to_end.transpose(-1, -2) @ residual
+        else:
+            P_qr = _decayed_products(qs, G, rms, G, inclusive)
+            remove_to_end = to_end(rms).transpose(-1, -2)  # [B, H, N, Dk, C]
+            A = A - P_qr @ W
+            b = P_qw @ vs - P_qr @ U
+            M = remove_to_end @ W
+            c = write_to_end.transpose(-1, -2) @ vs - remove_to_end @ U
 
-    S = initial_state
+    # the sequential part, one fused matmul per chunk: S_{n+1} = (Diag(d_n) - M_n) S_n + c_n
+    BH = B * H
+    c_seq = c.reshape(BH, N, Dk, -1).transpose(0, 1)  # [N, BH, Dk, Dv]
+    if M is not None:
+        diag = torch.eye(Dk, dtype=q.dtype, device=q.device) if d is None else torch.diag_embed(d.squeeze(-1))
+        if d is not None and d.shape[-2] == 1:
+            diag = d * torch.eye(Dk, dtype=q.dtype, device=q.device)
+        step = (diag - M).reshape(BH, N, Dk, Dk).transpose(0, 1).contiguous()  # [N, BH, Dk, Dk]
+    else:
+        step = None if d is None else d.reshape(BH, N, -1, 1).transpose(0, 1)  # [N, BH, Dg, 1]
+    S = initial_state.reshape(BH, Dk, -1)
     starts = []
     for n in range(N):
         starts.append(S)
-        S_next = (S if d is None else d[:, :, n] * S) + c[:, :, n]
-        S = S_next - M[:, :, n] @ S if M is not None else S_next
-    o = A @ torch.stack(starts, dim=2) + b  # [B, H, N, C, Dv]
+        if M is not None:
+            S = torch.baddbmm(c_seq[n], step[n], S)
+        else:
+            S = (S if step is None else step[n] * S) + c_seq[n]
+    S = S.reshape(B, H, Dk, -1)
+    o = A @ torch.stack(starts, dim=1).reshape(B, H, N, Dk, -1) + b  # [B, H, N, C, Dv]
     o = o.reshape(B, H, N * C, -1)[:, :, :T]
     return o, S
