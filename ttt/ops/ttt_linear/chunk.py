@@ -11,8 +11,8 @@ Layout: q, k, v ``[B, H, T, D]``; lr ``[B, H, T]``; W ``[B, H, D, D]``; b ``[B, 
 
 Speed on CPU comes from issuing few, larger ops (the loop is launch-bound at b = 16): the bias is
 folded into the weight (``x W + b = [x, 1] [W; b]``), everything that does not depend on the fast
-weights (``A`` for all full mini-batches, the LN target terms) is computed once before the loop, and
-the loop body is ~15 ops.
+weights (``A``, the LN target terms, the outputs) is batched over all full mini-batches, and only the
+weight recurrence loops (``scan.py``, with a hand-written backward).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 from .._state import last_token_weights
 from ..common import causal_eta_scores, layer_norm
 from ..types import TTTState
+from .scan import MiniBatchScan, grad_of_inner_loss
 
 
 def chunk_ttt_linear(
@@ -50,12 +51,7 @@ def chunk_ttt_linear(
     Sa = _fold(*state.grad_sum)
 
     def grad(Ka: Tensor, Wa: Tensor, tw_c: Tensor) -> Tensor:  # dLoss/dZ at Z = Ka Wa, [B, H, c, D]
-        z = Ka @ Wa
-        z = z - z.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
-        x = z * rstd
-        gx = x * w2 - tw_c
-        return (gx - gx.mean(-1, keepdim=True) - x * (gx * x).mean(-1, keepdim=True)) * rstd
+        return grad_of_inner_loss(Ka @ Wa, tw_c, w2, eps)
 
     def partial(start: int, c: int, offset: int, Wa: Tensor, Sa: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens ``[start, start + c)`` at positions ``offset..`` of a mini-batch, any offset."""
@@ -78,7 +74,7 @@ def chunk_ttt_linear(
             Wa, Sa, offset = Wa - te[-1] * Sa, torch.zeros_like(Sa), 0
     n = (T - pos) // b
     if n:  # full mini-batches: everything independent of the fast weights is batched up front
-        zbar, Wa = _full_mini_batches(qa, ka, lr, tw, te, Wa, grad, pos, n, b, causal)
+        zbar, Wa = _full_mini_batches(qa, ka, lr, tw, te, Wa, w2, eps, pos, n, b, causal)
         zbars.append(zbar)
         pos += n * b
     if pos < T:  # a trailing partial mini-batch
@@ -92,26 +88,21 @@ def chunk_ttt_linear(
     return o, TTTState(weights, anchor, grad_sum, offset, b, state.variant)
 
 
-def _full_mini_batches(qa, ka, lr, tw, te, Wa, grad, pos, n, b, causal):
+def _full_mini_batches(qa, ka, lr, tw, te, Wa, w2, eps, pos, n, b, causal):
     """``n`` complete mini-batches from position ``pos``, each starting with an empty grad sum."""
     B, H, _, Da = qa.shape
     sl = slice(pos, pos + n * b)
     Q, K = qa[:, :, sl].reshape(B, H, n, b, Da), ka[:, :, sl].reshape(B, H, n, b, Da)
     LR, TW = lr[:, :, sl].reshape(B, H, n, b), tw[:, :, sl].reshape(B, H, n, b, Da - 1)
     # the update every mini-batch ends with: W <- W - te[b-1] * K^T (lr * G)
-    Kt_lr = (te[-1] * LR[..., None] * K).transpose(-1, -2)  # [B, H, n, Da, b]
+    Kt = (te[-1] * LR[..., None] * K).transpose(-1, -2)  # [B, H, n, Da, b]
+    starts, G, Wa = MiniBatchScan.apply(K, Kt, TW, w2, Wa, eps)  # starts: Wa_i [B, H, n, Da, D]
     if causal:
         A = causal_eta_scores(Q[..., :-1], K[..., :-1], LR, te)  # [B, H, n, b, b]
-    zbars = []
-    for i in range(n):
-        G = grad(K[:, :, i], Wa, TW[:, :, i])
-        if causal:
-            zbars.append(Q[:, :, i] @ Wa - A[:, :, i] @ G)
-            Wa = Wa - Kt_lr[:, :, i] @ G
-        else:
-            Wa = Wa - Kt_lr[:, :, i] @ G
-            zbars.append(Q[:, :, i] @ Wa)
-    return torch.stack(zbars, dim=2).reshape(B, H, n * b, Da - 1), Wa
+        zbar = Q @ starts - A @ G
+    else:  # every query reads the weights after its mini-batch
+        zbar = Q @ (starts - Kt @ G)
+    return zbar.reshape(B, H, n * b, Da - 1), Wa
 
 
 def _fold(W: Tensor, bias: Tensor) -> Tensor:
