@@ -102,3 +102,22 @@ def test_linear_attention_is_masked_attention():
     o, _ = case.run("chunk")
     scores = (L["q"] @ L["k"].transpose(-1, -2)).tril() * L["q"].shape[-1] ** -0.5
     assert _max_err(o, scores @ L["v"]) < ATOL
+
+
+@pytest.mark.parametrize("impl, target", [("chunk", "chunk_transition"), ("recurrent", "recurrent_transition"),
+                                          ("autograd", "autograd_rule")])  # fmt: skip
+def test_the_chosen_form_runs(impl, target, monkeypatch):
+    """impl= is honoured: the named form (and only it) is called."""
+    import ttt.ops.family.dispatch as dispatch
+
+    calls = {name: 0 for name in ("chunk_transition", "recurrent_transition", "autograd_rule")}
+    for name in calls:
+        original = getattr(dispatch, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dispatch, name, counted)
+    make_case("kda", T=5).run(impl)
+    assert calls == {name: int(name == target) for name in calls}
