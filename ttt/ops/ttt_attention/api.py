@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._dispatch import TTTOutput, resolve_impl
-from ..common import causal_eta_scores, compute_dtype, scan_mini_batches
+from ..common import causal_eta_scores, compute_dtype, scan_mini_batches, split_segments, split_time
 from ..general import inner, ttt_general
 from ..types import Impl, TTTState
 
@@ -121,12 +121,12 @@ def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
             raise ValueError(f"initial_state must have shape [B or 1, H, Dk, Dv] = {expected}, got {got}")
         anchor = (S0.to(cd).expand(B, H, Dk, v.shape[-1]),)
         grad_sum, offset = (torch.zeros_like(anchor[0]),), 0
-    qs, k, v, lr = (q * scale).to(cd), k.to(cd), v.to(cd), lr.to(cd)
+    segments = split_segments(T, offset, b)
+    qs, ks, vs, lrs = (split_time(x.to(cd), segments) for x in (q * scale, k, v, lr[..., None]))
 
     def step(start, c, off, anchor, grad_sum):
         (S,), (prev,) = anchor, grad_sum
-        sl = slice(start, start + c)
-        Q, K, V, LR, te_c = qs[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], te[off : off + c]
+        Q, K, V, LR, te_c = qs[start], ks[start], vs[start], lrs[start][..., 0], te[off : off + c]
         G = K @ S - V  # [B, H, c, Dv]: gradient of the loss w.r.t. the prediction
         new = prev + K.transpose(-1, -2) @ (LR[..., None] * G)
         if causal:

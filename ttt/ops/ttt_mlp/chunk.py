@@ -16,7 +16,16 @@ import torch
 from torch import Tensor
 
 from .._state import last_token_weights
-from ..common import causal_eta_scores, gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad, scan_mini_batches
+from ..common import (
+    causal_eta_scores,
+    gelu_tanh,
+    gelu_tanh_grad,
+    layer_norm,
+    ln_l2_grad,
+    scan_mini_batches,
+    split_segments,
+    split_time,
+)
 from ..types import TTTState
 
 
@@ -37,11 +46,12 @@ def chunk_ttt_mlp(
     q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
     lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
     b, T = state.mini_batch_size, q.shape[2]
+    segments = split_segments(T, state.offset, b)
+    qs, ks, vs, lrs = (split_time(x, segments) for x in (q, k, v, lr[..., None]))
 
     def step(start, c, offset, anchor, grad_sum):
         W1, b1, W2, b2 = anchor
-        sl = slice(start, start + c)
-        Q, K, V, LR = q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl]
+        Q, K, V, LR = qs[start], ks[start], vs[start], lrs[start][..., 0]
         te_c = te[offset : offset + c]
         Z1 = K @ W1 + b1[:, :, None]  # [B, H, c, M]
         X2 = gelu_tanh(Z1)
