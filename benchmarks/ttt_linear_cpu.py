@@ -52,7 +52,6 @@ def fla(T: int, backward: bool):
     from fla.ops.ttt.naive import chunk_ttt_linear_ref
 
     x = ttt_inputs(B, H, T, D, dtype=torch.float32, lr_scale=1.0 / D, requires_grad=backward)
-    q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))  # fla takes [B, T, H, D]
     eta = x["lr"].transpose(1, 2)[..., None]
     W0 = x["initial_state"][0].detach().expand(B, H, D, D).clone().requires_grad_(backward)
     b0 = (
@@ -60,6 +59,8 @@ def fla(T: int, backward: bool):
     )
 
     def run():
+        # fla takes [B, T, H, D] and scales q in place, so it gets fresh (non-leaf) copies
+        q, k, v = (x[n].transpose(1, 2).contiguous() for n in ("q", "k", "v"))
         o, _, _ = chunk_ttt_linear_ref(q, k, v, x["ln_weight"], x["ln_bias"], eta, mini_batch_size=MB,
                                        initial_state=W0, initial_state_bias=b0)  # fmt: skip
         if backward:
