@@ -10,8 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import layer_norm
+from .._autograd_reference import autograd_token_loop
 from ..types import TTTState
+
+
+def linear_model(params: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
+    """``x W + b`` per (batch, head): x ``[B, H, D]``."""
+    W, b = params
+    return torch.einsum("bhd,bhde->bhe", x, W) + b
 
 
 def naive_recurrent_ttt_linear(
@@ -27,40 +33,6 @@ def naive_recurrent_ttt_linear(
     causal: bool,
     eps: float,
 ) -> tuple[Tensor, TTTState]:
-    cd = state.anchor[0].dtype
-    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
-    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
-    b, T = state.mini_batch_size, q.shape[2]
-
-    def f(params, x):  # x [B, H, D] -> [B, H, D]
-        W, bias = params
-        z = torch.einsum("bhd,bhde->bhe", x, W) + bias
-        return layer_norm(z[:, :, None], lw, lb, eps)[:, :, 0]
-
-    def inner_loss(params, k_t, v_t):
-        # summed over (batch, head): their fast weights are disjoint, so the gradients stay separate
-        return 0.5 * (f(params, k_t) - (v_t - k_t)).pow(2).sum()
-
-    inner_grad = torch.func.grad(inner_loss)
-    anchor, grad_sum, offset = state.anchor, state.grad_sum, state.offset
-    weights, per_token = state.weights, []
-    for t in range(T):
-        g = inner_grad(anchor, k[:, :, t], v[:, :, t])
-        eta_t = lr[:, :, t]
-        grad_sum = (grad_sum[0] + eta_t[..., None, None] * g[0], grad_sum[1] + eta_t[..., None] * g[1])
-        weights = tuple(a - te[offset] * s for a, s in zip(anchor, grad_sum))
-        per_token.append(weights)
-        offset += 1
-        if offset == b:  # the next mini-batch starts from the weights of this token
-            anchor, grad_sum, offset = weights, tuple(torch.zeros_like(s) for s in grad_sum), 0
-
-    outs = []
-    for t in range(T):
-        if causal:
-            w = per_token[t]
-        else:  # every query of a mini-batch reads the weights of the mini-batch's last token
-            last = min((((state.offset + t) // b) + 1) * b - state.offset, T) - 1
-            w = per_token[last]
-        outs.append(q[:, :, t] + f(w, q[:, :, t]))
-    o = torch.stack(outs, dim=2) if T else q.clone()
-    return o, TTTState(weights, anchor, grad_sum, offset, b, state.variant)
+    return autograd_token_loop(
+        linear_model, q, k, v, lr, ln_weight, ln_bias, token_eta, state, causal=causal, eps=eps
+    )
