@@ -13,6 +13,7 @@ timing is compared.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import time
@@ -48,7 +49,7 @@ def ours(T: int, impl: str, backward: bool):
     return run
 
 
-def fla(T: int, backward: bool):
+def fla_reference(T: int, backward: bool):
     from fla.ops.ttt.naive import chunk_ttt_linear_ref
 
     x = ttt_inputs(B, H, T, D, dtype=torch.float32, lr_scale=1.0 / D, requires_grad=backward)
@@ -107,12 +108,7 @@ def main() -> None:
         c = median_time(ours(2048, "chunk", backward), reps)
         lines.append(f"| {name} | {r:.3f} | {c:.4f} | {r / c:.1f}x |")
         print(lines[-1], flush=True)
-    try:
-        import fla.ops.ttt.naive  # noqa: F401
-
-        have_fla = True
-    except ImportError:
-        have_fla = False
+    have_fla = importlib.util.find_spec("fla") is not None
     lines += ["", "## Time vs T (chunk) and fla-core's `chunk_ttt_linear_ref`", ""]
     lines += [
         "| T | chunk fwd (s) | chunk fwd+bwd (s) | fla fwd (s) | fla fwd+bwd (s) | fla / ours (fwd, fwd+bwd) |"
@@ -124,7 +120,7 @@ def main() -> None:
         fb = median_time(ours(T, "chunk", True), reps)
         first = first or (f, fb)
         if have_fla:
-            ff, ffb = median_time(fla(T, False), reps), median_time(fla(T, True), reps)
+            ff, ffb = median_time(fla_reference(T, False), reps), median_time(fla_reference(T, True), reps)
             lines.append(
                 f"| {T} | {f:.4f} | {fb:.4f} | {ff:.4f} | {ffb:.4f} | {ff / f:.2f}x / {ffb / fb:.2f}x |"
             )
