@@ -265,8 +265,9 @@ def launch_config(D: int, dtype: torch.dtype) -> dict:
     BD = max(16, triton.next_power_of_2(D))
     # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs use tf32 (10-bit mantissa, more than bf16's 7)
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    # H200 sweep (docs/kernels.md): forward 4 warps at D <= 64 and 8 at D = 128; the sequential backward 8
-    return dict(BD=BD, PREC=prec, num_warps=4 if BD <= 64 else 8, num_warps_bwd=8, num_stages=NUM_STAGES)
+    # H200 sweeps (docs/kernels.md): 4 warps at D <= 64 and 8 at D = 128, forward and sequential backward
+    nw = 4 if BD <= 64 else 8
+    return dict(BD=BD, PREC=prec, num_warps=nw, num_warps_bwd=nw, num_stages=NUM_STAGES)
 
 
 def chunk_ttt_linear_fwd_fused(
