@@ -63,7 +63,7 @@ def ablation_table() -> list[str]:
         )
         o_par, _ = kv_binding_parallel(eff, x["W1"][None])
         err = (o_par - o_rec).abs().max().item()
-        lines.append(f"| {name} | {err:.1e} (|o| max {o_rec.abs().max().item():.2f}) | {verdict} | {why} |")
+        lines.append(f"| {name} | {err:.1e} (max abs o {o_rec.abs().max().item():.2f}) | {verdict} | {why} |")
         print(lines[-1], flush=True)
     return lines
 
