@@ -60,7 +60,7 @@ def lact_recurrent(
     B, H, T, _ = q.shape
     P = tuple(p.unsqueeze(0).expand(B, *p.shape).clone() for p in params)
     norms = P[1].norm(dim=-2, keepdim=True)
-    lr = lr if isinstance(lr, Tensor) else torch.full((B, H, T), float(lr), dtype=q.dtype)
+    lr = lr if isinstance(lr, Tensor) else torch.full((B, H, T), float(lr), dtype=q.dtype, device=q.device)
     step_grad = vmap(vmap(grad(_loss(loss))))
     read = vmap(vmap(_swiglu))
     trained = (True, True, True) if update_all else (False, True, False)
