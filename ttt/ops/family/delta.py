@@ -13,7 +13,8 @@ Common arguments (every op):
     chunk_size: tokens per chunk for impl="chunk". Default: 64.
 
 Returns ``(o [B, H, T, Dv] in q.dtype, S_T or None)``. The output reads the updated state,
-``o_t = S_t^T (scale * q_t)``.
+``o_t = S_t^T (scale * q_t)``. Keys are normally L2-normalised by the layer: the transition
+``I - beta k k^T`` expands (the state diverges) when ``beta ||k||^2 > 2``.
 """
 
 from __future__ import annotations
