@@ -15,6 +15,8 @@ BUDGET_S=${BUDGET_S:-300}
 CAL_STEPS=${CAL_STEPS:-10}
 RESULTS=${RESULTS:-lm_runs}
 MIXERS=${MIXERS:-"ttt_linear ttt_mlp gated_deltanet attention"}
+NEW_TOKENS=${NEW_TOKENS:-256}
+LONG_EVAL=${LONG_EVAL:-1}
 TTT="python3 -m ttt.cli.main"
 mkdir -p "$RESULTS"
 
@@ -46,10 +48,10 @@ for m in $MIXERS; do
   ( time pin $i $TTT train --preset "$PRESET" --mixer "$m" --steps "$STEPS" \
       --eval-every $((STEPS / 4)) --ckpt-every "$STEPS" --out "$RESULTS/$m" --overwrite --threads 2 --no-progress
     for n in 256 4096; do
-      pin $i $TTT generate --checkpoint "$RESULTS/$m" --prompt-tokens $n --max-new-tokens 256 --temperature 0 \
+      pin $i $TTT generate --checkpoint "$RESULTS/$m" --prompt-tokens $n --max-new-tokens "$NEW_TOKENS" --temperature 0 \
         --no-stream --threads 2 >"$RESULTS/$m/gen-$n.txt"
     done
-    pin $i $TTT eval --checkpoint "$RESULTS/$m" --context 1024 --batch-size 4 --max-batches 8 --bins 8 --threads 2 \
+    [ "$LONG_EVAL" = 1 ] && pin $i $TTT eval --checkpoint "$RESULTS/$m" --context 1024 --batch-size 4 --max-batches 8 --bins 8 --threads 2 \
       --out "$RESULTS/$m/eval1024"
   ) >"$RESULTS/$m.log" 2>&1 &
   i=$((i + 1))
