@@ -67,3 +67,18 @@ def test_same_call_shape_as_sdpa():
     )
     with pytest.raises(ValueError, match="inner_model must be 'linear'"):
         ttt.attention(q, k, v, lr=0.1, inner_model="mlp")
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_gradients_match_reference(b):
+    q, k, v, lr = (t.requires_grad_() for t in qkv(T=9))
+    S0 = (torch.randn(1, 3, 5, 6, dtype=torch.float64) * 0.2).requires_grad_()
+    leaves = (q, k, v, lr, S0)
+
+    def grads(impl):
+        out = ttt.attention(q, k, v, lr=lr, mini_batch_size=b, initial_state=S0, impl=impl, output_final_state=True)
+        objective = (out.output * torch.cos(out.output)).sum() + out.final_state.weights[0].pow(2).sum()
+        return torch.autograd.grad(objective, leaves)
+
+    for got, want in zip(grads("chunk"), grads("reference")):
+        assert max_abs_diff(got, want) < 1e-10

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import _checks
 from .._dispatch import TTTOutput, resolve_impl
 from ..common import causal_eta_scores, compute_dtype, scan_mini_batches, split_segments, split_time
+from ..family import deltanet
 from ..general import inner, ttt_general
 from ..types import Impl, TTTState
 
@@ -45,7 +46,8 @@ def attention(
 
     Args:
         q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (as SDPA).
-        lr: inner learning rate, a constant or ``[B, H, T]`` (DeltaNet's beta).
+        lr: inner learning rate, a constant or ``[B, H, T]`` (DeltaNet's beta; >= 0 at
+            ``mini_batch_size=1``, which runs the chunkwise-parallel delta rule of ``ttt.ops.deltanet``).
         mini_batch_size: gradients of a mini-batch are all taken at its starting weights. Default 1.
         is_causal: False: each query reads the weights after its whole mini-batch (with
             ``mini_batch_size >= T``: non-causal linear attention).
@@ -102,6 +104,8 @@ def _reference(q, k, v, lr, te, initial_state, b, causal, scale, cd):
 
 
 def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
+    if b == 1:  # online GD is the delta rule: use its chunkwise-parallel (WY) form
+        return _delta_rule(q, k, v, lr * te[0], initial_state, scale, cd)
     B, H, T, Dk = q.shape
     if isinstance(initial_state, TTTState):
         if initial_state.variant != "general" or initial_state.mini_batch_size != b:
@@ -140,3 +144,17 @@ def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
     o = torch.cat(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
     weights = (anchor[0] - te[offset - 1] * grad_sum[0],) if offset else anchor
     return o, TTTState(weights, anchor, grad_sum, offset, b, "general")
+
+
+def _delta_rule(q, k, v, beta, initial_state, scale, cd):
+    B, H, T, Dk = q.shape
+    if isinstance(initial_state, TTTState):
+        if initial_state.variant != "general" or initial_state.mini_batch_size != 1:
+            raise ValueError("initial_state must be a 'general' state with mini_batch_size=1")
+        S0 = initial_state.anchor[0]
+    else:
+        (S0,) = initial_state
+    S0 = S0.to(cd).expand(B, H, Dk, v.shape[-1])
+    o, S = deltanet(q.to(cd), k.to(cd), v.to(cd), beta=beta.to(cd), scale=scale, initial_state=S0,
+                    output_final_state=True)  # fmt: skip
+    return o, TTTState((S,), (S,), (torch.zeros_like(S),), 0, 1, "general")
