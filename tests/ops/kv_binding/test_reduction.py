@@ -176,3 +176,22 @@ def test_bad_input():
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, inner_steps=0)
     with pytest.raises(ValueError, match=r"q, k must be \[B, H, T, D\]"):
         reduce_kv_binding(x["q"], x["k"][:, :1], x["v"], features=phi)
+
+
+@pytest.mark.parametrize(
+    "b, causal, momentum",
+    [(8, True, 0.0), (8, False, 0.0), (8, True, 0.7), (5, False, 0.5), (1, False, 0.0)],
+)
+def test_mini_batch_parallel_equals_general_operator(b, causal, momentum):
+    """Mini-batch TTT (gradients at the mini-batch start, token_eta = 1/(i+1), momentum between
+    mini-batches, causal or update-then-apply) is masked linear attention too; T = 29 leaves a partial
+    last mini-batch."""
+    x = problem(seed=10)
+    eff = reduce_kv_binding(x["q"], x["k"], x["v"], features=swiglu_features(x["W0"], x["W2"]), lr=x["lr"],
+                            momentum=momentum)  # fmt: skip
+    o, _ = kv_binding_parallel(eff, x["W1"][None], mini_batch_size=b, causal=causal)
+    want = ttt.ops.ttt_general(
+        x["q"], x["k"], x["v"], model=inner.swiglu_no_bias, initial_state=(x["W0"][None], x["W1"][None], x["W2"][None]),
+        loss="dot", lr=x["lr"], update=(False, True, False), mini_batch_size=b, causal=causal, momentum=momentum,
+    ).output  # fmt: skip
+    assert (o - want).abs().max().item() < ATOL

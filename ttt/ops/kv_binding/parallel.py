@@ -28,6 +28,9 @@ def kv_binding_parallel(
     *,
     velocity: Tensor | None = None,
     chunk_size: int = 64,
+    mini_batch_size: int = 1,
+    token_eta: Tensor | None = None,
+    causal: bool = True,
     output_final_state: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Evaluate the reduced TTT layer chunk-parallel.
@@ -36,12 +39,19 @@ def kv_binding_parallel(
         eff: ``reduce_kv_binding(...)``: q^, k^ [B, H, T, M], v^ [B, H, T, Dv], momentum mu.
         W0: initial last-layer weights [B|1, H, M, Dv].
         velocity: initial momentum buffer ``V_0 = -U_0`` [B|1, H, M, Dv]. Default: zeros.
-        chunk_size: tokens per chunk.
-        output_final_state: also return ``(W_T, V_T)``.
+        chunk_size: tokens per chunk (online steps, ``mini_batch_size=1``).
+        mini_batch_size: b > 1: mini-batch TTT as in ``ttt_general`` (every gradient of a mini-batch
+            taken at its start; token i of it reads ``token_eta[i]`` times the running sum; momentum
+            acts between mini-batches). The mini-batch is then the chunk.
+        token_eta: [b]. Default ``1 / (i + 1)``.
+        causal: False: every query of a mini-batch reads the weights after the whole mini-batch.
+        output_final_state: also return ``(W_T, V_T)`` (at a mini-batch boundary for b > 1).
 
     Returns:
         o [B, H, T, Dv] and ``(W_T, V_T)`` or None.
     """
+    if mini_batch_size > 1 or not causal:
+        return _mini_batch_parallel(eff, W0, velocity, mini_batch_size, token_eta, causal, output_final_state)
     q, k, v = eff.q, eff.k, eff.v
     B, H, T, M = q.shape
     W = W0.expand(B, H, M, v.shape[-1]).to(q.dtype)
@@ -74,4 +84,35 @@ def kv_binding_parallel(
         W = W + s[L - 1] * V + (k_n * c_lag[to_end][:, None]).transpose(-1, -2) @ v_n
         V = mu**L * V + (k_n * powers[to_end][:, None]).transpose(-1, -2) @ v_n
     o = torch.stack(outputs, dim=2).reshape(B, H, N * C, -1)[:, :, :T]
+    return o, ((W, V) if output_final_state else None)
+
+
+def _mini_batch_parallel(eff, W0, velocity, b, token_eta, causal, output_final_state):
+    """Mini-batch b: with ``D = sum_{j <= i} k^_j^T v^_j`` over the mini-batch so far,
+    ``W_i = W + mu V + eta_i D_i`` (causal) or ``W + mu V + eta_last D_last`` (non-causal), and at its
+    end ``V <- mu V + eta_last D_last``, ``W <- W + V``: one [b, b] masked product per mini-batch."""
+    q, k, v = eff.q, eff.k, eff.v
+    B, H, T, M = q.shape
+    mu = float(eff.momentum)
+    eta = (1.0 / torch.arange(1, b + 1, dtype=q.dtype, device=q.device)) if token_eta is None else token_eta
+    if tuple(eta.shape) != (b,):
+        raise ValueError(f"token_eta must be [mini_batch_size] = [{b}], got {list(eta.shape)}")
+    eta = eta.to(q.dtype)
+    W = W0.expand(B, H, M, v.shape[-1]).to(q.dtype)
+    V = torch.zeros_like(W) if velocity is None else velocity.expand_as(W).to(q.dtype)
+    outputs = []
+    for start in range(0, T, b):
+        q_n, k_n, v_n = (x[:, :, start : start + b] for x in (q, k, v))
+        c = q_n.shape[2]
+        e = eta[:c]
+        scores = q_n @ k_n.transpose(-1, -2)  # [B, H, c, c]
+        if causal:
+            scores = scores.tril() * e[:, None]
+        else:
+            scores = scores * e[-1]
+        outputs.append(q_n @ (W + mu * V) + scores @ v_n)
+        if c == b:
+            V = mu * V + e[-1] * (k_n.transpose(-1, -2) @ v_n)
+            W = W + V
+    o = torch.cat(outputs, dim=2)
     return o, ((W, V) if output_final_state else None)
