@@ -190,6 +190,8 @@ def longhorn(
     Args:
         beta: step size [B, H, T] (one per token) or [B, H, T, Dv] (one per value column, as in the
             paper), >= 0. With a per-column beta the chunk form runs one delta rule per value column.
+        (impl="autograd" forms the (Dk Dv) x (Dk Dv) Hessian of the objective per head and token:
+        a reference for small heads only.)
         (others: see the module docstring.)
     """
     B, H, T, _, Dv = check_qkv(q, k, v)
