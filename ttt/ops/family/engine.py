@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, hessian, vmap
+from torch.func import grad, jacrev, vmap
 
 Token = dict[str, Tensor]
 
@@ -57,8 +57,9 @@ def _explicit_step(objective: Objective) -> Callable[[Tensor, Token], Tensor]:
 
 def _implicit_step(objective: Objective) -> Callable[[Tensor, Token], Tensor]:
     grad_loss = grad(objective.loss)
-    # reverse-over-reverse keeps the outer autograd (gradients w.r.t. q, k, v, gates) available
-    hess_loss = hessian(objective.loss)
+    # reverse-over-reverse (torch.func.hessian is forward-over-reverse) keeps the outer autograd
+    # (gradients w.r.t. q, k, v, gates) available
+    hess_loss = jacrev(grad_loss)
 
     def step(S: Tensor, tok: Token) -> Tensor:
         n = S.numel()
