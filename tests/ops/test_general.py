@@ -115,3 +115,21 @@ def test_general_rejects_bad_options():
         ttt.ops.ttt_general(q, k, v, model=inner.linear_no_bias, initial_state=(W[0],))
     with pytest.raises(ValueError, match="update must hold one bool per fast-weight tensor"):
         ttt.ops.ttt_general(q, k, v, model=inner.linear_no_bias, initial_state=(W,), update=(True, False))
+
+
+def test_frozen_parameters_stay_frozen_during_every_inner_step():
+    """Last-layer-only TTT with 3 steps == 3 steps of GD on W2 alone, with W1 fixed (2-layer, no bias)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    W1, W2 = (torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+
+    def two_layer(params, x):
+        A, B = params
+        return torch.tanh(x @ A) @ B
+
+    got = ttt.ops.ttt_general(q, k, v, model=two_layer, initial_state=(W1, W2), lr=0.3, inner_steps=3,
+                              update=(False, True)).output  # fmt: skip
+    phi = lambda x: torch.tanh(x @ W1[0, 0])  # noqa: E731
+    want = ttt.ops.ttt_general(phi(q), phi(k), v, model=inner.linear_no_bias, initial_state=(W2,), lr=0.3,
+                               inner_steps=3).output  # fmt: skip
+    assert max_abs_diff(got, want) < 1e-12

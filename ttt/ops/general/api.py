@@ -120,7 +120,7 @@ def ttt_general(
         if inner_steps == 1:
             delta = tuple(bcast(te_c[None].expand(N, c), p) * p for p in prefix)
         else:
-            delta = _multi_step(token_grads, P0, K, V, LR, te_c, args, inner_steps, bcast)
+            delta = _multi_step(token_grads, P0, K, V, LR, te_c, args, inner_steps, bcast, mask)
         delta = tuple(sign * d if upd else torch.zeros_like(d) for d, upd in zip(delta, mask))
         U = tuple(d + momentum * mi[:, None] for d, mi in zip(delta, m)) if momentum else delta
         P = tuple((1 - weight_decay) * p0[:, None] - u for p0, u in zip(P0, U))  # [N, c, *shape]
@@ -142,14 +142,20 @@ def ttt_general(
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
 
 
-def _multi_step(token_grads, P0, K, V, LR, te_c, args, steps, bcast):
-    """``P0 - P^n`` for every token prefix i of the segment, n gradient steps on tokens ``<= i``."""
+def _multi_step(token_grads, P0, K, V, LR, te_c, args, steps, bcast, mask):
+    """``P0 - P^n`` for every token prefix i of the segment, n gradient steps on tokens ``<= i``.
+
+    Frozen parameters (``mask`` False) stay at ``P0`` during the steps, not only after them.
+    """
     deltas = []
     for i in range(K.shape[1]):
         P = P0
         for _ in range(steps):
             g = token_grads(P, K[:, : i + 1], V[:, : i + 1], *args)
-            P = tuple(p - te_c[i] * (bcast(LR[:, : i + 1], gi) * gi).sum(1) for p, gi in zip(P, g))
+            P = tuple(
+                p - te_c[i] * (bcast(LR[:, : i + 1], gi) * gi).sum(1) if upd else p
+                for p, gi, upd in zip(P, g, mask)
+            )
         deltas.append(tuple(p0 - p for p0, p in zip(P0, P)))
     return tuple(torch.stack(ds, dim=1) for ds in zip(*deltas))
 
