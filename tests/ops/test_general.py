@@ -133,3 +133,16 @@ def test_frozen_parameters_stay_frozen_during_every_inner_step():
     want = ttt.ops.ttt_general(phi(q), phi(k), v, model=inner.linear_no_bias, initial_state=(W2,), lr=0.3,
                                inner_steps=3).output  # fmt: skip
     assert max_abs_diff(got, want) < 1e-12
+
+
+def test_weight_norm_keeps_the_initial_column_norms():
+    q, k, v, W, lr = dot_inputs(T=7)
+    out = ttt.ops.ttt_general(q, k, v, model=inner.linear_no_bias, initial_state=(W,), lr=lr, mini_batch_size=2,
+                              weight_norm=True, output_final_state=True)  # fmt: skip
+    W_final = out.final_state.weights[0]
+    assert max_abs_diff(W_final.norm(dim=-2), W.norm(dim=-2)) < 1e-12
+    assert max_abs_diff(W_final, W) > 1e-2
+    # the first token's output, by hand: one GD step, then the columns rescaled
+    W1 = W - lr[:, :, 0, None, None] * k[:, :, 0, :, None] * (k[:, :, 0, None, :] @ W - v[:, :, 0, None, :])
+    W1 = W1 * W.norm(dim=-2, keepdim=True) / W1.norm(dim=-2, keepdim=True)
+    assert max_abs_diff(out.output[:, :, 0], (q[:, :, 0, None, :] @ W1)[:, :, 0]) < 1e-12

@@ -47,6 +47,7 @@ def ttt_general(
     weight_decay: float = 0.0,
     ascent: bool = False,
     update: Sequence[bool] | None = None,
+    weight_norm: bool = False,
     output_final_state: bool = False,
 ) -> TTTOutput:
     """Test-time training with an arbitrary inner model, loss and inner-loop options.
@@ -67,6 +68,9 @@ def ttt_general(
         weight_decay: shrink ``P0`` by ``1 - weight_decay`` per mini-batch. Default 0.
         ascent: gradient ascent instead of descent (an ablation of Liu et al. 2026).
         update: one bool per parameter tensor: which are trained (e.g. last layer only). Default all.
+        weight_norm: after every update, rescale each output unit's weight vector (each column of a
+            ``[Din, Dout]`` matrix) of the updated matrices back to its norm at the mini-batch start, as
+            LaCT does (so the norms of the initial state are kept). Default False.
         output_final_state: also return the ``TTTState``.
 
     Returns:
@@ -124,6 +128,8 @@ def ttt_general(
         delta = tuple(sign * d if upd else torch.zeros_like(d) for d, upd in zip(delta, mask))
         U = tuple(d + momentum * mi[:, None] for d, mi in zip(delta, m)) if momentum else delta
         P = tuple((1 - weight_decay) * p0[:, None] - u for p0, u in zip(P0, U))  # [N, c, *shape]
+        if weight_norm:
+            P = tuple(_renorm(p, p0) if upd and p.dim() >= 4 else p for p, p0, upd in zip(P, P0, mask))
         if not causal:
             P = tuple(p[:, -1:].expand_as(p) for p in P)
         outs.append(per_token_read(P, qf[:, sl], *args))
@@ -140,6 +146,11 @@ def ttt_general(
     unflat = lambda ts: tuple(t.reshape(B, H, *t.shape[1:]) for t in ts)  # noqa: E731
     final = TTTState(unflat(P_last), unflat(P0), unflat(S), offset, b, "general", unflat(m))
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
+
+
+def _renorm(p: Tensor, p0: Tensor) -> Tensor:
+    """Columns of ``p [N, c, Din, Dout]`` rescaled to the column norms of ``p0 [N, Din, Dout]``."""
+    return p * (p0.norm(dim=-2, keepdim=True)[:, None] / p.norm(dim=-2, keepdim=True).clamp_min(1e-12))
 
 
 def _multi_step(token_grads, P0, K, V, LR, te_c, args, steps, bcast, mask):
