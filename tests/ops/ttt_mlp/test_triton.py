@@ -1,0 +1,202 @@
+"""Triton TTT-MLP (``impl="triton"``: fused forward kernel, backward by per-mini-batch recomputation) vs the
+chunked dual form in float64: output, final state and every gradient.
+
+Without CUDA the kernel runs under ``TRITON_INTERPRET=1`` at tiny shapes (fp32 / fp16). Tests marked ``gpu``
+take bf16 and larger shapes and poison fresh buffers with NaN.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_INTERPRETER = False
+if not torch.cuda.is_available():
+    # Triton's own and our kernels are decorated for the interpreter when first imported with
+    # TRITON_INTERPRET=1; the variable is restored at once so that other test modules still see a
+    # CPU-only machine (impl="triton" must be refused there)
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    importlib.import_module("ttt.ops.ttt_mlp.triton")
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+    from triton.language import standard as _tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # False when another module imported Triton first (transformers does, through torch._dynamo): its
+    # library functions then cannot run under the interpreter, so the CPU cases run in a fresh process
+    IN_INTERPRETER = isinstance(_tl_standard.zeros, InterpretedFunction)
+else:
+    pytest.importorskip("triton")
+
+from ttt.ops import TTTState, ttt_mlp  # noqa: E402
+from ttt.ops.common import default_token_eta  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _interpret(request, monkeypatch):
+    """impl="triton" on CPU tensors is refused unless TRITON_INTERPRET=1 (set per test here)."""
+    if torch.cuda.is_available() or request.node.name == "test_cpu_cases_in_fresh_process":
+        return
+    if not IN_INTERPRETER:
+        pytest.skip("Triton was imported before this module; test_cpu_cases_in_fresh_process runs this case")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER, reason="the CPU cases ran in this process")
+def test_cpu_cases_in_fresh_process():
+    """Run this file's CPU cases in a process that sets TRITON_INTERPRET=1 before anything imports Triton."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+STATE = ("W1", "b1", "W2", "b2")
+SUMS = ("S1", "s1", "S2", "s2")
+
+
+def make_case(B, H, T, D, M, *, b=16, offset=0, seed=0, device=DEVICE):
+    """Float64 leaves for one call that resumes ``offset`` tokens into a mini-batch."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    on = float(offset > 0)
+    leaves = {
+        "q": r(B, H, T, D, scale=0.7), "k": r(B, H, T, D, scale=0.7), "v": r(B, H, T, D),
+        "lr": torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.5,
+        "ln_weight": 1 + r(H, D, scale=0.2), "ln_bias": r(H, D, scale=0.2),
+        "token_eta": default_token_eta(b).double() * (1 + 0.1 * r(b).abs()),
+        "W1": r(B, H, D, M, scale=0.4 / D**0.5), "b1": r(B, H, M, scale=0.1),
+        "W2": r(B, H, M, D, scale=0.4 / M**0.5), "b2": r(B, H, D, scale=0.1),
+        "S1": r(B, H, D, M, scale=0.1 / D**0.5) * on, "s1": r(B, H, M, scale=0.1) * on,
+        "S2": r(B, H, M, D, scale=0.1 / M**0.5) * on, "s2": r(B, H, D, scale=0.1) * on,
+    }  # fmt: skip
+    return {key: val.to(device) for key, val in leaves.items()}, dict(b=b, offset=offset)
+
+
+def run(leaves, meta, *, impl, dtype, causal, grad=True):
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x = {}
+    for key, val in leaves.items():
+        # at offset 0 the gradient sums of a valid state are zero and not inputs of the math
+        wants_grad = grad and not (key in SUMS and meta["offset"] == 0)
+        x[key] = val.to(dtype if key in ("q", "k", "v") else sd).detach().requires_grad_(wants_grad)
+    anchor, sums = tuple(x[n] for n in STATE), tuple(x[n] for n in SUMS)
+    state = TTTState(anchor, anchor, sums, meta["offset"], meta["b"], "ttt_mlp")
+    o, final = ttt_mlp(
+        x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], initial_state=state,
+        token_eta=x["token_eta"], mini_batch_size=meta["b"], causal=causal, output_final_state=True,
+        impl=impl,
+    )  # fmt: skip
+    outs = [o, *final.anchor, *final.grad_sum, *final.weights]
+    grads = {}
+    if grad:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+                   for t in outs)  # fmt: skip
+        loss.backward()
+        grads = {key: val.grad for key, val in x.items() if val.requires_grad}
+    return outs, final.offset, grads
+
+
+def budget_check(name, got, ref64, low, dtype, n_sum=1):
+    """R13 budget; factor 4 for fp32 (round-off on both sides, different summation orders), else 2.
+
+    ``n_sum``: how many per-token terms the value sums (token_eta and LN-parameter gradients sum over
+    every token of every head); the rounding term grows like its square root.
+    """
+    factor = 4.0 if dtype == torch.float32 else 2.0
+    got, ref64, low = got.double(), ref64.double(), low.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref64).abs().max().item()
+    rounding = torch.finfo(dtype).eps * ref64.abs().max().item() * n_sum**0.5
+    bound = factor * ((low - ref64).abs().max().item() + rounding)
+    assert err <= bound, f"{name}: max err {err:.3e} > budget {bound:.3e}"
+
+
+def compare(leaves, meta, *, causal, dtype, grad=True):
+    outs64, off64, g64 = run(leaves, meta, impl="chunk", dtype=torch.float64, causal=causal, grad=grad)
+    outs_lo, _, g_lo = run(leaves, meta, impl="chunk", dtype=dtype, causal=causal, grad=grad)
+    outs, off, g = run(leaves, meta, impl="triton", dtype=dtype, causal=causal, grad=grad)
+    assert off == off64
+    assert outs[0].dtype == dtype
+    names = ["o", *STATE, *SUMS, *(f"weights_{n}" for n in STATE)]
+    for name, a, r, lo in zip(names, outs, outs64, outs_lo):
+        budget_check(name, a, r, lo, dtype)
+    n_tok = leaves["lr"].numel()
+    for key in g:
+        n_sum = n_tok if key in ("token_eta", "ln_weight", "ln_bias") else 1
+        budget_check(f"grad {key}", g[key], g64[key], g_lo[key], dtype, n_sum)
+
+
+CASES = [(40, 0), (40, 5), (9, 3), (13, 3)]
+
+
+@pytest.mark.parametrize("T,offset", CASES, ids=[f"T{t}-off{o}" for t, o in CASES])
+def test_chunk_causal_fp32(T, offset):
+    leaves, meta = make_case(1, 2, T, 16, 64, offset=offset, seed=T + offset)
+    compare(leaves, meta, causal=True, dtype=torch.float32)
+
+
+def test_chunk_noncausal_fp32():
+    leaves, meta = make_case(2, 1, 40, 16, 64, seed=2)
+    compare(leaves, meta, causal=False, dtype=torch.float32)
+
+
+def test_chunk_odd_dims_fp32():
+    # D = 24, M = 40 pad to 32 / 64; b = 8 pads to 16 rows
+    leaves, meta = make_case(1, 1, 21, 24, 40, b=8, offset=2, seed=3)
+    compare(leaves, meta, causal=True, dtype=torch.float32)
+
+
+def test_chunk_fwd_fp16():
+    leaves, meta = make_case(1, 2, 40, 16, 64, seed=7)
+    compare(leaves, meta, causal=True, dtype=torch.float16, grad=False)
+
+
+def test_triton_form_runs(monkeypatch):
+    """impl='triton' really reaches the fused kernel (R4): count calls of the forward launcher."""
+    fn = importlib.import_module("ttt.ops.ttt_mlp.triton.function")
+    calls = []
+    orig = fn.chunk_ttt_mlp_fwd_fused
+    monkeypatch.setattr(fn, "chunk_ttt_mlp_fwd_fused", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    leaves, meta = make_case(1, 1, 16, 16, 64, seed=5)
+    run(leaves, meta, impl="triton", dtype=torch.float32, causal=True, grad=False)
+    assert calls == [1]
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Fill every torch.empty / empty_like / new_empty buffer with NaN, so unwritten outputs show."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
+
+
+GPU_CASES = [(2, 4, 300, 64, 256, 0, True), (1, 2, 301, 64, 256, 7, True), (1, 2, 160, 32, 128, 0, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("B,H,T,D,M,offset,causal", GPU_CASES, ids=lambda x: str(x))
+def test_gpu_chunk(B, H, T, D, M, offset, causal, dtype, nan_poison):
+    leaves, meta = make_case(B, H, T, D, M, offset=offset, seed=T + D)
+    compare(leaves, meta, causal=causal, dtype=dtype)

@@ -1,0 +1,205 @@
+"""Fused forward kernel of TTT-MLP (dual form, layer by layer): one program per (batch, head).
+
+Dims: D head dim, M hidden width (4 D by default), padded to BD / BM (powers of two >= 16); b mini-batch
+size (BT rows); NS segments on the grid ``u = offset + t`` exactly as in ``ttt_linear/triton/chunk_fwd.py``.
+The fast weights W1 [D, M], b1 [M], W2 [M, D], b2 [D] stay in registers in fp32. Per segment:
+
+    Z1 = K W1 + b1,  X2 = gelu(Z1),  Z2 = X2 W2 + b2,  G2 = LN-L2 grad(Z2),  G1 = (G2 W2^T) * gelu'(Z1)
+    causal:   Z1b = Q W1 + b1 - eta (Q S1 + s1) - (E * (Q K^T + 1)) G1,   X2b = gelu(Z1b)
+              Z2b = X2b W2 + b2 - eta (X2b S2 + s2) - (E * (X2b X2^T + 1)) G2
+    non-causal: every query reads the weights after the segment's last token
+    o = Q + LN(Z2b);  full mini-batch: W <- W - te[b-1] (S + U) with U1 = K^T (lr G1), U2 = X2^T (lr G2)
+
+With ``ckpt_*`` given, the anchor at the start of every segment is written out (training).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """gelu(x) and gelu'(x), tanh approximation (tanh through the sigmoid: no libdevice needed)."""
+    c = 0.7978845608028654
+    t = 2.0 * tl.sigmoid(2.0 * c * (x + 0.044715 * x * x * x)) - 1.0
+    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+@triton.jit
+def _mlp_segment(
+    n, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, gt_w1, gt_b1, gt_w2, gt_b2,
+    ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_w1, b_b1, b_w2, b_b2, b_gamma, b_beta, b_te, te_last,
+    i_bh64, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, eps,
+    D: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_S: tl.constexpr,
+):  # fmt: skip
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
+    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    if STORE_CKPT:
+        p_ck = i_bh64 * NS + n
+        tl.store(ckpt_w1 + p_ck * D * M + o_dm, b_w1, mask=m_dm)
+        tl.store(ckpt_b1 + p_ck * M + o_m, b_b1, mask=m_m)
+        tl.store(ckpt_w2 + p_ck * M * D + o_md, b_w2, mask=m_md)
+        tl.store(ckpt_b2 + p_ck * D + o_d, b_b2, mask=m_d)
+
+    # inner gradients at the anchor
+    b_z1 = tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :]  # [BT, BM]
+    b_x2, b_dgelu = _gelu_tanh(b_z1)
+    b_z2 = tl.dot(b_x2, b_w2, input_precision=PREC) + b_b2[None, :]  # [BT, BD]
+    b_xh, b_rstd = _ln_rows(b_z2, m_d, D, eps)
+    b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - (b_v - b_k)) * b_gamma[None, :]
+    b_g2 = (
+        b_gx - tl.sum(b_gx, axis=1)[:, None] / D - b_xh * (tl.sum(b_gx * b_xh, axis=1) / D)[:, None]
+    ) * b_rstd[:, None]
+    b_g2 = tl.where(m_td, b_g2, 0.0)
+    b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dgelu  # [BT, BM]
+    b_lg1 = b_g1 * b_lr[:, None]
+    b_lg2 = b_g2 * b_lr[:, None]
+    b_u1 = tl.dot(tl.trans(b_k), b_lg1, input_precision=PREC)  # [BD, BM]
+    b_u2 = tl.dot(tl.trans(b_x2), b_lg2, input_precision=PREC)  # [BM, BD]
+    b_ub1 = tl.sum(b_lg1, axis=0)
+    b_ub2 = tl.sum(b_lg2, axis=0)
+    if HAS_S:
+        b_s1 = tl.load(g0_w1 + i_bh64 * D * M + o_dm, mask=m_dm, other=0.0)
+        b_sb1 = tl.load(g0_b1 + i_bh64 * M + o_m, mask=m_m, other=0.0)
+        b_s2 = tl.load(g0_w2 + i_bh64 * M * D + o_md, mask=m_md, other=0.0)
+        b_sb2 = tl.load(g0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)
+
+    if CAUSAL:
+        b_a1 = tl.where(
+            m_a,
+            b_eta[:, None] * b_lr[None, :] * (tl.dot(b_q, tl.trans(b_k), input_precision=PREC) + 1.0),
+            0.0,
+        )
+        b_z1b = (
+            tl.dot(b_q, b_w1, input_precision=PREC) + b_b1[None, :] - tl.dot(b_a1, b_g1, input_precision=PREC)
+        )
+        if HAS_S:
+            b_z1b -= b_eta[:, None] * (tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :])
+        b_x2b, _ = _gelu_tanh(b_z1b)
+        b_p2 = tl.dot(b_x2b, tl.trans(b_x2), input_precision=PREC)
+        b_a2 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p2 + 1.0), 0.0)
+        b_z2b = (
+            tl.dot(b_x2b, b_w2, input_precision=PREC)
+            + b_b2[None, :]
+            - tl.dot(b_a2, b_g2, input_precision=PREC)
+        )
+        if HAS_S:
+            b_z2b -= b_eta[:, None] * (tl.dot(b_x2b, b_s2, input_precision=PREC) + b_sb2[None, :])
+    else:
+        # weights after the segment's last token (eta is that token's te, same on every row)
+        eta_p = tl.max(b_eta, axis=0)
+        w1e = b_w1 - eta_p * b_u1
+        b1e = b_b1 - eta_p * b_ub1
+        w2e = b_w2 - eta_p * b_u2
+        b2e = b_b2 - eta_p * b_ub2
+        if HAS_S:
+            w1e -= eta_p * b_s1
+            b1e -= eta_p * b_sb1
+            w2e -= eta_p * b_s2
+            b2e -= eta_p * b_sb2
+        b_x2b, _ = _gelu_tanh(tl.dot(b_q, w1e, input_precision=PREC) + b1e[None, :])
+        b_z2b = tl.dot(b_x2b, w2e, input_precision=PREC) + b2e[None, :]
+    b_xb, _ = _ln_rows(b_z2b, m_d, D, eps)
+    b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
+    tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
+
+    if HAS_S:
+        b_u1 += b_s1
+        b_ub1 += b_sb1
+        b_u2 += b_s2
+        b_ub2 += b_sb2
+    # a trailing partial mini-batch hands its gradient sums to the next call (masked stores, no branch)
+    keep = 1.0 - f_done
+    tl.store(gt_w1 + i_bh64 * D * M + o_dm, keep * b_u1, mask=m_dm & (o_dm * 0 + n == NS - 1))
+    tl.store(gt_b1 + i_bh64 * M + o_m, keep * b_ub1, mask=m_m & (o_m * 0 + n == NS - 1))
+    tl.store(gt_w2 + i_bh64 * M * D + o_md, keep * b_u2, mask=m_md & (o_md * 0 + n == NS - 1))
+    tl.store(gt_b2 + i_bh64 * D + o_d, keep * b_ub2, mask=m_d & (o_d * 0 + n == NS - 1))
+    step = f_done * te_last
+    return b_w1 - step * b_u1, b_b1 - step * b_ub1, b_w2 - step * b_u2, b_b2 - step * b_ub2
+
+
+@triton.heuristics({"STORE_CKPT": lambda args: args["ckpt_w1"] is not None})
+@triton.jit(do_not_specialize=["T", "offset", "NS"])
+def chunk_ttt_mlp_fwd_kernel_fused(
+    q, k, v, lr, te, ln_w, ln_b, h0_w1, h0_b1, h0_w2, h0_b2, g0_w1, g0_b1, g0_w2, g0_b2,
+    o, ht_w1, ht_b1, ht_w2, ht_b2, gt_w1, gt_b1, gt_w2, gt_b2, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2,
+    T, offset, NS, eps,
+    H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, STORE_CKPT: tl.constexpr,
+):  # fmt: skip
+    i_bh = tl.program_id(0)
+    i_h = i_bh % H
+    i_bh64 = i_bh.to(tl.int64)
+    o_i = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_m = tl.arange(0, BM)
+    m_d = o_d < D
+    m_m = o_m < M
+    o_dm = o_d[:, None] * M + o_m[None, :]
+    o_md = o_m[:, None] * D + o_d[None, :]
+    m_dm = m_d[:, None] & m_m[None, :]
+    m_md = m_m[:, None] & m_d[None, :]
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_w1 = tl.load(h0_w1 + i_bh64 * D * M + o_dm, mask=m_dm, other=0.0)
+    b_b1 = tl.load(h0_b1 + i_bh64 * M + o_m, mask=m_m, other=0.0)
+    b_w2 = tl.load(h0_w2 + i_bh64 * M * D + o_md, mask=m_md, other=0.0)
+    b_b2 = tl.load(h0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)
+
+    # segment 0 also reads the gradient sums carried in by the state: peeled with a constexpr flag
+    b_w1, b_b1, b_w2, b_b2 = _mlp_segment(
+        0, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, gt_w1, gt_b1, gt_w2, gt_b2,
+        ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_w1, b_b1, b_w2, b_b2, b_gamma, b_beta, b_te, te_last,
+        i_bh64, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, eps,
+        D, M, MB, BT, CAUSAL, PREC, STORE_CKPT, True,
+    )  # fmt: skip
+    for n in range(1, NS):
+        b_w1, b_b1, b_w2, b_b2 = _mlp_segment(
+            n, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, gt_w1, gt_b1, gt_w2, gt_b2,
+            ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_w1, b_b1, b_w2, b_b2, b_gamma, b_beta, b_te, te_last,
+            i_bh64, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, eps,
+            D, M, MB, BT, CAUSAL, PREC, STORE_CKPT, False,
+        )  # fmt: skip
+    tl.store(ht_w1 + i_bh64 * D * M + o_dm, b_w1, mask=m_dm)
+    tl.store(ht_b1 + i_bh64 * M + o_m, b_b1, mask=m_m)
+    tl.store(ht_w2 + i_bh64 * M * D + o_md, b_w2, mask=m_md)
+    tl.store(ht_b2 + i_bh64 * D + o_d, b_b2, mask=m_d)
+
+
+def chunk_ttt_mlp_fwd_fused(
+    q, k, v, lr, token_eta, ln_weight, ln_bias, h0, g0, *, offset, causal, eps, store_ckpt
+):
+    """Launch the forward. q, k, v [B, H, T, D] contiguous; h0 / g0 = (W1 [B, H, D, M], b1 [B, H, M],
+    W2 [B, H, M, D], b2 [B, H, D]) contiguous fp32. Returns o, the final anchor, the final gradient sums and
+    the per-segment anchors (each [B, H, NS, ...]) or None."""
+    B, H, T, D = q.shape
+    M = h0[1].shape[-1]
+    MB = token_eta.shape[0]
+    NS = triton.cdiv(offset + T, MB)
+    BD, BM = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(M))
+    BT = max(16, triton.next_power_of_2(MB))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    o = torch.empty_like(q)
+    ht = tuple(torch.empty_like(t) for t in h0)
+    gt = tuple(torch.empty_like(t) for t in g0)
+    ckpt = (None,) * 4
+    if store_ckpt:
+        ckpt = tuple(q.new_empty(B, H, NS, *t.shape[2:], dtype=torch.float32) for t in h0)
+    chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
+        q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, *ht, *gt, *ckpt, T, offset, NS, eps,
+        H=H, D=D, M=M, BD=BD, BM=BM, MB=MB, BT=BT, CAUSAL=causal, PREC=prec, num_warps=4 if BM <= 128 else 8,
+    )  # fmt: skip
+    return o, ht, gt, (ckpt if store_ckpt else None)
