@@ -109,10 +109,11 @@ def _fwd_segment(
     if HAS_S:
         b_u += tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
         b_ub += tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
-    # a trailing partial mini-batch hands its gradient sum to the next call (masked store: no branch)
-    # (index arithmetic keeps the flag a tensor when n is the literal 0 of the peeled segment)
-    tl.store(gt_w + i_bh64 * D * D + o_dd, (1.0 - f_done) * b_u, mask=m_dd & (o_dd * 0 + n == NS - 1))
-    tl.store(gt_b + i_bh64 * D + o_d, (1.0 - f_done) * b_ub, mask=m_d & (o_d * 0 + n == NS - 1))
+    # a trailing partial mini-batch hands its gradient sum to the next call; a branch rather than a
+    # masked [D, D] store, which costs instructions in every segment
+    if n == NS - 1:
+        tl.store(gt_w + i_bh64 * D * D + o_dd, (1.0 - f_done) * b_u, mask=m_dd)
+        tl.store(gt_b + i_bh64 * D + o_d, (1.0 - f_done) * b_ub, mask=m_d)
     # a full mini-batch steps the anchor
     return b_w - (f_done * te_last) * b_u, b_b - (f_done * te_last) * b_ub
 

@@ -119,12 +119,13 @@ def _mlp_segment(
         b_ub1 += b_sb1
         b_u2 += b_s2
         b_ub2 += b_sb2
-    # a trailing partial mini-batch hands its gradient sums to the next call (masked stores, no branch)
-    keep = 1.0 - f_done
-    tl.store(gt_w1 + i_bh64 * D * M + o_dm, keep * b_u1, mask=m_dm & (o_dm * 0 + n == NS - 1))
-    tl.store(gt_b1 + i_bh64 * M + o_m, keep * b_ub1, mask=m_m & (o_m * 0 + n == NS - 1))
-    tl.store(gt_w2 + i_bh64 * M * D + o_md, keep * b_u2, mask=m_md & (o_md * 0 + n == NS - 1))
-    tl.store(gt_b2 + i_bh64 * D + o_d, keep * b_ub2, mask=m_d & (o_d * 0 + n == NS - 1))
+    # a trailing partial mini-batch hands its gradient sums to the next call
+    if n == NS - 1:
+        keep = 1.0 - f_done
+        tl.store(gt_w1 + i_bh64 * D * M + o_dm, keep * b_u1, mask=m_dm)
+        tl.store(gt_b1 + i_bh64 * M + o_m, keep * b_ub1, mask=m_m)
+        tl.store(gt_w2 + i_bh64 * M * D + o_md, keep * b_u2, mask=m_md)
+        tl.store(gt_b2 + i_bh64 * D + o_d, keep * b_ub2, mask=m_d)
     step = f_done * te_last
     return b_w1 - step * b_u1, b_b1 - step * b_ub1, b_w2 - step * b_u2, b_b2 - step * b_ub2
 
