@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ttt.ops.common import default_token_eta  # noqa: E402
-from ttt.ops.ttt_linear.triton.chunk_bwd import chunk_ttt_linear_bwd_fused  # noqa: E402
+from ttt.ops.ttt_linear.triton.chunk_bwd import chunk_ttt_linear_bwd  # noqa: E402
 from ttt.ops.ttt_linear.triton.chunk_fwd import chunk_ttt_linear_fwd_fused  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
@@ -70,7 +70,7 @@ def main():
                         chunk_ttt_linear_fwd_fused, *fwd_args, num_warps=w, num_stages=st, **kw, **common
                     )
                     variants.append((name, f"{w}/{st}", fn))
-                fn = partial(chunk_ttt_linear_bwd_fused, *bwd_args, num_warps=w, num_stages=st, **common)
+                fn = partial(chunk_ttt_linear_bwd, *bwd_args, num_warps=w, num_stages=st, **common)
                 variants.append(("bwd (local + seq)", f"{w}/{st}", fn))
         for name, w, fn in variants:
             try:

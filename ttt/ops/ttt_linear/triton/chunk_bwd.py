@@ -302,7 +302,7 @@ def chunk_ttt_linear_bwd_kernel_seq(
     tl.store(dlnb_s + i_bh64 * D + o_d, b_dbeta, mask=m_d)
 
 
-def chunk_ttt_linear_bwd_fused(
+def chunk_ttt_linear_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

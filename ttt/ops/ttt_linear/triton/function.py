@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ...types import TTTState
-from .chunk_bwd import chunk_ttt_linear_bwd_fused
+from .chunk_bwd import chunk_ttt_linear_bwd
 from .chunk_fwd import chunk_ttt_linear_fwd_fused
 
 
@@ -49,7 +49,7 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
         q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, ckpt_w, ckpt_b = ctx.saved_tensors
         z = lambda g, like: torch.zeros_like(like) if g is None else g.to(torch.float32).contiguous()  # noqa: E731
         do = torch.zeros_like(q) if do is None else do.contiguous()
-        dq, dk, dv, dlr, dte, dln_w, dln_b, (dw0, db0), (dgw0, dgb0) = chunk_ttt_linear_bwd_fused(
+        dq, dk, dv, dlr, dte, dln_w, dln_b, (dw0, db0), (dgw0, dgb0) = chunk_ttt_linear_bwd(
             q,
             k,
             v,
