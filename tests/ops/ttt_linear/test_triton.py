@@ -203,6 +203,69 @@ def test_decode_steps_equal_full():
     torch.testing.assert_close(state.grad_sum[0], full[3], rtol=1e-5, atol=1e-5)
 
 
+def _varlen_run(leaves, lens, offset, *, packed, dtype, causal):
+    """Packed triton call (``packed``) or one chunked call per sequence; returns outputs and grads."""
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x = {}
+    for key, val in leaves.items():
+        wants_grad = not (key in ("gW", "gb") and offset == 0)
+        x[key] = val.to(dtype if key in ("q", "k", "v") else sd).detach().requires_grad_(wants_grad)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEVICE)
+    te = x["token_eta"]
+    if packed:
+        from ttt.ops.ttt_linear.triton import triton_ttt_linear
+
+        anchor, gsum = (x["W"], x["b"]), (x["gW"], x["gb"])
+        state = TTTState(anchor, anchor, gsum, offset, te.shape[0], "ttt_linear")
+        o, final = triton_ttt_linear(
+            x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], te, state,
+            causal=causal, eps=1e-6, cu_seqlens=cu,
+        )  # fmt: skip
+        outs = [o, *final.anchor, *final.grad_sum]
+    else:
+        parts, finals = [], []
+        for n in range(len(lens)):
+            sl, row = slice(cu[n], cu[n + 1]), slice(n, n + 1)
+            anchor, gsum = (x["W"][row], x["b"][row]), (x["gW"][row], x["gb"][row])
+            state = TTTState(anchor, anchor, gsum, offset, te.shape[0], "ttt_linear")
+            o, final = ttt_linear(
+                x["q"][:, :, sl], x["k"][:, :, sl], x["v"][:, :, sl], x["lr"][:, :, sl], x["ln_weight"],
+                x["ln_bias"], initial_state=state, token_eta=te, mini_batch_size=te.shape[0], causal=causal,
+                output_final_state=True, impl="chunk",
+            )  # fmt: skip
+            parts.append(o)
+            finals.append(final)
+        outs = [torch.cat(parts, 2)] + [torch.cat([getattr(f, a)[i] for f in finals]) for a in ("anchor", "grad_sum")
+                                         for i in range(2)]  # fmt: skip
+    g = torch.Generator(device="cpu").manual_seed(1)
+    loss = sum(
+        (t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum() for t in outs
+    )
+    loss.backward()
+    return outs, {key: val.grad for key, val in x.items() if val.requires_grad}
+
+
+# lengths chosen so that sequences end at the same position of a mini-batch (a TTTState has one offset)
+# and cover one segment, several, partial and full last mini-batches
+VARLEN = [((20, 4, 36), 0, True), ((9, 25, 41), 7, True), ((32, 16), 0, False)]
+
+
+@pytest.mark.parametrize("lens,offset,causal", VARLEN, ids=["causal-off0", "causal-off7", "noncausal"])
+def test_varlen_equals_per_sequence(lens, offset, causal):
+    """Packed sequences (cu_seqlens) == one chunked call per sequence: outputs, states, all gradients."""
+    N, H, D = len(lens), 2, 16
+    leaves, _ = make_case(N, H, sum(lens), D, offset=offset, seed=sum(lens) + offset)
+    for key in ("q", "k", "v", "lr"):
+        leaves[key] = leaves[key][:1]  # packed along T: [1, H, sum T_n, ...]
+    ref, g_ref = _varlen_run(leaves, lens, offset, packed=False, dtype=torch.float64, causal=causal)
+    low, g_low = _varlen_run(leaves, lens, offset, packed=False, dtype=torch.float32, causal=causal)
+    got, g_got = _varlen_run(leaves, lens, offset, packed=True, dtype=torch.float32, causal=causal)
+    for name, a, r, lo in zip(["o", "W", "b", "gW", "gb"], got, ref, low):
+        budget_check(name, a, r, lo, torch.float32)
+    for key in g_ref:
+        budget_check(f"grad {key}", g_got[key], g_ref[key], g_low[key], torch.float32)
+
+
 def test_triton_form_runs(monkeypatch):
     """impl='triton' really reaches the fused kernel (R4): count calls of the forward launcher."""
     fn = importlib.import_module("ttt.ops.ttt_linear.triton.function")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _ln_rows, _segment_masks, launch_config
+from .chunk_fwd import _ln_rows, _segment_masks, _span, launch_config, varlen_plan
 
 
 @triton.jit
@@ -44,6 +44,7 @@ def _recompute_inner(
     return tl.where(m_td, b_g, 0.0), b_xh, b_rstd, b_gx, b_m2
 
 
+@triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
 def chunk_ttt_linear_bwd_kernel_local(
     q,
@@ -68,6 +69,7 @@ def chunk_ttt_linear_bwd_kernel_local(
     dlnb_p,
     dg0l_w,
     dg0l_b,
+    cu_seqlens,
     T,
     offset,
     NS,
@@ -79,8 +81,10 @@ def chunk_ttt_linear_bwd_kernel_local(
     BT: tl.constexpr,
     CAUSAL: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     n, i_bh = tl.program_id(0), tl.program_id(1)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -92,17 +96,19 @@ def chunk_ttt_linear_bwd_kernel_local(
     b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
 
-    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
     m_td = m_t[:, None] & m_d[None, :]
     b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     p_ck = (i_bh64 * NS + n) * D
-    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd, other=0.0)
-    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d, other=0.0)
+    # segments past the end of a short packed sequence were never checkpointed: read zeros (their
+    # rows are all masked, so every partial they write is zero)
+    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd & (o_dd * 0 + n < NS_i), other=0.0)
+    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d & (o_d * 0 + n < NS_i), other=0.0)
     # the carried gradient sum exists only in segment 0: masked loads give zeros elsewhere
     m_s = m_dd & (o_dd * 0 + n == 0)
     b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_s, other=0.0)
@@ -143,7 +149,7 @@ def chunk_ttt_linear_bwd_kernel_local(
     tl.store(dk_f + p_tok, b_dk, mask=m_td)
     tl.store(dzb_f + p_tok, b_dzb, mask=m_td)
     tl.store(dgl_f + p_tok, b_dgl, mask=m_td)
-    tl.store(dlr_f + i_bh64 * T + o_t, b_dlr, mask=m_t)
+    tl.store(dlr_f + tok0 + o_t, b_dlr, mask=m_t)
     if CAUSAL:
         b_dte = tl.where(m_t, b_deta, 0.0)
     else:
@@ -158,7 +164,7 @@ def chunk_ttt_linear_bwd_kernel_local(
 def _seq_segment(
     n, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv, dg0s_w, dg0s_b,
     b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-    i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+    i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
     D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
     PARTIAL: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
@@ -170,12 +176,12 @@ def _seq_segment(
     """
     # CAUSAL only changes the output path (local kernel); the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
     m_td = m_t[:, None] & m_d[None, :]
     b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     b_dzb = tl.load(dzb_f + p_tok, mask=m_td, other=0.0)
     b_dg = tl.load(dgl_f + p_tok, mask=m_td, other=0.0)
     p_ck = (i_bh64 * NS + n) * D
@@ -237,22 +243,35 @@ def _seq_segment(
     b_db += tl.sum(b_dzb, axis=0) + tl.sum(b_gz, axis=0)
 
     b_dk += tl.load(dk_f + p_tok, mask=m_td, other=0.0)
-    b_dlr += tl.load(dlr_f + i_bh64 * T + o_t, mask=m_t, other=0.0)
+    b_dlr += tl.load(dlr_f + tok0 + o_t, mask=m_t, other=0.0)
     tl.store(dk + p_tok, b_dk.to(dk.dtype.element_ty), mask=m_td)
     tl.store(dv + p_tok, b_dv.to(dv.dtype.element_ty), mask=m_td)
-    tl.store(dlr_f + i_bh64 * T + o_t, b_dlr, mask=m_t)
+    tl.store(dlr_f + tok0 + o_t, b_dlr, mask=m_t)
     return b_dw, b_db, b_dte, b_dgamma, b_dbeta
 
 
+@triton.heuristics(
+    {
+        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+        "HAS_IDS": lambda args: args["ids"] is not None,
+    }
+)
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
 def chunk_ttt_linear_bwd_kernel_seq(
     q, k, v, lr, te, ln_w, ln_b, ckpt_w, ckpt_b, g0_w, g0_b, dht_w, dht_b, dgt_w, dgt_b,
     dk_f, dlr_f, dzb_f, dgl_f, dk, dv, dte_s, dlnw_s, dlnb_s, dh0_w, dh0_b, dg0s_w, dg0s_b,
-    T, offset, NS, eps,
+    cu_seqlens, ids, T, offset, NS, eps,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr,
     PREC: tl.constexpr, LAST_PARTIAL: tl.constexpr, ONE_SEGMENT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_IDS: tl.constexpr,
 ):  # fmt: skip
-    i_bh = tl.program_id(0)
+    # packed sequences are launched in groups sharing (LAST_PARTIAL, ONE_SEGMENT); ids maps a program
+    # to its (sequence, head)
+    if HAS_IDS:
+        i_bh = tl.load(ids + tl.program_id(0))
+    else:
+        i_bh = tl.program_id(0)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -275,24 +294,24 @@ def chunk_ttt_linear_bwd_kernel_seq(
         b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
             0, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
             dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-            i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps, D, MB, BT, PREC, LAST_PARTIAL, True,
+            i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, LAST_PARTIAL, True,
         )  # fmt: skip
     else:
         b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            NS - 1, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
+            NS_i - 1, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
             dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-            i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps, D, MB, BT, PREC, LAST_PARTIAL, False,
+            i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, LAST_PARTIAL, False,
         )  # fmt: skip
-        for i_s in range(2, NS):
+        for i_s in range(2, NS_i):
             b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
-                NS - i_s, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f,
+                NS_i - i_s, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f,
                 dk, dv, dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-                i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps, D, MB, BT, PREC, False, False,
+                i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, False, False,
             )  # fmt: skip
         b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
             0, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
             dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-            i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps, D, MB, BT, PREC, False, True,
+            i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, False, True,
         )  # fmt: skip
 
     tl.store(dh0_w + i_bh64 * D * D + o_dd, b_dw, mask=m_dd)
@@ -319,6 +338,7 @@ def chunk_ttt_linear_bwd(
     offset: int,
     causal: bool,
     eps: float,
+    cu_seqlens: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ):
@@ -326,15 +346,15 @@ def chunk_ttt_linear_bwd(
     dln_w, dln_b [H, D] fp32, (dW0, db0) and (dgW0, dgb0) for the initial anchor and gradient sum.
 
     Temporary memory: three fp32 [B, H, T, D] buffers (dZb, dG_local, partial dk) and small partials."""
-    B, H, T, D = q.shape
+    Bq, H, T, D = q.shape
     MB = token_eta.shape[0]
-    NS = triton.cdiv(offset + T, MB)
+    B, NS, lens = varlen_plan(cu_seqlens, offset, MB, Bq, T)
     cfg = launch_config(D, q.dtype)
     BT = max(16, triton.next_power_of_2(MB))
     f32 = dict(dtype=torch.float32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dk_f, dzb_f, dgl_f = (q.new_empty(B, H, T, D, **f32) for _ in range(3))
-    dlr = q.new_empty(B, H, T, **f32)
+    dk_f, dzb_f, dgl_f = (q.new_empty(Bq, H, T, D, **f32) for _ in range(3))
+    dlr = q.new_empty(Bq, H, T, **f32)
     dte_p = q.new_empty(B, H, NS, MB, **f32)
     dlnw_p, dlnb_p = q.new_empty(B, H, NS, D, **f32), q.new_empty(B, H, NS, D, **f32)
     dte_s = q.new_empty(B, H, MB, **f32)
@@ -345,16 +365,24 @@ def chunk_ttt_linear_bwd(
     meta = dict(H=H, D=D, BD=cfg["BD"], MB=MB, BT=BT, PREC=cfg["PREC"])
     chunk_ttt_linear_bwd_kernel_local[(NS, B * H)](
         q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1], do,
-        dq, dk_f, dlr, dzb_f, dgl_f, dte_p, dlnw_p, dlnb_p, dg0l_w, dg0l_b,
+        dq, dk_f, dlr, dzb_f, dgl_f, dte_p, dlnw_p, dlnb_p, dg0l_w, dg0l_b, cu_seqlens,
         T, offset, NS, eps, CAUSAL=causal, num_warps=4 if cfg["BD"] <= 64 else 8, **meta,
     )  # fmt: skip
-    chunk_ttt_linear_bwd_kernel_seq[(B * H,)](
-        q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1],
-        dht[0], dht[1], dgt[0], dgt[1], dk_f, dlr, dzb_f, dgl_f,
-        dk, dv, dte_s, dlnw_s, dlnb_s, dh0_w, dh0_b, dg0s_w, dg0s_b,
-        T, offset, NS, eps, LAST_PARTIAL=(offset + T) % MB != 0, ONE_SEGMENT=NS == 1,
-        num_warps=num_warps or cfg["num_warps_bwd"], num_stages=num_stages or cfg["num_stages"], **meta,
-    )  # fmt: skip
+    # the sequential kernel peels its first / last segments with constexpr flags: packed sequences are
+    # launched in groups that share them
+    groups = {}
+    for n, t in enumerate(lens or [T] * B):
+        flags = ((offset + t) % MB != 0, triton.cdiv(offset + t, MB) == 1)
+        groups.setdefault(flags, []).extend(n * H + h for h in range(H))
+    for (last_partial, one_segment), members in groups.items():
+        ids = None if len(groups) == 1 else torch.tensor(members, dtype=torch.int32, device=q.device)
+        chunk_ttt_linear_bwd_kernel_seq[(len(members),)](
+            q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1],
+            dht[0], dht[1], dgt[0], dgt[1], dk_f, dlr, dzb_f, dgl_f,
+            dk, dv, dte_s, dlnw_s, dlnb_s, dh0_w, dh0_b, dg0s_w, dg0s_b, cu_seqlens, ids,
+            T, offset, NS, eps, LAST_PARTIAL=last_partial, ONE_SEGMENT=one_segment,
+            num_warps=num_warps or cfg["num_warps_bwd"], num_stages=num_stages or cfg["num_stages"], **meta,
+        )  # fmt: skip
     dte = dte_p.sum((0, 1, 2)) + dte_s.sum((0, 1))
     dln_w = dlnw_p.sum((0, 2)) + dlnw_s.sum(0)
     dln_b = dlnb_p.sum((0, 2)) + dlnb_s.sum(0)

@@ -64,25 +64,49 @@ def _segment_masks(n, o_i, offset, T, te, b_te, MB: tl.constexpr, BT: tl.constex
         b_eta = b_te
         m_a = (o_i[:, None] >= o_i[None, :]) & m_t[None, :]
     else:
-        b_eta = tl.zeros([BT], dtype=tl.float32) + tl.load(te + p_last).to(tl.float32)
+        # clamped: a segment past the end of a short packed sequence has no last token
+        b_eta = tl.zeros([BT], dtype=tl.float32) + tl.load(te + tl.maximum(p_last, 0)).to(tl.float32)
         m_a = (o_i[:, None] >= 0) & m_t[None, :]
     return o_t, m_t, b_eta, m_a, p_last, f_done
 
 
 @triton.jit
+def _span(i_bh, T, NS, offset, cu_seqlens, H: tl.constexpr, MB: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Token base (int64, in tokens), length and segment count of program i_bh's sequence.
+
+    Dense q [B, H, T, D]: sequence i_bh has T tokens at i_bh * T. Packed q [1, H, sum T_n, D] with
+    ``cu_seqlens`` [N + 1]: program i_bh = n * H + h reads tokens cu[n] .. cu[n + 1] of head h.
+    """
+    if IS_VARLEN:
+        i_n = i_bh // H
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_i = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        tok0 = (i_bh % H).to(tl.int64) * T + bos
+        NS_i = (offset + T_i + MB - 1) // MB
+    else:
+        tok0 = i_bh.to(tl.int64) * T
+        T_i = T
+        NS_i = NS
+    return tok0, T_i, NS_i
+
+
+@triton.jit
 def _fwd_segment(
     n, q, k, v, lr, te, g0_w, g0_b, o, gt_w, gt_b, ckpt_w, ckpt_b, b_w, b_b, b_gamma, b_beta, b_te,
-    te_last, i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+    te_last, i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, NS_i, eps,
     D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
     STORE_CKPT: tl.constexpr, COMPUTE_O: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
-    """One mini-batch segment: outputs, checkpoint, and the anchor after it. Returns (W, b)."""
+    """One mini-batch segment: outputs, checkpoint, and the anchor after it. Returns (W, b).
+
+    T, NS_i: this sequence's length and segment count; NS: the checkpoint stride (max over sequences).
+    """
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
     m_td = m_t[:, None] & m_d[None, :]
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     if STORE_CKPT:
         p_ck = (i_bh64 * NS + n) * D
         tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
@@ -111,7 +135,7 @@ def _fwd_segment(
         b_ub += tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
     # a trailing partial mini-batch hands its gradient sum to the next call; a branch rather than a
     # masked [D, D] store, which costs instructions in every segment
-    if n == NS - 1:
+    if n == NS_i - 1:
         tl.store(gt_w + i_bh64 * D * D + o_dd, (1.0 - f_done) * b_u, mask=m_dd)
         tl.store(gt_b + i_bh64 * D + o_d, (1.0 - f_done) * b_ub, mask=m_d)
     # a full mini-batch steps the anchor
@@ -122,6 +146,7 @@ def _fwd_segment(
     {
         "STORE_CKPT": lambda args: args["ckpt_w"] is not None,
         "COMPUTE_O": lambda args: args["o"] is not None,
+        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
@@ -144,6 +169,7 @@ def chunk_ttt_linear_fwd_kernel_fused(
     gt_b,
     ckpt_w,
     ckpt_b,
+    cu_seqlens,
     T,
     offset,
     NS,
@@ -157,8 +183,10 @@ def chunk_ttt_linear_fwd_kernel_fused(
     PREC: tl.constexpr,
     STORE_CKPT: tl.constexpr,
     COMPUTE_O: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     # int64 bases: B * H * T * D can pass 2^31
     i_bh64 = i_bh.to(tl.int64)
@@ -181,13 +209,13 @@ def chunk_ttt_linear_fwd_kernel_fused(
     # loop (a constexpr flag) rather than branched on inside it
     b_w, b_b = _fwd_segment(
         0, q, k, v, lr, te, g0_w, g0_b, o, gt_w, gt_b, ckpt_w, ckpt_b, b_w, b_b, b_gamma, b_beta, b_te,
-        te_last, i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+        te_last, i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, NS_i, eps,
         D, MB, BT, CAUSAL, PREC, STORE_CKPT, COMPUTE_O, True,
     )  # fmt: skip
-    for n in range(1, NS):
+    for n in range(1, NS_i):
         b_w, b_b = _fwd_segment(
             n, q, k, v, lr, te, g0_w, g0_b, o, gt_w, gt_b, ckpt_w, ckpt_b, b_w, b_b, b_gamma, b_beta, b_te,
-            te_last, i_bh64, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+            te_last, i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, NS_i, eps,
             D, MB, BT, CAUSAL, PREC, STORE_CKPT, COMPUTE_O, False,
         )  # fmt: skip
 
@@ -195,6 +223,7 @@ def chunk_ttt_linear_fwd_kernel_fused(
     tl.store(ht_b + i_bh64 * D + o_d, b_b, mask=m_d)
 
 
+@triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
 def chunk_ttt_linear_fwd_kernel_o(
     q,
@@ -209,6 +238,7 @@ def chunk_ttt_linear_fwd_kernel_o(
     ckpt_w,
     ckpt_b,
     o,
+    cu_seqlens,
     T,
     offset,
     NS,
@@ -220,9 +250,11 @@ def chunk_ttt_linear_fwd_kernel_o(
     BT: tl.constexpr,
     CAUSAL: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """Outputs of one segment from its checkpointed anchor; grid (NS, B * H), no recurrence."""
     n, i_bh = tl.program_id(0), tl.program_id(1)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -234,16 +266,17 @@ def chunk_ttt_linear_fwd_kernel_o(
     b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
 
-    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
     m_td = m_t[:, None] & m_d[None, :]
     b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     p_ck = (i_bh64 * NS + n) * D
-    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd, other=0.0)
-    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d, other=0.0)
+    # segments past the end of a short packed sequence were never checkpointed: read zeros
+    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd & (o_dd * 0 + n < NS_i), other=0.0)
+    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d & (o_d * 0 + n < NS_i), other=0.0)
     b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)
     b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
     # carried gradient sum: only segment 0 reads it (masked loads instead of a branch)
@@ -259,6 +292,21 @@ def chunk_ttt_linear_fwd_kernel_o(
 SPLIT_O = False
 # software-pipelining depth of the sequential loops (loads of the next segment overlap this one)
 NUM_STAGES = 2
+
+
+def varlen_plan(cu_seqlens: torch.Tensor | None, offset: int, MB: int, B: int, T: int):
+    """(sequences, max segments, per-sequence lengths or None) of a dense or packed call.
+
+    Packed calls read ``cu_seqlens`` once on the host (one device sync) to size the checkpoints."""
+    if cu_seqlens is None:
+        return B, triton.cdiv(offset + T, MB), None
+    lens = torch.diff(cu_seqlens.detach().to("cpu", torch.int64)).tolist()
+    if B != 1 or not lens or min(lens) < 1 or sum(lens) != T:
+        raise ValueError(
+            f"cu_seqlens must split the T = {T} tokens of q [1, H, T, D] into non-empty sequences, "
+            f"got batch {B} and lengths {lens}"
+        )
+    return len(lens), max(triton.cdiv(offset + n, MB) for n in lens), lens
 
 
 def launch_config(D: int, dtype: torch.dtype) -> dict:
@@ -287,11 +335,12 @@ def chunk_ttt_linear_fwd_fused(
     eps: float,
     store_ckpt: bool,
     split_o: bool | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ):
-    """Launch the forward. q, k, v [B, H, T, D] contiguous; lr [B, H, T]; h0 / g0 = (W [B, H, D, D],
-    b [B, H, D]) contiguous fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
+    """Launch the forward. q, k, v [B, H, T, D] contiguous (or [1, H, sum T_n, D] with ``cu_seqlens``
+    [N + 1], then the state has N rows); lr [B, H, T]; h0 / g0 = (W [B, H, D, D], b [B, H, D]) fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
     per-segment anchors (ckpt_w [B, H, NS, D, D], ckpt_b [B, H, NS, D]) or (None, None).
 
     ``split_o``: run only the recurrence sequentially (one program per (batch, head)) and compute the
@@ -301,7 +350,8 @@ def chunk_ttt_linear_fwd_fused(
     split_o = SPLIT_O if split_o is None else split_o
     B, H, T, D = q.shape
     MB = token_eta.shape[0]
-    NS = triton.cdiv(offset + T, MB)
+    # packed sequences (cu_seqlens [N + 1], q [1, H, sum T_n, D]) run one program per (sequence, head)
+    B, NS, _ = varlen_plan(cu_seqlens, offset, MB, B, T)
     cfg = launch_config(D, q.dtype)
     BT = max(16, triton.next_power_of_2(MB))
     o = torch.empty_like(q)
@@ -331,6 +381,7 @@ def chunk_ttt_linear_fwd_fused(
         gt_b,
         ckpt_w,
         ckpt_b,
+        cu_seqlens,
         T,
         offset,
         NS,
@@ -359,6 +410,7 @@ def chunk_ttt_linear_fwd_fused(
             ckpt_w,
             ckpt_b,
             o,
+            cu_seqlens,
             T,
             offset,
             NS,

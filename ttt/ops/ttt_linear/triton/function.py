@@ -18,7 +18,7 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lr, ln_w, ln_b, token_eta, w0, b0, gw0, gb0, offset, causal, eps):
+    def forward(ctx, q, k, v, lr, ln_w, ln_b, token_eta, w0, b0, gw0, gb0, offset, causal, eps, cu_seqlens):
         q, k, v, lr = (x.contiguous() for x in (q, k, v, lr))
         f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
         ln_w, ln_b, token_eta, w0, b0, gw0, gb0 = map(f32, (ln_w, ln_b, token_eta, w0, b0, gw0, gb0))
@@ -37,10 +37,11 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
             causal=causal,
             eps=eps,
             store_ckpt=store,
+            cu_seqlens=cu_seqlens,
         )
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, *ckpt)
-        ctx.offset, ctx.causal, ctx.eps = offset, causal, eps
+        ctx.offset, ctx.causal, ctx.eps, ctx.cu_seqlens = offset, causal, eps, cu_seqlens
         ctx.dtypes = (lr.dtype, ctx.needs_input_grad)
         return o, wt, bt, gwt, gbt
 
@@ -65,8 +66,9 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
             offset=ctx.offset,
             causal=ctx.causal,
             eps=ctx.eps,
+            cu_seqlens=ctx.cu_seqlens,
         )
-        return dq, dk, dv, dlr.to(lr.dtype), dln_w, dln_b, dte, dw0, db0, dgw0, dgb0, None, None, None
+        return dq, dk, dv, dlr.to(lr.dtype), dln_w, dln_b, dte, dw0, db0, dgw0, dgb0, None, None, None, None
 
 
 def triton_ttt_linear(
@@ -81,7 +83,8 @@ def triton_ttt_linear(
     *,
     causal: bool,
     eps: float,
-) -> tuple[Tensor, TTTState]:
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, TTTState | None]:
     """TTT-Linear through the fused Triton kernels; same arguments and results as ``chunk_ttt_linear``.
 
     Args:
@@ -92,8 +95,13 @@ def triton_ttt_linear(
         state: ``TTTState`` expanded to batch B (anchor, grad_sum, offset).
         causal: token i answers with the weights after token i (else: after the mini-batch's last token).
         eps: LayerNorm epsilon.
+        cu_seqlens: optional ``[N + 1]`` int offsets of N sequences packed along T (q, k, v
+            ``[1, H, sum T_n, D]``, lr ``[1, H, sum T_n]``); the state then has N rows, every sequence
+            starting at ``state.offset``. Default: None.
     Returns:
-        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token.
+        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token (packed: after each
+        sequence's last token, or None when the sequences end at different positions of a mini-batch,
+        which one ``TTTState.offset`` cannot express).
     """
     if q.dtype == torch.float64:
         raise TypeError(
@@ -120,8 +128,14 @@ def triton_ttt_linear(
         state.offset,
         causal,
         eps,
+        cu_seqlens,
     )
     offset = (state.offset + T) % mb
+    if cu_seqlens is not None:
+        ends = {(state.offset + int(n)) % mb for n in torch.diff(cu_seqlens.detach().cpu())}
+        if len(ends) > 1:
+            return o, None
+        offset = ends.pop()
     te = token_eta.to(torch.float32)
     weights = (wt, bt) if offset == 0 else (wt - te[offset - 1] * gwt, bt - te[offset - 1] * gbt)
     return o, TTTState(weights, (wt, bt), (gwt, gbt), offset, mb, state.variant)
