@@ -1,10 +1,19 @@
 """Suite-wide settings: the tests use tiny tensors, where one intra-op thread is fastest and does not
-oversubscribe the 2 CI cores; GPU-marked tests skip cleanly without CUDA."""
+oversubscribe the 2 CI cores; GPU-marked tests skip cleanly without CUDA.
+
+Without CUDA, Triton kernels run under its interpreter. Triton decides that when a kernel module is
+first imported, so the variable is set here, before any test module imports triton (fla-core, the
+layers and the kernels all may). Tests that need "no Triton on this machine" unset it themselves.
+"""
+
+import os
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
