@@ -216,10 +216,12 @@ def test_empty_sequence_returns_the_initial_state():
 
 @settings(max_examples=15, deadline=None)
 @given(
-    B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(0, 20), D=st.integers(2, 6), b=st.integers(1, 8),
+    B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(0, 20), D=st.integers(3, 8), b=st.integers(1, 8),
     causal=st.booleans(), seed=st.integers(0, 1000),
 )  # fmt: skip
 def test_property_chunk_equals_reference(B, H, T, D, b, causal, seed):
+    # D >= 3: a 2-dim LayerNorm maps every vector to (+-1, -+1) and its Jacobian amplifies rounding by up to
+    # 1/sqrt(eps), so two exact forms differ by more than 1e-10 there for reasons of conditioning alone
     x = ttt_inputs(B, H, T, D, seed=seed)
     ref = run("linear", x, mini_batch_size=b, causal=causal, impl="reference", output_final_state=True)
     out = run("linear", x, mini_batch_size=b, causal=causal, output_final_state=True)

@@ -75,3 +75,21 @@ def check_finite(**tensors: Tensor) -> None:
     for name, x in tensors.items():
         if x is not None and not bool(torch.isfinite(x).all()):
             raise FloatingPointError(f"{name} contains NaN or Inf; the fast weights would be corrupted")
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -> list[int]:
+    """``[N + 1]`` integer offsets ``0 = c_0 <= ... <= c_N = T`` of sequences packed along T (B must be 1)."""
+    if B != 1:
+        raise ValueError(
+            f"with cu_seqlens the sequences are packed along T: q must be [1, H, sum T_n, D], got B={B}"
+        )
+    if (
+        not isinstance(cu_seqlens, Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N + 1] of sequence offsets")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T} (got {bounds})")
+    return [b - a for a, b in zip(bounds, bounds[1:])]

@@ -7,10 +7,12 @@ is ever chosen silently.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import _checks
@@ -70,6 +72,7 @@ def run_ttt(
     eps: float,
     impl: Impl | str,
     check_finite: bool,
+    cu_seqlens: Tensor | None = None,
 ) -> TTTOutput:
     B, H, T, D = _checks.check_qkv(q, k, v)
     _checks.check_per_token("lr", lr, B, H, T, q.device)
@@ -81,11 +84,12 @@ def run_ttt(
     _checks.check_token_eta(token_eta, mini_batch_size, q.device)
     fn = resolve_impl(impl, q, form)
     cd = compute_dtype(q.dtype)
+    lengths = _checks.check_cu_seqlens(cu_seqlens, B, T, q.device) if cu_seqlens is not None else None
     state = fresh_state(
         initial_state,
         shapes=shapes_of(H, D),
         names=names,
-        batch_size=B,
+        batch_size=B if lengths is None else len(lengths),
         mini_batch_size=mini_batch_size,
         variant=variant,
         dtype=cd,
@@ -102,5 +106,33 @@ def run_ttt(
         named = {f"initial_state.anchor.{n}": t for n, t in zip(names, state.anchor)}
         named.update({f"initial_state.grad_sum.{n}": t for n, t in zip(names, state.grad_sum)})
         _checks.check_finite(**named)
-    o, final = fn(q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd), state, causal=causal, eps=eps)
+    args = (q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
+    if lengths is None:
+        o, final = fn(*args, state, causal=causal, eps=eps)
+    else:
+        ends = {(state.offset + n) % mini_batch_size for n in lengths}
+        if output_final_state and len(ends) > 1:
+            raise ValueError(
+                f"the packed sequences end at different positions of a mini-batch {sorted(ends)}, and one "
+                "TTTState holds one offset: ask for no final state, or pack lengths congruent modulo "
+                f"mini_batch_size={mini_batch_size}"
+            )
+        o, final = _packed(fn, args, state, cu_seqlens, lengths, causal=causal, eps=eps)
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
+
+
+def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *, causal: bool, eps: float):
+    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path, or one call each."""
+    if "cu_seqlens" in inspect.signature(fn).parameters:
+        return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+    q, k, v, lr, *rest = args
+    outs, finals, start = [], [], 0
+    for n, length in enumerate(lengths):
+        sl = slice(start, start + length)
+        row = state.rows(n, n + 1)
+        o, final = fn(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], *rest, row, causal=causal, eps=eps)
+        outs.append(o)
+        finals.append(final)
+        start += length
+    same_offset = len({f.offset for f in finals}) == 1
+    return torch.cat(outs, dim=2), TTTState.cat(finals) if same_offset else None

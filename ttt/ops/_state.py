@@ -39,6 +39,8 @@ def fresh_state(
             )
         anchor = _expand_all(st.anchor, shapes, names, batch_size, dtype, device)
         grad_sum = _expand_all(st.grad_sum, shapes, names, batch_size, dtype, device)
+        if st.offset == 0:  # a mini-batch boundary: nothing is pending, whatever grad_sum holds
+            grad_sum = tuple(torch.zeros_like(g) for g in grad_sum)
         weights = _expand_all(st.weights, shapes, names, batch_size, dtype, device)
         return TTTState(weights, anchor, grad_sum, st.offset, mini_batch_size, variant)
     if not isinstance(initial_state, (tuple, list)):

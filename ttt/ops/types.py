@@ -68,6 +68,36 @@ class TTTState:
         flags = [torch.isfinite(t).flatten(1).all(dim=1) for t in tensors]
         return torch.stack(flags).all(dim=0)
 
+    def rows(self, start: int, stop: int) -> TTTState:
+        """The state of sequences ``start:stop`` of the batch."""
+        r = lambda ts: tuple(t[start:stop] for t in ts)  # noqa: E731
+        return TTTState(
+            r(self.weights),
+            r(self.anchor),
+            r(self.grad_sum),
+            self.offset,
+            self.mini_batch_size,
+            self.variant,
+            r(self.velocity),
+        )
+
+    @staticmethod
+    def cat(states: list[TTTState]) -> TTTState:
+        """Stack the states of several sequences (same offset) along the batch dim."""
+        first = states[0]
+        if any(s.offset != first.offset for s in states):
+            raise ValueError("states at different offsets cannot share one TTTState")
+        c = lambda field: tuple(torch.cat(ts, dim=0) for ts in zip(*(getattr(s, field) for s in states)))  # noqa: E731
+        return TTTState(
+            c("weights"),
+            c("anchor"),
+            c("grad_sum"),
+            first.offset,
+            first.mini_batch_size,
+            first.variant,
+            c("velocity"),
+        )
+
     def detach(self) -> TTTState:
         """The same state cut from the autograd graph (for truncated backprop through time)."""
         d = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731

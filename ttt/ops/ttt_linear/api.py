@@ -39,6 +39,7 @@ def ttt_linear(
     eps: float = 1e-6,
     impl: Impl | str = Impl.CHUNK,
     check_finite: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> TTTOutput:
     """TTT-Linear (Sun et al. 2024): mini-batch gradient descent on a LayerNorm'd linear model.
 
@@ -62,6 +63,9 @@ def ttt_linear(
         impl: "chunk" (dual form, default), "reference" (autograd inner gradient, token by token),
             "recurrent" (primal form; decoding), "triton", or "auto" (triton on CUDA, else chunk).
         check_finite: raise ``FloatingPointError`` if an input or the initial state holds NaN/Inf.
+        cu_seqlens: ``[N + 1]`` offsets of N sequences packed along T (q ``[1, H, sum T_n, D]``), each
+            starting from its own row of the initial state (``[N, ...]`` or broadcast); the Triton form
+            runs them in one launch, the others one call each. Default: None.
 
     Returns:
         ``TTTOutput(output [B, H, T, D] in q's dtype, final_state or None)``. Fast weights are float32
@@ -82,4 +86,5 @@ def ttt_linear(
         FORMS, "ttt_linear", state_shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
         initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
         output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
+        cu_seqlens=cu_seqlens,
     )  # fmt: skip

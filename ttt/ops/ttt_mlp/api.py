@@ -33,6 +33,7 @@ def ttt_mlp(
     eps: float = 1e-6,
     impl: Impl | str = Impl.CHUNK,
     check_finite: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> TTTOutput:
     """TTT-MLP (Sun et al. 2024): ``ttt_linear`` with inner model ``LN(gelu_tanh(x W1 + b1) W2 + b2)``.
 
@@ -42,7 +43,8 @@ def ttt_mlp(
         ln_weight, ln_bias: ``[H, D]``.
         initial_state: ``(W1 [B, H, D, M], b1 [B, H, M], W2 [B, H, M, D], b2 [B, H, D])`` for any hidden
             size M (the paper uses 4D), leading B optional or 1; or the ``TTTState`` of a previous call.
-        token_eta, mini_batch_size, causal, output_final_state, eps, impl, check_finite: as ``ttt_linear``
+        token_eta, mini_batch_size, causal, output_final_state, eps, impl, check_finite, cu_seqlens: as
+            ``ttt_linear``
             (decoding is a T = 1 call with ``impl="chunk"``; there is no separate primal form).
 
     Returns:
@@ -69,4 +71,5 @@ def ttt_mlp(
         FORMS, "ttt_mlp", shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
         initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
         output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
+        cu_seqlens=cu_seqlens,
     )  # fmt: skip
