@@ -76,7 +76,9 @@ def test_gradients_match_reference(b):
     leaves = (q, k, v, lr, S0)
 
     def grads(impl):
-        out = ttt.attention(q, k, v, lr=lr, mini_batch_size=b, initial_state=S0, impl=impl, output_final_state=True)
+        out = ttt.attention(
+            q, k, v, lr=lr, mini_batch_size=b, initial_state=S0, impl=impl, output_final_state=True
+        )
         objective = (out.output * torch.cos(out.output)).sum() + out.final_state.weights[0].pow(2).sum()
         return torch.autograd.grad(objective, leaves)
 
