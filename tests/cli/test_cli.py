@@ -181,3 +181,14 @@ def test_bad_input_exits_nonzero_with_a_message(trained, corpus_dir, tmp_path, c
     assert "truncated or corrupted" in capsys.readouterr().err
     (ckpt / "model.safetensors").write_bytes(before)
     assert build_parser().parse_args(["ls"]).command == "ls"
+
+
+def test_torchrun_two_processes_on_cpu(corpus_dir, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ttt.cli.main",
+           "train", "--preset", "micro", "--corpus", corpus_dir, "--steps", "3", "--batch-size", "4", "--context", "32",
+           "--eval-every", "3", "--out", str(run), "--no-progress", "--no-plot"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout and "val bits/byte" in r.stdout
+    assert find_checkpoint(run).name == "step-000003"

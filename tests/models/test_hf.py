@@ -68,3 +68,17 @@ def test_loss_with_labels_and_padding_rules():
     left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
     with pytest.raises(ValueError, match="right padding"):
         model(idx[:, :3], attention_mask=left_padded)
+
+
+def test_from_ttt_checkpoint(tmp_path):
+    from ttt.models import CausalLM, LMConfig
+    from ttt.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = LMConfig.from_name("micro", mixer="ttt_mlp", vocab_size=61)
+    native = CausalLM(config).eval()
+    save_checkpoint(tmp_path, step=1, model_state=native.state_dict(), config=config)
+    hf = TTTForCausalLM.from_checkpoint(str(tmp_path)).eval()
+    idx = torch.randint(0, 61, (1, 21))
+    with torch.no_grad():
+        assert torch.equal(hf(idx).logits, native(idx)[0])

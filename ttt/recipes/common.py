@@ -37,6 +37,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False
+    """True when :func:`setup_dist` created the process group (and the recipe should destroy it)"""
 
     @property
     def main(self) -> bool:
@@ -50,9 +52,10 @@ def setup_dist(device: torch.device) -> Dist:
         return Dist()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:

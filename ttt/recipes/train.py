@@ -314,6 +314,8 @@ def train(args: TrainArgs) -> TrainResult:
         tokens_per_step * len(history["train"]) / max(elapsed, 1e-9),
         history,
     )
+    if dist.owns_group:
+        torch.distributed.destroy_process_group()
     if dist.main:
         result_path.write_text(
             json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=1)
