@@ -169,6 +169,20 @@ def test_bad_input_exits_nonzero_with_a_message(trained, corpus_dir, tmp_path, c
         (["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
         (["eval", "--checkpoint", str(trained), "--context", "100000"], "max_seq_len"),
         (["bench", "--mixers", "nope"], "unknown mixer"),
+        (
+            [
+                "train",
+                "--preset",
+                "micro",
+                "--corpus",
+                corpus_dir,
+                "--dtype",
+                "float16",
+                "--out",
+                str(tmp_path / "a"),
+            ],
+            "dtype",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) != 0, argv

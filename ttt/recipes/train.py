@@ -117,6 +117,8 @@ def train(args: TrainArgs) -> TrainResult:
 
     if args.steps < 1 or args.batch_size < 1 or args.context < 1:
         raise ValueError("steps, batch_size and context must be >= 1")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
     set_threads(args.threads)
     device = resolve_device(args.device)
     dist = setup_dist(device)
