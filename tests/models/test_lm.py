@@ -115,3 +115,17 @@ def test_chunked_prefill_at_any_offset_equals_full_forward(mixer):
         b, state = model(idx[:, 20:24], state=state)
         c, _ = model(idx[:, 24:], state=state)
     torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_every_registered_mixer_makes_a_language_model(mixer):
+    model = micro(mixer)
+    idx = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = model(idx)
+        logits, state = model(idx[:, :19])
+        outs = [logits]
+        for t in range(19, 23):
+            step_logits, state = model.step(idx[:, t], state)
+            outs.append(step_logits[:, None])
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=2e-5, rtol=1e-4)
