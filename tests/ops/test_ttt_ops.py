@@ -227,3 +227,14 @@ def test_property_chunk_equals_reference(B, H, T, D, b, causal, seed):
     out = run("linear", x, mini_batch_size=b, causal=causal, output_final_state=True)
     assert max_abs_diff(out.output, ref.output) < 1e-10
     assert max_abs_diff(out.final_state.weights, ref.final_state.weights) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["linear", "mlp"])
+def test_autocast_keeps_the_inner_loop_in_fp32(variant):
+    x = ttt_inputs(1, 2, 21, 8, hidden=HIDDEN[variant] and 16, dtype=torch.float32, requires_grad=True)
+    ref = run(variant, x, mini_batch_size=4).output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(variant, x, mini_batch_size=4).output
+    out.sum().backward()
+    assert out.dtype == torch.float32 and max_abs_diff(out, ref) == 0
+    assert all(t.grad is not None for t in grad_leaves(x))

@@ -107,18 +107,25 @@ def run_ttt(
         named.update({f"initial_state.grad_sum.{n}": t for n, t in zip(names, state.grad_sum)})
         _checks.check_finite(**named)
     args = (q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
-    if lengths is None:
-        o, final = fn(*args, state, causal=causal, eps=eps)
-    else:
-        ends = {(state.offset + n) % mini_batch_size for n in lengths}
-        if output_final_state and len(ends) > 1:
-            raise ValueError(
-                f"the packed sequences end at different positions of a mini-batch {sorted(ends)}, and one "
-                "TTTState holds one offset: ask for no final state, or pack lengths congruent modulo "
-                f"mini_batch_size={mini_batch_size}"
-            )
-        o, final = _packed(fn, args, state, cu_seqlens, lengths, causal=causal, eps=eps)
+    # the fast weights are float32 by contract: autocast must not lower the inner loop's matmuls
+    with torch.autocast(q.device.type, enabled=False):
+        o, final = _run(
+            fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps
+        )
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
+
+
+def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps):
+    if lengths is None:
+        return fn(*args, state, causal=causal, eps=eps)
+    ends = {(state.offset + n) % mini_batch_size for n in lengths}
+    if output_final_state and len(ends) > 1:
+        raise ValueError(
+            f"the packed sequences end at different positions of a mini-batch {sorted(ends)}, and one "
+            "TTTState holds one offset: ask for no final state, or pack lengths congruent modulo "
+            f"mini_batch_size={mini_batch_size}"
+        )
+    return _packed(fn, args, state, cu_seqlens, lengths, causal=causal, eps=eps)
 
 
 def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *, causal: bool, eps: float):

@@ -88,7 +88,8 @@ def attention(
     if isinstance(initial_state, Tensor):
         initial_state = (initial_state,)
     form = resolve_impl(impl, q, {Impl.REFERENCE: _reference, Impl.CHUNK: _chunk})
-    o, state = form(q, k, v, lr, te, initial_state, b, is_causal, scale, cd)
+    with torch.autocast(q.device.type, enabled=False):  # the fast weight S stays float32
+        o, state = form(q, k, v, lr, te, initial_state, b, is_causal, scale, cd)
     return TTTOutput(o.to(q.dtype), state) if output_final_state else o.to(q.dtype)
 
 
