@@ -8,34 +8,13 @@ cannot do bf16). Tests marked ``gpu`` take larger shapes and bf16 and poison fre
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-IN_INTERPRETER = False
-if not torch.cuda.is_available():
-    # Triton's own and our kernels are decorated for the interpreter when first imported with
-    # TRITON_INTERPRET=1; the variable is restored at once so that other test modules still see a
-    # CPU-only machine (impl="triton" must be refused there)
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    pytest.importorskip("triton")
-    importlib.import_module("ttt.ops.ttt_linear.triton")
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-    from triton.language import standard as _tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    # False when another module imported Triton first (transformers does, through torch._dynamo): its
-    # library functions then cannot run under the interpreter, so the CPU cases run in a fresh process
-    IN_INTERPRETER = isinstance(_tl_standard.zeros, InterpretedFunction)
-else:
-    pytest.importorskip("triton")
+# without CUDA the kernels run under Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
+# before any module imports Triton (Triton decides when a kernel module is first imported)
+pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
@@ -44,22 +23,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _interpret(request, monkeypatch):
-    """impl="triton" on CPU tensors is refused unless TRITON_INTERPRET=1 (set per test here)."""
-    if torch.cuda.is_available() or request.node.name == "test_cpu_cases_in_fresh_process":
-        return
-    if not IN_INTERPRETER:
-        pytest.skip("Triton was imported before this module; test_cpu_cases_in_fresh_process runs this case")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER, reason="the CPU cases ran in this process")
-def test_cpu_cases_in_fresh_process():
-    """Run this file's CPU cases in a process that sets TRITON_INTERPRET=1 before anything imports Triton."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+def _interpret(monkeypatch):
+    """impl="triton" on CPU tensors is refused unless TRITON_INTERPRET=1."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 gpu = pytest.mark.gpu
