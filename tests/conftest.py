@@ -10,6 +10,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same examples every run (a failure there is reproducible); local runs explore
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 torch.set_num_threads(1)
 if not torch.cuda.is_available():
