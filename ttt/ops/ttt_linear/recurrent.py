@@ -32,15 +32,17 @@ def recurrent_ttt_linear(
     cd = state.anchor[0].dtype
     q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
     lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+    # per-token views cut once: slicing inside the loop would make the backward quadratic in T
+    qs, ks, vs, lrs = (x.split(1, dim=2) for x in (q, k, v, lr))
 
     def step(start, c, offset, anchor, grad_sum):
         W, bias = anchor
         S_W, S_b = grad_sum
         outs = []
         for t in range(start, start + c):
-            q_t, k_t, v_t = q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]  # [B, H, 1, D]
+            q_t, k_t, v_t = qs[t], ks[t], vs[t]  # [B, H, 1, D]
             G = ln_l2_grad(k_t @ W + bias[:, :, None], v_t - k_t, lw, lb, eps)  # [B, H, 1, D]
-            eta = lr[:, :, t, None, None]
+            eta = lrs[t][..., None]  # [B, H, 1, 1]
             S_W, S_b = S_W + eta * (k_t.transpose(-1, -2) @ G), S_b + eta[..., 0] * G[:, :, 0]
             W_t, b_t = W - te[offset] * S_W, bias - te[offset] * S_b
             outs.append(q_t @ W_t + b_t[:, :, None])
