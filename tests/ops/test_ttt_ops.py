@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ttt
-from ttt.ops.common import layer_norm, ln_l2_grad
+from ttt.ops.common import grad_of_inner_loss, layer_norm, ln_l2_grad, per_head
 from ttt.testing import grad_leaves, max_abs_diff, ttt_inputs
 
 OPS = {"linear": ttt.ops.ttt_linear, "mlp": ttt.ops.ttt_mlp}
@@ -104,7 +104,11 @@ def test_closed_form_inner_gradient_matches_autograd():
     def loss(z_):
         return 0.5 * (layer_norm(z_, w, b, 1e-6) - target).pow(2).sum()
 
-    assert max_abs_diff(ln_l2_grad(z, target, w, b, 1e-6), torch.func.grad(loss)(z)) < 1e-12
+    want = torch.func.grad(loss)(z)
+    assert max_abs_diff(ln_l2_grad(z, target, w, b, 1e-6), want) < 1e-12
+    # the fused form used by the chunked paths (ATen's LayerNorm forward/backward)
+    fused = grad_of_inner_loss(z, (target - per_head(b)) * per_head(w), per_head(w * w), 1e-6)
+    assert max_abs_diff(fused, want) < 1e-12
 
 
 @pytest.mark.parametrize(

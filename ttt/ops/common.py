@@ -42,6 +42,17 @@ def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: flo
     return (gx - gx.mean(-1, keepdim=True) - x * (gx * x).mean(-1, keepdim=True)) * rstd
 
 
+def grad_of_inner_loss(Z: Tensor, TW: Tensor, w2: Tensor, eps: float) -> Tensor:
+    """``d/dz 0.5 * ||LN(z) * w + beta - t||^2`` with ``TW = (t - beta) * w`` and ``w2 = w * w``.
+
+    Uses ATen's fused LayerNorm forward/backward: the closed form of ``common.ln_l2_grad`` in 2 ops.
+    """
+    x, mean, rstd = torch.native_layer_norm(Z, Z.shape[-1:], None, None, eps)
+    return torch.ops.aten.native_layer_norm_backward(
+        x * w2 - TW, Z, Z.shape[-1:], mean, rstd, None, None, [True, False, False]
+    )[0]
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 

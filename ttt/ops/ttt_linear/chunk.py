@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from .._state import last_token_weights
-from ..common import causal_eta_scores, layer_norm
+from ..common import causal_eta_scores, grad_of_inner_loss, layer_norm
 from ..types import TTTState
-from .scan import MiniBatchScan, grad_of_inner_loss
+from .scan import MiniBatchScan
 
 
 def chunk_ttt_linear(

@@ -19,9 +19,8 @@ from .._state import last_token_weights
 from ..common import (
     causal_eta_scores,
     gelu_tanh,
-    gelu_tanh_grad,
+    grad_of_inner_loss,
     layer_norm,
-    ln_l2_grad,
     scan_mini_batches,
     split_segments,
     split_time,
@@ -47,16 +46,19 @@ def chunk_ttt_mlp(
     lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
     b, T = state.mini_batch_size, q.shape[2]
     segments = split_segments(T, state.offset, b)
-    qs, ks, vs, lrs = (split_time(x, segments) for x in (q, k, v, lr[..., None]))
+    # the LN + L2 gradient needs (LN(z) - t) * w = x * w^2 - (t - beta) * w; precompute the second term
+    w2, tw = (lw * lw)[None, :, None], (v - k - lb[None, :, None]) * lw[None, :, None]
+    qs, ks, lrs, tws = (split_time(x, segments) for x in (q, k, lr[..., None], tw))
 
     def step(start, c, offset, anchor, grad_sum):
         W1, b1, W2, b2 = anchor
-        Q, K, V, LR = qs[start], ks[start], vs[start], lrs[start][..., 0]
+        Q, K, LR = qs[start], ks[start], lrs[start][..., 0]
         te_c = te[offset : offset + c]
         Z1 = K @ W1 + b1[:, :, None]  # [B, H, c, M]
         X2 = gelu_tanh(Z1)
-        G2 = ln_l2_grad(X2 @ W2 + b2[:, :, None], V - K, lw, lb, eps)  # [B, H, c, D]
-        G1 = (G2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1)  # [B, H, c, M]
+        G2 = grad_of_inner_loss(X2 @ W2 + b2[:, :, None], tws[start], w2, eps)  # [B, H, c, D]
+        # the GELU backward in one fused (twice-differentiable) op: (G2 W2^T) * gelu'(Z1)
+        G1 = torch.ops.aten.gelu_backward(G2 @ W2.transpose(-1, -2), Z1, approximate="tanh")  # [B, H, c, M]
         LG1, LG2 = LR[..., None] * G1, LR[..., None] * G2
         prev = grad_sum
         new = (
