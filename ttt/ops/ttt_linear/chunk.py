@@ -50,14 +50,11 @@ def chunk_ttt_linear(
     Wa = _fold(*state.anchor)  # [B, H, D + 1, D]
     Sa = _fold(*state.grad_sum)
 
-    def grad(Ka: Tensor, Wa: Tensor, tw_c: Tensor) -> Tensor:  # dLoss/dZ at Z = Ka Wa, [B, H, c, D]
-        return grad_of_inner_loss(Ka @ Wa, tw_c, w2, eps)
-
     def partial(start: int, c: int, offset: int, Wa: Tensor, Sa: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens ``[start, start + c)`` at positions ``offset..`` of a mini-batch, any offset."""
         sl = slice(start, start + c)
         Q, K, LR, te_c = qa[:, :, sl], ka[:, :, sl], lr[:, :, sl], te[offset : offset + c]
-        G = grad(K, Wa, tw[:, :, sl])
+        G = grad_of_inner_loss(K @ Wa, tw[:, :, sl], w2, eps)  # dLoss/dZ at Z = K Wa, [B, H, c, D]
         new = Sa + K.transpose(-1, -2) @ (LR[..., None] * G)
         if causal:
             A = causal_eta_scores(Q[..., :-1], K[..., :-1], LR, te_c)
