@@ -84,3 +84,10 @@ def test_gradients_match_reference(b):
 
     for got, want in zip(grads("chunk"), grads("reference")):
         assert max_abs_diff(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("b,impl", [(1, "chunk"), (4, "chunk"), (4, "reference")])
+def test_bad_initial_state_is_rejected_in_every_form(b, impl):
+    q, k, v, lr = qkv()
+    with pytest.raises(ValueError, match=r"initial_state S must have shape \[3, 5, 6\]"):
+        ttt.attention(q, k, v, lr=lr, mini_batch_size=b, impl=impl, initial_state=torch.zeros(1, 3, 6, 5))

@@ -77,7 +77,7 @@ def check_finite(**tensors: Tensor) -> None:
             raise FloatingPointError(f"{name} contains NaN or Inf; the fast weights would be corrupted")
 
 
-def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -> list[int]:
+def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> list[int]:
     """``[N + 1]`` integer offsets ``0 = c_0 <= ... <= c_N = T`` of sequences packed along T (B must be 1)."""
     if B != 1:
         raise ValueError(

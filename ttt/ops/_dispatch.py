@@ -84,7 +84,7 @@ def run_ttt(
     _checks.check_token_eta(token_eta, mini_batch_size, q.device)
     fn = resolve_impl(impl, q, form)
     cd = compute_dtype(q.dtype)
-    lengths = _checks.check_cu_seqlens(cu_seqlens, B, T, q.device) if cu_seqlens is not None else None
+    lengths = _checks.check_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None else None
     state = fresh_state(
         initial_state,
         shapes=shapes_of(H, D),
@@ -133,13 +133,12 @@ def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *
     if "cu_seqlens" in inspect.signature(fn).parameters:
         return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
     q, k, v, lr, *rest = args
-    outs, finals, start = [], [], 0
-    for n, length in enumerate(lengths):
-        sl = slice(start, start + length)
-        row = state.rows(n, n + 1)
-        o, final = fn(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], *rest, row, causal=causal, eps=eps)
+    # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
+    per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))
+    outs, finals = [], []
+    for n, (q_n, k_n, v_n, lr_n) in enumerate(per_seq):
+        o, final = fn(q_n, k_n, v_n, lr_n, *rest, state.rows(n, n + 1), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
-        start += length
     same_offset = len({f.offset for f in finals}) == 1
     return torch.cat(outs, dim=2), TTTState.cat(finals) if same_offset else None

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._dispatch import TTTOutput, resolve_impl
+from .._state import fresh_state, last_token_weights
 from ..common import causal_eta_scores, compute_dtype, scan_mini_batches, split_segments, split_time
 from ..family import deltanet
 from ..general import inner, ttt_general
@@ -88,45 +89,33 @@ def attention(
     if isinstance(initial_state, Tensor):
         initial_state = (initial_state,)
     form = resolve_impl(impl, q, {Impl.REFERENCE: _reference, Impl.CHUNK: _chunk})
+    state = fresh_state(
+        initial_state, shapes=((H, Dk, Dv),), names=("S",), batch_size=B, mini_batch_size=b,
+        variant="general", dtype=cd, device=q.device,
+    )  # fmt: skip
+    if not is_causal and state.offset:
+        raise ValueError("is_causal=False can only resume at a mini-batch boundary")
     with torch.autocast(q.device.type, enabled=False):  # the fast weight S stays float32
-        o, state = form(q, k, v, lr, te, initial_state, b, is_causal, scale, cd)
+        o, state = form(q, k, v, lr, te, state, is_causal, scale, cd)
     return TTTOutput(o.to(q.dtype), state) if output_final_state else o.to(q.dtype)
 
 
-def _reference(q, k, v, lr, te, initial_state, b, causal, scale, cd):
+def _reference(q, k, v, lr, te, state, causal, scale, cd):
     def read(params, x):
         return inner.linear_no_bias(params, scale * x)
 
-    o, st = ttt_general(
-        q, k, v, model=inner.linear_no_bias, initial_state=initial_state, loss="mse", readout=read, lr=lr,
-        mini_batch_size=b, token_eta=te, causal=causal, output_final_state=True,
+    return ttt_general(
+        q, k, v, model=inner.linear_no_bias, initial_state=state, loss="mse", readout=read, lr=lr,
+        mini_batch_size=state.mini_batch_size, token_eta=te, causal=causal, output_final_state=True,
     )  # fmt: skip
-    return o, st
 
 
-def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
+def _chunk(q, k, v, lr, te, state, causal, scale, cd):
+    b = state.mini_batch_size
     if b == 1:  # online GD is the delta rule: use its chunkwise-parallel (WY) form
-        return _delta_rule(q, k, v, lr * te[0], initial_state, scale, cd)
+        return _delta_rule(q, k, v, lr * te[0], state, scale, cd)
     B, H, T, Dk = q.shape
-    if isinstance(initial_state, TTTState):
-        if initial_state.variant != "general" or initial_state.mini_batch_size != b:
-            raise ValueError(f"initial_state must be a 'general' state with mini_batch_size={b}")
-        if not causal and initial_state.offset:
-            raise ValueError("is_causal=False can only resume at a mini-batch boundary")
-        anchor, grad_sum, offset = initial_state.anchor, initial_state.grad_sum, initial_state.offset
-        anchor, grad_sum = (
-            (anchor[0].to(cd).expand(B, H, Dk, -1),),
-            (grad_sum[0].to(cd).expand(B, H, Dk, -1),),
-        )
-    else:
-        (S0,) = initial_state
-        if S0.dim() != 4 or S0.shape[0] not in (1, B) or tuple(S0.shape[1:]) != (H, Dk, v.shape[-1]):
-            expected = [B, H, Dk, v.shape[-1]]
-            got = list(S0.shape)
-            raise ValueError(f"initial_state must have shape [B or 1, H, Dk, Dv] = {expected}, got {got}")
-        anchor = (S0.to(cd).expand(B, H, Dk, v.shape[-1]),)
-        grad_sum, offset = (torch.zeros_like(anchor[0]),), 0
-    segments = split_segments(T, offset, b)
+    segments = split_segments(T, state.offset, b)
     qs, ks, vs, lrs = (split_time(x.to(cd), segments) for x in (q * scale, k, v, lr[..., None]))
 
     def step(start, c, off, anchor, grad_sum):
@@ -141,21 +130,16 @@ def _chunk(q, k, v, lr, te, initial_state, b, causal, scale, cd):
             o = Q @ (S - te_c[-1] * new)
         return o, (new,)
 
-    outs, anchor, grad_sum, offset = scan_mini_batches(step, anchor, grad_sum, offset, T, te, b)
+    outs, anchor, grad_sum, offset = scan_mini_batches(
+        step, state.anchor, state.grad_sum, state.offset, T, te, b
+    )
     o = torch.cat(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
-    weights = (anchor[0] - te[offset - 1] * grad_sum[0],) if offset else anchor
+    weights = last_token_weights(anchor, grad_sum, offset, te)
     return o, TTTState(weights, anchor, grad_sum, offset, b, "general")
 
 
-def _delta_rule(q, k, v, beta, initial_state, scale, cd):
-    B, H, T, Dk = q.shape
-    if isinstance(initial_state, TTTState):
-        if initial_state.variant != "general" or initial_state.mini_batch_size != 1:
-            raise ValueError("initial_state must be a 'general' state with mini_batch_size=1")
-        S0 = initial_state.anchor[0]
-    else:
-        (S0,) = initial_state
-    S0 = S0.to(cd).expand(B, H, Dk, v.shape[-1])
-    o, S = deltanet(q.to(cd), k.to(cd), v.to(cd), beta=beta.to(cd), scale=scale, initial_state=S0,
-                    output_final_state=True)  # fmt: skip
+def _delta_rule(q, k, v, beta, state, scale, cd):
+    # at mini-batch 1 every state sits at offset 0: the anchor is the whole state
+    q, k, v, beta = (x.to(cd) for x in (q, k, v, beta))
+    o, S = deltanet(q, k, v, beta=beta, scale=scale, initial_state=state.anchor[0], output_final_state=True)
     return o, TTTState((S,), (S,), (torch.zeros_like(S),), 0, 1, "general")
