@@ -57,14 +57,6 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def gelu_tanh_grad(x: Tensor) -> Tensor:
-    """Derivative of the tanh-approximated GELU (used by the TTT-MLP dual form)."""
-    c = 0.7978845608028654  # sqrt(2 / pi)
-    inner = c * (x + 0.044715 * x.pow(3))
-    t = torch.tanh(inner)
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
-
-
 def default_token_eta(mini_batch_size: int, device: torch.device | None = None) -> Tensor:
     """``token_eta[i] = 1 / (i + 1)``: token i of a mini-batch sees the running mean of the gradients."""
     return 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=torch.float64)

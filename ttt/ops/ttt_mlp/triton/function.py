@@ -12,37 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...common import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
+from ...common import layer_norm
 from ...types import TTTState
+from ..chunk import dual_segment
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
 
 
 def _segment(Q, K, V, LR, te_c, anchor, S, lw, lb, eps, causal):
     """One segment in PyTorch (tokens at positions te_c of their mini-batch). Returns (o, S + U)."""
-    W1, b1, W2, b2 = anchor
-    Z1 = K @ W1 + b1[:, :, None]
-    X2 = gelu_tanh(Z1)
-    G2 = ln_l2_grad(X2 @ W2 + b2[:, :, None], V - K, lw, lb, eps)
-    G1 = (G2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1)
-    LG1, LG2 = LR[..., None] * G1, LR[..., None] * G2
-    new = (
-        S[0] + K.transpose(-1, -2) @ LG1,
-        S[1] + LG1.sum(2),
-        S[2] + X2.transpose(-1, -2) @ LG2,
-        S[3] + LG2.sum(2),
-    )
-    if causal:
-        mask = torch.ones(te_c.shape[0], te_c.shape[0], dtype=torch.bool, device=Q.device).tril()
-        E = torch.where(mask, te_c[:, None] * LR[..., None, :], 0.0)
-        tc = te_c[:, None]
-        Z1b = Q @ W1 + b1[:, :, None] - tc * (Q @ S[0] + S[1][:, :, None])
-        Z1b = Z1b - (E * (Q @ K.transpose(-1, -2) + 1)) @ G1
-        X2b = gelu_tanh(Z1b)
-        Z2b = X2b @ W2 + b2[:, :, None] - tc * (X2b @ S[2] + S[3][:, :, None])
-        Z2b = Z2b - (E * (X2b @ X2.transpose(-1, -2) + 1)) @ G2
-    else:
-        W1e, b1e, W2e, b2e = (a - te_c[-1] * s for a, s in zip(anchor, new))
-        Z2b = gelu_tanh(Q @ W1e + b1e[:, :, None]) @ W2e + b2e[:, :, None]
+    w2, TW = (lw * lw)[None, :, None], (V - K - lb[None, :, None]) * lw[None, :, None]
+    Z2b, new = dual_segment(Q, K, LR, TW, te_c, anchor, S, w2, eps, causal)
     return Q + layer_norm(Z2b, lw, lb, eps), new
 
 
