@@ -62,6 +62,8 @@ class _TTTLayer(nn.Module):
     """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator."""
 
     variant: str
+    # what impl="auto" decodes one token with off CUDA (on CUDA: the fused Triton decode kernel)
+    cpu_decode_impl: str = "chunk"
 
     def __init__(
         self,
@@ -181,13 +183,16 @@ class _TTTLayer(nn.Module):
         if mask is not None:
             lr = lr * mask[:, None, :].to(lr.dtype)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
+        if impl == "auto":  # the fused kernels on CUDA; elsewhere the fastest PyTorch form for the call
+            impl = (
+                "triton" if x.is_cuda else (self.cpu_decode_impl if length == 1 and self.causal else "chunk")
+            )
         o, ttt_state = self._op(
             q, k, v, lr,
             initial_state=initial, token_eta=self.token_eta(), mini_batch_size=self.mini_batch_size,
             causal=self.causal, output_final_state=True, impl=impl,
         )  # fmt: skip
-        # record the form that ran; "auto" resolves as in ttt.ops (triton on CUDA, chunk elsewhere)
-        self.last_impl = ("triton" if x.is_cuda else "chunk") if impl == "auto" else impl
+        self.last_impl = impl
 
         y = self.post_norm(merge_heads(o))  # [B, T, C]
         if self.g_proj is not None:
@@ -225,8 +230,10 @@ class TTTLinear(_TTTLayer):
         rope_theta: RoPE base. Default: ``10000``.
         causal: ``False`` lets every token of a mini-batch read the weights after the whole mini-batch
             (the non-causal form of the TTT video model, for encoders; cannot decode). Default: ``True``.
-        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"chunk"`` (dual form).
-        decode_impl: form used by ``step``. Default: ``"recurrent"`` (primal form, one token).
+        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"auto"``: the fused Triton
+            kernels on CUDA, the chunked dual form elsewhere.
+        decode_impl: form used by ``step``. Default: ``"auto"``: the fused Triton decode kernel on CUDA,
+            the primal ``"recurrent"`` form elsewhere.
 
     ``last_impl`` records the form the last call ran.
 
@@ -243,6 +250,7 @@ class TTTLinear(_TTTLayer):
     """
 
     variant = "ttt_linear"
+    cpu_decode_impl = "recurrent"
 
     def __init__(
         self,
@@ -256,8 +264,8 @@ class TTTLinear(_TTTLayer):
         conv_size: int = 4,
         rope_theta: float = 10000.0,
         causal: bool = True,
-        impl: Impl | str = "chunk",
-        decode_impl: Impl | str | None = "recurrent",
+        impl: Impl | str = "auto",
+        decode_impl: Impl | str | None = "auto",
     ) -> None:
         super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
                          share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
@@ -280,7 +288,8 @@ class TTTMLP(_TTTLayer):
         base_lr: Default: ``0.1`` (ANCHORS 1.4, TTT-MLP; the paper also warms it up from 0.01, which is
             a training-recipe matter).
         hidden_mult: M / D. Default: ``4`` (ttt-lm-pytorch).
-        decode_impl: Default: ``"chunk"`` (``ttt_mlp`` decodes with a T = 1 chunk call).
+        decode_impl: Default: ``"auto"``: the fused Triton decode kernel on CUDA, a T = 1 chunk call
+            elsewhere.
     """
 
     variant = "ttt_mlp"
@@ -298,8 +307,8 @@ class TTTMLP(_TTTLayer):
         conv_size: int = 4,
         rope_theta: float = 10000.0,
         causal: bool = True,
-        impl: Impl | str = "chunk",
-        decode_impl: Impl | str | None = "chunk",
+        impl: Impl | str = "auto",
+        decode_impl: Impl | str | None = "auto",
     ) -> None:
         super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
                          share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
