@@ -1,0 +1,144 @@
+"""Fused single-token decode kernel of TTT-MLP vs the float64 chunked form called one token at a time.
+
+Without CUDA the kernel runs under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ttt.ops import ttt_mlp  # noqa: E402
+from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.ops.ttt_mlp.triton.decode import ttt_mlp_decode, ttt_mlp_decode_  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("W1", "b1", "W2", "b2")
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make(B, H, T, D, M, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(DEVICE)  # noqa: E731
+    return dict(
+        q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
+        lr=(torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.5).to(DEVICE),
+        ln_weight=1 + r(H, D, scale=0.2), ln_bias=r(H, D, scale=0.2),
+        token_eta=(default_token_eta(b).double() * (1 + 0.1 * torch.rand(b, generator=g).double())).to(DEVICE),
+        W1=r(B, H, D, M, scale=1.0 / D**0.5), b1=r(B, H, M, scale=0.3),
+        W2=r(B, H, M, D, scale=1.0 / M**0.5), b2=r(B, H, D, scale=0.1),
+    )  # fmt: skip
+
+
+def run_chunk(x, b, sl, state):
+    """Float64 chunked form over tokens ``sl`` from ``state`` (a TTTState or the four weights)."""
+    return ttt_mlp(x["q"][:, :, sl], x["k"][:, :, sl], x["v"][:, :, sl], x["lr"][:, :, sl], x["ln_weight"],
+                   x["ln_bias"], initial_state=state, token_eta=x["token_eta"], mini_batch_size=b,
+                   output_final_state=True, impl="chunk")  # fmt: skip
+
+
+def f32(t):
+    return t.float().contiguous().clone()
+
+
+def close(got, want):
+    torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("D,M,b,prefix", [(16, 64, 4, 0), (24, 40, 8, 5)])
+def test_inplace_steps_match_chunk(D, M, b, prefix):
+    """Several hidden blocks (M = 64 at BD = 16 is one block of 64; M = 40 is padded), two boundaries."""
+    B, H, T = 2, 2, prefix + 2 * b + 1
+    x = make(B, H, T, D, M, b)
+    _, st = run_chunk(x, b, slice(0, prefix), tuple(x[n] for n in NAMES))
+    anchor, sums = tuple(map(f32, st.anchor)), tuple(map(f32, st.grad_sum))
+    offset = torch.full((B, H), st.offset, dtype=torch.int32, device=DEVICE)
+    lw, lb, te = (f32(x[n]) for n in ("ln_weight", "ln_bias", "token_eta"))
+    for t in range(prefix, T):
+        o_ref, st = run_chunk(x, b, slice(t, t + 1), st)
+        o = ttt_mlp_decode_(*(f32(x[n][:, :, t]) for n in ("q", "k", "v", "lr")), lw, lb, te, anchor, sums,
+                            offset)  # fmt: skip
+        close(o, o_ref[:, :, 0])
+        assert bool((offset == st.offset).all())
+        for got, want in zip(anchor + sums, st.anchor + st.grad_sum):
+            close(got, want)
+
+
+def test_hidden_blocks_loop(monkeypatch):
+    """Force several hidden blocks (BM = 16 < M) so both passes loop."""
+    import importlib
+
+    dec = importlib.import_module("ttt.ops.ttt_mlp.triton.decode")
+    real = dec._blocks
+    monkeypatch.setattr(dec, "_blocks", lambda D, M: {**real(D, M), "BM": 16})
+    D, M, b = 16, 56, 4
+    x = make(1, 2, b, D, M, b, seed=5)
+    _, st = run_chunk(x, b, slice(0, b - 1), tuple(x[n] for n in NAMES))
+    o_ref, st1 = run_chunk(x, b, slice(b - 1, b), st)  # completes the mini-batch: the anchor steps
+    o, a1, s1, w1 = dec.ttt_mlp_decode(*(f32(x[n][:, :, b - 1]) for n in ("q", "k", "v", "lr")),
+                                       *(f32(x[n]) for n in ("ln_weight", "ln_bias", "token_eta")),
+                                       tuple(map(f32, st.anchor)), tuple(map(f32, st.grad_sum)), st.offset,
+                                       eps=1e-6)  # fmt: skip
+    close(o, o_ref[:, :, 0])
+    for got, want in zip(a1 + s1 + w1, st1.anchor + st1.grad_sum + st1.weights):
+        close(got, want)
+
+
+def test_functional_form_leaves_inputs_and_returns_weights():
+    D, M, b = 16, 64, 4
+    x = make(2, 2, 4, D, M, b, seed=2)
+    _, st0 = run_chunk(x, b, slice(0, 2), tuple(x[n] for n in NAMES))
+    o_ref, st1 = run_chunk(x, b, slice(2, 3), st0)
+    anchor, gsum = tuple(map(f32, st0.anchor)), tuple(map(f32, st0.grad_sum))
+    before = [t.clone() for t in anchor + gsum]
+    o, a1, s1, w1 = ttt_mlp_decode(*(f32(x[n][:, :, 2]) for n in ("q", "k", "v", "lr")),
+                                   *(f32(x[n]) for n in ("ln_weight", "ln_bias", "token_eta")), anchor, gsum,
+                                   st0.offset, eps=1e-6)  # fmt: skip
+    assert all(torch.equal(t, t0) for t, t0 in zip(anchor + gsum, before))
+    close(o, o_ref[:, :, 0])
+    for got, want in zip(a1 + s1 + w1, st1.anchor + st1.grad_sum + st1.weights):
+        close(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_eager():
+    """D = 64, M = 256: a captured step replayed N times == N eager steps."""
+    B, H, D, M, b, N = 4, 8, 64, 256, 16, 19
+    x = make(B, H, N, D, M, b, seed=4)
+    f = {n: t.float().contiguous() for n, t in x.items()}
+    lw, lb, te = f["ln_weight"], f["ln_bias"], f["token_eta"]
+
+    def fresh():
+        anchor = tuple(f[n].clone() for n in NAMES)
+        return anchor, tuple(torch.zeros_like(t) for t in anchor), torch.zeros(B, H, dtype=torch.int32,
+                                                                               device="cuda")  # fmt: skip
+
+    anchor, sums, off = fresh()
+    eager = [ttt_mlp_decode_(*(f[n][:, :, t].contiguous() for n in ("q", "k", "v", "lr")), lw, lb, te, anchor,
+                             sums, off).clone() for t in range(N)]  # fmt: skip
+    anchor2, sums2, off2 = fresh()
+    tok = [torch.empty_like(f[n][:, :, 0]).contiguous() for n in ("q", "k", "v", "lr")]
+    out = torch.empty(B, H, D, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # compile the kernel on copies of the state
+        ttt_mlp_decode_(*tok, lw, lb, te, tuple(t.clone() for t in anchor2), tuple(t.clone() for t in sums2),
+                        off2.clone(), out=out)  # fmt: skip
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ttt_mlp_decode_(*tok, lw, lb, te, anchor2, sums2, off2, out=out)
+    for t in range(N):
+        for buf, n in zip(tok, ("q", "k", "v", "lr")):
+            buf.copy_(f[n][:, :, t])
+        graph.replay()
+        torch.testing.assert_close(out, eager[t], atol=0, rtol=0)
+    for a, b_ in zip(anchor + sums + (off,), anchor2 + sums2 + (off2,)):
+        assert torch.equal(a, b_)
