@@ -1,10 +1,9 @@
-"""Autograd glue for TTT-MLP: Triton forward, backward by per-mini-batch recomputation.
+"""Autograd glue for TTT-MLP: the fused Triton forward of ``chunk_fwd.py`` and the two-kernel Triton
+backward of ``chunk_bwd.py`` (derivation in ``README.md``).
 
-The forward is the fused kernel of ``chunk_fwd.py``; when a gradient is needed it also writes the fast
-weights at the start of every mini-batch segment (memory O((T / b) * (2 D M + M + D)) per (batch, head)).
-The backward is **not** a Triton kernel: it walks the segments in reverse, re-runs each one in PyTorch
-from its checkpointed anchor (the same dual-form equations as the kernel) and back-propagates through it
-with autograd. It is exact, but it runs at the speed of the chunked PyTorch form.
+When a gradient is needed the forward also writes the fast weights at the start of every mini-batch
+segment (O((T / b) * (2 D M + M + D)) floats per (batch, head)); the backward recomputes each segment from
+them and keeps O(T * (M + D)) fp32 intermediates between its two kernels.
 """
 
 from __future__ import annotations
@@ -12,17 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...common import layer_norm
 from ...types import TTTState
-from ..chunk import dual_segment
+from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
-
-
-def _segment(Q, K, V, LR, te_c, anchor, S, lw, lb, eps, causal):
-    """One segment in PyTorch (tokens at positions te_c of their mini-batch). Returns (o, S + U)."""
-    w2, TW = (lw * lw)[None, :, None], (V - K - lb[None, :, None]) * lw[None, :, None]
-    Z2b, new = dual_segment(Q, K, LR, TW, te_c, anchor, S, w2, eps, causal)
-    return Q + layer_norm(Z2b, lw, lb, eps), new
 
 
 class ChunkTTTMLPFunction(torch.autograd.Function):
@@ -61,47 +52,16 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
     def backward(ctx, do, *d_state):
         q, k, v, lr, ln_w, ln_b, te, *rest = ctx.saved_tensors
         g0, ckpt = rest[:4], rest[4:]
-        offset, causal, eps = ctx.offset, ctx.causal, ctx.eps
-        T, mb = q.shape[2], te.shape[0]
-        zero = lambda g, like: torch.zeros_like(like) if g is None else g.float()  # noqa: E731
-        d_anchor = [zero(g, t) for g, t in zip(d_state[:4], g0)]
-        d_sum = [zero(g, t) for g, t in zip(d_state[4:], g0)]
-        do = torch.zeros_like(q) if do is None else do
-        grads = {name: torch.zeros_like(x, dtype=torch.float32) for name, x in (("q", q), ("k", k), ("v", v))}
-        dlr, dlw, dlb, dte = torch.zeros_like(lr, dtype=torch.float32), 0, 0, 0
-        ns = (offset + T + mb - 1) // mb
-        d_s0 = None
-        for n in reversed(range(ns)):
-            t0, t1 = max(0, n * mb - offset), min(T, (n + 1) * mb - offset)
-            p0, done = t0 + offset - n * mb, t1 + offset - n * mb == mb
-            with torch.enable_grad():
-                ins = [x[:, :, t0:t1].float().detach().requires_grad_() for x in (q, k, v, lr)]
-                lw_, lb_, te_ = (x.detach().requires_grad_() for x in (ln_w, ln_b, te))
-                anchor = [c[:, :, n].detach().requires_grad_() for c in ckpt]
-                S = [g.detach().requires_grad_() if n == 0 else torch.zeros_like(g) for g in g0]
-                o_n, new = _segment(*ins, te_[p0 : p0 + t1 - t0], anchor, S, lw_, lb_, eps, causal)
-                outs, gouts = [o_n], [do[:, :, t0:t1].float()]
-                if done:
-                    # the next anchor is anchor - te[b-1] * (S + U); the gradient sum restarts at zero
-                    outs += [a - te_[-1] * s for a, s in zip(anchor, new)]
-                    gouts += d_anchor
-                else:
-                    outs += list(anchor) + list(new)
-                    gouts += d_anchor + d_sum
-                wrt = ins + [lw_, lb_, te_] + anchor + (S if n == 0 else [])
-                g = torch.autograd.grad(outs, wrt, gouts, allow_unused=True)
-            g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
-            for i, name in enumerate(("q", "k", "v")):
-                grads[name][:, :, t0:t1] = g[i]
-            dlr[:, :, t0:t1] = g[3]
-            dlw, dlb, dte = dlw + g[4], dlb + g[5], dte + g[6]
-            d_anchor = list(g[7:11])
-            if n == 0:
-                d_s0 = g[11:15]
-        return (
-            grads["q"].to(q.dtype), grads["k"].to(k.dtype), grads["v"].to(v.dtype), dlr.to(lr.dtype),
-            dlw, dlb, dte, *d_anchor, *d_s0, None, None, None,
+        # gradients of unused outputs arrive as None; the kernels read dense fp32 tensors
+        dense = lambda g, like: torch.zeros_like(like) if g is None else g.float().contiguous()  # noqa: E731
+        dht = tuple(dense(g, t) for g, t in zip(d_state[:4], g0))
+        dgt = tuple(dense(g, t) for g, t in zip(d_state[4:], g0))
+        do = torch.zeros_like(q) if do is None else do.contiguous()
+        dq, dk, dv, dlr, dte, dlw, dlb, dh0, dg0 = chunk_ttt_mlp_bwd(
+            q, k, v, lr, te, ln_w, ln_b, ckpt, g0, do, dht, dgt,
+            offset=ctx.offset, causal=ctx.causal, eps=ctx.eps,
         )  # fmt: skip
+        return dq, dk, dv, dlr.to(lr.dtype), dlw, dlb, dte, *dh0, *dg0, None, None, None
 
 
 def triton_ttt_mlp(
