@@ -1,5 +1,5 @@
-"""Triton TTT-MLP (``impl="triton"``: fused forward kernel, backward by per-mini-batch recomputation) vs the
-chunked dual form in float64: output, final state and every gradient.
+"""Triton TTT-MLP (``impl="triton"``: fused forward kernel, two-kernel Triton backward) vs the chunked dual
+form in float64: output, final state and every gradient.
 
 Without CUDA the kernel runs under ``TRITON_INTERPRET=1`` at tiny shapes (fp32 / fp16). Tests marked ``gpu``
 take bf16 and larger shapes and poison fresh buffers with NaN.
@@ -126,20 +126,32 @@ def test_chunk_odd_dims_fp32():
     compare(leaves, meta, causal=True, dtype=torch.float32)
 
 
-def test_chunk_fwd_fp16():
-    leaves, meta = make_case(1, 2, 40, 16, 64, seed=7)
-    compare(leaves, meta, causal=True, dtype=torch.float16, grad=False)
+def test_chunk_fp16():
+    # fp16 inputs take the tf32 dot path and cast dq, dk, dv back to fp16
+    leaves, meta = make_case(1, 2, 40, 16, 64, offset=5, seed=7)
+    compare(leaves, meta, causal=True, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_chunk_m_tiles_fp32(monkeypatch, causal):
+    """The backward kernels walk M = 40 in 16-column tiles, the last one partly masked."""
+    monkeypatch.setattr(importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_bwd"), "MAX_BLOCK_M", 16)
+    # non-causal calls cannot resume inside a mini-batch
+    leaves, meta = make_case(1, 1, 21, 24, 40, b=8, offset=3 if causal else 0, seed=11)
+    compare(leaves, meta, causal=causal, dtype=torch.float32)
 
 
 def test_triton_form_runs(monkeypatch):
-    """impl='triton' really reaches the fused kernel (R4): count calls of the forward launcher."""
+    """impl='triton' really reaches the fused forward and the Triton backward (R4): count launcher calls."""
     fn = importlib.import_module("ttt.ops.ttt_mlp.triton.function")
     calls = []
-    orig = fn.chunk_ttt_mlp_fwd_fused
-    monkeypatch.setattr(fn, "chunk_ttt_mlp_fwd_fused", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    for name in ("chunk_ttt_mlp_fwd_fused", "chunk_ttt_mlp_bwd"):
+        orig = getattr(fn, name)
+        counted = lambda *a, _f=orig, _n=name, **kw: calls.append(_n) or _f(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(fn, name, counted)
     leaves, meta = make_case(1, 1, 16, 16, 64, seed=5)
-    run(leaves, meta, impl="triton", dtype=torch.float32, causal=True, grad=False)
-    assert calls == [1]
+    run(leaves, meta, impl="triton", dtype=torch.float32, causal=True)
+    assert calls == ["chunk_ttt_mlp_fwd_fused", "chunk_ttt_mlp_bwd"]
 
 
 @pytest.fixture
@@ -157,7 +169,13 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
 
 
-GPU_CASES = [(2, 4, 300, 64, 256, 0, True), (1, 2, 301, 64, 256, 7, True), (1, 2, 160, 32, 128, 0, False)]
+# D = 48 / M = 192 pad to 64 / 256 and leave the last of three 64-column M tiles of the backward unused
+GPU_CASES = [
+    (2, 4, 300, 64, 256, 0, True),
+    (1, 2, 301, 64, 256, 7, True),
+    (1, 2, 160, 32, 128, 0, False),
+    (1, 2, 200, 48, 192, 3, True),
+]
 
 
 @pytest.mark.gpu
