@@ -1,5 +1,6 @@
 """Functional TTT operators. Layout ``[B, H, T, D]``; state explicit; ``impl=`` picks the form."""
 
+from ._compile import compile_chunk_steps
 from ._dispatch import TTTOutput
 from .family import *  # noqa: F403
 from .family import __all__ as _family_all
@@ -9,4 +10,14 @@ from .ttt_linear import ttt_linear
 from .ttt_mlp import ttt_mlp
 from .types import Impl, TTTState
 
-__all__ = ["attention", "Impl", "TTTOutput", "TTTState", "ttt_general", "ttt_linear", "ttt_mlp", *_family_all]
+__all__ = [
+    "attention",
+    "compile_chunk_steps",
+    "Impl",
+    "TTTOutput",
+    "TTTState",
+    "ttt_general",
+    "ttt_linear",
+    "ttt_mlp",
+    *_family_all,
+]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._compile import maybe_compiled
 from ..common import grad_of_inner_loss
 
 
@@ -27,11 +28,14 @@ class MiniBatchScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, K, Kt, TW, w2, Wa, eps):
         starts, grads = [], []
+        step = maybe_compiled(_forward_step)
+        # grad mode is off here; without requires_grad the first step sees the same inputs as the rest
+        # (one compiled graph, not two)
+        Wa = Wa.detach()
         for i in range(K.shape[2]):
-            G = grad_of_inner_loss(K[:, :, i] @ Wa, TW[:, :, i], w2, eps)
             starts.append(Wa)
+            G, Wa = step(K[:, :, i], Kt[:, :, i], TW[:, :, i], w2, Wa, eps)
             grads.append(G)
-            Wa = Wa - Kt[:, :, i] @ G
         starts, grads = torch.stack(starts, 2), torch.stack(grads, 2)
         ctx.save_for_backward(K, Kt, TW, w2, starts, grads)
         ctx.eps = eps
@@ -54,18 +58,35 @@ class MiniBatchScan(torch.autograd.Function):
             torch.empty_like(grads),
             torch.empty_like(starts),
         )
+        step = maybe_compiled(_backward_step)
         for i in range(n - 1, -1, -1):
             dW_after[:, :, i] = dW
-            dG = d_grads[:, :, i] - KtT[:, :, i] @ dW  # [B, H, b, D]
-            dZ = _inner_grad_vjp(dG, x[:, :, i], rstd[:, :, i], gx[:, :, i], m2[:, :, i], w2)
+            per_step = (d_grads, d_starts, KtT, K, x, rstd, gx, m2)
+            dG, dZ, dW = step(dW, *(t[:, :, i] for t in per_step), w2)
             dG_total[:, :, i], dZ_all[:, :, i] = dG, dZ
-            dW = dW + d_starts[:, :, i] + K[:, :, i].transpose(-1, -2) @ dZ
         dK = dZ_all @ starts.transpose(-1, -2)
         dKt = -(dW_after @ grads.transpose(-1, -2))
         du = rstd * dG_total
         dgx = du - du.mean(-1, keepdim=True) - x * (du * x).mean(-1, keepdim=True)
         d_w2 = (dgx * x).sum(dim=(0, 2, 3))[None, :, None] if ctx.needs_input_grad[3] else None
         return dK, dKt, -dgx, d_w2, dW, None
+
+
+def _forward_step(K: Tensor, Kt: Tensor, TW: Tensor, w2: Tensor, Wa: Tensor, eps: float):
+    """One mini-batch: ``G = g(K Wa)`` ``[B, H, b, D]`` and the next weights ``Wa - Kt G``."""
+    G = grad_of_inner_loss(K @ Wa, TW, w2, eps)
+    return G, Wa - Kt @ G
+
+
+def _backward_step(dW, d_grads, d_starts, KtT, K, x, rstd, gx, m2, w2):
+    """One mini-batch of the reverse sweep, given ``dW``, the gradient w.r.t. the weights after it.
+
+    Returns ``dG``, ``dZ`` (w.r.t. its inner gradient and ``Z = K Wa``) and the gradient w.r.t. the
+    weights it started from.
+    """
+    dG = d_grads - KtT @ dW  # [B, H, b, D]
+    dZ = _inner_grad_vjp(dG, x, rstd, gx, m2, w2)
+    return dG, dZ, dW + d_starts + K.transpose(-1, -2) @ dZ
 
 
 def _inner_grad_vjp(dG: Tensor, x: Tensor, rstd: Tensor, gx: Tensor, m2: Tensor, w2: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._compile import maybe_compiled
 from .._state import last_token_weights
 from ..common import (
     causal_eta_scores,
@@ -49,11 +50,12 @@ def chunk_ttt_mlp(
     # the LN + L2 gradient needs (LN(z) - t) * w = x * w^2 - (t - beta) * w; precompute the second term
     w2, tw = (lw * lw)[None, :, None], (v - k - lb[None, :, None]) * lw[None, :, None]
     qs, ks, lrs, tws = (split_time(x, segments) for x in (q, k, lr[..., None], tw))
+    segment = maybe_compiled(dual_segment)
 
     def step(start, c, offset, anchor, grad_sum):
         te_c = te[offset : offset + c]
-        return dual_segment(qs[start], ks[start], lrs[start][..., 0], tws[start], te_c, anchor, grad_sum,
-                            w2, eps, causal)  # fmt: skip
+        return segment(qs[start], ks[start], lrs[start][..., 0], tws[start], te_c, anchor, grad_sum,
+                       w2, eps, causal)  # fmt: skip
 
     zbars, anchor, grad_sum, offset = scan_mini_batches(
         step, state.anchor, state.grad_sum, state.offset, T, te, b
