@@ -169,7 +169,7 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
 
 
-# D = 48 / M = 192 pad to 64 / 256 and leave the last of three 64-column M tiles of the backward unused
+# D = 48 / M = 192 are not powers of two: D pads to 64, the backward walks M in three 64-column tiles
 GPU_CASES = [
     (2, 4, 300, 64, 256, 0, True),
     (1, 2, 301, 64, 256, 7, True),

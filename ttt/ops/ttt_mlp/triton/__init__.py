@@ -1,5 +1,5 @@
-"""Triton TTT-MLP (private; reached through ``ttt.ops.ttt_mlp(impl="triton")``): fused forward kernel,
-backward by per-mini-batch recomputation in PyTorch (see ``function.py``)."""
+"""Triton TTT-MLP (private; reached through ``ttt.ops.ttt_mlp(impl="triton")``): fused forward kernel
+and a two-kernel backward (``chunk_fwd.py``, ``chunk_bwd.py``; derivation in ``README.md``)."""
 
 from .function import ChunkTTTMLPFunction, triton_ttt_mlp
 

@@ -464,7 +464,8 @@ def chunk_ttt_mlp_bwd_kernel_seq(
     else:
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
             NS - 1, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2,
-            dgt_w1, dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
+            dgt_w1, dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f,
+            dk, dv,
             dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
             b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
             i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
@@ -476,7 +477,8 @@ def chunk_ttt_mlp_bwd_kernel_seq(
                 dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
                 dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
                 b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-                i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC, False, False,
+                i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+                False, False,
             )  # fmt: skip
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
             0, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
