@@ -50,16 +50,17 @@ def chunk_ttt_mlp(
     # the LN + L2 gradient needs (LN(z) - t) * w = x * w^2 - (t - beta) * w; precompute the second term
     w2, tw = (lw * lw)[None, :, None], (v - k - lb[None, :, None]) * lw[None, :, None]
     qs, ks, lrs, tws = (split_time(x, segments) for x in (q, k, lr[..., None], tw))
-    segment = maybe_compiled(dual_segment)
+    segment, anchor = maybe_compiled(dual_segment), state.anchor
+    if segment is not dual_segment:
+        # a broadcast initial state (stride 0 over B) would cost one more compiled graph
+        anchor = tuple(a.contiguous() for a in anchor)
 
     def step(start, c, offset, anchor, grad_sum):
         te_c = te[offset : offset + c]
         return segment(qs[start], ks[start], lrs[start][..., 0], tws[start], te_c, anchor, grad_sum,
                        w2, eps, causal)  # fmt: skip
 
-    zbars, anchor, grad_sum, offset = scan_mini_batches(
-        step, state.anchor, state.grad_sum, state.offset, T, te, b
-    )
+    zbars, anchor, grad_sum, offset = scan_mini_batches(step, anchor, state.grad_sum, state.offset, T, te, b)
     Zbar = torch.cat(zbars, dim=2) if zbars else q
     o = q + layer_norm(Zbar, lw, lb, eps)
     weights = last_token_weights(anchor, grad_sum, offset, te)
