@@ -1,16 +1,38 @@
 """Benchmark Triton TTT-MLP (fused forward kernel; backward = per-mini-batch recompute in PyTorch) against
-the chunked PyTorch form, forward and forward+backward, bf16, mini-batch 16, hidden M = 4 D.
+our chunked PyTorch form, eager and with its loop body compiled (``ttt.ops.compile_chunk_steps``), forward
+and forward+backward, bf16, mini-batch b = 16, hidden M = 4 D, causal.
 
 Each shape is first checked: ours vs the chunked form in float64 on a [1, 2] slice of the batch (output and
-grads of q, k, v, lr) with the R13 budget. The forward's arithmetic rate is reported against the GPU's bf16
-dense peak given with ``--peak-tflops`` (default 989, the H100/H200 SXM datasheet figure).
+grads of q, k, v, lr) with the R13 budget. A path that fails its check is not timed.
+
+FLOPs (matmuls only, 2 m n k each), per (batch, head) and full mini-batch of b tokens starting at offset 0,
+where the terms of the carried gradient sum are zero and not counted:
+
+- 7 products of b x D x M: K W1, X2 W2, G2 W2^T, K^T (lr G1), X2^T (lr G2), Q W1, X2bar W2   -> 14 b D M
+- 4 products of b x b x (D or M): Q K^T, A1 G1, X2bar X2^T, A2 G2                           -> 4 b^2 (D + M)
+
+    FLOPs_fwd    = B H T (14 D M + 4 b (D + M))
+    FLOPs_fwdbwd = 3 FLOPs_fwd
+
+The backward counts two matmuls per forward matmul (every operand needs its gradient). Work that is re-done
+(ours re-runs each mini-batch's forward in the backward) is not counted: the rate is model FLOPs / time,
+reported against the GPU's bf16 dense peak ``--peak-tflops`` (default 989, the H100/H200 SXM datasheet).
 
     python benchmarks/kernels_ttt_mlp.py [--shapes B,T,H,D ...] [--out results.md]
+    python benchmarks/kernels_ttt_mlp.py --quick --shapes 8,2048,16,64 --out /tmp/mlp.md   # a tight budget
+    python benchmarks/kernels_ttt_mlp.py --device cpu --shapes 1,64,2,16                   # CPU smoke test
+
+"chunk compiled" is timed after one forward and one forward+backward that compile it (reported as
+"compile s"). ``--tf32`` lets the chunked PyTorch paths use TF32 matmuls (the kernel uses TF32 dots for
+bf16 inputs); the correctness gate always runs at full fp32 precision. On CPU (no CUDA) the Triton path
+runs only under ``TRITON_INTERPRET=1`` and every time is one call, not a benchmark. The markdown table is
+rewritten to ``--out`` after every measurement, so a stopped run leaves its partial results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,10 +42,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ttt.ops import ttt_mlp  # noqa: E402
+from ttt.ops import compile_chunk_steps, ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64)]
+MB = 16
+MODES = ("fwd", "fwdbwd")
+COLS = ("ours", "chunk eager", "chunk compiled")
 
 
 def make_inputs(B, T, H, D, dtype, device, seed=0):
@@ -48,7 +73,7 @@ def make_inputs(B, T, H, D, dtype, device, seed=0):
 
 
 def call(x, impl):
-    te = default_token_eta(16, x["q"].device).float()
+    te = default_token_eta(MB, x["q"].device).float()
     st = (x["W1"], x["b1"], x["W2"], x["b2"])
     return ttt_mlp(
         x["q"],
@@ -91,74 +116,191 @@ def check(x, dtype):
     return ok, rep
 
 
-def bench(fn, device):
+def flops(B, T, H, D, backward):
+    """Matmul FLOPs of the dual form (module docstring): forward, or forward + backward."""
+    M = 4 * D
+    fwd = B * H * T * (14 * D * M + 4 * MB * (D + M))
+    return 3 * fwd if backward else fwd
+
+
+def bench(fn, device, quick=False):
+    """Median ms of ``triton.testing.do_bench`` on CUDA (``quick``: 50 ms of repeats); one call on CPU."""
     if device == "cuda":
         import triton
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        warmup, rep = (10, 50) if quick else (25, 100)
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=None)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype)
-    shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shapes] if args.shapes else SHAPES
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (TRITON_INTERPRET=1; not a timing)"
-    lines = [
-        f"# TTT-MLP kernels: {gpu}",
-        "",
-        f"torch {torch.__version__}, dtype {args.dtype}, mini-batch 16, M = 4 D, causal. "
-        f"Command: `python benchmarks/kernels_ttt_mlp.py {' '.join(sys.argv[1:])}`",
-        "",
-        "| B,T,H,D | check | ours fwd | chunk fwd | ours fwd TFLOP/s (% of peak) | ours fwd+bwd | chunk fwd+bwd |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    rows = []
-    for B, T, H, D in shapes:
-        x = make_inputs(B, T, H, D, dtype, device)
-        ok, rep = check(x, dtype)
-        do = torch.randn_like(x["q"])
-        row = {"shape": f"{B},{T},{H},{D}", "check": ("pass " if ok else "FAIL ") + json.dumps(rep)}
-        print(row, flush=True)
-        for name, impl in (("ours", "triton"), ("chunk", "chunk")):
-            if name == "ours" and not ok:
-                continue
+@contextlib.contextmanager
+def pytorch_mode(compiled: bool, tf32: bool):
+    """Our chunked form as timed: loop body compiled or eager, fp32 matmuls in TF32 or full precision."""
+    precision = torch.get_float32_matmul_precision()
+    compile_chunk_steps(compiled)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        compile_chunk_steps(False)
+        torch.set_float32_matmul_precision(precision)
+
+
+def fwd_bwd(impl, x, do):
+    xg = with_grad(x)
+
+    def run():
+        for t in xg.values():
+            t.grad = None
+        call(xg, impl).backward(do)
+
+    return run
+
+
+def time_path(row, name, impl, mode, x, do, device, quick):
+    """Forward (no grad) and forward+backward ms of one path into ``row``; errors are reported."""
+    try:
+        with mode():
+            if name == "chunk compiled":  # compile outside the timing
+                t = time.perf_counter()
+                with torch.no_grad():
+                    call(x, impl)
+                fwd_bwd(impl, x, do)()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                row[f"{name} compile s"] = time.perf_counter() - t
             with torch.no_grad():
-                row[f"{name} fwd"] = bench(lambda impl=impl, x=x: call(x, impl), device)
-            xg = with_grad(x)
+                row[f"{name} fwd"] = bench(lambda: call(x, impl), device, quick)
+            row[f"{name} fwdbwd"] = bench(fwd_bwd(impl, x, do), device, quick)
+    except Exception as err:  # a path that cannot run at this shape is reported, not hidden
+        key = f"{name} fwdbwd" if f"{name} fwd" in row else f"{name} fwd"
+        row[key] = f"error: {type(err).__name__}: {str(err)[:80]}"
+    print(
+        f"[{row['shape']}] {name}: {fmt(row.get(name + ' fwd'))} / {fmt(row.get(name + ' fwdbwd'))} ms",
+        flush=True,
+    )
 
-            def fb(impl=impl, xg=xg, do=do):
-                for t in xg.values():
-                    t.grad = None
-                call(xg, impl).backward(do)
 
-            row[f"{name} fwdbwd"] = bench(fb, device)
-            print(row, flush=True)
-        M = 4 * D
-        flops = B * H * T * (14 * D * M + 4 * 16 * (M + D))
-        tf = flops / (row["ours fwd"] * 1e-3) / 1e12 if "ours fwd" in row else float("nan")
-        cell = lambda k, row=row: f"{row[k]:.3f}" if k in row else "-"  # noqa: E731
+def run_shape(B, T, H, D, dtype, device, args, emit):
+    """Check, then time every path at one shape; ``emit(row)`` after each step writes partial results."""
+    x = make_inputs(B, T, H, D, dtype, device)
+    row = {"shape": f"{B},{T},{H},{D}", "flops": {m: flops(B, T, H, D, m == "fwdbwd") for m in MODES}}
+    if args.triton:
+        ok, rep = check(x, dtype)
+        row["check"] = ("pass " if ok else "FAIL ") + json.dumps(rep)
+    else:
+        ok, row["check"] = False, "skipped (no CUDA and no TRITON_INTERPRET=1: Triton not run)"
+    print(f"[{row['shape']}] check ours vs chunk fp64: {row['check']}", flush=True)
+    emit(row)
+    do = torch.randn_like(x["q"])
+    paths = {
+        "ours": ("triton", contextlib.nullcontext, ok),
+        "chunk eager": ("chunk", lambda: pytorch_mode(False, args.tf32), not args.skip_eager),
+        "chunk compiled": ("chunk", lambda: pytorch_mode(True, args.tf32), not args.skip_compiled),
+    }
+    for name, (impl, mode, wanted) in paths.items():
+        if wanted:
+            time_path(row, name, impl, mode, x, do, device, args.quick)
+            emit(row)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def rate(row, name, mode, peak):
+    """Achieved "TFLOP/s (% of peak)" of one timed path."""
+    ms = row.get(f"{name} {mode}")
+    if not isinstance(ms, float):
+        return "-"
+    tf = row["flops"][mode] / (ms * 1e-3) / 1e12
+    return f"{tf:.3g} ({100 * tf / peak:.3g}%)"
+
+
+def table(rows, header, peak):
+    lines = list(header)
+    for mode in MODES:
+        title = "forward" if mode == "fwd" else "forward + backward"
+        lines += ["", f"### {title} (ms, median of triton.testing.do_bench)", ""]
         lines.append(
-            f"| {row['shape']} | {row['check'][:4]} | {cell('ours fwd')} | {cell('chunk fwd')} | "
-            f"{tf:.1f} ({100 * tf / args.peak_tflops:.1f}%) | {cell('ours fwdbwd')} | {cell('chunk fwdbwd')} |"
+            "| B,T,H,D | check | " + " | ".join(COLS) + " | ours vs chunk compiled "
+            "| ours TFLOP/s (% of peak) | chunk compiled TFLOP/s (% of peak) |"
         )
-        rows.append(row)
+        lines.append("|---" * (len(COLS) + 5) + "|")
+        for r in rows:
+            ours, comp = r.get(f"ours {mode}"), r.get(f"chunk compiled {mode}")
+            ratio = f"{comp / ours:.2f}x" if isinstance(ours, float) and isinstance(comp, float) else "-"
+            vals = " | ".join(fmt(r.get(f"{c} {mode}")) for c in COLS)
+            lines.append(
+                f"| {r['shape']} | {r['check'][:4]} | {vals} | {ratio} | {rate(r, 'ours', mode, peak)} "
+                f"| {rate(r, 'chunk compiled', mode, peak)} |"
+            )
+    lines += ["", "chunk compiled, first forward + forward+backward (compilation included), s:", ""]
+    lines += [f"- {r['shape']}: {fmt(r.get('chunk compiled compile s'))}" for r in rows]
     lines += ["", "checks (ours vs chunked fp64, max abs err <= budget):", ""]
     lines += [f"- {r['shape']}: {r['check']}" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0 if all(r["check"].startswith("pass") for r in rows) else 1
+    return "\n".join(lines) + "\n"
+
+
+def raise_recompile_limit(limit: int):
+    """One compiled graph per shape and loop body (and grad mode): several shapes must stay compiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), limit))
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D ... (default: two issue shapes)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
+    ap.add_argument("--skip-eager", action="store_true", help="do not time the eager chunked form")
+    ap.add_argument("--skip-compiled", action="store_true", help="do not time the compiled chunked form")
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls in the chunked PyTorch paths")
+    ap.add_argument("--quick", action="store_true", help="do_bench with 10 ms warm-up, 50 ms of repeats")
+    ap.add_argument("--out", default=None, help="markdown file to write (rewritten after every step)")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shapes] if args.shapes else SHAPES
+    args.triton = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    raise_recompile_limit(64)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (not a timing)"
+    header = [
+        f"# TTT-MLP kernels: {gpu}",
+        "",
+        f"torch {torch.__version__}, dtype {args.dtype}, mini-batch {MB}, M = 4 D, causal. "
+        f"Command: `python benchmarks/kernels_ttt_mlp.py {' '.join(sys.argv[1:])}`",
+        'chunk compiled = `impl="chunk"` with `ttt.ops.compile_chunk_steps()` (its `dual_segment` compiled '
+        f"once, timed after a compiling warm-up). Chunked PyTorch matmuls: {'TF32' if args.tf32 else 'full fp32'}.",
+        "fwd is timed under torch.no_grad(); fwd+bwd = forward + o.backward(do). ours vs X = t_X / t_ours. "
+        f"TFLOP/s: matmul FLOPs of the dual form (script docstring) / time; peak {args.peak_tflops:g} TFLOP/s.",
+    ]
+    rows = []
+
+    def emit(row):
+        if not rows or rows[-1] is not row:
+            rows.append(row)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(table(rows, header, args.peak_tflops))
+            with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+                json.dump({"gpu": gpu, "peak_tflops": args.peak_tflops, "rows": rows}, f, indent=1)
+
+    for B, T, H, D in shapes:
+        run_shape(B, T, H, D, dtype, device, args, emit)
+    print(table(rows, header, args.peak_tflops), flush=True)
+    return 0 if all(r["check"].startswith(("pass", "skipped")) for r in rows) else 1
 
 
 if __name__ == "__main__":
