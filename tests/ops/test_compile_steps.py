@@ -9,6 +9,10 @@ gradient, like the zeros that follow a completed mini-batch).
 """
 
 import dataclasses
+import doctest
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +103,18 @@ def test_switch_off_is_eager():
     ttt.ops.compile_chunk_steps(False)
     assert _compile.maybe_compiled(mlp_chunk.dual_segment) is mlp_chunk.dual_segment
     assert not _compile.chunk_steps_compiled()
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(_compile, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_environment_variable_turns_it_on():
+    code = "from ttt.ops import _compile; print(_compile.chunk_steps_compiled())"
+    env = {**os.environ, "TTT_COMPILE_STEPS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "True"
