@@ -35,8 +35,12 @@ import triton.language as tl
 from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks
 from .chunk_fwd import _gelu_tanh
 
-# widest M tile (columns of W1 / rows of W2) a kernel holds in registers; tests lower it to cover tiling
-MAX_BLOCK_M = 64
+# widest M tile (columns of W1 / rows of W2) a kernel holds in registers, and the warps per program.
+# Static sm_90 builds (triton 3.9, D = 64, M = 256, bf16) spill the least with 32-column tiles at 8 warps
+# (local / sequential kernel: 336 / 248 bytes of stack per thread, against 1064 / 384 with 64 columns);
+# not timed on a GPU. Tests lower MAX_BLOCK_M to cover more tiles.
+MAX_BLOCK_M = 32
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -108,7 +112,7 @@ def _inner_z2(b_k, w1, b1, w2, o_d, o_j, m_d, D: tl.constexpr, M: tl.constexpr, 
     for i_m in range(NMT):
         o_m = i_m * BMT + o_j
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, o_m < M, D, M)
-        b_x2, _ = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
+        b_x2 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])[0]
         b_z2 += tl.dot(b_x2, b_w2, input_precision=PREC)
     return b_z2
 
@@ -150,7 +154,7 @@ def chunk_ttt_mlp_bwd_kernel_local(
 
     # inner gradient G2 at the anchor (needs Z2, a sum over all M tiles)
     b_z2 = _inner_z2(b_k, w1, b1, w2, o_d, o_j, m_d, D, M, BT, BD, BMT, NMT, PREC) + b_b2[None, :]
-    b_g2, _, _, _, _ = _ln_l2_grad(b_z2, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)
+    b_g2 = _ln_l2_grad(b_z2, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)[0]
     b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     b_a1 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_qk + 1.0), 0.0)
 
@@ -169,7 +173,7 @@ def chunk_ttt_mlp_bwd_kernel_local(
         if HAS_S:
             b_s1, b_sb1, b_s2 = _load_w_tile(s1, sb1, s2, o_d, o_m, m_d, m_m, D, M)
             b_z1b -= b_eta[:, None] * (tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :])
-        b_x2b, _ = _gelu_tanh(b_z1b)
+        b_x2b = _gelu_tanh(b_z1b)[0]
         tl.store(x2b_f + p_tm + o_m[None, :], b_x2b, mask=m_t[:, None] & m_m[None, :])
         b_z2b += tl.dot(b_x2b, b_w2, input_precision=PREC)
         b_p2 += tl.dot(b_x2b, tl.trans(b_x2), input_precision=PREC)
@@ -312,7 +316,7 @@ def _seq_segment(
         m_m = o_m < M
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
         b_sw2 = tl.load(src_w2 + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_x2, _ = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
+        b_x2 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])[0]
         b_z2 += tl.dot(b_x2, b_w2, input_precision=PREC)
         b_xdx2 += tl.dot(b_x2, b_sw2, input_precision=PREC)
     b_z2 += b_b2[None, :]
@@ -545,7 +549,6 @@ def chunk_ttt_mlp_bwd(
     NS = triton.cdiv(offset + T, MB)
     meta = dict(H=H, D=D, M=M, MB=MB, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 **block_sizes(D, M, MB))  # fmt: skip
-    nw = 4 if meta["BD"] * meta["BMT"] <= 32 * 64 else 8
     f32 = dict(dtype=torch.float32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     x2b_f, dz1b_f, dg1l_f, dx2l_f = (q.new_empty(B, H, T, M, **f32) for _ in range(4))
@@ -567,13 +570,13 @@ def chunk_ttt_mlp_bwd(
         chunk_ttt_mlp_bwd_kernel_local[(ns, B * H)](
             q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, do,
             dq, dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dte_p, dlnw_p, dlnb_p, *dg0l,
-            T, offset, NS, n0, eps, CAUSAL=causal, HAS_S=has_s, num_warps=nw, **meta,
+            T, offset, NS, n0, eps, CAUSAL=causal, HAS_S=has_s, num_warps=NUM_WARPS, **meta,
         )  # fmt: skip
     chunk_ttt_mlp_bwd_kernel_seq[(B * H,)](
         q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, dht[3], *dgt,
         dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dte_s, dlnw_s, dlnb_s,
         *dh0, *dg0s, T, offset, NS, eps,
-        LAST_PARTIAL=(offset + T) % MB != 0, ONE_SEGMENT=NS == 1, num_warps=nw, **meta,
+        LAST_PARTIAL=(offset + T) % MB != 0, ONE_SEGMENT=NS == 1, num_warps=NUM_WARPS, **meta,
     )  # fmt: skip
     dte = dte_p.sum((0, 1, 2)) + dte_s.sum((0, 1))
     dln_w = dlnw_p.sum((0, 2)) + dlnw_s.sum(0)
