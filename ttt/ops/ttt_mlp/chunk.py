@@ -83,7 +83,7 @@ def dual_segment(
 
     Q, K ``[B, H, c, D]``; LR ``[B, H, c]``; ``TW = (v - k - ln_bias) * ln_weight`` ``[B, H, c, D]``;
     ``w2 = ln_weight^2`` ``[1, H, 1, D]``. Returns the pre-LN output ``Z2bar [B, H, c, D]`` and the grad sum
-    including these tokens. Shared with the Triton form's recomputing backward.
+    including these tokens.
     """
     W1, b1, W2, b2 = anchor
     Z1 = K @ W1 + b1[:, :, None]  # [B, H, c, M]

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...types import TTTState
 from .chunk_fwd import _ln_rows
 
 
@@ -211,3 +212,22 @@ def check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, shapes) -> None:
         ):
             raise ValueError(f"{name} must be {len(full)} contiguous float32 tensors of shapes {full}, got "
                              f"{[(list(y.shape), y.dtype) for y in ts]}")  # fmt: skip
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd would record a call on these tensors (then the chunk kernels run instead)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def decode_through(decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, eps: float):
+    """One causal token ``[B, H, 1, D]`` through a functional decode kernel (``ttt_linear_decode`` or
+    ``ttt_mlp_decode``); returns ``(o [B, H, 1, D], TTTState)`` like the chunk launchers. Inference only."""
+    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+    o, anchor, grad_sum, weights = decode(
+        q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(), f32(ln_weight), f32(ln_bias),
+        f32(token_eta), tuple(map(f32, state.anchor)), tuple(map(f32, state.grad_sum)), state.offset, eps=eps,
+    )  # fmt: skip
+    offset = (state.offset + 1) % token_eta.shape[0]
+    if offset == 0:  # the mini-batch completed: the token's weights are the new anchor
+        weights = anchor
+    return o[:, :, None], TTTState(weights, anchor, grad_sum, offset, state.mini_batch_size, state.variant)

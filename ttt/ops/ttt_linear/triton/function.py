@@ -8,7 +8,7 @@ from torch import Tensor
 from ...types import TTTState
 from .chunk_bwd import chunk_ttt_linear_bwd
 from .chunk_fwd import chunk_ttt_linear_fwd_fused
-from .decode import ttt_linear_decode
+from .decode import decode_through, needs_grad, ttt_linear_decode
 
 
 class ChunkTTTLinearFunction(torch.autograd.Function):
@@ -116,9 +116,9 @@ def triton_ttt_linear(
         T == 1
         and causal
         and cu_seqlens is None
-        and not _needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
+        and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
     ):
-        return _decode_step(q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
+        return decode_through(ttt_linear_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
     w0, b0 = state.anchor
     gw0, gb0 = state.grad_sum
     o, wt, bt, gwt, gbt = ChunkTTTLinearFunction.apply(
@@ -147,20 +147,3 @@ def triton_ttt_linear(
     te = token_eta.to(torch.float32)
     weights = (wt, bt) if offset == 0 else (wt - te[offset - 1] * gwt, bt - te[offset - 1] * gbt)
     return o, TTTState(weights, (wt, bt), (gwt, gbt), offset, mb, state.variant)
-
-
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _decode_step(q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, eps: float):
-    """One causal token through the fused decode kernel (inference: no autograd graph)."""
-    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-    o, anchor, grad_sum, weights = ttt_linear_decode(
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(), f32(ln_weight), f32(ln_bias),
-        f32(token_eta), tuple(map(f32, state.anchor)), tuple(map(f32, state.grad_sum)), state.offset, eps=eps,
-    )  # fmt: skip
-    offset = (state.offset + 1) % token_eta.shape[0]
-    if offset == 0:
-        weights = anchor
-    return o[:, :, None], TTTState(weights, anchor, grad_sum, offset, state.mini_batch_size, state.variant)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...ttt_linear.triton.decode import decode_through, needs_grad
 from ...types import TTTState
 from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
+from .decode import ttt_mlp_decode
 
 
 class ChunkTTTMLPFunction(torch.autograd.Function):
@@ -92,6 +94,9 @@ def triton_ttt_mlp(
     mb, T = token_eta.shape[0], q.shape[2]
     if T == 0:
         return q.clone(), state
+    if T == 1 and causal and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor,
+                                            *state.grad_sum):  # fmt: skip
+        return decode_through(ttt_mlp_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
     out = ChunkTTTMLPFunction.apply(
         q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum, state.offset, causal, eps
     )
