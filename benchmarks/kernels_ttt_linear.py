@@ -38,7 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ttt.ops import compile_chunk_steps, ttt_linear  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _harness import bench, fmt, gate, pytorch_mode, raise_recompile_limit, write_out  # noqa: E402
+
+from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
@@ -94,69 +98,23 @@ def check_ours(x, dtype, slice_bh=(1, 2)):
     xs = {k: (v[:b, :h] if v.dim() >= 3 and k in ("q", "k", "v", "lr") else v) for k, v in x.items()}
     xs = {k: (v[:h] if k in ("ln_weight", "ln_bias", "W0", "b0") else v) for k, v in xs.items()}
     do = torch.randn_like(xs["q"], dtype=torch.float32)
-    res = {}
-    for name, impl, dt in (
-        ("ref64", "chunk", torch.float64),
-        ("low", "chunk", dtype),
-        ("ours", "triton", dtype),
-    ):
-        xi = with_grad(
-            {
-                k: v.to(dt)
-                if k in ("q", "k", "v")
-                else v.to(torch.float64 if dt == torch.float64 else torch.float32)
-                for k, v in xs.items()
-            }
-        )
+
+    def run(impl, dt):
+        sd = torch.float64 if dt == torch.float64 else torch.float32
+        xi = with_grad({k: v.to(dt if k in ("q", "k", "v") else sd) for k, v in xs.items()})
         o = ours_call(xi, impl)
         o.backward(do.to(o.dtype))
-        res[name] = [o.detach()] + [xi[k].grad for k in ("q", "k", "v", "lr")]
-    report = {}
-    ok = True
-    for i, nm in enumerate(("o", "dq", "dk", "dv", "dlr")):
-        ref, low, got = (res[n][i].double() for n in ("ref64", "low", "ours"))
-        if not torch.isfinite(got).all():
-            ok = False
-            report[nm] = "non-finite"
-            continue
-        err = (got - ref).abs().max().item()
-        bound = 2 * ((low - ref).abs().max().item() + torch.finfo(dtype).eps * ref.abs().max().item())
-        report[nm] = f"{err:.2e}<={bound:.2e}"
-        ok &= err <= bound
-    return ok, report
+        return [o.detach()] + [xi[k].grad for k in ("q", "k", "v", "lr")]
+
+    return gate(run, dtype)
 
 
 # ------------------------------------------------------------------------------------------- timing
 
 
-def bench(fn, device, quick=False):
-    """Median ms of ``triton.testing.do_bench`` on CUDA (``quick``: 50 ms of repeats); one call on CPU."""
-    if device == "cuda":
-        import triton
-
-        warmup, rep = (10, 50) if quick else (25, 100)
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def pytorch_mode(compiled: bool, tf32: bool):
-    """Our chunked form as timed: loop bodies compiled or eager, fp32 matmuls in TF32 or full precision."""
-    precision = torch.get_float32_matmul_precision()
-    compile_chunk_steps(compiled)
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        yield
-    finally:
-        compile_chunk_steps(False)
-        torch.set_float32_matmul_precision(precision)
 
 
 def warm_up(call, x, do, device):
@@ -342,10 +300,6 @@ def run_decode(contexts, B, H, D, dtype, device, quick=False):
     return rows
 
 
-def fmt(v):
-    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-
 def speedup(ours, other):
     """``t_other / t_ours`` as "1.23x" (how many times faster ours is), or "-" when either is missing."""
     return f"{other / ours:.2f}x" if isinstance(ours, float) and isinstance(other, float) else "-"
@@ -376,24 +330,6 @@ def decode_table(dec):
     text = "\n### decode: one token, B = 8, H = 16, D = 64 (ms per step; ours = the public op with T = 1)\n\n"
     text += "| KV length | ours | sdpa flash (KV cache) |\n|---|---|---|\n"
     return text + "".join(f"| {r['L']} | {fmt(r['ours'])} | {fmt(r.get('sdpa'))} |\n" for r in dec)
-
-
-def write_out(path, text, payload):
-    """The markdown to ``path`` and the raw rows beside it (``.json``); nothing without ``--out``."""
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(payload, f, indent=1)
-
-
-def raise_recompile_limit(limit: int):
-    """One compiled graph per shape and loop body (and grad mode): several shapes must stay compiled."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, name, max(getattr(config, name), limit))
 
 
 def parse_args():

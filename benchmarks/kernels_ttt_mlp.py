@@ -42,7 +42,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ttt.ops import compile_chunk_steps, ttt_mlp  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _harness import bench, fmt, gate, pytorch_mode, raise_recompile_limit, write_out  # noqa: E402
+
+from ttt.ops import ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64)]
@@ -95,25 +99,15 @@ def with_grad(x):
 def check(x, dtype):
     xs = {k: (v[:1, :2] if k in ("q", "k", "v", "lr") else v[:2]) for k, v in x.items()}
     do = torch.randn_like(xs["q"], dtype=torch.float32)
-    res = {}
-    for name, impl, dt in (
-        ("ref", "chunk", torch.float64),
-        ("low", "chunk", dtype),
-        ("ours", "triton", dtype),
-    ):
+
+    def run(impl, dt):
         sd = torch.float64 if dt == torch.float64 else torch.float32
         xi = with_grad({k: v.to(dt if k in ("q", "k", "v") else sd) for k, v in xs.items()})
         o = call(xi, impl)
         o.backward(do.to(o.dtype))
-        res[name] = [o.detach()] + [xi[k].grad for k in ("q", "k", "v", "lr")]
-    ok, rep = True, {}
-    for i, nm in enumerate(("o", "dq", "dk", "dv", "dlr")):
-        ref, low, got = (res[n][i].double() for n in ("ref", "low", "ours"))
-        err = (got - ref).abs().max().item()
-        bound = 2 * ((low - ref).abs().max().item() + torch.finfo(dtype).eps * ref.abs().max().item())
-        rep[nm] = f"{err:.2e}<={bound:.2e}"
-        ok &= bool(torch.isfinite(got).all()) and err <= bound
-    return ok, rep
+        return [o.detach()] + [xi[k].grad for k in ("q", "k", "v", "lr")]
+
+    return gate(run, dtype)
 
 
 def flops(B, T, H, D, backward):
@@ -121,31 +115,6 @@ def flops(B, T, H, D, backward):
     M = 4 * D
     fwd = B * H * T * (14 * D * M + 4 * MB * (D + M))
     return 3 * fwd if backward else fwd
-
-
-def bench(fn, device, quick=False):
-    """Median ms of ``triton.testing.do_bench`` on CUDA (``quick``: 50 ms of repeats); one call on CPU."""
-    if device == "cuda":
-        import triton
-
-        warmup, rep = (10, 50) if quick else (25, 100)
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
-@contextlib.contextmanager
-def pytorch_mode(compiled: bool, tf32: bool):
-    """Our chunked form as timed: loop body compiled or eager, fp32 matmuls in TF32 or full precision."""
-    precision = torch.get_float32_matmul_precision()
-    compile_chunk_steps(compiled)
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        yield
-    finally:
-        compile_chunk_steps(False)
-        torch.set_float32_matmul_precision(precision)
 
 
 def fwd_bwd(impl, x, do):
@@ -209,10 +178,6 @@ def run_shape(B, T, H, D, dtype, device, args, emit):
     return row
 
 
-def fmt(v):
-    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-
 def rate(row, name, mode, peak):
     """Achieved "TFLOP/s (% of peak)" of one timed path."""
     ms = row.get(f"{name} {mode}")
@@ -245,13 +210,6 @@ def table(rows, header, peak):
     lines += ["", "checks (ours vs chunked fp64, max abs err <= budget):", ""]
     lines += [f"- {r['shape']}: {r['check']}" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def raise_recompile_limit(limit: int):
-    """One compiled graph per shape and loop body (and grad mode): several shapes must stay compiled."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, name, max(getattr(config, name), limit))
 
 
 def parse_args():
@@ -291,11 +249,8 @@ def main():
     def emit(row):
         if not rows or rows[-1] is not row:
             rows.append(row)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(table(rows, header, args.peak_tflops))
-            with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-                json.dump({"gpu": gpu, "peak_tflops": args.peak_tflops, "rows": rows}, f, indent=1)
+        write_out(args.out, table(rows, header, args.peak_tflops),
+                  {"gpu": gpu, "peak_tflops": args.peak_tflops, "rows": rows})  # fmt: skip
 
     for B, T, H, D in shapes:
         run_shape(B, T, H, D, dtype, device, args, emit)

@@ -1,0 +1,82 @@
+"""What the kernel benchmarks share: timing, the float64 correctness gate, the compiled-PyTorch switch,
+output files. Imported by ``kernels_ttt_linear.py`` and ``kernels_ttt_mlp.py`` (run from any directory)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from ttt.ops import compile_chunk_steps
+
+GATED = ("o", "dq", "dk", "dv", "dlr")
+
+
+def bench(fn, device, quick=False):
+    """Median ms of ``triton.testing.do_bench`` on CUDA (``quick``: 50 ms of repeats); one call on CPU."""
+    if device == "cuda":
+        import triton
+
+        warmup, rep = (10, 50) if quick else (25, 100)
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def gate(run: Callable[[str, torch.dtype], list], dtype: torch.dtype) -> tuple[bool, dict]:
+    """Ours vs the chunked form in float64 with the STYLE R13 budget.
+
+    ``run(impl, dtype)`` returns ``[o, dq, dk, dv, dlr]`` of one call. A quantity passes when
+    ``err(ours) <= 2 * (err(chunk in dtype) + eps(dtype) * max|ref|)``, all against float64."""
+    ref, low, ours = run("chunk", torch.float64), run("chunk", dtype), run("triton", dtype)
+    ok, report = True, {}
+    for name, r, lo, got in zip(GATED, ref, low, ours):
+        r, lo, got = r.double(), lo.double(), got.double()
+        if not torch.isfinite(got).all():
+            ok, report[name] = False, "non-finite"
+            continue
+        err = (got - r).abs().max().item()
+        bound = 2 * ((lo - r).abs().max().item() + torch.finfo(dtype).eps * r.abs().max().item())
+        report[name] = f"{err:.2e}<={bound:.2e}"
+        ok &= err <= bound
+    return ok, report
+
+
+@contextlib.contextmanager
+def pytorch_mode(compiled: bool, tf32: bool):
+    """Our chunked form as timed: loop bodies compiled or eager, fp32 matmuls in TF32 or full precision."""
+    precision = torch.get_float32_matmul_precision()
+    compile_chunk_steps(compiled)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        compile_chunk_steps(False)
+        torch.set_float32_matmul_precision(precision)
+
+
+def raise_recompile_limit(limit: int):
+    """One compiled graph per shape and loop body (and grad mode): several shapes must stay compiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), limit))
+
+
+def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def write_out(path, text, payload):
+    """The markdown to ``path`` and the raw rows beside it (``.json``); nothing without a path."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
