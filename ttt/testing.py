@@ -74,3 +74,34 @@ def dtype_tolerance(dtype: torch.dtype, scale: float = 1.0) -> float:
     return {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}[
         dtype
     ] * scale
+
+
+def assert_graph_replay_equals_eager(step, fresh_state, token, steps: int, out: Tensor) -> None:
+    """A decode step captured in a CUDA graph, replayed ``steps`` times == as many eager steps, bit for bit.
+
+    Args:
+        step: ``step(tokens, state, out) -> Tensor`` updating the flat tuple of tensors ``state`` in place
+            (``out``: the output buffer, or None in the eager run).
+        fresh_state: returns a new initial state (a tuple of CUDA tensors).
+        token: ``token(t)`` returns the list of input tensors of step ``t``.
+        steps: how many steps to compare.
+        out: the output buffer the captured step writes.
+    """
+    state = fresh_state()
+    eager = [step(token(t), state, None).clone() for t in range(steps)]
+    graphed, buffers = fresh_state(), [torch.empty_like(x) for x in token(0)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the first call compiles the kernel: not inside the capture
+        step(buffers, tuple(t.clone() for t in graphed), out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(buffers, graphed, out)
+    for t in range(steps):
+        for buffer, x in zip(buffers, token(t)):
+            buffer.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(out, eager[t], atol=0, rtol=0)
+    for a, b in zip(state, graphed):
+        assert torch.equal(a, b), "the graph-replayed state differs from the eager one"

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 from ttt.ops.ttt_linear.triton.decode import ttt_linear_decode, ttt_linear_decode_  # noqa: E402
+from ttt.testing import assert_graph_replay_equals_eager  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -158,33 +159,15 @@ def test_bad_offset_is_refused():
 def test_gpu_cuda_graph_replay_equals_eager(D):
     """A captured step replayed N times == N eager steps (state and offsets live on the device)."""
     B, H, b, N = 4, 8, 16, 21
-    x = make(B, H, N, D, b, seed=4)
-    f = {n: t.float().contiguous() for n, t in x.items()}
-    lw, lb, te = f["ln_weight"], f["ln_bias"], f["token_eta"]
+    f = {n: t.float().contiguous() for n, t in make(B, H, N, D, b, seed=4).items()}
 
     def fresh():
-        return ((f["W"].clone(), f["bias"].clone()), (torch.zeros_like(f["W"]), torch.zeros_like(f["bias"])),
+        return (f["W"].clone(), f["bias"].clone(), torch.zeros_like(f["W"]), torch.zeros_like(f["bias"]),
                 torch.zeros(B, H, dtype=torch.int32, device="cuda"))  # fmt: skip
 
-    anchor, sums, off = fresh()
-    eager = [ttt_linear_decode_(*(f[n][:, :, t].contiguous() for n in ("q", "k", "v", "lr")), lw, lb, te,
-                                anchor, sums, off).clone() for t in range(N)]  # fmt: skip
-    anchor2, sums2, off2 = fresh()
-    tok = [torch.empty_like(f[n][:, :, 0]).contiguous() for n in ("q", "k", "v", "lr")]
-    out = torch.empty(B, H, D, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up (compiles the kernel) on a copy of the state
-        a_w, s_w, o_w = tuple(t.clone() for t in anchor2), tuple(t.clone() for t in sums2), off2.clone()
-        ttt_linear_decode_(*tok, lw, lb, te, a_w, s_w, o_w, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ttt_linear_decode_(*tok, lw, lb, te, anchor2, sums2, off2, out=out)
-    for t in range(N):
-        for buf, n in zip(tok, ("q", "k", "v", "lr")):
-            buf.copy_(f[n][:, :, t])
-        graph.replay()
-        torch.testing.assert_close(out, eager[t], atol=0, rtol=0)
-    for a, b_ in zip(anchor + sums + (off,), anchor2 + sums2 + (off2,)):
-        assert torch.equal(a, b_)
+    def step(tok, st, out):
+        return ttt_linear_decode_(*tok, f["ln_weight"], f["ln_bias"], f["token_eta"], st[:2], st[2:4], st[4],
+                                  out=out)  # fmt: skip
+
+    token = lambda t: [f[n][:, :, t].contiguous() for n in ("q", "k", "v", "lr")]  # noqa: E731
+    assert_graph_replay_equals_eager(step, fresh, token, N, torch.empty(B, H, D, device="cuda"))

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from ttt.ops import ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 from ttt.ops.ttt_mlp.triton.decode import ttt_mlp_decode, ttt_mlp_decode_  # noqa: E402
+from ttt.testing import assert_graph_replay_equals_eager  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("W1", "b1", "W2", "b2")
@@ -107,38 +108,50 @@ def test_functional_form_leaves_inputs_and_returns_weights():
         close(got, want)
 
 
+def test_public_op_routes_single_tokens_to_the_decode_kernel(monkeypatch):
+    """impl="triton" with T = 1, causal and no gradient uses the decode kernel; == one chunked call."""
+    import importlib
+
+    fn = importlib.import_module("ttt.ops.ttt_mlp.triton.function")
+    calls = []
+    real = fn.ttt_mlp_decode
+    monkeypatch.setattr(fn, "ttt_mlp_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    b, T = 4, 6
+    x = {n: t.float() for n, t in make(1, 2, T, 16, 64, b, seed=3).items()}
+    kw = dict(token_eta=x["token_eta"], mini_batch_size=b, output_final_state=True)
+    args = lambda s: (x["q"][:, :, s], x["k"][:, :, s], x["v"][:, :, s], x["lr"][:, :, s], x["ln_weight"],  # noqa: E731
+                      x["ln_bias"])  # fmt: skip
+    o_full, st_full = ttt_mlp(
+        *args(slice(0, T)), initial_state=tuple(x[n] for n in NAMES), impl="chunk", **kw
+    )
+    st, outs = tuple(x[n] for n in NAMES), []
+    with torch.no_grad():
+        for t in range(T):
+            o, st = ttt_mlp(*args(slice(t, t + 1)), initial_state=st, impl="triton", **kw)
+            outs.append(o)
+    assert len(calls) == T
+    torch.testing.assert_close(torch.cat(outs, 2), o_full, atol=3e-5, rtol=3e-5)
+    assert st.offset == st_full.offset
+    for got, want in zip(
+        st.weights + st.anchor + st.grad_sum, st_full.weights + st_full.anchor + st_full.grad_sum
+    ):
+        torch.testing.assert_close(got, want, atol=3e-5, rtol=3e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_equals_eager():
     """D = 64, M = 256: a captured step replayed N times == N eager steps."""
     B, H, D, M, b, N = 4, 8, 64, 256, 16, 19
-    x = make(B, H, N, D, M, b, seed=4)
-    f = {n: t.float().contiguous() for n, t in x.items()}
-    lw, lb, te = f["ln_weight"], f["ln_bias"], f["token_eta"]
+    f = {n: t.float().contiguous() for n, t in make(B, H, N, D, M, b, seed=4).items()}
 
     def fresh():
         anchor = tuple(f[n].clone() for n in NAMES)
-        return anchor, tuple(torch.zeros_like(t) for t in anchor), torch.zeros(B, H, dtype=torch.int32,
-                                                                               device="cuda")  # fmt: skip
+        zeros = tuple(torch.zeros_like(t) for t in anchor)
+        return anchor + zeros + (torch.zeros(B, H, dtype=torch.int32, device="cuda"),)
 
-    anchor, sums, off = fresh()
-    eager = [ttt_mlp_decode_(*(f[n][:, :, t].contiguous() for n in ("q", "k", "v", "lr")), lw, lb, te, anchor,
-                             sums, off).clone() for t in range(N)]  # fmt: skip
-    anchor2, sums2, off2 = fresh()
-    tok = [torch.empty_like(f[n][:, :, 0]).contiguous() for n in ("q", "k", "v", "lr")]
-    out = torch.empty(B, H, D, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # compile the kernel on copies of the state
-        ttt_mlp_decode_(*tok, lw, lb, te, tuple(t.clone() for t in anchor2), tuple(t.clone() for t in sums2),
-                        off2.clone(), out=out)  # fmt: skip
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ttt_mlp_decode_(*tok, lw, lb, te, anchor2, sums2, off2, out=out)
-    for t in range(N):
-        for buf, n in zip(tok, ("q", "k", "v", "lr")):
-            buf.copy_(f[n][:, :, t])
-        graph.replay()
-        torch.testing.assert_close(out, eager[t], atol=0, rtol=0)
-    for a, b_ in zip(anchor + sums + (off,), anchor2 + sums2 + (off2,)):
-        assert torch.equal(a, b_)
+    def step(tok, st, out):
+        return ttt_mlp_decode_(*tok, f["ln_weight"], f["ln_bias"], f["token_eta"], st[:4], st[4:8], st[8],
+                               out=out)  # fmt: skip
+
+    token = lambda t: [f[n][:, :, t].contiguous() for n in ("q", "k", "v", "lr")]  # noqa: E731
+    assert_graph_replay_equals_eager(step, fresh, token, N, torch.empty(B, H, D, device="cuda"))

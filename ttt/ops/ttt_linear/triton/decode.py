@@ -147,10 +147,7 @@ def ttt_linear_decode_(
     """
     B, H = lr.shape[:2]
     D = ln_weight.shape[-1]
-    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, ((D, D), (D,)))
-    if offset.shape != (B, H) or offset.dtype != torch.int32 or not offset.is_contiguous():
-        raise ValueError(f"offset must be a contiguous int32 tensor [B, H] = [{B}, {H}], got "
-                         f"{offset.dtype} {list(offset.shape)}")  # fmt: skip
+    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, ((D, D), (D,)), offset)
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device) if out is None else out
     BD = max(16, triton.next_power_of_2(D))
     ttt_linear_decode_kernel[(B * H,)](
@@ -195,10 +192,16 @@ def ttt_linear_decode(
     return o, new_anchor, new_sum, weights
 
 
-def check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, shapes) -> None:
+def check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, shapes, offset: Tensor | None = None) -> None:
     """Shapes, dtypes and contiguity the decode kernels index by; errors name the expected layout.
 
-    ``shapes``: the per-head shape of each state tensor, e.g. ``((D, D), (D,))``."""
+    ``shapes``: the per-head shape of each state tensor, e.g. ``((D, D), (D,))``; ``offset``: the
+    in-place forms' int32 ``[B, H]`` offsets (None for the functional forms' host int)."""
+    if offset is not None and (
+        offset.shape != (B, H) or offset.dtype != torch.int32 or not offset.is_contiguous()
+    ):
+        raise ValueError(f"offset must be a contiguous int32 tensor [B, H] = [{B}, {H}], got "
+                         f"{offset.dtype} {list(offset.shape)}")  # fmt: skip
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.numel() != B * H * D or x.shape[:2] != (B, H) or x.shape[-1] != D or not x.is_contiguous():
             raise ValueError(f"{name} must be a contiguous [B, H, D] = [{B}, {H}, {D}] tensor (or [B, H, 1, D]), "

@@ -177,10 +177,7 @@ def ttt_mlp_decode_(
     """
     B, H = lr.shape[:2]
     D, M = ln_weight.shape[-1], anchor[1].shape[-1]
-    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, _shapes(D, M))
-    if offset.shape != (B, H) or offset.dtype != torch.int32 or not offset.is_contiguous():
-        raise ValueError(f"offset must be a contiguous int32 tensor [B, H] = [{B}, {H}], got "
-                         f"{offset.dtype} {list(offset.shape)}")  # fmt: skip
+    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, _shapes(D, M), offset)
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device) if out is None else out
     ttt_mlp_decode_kernel[(B * H,)](
         q, k, v, lr, token_eta, ln_weight, ln_bias, *anchor, *grad_sum, *anchor, *grad_sum,
