@@ -154,6 +154,103 @@ def test_triton_form_runs(monkeypatch):
     assert calls == ["chunk_ttt_mlp_fwd_fused", "chunk_ttt_mlp_bwd"]
 
 
+def _varlen_run(leaves, lens, offset, *, packed, dtype, causal):
+    """One ``ttt_mlp(impl="triton", cu_seqlens=...)`` call (``packed``) or one chunked call per sequence.
+
+    Returns the outputs (o, then the final anchor and gradient sums when the sequences end at one position
+    of a mini-batch) and the gradients of every leaf that takes one.
+    """
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x = {}
+    for key, val in leaves.items():
+        wants_grad = not (key in SUMS and offset == 0)
+        x[key] = val.to(dtype if key in ("q", "k", "v") else sd).detach().requires_grad_(wants_grad)
+    b = x["token_eta"].shape[0]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=x["q"].device)
+    same_end = len({(offset + n) % b for n in lens}) == 1
+    common = dict(token_eta=x["token_eta"], mini_batch_size=b, causal=causal, output_final_state=same_end)
+    tok = lambda sl: (x[key][:, :, sl] for key in ("q", "k", "v", "lr"))  # noqa: E731
+    if packed:
+        state = TTTState(
+            *[tuple(x[n] for n in names) for names in (STATE, STATE, SUMS)], offset, b, "ttt_mlp"
+        )
+        o, final = ttt_mlp(*tok(slice(None)), x["ln_weight"], x["ln_bias"], initial_state=state, impl="triton",
+                           cu_seqlens=cu, **common)  # fmt: skip
+        finals = [final] if same_end else []
+    else:
+        parts, finals = [], []
+        for n in range(len(lens)):
+            rows = [tuple(x[key][n : n + 1] for key in names) for names in (STATE, STATE, SUMS)]
+            o, final = ttt_mlp(
+                *tok(slice(cu[n], cu[n + 1])), x["ln_weight"], x["ln_bias"],
+                initial_state=TTTState(*rows, offset, b, "ttt_mlp"), impl="chunk", **common,
+            )  # fmt: skip
+            parts.append(o)
+            finals.append(final)
+        o = torch.cat(parts, 2)
+        finals = [TTTState.cat(finals)] if same_end else []
+    outs = [o] + [t for f in finals for t in (*f.anchor, *f.grad_sum)]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+               for t in outs)  # fmt: skip
+    loss.backward()
+    return outs, {key: val.grad for key, val in x.items() if val.requires_grad}
+
+
+def compare_varlen(lens, offset, *, causal, D, M, dtype, b=8, H=2):
+    """Packed triton call == one chunked float64 call per sequence: outputs, states, all gradients."""
+    leaves, _ = make_case(len(lens), H, sum(lens), D, M, b=b, offset=offset, seed=sum(lens) + offset + M)
+    for key in ("q", "k", "v", "lr"):
+        leaves[key] = leaves[key][:1]  # packed along T: [1, H, sum T_n, ...]
+    kw = dict(causal=causal)
+    ref, g_ref = _varlen_run(leaves, lens, offset, packed=False, dtype=torch.float64, **kw)
+    low, g_low = _varlen_run(leaves, lens, offset, packed=False, dtype=dtype, **kw)
+    got, g_got = _varlen_run(leaves, lens, offset, packed=True, dtype=dtype, **kw)
+    assert len(got) == len(ref)
+    for name, a, r, lo in zip(["o", *STATE, *SUMS], got, ref, low):
+        budget_check(name, a, r, lo, dtype)
+    assert g_got.keys() == g_ref.keys()
+    n_tok = leaves["lr"].numel()
+    for key in g_ref:
+        n_sum = n_tok if key in ("token_eta", "ln_weight", "ln_bias") else 1
+        budget_check(f"grad {key}", g_got[key], g_ref[key], g_low[key], dtype, n_sum)
+
+
+# mini-batch 8: (5, 16, 23) end at different positions of a mini-batch (no final state) and cover one
+# segment, full and partial last mini-batches; (16, 32) end at one position (final state compared);
+# M = 80 walks the backward in three 32-column tiles, the last one half masked
+VARLEN = [
+    ((5, 16, 23), 0, True, 64),
+    ((5, 16, 23), 3, True, 64),
+    ((16, 32), 3, True, 64),
+    ((16, 32), 0, False, 64),
+    ((5, 16, 23), 0, False, 80),
+]
+
+
+@pytest.mark.parametrize(
+    "lens,offset,causal,M", VARLEN, ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x)
+)
+def test_varlen_equals_per_sequence(lens, offset, causal, M, nan_poison):
+    # NaN poisoning: segments past a short sequence's end must not read unwritten checkpoints
+    compare_varlen(list(lens), offset, causal=causal, D=16, M=M, dtype=torch.float32)
+
+
+def test_varlen_one_launch(monkeypatch):
+    """Packed sequences run one forward launch and one backward launcher call, not one per sequence."""
+    fn = importlib.import_module("ttt.ops.ttt_mlp.triton.function")
+    calls = []
+    for name in ("chunk_ttt_mlp_fwd_fused", "chunk_ttt_mlp_bwd"):
+        orig = getattr(fn, name)
+        counted = lambda *a, _f=orig, _n=name, **kw: calls.append(_n) or _f(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(fn, name, counted)
+    leaves, _ = make_case(3, 1, 24, 16, 64, b=8, seed=9)
+    for key in ("q", "k", "v", "lr"):
+        leaves[key] = leaves[key][:1]
+    _varlen_run(leaves, [1, 9, 14], 0, packed=True, dtype=torch.float32, causal=True)
+    assert calls == ["chunk_ttt_mlp_fwd_fused", "chunk_ttt_mlp_bwd"]
+
+
 @pytest.fixture
 def nan_poison(monkeypatch):
     """Fill every torch.empty / empty_like / new_empty buffer with NaN, so unwritten outputs show."""
@@ -185,3 +282,10 @@ GPU_CASES = [
 def test_gpu_chunk(B, H, T, D, M, offset, causal, dtype, nan_poison):
     leaves, meta = make_case(B, H, T, D, M, offset=offset, seed=T + D)
     compare(leaves, meta, causal=causal, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_gpu_varlen(causal, nan_poison):
+    compare_varlen([300, 77, 512], 0, causal=causal, D=64, M=256, dtype=torch.bfloat16, b=16, H=4)

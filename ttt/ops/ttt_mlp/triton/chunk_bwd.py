@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks
+from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks, _span, varlen_plan
 from .chunk_fwd import _gelu_tanh
 
 # widest M tile (columns of W1 / rows of W2) a kernel holds in registers, and the warps per program.
@@ -117,17 +117,19 @@ def _inner_z2(b_k, w1, b1, w2, o_d, o_j, m_d, D: tl.constexpr, M: tl.constexpr, 
     return b_z2
 
 
+@triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T", "offset", "NS", "N0"])
 def chunk_ttt_mlp_bwd_kernel_local(
     q, k, v, lr, te, ln_w, ln_b, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, do,
     dq, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dte_p, dlnw_p, dlnb_p,
-    dg0l_w1, dg0l_b1, dg0l_w2, dg0l_b2, T, offset, NS, N0, eps,
+    dg0l_w1, dg0l_b1, dg0l_w2, dg0l_b2, cu_seqlens, T, offset, NS, N0, eps,
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr,
     NMT: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    HAS_S: tl.constexpr,
+    HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Output path of segment N0 + program_id(0); HAS_S: the segment reads the carried gradient sums."""
     n, i_bh = tl.program_id(0) + N0, tl.program_id(1)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -138,19 +140,24 @@ def chunk_ttt_mlp_bwd_kernel_local(
     b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
 
-    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
-    p_tm = i_bh64 * T * M + o_t[:, None] * M
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
+    p_tm = tok0 * M + o_t[:, None] * M
     m_td = m_t[:, None] & m_d[None, :]
     b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     p_ck = i_bh64 * NS + n
-    w1, b1, w2 = ckpt_w1 + p_ck * D * M, ckpt_b1 + p_ck * M, ckpt_w2 + p_ck * M * D
+    p_w = p_ck
+    if IS_VARLEN:
+        # segments past the end of a short packed sequence were never checkpointed: they read the last
+        # one (finite; their rows are all masked, so every partial they write is zero)
+        p_w = i_bh64 * NS + tl.minimum(n, NS_i - 1)
+    w1, b1, w2 = ckpt_w1 + p_w * D * M, ckpt_b1 + p_w * M, ckpt_w2 + p_w * M * D
     s1, sb1, s2 = g0_w1 + i_bh64 * D * M, g0_b1 + i_bh64 * M, g0_w2 + i_bh64 * M * D
-    b_b2 = tl.load(ckpt_b2 + p_ck * D + o_d, mask=m_d, other=0.0)
+    b_b2 = tl.load(ckpt_b2 + p_w * D + o_d, mask=m_d, other=0.0)
 
     # inner gradient G2 at the anchor (needs Z2, a sum over all M tiles)
     b_z2 = _inner_z2(b_k, w1, b1, w2, o_d, o_j, m_d, D, M, BT, BD, BMT, NMT, PREC) + b_b2[None, :]
@@ -257,7 +264,7 @@ def chunk_ttt_mlp_bwd_kernel_local(
     b_dq += tl.dot(b_dp1, b_k, input_precision=PREC)
     tl.store(dq + p_tok, b_dq.to(dq.dtype.element_ty), mask=m_td)
     tl.store(dk_f + p_tok, tl.dot(tl.trans(b_dp1), b_q, input_precision=PREC), mask=m_td)
-    tl.store(dlr_f + i_bh64 * T + o_t, b_dlr, mask=m_t)
+    tl.store(dlr_f + tok0 + o_t, b_dlr, mask=m_t)
     if CAUSAL:
         b_dte = tl.where(m_t, b_deta, 0.0)
     else:
@@ -272,7 +279,7 @@ def _seq_segment(
     dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
     dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
     b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-    i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps,
+    i_bh64, tok0, o_i, o_d, o_j, m_d, T, offset, NS, eps,
     D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr, NMT: tl.constexpr,
     MB: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
@@ -284,13 +291,13 @@ def _seq_segment(
     """
     # causal or not only changes the output path (local kernel): the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
-    p_tm = i_bh64 * T * M + o_t[:, None] * M
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
+    p_tm = tok0 * M + o_t[:, None] * M
     m_td = m_t[:, None] & m_d[None, :]
     b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     b_dz2b = tl.load(dz2b_f + p_tok, mask=m_td, other=0.0)
     p_ck = i_bh64 * NS + n
     w1, b1, w2 = ckpt_w1 + p_ck * D * M, ckpt_b1 + p_ck * M, ckpt_w2 + p_ck * M * D
@@ -415,27 +422,41 @@ def _seq_segment(
     b_db2 += tl.sum(b_dz2b, axis=0) + tl.sum(b_dz2, axis=0)
 
     b_dk += tl.load(dk_f + p_tok, mask=m_td, other=0.0)
-    b_dlr += tl.load(dlr_f + i_bh64 * T + o_t, mask=m_t, other=0.0)
+    b_dlr += tl.load(dlr_f + tok0 + o_t, mask=m_t, other=0.0)
     tl.store(dk + p_tok, b_dk.to(dk.dtype.element_ty), mask=m_td)
     tl.store(dv + p_tok, b_dtgt.to(dv.dtype.element_ty), mask=m_td)
-    tl.store(dlr_f + i_bh64 * T + o_t, b_dlr, mask=m_t)
+    tl.store(dlr_f + tok0 + o_t, b_dlr, mask=m_t)
     if not PARTIAL:
         b_dte += tl.where(o_i == MB - 1, dte_last, 0.0)
     return b_db2, b_dte, b_dgamma, b_dbeta
 
 
+@triton.heuristics(
+    {
+        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+        "HAS_IDS": lambda args: args["ids"] is not None,
+    }
+)
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
 def chunk_ttt_mlp_bwd_kernel_seq(
     q, k, v, lr, te, ln_w, ln_b, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2,
     dht_b2, dgt_w1, dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f,
     dk, dv, dte_s, dlnw_s, dlnb_s, dh_w1, dh_b1, dh_w2, dh_b2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-    T, offset, NS, eps,
+    cu_seqlens, ids, T, offset, NS, eps,
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr,
     NMT: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
-    LAST_PARTIAL: tl.constexpr, ONE_SEGMENT: tl.constexpr,
+    LAST_PARTIAL: tl.constexpr, ONE_SEGMENT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_IDS: tl.constexpr,
 ):  # fmt: skip
-    """Reverse sweep for one (batch, head). dh_w1 / dh_b1 / dh_w2 must hold d(final anchor) on entry."""
-    i_bh = tl.program_id(0)
+    """Reverse sweep for one (batch, head). dh_w1 / dh_b1 / dh_w2 must hold d(final anchor) on entry.
+
+    Packed sequences are launched in groups sharing (LAST_PARTIAL, ONE_SEGMENT); ``ids`` maps a program to
+    its (sequence, head).
+    """
+    if HAS_IDS:
+        i_bh = tl.load(ids + tl.program_id(0))
+    else:
+        i_bh = tl.program_id(0)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -462,26 +483,26 @@ def chunk_ttt_mlp_bwd_kernel_seq(
             dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
             dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
             b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
             LAST_PARTIAL, True,
         )  # fmt: skip
     else:
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            NS - 1, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2,
+            NS_i - 1, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2,
             dgt_w1, dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f,
             dk, dv,
             dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
             b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
             LAST_PARTIAL, False,
         )  # fmt: skip
-        for i_s in range(2, NS):
+        for i_s in range(2, NS_i):
             b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-                NS - i_s, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1,
+                NS_i - i_s, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1,
                 dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
                 dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
                 b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-                i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+                i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
                 False, False,
             )  # fmt: skip
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
@@ -489,7 +510,7 @@ def chunk_ttt_mlp_bwd_kernel_seq(
             dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
             dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
             b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, o_i, o_d, o_j, m_d, T, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC, False, True,
+            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC, False, True,
         )  # fmt: skip
     tl.store(dh_b2 + i_bh64 * D + o_d, b_db2, mask=m_d)
     tl.store(dte_s + i_bh64 * MB + o_i, b_dte, mask=o_i < MB)
@@ -526,6 +547,7 @@ def chunk_ttt_mlp_bwd(
     offset: int,
     causal: bool,
     eps: float,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple:
     """Launch the backward.
 
@@ -535,6 +557,8 @@ def chunk_ttt_mlp_bwd(
         ckpt: per-segment anchors (W1 ``[B, H, NS, D, M]``, b1 ``[B, H, NS, M]``, W2 ``[B, H, NS, M, D]``,
             b2 ``[B, H, NS, D]``) fp32; g0: the carried gradient sums (W1 / b1 / W2 / b2 shapes, fp32).
         dht, dgt: gradients w.r.t. the final anchor and the final gradient sums (fp32, same shapes as g0).
+        cu_seqlens: ``[N + 1]`` offsets of N sequences packed along T (q ``[1, H, sum T_n, D]``): B = N in
+            the state shapes and NS is the most segments of any sequence. Default: None.
 
     Returns:
         dq, dk, dv (dtype of q), dlr ``[B, H, T]`` fp32, dte ``[b]``, dln_w, dln_b ``[H, D]``, the gradient
@@ -543,17 +567,17 @@ def chunk_ttt_mlp_bwd(
     Temporary memory per (batch, head): fp32 X2b, dZ1b, dG1_loc, dX2_loc ``[T, M]`` and dZ2b, dG2_loc,
     partial dk ``[T, D]`` (4 T M + 3 T D floats), plus per-segment partials of size ``b + 2 D``.
     """
-    B, H, T, D = q.shape
+    Bq, H, T, D = q.shape
     M = g0[1].shape[-1]
     MB = token_eta.shape[0]
-    NS = triton.cdiv(offset + T, MB)
+    B, NS, lens = varlen_plan(cu_seqlens, offset, MB, Bq, T)
     meta = dict(H=H, D=D, M=M, MB=MB, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 **block_sizes(D, M, MB))  # fmt: skip
     f32 = dict(dtype=torch.float32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    x2b_f, dz1b_f, dg1l_f, dx2l_f = (q.new_empty(B, H, T, M, **f32) for _ in range(4))
-    dz2b_f, dg2l_f, dk_f = (q.new_empty(B, H, T, D, **f32) for _ in range(3))
-    dlr = q.new_empty(B, H, T, **f32)
+    x2b_f, dz1b_f, dg1l_f, dx2l_f = (q.new_empty(Bq, H, T, M, **f32) for _ in range(4))
+    dz2b_f, dg2l_f, dk_f = (q.new_empty(Bq, H, T, D, **f32) for _ in range(3))
+    dlr = q.new_empty(Bq, H, T, **f32)
     dte_p = q.new_empty(B, H, NS, MB, **f32)
     dlnw_p, dlnb_p = q.new_empty(B, H, NS, D, **f32), q.new_empty(B, H, NS, D, **f32)
     dg0l = tuple(torch.empty_like(t) for t in g0)
@@ -570,14 +594,22 @@ def chunk_ttt_mlp_bwd(
         chunk_ttt_mlp_bwd_kernel_local[(ns, B * H)](
             q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, do,
             dq, dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dte_p, dlnw_p, dlnb_p, *dg0l,
-            T, offset, NS, n0, eps, CAUSAL=causal, HAS_S=has_s, num_warps=NUM_WARPS, **meta,
+            cu_seqlens, T, offset, NS, n0, eps, CAUSAL=causal, HAS_S=has_s, num_warps=NUM_WARPS, **meta,
         )  # fmt: skip
-    chunk_ttt_mlp_bwd_kernel_seq[(B * H,)](
-        q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, dht[3], *dgt,
-        dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dte_s, dlnw_s, dlnb_s,
-        *dh0, *dg0s, T, offset, NS, eps,
-        LAST_PARTIAL=(offset + T) % MB != 0, ONE_SEGMENT=NS == 1, num_warps=NUM_WARPS, **meta,
-    )  # fmt: skip
+    # the sequential kernel peels its first / last segments with constexpr flags: packed sequences are
+    # launched in groups that share them
+    groups = {}
+    for n, t in enumerate(lens or [T] * B):
+        flags = ((offset + t) % MB != 0, triton.cdiv(offset + t, MB) == 1)
+        groups.setdefault(flags, []).extend(n * H + h for h in range(H))
+    for (last_partial, one_segment), members in groups.items():
+        ids = None if len(groups) == 1 else torch.tensor(members, dtype=torch.int32, device=q.device)
+        chunk_ttt_mlp_bwd_kernel_seq[(len(members),)](
+            q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, dht[3], *dgt,
+            dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dte_s, dlnw_s, dlnb_s,
+            *dh0, *dg0s, cu_seqlens, ids, T, offset, NS, eps,
+            LAST_PARTIAL=last_partial, ONE_SEGMENT=one_segment, num_warps=NUM_WARPS, **meta,
+        )  # fmt: skip
     dte = dte_p.sum((0, 1, 2)) + dte_s.sum((0, 1))
     dln_w = dlnw_p.sum((0, 2)) + dlnw_s.sum(0)
     dln_b = dlnb_p.sum((0, 2)) + dlnb_s.sum(0)

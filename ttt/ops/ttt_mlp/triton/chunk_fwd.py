@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks
+from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks, _span, varlen_plan
 
 
 @triton.jit
@@ -34,17 +34,22 @@ def _gelu_tanh(x):
 def _mlp_segment(
     n, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, gt_w1, gt_b1, gt_w2, gt_b2,
     ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_w1, b_b1, b_w2, b_b2, b_gamma, b_beta, b_te, te_last,
-    i_bh64, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, eps,
+    i_bh64, tok0, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, NS_i, eps,
     D: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
     PREC: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
+    """One mini-batch segment: outputs, checkpoint, and the anchor after it. Returns (W1, b1, W2, b2).
+
+    tok0, T, NS_i: this sequence's first token, length and segment count; NS: the checkpoint stride
+    (the most segments of any sequence of the call).
+    """
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = i_bh64 * T * D + o_t[:, None] * D + o_d[None, :]
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
     m_td = m_t[:, None] & m_d[None, :]
     b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh64 * T + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     if STORE_CKPT:
         p_ck = i_bh64 * NS + n
         tl.store(ckpt_w1 + p_ck * D * M + o_dm, b_w1, mask=m_dm)
@@ -120,7 +125,7 @@ def _mlp_segment(
         b_u2 += b_s2
         b_ub2 += b_sb2
     # a trailing partial mini-batch hands its gradient sums to the next call
-    if n == NS - 1:
+    if n == NS_i - 1:
         keep = 1.0 - f_done
         tl.store(gt_w1 + i_bh64 * D * M + o_dm, keep * b_u1, mask=m_dm)
         tl.store(gt_b1 + i_bh64 * M + o_m, keep * b_ub1, mask=m_m)
@@ -130,16 +135,24 @@ def _mlp_segment(
     return b_w1 - step * b_u1, b_b1 - step * b_ub1, b_w2 - step * b_u2, b_b2 - step * b_ub2
 
 
-@triton.heuristics({"STORE_CKPT": lambda args: args["ckpt_w1"] is not None})
+@triton.heuristics(
+    {
+        "STORE_CKPT": lambda args: args["ckpt_w1"] is not None,
+        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+    }
+)
 @triton.jit(do_not_specialize=["T", "offset", "NS"])
 def chunk_ttt_mlp_fwd_kernel_fused(
     q, k, v, lr, te, ln_w, ln_b, h0_w1, h0_b1, h0_w2, h0_b2, g0_w1, g0_b1, g0_w2, g0_b2,
     o, ht_w1, ht_b1, ht_w2, ht_b2, gt_w1, gt_b1, gt_w2, gt_b2, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2,
-    T, offset, NS, eps,
+    cu_seqlens, T, offset, NS, eps,
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, STORE_CKPT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     i_bh = tl.program_id(0)
+    # packed sequences: program i_bh = n * H + h runs sequence n (its own length and segment count)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -164,14 +177,14 @@ def chunk_ttt_mlp_fwd_kernel_fused(
     b_w1, b_b1, b_w2, b_b2 = _mlp_segment(
         0, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, gt_w1, gt_b1, gt_w2, gt_b2,
         ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_w1, b_b1, b_w2, b_b2, b_gamma, b_beta, b_te, te_last,
-        i_bh64, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, eps,
+        i_bh64, tok0, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T_i, offset, NS, NS_i, eps,
         D, M, MB, BT, CAUSAL, PREC, STORE_CKPT, True,
     )  # fmt: skip
-    for n in range(1, NS):
+    for n in range(1, NS_i):
         b_w1, b_b1, b_w2, b_b2 = _mlp_segment(
             n, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, gt_w1, gt_b1, gt_w2, gt_b2,
             ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_w1, b_b1, b_w2, b_b2, b_gamma, b_beta, b_te, te_last,
-            i_bh64, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T, offset, NS, eps,
+            i_bh64, tok0, o_i, o_d, o_m, m_d, m_m, o_dm, o_md, m_dm, m_md, T_i, offset, NS, NS_i, eps,
             D, M, MB, BT, CAUSAL, PREC, STORE_CKPT, False,
         )  # fmt: skip
     tl.store(ht_w1 + i_bh64 * D * M + o_dm, b_w1, mask=m_dm)
@@ -181,15 +194,19 @@ def chunk_ttt_mlp_fwd_kernel_fused(
 
 
 def chunk_ttt_mlp_fwd_fused(
-    q, k, v, lr, token_eta, ln_weight, ln_bias, h0, g0, *, offset, causal, eps, store_ckpt
+    q, k, v, lr, token_eta, ln_weight, ln_bias, h0, g0, *, offset, causal, eps, store_ckpt, cu_seqlens=None
 ):
     """Launch the forward. q, k, v [B, H, T, D] contiguous; h0 / g0 = (W1 [B, H, D, M], b1 [B, H, M],
     W2 [B, H, M, D], b2 [B, H, D]) contiguous fp32. Returns o, the final anchor, the final gradient sums and
-    the per-segment anchors (each [B, H, NS, ...]) or None."""
+    the per-segment anchors (each [B, H, NS, ...]) or None.
+
+    ``cu_seqlens`` [N + 1]: N sequences packed along T (q, k, v [1, H, sum T_n, D], lr [1, H, sum T_n]),
+    one program per (sequence, head), all starting at ``offset``; the states then have N rows and NS is
+    the most segments of any sequence."""
     B, H, T, D = q.shape
     M = h0[1].shape[-1]
     MB = token_eta.shape[0]
-    NS = triton.cdiv(offset + T, MB)
+    B, NS, _ = varlen_plan(cu_seqlens, offset, MB, B, T)
     BD, BM = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(M))
     BT = max(16, triton.next_power_of_2(MB))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -200,7 +217,8 @@ def chunk_ttt_mlp_fwd_fused(
     if store_ckpt:
         ckpt = tuple(q.new_empty(B, H, NS, *t.shape[2:], dtype=torch.float32) for t in h0)
     chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
-        q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, *ht, *gt, *ckpt, T, offset, NS, eps,
+        q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset, NS,
+        eps,
         H=H, D=D, M=M, BD=BD, BM=BM, MB=MB, BT=BT, CAUSAL=causal, PREC=prec, num_warps=4 if BM <= 128 else 8,
     )  # fmt: skip
     return o, ht, gt, (ckpt if store_ckpt else None)

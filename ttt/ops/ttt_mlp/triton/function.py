@@ -19,12 +19,16 @@ from .decode import ttt_mlp_decode
 
 
 class ChunkTTTMLPFunction(torch.autograd.Function):
-    """(q, k, v, lr, ln_w, ln_b, token_eta, *anchor(4), *grad_sum(4)) -> (o, *anchor(4), *grad_sum(4))."""
+    """(q, k, v, lr, ln_w, ln_b, token_eta, *anchor(4), *grad_sum(4)) -> (o, *anchor(4), *grad_sum(4)).
+
+    Non-tensor tail: offset, causal, eps, cu_seqlens (None, or ``[N + 1]`` offsets of packed sequences).
+    """
 
     @staticmethod
     def forward(
-        ctx, q, k, v, lr, ln_w, ln_b, token_eta, w1, b1, w2, b2, s1, sb1, s2, sb2, offset, causal, eps
-    ):
+        ctx, q, k, v, lr, ln_w, ln_b, token_eta, w1, b1, w2, b2, s1, sb1, s2, sb2, offset, causal, eps,
+        cu_seqlens,
+    ):  # fmt: skip
         q, k, v, lr = (x.contiguous() for x in (q, k, v, lr))
         f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
         ln_w, ln_b, token_eta = map(f32, (ln_w, ln_b, token_eta))
@@ -44,10 +48,11 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
             causal=causal,
             eps=eps,
             store_ckpt=store,
+            cu_seqlens=cu_seqlens,
         )
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, *g0, *ckpt)
-        ctx.offset, ctx.causal, ctx.eps = offset, causal, eps
+        ctx.offset, ctx.causal, ctx.eps, ctx.cu_seqlens = offset, causal, eps, cu_seqlens
         return (o, *ht, *gt)
 
     @staticmethod
@@ -61,9 +66,9 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
         do = torch.zeros_like(q) if do is None else do.contiguous()
         dq, dk, dv, dlr, dte, dlw, dlb, dh0, dg0 = chunk_ttt_mlp_bwd(
             q, k, v, lr, te, ln_w, ln_b, ckpt, g0, do, dht, dgt,
-            offset=ctx.offset, causal=ctx.causal, eps=ctx.eps,
+            offset=ctx.offset, causal=ctx.causal, eps=ctx.eps, cu_seqlens=ctx.cu_seqlens,
         )  # fmt: skip
-        return dq, dk, dv, dlr.to(lr.dtype), dlw, dlb, dte, *dh0, *dg0, None, None, None
+        return dq, dk, dv, dlr.to(lr.dtype), dlw, dlb, dte, *dh0, *dg0, None, None, None, None
 
 
 def triton_ttt_mlp(
@@ -78,7 +83,8 @@ def triton_ttt_mlp(
     *,
     causal: bool,
     eps: float,
-) -> tuple[Tensor, TTTState]:
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, TTTState | None]:
     """TTT-MLP with the fused Triton forward; same arguments and results as ``chunk_ttt_mlp``.
 
     Args:
@@ -86,22 +92,40 @@ def triton_ttt_mlp(
         lr: ``[B, H, T]``; ln_weight, ln_bias: ``[H, D]``; token_eta: ``[b]``.
         state: ``TTTState`` expanded to batch B with anchor / grad_sum ``(W1 [B, H, D, M], b1 [B, H, M],
             W2 [B, H, M, D], b2 [B, H, D])``.
+        causal: token i answers with the weights after token i (else: after the mini-batch's last token).
+        eps: LayerNorm epsilon.
+        cu_seqlens: optional ``[N + 1]`` int offsets of N sequences packed along T (q, k, v
+            ``[1, H, sum T_n, D]``, lr ``[1, H, sum T_n]``), one program per (sequence, head) in a single
+            forward launch; the state then has N rows, every sequence starting at ``state.offset``.
+            Default: None.
     Returns:
-        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token.
+        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token (packed: after each
+        sequence's last token, or None when the sequences end at different positions of a mini-batch,
+        which one ``TTTState.offset`` cannot express).
     """
     if q.dtype == torch.float64:
         raise TypeError("the Triton TTT-MLP kernel computes in float32; use impl='chunk' for float64 inputs")
     mb, T = token_eta.shape[0], q.shape[2]
     if T == 0:
         return q.clone(), state
-    if T == 1 and causal and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor,
-                                            *state.grad_sum):  # fmt: skip
+    if (
+        T == 1
+        and causal
+        and cu_seqlens is None
+        and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
+    ):
         return decode_through(ttt_mlp_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
     out = ChunkTTTMLPFunction.apply(
-        q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum, state.offset, causal, eps
-    )
+        q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum, state.offset, causal, eps,
+        cu_seqlens,
+    )  # fmt: skip
     o, anchor, grad_sum = out[0], tuple(out[1:5]), tuple(out[5:9])
     offset = (state.offset + T) % mb
+    if cu_seqlens is not None:
+        ends = {(state.offset + int(n)) % mb for n in torch.diff(cu_seqlens.detach().cpu())}
+        if len(ends) > 1:
+            return o, None
+        offset = ends.pop()
     te = token_eta.to(torch.float32)
     weights = anchor if offset == 0 else tuple(a - te[offset - 1] * s for a, s in zip(anchor, grad_sum))
     return o, TTTState(weights, anchor, grad_sum, offset, mb, state.variant)
