@@ -24,6 +24,12 @@ line is in ``../README.md``; in short (E[i, j] = eta_i lr_j on the causal / segm
    segment three passes over the M tiles: (A) Z2 and X2 dU2, (B) the gradient through U, G1 and gelu'
    (gelu''), (C) after the second-order LN-L2 backward, the gradient through Z2 and Z1 into dk and the
    carried anchor gradient.
+
+Packed sequences (``cu_seqlens``): both kernels run one program per (sequence, head). The local kernel's
+grid covers the most segments of any sequence; a segment past a short sequence's end has every row masked
+and reads that sequence's last checkpoint, so its partials are zeros. The sequential kernel is launched
+once per group of sequences sharing its peeled-segment flags (LAST_PARTIAL, ONE_SEGMENT), with ``ids``
+mapping programs to (sequence, head).
 """
 
 from __future__ import annotations

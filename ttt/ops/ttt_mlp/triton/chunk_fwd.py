@@ -11,6 +11,10 @@ The fast weights W1 [D, M], b1 [M], W2 [M, D], b2 [D] stay in registers in fp32.
     o = Q + LN(Z2b);  full mini-batch: W <- W - te[b-1] (S + U) with U1 = K^T (lr G1), U2 = X2^T (lr G2)
 
 With ``ckpt_*`` given, the anchor at the start of every segment is written out (training).
+
+Packed sequences (``cu_seqlens`` [N + 1], q [1, H, sum T_n, D]): one program per (sequence, head), each
+with its own length and segment count (``_span`` / ``varlen_plan`` of TTT-Linear); the checkpoint
+stride is the most segments of any sequence. ``IS_VARLEN`` is a constexpr: the dense path is unchanged.
 """
 
 from __future__ import annotations
