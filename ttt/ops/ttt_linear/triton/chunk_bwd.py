@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _ln_rows, _segment_masks, _span, launch_config, varlen_plan
+from .chunk_fwd import _segment_masks, _span, launch_config, varlen_plan
+from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 
 
 @triton.jit
@@ -37,11 +38,7 @@ def _recompute_inner(
 ):
     """G at Z = K W0 + b0 with the intermediates the second-order backward needs: (G, xhat, rstd, gx, m2)."""
     b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_b[None, :]
-    b_xh, b_rstd = _ln_rows(b_z, m_d, D, eps)
-    b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - (b_v - b_k)) * b_gamma[None, :]
-    b_m2 = tl.sum(b_gx * b_xh, axis=1) / D
-    b_g = (b_gx - tl.sum(b_gx, axis=1)[:, None] / D - b_xh * b_m2[:, None]) * b_rstd[:, None]
-    return tl.where(m_td, b_g, 0.0), b_xh, b_rstd, b_gx, b_m2
+    return _ln_l2_grad(b_z, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)
 
 
 @triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
@@ -127,11 +124,7 @@ def chunk_ttt_linear_bwd_kernel_local(
     # output LayerNorm
     tl.store(dlnw_p + (i_bh64 * NS + n) * D + o_d, tl.sum(b_do * b_xb, axis=0), mask=m_d)
     tl.store(dlnb_p + (i_bh64 * NS + n) * D + o_d, tl.sum(b_do, axis=0), mask=m_d)
-    b_dxb = b_do * b_gamma[None, :]
-    b_dzb = (
-        b_dxb - tl.sum(b_dxb, axis=1)[:, None] / D - b_xb * (tl.sum(b_dxb * b_xb, axis=1) / D)[:, None]
-    ) * b_rstdb[:, None]
-    b_dzb = tl.where(m_td, b_dzb, 0.0)
+    b_dzb = tl.where(m_td, _ln_rows_bwd(b_do * b_gamma[None, :], b_xb, b_rstdb, D), 0.0)
     b_edz = b_eta[:, None] * b_dzb
 
     # intra-segment term -(E * (Q K^T + 1)) G
@@ -220,21 +213,10 @@ def _seq_segment(
         tl.store(dg0s_b + i_bh64 * D + o_d, scale * b_src_b, mask=m_d)
 
     # second-order LN-L2 backward: G(Z, v - k) -> Z, v, k, gamma, beta
-    b_dg = tl.where(m_td, b_dg, 0.0)
-    b_mdx = tl.sum(b_dg * b_xh, axis=1) / D
-    b_gdx = (b_dg - tl.sum(b_dg, axis=1)[:, None] / D - b_xh * b_mdx[:, None]) * b_rstd[:, None]
-    b_gdx = tl.where(m_td, b_gdx, 0.0)
-    b_gxh = -(b_m2[:, None] * b_dg + b_mdx[:, None] * b_gx) * b_rstd[:, None]
-    b_gxh += b_gdx * b_gamma[None, :] * b_gamma[None, :]
-    b_grstd = tl.sum(b_dg * b_g, axis=1) / b_rstd
-    b_dgamma += tl.sum(b_gdx * (2.0 * b_gamma[None, :] * b_xh + b_beta[None, :] - (b_v - b_k)), axis=0)
-    b_dbeta += tl.sum(b_gdx * b_gamma[None, :], axis=0)
-    b_dv = -b_gdx * b_gamma[None, :]
-    b_gz = (
-        b_gxh - tl.sum(b_gxh, axis=1)[:, None] / D - b_xh * (tl.sum(b_gxh * b_xh, axis=1) / D)[:, None]
-    ) * b_rstd[:, None]
-    b_gz -= (b_grstd * b_rstd * b_rstd / D)[:, None] * b_xh
-    b_gz = tl.where(m_td, b_gz, 0.0)
+    b_gz, b_dv, b_dgm, b_dbt = _ln_l2_grad_bwd(b_dg, b_g, b_xh, b_rstd, b_gx, b_m2, b_v - b_k, b_gamma, b_beta,
+                                               m_td, D)  # fmt: skip
+    b_dgamma += b_dgm
+    b_dbeta += b_dbt
     b_dk += tl.dot(b_gz, tl.trans(b_w), input_precision=PREC) - b_dv
 
     # gradient w.r.t. this segment's anchor = the previous segment's output anchor

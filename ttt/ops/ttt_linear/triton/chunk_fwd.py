@@ -19,27 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _ln_rows(z, m_d, D: tl.constexpr, eps):
-    """Row LayerNorm statistics of z [BT, BD] over the D valid columns: (xhat, rstd [BT])."""
-    mu = tl.sum(z, axis=1) / D
-    zc = tl.where(m_d[None, :], z - mu[:, None], 0.0)
-    var = tl.sum(zc * zc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    return zc * rstd[:, None], rstd
+from .ln_l2 import _ln_l2_grad, _ln_rows
 
 
 @triton.jit
 def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.constexpr, eps, PREC: tl.constexpr):
     """G = d/dZ 0.5 * ||LN(Z) - (v - k)||^2 at Z = k W0 + b0, rows outside m_row zeroed. [BT, BD]"""
     b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_bias[None, :]
-    b_xh, b_rstd = _ln_rows(b_z, m_d, D, eps)
-    b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - (b_v - b_k)) * b_gamma[None, :]
-    b_g = (
-        b_gx - tl.sum(b_gx, axis=1)[:, None] / D - b_xh * (tl.sum(b_gx * b_xh, axis=1) / D)[:, None]
-    ) * b_rstd[:, None]
-    return tl.where(m_row[:, None] & m_d[None, :], b_g, 0.0)
+    b_g, _, _, _, _ = _ln_l2_grad(b_z, b_v - b_k, b_gamma, b_beta, m_row[:, None] & m_d[None, :], m_d, D, eps)
+    return b_g
 
 
 @triton.jit

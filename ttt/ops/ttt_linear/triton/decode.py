@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...types import TTTState
-from .chunk_fwd import _ln_rows
+from .ln_l2 import _ln_l2_grad, _ln_rows
 
 
 @triton.jit
@@ -35,6 +35,13 @@ def _ln_vec(z, m_d, D: tl.constexpr, eps):
     """LayerNorm statistics of one row z [BD] over its D valid entries: (xhat, rstd)."""
     xh, rstd = _ln_rows(z[None, :], m_d, D, eps)
     return tl.sum(xh, axis=0), tl.sum(rstd, axis=0)
+
+
+@triton.jit
+def _ln_l2_grad_vec(z, tgt, gamma, beta, m_d, D: tl.constexpr, eps):
+    """``_ln_l2_grad`` of one row z [BD] (padding zeroed)."""
+    g, _, _, _, _ = _ln_l2_grad(z[None, :], tgt[None, :], gamma, beta, m_d[None, :], m_d, D, eps)
+    return tl.sum(g, axis=0)
 
 
 @triton.heuristics(
@@ -77,10 +84,7 @@ def ttt_linear_decode_kernel(
     b_b = tl.load(bias + p_d, mask=m_d, other=0.0)
     # inner gradient at the anchor
     b_z = tl.sum(b_k[:, None] * b_w, axis=0) + b_b
-    b_xh, b_rstd = _ln_vec(b_z, m_d, D, eps)
-    b_gx = (b_xh * b_gamma + b_beta - (b_v - b_k)) * b_gamma
-    b_g = (b_gx - tl.sum(b_gx, axis=0) / D - b_xh * (tl.sum(b_gx * b_xh, axis=0) / D)) * b_rstd
-    b_g = tl.where(m_d, b_g, 0.0) * b_lr
+    b_g = _ln_l2_grad_vec(b_z, b_v - b_k, b_gamma, b_beta, m_d, D, eps) * b_lr
     # the token joins the mini-batch's gradient sum
     b_sw = tl.load(sw + p_dd, mask=m_dd, other=0.0) + b_k[:, None] * b_g[None, :]
     b_sb = tl.load(sb + p_d, mask=m_d, other=0.0) + b_g
