@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...ttt_linear.triton.decode import _ln_vec, check_decode
+from ...ttt_linear.triton.decode import _ln_l2_grad_vec, _ln_vec, check_decode
 from .chunk_fwd import _gelu_tanh
 
 
@@ -87,10 +87,7 @@ def ttt_mlp_decode_kernel(
         b_z2 += tl.sum(tl.load(w2 + p_md, mask=m_dm, other=0.0) * tl.where(m_m, b_x2, 0.0)[None, :], axis=1)
 
     # the LN + L2 gradient at z2, weighted by this token's lr
-    b_xh, b_rstd = _ln_vec(b_z2, m_d, D, eps)
-    b_gx = (b_xh * b_gamma + b_beta - (b_v - b_k)) * b_gamma
-    b_g2 = (b_gx - tl.sum(b_gx, axis=0) / D - b_xh * (tl.sum(b_gx * b_xh, axis=0) / D)) * b_rstd
-    b_g2 = tl.where(m_d, b_g2, 0.0) * b_lr
+    b_g2 = _ln_l2_grad_vec(b_z2, b_v - b_k, b_gamma, b_beta, m_d, D, eps) * b_lr
     b_sb2 = tl.load(sb2 + p_d, mask=m_d, other=0.0) + b_g2
     b_zq2 = b_b2 - eta * b_sb2
 
