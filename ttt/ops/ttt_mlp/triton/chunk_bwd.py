@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh
 
 # widest M tile (columns of W1 / rows of W2) a kernel holds in registers, and the warps per program.
@@ -74,40 +75,6 @@ def _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D: tl.constexpr, M: tl.constexp
     b_b1 = tl.load(b1 + o_m, mask=m_m, other=0.0)
     b_w2 = tl.load(w2 + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
     return b_w1, b_b1, b_w2
-
-
-@triton.jit
-def _ln_l2_grad(b_z, b_tgt, b_gamma, b_beta, m_td, m_d, D: tl.constexpr, eps):
-    """G = d/dZ 0.5 ||LN(Z) - tgt||^2 per row of Z [BT, BD] and what its backward needs: (G, xhat, rstd,
-    gx = (LN(Z) - tgt) * gamma, m2 = mean(gx * xhat))."""
-    b_xh, b_rstd = _ln_rows(b_z, m_d, D, eps)
-    b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - b_tgt) * b_gamma[None, :]
-    b_m2 = tl.sum(b_gx * b_xh, axis=1) / D
-    b_g = (b_gx - tl.sum(b_gx, axis=1)[:, None] / D - b_xh * b_m2[:, None]) * b_rstd[:, None]
-    return tl.where(m_td, b_g, 0.0), b_xh, b_rstd, b_gx, b_m2
-
-
-@triton.jit
-def _ln_l2_grad_bwd(b_dg, b_g, b_xh, b_rstd, b_gx, b_m2, b_tgt, b_gamma, b_beta, m_td, D: tl.constexpr):
-    """Second-order backward of ``_ln_l2_grad``: dG [BT, BD] -> (dZ, d tgt, d gamma, d beta) (the last two
-    summed over rows). G = (gx - mean gx - xh mean(gx xh)) rstd, gx = (xh gamma + beta - tgt) gamma."""
-    b_dg = tl.where(m_td, b_dg, 0.0)
-    b_mdx = tl.sum(b_dg * b_xh, axis=1) / D
-    # gradient w.r.t. gx
-    b_gdx = (b_dg - tl.sum(b_dg, axis=1)[:, None] / D - b_xh * b_mdx[:, None]) * b_rstd[:, None]
-    b_gdx = tl.where(m_td, b_gdx, 0.0)
-    # gradient w.r.t. xhat (through G directly and through gx) and rstd
-    b_gxh = -(b_m2[:, None] * b_dg + b_mdx[:, None] * b_gx) * b_rstd[:, None]
-    b_gxh += b_gdx * b_gamma[None, :] * b_gamma[None, :]
-    b_grstd = tl.sum(b_dg * b_g, axis=1) / b_rstd
-    b_dgamma = tl.sum(b_gdx * (2.0 * b_gamma[None, :] * b_xh + b_beta[None, :] - b_tgt), axis=0)
-    b_dbeta = tl.sum(b_gdx * b_gamma[None, :], axis=0)
-    b_dtgt = -b_gdx * b_gamma[None, :]
-    b_dz = (
-        b_gxh - tl.sum(b_gxh, axis=1)[:, None] / D - b_xh * (tl.sum(b_gxh * b_xh, axis=1) / D)[:, None]
-    ) * b_rstd[:, None]
-    b_dz -= (b_grstd * b_rstd * b_rstd / D)[:, None] * b_xh
-    return tl.where(m_td, b_dz, 0.0), b_dtgt, b_dgamma, b_dbeta
 
 
 @triton.jit
@@ -201,11 +168,7 @@ def chunk_ttt_mlp_bwd_kernel_local(
     # output LayerNorm
     tl.store(dlnw_p + p_ck * D + o_d, tl.sum(b_do * b_xb, axis=0), mask=m_d)
     tl.store(dlnb_p + p_ck * D + o_d, tl.sum(b_do, axis=0), mask=m_d)
-    b_dxb = b_do * b_gamma[None, :]
-    b_dz2b = (
-        b_dxb - tl.sum(b_dxb, axis=1)[:, None] / D - b_xb * (tl.sum(b_dxb * b_xb, axis=1) / D)[:, None]
-    ) * b_rstdb[:, None]
-    b_dz2b = tl.where(m_td, b_dz2b, 0.0)
+    b_dz2b = tl.where(m_td, _ln_rows_bwd(b_do * b_gamma[None, :], b_xb, b_rstdb, D), 0.0)
     tl.store(dz2b_f + p_tok, b_dz2b, mask=m_td)
     b_edz2 = b_eta[:, None] * b_dz2b
 

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _ln_rows, _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
 
 @triton.jit
@@ -65,12 +66,7 @@ def _mlp_segment(
     b_z1 = tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :]  # [BT, BM]
     b_x2, b_dgelu = _gelu_tanh(b_z1)
     b_z2 = tl.dot(b_x2, b_w2, input_precision=PREC) + b_b2[None, :]  # [BT, BD]
-    b_xh, b_rstd = _ln_rows(b_z2, m_d, D, eps)
-    b_gx = (b_xh * b_gamma[None, :] + b_beta[None, :] - (b_v - b_k)) * b_gamma[None, :]
-    b_g2 = (
-        b_gx - tl.sum(b_gx, axis=1)[:, None] / D - b_xh * (tl.sum(b_gx * b_xh, axis=1) / D)[:, None]
-    ) * b_rstd[:, None]
-    b_g2 = tl.where(m_td, b_g2, 0.0)
+    b_g2, _, _, _, _ = _ln_l2_grad(b_z2, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)
     b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dgelu  # [BT, BM]
     b_lg1 = b_g1 * b_lr[:, None]
     b_lg2 = b_g2 * b_lr[:, None]
