@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU session's checks and timings, each stage under its own time limit so a slow stage cannot eat
+# the others: the GPU tests of the kernels, then the kernel benchmarks. Results go to $OUT (default
+# ./gpu_out). fla-core / flash-linear-attention (and einops) are installed from wheels in .whl/ if
+# present: `python3 -m pip download --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0 einops`
+# beforehand, since GPU machines here have no internet.
+#
+#   bash benchmarks/gpu_session.sh            # about 9 minutes on an H200
+#   STAGES="tests decode" bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-gpu_out}
+STAGES=${STAGES:-"tests mlp linear decode"}
+mkdir -p "$OUT"
+# the pip of the Python that holds torch (a bare `pip` may belong to another interpreter)
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+for stage in $STAGES; do
+  case $stage in
+    tests)  # every GPU-marked kernel test; compiling the TTT-MLP variants dominates
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops tests/layers/test_cuda.py 2>&1 \
+        | tail -30 | tee "$OUT/gpu_tests.txt" ;;
+    mlp)
+      timeout 200 python3 benchmarks/kernels_ttt_mlp.py --quick --tf32 --out "$OUT/kernels_ttt_mlp.md" 2>&1 | tail -30 ;;
+    linear)
+      timeout 240 python3 benchmarks/kernels_ttt_linear.py --quick --tf32 --decode --out "$OUT/kernels_ttt_linear.md" 2>&1 \
+        | tail -40 ;;
+    decode)
+      timeout 90 python3 benchmarks/kernels_decode.py --quick --out "$OUT/kernels_decode.md" 2>&1 | tail -30 ;;
+  esac
+done
+ls -la "$OUT"
