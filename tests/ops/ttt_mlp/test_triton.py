@@ -251,6 +251,28 @@ def test_varlen_one_launch(monkeypatch):
     assert calls == ["chunk_ttt_mlp_fwd_fused", "chunk_ttt_mlp_bwd"]
 
 
+TILED = [(40, 0, True, 16, 64), (13, 3, True, 24, 40), (32, 0, False, 16, 48)]
+
+
+@pytest.mark.parametrize("T,offset,causal,D,M", TILED, ids=lambda x: str(x))
+def test_chunk_tiled_forward_fp32(monkeypatch, T, offset, causal, D, M):
+    """The tiled forward (anchor stepped in memory, 16-column tiles of M): what hidden sizes too large for
+    the fused forward take; forced here at small sizes. Outputs, state and all gradients."""
+    fwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_fwd")
+    monkeypatch.setattr(fwd, "FUSED_MAX_TILE", 0)
+    monkeypatch.setattr(fwd, "TILED_BLOCK_M", 16)
+    leaves, meta = make_case(1, 2, T, D, M, b=8, offset=offset, seed=T + D)
+    compare(leaves, meta, causal=causal, dtype=torch.float32)
+
+
+def test_varlen_tiled_forward_fp32(monkeypatch):
+    """Packed sequences through the tiled forward."""
+    fwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_fwd")
+    monkeypatch.setattr(fwd, "FUSED_MAX_TILE", 0)
+    monkeypatch.setattr(fwd, "TILED_BLOCK_M", 16)
+    compare_varlen([5, 16, 23], 3, causal=True, D=16, M=40, dtype=torch.float32, b=8, H=1)
+
+
 @pytest.fixture
 def nan_poison(monkeypatch):
     """Fill every torch.empty / empty_like / new_empty buffer with NaN, so unwritten outputs show."""
@@ -266,12 +288,14 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
 
 
-# D = 48 pads to 64; M = 176 pads to 256 in the forward and ends in a half-masked M tile of the backward
+# D = 48 pads to 64; M = 176 pads to 256 in the forward and ends in a half-masked M tile of the backward;
+# D = 128, M = 512 runs the tiled forward
 GPU_CASES = [
     (2, 4, 300, 64, 256, 0, True),
     (1, 2, 301, 64, 256, 7, True),
     (1, 2, 160, 32, 128, 0, False),
     (1, 2, 200, 48, 176, 3, True),
+    (1, 2, 170, 128, 512, 5, True),  # the tiled forward (too large for the fused one)
 ]
 
 

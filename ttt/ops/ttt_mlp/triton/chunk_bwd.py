@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
-from .chunk_fwd import _gelu_tanh
+from .chunk_fwd import _gelu_tanh, _load_w_tile
 
 # widest M tile (columns of W1 / rows of W2) a kernel holds in registers, and the warps per program.
 # Static sm_90 builds (triton 3.9, D = 64, M = 256, bf16) spill the least with 32-column tiles at 8 warps
@@ -66,15 +66,6 @@ def _gelu_tanh_d2(x):
         0.5 * (1.0 + t) + 0.5 * x * s * du,
         s * (du + x * (3.0 * c * a * x - t * du * du)),
     )
-
-
-@triton.jit
-def _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D: tl.constexpr, M: tl.constexpr):
-    """Columns o_m of W1 [D, M] and b1 [M], rows o_m of W2 [M, D], zero outside; pointers at the base."""
-    b_w1 = tl.load(w1 + o_d[:, None] * M + o_m[None, :], mask=m_d[:, None] & m_m[None, :], other=0.0)
-    b_b1 = tl.load(b1 + o_m, mask=m_m, other=0.0)
-    b_w2 = tl.load(w2 + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-    return b_w1, b_b1, b_w2
 
 
 @triton.jit

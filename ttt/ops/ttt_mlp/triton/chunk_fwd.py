@@ -26,6 +26,13 @@ import triton.language as tl
 from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
+# the largest [BD, BM] weight tile the fused forward holds in registers: BD = 64, BM = 256 ran on the H200
+# (its sm_90 build needs 165 KB of shared memory; at BD = 128, BM = 256 it would need 297 KB, over the
+# 227 KB an H100 / H200 block may have). Larger hidden layers take the tiled forward.
+FUSED_MAX_TILE = 64 * 256
+# hidden-dimension tile of the tiled forward (as the backward's MAX_BLOCK_M)
+TILED_BLOCK_M = 32
+
 
 @triton.jit
 def _gelu_tanh(x):
@@ -33,6 +40,23 @@ def _gelu_tanh(x):
     c = 0.7978845608028654
     t = 2.0 * tl.sigmoid(2.0 * c * (x + 0.044715 * x * x * x)) - 1.0
     return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+@triton.jit
+def _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D: tl.constexpr, M: tl.constexpr):
+    """Columns o_m of W1 [D, M] and b1 [M], rows o_m of W2 [M, D], zero outside; pointers at the base."""
+    b_w1 = tl.load(w1 + o_d[:, None] * M + o_m[None, :], mask=m_d[:, None] & m_m[None, :], other=0.0)
+    b_b1 = tl.load(b1 + o_m, mask=m_m, other=0.0)
+    b_w2 = tl.load(w2 + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    return b_w1, b_b1, b_w2
+
+
+@triton.jit
+def _store_w_tile(w1, b1, w2, b_w1, b_b1, b_w2, o_d, o_m, m_d, m_m, D: tl.constexpr, M: tl.constexpr):
+    """The inverse of ``_load_w_tile``: write columns o_m of W1 and b1, rows o_m of W2."""
+    tl.store(w1 + o_d[:, None] * M + o_m[None, :], b_w1, mask=m_d[:, None] & m_m[None, :])
+    tl.store(b1 + o_m, b_b1, mask=m_m)
+    tl.store(w2 + o_m[:, None] * D + o_d[None, :], b_w2, mask=m_m[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -193,6 +217,167 @@ def chunk_ttt_mlp_fwd_kernel_fused(
     tl.store(ht_b2 + i_bh64 * D + o_d, b_b2, mask=m_d)
 
 
+@triton.jit
+def _tiled_segment(
+    n, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, w1, b1, w2, gt_w1, gt_b1, gt_w2, gt_b2,
+    ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_b2, b_gamma, b_beta, b_te, te_last,
+    i_bh64, tok0, o_i, o_d, o_j, m_d, T, offset, NS, NS_i, eps,
+    D: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr,
+    NMT: tl.constexpr, MB: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    STORE_CKPT: tl.constexpr, HAS_S: tl.constexpr,
+):  # fmt: skip
+    """``_mlp_segment`` with the anchor in memory (w1, b1, w2: this program's slices, updated in place)
+    walked in BMT-column tiles of the hidden dimension. Returns b2 after the segment.
+
+    Pass A: Z2 = gelu(K W1 + b1) W2 over the tiles (and the checkpoint); G2 at Z2 + b2. Pass B, per tile:
+    G1, U1, U2, the tile's share of the query path, then the tile's anchor step, written back after a
+    barrier (a tile is read and rewritten by different threads). Same equations as ``_mlp_segment``.
+    """
+    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    p_ck = i_bh64 * NS + n
+
+    # pass A: the inner model's output at the anchor
+    b_z2 = tl.zeros([BT, BD], dtype=tl.float32)
+    for i_m in range(NMT):
+        o_m = i_m * BMT + o_j
+        m_m = o_m < M
+        b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
+        if STORE_CKPT:
+            _store_w_tile(ckpt_w1 + p_ck * D * M, ckpt_b1 + p_ck * M, ckpt_w2 + p_ck * M * D, b_w1, b_b1, b_w2,
+                          o_d, o_m, m_d, m_m, D, M)  # fmt: skip
+        b_x2 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])[0]
+        b_z2 += tl.dot(b_x2, b_w2, input_precision=PREC)
+    if STORE_CKPT:
+        tl.store(ckpt_b2 + p_ck * D + o_d, b_b2, mask=m_d)
+    b_g2 = _ln_l2_grad(b_z2 + b_b2[None, :], b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)[0]
+    b_lg2 = b_g2 * b_lr[:, None]
+    b_ub2 = tl.sum(b_lg2, axis=0)
+    if HAS_S:
+        b_ub2 += tl.load(g0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)
+    if CAUSAL:
+        b_a1 = tl.where(
+            m_a,
+            b_eta[:, None] * b_lr[None, :] * (tl.dot(b_q, tl.trans(b_k), input_precision=PREC) + 1.0),
+            0.0,
+        )
+        b_p2 = tl.zeros([BT, BT], dtype=tl.float32)  # X2b X2^T, summed over the tiles
+        # b2 - eta (s2 + this segment's earlier tokens) enters through A2 below; the carried sum here
+        b_z2b = b_b2[None, :] + tl.zeros([BT, BD], dtype=tl.float32)
+        if HAS_S:
+            b_z2b -= b_eta[:, None] * tl.load(g0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)[None, :]
+    else:
+        eta_p = tl.max(b_eta, axis=0)  # every row reads the weights after the segment's last token
+        b_z2b = (b_b2 - eta_p * b_ub2)[None, :] + tl.zeros([BT, BD], dtype=tl.float32)
+    step = f_done * te_last
+    keep = 1.0 - f_done
+    tl.debug_barrier()  # pass A's reads of the tiles come before pass B's writes
+
+    # pass B: per tile, the update and the query path
+    for i_m in range(NMT):
+        o_m = i_m * BMT + o_j
+        m_m = o_m < M
+        b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
+        b_x2, b_dgelu = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
+        b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dgelu  # [BT, BMT]
+        b_lg1 = b_g1 * b_lr[:, None]
+        b_u1 = tl.dot(tl.trans(b_k), b_lg1, input_precision=PREC)  # [BD, BMT]
+        b_ub1 = tl.sum(b_lg1, axis=0)
+        b_u2 = tl.dot(tl.trans(b_x2), b_lg2, input_precision=PREC)  # [BMT, BD]
+        if HAS_S:
+            b_s1, b_sb1, b_s2 = _load_w_tile(g0_w1 + i_bh64 * D * M, g0_b1 + i_bh64 * M, g0_w2 + i_bh64 * M * D,
+                                             o_d, o_m, m_d, m_m, D, M)  # fmt: skip
+        if CAUSAL:
+            b_z1b = tl.dot(b_q, b_w1, input_precision=PREC) + b_b1[None, :]
+            b_z1b -= tl.dot(b_a1, b_g1, input_precision=PREC)
+            if HAS_S:
+                b_z1b -= b_eta[:, None] * (tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :])
+            b_x2b = _gelu_tanh(b_z1b)[0]
+            b_z2b += tl.dot(b_x2b, b_w2, input_precision=PREC)
+            if HAS_S:
+                b_z2b -= b_eta[:, None] * tl.dot(b_x2b, b_s2, input_precision=PREC)
+            b_p2 += tl.dot(b_x2b, tl.trans(b_x2), input_precision=PREC)
+        if HAS_S:
+            b_u1 += b_s1
+            b_ub1 += b_sb1
+            b_u2 += b_s2
+        if not CAUSAL:
+            b_x2b = _gelu_tanh(
+                tl.dot(b_q, b_w1 - eta_p * b_u1, input_precision=PREC) + (b_b1 - eta_p * b_ub1)[None, :]
+            )[0]
+            b_z2b += tl.dot(b_x2b, b_w2 - eta_p * b_u2, input_precision=PREC)
+        # a trailing partial mini-batch hands its gradient sums to the next call
+        if n == NS_i - 1:
+            _store_w_tile(gt_w1 + i_bh64 * D * M, gt_b1 + i_bh64 * M, gt_w2 + i_bh64 * M * D, keep * b_u1,
+                          keep * b_ub1, keep * b_u2, o_d, o_m, m_d, m_m, D, M)  # fmt: skip
+        tl.debug_barrier()  # every thread has read this tile before any overwrites it
+        _store_w_tile(w1, b1, w2, b_w1 - step * b_u1, b_b1 - step * b_ub1, b_w2 - step * b_u2, o_d, o_m, m_d,
+                      m_m, D, M)  # fmt: skip
+    tl.debug_barrier()  # the next segment reads the stepped tiles
+
+    if CAUSAL:
+        b_a2 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p2 + 1.0), 0.0)
+        b_z2b -= tl.dot(b_a2, b_g2, input_precision=PREC)
+    b_xb = _ln_rows(b_z2b, m_d, D, eps)[0]
+    tl.store(o + p_tok, (b_q + b_xb * b_gamma[None, :] + b_beta[None, :]).to(o.dtype.element_ty), mask=m_td)
+    if n == NS_i - 1:
+        tl.store(gt_b2 + i_bh64 * D + o_d, keep * b_ub2, mask=m_d)
+    return b_b2 - step * b_ub2
+
+
+@triton.heuristics(
+    {
+        "STORE_CKPT": lambda args: args["ckpt_w1"] is not None,
+        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T", "offset", "NS"])
+def chunk_ttt_mlp_fwd_kernel_tiled(
+    q, k, v, lr, te, ln_w, ln_b, h0_b2, g0_w1, g0_b1, g0_w2, g0_b2,
+    o, ht_w1, ht_b1, ht_w2, ht_b2, gt_w1, gt_b1, gt_w2, gt_b2, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2,
+    cu_seqlens, T, offset, NS, eps,
+    H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr, NMT: tl.constexpr,
+    MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, STORE_CKPT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """The forward for hidden sizes whose [D, M] tiles do not fit on chip: the anchor (W1, b1, W2) lives
+    in ht_* (copied from the initial anchor by the launcher) and is stepped in place; b2 in registers."""
+    i_bh = tl.program_id(0)
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
+    i_h = i_bh % H
+    i_bh64 = i_bh.to(tl.int64)
+    o_i = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_j = tl.arange(0, BMT)
+    m_d = o_d < D
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_b2 = tl.load(h0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)
+    w1, b1, w2 = ht_w1 + i_bh64 * D * M, ht_b1 + i_bh64 * M, ht_w2 + i_bh64 * M * D
+
+    b_b2 = _tiled_segment(
+        0, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, w1, b1, w2, gt_w1, gt_b1, gt_w2, gt_b2,
+        ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_b2, b_gamma, b_beta, b_te, te_last,
+        i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, NS_i, eps,
+        D, M, BT, BD, BMT, NMT, MB, CAUSAL, PREC, STORE_CKPT, True,
+    )  # fmt: skip
+    for n in range(1, NS_i):
+        b_b2 = _tiled_segment(
+            n, q, k, v, lr, te, g0_w1, g0_b1, g0_w2, g0_b2, o, w1, b1, w2, gt_w1, gt_b1, gt_w2, gt_b2,
+            ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, b_b2, b_gamma, b_beta, b_te, te_last,
+            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, NS_i, eps,
+            D, M, BT, BD, BMT, NMT, MB, CAUSAL, PREC, STORE_CKPT, False,
+        )  # fmt: skip
+    tl.store(ht_b2 + i_bh64 * D + o_d, b_b2, mask=m_d)
+
+
 def chunk_ttt_mlp_fwd_fused(
     q, k, v, lr, token_eta, ln_weight, ln_bias, h0, g0, *, offset, causal, eps, store_ckpt, cu_seqlens=None
 ):
@@ -216,9 +401,21 @@ def chunk_ttt_mlp_fwd_fused(
     ckpt = (None,) * 4
     if store_ckpt:
         ckpt = tuple(q.new_empty(B, H, NS, *t.shape[2:], dtype=torch.float32) for t in h0)
-    chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
-        q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset, NS,
-        eps,
-        H=H, D=D, M=M, BD=BD, BM=BM, MB=MB, BT=BT, CAUSAL=causal, PREC=prec, num_warps=4 if BM <= 128 else 8,
-    )  # fmt: skip
+    if BD * BM <= FUSED_MAX_TILE:
+        chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
+            q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset,
+            NS, eps,
+            H=H, D=D, M=M, BD=BD, BM=BM, MB=MB, BT=BT, CAUSAL=causal, PREC=prec,
+            num_warps=4 if BM <= 128 else 8,
+        )  # fmt: skip
+    else:  # the anchor is stepped in place in ht, walked in tiles of the hidden dimension
+        for dst, src in zip(ht[:3], h0[:3]):
+            dst.copy_(src)
+        BMT = min(BM, TILED_BLOCK_M)
+        chunk_ttt_mlp_fwd_kernel_tiled[(B * H,)](
+            q, k, v, lr, token_eta, ln_weight, ln_bias, h0[3], *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset,
+            NS, eps,
+            H=H, D=D, M=M, BD=BD, BMT=BMT, NMT=triton.cdiv(M, BMT), MB=MB, BT=BT, CAUSAL=causal, PREC=prec,
+            num_warps=8,
+        )  # fmt: skip
     return o, ht, gt, (ckpt if store_ckpt else None)
