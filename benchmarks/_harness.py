@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ttt.ops import compile_chunk_steps
+from ttt.testing import budget
 
 GATED = ("o", "dq", "dk", "dv", "dlr")
 
@@ -36,12 +37,10 @@ def gate(run: Callable[[str, torch.dtype], list], dtype: torch.dtype) -> tuple[b
     ref, low, ours = run("chunk", torch.float64), run("chunk", dtype), run("triton", dtype)
     ok, report = True, {}
     for name, r, lo, got in zip(GATED, ref, low, ours):
-        r, lo, got = r.double(), lo.double(), got.double()
         if not torch.isfinite(got).all():
             ok, report[name] = False, "non-finite"
             continue
-        err = (got - r).abs().max().item()
-        bound = 2 * ((lo - r).abs().max().item() + torch.finfo(dtype).eps * r.abs().max().item())
+        err, bound = budget(got, r, lo, dtype)
         report[name] = f"{err:.2e}<={bound:.2e}"
         ok &= err <= bound
     return ok, report

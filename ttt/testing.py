@@ -76,6 +76,31 @@ def dtype_tolerance(dtype: torch.dtype, scale: float = 1.0) -> float:
     ] * scale
 
 
+def budget(
+    got: Tensor, ref64: Tensor, low: Tensor, dtype: torch.dtype, *, factor: float = 2.0, n_sum: int = 1
+) -> tuple[float, float]:
+    """``(err, bound)`` of the STYLE R13 numerics contract for a low-precision kernel result.
+
+    ``err = max|got - ref64|`` must not exceed ``bound = factor * (max|low - ref64| + eps_dtype * max|ref64|
+    * sqrt(n_sum))``, where ``low`` is the reference computed in the kernel's dtype (how much rounding the
+    data itself causes) and ``n_sum`` the number of terms a result sums over (parameter gradients).
+    """
+    got, ref64, low = got.double(), ref64.double(), low.double()
+    err = (got - ref64).abs().max().item()
+    rounding = torch.finfo(dtype).eps * ref64.abs().max().item() * n_sum**0.5
+    return err, factor * ((low - ref64).abs().max().item() + rounding)
+
+
+def assert_within_budget(
+    name: str, got: Tensor, ref64: Tensor, low: Tensor, dtype: torch.dtype, n_sum: int = 1
+) -> None:
+    """Assert ``budget``: factor 2, or 4 for float32, where kernel and reference are both pure round-off
+    in different summation orders (token_eta and LN-parameter gradients sum over every token)."""
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err, bound = budget(got, ref64, low, dtype, factor=4.0 if dtype == torch.float32 else 2.0, n_sum=n_sum)
+    assert err <= bound, f"{name}: max err {err:.3e} > budget {bound:.3e}"
+
+
 def assert_graph_replay_equals_eager(step, fresh_state, token, steps: int, out: Tensor) -> None:
     """A decode step captured in a CUDA graph, replayed ``steps`` times == as many eager steps, bit for bit.
 

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.testing import assert_within_budget  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -76,21 +77,6 @@ def run(leaves, meta, *, impl, dtype, causal, grad=True):
     return outs, final.offset, grads
 
 
-def budget_check(name, got, ref64, low, dtype, n_sum=1):
-    """R13 budget; factor 4 for fp32 (round-off on both sides, different summation orders), else 2.
-
-    ``n_sum``: how many per-token terms the value sums (token_eta and LN-parameter gradients sum over
-    every token of every head); the rounding term grows like its square root.
-    """
-    factor = 4.0 if dtype == torch.float32 else 2.0
-    got, ref64, low = got.double(), ref64.double(), low.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - ref64).abs().max().item()
-    rounding = torch.finfo(dtype).eps * ref64.abs().max().item() * n_sum**0.5
-    bound = factor * ((low - ref64).abs().max().item() + rounding)
-    assert err <= bound, f"{name}: max err {err:.3e} > budget {bound:.3e}"
-
-
 def compare(leaves, meta, *, causal, dtype, grad=True):
     outs64, off64, g64 = run(leaves, meta, impl="chunk", dtype=torch.float64, causal=causal, grad=grad)
     outs_lo, _, g_lo = run(leaves, meta, impl="chunk", dtype=dtype, causal=causal, grad=grad)
@@ -99,11 +85,11 @@ def compare(leaves, meta, *, causal, dtype, grad=True):
     assert outs[0].dtype == dtype
     names = ["o", *STATE, *SUMS, *(f"weights_{n}" for n in STATE)]
     for name, a, r, lo in zip(names, outs, outs64, outs_lo):
-        budget_check(name, a, r, lo, dtype)
+        assert_within_budget(name, a, r, lo, dtype)
     n_tok = leaves["lr"].numel()
     for key in g:
         n_sum = n_tok if key in ("token_eta", "ln_weight", "ln_bias") else 1
-        budget_check(f"grad {key}", g[key], g64[key], g_lo[key], dtype, n_sum)
+        assert_within_budget(f"grad {key}", g[key], g64[key], g_lo[key], dtype, n_sum)
 
 
 CASES = [(40, 0), (40, 5), (9, 3), (13, 3)]
@@ -208,12 +194,12 @@ def compare_varlen(lens, offset, *, causal, D, M, dtype, b=8, H=2):
     got, g_got = _varlen_run(leaves, lens, offset, packed=True, dtype=dtype, **kw)
     assert len(got) == len(ref)
     for name, a, r, lo in zip(["o", *STATE, *SUMS], got, ref, low):
-        budget_check(name, a, r, lo, dtype)
+        assert_within_budget(name, a, r, lo, dtype)
     assert g_got.keys() == g_ref.keys()
     n_tok = leaves["lr"].numel()
     for key in g_ref:
         n_sum = n_tok if key in ("token_eta", "ln_weight", "ln_bias") else 1
-        budget_check(f"grad {key}", g_got[key], g_ref[key], g_low[key], dtype, n_sum)
+        assert_within_budget(f"grad {key}", g_got[key], g_ref[key], g_low[key], dtype, n_sum)
 
 
 # mini-batch 8: (5, 16, 23) end at different positions of a mini-batch (no final state) and cover one
@@ -271,21 +257,6 @@ def test_varlen_tiled_forward_fp32(monkeypatch):
     monkeypatch.setattr(fwd, "FUSED_MAX_TILE", 0)
     monkeypatch.setattr(fwd, "TILED_BLOCK_M", 16)
     compare_varlen([5, 16, 23], 3, causal=True, D=16, M=40, dtype=torch.float32, b=8, H=1)
-
-
-@pytest.fixture
-def nan_poison(monkeypatch):
-    """Fill every torch.empty / empty_like / new_empty buffer with NaN, so unwritten outputs show."""
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
 
 
 # D = 48 pads to 64; M = 176 pads to 256 in the forward and ends in a half-masked M tile of the backward;
