@@ -24,6 +24,8 @@ with constexpr flags (only they need the extra [D, D] tiles), the parallel kerne
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -303,6 +305,51 @@ def chunk_ttt_linear_bwd_kernel_seq(
     tl.store(dlnb_s + i_bh64 * D + o_d, b_dbeta, mask=m_d)
 
 
+class LocalGrads(NamedTuple):
+    """What the parallel stage of the backward leaves for the sequential one (fp32 unless noted).
+
+    dq [B, H, T, D] (dtype of q, complete); dk, dlr: the output-path parts of dk [B, H, T, D] and dlr
+    [B, H, T]; dzb = dLoss/dZbar and dgl = dLoss/dG through the output path only, [B, H, T, D];
+    dte, dln_w, dln_b: per-segment partials [N, H, NS, b] / [N, H, NS, D]; dg0: the output-path gradient
+    of the carried gradient sum (W [N, H, D, D], b [N, H, D]); N = B, or the number of packed sequences.
+    """
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dlr: torch.Tensor
+    dzb: torch.Tensor
+    dgl: torch.Tensor
+    dte: torch.Tensor
+    dln_w: torch.Tensor
+    dln_b: torch.Tensor
+    dg0: tuple[torch.Tensor, torch.Tensor]
+
+
+def chunk_ttt_linear_bwd_local(
+    q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, *, offset, causal, eps, cu_seqlens=None
+) -> LocalGrads:
+    """Launch the parallel stage of the backward (one program per (segment, sequence, head)): every
+    gradient of the output path, from the anchors the forward checkpointed (``ckpt``). Arguments as
+    ``chunk_ttt_linear_bwd``."""
+    Bq, H, T, D = q.shape
+    MB = token_eta.shape[0]
+    B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
+    cfg = launch_config(D, q.dtype)
+    rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
+    out = LocalGrads(
+        dq=torch.empty_like(q), dk=rows(Bq, H, T, D), dlr=rows(Bq, H, T), dzb=rows(Bq, H, T, D),
+        dgl=rows(Bq, H, T, D), dte=rows(B, H, NS, MB), dln_w=rows(B, H, NS, D), dln_b=rows(B, H, NS, D),
+        dg0=(torch.empty_like(g0[0]), torch.empty_like(g0[1])),
+    )  # fmt: skip
+    chunk_ttt_linear_bwd_kernel_local[(NS, B * H)](
+        q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1], do,
+        out.dq, out.dk, out.dlr, out.dzb, out.dgl, out.dte, out.dln_w, out.dln_b, *out.dg0, cu_seqlens,
+        T, offset, NS, eps, H=H, D=D, BD=cfg["BD"], MB=MB, BT=max(16, triton.next_power_of_2(MB)),
+        PREC=cfg["PREC"], CAUSAL=causal, num_warps=4 if cfg["BD"] <= 64 else 8,
+    )  # fmt: skip
+    return out
+
+
 def chunk_ttt_linear_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -332,24 +379,17 @@ def chunk_ttt_linear_bwd(
     MB = token_eta.shape[0]
     B, NS, lens = varlen_plan(cu_seqlens, offset, MB, Bq, T)
     cfg = launch_config(D, q.dtype)
-    BT = max(16, triton.next_power_of_2(MB))
+    loc = chunk_ttt_linear_bwd_local(
+        q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, offset=offset, causal=causal, eps=eps,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
     f32 = dict(dtype=torch.float32)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dk_f, dzb_f, dgl_f = (q.new_empty(Bq, H, T, D, **f32) for _ in range(3))
-    dlr = q.new_empty(Bq, H, T, **f32)
-    dte_p = q.new_empty(B, H, NS, MB, **f32)
-    dlnw_p, dlnb_p = q.new_empty(B, H, NS, D, **f32), q.new_empty(B, H, NS, D, **f32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     dte_s = q.new_empty(B, H, MB, **f32)
     dlnw_s, dlnb_s = q.new_empty(B, H, D, **f32), q.new_empty(B, H, D, **f32)
     dh0_w, dh0_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
-    dg0l_w, dg0l_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
     dg0s_w, dg0s_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
-    meta = dict(H=H, D=D, BD=cfg["BD"], MB=MB, BT=BT, PREC=cfg["PREC"])
-    chunk_ttt_linear_bwd_kernel_local[(NS, B * H)](
-        q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1], do,
-        dq, dk_f, dlr, dzb_f, dgl_f, dte_p, dlnw_p, dlnb_p, dg0l_w, dg0l_b, cu_seqlens,
-        T, offset, NS, eps, CAUSAL=causal, num_warps=4 if cfg["BD"] <= 64 else 8, **meta,
-    )  # fmt: skip
+    meta = dict(H=H, D=D, BD=cfg["BD"], MB=MB, BT=max(16, triton.next_power_of_2(MB)), PREC=cfg["PREC"])
     # the sequential kernel peels its first / last segments with constexpr flags: packed sequences are
     # launched in groups that share them
     groups = {}
@@ -360,12 +400,13 @@ def chunk_ttt_linear_bwd(
         ids = None if len(groups) == 1 else torch.tensor(members, dtype=torch.int32, device=q.device)
         chunk_ttt_linear_bwd_kernel_seq[(len(members),)](
             q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1],
-            dht[0], dht[1], dgt[0], dgt[1], dk_f, dlr, dzb_f, dgl_f,
+            dht[0], dht[1], dgt[0], dgt[1], loc.dk, loc.dlr, loc.dzb, loc.dgl,
             dk, dv, dte_s, dlnw_s, dlnb_s, dh0_w, dh0_b, dg0s_w, dg0s_b, cu_seqlens, ids,
             T, offset, NS, eps, LAST_PARTIAL=last_partial, ONE_SEGMENT=one_segment,
             num_warps=num_warps or cfg["num_warps_bwd"], num_stages=num_stages or cfg["num_stages"], **meta,
         )  # fmt: skip
-    dte = dte_p.sum((0, 1, 2)) + dte_s.sum((0, 1))
-    dln_w = dlnw_p.sum((0, 2)) + dlnw_s.sum(0)
-    dln_b = dlnb_p.sum((0, 2)) + dlnb_s.sum(0)
-    return dq, dk, dv, dlr, dte, dln_w, dln_b, (dh0_w, dh0_b), (dg0l_w + dg0s_w, dg0l_b + dg0s_b)
+    dte = loc.dte.sum((0, 1, 2)) + dte_s.sum((0, 1))
+    dln_w = loc.dln_w.sum((0, 2)) + dlnw_s.sum(0)
+    dln_b = loc.dln_b.sum((0, 2)) + dlnb_s.sum(0)
+    dg0 = (loc.dg0[0] + dg0s_w, loc.dg0[1] + dg0s_b)
+    return loc.dq, dk, dv, loc.dlr, dte, dln_w, dln_b, (dh0_w, dh0_b), dg0

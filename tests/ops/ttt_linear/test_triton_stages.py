@@ -1,0 +1,120 @@
+"""Stage by stage (STYLE R11): each launcher of the Triton TTT-Linear against its own small float64 torch
+reference, so a failure names the stage. The end-to-end tests are in ``test_triton.py``.
+
+- ``chunk_ttt_linear_fwd_fused`` with checkpoints: the anchor at the start of every mini-batch segment
+  == the state the float64 chunked form reaches there.
+- ``chunk_ttt_linear_bwd_local``: every gradient of the output path of each segment, with the anchor
+  and the inner gradient G held fixed == autograd through a torch transcription of that path.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ttt.ops import TTTState, ttt_linear  # noqa: E402
+from ttt.ops.common import causal_eta_scores, layer_norm, ln_l2_grad, split_segments  # noqa: E402
+
+fwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_fwd")
+bwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_bwd")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+CASES = [(29, 3, 8, True), (29, 0, 8, False), (16, 5, 16, True)]  # T, offset, mini-batch, causal
+
+
+def make(B, H, T, D, b, offset, seed=0):
+    """Float64 inputs and a resumable state (anchor and, at offset > 0, a carried gradient sum)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) * scale  # noqa: E731
+    x = dict(
+        q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
+        lr=torch.rand(B, H, T, generator=g, dtype=torch.float64).to(DEVICE) * 0.5,
+        ln_w=1 + r(H, D, scale=0.2), ln_b=r(H, D, scale=0.2),
+        te=(1.0 / torch.arange(1, b + 1, dtype=torch.float64)).to(DEVICE), W=r(B, H, D, D, scale=0.4 / D**0.5),
+        bias=r(B, H, D, scale=0.1), do=r(B, H, T, D),
+    )  # fmt: skip
+    on = float(offset > 0)
+    x["S"] = (r(B, H, D, D, scale=0.1 / D**0.5) * on, r(B, H, D, scale=0.1) * on)
+    return x
+
+
+def launch_forward(x, offset, causal):
+    f32 = {key: (val.float().contiguous() if torch.is_tensor(val) else val) for key, val in x.items()}
+    _, _, _, ckpt = fwd.chunk_ttt_linear_fwd_fused(
+        f32["q"], f32["k"], f32["v"], f32["lr"], f32["te"], f32["ln_w"], f32["ln_b"], (f32["W"], f32["bias"]),
+        tuple(s.float().contiguous() for s in x["S"]), offset=offset, causal=causal, eps=EPS, store_ckpt=True,
+    )  # fmt: skip
+    return f32, ckpt
+
+
+@pytest.mark.parametrize("T,offset,b,causal", CASES, ids=lambda v: str(v))
+def test_forward_checkpoints_are_the_segment_anchors(T, offset, b, causal):
+    x = make(2, 2, T, 16, b, offset, seed=T)
+    _, (ckpt_w, ckpt_b) = launch_forward(x, offset, causal)
+    state = TTTState((x["W"], x["bias"]), (x["W"], x["bias"]), x["S"], offset, b, "ttt_linear")
+    for n, (start, c) in enumerate(split_segments(T, offset, b)):
+        torch.testing.assert_close(ckpt_w[:, :, n].double(), state.anchor[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt_b[:, :, n].double(), state.anchor[1], rtol=1e-5, atol=1e-6)
+        sl = slice(start, start + c)
+        _, state = ttt_linear(x["q"][:, :, sl], x["k"][:, :, sl], x["v"][:, :, sl], x["lr"][:, :, sl], x["ln_w"],
+                              x["ln_b"], initial_state=state, token_eta=x["te"], mini_batch_size=b,
+                              causal=causal, output_final_state=True, impl="chunk")  # fmt: skip
+
+
+def output_path_reference(x, ckpt, offset, b, causal):
+    """Float64 gradients of sum(o * do) through each segment's output path, with the segment's anchor
+    (the checkpoint) and its inner gradient G as constants: what the parallel backward stage computes.
+
+    Per segment: Zbar = Q W0 + b0 - eta (Q S_W + S_b) - A G, o = Q + LN(Zbar), with A = E * (Q K^T + 1),
+    E[i, j] = eta_i lr_j for j <= i (causal) or te[last] lr_j on every column (non-causal)."""
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    q, k, lr, te, lw, lb, sw, sb = map(
+        leaf, (x["q"], x["k"], x["lr"], x["te"], x["ln_w"], x["ln_b"], *x["S"])
+    )
+    zbars, grads_g, loss = [], [], 0.0
+    for n, (start, c) in enumerate(split_segments(q.shape[2], offset, b)):
+        sl, p0 = slice(start, start + c), offset if n == 0 else 0
+        Q, K, LR = q[:, :, sl], k[:, :, sl], lr[:, :, sl]
+        W0, b0 = ckpt[0][:, :, n].double(), ckpt[1][:, :, n].double()
+        G = leaf(ln_l2_grad(K @ W0 + b0[:, :, None], x["v"][:, :, sl] - K, x["ln_w"], x["ln_b"], EPS))
+        S_W, S_b = (sw, sb) if n == 0 else (torch.zeros_like(sw), torch.zeros_like(sb))
+        if causal:
+            eta = te[p0 : p0 + c][:, None]
+            A = causal_eta_scores(Q, K, LR, te[p0 : p0 + c])
+        else:
+            eta = te[p0 + c - 1]
+            A = (Q @ K.transpose(-1, -2) + 1) * (eta * LR)[:, :, None, :]
+        zbar = Q @ W0 + b0[:, :, None] - eta * (Q @ S_W + S_b[:, :, None]) - A @ G
+        zbar.retain_grad()
+        loss = loss + ((Q + layer_norm(zbar, lw, lb, EPS)) * x["do"][:, :, sl]).sum()
+        zbars.append(zbar)
+        grads_g.append(G)
+    loss.backward()
+    cat = lambda ts: torch.cat([t.grad for t in ts], dim=2)  # noqa: E731
+    return dict(dq=q.grad, dk=k.grad, dlr=lr.grad, dzb=cat(zbars), dgl=cat(grads_g), dte=te.grad,
+                dln_w=lw.grad, dln_b=lb.grad, dgW0=sw.grad, dgb0=sb.grad)  # fmt: skip
+
+
+@pytest.mark.parametrize("T,offset,b,causal", CASES, ids=lambda v: str(v))
+def test_backward_local_stage_is_the_output_path(T, offset, b, causal):
+    x = make(2, 2, T, 16, b, offset, seed=T + 1)
+    f32, ckpt = launch_forward(x, offset, causal)
+    loc = bwd.chunk_ttt_linear_bwd_local(
+        f32["q"], f32["k"], f32["v"], f32["lr"], f32["te"], f32["ln_w"], f32["ln_b"], ckpt,
+        tuple(s.float().contiguous() for s in x["S"]), f32["do"], offset=offset, causal=causal, eps=EPS,
+    )  # fmt: skip
+    ref = output_path_reference(x, ckpt, offset, b, causal)
+    got = dict(dq=loc.dq, dk=loc.dk, dlr=loc.dlr, dzb=loc.dzb, dgl=loc.dgl, dte=loc.dte.sum((0, 1, 2)),
+               dln_w=loc.dln_w.sum((0, 2)), dln_b=loc.dln_b.sum((0, 2)))  # fmt: skip
+    if offset:  # the carried gradient sum is an input of segment 0 only when the call resumes mid-batch
+        got.update(dgW0=loc.dg0[0], dgb0=loc.dg0[1])
+    for name, val in got.items():
+        want = ref[name]
+        torch.testing.assert_close(val.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
