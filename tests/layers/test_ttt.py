@@ -180,3 +180,20 @@ def test_any_split_point_and_mini_batch_size(length, cut, b):
     y1, state = layer(x[:, :split])
     y2, _ = layer(x[:, split:], state) if split < length else (x[:, :0], None)
     torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(("kind", "decode_form"), [("linear", "recurrent"), ("mlp", "chunk")])
+def test_auto_impl_off_cuda(kind, decode_form):
+    """The default impl="auto" off CUDA: the chunked dual form for sequences, the fallback decode form for
+    one causal token (also what a float64 layer runs on CUDA, where the Triton kernels do not apply)."""
+    layer = _layer(kind)
+    assert (layer.impl, layer.decode_impl) == ("auto", "auto")
+    _, state = layer(_x(1, 6))
+    assert layer.last_impl == "chunk"
+    layer.step(_x(1, 1), state)
+    assert layer.last_impl == decode_form
+    layer(_x(1, 1))  # a one-token forward is a decode step too
+    assert layer.last_impl == decode_form
+    noncausal = _layer(kind, causal=False)
+    noncausal(_x(1, 8))
+    assert noncausal.last_impl == "chunk"

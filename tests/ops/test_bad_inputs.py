@@ -84,3 +84,23 @@ def test_nan_input_is_detectable():
         call(k=k, check_finite=True)
     with pytest.raises(FloatingPointError, match=r"initial_state.grad_sum.W contains NaN"):
         call(initial_state=st, check_finite=True)
+
+
+def test_auto_impl_picks_triton_only_where_it_applies(monkeypatch):
+    """impl="auto": the Triton kernels on CUDA for fp32/bf16/fp16 heads up to 128 with Triton installed;
+    the chunked form for float64, wider heads, operators without kernels, CPU, or no Triton."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from ttt.ops import Impl, auto_impl
+
+    cuda = lambda dtype=torch.float32, D=64: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 4, 9, D))  # noqa: E731
+    if importlib.util.find_spec("triton") is not None:
+        assert auto_impl(cuda()) is Impl.TRITON
+        assert auto_impl(cuda(torch.bfloat16, 128)) is Impl.TRITON
+    assert auto_impl(cuda(torch.float64)) is Impl.CHUNK
+    assert auto_impl(cuda(D=256)) is Impl.CHUNK
+    assert auto_impl(cuda(), has_triton_form=False) is Impl.CHUNK
+    assert auto_impl(torch.zeros(1, 1, 2, 8)) is Impl.CHUNK
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert auto_impl(cuda()) is Impl.CHUNK

@@ -118,3 +118,30 @@ def test_environment_variable_turns_it_on():
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "True"
+
+
+def test_recompile_limit_falls_back_to_eager(compiler_works, monkeypatch):
+    """Every new sequence length is a new graph for TTT-Linear's scan step: past dynamo's recompile limit a
+    body runs eagerly with one warning instead of failing (backend="eager": no code generation)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2, raising=False)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 2, raising=False)  # torch < 2.6
+    torch._dynamo.reset()
+    ttt.ops.compile_chunk_steps(backend="eager")
+    x = ttt_inputs(1, 2, 32, 4, dtype=torch.float32, seed=2)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        for length in (8, 16, 24, 32):
+            part = {k: (v[:, :, :length] if k in ("q", "k", "v", "lr") else v) for k, v in x.items()}
+            with torch.no_grad():
+                got = _call(ttt.ops.ttt_linear, part, part["initial_state"]).output
+                ttt.ops.compile_chunk_steps(False)
+                want = _call(ttt.ops.ttt_linear, part, part["initial_state"]).output
+                ttt.ops.compile_chunk_steps(backend="eager")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("1", True), ("true", True), ("0", False), ("False", False), ("off", False)]
+)
+def test_environment_variable_values(value, on):
+    assert _compile._env_switch(value) is on

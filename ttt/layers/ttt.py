@@ -23,7 +23,7 @@ import ttt.ops
 from ttt.layers.protocol import check_input, check_mask, merge_heads, split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
-from ttt.ops import Impl, TTTState
+from ttt.ops import Impl, TTTState, auto_impl
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ class _TTTLayer(nn.Module):
     """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator."""
 
     variant: str
-    # what impl="auto" decodes one token with off CUDA (on CUDA: the fused Triton decode kernel)
-    cpu_decode_impl: str = "chunk"
+    # what impl="auto" decodes one token with where the Triton kernels do not apply (CPU, float64, ...)
+    fallback_decode_impl: str = "chunk"
 
     def __init__(
         self,
@@ -183,10 +183,10 @@ class _TTTLayer(nn.Module):
         if mask is not None:
             lr = lr * mask[:, None, :].to(lr.dtype)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
-        if impl == "auto":  # the fused kernels on CUDA; elsewhere the fastest PyTorch form for the call
-            impl = (
-                "triton" if x.is_cuda else (self.cpu_decode_impl if length == 1 and self.causal else "chunk")
-            )
+        if impl == "auto":  # the fused kernels on CUDA where they apply, else the fastest PyTorch form
+            impl = auto_impl(q).value
+            if impl == "chunk" and length == 1 and self.causal:
+                impl = self.fallback_decode_impl
         o, ttt_state = self._op(
             q, k, v, lr,
             initial_state=initial, token_eta=self.token_eta(), mini_batch_size=self.mini_batch_size,
@@ -250,7 +250,7 @@ class TTTLinear(_TTTLayer):
     """
 
     variant = "ttt_linear"
-    cpu_decode_impl = "recurrent"
+    fallback_decode_impl = "recurrent"
 
     def __init__(
         self,

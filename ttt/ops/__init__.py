@@ -1,7 +1,7 @@
 """Functional TTT operators. Layout ``[B, H, T, D]``; state explicit; ``impl=`` picks the form."""
 
 from ._compile import compile_chunk_steps
-from ._dispatch import TTTOutput
+from ._dispatch import TTTOutput, auto_impl
 from .family import *  # noqa: F403
 from .family import __all__ as _family_all
 from .general import ttt_general
@@ -12,6 +12,7 @@ from .types import Impl, TTTState
 
 __all__ = [
     "attention",
+    "auto_impl",
     "compile_chunk_steps",
     "Impl",
     "TTTOutput",

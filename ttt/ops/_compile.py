@@ -17,22 +17,32 @@ versions of their loop bodies:
 The switch is off by default and the eager code path is then unchanged. Compilation is lazy (the first
 call of each body) and the compiled function is cached per (body, compile options), so switching off
 and on again reuses it. Each distinct input shape, stride or ``requires_grad`` pattern is one more graph
-(``dynamic=False``): a trailing partial mini-batch, a call that resumes at an offset, or a broadcast
-initial state adds a compilation the first time it is seen. The speed-up is the fusion of the many small
-elementwise ops of the inner LayerNorm gradient; the matmuls are the same. Extra keyword arguments go to
-``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``); ``mode="reduce-overhead"`` (CUDA graphs)
-does not fit: each step's outputs are kept across later replays of the same graph.
+(``dynamic=False``): a trailing partial mini-batch, a call that resumes at an offset, a broadcast
+initial state, and for TTT-Linear every new sequence length (the per-step slices' strides depend on T)
+adds a compilation the first time it is seen. When dynamo refuses another graph for a body (its
+recompile limit, 8 by default), that body runs eagerly from then on, with one warning. The speed-up is
+the fusion of the many small elementwise ops of the inner LayerNorm gradient; the matmuls are the same.
+Extra keyword arguments go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``);
+``mode="reduce-overhead"`` (CUDA graphs) does not fit: each step's outputs are kept across later replays of
+the same graph.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-_ENABLED = os.environ.get("TTT_COMPILE_STEPS", "0") not in ("", "0")
+
+def _env_switch(value: str) -> bool:
+    """``TTT_COMPILE_STEPS``: off for "", "0", "false", "no", "off" (any case), on otherwise."""
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_ENABLED = _env_switch(os.environ.get("TTT_COMPILE_STEPS", "0"))
 _OPTIONS: dict[str, Any] = {}
 _CACHE: dict[tuple[Callable, str], Callable] = {}
 
@@ -68,5 +78,33 @@ def maybe_compiled(fn: Callable) -> Callable:
     # options may hold dicts (``options=``), so the cache key is their repr
     key = (fn, repr(sorted(options.items())))
     if key not in _CACHE:
-        _CACHE[key] = torch.compile(fn, **options)
+        _CACHE[key] = _eager_after_recompile_limit(fn, torch.compile(fn, **options))
     return _CACHE[key]
+
+
+def _recompile_limit_errors() -> tuple[type[BaseException], ...]:
+    """Dynamo's "too many graphs for this function" errors in this torch version."""
+    exc = getattr(torch, "_dynamo", None) and getattr(torch._dynamo, "exc", None)
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    return tuple(getattr(exc, name) for name in names if exc is not None and hasattr(exc, name))
+
+
+def _eager_after_recompile_limit(fn: Callable, compiled: Callable) -> Callable:
+    """``compiled``, until dynamo refuses another graph for ``fn`` (each new shape or stride pattern is one,
+    e.g. every new sequence length); from then on ``fn`` eagerly, with one warning."""
+    errors, state = _recompile_limit_errors(), {"eager": False}
+
+    def call(*args, **kwargs):
+        if not state["eager"]:
+            try:
+                return compiled(*args, **kwargs)
+            except errors as err:
+                state["eager"] = True
+                warnings.warn(
+                    f"compile_chunk_steps: {fn.__qualname__} hit torch.compile's recompile limit ({err}); it "
+                    "runs eagerly from now on (torch._dynamo.config.recompile_limit allows more graphs)",
+                    stacklevel=2,
+                )
+        return fn(*args, **kwargs)
+
+    return call

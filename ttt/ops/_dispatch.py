@@ -7,6 +7,7 @@ is ever chosen silently.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 from collections.abc import Callable
@@ -28,11 +29,24 @@ class TTTOutput(NamedTuple):
     final_state: TTTState | None
 
 
+# the largest head dim the Triton kernels are tested at; "auto" does not send larger heads to them
+MAX_TRITON_HEAD_DIM = 128
+
+
+def auto_impl(q: Tensor, has_triton_form: bool = True) -> Impl:
+    """What ``impl="auto"`` runs for inputs like ``q`` ``[..., D]``: the Triton kernels on CUDA where they
+    apply (fp32 / bf16 / fp16, D <= 128, Triton installed), the chunked dual form otherwise."""
+    fits = q.dtype != torch.float64 and q.shape[-1] <= MAX_TRITON_HEAD_DIM
+    if has_triton_form and q.is_cuda and fits and importlib.util.find_spec("triton") is not None:
+        return Impl.TRITON
+    return Impl.CHUNK
+
+
 def resolve_impl(impl: Impl | str, q: Tensor, forms: dict[Impl, Callable | str]) -> Callable:
     """Map ``impl`` to a callable; ``str`` entries are lazily imported ``module:function`` paths."""
     choice = Impl.parse(impl)
     if choice is Impl.AUTO:
-        choice = Impl.TRITON if q.is_cuda else Impl.CHUNK
+        choice = auto_impl(q, Impl.TRITON in forms)
     if choice not in forms:
         have = ", ".join(repr(i.value) for i in forms)
         raise ValueError(f"impl={choice.value!r} is not available for this operator; choose one of {have}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ...types import TTTState
 from .chunk_bwd import chunk_ttt_linear_bwd
@@ -47,6 +48,7 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
         return o, wt, bt, gwt, gbt
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: double backward raises
     def backward(ctx, do, dwt, dbt, dgwt, dgbt):
         q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, ckpt_w, ckpt_b = ctx.saved_tensors
         z = lambda g, like: torch.zeros_like(like) if g is None else g.to(torch.float32).contiguous()  # noqa: E731

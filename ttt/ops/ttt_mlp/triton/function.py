@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ...ttt_linear.triton.decode import decode_through, needs_grad
 from ...types import TTTState
@@ -56,6 +57,7 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
         return (o, *ht, *gt)
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: double backward raises
     def backward(ctx, do, *d_state):
         q, k, v, lr, ln_w, ln_b, te, *rest = ctx.saved_tensors
         g0, ckpt = rest[:4], rest[4:]
