@@ -149,6 +149,13 @@ def test_bad_offset_is_refused():
     with pytest.raises(ValueError, match=r"int32 tensor \[B, H\]"):
         ttt_linear_decode_(*tok, f32(x["ln_weight"]), f32(x["ln_bias"]), f32(x["token_eta"]), anchor, sums,
                            torch.zeros(1, 2, dtype=torch.int64, device=DEVICE))  # fmt: skip
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[B, H, D\]"):
+        ttt_linear_decode_(*tok, f32(x["ln_weight"]), f32(x["ln_bias"]), f32(x["token_eta"]), anchor, sums,
+                           torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
+                           out=torch.empty(1, 2, 8, device=DEVICE))  # fmt: skip
+    with pytest.raises(ValueError, match=r"ln_weight must be a contiguous \[H, D\]"):
+        ttt_linear_decode_(*tok, f32(x["ln_weight"])[:1], f32(x["ln_bias"]), f32(x["token_eta"]), anchor, sums,
+                           torch.zeros(1, 2, dtype=torch.int32, device=DEVICE))  # fmt: skip
     with pytest.raises(ValueError, match="anchor must be 2 contiguous float32"):
         ttt_linear_decode_(*tok, f32(x["ln_weight"]), f32(x["ln_bias"]), f32(x["token_eta"]),
                            (x["W"], x["bias"]), sums, torch.zeros(1, 2, dtype=torch.int32, device=DEVICE))  # fmt: skip

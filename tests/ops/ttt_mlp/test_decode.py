@@ -5,6 +5,8 @@ Without CUDA the kernel runs under ``TRITON_INTERPRET=1`` (set by tests/conftest
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -53,9 +55,19 @@ def close(got, want):
     torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5)
 
 
-@pytest.mark.parametrize("D,M,b,prefix", [(16, 64, 4, 0), (24, 40, 8, 5)])
-def test_inplace_steps_match_chunk(D, M, b, prefix):
-    """Several hidden blocks (M = 64 at BD = 16 is one block of 64; M = 40 is padded), two boundaries."""
+@pytest.mark.parametrize(
+    "D,M,b,prefix,block",
+    [(16, 64, 4, 0, None), (24, 40, 8, 5, None), (24, 40, 8, 5, 16)],
+    ids=["one-block", "padded-block", "three-blocks"],
+)
+def test_inplace_steps_match_chunk(monkeypatch, D, M, b, prefix, block):
+    """Token by token across two mini-batch boundaries, the state updated in place; with ``block`` = 16 the
+    hidden dimension is walked in three blocks (the last one partly masked), each read before it is
+    overwritten."""
+    if block:
+        dec = importlib.import_module("ttt.ops.ttt_mlp.triton.decode")
+        real = dec._blocks
+        monkeypatch.setattr(dec, "_blocks", lambda D, M: {**real(D, M), "BM": block})
     B, H, T = 2, 2, prefix + 2 * b + 1
     x = make(B, H, T, D, M, b)
     _, st = run_chunk(x, b, slice(0, prefix), tuple(x[n] for n in NAMES))
@@ -74,8 +86,6 @@ def test_inplace_steps_match_chunk(D, M, b, prefix):
 
 def test_hidden_blocks_loop(monkeypatch):
     """Force several hidden blocks (BM = 16 < M) so both passes loop."""
-    import importlib
-
     dec = importlib.import_module("ttt.ops.ttt_mlp.triton.decode")
     real = dec._blocks
     monkeypatch.setattr(dec, "_blocks", lambda D, M: {**real(D, M), "BM": 16})
@@ -108,10 +118,35 @@ def test_functional_form_leaves_inputs_and_returns_weights():
         close(got, want)
 
 
+def test_per_row_offsets():
+    """Rows at different positions of their mini-batch (one of them completing it) advance independently."""
+    B, H, D, M, b = 3, 2, 16, 48, 4
+    x = make(B, H, b, D, M, b, seed=6)
+    lw, lb, te = (f32(x[n]) for n in ("ln_weight", "ln_bias", "token_eta"))
+    prefixes, starts, refs = [0, 2, 3], [], []
+    for r, p in enumerate(prefixes):
+        rows = {
+            n: (t[r : r + 1] if t.dim() > 2 and n not in ("ln_weight", "ln_bias") else t)
+            for n, t in x.items()
+        }
+        _, st0 = run_chunk(rows, b, slice(0, p), tuple(rows[n] for n in NAMES))
+        refs.append(run_chunk(rows, b, slice(p, p + 1), st0))
+        starts.append(st0)
+    anchor = tuple(torch.cat([s.anchor[i] for s in starts]).float().contiguous() for i in range(4))
+    sums = tuple(torch.cat([s.grad_sum[i] for s in starts]).float().contiguous() for i in range(4))
+    offset = torch.tensor(prefixes, dtype=torch.int32, device=DEVICE)[:, None].repeat(1, H).contiguous()
+    tok = [torch.stack([x[n][r, :, p] for r, p in enumerate(prefixes)]).float().contiguous()
+           for n in ("q", "k", "v", "lr")]  # fmt: skip
+    o = ttt_mlp_decode_(*tok, lw, lb, te, anchor, sums, offset)
+    for r, (o_ref, st1) in enumerate(refs):
+        close(o[r : r + 1], o_ref[:, :, 0])
+        assert bool((offset[r] == st1.offset).all())
+        for got, want in zip(anchor + sums, st1.anchor + st1.grad_sum):
+            close(got[r : r + 1], want)
+
+
 def test_public_op_routes_single_tokens_to_the_decode_kernel(monkeypatch):
     """impl="triton" with T = 1, causal and no gradient uses the decode kernel; == one chunked call."""
-    import importlib
-
     fn = importlib.import_module("ttt.ops.ttt_mlp.triton.function")
     calls = []
     real = fn.ttt_mlp_decode

@@ -143,7 +143,8 @@ def ttt_linear_decode_(
         ln_weight, ln_bias: ``[H, D]``; token_eta: ``[b]`` (b = mini-batch size).
         anchor: ``(W [B, H, D, D], b [B, H, D])`` fp32, contiguous; updated in place.
         grad_sum: ``(S_W [B, H, D, D], S_b [B, H, D])`` fp32, contiguous; updated in place.
-        offset: ``[B, H]`` int32 tokens of the current mini-batch already seen; advanced in place.
+        offset: ``[B, H]`` int32 tokens of the current mini-batch already seen, in ``[0, b)`` (not checked:
+            reading it on the host would synchronise); advanced in place.
         eps: LayerNorm epsilon.
         out: optional ``[B, H, D]`` output buffer (dtype of q).
     Returns:
@@ -151,7 +152,7 @@ def ttt_linear_decode_(
     """
     B, H = lr.shape[:2]
     D = ln_weight.shape[-1]
-    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, ((D, D), (D,)), offset)
+    check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, ((D, D), (D,)), offset, out)
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device) if out is None else out
     BD = max(16, triton.next_power_of_2(D))
     ttt_linear_decode_kernel[(B * H,)](
@@ -182,7 +183,7 @@ def ttt_linear_decode(
     """
     B, H = lr.shape[:2]
     D = ln_weight.shape[-1]
-    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, ((D, D), (D,)))
+    check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, ((D, D), (D,)))
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     new_anchor = tuple(torch.empty_like(t) for t in anchor)
     new_sum = tuple(torch.empty_like(t) for t in grad_sum)
@@ -196,11 +197,20 @@ def ttt_linear_decode(
     return o, new_anchor, new_sum, weights
 
 
-def check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, shapes, offset: Tensor | None = None) -> None:
+def check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, shapes, offset=None, out=None):
     """Shapes, dtypes and contiguity the decode kernels index by; errors name the expected layout.
 
-    ``shapes``: the per-head shape of each state tensor, e.g. ``((D, D), (D,))``; ``offset``: the
-    in-place forms' int32 ``[B, H]`` offsets (None for the functional forms' host int)."""
+    B, H come from ``lr`` ``[B, H]``, D from ``ln_weight`` ``[H, D]``; ``shapes``: the per-head shape of each
+    state tensor, e.g. ``((D, D), (D,))``; ``offset``: the in-place forms' int32 ``[B, H]`` offsets (None
+    for the functional forms' host int); ``out``: the optional output buffer."""
+    B, H = lr.shape[:2]
+    D = ln_weight.shape[-1]
+    for name, x in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if tuple(x.shape) != (H, D) or not x.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [H, D] = [{H}, {D}] tensor, got {list(x.shape)}")
+    if token_eta.dim() != 1 or not token_eta.is_contiguous() or not token_eta.is_floating_point():
+        raise ValueError(f"token_eta must be a contiguous float [b] tensor, got {token_eta.dtype} "
+                         f"{list(token_eta.shape)}")  # fmt: skip
     if offset is not None and (
         offset.shape != (B, H) or offset.dtype != torch.int32 or not offset.is_contiguous()
     ):
@@ -212,6 +222,9 @@ def check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, shapes, offset: Tensor 
                              f"got {list(x.shape)}")  # fmt: skip
     if lr.numel() != B * H or not lr.is_contiguous():
         raise ValueError(f"lr must be a contiguous [B, H] = [{B}, {H}] tensor, got {list(lr.shape)}")
+    if out is not None and (tuple(out.shape) != (B, H, D) or out.dtype != q.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [B, H, D] = [{B}, {H}, {D}] {q.dtype} tensor, got "
+                         f"{out.dtype} {list(out.shape)}")  # fmt: skip
     full = [(B, H, *s) for s in shapes]
     for name, ts in (("anchor", anchor), ("grad_sum", grad_sum)):
         if len(ts) != len(full) or any(

@@ -26,9 +26,10 @@ import triton.language as tl
 from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
-# the largest [BD, BM] weight tile the fused forward holds in registers: BD = 64, BM = 256 ran on the H200
-# (its sm_90 build needs 165 KB of shared memory; at BD = 128, BM = 256 it would need 297 KB, over the
-# 227 KB an H100 / H200 block may have). Larger hidden layers take the tiled forward.
+# the largest [BD, BM] weight tile the fused forward holds on chip: BD = 64, BM = 256 ran on the H200. Static
+# sm_90 builds at BD * BM = 64 * 256 need 153-197 KB of shared memory ((128, 128), (32, 512), (64, 256),
+# (16, 1024)), at BD = 128, BM = 256 297 KB, over the 227 KB an H100 / H200 block may have. Larger hidden
+# layers, and any launch that runs out of resources, take the tiled forward.
 FUSED_MAX_TILE = 64 * 256
 # hidden-dimension tile of the tiled forward (as the backward's MAX_BLOCK_M)
 TILED_BLOCK_M = 32
@@ -401,21 +402,23 @@ def chunk_ttt_mlp_fwd_fused(
     ckpt = (None,) * 4
     if store_ckpt:
         ckpt = tuple(q.new_empty(B, H, NS, *t.shape[2:], dtype=torch.float32) for t in h0)
+    args = (q, k, v, lr, token_eta, ln_weight, ln_bias)
+    meta = dict(H=H, D=D, M=M, BD=BD, MB=MB, BT=BT, CAUSAL=causal, PREC=prec)
     if BD * BM <= FUSED_MAX_TILE:
-        chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
-            q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset,
-            NS, eps,
-            H=H, D=D, M=M, BD=BD, BM=BM, MB=MB, BT=BT, CAUSAL=causal, PREC=prec,
-            num_warps=4 if BM <= 128 else 8,
-        )  # fmt: skip
-    else:  # the anchor is stepped in place in ht, walked in tiles of the hidden dimension
-        for dst, src in zip(ht[:3], h0[:3]):
-            dst.copy_(src)
-        BMT = min(BM, TILED_BLOCK_M)
-        chunk_ttt_mlp_fwd_kernel_tiled[(B * H,)](
-            q, k, v, lr, token_eta, ln_weight, ln_bias, h0[3], *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset,
-            NS, eps,
-            H=H, D=D, M=M, BD=BD, BMT=BMT, NMT=triton.cdiv(M, BMT), MB=MB, BT=BT, CAUSAL=causal, PREC=prec,
-            num_warps=8,
-        )  # fmt: skip
+        try:
+            chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
+                *args, *h0, *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset, NS, eps,
+                BM=BM, num_warps=4 if BM <= 128 else 8, **meta,
+            )  # fmt: skip
+            return o, ht, gt, (ckpt if store_ckpt else None)
+        except triton.runtime.errors.OutOfResources:
+            pass  # a GPU with less shared memory than the H100 / H200: the tiled forward fits
+    # the anchor is stepped in place in ht, walked in tiles of the hidden dimension
+    for dst, src in zip(ht[:3], h0[:3]):
+        dst.copy_(src)
+    BMT = min(BM, TILED_BLOCK_M)
+    chunk_ttt_mlp_fwd_kernel_tiled[(B * H,)](
+        *args, h0[3], *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset, NS, eps,
+        BMT=BMT, NMT=triton.cdiv(M, BMT), num_warps=8, **meta,
+    )  # fmt: skip
     return o, ht, gt, (ckpt if store_ckpt else None)

@@ -139,6 +139,11 @@ def _blocks(D: int, M: int) -> dict:
     return dict(BD=BD, BM=BM, num_warps=4 if BD <= 64 else 8)
 
 
+def _hidden(anchor) -> int:
+    """M from b1 ``[B, H, M]``; -1 (refused by ``check_decode``) when the anchor is not four tensors."""
+    return anchor[1].shape[-1] if len(anchor) == 4 and anchor[1].dim() == 3 else -1
+
+
 def _shapes(D: int, M: int):
     return ((D, M), (M,), (M, D), (D,))
 
@@ -167,14 +172,15 @@ def ttt_mlp_decode_(
         ln_weight, ln_bias: ``[H, D]``; token_eta: ``[b]``.
         anchor, grad_sum: ``(W1 [B, H, D, M], b1 [B, H, M], W2 [B, H, M, D], b2 [B, H, D])`` contiguous
             fp32; updated in place.
-        offset: ``[B, H]`` int32, tokens of the current mini-batch already seen; advanced in place.
+        offset: ``[B, H]`` int32, tokens of the current mini-batch already seen, in ``[0, b)`` (not checked:
+            reading it on the host would synchronise); advanced in place.
         out: optional ``[B, H, D]`` output buffer (dtype of q).
     Returns:
         ``o`` ``[B, H, D]``.
     """
     B, H = lr.shape[:2]
-    D, M = ln_weight.shape[-1], anchor[1].shape[-1]
-    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, _shapes(D, M), offset)
+    D, M = ln_weight.shape[-1], _hidden(anchor)
+    check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, _shapes(D, M), offset, out)
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device) if out is None else out
     ttt_mlp_decode_kernel[(B * H,)](
         q, k, v, lr, token_eta, ln_weight, ln_bias, *anchor, *grad_sum, *anchor, *grad_sum,
@@ -201,8 +207,8 @@ def ttt_mlp_decode(
     """Functional form of ``ttt_mlp_decode_``: ``(o [B, H, D], anchor, grad_sum, weights)`` after the
     token, in new tensors (the inputs are left alone); ``offset`` is a host int shared by every row."""
     B, H = lr.shape[:2]
-    D, M = ln_weight.shape[-1], anchor[1].shape[-1]
-    check_decode(q, k, v, lr, anchor, grad_sum, B, H, D, _shapes(D, M))
+    D, M = ln_weight.shape[-1], _hidden(anchor)
+    check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, _shapes(D, M))
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     new_anchor, new_sum, weights = (tuple(torch.empty_like(t) for t in anchor) for _ in range(3))
     ttt_mlp_decode_kernel[(B * H,)](
