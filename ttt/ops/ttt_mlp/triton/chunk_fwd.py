@@ -2,7 +2,8 @@
 
 Dims: D head dim, M hidden width (4 D by default), padded to BD / BM (powers of two >= 16); b mini-batch
 size (BT rows); NS segments on the grid ``u = offset + t`` exactly as in ``ttt_linear/triton/chunk_fwd.py``.
-The fast weights W1 [D, M], b1 [M], W2 [M, D], b2 [D] stay in registers in fp32. Per segment:
+The fused kernel keeps the fast weights W1 [D, M], b1 [M], W2 [M, D], b2 [D] in registers in fp32; the
+tiled kernel (for hidden layers too large for that) keeps them in memory and walks M in tiles. Per segment:
 
     Z1 = K W1 + b1,  X2 = gelu(Z1),  Z2 = X2 W2 + b2,  G2 = LN-L2 grad(Z2),  G1 = (G2 W2^T) * gelu'(Z1)
     causal:   Z1b = Q W1 + b1 - eta (Q S1 + s1) - (E * (Q K^T + 1)) G1,   X2b = gelu(Z1b)
