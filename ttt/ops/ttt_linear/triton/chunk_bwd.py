@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _segment_masks, _span, launch_config, varlen_plan
+from .chunk_fwd import _head_params, _segment_masks, _span, launch_config, varlen_plan
 from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 
 
@@ -91,9 +91,7 @@ def chunk_ttt_linear_bwd_kernel_local(
     m_d = o_d < D
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
     p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
@@ -263,10 +261,7 @@ def chunk_ttt_linear_bwd_kernel_seq(
     m_d = o_d < D
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     # gradient w.r.t. the anchor leaving the current segment, carried backwards
     b_dw = tl.load(dht_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)

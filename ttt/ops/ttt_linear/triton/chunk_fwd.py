@@ -23,6 +23,16 @@ from .ln_l2 import _ln_l2_grad, _ln_rows
 
 
 @triton.jit
+def _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D: tl.constexpr, MB: tl.constexpr):
+    """Head i_h's inner LayerNorm (gamma, beta [BD]) and the mini-batch's token_eta (row i's te [BT],
+    te[b-1]), in fp32: what every kernel loads first."""
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+    return b_gamma, b_beta, b_te, tl.load(te + MB - 1).to(tl.float32)
+
+
+@triton.jit
 def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.constexpr, eps, PREC: tl.constexpr):
     """G = d/dZ 0.5 * ||LN(Z) - (v - k)||^2 at Z = k W0 + b0, rows outside m_row zeroed. [BT, BD]"""
     b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_bias[None, :]
@@ -184,10 +194,7 @@ def chunk_ttt_linear_fwd_kernel_fused(
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
 
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     # [BD, BD] anchor and [BD] bias, fp32, resident for the whole sequence
     b_w = tl.load(h0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
@@ -250,9 +257,7 @@ def chunk_ttt_linear_fwd_kernel_o(
     m_d = o_d < D
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
     p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]

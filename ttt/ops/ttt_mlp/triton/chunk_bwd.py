@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh, _load_w_tile
 
@@ -100,9 +100,7 @@ def chunk_ttt_mlp_bwd_kernel_local(
     o_d = tl.arange(0, BD)
     o_j = tl.arange(0, BMT)
     m_d = o_d < D
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
     p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
@@ -423,10 +421,7 @@ def chunk_ttt_mlp_bwd_kernel_seq(
     o_d = tl.arange(0, BD)
     o_j = tl.arange(0, BMT)
     m_d = o_d < D
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
     # this program's slices of the carried anchor gradient (updated in place) and of the sums' inputs
     dh_w1 += i_bh64 * D * M
     dh_b1 += i_bh64 * M

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
 # the largest [BD, BM] weight tile the fused forward holds on chip: BD = 64, BM = 256 ran on the H200. Static
@@ -190,10 +190,7 @@ def chunk_ttt_mlp_fwd_kernel_fused(
     o_md = o_m[:, None] * D + o_d[None, :]
     m_dm = m_d[:, None] & m_m[None, :]
     m_md = m_m[:, None] & m_d[None, :]
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
     b_w1 = tl.load(h0_w1 + i_bh64 * D * M + o_dm, mask=m_dm, other=0.0)
     b_b1 = tl.load(h0_b1 + i_bh64 * M + o_m, mask=m_m, other=0.0)
     b_w2 = tl.load(h0_w2 + i_bh64 * M * D + o_md, mask=m_md, other=0.0)
@@ -357,10 +354,7 @@ def chunk_ttt_mlp_fwd_kernel_tiled(
     o_d = tl.arange(0, BD)
     o_j = tl.arange(0, BMT)
     m_d = o_d < D
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
     b_b2 = tl.load(h0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)
     w1, b1, w2 = ht_w1 + i_bh64 * D * M, ht_b1 + i_bh64 * M, ht_w2 + i_bh64 * M * D
 
