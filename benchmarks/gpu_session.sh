@@ -5,11 +5,11 @@
 # present: `python3 -m pip download --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0 einops`
 # beforehand, since GPU machines here have no internet.
 #
-#   bash benchmarks/gpu_session.sh            # about 9 minutes on an H200
+#   bash benchmarks/gpu_session.sh            # about 11 minutes on an H200 (most of it compiling kernels)
 #   STAGES="tests decode" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-gpu_out}
-STAGES=${STAGES:-"tests mlp linear decode"}
+STAGES=${STAGES:-"tests small mlp linear decode"}
 mkdir -p "$OUT"
 # the pip of the Python that holds torch (a bare `pip` may belong to another interpreter)
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING
@@ -19,6 +19,11 @@ for stage in $STAGES; do
     tests)  # every GPU-marked kernel test; compiling the TTT-MLP variants dominates
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops tests/layers/test_cuda.py 2>&1 \
         | tail -30 | tee "$OUT/gpu_tests.txt" ;;
+    small)  # the interpreter-sized kernel tests, on the GPU: barrier paths (TTT-MLP tiled forward forced at
+            # small sizes, packed sequences) that the interpreter cannot check
+      timeout 150 python3 -m pytest -q -m "not gpu" -p no:cacheprovider tests/ops/ttt_mlp/test_triton.py \
+        tests/ops/ttt_linear/test_triton_stages.py tests/ops/ttt_mlp/test_decode.py 2>&1 | tail -20 \
+        | tee "$OUT/gpu_small_tests.txt" ;;
     mlp)
       timeout 200 python3 benchmarks/kernels_ttt_mlp.py --quick --tf32 --out "$OUT/kernels_ttt_mlp.md" 2>&1 | tail -30 ;;
     linear)
