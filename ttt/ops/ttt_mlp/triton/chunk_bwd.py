@@ -34,6 +34,8 @@ mapping programs to (sequence, head).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -485,6 +487,61 @@ def block_sizes(D: int, M: int, mini_batch_size: int) -> dict:
     )
 
 
+class LocalGrads(NamedTuple):
+    """What the parallel stage of the backward leaves for the sequential one (fp32 unless noted).
+
+    dq [B, H, T, D] (dtype of q, complete); dk, dlr: the output-path parts of dk and dlr; x2b = X2b and
+    dz1b = dLoss/dZ1b [B, H, T, M]; dz2b = dLoss/dZ2b [B, H, T, D]; dg1 [T, M], dx2 [T, M], dg2 [T, D]:
+    dLoss/dG1, dLoss/dX2, dLoss/dG2 through the output path only; dte, dln_w, dln_b: per-segment partials
+    [N, H, NS, b] / [N, H, NS, D]; dg0: the output-path gradient of the carried gradient sums (4 tensors).
+    """
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dlr: torch.Tensor
+    x2b: torch.Tensor
+    dz1b: torch.Tensor
+    dg1: torch.Tensor
+    dx2: torch.Tensor
+    dz2b: torch.Tensor
+    dg2: torch.Tensor
+    dte: torch.Tensor
+    dln_w: torch.Tensor
+    dln_b: torch.Tensor
+    dg0: tuple[torch.Tensor, ...]
+
+
+def chunk_ttt_mlp_bwd_local(
+    q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, *, offset, causal, eps, cu_seqlens=None
+) -> LocalGrads:
+    """Launch the parallel stage of the backward (one program per (segment, sequence, head); segment 0,
+    which reads the carried gradient sums, in a launch of its own): every gradient of the output path,
+    from the checkpointed anchors. Arguments as ``chunk_ttt_mlp_bwd``."""
+    Bq, H, T, D = q.shape
+    M = g0[1].shape[-1]
+    MB = token_eta.shape[0]
+    B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
+    meta = dict(H=H, D=D, M=M, MB=MB, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                **block_sizes(D, M, MB))  # fmt: skip
+    rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
+    out = LocalGrads(
+        dq=torch.empty_like(q), dk=rows(Bq, H, T, D), dlr=rows(Bq, H, T), x2b=rows(Bq, H, T, M),
+        dz1b=rows(Bq, H, T, M), dg1=rows(Bq, H, T, M), dx2=rows(Bq, H, T, M), dz2b=rows(Bq, H, T, D),
+        dg2=rows(Bq, H, T, D), dte=rows(B, H, NS, MB), dln_w=rows(B, H, NS, D), dln_b=rows(B, H, NS, D),
+        dg0=tuple(torch.empty_like(t) for t in g0),
+    )  # fmt: skip
+    for n0, ns, has_s in ((0, 1, True), (1, NS - 1, False)):
+        if ns == 0:
+            continue
+        chunk_ttt_mlp_bwd_kernel_local[(ns, B * H)](
+            q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, do,
+            out.dq, out.dk, out.dlr, out.x2b, out.dz1b, out.dg1, out.dx2, out.dz2b, out.dg2, out.dte,
+            out.dln_w, out.dln_b, *out.dg0, cu_seqlens, T, offset, NS, n0, eps,
+            CAUSAL=causal, HAS_S=has_s, num_warps=NUM_WARPS, **meta,
+        )  # fmt: skip
+    return out
+
+
 def chunk_ttt_mlp_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -529,28 +586,17 @@ def chunk_ttt_mlp_bwd(
     meta = dict(H=H, D=D, M=M, MB=MB, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 **block_sizes(D, M, MB))  # fmt: skip
     f32 = dict(dtype=torch.float32)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    x2b_f, dz1b_f, dg1l_f, dx2l_f = (q.new_empty(Bq, H, T, M, **f32) for _ in range(4))
-    dz2b_f, dg2l_f, dk_f = (q.new_empty(Bq, H, T, D, **f32) for _ in range(3))
-    dlr = q.new_empty(Bq, H, T, **f32)
-    dte_p = q.new_empty(B, H, NS, MB, **f32)
-    dlnw_p, dlnb_p = q.new_empty(B, H, NS, D, **f32), q.new_empty(B, H, NS, D, **f32)
-    dg0l = tuple(torch.empty_like(t) for t in g0)
+    loc = chunk_ttt_mlp_bwd_local(
+        q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, offset=offset, causal=causal, eps=eps,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     dg0s = tuple(torch.empty_like(t) for t in g0)
     # the sequential kernel updates the anchor gradient in place, starting from d(final anchor)
     dh0 = tuple(t.clone() for t in dht[:3]) + (torch.empty_like(dht[3]),)
     dte_s = q.new_empty(B, H, MB, **f32)
     dlnw_s, dlnb_s = q.new_empty(B, H, D, **f32), q.new_empty(B, H, D, **f32)
 
-    # segment 0 reads the carried gradient sums: its own launch, so the others skip those matmuls
-    for n0, ns, has_s in ((0, 1, True), (1, NS - 1, False)):
-        if ns == 0:
-            continue
-        chunk_ttt_mlp_bwd_kernel_local[(ns, B * H)](
-            q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, do,
-            dq, dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dte_p, dlnw_p, dlnb_p, *dg0l,
-            cu_seqlens, T, offset, NS, n0, eps, CAUSAL=causal, HAS_S=has_s, num_warps=NUM_WARPS, **meta,
-        )  # fmt: skip
     # the sequential kernel peels its first / last segments with constexpr flags: packed sequences are
     # launched in groups that share them
     groups = {}
@@ -561,12 +607,12 @@ def chunk_ttt_mlp_bwd(
         ids = None if len(groups) == 1 else torch.tensor(members, dtype=torch.int32, device=q.device)
         chunk_ttt_mlp_bwd_kernel_seq[(len(members),)](
             q, k, v, lr, token_eta, ln_weight, ln_bias, *ckpt, *g0, dht[3], *dgt,
-            dk_f, dlr, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dte_s, dlnw_s, dlnb_s,
+            loc.dk, loc.dlr, loc.x2b, loc.dz1b, loc.dg1, loc.dx2, loc.dz2b, loc.dg2, dk, dv, dte_s, dlnw_s, dlnb_s,
             *dh0, *dg0s, cu_seqlens, ids, T, offset, NS, eps,
             LAST_PARTIAL=last_partial, ONE_SEGMENT=one_segment, num_warps=NUM_WARPS, **meta,
         )  # fmt: skip
-    dte = dte_p.sum((0, 1, 2)) + dte_s.sum((0, 1))
-    dln_w = dlnw_p.sum((0, 2)) + dlnw_s.sum(0)
-    dln_b = dlnb_p.sum((0, 2)) + dlnb_s.sum(0)
-    dg0 = tuple(a + b for a, b in zip(dg0l, dg0s))
-    return dq, dk, dv, dlr, dte, dln_w, dln_b, dh0, dg0
+    dte = loc.dte.sum((0, 1, 2)) + dte_s.sum((0, 1))
+    dln_w = loc.dln_w.sum((0, 2)) + dlnw_s.sum(0)
+    dln_b = loc.dln_b.sum((0, 2)) + dlnb_s.sum(0)
+    dg0 = tuple(a + b for a, b in zip(loc.dg0, dg0s))
+    return loc.dq, dk, dv, loc.dlr, dte, dln_w, dln_b, dh0, dg0

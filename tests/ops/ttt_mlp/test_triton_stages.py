@@ -1,0 +1,117 @@
+"""Stage by stage (STYLE R11): the parallel backward stage of the Triton TTT-MLP against a float64 torch
+transcription of each segment's output path. The end-to-end tests are in ``test_triton.py``.
+
+With the anchor (the forward's checkpoint) and the inner quantities G1, G2 and X2 held fixed, a segment's
+output is (E[i, j] = eta_i lr_j for j <= i, or te[last] lr_j on every column when non-causal)
+
+    Z1b = Q W1 + b1 - eta (Q S1 + s1) - (E * (Q K^T + 1)) G1,   X2b = gelu(Z1b)
+    Z2b = X2b W2 + b2 - eta (X2b S2 + s2) - (E * (X2b X2^T + 1)) G2,   o = Q + LN(Z2b)
+
+and ``chunk_ttt_mlp_bwd_local`` must return the gradients of sum(o * do) w.r.t. Q (complete), K and lr
+(their output-path parts), Z1b, Z2b, G1, G2, X2, token_eta, the LN parameters and the carried sums, and
+X2b itself. Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ttt.ops.common import gelu_tanh, grad_of_inner_loss, layer_norm, split_segments  # noqa: E402
+
+fwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_fwd")
+bwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_bwd")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+CASES = [(21, 3, 8, True), (21, 0, 8, False), (12, 5, 16, True)]  # T, offset, mini-batch, causal
+
+
+def make(B, H, T, D, M, b, offset, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) * scale  # noqa: E731
+    x = dict(
+        q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
+        lr=torch.rand(B, H, T, generator=g, dtype=torch.float64).to(DEVICE) * 0.5,
+        ln_w=1 + r(H, D, scale=0.2), ln_b=r(H, D, scale=0.2),
+        te=(1.0 / torch.arange(1, b + 1, dtype=torch.float64)).to(DEVICE), do=r(B, H, T, D),
+        anchor=(r(B, H, D, M, scale=1 / D**0.5), r(B, H, M, scale=0.3), r(B, H, M, D, scale=1 / M**0.5),
+                r(B, H, D, scale=0.1)),
+    )  # fmt: skip
+    on = float(offset > 0)
+    x["S"] = tuple(r(*t.shape, scale=0.1) * on for t in x["anchor"])
+    return x
+
+
+def output_path_reference(x, ckpt, offset, b, causal):
+    """Float64 gradients of sum(o * do) through each segment's output path (module docstring)."""
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    q, k, lr, te, lw, lb = map(leaf, (x["q"], x["k"], x["lr"], x["te"], x["ln_w"], x["ln_b"]))
+    S = tuple(map(leaf, x["S"]))
+    keep = {name: [] for name in ("z1b", "z2b", "x2b", "G1", "G2", "X2")}
+    loss = 0.0
+    for n, (start, c) in enumerate(split_segments(q.shape[2], offset, b)):
+        sl, p0 = slice(start, start + c), offset if n == 0 else 0
+        Q, K, LR = q[:, :, sl], k[:, :, sl], lr[:, :, sl]
+        W1, b1, W2, b2 = (t[:, :, n].double() for t in ckpt)
+        S1, s1, S2, s2 = S if n == 0 else tuple(torch.zeros_like(t) for t in S)
+        # the inner quantities at the anchor, as constants
+        Z1 = K @ W1 + b1[:, :, None]
+        X2 = gelu_tanh(Z1)
+        tw = (x["v"][:, :, sl] - K - x["ln_b"][None, :, None]) * x["ln_w"][None, :, None]
+        G2 = grad_of_inner_loss(X2 @ W2 + b2[:, :, None], tw, (x["ln_w"] ** 2)[None, :, None], EPS)
+        G1 = torch.ops.aten.gelu_backward(G2 @ W2.transpose(-1, -2), Z1, approximate="tanh")
+        X2, G1, G2 = leaf(X2), leaf(G1), leaf(G2)
+        mask = torch.ones(c, c, dtype=torch.bool, device=DEVICE).tril() if causal else None
+        if causal:
+            eta = te[p0 : p0 + c][:, None]
+            E = eta * LR[:, :, None, :]
+        else:
+            eta = te[p0 + c - 1]
+            E = (eta * LR)[:, :, None, :].expand(*LR.shape[:2], c, c)
+        E = E if mask is None else E.masked_fill(~mask, 0)
+        z1b = (
+            Q @ W1
+            + b1[:, :, None]
+            - eta * (Q @ S1 + s1[:, :, None])
+            - (E * (Q @ K.transpose(-1, -2) + 1)) @ G1
+        )
+        x2b = gelu_tanh(z1b)
+        z2b = x2b @ W2 + b2[:, :, None] - eta * (x2b @ S2 + s2[:, :, None])
+        z2b = z2b - (E * (x2b @ X2.transpose(-1, -2) + 1)) @ G2
+        for t in (z1b, z2b):
+            t.retain_grad()
+        loss = loss + ((Q + layer_norm(z2b, lw, lb, EPS)) * x["do"][:, :, sl]).sum()
+        for name, t in zip(keep, (z1b, z2b, x2b, G1, G2, X2)):
+            keep[name].append(t)
+    loss.backward()
+    cat = lambda name, grad=True: torch.cat([t.grad if grad else t.detach() for t in keep[name]], 2)  # noqa: E731
+    return dict(dq=q.grad, dk=k.grad, dlr=lr.grad, x2b=cat("x2b", grad=False), dz1b=cat("z1b"),
+                dg1=cat("G1"), dx2=cat("X2"), dz2b=cat("z2b"), dg2=cat("G2"), dte=te.grad, dln_w=lw.grad,
+                dln_b=lb.grad, dg0=tuple(t.grad for t in S))  # fmt: skip
+
+
+@pytest.mark.parametrize("T,offset,b,causal", CASES, ids=lambda v: str(v))
+def test_backward_local_stage_is_the_output_path(monkeypatch, T, offset, b, causal):
+    monkeypatch.setattr(bwd, "MAX_BLOCK_M", 16)  # M = 40 in three tiles, the last one partly masked
+    x = make(1, 2, T, 16, 40, b, offset, seed=T)
+    f = {key: val.float().contiguous() for key, val in x.items() if torch.is_tensor(val)}
+    state = tuple(t.float().contiguous() for t in x["anchor"])
+    sums = tuple(t.float().contiguous() for t in x["S"])
+    args = (f["q"], f["k"], f["v"], f["lr"], f["te"], f["ln_w"], f["ln_b"])
+    _, _, _, ckpt = fwd.chunk_ttt_mlp_fwd_fused(*args, state, sums, offset=offset, causal=causal, eps=EPS,
+                                                store_ckpt=True)  # fmt: skip
+    loc = bwd.chunk_ttt_mlp_bwd_local(*args, ckpt, sums, f["do"], offset=offset, causal=causal, eps=EPS)
+    ref = output_path_reference(x, ckpt, offset, b, causal)
+    got = loc._asdict()
+    got.update(dte=loc.dte.sum((0, 1, 2)), dln_w=loc.dln_w.sum((0, 2)), dln_b=loc.dln_b.sum((0, 2)))
+    if not offset:  # the carried sums are inputs of segment 0 only when the call resumes mid-batch
+        got.pop("dg0")
+    for name, val in got.items():
+        vals, wants = (val, ref[name]) if name == "dg0" else ((val,), (ref[name],))
+        for v, want in zip(vals, wants):
+            torch.testing.assert_close(v.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
+                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
