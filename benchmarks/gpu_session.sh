@@ -22,7 +22,8 @@ for stage in $STAGES; do
     small)  # the interpreter-sized kernel tests, on the GPU: barrier paths (TTT-MLP tiled forward forced at
             # small sizes, packed sequences) that the interpreter cannot check
       timeout 150 python3 -m pytest -q -m "not gpu" -p no:cacheprovider tests/ops/ttt_mlp/test_triton.py \
-        tests/ops/ttt_linear/test_triton_stages.py tests/ops/ttt_mlp/test_decode.py 2>&1 | tail -20 \
+        tests/ops/ttt_linear/test_triton_stages.py tests/ops/ttt_mlp/test_triton_stages.py \
+        tests/ops/ttt_mlp/test_decode.py 2>&1 | tail -20 \
         | tee "$OUT/gpu_small_tests.txt" ;;
     mlp)
       timeout 200 python3 benchmarks/kernels_ttt_mlp.py --quick --tf32 --out "$OUT/kernels_ttt_mlp.md" 2>&1 | tail -30 ;;
