@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _head_params, _segment_masks, _span, launch_config, varlen_plan
+from .chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, launch_config, varlen_plan
 from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 
 
@@ -94,13 +94,8 @@ def chunk_ttt_linear_bwd_kernel_local(
     b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     b_do = tl.load(do + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     p_ck = (i_bh64 * NS + n) * D
     # segments past the end of a short packed sequence were never checkpointed: read zeros (their
     # rows are all masked, so every partial they write is zero)
@@ -169,12 +164,7 @@ def _seq_segment(
     """
     # CAUSAL only changes the output path (local kernel); the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     b_dzb = tl.load(dzb_f + p_tok, mask=m_td, other=0.0)
     b_dg = tl.load(dgl_f + p_tok, mask=m_td, other=0.0)
     p_ck = (i_bh64 * NS + n) * D

@@ -69,6 +69,19 @@ def _segment_masks(n, o_i, offset, T, te, b_te, MB: tl.constexpr, BT: tl.constex
 
 
 @triton.jit
+def _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D: tl.constexpr):
+    """The rows of one segment: token pointers [BT, BD] (tokens o_t of the sequence at tok0), their mask,
+    q, k, v in fp32 (zero outside the mask) and lr [BT]."""
+    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    return p_tok, m_td, b_q, b_k, b_v, b_lr
+
+
+@triton.jit
 def _span(i_bh, T, NS, offset, cu_seqlens, H: tl.constexpr, MB: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Token base (int64, in tokens), length and segment count of program i_bh's sequence.
 
@@ -100,11 +113,8 @@ def _fwd_segment(
     T, NS_i: this sequence's length and segment count; NS: the checkpoint stride (max over sequences).
     """
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    # q is read only with COMPUTE_O; otherwise its load is dead code the compiler drops
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     if STORE_CKPT:
         p_ck = (i_bh64 * NS + n) * D
         tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
@@ -112,7 +122,6 @@ def _fwd_segment(
 
     b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)  # [BT, BD]
     if COMPUTE_O:
-        b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
         b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
         if HAS_S:
             # gradient sum carried in by the state (tokens of this mini-batch seen by earlier calls)
@@ -260,12 +269,7 @@ def chunk_ttt_linear_fwd_kernel_o(
     b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     p_ck = (i_bh64 * NS + n) * D
     # segments past the end of a short packed sequence were never checkpointed: read zeros
     b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd & (o_dd * 0 + n < NS_i), other=0.0)

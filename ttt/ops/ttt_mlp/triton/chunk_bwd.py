@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh, _load_w_tile
 
@@ -105,14 +105,9 @@ def chunk_ttt_mlp_bwd_kernel_local(
     b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     p_tm = tok0 * M + o_t[:, None] * M
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     p_ck = i_bh64 * NS + n
     p_w = p_ck
     if IS_VARLEN:
@@ -251,13 +246,8 @@ def _seq_segment(
     """
     # causal or not only changes the output path (local kernel): the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     p_tm = tok0 * M + o_t[:, None] * M
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
     b_dz2b = tl.load(dz2b_f + p_tok, mask=m_td, other=0.0)
     p_ck = i_bh64 * NS + n
     w1, b1, w2 = ckpt_w1 + p_ck * D * M, ckpt_b1 + p_ck * M, ckpt_w2 + p_ck * M * D

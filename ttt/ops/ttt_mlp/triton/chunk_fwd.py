@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, varlen_plan
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
 # the largest [BD, BM] weight tile the fused forward holds on chip: BD = 64, BM = 256 ran on the H200. Static
@@ -75,12 +75,7 @@ def _mlp_segment(
     (the most segments of any sequence of the call).
     """
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     if STORE_CKPT:
         p_ck = i_bh64 * NS + n
         tl.store(ckpt_w1 + p_ck * D * M + o_dm, b_w1, mask=m_dm)
@@ -233,12 +228,7 @@ def _tiled_segment(
     barrier (a tile is read and rewritten by different threads). Same equations as ``_mlp_segment``.
     """
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, CAUSAL)
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
+    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     p_ck = i_bh64 * NS + n
 
     # pass A: the inner model's output at the anchor
