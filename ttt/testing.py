@@ -76,6 +76,17 @@ def dtype_tolerance(dtype: torch.dtype, scale: float = 1.0) -> float:
     ] * scale
 
 
+def random_projection_grads(outs, leaves: dict, seed: int = 1) -> dict:
+    """Back-propagate ``sum_i <outs_i, N_i>`` (fixed float64 Gaussian directions ``N_i``, one per output)
+    and return the gradient of every leaf that requires one: one backward checks every output's gradient
+    path at once, and two forms given the same ``seed`` and output shapes get the same directions."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+               for t in outs)  # fmt: skip
+    loss.backward()
+    return {key: val.grad for key, val in leaves.items() if val.requires_grad}
+
+
 def budget(
     got: Tensor, ref64: Tensor, low: Tensor, dtype: torch.dtype, *, factor: float = 2.0, n_sum: int = 1
 ) -> tuple[float, float]:

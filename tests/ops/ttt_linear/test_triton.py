@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
-from ttt.testing import assert_within_budget  # noqa: E402
+from ttt.testing import assert_within_budget, random_projection_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -68,13 +68,7 @@ def run(leaves, meta, *, impl, dtype, causal, grad=True):
         impl=impl,
     )  # fmt: skip
     outs = [o, *final.anchor, *final.grad_sum, *final.weights]
-    grads = {}
-    if grad:
-        g = torch.Generator(device="cpu").manual_seed(1)
-        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
-                   for t in outs)  # fmt: skip
-        loss.backward()
-        grads = {key: val.grad for key, val in x.items() if val.requires_grad}
+    grads = random_projection_grads(outs, x) if grad else {}
     return outs, final.offset, grads
 
 
@@ -191,12 +185,7 @@ def _varlen_run(leaves, lens, offset, *, packed, dtype, causal):
             finals.append(final)
         outs = [torch.cat(parts, 2)] + [torch.cat([getattr(f, a)[i] for f in finals]) for a in ("anchor", "grad_sum")
                                          for i in range(2)]  # fmt: skip
-    g = torch.Generator(device="cpu").manual_seed(1)
-    loss = sum(
-        (t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum() for t in outs
-    )
-    loss.backward()
-    return outs, {key: val.grad for key, val in x.items() if val.requires_grad}
+    return outs, random_projection_grads(outs, x)
 
 
 # lengths chosen so that sequences end at the same position of a mini-batch (a TTTState has one offset)

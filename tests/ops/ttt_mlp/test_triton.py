@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
-from ttt.testing import assert_within_budget  # noqa: E402
+from ttt.testing import assert_within_budget, random_projection_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,13 +67,7 @@ def run(leaves, meta, *, impl, dtype, causal, grad=True):
         impl=impl,
     )  # fmt: skip
     outs = [o, *final.anchor, *final.grad_sum, *final.weights]
-    grads = {}
-    if grad:
-        g = torch.Generator(device="cpu").manual_seed(1)
-        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
-                   for t in outs)  # fmt: skip
-        loss.backward()
-        grads = {key: val.grad for key, val in x.items() if val.requires_grad}
+    grads = random_projection_grads(outs, x) if grad else {}
     return outs, final.offset, grads
 
 
@@ -183,11 +177,7 @@ def _varlen_run(leaves, lens, offset, *, packed, dtype, causal):
         o = torch.cat(parts, 2)
         finals = [TTTState.cat(finals)] if same_end else []
     outs = [o] + [t for f in finals for t in (*f.anchor, *f.grad_sum)]
-    g = torch.Generator(device="cpu").manual_seed(1)
-    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
-               for t in outs)  # fmt: skip
-    loss.backward()
-    return outs, {key: val.grad for key, val in x.items() if val.requires_grad}
+    return outs, random_projection_grads(outs, x)
 
 
 def compare_varlen(lens, offset, *, causal, D, M, dtype, b=8, H=2):
