@@ -102,5 +102,7 @@ def test_auto_impl_picks_triton_only_where_it_applies(monkeypatch):
     assert auto_impl(cuda(D=256)) is Impl.CHUNK
     assert auto_impl(cuda(), has_triton_form=False) is Impl.CHUNK
     assert auto_impl(torch.zeros(1, 1, 2, 8)) is Impl.CHUNK
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    from ttt.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_triton_installed", lambda: False)
     assert auto_impl(cuda()) is Impl.CHUNK

@@ -6,6 +6,7 @@ is ever chosen silently.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -33,11 +34,17 @@ class TTTOutput(NamedTuple):
 MAX_TRITON_HEAD_DIM = 128
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # asked on every "auto" call on CUDA (each layer step): look it up once
+    return importlib.util.find_spec("triton") is not None
+
+
 def auto_impl(q: Tensor, has_triton_form: bool = True) -> Impl:
     """What ``impl="auto"`` runs for inputs like ``q`` ``[..., D]``: the Triton kernels on CUDA where they
     apply (fp32 / bf16 / fp16, D <= 128, Triton installed), the chunked dual form otherwise."""
     fits = q.dtype != torch.float64 and q.shape[-1] <= MAX_TRITON_HEAD_DIM
-    if has_triton_form and q.is_cuda and fits and importlib.util.find_spec("triton") is not None:
+    if has_triton_form and q.is_cuda and fits and _triton_installed():
         return Impl.TRITON
     return Impl.CHUNK
 
