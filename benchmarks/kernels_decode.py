@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,23 +31,14 @@ if not torch.cuda.is_available():  # a CPU smoke run: the kernels go through Tri
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _harness import bench  # noqa: E402
+
 from ttt.ops import ttt_linear, ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 from ttt.ops.ttt_linear.triton.decode import ttt_linear_decode_  # noqa: E402
 from ttt.ops.ttt_mlp.triton.decode import ttt_mlp_decode_  # noqa: E402
-
-
-def bench(fn, quick: bool) -> float:
-    if not torch.cuda.is_available():  # smoke run: a few wall-clock repeats
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[1]
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100)
 
 
 def graphed(fn):
@@ -93,7 +83,7 @@ def ttt_rows(B, H, D, M, dtype, device, quick):
                 _, state["s"] = op(q4, k4, v4, lr3, lw, lb, initial_state=state["s"], token_eta=te,
                                    output_final_state=True, impl="triton")  # fmt: skip
 
-        rows[f"{name} op"] = bench(op_call, quick)
+        rows[f"{name} op"] = bench(op_call, device, quick)
         a = tuple(t.clone() for t in anchor)
         s = tuple(torch.zeros_like(t) for t in anchor)
         off = torch.zeros(B, H, dtype=torch.int32, device=device)
@@ -102,9 +92,9 @@ def ttt_rows(B, H, D, M, dtype, device, quick):
         def step_call(step_=step_, a=a, s=s, off=off, out=out):
             step_(*tok, lw, lb, te, a, s, off, out=out)
 
-        rows[f"{name} step"] = bench(step_call, quick)
+        rows[f"{name} step"] = bench(step_call, device, quick)
         if device == "cuda":
-            rows[f"{name} graph"] = bench(graphed(step_call), quick)
+            rows[f"{name} graph"] = bench(graphed(step_call), device, quick)
         print(
             f"[decode] {name}: " + ", ".join(f"{k} {v:.4f} ms" for k, v in rows.items() if name in k),
             flush=True,
@@ -123,8 +113,8 @@ def sdpa_rows(B, H, D, contexts, dtype, device, quick):
         def call(q=q, k=k, v=v, out=out):
             out["o"] = F.scaled_dot_product_attention(q, k, v)
 
-        eager = bench(call, quick)
-        graph = bench(graphed(call), quick) if device == "cuda" else float("nan")
+        eager = bench(call, device, quick)
+        graph = bench(graphed(call), device, quick) if device == "cuda" else float("nan")
         rows[L] = (eager, graph)
         print(f"[decode] sdpa L={L}: eager {eager:.4f} ms, graph {graph:.4f} ms", flush=True)
         del k, v
