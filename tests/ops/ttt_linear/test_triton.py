@@ -72,7 +72,8 @@ def run(leaves, meta, *, impl, dtype, causal, grad=True):
     return outs, final.offset, grads
 
 
-def compare(leaves, meta, *, causal, dtype, grad=True):
+def compare(leaves, meta, *, causal, dtype, grad=True, n_sum=None):
+    """Triton vs the chunked form in float64 within the R13 budget (``n_sum``: terms per gradient, by key)."""
     outs64, off64, g64 = run(leaves, meta, impl="chunk", dtype=torch.float64, causal=causal, grad=grad)
     outs_lo, _, g_lo = run(leaves, meta, impl="chunk", dtype=dtype, causal=causal, grad=grad)
     outs, off, g = run(leaves, meta, impl="triton", dtype=dtype, causal=causal, grad=grad)
@@ -82,7 +83,7 @@ def compare(leaves, meta, *, causal, dtype, grad=True):
     for name, a, r, lo in zip(names, outs, outs64, outs_lo):
         assert_within_budget(name, a, r, lo, dtype)
     for key in g:
-        assert_within_budget(f"grad {key}", g[key], g64[key], g_lo[key], dtype)
+        assert_within_budget(f"grad {key}", g[key], g64[key], g_lo[key], dtype, (n_sum or {}).get(key, 1))
 
 
 # T = 40 = 2 full mini-batches + 8; offset 5 resumes inside a mini-batch; T = 9 < b with offset 3 (one
@@ -113,6 +114,47 @@ def test_chunk_odd_head_dim_fp32():
 def test_chunk_fwd_fp16(causal):
     leaves, meta = make_case(1, 2, 40, 32, seed=7)
     compare(leaves, meta, causal=causal, dtype=torch.float16, grad=False)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("T,offset", [(53, 0), (40, 5)], ids=["T53", "T40-off5"])
+def test_chunk_input_dtype_dots_fp16(T, offset, causal, monkeypatch):
+    """TTT_TRITON_DOTS=input: fp16 dot operands and an fp16 anchor checkpoint (the bf16 default's
+    machinery; the interpreter cannot run bf16). Every dot rounds its operands, so a gradient summed over
+    n tokens carries ~sqrt(n) roundings: the budget of the parameter gradients counts them (n_sum)."""
+    if not causal and offset:
+        pytest.skip("non-causal calls start at a mini-batch boundary")
+    monkeypatch.setenv("TTT_TRITON_DOTS", "input")
+    B, H = 2, 2
+    leaves, meta = make_case(B, H, T, 16, offset=offset, seed=T + 5)
+    shared = ("token_eta", "ln_weight", "ln_bias", "W", "b", "gW", "gb")
+    compare(leaves, meta, causal=causal, dtype=torch.float16, n_sum={key: B * H * T for key in shared})
+
+
+def test_dot_precision_modes(monkeypatch):
+    from ttt.ops.ttt_linear.triton.chunk_fwd import checkpoint_dtype
+    from ttt.ops.ttt_linear.triton.dot import dot_precision
+
+    monkeypatch.delenv("TTT_TRITON_DOTS", raising=False)
+    assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [
+        "ieee",
+        "bf16",
+        "tf32",
+    ]
+    assert dot_precision(torch.float16, "input") == "fp16"
+    assert dot_precision(torch.bfloat16, "tf32") == "tf32"
+    monkeypatch.setenv("TTT_TRITON_DOTS", "tf32")
+    assert dot_precision(torch.bfloat16) == "tf32"
+    assert dot_precision(torch.float32) == "ieee"
+    monkeypatch.setenv("TTT_TRITON_DOTS", "fast")
+    with pytest.raises(ValueError, match="TTT_TRITON_DOTS must be one of"):
+        dot_precision(torch.bfloat16)
+    assert [checkpoint_dtype(p) for p in ("bf16", "fp16", "tf32", "ieee")] == [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+        torch.float32,
+    ]
 
 
 def test_split_equals_full():

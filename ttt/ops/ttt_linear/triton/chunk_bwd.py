@@ -18,8 +18,9 @@ the first segment):
    gradient w.r.t. the anchor leaving the segment) in registers: dG = dG_local + lr * (K dU + du), the
    second-order LN-L2 backward to dZ, and dW += Q^T dZb + K^T dZ. Six [b, D] x [D, D]-sized matmuls per
    segment sit on this sequential path (fourteen before the split).
-No branch depends on a loop index: the first and last segments of the reverse sweep are peeled off
-with constexpr flags (only they need the extra [D, D] tiles), the parallel kernel uses masked loads.
+The first and last segments of the reverse sweep are peeled off with constexpr flags (only they need
+the extra [D, D] tiles); in the parallel kernel only the program of segment 0 takes the branch that
+reads the carried gradient sum.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, launch_config, varlen_plan
+from .dot import _dot
 from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 
 
@@ -39,7 +41,7 @@ def _recompute_inner(
     b_k, b_v, b_w, b_b, b_gamma, b_beta, m_td, m_d, D: tl.constexpr, eps, PREC: tl.constexpr
 ):
     """G at Z = K W0 + b0 with the intermediates the second-order backward needs: (G, xhat, rstd, gx, m2)."""
-    b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_b[None, :]
+    b_z = _dot(b_k, b_w, PREC) + b_b[None, :]
     return _ln_l2_grad(b_z, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)
 
 
@@ -101,18 +103,20 @@ def chunk_ttt_linear_bwd_kernel_local(
     # rows are all masked, so every partial they write is zero)
     b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd & (o_dd * 0 + n < NS_i), other=0.0)
     b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d & (o_d * 0 + n < NS_i), other=0.0)
-    # the carried gradient sum exists only in segment 0: masked loads give zeros elsewhere
-    m_s = m_dd & (o_dd * 0 + n == 0)
-    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_s, other=0.0)
-    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d & (o_d * 0 + n == 0), other=0.0)
 
     b_g, b_xh, b_rstd, b_gx, b_m2 = _recompute_inner(
         b_k, b_v, b_w, b_b, b_gamma, b_beta, m_td, m_d, D, eps, PREC
     )
-    b_p = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_p = _dot(b_q, tl.trans(b_k), PREC)
     b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.0)
-    b_zs = tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :]
-    b_zb = tl.dot(b_q, b_w, input_precision=PREC) + b_b[None, :] - tl.dot(b_a, b_g, input_precision=PREC)
+    # the carried gradient sum S = (gW, gb) exists only in segment 0: a runtime branch, so the other
+    # segments neither load its [D, D] tile nor spend three dots on zeros
+    if n == 0:
+        b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+        b_zs = _dot(b_q, b_gw, PREC) + tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)[None, :]
+    else:
+        b_zs = tl.zeros([BT, BD], dtype=tl.float32)
+    b_zb = _dot(b_q, b_w, PREC) + b_b[None, :] - _dot(b_a, b_g, PREC)
     b_zb = b_zb - b_eta[:, None] * b_zs
     b_xb, b_rstdb = _ln_rows(b_zb, m_d, D, eps)
 
@@ -123,17 +127,16 @@ def chunk_ttt_linear_bwd_kernel_local(
     b_edz = b_eta[:, None] * b_dzb
 
     # intra-segment term -(E * (Q K^T + 1)) G
-    b_dam = -tl.dot(b_dzb, tl.trans(b_g), input_precision=PREC)  # [BT, BT]
-    b_dgl = -tl.dot(tl.trans(b_a), b_dzb, input_precision=PREC)
+    b_dam = -_dot(b_dzb, tl.trans(b_g), PREC)  # [BT, BT]
+    b_dgl = -_dot(tl.trans(b_a), b_dzb, PREC)
     b_dp = tl.where(m_a, b_dam * b_eta[:, None] * b_lr[None, :], 0.0)
     b_dem = tl.where(m_a, b_dam * (b_p + 1.0), 0.0)
     b_deta = tl.sum(b_dem * b_lr[None, :], axis=1) - tl.sum(b_dzb * b_zs, axis=1)
     b_dlr = tl.sum(b_dem * b_eta[:, None], axis=0)
-    b_dq = b_do + tl.dot(b_dzb, tl.trans(b_w), input_precision=PREC)
-    b_dq += tl.dot(b_dp, b_k, input_precision=PREC) - tl.dot(b_edz, tl.trans(b_gw), input_precision=PREC)
-    b_dk = tl.dot(tl.trans(b_dp), b_q, input_precision=PREC)
+    b_dq = b_do + _dot(b_dzb, tl.trans(b_w), PREC)
+    b_dq += _dot(b_dp, b_k, PREC)
+    b_dk = _dot(tl.trans(b_dp), b_q, PREC)
 
-    tl.store(dq + p_tok, b_dq.to(dq.dtype.element_ty), mask=m_td)
     tl.store(dk_f + p_tok, b_dk, mask=m_td)
     tl.store(dzb_f + p_tok, b_dzb, mask=m_td)
     tl.store(dgl_f + p_tok, b_dgl, mask=m_td)
@@ -144,8 +147,12 @@ def chunk_ttt_linear_bwd_kernel_local(
         b_dte = tl.where(o_i == p_last, tl.sum(tl.where(m_t, b_deta, 0.0), axis=0), 0.0)
     tl.store(dte_p + (i_bh64 * NS + n) * MB + o_i, b_dte, mask=o_i < MB)
     # gradient sum carried in: its output-path gradient (segment 0 only)
-    tl.store(dg0l_w + i_bh64 * D * D + o_dd, -tl.dot(tl.trans(b_q), b_edz, input_precision=PREC), mask=m_s)
-    tl.store(dg0l_b + i_bh64 * D + o_d, -tl.sum(b_edz, axis=0), mask=m_d & (o_d * 0 + n == 0))
+    if n == 0:
+        b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
+        b_dq -= _dot(b_edz, tl.trans(b_gw), PREC)
+        tl.store(dg0l_w + i_bh64 * D * D + o_dd, -_dot(tl.trans(b_q), b_edz, PREC), mask=m_dd)
+        tl.store(dg0l_b + i_bh64 * D + o_d, -tl.sum(b_edz, axis=0), mask=m_d)
+    tl.store(dq + p_tok, b_dq.to(dq.dtype.element_ty), mask=m_td)
 
 
 @triton.jit
@@ -186,10 +193,10 @@ def _seq_segment(
         b_src_w = b_dw
         b_src_b = b_db
         scale = -te_last
-    b_kdx = tl.dot(b_k, b_src_w, input_precision=PREC) + b_src_b[None, :]  # [BT, BD]
+    b_kdx = _dot(b_k, b_src_w, PREC) + b_src_b[None, :]  # [BT, BD]
     b_dg += b_lr[:, None] * (scale * b_kdx)
     b_dlr = tl.sum(b_g * (scale * b_kdx), axis=1)
-    b_dk = scale * tl.dot(b_lg, tl.trans(b_src_w), input_precision=PREC)
+    b_dk = scale * _dot(b_lg, tl.trans(b_src_w), PREC)
     if not PARTIAL:
         # d te[b-1] from W0' = W0 - te[b-1] (S + U)
         dte_last = -tl.sum(tl.sum(b_lg * b_kdx, axis=1), axis=0)
@@ -207,11 +214,11 @@ def _seq_segment(
                                                m_td, D)  # fmt: skip
     b_dgamma += b_dgm
     b_dbeta += b_dbt
-    b_dk += tl.dot(b_gz, tl.trans(b_w), input_precision=PREC) - b_dv
+    b_dk += _dot(b_gz, tl.trans(b_w), PREC) - b_dv
 
     # gradient w.r.t. this segment's anchor = the previous segment's output anchor
-    b_dw += tl.dot(tl.trans(b_q), b_dzb, input_precision=PREC)
-    b_dw += tl.dot(tl.trans(b_k), b_gz, input_precision=PREC)
+    b_dw += _dot(tl.trans(b_q), b_dzb, PREC)
+    b_dw += _dot(tl.trans(b_k), b_gz, PREC)
     b_db += tl.sum(b_dzb, axis=0) + tl.sum(b_gz, axis=0)
 
     b_dk += tl.load(dk_f + p_tok, mask=m_td, other=0.0)
@@ -290,6 +297,11 @@ def chunk_ttt_linear_bwd_kernel_seq(
     tl.store(dlnb_s + i_bh64 * D + o_d, b_dbeta, mask=m_d)
 
 
+# register cap of the parallel stage at D <= 64: 4 programs per SM instead of 2 (H200: 0.33 vs 0.47 ms at
+# B, T, H = 8, 2048, 16; no gain at D = 128, where it stays uncapped). docs/kernels.md
+LOCAL_MAXNREG = 128
+
+
 class LocalGrads(NamedTuple):
     """What the parallel stage of the backward leaves for the sequential one (fp32 unless noted).
 
@@ -311,15 +323,18 @@ class LocalGrads(NamedTuple):
 
 
 def chunk_ttt_linear_bwd_local(
-    q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, *, offset, causal, eps, cu_seqlens=None
-) -> LocalGrads:
+    q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, *, offset, causal, eps, cu_seqlens=None,
+    num_warps=None, maxnreg=None,
+) -> LocalGrads:  # fmt: skip
     """Launch the parallel stage of the backward (one program per (segment, sequence, head)): every
     gradient of the output path, from the anchors the forward checkpointed (``ckpt``). Arguments as
-    ``chunk_ttt_linear_bwd``."""
+    ``chunk_ttt_linear_bwd``; ``maxnreg``: cap on registers per thread (more programs per SM)."""
     Bq, H, T, D = q.shape
     MB = token_eta.shape[0]
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
     cfg = launch_config(D, q.dtype)
+    if maxnreg is None and q.is_cuda and cfg["BD"] <= 64:
+        maxnreg = LOCAL_MAXNREG
     rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     out = LocalGrads(
         dq=torch.empty_like(q), dk=rows(Bq, H, T, D), dlr=rows(Bq, H, T), dzb=rows(Bq, H, T, D),
@@ -330,7 +345,8 @@ def chunk_ttt_linear_bwd_local(
         q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt[0], ckpt[1], g0[0], g0[1], do,
         out.dq, out.dk, out.dlr, out.dzb, out.dgl, out.dte, out.dln_w, out.dln_b, *out.dg0, cu_seqlens,
         T, offset, NS, eps, H=H, D=D, BD=cfg["BD"], MB=MB, BT=max(16, triton.next_power_of_2(MB)),
-        PREC=cfg["PREC"], CAUSAL=causal, num_warps=4 if cfg["BD"] <= 64 else 8,
+        PREC=cfg["PREC"], CAUSAL=causal, num_warps=num_warps or (4 if cfg["BD"] <= 64 else 8),
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
     return out
 

@@ -9,8 +9,10 @@ segment) are masked. The fast weights (anchor W0 [D, D], b0 [D]) and, for the fi
 carried gradient sum stay in registers in fp32 for the whole sequence.
 
 Optionally the anchor at the start of every segment is written to ``ckpt_w`` / ``ckpt_b``
-([B * H, NS, D, D] / [B * H, NS, D], fp32): the backward recomputes each segment from it, so
-activation memory is O(T * D + (T / b) * D^2).
+([B * H, NS, D, D] / [B * H, NS, D]): the backward recomputes each segment from it, so activation
+memory is O(T * D + (T / b) * D^2). ``ckpt_w`` is fp32, or bf16 / fp16 when the dots round their
+operands to that dtype (``dot.py``): the backward uses W only as a dot operand, so it sees the same
+rounded anchor either way, at half the memory and traffic.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dot import _dot, dot_precision
 from .ln_l2 import _ln_l2_grad, _ln_rows
 
 
@@ -35,7 +38,7 @@ def _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D: tl.constexpr, MB: tl.con
 @triton.jit
 def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.constexpr, eps, PREC: tl.constexpr):
     """G = d/dZ 0.5 * ||LN(Z) - (v - k)||^2 at Z = k W0 + b0, rows outside m_row zeroed. [BT, BD]"""
-    b_z = tl.dot(b_k, b_w, input_precision=PREC) + b_bias[None, :]
+    b_z = _dot(b_k, b_w, PREC) + b_bias[None, :]
     b_g, _, _, _, _ = _ln_l2_grad(b_z, b_v - b_k, b_gamma, b_beta, m_row[:, None] & m_d[None, :], m_d, D, eps)
     return b_g
 
@@ -43,9 +46,9 @@ def _inner_grad(b_k, b_v, b_w, b_bias, b_gamma, b_beta, m_row, m_d, D: tl.conste
 @triton.jit
 def _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC: tl.constexpr):
     """Zbar = Q W0 + b0 - (E * (Q K^T + 1)) G with E[i, j] = eta_i lr_j on mask m_a. [BT, BD]"""
-    b_p = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_p = _dot(b_q, tl.trans(b_k), PREC)
     b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.0)
-    return tl.dot(b_q, b_w, input_precision=PREC) + b_b[None, :] - tl.dot(b_a, b_g, input_precision=PREC)
+    return _dot(b_q, b_w, PREC) + b_b[None, :] - _dot(b_a, b_g, PREC)
 
 
 @triton.jit
@@ -117,7 +120,7 @@ def _fwd_segment(
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     if STORE_CKPT:
         p_ck = (i_bh64 * NS + n) * D
-        tl.store(ckpt_w + p_ck * D + o_dd, b_w, mask=m_dd)
+        tl.store(ckpt_w + p_ck * D + o_dd, b_w.to(ckpt_w.dtype.element_ty), mask=m_dd)
         tl.store(ckpt_b + p_ck + o_d, b_b, mask=m_d)
 
     b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)  # [BT, BD]
@@ -127,7 +130,7 @@ def _fwd_segment(
             # gradient sum carried in by the state (tokens of this mini-batch seen by earlier calls)
             b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
             b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d, other=0.0)
-            b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
+            b_zb = b_zb - b_eta[:, None] * (_dot(b_q, b_gw, PREC) + b_gb[None, :])
         b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
         b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
         tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
@@ -135,7 +138,7 @@ def _fwd_segment(
     # this segment's lr-weighted gradient sum (plus the carried one in the first segment); no
     # [D, D] accumulator is carried across segments: only the anchor is
     b_lg = b_g * b_lr[:, None]
-    b_u = tl.dot(tl.trans(b_k), b_lg, input_precision=PREC)
+    b_u = _dot(tl.trans(b_k), b_lg, PREC)
     b_ub = tl.sum(b_lg, axis=0)
     if HAS_S:
         b_u += tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
@@ -279,7 +282,7 @@ def chunk_ttt_linear_fwd_kernel_o(
     # carried gradient sum: only segment 0 reads it (masked loads instead of a branch)
     b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd & (o_dd * 0 + n == 0), other=0.0)
     b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d & (o_d * 0 + n == 0), other=0.0)
-    b_zb = b_zb - b_eta[:, None] * (tl.dot(b_q, b_gw, input_precision=PREC) + b_gb[None, :])
+    b_zb = b_zb - b_eta[:, None] * (_dot(b_q, b_gw, PREC) + b_gb[None, :])
     b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
     b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
     tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
@@ -306,11 +309,16 @@ def varlen_plan(cu_seqlens: torch.Tensor | None, offset: int, MB: int, B: int, T
     return len(lens), max(triton.cdiv(offset + n, MB) for n in lens), lens
 
 
+def checkpoint_dtype(prec: str) -> torch.dtype:
+    """dtype of the checkpointed anchors W: the dtype the dots round W to, fp32 for tf32 / ieee."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+
+
 def launch_config(D: int, dtype: torch.dtype) -> dict:
     """Block sizes, warps and dot precision shared by the forward and backward launchers."""
     BD = max(16, triton.next_power_of_2(D))
-    # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs use tf32 (10-bit mantissa, more than bf16's 7)
-    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs dots in their own dtype or tf32 (dot.py)
+    prec = dot_precision(dtype)
     # H200 sweeps (docs/kernels.md): 4 warps at D <= 64 and 8 at D = 128, forward and sequential backward
     nw = 4 if BD <= 64 else 8
     return dict(BD=BD, PREC=prec, num_warps=nw, num_warps_bwd=nw, num_stages=NUM_STAGES)
@@ -338,7 +346,8 @@ def chunk_ttt_linear_fwd_fused(
 ):
     """Launch the forward. q, k, v [B, H, T, D] contiguous (or [1, H, sum T_n, D] with ``cu_seqlens``
     [N + 1], then the state has N rows); lr [B, H, T]; h0 / g0 = (W [B, H, D, D], b [B, H, D]) fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
-    per-segment anchors (ckpt_w [B, H, NS, D, D], ckpt_b [B, H, NS, D]) or (None, None).
+    per-segment anchors (ckpt_w [B, H, NS, D, D] in ``checkpoint_dtype``, ckpt_b [B, H, NS, D] fp32) or
+    (None, None).
 
     ``split_o``: run only the recurrence sequentially (one program per (batch, head)) and compute the
     outputs in a second, fully parallel launch (one program per (segment, batch, head)) from the
@@ -357,7 +366,7 @@ def chunk_ttt_linear_fwd_fused(
     gt_w, gt_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
     ckpt_w = ckpt_b = None
     if store_ckpt or split_o:
-        ckpt_w = q.new_empty(B, H, NS, D, D, dtype=torch.float32)
+        ckpt_w = q.new_empty(B, H, NS, D, D, dtype=checkpoint_dtype(cfg["PREC"]))
         ckpt_b = q.new_empty(B, H, NS, D, dtype=torch.float32)
     chunk_ttt_linear_fwd_kernel_fused[(B * H,)](
         q,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, varlen_plan
+from ...ttt_linear.triton.dot import _dot, dot_precision
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh, _load_w_tile
 
@@ -78,8 +79,8 @@ def _inner_z2(b_k, w1, b1, w2, o_d, o_j, m_d, D: tl.constexpr, M: tl.constexpr, 
     for i_m in range(NMT):
         o_m = i_m * BMT + o_j
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, o_m < M, D, M)
-        b_x2 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])[0]
-        b_z2 += tl.dot(b_x2, b_w2, input_precision=PREC)
+        b_x2 = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])[0]
+        b_z2 += _dot(b_x2, b_w2, PREC)
     return b_z2
 
 
@@ -121,7 +122,7 @@ def chunk_ttt_mlp_bwd_kernel_local(
     # inner gradient G2 at the anchor (needs Z2, a sum over all M tiles)
     b_z2 = _inner_z2(b_k, w1, b1, w2, o_d, o_j, m_d, D, M, BT, BD, BMT, NMT, PREC) + b_b2[None, :]
     b_g2 = _ln_l2_grad(b_z2, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)[0]
-    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_qk = _dot(b_q, tl.trans(b_k), PREC)
     b_a1 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_qk + 1.0), 0.0)
 
     # forward of the output path: Z1b, X2b per tile; Z2b and P2 = X2b X2^T summed over tiles
@@ -132,23 +133,23 @@ def chunk_ttt_mlp_bwd_kernel_local(
         o_m = i_m * BMT + o_j
         m_m = o_m < M
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
-        b_x2, b_dg = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
-        b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dg
-        b_z1b = tl.dot(b_q, b_w1, input_precision=PREC) + b_b1[None, :]
-        b_z1b -= tl.dot(b_a1, b_g1, input_precision=PREC)
+        b_x2, b_dg = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])
+        b_g1 = _dot(b_g2, tl.trans(b_w2), PREC) * b_dg
+        b_z1b = _dot(b_q, b_w1, PREC) + b_b1[None, :]
+        b_z1b -= _dot(b_a1, b_g1, PREC)
         if HAS_S:
             b_s1, b_sb1, b_s2 = _load_w_tile(s1, sb1, s2, o_d, o_m, m_d, m_m, D, M)
-            b_z1b -= b_eta[:, None] * (tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :])
+            b_z1b -= b_eta[:, None] * (_dot(b_q, b_s1, PREC) + b_sb1[None, :])
         b_x2b = _gelu_tanh(b_z1b)[0]
         tl.store(x2b_f + p_tm + o_m[None, :], b_x2b, mask=m_t[:, None] & m_m[None, :])
-        b_z2b += tl.dot(b_x2b, b_w2, input_precision=PREC)
-        b_p2 += tl.dot(b_x2b, tl.trans(b_x2), input_precision=PREC)
+        b_z2b += _dot(b_x2b, b_w2, PREC)
+        b_p2 += _dot(b_x2b, tl.trans(b_x2), PREC)
         if HAS_S:
-            b_zs2 += tl.dot(b_x2b, b_s2, input_precision=PREC)
+            b_zs2 += _dot(b_x2b, b_s2, PREC)
     if HAS_S:
         b_zs2 += tl.load(g0_b2 + i_bh64 * D + o_d, mask=m_d, other=0.0)[None, :]
     b_a2 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p2 + 1.0), 0.0)
-    b_z2b += b_b2[None, :] - tl.dot(b_a2, b_g2, input_precision=PREC) - b_eta[:, None] * b_zs2
+    b_z2b += b_b2[None, :] - _dot(b_a2, b_g2, PREC) - b_eta[:, None] * b_zs2
     b_xb, b_rstdb = _ln_rows(b_z2b, m_d, D, eps)
 
     # output LayerNorm
@@ -159,12 +160,12 @@ def chunk_ttt_mlp_bwd_kernel_local(
     b_edz2 = b_eta[:, None] * b_dz2b
 
     # Z2b's intra-segment term -(E * (X2b X2^T + 1)) G2
-    b_da2 = -tl.dot(b_dz2b, tl.trans(b_g2), input_precision=PREC)  # [BT, BT]
+    b_da2 = -_dot(b_dz2b, tl.trans(b_g2), PREC)  # [BT, BT]
     b_dp2 = tl.where(m_a, b_da2 * b_eta[:, None] * b_lr[None, :], 0.0)
     b_dem = tl.where(m_a, b_da2 * (b_p2 + 1.0), 0.0)
     b_deta = tl.sum(b_dem * b_lr[None, :], axis=1) - tl.sum(b_dz2b * b_zs2, axis=1)
     b_dlr = tl.sum(b_dem * b_eta[:, None], axis=0)
-    tl.store(dg2l_f + p_tok, -tl.dot(tl.trans(b_a2), b_dz2b, input_precision=PREC), mask=m_td)
+    tl.store(dg2l_f + p_tok, -_dot(tl.trans(b_a2), b_dz2b, PREC), mask=m_td)
     if HAS_S:
         tl.store(dg0l_b2 + i_bh64 * D + o_d, -tl.sum(b_edz2, axis=0), mask=m_d)
 
@@ -176,35 +177,31 @@ def chunk_ttt_mlp_bwd_kernel_local(
         m_m = o_m < M
         m_tm = m_t[:, None] & m_m[None, :]
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
-        b_x2, b_dg = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
-        b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dg
-        b_dx2b = tl.dot(b_dz2b, tl.trans(b_w2), input_precision=PREC)
-        b_dx2b += tl.dot(b_dp2, b_x2, input_precision=PREC)
+        b_x2, b_dg = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])
+        b_g1 = _dot(b_g2, tl.trans(b_w2), PREC) * b_dg
+        b_dx2b = _dot(b_dz2b, tl.trans(b_w2), PREC)
+        b_dx2b += _dot(b_dp2, b_x2, PREC)
         # X2b of this tile: the buffer holds it, but recomputing it needs no barrier between threads
-        b_z1b = tl.dot(b_q, b_w1, input_precision=PREC) + b_b1[None, :]
-        b_z1b -= tl.dot(b_a1, b_g1, input_precision=PREC)
+        b_z1b = _dot(b_q, b_w1, PREC) + b_b1[None, :]
+        b_z1b -= _dot(b_a1, b_g1, PREC)
         if HAS_S:
             b_s1, b_sb1, b_s2 = _load_w_tile(s1, sb1, s2, o_d, o_m, m_d, m_m, D, M)
-            b_zs1 = tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :]
+            b_zs1 = _dot(b_q, b_s1, PREC) + b_sb1[None, :]
             b_z1b -= b_eta[:, None] * b_zs1
-            b_dx2b -= tl.dot(b_edz2, tl.trans(b_s2), input_precision=PREC)
+            b_dx2b -= _dot(b_edz2, tl.trans(b_s2), PREC)
         b_x2b, b_dgb = _gelu_tanh(b_z1b)
         b_dz1b = b_dx2b * b_dgb
-        tl.store(
-            dx2l_f + p_tm + o_m[None, :], tl.dot(tl.trans(b_dp2), b_x2b, input_precision=PREC), mask=m_tm
-        )
+        tl.store(dx2l_f + p_tm + o_m[None, :], _dot(tl.trans(b_dp2), b_x2b, PREC), mask=m_tm)
         tl.store(dz1b_f + p_tm + o_m[None, :], b_dz1b, mask=m_tm)
-        tl.store(
-            dg1l_f + p_tm + o_m[None, :], -tl.dot(tl.trans(b_a1), b_dz1b, input_precision=PREC), mask=m_tm
-        )
-        b_da1 -= tl.dot(b_dz1b, tl.trans(b_g1), input_precision=PREC)
-        b_dq += tl.dot(b_dz1b, tl.trans(b_w1), input_precision=PREC)
+        tl.store(dg1l_f + p_tm + o_m[None, :], -_dot(tl.trans(b_a1), b_dz1b, PREC), mask=m_tm)
+        b_da1 -= _dot(b_dz1b, tl.trans(b_g1), PREC)
+        b_dq += _dot(b_dz1b, tl.trans(b_w1), PREC)
         if HAS_S:
             b_edz1 = b_eta[:, None] * b_dz1b
-            b_dq -= tl.dot(b_edz1, tl.trans(b_s1), input_precision=PREC)
+            b_dq -= _dot(b_edz1, tl.trans(b_s1), PREC)
             b_deta -= tl.sum(b_dz1b * b_zs1, axis=1)
-            b_ds1 = -tl.dot(tl.trans(b_q), b_edz1, input_precision=PREC)  # [BD, BMT]
-            b_ds2 = -tl.dot(tl.trans(b_x2b), b_edz2, input_precision=PREC)  # [BMT, BD]
+            b_ds1 = -_dot(tl.trans(b_q), b_edz1, PREC)  # [BD, BMT]
+            b_ds2 = -_dot(tl.trans(b_x2b), b_edz2, PREC)  # [BMT, BD]
             p_dm = i_bh64 * D * M + o_d[:, None] * M + o_m[None, :]
             p_md = i_bh64 * M * D + o_m[:, None] * D + o_d[None, :]
             tl.store(dg0l_w1 + p_dm, b_ds1, mask=m_d[:, None] & m_m[None, :])
@@ -216,9 +213,9 @@ def chunk_ttt_mlp_bwd_kernel_local(
     b_dem = tl.where(m_a, b_da1 * (b_qk + 1.0), 0.0)
     b_deta += tl.sum(b_dem * b_lr[None, :], axis=1)
     b_dlr += tl.sum(b_dem * b_eta[:, None], axis=0)
-    b_dq += tl.dot(b_dp1, b_k, input_precision=PREC)
+    b_dq += _dot(b_dp1, b_k, PREC)
     tl.store(dq + p_tok, b_dq.to(dq.dtype.element_ty), mask=m_td)
-    tl.store(dk_f + p_tok, tl.dot(tl.trans(b_dp1), b_q, input_precision=PREC), mask=m_td)
+    tl.store(dk_f + p_tok, _dot(tl.trans(b_dp1), b_q, PREC), mask=m_td)
     tl.store(dlr_f + tok0 + o_t, b_dlr, mask=m_t)
     if CAUSAL:
         b_dte = tl.where(m_t, b_deta, 0.0)
@@ -273,9 +270,9 @@ def _seq_segment(
         m_m = o_m < M
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
         b_sw2 = tl.load(src_w2 + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_x2 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])[0]
-        b_z2 += tl.dot(b_x2, b_w2, input_precision=PREC)
-        b_xdx2 += tl.dot(b_x2, b_sw2, input_precision=PREC)
+        b_x2 = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])[0]
+        b_z2 += _dot(b_x2, b_w2, PREC)
+        b_xdx2 += _dot(b_x2, b_sw2, PREC)
     b_z2 += b_b2[None, :]
     b_xdx2 += b_src_b2[None, :]
     b_tgt = b_v - b_k
@@ -306,21 +303,21 @@ def _seq_segment(
         b_dg1 = tl.load(dg1l_f + p_tm + o_m[None, :], mask=m_tm, other=0.0)
         b_dx2 = tl.load(dx2l_f + p_tm + o_m[None, :], mask=m_tm, other=0.0)
         b_x2b = tl.load(x2b_f + p_tm + o_m[None, :], mask=m_tm, other=0.0)
-        b_x2, b_d1, b_d2 = _gelu_tanh_d2(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
-        b_p1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC)
+        b_x2, b_d1, b_d2 = _gelu_tanh_d2(_dot(b_k, b_w1, PREC) + b_b1[None, :])
+        b_p1 = _dot(b_g2, tl.trans(b_w2), PREC)
         b_g1 = b_p1 * b_d1
         b_lg1 = b_g1 * b_lr[:, None]
-        b_kdx1 = tl.dot(b_k, b_sw1, input_precision=PREC) + b_sb1[None, :]
-        b_dk += scale * tl.dot(b_lg1, tl.trans(b_sw1), input_precision=PREC)
+        b_kdx1 = _dot(b_k, b_sw1, PREC) + b_sb1[None, :]
+        b_dk += scale * _dot(b_lg1, tl.trans(b_sw1), PREC)
         b_dlr += tl.sum(b_g1 * (scale * b_kdx1), axis=1)
         dte_last -= tl.sum(tl.sum(b_lg1 * b_kdx1, axis=1), axis=0)
         b_dg1 += b_lr[:, None] * (scale * b_kdx1)
-        b_dx2 += scale * tl.dot(b_lg2, tl.trans(b_sw2), input_precision=PREC)
+        b_dx2 += scale * _dot(b_lg2, tl.trans(b_sw2), PREC)
         b_dp1 = b_dg1 * b_d1
         b_dz1 = b_dg1 * b_p1 * b_d2 + b_dx2 * b_d1
-        b_dg2 += tl.dot(b_dp1, b_w2, input_precision=PREC)
-        b_dw2 += tl.dot(tl.trans(b_dp1), b_g2, input_precision=PREC)
-        b_dw2 += tl.dot(tl.trans(b_x2b), b_dz2b, input_precision=PREC)
+        b_dg2 += _dot(b_dp1, b_w2, PREC)
+        b_dw2 += _dot(tl.trans(b_dp1), b_g2, PREC)
+        b_dw2 += _dot(tl.trans(b_x2b), b_dz2b, PREC)
         if HAS_S:
             s1, sb1, s2 = g0_w1 + i_bh64 * D * M, g0_b1 + i_bh64 * M, g0_w2 + i_bh64 * M * D
             b_s1, b_s1b, b_s2 = _load_w_tile(s1, sb1, s2, o_d, o_m, m_d, m_m, D, M)
@@ -357,14 +354,14 @@ def _seq_segment(
         b_dw1, b_db1, b_dw2 = _load_w_tile(dh_w1, dh_b1, dh_w2, o_d, o_m, m_d, m_m, D, M)
         b_dz1 = tl.load(dg1l_f + p_tm + o_m[None, :], mask=m_tm, other=0.0)
         b_dz1b = tl.load(dz1b_f + p_tm + o_m[None, :], mask=m_tm, other=0.0)
-        b_x2, b_d1 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
-        b_dz1 += tl.dot(b_dz2, tl.trans(b_w2), input_precision=PREC) * b_d1
+        b_x2, b_d1 = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])
+        b_dz1 += _dot(b_dz2, tl.trans(b_w2), PREC) * b_d1
         b_dz1 = tl.where(m_tm, b_dz1, 0.0)
-        b_dk += tl.dot(b_dz1, tl.trans(b_w1), input_precision=PREC)
-        b_dw1 += tl.dot(tl.trans(b_q), b_dz1b, input_precision=PREC)
-        b_dw1 += tl.dot(tl.trans(b_k), b_dz1, input_precision=PREC)
+        b_dk += _dot(b_dz1, tl.trans(b_w1), PREC)
+        b_dw1 += _dot(tl.trans(b_q), b_dz1b, PREC)
+        b_dw1 += _dot(tl.trans(b_k), b_dz1, PREC)
         b_db1 += tl.sum(b_dz1b, axis=0) + tl.sum(b_dz1, axis=0)
-        b_dw2 += tl.dot(tl.trans(b_x2), b_dz2, input_precision=PREC)
+        b_dw2 += _dot(tl.trans(b_x2), b_dz2, PREC)
         tl.debug_barrier()
         tl.store(dh_w1 + p_dm, b_dw1, mask=m_dm)
         tl.store(dh_b1 + o_m, b_db1, mask=m_m)
@@ -511,7 +508,7 @@ def chunk_ttt_mlp_bwd_local(
     M = g0[1].shape[-1]
     MB = token_eta.shape[0]
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
-    meta = dict(H=H, D=D, M=M, MB=MB, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    meta = dict(H=H, D=D, M=M, MB=MB, PREC=dot_precision(q.dtype),
                 **block_sizes(D, M, MB))  # fmt: skip
     rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     out = LocalGrads(
@@ -573,7 +570,7 @@ def chunk_ttt_mlp_bwd(
     M = g0[1].shape[-1]
     MB = token_eta.shape[0]
     B, NS, lens = varlen_plan(cu_seqlens, offset, MB, Bq, T)
-    meta = dict(H=H, D=D, M=M, MB=MB, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    meta = dict(H=H, D=D, M=M, MB=MB, PREC=dot_precision(q.dtype),
                 **block_sizes(D, M, MB))  # fmt: skip
     f32 = dict(dtype=torch.float32)
     loc = chunk_ttt_mlp_bwd_local(

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, varlen_plan
+from ...ttt_linear.triton.dot import _dot, dot_precision
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
 # the largest [BD, BM] weight tile the fused forward holds on chip: BD = 64, BM = 256 ran on the H200. Static
@@ -84,15 +85,15 @@ def _mlp_segment(
         tl.store(ckpt_b2 + p_ck * D + o_d, b_b2, mask=m_d)
 
     # inner gradients at the anchor
-    b_z1 = tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :]  # [BT, BM]
+    b_z1 = _dot(b_k, b_w1, PREC) + b_b1[None, :]  # [BT, BM]
     b_x2, b_dgelu = _gelu_tanh(b_z1)
-    b_z2 = tl.dot(b_x2, b_w2, input_precision=PREC) + b_b2[None, :]  # [BT, BD]
+    b_z2 = _dot(b_x2, b_w2, PREC) + b_b2[None, :]  # [BT, BD]
     b_g2, _, _, _, _ = _ln_l2_grad(b_z2, b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)
-    b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dgelu  # [BT, BM]
+    b_g1 = _dot(b_g2, tl.trans(b_w2), PREC) * b_dgelu  # [BT, BM]
     b_lg1 = b_g1 * b_lr[:, None]
     b_lg2 = b_g2 * b_lr[:, None]
-    b_u1 = tl.dot(tl.trans(b_k), b_lg1, input_precision=PREC)  # [BD, BM]
-    b_u2 = tl.dot(tl.trans(b_x2), b_lg2, input_precision=PREC)  # [BM, BD]
+    b_u1 = _dot(tl.trans(b_k), b_lg1, PREC)  # [BD, BM]
+    b_u2 = _dot(tl.trans(b_x2), b_lg2, PREC)  # [BM, BD]
     b_ub1 = tl.sum(b_lg1, axis=0)
     b_ub2 = tl.sum(b_lg2, axis=0)
     if HAS_S:
@@ -104,24 +105,18 @@ def _mlp_segment(
     if CAUSAL:
         b_a1 = tl.where(
             m_a,
-            b_eta[:, None] * b_lr[None, :] * (tl.dot(b_q, tl.trans(b_k), input_precision=PREC) + 1.0),
+            b_eta[:, None] * b_lr[None, :] * (_dot(b_q, tl.trans(b_k), PREC) + 1.0),
             0.0,
         )
-        b_z1b = (
-            tl.dot(b_q, b_w1, input_precision=PREC) + b_b1[None, :] - tl.dot(b_a1, b_g1, input_precision=PREC)
-        )
+        b_z1b = _dot(b_q, b_w1, PREC) + b_b1[None, :] - _dot(b_a1, b_g1, PREC)
         if HAS_S:
-            b_z1b -= b_eta[:, None] * (tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :])
+            b_z1b -= b_eta[:, None] * (_dot(b_q, b_s1, PREC) + b_sb1[None, :])
         b_x2b, _ = _gelu_tanh(b_z1b)
-        b_p2 = tl.dot(b_x2b, tl.trans(b_x2), input_precision=PREC)
+        b_p2 = _dot(b_x2b, tl.trans(b_x2), PREC)
         b_a2 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p2 + 1.0), 0.0)
-        b_z2b = (
-            tl.dot(b_x2b, b_w2, input_precision=PREC)
-            + b_b2[None, :]
-            - tl.dot(b_a2, b_g2, input_precision=PREC)
-        )
+        b_z2b = _dot(b_x2b, b_w2, PREC) + b_b2[None, :] - _dot(b_a2, b_g2, PREC)
         if HAS_S:
-            b_z2b -= b_eta[:, None] * (tl.dot(b_x2b, b_s2, input_precision=PREC) + b_sb2[None, :])
+            b_z2b -= b_eta[:, None] * (_dot(b_x2b, b_s2, PREC) + b_sb2[None, :])
     else:
         # weights after the segment's last token (eta is that token's te, same on every row)
         eta_p = tl.max(b_eta, axis=0)
@@ -134,8 +129,8 @@ def _mlp_segment(
             b1e -= eta_p * b_sb1
             w2e -= eta_p * b_s2
             b2e -= eta_p * b_sb2
-        b_x2b, _ = _gelu_tanh(tl.dot(b_q, w1e, input_precision=PREC) + b1e[None, :])
-        b_z2b = tl.dot(b_x2b, w2e, input_precision=PREC) + b2e[None, :]
+        b_x2b, _ = _gelu_tanh(_dot(b_q, w1e, PREC) + b1e[None, :])
+        b_z2b = _dot(b_x2b, w2e, PREC) + b2e[None, :]
     b_xb, _ = _ln_rows(b_z2b, m_d, D, eps)
     b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
     tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
@@ -240,8 +235,8 @@ def _tiled_segment(
         if STORE_CKPT:
             _store_w_tile(ckpt_w1 + p_ck * D * M, ckpt_b1 + p_ck * M, ckpt_w2 + p_ck * M * D, b_w1, b_b1, b_w2,
                           o_d, o_m, m_d, m_m, D, M)  # fmt: skip
-        b_x2 = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])[0]
-        b_z2 += tl.dot(b_x2, b_w2, input_precision=PREC)
+        b_x2 = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])[0]
+        b_z2 += _dot(b_x2, b_w2, PREC)
     if STORE_CKPT:
         tl.store(ckpt_b2 + p_ck * D + o_d, b_b2, mask=m_d)
     b_g2 = _ln_l2_grad(b_z2 + b_b2[None, :], b_v - b_k, b_gamma, b_beta, m_td, m_d, D, eps)[0]
@@ -252,7 +247,7 @@ def _tiled_segment(
     if CAUSAL:
         b_a1 = tl.where(
             m_a,
-            b_eta[:, None] * b_lr[None, :] * (tl.dot(b_q, tl.trans(b_k), input_precision=PREC) + 1.0),
+            b_eta[:, None] * b_lr[None, :] * (_dot(b_q, tl.trans(b_k), PREC) + 1.0),
             0.0,
         )
         b_p2 = tl.zeros([BT, BT], dtype=tl.float32)  # X2b X2^T, summed over the tiles
@@ -272,34 +267,32 @@ def _tiled_segment(
         o_m = i_m * BMT + o_j
         m_m = o_m < M
         b_w1, b_b1, b_w2 = _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D, M)
-        b_x2, b_dgelu = _gelu_tanh(tl.dot(b_k, b_w1, input_precision=PREC) + b_b1[None, :])
-        b_g1 = tl.dot(b_g2, tl.trans(b_w2), input_precision=PREC) * b_dgelu  # [BT, BMT]
+        b_x2, b_dgelu = _gelu_tanh(_dot(b_k, b_w1, PREC) + b_b1[None, :])
+        b_g1 = _dot(b_g2, tl.trans(b_w2), PREC) * b_dgelu  # [BT, BMT]
         b_lg1 = b_g1 * b_lr[:, None]
-        b_u1 = tl.dot(tl.trans(b_k), b_lg1, input_precision=PREC)  # [BD, BMT]
+        b_u1 = _dot(tl.trans(b_k), b_lg1, PREC)  # [BD, BMT]
         b_ub1 = tl.sum(b_lg1, axis=0)
-        b_u2 = tl.dot(tl.trans(b_x2), b_lg2, input_precision=PREC)  # [BMT, BD]
+        b_u2 = _dot(tl.trans(b_x2), b_lg2, PREC)  # [BMT, BD]
         if HAS_S:
             b_s1, b_sb1, b_s2 = _load_w_tile(g0_w1 + i_bh64 * D * M, g0_b1 + i_bh64 * M, g0_w2 + i_bh64 * M * D,
                                              o_d, o_m, m_d, m_m, D, M)  # fmt: skip
         if CAUSAL:
-            b_z1b = tl.dot(b_q, b_w1, input_precision=PREC) + b_b1[None, :]
-            b_z1b -= tl.dot(b_a1, b_g1, input_precision=PREC)
+            b_z1b = _dot(b_q, b_w1, PREC) + b_b1[None, :]
+            b_z1b -= _dot(b_a1, b_g1, PREC)
             if HAS_S:
-                b_z1b -= b_eta[:, None] * (tl.dot(b_q, b_s1, input_precision=PREC) + b_sb1[None, :])
+                b_z1b -= b_eta[:, None] * (_dot(b_q, b_s1, PREC) + b_sb1[None, :])
             b_x2b = _gelu_tanh(b_z1b)[0]
-            b_z2b += tl.dot(b_x2b, b_w2, input_precision=PREC)
+            b_z2b += _dot(b_x2b, b_w2, PREC)
             if HAS_S:
-                b_z2b -= b_eta[:, None] * tl.dot(b_x2b, b_s2, input_precision=PREC)
-            b_p2 += tl.dot(b_x2b, tl.trans(b_x2), input_precision=PREC)
+                b_z2b -= b_eta[:, None] * _dot(b_x2b, b_s2, PREC)
+            b_p2 += _dot(b_x2b, tl.trans(b_x2), PREC)
         if HAS_S:
             b_u1 += b_s1
             b_ub1 += b_sb1
             b_u2 += b_s2
         if not CAUSAL:
-            b_x2b = _gelu_tanh(
-                tl.dot(b_q, b_w1 - eta_p * b_u1, input_precision=PREC) + (b_b1 - eta_p * b_ub1)[None, :]
-            )[0]
-            b_z2b += tl.dot(b_x2b, b_w2 - eta_p * b_u2, input_precision=PREC)
+            b_x2b = _gelu_tanh(_dot(b_q, b_w1 - eta_p * b_u1, PREC) + (b_b1 - eta_p * b_ub1)[None, :])[0]
+            b_z2b += _dot(b_x2b, b_w2 - eta_p * b_u2, PREC)
         # a trailing partial mini-batch hands its gradient sums to the next call
         if n == NS_i - 1:
             _store_w_tile(gt_w1 + i_bh64 * D * M, gt_b1 + i_bh64 * M, gt_w2 + i_bh64 * M * D, keep * b_u1,
@@ -311,7 +304,7 @@ def _tiled_segment(
 
     if CAUSAL:
         b_a2 = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p2 + 1.0), 0.0)
-        b_z2b -= tl.dot(b_a2, b_g2, input_precision=PREC)
+        b_z2b -= _dot(b_a2, b_g2, PREC)
     b_xb = _ln_rows(b_z2b, m_d, D, eps)[0]
     tl.store(o + p_tok, (b_q + b_xb * b_gamma[None, :] + b_beta[None, :]).to(o.dtype.element_ty), mask=m_td)
     if n == NS_i - 1:
@@ -380,7 +373,7 @@ def chunk_ttt_mlp_fwd_fused(
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, B, T)
     BD, BM = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(M))
     BT = max(16, triton.next_power_of_2(MB))
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = dot_precision(q.dtype)
     o = torch.empty_like(q)
     ht = tuple(torch.empty_like(t) for t in h0)
     gt = tuple(torch.empty_like(t) for t in g0)
