@@ -1,7 +1,8 @@
-"""Kernel-level timings of the TTT-Linear Triton launchers: warps per program, fused vs split forward,
-anchor checkpointing on/off, backward. Used to pick the defaults in ``ttt/ops/ttt_linear/triton``.
+"""Kernel-level timings of the TTT-Linear Triton launchers: dot operand precision (``TTT_TRITON_DOTS``),
+warps per program, fused vs split forward, anchor checkpointing on/off, backward and its parallel stage. Used to pick the defaults in ``ttt/ops/ttt_linear/triton``.
 
-    python benchmarks/kernels_ttt_linear_tune.py [--shapes B,T,H,D ...] [--out results.md]
+    python benchmarks/kernels_ttt_linear_tune.py [--shapes B,T,H,D ...] [--dots tf32 input] [--warps 2 4 8]
+        [--stages 2] [--out results.md]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ttt.ops.common import default_token_eta  # noqa: E402
-from ttt.ops.ttt_linear.triton.chunk_bwd import chunk_ttt_linear_bwd  # noqa: E402
+from ttt.ops.ttt_linear.triton.chunk_bwd import chunk_ttt_linear_bwd, chunk_ttt_linear_bwd_local  # noqa: E402
 from ttt.ops.ttt_linear.triton.chunk_fwd import chunk_ttt_linear_fwd_fused  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
@@ -26,8 +27,11 @@ SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=None)
-    ap.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16])
-    ap.add_argument("--stages", nargs="*", type=int, default=[1, 2, 3])
+    ap.add_argument("--warps", nargs="*", type=int, default=[2, 4, 8])
+    ap.add_argument("--stages", nargs="*", type=int, default=[2])
+    ap.add_argument("--dots", nargs="*", default=["tf32", "input"], help="TTT_TRITON_DOTS modes to compare")
+    ap.add_argument("--local-maxnreg", nargs="*", type=int, default=[0], help="register caps (0: none)")
+    ap.add_argument("--split", action="store_true", help="also time the split forward (recurrence + outputs)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -37,7 +41,11 @@ def main():
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET=1, not a timing)"
     shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shapes] if args.shapes else SHAPES
     lines = [f"# TTT-Linear kernel variants: {gpu} ({args.dtype}, b = 16, causal)", ""]
-    lines += ["| B,T,H,D | variant | warps/stages | ms |", "|---|---|---|---|"]
+    lines += ["| B,T,H,D | variant | dots warps/stages | ms |", "|---|---|---|---|"]
+    fwd_variants = [
+        ("fwd fused", dict(store_ckpt=False, split_o=False)),
+        ("fwd fused + ckpt", dict(store_ckpt=True, split_o=False)),
+    ] + ([("fwd split (rec + o)", dict(store_ckpt=True, split_o=True))] if args.split else [])
     for B, T, H, D in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (
@@ -59,20 +67,24 @@ def main():
         bwd_args = (q, k, v, lr, te, lw, lb, ckpt, g0, do, g0, g0)
         common = dict(offset=0, causal=True, eps=1e-6)
         variants = []
-        for w in args.warps:
-            for st in args.stages:
-                for name, kw in (
-                    ("fwd fused", dict(store_ckpt=False, split_o=False)),
-                    ("fwd fused + ckpt", dict(store_ckpt=True, split_o=False)),
-                    ("fwd split (rec + o)", dict(store_ckpt=True, split_o=True)),
-                ):
-                    fn = partial(
-                        chunk_ttt_linear_fwd_fused, *fwd_args, num_warps=w, num_stages=st, **kw, **common
-                    )
-                    variants.append((name, f"{w}/{st}", fn))
-                fn = partial(chunk_ttt_linear_bwd, *bwd_args, num_warps=w, num_stages=st, **common)
-                variants.append(("bwd (local + seq)", f"{w}/{st}", fn))
-        for name, w, fn in variants:
+        for dots in args.dots:
+            for w in args.warps:
+                for st in args.stages:
+                    cfg = f"{dots} {w}/{st}"
+                    for name, kw in fwd_variants:
+                        fn = partial(
+                            chunk_ttt_linear_fwd_fused, *fwd_args, num_warps=w, num_stages=st, **kw, **common
+                        )
+                        variants.append((name, cfg, dots, fn))
+                    fn = partial(chunk_ttt_linear_bwd, *bwd_args, num_warps=w, num_stages=st, **common)
+                    variants.append(("bwd (local + seq)", cfg, dots, fn))
+            # the parallel stage alone (bwd - this = the sequential sweep), at its default warps and
+            # with a register cap that lets more programs share an SM
+            for cap in args.local_maxnreg:
+                fn = partial(chunk_ttt_linear_bwd_local, *bwd_args[:10], maxnreg=cap or None, **common)
+                variants.append((f"bwd local stage, maxnreg {cap or '-'}", f"{dots} -/-", dots, fn))
+        for name, w, dots, fn in variants:
+            os.environ["TTT_TRITON_DOTS"] = dots  # read by every launch (ttt/ops/ttt_linear/triton/dot.py)
             try:
                 out = fn()
                 if name.startswith("fwd"):

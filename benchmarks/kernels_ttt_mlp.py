@@ -23,8 +23,8 @@ reported against the GPU's bf16 dense peak ``--peak-tflops`` (default 989, the H
     python benchmarks/kernels_ttt_mlp.py --device cpu --shapes 1,64,2,16                   # CPU smoke test
 
 "chunk compiled" is timed after one forward and one forward+backward that compile it (reported as
-"compile s"). ``--tf32`` lets the chunked PyTorch paths use TF32 matmuls (the kernel uses TF32 dots for
-bf16 inputs); the correctness gate always runs at full fp32 precision. On CPU (no CUDA) the Triton path
+"compile s"). ``--tf32`` lets the chunked PyTorch paths use TF32 matmuls (the kernel's dot operands:
+``TTT_TRITON_DOTS``, ttt/ops/ttt_linear/triton/dot.py); the correctness gate always runs at full fp32 precision. On CPU (no CUDA) the Triton path
 runs only under ``TRITON_INTERPRET=1`` and every time is one call, not a benchmark. The markdown table is
 rewritten to ``--out`` after every measurement, so a stopped run leaves its partial results.
 """
