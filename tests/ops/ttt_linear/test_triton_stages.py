@@ -5,6 +5,8 @@ reference, so a failure names the stage. The end-to-end tests are in ``test_trit
   == the state the float64 chunked form reaches there.
 - ``chunk_ttt_linear_bwd_local``: every gradient of the output path of each segment, with the anchor
   and the inner gradient G held fixed == autograd through a torch transcription of that path.
+- the sequential stage of ``chunk_ttt_linear_bwd``: given the parallel stage's dZbar and dG_local, what it
+  adds == autograd through a float64 transcription of the anchor recurrence alone.
 
 Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py).
 """
@@ -25,7 +27,9 @@ fwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_fwd")
 bwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_bwd")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
-CASES = [(29, 3, 8, True), (29, 0, 8, False), (16, 5, 16, True)]  # T, offset, mini-batch, causal
+# T, offset, mini-batch, causal: ends on a mini-batch boundary; ends partial; resumes mid-batch and ends
+# partial; one partial segment only
+CASES = [(29, 3, 8, True), (29, 0, 8, False), (16, 5, 16, True), (7, 3, 16, True)]
 
 
 def make(B, H, T, D, b, offset, seed=0):
@@ -114,6 +118,72 @@ def test_backward_local_stage_is_the_output_path(T, offset, b, causal):
                dln_w=loc.dln_w.sum((0, 2)), dln_b=loc.dln_b.sum((0, 2)))  # fmt: skip
     if offset:  # the carried gradient sum is an input of segment 0 only when the call resumes mid-batch
         got.update(dgW0=loc.dg0[0], dgb0=loc.dg0[1])
+    for name, val in got.items():
+        want = ref[name]
+        torch.testing.assert_close(val.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+
+
+def recurrence_reference(x, dzb, dgl, dht, dgt, offset, b):
+    """Float64 gradients of the surrogate loss the sequential stage differentiates:
+
+        sum_n <Q_n W_n + b_n, dZbar_n> + <G_n, dG_local_n> + <final anchor, dht> + <returned sum, dgt>
+
+    where (W_n, b_n) is the anchor at the start of segment n, run through the recurrence (full mini-batch:
+    W_{n+1} = W_n - te[b-1] (S + K^T (lr G_n)), S only in segment 0; a trailing partial one returns the
+    sum instead) and G_n the LN-L2 inner gradient at K_n W_n + b_n. q is a constant here: its gradient is
+    all output path (the parallel stage's)."""
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    k, v, lr, te, lw, lb, W0, b0, sw, sb = map(
+        leaf, (x["k"], x["v"], x["lr"], x["te"], x["ln_w"], x["ln_b"], x["W"], x["bias"], *x["S"])
+    )
+    W, bias = W0, b0
+    loss, gsum = 0.0, (torch.zeros_like(sw), torch.zeros_like(sb))
+    for n, (start, c) in enumerate(split_segments(k.shape[2], offset, b)):
+        sl, p0 = slice(start, start + c), offset if n == 0 else 0
+        Q, K, LR = x["q"][:, :, sl], k[:, :, sl], lr[:, :, sl]
+        G = ln_l2_grad(K @ W + bias[:, :, None], v[:, :, sl] - K, lw, lb, EPS)
+        loss = loss + ((Q @ W + bias[:, :, None]) * dzb[:, :, sl]).sum() + (G * dgl[:, :, sl]).sum()
+        U = K.transpose(-1, -2) @ (LR[..., None] * G)
+        u = (LR[..., None] * G).sum(2)
+        if n == 0:
+            U, u = U + sw, u + sb
+        if p0 + c == b:
+            W, bias = W - te[b - 1] * U, bias - te[b - 1] * u
+        else:  # only the last segment can end inside its mini-batch
+            gsum = (U, u)
+    finals = ((W, dht[0]), (bias, dht[1]), (gsum[0], dgt[0]), (gsum[1], dgt[1]))
+    loss = loss + sum((t * g).sum() for t, g in finals)
+    loss.backward()
+    grad = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731  (te: no full step)
+    return dict(dk=grad(k), dv=grad(v), dlr=grad(lr), dte=grad(te), dln_w=grad(lw), dln_b=grad(lb), dW0=grad(W0),
+                db0=grad(b0), dgW0=grad(sw), dgb0=grad(sb))  # fmt: skip
+
+
+@pytest.mark.parametrize("T,offset,b,causal", CASES, ids=lambda v: str(v))
+def test_backward_sequential_stage_is_the_recurrence(T, offset, b, causal):
+    """The whole backward minus the parallel stage's partials == the recurrence's own gradients, fed
+    with the parallel stage's dZbar and dG_local (both launched on the same checkpoints)."""
+    x = make(2, 2, T, 16, b, offset, seed=T + 2)
+    f32, ckpt = launch_forward(x, offset, causal)
+    g = torch.Generator().manual_seed(T)
+    dht = tuple(
+        torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) * 0.3 for t in (x["W"], x["bias"])
+    )
+    dgt = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) * 0.3 for t in x["S"])
+    args = (f32["q"], f32["k"], f32["v"], f32["lr"], f32["te"], f32["ln_w"], f32["ln_b"], ckpt,
+            tuple(s.float().contiguous() for s in x["S"]), f32["do"])  # fmt: skip
+    meta = dict(offset=offset, causal=causal, eps=EPS)
+    loc = bwd.chunk_ttt_linear_bwd_local(*args, **meta)
+    dq, dk, dv, dlr, dte, dln_w, dln_b, dh0, dg0 = bwd.chunk_ttt_linear_bwd(
+        *args, tuple(t.float() for t in dht), tuple(t.float() for t in dgt), **meta
+    )
+    ref = recurrence_reference(x, loc.dzb.double(), loc.dgl.double(), dht, dgt, offset, b)
+    got = dict(dk=dk.double() - loc.dk, dv=dv, dlr=dlr - loc.dlr, dte=dte - loc.dte.sum((0, 1, 2)),
+               dln_w=dln_w - loc.dln_w.sum((0, 2)), dln_b=dln_b - loc.dln_b.sum((0, 2)), dW0=dh0[0], db0=dh0[1])  # fmt: skip
+    if offset:  # the carried gradient sum is an input of segment 0 only when the call resumes mid-batch
+        got.update(dgW0=dg0[0] - loc.dg0[0], dgb0=dg0[1] - loc.dg0[1])
+    torch.testing.assert_close(dq, loc.dq, rtol=0, atol=0)  # dq is the parallel stage's alone
     for name, val in got.items():
         want = ref[name]
         torch.testing.assert_close(val.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
