@@ -297,8 +297,9 @@ def chunk_ttt_linear_bwd_kernel_seq(
     tl.store(dlnb_s + i_bh64 * D + o_d, b_dbeta, mask=m_d)
 
 
-# register cap of the parallel stage at D <= 64: 4 programs per SM instead of 2 (H200: 0.33 vs 0.47 ms at
-# B, T, H = 8, 2048, 16; no gain at D = 128, where it stays uncapped). docs/kernels.md
+# register cap of the parallel stage at D <= 64 with bf16 dots: 4 programs per SM instead of 2 (H200: 0.33
+# vs 0.47 ms at B, T, H = 8, 2048, 16; no gain at D = 128, where it stays uncapped; fp32 / tf32 dots were
+# not timed with it, so they stay uncapped too). docs/kernels.md
 LOCAL_MAXNREG = 128
 
 
@@ -333,7 +334,7 @@ def chunk_ttt_linear_bwd_local(
     MB = token_eta.shape[0]
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
     cfg = launch_config(D, q.dtype)
-    if maxnreg is None and q.is_cuda and cfg["BD"] <= 64:
+    if maxnreg is None and q.is_cuda and cfg["BD"] <= 64 and cfg["PREC"] == "bf16":
         maxnreg = LOCAL_MAXNREG
     rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     out = LocalGrads(
