@@ -120,6 +120,15 @@ def test_chunk_fp16():
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_chunk_input_dtype_dots_fp16(monkeypatch, causal):
+    """TTT_TRITON_DOTS=input: fp16 dot operands (the bf16 default's machinery; the interpreter cannot run
+    bf16), forward, state and every gradient within the same budget."""
+    monkeypatch.setenv("TTT_TRITON_DOTS", "input")
+    leaves, meta = make_case(1, 2, 40, 16, 64, offset=5 if causal else 0, seed=8)
+    compare(leaves, meta, causal=causal, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_chunk_m_tiles_fp32(monkeypatch, causal):
     """The backward kernels walk M = 40 in 16-column tiles, the last one partly masked."""
     monkeypatch.setattr(importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_bwd"), "MAX_BLOCK_M", 16)
