@@ -156,7 +156,7 @@ def chunk_transition(
         c = write_to_end.transpose(-1, -2) @ vs  # [B, H, N, Dk, Dv]
     else:
         # the delta rows write and remove along the same key (beta k): reuse its products
-        same = rms is ws
+        same = tr.remove is tr.write
         # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_n + L_rw V
         L_rw = _decayed_products(rds, G_before, ws, G, strict)  # [B, H, N, C, C]
         L_rr = L_rw if same else _decayed_products(rds, G_before, rms, G, strict)
