@@ -38,6 +38,8 @@ CASES: dict[str, dict] = {
     "mamba2": dict(name="mamba2", chunk_size=8, d_state=8),
     "gla": dict(name="gla", chunk_size=8),
     "hgrn2": dict(name="hgrn2", chunk_size=8),
+    "rwkv7": dict(name="rwkv7", chunk_size=8),
+    "hebbian": dict(name="hebbian", chunk_size=8),
 }
 
 # TTT states after padding are documented as not continuable (padding advances the mini-batch slot)

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt.layers import HGRN2, GatedLinearAttention, LinearAttention, Mamba2, RetNet
+import ttt.ops.family
+from ttt.layers import HGRN2, GatedLinearAttention, HebbianFastWeights, LinearAttention, Mamba2, RetNet
 from ttt.modules import apply_rotary, rotary_cos_sin
 
 LAYERS = {"linear_attention": LinearAttention, "retnet": RetNet, "mamba2": Mamba2, "gla": GatedLinearAttention,
-          "hgrn2": HGRN2}  # fmt: skip
+          "hgrn2": HGRN2, "hebbian": HebbianFastWeights}  # fmt: skip
 
 
 def _layer(name: str, **kwargs):
@@ -103,3 +104,22 @@ def test_empty_padded_row_stays_finite():
     mask = torch.tensor([[True, True, True], [False, False, False]])
     y, _ = layer(torch.randn(2, 3, 16), mask=mask)
     assert torch.isfinite(y).all()
+
+
+@torch.no_grad()
+def test_hebbian_layer_runs_the_hebbian_rule():
+    """The layer's memory is ``ttt.ops.family.hebbian`` (S_t = lambda S + eta k v^T, per-head constants)
+    and its output the rule's read-out through the output norm and projection; trained-looking rates."""
+    layer = _layer("hebbian")
+    layer.decay_logit.copy_(torch.tensor([1.0, 3.0]))
+    layer.lr_raw.copy_(torch.tensor([-0.5, 0.7]))
+    x = _x(2, 11)
+    q = F.normalize(_heads(layer.q_proj(x)), dim=-1, eps=1e-6)
+    k = F.normalize(_heads(layer.k_proj(x)), dim=-1, eps=1e-6)
+    decay, lr = layer.rates()
+    o, S = ttt.ops.family.hebbian(q, k, _heads(layer.v_proj(x)), decay=decay, lr=lr, scale=1.0,
+                                  output_final_state=True, impl="recurrent")  # fmt: skip
+    want = layer.o_proj(layer.o_norm(o.transpose(1, 2)).reshape(2, 11, 16))
+    y, state = layer(x)
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(state.S, S, atol=1e-12, rtol=0)

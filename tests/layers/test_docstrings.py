@@ -7,7 +7,13 @@ import importlib
 
 import pytest
 
-MODULES = ["ttt.layers.attention", "ttt.layers.ttt", "ttt.layers.bidirectional", "ttt.layers.delta"]
+MODULES = [
+    "ttt.layers.attention",
+    "ttt.layers.ttt",
+    "ttt.layers.bidirectional",
+    "ttt.layers.delta",
+    "ttt.layers.rwkv",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -3,12 +3,20 @@
 ``MIXERS`` maps a name to a class built as ``cls(dim=..., num_heads=..., **layer_specific)``.
 """
 
-from ttt.layers.additive import HGRN2, GatedLinearAttention, LinearAttention, Mamba2, RetNet
+from ttt.layers.additive import (
+    HGRN2,
+    GatedLinearAttention,
+    HebbianFastWeights,
+    LinearAttention,
+    Mamba2,
+    RetNet,
+)
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
 from ttt.layers.bidirectional import Bidirectional
 from ttt.layers.delta import Comba, DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
 from ttt.layers.matrix import MatrixState
 from ttt.layers.protocol import Mixer
+from ttt.layers.rwkv import RWKV7
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
 
 MIXERS: dict[str, type] = {
@@ -26,6 +34,8 @@ MIXERS: dict[str, type] = {
     "mamba2": Mamba2,
     "gla": GatedLinearAttention,
     "hgrn2": HGRN2,
+    "rwkv7": RWKV7,
+    "hebbian": HebbianFastWeights,
 }
 
 __all__ = [
@@ -37,6 +47,7 @@ __all__ = [
     "GatedDeltaNet",
     "GatedLinearAttention",
     "HGRN2",
+    "HebbianFastWeights",
     "KVCache",
     "KimiDeltaAttention",
     "LinearAttention",
@@ -44,6 +55,7 @@ __all__ = [
     "Mamba2",
     "MatrixState",
     "Mixer",
+    "RWKV7",
     "RetNet",
     "SlidingWindowAttention",
     "TTTLayerState",

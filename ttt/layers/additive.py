@@ -10,6 +10,8 @@ Shapes: B batch, T tokens, C model width, H heads, Dk key head dim, Dv value hea
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -305,3 +307,67 @@ class HGRN2(MatrixMixer):
         (log_alpha,) = mask_tokens(mask, log_alpha)
         o, S = self._operator("hgrn2", q, i, state=state, impl=impl, log_alpha=log_alpha)
         return self.o_proj(self.g_norm(merge_heads(o))), S, []
+
+
+class HebbianFastWeights(MatrixMixer):
+    __doc__ = (
+        """Hebbian fast weights (Ba et al., arXiv 1610.06258): ``S_t = lambda S_{t-1} + eta k_t v_t^T``.
+
+    The ancestor of the family: a fast-weight memory written by a Hebbian outer product and read as
+    ``o_t = S_t^T q_t``, with a learned decay ``lambda_h = sigmoid(.)`` (initially 0.95, the paper's value)
+    and learning rate ``eta_h = softplus(.)`` (initially 0.5) per head. Around it: bias-free q/k/v
+    projections, q and k L2-normalised per head, a per-head RMSNorm on the output (the paper's inner
+    LayerNorm) and the output projection. Deviations, named: the paper's memory is auto-associative
+    (q = k = v = the RNN's hidden state) inside a slow RNN that iterates it; here the layer is an
+    attention replacement, so q, k, v are projections of the input. The rule runs through
+    ``ttt.ops.family.mamba2`` with the constants repeated per token, which lets a padded token skip the
+    decay; ``ttt.ops.family.hebbian`` is the same rule with per-head constants.
+
+    Args:
+        dim, num_heads: model width C and heads H (D = C / H).
+        decay: initial lambda in (0, 1). Default: ``0.95``.
+        lr: initial eta > 0. Default: ``0.5``."""
+        + _FORMS_DOC
+        + "    "
+    )
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        decay: float = 0.95,
+        lr: float = 0.5,
+        impl: str = "chunk",
+        decode_impl: str = "recurrent",
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        if not 0 < decay < 1 or lr <= 0:
+            raise ValueError(f"need 0 < decay < 1 and lr > 0, got decay={decay}, lr={lr}")
+        self.head_dim = dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(dim, dim, bias=False) for _ in range(4)
+        )
+        # parameters of sigmoid / softplus: the inverse functions of the initial values
+        self.decay_logit = nn.Parameter(torch.full((num_heads,), math.log(decay / (1 - decay))))
+        self.lr_raw = nn.Parameter(torch.full((num_heads,), math.log(math.expm1(lr))))
+        self.o_norm = RMSNorm(self.head_dim)
+
+    def rates(self) -> tuple[Tensor, Tensor]:
+        """(lambda [H], eta [H]): the current decay and learning rate per head."""
+        return torch.sigmoid(self.decay_logit), F.softplus(self.lr_raw)
+
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+        batch, length, _ = x.shape
+        q = F.normalize(split_heads(self.q_proj(x), self.num_heads), dim=-1, eps=1e-6)  # [B, H, T, D]
+        k = F.normalize(split_heads(self.k_proj(x), self.num_heads), dim=-1, eps=1e-6)
+        v = split_heads(self.v_proj(x), self.num_heads)
+        _, lr = self.rates()
+        per_token = lambda t: t.to(q.dtype)[None, :, None].expand(batch, -1, length)  # noqa: E731  [B, H, T]
+        beta, log_alpha = per_token(lr), per_token(F.logsigmoid(self.decay_logit))
+        k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
+        o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha,
+                              scale=1.0)  # fmt: skip
+        o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
+        return self.o_proj(o.reshape(batch, length, -1)), S, []

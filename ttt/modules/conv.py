@@ -55,21 +55,10 @@ class ShortConv(nn.Module):
         Returns:
             ``(y [B, T, C], cache [B, C, K - 1])``.
         """
-        batch, length, _ = x.shape
         if cache is None:
-            cache = self.init_cache(batch, device=x.device, dtype=x.dtype)
-        if mask is not None:
-            x = x * mask[..., None].to(x.dtype)
-        padded = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, C, K-1+T]
-        y = self._act(self.conv(padded)).transpose(1, 2)  # [B, T, C]
-        if mask is None:
-            new_cache = padded[:, :, length:]
-        else:
-            # the K-1 inputs ending at each row's last real token: columns len .. len+K-2 of `padded`
-            lengths = mask.sum(dim=1)
-            cols = lengths[:, None] + torch.arange(self.kernel_size - 1, device=x.device)  # [B, K-1]
-            new_cache = padded.gather(2, cols[:, None, :].expand(-1, self.dim, -1))
-        return y, new_cache
+            cache = self.init_cache(x.shape[0], device=x.device, dtype=x.dtype)
+        padded, new_cache = causal_window(x, cache, mask)
+        return self._act(self.conv(padded)).transpose(1, 2), new_cache
 
     def step(self, x_t: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         """One token: ``x_t [B, 1, C]``, ``cache [B, C, K - 1]`` -> ``(y [B, 1, C], new cache)``."""
@@ -81,3 +70,55 @@ class ShortConv(nn.Module):
 
     def _act(self, y: Tensor) -> Tensor:
         return F.silu(y) if self.activation == "silu" else y
+
+
+def causal_window(x: Tensor, cache: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The inputs a causal window of ``K`` taps sees, and the cache to carry on.
+
+    Args:
+        x: ``[B, T, C]``; cache: ``[B, C, K - 1]`` (the last inputs before x); mask: ``[B, T]`` bool,
+            True = real token, right padding only (padded inputs are zeroed).
+
+    Returns:
+        ``(padded [B, C, K - 1 + T], new cache [B, C, K - 1])``: the cache holds the last ``K - 1`` *real*
+        inputs of each row, so a padded batch continues exactly like the unpadded sequences.
+    """
+    length, width = x.shape[1], cache.shape[2]
+    if mask is not None:
+        x = x * mask[..., None].to(x.dtype)
+    padded = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=2)
+    if mask is None:
+        return padded, padded[:, :, length:]
+    # the K-1 inputs ending at each row's last real token: columns len .. len+K-2 of `padded`
+    cols = mask.sum(dim=1)[:, None] + torch.arange(width, device=x.device)  # [B, K-1]
+    return padded, padded.gather(2, cols[:, None, :].expand(-1, padded.shape[1], -1))
+
+
+class TokenShift(nn.Module):
+    """The previous token's input, ``y_t = x_{t-1}`` (``x_{-1} = 0``): RWKV's token shift, with the same
+    cache protocol as :class:`ShortConv` (the cache is the last real input ``[B, C, 1]``).
+
+    Args:
+        dim: channels C.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        # no parameters: an empty buffer follows .to() / .double() so caches default to the module's device
+        self.register_buffer("_like", torch.empty(0), persistent=False)
+
+    def init_cache(self, batch_size: int, *, device=None, dtype=None) -> Tensor:
+        """Zeros ``[B, C, 1]``."""
+        return torch.zeros(
+            batch_size, self.dim, 1, device=device or self._like.device, dtype=dtype or self._like.dtype
+        )
+
+    def forward(
+        self, x: Tensor, cache: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``x [B, T, C]`` -> ``(x shifted by one token [B, T, C], cache [B, C, 1])``; mask as ShortConv's."""
+        if cache is None:
+            cache = self.init_cache(x.shape[0], device=x.device, dtype=x.dtype)
+        padded, new_cache = causal_window(x, cache, mask)
+        return padded[:, :, : x.shape[1]].transpose(1, 2), new_cache
