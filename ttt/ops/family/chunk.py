@@ -99,6 +99,76 @@ def _fold_columns(q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: 
     return o, S
 
 
+_INVERSE_BLOCK = 16  # blocks at most this size are inverted by one triangular solve (see below)
+
+
+def unit_lower_inverse(L: Tensor) -> Tensor:
+    """``(I + L)^{-1}`` for strictly lower-triangular ``L`` [..., C, C] (entries on and above the
+    diagonal are ignored). Returns [..., C, C], unit lower-triangular.
+
+    Recursive halving: with ``I + L = [[A, 0], [X, D]]`` the inverse is
+    ``[[A^-1, 0], [-D^-1 X A^-1, D^-1]]``. On CPU a batched triangular solve of a [64, 64] system is
+    ~3x slower than this (its per-matrix cost dominates; two batched matmuls per level do not), so only
+    blocks of at most 16 go to ``solve_triangular`` (a stable forward substitution), all in one call.
+    """
+    C = L.shape[-1]
+    if C <= _INVERSE_BLOCK:
+        eye = torch.eye(C, dtype=L.dtype, device=L.device)
+        # unitriangular: the solver reads only the strictly lower part of L
+        return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, left=False, unitriangular=True)
+    h = C // 2
+    top, bottom = L[..., :h, :h], L[..., h:, h:]
+    if C % 2 == 0:  # both diagonal blocks in one batch
+        top_inv, bottom_inv = unit_lower_inverse(torch.stack([top, bottom])).unbind(0)
+    else:
+        top_inv, bottom_inv = unit_lower_inverse(top), unit_lower_inverse(bottom)
+    corner = -(bottom_inv @ (L[..., h:, :h] @ top_inv))
+    upper_right = top_inv.new_zeros(*top_inv.shape[:-1], C - h)
+    return torch.cat([torch.cat([top_inv, upper_right], -1), torch.cat([corner, bottom_inv], -1)], -2)
+
+
+def _scan_states(
+    S0: Tensor, W: Tensor, Y0: Tensor, K: Tensor, decay: Tensor | None, c: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequential part of the delta rows, one chunk n at a time:
+
+        Y_n = Y0_n - W_n S_n,   S_{n+1} = decay_n * S_n + c_n + K_n^T Y_n
+
+    Two [C, Dk] x [Dk, Dv]-sized products per chunk; the rest of the output is formed afterwards for
+    all chunks at once. W, K [B, H, N, C, Dk]; Y0 [B, H, N, C, Dv]; decay [B, H, N, Dg, 1] (Dg 1 or
+    Dk) or None; c [B, H, N, Dk, Dv] or None; S0 [B, H, Dk, Dv].
+
+    Returns the chunks' initial states [B, H, N, Dk, Dv], Y [B, H, N, C, Dv] and the final state.
+    """
+    B, H, N = W.shape[:3]
+
+    def per_chunk(x: Tensor | None) -> Tensor | None:  # [B, H, N, ...] -> [N, B * H, ...]
+        return None if x is None else x.flatten(0, 1).transpose(0, 1).contiguous()
+
+    W, Y0, K, decay, c = map(per_chunk, (W, Y0, K, decay, c))
+    S = S0.flatten(0, 1)
+    starts, Y = [], []
+    for n in range(N):
+        starts.append(S)
+        Y.append(torch.baddbmm(Y0[n], W[n], S, alpha=-1.0))
+        carried = S if decay is None else decay[n] * S
+        if c is not None:
+            carried = carried + c[n]
+        S = torch.baddbmm(carried, K[n].transpose(-1, -2), Y[n])
+
+    def per_head(xs: list[Tensor]) -> Tensor:  # N x [B * H, ...] -> [B, H, N, ...]
+        return torch.stack(xs, dim=1).unflatten(0, (B, H))
+
+    return per_head(starts), per_head(Y), S.unflatten(0, (B, H))
+
+
+def _matmul_add(x: Tensor, y: Tensor, base: Tensor) -> Tensor:
+    """``base + x @ y`` for [..., m, k] x [..., k, n] in one fused call (no separate sum buffer)."""
+    batch = base.shape[:-2]
+    out = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3))
+    return out.unflatten(0, batch)
+
+
 def chunk_transition(
     q: Tensor, tr: Transition, initial_state: Tensor, chunk_size: int = 64
 ) -> tuple[Tensor, Tensor]:
@@ -144,60 +214,46 @@ def chunk_transition(
     inclusive = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = inclusive.tril(-1)
 
-    # everything that does not depend on the incoming state, for all chunks at once:
-    #   o_n = A_n S_n + b_n,   S_{n+1} = Diag(d_n) S_n - M_n S_n + c_n
-    A = from_start(qs, G)  # [B, H, N, C, Dk]
+    # everything that does not depend on the incoming state, for all chunks at once
+    A = from_start(qs, G)  # [B, H, N, C, Dk]: o_n = A_n S_n + (the chunk's own tokens)
     P_qw = _decayed_products(qs, G, ws, G, inclusive)  # [B, H, N, C, C]
-    write_to_end = to_end(ws)  # [B, H, N, C, Dk]
+    write_to_end = to_end(ws).transpose(-1, -2)  # [B, H, N, Dk, C]
     d = None if gs is None else _exp(G_last).transpose(-1, -2)  # [B, H, N, Dg, 1]
-    M = None
     if rms is None:
-        b = P_qw @ vs  # [B, H, N, C, Dv]
-        c = write_to_end.transpose(-1, -2) @ vs  # [B, H, N, Dk, Dv]
+        starts, S = _additive_scan(initial_state, d, write_to_end @ vs)
+        o = _matmul_add(A, starts, P_qw @ vs)
     else:
-        # the delta rows write and remove along the same key (beta k): reuse its products
-        same = tr.remove is tr.write
         # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_n + L_rw V
+        same = tr.remove is tr.write  # DeltaNet, GDN, KDA: remove and write along the same key
         L_rw = _decayed_products(rds, G_before, ws, G, strict)  # [B, H, N, C, C]
         L_rr = L_rw if same else _decayed_products(rds, G_before, rms, G, strict)
-        system = torch.eye(C, dtype=q.dtype, device=q.device) + L_rr
-        rhs = torch.cat([from_start(rds, G_before), L_rw @ vs], dim=-1)  # [B, H, N, C, Dk + Dv]
-        WU = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-        W, U = WU[..., :Dk], WU[..., Dk:]  # E = W S_n + U
+        solve = unit_lower_inverse(L_rr)  # [B, H, N, C, C]
         if same:
-            # o = P (V - E), S_end = S + write^T (V - E): one product each instead of two
-            residual = vs - U  # [B, H, N, C, Dv]
-            A = A - P_qw @ W
-            b = P_qw @ residual
-            M = write_to_end.transpose(-1, -2) @ W  # [B, H, N, Dk, Dk]
-            c = write_to_end.transpose(-1, -2) @ residual
+            # (I + L)^{-1} L = I - (I + L)^{-1}, so V - E = (I + L)^{-1} V - W S_n: the new values
+            # that o and the next state read, with no product L V
+            rhs, c = torch.cat([from_start(rds, G_before), vs], -1), None
+        else:
+            # Y = -E = -U - W S_n; the written values enter through c and P_qw V
+            rhs, c = torch.cat([from_start(rds, G_before), -(L_rw @ vs)], -1), write_to_end @ vs
+        WY = solve @ rhs  # [B, H, N, C, Dk + Dv]
+        W, Y0 = WY[..., :Dk], WY[..., Dk:]
+        K = write_to_end if same else to_end(rms).transpose(-1, -2)  # [B, H, N, Dk, C]
+        starts, Y, S = _scan_states(initial_state, W, Y0, K.transpose(-1, -2), d, c)
+        if same:
+            o = _matmul_add(P_qw, Y, A @ starts)  # o = A S_n + P (V - E)
         else:
             P_qr = _decayed_products(qs, G, rms, G, inclusive)
-            remove_to_end = to_end(rms).transpose(-1, -2)  # [B, H, N, Dk, C]
-            A = A - P_qr @ W
-            b = P_qw @ vs - P_qr @ U
-            M = remove_to_end @ W
-            c = write_to_end.transpose(-1, -2) @ vs - remove_to_end @ U
-
-    # the sequential part, one fused matmul per chunk: S_{n+1} = (Diag(d_n) - M_n) S_n + c_n
-    BH = B * H
-    c_seq = c.reshape(BH, N, Dk, -1).transpose(0, 1)  # [N, BH, Dk, Dv]
-    if M is not None:
-        diag = torch.eye(Dk, dtype=q.dtype, device=q.device) if d is None else torch.diag_embed(d.squeeze(-1))
-        if d is not None and d.shape[-2] == 1:
-            diag = d * torch.eye(Dk, dtype=q.dtype, device=q.device)
-        step = (diag - M).reshape(BH, N, Dk, Dk).transpose(0, 1).contiguous()  # [N, BH, Dk, Dk]
-    else:
-        step = None if d is None else d.reshape(BH, N, -1, 1).transpose(0, 1)  # [N, BH, Dg, 1]
-    S = initial_state.reshape(BH, Dk, -1)
-    starts = []
-    for n in range(N):
-        starts.append(S)
-        if M is not None:
-            S = torch.baddbmm(c_seq[n], step[n], S)
-        else:
-            S = (S if step is None else step[n] * S) + c_seq[n]
-    S = S.reshape(B, H, Dk, -1)
-    o = A @ torch.stack(starts, dim=1).reshape(B, H, N, Dk, -1) + b  # [B, H, N, C, Dv]
+            o = _matmul_add(P_qr, Y, _matmul_add(P_qw, vs, A @ starts))  # A S_n + P_qw V - P_qr E
     o = o.reshape(B, H, N * C, -1)[:, :, :T]
     return o, S
+
+
+def _additive_scan(S0: Tensor, decay: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``S_{n+1} = decay_n * S_n + c_n`` chunk by chunk. decay [B, H, N, Dg, 1] or None; c [B, H, N,
+    Dk, Dv]; S0 [B, H, Dk, Dv]. Returns the chunks' initial states [B, H, N, Dk, Dv] and S_N."""
+    starts = []
+    S = S0
+    for n in range(c.shape[2]):
+        starts.append(S)
+        S = (S if decay is None else decay[:, :, n] * S) + c[:, :, n]
+    return torch.stack(starts, dim=2), S
