@@ -29,7 +29,7 @@ def _exp(x: Tensor) -> Tensor:
     Strong decays make most pairwise factors underflow; subnormal arithmetic is ~100x slower on x86
     CPUs, and those factors are below the dtype's resolution of any sum they enter.
     """
-    return torch.exp(torch.where(x < _floor(x.dtype), float("-inf"), x))
+    return torch.exp(F.threshold(x, _floor(x.dtype), float("-inf")))  # one pass: x if x > floor else -inf
 
 
 _SUB = 16  # sub-block of the per-channel decay products (see _decayed_products)
@@ -42,12 +42,13 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
     [C, C] bool and lower-triangular; ``gy`` non-increasing in the position and ``gx[r] <= gy[i]``
     for ``i < r`` (log-decays summed from the chunk start). Returns [..., C, C].
     """
+    # a multiplication by the mask as numbers costs a fraction of a boolean fill over [..., C, C]
     if gx is None:
-        return (x @ y.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        return (x @ y.transpose(-1, -2)) * mask.to(x.dtype)
     if gx.shape[-1] == 1:
-        diff = gx - gy.transpose(-1, -2)  # [..., C, C], a fresh tensor: filled in place
-        diff.masked_fill_(~mask | (diff < _floor(diff.dtype)), float("-inf"))
-        return (x @ y.transpose(-1, -2)) * torch.exp(diff)
+        # above the diagonal the exponents are > 0: clamped to 0 (exp = 1) before the mask zeroes them
+        decay = _exp((gx - gy.transpose(-1, -2)).clamp(max=0.0))  # [..., C, C]
+        return (x @ y.transpose(-1, -2)) * (decay * mask.to(x.dtype))
     C = x.shape[-2]
     c = _SUB if C % _SUB == 0 and C > _SUB else C
     nb = C // c
@@ -142,19 +143,18 @@ def _scan_states(
     """
     B, H, N = W.shape[:3]
 
-    def per_chunk(x: Tensor | None) -> Tensor | None:  # [B, H, N, ...] -> [N, B * H, ...]
-        return None if x is None else x.flatten(0, 1).transpose(0, 1).contiguous()
-
-    W, Y0, K, decay, c = map(per_chunk, (W, Y0, K, decay, c))
+    # [B, H, N, ...] -> [B * H, N, ...], a view: the strided per-chunk slices feed bmm directly,
+    # which is cheaper than copying every operand to a chunk-major layout first
+    W, Y0, K, decay, c = (None if x is None else x.flatten(0, 1) for x in (W, Y0, K, decay, c))
     S = S0.flatten(0, 1)
     starts, Y = [], []
     for n in range(N):
         starts.append(S)
-        Y.append(torch.baddbmm(Y0[n], W[n], S, alpha=-1.0))
-        carried = S if decay is None else decay[n] * S
+        Y.append(torch.baddbmm(Y0[:, n], W[:, n], S, alpha=-1.0))
+        carried = S if decay is None else decay[:, n] * S
         if c is not None:
-            carried = carried + c[n]
-        S = torch.baddbmm(carried, K[n].transpose(-1, -2), Y[n])
+            carried = carried + c[:, n]
+        S = torch.baddbmm(carried, K[:, n].transpose(-1, -2), Y[n])
 
     def per_head(xs: list[Tensor]) -> Tensor:  # N x [B * H, ...] -> [B, H, N, ...]
         return torch.stack(xs, dim=1).unflatten(0, (B, H))

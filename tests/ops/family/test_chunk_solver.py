@@ -1,0 +1,67 @@
+"""The chunk form's UT-transform pieces against their plain references, float64, forward and gradients:
+the blocked inverse ``(I + L)^{-1}`` against ``torch.linalg.solve_triangular``, and the whole chunk form
+against the recurrence at chunk sizes where the inverse recurses (C > 16, even and odd halves) with T
+spanning several chunks and a padded tail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from family_cases import grads, make_case
+
+import ttt.ops.family.chunk as chunk
+
+ATOL = 1e-10
+
+
+def _max_err(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def _reference_inverse(L: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(L.shape[-1], dtype=L.dtype)
+    return torch.linalg.solve_triangular(eye + L.tril(-1), eye.expand_as(L), upper=False)
+
+
+@pytest.mark.parametrize("C", [1, 5, 16, 17, 24, 33, 48, 64, 100])
+def test_unit_lower_inverse_matches_triangular_solve(C):
+    g = torch.Generator().manual_seed(C)
+    # |L| <= 1 as the delta rows produce with unit keys and beta <= 1 (the inverse's entries then grow
+    # to ~1e6 at C = 100: the budget is relative); the upper triangle holds garbage to be ignored
+    L = (2 * torch.rand(3, 2, C, C, generator=g, dtype=torch.float64) - 1).requires_grad_(True)
+    weights = torch.randn(3, 2, C, C, generator=g, dtype=torch.float64)
+
+    got = chunk.unit_lower_inverse(L)
+    want = _reference_inverse(L)
+    assert _max_err(got, want) < ATOL * want.abs().max().item()
+    assert torch.equal(got.triu(1), torch.zeros_like(got))  # exactly lower-triangular
+    (dL_got,) = torch.autograd.grad((got * weights).sum(), L)
+    (dL_want,) = torch.autograd.grad((want * weights).sum(), L)
+    assert _max_err(dL_got, dL_want) <= ATOL * dL_want.abs().max().item()
+    assert torch.equal(dL_got.triu(), torch.zeros_like(dL_got))  # the ignored part gets no gradient
+
+
+DELTA_ROWS = ["deltanet", "gated_deltanet", "kda", "longhorn", "longhorn_per_column", "comba", "rwkv7"]
+
+
+@pytest.mark.parametrize("chunk_size", [17, 33, 48, 64])
+@pytest.mark.parametrize("rule", DELTA_ROWS)
+def test_chunk_equals_recurrence_with_recursive_inverse(rule, chunk_size):
+    case = make_case(rule, B=1, H=2, T=150, Dk=6, Dv=3, seed=11)
+    o_r, S_r, g_r = grads(case, "recurrent")
+    o_c, S_c, g_c = grads(case, "chunk", chunk_size=chunk_size)
+    assert _max_err(o_c, o_r) < ATOL and _max_err(S_c, S_r) < ATOL
+    for name in g_r:
+        assert _max_err(g_c[name], g_r[name]) < ATOL, name
+
+
+@pytest.mark.parametrize("rule, products", [("deltanet", 2), ("gated_deltanet", 2), ("kda", 2), ("comba", 4)])
+def test_shared_key_products_are_formed_once(rule, products, monkeypatch):
+    """Rules whose correction removes along the key it writes (DeltaNet, GDN, KDA) need two [C, C]
+    products per chunk (queries and reads against that key); Comba's removal key is its own tensor, so
+    reads and queries meet both keys."""
+    calls = []
+    original = chunk._decayed_products
+    monkeypatch.setattr(chunk, "_decayed_products", lambda *a: calls.append(1) or original(*a))
+    make_case(rule, T=20).run("chunk", chunk_size=8)
+    assert len(calls) == products
