@@ -554,7 +554,8 @@ def chunk_ttt_mlp_bwd(
         q, k, v, do: ``[B, H, T, D]`` contiguous; lr ``[B, H, T]``; token_eta ``[b]``, ln_weight / ln_bias
             ``[H, D]`` fp32.
         ckpt: per-segment anchors (W1 ``[B, H, NS, D, M]``, b1 ``[B, H, NS, M]``, W2 ``[B, H, NS, M, D]``,
-            b2 ``[B, H, NS, D]``) fp32; g0: the carried gradient sums (W1 / b1 / W2 / b2 shapes, fp32).
+            b2 ``[B, H, NS, D]``; W1, W2 in ``checkpoint_dtype``, b1, b2 fp32); g0: the carried gradient sums
+            (W1 / b1 / W2 / b2 shapes, fp32).
         dht, dgt: gradients w.r.t. the final anchor and the final gradient sums (fp32, same shapes as g0).
         cu_seqlens: ``[N + 1]`` offsets of N sequences packed along T (q ``[1, H, sum T_n, D]``): B = N in
             the state shapes and NS is the most segments of any sequence. Default: None.

@@ -11,7 +11,8 @@ tiled kernel (for hidden layers too large for that) keeps them in memory and wal
     non-causal: every query reads the weights after the segment's last token
     o = Q + LN(Z2b);  full mini-batch: W <- W - te[b-1] (S + U) with U1 = K^T (lr G1), U2 = X2^T (lr G2)
 
-With ``ckpt_*`` given, the anchor at the start of every segment is written out (training).
+With ``ckpt_*`` given, the anchor at the start of every segment is written out (training): W1, W2 in
+``checkpoint_dtype`` (bf16 under bf16 dots, else fp32), b1, b2 in fp32.
 
 Packed sequences (``cu_seqlens`` [N + 1], q [1, H, sum T_n, D]): one program per (sequence, head), each
 with its own length and segment count (``_span`` / ``varlen_plan`` of TTT-Linear); the checkpoint
@@ -24,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, varlen_plan
+from ...ttt_linear.triton.chunk_fwd import (
+    _head_params,
+    _segment_masks,
+    _segment_rows,
+    _span,
+    checkpoint_dtype,
+    varlen_plan,
+)
 from ...ttt_linear.triton.dot import _dot, dot_precision
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
@@ -56,10 +64,15 @@ def _load_w_tile(w1, b1, w2, o_d, o_m, m_d, m_m, D: tl.constexpr, M: tl.constexp
 
 @triton.jit
 def _store_w_tile(w1, b1, w2, b_w1, b_b1, b_w2, o_d, o_m, m_d, m_m, D: tl.constexpr, M: tl.constexpr):
-    """The inverse of ``_load_w_tile``: write columns o_m of W1 and b1, rows o_m of W2."""
-    tl.store(w1 + o_d[:, None] * M + o_m[None, :], b_w1, mask=m_d[:, None] & m_m[None, :])
+    """The inverse of ``_load_w_tile``: write columns o_m of W1 and b1, rows o_m of W2 (W in the dtype of
+    the destination: the checkpoints may be bf16)."""
+    tl.store(
+        w1 + o_d[:, None] * M + o_m[None, :], b_w1.to(w1.dtype.element_ty), mask=m_d[:, None] & m_m[None, :]
+    )
     tl.store(b1 + o_m, b_b1, mask=m_m)
-    tl.store(w2 + o_m[:, None] * D + o_d[None, :], b_w2, mask=m_m[:, None] & m_d[None, :])
+    tl.store(
+        w2 + o_m[:, None] * D + o_d[None, :], b_w2.to(w2.dtype.element_ty), mask=m_m[:, None] & m_d[None, :]
+    )
 
 
 @triton.jit
@@ -79,9 +92,9 @@ def _mlp_segment(
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
     if STORE_CKPT:
         p_ck = i_bh64 * NS + n
-        tl.store(ckpt_w1 + p_ck * D * M + o_dm, b_w1, mask=m_dm)
+        tl.store(ckpt_w1 + p_ck * D * M + o_dm, b_w1.to(ckpt_w1.dtype.element_ty), mask=m_dm)
         tl.store(ckpt_b1 + p_ck * M + o_m, b_b1, mask=m_m)
-        tl.store(ckpt_w2 + p_ck * M * D + o_md, b_w2, mask=m_md)
+        tl.store(ckpt_w2 + p_ck * M * D + o_md, b_w2.to(ckpt_w2.dtype.element_ty), mask=m_md)
         tl.store(ckpt_b2 + p_ck * D + o_d, b_b2, mask=m_d)
 
     # inner gradients at the anchor
@@ -379,7 +392,12 @@ def chunk_ttt_mlp_fwd_fused(
     gt = tuple(torch.empty_like(t) for t in g0)
     ckpt = (None,) * 4
     if store_ckpt:
-        ckpt = tuple(q.new_empty(B, H, NS, *t.shape[2:], dtype=torch.float32) for t in h0)
+        # W1, W2 in the dtype the dots round them to (the backward uses them only as dot operands), as
+        # TTT-Linear's checkpoints; b1, b2 fp32
+        wd = checkpoint_dtype(prec)
+        ckpt = tuple(
+            q.new_empty(B, H, NS, *t.shape[2:], dtype=d) for t, d in zip(h0, (wd, torch.float32) * 2)
+        )
     args = (q, k, v, lr, token_eta, ln_weight, ln_bias)
     meta = dict(H=H, D=D, M=M, BD=BD, MB=MB, BT=BT, CAUSAL=causal, PREC=prec)
     if BD * BM <= FUSED_MAX_TILE:
