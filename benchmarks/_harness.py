@@ -59,6 +59,26 @@ def pytorch_mode(compiled: bool, tf32: bool):
         torch.set_float32_matmul_precision(precision)
 
 
+@contextlib.contextmanager
+def dots_mode(mode):
+    """``TTT_TRITON_DOTS`` = mode while inside (None: leave it as it is)."""
+    old = os.environ.get("TTT_TRITON_DOTS")
+    if mode is not None:
+        os.environ["TTT_TRITON_DOTS"] = mode
+    try:
+        yield
+    finally:
+        if mode is not None:
+            os.environ.pop("TTT_TRITON_DOTS", None)
+            if old is not None:
+                os.environ["TTT_TRITON_DOTS"] = old
+
+
+def ours_name(mode, dots):
+    """Column of one dot mode: "ours" for the first of ``dots`` (``--dots``), "ours <mode> dots" for the others."""
+    return "ours" if mode == dots[0] else f"ours {mode} dots"
+
+
 def raise_recompile_limit(limit: int):
     """One compiled graph per shape and loop body (and grad mode): several shapes must stay compiled."""
     config = torch._dynamo.config

@@ -41,7 +41,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _harness import bench, fmt, gate, pytorch_mode, raise_recompile_limit, write_out  # noqa: E402
+from _harness import (  # noqa: E402
+    bench,
+    dots_mode,
+    fmt,
+    gate,
+    ours_name,
+    pytorch_mode,
+    raise_recompile_limit,
+    write_out,
+)
 
 from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
@@ -84,26 +93,6 @@ def ours_call(x, impl, mb=16, causal=True):
         causal=causal,
         impl=impl,
     ).output
-
-
-@contextlib.contextmanager
-def dots_mode(mode):
-    """``TTT_TRITON_DOTS`` = mode while inside (None: leave it as it is)."""
-    old = os.environ.get("TTT_TRITON_DOTS")
-    if mode is not None:
-        os.environ["TTT_TRITON_DOTS"] = mode
-    try:
-        yield
-    finally:
-        if mode is not None:
-            os.environ.pop("TTT_TRITON_DOTS", None)
-            if old is not None:
-                os.environ["TTT_TRITON_DOTS"] = old
-
-
-def ours_name(mode, args):
-    """Column of one dot mode: "ours" for the first of ``--dots``, "ours <mode> dots" for the others."""
-    return "ours" if mode == args.dots[0] else f"ours {mode} dots"
 
 
 def with_grad(x, keys=("q", "k", "v", "lr", "ln_weight", "ln_bias", "W0", "b0")):
@@ -204,7 +193,7 @@ def timed_paths(T, device, args, ok):
     whose check passed."""
     paths = {}
     for mode in ok:
-        paths[ours_name(mode, args)] = (lambda xx: ours_call(xx, "triton"), lambda m=mode: dots_mode(m))
+        paths[ours_name(mode, args.dots)] = (lambda xx: ours_call(xx, "triton"), lambda m=mode: dots_mode(m))
     if not args.skip_eager and T <= args.eager_max_t:
         paths["chunk eager"] = (chunk_call, lambda: pytorch_mode(False, args.tf32))
     if not args.skip_compiled:
@@ -334,7 +323,7 @@ def speedup(ours, other):
 
 
 def table(rows, header_lines, args):
-    extra = [ours_name(m, args) for m in args.dots[1:]]
+    extra = [ours_name(m, args.dots) for m in args.dots[1:]]
     cols = ["ours", *extra, "fla", "chunk eager", "chunk compiled", "sdpa flash"]
     versus = [("ours", "fla"), ("ours", "sdpa flash"), ("ours", "chunk compiled")]
     versus += [(e, c) for e in extra for c in ("fla", "sdpa flash")]

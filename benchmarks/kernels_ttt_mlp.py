@@ -21,6 +21,7 @@ reported against the GPU's bf16 dense peak ``--peak-tflops`` (default 989, the H
     python benchmarks/kernels_ttt_mlp.py [--shapes B,T,H,D ...] [--out results.md]
     python benchmarks/kernels_ttt_mlp.py --quick --shapes 8,2048,16,64 --out /tmp/mlp.md   # a tight budget
     python benchmarks/kernels_ttt_mlp.py --device cpu --shapes 1,64,2,16                   # CPU smoke test
+    python benchmarks/kernels_ttt_mlp.py --dots auto tf32 --skip-eager --skip-compiled     # dot modes side by side
 
 "chunk compiled" is timed after one forward and one forward+backward that compile it (reported as
 "compile s"). ``--tf32`` lets the chunked PyTorch paths use TF32 matmuls (the kernel's dot operands:
@@ -32,7 +33,6 @@ rewritten to ``--out`` after every measurement, so a stopped run leaves its part
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -44,7 +44,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _harness import bench, fmt, gate, pytorch_mode, raise_recompile_limit, write_out  # noqa: E402
+from _harness import (  # noqa: E402
+    bench,
+    dots_mode,
+    fmt,
+    gate,
+    ours_name,
+    pytorch_mode,
+    raise_recompile_limit,
+    write_out,
+)
 
 from ttt.ops import ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
@@ -52,7 +61,7 @@ from ttt.ops.common import default_token_eta  # noqa: E402
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64)]
 MB = 16
 MODES = ("fwd", "fwdbwd")
-COLS = ("ours", "chunk eager", "chunk compiled")
+OTHERS = ("chunk eager", "chunk compiled")
 
 
 def make_inputs(B, T, H, D, dtype, device, seed=0):
@@ -156,16 +165,26 @@ def run_shape(B, T, H, D, dtype, device, args, emit):
     """Check, then time every path at one shape; ``emit(row)`` after each step writes partial results."""
     x = make_inputs(B, T, H, D, dtype, device)
     row = {"shape": f"{B},{T},{H},{D}", "flops": {m: flops(B, T, H, D, m == "fwdbwd") for m in MODES}}
+    passed = {}
     if args.triton:
-        ok, rep = check(x, dtype)
-        row["check"] = ("pass " if ok else "FAIL ") + json.dumps(rep)
+        checks = []
+        for mode in args.dots:
+            with dots_mode(mode):
+                passed[mode], rep = check(x, dtype)
+            checks.append(
+                f"{mode or 'default'} dots: " + ("pass " if passed[mode] else "FAIL ") + json.dumps(rep)
+            )
+        row["check"] = "; ".join(checks)
     else:
-        ok, row["check"] = False, "skipped (no CUDA and no TRITON_INTERPRET=1: Triton not run)"
+        row["check"] = "skipped (no CUDA and no TRITON_INTERPRET=1: Triton not run)"
     print(f"[{row['shape']}] check ours vs chunk fp64: {row['check']}", flush=True)
     emit(row)
     do = torch.randn_like(x["q"])
     paths = {
-        "ours": ("triton", contextlib.nullcontext, ok),
+        ours_name(mode, args.dots): ("triton", lambda m=mode: dots_mode(m), passed.get(mode, False))
+        for mode in args.dots
+    }
+    paths |= {
         "chunk eager": ("chunk", lambda: pytorch_mode(False, args.tf32), not args.skip_eager),
         "chunk compiled": ("chunk", lambda: pytorch_mode(True, args.tf32), not args.skip_compiled),
     }
@@ -187,22 +206,28 @@ def rate(row, name, mode, peak):
     return f"{tf:.3g} ({100 * tf / peak:.3g}%)"
 
 
-def table(rows, header, peak):
+def status(check: str) -> str:
+    """One word for the table: FAIL if any dot mode failed its gate, skip, or pass."""
+    return "FAIL" if "FAIL" in check else "skip" if check.startswith("skipped") else "pass"
+
+
+def table(rows, header, peak, dots):
+    cols = [ours_name(m, dots) for m in dots] + list(OTHERS)
     lines = list(header)
     for mode in MODES:
         title = "forward" if mode == "fwd" else "forward + backward"
         lines += ["", f"### {title} (ms, median of triton.testing.do_bench)", ""]
         lines.append(
-            "| B,T,H,D | check | " + " | ".join(COLS) + " | ours vs chunk compiled "
+            "| B,T,H,D | check | " + " | ".join(cols) + " | ours vs chunk compiled "
             "| ours TFLOP/s (% of peak) | chunk compiled TFLOP/s (% of peak) |"
         )
-        lines.append("|---" * (len(COLS) + 5) + "|")
+        lines.append("|---" * (len(cols) + 5) + "|")
         for r in rows:
             ours, comp = r.get(f"ours {mode}"), r.get(f"chunk compiled {mode}")
             ratio = f"{comp / ours:.2f}x" if isinstance(ours, float) and isinstance(comp, float) else "-"
-            vals = " | ".join(fmt(r.get(f"{c} {mode}")) for c in COLS)
+            vals = " | ".join(fmt(r.get(f"{c} {mode}")) for c in cols)
             lines.append(
-                f"| {r['shape']} | {r['check'][:4]} | {vals} | {ratio} | {rate(r, 'ours', mode, peak)} "
+                f"| {r['shape']} | {status(r['check'])} | {vals} | {ratio} | {rate(r, 'ours', mode, peak)} "
                 f"| {rate(r, 'chunk compiled', mode, peak)} |"
             )
     lines += ["", "chunk compiled, first forward + forward+backward (compilation included), s:", ""]
@@ -223,6 +248,13 @@ def parse_args():
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls in the chunked PyTorch paths")
     ap.add_argument("--quick", action="store_true", help="do_bench with 10 ms warm-up, 50 ms of repeats")
     ap.add_argument("--out", default=None, help="markdown file to write (rewritten after every step)")
+    ap.add_argument(
+        "--dots",
+        nargs="*",
+        default=[None],
+        help="TTT_TRITON_DOTS modes of our kernel to check and time (tf32, input; default: the default); "
+        "the first is the 'ours' column",
+    )
     return ap.parse_args()
 
 
@@ -242,20 +274,21 @@ def main():
         'chunk compiled = `impl="chunk"` with `ttt.ops.compile_chunk_steps()` (its `dual_segment` compiled '
         f"once, timed after a compiling warm-up). Chunked PyTorch matmuls: {'TF32' if args.tf32 else 'full fp32'}.",
         "fwd is timed under torch.no_grad(); fwd+bwd = forward + o.backward(do). ours vs X = t_X / t_ours. "
-        f"TFLOP/s: matmul FLOPs of the dual form (script docstring) / time; peak {args.peak_tflops:g} TFLOP/s.",
+        f"TFLOP/s: matmul FLOPs of the dual form (script docstring) / time; peak {args.peak_tflops:g} TFLOP/s. "
+        f"Dot operands of our kernel (TTT_TRITON_DOTS): {', '.join(m or 'default' for m in args.dots)}.",
     ]
     rows = []
 
     def emit(row):
         if not rows or rows[-1] is not row:
             rows.append(row)
-        write_out(args.out, table(rows, header, args.peak_tflops),
+        write_out(args.out, table(rows, header, args.peak_tflops, args.dots),
                   {"gpu": gpu, "peak_tflops": args.peak_tflops, "rows": rows})  # fmt: skip
 
     for B, T, H, D in shapes:
         run_shape(B, T, H, D, dtype, device, args, emit)
-    print(table(rows, header, args.peak_tflops), flush=True)
-    return 0 if all(r["check"].startswith(("pass", "skipped")) for r in rows) else 1
+    print(table(rows, header, args.peak_tflops, args.dots), flush=True)
+    return 0 if not any("FAIL" in r["check"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -56,9 +56,11 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
     # (overflow); inside a sub-block of c tokens the [c, c, Dk] decay tensor is formed explicitly
     xb, gxb, yb, gyb = (t.unflatten(-2, (nb, c)) for t in (x, gx, y, gy))  # [..., nb, c, D]
     diag_mask = mask.view(nb, c, nb, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, c, c]
-    diff = gxb.unsqueeze(-2) - gyb.unsqueeze(-3)  # [..., nb, c, c, Dk]
-    decay = _exp(diff.masked_fill(~diag_mask.unsqueeze(-1), float("-inf")))
-    diag = torch.einsum("...nrd,...nid,...nrid->...nri", xb, yb, decay)  # [..., nb, c, c]
+    # pairs above the diagonal have exponents > 0: clamped to 0 (finite), zeroed after the sum
+    decay = _exp((gxb.unsqueeze(-2) - gyb.unsqueeze(-3)).clamp(max=0.0))  # [..., nb, c(r), c(i), Dk]
+    # sum_d y[i, d] decay[r, i, d] x[r, d]: one matrix-vector product per (sub-block, r)
+    diag = ((decay * yb.unsqueeze(-3)) @ xb.unsqueeze(-1)).squeeze(-1)  # [..., nb, c, c]
+    diag = diag * diag_mask.to(x.dtype)
     block_eye = torch.eye(nb, dtype=x.dtype, device=x.device)[:, None, :, None]
     M = (diag.unsqueeze(-2) * block_eye).reshape(*x.shape[:-2], C, C)
     if nb == 1:
