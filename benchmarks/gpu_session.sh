@@ -32,7 +32,7 @@ for stage in $STAGES; do
         tests/ops/ttt_mlp/test_decode.py 2>&1 | tail -20 \
         | tee "$OUT/gpu_small_tests.txt" ;;
     mlp)
-      timeout 200 python3 benchmarks/kernels_ttt_mlp.py --quick --tf32 --out "$OUT/kernels_ttt_mlp.md" 2>&1 | tail -30 ;;
+      timeout 200 python3 benchmarks/kernels_ttt_mlp.py --quick --tf32 --dots auto tf32 --out "$OUT/kernels_ttt_mlp.md" 2>&1 | tail -30 ;;
     linear)
       timeout 240 python3 benchmarks/kernels_ttt_linear.py --quick --tf32 --decode --out "$OUT/kernels_ttt_linear.md" 2>&1 \
         | tail -40 ;;
