@@ -32,6 +32,14 @@ def _exp(x: Tensor) -> Tensor:
     return torch.exp(F.threshold(x, _floor(x.dtype), float("-inf")))  # one pass: x if x > floor else -inf
 
 
+def _clamped_exp_(x: Tensor) -> Tensor:
+    """``_exp(min(x, 0))`` computed in place on a fresh tensor ``x`` (autograd allows it: nothing has
+    saved ``x``). The [.., C, C] and [.., c, c, Dk] decay factors are large: every buffer saved is a
+    pass over memory and, on CPU, a round of page faults for a fresh allocation."""
+    x.clamp_(max=0.0)
+    return F.threshold(x, _floor(x.dtype), float("-inf"), inplace=True).exp_()
+
+
 _SUB = 16  # sub-block of the per-channel decay products (see _decayed_products)
 
 
@@ -42,13 +50,14 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
     [C, C] bool and lower-triangular; ``gy`` non-increasing in the position and ``gx[r] <= gy[i]``
     for ``i < r`` (log-decays summed from the chunk start). Returns [..., C, C].
     """
-    # a multiplication by the mask as numbers costs a fraction of a boolean fill over [..., C, C]
-    if gx is None:
-        return (x @ y.transpose(-1, -2)) * mask.to(x.dtype)
-    if gx.shape[-1] == 1:
-        # above the diagonal the exponents are > 0: clamped to 0 (exp = 1) before the mask zeroes them
-        decay = _exp((gx - gy.transpose(-1, -2)).clamp(max=0.0))  # [..., C, C]
-        return (x @ y.transpose(-1, -2)) * (decay * mask.to(x.dtype))
+    if gx is None or gx.shape[-1] == 1:
+        # a multiplication by the mask as numbers costs a fraction of a boolean fill over [..., C, C];
+        # the product is fresh and saved by nothing, so it is masked in place
+        products = (x @ y.transpose(-1, -2)).mul_(mask.to(x.dtype))
+        if gx is None:
+            return products
+        # above the diagonal the exponents are > 0: clamped to 0 (exp = 1) where the mask zeroed
+        return products * _clamped_exp_(gx - gy.transpose(-1, -2))  # [..., C, C]
     C = x.shape[-2]
     c = _SUB if C % _SUB == 0 and C > _SUB else C
     nb = C // c
@@ -57,7 +66,7 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
     xb, gxb, yb, gyb = (t.unflatten(-2, (nb, c)) for t in (x, gx, y, gy))  # [..., nb, c, D]
     diag_mask = mask.view(nb, c, nb, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, c, c]
     # pairs above the diagonal have exponents > 0: clamped to 0 (finite), zeroed after the sum
-    decay = _exp((gxb.unsqueeze(-2) - gyb.unsqueeze(-3)).clamp(max=0.0))  # [..., nb, c(r), c(i), Dk]
+    decay = _clamped_exp_(gxb.unsqueeze(-2) - gyb.unsqueeze(-3))  # [..., nb, c(r), c(i), Dk]
     # sum_d y[i, d] decay[r, i, d] x[r, d]: one matrix-vector product per (sub-block, r)
     diag = ((decay * yb.unsqueeze(-3)) @ xb.unsqueeze(-1)).squeeze(-1)  # [..., nb, c, c]
     diag = diag * diag_mask.to(x.dtype)
