@@ -57,17 +57,15 @@ def main():
         h0 = ((torch.randn(B, H, D, D, generator=g) * 0.02).to(dev), torch.zeros(B, H, D, device=dev))
         g0 = (torch.zeros(B, H, D, D, device=dev), torch.zeros(B, H, D, device=dev))
         do = torch.randn_like(q)
-        _, _, _, ckpt = chunk_ttt_linear_fwd_fused(
-            q, k, v, lr, te, lw, lb, h0, g0, offset=0, causal=True, eps=1e-6, store_ckpt=True
-        )
-        ref = chunk_ttt_linear_fwd_fused(
-            q, k, v, lr, te, lw, lb, h0, g0, offset=0, causal=True, eps=1e-6, store_ckpt=False
-        )[0]
-        fwd_args = (q, k, v, lr, te, lw, lb, h0, g0)
-        bwd_args = (q, k, v, lr, te, lw, lb, ckpt, g0, do, g0, g0)
         common = dict(offset=0, causal=True, eps=1e-6)
+        fwd_args = (q, k, v, lr, te, lw, lb, h0, g0)
+        ref = chunk_ttt_linear_fwd_fused(*fwd_args, store_ckpt=False, **common)[0]
         variants = []
         for dots in args.dots:
+            # checkpoints written in this dot mode (their dtype tells the backward how to round)
+            os.environ["TTT_TRITON_DOTS"] = dots
+            ckpt = chunk_ttt_linear_fwd_fused(*fwd_args, store_ckpt=True, **common)[3]
+            bwd_args = (q, k, v, lr, te, lw, lb, ckpt, g0, do, g0, g0)
             for w in args.warps:
                 for st in args.stages:
                     cfg = f"{dots} {w}/{st}"
@@ -77,11 +75,13 @@ def main():
                         )
                         variants.append((name, cfg, dots, fn))
                     fn = partial(chunk_ttt_linear_bwd, *bwd_args, num_warps=w, num_stages=st, **common)
-                    variants.append(("bwd (local + seq)", cfg, dots, fn))
+                    # warps / stages apply to the sequential kernel; the parallel stage keeps its own
+                    variants.append(("bwd (local + seq; warps/stages of seq)", cfg, dots, fn))
             # the parallel stage alone (bwd - this = the sequential sweep), at its default warps and
-            # with a register cap that lets more programs share an SM
+            # with a register cap that lets more programs share an SM (0: none; the launcher's default
+            # caps at LOCAL_MAXNREG under bf16 dots at D <= 64)
             for cap in args.local_maxnreg:
-                fn = partial(chunk_ttt_linear_bwd_local, *bwd_args[:10], maxnreg=cap or None, **common)
+                fn = partial(chunk_ttt_linear_bwd_local, *bwd_args[:10], maxnreg=cap, **common)
                 variants.append((f"bwd local stage, maxnreg {cap or '-'}", f"{dots} -/-", dots, fn))
         for name, w, dots, fn in variants:
             os.environ["TTT_TRITON_DOTS"] = dots  # read by every launch (ttt/ops/ttt_linear/triton/dot.py)

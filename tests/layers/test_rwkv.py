@@ -47,7 +47,7 @@ def paper_rwkv7(layer: RWKV7, x: torch.Tensor) -> torch.Tensor:
         transition = torch.diag_embed(w) - kk[..., :, None] * (a * kk)[..., None, :]  # [B, H, Dk, Dk]
         P = P @ transition + v[..., :, None] * k[..., None, :]
         o = (P @ r[..., None])[..., 0]  # [B, H, Dv]
-        o = layer.o_norm(o.reshape(B, C))
+        o = F.group_norm(o.reshape(B, C), H, layer.o_norm.weight, layer.o_norm.bias, eps=64e-5)
         o = o + ((r * k * layer.r_k).sum(-1, keepdim=True) * v).reshape(B, C)
         ys.append(layer.o_proj(o * g))
     return torch.stack(ys, dim=1)
@@ -58,11 +58,3 @@ def test_rwkv7_is_the_paper_recurrence(impl):
     layer = _layer(impl=impl)
     x = torch.randn(2, 11, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(layer(x)[0], paper_rwkv7(layer, x), atol=1e-10, rtol=0)
-
-
-def test_rwkv7_decay_range():
-    """w = exp(-e^-1/2 sigmoid(.)) lies in (exp(-e^-1/2), 1): the paper's soft clamp."""
-    layer = _layer()
-    x = torch.randn(1, 5, DIM, dtype=torch.float64) * 50
-    log_w = -math.exp(-0.5) * torch.sigmoid(layer.w_lora(x))
-    assert (log_w < 0).all() and (log_w > -math.exp(-0.5)).all()

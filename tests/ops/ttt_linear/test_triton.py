@@ -128,8 +128,29 @@ def test_chunk_input_dtype_dots_fp16(T, offset, causal, monkeypatch):
     monkeypatch.setenv("TTT_TRITON_DOTS", "input")
     B, H = 2, 2
     leaves, meta = make_case(B, H, T, 16, offset=offset, seed=T + 5)
-    shared = ("token_eta", "ln_weight", "ln_bias")
-    compare(leaves, meta, causal=causal, dtype=torch.float16, n_sum={key: B * H * T for key in shared})
+    # token_eta[b-1] of a non-causal call sums every token of every head; an LN parameter every token of B
+    n_sum = {"token_eta": B * H * T, "ln_weight": B * T, "ln_bias": B * T}
+    compare(leaves, meta, causal=causal, dtype=torch.float16, n_sum=n_sum)
+
+
+def test_backward_follows_the_forwards_dot_mode(monkeypatch):
+    """TTT_TRITON_DOTS changed between forward and backward: the backward rounds as the forward did (it
+    reads the mode off the checkpoints), so the gradients equal those of a run in one mode."""
+    leaves, meta = make_case(1, 2, 40, 16, offset=5, seed=4)
+
+    def grads(mode_bwd):
+        monkeypatch.setenv("TTT_TRITON_DOTS", "input")
+        x = {key: val.to(torch.float16 if key in ("q", "k", "v") else torch.float32).requires_grad_()
+             for key, val in leaves.items()}  # fmt: skip
+        state = TTTState((x["W"], x["b"]), (x["W"], x["b"]), (x["gW"], x["gb"]), 5, 16, "ttt_linear")
+        o = ttt_linear(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], initial_state=state,
+                       token_eta=x["token_eta"], impl="triton").output  # fmt: skip
+        monkeypatch.setenv("TTT_TRITON_DOTS", mode_bwd)
+        o.float().pow(2).sum().backward()
+        return [x[key].grad for key in ("q", "k", "v", "lr", "W", "ln_weight", "token_eta")]
+
+    for same, switched in zip(grads("input"), grads("tf32")):
+        torch.testing.assert_close(switched, same, rtol=0, atol=0)
 
 
 def test_dot_precision_modes(monkeypatch):

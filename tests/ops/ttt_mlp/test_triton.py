@@ -128,6 +128,27 @@ def test_chunk_input_dtype_dots_fp16(monkeypatch, causal):
     compare(leaves, meta, causal=causal, dtype=torch.float16)
 
 
+def test_backward_follows_the_forwards_dot_mode(monkeypatch):
+    """TTT_TRITON_DOTS changed between forward and backward: the backward rounds as the forward did (it
+    reads the mode off the checkpoints), so the gradients equal those of a run in one mode."""
+    leaves, meta = make_case(1, 2, 24, 16, 32, offset=5, seed=4)
+
+    def grads(mode_bwd):
+        monkeypatch.setenv("TTT_TRITON_DOTS", "input")
+        x = {key: val.to(torch.float16 if key in ("q", "k", "v") else torch.float32).requires_grad_()
+             for key, val in leaves.items()}  # fmt: skip
+        anchor = tuple(x[n] for n in STATE)
+        state = TTTState(anchor, anchor, tuple(x[n] for n in SUMS), 5, 16, "ttt_mlp")
+        o = ttt_mlp(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], initial_state=state,
+                    token_eta=x["token_eta"], impl="triton").output  # fmt: skip
+        monkeypatch.setenv("TTT_TRITON_DOTS", mode_bwd)
+        o.float().pow(2).sum().backward()
+        return [x[key].grad for key in ("q", "k", "v", "lr", "W1", "W2", "ln_weight")]
+
+    for same, switched in zip(grads("input"), grads("tf32")):
+        torch.testing.assert_close(switched, same, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_chunk_m_tiles_fp32(monkeypatch, causal):
     """The backward kernels walk M = 40 in 16-column tiles, the last one partly masked."""

@@ -31,7 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, launch_config, varlen_plan
+from .chunk_fwd import (
+    _head_params,
+    _segment_masks,
+    _segment_rows,
+    _span,
+    checkpoint_precision,
+    launch_config,
+    varlen_plan,
+)
 from .dot import _dot
 from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 
@@ -333,8 +341,15 @@ def chunk_ttt_linear_bwd_local(
     Bq, H, T, D = q.shape
     MB = token_eta.shape[0]
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
-    cfg = launch_config(D, q.dtype)
-    if maxnreg is None and q.is_cuda and cfg["BD"] <= 64 and cfg["PREC"] == "bf16":
+    cfg = launch_config(D, q.dtype, checkpoint_precision(q.dtype, ckpt[0].dtype))
+    # maxnreg is an NVIDIA option (Triton's HIP backend rejects it)
+    if (
+        maxnreg is None
+        and q.is_cuda
+        and torch.version.hip is None
+        and cfg["BD"] <= 64
+        and cfg["PREC"] == "bf16"
+    ):
         maxnreg = LOCAL_MAXNREG
     rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     out = LocalGrads(
@@ -380,7 +395,7 @@ def chunk_ttt_linear_bwd(
     Bq, H, T, D = q.shape
     MB = token_eta.shape[0]
     B, NS, lens = varlen_plan(cu_seqlens, offset, MB, Bq, T)
-    cfg = launch_config(D, q.dtype)
+    cfg = launch_config(D, q.dtype, checkpoint_precision(q.dtype, ckpt[0].dtype))
     loc = chunk_ttt_linear_bwd_local(
         q, k, v, lr, token_eta, ln_weight, ln_bias, ckpt, g0, do, offset=offset, causal=causal, eps=eps,
         cu_seqlens=cu_seqlens,

@@ -314,11 +314,20 @@ def checkpoint_dtype(prec: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
 
 
-def launch_config(D: int, dtype: torch.dtype) -> dict:
-    """Block sizes, warps and dot precision shared by the forward and backward launchers."""
+def checkpoint_precision(dtype: torch.dtype, ckpt_dtype: torch.dtype) -> str:
+    """The ``PREC`` of the forward that wrote checkpoints of ``ckpt_dtype`` for inputs of ``dtype``: the
+    backward must round its dot operands the same way (whatever ``TTT_TRITON_DOTS`` says by then)."""
+    if ckpt_dtype in (torch.bfloat16, torch.float16):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[ckpt_dtype]
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def launch_config(D: int, dtype: torch.dtype, prec: str | None = None) -> dict:
+    """Block sizes, warps and dot precision shared by the forward and backward launchers (``prec``: the
+    backward's, from ``checkpoint_precision``; default ``dot_precision(dtype)``)."""
     BD = max(16, triton.next_power_of_2(D))
     # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs dots in their own dtype or tf32 (dot.py)
-    prec = dot_precision(dtype)
+    prec = prec or dot_precision(dtype)
     # H200 sweeps (docs/kernels.md): 4 warps at D <= 64 and 8 at D = 128, forward and sequential backward
     nw = 4 if BD <= 64 else 8
     return dict(BD=BD, PREC=prec, num_warps=nw, num_warps_bwd=nw, num_stages=NUM_STAGES)

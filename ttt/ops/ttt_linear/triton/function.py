@@ -15,8 +15,9 @@ from .decode import decode_through, needs_grad, ttt_linear_decode
 class ChunkTTTLinearFunction(torch.autograd.Function):
     """(q, k, v, lr, ln_w, ln_b, token_eta, W0, b0, gW0, gb0) -> (o, W, b, gW, gb).
 
-    Memory kept for backward: the inputs plus one fp32 anchor per mini-batch segment,
-    ``(T / b) * (D^2 + D)`` floats per (batch, head); every segment is recomputed from its anchor.
+    Memory kept for backward: the inputs plus one anchor per mini-batch segment, ``(T / b) * (D^2 + D)``
+    numbers per (batch, head) (W in bf16 under bf16 dots, else fp32; ``checkpoint_dtype``); every segment is
+    recomputed from its anchor, with the dot rounding the checkpoint's dtype implies.
     """
 
     @staticmethod

@@ -40,8 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import _head_params, _segment_masks, _segment_rows, _span, varlen_plan
-from ...ttt_linear.triton.dot import _dot, dot_precision
+from ...ttt_linear.triton.chunk_fwd import (
+    _head_params,
+    _segment_masks,
+    _segment_rows,
+    _span,
+    checkpoint_precision,
+    varlen_plan,
+)
+from ...ttt_linear.triton.dot import _dot
 from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh, _load_w_tile
 
@@ -508,7 +515,7 @@ def chunk_ttt_mlp_bwd_local(
     M = g0[1].shape[-1]
     MB = token_eta.shape[0]
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
-    meta = dict(H=H, D=D, M=M, MB=MB, PREC=dot_precision(q.dtype),
+    meta = dict(H=H, D=D, M=M, MB=MB, PREC=checkpoint_precision(q.dtype, ckpt[0].dtype),
                 **block_sizes(D, M, MB))  # fmt: skip
     rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     out = LocalGrads(
@@ -571,7 +578,7 @@ def chunk_ttt_mlp_bwd(
     M = g0[1].shape[-1]
     MB = token_eta.shape[0]
     B, NS, lens = varlen_plan(cu_seqlens, offset, MB, Bq, T)
-    meta = dict(H=H, D=D, M=M, MB=MB, PREC=dot_precision(q.dtype),
+    meta = dict(H=H, D=D, M=M, MB=MB, PREC=checkpoint_precision(q.dtype, ckpt[0].dtype),
                 **block_sizes(D, M, MB))  # fmt: skip
     f32 = dict(dtype=torch.float32)
     loc = chunk_ttt_mlp_bwd_local(
