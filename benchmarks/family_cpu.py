@@ -13,9 +13,12 @@ beta (and alpha). Results go to ``benchmarks/results/family_cpu.md``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +102,17 @@ def check(rule: str) -> None:
         print(f"check {rule:15s} {name:32s} max err vs ttt chunk (fp64) {err:.1e}")
 
 
+def cpu_name() -> str:
+    """The CPU's model name where the OS reports it (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def median_time(fn, repeats):
     """Median CPU time of the process (``time.process_time``; single-threaded runs, so it is the
     compute time and robust to other jobs on a shared machine). The first run is a warm-up, except
@@ -145,12 +159,15 @@ def main() -> None:
                 mode = "fwd+bwd" if backward else "fwd"
                 rows.append((rule, mode, name, t))
                 print(f"{rule:15s} {mode:8s} {name:32s} {t * 1e3:10.1f} ms", flush=True)
+    finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", "benchmarks/family_cpu.py", *sys.argv[1:]])
     header = (
         f"# Family delta rows on CPU: chunk vs recurrence vs fla-core 0.6.0 references\n\n"
         f"B={args.B} H={args.H} T={args.T} D={args.D}, float32, process CPU time, median of {args.repeats} "
         "after a warm-up (paths over 2 s: one run), "
-        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_interop_threads()} interop threads. Produced by `python benchmarks/family_cpu.py`.\n\n"
+        f"torch {torch.__version__}, {args.threads} thread(s), {cpu_name()}, "
+        f"{torch.get_num_interop_threads()} interop threads; finished {finished}. "
+        f"Produced by `{command}`.\n\n"
         "| rule | mode | path | ms | vs ttt chunk |\n|---|---|---|---|---|\n"
     )
     base = {(r, m): t for r, m, n, t in rows if n == "ttt chunk"}
