@@ -6,8 +6,8 @@ DeltaNet, and fla-core 0.6.0's pure-PyTorch references at the same shapes.
 
 Before timing, every path's output is checked against our chunk form in float64 at a small shape
 (fla's references run in float32 internally, so they are held to float32 round-off). Times are
-medians of ``--repeats`` runs after one warm-up; fwd+bwd backpropagates ``o.sum()`` to q, k, v,
-beta (and alpha). Results go to ``benchmarks/results/family_cpu.md``.
+medians of ``--repeats`` runs after one warm-up, the paths taking turns; fwd+bwd backpropagates
+``o.sum()`` to q, k, v, beta (and alpha). Results go to ``benchmarks/results/family_cpu.md``.
 """
 
 from __future__ import annotations
@@ -113,21 +113,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def median_time(fn, repeats):
-    """Median CPU time of the process (``time.process_time``; single-threaded runs, so it is the
-    compute time and robust to other jobs on a shared machine). The first run is a warm-up, except
-    for paths slower than 2 s, where it is the measurement."""
-    t0 = time.process_time()
-    fn()
-    first = time.process_time() - t0
-    if first > 2.0:
-        return first
-    times = []
-    for _ in range(repeats):
+def median_times(fns: dict, repeats: int) -> dict:
+    """name -> median CPU time of the process (``time.process_time``; single-threaded runs, so it is
+    the compute time and robust to other jobs on a shared machine) for each of ``fns``.
+
+    The paths take turns, one run each per round, so a burst of load from another job lands on all
+    of them instead of on one path's repeats. The first run is a warm-up, except for paths slower
+    than 2 s, where it is the measurement.
+    """
+
+    def timed(fn) -> float:
         t0 = time.process_time()
         fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
+        return time.process_time() - t0
+
+    first = {name: timed(fn) for name, fn in fns.items()}
+    times = {name: [] for name, t in first.items() if t <= 2.0}
+    for _ in range(repeats):
+        for name in times:
+            times[name].append(timed(fns[name]))
+    return {name: statistics.median(times[name]) if name in times else first[name] for name in fns}
 
 
 def main() -> None:
@@ -146,17 +151,17 @@ def main() -> None:
         check(rule)
         for backward in (False, True):
             x = make_inputs(args.B, args.H, args.T, args.D, torch.float32, backward)
-            for name, fn in paths(rule).items():
 
-                def run(fn=fn, x=x, backward=backward):
-                    if backward:
-                        fn(x).sum().backward()
-                    else:
-                        with torch.no_grad():
-                            fn(x)
+            def run(fn, x=x, backward=backward):
+                if backward:
+                    fn(x).sum().backward()
+                else:
+                    with torch.no_grad():
+                        fn(x)
 
-                t = median_time(run, args.repeats)
-                mode = "fwd+bwd" if backward else "fwd"
+            runs = {name: (lambda fn=fn: run(fn)) for name, fn in paths(rule).items()}
+            mode = "fwd+bwd" if backward else "fwd"
+            for name, t in median_times(runs, args.repeats).items():
                 rows.append((rule, mode, name, t))
                 print(f"{rule:15s} {mode:8s} {name:32s} {t * 1e3:10.1f} ms", flush=True)
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -164,7 +169,7 @@ def main() -> None:
     header = (
         f"# Family delta rows on CPU: chunk vs recurrence vs fla-core 0.6.0 references\n\n"
         f"B={args.B} H={args.H} T={args.T} D={args.D}, float32, process CPU time, median of {args.repeats} "
-        "after a warm-up (paths over 2 s: one run), "
+        "after a warm-up, paths taking turns (paths over 2 s: one run), "
         f"torch {torch.__version__}, {args.threads} thread(s), {cpu_name()}, "
         f"{torch.get_num_interop_threads()} interop threads; finished {finished}. "
         f"Produced by `{command}`.\n\n"
