@@ -139,6 +139,15 @@ def unit_lower_inverse(L: Tensor) -> Tensor:
     return torch.cat([torch.cat([top_inv, upper_right], -1), torch.cat([corner, bottom_inv], -1)], -2)
 
 
+def _per_chunk(x: Tensor | None) -> tuple[Tensor, ...] | None:
+    """[B, H, N, ...] -> N views [B * H, ...] (strided: bmm reads them in place, no chunk-major copy).
+
+    ``unbind``, not ``x[:, n]`` in the loop: the backward of one ``unbind`` stacks the N gradients
+    once, while each of N selects would scatter into its own zero-filled full-size buffer (N^2 work).
+    """
+    return None if x is None else x.flatten(0, 1).unbind(1)
+
+
 def _scan_states(
     S0: Tensor, W: Tensor, Y0: Tensor, K: Tensor, decay: Tensor | None, c: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,18 +163,16 @@ def _scan_states(
     """
     B, H, N = W.shape[:3]
 
-    # [B, H, N, ...] -> [B * H, N, ...], a view: the strided per-chunk slices feed bmm directly,
-    # which is cheaper than copying every operand to a chunk-major layout first
-    W, Y0, K, decay, c = (None if x is None else x.flatten(0, 1) for x in (W, Y0, K, decay, c))
+    W, Y0, K, decay, c = (_per_chunk(x) for x in (W, Y0, K, decay, c))
     S = S0.flatten(0, 1)
     starts, Y = [], []
     for n in range(N):
         starts.append(S)
-        Y.append(torch.baddbmm(Y0[:, n], W[:, n], S, alpha=-1.0))
-        carried = S if decay is None else decay[:, n] * S
+        Y.append(torch.baddbmm(Y0[n], W[n], S, alpha=-1.0))
+        carried = S if decay is None else decay[n] * S
         if c is not None:
-            carried = carried + c[:, n]
-        S = torch.baddbmm(carried, K[:, n].transpose(-1, -2), Y[n])
+            carried = carried + c[n]
+        S = torch.baddbmm(carried, K[n].transpose(-1, -2), Y[n])
 
     def per_head(xs: list[Tensor]) -> Tensor:  # N x [B * H, ...] -> [B, H, N, ...]
         return torch.stack(xs, dim=1).unflatten(0, (B, H))
@@ -262,9 +269,11 @@ def chunk_transition(
 def _additive_scan(S0: Tensor, decay: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor]:
     """``S_{n+1} = decay_n * S_n + c_n`` chunk by chunk. decay [B, H, N, Dg, 1] or None; c [B, H, N,
     Dk, Dv]; S0 [B, H, Dk, Dv]. Returns the chunks' initial states [B, H, N, Dk, Dv] and S_N."""
+    B, H = S0.shape[:2]
+    decay, c = _per_chunk(decay), _per_chunk(c)
     starts = []
-    S = S0
-    for n in range(c.shape[2]):
+    S = S0.flatten(0, 1)
+    for n in range(len(c)):
         starts.append(S)
-        S = (S if decay is None else decay[:, :, n] * S) + c[:, :, n]
-    return torch.stack(starts, dim=2), S
+        S = (S if decay is None else decay[n] * S) + c[n]
+    return torch.stack(starts, dim=1).unflatten(0, (B, H)), S.unflatten(0, (B, H))
