@@ -254,7 +254,8 @@ def chunk_transition(
             # Y = -E = -U - W S_n; the written values enter through c and P_qw V
             rhs, c = torch.cat([from_start(rds, G_before), -(L_rw @ vs)], -1), write_to_end @ vs
         WY = solve @ rhs  # [B, H, N, C, Dk + Dv]
-        W, Y0 = WY[..., :Dk], WY[..., Dk:]
+        # split, not two slices: its backward concatenates once instead of zero-filling twice
+        W, Y0 = WY.split([Dk, WY.shape[-1] - Dk], dim=-1)
         K = write_to_end if same else to_end(rms).transpose(-1, -2)  # [B, H, N, Dk, C]
         starts, Y, S = _scan_states(initial_state, W, Y0, K.transpose(-1, -2), d, c)
         if same:
@@ -262,8 +263,8 @@ def chunk_transition(
         else:
             P_qr = _decayed_products(qs, G, rms, G, inclusive)
             o = _matmul_add(P_qr, Y, _matmul_add(P_qw, vs, A @ starts))  # A S_n + P_qw V - P_qr E
-    o = o.reshape(B, H, N * C, -1)[:, :, :T]
-    return o, S
+    o = o.reshape(B, H, N * C, -1)
+    return (o[:, :, :T] if pad else o), S  # a no-op slice would still cost a zero-filled backward
 
 
 def _additive_scan(S0: Tensor, decay: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor]:
