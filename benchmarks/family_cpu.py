@@ -113,26 +113,42 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not report them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def median_times(fns: dict, repeats: int) -> dict:
-    """name -> median CPU time of the process (``time.process_time``; single-threaded runs, so it is
-    the compute time and robust to other jobs on a shared machine) for each of ``fns``.
+    """name -> (median CPU time of the process, median minor page faults per run) for each of
+    ``fns``. CPU time (``time.process_time``; single-threaded runs) is the compute time and robust
+    to other jobs on a shared machine; the page faults show when a run paid for fresh memory (the
+    allocator had handed freed buffers back to the OS), which varies from run to run.
 
     The paths take turns, one run each per round, so a burst of load from another job lands on all
     of them instead of on one path's repeats. The first run is a warm-up, except for paths slower
     than 2 s, where it is the measurement.
     """
 
-    def timed(fn) -> float:
+    def timed(fn) -> tuple[float, int]:
+        faults = _minor_faults()
         t0 = time.process_time()
         fn()
-        return time.process_time() - t0
+        return time.process_time() - t0, _minor_faults() - faults
 
     first = {name: timed(fn) for name, fn in fns.items()}
-    times = {name: [] for name, t in first.items() if t <= 2.0}
+    runs = {name: [] for name, (t, _) in first.items() if t <= 2.0}
     for _ in range(repeats):
-        for name in times:
-            times[name].append(timed(fns[name]))
-    return {name: statistics.median(times[name]) if name in times else first[name] for name in fns}
+        for name in runs:
+            runs[name].append(timed(fns[name]))
+
+    def medians(samples):
+        return statistics.median(t for t, _ in samples), int(statistics.median(f for _, f in samples))
+
+    return {name: medians(runs[name]) if name in runs else first[name] for name in fns}
 
 
 def main() -> None:
@@ -161,9 +177,9 @@ def main() -> None:
 
             runs = {name: (lambda fn=fn: run(fn)) for name, fn in paths(rule).items()}
             mode = "fwd+bwd" if backward else "fwd"
-            for name, t in median_times(runs, args.repeats).items():
-                rows.append((rule, mode, name, t))
-                print(f"{rule:15s} {mode:8s} {name:32s} {t * 1e3:10.1f} ms", flush=True)
+            for name, (t, faults) in median_times(runs, args.repeats).items():
+                rows.append((rule, mode, name, t, faults))
+                print(f"{rule:15s} {mode:8s} {name:32s} {t * 1e3:10.1f} ms {faults:8d} faults", flush=True)
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "benchmarks/family_cpu.py", *sys.argv[1:]])
     header = (
@@ -173,10 +189,15 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {cpu_name()}, "
         f"{torch.get_num_interop_threads()} interop threads; finished {finished}. "
         f"Produced by `{command}`.\n\n"
-        "| rule | mode | path | ms | vs ttt chunk |\n|---|---|---|---|---|\n"
+        "Page faults: median minor page faults of the process per run (memory pages touched for the first "
+        "time since the allocator got them from the OS, e.g. after it had handed freed buffers back; their "
+        "cost is part of the ms column, and it varies from run to run of the same code).\n\n"
+        "| rule | mode | path | ms | vs ttt chunk | page faults |\n|---|---|---|---|---|---|\n"
     )
-    base = {(r, m): t for r, m, n, t in rows if n == "ttt chunk"}
-    body = "\n".join(f"| {r} | {m} | {n} | {t * 1e3:.1f} | {t / base[(r, m)]:.2f}x |" for r, m, n, t in rows)
+    base = {(r, m): t for r, m, n, t, _ in rows if n == "ttt chunk"}
+    body = "\n".join(
+        f"| {r} | {m} | {n} | {t * 1e3:.1f} | {t / base[(r, m)]:.2f}x | {f} |" for r, m, n, t, f in rows
+    )
     Path(args.out).write_text(header + body + "\n")
     print(f"wrote {args.out}")
 
