@@ -32,6 +32,11 @@ def _exp(x: Tensor) -> Tensor:
     return torch.exp(F.threshold(x, _floor(x.dtype), float("-inf")))  # one pass: x if x > floor else -inf
 
 
+def _untracked(*xs: Tensor) -> bool:
+    """True when autograd records nothing on ``xs``, so one of them may be overwritten in place."""
+    return not torch.is_grad_enabled() or not any(x.requires_grad for x in xs)
+
+
 def _clamped_exp_(x: Tensor) -> Tensor:
     """``_exp(min(x, 0))`` computed in place on a fresh tensor ``x`` (autograd allows it: nothing has
     saved ``x``). The [.., C, C] and [.., c, c, Dk] decay factors are large: every buffer saved is a
@@ -57,7 +62,8 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
         if gx is None:
             return products
         # above the diagonal the exponents are > 0: clamped to 0 (exp = 1) where the mask zeroed
-        return products * _clamped_exp_(gx - gy.transpose(-1, -2))  # [..., C, C]
+        decay = _clamped_exp_(gx - gy.transpose(-1, -2))  # [..., C, C]
+        return products.mul_(decay) if _untracked(products, decay) else products * decay
     C = x.shape[-2]
     c = _SUB if C % _SUB == 0 and C > _SUB else C
     nb = C // c
@@ -139,6 +145,17 @@ def unit_lower_inverse(L: Tensor) -> Tensor:
     return torch.cat([torch.cat([top_inv, upper_right], -1), torch.cat([corner, bottom_inv], -1)], -2)
 
 
+def _solve_chunks(L: Tensor, R: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """``(I + L)^{-1} R`` and ``(I + L)^{-1} X`` for every chunk, from one product with ``[R, X]``.
+
+    L [..., C, C] strictly lower-triangular; R [..., C, Dk]; X [..., C, Dv]. The inverse and the
+    concatenation live only here, so without autograd their memory is free again for the scan.
+    """
+    WX = unit_lower_inverse(L) @ torch.cat([R, X], dim=-1)  # [..., C, Dk + Dv]
+    # split, not two slices: its backward concatenates once instead of zero-filling twice
+    return WX.split([R.shape[-1], X.shape[-1]], dim=-1)
+
+
 def _per_chunk(x: Tensor | None) -> tuple[Tensor, ...] | None:
     """[B, H, N, ...] -> N views [B * H, ...] (strided: bmm reads them in place, no chunk-major copy).
 
@@ -181,10 +198,11 @@ def _scan_states(
 
 
 def _matmul_add(x: Tensor, y: Tensor, base: Tensor) -> Tensor:
-    """``base + x @ y`` for [..., m, k] x [..., k, n] in one fused call (no separate sum buffer)."""
-    batch = base.shape[:-2]
-    out = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3))
-    return out.unflatten(0, batch)
+    """``base + x @ y`` for [..., m, k] x [..., k, n], accumulated into ``base``: callers hand over a
+    fresh product that nothing else holds (autograd saves the operands of a matmul, not its result),
+    so no new output buffer is needed."""
+    base.flatten(0, -3).baddbmm_(x.flatten(0, -3), y.flatten(0, -3))
+    return base
 
 
 def chunk_transition(
@@ -233,36 +251,38 @@ def chunk_transition(
     strict = inclusive.tril(-1)
 
     # everything that does not depend on the incoming state, for all chunks at once
-    A = from_start(qs, G)  # [B, H, N, C, Dk]: o_n = A_n S_n + (the chunk's own tokens)
     P_qw = _decayed_products(qs, G, ws, G, inclusive)  # [B, H, N, C, C]
     write_to_end = to_end(ws).transpose(-1, -2)  # [B, H, N, Dk, C]
     d = None if gs is None else _exp(G_last).transpose(-1, -2)  # [B, H, N, Dg, 1]
+    A = lambda: from_start(qs, G)  # noqa: E731  [B, H, N, C, Dk], o_n = A_n S_n + ...: formed late
     if rms is None:
         starts, S = _additive_scan(initial_state, d, write_to_end @ vs)
-        o = _matmul_add(A, starts, P_qw @ vs)
+        o = _matmul_add(A(), starts, P_qw @ vs)
     else:
         # predictions e_r = read_r^T S_{r-1}: (I + L_rr) E = (read * exp(G_before)) S_n + L_rw V
         same = tr.remove is tr.write  # DeltaNet, GDN, KDA: remove and write along the same key
         L_rw = _decayed_products(rds, G_before, ws, G, strict)  # [B, H, N, C, C]
-        L_rr = L_rw if same else _decayed_products(rds, G_before, rms, G, strict)
-        solve = unit_lower_inverse(L_rr)  # [B, H, N, C, C]
         if same:
             # (I + L)^{-1} L = I - (I + L)^{-1}, so V - E = (I + L)^{-1} V - W S_n: the new values
             # that o and the next state read, with no product L V
-            rhs, c = torch.cat([from_start(rds, G_before), vs], -1), None
+            W, Y0 = _solve_chunks(L_rw, from_start(rds, G_before), vs)
+            c = None
         else:
             # Y = -E = -U - W S_n; the written values enter through c and P_qw V
-            rhs, c = torch.cat([from_start(rds, G_before), -(L_rw @ vs)], -1), write_to_end @ vs
-        WY = solve @ rhs  # [B, H, N, C, Dk + Dv]
-        # split, not two slices: its backward concatenates once instead of zero-filling twice
-        W, Y0 = WY.split([Dk, WY.shape[-1] - Dk], dim=-1)
+            L_rr = _decayed_products(rds, G_before, rms, G, strict)
+            W, Y0 = _solve_chunks(L_rr, from_start(rds, G_before), -(L_rw @ vs))
+            c = write_to_end @ vs
+            del L_rr
+        # without autograd nothing else holds these: the scan reuses their memory (the CPU allocator
+        # may hand memory freed at the end of a call back to the OS, and touching it again costs)
+        del L_rw
         K = write_to_end if same else to_end(rms).transpose(-1, -2)  # [B, H, N, Dk, C]
         starts, Y, S = _scan_states(initial_state, W, Y0, K.transpose(-1, -2), d, c)
         if same:
-            o = _matmul_add(P_qw, Y, A @ starts)  # o = A S_n + P (V - E)
+            o = _matmul_add(P_qw, Y, A() @ starts)  # o = A S_n + P (V - E)
         else:
             P_qr = _decayed_products(qs, G, rms, G, inclusive)
-            o = _matmul_add(P_qr, Y, _matmul_add(P_qw, vs, A @ starts))  # A S_n + P_qw V - P_qr E
+            o = _matmul_add(P_qr, Y, _matmul_add(P_qw, vs, A() @ starts))  # A S_n + P_qw V - P_qr E
     o = o.reshape(B, H, N * C, -1)
     return (o[:, :, :T] if pad else o), S  # a no-op slice would still cost a zero-filled backward
 
