@@ -65,3 +65,13 @@ def test_shared_key_products_are_formed_once(rule, products, monkeypatch):
     monkeypatch.setattr(chunk, "_decayed_products", lambda *a: calls.append(1) or original(*a))
     make_case(rule, T=20).run("chunk", chunk_size=8)
     assert len(calls) == products
+
+
+@pytest.mark.parametrize("rule", DELTA_ROWS + ["gla", "mamba2"])
+def test_no_grad_forward_equals_the_recorded_one(rule):
+    """Without autograd the chunk form overwrites some of its buffers in place; same numbers."""
+    case = make_case(rule, T=70, seed=4)
+    o, S = case.run("chunk", chunk_size=32)
+    with torch.no_grad():
+        o_ng, S_ng = case.run("chunk", chunk_size=32)
+    assert _max_err(o_ng, o.detach()) < ATOL and _max_err(S_ng, S.detach()) < ATOL
