@@ -25,6 +25,8 @@ reads the carried gradient sum.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import torch
@@ -311,6 +313,18 @@ def chunk_ttt_linear_bwd_kernel_seq(
 LOCAL_MAXNREG = 128
 
 
+@functools.cache
+def _maxnreg_supported() -> bool:
+    """Whether launches take ``maxnreg``: Triton's NVIDIA backend has it, its HIP backend rejects it."""
+    if torch.version.hip is not None:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)}
+
+
 class LocalGrads(NamedTuple):
     """What the parallel stage of the backward leaves for the sequential one (fp32 unless noted).
 
@@ -342,14 +356,7 @@ def chunk_ttt_linear_bwd_local(
     MB = token_eta.shape[0]
     B, NS, _ = varlen_plan(cu_seqlens, offset, MB, Bq, T)
     cfg = launch_config(D, q.dtype, checkpoint_precision(q.dtype, ckpt[0].dtype))
-    # maxnreg is an NVIDIA option (Triton's HIP backend rejects it)
-    if (
-        maxnreg is None
-        and q.is_cuda
-        and torch.version.hip is None
-        and cfg["BD"] <= 64
-        and cfg["PREC"] == "bf16"
-    ):
+    if maxnreg is None and q.is_cuda and cfg["BD"] <= 64 and cfg["PREC"] == "bf16" and _maxnreg_supported():
         maxnreg = LOCAL_MAXNREG
     rows = lambda *shape: q.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     out = LocalGrads(
