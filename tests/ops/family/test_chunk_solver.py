@@ -55,11 +55,13 @@ def test_chunk_equals_recurrence_with_recursive_inverse(rule, chunk_size):
         assert _max_err(g_c[name], g_r[name]) < ATOL, name
 
 
-@pytest.mark.parametrize("rule, products", [("deltanet", 2), ("gated_deltanet", 2), ("kda", 2), ("comba", 4)])
+@pytest.mark.parametrize(
+    "rule, products", [("deltanet", 2), ("gated_deltanet", 2), ("kda", 2), ("comba", 2), ("rwkv7", 4)]
+)
 def test_shared_key_products_are_formed_once(rule, products, monkeypatch):
-    """Rules whose correction removes along the key it writes (DeltaNet, GDN, KDA) need two [C, C]
-    products per chunk (queries and reads against that key); Comba's removal key is its own tensor, so
-    reads and queries meet both keys."""
+    """Rules whose correction removes along the key it writes (DeltaNet, GDN, KDA, Comba: beta k for
+    both) need two [C, C] products per chunk (queries and reads against that key); RWKV7 removes along
+    its own key k_hat, so reads and queries meet both keys."""
     calls = []
     original = chunk._decayed_products
     monkeypatch.setattr(chunk, "_decayed_products", lambda *a: calls.append(1) or original(*a))

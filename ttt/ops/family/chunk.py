@@ -201,6 +201,8 @@ def _matmul_add(x: Tensor, y: Tensor, base: Tensor) -> Tensor:
     """``base + x @ y`` for [..., m, k] x [..., k, n], accumulated into ``base``: callers hand over a
     fresh product that nothing else holds (autograd saves the operands of a matmul, not its result),
     so no new output buffer is needed."""
+    if not base.is_contiguous():  # flatten would copy, and the sum would land in the copy
+        return torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3)).view(base.shape)
     base.flatten(0, -3).baddbmm_(x.flatten(0, -3), y.flatten(0, -3))
     return base
 

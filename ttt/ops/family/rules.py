@@ -181,6 +181,13 @@ LONGHORN = Rule(
     ),
 )
 
+
+def _comba_transition(t: Token) -> Transition:
+    # Comba removes along the key it writes: one tensor for both lets the chunk form share their products
+    write = _scalar(t["beta"]) * t["k"]
+    return Transition(_scalar(t["log_alpha"]), write, t["v"], remove=write, read=t["p"])
+
+
 COMBA = Rule(
     name="comba",
     objective=Objective(
@@ -190,13 +197,7 @@ COMBA = Rule(
         ),
         formula="L = 1/2 ||sqrt(1 - alpha) S||_F^2 + beta <S^T k, sg(S^T p) - v>",
     ),
-    closed_form=lambda t: Transition(
-        _scalar(t["log_alpha"]),
-        _scalar(t["beta"]) * t["k"],
-        t["v"],
-        remove=_scalar(t["beta"]) * t["k"],
-        read=t["p"],
-    ),
+    closed_form=lambda t: _comba_transition(t),
     recurrence="S_t = (alpha_t - beta_t k_t p_t^T) S_{t-1} + beta_t k_t v_t^T",
 )
 
