@@ -9,6 +9,7 @@ import pytest
 import torch
 from family_cases import grads, make_case
 
+import ttt.ops.family
 import ttt.ops.family.chunk as chunk
 
 ATOL = 1e-10
@@ -77,3 +78,27 @@ def test_no_grad_forward_equals_the_recorded_one(rule):
     with torch.no_grad():
         o_ng, S_ng = case.run("chunk", chunk_size=32)
     assert _max_err(o_ng, o.detach()) < ATOL and _max_err(S_ng, S.detach()) < ATOL
+
+
+@pytest.mark.parametrize("rule", ["gated_deltanet", "kda", "mamba2"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("chunk_size", [17, 32])
+def test_inputs_are_left_alone(rule, grad, chunk_size):
+    """The chunk form works in place on its own buffers only: a float32 log-decay and initial state
+    passed straight in come back with the same values and version counters."""
+    g = torch.Generator().manual_seed(3)
+    B, H, T, D = 1, 2, 40, 8
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    shape = (B, H, T, D) if rule == "kda" else (B, H, T)
+    log_alpha = (-torch.rand(*shape, generator=g) * 0.2).requires_grad_(grad)
+    S0 = torch.randn(B, H, D, D, generator=g).requires_grad_(grad)
+    gates = dict(log_alpha=log_alpha, beta=torch.rand(B, H, T, generator=g))
+    before = [(t.detach().clone(), t._version) for t in (log_alpha, S0)]
+    with torch.set_grad_enabled(grad):
+        o, S = getattr(ttt.ops.family, rule)(q, k, v, **gates, initial_state=S0, output_final_state=True,
+                                             impl="chunk", chunk_size=chunk_size)  # fmt: skip
+    for t, (value, version) in zip((log_alpha, S0), before):
+        assert t._version == version
+        torch.testing.assert_close(t.detach(), value, rtol=0, atol=0)
+    assert S.data_ptr() != S0.data_ptr()
