@@ -71,12 +71,14 @@ def test_shared_key_products_are_formed_once(rule, products, monkeypatch):
 
 
 @pytest.mark.parametrize("rule", DELTA_ROWS + ["gla", "mamba2"])
-def test_no_grad_forward_equals_the_recorded_one(rule):
-    """Without autograd the chunk form overwrites some of its buffers in place; same numbers."""
-    case = make_case(rule, T=70, seed=4)
-    o, S = case.run("chunk", chunk_size=32)
+@pytest.mark.parametrize("T, chunk_size", [(70, 32), (70, 17), (1, 64)], ids=["T70-C32", "T70-C17", "T1-C64"])
+def test_no_grad_forward_equals_the_recorded_one(rule, T, chunk_size):
+    """Without autograd the chunk form overwrites some of its buffers in place; same numbers (also with a
+    chunk that is not a multiple of the inverse's 16-blocks, and one token in a large chunk)."""
+    case = make_case(rule, T=T, seed=4)
+    o, S = case.run("chunk", chunk_size=chunk_size)
     with torch.no_grad():
-        o_ng, S_ng = case.run("chunk", chunk_size=32)
+        o_ng, S_ng = case.run("chunk", chunk_size=chunk_size)
     assert _max_err(o_ng, o.detach()) < ATOL and _max_err(S_ng, S.detach()) < ATOL
 
 
