@@ -112,6 +112,17 @@ def assert_within_budget(
     assert err <= bound, f"{name}: max err {err:.3e} > budget {bound:.3e}"
 
 
+def assert_stage_matches(got: dict, ref: dict, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Each entry of ``got`` (a tensor or a tuple of tensors, any float dtype) equals ``ref[name]`` (float64)
+    to ``rtol`` and ``atol * (1 + max|ref|)``; a failure names the entry. For the kernels' stage tests,
+    whose fp32 stages and float64 references differ by round-off only."""
+    for name, val in got.items():
+        vals, wants = (val, ref[name]) if isinstance(val, (tuple, list)) else ((val,), (ref[name],))
+        for v, want in zip(vals, wants, strict=True):
+            torch.testing.assert_close(v.double(), want, rtol=rtol, atol=atol * (1 + want.abs().max().item()),
+                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+
+
 def assert_graph_replay_equals_eager(step, fresh_state, token, steps: int, out: Tensor) -> None:
     """A decode step captured in a CUDA graph, replayed ``steps`` times == as many eager steps, bit for bit.
 

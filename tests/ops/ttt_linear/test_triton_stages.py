@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_linear  # noqa: E402
 from ttt.ops.common import causal_eta_scores, layer_norm, ln_l2_grad, split_segments  # noqa: E402
+from ttt.testing import assert_stage_matches  # noqa: E402
 
 fwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_fwd")
 bwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_bwd")
@@ -118,10 +119,7 @@ def test_backward_local_stage_is_the_output_path(T, offset, b, causal):
                dln_w=loc.dln_w.sum((0, 2)), dln_b=loc.dln_b.sum((0, 2)))  # fmt: skip
     if offset:  # the carried gradient sum is an input of segment 0 only when the call resumes mid-batch
         got.update(dgW0=loc.dg0[0], dgb0=loc.dg0[1])
-    for name, val in got.items():
-        want = ref[name]
-        torch.testing.assert_close(val.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
-                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+    assert_stage_matches(got, ref)
 
 
 def recurrence_reference(x, dzb, dgl, dht, dgt, offset, b):
@@ -184,7 +182,4 @@ def test_backward_sequential_stage_is_the_recurrence(T, offset, b, causal):
     # the sweep's part of the carried gradient sum's gradient (compared at offset 0 too: the kernel and
     # the reference both treat the zero sum as an input there)
     got.update(dgW0=dg0[0] - loc.dg0[0], dgb0=dg0[1] - loc.dg0[1])
-    for name, val in got.items():
-        want = ref[name]
-        torch.testing.assert_close(val.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
-                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+    assert_stage_matches(got, ref)

@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 from ttt.ops.common import gelu_tanh, grad_of_inner_loss, layer_norm, ln_l2_grad, split_segments  # noqa: E402
+from ttt.testing import assert_stage_matches  # noqa: E402
 
 fwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_fwd")
 bwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_bwd")
@@ -46,6 +47,18 @@ def make(B, H, T, D, M, b, offset, seed=0):
     on = float(offset > 0)
     x["S"] = tuple(r(*t.shape, scale=0.1) * on for t in x["anchor"])
     return x
+
+
+def launch_forward(x, offset, causal):
+    """The training forward on fp32 copies of ``x``: (fp32 tensors, the op's leading arguments, the carried
+    sums, the checkpoints)."""
+    f = {key: val.float().contiguous() for key, val in x.items() if torch.is_tensor(val)}
+    state = tuple(t.float().contiguous() for t in x["anchor"])
+    sums = tuple(t.float().contiguous() for t in x["S"])
+    args = (f["q"], f["k"], f["v"], f["lr"], f["te"], f["ln_w"], f["ln_b"])
+    _, _, _, ckpt = fwd.chunk_ttt_mlp_fwd_fused(*args, state, sums, offset=offset, causal=causal, eps=EPS,
+                                                store_ckpt=True)  # fmt: skip
+    return f, args, sums, ckpt
 
 
 def output_path_reference(x, ckpt, offset, b, causal):
@@ -100,23 +113,14 @@ def output_path_reference(x, ckpt, offset, b, causal):
 def test_backward_local_stage_is_the_output_path(monkeypatch, T, offset, b, causal):
     monkeypatch.setattr(bwd, "MAX_BLOCK_M", 16)  # M = 40 in three tiles, the last one partly masked
     x = make(1, 2, T, 16, 40, b, offset, seed=T)
-    f = {key: val.float().contiguous() for key, val in x.items() if torch.is_tensor(val)}
-    state = tuple(t.float().contiguous() for t in x["anchor"])
-    sums = tuple(t.float().contiguous() for t in x["S"])
-    args = (f["q"], f["k"], f["v"], f["lr"], f["te"], f["ln_w"], f["ln_b"])
-    _, _, _, ckpt = fwd.chunk_ttt_mlp_fwd_fused(*args, state, sums, offset=offset, causal=causal, eps=EPS,
-                                                store_ckpt=True)  # fmt: skip
+    f, args, sums, ckpt = launch_forward(x, offset, causal)
     loc = bwd.chunk_ttt_mlp_bwd_local(*args, ckpt, sums, f["do"], offset=offset, causal=causal, eps=EPS)
     ref = output_path_reference(x, ckpt, offset, b, causal)
     got = loc._asdict()
     got.update(dte=loc.dte.sum((0, 1, 2)), dln_w=loc.dln_w.sum((0, 2)), dln_b=loc.dln_b.sum((0, 2)))
     if not offset:  # the carried sums are inputs of segment 0 only when the call resumes mid-batch
         got.pop("dg0")
-    for name, val in got.items():
-        vals, wants = (val, ref[name]) if name == "dg0" else ((val,), (ref[name],))
-        for v, want in zip(vals, wants):
-            torch.testing.assert_close(v.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
-                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+    assert_stage_matches(got, ref)
 
 
 def recurrence_reference(x, loc, dht, dgt, offset, b):
@@ -171,12 +175,7 @@ def test_backward_sequential_stage_is_the_recurrence(monkeypatch, T, offset, b, 
     the parallel stage's outputs (both launched on the same checkpoints); (5, 3, 16): one partial segment."""
     monkeypatch.setattr(bwd, "MAX_BLOCK_M", 16)  # M = 40 in three tiles, the last one partly masked
     x = make(1, 2, T, 16, 40, b, offset, seed=T + 1)
-    f = {key: val.float().contiguous() for key, val in x.items() if torch.is_tensor(val)}
-    state = tuple(t.float().contiguous() for t in x["anchor"])
-    sums = tuple(t.float().contiguous() for t in x["S"])
-    args = (f["q"], f["k"], f["v"], f["lr"], f["te"], f["ln_w"], f["ln_b"])
-    _, _, _, ckpt = fwd.chunk_ttt_mlp_fwd_fused(*args, state, sums, offset=offset, causal=causal, eps=EPS,
-                                                store_ckpt=True)  # fmt: skip
+    f, args, sums, ckpt = launch_forward(x, offset, causal)
     g = torch.Generator().manual_seed(T)
     rand = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) * 0.3  # noqa: E731
     dht, dgt = tuple(map(rand, x["anchor"])), tuple(map(rand, x["S"]))
@@ -190,8 +189,4 @@ def test_backward_sequential_stage_is_the_recurrence(monkeypatch, T, offset, b, 
                dln_w=dln_w - loc.dln_w.sum((0, 2)), dln_b=dln_b - loc.dln_b.sum((0, 2)), dh0=dh0,
                dg0=tuple(a - l for a, l in zip(dg0, loc.dg0)))  # fmt: skip
     # the carried sums' gradient is compared at offset 0 too: kernel and reference both take the zero sums
-    for name, val in got.items():
-        vals, wants = (val, ref[name]) if name in ("dh0", "dg0") else ((val,), (ref[name],))
-        for v, want in zip(vals, wants):
-            torch.testing.assert_close(v.double(), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()),
-                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+    assert_stage_matches(got, ref)
