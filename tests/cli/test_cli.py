@@ -98,6 +98,19 @@ def test_train_eval_generate_smoke(trained, tmp_path, capsys):
     assert "tokens/s" in captured.err and len(captured.out) > 0
 
 
+def test_generate_a_batch_of_prompts_equals_each_prompt_alone(trained, tmp_path, capsys):
+    prompts = ["SPEAKER 1:", "The", "A much longer prompt than the others, past a mini-batch"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    greedy = ["--checkpoint", str(trained), "--max-new-tokens", "7", "--temperature", "0"]
+    assert main(["generate", *greedy, "--prompts-file", str(tmp_path / "prompts.txt")]) == 0
+    captured = capsys.readouterr()
+    assert "3 prompts" in captured.err and "tokens/s" in captured.err
+    for i, prompt in enumerate(prompts):
+        assert main(["generate", *greedy, "--prompt", prompt, "--no-stream"]) == 0
+        alone = capsys.readouterr().out.rstrip("\n")
+        assert f"--- prompt {i + 1} of 3 ---\n{prompt}{alone}\n" in captured.out
+
+
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench"
     assert (
@@ -167,6 +180,22 @@ def test_bad_input_exits_nonzero_with_a_message(trained, corpus_dir, tmp_path, c
             "max_seq_len",
         ),
         (["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
+        (
+            ["generate", "--checkpoint", str(trained), "--prompts-file", str(tmp_path / "blank.txt")],
+            "no prompt",
+        ),
+        (
+            [
+                "generate",
+                "--checkpoint",
+                str(trained),
+                "--prompts-file",
+                str(tmp_path / "blank.txt"),
+                "--prompt",
+                "x",
+            ],
+            "only one of",
+        ),
         (["eval", "--checkpoint", str(trained), "--context", "100000"], "max_seq_len"),
         (["bench", "--mixers", "nope"], "unknown mixer"),
         (
@@ -184,6 +213,7 @@ def test_bad_input_exits_nonzero_with_a_message(trained, corpus_dir, tmp_path, c
             "dtype",
         ),
     ]
+    (tmp_path / "blank.txt").write_text("\n  \n")
     for argv, message in cases:
         assert main(argv) != 0, argv
         assert message in capsys.readouterr().err, argv

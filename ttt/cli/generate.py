@@ -10,6 +10,8 @@ EPILOG = """examples:
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt-file scene.txt --max-new-tokens 500 --temperature 0
   # decode speed after a long prefix (first 4096 validation tokens as the prompt)
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt-tokens 4096 --max-new-tokens 256 --no-stream
+  # every line of prompts.txt continued, all in one batch
+  ttt generate --checkpoint runs/ttt_linear-tiny --prompts-file prompts.txt --max-new-tokens 100
 """
 
 
@@ -39,6 +41,16 @@ def run(ns: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = generate_text(args)
+    for i, (prompt, text) in enumerate(zip(r.prompts, r.texts)):
+        print(f"--- prompt {i + 1} of {len(r.prompts)} ---\n{prompt}{text}")
+    if r.prompts:
+        print(
+            f"[{len(r.prompts)} prompts, {r.prompt_tokens} prompt tokens; first new tokens after "
+            f"{r.prefill_seconds:.3f} s; {r.new_tokens} new tokens, then {r.decode_tokens_per_second:.1f} "
+            f"tokens/s over the batch]",
+            file=sys.stderr,
+        )
+        return 0
     if not args.stream:
         print(r.text)
     print(

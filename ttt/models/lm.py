@@ -12,7 +12,7 @@ Shapes: B batch, T tokens, C width, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -136,34 +136,105 @@ class CausalLM(nn.Module):
         idx: Tensor,
         max_new_tokens: int,
         *,
+        lengths: Tensor | Sequence[int] | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[Tensor]:
-        """Yield ``[B]`` sampled tokens one at a time after prefilling the prompt ``idx [B, T]``.
+        """Yield ``max_new_tokens`` tensors ``[B]``, the k-th new token of every row after its prompt.
 
-        ``temperature == 0`` is greedy decoding. The prompt plus the new tokens must fit ``max_seq_len``.
+        ``idx [B, T]`` holds one prompt per row. Prompts of different lengths are right padded and
+        ``lengths [B]`` gives each row's real length (padding is never read). ``temperature == 0`` is greedy
+        decoding. Every prompt plus its new tokens must fit ``max_seq_len``.
+
+        How ragged prompts run: the common prefix length ``min(lengths)`` is prefilled in one chunked call;
+        from there all rows advance one position per decode step, each fed its own prompt token while it
+        has one and its own sampled token after. Every row therefore sees exactly the positions it would
+        see alone (TTT's mini-batches stay aligned to each sequence's start, no per-row state offsets are
+        needed), so greedy decoding of a ragged batch equals decoding each prompt alone. The prompt
+        tokens beyond the shortest prompt cost one decode step each. Sampled tokens are drawn for the
+        whole batch at every step, so with ``temperature > 0`` a row's random stream depends on the batch.
         """
-        if idx.numel() == 0 or idx.shape[-1] == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+        batch, width = idx.shape if idx.dim() == 2 else (0, 0)
+        if idx.dim() != 2 or idx.numel() == 0:
+            raise ValueError(f"the prompt is empty or not [B, T] token ids: shape {list(idx.shape)}")
+        lengths = _prompt_lengths(lengths, batch, width)
+        longest = int(lengths.max())
+        if longest + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
-                f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"max_seq_len = {self.config.max_seq_len}"
             )
-        logits, state = self(idx)
+        if max_new_tokens <= 0:
+            return
+        lengths = lengths.to(idx.device)
+        start = int(lengths.min())
+        logits, state = self(idx[:, :start])
         logits = logits[:, -1]
-        for i in range(max_new_tokens):
+        new = idx.new_zeros(batch, max_new_tokens)
+        rows = torch.arange(batch, device=idx.device)
+        yielded = 0
+        # logits predict position t; row b's k-th new token sits at position lengths[b] + k
+        for t in range(start, longest + max_new_tokens):
             token = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
-            yield token
-            if i + 1 < max_new_tokens:
+            k = t - lengths
+            slot = k.clamp(0, max_new_tokens - 1)  # no boolean indexing: it would sync the GPU every step
+            sampled = (k >= 0) & (k < max_new_tokens)
+            new[rows, slot] = torch.where(sampled, token, new[rows, slot])
+            while yielded <= t - longest:  # column k is complete once the longest prompt reached it
+                yield new[:, yielded]
+                yielded += 1
+            if t + 1 < longest + max_new_tokens:
+                if t < longest:
+                    token = torch.where(k < 0, idx[:, t], token)
                 logits, state = self.step(token, state)
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
-        """``idx [B, T]`` -> ``[B, T + max_new_tokens]``; keyword options as :meth:`generate_stream`."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        lengths: Tensor | Sequence[int] | None = None,
+        pad_id: int = 0,
+        **kwargs: Any,
+    ) -> Tensor:
+        """``idx [B, T]`` -> ``[B, T + max_new_tokens]``: each prompt followed by its new tokens.
+
+        With ``lengths`` (ragged, right-padded prompts) row ``b`` holds its ``lengths[b]`` prompt tokens,
+        its ``max_new_tokens`` new tokens, then ``pad_id``. Keyword options as :meth:`generate_stream`.
+        """
+        new = list(self.generate_stream(idx, max_new_tokens, lengths=lengths, **kwargs))
+        if not new:
+            return idx
+        new = torch.stack(new, dim=1)
+        if lengths is None:
+            return torch.cat([idx, new], dim=1)
+        lengths = _prompt_lengths(lengths, *idx.shape).to(idx.device)
+        out = idx.new_full((idx.shape[0], idx.shape[1] + max_new_tokens), pad_id)
+        steps = torch.arange(out.shape[1], device=idx.device)
+        in_prompt = steps < lengths[:, None]  # [B, T + N]
+        out[:, : idx.shape[1]] = torch.where(in_prompt[:, : idx.shape[1]], idx, pad_id)
+        in_new = ~in_prompt & (steps < lengths[:, None] + max_new_tokens)
+        out[in_new] = new.reshape(-1)
+        return out
+
+
+def _prompt_lengths(lengths: Tensor | Sequence[int] | None, batch: int, width: int) -> Tensor:
+    """``[B]`` int64 real prompt lengths on the CPU, checked: ``1 <= lengths[b] <= T``."""
+    if lengths is None:
+        return torch.full((batch,), width, dtype=torch.long)
+    lengths = torch.as_tensor(lengths).cpu()
+    if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths must be [B] = [{batch}] integers (real prompt lengths), got shape "
+            f"{list(lengths.shape)} of {lengths.dtype}"
+        )
+    if bool((lengths < 1).any()) or bool((lengths > width).any()):
+        raise ValueError(
+            f"lengths must lie in 1..{width} (the prompt width; no prompt is empty), got {lengths.tolist()}"
+        )
+    return lengths.long()
 
 
 def sample(

@@ -107,6 +107,8 @@ class GenerateArgs:
     """read the prompt from this file"""
     prompt_tokens: int | None = None
     """use the first N tokens of the validation split as the prompt (for speed measurements)"""
+    prompts_file: str | None = None
+    """one prompt per line: continue all of them as one batch (prompts of any lengths; not streamed)"""
     max_new_tokens: int = 200
     """tokens to generate"""
     temperature: float = 0.8

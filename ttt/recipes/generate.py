@@ -1,5 +1,8 @@
 """Generate text from a checkpoint: prefill the prompt in one chunked call, then decode token by token.
 
+With ``prompts_file`` every line is a prompt and all of them run as one ragged batch
+(:meth:`ttt.models.CausalLM.generate` with ``lengths``).
+
 Reports prefill time and decode tokens/s. For TTT and the linear-attention family the decode state has
 a constant size, so decode speed does not depend on the prompt length; attention's KV cache grows.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
@@ -21,7 +24,9 @@ __all__ = ["GenerateResult", "generate_text"]
 
 @dataclass
 class GenerateResult:
-    """Generated text and speed."""
+    """Generated text and speed. A batch (``prompts_file``) fills ``prompts`` and ``texts``, one per line;
+    its ``text`` is empty, ``prompt_tokens`` / ``new_tokens`` are totals, ``prefill_seconds`` is the
+    time to the first new token of every row and ``state_bytes`` is 0 (not measured)."""
 
     text: str
     prompt_tokens: int
@@ -29,12 +34,16 @@ class GenerateResult:
     prefill_seconds: float
     decode_tokens_per_second: float
     state_bytes: int
+    prompts: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
 
 
 def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> list[int]:
-    given = [a for a in (args.prompt, args.prompt_file, args.prompt_tokens) if a is not None]
+    given = [
+        a for a in (args.prompt, args.prompt_file, args.prompt_tokens, args.prompts_file) if a is not None
+    ]
     if len(given) > 1:
-        raise ValueError("give only one of --prompt, --prompt-file, --prompt-tokens")
+        raise ValueError("give only one of --prompt, --prompt-file, --prompt-tokens, --prompts-file")
     if args.prompt_tokens is not None:
         from ttt.data import load_corpus
 
@@ -50,7 +59,10 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> list[int]:
         with open(args.prompt_file, encoding="utf-8") as f:
             text = f.read()
     if not text:
-        raise ValueError("the prompt is empty: give --prompt TEXT, --prompt-file PATH or --prompt-tokens N")
+        raise ValueError(
+            "the prompt is empty: give --prompt TEXT, --prompt-file PATH, --prompt-tokens N or "
+            "--prompts-file PATH"
+        )
     return tokenizer.encode(text)
 
 
@@ -69,6 +81,10 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     model, meta = load_model(args.checkpoint, device=device)
     model.eval()
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    if args.prompts_file is not None:
+        if any(a is not None for a in (args.prompt, args.prompt_file, args.prompt_tokens)):
+            raise ValueError("give only one of --prompt, --prompt-file, --prompt-tokens, --prompts-file")
+        return _generate_batch(args, model, tokenizer, device)
     ids = _prompt_ids(args, meta, tokenizer)
     if len(ids) + args.max_new_tokens > model.config.max_seq_len:
         raise ValueError(
@@ -104,4 +120,52 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     steps = max(1, args.max_new_tokens - 1)
     return GenerateResult(
         tokenizer.decode(new), len(ids), len(new), prefill, steps / max(decode, 1e-9), state_nbytes(state)
+    )
+
+
+def _read_prompts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt: write one prompt per line")
+    return prompts
+
+
+def _generate_batch(args: GenerateArgs, model, tokenizer, device: torch.device) -> GenerateResult:
+    """Every line of ``args.prompts_file`` continued in one ragged batch."""
+    prompts = _read_prompts(args.prompts_file)
+    ids = [tokenizer.encode(p) for p in prompts]
+    if min(len(i) for i in ids) == 0:
+        raise ValueError("a prompt encodes to no tokens")
+    longest = max(len(i) for i in ids)
+    if longest + args.max_new_tokens > model.config.max_seq_len:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) is longer "
+            f"than this model's max_seq_len = {model.config.max_seq_len}"
+        )
+    idx = torch.zeros(len(ids), longest, dtype=torch.long, device=device)
+    for row, i in enumerate(ids):
+        idx[row, : len(i)] = torch.tensor(i, device=device)
+    lengths = torch.tensor([len(i) for i in ids])
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stream = model.generate_stream(
+        idx, args.max_new_tokens, lengths=lengths, temperature=args.temperature, top_k=args.top_k,
+        generator=generator,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    columns = [next(stream)]
+    sync()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    columns += list(stream)
+    sync()
+    rest = time.perf_counter() - t0
+    new = torch.stack(columns, dim=1).tolist()  # [B, N]
+    texts = [tokenizer.decode(row) for row in new]
+    rate = len(ids) * (args.max_new_tokens - 1) / max(rest, 1e-9) if args.max_new_tokens > 1 else 0.0
+    # generate_stream keeps its state to itself: no decode-state size for a batch
+    return GenerateResult(
+        "", int(lengths.sum()), len(ids) * args.max_new_tokens, first, rate, 0, prompts, texts
     )
