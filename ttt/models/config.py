@@ -129,7 +129,8 @@ class LMConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # for tests and smoke runs only (seconds on a CPU); not a useful model
     "micro": dict(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=512),
-    # 4 blocks x 128 wide (~0.8M parameters): ~1.9 bits/byte on Shakespeare after a few CPU minutes.
+    # 4 blocks x 128 wide (~0.9M parameters): 2.4-2.8 validation bits/byte on Shakespeare after the default
+    # 600 steps, 1.5-5 minutes on two CPU cores (benchmarks/results/lm_tiny_cpu.md).
     # head dim 32 keeps TTT's per-head D x D fast weights cheap; 8k positions allow long-prefix decoding.
     "tiny": dict(dim=128, n_layers=4, n_heads=4, mlp_hidden=384, max_seq_len=8192),
     "125m": dict(dim=768, n_layers=12, n_heads=12, mlp_hidden=2048, max_seq_len=2048),
