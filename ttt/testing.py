@@ -152,3 +152,43 @@ def assert_graph_replay_equals_eager(step, fresh_state, token, steps: int, out: 
         torch.testing.assert_close(out, eager[t], atol=0, rtol=0)
     for a, b in zip(state, graphed):
         assert torch.equal(a, b), "the graph-replayed state differs from the eager one"
+
+
+def assert_padded_matches_rows(
+    mixer, x: Tensor, lengths: list[int], *, atol: float = 1e-10, rtol: float = 0.0
+) -> None:
+    """A right-padded batch through ``mixer(x, mask=mask)`` equals each row run alone on its real tokens.
+
+    Compares the outputs at the real positions and the gradients of ``sum <y, N>`` (fixed Gaussian ``N``
+    on the real positions) w.r.t. ``x`` and every parameter of ``mixer``. The padded slots hold 50.0, so a
+    leak shows; their gradient must be zero, like that of the tokens a shorter row never had.
+
+    Args:
+        mixer: a layer following the ``ttt.layers`` protocol.
+        x: ``[B, T, C]``, float64 for tight tolerances.
+        lengths: B real lengths, each at most T.
+        atol, rtol: tolerances of every comparison. Default: ``1e-10``, ``0`` (float64).
+    """
+    steps = torch.arange(x.shape[1], device=x.device)
+    mask = steps < torch.tensor(lengths, device=x.device)[:, None]  # [B, T]
+    g = torch.Generator().manual_seed(1)
+    direction = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x) * mask[..., None]
+    params = [p for p in mixer.parameters() if p.requires_grad]
+
+    padded = torch.where(mask[..., None], x, torch.full_like(x, 50.0)).requires_grad_()
+    y, _ = mixer(padded, mask=mask)
+    got = torch.autograd.grad((y * direction).sum(), [padded, *params], allow_unused=True)
+
+    rows = x.detach().clone().requires_grad_()
+    row_outputs = [mixer(rows[r : r + 1, :n])[0] for r, n in enumerate(lengths)]
+    loss = sum((y_r * direction[r : r + 1, :n]).sum() for r, (y_r, n) in enumerate(zip(row_outputs, lengths)))
+    want = torch.autograd.grad(loss, [rows, *params], allow_unused=True)
+
+    close = dict(atol=atol, rtol=rtol)
+    for r, (y_r, n) in enumerate(zip(row_outputs, lengths)):
+        torch.testing.assert_close(y[r : r + 1, :n], y_r, **close, msg=lambda m, r=r: f"row {r}: {m}")
+    names = ["x", *(name for name, p in mixer.named_parameters() if p.requires_grad)]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert (a is None) == (b is None), f"grad of {name}: reached in one run only"
+        if a is not None:
+            torch.testing.assert_close(a, b, **close, msg=lambda m, name=name: f"grad of {name}: {m}")

@@ -7,6 +7,7 @@ import torch
 
 from ttt.layers import Attention, Bidirectional, TTTLinear
 from ttt.layers.bidirectional import reverse_real_tokens
+from ttt.testing import assert_padded_matches_rows
 
 
 def _x(batch: int, length: int, dim: int = 16, seed: int = 1) -> torch.Tensor:
@@ -47,6 +48,14 @@ def test_padded_batch_matches_unpadded_sequences(inner):
     assert state is None
     for row, n in enumerate(lengths):
         torch.testing.assert_close(y[row : row + 1, :n], layer(x[row : row + 1, :n])[0], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("inner", ["ttt_linear", "ttt_mlp"])
+def test_non_causal_ttt_padded_batch_matches_unpadded_sequences(inner):
+    """Non-causal TTT inside, real lengths not multiples of b = 16: forward and all gradients per row."""
+    torch.manual_seed(0)
+    layer = Bidirectional.from_name(inner, dim=16, num_heads=2, shared=False, causal=False).double()
+    assert_padded_matches_rows(layer, _x(4, 45), [45, 37, 20, 5])
 
 
 def test_gates_start_at_tanh_point_one_and_sees_the_future():

@@ -15,6 +15,7 @@ from ttt.modules import apply_rotary, rotary_cos_sin
 from ttt.ops import Impl
 from ttt.ops.ttt_linear import api as linear_api
 from ttt.ops.ttt_mlp import api as mlp_api
+from ttt.testing import assert_padded_matches_rows
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}
 
@@ -144,6 +145,37 @@ def test_non_causal_encoder_mode():
     assert not torch.allclose(layer(x2)[0][:, 0], y[:, 0])
     with pytest.raises(ValueError, match="cannot decode"):
         layer.step(x[:, :1], layer.init_state(1))
+
+
+@pytest.mark.parametrize("impl", ["chunk", "reference"])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("lengths", [[48, 37, 20, 5], [45, 37, 20, 5]], ids=["T48", "T45"])
+def test_non_causal_padded_batch_matches_each_row_alone(lengths, kind, impl):
+    """Real lengths that are not multiples of b = 16: a row's last mini-batch reads the weights after its
+    last real token, token_eta at that position included, as unpadded; forward and all gradients."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind](dim=16, num_heads=2, mini_batch_size=16, causal=False, impl=impl,
+                         share_qk=kind == "mlp", use_gate=kind == "mlp").double()  # fmt: skip
+    with torch.no_grad():  # token_eta away from 1/(i+1), one position clamped at 0
+        layer.token_eta_offset.uniform_(-0.05, 0.05)
+        layer.token_eta_offset[3] = -1.0
+    assert_padded_matches_rows(layer, _x(4, lengths[0]), lengths)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_non_causal_padding_through_the_triton_kernels(monkeypatch, kind):
+    """The same with impl="triton" in float32 (under Triton's interpreter without CUDA): the layer hands
+    the fused kernels a plain non-causal call, so the fast path gives the unpadded result too."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    layer = LAYERS[kind](dim=16, num_heads=2, mini_batch_size=16, causal=False, impl="triton").to(device)
+    with torch.no_grad():
+        layer.token_eta_offset.uniform_(-0.05, 0.05)
+    assert_padded_matches_rows(layer, _x(3, 37).float().to(device), [37, 20, 5], atol=1e-5, rtol=1e-5)
+    assert layer.last_impl == "triton"
 
 
 def test_gradient_reaches_initial_weights_through_a_chunked_sequence():

@@ -9,10 +9,16 @@ from ttt.models.encoder import EncoderClassifier, EncoderConfig
 from ttt.recipes.digits import DigitsArgs, train_digits
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
-def test_encoder_is_bidirectional_and_padding_invariant(mixer):
+@pytest.mark.parametrize(
+    ("mixer", "mixer_kwargs"),
+    [("ttt_linear", {}), ("ttt_linear", {"causal": False}), ("attention", {})],
+    ids=["ttt_linear", "ttt_linear-non-causal", "attention"],
+)
+def test_encoder_is_bidirectional_and_padding_invariant(mixer, mixer_kwargs):
+    """20 real tokens of 24: with causal=False the last mini-batch (b = 16) is partly padded."""
     torch.manual_seed(0)
-    model = EncoderClassifier(EncoderConfig(mixer=mixer, dim=32, n_heads=2, n_layers=1, max_len=24)).eval()
+    config = EncoderConfig(mixer=mixer, mixer_kwargs=mixer_kwargs, dim=32, n_heads=2, n_layers=1, max_len=24)
+    model = EncoderClassifier(config).eval()
     idx = torch.randint(0, 17, (2, 20))
     with torch.no_grad():
         base = model(idx)

@@ -96,9 +96,8 @@ class Bidirectional(nn.Module):
             x: ``[B, T, C]``.
             state: must be ``None`` (a bidirectional pass needs the whole sequence at once).
             mask: ``[B, T]`` bool, True = real token (right padding). Only the real tokens are reversed,
-                so with causal inner mixers a padded batch gives, at its real positions, the outputs of the
-                unpadded sequences. (A ``causal=False`` TTT mixer reads each mini-batch's final weights, so
-                its last, partly padded mini-batch matches only when real lengths are multiples of b.)
+                so a padded batch gives, at its real positions, the outputs of the unpadded sequences
+                (with ``causal=False`` TTT mixers too, at any real length).
 
         Returns:
             ``(y [B, T, C], None)``.

@@ -26,6 +26,28 @@ from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 from ttt.ops import Impl, TTTState, auto_impl
 
 
+def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
+    """``[B, T]``: for each token, ``token_eta`` at the position of the last real token of its mini-batch.
+
+    A non-causal mini-batch reads ``theta_0 - token_eta[p] * sum_j lr_j grad_j`` with p the position of
+    its last token. In a row of ``lengths[b]`` real tokens right-padded to ``length``, the last mini-batch
+    ends at the last real token, not at the padded end, so p differs from the padded op's. The op reads
+    ``token_eta`` in non-causal mode only at each mini-batch's last position, so ``lr_j * final_token_eta``
+    with ``token_eta = 1`` gives every row the update of its unpadded sequence, for every impl.
+
+    Args:
+        token_eta: ``[b]``.
+        lengths: ``[B]`` real tokens per row; mini-batches start at multiples of b.
+        length: T.
+    """
+    b = token_eta.shape[0]
+    steps = torch.arange(length, device=lengths.device)
+    start = steps - steps % b  # [T] first token of each token's mini-batch
+    last = torch.minimum(start + b, lengths[:, None]) - 1 - start  # [B, T]
+    # padded tokens (past the last real one) get lr 0 anyway; clamp only keeps their index valid
+    return token_eta[last.clamp(min=0)]
+
+
 @dataclass(frozen=True)
 class TTTLayerState:
     """The state of a TTT layer after a prefix.
@@ -142,8 +164,9 @@ class _TTTLayer(nn.Module):
             state: a :class:`TTTLayerState` from ``init_state`` or a previous call, or ``None``.
             mask: ``[B, T]`` bool, True = real token, right padding. Padded tokens get inner learning
                 rate 0, so they do not change the fast weights, and each row's real outputs equal those
-                of its unpadded sequence. The returned state of a padded row is *not* that of the
-                unpadded row (its padding still advanced the mini-batch position); do not continue it.
+                of its unpadded sequence (with ``causal=False`` too, at any real length). The returned
+                state of a padded row is *not* that of the unpadded row (its padding still advanced the
+                mini-batch position); do not continue it.
 
         Returns:
             ``(y [B, T, C], TTTLayerState)``.
@@ -179,9 +202,7 @@ class _TTTLayer(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        lr = self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim  # [B, H, T]
-        if mask is not None:
-            lr = lr * mask[:, None, :].to(lr.dtype)
+        lr, token_eta = self._inner_lr(x, mask)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
         if impl == "auto":  # the fused kernels on CUDA where they apply, else the fastest PyTorch form
             impl = auto_impl(q).value
@@ -189,7 +210,7 @@ class _TTTLayer(nn.Module):
                 impl = self.fallback_decode_impl
         o, ttt_state = self._op(
             q, k, v, lr,
-            initial_state=initial, token_eta=self.token_eta(), mini_batch_size=self.mini_batch_size,
+            initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
             causal=self.causal, output_final_state=True, impl=impl,
         )  # fmt: skip
         self.last_impl = impl
@@ -198,6 +219,27 @@ class _TTTLayer(nn.Module):
         if self.g_proj is not None:
             y = F.gelu(self.g_proj(x), approximate="tanh") * y
         return self.o_proj(y), TTTLayerState(ttt_state, conv_q, conv_k, state.position + length)
+
+    def _inner_lr(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The op's ``lr [B, H, T]`` (0 on padding) and ``token_eta [b]``.
+
+        Non-causal: ``token_eta`` is folded into ``lr`` (:func:`final_token_eta`) and the op gets ones, so
+        a row's last, partly padded mini-batch reads the weights its unpadded sequence would. Only the
+        gradient sum of a state that ends inside a mini-batch differs (scaled by ``token_eta``), and such a
+        state cannot be continued without causality anyway (the op refuses).
+        """
+        batch, length, _ = x.shape
+        lr = self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim  # [B, H, T]
+        if mask is not None:
+            lr = lr * mask[:, None, :].to(lr.dtype)
+        token_eta = self.token_eta()
+        if self.causal:
+            return lr, token_eta
+        lengths = mask.sum(dim=1) if mask is not None else torch.full((batch,), length, device=x.device)
+        # the op computes in at least float32: scale there, so a half-precision lr is rounded once
+        lr = lr.to(torch.promote_types(lr.dtype, torch.float32))
+        lr = lr * final_token_eta(token_eta, lengths, length)[:, None, :]
+        return lr, torch.ones_like(token_eta)
 
     def _query_key(self, x: Tensor, state: TTTLayerState, mask: Tensor | None):
         """q, k ``[B, H, T, D]`` and the new conv caches."""
