@@ -168,8 +168,8 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
                 mask = None
             elif cache is not None or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 raise ValueError("TTTForCausalLM supports right padding only (no left padding, no padding "
-                                 "while decoding): for prompts of different lengths use "
-                                 "model.model.generate(ids, n, lengths=...) (ttt.models.CausalLM)")  # fmt: skip
+                                 "while decoding): for prompts of different lengths use the CausalLM "
+                                 "underneath, model.model.generate(ids, n, lengths=...)")  # fmt: skip
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is None:
             logits, states = self.model(input_ids, mask=mask)
