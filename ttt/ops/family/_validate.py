@@ -68,11 +68,17 @@ def check_gate(
     bracket = "(" if low_open else "["
     interval = f"{bracket}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
     with torch.no_grad():
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} must be finite (found NaN or Inf)")
-        if low is not None and ((x <= low) if low_open else (x < low)).any():
-            raise ValueError(f"{name} must lie in {interval}, got min {x.min().item():.4g}")
-        if high is not None and (x > high).any():
+        # one flag, one host sync per gate on a GPU; the details are looked up only on failure
+        bad = ~torch.isfinite(x)
+        if low is not None:
+            bad |= (x <= low) if low_open else (x < low)
+        if high is not None:
+            bad |= x > high
+        if bool(bad.any()):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name} must be finite (found NaN or Inf)")
+            if low is not None and ((x <= low) if low_open else (x < low)).any():
+                raise ValueError(f"{name} must lie in {interval}, got min {x.min().item():.4g}")
             raise ValueError(f"{name} must lie in {interval}, got max {x.max().item():.4g}")
     return x.to(dtype)
 
