@@ -1,6 +1,8 @@
 """TTT with KV binding is linear attention (Liu et al. 2026, arXiv 2602.21204): the reduction, its
-chunk-parallel evaluation, and the TTT recurrence with the paper's ablation switches. See README.md."""
+chunk-parallel evaluation (online, mini-batch, or LaCT's shifted block-causal chunks with Muon), and
+the TTT recurrence with the paper's ablation switches. See README.md."""
 
+from .muon import newton_schulz
 from .parallel import kv_binding_parallel
 from .recurrent import lact_recurrent
 from .reduction import EffectiveLinearAttention, reduce_kv_binding, swiglu_features
@@ -9,6 +11,7 @@ __all__ = [
     "EffectiveLinearAttention",
     "kv_binding_parallel",
     "lact_recurrent",
+    "newton_schulz",
     "reduce_kv_binding",
     "swiglu_features",
 ]

@@ -9,7 +9,7 @@ position t of a chunk that starts from (W_0, V_0),
 
 so ``o_t = q^_t W_t`` needs only [C, C] Toeplitz weights: sums of powers of mu <= 1, never a division
 by a cumulative product (the reference implementation divides by cumprod(mu) and underflows on long
-sequences; see ANCHORS 7.2).
+sequences; see ANCHORS 7.2). LaCT's shifted block-causal chunks, with or without Muon: ``shifted.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..family import linear_attention
+from .muon import MUON_NEEDS_CHUNKS
 from .reduction import EffectiveLinearAttention
+from .shifted import shifted_block_causal_parallel
 
 
 def kv_binding_parallel(
@@ -31,6 +33,9 @@ def kv_binding_parallel(
     mini_batch_size: int = 1,
     token_eta: Tensor | None = None,
     causal: bool = True,
+    shifted_chunk_size: int | None = None,
+    muon: bool = False,
+    muon_dtype: torch.dtype | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Evaluate the reduced TTT layer chunk-parallel.
@@ -45,11 +50,35 @@ def kv_binding_parallel(
             acts between mini-batches). The mini-batch is then the chunk.
         token_eta: [b]. Default ``1 / (i + 1)``.
         causal: False: every query of a mini-batch reads the weights after the whole mini-batch.
-        output_final_state: also return ``(W_T, V_T)`` (at a mini-batch boundary for b > 1).
+        shifted_chunk_size: C: LaCT's shifted block-causal chunks (its large-chunk mode). Every query
+            of chunk i reads the weights after chunks < i (initial weights for chunk 0); then the
+            weights take one step on the sum of chunk i's updates, with momentum per chunk. A
+            non-causal mini-batch that reads *before* its own update, with ``token_eta = 1``: a
+            chunk-strict causal mask. Not combined with ``mini_batch_size``/``causal=False``;
+            ``chunk_size`` is unused. Default: None.
+        muon: replace each chunk's step by its Newton-Schulz orthogonalisation (``newton_schulz``),
+            applied to the momentum buffer: ``V_i = mu V_{i-1} + D_i``, ``W += Muon(V_i)``. Needs
+            ``shifted_chunk_size``.
+        muon_dtype: Newton-Schulz compute dtype (LaCT: bfloat16). Default: the input dtype.
+        output_final_state: also return ``(W_T, V_T)`` (at a mini-batch / shifted-chunk boundary:
+            a partial last one has not updated the state).
 
     Returns:
         o [B, H, T, Dv] and ``(W_T, V_T)`` or None.
     """
+    if muon and shifted_chunk_size is None:
+        raise ValueError(MUON_NEEDS_CHUNKS)
+    if shifted_chunk_size is not None:
+        if not isinstance(shifted_chunk_size, int) or shifted_chunk_size < 1:
+            raise ValueError(f"shifted_chunk_size must be a positive int, got {shifted_chunk_size!r}")
+        if mini_batch_size > 1 or not causal:
+            raise ValueError(
+                "shifted_chunk_size is its own chunk rule (read before, then update): leave "
+                f"mini_batch_size=1 and causal=True, got {mini_batch_size} and {causal}"
+            )
+        return shifted_block_causal_parallel(
+            eff, W0, velocity, shifted_chunk_size, muon, muon_dtype, output_final_state
+        )
     if mini_batch_size > 1 or not causal:
         return _mini_batch_parallel(eff, W0, velocity, mini_batch_size, token_eta, causal, output_final_state)
     q, k, v = eff.q, eff.k, eff.v

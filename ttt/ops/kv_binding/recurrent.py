@@ -2,7 +2,8 @@
 (2026) Sec. 6, including weight normalisation (which ``ttt.ops.ttt_general`` does not have).
 
 Inner model ``f(x) = (silu(x W0) * (x W2)) W1`` per head, dot-product loss ``-<f(k), v>`` (or the MSE
-``1/2 ||f(k) - v||^2``), online steps (mini-batch 1). The inner gradient comes from ``torch.func``.
+``1/2 ||f(k) - v||^2``), online steps (mini-batch 1) or LaCT's shifted block-causal chunks, with or
+without Muon. The inner gradient comes from ``torch.func``.
 It is the oracle the parallel form is compared with; slow by design.
 """
 
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
+from .muon import MUON_NEEDS_CHUNKS, newton_schulz
+
 
 def _swiglu(params: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
     W0, W1, W2 = params
@@ -20,11 +23,15 @@ def _swiglu(params: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
 
 
 def _loss(kind: str):
+    """Learning-rate-weighted loss of a block of tokens, ``sum_t lr_t l(f(k_t), v_t)``: its gradient
+    at the block's starting weights is the sum of the block's per-token steps."""
     if kind == "dot":
-        return lambda params, k, v: -(_swiglu(params, k) * v).sum()
-    if kind == "mse":
-        return lambda params, k, v: 0.5 * (_swiglu(params, k) - v).pow(2).sum()
-    raise ValueError(f"loss must be 'dot' or 'mse', got {kind!r}")
+        per_token = lambda params, k, v: -(_swiglu(params, k) * v).sum(-1)  # noqa: E731
+    elif kind == "mse":
+        per_token = lambda params, k, v: 0.5 * (_swiglu(params, k) - v).pow(2).sum(-1)  # noqa: E731
+    else:
+        raise ValueError(f"loss must be 'dot' or 'mse', got {kind!r}")
+    return lambda params, k, v, lr: (lr * per_token(params, k, v)).sum()
 
 
 def lact_recurrent(
@@ -40,8 +47,10 @@ def lact_recurrent(
     momentum: float = 0.0,
     update_all: bool = False,
     weight_norm: bool = False,
+    shifted_chunk_size: int | None = None,
+    muon: bool = False,
 ) -> Tensor:
-    """Online TTT of the SwiGLU fast weight, one token at a time.
+    """Online TTT of the SwiGLU fast weight, one token (or one LaCT chunk) at a time.
 
     Args:
         q, k: [B, H, T, D]; v: [B, H, T, Dv].
@@ -49,14 +58,23 @@ def lact_recurrent(
         lr: per-token learning rate [B, H, T] or a constant.
         loss: "dot" (LaCT) or "mse".
         ascent: step along +gradient.
-        inner_steps: gradient steps per token (all on the same token).
+        inner_steps: gradient steps per token (per chunk), all on the same token (chunk).
         momentum: ``U_t = mu U_{t-1} + sign * Delta_t``, ``P_t = P_{t-1} - U_t`` (as ttt_general).
         update_all: also train W0 and W2 (a dynamic feature map); default: last layer only.
         weight_norm: after each update rescale every column of W1 to its initial norm (LaCT).
+        shifted_chunk_size: C: LaCT's shifted block-causal chunks. Chunk i (C tokens, the last may be
+            shorter) is answered with the weights after chunks < i; then one step on the
+            lr-weighted sum of chunk i's losses, all gradients at the weights before chunk i
+            (momentum per chunk). The last chunk is only answered. Default: None (online steps).
+        muon: replace each step ``U_t`` by ``newton_schulz(U_t)`` (after momentum, per trained
+            matrix). Needs ``shifted_chunk_size``.
 
     Returns:
-        o [B, H, T, Dv] with ``o_t = f_{P_t}(q_t)`` (read after the update).
+        o [B, H, T, Dv]: ``o_t = f_{P_t}(q_t)`` (read after the update) online, ``f_{P_{<i}}(q_t)``
+        (read before chunk i) with ``shifted_chunk_size``.
     """
+    if muon and shifted_chunk_size is None:
+        raise ValueError(MUON_NEEDS_CHUNKS)
     B, H, T, _ = q.shape
     P = tuple(p.unsqueeze(0).expand(B, *p.shape).clone() for p in params)
     norms = P[1].norm(dim=-2, keepdim=True)
@@ -66,18 +84,26 @@ def lact_recurrent(
     trained = (True, True, True) if update_all else (False, True, False)
     sign = -1.0 if ascent else 1.0
     U = tuple(torch.zeros_like(p) for p in P)
+    read_before = shifted_chunk_size is not None
+    C = shifted_chunk_size or 1
     outputs = []
-    for t in range(T):
-        lr_t = lr[:, :, t].reshape(B, H, 1, 1)
+    for start in range(0, T, C):
+        block = slice(start, start + C)
+        if read_before:
+            outputs.append(read(P, q[:, :, block]))
+            if start + C >= T:
+                break
         cur = P
         for _ in range(inner_steps):
-            g = step_grad(cur, k[:, :, t], v[:, :, t])
-            cur = tuple(c - lr_t * gi if on else c for c, gi, on in zip(cur, g, trained))
+            g = step_grad(cur, k[:, :, block], v[:, :, block], lr[:, :, block])
+            cur = tuple(c - gi if on else c for c, gi, on in zip(cur, g, trained))
         delta = tuple(sign * (p - c) for p, c in zip(P, cur))
         U = tuple(momentum * u + d for u, d in zip(U, delta))
-        P = tuple(p - u for p, u in zip(P, U))
+        step = tuple(newton_schulz(u) if muon and on else u for u, on in zip(U, trained))
+        P = tuple(p - s for p, s in zip(P, step))
         if weight_norm:
             W1 = P[1] * (norms / P[1].norm(dim=-2, keepdim=True))
             P = (P[0], W1, P[2])
-        outputs.append(read(P, q[:, :, t]))
-    return torch.stack(outputs, dim=2)
+        if not read_before:
+            outputs.append(read(P, q[:, :, block]))
+    return torch.cat(outputs, dim=2)
