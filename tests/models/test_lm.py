@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttt.layers import MIXERS
-from ttt.models import PRESETS, CausalLM, LMConfig, state_nbytes
+from ttt.models import PRESETS, CausalLM, LMConfig, sample, state_nbytes
 
 LM_MIXERS = [m for m in ("attention", "ttt_linear", "ttt_mlp", "gated_deltanet") if m in MIXERS]
 
@@ -168,3 +168,16 @@ def test_bad_prompt_lengths_are_a_clear_error():
             model.generate(batch, 2, lengths=bad)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(torch.zeros(2, 500, dtype=torch.long), 20, lengths=[3, 500])
+
+
+def test_sampling_options_are_checked():
+    logits = torch.randn(2, 61)
+    for kwargs, match in [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sample(logits, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    assert bool((sample(logits, top_k=1, generator=g) == logits.argmax(-1)).all())

@@ -244,8 +244,14 @@ def sample(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Sample one token per row from ``logits [B, V]``; ``temperature == 0`` takes the argmax."""
-    if temperature <= 0:
+    """Sample one token per row from ``logits [B, V]``; ``temperature == 0`` takes the argmax.
+
+    ``top_k`` keeps the k most likely tokens (``None``: all of them)."""
+    if temperature < 0 or temperature != temperature:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None (all tokens), got {top_k!r}")
+    if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None:
