@@ -1,0 +1,267 @@
+"""Multi-query associative recall (MQAR, Zoology) on a CPU: which mixers can hold D bindings at once.
+
+    python -m ttt.recipes.mqar --mixer ttt_linear
+    python -m ttt.recipes.mqar --mixers attention,ttt_linear,gated_deltanet --threads 2 --out runs/mqar
+
+Trains a small ``ttt.models.CausalLM`` per mixer on MQAR examples (``ttt.data.make_mqar``) with
+cross-entropy on the labelled positions only, then reports test accuracy (per example, the fraction of
+query keys whose value is the argmax; averaged over examples), overall and per (T, D) slice. Training
+and test slices are the same (T, D) pairs, drawn with different seeds.
+
+Deviations from Zoology's configs (DATA.md 6.1), all to fit minutes per mixer on 2 CPU cores:
+
+- data: V = 256 (Zoology 8192); (T, D) = (64, 4) and (64, 8) (config A goes up to (512, 64)); 5,000
+  training and 250 test examples per slice (config A: 100,000 / 3,000); blanks stay 0 as in config A
+  (``--random-non-queries`` for config B); each batch holds one slice, batches in shuffled order
+  (Zoology: unshuffled, T = 64 first);
+- model: this library's LM: RMSNorm, a SwiGLU MLP of width 2d after every mixer (Zoology's MQAR
+  configs have none), RoPE in the mixers that use it instead of learned positions, no dropout, tied
+  head; d = 64, 2 layers, 2 heads for every mixer (Zoology's attention has 1); every mixer with this
+  library's defaults: short convs in the delta rules and TTT, TTT mini-batch 16, TTT-Linear base lr 1.0,
+  TTT-MLP 0.1, and no conv and no positions in ``linear_attention`` (Zoology's config B gives every
+  mixer a short convolution);
+- training: 8 epochs (Zoology 64) of batch 64 (Zoology 512), one lr (3e-3) instead of the max over 4,
+  cosine per step instead of per epoch, gradient clipping at 1.0. As in Zoology: AdamW with weight decay
+  0.1, a test pass after every epoch, early stop above 0.99 test accuracy.
+
+At this scale the run is a small-budget probe (about 1,300 steps of 4,096 tokens), not a reproduction:
+see benchmarks/results/mqar_cpu.md for what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["MQARArgs", "MQARResult", "main", "run_mqar", "train_mqar"]
+
+# Zoology stops a run once the test accuracy passes this
+EARLY_STOP_ACCURACY = 0.99
+
+
+@dataclass
+class MQARArgs:
+    """Arguments of :func:`run_mqar` (the attribute docstrings are the ``--help`` text)."""
+
+    mixers: str = "attention,ttt_linear"
+    """comma-separated mixers (names in ttt.layers.MIXERS), one model each"""
+    dim: int = 64
+    """model width d"""
+    layers: int = 2
+    """blocks"""
+    heads: int = 2
+    """heads of every mixer"""
+    vocab: int = 256
+    """vocabulary V (> every T); keys are [1, V/2), values [V/2, V)"""
+    seq_len: str = "64"
+    """comma-separated T of each (T, D) slice"""
+    num_kv: str = "4,8"
+    """comma-separated D (key-value pairs) of each slice, paired with --seq-len"""
+    train_examples: int = 5000
+    """training examples per slice"""
+    test_examples: int = 250
+    """held-out test examples per slice"""
+    random_non_queries: bool = False
+    """fill the blanks between queries with random tokens (Zoology config B) instead of 0 (config A)"""
+    epochs: int = 8
+    """passes over the training examples (fewer if the test accuracy passes 0.99)"""
+    lr: float = 3e-3
+    """AdamW peak learning rate (cosine to 0 over all steps)"""
+    batch_size: int = 64
+    """examples per step (every batch comes from one slice)"""
+    seed: int = 0
+    """seed of the data and of the initialisation"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)"""
+    out: str | None = None
+    """directory for mqar.md and mqar.json"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+@dataclass
+class MQARResult:
+    mixer: str
+    accuracy: float
+    """mean over all test examples of the fraction of correctly recalled values"""
+    slice_accuracy: dict[str, float]
+    """accuracy per slice, keyed 'T=64,D=4'"""
+    train_loss: float
+    """cross-entropy of the last training batch"""
+    epochs: int
+    """epochs run (early stop included)"""
+    seconds: float
+    num_params: int
+    history: list[float] = field(default_factory=list)
+    """overall test accuracy after each epoch"""
+
+
+Split = dict[tuple[int, int], tuple[Tensor, Tensor]]
+
+
+def slices(args: MQARArgs) -> list[tuple[int, int]]:
+    """The (T, D) pairs of ``--seq-len`` and ``--num-kv`` (a single value pairs with every other)."""
+    lengths = [int(s) for s in args.seq_len.split(",")]
+    pairs = [int(s) for s in args.num_kv.split(",")]
+    if len(lengths) == 1:
+        lengths = lengths * len(pairs)
+    if len(pairs) == 1:
+        pairs = pairs * len(lengths)
+    if len(lengths) != len(pairs):
+        raise ValueError(f"--seq-len has {len(lengths)} values, --num-kv {len(pairs)}; give equal counts")
+    return list(zip(lengths, pairs))
+
+
+def make_splits(args: MQARArgs) -> tuple[Split, Split]:
+    """``(train, test)``: ``{(T, D): (inputs [N, T], labels [N, T])}`` each, from disjoint seed streams."""
+    from ttt.data import make_mqar
+
+    # Zoology draws training seeds from [0, 2^31) and test seeds from [2^31, 2^32)
+    train_stream, test_stream = (torch.Generator().manual_seed(args.seed + offset) for offset in (0, 2**31))
+    options = dict(vocab_size=args.vocab, random_non_queries=args.random_non_queries)
+    train = {(t, d): make_mqar(args.train_examples, seq_len=t, num_kv_pairs=d, seed=train_stream, **options)
+             for t, d in slices(args)}  # fmt: skip
+    test = {(t, d): make_mqar(args.test_examples, seq_len=t, num_kv_pairs=d, seed=test_stream, **options)
+            for t, d in slices(args)}  # fmt: skip
+    return train, test
+
+
+def build_model(mixer: str, args: MQARArgs, max_seq_len: int) -> torch.nn.Module:
+    from ttt.models import CausalLM, LMConfig
+
+    config = LMConfig.from_name("micro", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
+                                n_heads=args.heads, mixer=mixer, mlp_hidden=2 * args.dim,
+                                max_seq_len=max_seq_len)  # fmt: skip
+    return CausalLM(config)
+
+
+def recall_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over the labelled positions only: ``logits [B, T, V]``, ``labels [B, T]``."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def example_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[B]``: per example, the fraction of labelled positions whose argmax is the label."""
+    labelled = labels != -100
+    correct = (logits.argmax(-1) == labels) & labelled
+    return correct.sum(1) / labelled.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test: Split, batch_size: int = 256) -> dict[tuple[int, int], Tensor]:
+    """``{(T, D): [N]}`` per-example accuracies."""
+    model.eval()
+    scores = {}
+    for key, (x, y) in test.items():
+        scores[key] = torch.cat([example_accuracy(model(x[i : i + batch_size])[0], y[i : i + batch_size])
+                                 for i in range(0, len(x), batch_size)])  # fmt: skip
+    model.train()
+    return scores
+
+
+def epoch_batches(train: Split, batch_size: int, g: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """One epoch: every slice cut into shuffled batches, the batches of all slices in shuffled order."""
+    batches = []
+    for x, y in train.values():
+        order = torch.randperm(len(x), generator=g)
+        batches += [(x[b], y[b]) for b in order.split(batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g)]
+
+
+def train_mqar(mixer: str, args: MQARArgs, train: Split, test: Split) -> MQARResult:
+    """Train one model on ``train`` and score it on ``test``."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(args.seed)
+    model = build_model(mixer, args, max_seq_len=max(t for t, _ in train))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    steps_per_epoch = sum(-(-len(x) // args.batch_size) for x, _ in train.values())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.epochs * steps_per_epoch))
+    g = torch.Generator().manual_seed(args.seed)
+    t0, loss, history = time.perf_counter(), torch.tensor(float("nan")), []
+    bar = tqdm(total=args.epochs * steps_per_epoch, desc=mixer, disable=not args.progress, file=sys.stderr)
+    for _ in range(args.epochs):
+        for x, y in epoch_batches(train, args.batch_size, g):
+            loss = recall_loss(model(x)[0], y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{history[-1]:.3f}" if history else "-")
+        scores = evaluate(model, test)
+        history.append(float(torch.cat(list(scores.values())).mean()))
+        if history[-1] > EARLY_STOP_ACCURACY:
+            break
+    bar.close()
+    per_slice = {f"T={t},D={d}": float(s.mean()) for (t, d), s in scores.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    return MQARResult(mixer, history[-1], per_slice, loss.item(), len(history),
+                      time.perf_counter() - t0, n_params, history)  # fmt: skip
+
+
+def run_mqar(args: MQARArgs) -> list[MQARResult]:
+    """Train and score every mixer of ``args.mixers`` on the same data."""
+    from .common import set_threads
+
+    set_threads(args.threads)
+    train, test = make_splits(args)
+    return [train_mqar(m.strip(), args, train, test) for m in args.mixers.split(",") if m.strip()]
+
+
+def format_results(results: list[MQARResult]) -> str:
+    """A markdown table: one row per mixer, overall and per-slice accuracy, parameters, seconds."""
+    from .common import format_table
+
+    slice_names = list(results[0].slice_accuracy) if results else []
+    header = ["mixer", "accuracy", *slice_names, "parameters", "epochs", "seconds"]
+    rows = [[f"`{r.mixer}`", f"{r.accuracy:.3f}", *(f"{r.slice_accuracy[s]:.3f}" for s in slice_names),
+             f"{r.num_params:,}", r.epochs, f"{r.seconds:.0f}"] for r in results]  # fmt: skip
+    return format_table(header, rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .args import field_docs
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    docs, types = field_docs(MQARArgs), {"int": int, "float": float, "str": str}
+    for name, default in asdict(MQARArgs()).items():
+        flags = ["--" + name.replace("_", "-")] + (["--mixer"] if name == "mixers" else [])
+        help_text = f"{docs[name]} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(
+                *flags, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            kind = types[MQARArgs.__dataclass_fields__[name].type.split(" | ")[0]]
+            parser.add_argument(*flags, dest=name, type=kind, default=default, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[MQARResult]:
+    args = MQARArgs(**vars(_parser().parse_args(argv)))
+    results = run_mqar(args)
+    table = format_results(results)
+    print(table)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mqar.md").write_text(table + "\n")
+        payload = {"args": asdict(args), "results": [asdict(r) for r in results]}
+        (out / "mqar.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
