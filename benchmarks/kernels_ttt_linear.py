@@ -5,7 +5,7 @@ compiled by ``ttt.ops.compile_chunk_steps``), SDPA (FlashAttention) and flash-li
 Every timed path is first checked: ours against the chunked form in float64 (output and the gradients
 of q, k, v, lr on a slice of the batch), with the R13 budget err(ours) <= 2 * (err(chunk in the bench
 dtype) + eps * max|ref|). A path that fails its check is not timed. fla computes a different function
-(see ANCHORS.md 9.2: output z + LN(z), q scaled, row-wise eta), so it is timed, not compared.
+(its output is z + LN(z), q scaled, row-wise eta), so it is timed, not compared.
 
     python benchmarks/kernels_ttt_linear.py                       # the three issue shapes
     python benchmarks/kernels_ttt_linear.py --shapes 1,256,2,64   # a quick one

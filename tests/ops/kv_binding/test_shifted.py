@@ -63,7 +63,7 @@ def test_gradients_match(momentum, muon):
 
 def test_is_chunk_strict_masked_linear_attention():
     """Without Muon: o = q^ W_0 + ((q^ k^T) * M) v^ with M[t, i] = [i // C < t // C]: the causal mask
-    with each chunk's diagonal block removed (ANCHORS 7.4)."""
+    with each chunk's diagonal block removed (Liu et al. 2026, Sec. 6.2)."""
     x = problem(T=29, seed=2)
     eff, C = reduced(x), 8
     chunk = torch.arange(29) // C

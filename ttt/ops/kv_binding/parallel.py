@@ -8,8 +8,8 @@ position t of a chunk that starts from (W_0, V_0),
     V_t = mu^t V_0 + sum_{i <= t} mu^{t-i} D_i
 
 so ``o_t = q^_t W_t`` needs only [C, C] Toeplitz weights: sums of powers of mu <= 1, never a division
-by a cumulative product (the reference implementation divides by cumprod(mu) and underflows on long
-sequences; see ANCHORS 7.2). LaCT's shifted block-causal chunks, with or without Muon: ``shifted.py``.
+by a cumulative product (Liu et al.'s released parallel form for LaCT divides by cumprod(mu) and
+underflows on long sequences). LaCT's shifted block-causal chunks, with or without Muon: ``shifted.py``.
 """
 
 from __future__ import annotations
