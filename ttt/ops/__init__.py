@@ -1,5 +1,6 @@
 """Functional TTT operators. Layout ``[B, H, T, D]``; state explicit; ``impl=`` picks the form."""
 
+from . import kv_binding  # the KV-binding reduction keeps its own namespace: ttt.ops.kv_binding.*
 from ._compile import compile_chunk_steps
 from ._dispatch import TTTOutput, auto_impl
 from .family import *  # noqa: F403
@@ -20,5 +21,6 @@ __all__ = [
     "ttt_general",
     "ttt_linear",
     "ttt_mlp",
+    "kv_binding",
     *_family_all,
 ]
