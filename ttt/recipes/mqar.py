@@ -20,11 +20,11 @@ Deviations from Zoology's configs (DATA.md 6.1), all to fit minutes per mixer on
   library's defaults: short convs in the delta rules and TTT, TTT mini-batch 16, TTT-Linear base lr 1.0,
   TTT-MLP 0.1, and no conv and no positions in ``linear_attention`` (Zoology's config B gives every
   mixer a short convolution);
-- training: 8 epochs (Zoology 64) of batch 64 (Zoology 512), one lr (3e-3) instead of the max over 4,
+- training: 8 epochs (Zoology 64) of batch 32 (Zoology 512), one lr (1e-3) instead of the max over 4,
   cosine per step instead of per epoch, gradient clipping at 1.0. As in Zoology: AdamW with weight decay
   0.1, a test pass after every epoch, early stop above 0.99 test accuracy.
 
-At this scale the run is a small-budget probe (about 1,300 steps of 4,096 tokens), not a reproduction:
+At this scale the run is a small-budget probe (2,512 steps of 2,048 tokens), not a reproduction:
 see benchmarks/results/mqar_cpu.md for what it measured.
 """
 
@@ -73,9 +73,9 @@ class MQARArgs:
     """fill the blanks between queries with random tokens (Zoology config B) instead of 0 (config A)"""
     epochs: int = 8
     """passes over the training examples (fewer if the test accuracy passes 0.99)"""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """AdamW peak learning rate (cosine to 0 over all steps)"""
-    batch_size: int = 64
+    batch_size: int = 32
     """examples per step (every batch comes from one slice)"""
     seed: int = 0
     """seed of the data and of the initialisation"""
@@ -238,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     docs, types = field_docs(MQARArgs), {"int": int, "float": float, "str": str}
     for name, default in asdict(MQARArgs()).items():
         flags = ["--" + name.replace("_", "-")] + (["--mixer"] if name == "mixers" else [])
-        help_text = f"{docs[name]} (default: {default})"
+        help_text = docs[name] if default is None else f"{docs[name]} (default: {default})"
         if isinstance(default, bool):
             parser.add_argument(
                 *flags, action=argparse.BooleanOptionalAction, default=default, help=help_text
