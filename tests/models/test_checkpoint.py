@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from ttt.models import CausalLM, LMConfig
-from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_model, save_checkpoint
+from ttt.models.checkpoint import (
+    CheckpointError,
+    clear_run,
+    find_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    update_checkpoint_meta,
+)
 
 
 def saved_model(tmp_path, mixer="ttt_linear"):
@@ -37,6 +45,37 @@ def test_latest_points_at_newest_and_old_ones_are_pruned(tmp_path):
         save_checkpoint(tmp_path, step=step, model_state=model.state_dict(), config=config, keep=2)
     assert find_checkpoint(tmp_path).name == "step-000010"
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000009", "step-000010"]
+
+
+def test_pruning_keeps_the_new_checkpoint_and_never_touches_higher_steps(tmp_path):
+    model, config = saved_model(tmp_path)
+    state = model.state_dict()
+    # left by an older run (or a run resumed from an older checkpoint): higher steps than the new ones
+    for step in (20, 1_000_000):
+        save_checkpoint(tmp_path, step=step, model_state=state, config=config)
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step=step, model_state=state, config=config, keep=2)
+    names = sorted(p.name for p in tmp_path.glob("step-*"))
+    assert names == ["step-000004", "step-000006", "step-000020", "step-1000000"]
+    assert find_checkpoint(tmp_path).name == "step-000006"
+
+
+def test_update_meta_and_clear_run(tmp_path):
+    model, config = saved_model(tmp_path)
+    update_checkpoint_meta(find_checkpoint(tmp_path), note="y")
+    assert load_checkpoint(tmp_path)[1]["note"] == "y"
+    with pytest.raises(ValueError, match="step"):
+        update_checkpoint_meta(find_checkpoint(tmp_path), step=3)
+    (tmp_path / "plot.png").write_bytes(b"x")
+    (tmp_path / "mine.txt").write_text("x")
+    (find_checkpoint(tmp_path) / "mine.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="mine.txt"):
+        clear_run(tmp_path, ("*.png",))
+    assert find_checkpoint(tmp_path).name == "step-000007" and (tmp_path / "plot.png").exists()
+    (find_checkpoint(tmp_path) / "mine.txt").unlink()
+    removed = clear_run(tmp_path, ("*.png",))
+    assert [p.name for p in removed] == ["latest", "step-000007", "plot.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
 def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path):

@@ -117,3 +117,89 @@ def test_kill_at_any_moment_leaves_a_complete_checkpoint(corpus_dir, tmp_path):
     assert len(list(run.glob("step-*"))) >= 1
     _, meta, trainer = load_checkpoint(run, load_trainer=True)
     assert meta["step"] >= 1 and "rng.sampler" in trainer
+
+
+def test_corpus_too_small_for_the_context_is_refused_before_training(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"line {i}: a few words of text\n" for i in range(20)))
+    with pytest.raises(ValueError, match="too small for --context 128.*validation split"):
+        train(small_args(str(text), tmp_path / "run", context=128))
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_ckpt_every_zero_mean_only_at_the_end(corpus_dir, tmp_path):
+    for flag in ("eval_every", "ckpt_every", "eval_batches"):
+        with pytest.raises(ValueError, match="--" + flag.replace("_", "-")):
+            train(small_args(corpus_dir, tmp_path / "x", **{flag: -1}))
+    assert not (tmp_path / "x").exists()
+    r = train(small_args(corpus_dir, tmp_path / "run", eval_every=0, ckpt_every=0))
+    assert [v[0] for v in r.history["val"]] == [3]
+    assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-000003"]
+
+
+def test_checkpoint_is_saved_before_validation(corpus_dir, tmp_path, monkeypatch):
+    # a checkpoint that was validated records that validation in its history
+    train(small_args(corpus_dir, tmp_path / "ok"))
+    _, meta, _ = load_checkpoint(tmp_path / "ok")
+    assert [v[0] for v in meta["history"]["val"]] == [2, 3]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr("ttt.recipes.eval.evaluate_loss", failing)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train(small_args(corpus_dir, tmp_path / "run"))
+    _, meta, _ = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 2 and len(meta["history"]["train"]) == 2
+
+
+def test_overwrite_replaces_the_previous_run_and_keeps_other_files(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=4, ckpt_every=2, plot=True))
+    (run / "notes.txt").write_text("mine")
+    # bad arguments: the old run stays as it was
+    with pytest.raises(ValueError, match="max_seq_len"):
+        train(small_args(corpus_dir, run, overwrite=True, context=600))
+    with pytest.raises(ValueError, match="not both"):
+        train(small_args(corpus_dir, run, overwrite=True, resume=True))
+    assert find_checkpoint(run).name == "step-000004" and (run / "loss_curve.png").exists()
+    r = train(small_args(corpus_dir, run, steps=3, ckpt_every=1, overwrite=True))
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
+    _, meta, _ = load_checkpoint(run / "step-000002")
+    assert meta["args"]["steps"] == 3 and r.step == 3
+    assert not (run / "loss_curve.png").exists() and (run / "notes.txt").read_text() == "mine"
+    # a file ttt did not write inside a checkpoint: nothing is deleted
+    (run / "step-000003" / "mine.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="mine.txt"):
+        train(small_args(corpus_dir, run, overwrite=True))
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
+
+
+def test_ctrl_c_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp_path, monkeypatch):
+    import ttt.data
+
+    straight = train(small_args(corpus_dir, tmp_path / "a", steps=6, ckpt_every=3))
+    real, calls = ttt.data.sample_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            # Ctrl-C while step 5 runs: the step finishes, is saved, then training stops
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttt.data, "sample_batch", interrupted)
+    b = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(small_args(corpus_dir, b, steps=6, ckpt_every=3))
+    assert find_checkpoint(b).name == "step-000005"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(ttt.data, "sample_batch", real)
+    resumed = train(small_args(corpus_dir, b, steps=6, ckpt_every=3, resume=True))
+    assert [s for s, _ in resumed.history["train"]] == list(range(1, 7))
+    for (_, x), (_, y) in zip(straight.history["train"], resumed.history["train"]):
+        assert abs(x - y) <= 1e-6
+    wa, _, _ = load_checkpoint(tmp_path / "a")
+    wb, _, _ = load_checkpoint(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,9 +31,20 @@ from torch import Tensor
 
 from .config import LMConfig
 
-__all__ = ["CheckpointError", "find_checkpoint", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "clear_run",
+    "find_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "update_checkpoint_meta",
+]
 
 FORMAT = "ttt-checkpoint-1"
+# the files save_checkpoint writes into a checkpoint directory
+CHECKPOINT_FILES = frozenset({"model.safetensors", "trainer.safetensors", "checkpoint.json"})
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -81,7 +93,8 @@ def save_checkpoint(
         model_state: ``model.state_dict()`` (tied weights are stored once).
         meta: JSON-serialisable extras (tokenizer, training arguments, optimizer scalars, losses).
         trainer_tensors: optimizer moments and RNG states, flattened to ``name -> tensor``.
-        keep: how many complete checkpoints to keep.
+        keep: how many checkpoints to keep: this one and the ``keep - 1`` newest of lower step;
+            checkpoints of a higher step (left by a run resumed from an older one) are never pruned.
 
     Returns:
         the checkpoint directory.
@@ -110,14 +123,64 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_text_atomic(run / "latest", name + "\n")
-    complete = sorted(p for p in run.glob("step-*") if p.is_dir())
-    for old in complete[:-keep] if keep > 0 else []:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    older = sorted((s, p) for s, p in _step_dirs(run) if s < step)
+    for _, old in older[: max(0, len(older) - keep + 1)] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
     for stale in run.glob(".tmp-step-*"):
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _step_dirs(run: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step-<digits>`` directories of a run directory."""
+    found = []
+    for p in run.glob("step-*"):
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and p.is_dir():
+            found.append((int(m[1]), p))
+    return found
+
+
+def update_checkpoint_meta(ckpt_dir: str | os.PathLike, **fields: Any) -> None:
+    """Replace top-level fields of a checkpoint's ``checkpoint.json`` (atomically; tensors unchanged)."""
+    path = Path(ckpt_dir) / "checkpoint.json"
+    doc = json.loads(path.read_text())
+    reserved = {"format", "step", "config", "sha256"} & set(fields)
+    if reserved:
+        raise ValueError(f"cannot update {sorted(reserved)} of a checkpoint")
+    _write_text_atomic(path, json.dumps({**doc, **fields}, indent=1))
+
+
+def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the checkpoints of a run directory (``latest``, ``step-*``, leftover temporaries) and the
+    files matching the glob patterns ``outputs``; return what was deleted.
+
+    Only what ``ttt`` writes is deleted. If a ``step-*`` directory holds any other file, nothing at all
+    is deleted and :class:`CheckpointError` names the file.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    steps = [p for _, p in sorted(_step_dirs(run))]
+    foreign = [f for d in steps for f in sorted(d.iterdir()) if f.name not in CHECKPOINT_FILES]
+    if foreign:
+        raise CheckpointError(
+            f"{run} holds files that ttt did not write, inside its checkpoints: "
+            f"{', '.join(str(f) for f in foreign[:5])}; move them away (nothing was deleted)"
+        )
+    temporaries = [*run.glob(".tmp-step-*"), *run.glob(".latest.*")]
+    files = sorted({p for pattern in outputs for p in run.glob(pattern) if p.is_file()})
+    latest = [run / "latest"] if (run / "latest").is_file() else []
+    # 'latest' first: a removal cut short never leaves it pointing at a deleted checkpoint
+    removed = []
+    for p in [*latest, *steps, *temporaries, *files]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p)
+    return removed
 
 
 def _dedupe(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -46,17 +46,18 @@ class TrainArgs:
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0: off)"""
     eval_every: int = 200
-    """validate every this many steps (and at the end)"""
+    """validate every this many steps and at the end (0: only at the end)"""
     eval_batches: int = 16
     """validation batches per evaluation"""
     ckpt_every: int = 200
-    """checkpoint every this many steps (and at the end)"""
+    """checkpoint every this many steps and at the end (0: only at the end); Ctrl-C saves the last step"""
     out: str | None = None
     """run directory for checkpoints and plots (default runs/<mixer>-<preset>)"""
     resume: bool = False
     """continue from the latest checkpoint in --out"""
     overwrite: bool = False
-    """start over even if --out already holds a checkpoint"""
+    """start over: delete the checkpoints, loss_curve.png, result.json and eval files of the run in --out
+    (once every argument is checked; other files stay)"""
     seed: int = 0
     """seed of the initialisation and of the batch sampler"""
     device: str = "auto"
@@ -66,7 +67,7 @@ class TrainArgs:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     progress: bool = True
-    """show a progress bar (else one log line per eval)"""
+    """show a progress bar when stderr is a terminal (there is a log line per validation either way)"""
     plot: bool = True
     """write loss_curve.png into the run directory at the end"""
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,20 @@ from torch import Tensor, nn
 from .args import TrainArgs
 from .common import lm_loss, resolve_device, save_plot, set_threads, setup_dist
 
-__all__ = ["TrainResult", "build_optimizer", "lr_at", "train"]
+__all__ = ["RUN_OUTPUTS", "TrainResult", "build_optimizer", "lr_at", "train"]
+
+#: files a run directory holds besides its checkpoints (train and eval outputs): what --overwrite removes
+RUN_OUTPUTS = (
+    "loss_curve.png",
+    "loss_curve.png.tmp.png",
+    "result.json",
+    "eval.json",
+    "loss_by_position.md",
+    "loss_by_position.png",
+    "eval-step-*.json",
+    "loss_by_position-step-*.md",
+    "loss_by_position-step-*.png",
+)
 
 # arguments that may change between a run and its --resume without changing the results
 RUNTIME_ARGS = {
@@ -101,24 +117,96 @@ def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
         )
 
 
+def _check_args(args: TrainArgs) -> None:
+    """Everything about the arguments that can be checked without loading data."""
+    for flag, value, least in (
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--context", args.context, 1),
+        ("--eval-batches", args.eval_batches, 1),
+        ("--eval-every", args.eval_every, 0),
+        ("--ckpt-every", args.ckpt_every, 0),
+    ):
+        if value < least:
+            hint = " (0: only at the end)" if least == 0 else ""
+            raise ValueError(f"{flag} must be >= {least}{hint}, got {value}")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
+    if args.resume and args.overwrite:
+        raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
+
+
+def _check_splits(data: Any, corpus: Any, context: int) -> None:
+    """Refuse, before training, a corpus whose splits are too short for one window of ``context``."""
+    n_train, n_val = data.train.numel(), data.validation.numel()
+    if n_train > context + 1 and n_val > context:
+        return
+    raise ValueError(
+        f"corpus {corpus.name!r} is too small for --context {context}: its training split has {n_train:,} "
+        f"tokens (need more than {context + 1}) and its validation split {n_val:,} (need more than "
+        f"{context}); a text file's validation split is its last 10% of lines, a directory's every 10th "
+        "file: use a smaller --context or more text"
+    )
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Whether something done every ``every`` steps (0: only at the end) is due after ``step``."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+class _StopOnInterrupt:
+    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) only sets ``requested``: the loop
+    finishes its step, saves a checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt at once.
+    Only in the main thread (signals are delivered there)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\ninterrupt: stopping after this step and saving a checkpoint (Ctrl-C again: stop now, no save)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
+    """Whether any process was asked to stop (every process must stop after the same step)."""
+    if dist.world == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures."""
     from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
     from ttt.models import CausalLM, LMConfig, build_mixer
     from ttt.models.checkpoint import (
         CheckpointError,
+        clear_run,
         config_diff,
         find_checkpoint,
         load_checkpoint,
         save_checkpoint,
+        update_checkpoint_meta,
     )
 
     from .eval import evaluate_loss
 
-    if args.steps < 1 or args.batch_size < 1 or args.context < 1:
-        raise ValueError("steps, batch_size and context must be >= 1")
-    if args.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
+    _check_args(args)
     set_threads(args.threads)
     device = resolve_device(args.device)
     dist = setup_dist(device)
@@ -165,11 +253,17 @@ def train(args: TrainArgs) -> TrainResult:
             f"context {args.context} is longer than preset {args.preset!r} allows "
             f"(max_seq_len = {config.max_seq_len})"
         )
+    _check_splits(data, corpus, args.context)
     if saved and LMConfig.from_dict(saved[1]["config"]) != config:
         raise CheckpointError(
             "checkpoint was made with another model config: "
             + config_diff(LMConfig.from_dict(saved[1]["config"]), config)
         )
+    # every argument is checked: only now may --overwrite delete the previous run
+    if args.overwrite and dist.main:
+        removed = clear_run(run_dir, RUN_OUTPUTS)
+        if removed:
+            print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
 
     torch.manual_seed(args.seed)
     model = CausalLM(config).to(device)
@@ -202,9 +296,9 @@ def train(args: TrainArgs) -> TrainResult:
             )
         return loss, data.bits_per_byte(loss)
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path | None:
         if not dist.main:
-            return
+            return None
         tensors, opt_meta = _optimizer_tensors(optimizer)
         tensors["rng.sampler"] = sampler.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
@@ -216,7 +310,7 @@ def train(args: TrainArgs) -> TrainResult:
             "seconds": elapsed,
             "num_params": model.num_params(),
         }
-        save_checkpoint(
+        return save_checkpoint(
             run_dir,
             step=step,
             model_state=model.state_dict(),
@@ -236,52 +330,79 @@ def train(args: TrainArgs) -> TrainResult:
     if dist.main and args.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the eval lines only)
+        bar = tqdm(
+            total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0, disable=None
+        )
+        if bar.disable:
+            bar = None
     tokens_per_step = args.batch_size * args.context
+    saved_step = step
     model.train()
     t_last = time.perf_counter()
-    while step < args.steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = sample_batch(data.train, args.batch_size, args.context, sampler, shard=(dist.rank, dist.world))
-        with autocast:
-            logits, _ = ddp_model(x.to(device))
-            loss = lm_loss(logits, y.to(device))
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        elapsed += dt
-        loss_value = loss.detach()
-        if dist.world > 1:
-            # log the global batch's loss, not this process's share of it
-            torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
-        loss_value = loss_value.item()
-        history["train"].append([step, loss_value])
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.1e}")
-            bar.update(1)
-        if step % args.eval_every == 0 or step == args.steps:
-            val_loss, bpb = validate()
-            history["val"].append([step, val_loss, bpb])
-            if dist.main:
-                msg = (
-                    f"step {step}/{args.steps}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
-                    f"val bits/byte {bpb:.4f}, {tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s"
+    stop = _StopOnInterrupt()
+    try:
+        while step < args.steps:
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = sample_batch(
+                data.train, args.batch_size, args.context, sampler, shard=(dist.rank, dist.world)
+            )
+            with autocast:
+                logits, _ = ddp_model(x.to(device))
+                loss = lm_loss(logits, y.to(device))
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            elapsed += dt
+            loss_value = loss.detach()
+            if dist.world > 1:
+                # log the global batch's loss, not this process's share of it
+                torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
+            loss_value = loss_value.item()
+            history["train"].append([step, loss_value])
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.1e}"
                 )
-                (bar.write if bar is not None else print)(msg)
+                bar.update(1)
+            # checkpoint before validating: a validation that fails or is interrupted loses nothing
+            saved = None
+            if _due(step, args.ckpt_every, args.steps):
+                saved = checkpoint()
+                saved_step = step
+            if _due(step, args.eval_every, args.steps):
+                val_loss, bpb = validate()
+                history["val"].append([step, val_loss, bpb])
+                if saved is not None:
+                    update_checkpoint_meta(saved, history=history)
+                if dist.main:
+                    msg = (
+                        f"step {step}/{args.steps}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
+                        f"val bits/byte {bpb:.4f}, {tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s"
+                    )
+                    (bar.write if bar is not None else print)(msg)
             t_last = time.perf_counter()
-        if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()
-            t_last = time.perf_counter()
-    if bar is not None:
-        bar.close()
-
+            if _stop_everywhere(stop.requested, dist, device):
+                if saved_step != step:
+                    checkpoint()
+                if dist.main:
+                    print(
+                        f"interrupted: step {step} is saved in {run_dir}; continue it with --resume",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                raise KeyboardInterrupt
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
     if not history["val"] or history["val"][-1][0] != step:
         val_loss, bpb = validate()
         history["val"].append([step, val_loss, bpb])
