@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_cases import make_case
+from family_cases import ALL_RULES, make_case
 
+import ttt
 import ttt.ops.family as fam
+from ttt.ops.family._validate import gates_computed_by
 
 B, H, T, D = 1, 2, 6, 4
 
@@ -92,6 +94,65 @@ def test_low_precision_inputs_follow_the_dtype_contract(dtype):
     # inputs are rounded to the dtype, so the error is of order eps * |values| * (steps remembered)
     budget = 50 * eps * ref_o.abs().max().item()
     assert (o.double() - ref_o).abs().max().item() < budget
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent", "autograd"])
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_autocast_keeps_every_form_in_float32(rule, impl):
+    """Under a bf16 autocast the forms run with autocast disabled: float32 inputs give exactly the float32
+    results, forward and every gradient (the chunk form's triangular solve has no bf16 CPU kernel)."""
+    case = make_case(rule, T=11, dtype=torch.float32, seed=3)
+    want = case.run(impl, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = case.run(impl, chunk_size=4)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # backward outside the autocast region, as torch.autocast asks: it then replays the forward's dtypes
+    leaves = list(case.leaves.values())
+    want_g = torch.autograd.grad(want[0].sum() + want[1].sum(), leaves)
+    got_g = torch.autograd.grad(got[0].sum() + got[1].sum(), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(got_g, want_g))
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_bf16_inputs_compute_in_float32(rule):
+    """bf16 inputs (no autocast) are accepted by every rule: o in bf16, the state in float32."""
+    case = make_case(rule, T=11, dtype=torch.float32, seed=3)
+    want, _ = case.run("chunk", chunk_size=4)
+    low = {n: x.detach().bfloat16() for n, x in case.leaves.items()}
+    op = getattr(fam, rule.replace("_per_column", ""))
+    o, S = op(**low, output_final_state=True, chunk_size=4)
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    assert torch.isfinite(o).all()
+    err = (o.float() - want).abs().max().item()
+    assert err < 50 * torch.finfo(torch.bfloat16).eps * want.abs().max().item()
+
+
+def test_gate_error_prints_the_offending_value_exactly():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0.0, 1.0\], got max 1.00003"):
+        fam.mamba2(q, k, v, beta=torch.rand(B, H, T), alpha=torch.full((B, H, T), 1.00003))
+
+
+def test_gate_error_names_the_layer_that_computed_the_gate():
+    q, k, v = _qkv()
+    beta = torch.full((B, H, T), float("nan"))
+    with pytest.raises(ValueError, match=r"beta must be finite \(found NaN or Inf\)$"):
+        fam.deltanet(q, k, v, beta=beta)
+    with gates_computed_by("DeltaNet"):
+        with pytest.raises(ValueError, match="DeltaNet computed beta from its input x"):
+            fam.deltanet(q, k, v, beta=beta)
+
+
+def test_ttt_attention_names_lr_at_mini_batch_1():
+    """mini_batch_size=1 runs the delta rule with beta = lr: its range error names lr, not beta."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"^lr must lie in \[0.0, inf\], got min -1.0"):
+        ttt.attention(q, k, v, lr=-1.0)
+    with pytest.raises(ValueError, match="^lr must be finite"):
+        ttt.attention(q, k, v, lr=torch.full((B, H, T), float("nan")))
+    with pytest.raises(ValueError, match=r"^token_eta\[0\] must be >= 0"):
+        ttt.attention(q, k, v, lr=0.5, token_eta=torch.tensor([-1.0]))
 
 
 @pytest.mark.parametrize("rule", ["gla", "kda", "mamba2", "gated_deltanet"])

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
+
+from .. import common
 
 # "reference" is the library-wide name (ttt.ops.Impl) of the autograd-defined token loop.
 _IMPLS = {"chunk": "chunk", "recurrent": "recurrent", "autograd": "autograd", "reference": "autograd"}
@@ -23,8 +28,30 @@ def parse_impl(impl: str) -> str:
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """State and accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """State and accumulation dtype: float64 for float64 inputs, float32 otherwise (bf16 / fp16 too)."""
+    return common.compute_dtype(x.dtype)
+
+
+# the layer that computed the gates, if any: a bad gate then names its real cause, the layer's input
+_GATE_SOURCE: ContextVar[str | None] = ContextVar("gate_source", default=None)
+
+
+@contextmanager
+def gates_computed_by(layer: str) -> Iterator[None]:
+    """Within the block, a failed gate check says that ``layer`` computed the gate from its input and
+    parameters, so the message points there rather than at an argument the user never passed."""
+    token = _GATE_SOURCE.set(layer)
+    try:
+        yield
+    finally:
+        _GATE_SOURCE.reset(token)
+
+
+def _gate_error(name: str, message: str) -> ValueError:
+    layer = _GATE_SOURCE.get()
+    if layer is not None:
+        message += f"; {layer} computed {name} from its input x and its parameters: do they hold NaN or Inf?"
+    return ValueError(message)
 
 
 def check_qkv(q: Tensor, k: Tensor | None, v: Tensor) -> tuple[int, int, int, int, int]:
@@ -75,11 +102,12 @@ def check_gate(
         if high is not None:
             bad |= x > high
         if bool(bad.any()):
+            # repr, not a rounded format: a max of 1.00003 must not print as "1" next to "(0, 1]"
             if not torch.isfinite(x).all():
-                raise ValueError(f"{name} must be finite (found NaN or Inf)")
+                raise _gate_error(name, f"{name} must be finite (found NaN or Inf)")
             if low is not None and ((x <= low) if low_open else (x < low)).any():
-                raise ValueError(f"{name} must lie in {interval}, got min {x.min().item():.4g}")
-            raise ValueError(f"{name} must lie in {interval}, got max {x.max().item():.4g}")
+                raise _gate_error(name, f"{name} must lie in {interval}, got min {x.min().item()!r}")
+            raise _gate_error(name, f"{name} must lie in {interval}, got max {x.max().item()!r}")
     return x.to(dtype)
 
 

@@ -102,7 +102,8 @@ def gated_deltanet(
 
         >>> import torch, ttt.ops.family as fam
         >>> q, k, v = torch.randn(3, 1, 2, 10, 8).unbind(0)
-        >>> o, _ = fam.gated_deltanet(q, k, v, beta=torch.rand(1, 2, 10), alpha=torch.rand(1, 2, 10) + 0.01)
+        >>> alpha = torch.rand(1, 2, 10) * 0.98 + 0.01   # in (0, 1]
+        >>> o, _ = fam.gated_deltanet(q, k, v, beta=torch.rand(1, 2, 10), alpha=alpha)
         >>> o.shape
         torch.Size([1, 2, 10, 8])
     """

@@ -1,4 +1,9 @@
-"""Shared plumbing of the public family ops: dtype handling and the choice of form (``impl=``)."""
+"""Shared plumbing of the public family ops: dtype handling and the choice of form (``impl=``).
+
+Dtypes: inputs may be float16 / bfloat16 / float32 / float64 (one dtype for q, k, v); the state and
+every operation of the forms run in float32 (float64 for float64 inputs) with autocast disabled, and
+``o`` comes back in q's dtype, as in the TTT ops.
+"""
 
 from __future__ import annotations
 
@@ -32,16 +37,20 @@ def run_rule(
     form = parse_impl(impl)
     check_chunk_size(chunk_size)
     rule = RULES[name]
-    dtype = compute_dtype(q)
+    dtype, out_dtype = compute_dtype(q), q.dtype
     B, H, T, Dk = q.shape
     S0 = check_state(initial_state, B, H, Dk, v.shape[-1], dtype, q)
-    q = q.to(dtype) * resolve_scale(scale, Dk)
-    if "log_alpha" in tokens:
-        tokens = {**tokens, "alpha": torch.exp(tokens["log_alpha"])}
-    if form == "autograd":
-        o, S = autograd_rule(rule.objective, q, tokens, S0)
-    elif form == "recurrent":
-        o, S = recurrent_transition(q, rule.closed_form(tokens), S0)
-    else:
-        o, S = chunk_transition(q, rule.closed_form(tokens), S0, chunk_size)
-    return o.to(v.dtype), (S if output_final_state else None)
+    # the state is float32 by contract (as in the TTT ops): autocast must not lower the matmuls of the
+    # scan, nor hand the triangular solver a bf16 system it has no kernel for
+    with torch.autocast(q.device.type, enabled=False):
+        q = q.to(dtype) * resolve_scale(scale, Dk)
+        tokens = {n: x.to(dtype) for n, x in tokens.items()}
+        if "log_alpha" in tokens:
+            tokens["alpha"] = torch.exp(tokens["log_alpha"])
+        if form == "autograd":
+            o, S = autograd_rule(rule.objective, q, tokens, S0)
+        elif form == "recurrent":
+            o, S = recurrent_transition(q, rule.closed_form(tokens), S0)
+        else:
+            o, S = chunk_transition(q, rule.closed_form(tokens), S0, chunk_size)
+    return o.to(out_dtype), (S if output_final_state else None)

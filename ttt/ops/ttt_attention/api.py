@@ -24,6 +24,7 @@ from .._dispatch import TTTOutput, resolve_impl
 from .._state import fresh_state, last_token_weights
 from ..common import causal_eta_scores, compute_dtype, scan_mini_batches, split_segments, split_time
 from ..family import deltanet
+from ..family._validate import check_gate
 from ..general import inner, ttt_general
 from ..types import Impl, TTTState
 
@@ -113,6 +114,10 @@ def _reference(q, k, v, lr, te, state, causal, scale, cd):
 def _chunk(q, k, v, lr, te, state, causal, scale, cd):
     b = state.mini_batch_size
     if b == 1:  # online GD is the delta rule: use its chunkwise-parallel (WY) form
+        # its rate beta = lr * token_eta[0] must be >= 0: check the arguments under the caller's names
+        lr = check_gate("lr", lr, tuple(lr.shape), cd, low=0.0)
+        if not bool(te[0] >= 0):
+            raise ValueError(f"token_eta[0] must be >= 0 at mini_batch_size=1, got {te[0].item()!r}")
         return _delta_rule(q, k, v, lr * te[0], state, scale, cd)
     B, H, T, Dk = q.shape
     segments = split_segments(T, state.offset, b)
