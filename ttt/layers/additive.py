@@ -132,7 +132,9 @@ class RetNet(MatrixMixer):
         positions = state.lengths[:, None] + torch.arange(length, device=x.device)  # [B, T]
         cos, sin = rotary_cos_sin(positions, self.head_k_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        log_alpha = self.log_gamma.to(q.dtype)[None, :, None].expand(batch, -1, length)  # [B, H, T]
+        # at least float32: under autocast q is bf16, and a decay rounded to bf16 compounds over T
+        gate_dtype = torch.promote_types(q.dtype, torch.float32)
+        log_alpha = self.log_gamma.to(gate_dtype)[None, :, None].expand(batch, -1, length)  # [B, H, T]
         beta = torch.ones_like(log_alpha)
         k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
         o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha)
@@ -364,7 +366,9 @@ class HebbianFastWeights(MatrixMixer):
         k = F.normalize(split_heads(self.k_proj(x), self.num_heads), dim=-1, eps=1e-6)
         v = split_heads(self.v_proj(x), self.num_heads)
         _, lr = self.rates()
-        per_token = lambda t: t.to(q.dtype)[None, :, None].expand(batch, -1, length)  # noqa: E731  [B, H, T]
+        # at least float32: under autocast q is bf16, and a decay rounded to bf16 compounds over T
+        gate_dtype = torch.promote_types(q.dtype, torch.float32)
+        per_token = lambda t: t.to(gate_dtype)[None, :, None].expand(batch, -1, length)  # noqa: E731  [B, H, T]
         beta, log_alpha = per_token(lr), per_token(F.logsigmoid(self.decay_logit))
         k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
         o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha,

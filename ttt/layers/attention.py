@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttt.layers.protocol import check_input, check_mask, merge_heads, split_heads
+from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtype, split_heads
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 
 
@@ -122,8 +122,9 @@ class Attention(nn.Module):
         Returns:
             ``(y [B, T, C], KVCache)``.
         """
-        check_input("Attention", x, self.dim)
-        mask = check_mask("Attention", mask, x)
+        name = type(self).__name__
+        check_input(name, x, self.dim, dtype=param_dtype(self))
+        mask = check_mask(name, mask, x)
         batch, length, _ = x.shape
         q = split_heads(self.q_proj(x), self.num_heads)  # [B, H, T, D]
         k = split_heads(self.k_proj(x), self.num_kv_heads)  # [B, G, T, D]
@@ -157,7 +158,7 @@ class Attention(nn.Module):
 
     def step(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
         """One decoding step: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], KVCache)``."""
-        check_input("Attention.step", x_t, self.dim, step=True)
+        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True, dtype=param_dtype(self))
         return self.forward(x_t, state)
 
     def _allowed(self, q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, *, cached: int) -> Tensor:

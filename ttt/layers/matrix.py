@@ -8,6 +8,7 @@ Shapes: B batch, T tokens, C model width, H heads, Dk key head dim, Dv value hea
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 import ttt.ops.family
-from ttt.layers.protocol import check_input, check_mask
+from ttt.layers.protocol import check_input, check_mask, param_dtype
 from ttt.modules.conv import ShortConv
+from ttt.ops.family._validate import gates_computed_by
 
 FORMS = ("chunk", "recurrent", "reference", "autograd")
 
@@ -95,12 +97,12 @@ class MatrixMixer(nn.Module):
             ``(y [B, T, C], MatrixState)``.
         """
         name = type(self).__name__
-        check_input(name, x, self.dim)
+        check_input(name, x, self.dim, dtype=param_dtype(self))
         return self._run(x, state, check_mask(name, mask, x), self.impl)
 
     def step(self, x_t: Tensor, state: MatrixState | None) -> tuple[Tensor, MatrixState]:
         """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
-        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True)
+        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True, dtype=param_dtype(self))
         return self._run(x_t, state, None, self.decode_impl)
 
     def _run(self, x: Tensor, state: MatrixState | None, mask: Tensor | None, impl: str):
@@ -132,8 +134,14 @@ class MatrixMixer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Call ``ttt.ops.family.<rule>`` from ``state.S``; returns ``(o [B, H, T, Dv], S)``."""
         op = getattr(ttt.ops.family, rule)
-        return op(*args, **gates, initial_state=state.S, output_final_state=True, impl=impl,
-                  chunk_size=self.chunk_size)  # fmt: skip
+        # under autocast, projections come out in bf16 but tensors scaled by a parameter in float32; the
+        # op takes q, k, v in one dtype (and computes in float32 whatever it is): lift them to the widest
+        dtype = functools.reduce(torch.promote_types, (a.dtype for a in args))
+        args = tuple(a.to(dtype) for a in args)
+        # the gates come from x: a NaN in x must be reported as such, not as a bad argument of the op
+        with gates_computed_by(type(self).__name__):
+            return op(*args, **gates, initial_state=state.S, output_final_state=True, impl=impl,
+                      chunk_size=self.chunk_size)  # fmt: skip
 
 
 def mask_tokens(mask: Tensor | None, *tensors: Tensor) -> list[Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @runtime_checkable
@@ -28,12 +28,26 @@ class Mixer(Protocol):
     def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> Any: ...
 
 
-def check_input(name: str, x: Tensor, dim: int, *, step: bool = False) -> None:
-    """Raise unless ``x`` is a floating ``[B, T, dim]`` tensor (``[B, 1, dim]`` for a step)."""
+def param_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype of the layer's first floating-point parameter (None without one)."""
+    return next((p.dtype for p in layer.parameters() if p.is_floating_point()), None)
+
+
+def check_input(
+    name: str, x: Tensor, dim: int, *, step: bool = False, dtype: torch.dtype | None = None
+) -> None:
+    """Raise unless ``x`` is a floating ``[B, T, dim]`` tensor (``[B, 1, dim]`` for a step) of ``dtype``
+    (the layer's parameter dtype, see :func:`param_dtype`); under autocast on x's device any floating
+    dtype passes, autocast casts the projections."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor [B, T, {dim}], got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name}: x is {x.dtype} but the layer's parameters are {dtype}; convert one to the other "
+            f"(layer.to({x.dtype}) or x.to({dtype})) or run under torch.autocast"
+        )
     want = f"[B, 1, {dim}]" if step else f"[B, T, {dim}]"
     if x.dim() != 3 or x.shape[-1] != dim or (step and x.shape[1] != 1):
         raise ValueError(f"{name}: x must be {want}, got {list(x.shape)}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ttt.ops
-from ttt.layers.protocol import check_input, check_mask, merge_heads, split_heads
+from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtype, split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 from ttt.ops import Impl, TTTState, auto_impl
@@ -172,13 +172,13 @@ class _TTTLayer(nn.Module):
             ``(y [B, T, C], TTTLayerState)``.
         """
         name = type(self).__name__
-        check_input(name, x, self.dim)
+        check_input(name, x, self.dim, dtype=param_dtype(self))
         mask = check_mask(name, mask, x)
         return self._run(x, state, mask, self.impl)
 
     def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
         """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
-        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True)
+        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True, dtype=param_dtype(self))
         if not self.causal:
             raise ValueError(
                 f"{type(self).__name__}(causal=False) reads each mini-batch's final weights, "
