@@ -1,4 +1,4 @@
-"""CPU benchmark of the delta rows (issue 3): chunk form vs token recurrence for Gated DeltaNet and
+"""CPU benchmark of the delta rows: chunk form vs token recurrence for Gated DeltaNet and
 DeltaNet, and fla-core 0.6.0's pure-PyTorch references at the same shapes.
 
     python benchmarks/family_cpu.py                    # B=1 H=4 T=4096 D=64, float32

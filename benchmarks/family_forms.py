@@ -1,4 +1,4 @@
-"""The (a) == (b) == (c) table of issue 3: for every family rule, the largest difference between the
+"""The (a) == (b) == (c) table of the family: for every family rule, the largest difference between the
 autograd-from-objective form (a), the closed-form recurrence (b) and the chunk form (c), float64,
 forward (output and final state) and every gradient (q, k, v, gates, initial state).
 

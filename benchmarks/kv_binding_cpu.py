@@ -1,4 +1,4 @@
-"""KV-binding reduction (issue 3, Liu et al. 2026): which ablation switches keep the exact parallel
+"""KV-binding reduction (Liu et al. 2026): which ablation switches keep the exact parallel
 form, and the speed of the parallel form vs the TTT recurrence on CPU.
 
     python benchmarks/kv_binding_cpu.py               # ablation table + T=4096 timing

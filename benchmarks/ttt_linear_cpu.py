@@ -1,4 +1,4 @@
-"""CPU benchmark of TTT-Linear's execution forms (issue 2), side by side in one run.
+"""CPU benchmark of TTT-Linear's execution forms, side by side in one run.
 
     python benchmarks/ttt_linear_cpu.py                 # full run (~10 min on 2 cores)
     python benchmarks/ttt_linear_cpu.py --quick         # smaller sweep, for a smoke test

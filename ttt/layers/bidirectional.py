@@ -1,6 +1,6 @@
 """A bidirectional wrapper that turns any causal mixer into an encoder mixer.
 
-Recipe of the TTT video model (ttt-video-dit, arXiv 2504.05298; ANCHORS 4): the mixer runs over the
+Recipe of the TTT video model (ttt-video-dit, arXiv 2504.05298): the mixer runs over the
 sequence, then over the reversed sequence, each pass followed by a gated residual with a learned
 per-channel gate ``tanh(alpha)``, ``alpha`` initialised to 0.1 so that the new branch starts small:
 

@@ -1,6 +1,6 @@
 """TTT-Linear and TTT-MLP layers (Sun et al., arXiv 2407.04620) as drop-in attention replacements.
 
-The layer follows the official implementation (ttt-lm-pytorch / ttt-lm-jax, see ANCHORS 1.3): bias-free
+The layer follows the official implementation (ttt-lm-pytorch / ttt-lm-jax): bias-free
 q/k/v/o projections; RoPE on q, k with positions restarting every mini-batch; a per-head learned gate on
 the inner learning rate, ``lr = base_lr * sigmoid(x w_h + b_h) / head_dim``; learnable offsets on
 ``token_eta = max(1/(i+1) + offset_i, 0)``; a learned initial fast model ``W0`` and an inner LayerNorm per
@@ -264,7 +264,7 @@ class TTTLinear(_TTTLayer):
         dim: model width C.
         num_heads: H (``dim % num_heads == 0``; D = C / H even, for RoPE).
         mini_batch_size: inner mini-batch b. Default: ``16`` (paper §2.7, ttt-lm-pytorch).
-        base_lr: inner base learning rate. Default: ``1.0`` (ANCHORS 1.4, TTT-Linear).
+        base_lr: inner base learning rate. Default: ``1.0`` (the paper's TTT-Linear setting).
         use_gate: GELU output gate ``gelu_tanh(g_proj(x)) * post_norm(o)``. Default: ``False``
             (Transformer backbone; the (M) variant uses ``True``).
         share_qk: one q/k projection through two causal short convs (the (M) variant). Default: ``False``.
@@ -327,7 +327,7 @@ class TTTMLP(_TTTLayer):
     """TTT-MLP: the fast model is ``x + LN(gelu_tanh(x W1 + b1) W2 + b2)`` per head, hidden M = 4 D.
 
     Arguments as :class:`TTTLinear`, except:
-        base_lr: Default: ``0.1`` (ANCHORS 1.4, TTT-MLP; the paper also warms it up from 0.01, which is
+        base_lr: Default: ``0.1`` (the paper's TTT-MLP setting; the paper also warms it up from 0.01, which is
             a training-recipe matter).
         hidden_mult: M / D. Default: ``4`` (ttt-lm-pytorch).
         decode_impl: Default: ``"auto"``: the fused Triton decode kernel on CUDA, a T = 1 chunk call

@@ -1,4 +1,4 @@
-"""The linear-attention family as TTT rules (issue 3): each op is one gradient step on an inner
+"""The linear-attention family as TTT rules: each op is one gradient step on an inner
 objective over a matrix state ``S [B, H, Dk, Dv]`` with output ``o_t = S_t^T q_t``.
 
 Forms (``impl=``): "chunk" | "recurrent" | "autograd" (alias "reference"). Derivations: README.md.
