@@ -8,7 +8,9 @@ EPILOG = """examples:
   ttt eval --checkpoint runs/ttt_linear-tiny
   # longer windows than in training: does the loss keep falling with the position?
   ttt eval --checkpoint runs/ttt_linear-tiny --context 1024 --batch-size 2 --max-batches 8
-  ttt eval --checkpoint runs/ttt_linear-tiny/step-000600 --corpus my_text.txt --out eval_out
+  # an older checkpoint on another text (its validation split: the last 10% of the file's lines)
+  ttt eval --checkpoint runs/ttt_linear-tiny/step-000400 --corpus my_text.txt --out eval_out
+  ttt eval --checkpoint runs/ttt_linear-tiny --max-batches none   # the whole validation split
 """
 
 
@@ -24,7 +26,7 @@ def create(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_dataclass_args(p, EvalArgs)
+    add_dataclass_args(p, EvalArgs, required=("checkpoint",))
     p.set_defaults(func=run)
 
 
@@ -38,6 +40,7 @@ def run(ns: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = evaluate_checkpoint(args)
+    print(f"checkpoint {r.checkpoint} (step {r.step}), validation split of {r.corpus}")
     print(
         f"validation: loss {r.loss:.4f} nats/token, {r.bits_per_byte:.4f} bits/byte, perplexity "
         f"{r.perplexity:.2f} ({r.windows} windows of {r.context} tokens)"
@@ -45,4 +48,5 @@ def run(ns: argparse.Namespace) -> int:
     print("loss by position:")
     for a, b, v in r.positions:
         print(f"  {a:>6}-{b:<6} {v:.4f}")
+    print(f"written: {r.out} and loss_by_position-step-{r.step:06d}.md/.png beside it")
     return 0

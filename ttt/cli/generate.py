@@ -27,7 +27,7 @@ def create(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_dataclass_args(p, GenerateArgs)
+    add_dataclass_args(p, GenerateArgs, required=("checkpoint",))
     p.set_defaults(func=run)
 
 
@@ -41,12 +41,13 @@ def run(ns: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = generate_text(args)
+    rate = "n/a" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.1f}"
     for i, (prompt, text) in enumerate(zip(r.prompts, r.texts)):
         print(f"--- prompt {i + 1} of {len(r.prompts)} ---\n{prompt}{text}")
     if r.prompts:
         print(
             f"[{len(r.prompts)} prompts, {r.prompt_tokens} prompt tokens; first new tokens after "
-            f"{r.prefill_seconds:.3f} s; {r.new_tokens} new tokens, then {r.decode_tokens_per_second:.1f} "
+            f"{r.prefill_seconds:.3f} s; {r.new_tokens} new tokens, then {rate} "
             f"tokens/s over the batch]",
             file=sys.stderr,
         )
@@ -55,7 +56,7 @@ def run(ns: argparse.Namespace) -> int:
         print(r.text)
     print(
         f"[{r.prompt_tokens} prompt tokens prefilled in {r.prefill_seconds:.3f} s; {r.new_tokens} new tokens "
-        f"at {r.decode_tokens_per_second:.1f} tokens/s; decode state {r.state_bytes / 2**10:,.1f} KB]",
+        f"at {rate} tokens/s; decode state {r.state_bytes / 2**10:,.1f} KB]",
         file=sys.stderr,
     )
     return 0

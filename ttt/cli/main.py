@@ -4,6 +4,7 @@ their recipe only when they run, so ``ttt -h`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import bench, eval, generate, ls, train
@@ -21,12 +22,30 @@ EPILOG = """examples:
 """
 
 
+def version() -> str:
+    """The installed distribution's version, else ``ttt.__version__`` (a source tree on sys.path)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ttt")
+    except metadata.PackageNotFoundError:
+        import ttt
+
+        return getattr(ttt, "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttt",
         description="Train, evaluate, sample from and benchmark Test-Time Training language models.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ttt {version()}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback, not only its message (or set TTT_DEBUG=1)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for module in COMMANDS:
@@ -41,14 +60,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("TTT_DEBUG", "") not in ("", "0")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # a reader that went away (ttt eval | head -1) shows up here, not at interpreter exit
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader has gone
     except KeyboardInterrupt:
         print(f"ttt {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
-        print(f"ttt {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if debug else " (run with TTT_DEBUG=1 or ttt --debug for the traceback)"
+        print(f"ttt {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not fail again (Python docs, "Note
+    on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

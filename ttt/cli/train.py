@@ -24,6 +24,7 @@ EPILOG = """examples:
 
 
 def create(subparsers: argparse._SubParsersAction) -> None:
+    from ttt.models.config import PRESETS
     from ttt.recipes.args import TrainArgs
 
     from ._args import add_dataclass_args
@@ -35,7 +36,7 @@ def create(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_dataclass_args(p, TrainArgs)
+    add_dataclass_args(p, TrainArgs, notes={"preset": "one of " + ", ".join(PRESETS)})
     p.set_defaults(func=run)
 
 

@@ -79,10 +79,13 @@ def sample_batch(
 def validation_batches(
     tokens: Tensor, batch_size: int, context: int, max_batches: int | None = None
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Consecutive non-overlapping windows of the validation split (deterministic): ``[B, T]`` pairs."""
+    """Consecutive non-overlapping windows of the validation split (deterministic): ``[B, T]`` pairs;
+    at most ``max_batches`` batches (None: every window)."""
     n_windows = (tokens.numel() - 1) // context
     if n_windows == 0:
         raise ValueError(f"validation split has {tokens.numel()} tokens, need more than {context}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, or None for every window, got {max_batches}")
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     for i in range(0, n_windows, batch_size):

@@ -138,7 +138,10 @@ def load_file(path: str | os.PathLike, validation_fraction: float = 0.1) -> Corp
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines(keepends=True)
     if len(lines) < 2:
-        raise ValueError(f"{path}: need at least 2 lines of text to split train / validation")
+        raise ValueError(
+            f"{path}: need at least 2 lines of text: a text file is split by lines, the last "
+            f"{validation_fraction:.0%} of them (at least one) for validation, the rest for training"
+        )
     cut = min(len(lines) - 1, max(1, round(len(lines) * (1 - validation_fraction))))
     return Corpus(str(path), ("".join(lines[:cut]),), ("".join(lines[cut:]),))
 

@@ -39,6 +39,7 @@ __all__ = [
     "load_model",
     "save_checkpoint",
     "update_checkpoint_meta",
+    "write_text_atomic",
 ]
 
 FORMAT = "ttt-checkpoint-1"
@@ -67,7 +68,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a part of it."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as f:
@@ -122,7 +125,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(run / "latest", name + "\n")
+    write_text_atomic(run / "latest", name + "\n")
     older = sorted((s, p) for s, p in _step_dirs(run) if s < step)
     for _, old in older[: max(0, len(older) - keep + 1)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -149,7 +152,7 @@ def update_checkpoint_meta(ckpt_dir: str | os.PathLike, **fields: Any) -> None:
     reserved = {"format", "step", "config", "sha256"} & set(fields)
     if reserved:
         raise ValueError(f"cannot update {sorted(reserved)} of a checkpoint")
-    _write_text_atomic(path, json.dumps({**doc, **fields}, indent=1))
+    write_text_atomic(path, json.dumps({**doc, **fields}, indent=1))
 
 
 def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list[Path]:

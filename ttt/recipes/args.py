@@ -18,9 +18,10 @@ class TrainArgs:
     mixer: str = "ttt_linear"
     """mixer of every block (a name in ttt.layers.MIXERS)"""
     preset: str = "tiny"
-    """model shape: tiny, 125m, 350m, 760m, 1.3b"""
+    """model shape: a name in ttt.models.PRESETS (`ttt ls` shows each one's size)"""
     layer_mixers: str | None = None
-    """comma-separated mixer per block for hybrids, e.g. 'ttt_linear,attention,ttt_linear,attention'"""
+    """comma-separated mixer per block for hybrids, e.g. 'ttt_linear,attention,ttt_linear,attention'
+    (default: every block has --mixer)"""
     match_params: str | None = "attention"
     """resize the SwiGLU width so the model has the parameter count of this mixer's model ('none': off)"""
     corpus: str = "shakespeare"
@@ -63,7 +64,8 @@ class TrainArgs:
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     dtype: str = "float32"
-    """'float32', or 'bfloat16' autocast (CUDA)"""
+    """'float32', or 'bfloat16': torch.autocast mixed precision (matmuls in bfloat16, TTT inner loops in
+    float32); saves time and memory on CUDA; accepted on CPU (CPU autocast) but usually slower there"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     progress: bool = True
@@ -79,21 +81,25 @@ class EvalArgs:
     checkpoint: str = ""
     """run directory or checkpoint directory"""
     corpus: str | None = None
-    """corpus to evaluate on (default: the one it was trained on)"""
+    """corpus to evaluate on (default: the one it was trained on); only its validation split is scored:
+    the last 10% of a text file's lines, every 10th file of a directory, the held-out plays / modules of a
+    named corpus"""
     context: int | None = None
     """tokens per window (default: the training context); longer windows test length generalisation"""
     batch_size: int = 8
     """windows per batch"""
     max_batches: int | None = 32
-    """stop after this many batches (None: the whole validation split)"""
+    """stop after this many batches, >= 1 ('none': the whole validation split)"""
     bins: int = 16
     """number of position bins in the loss-vs-position table"""
     out: str | None = None
-    """directory for loss_by_position.png/.md (default: the run directory)"""
+    """directory for eval-step-N.json and loss_by_position-step-N.md/.png, named by the checkpoint's
+    step so evaluations of different checkpoints do not overwrite each other (default: the run directory
+    of the checkpoint, or the checkpoint directory itself when it is not in a run directory)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads"""
+    """torch CPU threads (default: torch's choice)"""
 
 
 @dataclass
@@ -113,9 +119,9 @@ class GenerateArgs:
     max_new_tokens: int = 200
     """tokens to generate"""
     temperature: float = 0.8
-    """sampling temperature (0: greedy)"""
+    """sampling temperature, >= 0 (0: greedy)"""
     top_k: int | None = 40
-    """sample from the k most likely tokens (None: all)"""
+    """sample from the k most likely tokens, >= 1 ('none': all)"""
     seed: int = 0
     """sampling seed"""
     stream: bool = True
@@ -123,7 +129,7 @@ class GenerateArgs:
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads"""
+    """torch CPU threads (default: torch's choice)"""
 
 
 @dataclass
@@ -147,7 +153,7 @@ class BenchArgs:
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads"""
+    """torch CPU threads (default: torch's choice)"""
 
 
 @cache

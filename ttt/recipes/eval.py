@@ -64,27 +64,58 @@ class EvalResult:
     """windows evaluated"""
     positions: list[tuple[int, int, float]]
     """(first position, last position, mean loss) per position bin"""
+    checkpoint: str = ""
+    """the checkpoint directory evaluated"""
+    step: int = 0
+    """its training step"""
+    corpus: str = ""
+    """the corpus whose validation split was scored"""
+    batch_size: int = 0
+    """windows per batch"""
+    batches: int = 0
+    """batches evaluated"""
+    max_batches: int | None = None
+    """the batch limit asked for (None: the whole validation split)"""
+    out: str = ""
+    """the JSON file the result was written to"""
 
 
 def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
-    """Load a checkpoint, evaluate on the validation split, write the loss-vs-position table and plot."""
-    from ttt.data import load_corpus, prepare, tokenizer_from_dict
-    from ttt.models.checkpoint import find_checkpoint, load_model
+    """Load a checkpoint, evaluate on the validation split, write the loss-vs-position table and plot.
 
+    Writes ``eval-step-N.json`` (the result, with the checkpoint, step, corpus, context and batches),
+    ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory)."""
+    from ttt.data import load_corpus, prepare, tokenizer_from_dict
+    from ttt.models.checkpoint import find_checkpoint, load_model, write_text_atomic
+
+    if args.bins < 1 or args.batch_size < 1:
+        raise ValueError("--bins and --batch-size must be >= 1")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(
+            f"--max-batches must be >= 1, or none for the whole validation split, got {args.max_batches}"
+        )
+    if args.context is not None and args.context < 1:
+        raise ValueError(f"--context must be >= 1, got {args.context}")
     set_threads(args.threads)
     device = resolve_device(args.device)
     ckpt = find_checkpoint(args.checkpoint)
     model, meta = load_model(ckpt, device=device)
     train_args = meta.get("args", {})
-    context = args.context or train_args.get("context", 128)
+    context = args.context if args.context is not None else train_args.get("context", 128)
     if context > model.config.max_seq_len:
         raise ValueError(
             f"context {context} is longer than this model's max_seq_len = {model.config.max_seq_len}"
         )
-    if args.bins < 1 or args.batch_size < 1:
-        raise ValueError("bins and batch_size must be >= 1")
-    corpus = load_corpus(args.corpus or train_args.get("corpus", "shakespeare"))
+    corpus_name = args.corpus or train_args.get("corpus", "shakespeare")
+    corpus = load_corpus(corpus_name)
     data = prepare(corpus, tokenizer_from_dict(meta["tokenizer"]))
+    n_val = data.validation.numel()
+    if n_val <= context:
+        raise ValueError(
+            f"the validation split of corpus {corpus_name!r} has {n_val:,} tokens, need more "
+            f"than --context {context}; only the validation split is scored: the last 10% of a text file's "
+            "lines, every 10th file of a directory"
+        )
     loss, by_pos = evaluate_loss(
         model,
         data.validation,
@@ -93,27 +124,48 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
         max_batches=args.max_batches,
         device=device,
     )
-    windows = min((data.validation.numel() - 1) // context, (args.max_batches or 10**12) * args.batch_size)
+    windows = (n_val - 1) // context
+    if args.max_batches is not None:
+        windows = min(windows, args.max_batches * args.batch_size)
     # bins of equal width in position (the plot uses every position)
     edges = torch.linspace(0, context, min(args.bins, context) + 1).round().long().tolist()
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
-    result = EvalResult(loss, data.bits_per_byte(loss), math.exp(loss), context, windows, bins)
 
+    # results are named by the checkpoint's step: evaluating another checkpoint overwrites nothing
     out = Path(args.out) if args.out else ckpt.parent if (ckpt.parent / "latest").exists() else ckpt
     out.mkdir(parents=True, exist_ok=True)
+    step = int(meta.get("step", 0))
+    stem = f"step-{step:06d}"
+    result = EvalResult(
+        loss,
+        data.bits_per_byte(loss),
+        math.exp(loss),
+        context,
+        windows,
+        bins,
+        checkpoint=str(ckpt),
+        step=step,
+        corpus=corpus_name,
+        batch_size=args.batch_size,
+        batches=math.ceil(windows / args.batch_size),
+        max_batches=args.max_batches,
+        out=str(out / f"eval-{stem}.json"),
+    )
     rows = [[f"{a}-{b}", f"{v:.4f}", f"{data.bits_per_byte(v):.4f}"] for a, b, v in bins]
     table = format_table(["positions", "loss (nats/token)", "bits/byte"], rows)
-    (out / "loss_by_position.md").write_text(
-        f"# Loss by token position\n\ncheckpoint: {ckpt}\n\nvalidation loss {loss:.4f} nats/token, "
-        f"{result.bits_per_byte:.4f} bits/byte, {windows} windows of {context} tokens\n\n{table}\n"
+    write_text_atomic(
+        out / f"loss_by_position-{stem}.md",
+        f"# Loss by token position\n\ncheckpoint: {ckpt} (step {step})\n\ncorpus: {corpus_name} (validation "
+        f"split)\n\nvalidation loss {loss:.4f} nats/token, {result.bits_per_byte:.4f} bits/byte, {windows} "
+        f"windows of {context} tokens\n\n{table}\n",
     )
-    (out / "eval.json").write_text(json.dumps(asdict(result), indent=1))
+    write_text_atomic(out / f"eval-{stem}.json", json.dumps(asdict(result), indent=1))
     save_plot(
-        out / "loss_by_position.png",
+        out / f"loss_by_position-{stem}.png",
         {meta["config"]["mixer"]: (list(range(1, context + 1)), by_pos.tolist())},
         xlabel="token position",
         ylabel="loss (nats/token)",
-        title="Validation loss by position",
+        title=f"Validation loss by position (step {step})",
         logx=True,
     )
     return result

@@ -32,7 +32,8 @@ class GenerateResult:
     prompt_tokens: int
     new_tokens: int
     prefill_seconds: float
-    decode_tokens_per_second: float
+    decode_tokens_per_second: float | None
+    """None when nothing was timed after the first new token (``max_new_tokens == 1``)"""
     state_bytes: int
     prompts: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -56,8 +57,7 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> list[int]:
         return ids
     text = args.prompt
     if args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(args.prompt_file)
     if not text:
         raise ValueError(
             "the prompt is empty: give --prompt TEXT, --prompt-file PATH, --prompt-tokens N or "
@@ -78,6 +78,11 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     device = resolve_device(args.device)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    # not a < 0 test: NaN must fail too
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, or none to sample from every token, got {args.top_k}")
     model, meta = load_model(args.checkpoint, device=device)
     model.eval()
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
@@ -117,15 +122,22 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
         out.write("\n")
         out.flush()
     # the last sampled token needs no step, so max_new_tokens - 1 steps were timed (plus sampling)
-    steps = max(1, args.max_new_tokens - 1)
-    return GenerateResult(
-        tokenizer.decode(new), len(ids), len(new), prefill, steps / max(decode, 1e-9), state_nbytes(state)
-    )
+    steps = args.max_new_tokens - 1
+    rate = steps / max(decode, 1e-9) if steps else None
+    return GenerateResult(tokenizer.decode(new), len(ids), len(new), prefill, rate, state_nbytes(state))
+
+
+def _read_text(path: str) -> str:
+    """A UTF-8 text file; an error names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def _read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.rstrip("\n") for line in f]
+    prompts = _read_text(path).split("\n")
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one prompt per line")
@@ -164,7 +176,7 @@ def _generate_batch(args: GenerateArgs, model, tokenizer, device: torch.device) 
     rest = time.perf_counter() - t0
     new = torch.stack(columns, dim=1).tolist()  # [B, N]
     texts = [tokenizer.decode(row) for row in new]
-    rate = len(ids) * (args.max_new_tokens - 1) / max(rest, 1e-9) if args.max_new_tokens > 1 else 0.0
+    rate = len(ids) * (args.max_new_tokens - 1) / max(rest, 1e-9) if args.max_new_tokens > 1 else None
     # generate_stream keeps its state to itself: no decode-state size for a batch
     return GenerateResult(
         "", int(lengths.sum()), len(ids) * args.max_new_tokens, first, rate, 0, prompts, texts

@@ -319,29 +319,30 @@ def train(args: TrainArgs) -> TrainResult:
             trainer_tensors=tensors,
         )
 
-    if dist.main:
-        print(
-            f"model: {args.preset} / {','.join(sorted(set(config.mixers)))}, "
-            f"{model.num_params():,} parameters; data: {corpus!r}, {data.train.numel():,} train tokens; "
-            f"device {device}, {dist.world} process(es)",
-            flush=True,
-        )
     bar = None
-    if dist.main and args.progress:
-        from tqdm.auto import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (a log file gets the eval lines only)
-        bar = tqdm(
-            total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0, disable=None
-        )
-        if bar.disable:
-            bar = None
-    tokens_per_step = args.batch_size * args.context
-    saved_step = step
-    model.train()
-    t_last = time.perf_counter()
+    # from here on, Ctrl-C finishes the step in progress, saves it and stops
     stop = _StopOnInterrupt()
     try:
+        if dist.main:
+            print(
+                f"model: {args.preset} / {','.join(sorted(set(config.mixers)))}, "
+                f"{model.num_params():,} parameters; data: {corpus!r}, {data.train.numel():,} train tokens; "
+                f"device {device}, {dist.world} process(es)",
+                flush=True,
+            )
+        if dist.main and args.progress:
+            from tqdm.auto import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (a log file gets the eval lines only)
+            bar = tqdm(
+                total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0, disable=None
+            )
+            if bar.disable:
+                bar = None
+        tokens_per_step = args.batch_size * args.context
+        saved_step = step
+        model.train()
+        t_last = time.perf_counter()
         while step < args.steps:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
