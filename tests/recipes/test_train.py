@@ -36,6 +36,17 @@ def small_args(corpus_dir: str, out: Path, **kw) -> TrainArgs:
     return TrainArgs(**{**base, **kw})
 
 
+def assert_resumed_equals_straight(straight, resumed, run_a, run_b) -> None:
+    """A resumed 6-step run logs the same losses and ends with the same weights as the straight one."""
+    assert [s for s, _ in resumed.history["train"]] == list(range(1, 7))
+    for (_, x), (_, y) in zip(straight.history["train"], resumed.history["train"]):
+        assert abs(x - y) <= 1e-6
+    wa, _, _ = load_checkpoint(run_a)
+    wb, _, _ = load_checkpoint(run_b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
 def test_three_step_smoke_run(corpus_dir, tmp_path):
     r = train(small_args(corpus_dir, tmp_path / "run", plot=True))
     assert r.step == 3 and len(r.history["train"]) == 3 and len(r.history["val"]) == 2
@@ -52,13 +63,7 @@ def test_resume_continues_exactly(corpus_dir, tmp_path, mixer):
     b = tmp_path / "b"
     (b / "latest").write_text("step-000003\n")
     resumed = train(small_args(corpus_dir, b, mixer=mixer, steps=6, ckpt_every=3, resume=True))
-    assert [s for s, _ in resumed.history["train"]] == list(range(1, 7))
-    for (_, x), (_, y) in zip(straight.history["train"], resumed.history["train"]):
-        assert abs(x - y) <= 1e-6
-    wa, _, _ = load_checkpoint(tmp_path / "a")
-    wb, _, _ = load_checkpoint(b)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert_resumed_equals_straight(straight, resumed, tmp_path / "a", b)
 
 
 def test_existing_run_is_not_overwritten(corpus_dir, tmp_path):
@@ -196,10 +201,4 @@ def test_ctrl_c_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.setattr(ttt.data, "sample_batch", real)
     resumed = train(small_args(corpus_dir, b, steps=6, ckpt_every=3, resume=True))
-    assert [s for s, _ in resumed.history["train"]] == list(range(1, 7))
-    for (_, x), (_, y) in zip(straight.history["train"], resumed.history["train"]):
-        assert abs(x - y) <= 1e-6
-    wa, _, _ = load_checkpoint(tmp_path / "a")
-    wb, _, _ = load_checkpoint(b)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert_resumed_equals_straight(straight, resumed, tmp_path / "a", b)
