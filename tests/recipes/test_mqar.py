@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ttt.recipes.mqar import MQARArgs, example_accuracy, main, run_mqar, slices
+from ttt.recipes.mqar import MQARArgs, build_model, example_accuracy, main, run_mqar, slices
 
 TINY = dict(dim=16, layers=1, heads=2, vocab=40, seq_len="16,32", num_kv="2,4", train_examples=32,
             test_examples=8, epochs=1, batch_size=16, progress=False)  # fmt: skip
@@ -47,3 +47,11 @@ def test_slices_pair_lengths_and_pair_counts():
     assert slices(MQARArgs(seq_len="64", num_kv="4,8")) == [(64, 4), (64, 8)]
     with pytest.raises(ValueError, match="equal counts"):
         slices(MQARArgs(seq_len="64,128,256", num_kv="4,8"))
+
+
+def test_mixer_kwargs_reach_the_mixer():
+    args = MQARArgs(dim=16, heads=2, vocab=40, mixer_kwargs='{"ttt_linear": {"share_qk": true}}')
+    with_conv, without = (
+        build_model("ttt_linear", a, max_seq_len=16) for a in (args, MQARArgs(dim=16, vocab=40))
+    )
+    assert with_conv.blocks[0].mixer.conv_q is not None and without.blocks[0].mixer.conv_q is None

@@ -17,9 +17,9 @@ Deviations from Zoology's configs (DATA.md 6.1), all to fit minutes per mixer on
 - model: this library's LM: RMSNorm, a SwiGLU MLP of width 2d after every mixer (Zoology's MQAR
   configs have none), RoPE in the mixers that use it instead of learned positions, no dropout, tied
   head; d = 64, 2 layers, 2 heads for every mixer (Zoology's attention has 1); every mixer with this
-  library's defaults: short convs in the delta rules and TTT, TTT mini-batch 16, TTT-Linear base lr 1.0,
-  TTT-MLP 0.1, and no conv and no positions in ``linear_attention`` (Zoology's config B gives every
-  mixer a short convolution);
+  library's defaults: short convs on q, k, v in the delta rules; TTT with RoPE and no conv
+  (``share_qk=False``), mini-batch 16, base lr 1.0 (TTT-Linear) / 0.1 (TTT-MLP); no conv and no positions
+  in ``linear_attention`` (Zoology's config B gives every mixer a short convolution);
 - training: 8 epochs (Zoology 64) of batch 32 (Zoology 512), one lr (1e-3) instead of the max over 4,
   cosine per step instead of per epoch, gradient clipping at 1.0. As in Zoology: AdamW with weight decay
   0.1, a test pass after every epoch, early stop above 0.99 test accuracy.
@@ -69,6 +69,8 @@ class MQARArgs:
     """training examples per slice"""
     test_examples: int = 250
     """held-out test examples per slice"""
+    mixer_kwargs: str | None = None
+    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"share_qk": true}}'"""
     random_non_queries: bool = False
     """fill the blanks between queries with random tokens (Zoology config B) instead of 0 (config A)"""
     epochs: int = 8
@@ -137,9 +139,10 @@ def make_splits(args: MQARArgs) -> tuple[Split, Split]:
 def build_model(mixer: str, args: MQARArgs, max_seq_len: int) -> torch.nn.Module:
     from ttt.models import CausalLM, LMConfig
 
+    mixer_kwargs = json.loads(args.mixer_kwargs) if args.mixer_kwargs else {}
     config = LMConfig.from_name("micro", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
                                 n_heads=args.heads, mixer=mixer, mlp_hidden=2 * args.dim,
-                                max_seq_len=max_seq_len)  # fmt: skip
+                                max_seq_len=max_seq_len, mixer_kwargs=mixer_kwargs)  # fmt: skip
     return CausalLM(config)
 
 
