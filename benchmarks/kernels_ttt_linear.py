@@ -355,7 +355,9 @@ def decode_table(dec):
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D ... (default: the three reference shapes)")
+    ap.add_argument(
+        "--shapes", nargs="*", default=None, help="B,T,H,D ... (default: the three reference shapes)"
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     ap.add_argument("--no-fla", dest="fla", action="store_false", help="skip flash-linear-attention")
