@@ -202,3 +202,23 @@ def test_ctrl_c_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp
     monkeypatch.setattr(ttt.data, "sample_batch", real)
     resumed = train(small_args(corpus_dir, b, steps=6, ckpt_every=3, resume=True))
     assert_resumed_equals_straight(straight, resumed, tmp_path / "a", b)
+
+
+def test_mixer_kwargs_reach_the_model_and_its_checkpoint(corpus_dir, tmp_path):
+    from ttt.models.checkpoint import load_model
+
+    kwargs = '{"ttt_linear": {"share_qk": true}}'
+    train(small_args(corpus_dir, tmp_path / "m", mixer_kwargs=kwargs))
+    model, _ = load_model(tmp_path / "m")
+    assert model.config.mixer_kwargs == {"ttt_linear": {"share_qk": True}}
+    assert all(block.mixer.share_qk for block in model.blocks)
+    for bad, match in [
+        ("{share_qk}", "must be JSON"),
+        ('{"ttt_linear": 1}', "objects"),
+        ('{"nope": {}}', "unknown"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train(small_args(corpus_dir, tmp_path / "bad", mixer_kwargs=bad))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        train(small_args(corpus_dir, tmp_path / "bad", mixer_kwargs='{"ttt_linear": {"sharing": 1}}'))
+    assert not (tmp_path / "bad").exists()

@@ -22,6 +22,9 @@ class TrainArgs:
     layer_mixers: str | None = None
     """comma-separated mixer per block for hybrids, e.g. 'ttt_linear,attention,ttt_linear,attention'
     (default: every block has --mixer)"""
+    mixer_kwargs: str | None = None
+    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"share_qk": true}}' (TTT's short
+    convolutions, the paper's (M) variant)"""
     match_params: str | None = "attention"
     """resize the SwiGLU width so the model has the parameter count of this mixer's model ('none': off)"""
     corpus: str = "shakespeare"

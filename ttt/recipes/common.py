@@ -13,6 +13,29 @@ from torch import Tensor
 __all__ = ["Dist", "lm_loss", "resolve_device", "save_plot", "setup_dist", "set_threads"]
 
 
+def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
+    """``--mixer-kwargs`` JSON -> ``{mixer name: {argument: value}}`` (``LMConfig.mixer_kwargs``), checked."""
+    import json
+
+    from ttt.layers import MIXERS
+
+    if not text:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f'--mixer-kwargs must be JSON, e.g. \'{{"ttt_linear": {{"share_qk": true}}}}\': {e}'
+        ) from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+        raise ValueError("--mixer-kwargs must map mixer names to objects of arguments, e.g. "
+                         "'{\"ttt_linear\": {\"share_qk\": true}}'")  # fmt: skip
+    unknown = sorted(set(parsed) - set(MIXERS))
+    if unknown:
+        raise ValueError(f"--mixer-kwargs names unknown mixers {unknown}; choose from {sorted(MIXERS)}")
+    return parsed
+
+
 def resolve_device(name: str) -> torch.device:
     """``'auto'`` -> CUDA when present, else CPU; anything else is checked."""
     if name == "auto":

@@ -139,7 +139,9 @@ def make_splits(args: MQARArgs) -> tuple[Split, Split]:
 def build_model(mixer: str, args: MQARArgs, max_seq_len: int) -> torch.nn.Module:
     from ttt.models import CausalLM, LMConfig
 
-    mixer_kwargs = json.loads(args.mixer_kwargs) if args.mixer_kwargs else {}
+    from .common import parse_mixer_kwargs
+
+    mixer_kwargs = parse_mixer_kwargs(args.mixer_kwargs)
     config = LMConfig.from_name("micro", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
                                 n_heads=args.heads, mixer=mixer, mlp_hidden=2 * args.dim,
                                 max_seq_len=max_seq_len, mixer_kwargs=mixer_kwargs)  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .args import TrainArgs
-from .common import lm_loss, resolve_device, save_plot, set_threads, setup_dist
+from .common import lm_loss, parse_mixer_kwargs, resolve_device, save_plot, set_threads, setup_dist
 
 __all__ = ["RUN_OUTPUTS", "TrainResult", "build_optimizer", "lr_at", "train"]
 
@@ -242,8 +242,16 @@ def train(args: TrainArgs) -> TrainResult:
     data = prepare(corpus, tokenizer)
     layer_mixers = tuple(args.layer_mixers.split(",")) if args.layer_mixers else None
     config = LMConfig.from_name(
-        args.preset, mixer=args.mixer, vocab_size=tokenizer.vocab_size, layer_mixers=layer_mixers
+        args.preset,
+        mixer=args.mixer,
+        vocab_size=tokenizer.vocab_size,
+        layer_mixers=layer_mixers,
+        mixer_kwargs=parse_mixer_kwargs(args.mixer_kwargs),
     )
+    for name in sorted(
+        set(config.mixers)
+    ):  # a bad --mixer-kwargs argument fails here, before anything is written
+        build_mixer(name, config)
     if args.match_params and args.match_params.lower() != "none":
         reference = dataclasses.replace(config, mixer=args.match_params, layer_mixers=None)
         build_mixer(args.match_params, reference)  # unknown name: a clear error
