@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .common import optimizer_step
+
 __all__ = ["DigitsArgs", "DigitsResult", "train_digits"]
 
 
@@ -68,11 +70,7 @@ def train_digits(args: DigitsArgs) -> DigitsResult:
         for i in range(0, len(order), args.batch_size):
             b = order[i : i + args.batch_size]
             loss = F.cross_entropy(model(x_tr[b]), y_tr[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched)
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(x_te[i : i + 256]).argmax(-1) for i in range(0, len(x_te), 256)])

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import format_table, optimizer_step, parse_mixer_kwargs, set_threads
+
 __all__ = ["MQARArgs", "MQARResult", "main", "run_mqar", "train_mqar"]
 
 # Zoology stops a run once the test accuracy passes this
@@ -139,8 +141,6 @@ def make_splits(args: MQARArgs) -> tuple[Split, Split]:
 def build_model(mixer: str, args: MQARArgs, max_seq_len: int) -> torch.nn.Module:
     from ttt.models import CausalLM, LMConfig
 
-    from .common import parse_mixer_kwargs
-
     mixer_kwargs = parse_mixer_kwargs(args.mixer_kwargs)
     config = LMConfig.from_name("micro", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
                                 n_heads=args.heads, mixer=mixer, mlp_hidden=2 * args.dim,
@@ -196,11 +196,7 @@ def train_mqar(mixer: str, args: MQARArgs, train: Split, test: Split) -> MQARRes
     for _ in range(args.epochs):
         for x, y in epoch_batches(train, args.batch_size, g):
             loss = recall_loss(model(x)[0], y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{history[-1]:.3f}" if history else "-")
         scores = evaluate(model, test)
@@ -216,7 +212,6 @@ def train_mqar(mixer: str, args: MQARArgs, train: Split, test: Split) -> MQARRes
 
 def run_mqar(args: MQARArgs) -> list[MQARResult]:
     """Train and score every mixer of ``args.mixers`` on the same data."""
-    from .common import set_threads
 
     set_threads(args.threads)
     train, test = make_splits(args)
@@ -225,7 +220,6 @@ def run_mqar(args: MQARArgs) -> list[MQARResult]:
 
 def format_results(results: list[MQARResult]) -> str:
     """A markdown table: one row per mixer, overall and per-slice accuracy, parameters, seconds."""
-    from .common import format_table
 
     slice_names = list(results[0].slice_accuracy) if results else []
     header = ["mixer", "accuracy", *slice_names, "parameters", "epochs", "seconds"]
