@@ -104,7 +104,10 @@ def test_train_eval_generate_smoke(trained, tmp_path, capsys):
 
 def test_generate_a_batch_of_prompts_equals_each_prompt_alone(trained, tmp_path, capsys):
     prompts = ["SPEAKER 1:", "The", "A much longer prompt than the others, past a mini-batch"]
-    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    # Windows line ends: no prompt may keep a trailing \r
+    (tmp_path / "prompts.txt").write_bytes(
+        ("\r\n".join(prompts[:2]) + "\r\n\r\n" + prompts[2] + "\r\n").encode()
+    )
     greedy = ["--checkpoint", str(trained), "--max-new-tokens", "7", "--temperature", "0"]
     assert main(["generate", *greedy, "--prompts-file", str(tmp_path / "prompts.txt")]) == 0
     captured = capsys.readouterr()

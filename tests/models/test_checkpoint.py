@@ -76,6 +76,9 @@ def test_update_meta_and_clear_run(tmp_path):
     removed = clear_run(tmp_path, ("*.png",))
     assert [p.name for p in removed] == ["latest", "step-000007", "plot.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    # no checkpoint left: the directory is no run, and files named like ttt's outputs are the user's
+    (tmp_path / "eval.json").write_text("{}")
+    assert clear_run(tmp_path, ("*.png", "eval.json")) == [] and (tmp_path / "eval.json").exists()
 
 
 def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path):

@@ -181,3 +181,14 @@ def test_sampling_options_are_checked():
             sample(logits, **kwargs)
     g = torch.Generator().manual_seed(0)
     assert bool((sample(logits, top_k=1, generator=g) == logits.argmax(-1)).all())
+
+
+def test_ragged_generate_pads_also_without_new_tokens_and_yields_fresh_tensors():
+    model = micro("attention")
+    batch = torch.tensor([[5, 6, 7], [8, 99, 99]])
+    assert model.generate(batch, 0, lengths=[3, 1], pad_id=0).tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert torch.equal(model.generate(batch, 0), batch)
+    columns = list(model.generate_stream(batch, 3, lengths=[3, 1], temperature=0.0))
+    assert all(c.is_contiguous() and c._base is None for c in columns)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(batch, -1)

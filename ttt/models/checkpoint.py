@@ -160,7 +160,8 @@ def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list
     files matching the glob patterns ``outputs``; return what was deleted.
 
     Only what ``ttt`` writes is deleted. If a ``step-*`` directory holds any other file, nothing at all
-    is deleted and :class:`CheckpointError` names the file.
+    is deleted and :class:`CheckpointError` names the file. A directory without ``ttt`` checkpoints
+    (no ``latest``, no ``step-*``) is not a run: files matching ``outputs`` there are the user's and stay.
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -173,8 +174,9 @@ def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list
             f"{', '.join(str(f) for f in foreign[:5])}; move them away (nothing was deleted)"
         )
     temporaries = [*run.glob(".tmp-step-*"), *run.glob(".latest.*")]
-    files = sorted({p for pattern in outputs for p in run.glob(pattern) if p.is_file()})
     latest = [run / "latest"] if (run / "latest").is_file() else []
+    is_run = bool(latest or steps)
+    files = sorted({p for pattern in outputs for p in run.glob(pattern) if p.is_file()}) if is_run else []
     # 'latest' first: a removal cut short never leaves it pointing at a deleted checkpoint
     removed = []
     for p in [*latest, *steps, *temporaries, *files]:

@@ -158,6 +158,8 @@ class CausalLM(nn.Module):
         batch, width = idx.shape if idx.dim() == 2 else (0, 0)
         if idx.dim() != 2 or idx.numel() == 0:
             raise ValueError(f"the prompt is empty or not [B, T] token ids: shape {list(idx.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         lengths = _prompt_lengths(lengths, batch, width)
         longest = int(lengths.max())
         if longest + max_new_tokens > self.config.max_seq_len:
@@ -165,7 +167,7 @@ class CausalLM(nn.Module):
                 f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"max_seq_len = {self.config.max_seq_len}"
             )
-        if max_new_tokens <= 0:
+        if max_new_tokens == 0:
             return
         lengths = lengths.to(idx.device)
         start = int(lengths.min())
@@ -182,7 +184,7 @@ class CausalLM(nn.Module):
             sampled = (k >= 0) & (k < max_new_tokens)
             new[rows, slot] = torch.where(sampled, token, new[rows, slot])
             while yielded <= t - longest:  # column k is complete once the longest prompt reached it
-                yield new[:, yielded]
+                yield new[:, yielded].clone()  # a tensor of its own, not a view of the working buffer
                 yielded += 1
             if t + 1 < longest + max_new_tokens:
                 if t < longest:
@@ -205,9 +207,7 @@ class CausalLM(nn.Module):
         its ``max_new_tokens`` new tokens, then ``pad_id``. Keyword options as :meth:`generate_stream`.
         """
         new = list(self.generate_stream(idx, max_new_tokens, lengths=lengths, **kwargs))
-        if not new:
-            return idx
-        new = torch.stack(new, dim=1)
+        new = torch.stack(new, dim=1) if new else idx.new_zeros(idx.shape[0], 0)
         if lengths is None:
             return torch.cat([idx, new], dim=1)
         lengths = _prompt_lengths(lengths, *idx.shape).to(idx.device)

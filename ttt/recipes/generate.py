@@ -137,7 +137,7 @@ def _read_text(path: str) -> str:
 
 
 def _read_prompts(path: str) -> list[str]:
-    prompts = _read_text(path).split("\n")
+    prompts = _read_text(path).splitlines()  # \n, \r\n and \r line ends alike
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one prompt per line")
