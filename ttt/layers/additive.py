@@ -30,6 +30,12 @@ _FORMS_DOC = """
 """
 
 
+def per_head_per_token(values: Tensor, batch: int, length: int, dtype: torch.dtype) -> Tensor:
+    """``values [H]`` repeated for every sequence and token: ``[B, H, T]``, in ``dtype`` but at least float32
+    (under autocast q is bf16, and a decay rounded to bf16 compounds over T)."""
+    return values.to(torch.promote_types(dtype, torch.float32))[None, :, None].expand(batch, -1, length)
+
+
 class LinearAttention(MatrixMixer):
     __doc__ = (
         """Linear attention (Katharopoulos et al., arXiv 2006.16236).
@@ -132,9 +138,7 @@ class RetNet(MatrixMixer):
         positions = state.lengths[:, None] + torch.arange(length, device=x.device)  # [B, T]
         cos, sin = rotary_cos_sin(positions, self.head_k_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # at least float32: under autocast q is bf16, and a decay rounded to bf16 compounds over T
-        gate_dtype = torch.promote_types(q.dtype, torch.float32)
-        log_alpha = self.log_gamma.to(gate_dtype)[None, :, None].expand(batch, -1, length)  # [B, H, T]
+        log_alpha = per_head_per_token(self.log_gamma, batch, length, q.dtype)  # [B, H, T]
         beta = torch.ones_like(log_alpha)
         k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
         o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha)
@@ -366,10 +370,8 @@ class HebbianFastWeights(MatrixMixer):
         k = F.normalize(split_heads(self.k_proj(x), self.num_heads), dim=-1, eps=1e-6)
         v = split_heads(self.v_proj(x), self.num_heads)
         _, lr = self.rates()
-        # at least float32: under autocast q is bf16, and a decay rounded to bf16 compounds over T
-        gate_dtype = torch.promote_types(q.dtype, torch.float32)
-        per_token = lambda t: t.to(gate_dtype)[None, :, None].expand(batch, -1, length)  # noqa: E731  [B, H, T]
-        beta, log_alpha = per_token(lr), per_token(F.logsigmoid(self.decay_logit))
+        beta = per_head_per_token(lr, batch, length, q.dtype)  # [B, H, T]
+        log_alpha = per_head_per_token(F.logsigmoid(self.decay_logit), batch, length, q.dtype)
         k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
         o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha,
                               scale=1.0)  # fmt: skip
