@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -49,6 +51,21 @@ def ttt_inputs(
             else:
                 out[key] = val.clone().requires_grad_()
     return out
+
+
+def stage_case(B: int, H: int, T: int, D: int, b: int, seed: int, device) -> tuple[dict, Callable]:
+    """Float64 inputs of a kernel-stage comparison (TTT-Linear and TTT-MLP alike): q, k, v ``[B, H, T, D]``,
+    lr ``[B, H, T]``, ln_w / ln_b ``[H, D]``, token_eta ``te [b]`` and an output gradient ``do``; plus the
+    seeded ``r(*shape, scale=)`` that drew them, for the caller's op-specific state."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64).to(device) * scale  # noqa: E731
+    x = dict(
+        q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
+        lr=torch.rand(B, H, T, generator=g, dtype=torch.float64).to(device) * 0.5,
+        ln_w=1 + r(H, D, scale=0.2), ln_b=r(H, D, scale=0.2),
+        te=(1.0 / torch.arange(1, b + 1, dtype=torch.float64)).to(device), do=r(B, H, T, D),
+    )  # fmt: skip
+    return x, r
 
 
 def grad_leaves(inputs: dict) -> list[Tensor]:

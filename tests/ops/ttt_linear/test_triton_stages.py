@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_linear  # noqa: E402
 from ttt.ops.common import causal_eta_scores, layer_norm, ln_l2_grad, split_segments  # noqa: E402
-from ttt.testing import assert_stage_matches  # noqa: E402
+from ttt.testing import assert_stage_matches, stage_case  # noqa: E402
 
 fwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_fwd")
 bwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_bwd")
@@ -35,15 +35,8 @@ CASES = [(29, 3, 8, True), (29, 0, 8, False), (16, 5, 16, True), (7, 3, 16, True
 
 def make(B, H, T, D, b, offset, seed=0):
     """Float64 inputs and a resumable state (anchor and, at offset > 0, a carried gradient sum)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) * scale  # noqa: E731
-    x = dict(
-        q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
-        lr=torch.rand(B, H, T, generator=g, dtype=torch.float64).to(DEVICE) * 0.5,
-        ln_w=1 + r(H, D, scale=0.2), ln_b=r(H, D, scale=0.2),
-        te=(1.0 / torch.arange(1, b + 1, dtype=torch.float64)).to(DEVICE), W=r(B, H, D, D, scale=0.4 / D**0.5),
-        bias=r(B, H, D, scale=0.1), do=r(B, H, T, D),
-    )  # fmt: skip
+    x, r = stage_case(B, H, T, D, b, seed, DEVICE)
+    x.update(W=r(B, H, D, D, scale=0.4 / D**0.5), bias=r(B, H, D, scale=0.1))
     on = float(offset > 0)
     x["S"] = (r(B, H, D, D, scale=0.1 / D**0.5) * on, r(B, H, D, scale=0.1) * on)
     return x

@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 from ttt.ops.common import gelu_tanh, grad_of_inner_loss, layer_norm, ln_l2_grad, split_segments  # noqa: E402
-from ttt.testing import assert_stage_matches  # noqa: E402
+from ttt.testing import assert_stage_matches, stage_case  # noqa: E402
 
 fwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_fwd")
 bwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_bwd")
@@ -34,16 +34,9 @@ CASES = [(21, 3, 8, True), (21, 0, 8, False), (12, 5, 16, True)]
 
 
 def make(B, H, T, D, M, b, offset, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) * scale  # noqa: E731
-    x = dict(
-        q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
-        lr=torch.rand(B, H, T, generator=g, dtype=torch.float64).to(DEVICE) * 0.5,
-        ln_w=1 + r(H, D, scale=0.2), ln_b=r(H, D, scale=0.2),
-        te=(1.0 / torch.arange(1, b + 1, dtype=torch.float64)).to(DEVICE), do=r(B, H, T, D),
-        anchor=(r(B, H, D, M, scale=1 / D**0.5), r(B, H, M, scale=0.3), r(B, H, M, D, scale=1 / M**0.5),
-                r(B, H, D, scale=0.1)),
-    )  # fmt: skip
+    x, r = stage_case(B, H, T, D, b, seed, DEVICE)
+    x["anchor"] = (r(B, H, D, M, scale=1 / D**0.5), r(B, H, M, scale=0.3), r(B, H, M, D, scale=1 / M**0.5),
+                   r(B, H, D, scale=0.1))  # fmt: skip
     on = float(offset > 0)
     x["S"] = tuple(r(*t.shape, scale=0.1) * on for t in x["anchor"])
     return x
