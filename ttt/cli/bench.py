@@ -12,28 +12,24 @@ EPILOG = """examples:
 
 
 def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import BenchArgs
+    from ttt.recipes.args import BenchArgs, add_subcommand
 
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
+    p = add_subcommand(
+        subparsers,
         "bench",
+        BenchArgs,
         help="benchmark mixers against attention",
-        epilog=EPILOG,
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
-    add_dataclass_args(p, BenchArgs)
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ttt.recipes.args import BenchArgs
+    from ttt.recipes.args import BenchArgs, dataclass_from_namespace
     from ttt.recipes.bench import bench
-
-    from ._args import dataclass_from_namespace
 
     args = dataclass_from_namespace(BenchArgs, ns)
     bench(args)

@@ -15,26 +15,23 @@ EPILOG = """examples:
 
 
 def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import EvalArgs
+    from ttt.recipes.args import EvalArgs, add_subcommand
 
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
+    p = add_subcommand(
+        subparsers,
         "eval",
+        EvalArgs,
         help="evaluate a checkpoint (loss, bits/byte, loss vs position)",
-        epilog=EPILOG,
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        required=("checkpoint",),
     )
-    add_dataclass_args(p, EvalArgs, required=("checkpoint",))
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import EvalArgs
+    from ttt.recipes.args import EvalArgs, dataclass_from_namespace
     from ttt.recipes.eval import evaluate_checkpoint
-
-    from ._args import dataclass_from_namespace
 
     args = dataclass_from_namespace(EvalArgs, ns)
     if not args.checkpoint:

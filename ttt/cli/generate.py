@@ -16,26 +16,23 @@ EPILOG = """examples:
 
 
 def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import GenerateArgs
+    from ttt.recipes.args import GenerateArgs, add_subcommand
 
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
+    p = add_subcommand(
+        subparsers,
         "generate",
+        GenerateArgs,
         help="generate text from a checkpoint",
-        epilog=EPILOG,
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        required=("checkpoint",),
     )
-    add_dataclass_args(p, GenerateArgs, required=("checkpoint",))
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import GenerateArgs
+    from ttt.recipes.args import GenerateArgs, dataclass_from_namespace
     from ttt.recipes.generate import generate_text
-
-    from ._args import dataclass_from_namespace
 
     args = dataclass_from_namespace(GenerateArgs, ns)
     if not args.checkpoint:

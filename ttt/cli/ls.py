@@ -10,12 +10,10 @@ EPILOG = """examples:
 
 
 def create(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "ls",
-        help="list mixers, presets and corpora",
-        epilog=EPILOG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    from ttt.recipes.args import add_subcommand
+
+    p = add_subcommand(
+        subparsers, "ls", help="list mixers, presets and corpora", description=__doc__, epilog=EPILOG
     )
     p.set_defaults(func=run)
 

@@ -25,26 +25,23 @@ EPILOG = """examples:
 
 def create(subparsers: argparse._SubParsersAction) -> None:
     from ttt.models.config import PRESETS
-    from ttt.recipes.args import TrainArgs
+    from ttt.recipes.args import TrainArgs, add_subcommand
 
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
+    p = add_subcommand(
+        subparsers,
         "train",
+        TrainArgs,
         help="train a TTT (or attention) language model",
-        epilog=EPILOG,
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        notes={"preset": "one of " + ", ".join(PRESETS)},
     )
-    add_dataclass_args(p, TrainArgs, notes={"preset": "one of " + ", ".join(PRESETS)})
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import TrainArgs
+    from ttt.recipes.args import TrainArgs, dataclass_from_namespace
     from ttt.recipes.train import train
-
-    from ._args import dataclass_from_namespace
 
     train(dataclass_from_namespace(TrainArgs, ns))
     return 0
