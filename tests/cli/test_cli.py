@@ -113,7 +113,7 @@ def test_generate_a_batch_of_prompts_equals_each_prompt_alone(trained, tmp_path,
     captured = capsys.readouterr()
     assert "3 prompts" in captured.err and "tokens/s" in captured.err
     for i, prompt in enumerate(prompts):
-        assert main(["generate", *greedy, "--prompt", prompt, "--no-stream"]) == 0
+        assert main(["generate", *greedy, "--prompt", prompt, "--no-stream", "--no-echo"]) == 0
         alone = capsys.readouterr().out.rstrip("\n")
         assert f"--- prompt {i + 1} of 3 ---\n{prompt}{alone}\n" in captured.out
 
@@ -367,3 +367,22 @@ def test_generate_options(trained, tmp_path, capsys):
     assert "n/a tokens/s" in capsys.readouterr().err
     assert main([*base, "--prompt", "The", "--top-k", "none"]) == 0
     assert "n/a tokens/s" in capsys.readouterr().err
+
+
+def test_generate_echoes_the_prompt_unless_told_not_to_and_offers_top_p(trained, capsys):
+    base = ["generate", "--checkpoint", str(trained), "--prompt", "SPEAKER 1:", "--max-new-tokens", "9"]
+    for extra in ([], ["--no-stream"]):
+        assert main([*base, "--temperature", "0", *extra]) == 0
+        echoed = capsys.readouterr().out
+        assert main([*base, "--temperature", "0", "--no-echo", *extra]) == 0
+        bare = capsys.readouterr().out
+        assert echoed == "SPEAKER 1:" + bare and len(bare.rstrip("\n")) >= 1
+    # top-p 1 is plain sampling: same seed, same text; a tiny p keeps only the most likely token
+    outs = []
+    for extra in ([], ["--top-p", "1"], ["--top-p", "1e-9"], ["--temperature", "0"]):
+        assert main([*base, "--top-k", "none", "--no-echo", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[2] == outs[3]
+    for bad in ("0", "1.5", "nan"):
+        assert main([*base, "--top-p", bad]) == 1
+        assert "--top-p must lie in (0, 1]" in capsys.readouterr().err

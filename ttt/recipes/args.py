@@ -151,6 +151,11 @@ class GenerateArgs:
     """sampling temperature, >= 0 (0: greedy)"""
     top_k: int | None = 40
     """sample from the k most likely tokens, >= 1 ('none': all)"""
+    top_p: float | None = None
+    """nucleus sampling: sample from the fewest most likely tokens whose probability sums to at least p,
+    0 < p <= 1, applied after --top-k (default none: all)"""
+    echo: bool = True
+    """print the prompt before its continuation (--no-echo: only the new text)"""
     seed: int = 0
     """sampling seed"""
     stream: bool = True
