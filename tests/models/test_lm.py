@@ -205,7 +205,8 @@ def test_top_p_one_is_plain_sampling_and_tokens_outside_the_nucleus_never_appear
     assert set(sample(rows, top_p=1e-6, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
     # top-k first, then top-p among the survivors: k = 3 drops token 0 and renormalises 0.5, 0.3, 0.15
     # to 0.526, 0.316, 0.158, so p = 0.84 keeps tokens 1 and 3 only
-    assert set(sample(rows, top_k=3, top_p=0.84, generator=torch.Generator().manual_seed(0)).tolist()) == {1, 3}
+    drawn = sample(rows, top_k=3, top_p=0.84, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3}
 
 
 def test_generate_passes_top_p_on():
