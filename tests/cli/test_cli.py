@@ -386,3 +386,57 @@ def test_generate_echoes_the_prompt_unless_told_not_to_and_offers_top_p(trained,
     for bad in ("0", "1.5", "nan"):
         assert main([*base, "--top-p", bad]) == 1
         assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path, capsys):
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    from ttt.models.checkpoint import load_model
+
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    (texts / "a.txt").write_text("SPEAKER 1:\nWhat light through yonder window breaks?\n" * 2)
+    (texts / "sub" / "b.md").write_text("The rest is silence.\n")
+    (texts / "image.bin").write_bytes(bytes(range(256)))
+    (texts / ".hidden").write_text("not read")
+    before = sorted(p.name for p in texts.rglob("*"))
+    assert main(["eval", "--checkpoint", str(trained), "--file", str(texts / "a.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "the whole of" in out and "eval-step-000003-file-a.txt.json" in out
+    result = json.loads((trained / "eval-step-000003-file-a.txt.json").read_text())
+    # oracle: every token after the first, in windows of 32 (the training context) and one shorter tail
+    ids = torch.tensor(list((texts / "a.txt").read_bytes()))
+    model, _ = load_model(trained)
+    windows = [(ids[i : i + 32][: len(ids) - 1 - i], ids[i + 1 : i + 33]) for i in range(0, len(ids) - 1, 32)]
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x[None])[0][0], y, reduction="sum") for x, y in windows]
+    assert result["windows"] == len(losses) == 4 and result["max_batches"] is None
+    assert abs(result["loss"] - float(sum(losses)) / (len(ids) - 1)) < 1e-5
+    assert (trained / "loss_by_position-step-000003-file-a.txt.md").exists()
+
+    assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--context", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "(2 text files)" in captured.out and "image.bin" in captured.err
+    result = json.loads((trained / "eval-step-000003-file-texts.json").read_text())
+    assert result["files"] == 2 and result["skipped"] == [str(texts / "image.bin")] and result["context"] == 8
+    # nothing written beside the texts; the run directory's corpus evaluation is left alone
+    assert sorted(p.name for p in texts.rglob("*")) == before
+    assert not (trained / "eval-step-000003.json").exists()
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("a")
+    (tmp_path / "empty").mkdir()
+    for path, message in [
+        (tmp_path / "missing.txt", "no such file"),
+        (texts / "image.bin", "not a text file"),
+        (tmp_path / "latin1.txt", "not UTF-8 text"),
+        (tmp_path / "short.txt", "need at least 2"),
+        (tmp_path / "empty", "no UTF-8 text file"),
+    ]:
+        assert main(["eval", "--checkpoint", str(trained), "--file", str(path)]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--corpus", "shakespeare"]) == 1
+    assert "not both" in capsys.readouterr().err

@@ -109,22 +109,27 @@ class EvalArgs:
 
     checkpoint: str = ""
     """run directory or checkpoint directory"""
+    file: str | None = None
+    """score the whole of this UTF-8 text file, or of every text file in this directory (recursively; other
+    files are skipped and listed), read with the model's tokenizer: every token after the first, in windows
+    of --context tokens; --max-batches does not apply"""
     corpus: str | None = None
-    """corpus to evaluate on (default: the one it was trained on); only its validation split is scored:
-    the last 10% of a text file's lines, every 10th file of a directory, the held-out plays / modules of a
-    named corpus"""
+    """corpus to evaluate on when --file is not given (default: the one it was trained on); only its
+    validation split is scored: the last 10% of a text file's lines, every 10th file of a directory, the
+    held-out plays / modules of a named corpus"""
     context: int | None = None
     """tokens per window (default: the training context); longer windows test length generalisation"""
     batch_size: int = 8
     """windows per batch"""
     max_batches: int | None = 32
-    """stop after this many batches, >= 1 ('none': the whole validation split)"""
+    """stop after this many batches of a validation split, >= 1 ('none': the whole split)"""
     bins: int = 16
     """number of position bins in the loss-vs-position table"""
     out: str | None = None
     """directory for eval-step-N.json and loss_by_position-step-N.md/.png, named by the checkpoint's
-    step so evaluations of different checkpoints do not overwrite each other (default: the run directory
-    of the checkpoint, or the checkpoint directory itself when it is not in a run directory)"""
+    step (and with --file by the file's name: eval-step-N-file-NAME.json) so evaluations do not
+    overwrite each other (default: the run directory of the checkpoint, or the checkpoint directory itself
+    when it is not in a run directory; nothing is written elsewhere)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None

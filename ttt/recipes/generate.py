@@ -60,7 +60,9 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> tuple[str, list[in
         return tokenizer.decode(ids), ids
     text = args.prompt
     if args.prompt_file is not None:
-        text = _read_text(args.prompt_file)
+        from ttt.data import read_text
+
+        text = read_text(args.prompt_file)
     if not text:
         raise ValueError(
             "the prompt is empty: give --prompt TEXT, --prompt-file PATH, --prompt-tokens N or "
@@ -140,17 +142,10 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     return GenerateResult(text, len(ids), len(new), prefill, rate, size, prompt=prompt)
 
 
-def _read_text(path: str) -> str:
-    """A UTF-8 text file; an error names the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-
-
 def _read_prompts(path: str) -> list[str]:
-    prompts = _read_text(path).splitlines()  # \n, \r\n and \r line ends alike
+    from ttt.data import read_text
+
+    prompts = read_text(path).splitlines()  # \n, \r\n and \r line ends alike
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one prompt per line")
