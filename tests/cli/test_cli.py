@@ -440,3 +440,51 @@ def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path,
         assert message in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--corpus", "shakespeare"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_writes_under_runs_by_default_says_where_and_names_the_plot_extra(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    argv = [
+        "bench",
+        "--mixers",
+        "attention",
+        "--dim",
+        "16",
+        "--heads",
+        "2",
+        "--lengths",
+        "8",
+        "--repeats",
+        "1",
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "runs" / "bench" / "bench.md").exists() and (
+        tmp_path / "runs" / "bench" / "bench.json"
+    ).exists()
+    assert "written: runs/bench/bench.md, runs/bench/bench.json; no bench.png" in err
+    assert "pip install 'ttt[plot]'" in err and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
+    from ttt.cli.ls import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 1024, 1536, 1000 * 1024, 5 * 2**30)] == [
+        "0 B", "1023 B", "1 KiB", "1.5 KiB", "1000 KiB", "5 GiB"]  # fmt: skip
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for step in ("step-000002", "step-000003"):
+        ckpt = trained / step
+        size = sum(f.stat().st_size for f in ckpt.iterdir())
+        line = next(line for line in out.splitlines() if str(ckpt) in line)
+        assert (
+            human_bytes(size) in line
+            and f"(model {human_bytes((ckpt / 'model.safetensors').stat().st_size)})" in line
+        )
+        assert line.endswith("[latest]") == (step == "step-000003")
+    assert "in 2 checkpoints" in out and "tiny" in out and "886K params" in out
+    assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 0
+    assert "checkpoints: none under" in capsys.readouterr().out

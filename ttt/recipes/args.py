@@ -26,6 +26,7 @@ __all__ = [
     "BenchArgs",
     "EvalArgs",
     "GenerateArgs",
+    "LsArgs",
     "TrainArgs",
     "add_dataclass_args",
     "add_subcommand",
@@ -187,12 +188,21 @@ class BenchArgs:
     """comma-separated context lengths"""
     repeats: int = 3
     """timed repetitions (after one warm-up); the median is reported"""
-    out: str = "bench"
-    """directory for bench.md and bench.png"""
+    out: str = "runs/bench"
+    """directory for bench.md, bench.json and bench.png (default: runs/bench under the current directory,
+    where ttt train writes its runs)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
+
+
+@dataclass
+class LsArgs:
+    """Arguments of ``ttt ls``."""
+
+    runs: str = "runs"
+    """directory searched (recursively) for checkpoints, whose sizes on disk are listed"""
 
 
 @cache
