@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXTRAS", "require"]
+__all__ = ["EXTRAS", "install_hint", "require"]
 
 #: top-level module -> (extra of ``ttt`` that installs it, distribution name on PyPI)
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -22,18 +22,23 @@ EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
-def require(module: str, purpose: str) -> ModuleType:
-    """``importlib.import_module(module)``; if it is missing, an ImportError that says what needs it and
-    which extra installs it, e.g. "the plot needs matplotlib: pip install 'ttt[plot]' (No module named
-    'matplotlib')"; ``purpose`` is the singular subject of that sentence.
-
-    ``module`` may be a submodule (``"sklearn.datasets"``); its top-level package must be in
-    :data:`EXTRAS`."""
+def install_hint(module: str, purpose: str) -> str:
+    """What to say when ``module`` is missing: "PURPOSE needs DIST: pip install 'ttt[EXTRA]'"; ``purpose``
+    is the singular subject of that sentence. ``module`` may be a submodule (``"sklearn.datasets"``); its
+    top-level package must be in :data:`EXTRAS`."""
     top = module.split(".")[0]
     if top not in EXTRAS:
         raise KeyError(f"{top!r} is not an optional dependency of ttt; known: {sorted(EXTRAS)}")
+    extra, dist = EXTRAS[top]
+    return f"{purpose} needs {dist}: pip install 'ttt[{extra}]'"
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """``importlib.import_module(module)``; if it is missing, an ImportError with :func:`install_hint`'s
+    message and the original one, e.g. "the plot needs matplotlib: pip install 'ttt[plot]' (No module
+    named 'matplotlib')"."""
+    hint = install_hint(module, purpose)
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        extra, dist = EXTRAS[top]
-        raise ImportError(f"{purpose} needs {dist}: pip install 'ttt[{extra}]' ({e})") from e
+        raise ImportError(f"{hint} ({e})") from e

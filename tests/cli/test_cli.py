@@ -388,7 +388,7 @@ def test_generate_echoes_the_prompt_unless_told_not_to_and_offers_top_p(trained,
         assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
 
 
-def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path, capsys):
+def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path, capsys, monkeypatch):
     import json
 
     import torch
@@ -440,6 +440,24 @@ def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path,
         assert message in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--corpus", "shakespeare"]) == 1
     assert "not both" in capsys.readouterr().err
+    # no matplotlib: the tables are written, the missing plot is named with the extra that draws it
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(trained),
+                "--file",
+                str(texts / "a.txt"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert "no plot: the plot needs matplotlib: pip install 'ttt[plot]'" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "eval-step-000003-file-a.txt.json").read_text())["plot"] == ""
 
 
 def test_bench_writes_under_runs_by_default_says_where_and_names_the_plot_extra(

@@ -56,6 +56,9 @@ def run(ns: argparse.Namespace) -> int:
     print("loss by position:")
     for a, b, v in r.positions:
         print(f"  {a:>6}-{b:<6} {v:.4f}")
-    stem = Path(r.out).stem.removeprefix("eval-")
-    print(f"written: {r.out} and loss_by_position-{stem}.md/.png beside it")
+    from ttt._extras import install_hint
+
+    md = Path(r.out).with_name(Path(r.out).stem.replace("eval-", "loss_by_position-", 1) + ".md")
+    plot = f", {r.plot}" if r.plot else f"; no plot: {install_hint('matplotlib', 'the plot')}"
+    print(f"written: {r.out}, {md}{plot}")
     return 0

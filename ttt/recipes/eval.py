@@ -93,6 +93,8 @@ class EvalResult:
     """the batch limit asked for (None: the whole validation split, and always for --file)"""
     out: str = ""
     """the JSON file the result was written to"""
+    plot: str = ""
+    """the loss-by-position plot written (empty: not written, matplotlib is missing)"""
 
 
 @dataclass
@@ -234,7 +236,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
 
 
 def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: Tensor, mixer: str) -> None:
-    """``eval-STEM.json``, ``loss_by_position-STEM.md`` and ``.png`` in ``out``."""
+    """``eval-STEM.json``, ``loss_by_position-STEM.md`` and ``.png`` in ``out`` (sets ``result.plot``)."""
     from ttt.models.checkpoint import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
@@ -246,12 +248,14 @@ def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: T
         f"{label}\n\nloss {result.loss:.4f} nats/token, {result.bits_per_byte:.4f} bits/byte, "
         f"{result.windows} windows of up to {result.context} tokens\n\n{table}\n",
     )
-    write_text_atomic(out / f"eval-{stem}.json", json.dumps(asdict(result), indent=1))
-    save_plot(
-        out / f"loss_by_position-{stem}.png",
+    png = out / f"loss_by_position-{stem}.png"
+    plotted = save_plot(
+        png,
         {mixer: (list(range(1, result.context + 1)), by_pos.tolist())},
         xlabel="token position",
         ylabel="loss (nats/token)",
         title=f"Loss by position (step {result.step})",
         logx=True,
     )
+    result.plot = str(png) if plotted else ""
+    write_text_atomic(out / f"eval-{stem}.json", json.dumps(asdict(result), indent=1))
