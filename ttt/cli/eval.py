@@ -1,4 +1,4 @@
-"""``ttt eval``: validation loss, bits per byte and loss vs token position of a checkpoint."""
+"""``ttt eval``: loss, bits per byte and loss vs position of a checkpoint, on a validation split or a file."""
 
 from __future__ import annotations
 
