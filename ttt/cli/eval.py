@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from ttt.recipes.args import EvalArgs
 
 EPILOG = """examples:
   ttt eval --checkpoint runs/ttt_linear-tiny
@@ -16,30 +17,17 @@ EPILOG = """examples:
   ttt eval --checkpoint runs/ttt_linear-tiny --file notes.txt
   ttt eval --checkpoint runs/ttt_linear-tiny --file my_texts/ --context 512
 """
+HELP = "evaluate a checkpoint (loss, bits/byte, loss vs position)"
+ARGS = EvalArgs
+OPTIONS = {"required": ("checkpoint",)}
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import EvalArgs, add_subcommand
-
-    p = add_subcommand(
-        subparsers,
-        "eval",
-        EvalArgs,
-        help="evaluate a checkpoint (loss, bits/byte, loss vs position)",
-        description=__doc__,
-        epilog=EPILOG,
-        required=("checkpoint",),
-    )
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
+def run(args: EvalArgs) -> int:
     from pathlib import Path
 
-    from ttt.recipes.args import EvalArgs, dataclass_from_namespace
+    from ttt._extras import install_hint
     from ttt.recipes.eval import evaluate_checkpoint
 
-    args = dataclass_from_namespace(EvalArgs, ns)
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = evaluate_checkpoint(args)
@@ -56,8 +44,6 @@ def run(ns: argparse.Namespace) -> int:
     print("loss by position:")
     for a, b, v in r.positions:
         print(f"  {a:>6}-{b:<6} {v:.4f}")
-    from ttt._extras import install_hint
-
     md = Path(r.out).with_name(Path(r.out).stem.replace("eval-", "loss_by_position-", 1) + ".md")
     plot = f", {r.plot}" if r.plot else f"; no plot: {install_hint('matplotlib', 'the plot')}"
     print(f"written: {r.out}, {md}{plot}")

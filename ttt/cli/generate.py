@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from ttt.recipes.args import GenerateArgs
 
 EPILOG = """examples:
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt "ROMEO:"
@@ -15,28 +16,14 @@ EPILOG = """examples:
   # every line of prompts.txt continued, all in one batch
   ttt generate --checkpoint runs/ttt_linear-tiny --prompts-file prompts.txt --max-new-tokens 100
 """
+HELP = "generate text from a checkpoint"
+ARGS = GenerateArgs
+OPTIONS = {"required": ("checkpoint",)}
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import GenerateArgs, add_subcommand
-
-    p = add_subcommand(
-        subparsers,
-        "generate",
-        GenerateArgs,
-        help="generate text from a checkpoint",
-        description=__doc__,
-        epilog=EPILOG,
-        required=("checkpoint",),
-    )
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import GenerateArgs, dataclass_from_namespace
+def run(args: GenerateArgs) -> int:
     from ttt.recipes.generate import generate_text
 
-    args = dataclass_from_namespace(GenerateArgs, ns)
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = generate_text(args)

@@ -3,27 +3,16 @@ under a runs directory with their sizes on disk."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from ttt.recipes.args import LsArgs
 
 EPILOG = """examples:
   ttt ls
   ttt ls --runs /data/my_runs     # checkpoints written elsewhere (ttt train --out /data/my_runs/...)
 """
-
-
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import LsArgs, add_subcommand
-
-    p = add_subcommand(
-        subparsers,
-        "ls",
-        LsArgs,
-        help="list mixers, presets, corpora and checkpoints with their sizes",
-        description=__doc__,
-        epilog=EPILOG,
-    )
-    p.set_defaults(func=run)
+HELP = "list mixers, presets, corpora and checkpoints with their sizes"
+ARGS = LsArgs
 
 
 def human_bytes(n: int) -> str:
@@ -67,7 +56,7 @@ def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
     return found
 
 
-def run(ns: argparse.Namespace) -> int:
+def run(args: LsArgs) -> int:
     import torch
 
     from ttt.data import CORPORA
@@ -86,7 +75,7 @@ def run(ns: argparse.Namespace) -> int:
             f"  heads {p['n_heads']:3}  mlp {p['mlp_hidden']:5}  max_seq_len {p['max_seq_len']}"
         )
     print("corpora: " + ", ".join(sorted(CORPORA)) + ", or a path to a text file / directory")
-    root = Path(ns.runs)
+    root = Path(args.runs)
     found = checkpoints(root) if root.is_dir() else []
     if not found:
         print(f"checkpoints: none under {root} (ttt train writes them there; --runs DIR looks elsewhere)")
