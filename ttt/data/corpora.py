@@ -160,8 +160,9 @@ def load_directory(path: str | os.PathLike, every: int = 10) -> Corpus:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file. A missing path, a directory or a binary file (a NUL byte or bytes that are not
-    UTF-8) is a one-line error that names the file."""
+    """A UTF-8 text file, its line ends read as ``\\n`` (as Python's text mode and the corpora read them).
+    A missing path, a directory or a binary file (a NUL byte or bytes that are not UTF-8) is a one-line
+    error that names the file."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -171,7 +172,7 @@ def read_text(path: str | os.PathLike) -> str:
     if b"\0" in data:
         raise ValueError(f"{path} is not a text file: it holds NUL bytes (binary data?)")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
