@@ -113,7 +113,7 @@ def test_generate_a_batch_of_prompts_equals_each_prompt_alone(trained, tmp_path,
     captured = capsys.readouterr()
     assert "3 prompts" in captured.err and "tokens/s" in captured.err
     for i, prompt in enumerate(prompts):
-        assert main(["generate", *greedy, "--prompt", prompt, "--no-stream"]) == 0
+        assert main(["generate", *greedy, "--prompt", prompt, "--no-stream", "--no-echo"]) == 0
         alone = capsys.readouterr().out.rstrip("\n")
         assert f"--- prompt {i + 1} of 3 ---\n{prompt}{alone}\n" in captured.out
 
@@ -367,3 +367,142 @@ def test_generate_options(trained, tmp_path, capsys):
     assert "n/a tokens/s" in capsys.readouterr().err
     assert main([*base, "--prompt", "The", "--top-k", "none"]) == 0
     assert "n/a tokens/s" in capsys.readouterr().err
+
+
+def test_generate_echoes_the_prompt_unless_told_not_to_and_offers_top_p(trained, capsys):
+    base = ["generate", "--checkpoint", str(trained), "--prompt", "SPEAKER 1:", "--max-new-tokens", "9"]
+    for extra in ([], ["--no-stream"]):
+        assert main([*base, "--temperature", "0", *extra]) == 0
+        echoed = capsys.readouterr().out
+        assert main([*base, "--temperature", "0", "--no-echo", *extra]) == 0
+        bare = capsys.readouterr().out
+        assert echoed == "SPEAKER 1:" + bare and len(bare.rstrip("\n")) >= 1
+    # top-p 1 is plain sampling: same seed, same text; a tiny p keeps only the most likely token
+    outs = []
+    for extra in ([], ["--top-p", "1"], ["--top-p", "1e-9"], ["--temperature", "0"]):
+        assert main([*base, "--top-k", "none", "--no-echo", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[2] == outs[3]
+    for bad in ("0", "1.5", "nan"):
+        assert main([*base, "--top-p", bad]) == 1
+        assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    from ttt.models.checkpoint import load_model
+
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    (texts / "a.txt").write_text("SPEAKER 1:\nWhat light through yonder window breaks?\n" * 2)
+    (texts / "sub" / "b.md").write_text("The rest is silence.\n")
+    (texts / "image.bin").write_bytes(bytes(range(256)))
+    (texts / ".hidden").write_text("not read")
+    before = sorted(p.name for p in texts.rglob("*"))
+    assert main(["eval", "--checkpoint", str(trained), "--file", str(texts / "a.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "the whole of" in out and "eval-step-000003-file-a.txt.json" in out
+    result = json.loads((trained / "eval-step-000003-file-a.txt.json").read_text())
+    # oracle: every token after the first, in windows of 32 (the training context) and one shorter tail
+    ids = torch.tensor(list((texts / "a.txt").read_bytes()))
+    model, _ = load_model(trained)
+    windows = [(ids[i : i + 32][: len(ids) - 1 - i], ids[i + 1 : i + 33]) for i in range(0, len(ids) - 1, 32)]
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x[None])[0][0], y, reduction="sum") for x, y in windows]
+    assert result["windows"] == len(losses) == 4 and result["max_batches"] is None
+    assert abs(result["loss"] - float(sum(losses)) / (len(ids) - 1)) < 1e-5
+    assert (trained / "loss_by_position-step-000003-file-a.txt.md").exists()
+
+    assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--context", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "(2 text files)" in captured.out and "image.bin" in captured.err
+    result = json.loads((trained / "eval-step-000003-file-texts.json").read_text())
+    assert result["files"] == 2 and result["skipped"] == [str(texts / "image.bin")] and result["context"] == 8
+    # nothing written beside the texts; the run directory's corpus evaluation is left alone
+    assert sorted(p.name for p in texts.rglob("*")) == before
+    assert not (trained / "eval-step-000003.json").exists()
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("a")
+    (tmp_path / "empty").mkdir()
+    for path, message in [
+        (tmp_path / "missing.txt", "no such file"),
+        (texts / "image.bin", "not a text file"),
+        (tmp_path / "latin1.txt", "not UTF-8 text"),
+        (tmp_path / "short.txt", "need at least 2"),
+        (tmp_path / "empty", "no UTF-8 text file"),
+    ]:
+        assert main(["eval", "--checkpoint", str(trained), "--file", str(path)]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--corpus", "shakespeare"]) == 1
+    assert "not both" in capsys.readouterr().err
+    # no matplotlib: the tables are written, the missing plot is named with the extra that draws it
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(trained),
+                "--file",
+                str(texts / "a.txt"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert "no plot: the plot needs matplotlib: pip install 'ttt[plot]'" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "eval-step-000003-file-a.txt.json").read_text())["plot"] == ""
+
+
+def test_bench_writes_under_runs_by_default_says_where_and_names_the_plot_extra(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    argv = [
+        "bench",
+        "--mixers",
+        "attention",
+        "--dim",
+        "16",
+        "--heads",
+        "2",
+        "--lengths",
+        "8",
+        "--repeats",
+        "1",
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "runs" / "bench" / "bench.md").exists() and (
+        tmp_path / "runs" / "bench" / "bench.json"
+    ).exists()
+    assert "written: runs/bench/bench.md, runs/bench/bench.json; no bench.png" in err
+    assert "pip install 'ttt[plot]'" in err and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
+    from ttt.cli.ls import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 1024, 1536, 1000 * 1024, 5 * 2**30)] == [
+        "0 B", "1023 B", "1 KiB", "1.5 KiB", "1000 KiB", "5 GiB"]  # fmt: skip
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for step in ("step-000002", "step-000003"):
+        ckpt = trained / step
+        size = sum(f.stat().st_size for f in ckpt.iterdir())
+        line = next(line for line in out.splitlines() if str(ckpt) in line)
+        assert (
+            human_bytes(size) in line
+            and f"(model {human_bytes((ckpt / 'model.safetensors').stat().st_size)})" in line
+        )
+        assert line.endswith("[latest]") == (step == "step-000003")
+    assert "in 2 checkpoints" in out and "tiny" in out and "886K params" in out
+    assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 0
+    assert "checkpoints: none under" in capsys.readouterr().out

@@ -176,11 +176,49 @@ def test_sampling_options_are_checked():
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": True}, "top_p"),
     ]:
         with pytest.raises(ValueError, match=match):
             sample(logits, **kwargs)
     g = torch.Generator().manual_seed(0)
     assert bool((sample(logits, top_k=1, generator=g) == logits.argmax(-1)).all())
+
+
+def test_top_p_one_is_plain_sampling_and_tokens_outside_the_nucleus_never_appear():
+    logits = torch.randn(64, 97, generator=torch.Generator().manual_seed(1)) * 3
+    for kw in ({}, {"top_k": 10}, {"temperature": 0.7}):
+        plain = sample(logits, generator=torch.Generator().manual_seed(5), **kw)
+        nucleus = sample(logits, top_p=1.0, generator=torch.Generator().manual_seed(5), **kw)
+        assert torch.equal(plain, nucleus)
+    # probabilities 0.5, 0.3, 0.15, 0.05: the nucleus of p = 0.7 is {0, 1} (0.5 < 0.7 <= 0.8)
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    rows = probs.log().expand(4000, 4)
+    drawn = sample(rows, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3}
+    # renormalised inside the nucleus: 0.5 / 0.8 of the draws are token 1
+    assert abs(float((drawn == 1).float().mean()) - 0.625) < 0.03
+    # the most likely token is always kept, even for a tiny p
+    assert set(sample(rows, top_p=1e-6, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
+    # top-k first, then top-p among the survivors: k = 3 drops token 0 and renormalises 0.5, 0.3, 0.15
+    # to 0.526, 0.316, 0.158, so p = 0.84 keeps tokens 1 and 3 only
+    drawn = sample(rows, top_k=3, top_p=0.84, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3}
+
+
+def test_generate_passes_top_p_on():
+    model = micro("attention")
+    prompt = torch.tensor([[5, 6, 7]])
+    one = model.generate(prompt, 6, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(3))
+    two = model.generate(prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one, two)
+    tiny = model.generate(prompt, 6, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tiny, model.generate(prompt, 6, temperature=0.0))
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, 2, top_p=2.0)
 
 
 def test_ragged_generate_pads_also_without_new_tokens_and_yields_fresh_tensors():

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
+from ttt.recipes.args import BenchArgs
 
 EPILOG = """examples:
   ttt bench                                           # tiny width, CPU-friendly lengths
   ttt bench --mixers ttt_linear,attention --lengths 512,2048,8192 --device cuda --dim 1024 --heads 16
   ttt bench --out benchmarks/results/my_machine
 """
+HELP = "benchmark mixers against attention"
+ARGS = BenchArgs
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import BenchArgs
-
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmark mixers against attention",
-        epilog=EPILOG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_args(p, BenchArgs)
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
+def run(args: BenchArgs) -> int:
     from pathlib import Path
 
-    from ttt.recipes.args import BenchArgs
     from ttt.recipes.bench import bench
 
-    from ._args import dataclass_from_namespace
-
-    args = dataclass_from_namespace(BenchArgs, ns)
     bench(args)
     print((Path(args.out) / "bench.md").read_text())
     return 0

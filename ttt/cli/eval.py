@@ -1,8 +1,10 @@
-"""``ttt eval``: validation loss, bits per byte and loss vs token position of a checkpoint."""
+"""``ttt eval``: loss, bits per byte and loss vs position of a checkpoint, on a validation split or a file."""
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+from ttt.recipes.args import EvalArgs
 
 EPILOG = """examples:
   ttt eval --checkpoint runs/ttt_linear-tiny
@@ -11,42 +13,38 @@ EPILOG = """examples:
   # an older checkpoint on another text (its validation split: the last 10% of the file's lines)
   ttt eval --checkpoint runs/ttt_linear-tiny/step-000400 --corpus my_text.txt --out eval_out
   ttt eval --checkpoint runs/ttt_linear-tiny --max-batches none   # the whole validation split
+  # every token of a text file, or of every text file in a directory, the results named after it
+  ttt eval --checkpoint runs/ttt_linear-tiny --file notes.txt
+  ttt eval --checkpoint runs/ttt_linear-tiny --file my_texts/ --context 512
 """
+HELP = "evaluate a checkpoint (loss, bits/byte, loss vs position)"
+ARGS = EvalArgs
+OPTIONS = {"required": ("checkpoint",)}
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import EvalArgs
+def run(args: EvalArgs) -> int:
+    from pathlib import Path
 
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate a checkpoint (loss, bits/byte, loss vs position)",
-        epilog=EPILOG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_args(p, EvalArgs, required=("checkpoint",))
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import EvalArgs
+    from ttt._extras import install_hint
     from ttt.recipes.eval import evaluate_checkpoint
 
-    from ._args import dataclass_from_namespace
-
-    args = dataclass_from_namespace(EvalArgs, ns)
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = evaluate_checkpoint(args)
-    print(f"checkpoint {r.checkpoint} (step {r.step}), validation split of {r.corpus}")
+    scored = f"the whole of {r.file} ({r.files} text files)" if r.file else f"validation split of {r.corpus}"
+    print(f"checkpoint {r.checkpoint} (step {r.step}), {scored}")
+    if r.skipped:
+        shown = ", ".join(r.skipped[:5]) + (f" and {len(r.skipped) - 5} more" if len(r.skipped) > 5 else "")
+        print(f"skipped {len(r.skipped)} files that are not UTF-8 text: {shown}", file=sys.stderr)
     print(
-        f"validation: loss {r.loss:.4f} nats/token, {r.bits_per_byte:.4f} bits/byte, perplexity "
-        f"{r.perplexity:.2f} ({r.windows} windows of {r.context} tokens)"
+        f"{'file' if r.file else 'validation'}: loss {r.loss:.4f} nats/token, "
+        f"{r.bits_per_byte:.4f} bits/byte, perplexity {r.perplexity:.2f} "
+        f"({r.windows} windows of up to {r.context} tokens)"
     )
     print("loss by position:")
     for a, b, v in r.positions:
         print(f"  {a:>6}-{b:<6} {v:.4f}")
-    print(f"written: {r.out} and loss_by_position-step-{r.step:06d}.md/.png beside it")
+    md = Path(r.out).with_name(Path(r.out).stem.replace("eval-", "loss_by_position-", 1) + ".md")
+    plot = f", {r.plot}" if r.plot else f"; no plot: {install_hint('matplotlib', 'the plot')}"
+    print(f"written: {r.out}, {md}{plot}")
     return 0

@@ -2,48 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from ttt.recipes.args import GenerateArgs
 
 EPILOG = """examples:
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt "ROMEO:"
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt-file scene.txt --max-new-tokens 500 --temperature 0
-  # decode speed after a long prefix (first 4096 validation tokens as the prompt)
-  ttt generate --checkpoint runs/ttt_linear-tiny --prompt-tokens 4096 --max-new-tokens 256 --no-stream
+  # nucleus sampling; print only the new text, not the prompt before it
+  ttt generate --checkpoint runs/ttt_linear-tiny --prompt "ROMEO:" --top-k none --top-p 0.9 --no-echo
+  # decode speed after a long prefix (first 4096 validation tokens as the prompt, not printed)
+  ttt generate --checkpoint runs/ttt_linear-tiny --prompt-tokens 4096 --no-stream --no-echo
   # every line of prompts.txt continued, all in one batch
   ttt generate --checkpoint runs/ttt_linear-tiny --prompts-file prompts.txt --max-new-tokens 100
 """
+HELP = "generate text from a checkpoint"
+ARGS = GenerateArgs
+OPTIONS = {"required": ("checkpoint",)}
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.recipes.args import GenerateArgs
-
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text from a checkpoint",
-        epilog=EPILOG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_args(p, GenerateArgs, required=("checkpoint",))
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import GenerateArgs
+def run(args: GenerateArgs) -> int:
     from ttt.recipes.generate import generate_text
 
-    from ._args import dataclass_from_namespace
-
-    args = dataclass_from_namespace(GenerateArgs, ns)
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = generate_text(args)
     rate = "n/a" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.1f}"
     for i, (prompt, text) in enumerate(zip(r.prompts, r.texts)):
-        print(f"--- prompt {i + 1} of {len(r.prompts)} ---\n{prompt}{text}")
+        print(f"--- prompt {i + 1} of {len(r.prompts)} ---\n{prompt if args.echo else ''}{text}")
     if r.prompts:
         print(
             f"[{len(r.prompts)} prompts, {r.prompt_tokens} prompt tokens; first new tokens after "
@@ -53,7 +39,7 @@ def run(ns: argparse.Namespace) -> int:
         )
         return 0
     if not args.stream:
-        print(r.text)
+        print((r.prompt if args.echo else "") + r.text)
     print(
         f"[{r.prompt_tokens} prompt tokens prefilled in {r.prefill_seconds:.3f} s; {r.new_tokens} new tokens "
         f"at {rate} tokens/s; decode state {r.state_bytes / 2**10:,.1f} KB]",

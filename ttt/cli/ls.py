@@ -1,36 +1,94 @@
-"""``ttt ls``: list the mixers, model presets and corpora that the other commands accept."""
+"""``ttt ls``: the mixers, model presets and corpora that the other commands accept, and the checkpoints
+under a runs directory with their sizes on disk."""
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
+
+from ttt.recipes.args import LsArgs
 
 EPILOG = """examples:
   ttt ls
+  ttt ls --runs /data/my_runs     # checkpoints written elsewhere (ttt train --out /data/my_runs/...)
 """
+HELP = "list mixers, presets, corpora and checkpoints with their sizes"
+ARGS = LsArgs
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "ls",
-        help="list mixers, presets and corpora",
-        epilog=EPILOG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=run)
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``: bytes in powers of 1024, three significant digits."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, i = float(n), 0
+    while value >= 1024 and i < len(units) - 1:
+        value, i = value / 1024, i + 1
+    if i == 0:
+        return f"{n} B"
+    return f"{value:.3g} {units[i]}" if value < 1000 else f"{value:.0f} {units[i]}"
 
 
-def run(ns: argparse.Namespace) -> int:
+def human_count(n: int) -> str:
+    """``885888`` -> ``'886K'``; ``1214875648`` -> ``'1.21B'``."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(n)
+
+
+def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
+    """``(directory, checkpoint.json, total bytes, model bytes)`` of every complete checkpoint under
+    ``root`` (hidden temporaries of an interrupted save left out), sorted by path."""
+    import json
+
+    found = []
+    for meta_file in sorted(root.rglob("checkpoint.json")):
+        ckpt = meta_file.parent
+        if any(part.startswith(".") for part in ckpt.relative_to(root).parts):
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        files = [f for f in ckpt.iterdir() if f.is_file()]
+        model = ckpt / "model.safetensors"
+        found.append(
+            (ckpt, meta, sum(f.stat().st_size for f in files), model.stat().st_size if model.is_file() else 0)
+        )
+    return found
+
+
+def run(args: LsArgs) -> int:
+    import torch
+
     from ttt.data import CORPORA
     from ttt.layers import MIXERS
-    from ttt.models import PRESETS
+    from ttt.models import PRESETS, LMConfig
 
     print("mixers:  " + ", ".join(sorted(MIXERS)))
-    print("presets:")
+    print("presets (parameters: the attention model on bytes; ttt train sizes every mixer's model to it):")
+    with torch.device("meta"):  # counts parameters without allocating them
+        counts = {
+            name: LMConfig.from_name(name, mixer="attention", vocab_size=256).num_params() for name in PRESETS
+        }
     for name, p in PRESETS.items():
         print(
-            f"  {name:6} dim {p['dim']:5}  layers {p['n_layers']:3}  heads {p['n_heads']:3}  "
-            f"mlp {p['mlp_hidden']:5}  max_seq_len {p['max_seq_len']}"
+            f"  {name:6} {human_count(counts[name]):>6} params  dim {p['dim']:5}  layers {p['n_layers']:3}"
+            f"  heads {p['n_heads']:3}  mlp {p['mlp_hidden']:5}  max_seq_len {p['max_seq_len']}"
         )
     print("corpora: " + ", ".join(sorted(CORPORA)) + ", or a path to a text file / directory")
+    root = Path(args.runs)
+    found = checkpoints(root) if root.is_dir() else []
+    if not found:
+        print(f"checkpoints: none under {root} (ttt train writes them there; --runs DIR looks elsewhere)")
+        return 0
+    print(f"checkpoints under {root} (size on disk: all files, and the model weights alone):")
+    width = max(len(str(c)) for c, *_ in found)
+    for ckpt, meta, total, model in found:
+        latest = ckpt.parent / "latest"
+        is_latest = latest.is_file() and latest.read_text().strip() == ckpt.name
+        mixer = meta.get("config", {}).get("mixer", "?")
+        print(
+            f"  {str(ckpt):{width}}  {human_bytes(total):>9}  (model {human_bytes(model)})  step "
+            f"{meta.get('step', '?')}  {mixer}" + ("  [latest]" if is_latest else "")
+        )
+    print(f"  total {human_bytes(sum(t for _, _, t, _ in found))} in {len(found)} checkpoints")
     return 0

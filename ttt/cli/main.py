@@ -1,11 +1,15 @@
-"""Root of the ``ttt`` command. Subcommands register themselves with ``create(subparsers)`` and import
-their recipe only when they run, so ``ttt -h`` stays fast."""
+"""Root of the ``ttt`` command. Each subcommand is a module of ``ttt.cli`` that declares its help line
+(``HELP``), examples (``EPILOG``), argument dataclass (``ARGS``, options built by
+:func:`ttt.recipes.args.add_subcommand`, with ``OPTIONS`` passed on) and ``run(args) -> exit code``; it
+imports its recipe only when it runs, so ``ttt -h`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from ttt.recipes.args import add_subcommand, dataclass_from_namespace
 
 from . import bench, eval, generate, ls, train
 
@@ -49,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for module in COMMANDS:
-        module.create(subparsers)
+        name = module.__name__.rsplit(".", 1)[-1]
+        sub = add_subcommand(subparsers, name, module.ARGS, help=module.HELP, description=module.__doc__,
+                             epilog=module.EPILOG, **getattr(module, "OPTIONS", {}))  # fmt: skip
+        sub.set_defaults(_command=module)  # a name no argument dataclass can have
     return parser
 
 
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("TTT_DEBUG", "") not in ("", "0")
     try:
-        code = int(args.func(args) or 0)
+        module = args._command
+        code = int(module.run(dataclass_from_namespace(module.ARGS, args)) or 0)
         # a reader that went away (ttt eval | head -1) shows up here, not at interpreter exit
         sys.stdout.flush()
         return code

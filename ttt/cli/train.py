@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
+from ttt.models.config import PRESETS
+from ttt.recipes.args import TrainArgs
 
 EPILOG = """examples:
   # the README's main command: TTT-Linear, tiny preset, Shakespeare plays, 2 CPU cores
@@ -21,30 +22,13 @@ EPILOG = """examples:
   ttt train --preset 125m --context 2048 --batch-size 32 --dtype bfloat16 --device cuda
   torchrun --nproc_per_node 8 -m ttt.cli.main train --preset 125m --batch-size 256
 """
+HELP = "train a TTT (or attention) language model"
+ARGS = TrainArgs
+OPTIONS = {"notes": {"preset": "one of " + ", ".join(PRESETS)}}
 
 
-def create(subparsers: argparse._SubParsersAction) -> None:
-    from ttt.models.config import PRESETS
-    from ttt.recipes.args import TrainArgs
-
-    from ._args import add_dataclass_args
-
-    p = subparsers.add_parser(
-        "train",
-        help="train a TTT (or attention) language model",
-        epilog=EPILOG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_args(p, TrainArgs, notes={"preset": "one of " + ", ".join(PRESETS)})
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    from ttt.recipes.args import TrainArgs
+def run(args: TrainArgs) -> int:
     from ttt.recipes.train import train
 
-    from ._args import dataclass_from_namespace
-
-    train(dataclass_from_namespace(TrainArgs, ns))
+    train(args)
     return 0

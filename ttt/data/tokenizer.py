@@ -69,11 +69,12 @@ class BPETokenizer:
     @classmethod
     def train(cls, text: str, vocab_size: int = 1024) -> BPETokenizer:
         """Train on ``text`` (the training split only, so validation stays unseen)."""
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
-            from tokenizers import decoders, models, pre_tokenizers, trainers
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("the BPE tokenizer needs 'tokenizers': pip install 'ttt[data]'") from e
+        from ttt._extras import require
+
+        require("tokenizers", "the BPE tokenizer")
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
         if vocab_size < 257:
             raise ValueError(f"BPE vocab_size must be > 256 (the byte alphabet), got {vocab_size}")
         tok = HFTokenizer(models.BPE())
@@ -101,9 +102,10 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     if d.get("kind") == "bytes":
         return ByteTokenizer()
     if d.get("kind") == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+        from ttt._extras import require
 
-        return BPETokenizer(HFTokenizer.from_str(d["json"]))
+        tokenizers = require("tokenizers", "a checkpoint with a BPE tokenizer")
+        return BPETokenizer(tokenizers.Tokenizer.from_str(d["json"]))
     raise ValueError(f"unknown tokenizer description: {json.dumps(d)[:100]}")
 
 

@@ -139,13 +139,15 @@ class CausalLM(nn.Module):
         lengths: Tensor | Sequence[int] | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[Tensor]:
         """Yield ``max_new_tokens`` tensors ``[B]``, the k-th new token of every row after its prompt.
 
         ``idx [B, T]`` holds one prompt per row. Prompts of different lengths are right padded and
         ``lengths [B]`` gives each row's real length (padding is never read). ``temperature == 0`` is greedy
-        decoding. Every prompt plus its new tokens must fit ``max_seq_len``.
+        decoding; ``top_k`` and ``top_p`` restrict sampling as in :func:`sample`. Every prompt plus its new
+        tokens must fit ``max_seq_len``.
 
         How ragged prompts run: the common prefix length ``min(lengths)`` is prefilled in one chunked call;
         from there all rows advance one position per decode step, each fed its own prompt token while it
@@ -178,7 +180,7 @@ class CausalLM(nn.Module):
         yielded = 0
         # logits predict position t; row b's k-th new token sits at position lengths[b] + k
         for t in range(start, longest + max_new_tokens):
-            token = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             k = t - lengths
             slot = k.clamp(0, max_new_tokens - 1)  # no boolean indexing: it would sync the GPU every step
             sampled = (k >= 0) & (k < max_new_tokens)
@@ -242,23 +244,43 @@ def sample(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Sample one token per row from ``logits [B, V]``; ``temperature == 0`` takes the argmax.
 
-    ``top_k`` keeps the k most likely tokens (``None``: all of them)."""
+    ``top_k`` keeps the k most likely tokens (``None``: all of them). ``top_p`` (nucleus sampling,
+    Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration") then keeps the smallest set of
+    most likely tokens whose probability (after temperature and top-k) sums to at least p, 0 < p <= 1;
+    ``None`` or 1 keep every token, so ``top_p=1`` draws exactly what plain sampling draws."""
     if temperature < 0 or temperature != temperature:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None (all tokens), got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"top_p must be a number with 0 < top_p <= 1, or None (all tokens), got {top_p!r}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        logits = logits.masked_fill(_outside_nucleus(logits, top_p), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _outside_nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """``[B, V]`` bool: True for a token whose more likely tokens already hold probability >= ``top_p``
+    (the most likely token is always kept; ties are ordered by a stable sort)."""
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    probs = F.softmax(ordered.float(), dim=-1)
+    before = F.pad(torch.cumsum(probs, dim=-1)[:, :-1], (1, 0))  # mass of the tokens ranked above each
+    outside = before >= top_p
+    return outside.scatter(-1, order, outside)
 
 
 def state_nbytes(state: Any) -> int:

@@ -1,14 +1,41 @@
-"""Typed arguments of the recipes. The attribute docstrings are the ``--help`` text of the CLI."""
+"""Typed arguments of the recipes, and the one path from an argument dataclass to ``argparse`` options.
+
+Every subcommand of ``ttt`` and every runnable recipe (``python -m ttt.recipes.mqar``, ``...digits``)
+declares its arguments as a dataclass whose attribute docstrings are the ``--help`` text;
+:func:`add_dataclass_args` turns the fields into options and :func:`dataclass_parser` builds a whole
+parser for a recipe run on its own. Help text passes through :func:`plain`, so no reST or Markdown
+markup reaches a terminal.
+"""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
+import re
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
-__all__ = ["BenchArgs", "EvalArgs", "GenerateArgs", "TrainArgs", "field_docs"]
+__all__ = [
+    "BenchArgs",
+    "EvalArgs",
+    "GenerateArgs",
+    "LsArgs",
+    "TrainArgs",
+    "add_dataclass_args",
+    "add_subcommand",
+    "dataclass_from_namespace",
+    "dataclass_parser",
+    "field_docs",
+    "parse_dataclass",
+    "plain",
+]
 
 
 @dataclass
@@ -18,7 +45,7 @@ class TrainArgs:
     mixer: str = "ttt_linear"
     """mixer of every block (a name in ttt.layers.MIXERS)"""
     preset: str = "tiny"
-    """model shape: a name in ttt.models.PRESETS (`ttt ls` shows each one's size)"""
+    """model shape: a name in ttt.models.PRESETS (ttt ls shows each one's size)"""
     layer_mixers: str | None = None
     """comma-separated mixer per block for hybrids, e.g. 'ttt_linear,attention,ttt_linear,attention'
     (default: every block has --mixer)"""
@@ -83,22 +110,27 @@ class EvalArgs:
 
     checkpoint: str = ""
     """run directory or checkpoint directory"""
+    file: str | None = None
+    """score the whole of this UTF-8 text file, or of every text file in this directory (recursively; other
+    files are skipped and listed), read with the model's tokenizer: every token after the first, in windows
+    of --context tokens; --max-batches does not apply"""
     corpus: str | None = None
-    """corpus to evaluate on (default: the one it was trained on); only its validation split is scored:
-    the last 10% of a text file's lines, every 10th file of a directory, the held-out plays / modules of a
-    named corpus"""
+    """corpus to evaluate on when --file is not given (default: the one it was trained on); only its
+    validation split is scored: the last 10% of a text file's lines, every 10th file of a directory, the
+    held-out plays / modules of a named corpus"""
     context: int | None = None
     """tokens per window (default: the training context); longer windows test length generalisation"""
     batch_size: int = 8
     """windows per batch"""
     max_batches: int | None = 32
-    """stop after this many batches, >= 1 ('none': the whole validation split)"""
+    """stop after this many batches of a validation split, >= 1 ('none': the whole split)"""
     bins: int = 16
     """number of position bins in the loss-vs-position table"""
     out: str | None = None
     """directory for eval-step-N.json and loss_by_position-step-N.md/.png, named by the checkpoint's
-    step so evaluations of different checkpoints do not overwrite each other (default: the run directory
-    of the checkpoint, or the checkpoint directory itself when it is not in a run directory)"""
+    step (and with --file by the file's name: eval-step-N-file-NAME.json) so evaluations do not
+    overwrite each other (default: the run directory of the checkpoint, or the checkpoint directory itself
+    when it is not in a run directory; nothing is written elsewhere)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
@@ -125,6 +157,11 @@ class GenerateArgs:
     """sampling temperature, >= 0 (0: greedy)"""
     top_k: int | None = 40
     """sample from the k most likely tokens, >= 1 ('none': all)"""
+    top_p: float | None = None
+    """nucleus sampling: sample from the fewest most likely tokens whose probability sums to at least p,
+    0 < p <= 1, applied after --top-k (default none: all)"""
+    echo: bool = True
+    """print the prompt before its continuation (--no-echo: only the new text)"""
     seed: int = 0
     """sampling seed"""
     stream: bool = True
@@ -151,18 +188,27 @@ class BenchArgs:
     """comma-separated context lengths"""
     repeats: int = 3
     """timed repetitions (after one warm-up); the median is reported"""
-    out: str = "bench"
-    """directory for bench.md and bench.png"""
+    out: str = "runs/bench"
+    """directory for bench.md, bench.json and bench.png (default: runs/bench under the current directory,
+    where ttt train writes its runs)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
 
 
+@dataclass
+class LsArgs:
+    """Arguments of ``ttt ls``."""
+
+    runs: str = "runs"
+    """directory searched (recursively) for checkpoints, whose sizes on disk are listed"""
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: docstring}`` read from the attribute docstrings of a dataclass's source."""
-    tree = ast.parse(inspect.getsource(cls))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))  # a class defined in a function is indented
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:]):
@@ -177,3 +223,147 @@ def field_docs(cls: type) -> dict[str, str]:
     if missing:
         raise RuntimeError(f"{cls.__name__}: fields without a docstring: {sorted(missing)}")
     return docs
+
+
+# :func:`x`, :meth:`x`, ... -> x; ``x`` -> x; `x` -> x; **x** -> x
+_MARKUP = (
+    (re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]*)`"), r"\1"),
+    (re.compile(r"``([^`]*)``"), r"\1"),
+    (re.compile(r"`([^`]*)`"), r"\1"),
+    (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),
+)
+
+
+def plain(text: str | None) -> str:
+    """``text`` without reST / Markdown inline markup (roles, literals, bold): what ``--help`` shows."""
+    text = text or ""
+    for pattern, repl in _MARKUP:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """``int | None`` -> ``(int, True)``; ``int`` -> ``(int, False)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _or_none(tp: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser of ``tp`` values that also reads ``none`` (any case) as None."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else tp(text)
+
+    # argparse names the type in its error: "invalid int-or-none value: 'x'"
+    parse.__name__ = f"{tp.__name__}-or-none"
+    return parse
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    notes: dict[str, str] | None = None,
+    aliases: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """One ``--option`` per field of the dataclass ``cls`` with its type, default and docstring.
+
+    ``required``: fields that must be given (their default is not shown). ``notes``: text appended to
+    a field's help (e.g. choices read from a registry). ``aliases``: more flags of a field, e.g.
+    ``{"mixers": ["--mixer"]}``. The default is appended to the help unless it is None or the docstring
+    already speaks of it. ``bool`` fields become ``--x / --no-x``; ``int | None`` and ``float | None``
+    options take ``none`` (any case) for None. Field types must be str, int, float or bool (optionally
+    ``| None``); another type is refused here, not at parse time.
+    """
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flags = ["--" + f.name.replace("_", "-"), *((aliases or {}).get(f.name, ()))]
+        doc = plain(docs[f.name] + (f"; {notes[f.name]}" if notes and f.name in notes else ""))
+        # argparse expands %-formats in help texts
+        doc = doc.replace("%", "%%")
+        tp, optional = _split_optional(hints[f.name])
+        if tp not in (str, int, float, bool):
+            raise TypeError(f"{cls.__name__}.{f.name}: a CLI field is str, int, float or bool, not {tp}")
+        if tp is bool:
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=doc
+            )
+            continue
+        if f.name in required:
+            parser.add_argument(*flags, dest=f.name, type=tp, required=True, metavar=f.name.upper(), help=doc)
+            continue
+        # None says nothing a user can act on; a docstring that names its default says it better
+        if f.default is not None and "default" not in doc.lower():
+            doc += f" (default: {f.default})".replace("%", "%%")
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            type=_or_none(tp) if optional and tp in (int, float) else tp,
+            default=f.default,
+            metavar=f.name.upper(),
+            help=doc,
+        )
+
+
+def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
+    """The ``cls`` instance held by the options that :func:`add_dataclass_args` added to ``ns``."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def _parser_options(description: str | None, epilog: str | None) -> dict[str, Any]:
+    """What every parser of ``ttt`` shares: plain description and epilog, laid out as written."""
+    return {
+        "description": plain(description),
+        "epilog": plain(epilog) if epilog else None,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
+def dataclass_parser(
+    cls: type,
+    description: str | None = None,
+    *,
+    prog: str | None = None,
+    epilog: str | None = None,
+    **kw: Any,
+) -> argparse.ArgumentParser:
+    """A whole parser for a recipe run on its own (``python -m ttt.recipes.mqar``): ``description``
+    (e.g. the module docstring) and ``epilog`` without markup, one option per field of ``cls``; ``kw`` as
+    :func:`add_dataclass_args`."""
+    parser = argparse.ArgumentParser(prog=prog, **_parser_options(description, epilog))
+    add_dataclass_args(parser, cls, **kw)
+    return parser
+
+
+def add_subcommand(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    cls: type | None = None,
+    *,
+    help: str,
+    description: str | None,
+    epilog: str | None = None,
+    **kw: Any,
+) -> argparse.ArgumentParser:
+    """A ``ttt <name>`` subcommand built like :func:`dataclass_parser`: one option per field of ``cls``
+    (none when ``cls`` is None); ``help`` is its line in ``ttt -h``; ``kw`` as :func:`add_dataclass_args`."""
+    parser = subparsers.add_parser(name, help=plain(help), **_parser_options(description, epilog))
+    if cls is not None:
+        add_dataclass_args(parser, cls, **kw)
+    return parser
+
+
+def parse_dataclass(
+    cls: type, argv: Sequence[str] | None = None, description: str | None = None, **kw: Any
+) -> Any:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a ``cls`` instance; ``kw`` as
+    :func:`dataclass_parser`."""
+    parser = dataclass_parser(cls, description, **kw)
+    return dataclass_from_namespace(cls, parser.parse_args(argv))

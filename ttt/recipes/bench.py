@@ -9,13 +9,17 @@ fast weights for TTT, the KV cache for attention.
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ttt._extras import require
 
 from .args import BenchArgs
 from .common import format_table, resolve_device, set_threads
@@ -168,13 +172,12 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
         f"# Layer benchmark\n\n{hw}; dim {args.dim}, {args.heads} heads, batch "
         f"{args.batch_size}, torch {torch.__version__}\n\n{table}\n"
     )
-    (out / "bench.json").write_text(__import__("json").dumps([asdict(r) for r in rows], indent=1))
+    (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
+        require("matplotlib", "the plot bench.png").use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError as e:
+        print(f"written: {out / 'bench.md'}, {out / 'bench.json'}; no bench.png: {e}", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
     for name in dict.fromkeys(r.mixer for r in rows):
@@ -192,3 +195,4 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
     fig.tight_layout()
     fig.savefig(out / "bench.png")
     plt.close(fig)
+    print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}", file=sys.stderr)

@@ -8,9 +8,8 @@ that reads the sequence well should reach the mid 0.9s within a few CPU minutes.
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,15 +79,9 @@ def train_digits(args: DigitsArgs) -> DigitsResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .args import field_docs
+    from .args import parse_dataclass
 
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    docs = field_docs(DigitsArgs)
-    for name, default in asdict(DigitsArgs()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int,
-                            default=default, help=docs[name])  # fmt: skip
-    r = train_digits(DigitsArgs(**vars(parser.parse_args(argv))))
+    r = train_digits(parse_dataclass(DigitsArgs, argv, __doc__, prog="python -m ttt.recipes.digits"))
     print(f"test accuracy {r.test_accuracy:.4f} ({r.num_params:,} parameters, {r.seconds:.0f} s)")
 
 

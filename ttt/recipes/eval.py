@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,22 +31,30 @@ def evaluate_loss(
     context: int,
     max_batches: int | None,
     device: torch.device,
+    tail: bool = False,
 ) -> tuple[float, Tensor]:
-    """Mean loss (nats per token) over validation windows and the mean loss at each position ``[T]``."""
+    """Mean loss (nats per token) over windows of ``tokens [N]`` and the mean loss at each position ``[T]``.
+
+    Windows are the consecutive non-overlapping ``context``-token windows of
+    :func:`ttt.data.validation_batches`; with ``tail`` (and ``max_batches=None``) the tokens after the last
+    whole window are scored too, as one shorter window, so every token after the first is scored."""
     from ttt.data import validation_batches
 
     was_training = model.training
     model.eval()
     total = torch.zeros(context, dtype=torch.float64)
-    count = 0
-    for x, y in validation_batches(tokens, batch_size, context, max_batches):
+    count = torch.zeros(context, dtype=torch.float64)
+    windows = list(validation_batches(tokens, batch_size, context, max_batches))
+    rest = (tokens.numel() - 1) % context
+    if tail and max_batches is None and rest:
+        windows.append((tokens[-rest - 1 : -1][None], tokens[-rest:][None]))
+    for x, y in windows:
         logits, _ = model(x.to(device))
-        loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction="none")  # [B, T]
-        total += loss.double().sum(dim=0).cpu()
-        count += x.shape[0]
+        loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction="none")  # [B, t]
+        total[: x.shape[1]] += loss.double().sum(dim=0).cpu()
+        count[: x.shape[1]] += x.shape[0]
     model.train(was_training)
-    by_position = total / count
-    return float(by_position.mean()), by_position
+    return float(total.sum() / count.sum()), total / count
 
 
 @dataclass
@@ -69,25 +78,44 @@ class EvalResult:
     step: int = 0
     """its training step"""
     corpus: str = ""
-    """the corpus whose validation split was scored"""
+    """the corpus whose validation split was scored (empty when a file was)"""
+    file: str = ""
+    """the file or directory scored whole (--file), else empty"""
+    files: int = 0
+    """text files scored (--file)"""
+    skipped: list[str] = field(default_factory=list)
+    """files of a --file directory skipped as not UTF-8 text"""
     batch_size: int = 0
     """windows per batch"""
     batches: int = 0
     """batches evaluated"""
     max_batches: int | None = None
-    """the batch limit asked for (None: the whole validation split)"""
+    """the batch limit asked for (None: the whole validation split, and always for --file)"""
     out: str = ""
     """the JSON file the result was written to"""
+    plot: str = ""
+    """the loss-by-position plot written (empty: not written, matplotlib is missing)"""
 
 
-def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
-    """Load a checkpoint, evaluate on the validation split, write the loss-vs-position table and plot.
+@dataclass
+class _Scored:
+    """The tokens one evaluation scores and what they are."""
 
-    Writes ``eval-step-N.json`` (the result, with the checkpoint, step, corpus, context and batches),
-    ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory)."""
-    from ttt.data import load_corpus, prepare, tokenizer_from_dict
-    from ttt.models.checkpoint import find_checkpoint, load_model, write_text_atomic
+    tokens: Tensor
+    """``[N]`` token ids"""
+    n_bytes: int
+    """UTF-8 bytes of their text (for bits per byte)"""
+    label: str
+    """what was scored, for the report"""
+    context: int
+    """window length"""
+    whole: bool
+    """every token is scored (--file): no batch limit, the tail after the last whole window too"""
+    files: int = 0
+    skipped: list[str] = field(default_factory=list)
 
+
+def _check(args: EvalArgs) -> None:
     if args.bins < 1 or args.batch_size < 1:
         raise ValueError("--bins and --batch-size must be >= 1")
     if args.max_batches is not None and args.max_batches < 1:
@@ -96,6 +124,59 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
         )
     if args.context is not None and args.context < 1:
         raise ValueError(f"--context must be >= 1, got {args.context}")
+    if args.file is not None and args.corpus is not None:
+        raise ValueError("give --file (score a file whole) or --corpus (score a validation split), not both")
+
+
+def _file_tokens(path: str, tokenizer, context: int) -> _Scored:
+    """Every text file under ``path`` (or ``path`` itself), joined by blank lines as a corpus's documents
+    are, in the model's tokens; a text shorter than one window is scored as one shorter window."""
+    from ttt.data import read_text_files
+
+    texts, skipped = read_text_files(path)
+    text = "\n\n".join(t for _, t in texts)
+    tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if tokens.numel() < 2:
+        raise ValueError(f"{path}: {tokens.numel()} token(s), need at least 2 to score a prediction")
+    label = f"{path} (whole, {len(texts)} file{'s' * (len(texts) != 1)}, {len(text.encode()):,} bytes)"
+    return _Scored(tokens, len(text.encode()), label, min(context, tokens.numel() - 1), True, len(texts),
+                   [str(f) for f in skipped])  # fmt: skip
+
+
+def _split_tokens(corpus_name: str, tokenizer, context: int) -> _Scored:
+    """The validation split of a corpus in the model's tokens."""
+    from ttt.data import load_corpus, prepare
+
+    data = prepare(load_corpus(corpus_name), tokenizer)
+    n_val = data.validation.numel()
+    if n_val <= context:
+        raise ValueError(
+            f"the validation split of corpus {corpus_name!r} has {n_val:,} tokens, need more "
+            f"than --context {context}; only the validation split is scored: the last 10% of a text file's "
+            "lines, every 10th file of a directory (--file scores a whole file)"
+        )
+    return _Scored(
+        data.validation, data.validation_bytes, f"validation split of {corpus_name}", context, False
+    )
+
+
+def _file_slug(path: str) -> str:
+    """A file name part for ``path``: its name with anything but letters, digits, '.', '_', '-' replaced."""
+    name = Path(path).resolve().name or "root"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
+    """Load a checkpoint, score a validation split (or a whole file), write the loss-vs-position table and
+    plot.
+
+    Writes ``eval-step-N.json`` (the result, with the checkpoint, step, what was scored, context and
+    batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory);
+    with ``args.file`` the names end in ``-file-NAME``."""
+    from ttt.data import TokenData, tokenizer_from_dict
+    from ttt.models.checkpoint import find_checkpoint, load_model
+
+    _check(args)
     set_threads(args.threads)
     device = resolve_device(args.device)
     ckpt = find_checkpoint(args.checkpoint)
@@ -106,36 +187,32 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
         raise ValueError(
             f"context {context} is longer than this model's max_seq_len = {model.config.max_seq_len}"
         )
-    corpus_name = args.corpus or train_args.get("corpus", "shakespeare")
-    corpus = load_corpus(corpus_name)
-    data = prepare(corpus, tokenizer_from_dict(meta["tokenizer"]))
-    n_val = data.validation.numel()
-    if n_val <= context:
-        raise ValueError(
-            f"the validation split of corpus {corpus_name!r} has {n_val:,} tokens, need more "
-            f"than --context {context}; only the validation split is scored: the last 10% of a text file's "
-            "lines, every 10th file of a directory"
-        )
-    loss, by_pos = evaluate_loss(
-        model,
-        data.validation,
-        batch_size=args.batch_size,
-        context=context,
-        max_batches=args.max_batches,
-        device=device,
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    corpus_name = "" if args.file else args.corpus or train_args.get("corpus", "shakespeare")
+    scored = (
+        _file_tokens(args.file, tokenizer, context)
+        if args.file
+        else _split_tokens(corpus_name, tokenizer, context)
     )
-    windows = (n_val - 1) // context
-    if args.max_batches is not None:
-        windows = min(windows, args.max_batches * args.batch_size)
+    max_batches = None if scored.whole else args.max_batches
+    context = scored.context
+    loss, by_pos = evaluate_loss(model, scored.tokens, batch_size=args.batch_size, context=context,
+                                 max_batches=max_batches, device=device, tail=scored.whole)  # fmt: skip
+    windows = (scored.tokens.numel() - 1) // context
+    if max_batches is not None:
+        windows = min(windows, max_batches * args.batch_size)
+    batches = math.ceil(windows / args.batch_size)
+    if scored.whole and (scored.tokens.numel() - 1) % context:
+        windows, batches = windows + 1, batches + 1
+    data = TokenData(scored.tokens[:0], scored.tokens, tokenizer, scored.n_bytes)
     # bins of equal width in position (the plot uses every position)
     edges = torch.linspace(0, context, min(args.bins, context) + 1).round().long().tolist()
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
 
     # results are named by the checkpoint's step: evaluating another checkpoint overwrites nothing
     out = Path(args.out) if args.out else ckpt.parent if (ckpt.parent / "latest").exists() else ckpt
-    out.mkdir(parents=True, exist_ok=True)
     step = int(meta.get("step", 0))
-    stem = f"step-{step:06d}"
+    stem = f"step-{step:06d}" + (f"-file-{_file_slug(args.file)}" if args.file else "")
     result = EvalResult(
         loss,
         data.bits_per_byte(loss),
@@ -146,26 +223,39 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
         checkpoint=str(ckpt),
         step=step,
         corpus=corpus_name,
+        file=args.file or "",
+        files=scored.files,
+        skipped=scored.skipped,
         batch_size=args.batch_size,
-        batches=math.ceil(windows / args.batch_size),
-        max_batches=args.max_batches,
+        batches=batches,
+        max_batches=max_batches,
         out=str(out / f"eval-{stem}.json"),
     )
-    rows = [[f"{a}-{b}", f"{v:.4f}", f"{data.bits_per_byte(v):.4f}"] for a, b, v in bins]
+    _write(result, out, stem, scored.label, data, by_pos, meta["config"]["mixer"])
+    return result
+
+
+def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: Tensor, mixer: str) -> None:
+    """``eval-STEM.json``, ``loss_by_position-STEM.md`` and ``.png`` in ``out`` (sets ``result.plot``)."""
+    from ttt.models.checkpoint import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [[f"{a}-{b}", f"{v:.4f}", f"{data.bits_per_byte(v):.4f}"] for a, b, v in result.positions]
     table = format_table(["positions", "loss (nats/token)", "bits/byte"], rows)
     write_text_atomic(
         out / f"loss_by_position-{stem}.md",
-        f"# Loss by token position\n\ncheckpoint: {ckpt} (step {step})\n\ncorpus: {corpus_name} (validation "
-        f"split)\n\nvalidation loss {loss:.4f} nats/token, {result.bits_per_byte:.4f} bits/byte, {windows} "
-        f"windows of {context} tokens\n\n{table}\n",
+        f"# Loss by token position\n\ncheckpoint: {result.checkpoint} (step {result.step})\n\nscored: "
+        f"{label}\n\nloss {result.loss:.4f} nats/token, {result.bits_per_byte:.4f} bits/byte, "
+        f"{result.windows} windows of up to {result.context} tokens\n\n{table}\n",
     )
-    write_text_atomic(out / f"eval-{stem}.json", json.dumps(asdict(result), indent=1))
-    save_plot(
-        out / f"loss_by_position-{stem}.png",
-        {meta["config"]["mixer"]: (list(range(1, context + 1)), by_pos.tolist())},
+    png = out / f"loss_by_position-{stem}.png"
+    plotted = save_plot(
+        png,
+        {mixer: (list(range(1, result.context + 1)), by_pos.tolist())},
         xlabel="token position",
         ylabel="loss (nats/token)",
-        title=f"Validation loss by position (step {step})",
+        title=f"Loss by position (step {result.step})",
         logx=True,
     )
-    return result
+    result.plot = str(png) if plotted else ""
+    write_text_atomic(out / f"eval-{stem}.json", json.dumps(asdict(result), indent=1))

@@ -37,9 +37,12 @@ class GenerateResult:
     state_bytes: int
     prompts: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    prompt: str = ""
+    """the prompt of a single continuation as text (empty for a batch)"""
 
 
-def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> list[int]:
+def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> tuple[str, list[int]]:
+    """The prompt as text and as token ids."""
     given = [
         a for a in (args.prompt, args.prompt_file, args.prompt_tokens, args.prompts_file) if a is not None
     ]
@@ -54,21 +57,24 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> list[int]:
         ids = tokenizer.encode(corpus.validation_text()[: args.prompt_tokens * 16])[: args.prompt_tokens]
         if len(ids) < args.prompt_tokens:
             raise ValueError(f"the validation split has only {len(ids)} tokens")
-        return ids
+        return tokenizer.decode(ids), ids
     text = args.prompt
     if args.prompt_file is not None:
-        text = _read_text(args.prompt_file)
+        from ttt.data import read_text
+
+        text = read_text(args.prompt_file)
     if not text:
         raise ValueError(
             "the prompt is empty: give --prompt TEXT, --prompt-file PATH, --prompt-tokens N or "
             "--prompts-file PATH"
         )
-    return tokenizer.encode(text)
+    return text, tokenizer.encode(text)
 
 
 @torch.inference_mode()
 def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResult:
-    """Load a checkpoint and continue a prompt; streams to ``out`` (default stdout) when ``args.stream``."""
+    """Load a checkpoint and continue a prompt; streams to ``out`` (default stdout) when ``args.stream``,
+    the prompt first when ``args.echo``."""
     from ttt.data import StreamDecoder, tokenizer_from_dict
     from ttt.models import sample, state_nbytes
     from ttt.models.checkpoint import load_model
@@ -83,6 +89,9 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
         raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, or none to sample from every token, got {args.top_k}")
+    # written so that NaN fails too
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], or none to sample from every token, got {args.top_p}")
     model, meta = load_model(args.checkpoint, device=device)
     model.eval()
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
@@ -90,7 +99,7 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
         if any(a is not None for a in (args.prompt, args.prompt_file, args.prompt_tokens)):
             raise ValueError("give only one of --prompt, --prompt-file, --prompt-tokens, --prompts-file")
         return _generate_batch(args, model, tokenizer, device)
-    ids = _prompt_ids(args, meta, tokenizer)
+    prompt, ids = _prompt_ids(args, meta, tokenizer)
     if len(ids) + args.max_new_tokens > model.config.max_seq_len:
         raise ValueError(
             f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) is longer "
@@ -107,9 +116,14 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     prefill = time.perf_counter() - t0
     stream = StreamDecoder(tokenizer)
     new: list[int] = []
+    if args.stream and args.echo:
+        out.write(prompt)
+        out.flush()
     t0 = time.perf_counter()
     for i in range(args.max_new_tokens):
-        token = sample(logits, temperature=args.temperature, top_k=args.top_k, generator=generator)
+        token = sample(
+            logits, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator
+        )
         new.append(int(token))
         if args.stream:
             out.write(stream.push(new[-1]))
@@ -124,20 +138,14 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     # the last sampled token needs no step, so max_new_tokens - 1 steps were timed (plus sampling)
     steps = args.max_new_tokens - 1
     rate = steps / max(decode, 1e-9) if steps else None
-    return GenerateResult(tokenizer.decode(new), len(ids), len(new), prefill, rate, state_nbytes(state))
-
-
-def _read_text(path: str) -> str:
-    """A UTF-8 text file; an error names the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    text, size = tokenizer.decode(new), state_nbytes(state)
+    return GenerateResult(text, len(ids), len(new), prefill, rate, size, prompt=prompt)
 
 
 def _read_prompts(path: str) -> list[str]:
-    prompts = _read_text(path).splitlines()  # \n, \r\n and \r line ends alike
+    from ttt.data import read_text
+
+    prompts = read_text(path).splitlines()  # \n, \r\n and \r line ends alike
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one prompt per line")
@@ -164,7 +172,7 @@ def _generate_batch(args: GenerateArgs, model, tokenizer, device: torch.device) 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stream = model.generate_stream(
         idx, args.max_new_tokens, lengths=lengths, temperature=args.temperature, top_k=args.top_k,
-        generator=generator,
+        top_p=args.top_p, generator=generator,
     )  # fmt: skip
     t0 = time.perf_counter()
     columns = [next(stream)]

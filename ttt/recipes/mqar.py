@@ -30,7 +30,6 @@ see benchmarks/results/mqar_cpu.md for what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -228,28 +227,12 @@ def format_results(results: list[MQARResult]) -> str:
     return format_table(header, rows)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .args import field_docs
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    docs, types = field_docs(MQARArgs), {"int": int, "float": float, "str": str}
-    for name, default in asdict(MQARArgs()).items():
-        flags = ["--" + name.replace("_", "-")] + (["--mixer"] if name == "mixers" else [])
-        help_text = docs[name] if default is None else f"{docs[name]} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(
-                *flags, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        else:
-            kind = types[MQARArgs.__dataclass_fields__[name].type.split(" | ")[0]]
-            parser.add_argument(*flags, dest=name, type=kind, default=default, help=help_text)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> list[MQARResult]:
-    args = MQARArgs(**vars(_parser().parse_args(argv)))
+    from .args import parse_dataclass
+
+    args = parse_dataclass(
+        MQARArgs, argv, __doc__, prog="python -m ttt.recipes.mqar", aliases={"mixers": ["--mixer"]}
+    )
     results = run_mqar(args)
     table = format_results(results)
     print(table)

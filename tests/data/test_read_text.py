@@ -1,0 +1,37 @@
+"""Reading a user's text files: line ends as Python's text mode reads them; binary and missing files refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttt.data import read_text, read_text_files
+
+
+def test_read_text_reads_line_ends_as_text_mode_does_and_refuses_binary(tmp_path):
+    f = tmp_path / "crlf.txt"
+    f.write_bytes("caf\u00e9\r\nb\rc\n".encode())
+    assert read_text(f) == f.read_text(encoding="utf-8") == "caf\u00e9\nb\nc\n"
+    (tmp_path / "nul.txt").write_bytes(b"text\0more")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    for name, message in [
+        ("nul.txt", "NUL bytes"),
+        ("latin1.txt", r"not UTF-8 text \(.* at byte 3\)"),
+        ("nope", "no such file"),
+    ]:
+        with pytest.raises((ValueError, OSError), match=message):
+            read_text(tmp_path / name)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_text(tmp_path)
+
+
+def test_read_text_files_of_a_directory_skips_binary_and_hidden_files(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "b" / "two.txt").write_text("2")
+    (tmp_path / "one.md").write_text("1")
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    (tmp_path / "blob.bin").write_bytes(b"\0\1")
+    texts, skipped = read_text_files(tmp_path)
+    assert [(p.name, t) for p, t in texts] == [("two.txt", "2"), ("one.md", "1")]
+    assert skipped == [tmp_path / "blob.bin"]
+    assert read_text_files(tmp_path / "one.md") == ([(tmp_path / "one.md", "1")], [])
