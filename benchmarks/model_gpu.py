@@ -356,20 +356,15 @@ class Runner:
         held.clear()
 
     def run(self) -> None:
+        # mixer by mixer: a budget that runs out cuts whole mixers (the last ones), not a phase of all
         for preset in _strs(self.args.presets):
-            for phase in _strs(self.args.phases):
-                for mixer in _strs(self.args.mixers):
-                    if not self._gated(preset, mixer):
-                        continue
+            for mixer in _strs(self.args.mixers):
+                if not self.gate(preset, mixer):
+                    continue
+                for phase in _strs(self.args.phases):
                     getattr(self, phase)(preset, mixer)
         self.write()
         print(self.table(), flush=True)
-
-    def _gated(self, preset: str, mixer: str) -> bool:
-        done = [c for c in self.cases if (c.preset, c.mixer, c.phase) == (preset, mixer, "gate")]
-        if done:
-            return done[0].status == "ok"
-        return self.gate(preset, mixer)
 
     # -- output ----------------------------------------------------------------------------------------
     def header(self) -> str:
