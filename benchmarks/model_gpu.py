@@ -310,7 +310,8 @@ class Runner:
 
             def prefill(case: Case, ctx=ctx) -> None:
                 if "model" not in held:
-                    held["model"] = self.build(preset, mixer, max(contexts) + n + 2).to(torch.bfloat16).eval()
+                    dtype = getattr(torch, self.args.infer_dtype)
+                    held["model"] = self.build(preset, mixer, max(contexts) + n + 2).to(dtype).eval()
                 model = held["model"]
                 idx = held["idx"] = torch.randint(0, model.config.vocab_size, (B, ctx), device=self.device)
                 base = self.reset_peak()
@@ -426,7 +427,7 @@ class Runner:
             "# Whole-model benchmark\n\n"
             + self.header()
             + f"\nTraining: bf16 autocast, AdamW, {a.tokens_per_step} tokens per step (batch = tokens / T), median "
-            "of the timed steps after one warm-up step. Prefill: bf16 weights, batch "
+            f"of the timed steps after one warm-up step. Prefill: {a.infer_dtype} weights, batch "
             f"{a.decode_batch}. Decode: {a.decode_tokens} tokens after a prefill of the context, "
             "ttt.models.static_decode (CUDA graph where every mixer can be captured); the "
             "CausalLM.step path timed beside it. swa window "
@@ -473,6 +474,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-repeats", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument(
+        "--infer-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="weights for prefill and decode",
+    )
     p.add_argument("--swa-window", type=int, default=2048)
     p.add_argument(
         "--gate-tol", type=float, default=1e-2, help="gate: max |logit error| <= tol * max(1, max |logit|)"
