@@ -54,3 +54,20 @@ def test_budget_and_flops_formulas(tmp_path):
     assert bench.mixing_flops("swa", config, 100, 4) == pytest.approx(4 * 32 * (10 + 96 * 4) / 100)
     with pytest.raises(ValueError, match="no FLOPs formula"):
         bench.mixing_flops("hebbian", config, 8, 8)
+
+
+def test_a_static_decoder_that_fails_its_gate_is_not_timed(tmp_path, monkeypatch):
+    bench = _module()
+
+    class Wrong(bench.StaticDecoder):
+        def step(self, token):
+            return super().step(token) + 1.0
+
+    monkeypatch.setattr(bench, "StaticDecoder", Wrong)
+    cases = bench.main(["--device", "cpu", "--presets", "micro", "--mixers", "attention", "--phases", "infer",
+                        "--contexts", "16", "--prefill-repeats", "1", "--decode-tokens", "2",
+                        "--out", str(tmp_path)])  # fmt: skip
+    gate, prefill, decode = cases
+    assert gate.status == "ok" and gate.extra["static"] == "failed"  # CausalLM.step passed: timed
+    assert decode.status == "ok" and decode.tokens_per_s is None and decode.extra["step_path_ms"] > 0
+    assert "static decoder failed its gate" in (tmp_path / "model_gpu.md").read_text()
