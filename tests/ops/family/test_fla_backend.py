@@ -73,6 +73,15 @@ def test_fla_form_covers_the_rules_fla_implements():
         assert callable(fb.fla_form(rule)), rule
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fla_form_refuses_what_fla_cannot_run(dtype):
+    q = torch.zeros(1, 1, 4, 8, dtype=dtype)
+    tokens = {"k": q, "v": q, "beta": q[..., 0], "log_alpha": q[..., 0]}
+    want = "runs on CUDA tensors of float32 / bfloat16 / float16"
+    with pytest.raises(ValueError, match=want):
+        fb.fla_form("gated_deltanet")(q, tokens, torch.zeros(1, 1, 8, 8, dtype=dtype), 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", FLA_RULES)
 def test_fla_kernel_equals_our_chunk_form(rule, monkeypatch):
@@ -128,6 +137,6 @@ def test_adapters_with_fla_references_on_cpu(rule, monkeypatch):
     refs = _references()
     case = _case(rule, "cpu", T=64, D=8)  # the chunk references need T a multiple of their chunk
     ours = _run(case, monkeypatch, fla=False)
-    monkeypatch.setattr(fb, "_kernel", lambda r: refs[fb.FLA_KERNELS[r].split(":")[1]])
+    monkeypatch.setattr(fb, "_kernel", lambda r, q: refs[fb.FLA_KERNELS[r].split(":")[1]])
     theirs = _run(case, monkeypatch, fla=True)
     _compare(ours, theirs, rule, rel=1e-4)

@@ -70,7 +70,13 @@ def fla_available() -> bool:
     return True
 
 
-def _kernel(rule: str) -> Callable:
+def _kernel(rule: str, q: Tensor) -> Callable:
+    """fla's kernel for ``rule``, after checking that ``q`` is something it runs on."""
+    if not q.is_cuda or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"the fla backend of {rule!r} runs on CUDA tensors of float32 / bfloat16 / float16, got "
+            f"{q.dtype} on {q.device} (the chunk form is the CPU and float64 path)"
+        )
     module, name = FLA_KERNELS[rule].split(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -120,7 +126,7 @@ def fla_form(rule: str) -> Form | None:
         del chunk_size  # fla's kernels pick their own
         args = _args(rule, q, tokens)
         kwargs = {name: (_bthd(x) if isinstance(x, Tensor) else x) for name, x in args.items()}
-        o, S = _kernel(rule)(
+        o, S = _kernel(rule, q)(
             **kwargs,
             scale=1.0,
             initial_state=initial_state.to(torch.float32).contiguous(),
