@@ -235,8 +235,9 @@ class StaticKVCache:
     can be captured in a CUDA graph. Every row of the batch is at the same position.
 
     Attributes:
-        k, v: ``[B, G, S, D]`` buffers; full attention: S = the most tokens the cache can hold (slot =
-            position); sliding window W: a ring of S = W slots (slot = position mod W).
+        k, v: ``[B, G, S, D]`` buffers; full attention: S = the most tokens the cache can hold, rounded up
+            to a multiple of 16 (slot = position); sliding window W: a ring of S = W slots (slot = position
+            mod W).
         slot_pos: ``[S]`` int64, the position each slot holds (-1: empty).
         position: ``[]`` int64 tensor, the position of the next token.
     """
@@ -264,7 +265,9 @@ def static_kv_cache(layer: Attention, cache: KVCache, max_len: int) -> StaticKVC
             "keeps one position for the whole batch (prefill unpadded prompts of one length)"
         )
     length = int(cache.lengths[0])
-    slots = layer.window if layer.window is not None else max_len
+    # full attention: round the buffer up to 16 slots (aligned rows for the fused SDPA kernels; the extra
+    # slots stay empty and masked); a window's ring has exactly `window` slots (slot = position mod window)
+    slots = layer.window if layer.window is not None else -(-max_len // 16) * 16
     if length > max_len:
         raise ValueError(
             f"static_kv_cache: the cache holds {length} positions, more than max_len = {max_len}"
