@@ -100,17 +100,12 @@ def _references():
     from test_fla_oracle import _naive  # noqa: PLC0415 -- skips this test without fla / einops
 
     la, sg, gla = _naive("linear_attn"), _naive("simple_gla"), _naive("gla")
-    dr, gdr, kda, comba = _naive("delta_rule"), _naive("gated_delta_rule"), _naive("kda"), _naive("comba")
+    gdr, kda, comba = _naive("gated_delta_rule"), _naive("kda"), _naive("comba")
     dplr = _naive("generalized_delta_rule/dplr")
-    bhtd = lambda x: x.transpose(1, 2)  # noqa: E731 -- the delta_rule and dplr references are [B, H, T, D]
+    bhtd = lambda x: x.transpose(1, 2)  # noqa: E731 -- the dplr reference is [B, H, T, D]
 
     def fixed_scale(q, scale):  # references that hard-code K^-1/2
         return q * scale / q.shape[-1] ** -0.5
-
-    def delta_rule(q, k, v, beta, scale, initial_state, output_final_state):
-        o, S = dr.delta_rule_recurrence(bhtd(fixed_scale(q, scale)), bhtd(k), bhtd(v), bhtd(beta),
-                                        initial_state=initial_state, output_final_state=True)  # fmt: skip
-        return bhtd(o), S
 
     def rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state):
         args = (bhtd(x) for x in (fixed_scale(r, scale), k, v, a, b, w))
@@ -123,7 +118,6 @@ def _references():
         "chunk_gla": lambda q, k, v, g, scale, **kw: gla.naive_recurrent_gla(
             fixed_scale(q, scale), k, v, g, **kw
         ),
-        "chunk_delta_rule": delta_rule,
         "chunk_gated_delta_rule": gdr.naive_recurrent_gated_delta_rule,
         "chunk_kda": kda.naive_recurrent_kda,
         # fla's chunk reference: the Comba paper's form, as its chunk kernel (see test_fla_oracle)

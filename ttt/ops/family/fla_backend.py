@@ -27,6 +27,8 @@ pure-PyTorch references on CPU):
 * normalisation: fla's ``chunk_linear_attn`` normalises by ``q . sum k`` by default; ours does not
   (``normalize=False``).
 * HGRN2: fla's GLA kernel with the key ``1 - alpha`` the public op already derives.
+* DeltaNet: fla's gated delta-rule kernel with ``g = 0`` (its ``chunk_delta_rule`` asserts that its
+  inputs are not float32; on the H200 the float32 check failed there).
 * Comba: fla's chunk kernel computes the Comba paper's ``(alpha - beta k p^T) S`` (ours); fla's
   *recurrent* reference decays first, i.e. ours with ``p -> alpha p`` (docs/family.md).
 * RWKV7: fla's DPLR ``S_t = Diag(exp(w)) S + b (a^T S) + k v^T`` with ``a = k_hat``,
@@ -53,7 +55,8 @@ FLA_KERNELS: dict[str, str] = {
     "hebbian": "fla.ops.simple_gla:chunk_simple_gla",
     "gla": "fla.ops.gla:chunk_gla",
     "hgrn2": "fla.ops.gla:chunk_gla",
-    "deltanet": "fla.ops.delta_rule:chunk_delta_rule",
+    # fla's chunk_delta_rule refuses float32 inputs (an assert); its gated kernel with g = 0 is the same rule
+    "deltanet": "fla.ops.gated_delta_rule:chunk_gated_delta_rule",
     "gated_deltanet": "fla.ops.gated_delta_rule:chunk_gated_delta_rule",
     "kda": "fla.ops.kda:chunk_kda",
     "comba": "fla.ops.comba:chunk_comba",
@@ -101,7 +104,7 @@ def _args(rule: str, q: Tensor, t: dict[str, Tensor]) -> dict[str, Tensor | bool
     if rule in ("gla", "hgrn2"):
         return {"q": q, "k": k, "v": v, "g": t["log_alpha"]}
     if rule == "deltanet":
-        return {"q": q, "k": k, "v": v, "beta": t["beta"]}
+        return {"q": q, "k": k, "v": v, "g": torch.zeros_like(t["beta"]), "beta": t["beta"]}
     if rule in ("gated_deltanet", "kda"):
         return {"q": q, "k": k, "v": v, "g": t["log_alpha"], "beta": t["beta"]}
     if rule == "comba":
