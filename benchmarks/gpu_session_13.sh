@@ -11,6 +11,10 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_session_13.sh           # on the GPU machine (device tool: carry .whl)
 #   DRY=1 OUT=/tmp/s13 bash benchmarks/gpu_session_13.sh      # CPU dry run: collect-only tests, tiny sizes
+# Its one run (2026-12-04, H200; benchmarks/results/gpu_tests_h200.md, model_gpu_h200.md): stage b reached
+# 18 % of its tests in 95 s and stage c 3 tests in 50 s (Triton compiles each kernel variant, fla autotunes
+# at the first call), so give b and c several minutes in a call of their own; the benchmark's 125m models
+# took about 210 s, the 350m TTT-Linear and attention models about 95 s.
 # Stage limits can be changed: T_TESTS, T_FLA, T_CLI (per command), T_BENCH (seconds), BUDGET (benchmark
 # seconds), CLI_STEPS (training steps of the smoke runs).
 set -u
