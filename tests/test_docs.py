@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCTESTED = ["ttt.ops.ttt_linear.api", "ttt.ops.ttt_mlp.api", "ttt.ops.ttt_attention.api"]
+DOCTESTED = [
+    "ttt.ops.ttt_linear.api",
+    "ttt.ops.ttt_mlp.api",
+    "ttt.ops.ttt_attention.api",
+    "ttt.models.static_decode",
+]
 
 
 def readme_python_blocks() -> list[str]:

@@ -223,3 +223,91 @@ class SlidingWindowAttention(Attention):
         if window is None:
             raise ValueError("SlidingWindowAttention needs a window (use Attention for full attention)")
         super().__init__(dim, num_heads, window=window, **kwargs)
+
+
+# --- preallocated decoding: a KV cache written in place (no torch.cat per token), CUDA-graph friendly ---
+
+
+@dataclass(frozen=True)
+class StaticKVCache:
+    """A preallocated KV cache of :class:`Attention` for decoding, updated in place by
+    :func:`attention_decode_step_`: no allocation and no host synchronisation per token, so a decode step
+    can be captured in a CUDA graph. Every row of the batch is at the same position.
+
+    Attributes:
+        k, v: ``[B, G, S, D]`` buffers; full attention: S = the most tokens the cache can hold, rounded up
+            to a multiple of 16 (slot = position); sliding window W: a ring of S = W slots (slot = position
+            mod W).
+        slot_pos: ``[S]`` int64, the position each slot holds (-1: empty).
+        position: ``[]`` int64 tensor, the position of the next token.
+    """
+
+    k: Tensor
+    v: Tensor
+    slot_pos: Tensor
+    position: Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers."""
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+def static_kv_cache(layer: Attention, cache: KVCache, max_len: int) -> StaticKVCache:
+    """Copy ``cache`` (from ``layer``'s prefill, unpadded) into a preallocated cache for ``max_len``
+    positions in all (ignored with a window, whose ring holds ``window`` slots).
+
+    Raises if the rows of ``cache`` hold padding or differ in length (the static cache keeps one position
+    for the whole batch), or if the cache already holds more than ``max_len`` positions.
+    """
+    if not bool(cache.valid.all()) or bool((cache.lengths != cache.lengths[0]).any()):
+        raise ValueError(
+            "static_kv_cache: the cache holds padding or rows of different lengths; a preallocated cache "
+            "keeps one position for the whole batch (prefill unpadded prompts of one length)"
+        )
+    length = int(cache.lengths[0])
+    # full attention: round the buffer up to 16 slots (aligned rows for the fused SDPA kernels; the extra
+    # slots stay empty and masked); a window's ring has exactly `window` slots (slot = position mod window)
+    slots = layer.window if layer.window is not None else -(-max_len // 16) * 16
+    if length > max_len:
+        raise ValueError(
+            f"static_kv_cache: the cache holds {length} positions, more than max_len = {max_len}"
+        )
+    batch, groups, _, head_dim = cache.k.shape
+    k = cache.k.new_zeros(batch, groups, slots, head_dim)
+    v = torch.zeros_like(k)
+    slot_pos = torch.full((slots,), -1, dtype=torch.long, device=k.device)
+    if cache.k.shape[2]:
+        positions = cache.positions[0]
+        index = positions % slots
+        k.index_copy_(2, index, cache.k.to(k.dtype))
+        v.index_copy_(2, index, cache.v.to(v.dtype))
+        slot_pos.index_copy_(0, index, positions)
+    return StaticKVCache(k, v, slot_pos, torch.tensor(length, dtype=torch.long, device=k.device))
+
+
+def attention_decode_step_(layer: Attention, x_t: Tensor, cache: StaticKVCache) -> Tensor:
+    """One token through ``layer`` with a :class:`StaticKVCache`, updated in place: ``x_t [B, 1, C]`` ->
+    ``y [B, 1, C]``. Same math as ``layer.step``; the caller keeps the position within the cache's size
+    (it is not checked: reading it on the host would synchronise)."""
+    batch = x_t.shape[0]
+    groups, head_dim = layer.num_kv_heads, layer.head_dim
+    q = split_heads(layer.q_proj(x_t), layer.num_heads)  # [B, H, 1, D]
+    k = split_heads(layer.k_proj(x_t), groups)  # [B, G, 1, D]
+    v = split_heads(layer.v_proj(x_t), groups)
+    pos = cache.position.view(1)
+    cos, sin = rotary_cos_sin(pos, head_dim, theta=layer.rope_theta)  # [1, D/2]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    slot = pos % cache.k.shape[2]
+    cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
+    cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
+    cache.slot_pos.index_copy_(0, slot, pos)
+    seen = cache.slot_pos
+    allowed = (seen >= 0) & (seen <= pos)
+    if layer.window is not None:
+        allowed &= pos - seen < layer.window
+    # grouped queries: the R = H / G query heads of a key/value head attend as R rows of one problem
+    rows = q.reshape(batch, groups, layer.num_heads // groups, head_dim)
+    mask = allowed.view(1, 1, 1, -1)
+    o = F.scaled_dot_product_attention(rows, cache.k.to(q.dtype), cache.v.to(q.dtype), attn_mask=mask)
+    cache.position.add_(1)
+    return layer.o_proj(merge_heads(o.reshape(batch, layer.num_heads, 1, head_dim)))

@@ -1,0 +1,129 @@
+"""Preallocated, in-place decoding (ttt.models.static_decode, attention's StaticKVCache) == the normal
+decode: logits step by step on CPU (no CUDA graph); the graph-captured step on CUDA (gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ttt.models.static_decode as sd
+from ttt.layers import Attention
+from ttt.layers.attention import attention_decode_step_, static_kv_cache
+from ttt.models import CausalLM, LMConfig
+from ttt.models.static_decode import StaticDecoder
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"num_kv_heads": 2}, {"window": 4}, {"window": 3, "num_kv_heads": 1}], ids=str
+)
+def test_attention_static_cache_equals_step(kwargs):
+    torch.manual_seed(0)
+    layer = Attention(32, 4, **kwargs)
+    x = torch.randn(2, 15, 32)
+    with torch.no_grad():
+        _, cache = layer(x[:, :6])
+        static = static_kv_cache(layer, cache, max_len=15)
+        for t in range(6, 15):
+            want, cache = layer.step(x[:, t : t + 1], cache)
+            got = attention_decode_step_(layer, x[:, t : t + 1], static)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert int(static.position) == 15
+    assert static.k.shape[2] == kwargs.get("window", 16)  # full attention: 15 rounded up to 16
+
+
+def test_static_cache_refuses_padding():
+    layer = Attention(16, 2)
+    with torch.no_grad():
+        _, cache = layer(torch.randn(2, 4, 16), mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool())
+    with pytest.raises(ValueError, match="padding or rows of different lengths"):
+        static_kv_cache(layer, cache, max_len=8)
+
+
+CASES = {
+    "attention": {},
+    "swa": {"mixer_kwargs": {"swa": {"window": 5}}},
+    "ttt_linear": {},
+    "ttt_mlp": {},
+    "ttt_linear_share_qk": {"mixer_kwargs": {"ttt_linear": {"share_qk": True, "use_gate": True}}},
+    "gated_deltanet": {},
+}
+
+
+def _model(case: str) -> CausalLM:
+    torch.manual_seed(0)
+    mixer = "ttt_linear" if case == "ttt_linear_share_qk" else case
+    config = LMConfig.from_name("micro", mixer=mixer, max_seq_len=64, **CASES[case])
+    return CausalLM(config).eval()
+
+
+def _compare(model: CausalLM, prompt_len: int = 7, steps: int = 12) -> StaticDecoder:
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 256, (2, prompt_len + steps), generator=g)
+    dec = StaticDecoder(model, max_len=prompt_len + steps + 1)
+    with torch.no_grad():
+        want, state = model(idx[:, :prompt_len])
+        got = dec.prefill(idx[:, :prompt_len])
+        torch.testing.assert_close(got, want[:, -1])
+        for t in range(prompt_len, prompt_len + steps):  # teacher-forced tokens: covers every position
+            want, state = model.step(idx[:, t], state)
+            got = dec.step(idx[:, t])
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=lambda m, t=t: f"token {t}: {m}")
+    assert dec.length == prompt_len + steps
+    return dec
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_decoder_equals_model_step(case, monkeypatch):
+    # the TTT layers use the layer's own single-token form here (the Triton path: the next test)
+    monkeypatch.setattr(sd, "_triton_decode", lambda layer, device: None)
+    dec = _compare(_model(case))
+    assert dec.state_nbytes() > 0
+    # attention's step can be captured; TTT's only with its in-place kernels; the family layers never
+    assert dec.graphable == (case in ("attention", "swa"))
+
+
+@pytest.mark.parametrize("case", ["ttt_linear", "ttt_mlp"])
+def test_static_decoder_ttt_in_place_kernels(case):
+    """The fused in-place decode kernels (under the Triton interpreter on CPU) step the buffers."""
+    if not torch.cuda.is_available():
+        pytest.importorskip("triton")
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dec = _compare(_model(case), prompt_len=13, steps=6)  # crosses a mini-batch boundary (b = 16)
+    assert all(s.decode_ is not None for s in dec.slots)
+
+
+def test_static_decoder_errors():
+    model = _model("attention")
+    with pytest.raises(ValueError, match="max_len"):
+        StaticDecoder(model, max_len=65)
+    dec = StaticDecoder(model, max_len=4)
+    with pytest.raises(RuntimeError, match="before prefill"):
+        dec.step(torch.tensor([1]))
+    with pytest.raises(ValueError, match="no room"):
+        dec.prefill(torch.zeros(1, 4, dtype=torch.long))
+    dec.prefill(torch.zeros(1, 3, dtype=torch.long))
+    dec.step(torch.tensor([1]))
+    with pytest.raises(ValueError, match="reached max_len"):
+        dec.step(torch.tensor([1]))
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+        StaticDecoder(model, max_len=8, cuda_graph=True).prefill(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["attention", "swa", "ttt_linear", "ttt_mlp", "ttt_linear_share_qk"])
+def test_cuda_graph_decoder_equals_model_step(case):
+    model = _model(case).cuda()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 256, (2, 30), generator=g).cuda()
+    dec = StaticDecoder(model, max_len=31, cuda_graph=True)
+    with torch.no_grad():
+        want, state = model(idx[:, :9])
+        dec.prefill(idx[:, :9])
+        for t in range(9, 30):
+            want, state = model.step(idx[:, t], state)
+            got = dec.step(idx[:, t])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert dec._graph is not None
