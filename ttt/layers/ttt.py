@@ -24,6 +24,7 @@ from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtyp
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 from ttt.ops import Impl, TTTState, auto_impl
+from ttt.ops.common import default_token_eta
 
 
 def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
@@ -142,8 +143,8 @@ class _TTTLayer(nn.Module):
 
     def token_eta(self) -> Tensor:
         """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
-        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, device=self.token_eta_offset.device)
-        return (base.to(self.token_eta_offset.dtype) + self.token_eta_offset).clamp(min=0)
+        offset = self.token_eta_offset
+        return (default_token_eta(self.mini_batch_size, offset.device, offset.dtype) + offset).clamp(min=0)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> TTTLayerState:
         """The state before the first token: learned ``W0`` (``ttt=None``) and zero conv caches."""
