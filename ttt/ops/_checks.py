@@ -57,6 +57,31 @@ def check_per_token(name: str, x: Tensor, B: int, H: int, T: int, device: torch.
         raise ValueError(f"{name} must be on {device} like q, got {x.device}")
 
 
+def check_lr(
+    lr: Tensor | float, B: int, H: int, T: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The inner learning rate of every op: a constant or ``[B, H, T]``, finite and >= 0 at any
+    mini-batch size (gradient ascent is the explicit ``ascent=True`` where an op offers it). Returns
+    ``[B, H, T]``: a tensor keeps its dtype, a constant gets ``dtype``. One host sync for a tensor."""
+    if isinstance(lr, Tensor):
+        check_per_token("lr", lr, B, H, T, device)
+        return check_gate("lr", lr, (B, H, T), lr.dtype, low=0.0)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a float or a tensor [B, H, T] = {[B, H, T]}, got {type(lr).__name__}")
+    if not math.isfinite(lr):
+        raise ValueError("lr must be finite (found NaN or Inf)")
+    if lr < 0:
+        raise ValueError(f"lr must lie in [0.0, inf], got min {float(lr)!r}")
+    return torch.full((B, H, T), float(lr), device=device, dtype=dtype)
+
+
+def check_eps(eps: float) -> float:
+    """The inner LayerNorm's ``eps``: a finite float > 0 (0 divides by zero on a constant row)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    return float(eps)
+
+
 def check_per_head(name: str, x: Tensor, H: int, D: int, device: torch.device) -> None:
     if not isinstance(x, Tensor) or tuple(x.shape) != (H, D):
         got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -85,6 +110,17 @@ def check_finite(**tensors: Tensor) -> None:
     for name, x in tensors.items():
         if x is not None and not bool(torch.isfinite(x).all()):
             raise FloatingPointError(f"{name} contains NaN or Inf; the fast weights would be corrupted")
+
+
+def check_no_overflow(**tensors: Tensor) -> None:
+    """After a run from finite inputs: raise if an output or a fast weight overflowed to Inf/NaN
+    (a step too large for the keys, or a value beyond the output dtype's range)."""
+    for name, x in tensors.items():
+        if x is not None and not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                f"{name} overflowed to Inf/NaN from finite inputs: the inner steps diverged or left the "
+                f"range of {x.dtype} (lower lr, normalise the keys, or compute in a wider dtype)"
+            )
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> list[int]:

@@ -81,7 +81,7 @@ def run_ttt(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lr: Tensor,
+    lr: Tensor | float,
     ln_weight: Tensor,
     ln_bias: Tensor,
     *,
@@ -96,7 +96,8 @@ def run_ttt(
     cu_seqlens: Tensor | None = None,
 ) -> TTTOutput:
     B, H, T, D = _checks.check_qkv(q, k, v)
-    _checks.check_per_token("lr", lr, B, H, T, q.device)
+    lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)
+    eps = _checks.check_eps(eps)
     _checks.check_per_head("ln_weight", ln_weight, H, D, q.device)
     _checks.check_per_head("ln_bias", ln_bias, H, D, q.device)
     _checks.check_mini_batch_size(mini_batch_size)
@@ -133,7 +134,11 @@ def run_ttt(
         o, final = _run(
             fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps
         )
-    return TTTOutput(o.to(q.dtype), final if output_final_state else None)
+    o = o.to(q.dtype)
+    if check_finite:
+        named = {f"final_state.weights.{n}": t for n, t in zip(names, final.weights)} if final else {}
+        _checks.check_no_overflow(output=o, **named)
+    return TTTOutput(o, final if output_final_state else None)
 
 
 def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps):

@@ -189,3 +189,13 @@ def test_long_sequence_with_strong_decay_stays_finite(rule):
             impl="recurrent",
         )
     assert (o_tail - o[:, :, -64:]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent", "autograd"])
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_empty_sequence_gives_empty_output_and_unchanged_state(rule, impl):
+    """T = 0, as in every op: ``o [B, H, 0, Dv]`` and the initial state back (every rule crashed)."""
+    case = make_case(rule, T=0)
+    o, S = case.run(impl)
+    assert o.shape == (2, 2, 0, 4)
+    torch.testing.assert_close(S, case.leaves["initial_state"])

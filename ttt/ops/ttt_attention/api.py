@@ -120,11 +120,7 @@ def attention(
     b = _mini_batch_size(mini_batch_size, initial_state, is_causal, T)
     if lr is None:
         lr = _default_lr(b, keys, mini_batch_size is None and not is_causal, B, H, T, q.device, cd)
-    elif isinstance(lr, Tensor):
-        _checks.check_per_token("lr", lr, B, H, T, q.device)
-    else:
-        lr = torch.full((B, H, T), float(lr), device=q.device, dtype=cd)
-    lr = _checks.check_gate("lr", lr, (B, H, T), cd, low=0.0)  # finite and >= 0, at every mini-batch size
+    lr = _checks.check_lr(lr, B, H, T, q.device, cd).to(cd)  # finite and >= 0, at every mini-batch size
     if keys is not None:
         lr = lr * keys
     te = torch.ones(b, device=q.device, dtype=cd) if token_eta is None else token_eta.to(cd)
