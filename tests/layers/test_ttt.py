@@ -229,3 +229,27 @@ def test_auto_impl_off_cuda(kind, decode_form):
     noncausal = _layer(kind, causal=False)
     noncausal(_x(1, 8))
     assert noncausal.last_impl == "chunk"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("share_qk", [False, True])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_continuing_after_a_right_padded_prefill_is_exact_or_refused(kind, share_qk):
+    """A row padded inside a mini-batch: its state ran on through the padding (continued, its logits were
+    off by ~1 here), so forward and step refuse to continue it; padding by whole mini-batches after a
+    boundary is exact and continues."""
+    layer = _layer(kind, share_qk=share_qk)
+    x, x2 = _x(2, 12), _x(2, 3, seed=2)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False  # row 1: 7 real tokens, mini-batch 4
+    y, state = layer(x, mask=mask)
+    alone, alone_state = layer(x[1:, :7])
+    torch.testing.assert_close(y[1:, :7], alone, atol=1e-12, rtol=0)  # the prefill itself is exact
+    with pytest.raises(ValueError, match="comes from a call whose mask padded a row inside a mini-batch"):
+        layer(x2, state)
+    with pytest.raises(ValueError, match="comes from a call whose mask padded a row inside a mini-batch"):
+        layer.step(x2[:, :1], state)
+    mask[1, 8:], mask[1, 7] = False, True  # row 1: 8 real tokens = 2 whole mini-batches, T = 12
+    _, state = layer(x, mask=mask)
+    _, alone_state = layer(x[1:, :8])
+    torch.testing.assert_close(layer(x2, state)[0][1:], layer(x2[1:], alone_state)[0], atol=1e-12, rtol=0)

@@ -13,7 +13,7 @@ Shapes: B batch, T tokens, C model width, H heads, D head dim C/H, M hidden widt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,15 @@ def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
     return token_eta[last.clamp(min=0)]
 
 
+def padding_keeps_state(mask: Tensor, mini_batch_size: int) -> bool:
+    """Whether a right-padded call leaves every row in the state of its unpadded sequence: a row with
+    padding must end at a mini-batch boundary and pad whole mini-batches (its lr-0 tokens then change no
+    weight, and the mini-batch offset and the RoPE position mod b agree). ``mask`` ``[B, T]`` bool."""
+    lengths, length = mask.sum(dim=1), mask.shape[1]
+    aligned = (lengths % mini_batch_size == 0) & (length % mini_batch_size == 0)
+    return bool(((lengths == length) | aligned).all())
+
+
 @dataclass(frozen=True)
 class TTTLayerState:
     """The state of a TTT layer after a prefix.
@@ -58,18 +67,22 @@ class TTTLayerState:
             first token (the layer then starts from its learned ``W0``, so gradients reach it).
         conv_q, conv_k: short-convolution caches ``[B, C, K - 1]`` (``None`` without ``share_qk``).
         position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``.
+        padded: True after a call whose mask padded a row inside a mini-batch. That row's mini-batch
+            position ran on through its padding (one ``TTTState`` holds one offset for all rows), so
+            its state is not its unpadded sequence's: ``forward`` and ``step`` refuse to continue it.
     """
 
     ttt: TTTState | None
     conv_q: Tensor | None
     conv_k: Tensor | None
     position: int
+    padded: bool = False
 
     def detach(self) -> TTTLayerState:
         """The same state cut from the autograd graph (truncated backprop through time)."""
         cut = lambda t: None if t is None else t.detach()  # noqa: E731
         return TTTLayerState(self.ttt.detach() if self.ttt else None, cut(self.conv_q), cut(self.conv_k),
-                             self.position)  # fmt: skip
+                             self.position, self.padded)  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes of the recurrent state (fast weights, anchors, gradient sums, conv caches)."""
@@ -166,8 +179,10 @@ class _TTTLayer(nn.Module):
             mask: ``[B, T]`` bool, True = real token, right padding. Padded tokens get inner learning
                 rate 0, so they do not change the fast weights, and each row's real outputs equal those
                 of its unpadded sequence (with ``causal=False`` too, at any real length). The returned
-                state of a padded row is *not* that of the unpadded row (its padding still advanced the
-                mini-batch position); do not continue it.
+                state continues exactly when every padded row pads whole mini-batches after a mini-batch
+                boundary (real length and T multiples of ``mini_batch_size``); otherwise it is marked
+                ``padded`` and continuing it raises (prefill ragged prompts as
+                ``CausalLM.generate(lengths=...)`` does: the common prefix in one call, then per token).
 
         Returns:
             ``(y [B, T, C], TTTLayerState)``.
@@ -175,7 +190,10 @@ class _TTTLayer(nn.Module):
         name = type(self).__name__
         check_input(name, x, self.dim, dtype=param_dtype(self))
         mask = check_mask(name, mask, x)
-        return self._run(x, state, mask, self.impl)
+        y, new = self._run(x, state, mask, self.impl)
+        if mask is not None and not padding_keeps_state(mask, self.mini_batch_size):
+            new = replace(new, padded=True)
+        return y, new
 
     def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
         """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
@@ -194,6 +212,13 @@ class _TTTLayer(nn.Module):
         elif not isinstance(state, TTTLayerState):
             raise TypeError(
                 f"{type(self).__name__}: state must be a TTTLayerState, got {type(state).__name__}"
+            )
+        if state.padded:
+            raise ValueError(
+                f"{type(self).__name__}: this state comes from a call whose mask padded a row inside a "
+                f"mini-batch (of {self.mini_batch_size}): that row's position ran on through the padding, so "
+                "continuing it would be silently wrong; prefill prompts of different lengths as "
+                "CausalLM.generate(lengths=...) does, or pad rows by whole mini-batches"
             )
 
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
