@@ -205,6 +205,8 @@ def test_masks_it_cannot_honour_are_refused():
         ttt.attention(q, k, v, torch.rand(6, 6) > 0.5)
     with pytest.raises(ValueError, match=r"attn_mask must broadcast to \[B, H, T, T\]"):
         ttt.attention(q, k, v, torch.ones(5, dtype=torch.bool))
+    empty = ttt.attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], torch.ones(2, 1, 1, 0, dtype=torch.bool))
+    assert empty.shape == (2, 3, 0, 6)
 
 
 def test_gqa_and_three_dim_inputs_as_sdpa():

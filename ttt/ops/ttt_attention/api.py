@@ -181,6 +181,8 @@ def _key_mask(attn_mask: Tensor | None, B: int, H: int, T: int, causal: bool) ->
         raise ValueError(
             f"attn_mask must broadcast to [B, H, T, T] = {[B, H, T, T]}, got {list(attn_mask.shape)}"
         )
+    if T == 0:
+        return None, causal
     keys = attn_mask if attn_mask.dim() == 1 else attn_mask[..., -1, :]  # the last query may see every key
     if attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1:
         tri = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
