@@ -24,6 +24,7 @@ from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtyp
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 from ttt.ops import Impl, TTTState, auto_impl
+from ttt.ops._checks import gates_computed_by
 from ttt.ops.common import default_token_eta
 
 
@@ -49,6 +50,23 @@ def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
     return token_eta[last.clamp(min=0)]
 
 
+def pack_rows(mask: Tensor, *xs: Tensor) -> list[Tensor]:
+    """Right-padded ``[B, H, T, ...]`` tensors -> the real tokens, row after row: ``[1, H, sum n_b, ...]``."""
+    return [x.transpose(0, 1)[:, mask][None] for x in xs]
+
+
+def packed_offsets(mask: Tensor) -> Tensor:
+    """``cu_seqlens [B + 1]`` of the rows of a right-padding ``mask [B, T]`` packed by :func:`pack_rows`."""
+    return F.pad(mask.sum(dim=1).cumsum(0), (1, 0))
+
+
+def unpack_rows(packed: Tensor, mask: Tensor) -> Tensor:
+    """Inverse of :func:`pack_rows` for ``packed [1, H, sum n_b, D]``: ``[B, H, T, D]``, zeros on padding."""
+    out = packed.new_zeros(packed.shape[1], *mask.shape, packed.shape[-1])
+    out[:, mask] = packed[0]
+    return out.transpose(0, 1)
+
+
 def padding_keeps_state(mask: Tensor, mini_batch_size: int) -> bool:
     """Whether a right-padded call leaves every row in the state of its unpadded sequence: a row with
     padding must end at a mini-batch boundary and pad whole mini-batches (its lr-0 tokens then change no
@@ -67,9 +85,9 @@ class TTTLayerState:
             first token (the layer then starts from its learned ``W0``, so gradients reach it).
         conv_q, conv_k: short-convolution caches ``[B, C, K - 1]`` (``None`` without ``share_qk``).
         position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``.
-        padded: True after a call whose mask padded a row inside a mini-batch. That row's mini-batch
-            position ran on through its padding (one ``TTTState`` holds one offset for all rows), so
-            its state is not its unpadded sequence's: ``forward`` and ``step`` refuse to continue it.
+        padded: True after a non-causal call whose mask padded a row inside a mini-batch (its state is
+            not its unpadded sequence's): ``forward`` and ``step`` refuse to continue it. Causal calls
+            pack the rows instead and return each row's exact state at its own offset.
     """
 
     ttt: TTTState | None
@@ -178,11 +196,11 @@ class _TTTLayer(nn.Module):
             state: a :class:`TTTLayerState` from ``init_state`` or a previous call, or ``None``.
             mask: ``[B, T]`` bool, True = real token, right padding. Padded tokens get inner learning
                 rate 0, so they do not change the fast weights, and each row's real outputs equal those
-                of its unpadded sequence (with ``causal=False`` too, at any real length). The returned
-                state continues exactly when every padded row pads whole mini-batches after a mini-batch
-                boundary (real length and T multiples of ``mini_batch_size``); otherwise it is marked
-                ``padded`` and continuing it raises (prefill ragged prompts as
-                ``CausalLM.generate(lengths=...)`` does: the common prefix in one call, then per token).
+                of its unpadded sequence (with ``causal=False`` too, at any real length). Causal: the
+                rows' real tokens run packed (``cu_seqlens``), so the returned state holds each row's
+                exact state at its own offset and continues exactly (ragged prompts prefill in one call).
+                Non-causal: a state with a row padded inside a mini-batch is marked ``padded`` and
+                continuing it raises.
 
         Returns:
             ``(y [B, T, C], TTTLayerState)``.
@@ -191,8 +209,8 @@ class _TTTLayer(nn.Module):
         check_input(name, x, self.dim, dtype=param_dtype(self))
         mask = check_mask(name, mask, x)
         y, new = self._run(x, state, mask, self.impl)
-        if mask is not None and not padding_keeps_state(mask, self.mini_batch_size):
-            new = replace(new, padded=True)
+        if mask is not None and not self.causal and not padding_keeps_state(mask, self.mini_batch_size):
+            new = replace(new, padded=True)  # causal calls pack the rows instead (see ``_run``)
         return y, new
 
     def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
@@ -216,15 +234,18 @@ class _TTTLayer(nn.Module):
         if state.padded:
             raise ValueError(
                 f"{type(self).__name__}: this state comes from a call whose mask padded a row inside a "
-                f"mini-batch (of {self.mini_batch_size}): that row's position ran on through the padding, so "
-                "continuing it would be silently wrong; prefill prompts of different lengths as "
-                "CausalLM.generate(lengths=...) does, or pad rows by whole mini-batches"
+                f"mini-batch (of {self.mini_batch_size}) with causal=False: that row's position ran on "
+                "through the padding, so continuing it would be silently wrong; pad rows by whole "
+                "mini-batches, or run them causal"
             )
 
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
         # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
-        positions = (state.position + torch.arange(length, device=x.device)) % self.mini_batch_size
+        start = state.position  # rows of a ragged prefill continue at their own positions: [B, 1]
+        if state.ttt is not None and isinstance(state.ttt.offset, tuple):
+            start = torch.tensor(state.ttt.offset, device=x.device)[:, None]
+        positions = (start + torch.arange(length, device=x.device)) % self.mini_batch_size
         cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -234,11 +255,18 @@ class _TTTLayer(nn.Module):
             impl = auto_impl(q).value
             if impl == "chunk" and length == 1 and self.causal:
                 impl = self.fallback_decode_impl
-        o, ttt_state = self._op(
-            q, k, v, lr,
-            initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
-            causal=self.causal, output_final_state=True, impl=impl,
-        )  # fmt: skip
+        ragged = mask is not None and self.causal and not bool(mask.all())
+        cu_seqlens = None
+        if ragged:  # each row's real tokens packed: every row ends in its own state, at its own offset
+            (q, k, v, lr), cu_seqlens = pack_rows(mask, q, k, v, lr), packed_offsets(mask)
+        with gates_computed_by(type(self).__name__):  # a NaN lr names its cause, the input x
+            o, ttt_state = self._op(
+                q, k, v, lr,
+                initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
+                causal=self.causal, output_final_state=True, impl=impl, cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        if ragged:
+            o = unpack_rows(o, mask)
         self.last_impl = impl
 
         y = self.post_norm(merge_heads(o))  # [B, T, C]

@@ -117,7 +117,7 @@ def run_ttt(
         dtype=cd,
         device=q.device,
     )
-    if not causal and state.offset != 0:
+    if not causal and any(state.row_offsets()):
         raise ValueError(
             f"causal=False reads each mini-batch's final weights, so it cannot resume inside a mini-batch "
             f"(initial_state.offset={state.offset}); split non-causal sequences at multiples of "
@@ -142,22 +142,40 @@ def run_ttt(
 
 
 def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps):
-    if lengths is None:
-        return fn(*args, state, causal=causal, eps=eps)
-    ends = {(state.offset + n) % mini_batch_size for n in lengths}
-    if output_final_state and len(ends) > 1:
-        raise ValueError(
-            f"the packed sequences end at different positions of a mini-batch {sorted(ends)}, and one "
-            "TTTState holds one offset: ask for no final state, or pack lengths congruent modulo "
-            f"mini_batch_size={mini_batch_size}"
-        )
-    return _packed(fn, args, state, cu_seqlens, lengths, causal=causal, eps=eps)
+    if lengths is not None:
+        return _packed(fn, args, state, cu_seqlens, lengths, output_final_state, causal=causal, eps=eps)
+    if isinstance(state.offset, tuple):
+        return _per_offset(fn, args, state, causal=causal, eps=eps)
+    return fn(*args, state, causal=causal, eps=eps)
 
 
-def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *, causal: bool, eps: float):
-    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path, or one call each."""
-    if "cu_seqlens" in inspect.signature(fn).parameters:
-        return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+def _per_offset(fn, args, state: TTTState, *, causal: bool, eps: float):
+    """Rows at different mini-batch offsets (after a ragged prefill): one call per offset, rows put back."""
+    q, k, v, lr, *rest = args
+    groups: dict[int, list[int]] = {}
+    for row, offset in enumerate(state.row_offsets()):
+        groups.setdefault(offset, []).append(row)
+    outs, finals, order = [], [], []
+    for rows in groups.values():
+        pick = torch.tensor(rows, dtype=torch.long, device=q.device)
+        o, final = fn(*(x.index_select(0, pick) for x in (q, k, v, lr)), *rest, state.select(rows),
+                      causal=causal, eps=eps)  # fmt: skip
+        outs.append(o)
+        finals.append(final)
+        order += rows
+    back = sorted(range(len(order)), key=order.__getitem__)  # position of row r in the grouped order
+    o = torch.cat(outs, dim=0).index_select(0, torch.tensor(back, dtype=torch.long, device=q.device))
+    return o, TTTState.cat(finals).select(back)
+
+
+def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], output_final_state: bool, *,
+            causal: bool, eps: float):  # fmt: skip
+    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path where one offset
+    describes the result, else one call each (each sequence's final state at its own offset)."""
+    b = state.mini_batch_size
+    if "cu_seqlens" in inspect.signature(fn).parameters and isinstance(state.offset, int):
+        if not output_final_state or len({(state.offset + n) % b for n in lengths}) == 1:
+            return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
     q, k, v, lr, *rest = args
     # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
     per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))
@@ -166,5 +184,4 @@ def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *
         o, final = fn(q_n, k_n, v_n, lr_n, *rest, state.rows(n, n + 1), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
-    same_offset = len({f.offset for f in finals}) == 1
-    return torch.cat(outs, dim=2), TTTState.cat(finals) if same_offset else None
+    return torch.cat(outs, dim=2), TTTState.cat(finals)
