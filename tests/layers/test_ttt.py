@@ -270,3 +270,22 @@ def test_non_causal_state_padded_inside_a_mini_batch_is_refused(kind):
     _, state = layer(x, mask=mask)
     _, alone_state = layer(x[1:, :8])
     torch.testing.assert_close(layer(x2, state)[0][1:], layer(x2[1:], alone_state)[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_padded_batch_gradients_are_those_of_each_row_alone(kind):
+    """Training on a right-padded batch (rows packed inside the layer): the parameter gradients of the
+    real tokens' loss equal the sum over rows run alone."""
+    layer = _layer(kind)
+    x, lengths = _x(3, 9), [9, 5, 2]
+    mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    y, _ = layer(x, mask=mask)
+    weights = torch.linspace(0.5, 1.5, 16, dtype=torch.float64)
+    got = torch.autograd.grad((y[mask] * weights).sum(), list(layer.parameters()))
+    want = [torch.zeros_like(p) for p in layer.parameters()]
+    for row, n in enumerate(lengths):
+        y_row, _ = layer(x[row : row + 1, :n])
+        for w, g in zip(want, torch.autograd.grad((y_row * weights).sum(), list(layer.parameters()))):
+            w += g
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
