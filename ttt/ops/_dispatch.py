@@ -128,6 +128,8 @@ def run_ttt(
         named = {f"initial_state.anchor.{n}": t for n, t in zip(names, state.anchor)}
         named.update({f"initial_state.grad_sum.{n}": t for n, t in zip(names, state.grad_sum)})
         _checks.check_finite(**named)
+    if T == 0:  # every form alike (the fused kernels included): an empty output, the state unchanged
+        return TTTOutput(q.new_zeros(B, H, 0, D), state if output_final_state else None)
     args = (q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
     # the fast weights are float32 by contract: autocast must not lower the inner loop's matmuls
     with torch.autocast(q.device.type, enabled=False):
