@@ -84,7 +84,8 @@ class TTTLayerState:
         ttt: the operator's state (fast weights plus the partial mini-batch), or ``None`` before the
             first token (the layer then starts from its learned ``W0``, so gradients reach it).
         conv_q, conv_k: short-convolution caches ``[B, C, K - 1]`` (``None`` without ``share_qk``).
-        position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``.
+        position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``, or
+            each row's own mini-batch offset after a ragged (right-padded, causal) call.
         padded: True after a non-causal call whose mask padded a row inside a mini-batch (its state is
             not its unpadded sequence's): ``forward`` and ``step`` refuse to continue it. Causal calls
             pack the rows instead and return each row's exact state at its own offset.

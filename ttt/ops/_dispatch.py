@@ -183,6 +183,9 @@ def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], o
     per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))
     outs, finals = [], []
     for n, (q_n, k_n, v_n, lr_n) in enumerate(per_seq):
+        if q_n.shape[2] == 0:  # an empty sequence (a fully padded row): no output, its state unchanged
+            finals.append(state.rows(n, n + 1))
+            continue
         o, final = fn(q_n, k_n, v_n, lr_n, *rest, state.rows(n, n + 1), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
