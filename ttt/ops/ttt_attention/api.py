@@ -78,9 +78,10 @@ def attention(
         enable_gqa: k, v may have fewer heads than q (H divisible by theirs); each is shared by
             ``H / H_kv`` query heads, as SDPA.
         lr: inner learning rate, a constant or ``[B, H, T]``, finite and >= 0. Default
-            ``1 / mini_batch_size`` (``1 / #keys taking part`` for the default non-causal call): the
-            largest constant whose mini-batch steps cannot grow S for unit keys; at mini-batch 1 it
-            stores each new pair exactly (``S^T k_j = v_j`` after its update).
+            ``1 / mini_batch_size`` (``1 / #keys taking part`` for the default non-causal call): then
+            ``I - sum_j lr_j k_j k_j^T`` has its eigenvalues in [0, 1] for unit keys whatever they are,
+            so no mini-batch step can grow S; at mini-batch 1 it stores each new pair exactly
+            (``S^T k_j = v_j`` after its update), and the non-causal default is a mean over keys.
         normalize: L2-normalise the keys over Dk before they enter the inner loop (default True: the
             stable rule). ``normalize=False`` runs the unnormalised rule on the keys as given.
         mini_batch_size: gradients of a mini-batch are all taken at its starting weights. Default:
