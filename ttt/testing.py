@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ttt.ops.common import default_token_eta
+
 
 def ttt_inputs(
     B: int = 2,
@@ -63,7 +65,7 @@ def stage_case(B: int, H: int, T: int, D: int, b: int, seed: int, device) -> tup
         q=r(B, H, T, D, scale=0.7), k=r(B, H, T, D, scale=0.7), v=r(B, H, T, D),
         lr=torch.rand(B, H, T, generator=g, dtype=torch.float64).to(device) * 0.5,
         ln_w=1 + r(H, D, scale=0.2), ln_b=r(H, D, scale=0.2),
-        te=(1.0 / torch.arange(1, b + 1, dtype=torch.float64)).to(device), do=r(B, H, T, D),
+        te=default_token_eta(b, device), do=r(B, H, T, D),
     )  # fmt: skip
     return x, r
 

@@ -63,9 +63,9 @@ def test_lr_gate_token_eta_and_padding_reach_the_operator(monkeypatch):
     mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
     layer(x, mask=mask)
     want = 0.5 * torch.sigmoid(layer.lr_gate(x)).transpose(1, 2) / 8
-    torch.testing.assert_close(seen["lr"][0], want[0])
-    torch.testing.assert_close(seen["lr"][1, :, :5], want[1, :, :5])
-    assert (seen["lr"][1, :, 5:] == 0).all()
+    # a padded causal call packs each row's real tokens along T (row 0: 8, row 1: 5)
+    torch.testing.assert_close(seen["lr"][0], torch.cat([want[0], want[1, :, :5]], dim=-1))
+    assert seen["cu_seqlens"].tolist() == [0, 8, 13]
     torch.testing.assert_close(seen["token_eta"], 1.0 / torch.arange(1, 5, dtype=torch.float64))
     assert seen["mini_batch_size"] == 4 and seen["causal"] is True
 
@@ -229,3 +229,63 @@ def test_auto_impl_off_cuda(kind, decode_form):
     noncausal = _layer(kind, causal=False)
     noncausal(_x(1, 8))
     assert noncausal.last_impl == "chunk"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("share_qk", [False, True])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_continuing_after_a_right_padded_prefill_is_exact(kind, share_qk):
+    """Ragged rows in one padded call (7, 12, 0 and 4 real tokens, mini-batch 4): each row ends in its own
+    state at its own offset, so forward and step continue every row exactly as its unpadded sequence
+    (the padded row's state used to run on through the padding: logits off by ~1, silently)."""
+    layer = _layer(kind, share_qk=share_qk)
+    x, x2 = _x(4, 12), _x(4, 5, seed=2)
+    lengths = [7, 12, 0, 4]
+    mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+    y, state = layer(x, mask=mask)
+    assert state.ttt.offset == (3, 0, 0, 0)
+    y2, state2 = layer(x2[:, :3], state)
+    y3, _ = layer.step(x2[:, 3:4], state2)
+    for row, n in enumerate(lengths):
+        alone, st = layer(x[row : row + 1, :n]) if n else (y[row : row + 1, :0], None)
+        alone2, st2 = layer(x2[row : row + 1, :3], st)
+        alone3, _ = layer.step(x2[row : row + 1, 3:4], st2)
+        for got, want in ((y[row, :n], alone[0]), (y2[row], alone2[0]), (y3[row], alone3[0])):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_non_causal_state_padded_inside_a_mini_batch_is_refused(kind):
+    """Non-causal rows are not packed: a state padded inside a mini-batch cannot be continued (it is not
+    the unpadded row's); padding whole mini-batches after a boundary is exact and continues."""
+    layer = _layer(kind, causal=False)
+    x, x2 = _x(2, 12), _x(2, 4, seed=2)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    _, state = layer(x, mask=mask)
+    with pytest.raises(ValueError, match="comes from a call whose mask padded a row inside a mini-batch"):
+        layer(x2, state)
+    mask[1, 7] = True  # 8 real tokens: two whole mini-batches, T = 12
+    _, state = layer(x, mask=mask)
+    _, alone_state = layer(x[1:, :8])
+    torch.testing.assert_close(layer(x2, state)[0][1:], layer(x2[1:], alone_state)[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_padded_batch_gradients_are_those_of_each_row_alone(kind):
+    """Training on a right-padded batch (rows packed inside the layer): the parameter gradients of the
+    real tokens' loss equal the sum over rows run alone."""
+    layer = _layer(kind)
+    x, lengths = _x(3, 9), [9, 5, 2]
+    mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    y, _ = layer(x, mask=mask)
+    weights = torch.linspace(0.5, 1.5, 16, dtype=torch.float64)
+    got = torch.autograd.grad((y[mask] * weights).sum(), list(layer.parameters()))
+    want = [torch.zeros_like(p) for p in layer.parameters()]
+    for row, n in enumerate(lengths):
+        y_row, _ = layer(x[row : row + 1, :n])
+        for w, g in zip(want, torch.autograd.grad((y_row * weights).sum(), list(layer.parameters()))):
+            w += g
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)

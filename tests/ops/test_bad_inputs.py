@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ttt
+from ttt.ops import ttt_general
 from ttt.testing import ttt_inputs
 
 
@@ -106,3 +107,110 @@ def test_auto_impl_picks_triton_only_where_it_applies(monkeypatch):
 
     monkeypatch.setattr(_dispatch, "_triton_installed", lambda: False)
     assert auto_impl(cuda()) is Impl.CHUNK
+
+
+# --- one behaviour for every op: the learning rate, eps, T = 0, overflow ---------------------------
+
+
+def _ops(T: int, b: int):
+    """``name -> call(lr=..., eps=...)`` for every op that takes an inner learning rate, at mini-batch b,
+    each returning ``(o, state or None, initial state or None)``."""
+    from ttt.ops.general import inner
+    from ttt.ops.kv_binding import kv_binding_parallel, lact_recurrent, reduce_kv_binding, swiglu_features
+
+    x = ttt_inputs(2, 3, T, 4)
+    mlp = ttt_inputs(2, 3, T, 4, hidden=8)["initial_state"]
+    g = torch.Generator().manual_seed(1)
+    W0, W1, W2 = (torch.randn(3, *s, generator=g, dtype=torch.float64) for s in ((4, 8), (8, 4), (4, 8)))
+    q, k, v = x["q"], x["k"], x["v"]
+    ln = (x["ln_weight"], x["ln_bias"])
+
+    def ttt_op(op, state, impl):
+        def call(lr=x["lr"], eps=1e-6):
+            o, st = op(q, k, v, lr, *ln, initial_state=state, mini_batch_size=b, impl=impl, eps=eps,
+                       output_final_state=True)  # fmt: skip
+            return o, st.weights, state
+
+        return call
+
+    def general(lr=0.1, eps=1e-6):
+        S0 = tuple(t[None] for t in x["initial_state"])
+        model = inner.linear
+        read = inner.ln_residual_readout(model, eps)
+        o, st = ttt_general(q, k, v, model=model, initial_state=S0, loss=inner.ln_residual_mse(eps), readout=read,
+                            head_args=ln, lr=lr, mini_batch_size=b, output_final_state=True)  # fmt: skip
+        return o, st.weights, S0
+
+    def attention(lr=0.1, eps=None, causal=True, impl="chunk"):
+        S0 = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+        o, st = ttt.attention(q, k, v, lr=lr, is_causal=causal, mini_batch_size=b if causal else max(b, 2),
+                              initial_state=S0, impl=impl, output_final_state=True)  # fmt: skip
+        return o, st.weights, (S0,)
+
+    def kv(lr=1.0, eps=None, **kw):
+        eff = reduce_kv_binding(q, k, v, features=swiglu_features(W0, W2), lr=lr)
+        Wz = torch.zeros(1, 3, 8, 4, dtype=torch.float64)
+        o, (W, V) = kv_binding_parallel(eff, Wz, mini_batch_size=b, output_final_state=True, **kw)
+        return o, (W,), (Wz,)
+
+    def lact(lr=1.0, eps=None, shifted=None):
+        return lact_recurrent(q, k, v, (W0, W1, W2), lr=lr, shifted_chunk_size=shifted), None, None
+
+    cases = {
+        f"ttt_linear/{i}": ttt_op(ttt.ops.ttt_linear, x["initial_state"], i) for i in ("reference", "chunk")
+    }
+    cases["ttt_linear/recurrent"] = ttt_op(ttt.ops.ttt_linear, x["initial_state"], "recurrent")
+    cases.update({f"ttt_mlp/{i}": ttt_op(ttt.ops.ttt_mlp, mlp, i) for i in ("reference", "chunk")})
+    cases.update({"ttt_general": general, "attention/chunk": attention, "kv_binding": kv, "lact": lact})
+    cases["attention/reference"] = lambda **kw: attention(impl="reference", **kw)
+    cases["attention/non-causal"] = lambda **kw: attention(causal=False, **kw)
+    cases["kv_binding/momentum"] = lambda **kw: kv(**kw) if b > 1 else kv(lr=kw.get("lr", 1.0))
+    cases["lact/shifted"] = lambda **kw: lact(shifted=4, **kw)
+    return cases
+
+
+OPS = list(_ops(3, 1))
+
+
+@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("name", OPS)
+def test_empty_sequence_gives_empty_output_and_unchanged_state(name, b):
+    """T = 0: every op, every form returns ``o [B, H, 0, Dv]`` and its initial state (13 crashed)."""
+    o, weights, initial = _ops(0, b)[name]()
+    assert o.shape == (2, 3, 0, 4)
+    if weights is not None:
+        for w, w0 in zip(weights, initial):
+            torch.testing.assert_close(w, w0.expand_as(w).to(w.dtype))
+
+
+@pytest.mark.parametrize("b", [1, 4, 16])
+@pytest.mark.parametrize("name", OPS)
+def test_negative_or_non_finite_lr_is_refused_alike(name, b):
+    """lr >= 0 and finite in every op at every mini-batch size (gradient ascent is ``ascent=True``)."""
+    call = _ops(10, b)[name]
+    for lr, match in [
+        (-0.1, r"^lr must lie in \[0.0, inf\], got min -0.1"),
+        (float("nan"), "^lr must be finite"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call(lr=lr)
+        with pytest.raises(ValueError, match=match):
+            call(lr=torch.full((2, 3, 10), lr, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", [n for n in OPS if n.startswith(("ttt_", "ttt_general"))])
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan")])
+def test_non_positive_eps_is_refused_alike(name, eps):
+    with pytest.raises(ValueError, match=r"^eps must be a finite float > 0"):
+        _ops(10, 4)[name](eps=eps)
+
+
+def test_check_finite_catches_overflow_from_finite_inputs():
+    """Finite inputs, a step so large the fast weights overflow: NaN came back silently before."""
+    x = ttt_inputs(1, 2, 40, 4, dtype=torch.float32)
+    lr = torch.full((1, 2, 40), 1e30)
+    args = (x["q"], x["k"], x["v"], lr, x["ln_weight"], x["ln_bias"])
+    out = ttt.ops.ttt_linear(*args, initial_state=x["initial_state"], mini_batch_size=4)
+    assert not torch.isfinite(out.output).all()  # what an unchecked call returns
+    with pytest.raises(FloatingPointError, match="output overflowed to Inf/NaN from finite inputs"):
+        ttt.ops.ttt_linear(*args, initial_state=x["initial_state"], mini_batch_size=4, check_finite=True)

@@ -59,15 +59,29 @@ def test_packed_equals_one_call_per_sequence(variant, impl, dtype):
         start += length
 
 
-def test_packed_final_state_needs_one_offset():
+@pytest.mark.parametrize("impl", ["chunk", "recurrent", "reference"])
+def test_packed_sequences_ending_at_different_offsets_return_their_states(impl):
+    """Each sequence's final state at its own offset (one TTTState offset per row); continuing the rows
+    together equals continuing each alone (this used to raise)."""
     x = packed_inputs("linear")
-    cu = torch.tensor([0, 5, 11, 12, 28])
-    with pytest.raises(ValueError, match="end at different positions of a mini-batch"):
-        ttt.ops.ttt_linear(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], initial_state=x["initial_state"],
-                           mini_batch_size=4, cu_seqlens=cu, output_final_state=True)  # fmt: skip
-    o, _ = ttt.ops.ttt_linear(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"],
-                              initial_state=x["initial_state"], mini_batch_size=4, cu_seqlens=cu)  # fmt: skip
-    assert o.shape == x["q"].shape
+    cu, lengths = torch.tensor([0, 5, 11, 12, 28]), [5, 6, 1, 16]
+    lin = lambda q, k, v, lr, **kw: ttt.ops.ttt_linear(q, k, v, lr, x["ln_weight"], x["ln_bias"],  # noqa: E731
+                                                       mini_batch_size=4, output_final_state=True, impl=impl, **kw)  # fmt: skip
+    got = lin(x["q"], x["k"], x["v"], x["lr"], initial_state=x["initial_state"], cu_seqlens=cu)
+    assert got.final_state.offset == (1, 2, 1, 0)
+    nxt = ttt_inputs(4, 2, 3, 4, seed=5)
+    cont = lin(nxt["q"], nxt["k"], nxt["v"], nxt["lr"], initial_state=got.final_state)
+    assert cont.final_state.offset == (0, 1, 0, 3)
+    for n, (q, k, v, lr) in enumerate(
+        zip(*(t.split(lengths, dim=2) for t in (x["q"], x["k"], x["v"], x["lr"])))
+    ):
+        one = lin(q, k, v, lr, initial_state=tuple(t[n : n + 1] for t in x["initial_state"]))
+        for field in ("weights", "anchor", "grad_sum"):
+            mine = tuple(w[n : n + 1] for w in getattr(got.final_state, field))
+            assert max_abs_diff(mine, getattr(one.final_state, field)) < 1e-12
+        row = slice(n, n + 1)
+        one = lin(nxt["q"][row], nxt["k"][row], nxt["v"][row], nxt["lr"][row], initial_state=one.final_state)
+        assert max_abs_diff(cont.output[row], one.output) < 1e-12
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import ttt.ops.family
 from ttt.layers.protocol import check_input, check_mask, param_dtype
 from ttt.modules.conv import ShortConv
-from ttt.ops.family._validate import gates_computed_by
+from ttt.ops._checks import gates_computed_by
 
 FORMS = ("chunk", "recurrent", "reference", "autograd")
 

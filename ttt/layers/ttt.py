@@ -13,7 +13,7 @@ Shapes: B batch, T tokens, C model width, H heads, D head dim C/H, M hidden widt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtyp
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 from ttt.ops import Impl, TTTState, auto_impl
+from ttt.ops._checks import gates_computed_by
+from ttt.ops.common import default_token_eta
 
 
 def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
@@ -48,6 +50,32 @@ def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
     return token_eta[last.clamp(min=0)]
 
 
+def pack_rows(mask: Tensor, *xs: Tensor) -> list[Tensor]:
+    """Right-padded ``[B, H, T, ...]`` tensors -> the real tokens, row after row: ``[1, H, sum n_b, ...]``."""
+    return [x.transpose(0, 1)[:, mask][None] for x in xs]
+
+
+def packed_offsets(mask: Tensor) -> Tensor:
+    """``cu_seqlens [B + 1]`` of the rows of a right-padding ``mask [B, T]`` packed by :func:`pack_rows`."""
+    return F.pad(mask.sum(dim=1).cumsum(0), (1, 0))
+
+
+def unpack_rows(packed: Tensor, mask: Tensor) -> Tensor:
+    """Inverse of :func:`pack_rows` for ``packed [1, H, sum n_b, D]``: ``[B, H, T, D]``, zeros on padding."""
+    out = packed.new_zeros(packed.shape[1], *mask.shape, packed.shape[-1])
+    out[:, mask] = packed[0]
+    return out.transpose(0, 1)
+
+
+def padding_keeps_state(mask: Tensor, mini_batch_size: int) -> bool:
+    """Whether a right-padded call leaves every row in the state of its unpadded sequence: a row with
+    padding must end at a mini-batch boundary and pad whole mini-batches (its lr-0 tokens then change no
+    weight, and the mini-batch offset and the RoPE position mod b agree). ``mask`` ``[B, T]`` bool."""
+    lengths, length = mask.sum(dim=1), mask.shape[1]
+    aligned = (lengths % mini_batch_size == 0) & (length % mini_batch_size == 0)
+    return bool(((lengths == length) | aligned).all())
+
+
 @dataclass(frozen=True)
 class TTTLayerState:
     """The state of a TTT layer after a prefix.
@@ -56,19 +84,24 @@ class TTTLayerState:
         ttt: the operator's state (fast weights plus the partial mini-batch), or ``None`` before the
             first token (the layer then starts from its learned ``W0``, so gradients reach it).
         conv_q, conv_k: short-convolution caches ``[B, C, K - 1]`` (``None`` without ``share_qk``).
-        position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``.
+        position: tokens consumed so far (padded columns included): RoPE uses ``position mod b``, or
+            each row's own mini-batch offset after a ragged (right-padded, causal) call.
+        padded: True after a non-causal call whose mask padded a row inside a mini-batch (its state is
+            not its unpadded sequence's): ``forward`` and ``step`` refuse to continue it. Causal calls
+            pack the rows instead and return each row's exact state at its own offset.
     """
 
     ttt: TTTState | None
     conv_q: Tensor | None
     conv_k: Tensor | None
     position: int
+    padded: bool = False
 
     def detach(self) -> TTTLayerState:
         """The same state cut from the autograd graph (truncated backprop through time)."""
         cut = lambda t: None if t is None else t.detach()  # noqa: E731
         return TTTLayerState(self.ttt.detach() if self.ttt else None, cut(self.conv_q), cut(self.conv_k),
-                             self.position)  # fmt: skip
+                             self.position, self.padded)  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes of the recurrent state (fast weights, anchors, gradient sums, conv caches)."""
@@ -142,8 +175,8 @@ class _TTTLayer(nn.Module):
 
     def token_eta(self) -> Tensor:
         """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
-        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, device=self.token_eta_offset.device)
-        return (base.to(self.token_eta_offset.dtype) + self.token_eta_offset).clamp(min=0)
+        offset = self.token_eta_offset
+        return (default_token_eta(self.mini_batch_size, offset.device, offset.dtype) + offset).clamp(min=0)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> TTTLayerState:
         """The state before the first token: learned ``W0`` (``ttt=None``) and zero conv caches."""
@@ -164,9 +197,11 @@ class _TTTLayer(nn.Module):
             state: a :class:`TTTLayerState` from ``init_state`` or a previous call, or ``None``.
             mask: ``[B, T]`` bool, True = real token, right padding. Padded tokens get inner learning
                 rate 0, so they do not change the fast weights, and each row's real outputs equal those
-                of its unpadded sequence (with ``causal=False`` too, at any real length). The returned
-                state of a padded row is *not* that of the unpadded row (its padding still advanced the
-                mini-batch position); do not continue it.
+                of its unpadded sequence (with ``causal=False`` too, at any real length). Causal: the
+                rows' real tokens run packed (``cu_seqlens``), so the returned state holds each row's
+                exact state at its own offset and continues exactly (ragged prompts prefill in one call).
+                Non-causal: a state with a row padded inside a mini-batch is marked ``padded`` and
+                continuing it raises.
 
         Returns:
             ``(y [B, T, C], TTTLayerState)``.
@@ -174,7 +209,10 @@ class _TTTLayer(nn.Module):
         name = type(self).__name__
         check_input(name, x, self.dim, dtype=param_dtype(self))
         mask = check_mask(name, mask, x)
-        return self._run(x, state, mask, self.impl)
+        y, new = self._run(x, state, mask, self.impl)
+        if mask is not None and not self.causal and not padding_keeps_state(mask, self.mini_batch_size):
+            new = replace(new, padded=True)  # causal calls pack the rows instead (see ``_run``)
+        return y, new
 
     def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
         """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
@@ -194,11 +232,21 @@ class _TTTLayer(nn.Module):
             raise TypeError(
                 f"{type(self).__name__}: state must be a TTTLayerState, got {type(state).__name__}"
             )
+        if state.padded:
+            raise ValueError(
+                f"{type(self).__name__}: this state comes from a call whose mask padded a row inside a "
+                f"mini-batch (of {self.mini_batch_size}) with causal=False: that row's position ran on "
+                "through the padding, so continuing it would be silently wrong; pad rows by whole "
+                "mini-batches, or run them causal"
+            )
 
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
         # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
-        positions = (state.position + torch.arange(length, device=x.device)) % self.mini_batch_size
+        start = state.position  # rows of a ragged prefill continue at their own positions: [B, 1]
+        if state.ttt is not None and isinstance(state.ttt.offset, tuple):
+            start = torch.tensor(state.ttt.offset, device=x.device)[:, None]
+        positions = (start + torch.arange(length, device=x.device)) % self.mini_batch_size
         cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -208,11 +256,18 @@ class _TTTLayer(nn.Module):
             impl = auto_impl(q).value
             if impl == "chunk" and length == 1 and self.causal:
                 impl = self.fallback_decode_impl
-        o, ttt_state = self._op(
-            q, k, v, lr,
-            initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
-            causal=self.causal, output_final_state=True, impl=impl,
-        )  # fmt: skip
+        ragged = mask is not None and self.causal and not bool(mask.all())
+        cu_seqlens = None
+        if ragged:  # each row's real tokens packed: every row ends in its own state, at its own offset
+            (q, k, v, lr), cu_seqlens = pack_rows(mask, q, k, v, lr), packed_offsets(mask)
+        with gates_computed_by(type(self).__name__):  # a NaN lr names its cause, the input x
+            o, ttt_state = self._op(
+                q, k, v, lr,
+                initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
+                causal=self.causal, output_final_state=True, impl=impl, cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        if ragged:
+            o = unpack_rows(o, mask)
         self.last_impl = impl
 
         y = self.post_norm(merge_heads(o))  # [B, T, C]

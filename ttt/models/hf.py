@@ -158,7 +158,10 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         """``input_ids [B, T]`` -> logits ``[B, T, V]``; with a cache, continue the cached sequences.
 
         ``attention_mask`` must be right padding (1 = token): left-padded batches are refused, since
-        TTT's mini-batches are aligned to the start of each sequence.
+        TTT's mini-batches are aligned to the start of each sequence. After a right-padded prompt the
+        state of every row continues from its last real token, and a padded row's last column holds the
+        logits of that token, so ``generate`` continues each prompt as if alone (the new tokens sit after
+        the padding in the returned ids).
         """
         cache = cache if cache is not None else past_key_values
         mask = None
@@ -174,6 +177,9 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None:
             logits, states = self.model(input_ids, mask=mask)
             seen = 0
+            if mask is not None:  # a padded row's last column answers as its last real token: generate
+                last = logits[torch.arange(len(mask)), mask.sum(1) - 1]  # continues each prompt exactly
+                logits = torch.cat([logits[:, :-1], last[:, None]], dim=1)
         elif input_ids.shape[1] == 1:
             logits, states = self.model.step(input_ids[:, 0], cache.states)
             logits, seen = logits[:, None], cache.seen_tokens

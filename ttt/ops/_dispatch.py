@@ -81,7 +81,7 @@ def run_ttt(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lr: Tensor,
+    lr: Tensor | float,
     ln_weight: Tensor,
     ln_bias: Tensor,
     *,
@@ -96,7 +96,8 @@ def run_ttt(
     cu_seqlens: Tensor | None = None,
 ) -> TTTOutput:
     B, H, T, D = _checks.check_qkv(q, k, v)
-    _checks.check_per_token("lr", lr, B, H, T, q.device)
+    lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)
+    eps = _checks.check_eps(eps)
     _checks.check_per_head("ln_weight", ln_weight, H, D, q.device)
     _checks.check_per_head("ln_bias", ln_bias, H, D, q.device)
     _checks.check_mini_batch_size(mini_batch_size)
@@ -116,7 +117,7 @@ def run_ttt(
         dtype=cd,
         device=q.device,
     )
-    if not causal and state.offset != 0:
+    if not causal and any(state.row_offsets()):
         raise ValueError(
             f"causal=False reads each mini-batch's final weights, so it cannot resume inside a mini-batch "
             f"(initial_state.offset={state.offset}); split non-causal sequences at multiples of "
@@ -127,39 +128,65 @@ def run_ttt(
         named = {f"initial_state.anchor.{n}": t for n, t in zip(names, state.anchor)}
         named.update({f"initial_state.grad_sum.{n}": t for n, t in zip(names, state.grad_sum)})
         _checks.check_finite(**named)
+    if T == 0:  # every form alike (the fused kernels included): an empty output, the state unchanged
+        return TTTOutput(q.new_zeros(B, H, 0, D), state if output_final_state else None)
     args = (q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
     # the fast weights are float32 by contract: autocast must not lower the inner loop's matmuls
     with torch.autocast(q.device.type, enabled=False):
         o, final = _run(
             fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps
         )
-    return TTTOutput(o.to(q.dtype), final if output_final_state else None)
+    o = o.to(q.dtype)
+    if check_finite:
+        named = {f"final_state.weights.{n}": t for n, t in zip(names, final.weights)} if final else {}
+        _checks.check_no_overflow(output=o, **named)
+    return TTTOutput(o, final if output_final_state else None)
 
 
 def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps):
-    if lengths is None:
-        return fn(*args, state, causal=causal, eps=eps)
-    ends = {(state.offset + n) % mini_batch_size for n in lengths}
-    if output_final_state and len(ends) > 1:
-        raise ValueError(
-            f"the packed sequences end at different positions of a mini-batch {sorted(ends)}, and one "
-            "TTTState holds one offset: ask for no final state, or pack lengths congruent modulo "
-            f"mini_batch_size={mini_batch_size}"
-        )
-    return _packed(fn, args, state, cu_seqlens, lengths, causal=causal, eps=eps)
+    if lengths is not None:
+        return _packed(fn, args, state, cu_seqlens, lengths, output_final_state, causal=causal, eps=eps)
+    if isinstance(state.offset, tuple):
+        return _per_offset(fn, args, state, causal=causal, eps=eps)
+    return fn(*args, state, causal=causal, eps=eps)
 
 
-def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *, causal: bool, eps: float):
-    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path, or one call each."""
-    if "cu_seqlens" in inspect.signature(fn).parameters:
-        return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+def _per_offset(fn, args, state: TTTState, *, causal: bool, eps: float):
+    """Rows at different mini-batch offsets (after a ragged prefill): one call per offset, rows put back."""
+    q, k, v, lr, *rest = args
+    groups: dict[int, list[int]] = {}
+    for row, offset in enumerate(state.row_offsets()):
+        groups.setdefault(offset, []).append(row)
+    outs, finals, order = [], [], []
+    for rows in groups.values():
+        pick = torch.tensor(rows, dtype=torch.long, device=q.device)
+        o, final = fn(*(x.index_select(0, pick) for x in (q, k, v, lr)), *rest, state.select(rows),
+                      causal=causal, eps=eps)  # fmt: skip
+        outs.append(o)
+        finals.append(final)
+        order += rows
+    back = sorted(range(len(order)), key=order.__getitem__)  # position of row r in the grouped order
+    o = torch.cat(outs, dim=0).index_select(0, torch.tensor(back, dtype=torch.long, device=q.device))
+    return o, TTTState.cat(finals).select(back)
+
+
+def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], output_final_state: bool, *,
+            causal: bool, eps: float):  # fmt: skip
+    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path where one offset
+    describes the result, else one call each (each sequence's final state at its own offset)."""
+    b = state.mini_batch_size
+    if "cu_seqlens" in inspect.signature(fn).parameters and isinstance(state.offset, int):
+        if not output_final_state or len({(state.offset + n) % b for n in lengths}) == 1:
+            return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
     q, k, v, lr, *rest = args
     # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
     per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))
     outs, finals = [], []
     for n, (q_n, k_n, v_n, lr_n) in enumerate(per_seq):
+        if q_n.shape[2] == 0:  # an empty sequence (a fully padded row): no output, its state unchanged
+            finals.append(state.rows(n, n + 1))
+            continue
         o, final = fn(q_n, k_n, v_n, lr_n, *rest, state.rows(n, n + 1), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
-    same_offset = len({f.offset for f in finals}) == 1
-    return torch.cat(outs, dim=2), TTTState.cat(finals) if same_offset else None
+    return torch.cat(outs, dim=2), TTTState.cat(finals)

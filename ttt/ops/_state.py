@@ -37,10 +37,17 @@ def fresh_state(
                 f"initial_state was produced with mini_batch_size={st.mini_batch_size}, "
                 f"this call uses mini_batch_size={mini_batch_size}"
             )
+        if isinstance(st.offset, tuple) and len(st.offset) != batch_size:
+            raise ValueError(
+                f"initial_state holds {len(st.offset)} rows at their own offsets, this call has {batch_size}"
+            )
         anchor = _expand_all(st.anchor, shapes, names, batch_size, dtype, device)
         grad_sum = _expand_all(st.grad_sum, shapes, names, batch_size, dtype, device)
         if st.offset == 0:  # a mini-batch boundary: nothing is pending, whatever grad_sum holds
             grad_sum = tuple(torch.zeros_like(g) for g in grad_sum)
+        elif isinstance(st.offset, tuple):  # the same, row by row
+            pending = torch.tensor([o != 0 for o in st.offset], device=device)
+            grad_sum = tuple(g * pending.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grad_sum)
         weights = _expand_all(st.weights, shapes, names, batch_size, dtype, device)
         return TTTState(weights, anchor, grad_sum, st.offset, mini_batch_size, variant)
     if not isinstance(initial_state, (tuple, list)):

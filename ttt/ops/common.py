@@ -57,9 +57,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def default_token_eta(mini_batch_size: int, device: torch.device | None = None) -> Tensor:
-    """``token_eta[i] = 1 / (i + 1)``: token i of a mini-batch sees the running mean of the gradients."""
-    return 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=torch.float64)
+def default_token_eta(
+    mini_batch_size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``[b]``: ``token_eta[i] = 1 / (i + 1)``: token i of a mini-batch sees the running mean of the
+    gradients (Sun et al.; the default of every op, and the base of the layers' learnable one)."""
+    return 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=dtype)
 
 
 def split_segments(T: int, offset: int, mini_batch_size: int) -> list[tuple[int, int]]:

@@ -48,7 +48,9 @@ class TTTState:
             This is what ``f_W`` would answer a query with.
         anchor: fast weights at the start of the current mini-batch (same layout).
         grad_sum: ``sum_{j < offset} lr_j * grad loss_j(anchor)`` (same layout).
-        offset: tokens of the current mini-batch already consumed, ``0 <= offset < mini_batch_size``.
+        offset: tokens of the current mini-batch already consumed, ``0 <= offset < mini_batch_size``:
+            one int for every row, or one per row (a tuple, when rows of different lengths were run
+            packed or right-padded: each row then continues at its own position).
         mini_batch_size: the mini-batch size this state was produced with.
         variant: the operator that produced it (``"ttt_linear"``, ``"ttt_mlp"``, ...).
         velocity: momentum buffers of the general operator (empty when it has no momentum).
@@ -57,10 +59,24 @@ class TTTState:
     weights: tuple[Tensor, ...]
     anchor: tuple[Tensor, ...]
     grad_sum: tuple[Tensor, ...]
-    offset: int
+    offset: int | tuple[int, ...]
     mini_batch_size: int
     variant: str
     velocity: tuple[Tensor, ...] = ()
+
+    def row_offsets(self) -> tuple[int, ...]:
+        """The offset of every row, ``(offset_0, ..., offset_{B-1})``."""
+        if isinstance(self.offset, tuple):
+            return self.offset
+        return (self.offset,) * self.anchor[0].shape[0]
+
+    def select(self, index: list[int]) -> TTTState:
+        """The state of rows ``index`` (in that order)."""
+        pick = torch.tensor(index, dtype=torch.long, device=self.anchor[0].device)
+        s = lambda ts: tuple(t.index_select(0, pick) for t in ts)  # noqa: E731
+        offsets = one_or_per_row(self.row_offsets()[i] for i in index)
+        return TTTState(s(self.weights), s(self.anchor), s(self.grad_sum), offsets, self.mini_batch_size,
+                        self.variant, s(self.velocity))  # fmt: skip
 
     def isfinite(self) -> Tensor:
         """``[B]`` bool: True where every fast weight of that sequence is finite (no NaN/Inf)."""
@@ -75,7 +91,7 @@ class TTTState:
             r(self.weights),
             r(self.anchor),
             r(self.grad_sum),
-            self.offset,
+            self.offset if isinstance(self.offset, int) else one_or_per_row(self.offset[start:stop]),
             self.mini_batch_size,
             self.variant,
             r(self.velocity),
@@ -83,16 +99,15 @@ class TTTState:
 
     @staticmethod
     def cat(states: list[TTTState]) -> TTTState:
-        """Stack the states of several sequences (same offset) along the batch dim."""
+        """Stack the states of several sequences along the batch dim (rows at different offsets keep
+        one offset each)."""
         first = states[0]
-        if any(s.offset != first.offset for s in states):
-            raise ValueError("states at different offsets cannot share one TTTState")
         c = lambda field: tuple(torch.cat(ts, dim=0) for ts in zip(*(getattr(s, field) for s in states)))  # noqa: E731
         return TTTState(
             c("weights"),
             c("anchor"),
             c("grad_sum"),
-            first.offset,
+            one_or_per_row(o for s in states for o in s.row_offsets()),
             first.mini_batch_size,
             first.variant,
             c("velocity"),
@@ -110,3 +125,9 @@ class TTTState:
             self.variant,
             d(self.velocity),
         )
+
+
+def one_or_per_row(offsets) -> int | tuple[int, ...]:
+    """One int when every row sits at the same offset (the common case), else the per-row tuple."""
+    offsets = tuple(int(o) for o in offsets)
+    return offsets[0] if len(set(offsets)) == 1 else (offsets or 0)

@@ -8,7 +8,7 @@ from family_cases import ALL_RULES, make_case
 
 import ttt
 import ttt.ops.family as fam
-from ttt.ops.family._validate import gates_computed_by
+from ttt.ops._checks import gates_computed_by
 
 B, H, T, D = 1, 2, 6, 4
 
@@ -52,15 +52,15 @@ def test_shape_mismatches():
         fam.deltanet(q, k, v, beta=torch.rand(B, H, T + 1))
     with pytest.raises(ValueError, match=r"alpha must have shape \[1, 2, 6, 4\]"):
         fam.kda(q, k, v, beta=torch.rand(B, H, T), alpha=torch.rand(B, H, T))
-    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+    with pytest.raises(ValueError, match=r"q and k must have the same shape"):
         fam.deltanet(q, k[..., :3], v, beta=torch.rand(B, H, T))
-    with pytest.raises(ValueError, match=r"v must be \[B, H, T, Dv\]"):
+    with pytest.raises(ValueError, match=r"v must be \[B, H, T, Dv\] with B, H, T of q"):
         fam.deltanet(q, k, v[:, :, :3], beta=torch.rand(B, H, T))
-    with pytest.raises(ValueError, match=r"q must be 4-D \[B, H, T, D\]"):
+    with pytest.raises(ValueError, match=r"q must have shape \[B, H, T, D\] \(4 dims\)"):
         fam.linear_attention(q[0], k, v)
     with pytest.raises(ValueError, match=r"initial_state must be \[B, H, Dk, Dv\]"):
         fam.linear_attention(q, k, v, initial_state=torch.zeros(B, H, D, D + 1))
-    with pytest.raises(TypeError, match="share one dtype"):
+    with pytest.raises(TypeError, match="must share a dtype"):
         fam.linear_attention(q, k.double(), v)
     with pytest.raises(ValueError, match=r"alpha must have shape \[2\]"):
         fam.retnet(q, k, v, alpha=torch.tensor([0.9, 0.9, 0.9]))
@@ -152,7 +152,7 @@ def test_ttt_attention_names_lr_at_mini_batch_1():
     with pytest.raises(ValueError, match="^lr must be finite"):
         ttt.attention(q, k, v, lr=torch.full((B, H, T), float("nan")))
     with pytest.raises(ValueError, match=r"^token_eta\[0\] must be >= 0"):
-        ttt.attention(q, k, v, lr=0.5, token_eta=torch.tensor([-1.0]))
+        ttt.attention(q, k, v, lr=0.5, token_eta=torch.tensor([-1.0]), is_causal=True)
 
 
 @pytest.mark.parametrize("rule", ["gla", "kda", "mamba2", "gated_deltanet"])
@@ -189,3 +189,13 @@ def test_long_sequence_with_strong_decay_stays_finite(rule):
             impl="recurrent",
         )
     assert (o_tail - o[:, :, -64:]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent", "autograd"])
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_empty_sequence_gives_empty_output_and_unchanged_state(rule, impl):
+    """T = 0, as in every op: ``o [B, H, 0, Dv]`` and the initial state back (every rule crashed)."""
+    case = make_case(rule, T=0)
+    o, S = case.run(impl)
+    assert o.shape == (2, 2, 0, 4)
+    torch.testing.assert_close(S, case.leaves["initial_state"])

@@ -168,13 +168,13 @@ def test_long_momentum_sequence_stays_finite():
 def test_bad_input():
     x = problem()
     phi = swiglu_features(x["W0"], x["W2"])
-    with pytest.raises(ValueError, match=r"lr must be \[B, H, T\]"):
+    with pytest.raises(ValueError, match=r"lr must have shape \[B, H, T\]"):
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, lr=x["lr"][..., :3])
     with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, momentum=1.0)
     with pytest.raises(ValueError, match="inner_steps must be a positive int"):
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, inner_steps=0)
-    with pytest.raises(ValueError, match=r"q, k must be \[B, H, T, D\]"):
+    with pytest.raises(ValueError, match=r"q and k must have the same shape \[B, H, T, D\]"):
         reduce_kv_binding(x["q"], x["k"][:, :1], x["v"], features=phi)
 
 

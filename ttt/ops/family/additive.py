@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_gate, check_qkv, compute_dtype, resolve_log_decay
+from .._checks import check_gate, check_qkv, resolve_log_decay
+from ..common import compute_dtype
 from .dispatch import run_rule
 
 
@@ -54,8 +55,8 @@ def linear_attention(
         >>> torch.allclose(o, ((q @ k.transpose(-1, -2)).tril() * 8 ** -0.5) @ v, atol=1e-5)
         True
     """
-    check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     return run_rule(
         "linear_attention",
         q,
@@ -88,8 +89,8 @@ def retnet(
         alpha: decay gamma per head, float or [H], in (0, 1] (RetNet: ``1 - 2 ** (-5 - arange(H))``).
         beta: optional input scale [B, H, T], >= 0. Default: 1.
     """
-    B, H, T, _, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     alpha = _per_head("alpha", alpha, B, H, T, dt, q, low=0.0, high=1.0, low_open=True)
     beta = (
         torch.ones(B, H, T, dtype=dt, device=q.device)
@@ -132,8 +133,8 @@ def mamba2(
         beta: input step [B, H, T], >= 0.
         alpha: decay [B, H, T] in (0, 1]; or instead ``log_alpha`` (<= 0).
     """
-    B, H, T, _, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {
         "k": k.to(dt),
         "v": v.to(dt),
@@ -172,8 +173,8 @@ def gla(
         alpha: per-key-channel decay [B, H, T, Dk] in (0, 1]; or instead ``log_alpha`` (<= 0,
             fla's ``g``).
     """
-    B, H, T, Dk, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {
         "k": k.to(dt),
         "v": v.to(dt),
@@ -211,8 +212,8 @@ def hgrn2(
         q: the output gate / query [B, H, T, Dk]; v: the input [B, H, T, Dv].
         alpha: forget gate [B, H, T, Dk] in (0, 1]; or instead ``log_alpha`` (<= 0).
     """
-    B, H, T, Dk, _ = check_qkv(q, None, v)
-    dt = compute_dtype(q)
+    B, H, T, Dk = check_qkv(q, None, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     log_alpha = resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)
     tokens = {"k": -torch.expm1(log_alpha), "v": v.to(dt), "log_alpha": log_alpha}
     return run_rule(
@@ -250,8 +251,8 @@ def hebbian(
         decay: lambda, float or [H], in (0, 1].
         lr: eta, float or [H], >= 0.
     """
-    B, H, T, _, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     lam = _per_head("decay", decay, B, H, T, dt, q, low=0.0, high=1.0, low_open=True)
     eta = _per_head("lr", lr, B, H, T, dt, q, low=0.0)
     tokens = {"k": k.to(dt), "v": v.to(dt), "beta": eta, "log_alpha": torch.log(lam)}

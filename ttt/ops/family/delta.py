@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._validate import check_gate, check_qkv, compute_dtype, resolve_log_decay
+from .._checks import check_gate, check_qkv, resolve_log_decay
+from ..common import compute_dtype
 from .dispatch import run_rule
 
 
@@ -58,8 +59,8 @@ def deltanet(
         >>> o.shape, S.shape
         (torch.Size([1, 2, 10, 8]), torch.Size([1, 2, 8, 8]))
     """
-    B, H, T, _, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {"k": k.to(dt), "v": v.to(dt), "beta": _beta(beta, (B, H, T), dt)}
     return run_rule(
         "deltanet",
@@ -107,8 +108,8 @@ def gated_deltanet(
         >>> o.shape
         torch.Size([1, 2, 10, 8])
     """
-    B, H, T, _, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {
         "k": k.to(dt),
         "v": v.to(dt),
@@ -150,8 +151,8 @@ def kda(
         alpha: per-key-channel decay [B, H, T, Dk] in (0, 1]; or instead ``log_alpha`` (<= 0).
         (others: see the module docstring.)
     """
-    B, H, T, Dk, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {
         "k": k.to(dt),
         "v": v.to(dt),
@@ -195,8 +196,9 @@ def longhorn(
         a reference for small heads only.)
         (others: see the module docstring.)
     """
-    B, H, T, _, Dv = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
+    Dv = v.shape[-1]
+    dt = compute_dtype(q.dtype)
     shape = (B, H, T, Dv) if getattr(beta, "dim", lambda: 0)() == 4 else (B, H, T)
     tokens = {"k": k.to(dt), "v": v.to(dt), "beta": _beta(beta, shape, dt)}
     return run_rule(
@@ -237,8 +239,8 @@ def comba(
         alpha: scalar decay [B, H, T] in (0, 1]; or instead ``log_alpha`` (<= 0).
         (others: see the module docstring.)
     """
-    B, H, T, Dk, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {
         "k": k.to(dt),
         "v": v.to(dt),
@@ -284,8 +286,8 @@ def rwkv7(
         alpha: per-channel decay w [B, H, T, Dk] in (0, 1]; or instead ``log_alpha`` (<= 0).
         (others: see the module docstring; fla's rwkv7 uses scale=1.0, pass it explicitly.)
     """
-    B, H, T, Dk, _ = check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
+    dt = compute_dtype(q.dtype)
     tokens = {
         "k": k.to(dt),
         "v": v.to(dt),

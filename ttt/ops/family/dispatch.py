@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_chunk_size, check_state, compute_dtype, parse_impl, resolve_scale
+from .._checks import check_chunk_size, check_state, parse_impl, resolve_scale
+from ..common import compute_dtype
 from .chunk import chunk_transition
 from .engine import autograd_rule
 from .recurrent import recurrent_transition
@@ -37,9 +38,11 @@ def run_rule(
     form = parse_impl(impl)
     check_chunk_size(chunk_size)
     rule = RULES[name]
-    dtype, out_dtype = compute_dtype(q), q.dtype
+    dtype, out_dtype = compute_dtype(q.dtype), q.dtype
     B, H, T, Dk = q.shape
     S0 = check_state(initial_state, B, H, Dk, v.shape[-1], dtype, q)
+    if T == 0:  # as every op: no token, an empty output and the state unchanged
+        return q.new_zeros(B, H, 0, v.shape[-1]), (S0 if output_final_state else None)
     # the state is float32 by contract (as in the TTT ops): autocast must not lower the matmuls of the
     # scan, nor hand the triangular solver a bf16 system it has no kernel for
     with torch.autocast(q.device.type, enabled=False):

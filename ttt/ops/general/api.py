@@ -79,10 +79,7 @@ def ttt_general(
     B, H, T, Dk = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
     _checks.check_mini_batch_size(mini_batch_size)
     b, cd, N = mini_batch_size, compute_dtype(q.dtype), B * H
-    if isinstance(lr, Tensor):
-        _checks.check_per_token("lr", lr, B, H, T, q.device)
-    else:
-        lr = torch.full((B, H, T), float(lr), device=q.device)
+    lr = _checks.check_lr(lr, B, H, T, q.device)  # >= 0: gradient ascent is ascent=True
     te = (default_token_eta(b, q.device) if token_eta is None else token_eta).to(cd)
     _checks.check_token_eta(te, b, q.device)
     if not isinstance(inner_steps, int) or inner_steps < 1:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_eps
+
 
 def linear(params: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
     """``x W + b`` with W ``[Din, Dout]``, b ``[Dout]``."""
@@ -54,6 +56,7 @@ def dot_product(pred: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def ln_residual_mse(eps: float = 1e-6) -> Callable[..., Tensor]:
     """Sun et al.'s loss ``0.5 * ||LN(f(k)) - (v - k)||^2``; head args ``(ln_weight [D], ln_bias [D])``."""
+    eps = check_eps(eps)
 
     def loss(pred: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
         return 0.5 * (_ln(pred, ln_weight, ln_bias, eps) - (v - k)).pow(2).sum()
@@ -63,6 +66,7 @@ def ln_residual_mse(eps: float = 1e-6) -> Callable[..., Tensor]:
 
 def ln_residual_readout(model: Callable, eps: float = 1e-6) -> Callable[..., Tensor]:
     """Sun et al.'s output rule ``q + LN(f(q))``; head args ``(ln_weight [D], ln_bias [D])``."""
+    eps = check_eps(eps)
 
     def read(params, q: Tensor, ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
         return q + _ln(model(params, q), ln_weight, ln_bias, eps)

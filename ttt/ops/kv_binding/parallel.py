@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..common import default_token_eta
 from ..family import linear_attention
 from .muon import MUON_NEEDS_CHUNKS
 from .reduction import EffectiveLinearAttention
@@ -79,6 +80,11 @@ def kv_binding_parallel(
         return shifted_block_causal_parallel(
             eff, W0, velocity, shifted_chunk_size, muon, muon_dtype, output_final_state
         )
+    if eff.q.shape[2] == 0:  # as every op: no token, an empty output and the state unchanged
+        q, v = eff.q, eff.v
+        W = W0.expand(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]).to(q.dtype)
+        V = torch.zeros_like(W) if velocity is None else velocity.expand_as(W).to(q.dtype)
+        return v.new_zeros(v.shape), ((W, V) if output_final_state else None)
     if mini_batch_size > 1 or not causal:
         return _mini_batch_parallel(eff, W0, velocity, mini_batch_size, token_eta, causal, output_final_state)
     q, k, v = eff.q, eff.k, eff.v
@@ -123,7 +129,7 @@ def _mini_batch_parallel(eff, W0, velocity, b, token_eta, causal, output_final_s
     q, k, v = eff.q, eff.k, eff.v
     B, H, T, M = q.shape
     mu = float(eff.momentum)
-    eta = (1.0 / torch.arange(1, b + 1, dtype=q.dtype, device=q.device)) if token_eta is None else token_eta
+    eta = default_token_eta(b, q.device, q.dtype) if token_eta is None else token_eta
     if tuple(eta.shape) != (b,):
         raise ValueError(f"token_eta must be [mini_batch_size] = [{b}], got {list(eta.shape)}")
     eta = eta.to(q.dtype)

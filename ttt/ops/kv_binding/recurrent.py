@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
+from .. import _checks
 from .muon import MUON_NEEDS_CHUNKS, newton_schulz
 
 
@@ -75,10 +76,10 @@ def lact_recurrent(
     """
     if muon and shifted_chunk_size is None:
         raise ValueError(MUON_NEEDS_CHUNKS)
-    B, H, T, _ = q.shape
+    B, H, T, _ = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
     P = tuple(p.unsqueeze(0).expand(B, *p.shape).clone() for p in params)
     norms = P[1].norm(dim=-2, keepdim=True)
-    lr = lr if isinstance(lr, Tensor) else torch.full((B, H, T), float(lr), dtype=q.dtype, device=q.device)
+    lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)  # >= 0: gradient ascent is ascent=True
     step_grad = vmap(vmap(grad(_loss(loss))))
     read = vmap(vmap(_swiglu))
     trained = (True, True, True) if update_all else (False, True, False)
@@ -106,4 +107,6 @@ def lact_recurrent(
             P = (P[0], W1, P[2])
         if not read_before:
             outputs.append(read(P, q[:, :, block]))
+    if not outputs:  # T = 0, as every op: an empty output
+        return q.new_zeros(B, H, 0, params[1].shape[-1])
     return torch.cat(outputs, dim=2)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _checks
+
 
 class EffectiveLinearAttention(NamedTuple):
     """The linear attention a KV-binding TTT layer computes.
@@ -86,18 +88,11 @@ def reduce_kv_binding(
     Returns:
         ``EffectiveLinearAttention(q^, k^, v^, momentum)``.
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            "q, k must be [B, H, T, D] and v [B, H, T, Dv]; "
-            f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
-        )
+    B, H, T, _ = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
     if not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-    if isinstance(lr, Tensor):
-        if tuple(lr.shape) != tuple(q.shape[:3]):
-            raise ValueError(f"lr must be [B, H, T] = {list(q.shape[:3])}, got {list(lr.shape)}")
-        lr = lr.unsqueeze(-1)
+    lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype).unsqueeze(-1)  # >= 0: ascent is ascent=True
     sign = -1.0 if ascent else 1.0
     return EffectiveLinearAttention(features(q), features(k), sign * inner_steps * lr * v, momentum)

@@ -27,7 +27,7 @@ def ttt_linear(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lr: Tensor,
+    lr: Tensor | float,
     ln_weight: Tensor,
     ln_bias: Tensor,
     *,
@@ -50,7 +50,8 @@ def ttt_linear(
 
     Args:
         q, k, v: ``[B, H, T, D]``, float16/bfloat16/float32/float64.
-        lr: ``[B, H, T]`` per-token inner learning rate (already gated/scaled by the layer).
+        lr: ``[B, H, T]`` per-token inner learning rate (already gated/scaled by the layer), finite and
+            >= 0 (or a float).
             A token with ``lr = 0`` leaves the fast weights unchanged (how layers mask padding).
         ln_weight, ln_bias: ``[H, D]`` parameters of the inner LayerNorm.
         initial_state: ``(W [B, H, D, D], b [B, H, D])`` with the leading B optional or 1 (a learned
@@ -59,10 +60,11 @@ def ttt_linear(
         mini_batch_size: b. Default: 16. ``b = 1`` is online gradient descent.
         causal: if False, every query of a mini-batch reads the weights after the whole mini-batch.
         output_final_state: return the ``TTTState`` after the last token. Default: False.
-        eps: LayerNorm epsilon. Default: 1e-6.
+        eps: LayerNorm epsilon, a finite float > 0. Default: 1e-6.
         impl: "chunk" (dual form, default), "reference" (autograd inner gradient, token by token),
             "recurrent" (primal form; decoding), "triton", or "auto" (triton on CUDA, else chunk).
-        check_finite: raise ``FloatingPointError`` if an input or the initial state holds NaN/Inf.
+        check_finite: raise ``FloatingPointError`` if an input or the initial state holds NaN/Inf, or
+            if the output or the final fast weights overflowed to Inf/NaN (synchronises on GPU).
         cu_seqlens: ``[N + 1]`` offsets of N sequences packed along T (q ``[1, H, sum T_n, D]``), each
             starting from its own row of the initial state (``[N, ...]`` or broadcast); the Triton form
             runs them in one launch, the others one call each. Default: None.

@@ -21,7 +21,7 @@ def ttt_mlp(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lr: Tensor,
+    lr: Tensor | float,
     ln_weight: Tensor,
     ln_bias: Tensor,
     *,
@@ -39,7 +39,7 @@ def ttt_mlp(
 
     Args:
         q, k, v: ``[B, H, T, D]``.
-        lr: ``[B, H, T]`` per-token inner learning rate.
+        lr: ``[B, H, T]`` per-token inner learning rate, finite and >= 0 (or a float).
         ln_weight, ln_bias: ``[H, D]``.
         initial_state: ``(W1 [B, H, D, M], b1 [B, H, M], W2 [B, H, M, D], b2 [B, H, D])`` for any hidden
             size M (the paper uses 4D), leading B optional or 1; or the ``TTTState`` of a previous call.
