@@ -367,3 +367,69 @@ def test_generate_options(trained, tmp_path, capsys):
     assert "n/a tokens/s" in capsys.readouterr().err
     assert main([*base, "--prompt", "The", "--top-k", "none"]) == 0
     assert "n/a tokens/s" in capsys.readouterr().err
+
+
+def test_hostile_or_broken_checkpoints_give_one_line_errors(trained, tmp_path, capsys):
+    import json
+
+    from ttt.data.tokenizer import BPETokenizer
+    from ttt.models import checkpoint
+
+    ckpt = find_checkpoint(trained)
+    original = (ckpt / "checkpoint.json").read_text()
+    bpe = BPETokenizer.train("a few words, and a few more words " * 50, vocab_size=300)  # ids beyond 255
+
+    def edit(**changes):
+        doc = json.loads(original)
+        for key, value in changes.items():
+            if value is None:
+                doc.pop(key)
+            elif key.startswith("config__"):
+                doc["config"][key[8:]] = value
+            else:
+                doc[key] = value
+        doc["meta_sha256"] = checkpoint._meta_digest(doc)
+        (ckpt / "checkpoint.json").write_text(json.dumps(doc))
+
+    cases = [
+        ({"config__n_layers": 200_000}, "n_layers"),
+        ({"tokenizer": None}, "has no tokenizer"),
+        ({"config": None}, "missing fields"),
+        ({"tokenizer": {"kind": "bpe", "json": "{broken"}}, "tokenizer is corrupted"),
+        ({"config__vocab_size": 100}, "weights do not fit the model"),
+        ({"tokenizer": bpe.to_dict()}, "out of the model's vocabulary of 256"),
+        ({"step": 2.5}, "'step' must be an integer"),
+    ]
+    for changes, message in cases:
+        edit(**changes)
+        for argv in (
+            ["eval", "--checkpoint", str(trained)],
+            ["generate", "--checkpoint", str(trained), "--prompt", "x"],
+        ):
+            assert main(argv) == 1, (changes, argv)
+            err = capsys.readouterr().err
+            assert err.startswith(f"ttt {argv[0]}: error:") and message in err and err.count("\n") == 1, err
+    (ckpt / "checkpoint.json").write_text(original)
+    # a run whose 'latest' leads into another run: refused, and nothing is written there
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    (attacker / "latest").write_text(f"../{trained.name}/{ckpt.name}\n")
+    before = sorted(p.name for p in trained.iterdir())
+    assert main(["eval", "--checkpoint", str(attacker)]) == 1
+    assert "must name a step-N directory" in capsys.readouterr().err
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_a_diverged_run_exits_nonzero_with_one_line(corpus_dir, tmp_path, capsys, monkeypatch):
+    import ttt.recipes.train as recipe
+
+    monkeypatch.setattr(recipe, "lm_loss", lambda logits, y: logits.sum() * float("nan"))
+    argv = ["train", "--preset", "micro", "--corpus", corpus_dir, "--steps", "2", "--batch-size", "2",
+            "--context", "16", "--out", str(tmp_path / "r"), "--no-progress", "--no-plot"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ttt train: error: training diverged at step 1: the loss is nan")
+        and "no earlier" in err
+    )
+    assert not (tmp_path / "r").exists()

@@ -85,8 +85,8 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
 
     Writes ``eval-step-N.json`` (the result, with the checkpoint, step, corpus, context and batches),
     ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory)."""
-    from ttt.data import load_corpus, prepare, tokenizer_from_dict
-    from ttt.models.checkpoint import find_checkpoint, load_model, write_text_atomic
+    from ttt.data import load_corpus, prepare
+    from ttt.models.checkpoint import checkpoint_tokenizer, find_checkpoint, load_model, write_text_atomic
 
     if args.bins < 1 or args.batch_size < 1:
         raise ValueError("--bins and --batch-size must be >= 1")
@@ -108,7 +108,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
         )
     corpus_name = args.corpus or train_args.get("corpus", "shakespeare")
     corpus = load_corpus(corpus_name)
-    data = prepare(corpus, tokenizer_from_dict(meta["tokenizer"]))
+    data = prepare(corpus, checkpoint_tokenizer(meta))
     n_val = data.validation.numel()
     if n_val <= context:
         raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from .args import TrainArgs
 from .common import lm_loss, parse_mixer_kwargs, resolve_device, save_plot, set_threads, setup_dist
 
-__all__ = ["RUN_OUTPUTS", "TrainResult", "build_optimizer", "lr_at", "train"]
+__all__ = ["RUN_OUTPUTS", "TrainResult", "TrainingDiverged", "build_optimizer", "lr_at", "train"]
 
 #: files a run directory holds besides its checkpoints (train and eval outputs): what --overwrite removes
 RUN_OUTPUTS = (
@@ -117,6 +118,19 @@ def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
         )
 
 
+def _check_resumable(meta: dict[str, Any], trainer: dict[str, Tensor]) -> None:
+    """Refuse a checkpoint that lacks what resuming reads (a model-only or hand-made one)."""
+    from ttt.models.checkpoint import CheckpointError
+
+    missing = [k for k in ("args", "tokenizer", "optimizer", "history") if k not in meta]
+    missing += [k for k in ("rng.sampler", "rng.torch") if k not in trainer]
+    history = meta.get("history", {})
+    if not missing and not (isinstance(history.get("train"), list) and isinstance(history.get("val"), list)):
+        missing = ["history.train", "history.val"]
+    if missing:
+        raise CheckpointError(f"cannot resume: the checkpoint lacks {missing} (not saved by ttt train?)")
+
+
 def _check_args(args: TrainArgs) -> None:
     """Everything about the arguments that can be checked without loading data."""
     for flag, value, least in (
@@ -149,36 +163,63 @@ def _check_splits(data: Any, corpus: Any, context: int) -> None:
     )
 
 
+def _latest_note(run_dir: Path) -> str:
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint
+
+    try:
+        return f"'latest' in {run_dir} is still {find_checkpoint(run_dir).name}"
+    except CheckpointError:
+        return f"{run_dir} holds no earlier checkpoint"
+
+
+def _check_finite(step: int, loss: float, grad_norm: float, run_dir: Path, what: str = "loss") -> None:
+    """Stop (:class:`TrainingDiverged`) at a non-finite loss or gradient, before the optimizer step."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingDiverged(
+        f"training diverged at step {step}: the {what} is {loss}, the gradient norm {grad_norm}; nothing of "
+        f"step {step} was saved ({_latest_note(run_dir)}); lower --lr, lengthen --warmup, or check the data"
+    )
+
+
 def _due(step: int, every: int, last: int) -> bool:
     """Whether something done every ``every`` steps (0: only at the end) is due after ``step``."""
     return step == last or (every > 0 and step % every == 0)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient or the weights became NaN or infinite; nothing of that step was saved."""
+
+
 class _StopOnInterrupt:
-    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) only sets ``requested``: the loop
-    finishes its step, saves a checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt at once.
-    Only in the main thread (signals are delivered there)."""
+    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch
+    scheduler's end of job) only sets ``requested``: the loop finishes its step, saves a checkpoint and
+    stops. A second one raises KeyboardInterrupt at once. Only in the main thread (signals are
+    delivered there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            "\ninterrupt: stopping after this step and saving a checkpoint (Ctrl-C again: stop now, no save)",
+            f"\n{name}: stopping after this step and saving a checkpoint (again: stop now, no save)",
             file=sys.stderr,
             flush=True,
         )
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
@@ -191,14 +232,30 @@ def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
 
 
 def train(args: TrainArgs) -> TrainResult:
-    """Train (or resume) a model as ``args`` says; returns the final validation figures."""
-    from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
+    """Train (or resume) a model as ``args`` says; returns the final validation figures.
+
+    The run directory is locked (``.lock``) while it runs: a second ``train`` on it is refused."""
+    from ttt.models.checkpoint import find_checkpoint, lock_run
+
+    _check_args(args)
+    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
+    if args.resume:
+        find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(args, run_dir)
+    with lock_run(run_dir):
+        return _train(args, run_dir)
+
+
+def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
+    from ttt.data import load_corpus, prepare, sample_batch, train_tokenizer
     from ttt.models import CausalLM, LMConfig, build_mixer
     from ttt.models.checkpoint import (
         CheckpointError,
+        checkpoint_tokenizer,
         clear_run,
         config_diff,
-        find_checkpoint,
+        has_checkpoints,
         load_checkpoint,
         save_checkpoint,
         update_checkpoint_meta,
@@ -206,7 +263,6 @@ def train(args: TrainArgs) -> TrainResult:
 
     from .eval import evaluate_loss
 
-    _check_args(args)
     set_threads(args.threads)
     device = resolve_device(args.device)
     dist = setup_dist(device)
@@ -215,27 +271,22 @@ def train(args: TrainArgs) -> TrainResult:
         torch.cuda.set_device(device)
     if args.batch_size % dist.world:
         raise ValueError(f"batch_size {args.batch_size} must be divisible by the {dist.world} processes")
-    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
 
     # a previous run in run_dir is either resumed or, only when asked, replaced
     saved = None
     if args.resume:
         saved = load_checkpoint(run_dir, load_trainer=True)
-        _check_resume_args(saved[1].get("args", {}), args)
-    elif not args.overwrite:
-        try:
-            find_checkpoint(run_dir)
-        except CheckpointError:
-            pass
-        else:
-            raise FileExistsError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue it or "
-                "--overwrite to start over (or choose another --out)"
-            )
+        _check_resumable(saved[1], saved[2])
+        _check_resume_args(saved[1]["args"], args)
+    elif not args.overwrite and has_checkpoints(run_dir):
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints ('latest' or step-N); pass --resume to continue it or "
+            "--overwrite to start over (or choose another --out)"
+        )
 
     corpus = load_corpus(args.corpus)
     tokenizer = (
-        tokenizer_from_dict(saved[1]["tokenizer"])
+        checkpoint_tokenizer(saved[1])
         if saved
         else train_tokenizer(args.tokenizer, corpus.train_text(), args.vocab_size)
     )
@@ -307,6 +358,11 @@ def train(args: TrainArgs) -> TrainResult:
     def checkpoint() -> Path | None:
         if not dist.main:
             return None
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the weights hold NaN or infinity; nothing of step {step} "
+                f"was saved ({_latest_note(run_dir)}); lower --lr or check the data"
+            )
         tensors, opt_meta = _optimizer_tensors(optimizer)
         tensors["rng.sampler"] = sampler.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
@@ -361,20 +417,23 @@ def train(args: TrainArgs) -> TrainResult:
             with autocast:
                 logits, _ = ddp_model(x.to(device))
                 loss = lm_loss(logits, y.to(device))
+            loss_value = loss.detach()
+            if dist.world > 1:
+                # log the global batch's loss, not this process's share of it
+                torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
+            loss_value = loss_value.item()
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # the norm is computed even without clipping (max_norm=inf): it tells a diverged step
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf
+            )
+            _check_finite(step + 1, loss_value, float(grad_norm), run_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             elapsed += dt
-            loss_value = loss.detach()
-            if dist.world > 1:
-                # log the global batch's loss, not this process's share of it
-                torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss_value.item()
             history["train"].append([step, loss_value])
             if bar is not None:
                 bar.set_postfix(
@@ -388,6 +447,7 @@ def train(args: TrainArgs) -> TrainResult:
                 saved_step = step
             if _due(step, args.eval_every, args.steps):
                 val_loss, bpb = validate()
+                _check_finite(step, val_loss, 0.0, run_dir, what="validation loss")
                 history["val"].append([step, val_loss, bpb])
                 if saved is not None:
                     update_checkpoint_meta(saved, history=history)
@@ -449,7 +509,6 @@ def train(args: TrainArgs) -> TrainResult:
     if dist.owns_group:
         torch.distributed.destroy_process_group()
     if dist.main:
-        result_path.write_text(
-            json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=1)
-        )
+        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
+        result_path.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     return result
