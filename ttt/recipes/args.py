@@ -72,7 +72,9 @@ class TrainArgs:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     progress: bool = True
-    """show a progress bar when stderr is a terminal (there is a log line per validation either way)"""
+    """show a progress bar when stderr is a terminal (else a log line every --log-every steps)"""
+    log_every: int = 50
+    """print a line every this many steps when there is no progress bar (a log file; 0: validations only)"""
     plot: bool = True
     """write loss_curve.png into the run directory at the end"""
 
