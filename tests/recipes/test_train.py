@@ -346,3 +346,51 @@ def test_a_failed_save_stops_training_without_leftovers(corpus_dir, tmp_path, mo
     with pytest.raises(CheckpointError, match="No space left"):
         train(small_args(corpus_dir, run, ckpt_every=1))
     assert sorted(p.name for p in run.iterdir()) == ["latest", "metrics.jsonl", "step-000001"]
+
+
+def test_resume_takes_the_stored_arguments_and_extends_steps(corpus_dir, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    first = train(small_args(corpus_dir, run, steps=3, ckpt_every=3))
+    # only the machine's options and the new --steps: everything else comes from the checkpoint
+    more = train(TrainArgs(out=str(run), resume=True, steps=5, progress=False, plot=False, threads=1))
+    out = capsys.readouterr().out
+    assert "resumed from step 3 of" in out and "training to step 5" in out
+    assert more.step == 5 and [s for s, _ in more.history["train"]] == [1, 2, 3, 4, 5]
+    assert more.history["train"][:3] == first.history["train"]
+    _, meta, _ = load_checkpoint(run)
+    assert meta["step"] == 5 and meta["args"]["steps"] == 5 and meta["args"]["corpus"] == corpus_dir
+    with pytest.raises(ValueError, match="below the checkpoint's step 5"):
+        train(TrainArgs(out=str(run), resume=True, steps=4))
+    # the metrics log holds each step once
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_a_log_file_gets_a_line_every_log_every_steps_and_the_files_written(corpus_dir, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=4, eval_every=0, ckpt_every=0, log_every=2, progress=True))
+    out = capsys.readouterr().out
+    assert "step 2/4: train loss" in out and "step 4/4: train loss" in out and "step 3/4" not in out
+    assert f"wrote {run / 'step-000004'} (latest), result.json, metrics.jsonl" in out and f"in {run}" in out
+
+    def refuse(token):
+        raise ValueError(token)
+
+    records = [
+        json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [(r["kind"], r["step"]) for r in records]
+    assert steps == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("val", 4)]
+    records = records[:4]
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0 for r in records)
+
+
+def test_tensorboard_event_files_when_installed(corpus_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run))
+    assert list(run.glob("events.out.tfevents.*"))
