@@ -78,7 +78,8 @@ class MetricsLog:
 
     ``out``: directory of ``metrics.jsonl`` (and the event files); None writes no files.
     ``log_every``: print a line every this many steps when there is no progress bar (0: never).
-    ``resume_step``: records of later steps (left by an interrupted run) are dropped from the JSONL.
+    ``start``: the step a resumed run starts from; records of later steps (left by an interrupted run)
+    are dropped from the JSONL.
     """
 
     JSONL = "metrics.jsonl"
@@ -88,6 +89,9 @@ class MetricsLog:
         self.out, self.total, self.log_every, self.enabled = out, total, log_every, enabled
         self.bar, self.tb, self._jsonl = None, None, None
         self.tensorboard_note = ""
+        self._start = start
+        self._window = (0, 0.0)  # steps and seconds since the last console line
+        self._opened = out is None  # the files are opened at the first record: a failed start leaves none
         if not enabled:
             return
         if progress:
@@ -97,8 +101,6 @@ class MetricsLog:
             bar = tqdm(total=total, initial=start, unit="step", desc=desc, dynamic_ncols=True,
                        mininterval=1.0, disable=None)  # fmt: skip
             self.bar = None if bar.disable else bar
-        self._start = start
-        self._opened = out is None  # the files are opened at the first record: a failed start leaves none
 
     @property
     def files(self) -> list[str]:
@@ -113,7 +115,9 @@ class MetricsLog:
             return
         record = {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm, "lr": outcome.lr}
         self._write("train", step, {**record, **extra})
-        rate = f"{tokens / max(outcome.seconds, 1e-9):,.0f} tok/s" if tokens else ""
+        # the rate over the steps since the last line (one step's time is noisy)
+        self._window = (self._window[0] + 1, self._window[1] + outcome.seconds)
+        rate = f"{tokens * self._window[0] / max(self._window[1], 1e-9):,.0f} tok/s" if tokens else ""
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{outcome.loss:.3f}", lr=f"{outcome.lr:.1e}", **({"rate": rate} if rate else {})
@@ -123,6 +127,9 @@ class MetricsLog:
             extras = "".join(f", {k} {v:.4g}" for k, v in extra.items())
             self.print(f"step {step}/{self.total}: train loss {outcome.loss:.4f}, lr {outcome.lr:.2e}{extras}"
                        + (f", {rate}" if rate else ""))  # fmt: skip
+            self._window = (0, 0.0)
+        if self.bar is not None:
+            self._window = (0, 0.0)
 
     def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
         """Other measurements (validation, accuracy) of ``step``, to the files."""

@@ -276,8 +276,10 @@ def train(args: TrainArgs) -> TrainResult:
 
 
 def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
-    set_threads(args.threads)
     device = resolve_device(args.device)
+    # one thread on a CPU unless asked: measured on a 2-core machine shared with other work, 2 threads ran
+    # the tiny preset 8-15x slower than 1 (docs/cli.md, "Threads")
+    set_threads(args.threads if args.threads is not None or device.type != "cpu" else 1)
     dist = setup_dist(device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
