@@ -394,3 +394,13 @@ def test_tensorboard_event_files_when_installed(corpus_dir, tmp_path):
     run = tmp_path / "run"
     train(small_args(corpus_dir, run))
     assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_one_cpu_thread_by_default(corpus_dir, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(small_args(corpus_dir, tmp_path / "run", steps=1, threads=None))
+        assert torch.get_num_threads() == 1 and "1 thread(s)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)

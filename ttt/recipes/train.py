@@ -472,7 +472,10 @@ def _fit(run: _Run) -> None:
     def validate(step: int) -> None:
         val_loss, bpb = _validate(run)
         if not math.isfinite(val_loss):
-            raise TrainingDiverged(f"training diverged at step {step}: the validation loss is {val_loss}")
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the validation loss is {val_loss}"
+                + _latest_note(run.run_dir)
+            )
         run.history["val"].append([step, val_loss, bpb])
         log.scalars("val", step, {"loss": val_loss, "bits_per_byte": bpb})
         if last_checkpoint[0] is not None and run.saved_step == step:
@@ -489,9 +492,12 @@ def _fit(run: _Run) -> None:
         reduce=_global_mean(run), on_diverged=lambda s: _latest_note(run.run_dir),
         history=run.history["train"], seconds=run.seconds,
     )  # fmt: skip
-    stop = _StopOnInterrupt()  # from here on, Ctrl-C / SIGTERM finish the step in progress, save it, stop
+    # from here on, Ctrl-C / SIGTERM finish the step in progress, save it and stop (in place before the
+    # first line is printed: a script may signal as soon as it reads it)
+    stop = _StopOnInterrupt()
     loop.stop = lambda: _stop_everywhere(stop.requested, dist, run.device)
     try:
+        log.print(_banner(run))
         run.step = loop.run(start=run.step)
         if loop.stop():
             _interrupted(run)
@@ -504,17 +510,21 @@ def _fit(run: _Run) -> None:
 
 def _open_log(run: _Run) -> MetricsLog:
     args = run.args
-    log = MetricsLog(run.run_dir, total=args.steps, start=run.step, log_every=args.log_every,
-                     progress=args.progress, enabled=run.dist.main)  # fmt: skip
-    mixers = ",".join(sorted(set(run.config.mixers)))
-    log.print(
+    return MetricsLog(run.run_dir, total=args.steps, start=run.step, log_every=args.log_every,
+                      progress=args.progress, enabled=run.dist.main)  # fmt: skip
+
+
+def _banner(run: _Run) -> str:
+    """The first lines: model, data, device, threads (and where a resumed run continues)."""
+    args, mixers = run.args, ",".join(sorted(set(run.config.mixers)))
+    text = (
         f"model: {args.preset} / {mixers}, {run.model.num_params():,} parameters; data: {run.corpus!r}, "
         f"{run.data.train.numel():,} train tokens; device {run.device}, {run.dist.world} process(es), "
         f"{torch.get_num_threads()} thread(s)"
     )
     if args.resume:
-        log.print(f"resumed from step {run.step} of {run.run_dir}; training to step {args.steps}")
-    return log
+        text += f"\nresumed from step {run.step} of {run.run_dir}; training to step {args.steps}"
+    return text
 
 
 def _interrupted(run: _Run) -> None:
