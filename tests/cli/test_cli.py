@@ -326,7 +326,8 @@ def test_no_progress_bar_in_a_log(corpus_dir, tmp_path, capsys):
     assert "\r" not in captured.err and "step 1/2: train loss" in captured.out
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(corpus_dir, tmp_path, signum):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ttt.cli.main", "train", "--preset", "micro", "--corpus", corpus_dir,
            "--steps", "100000", "--batch-size", "2", "--context", "16", "--eval-every", "0", "--ckpt-every", "0",
@@ -336,7 +337,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus_dir, tmp_path):
         # the handler is in place before this line is printed
         assert proc.stdout.readline().startswith("model:")
         time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
