@@ -366,6 +366,12 @@ def test_resume_takes_the_stored_arguments_and_extends_steps(corpus_dir, tmp_pat
     # the metrics log holds each step once
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    # a run killed while writing a record, resumed from step 5: the half line and later records go
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 6, "loss": 1.0}\n{"kind": "tra')
+    train(TrainArgs(out=str(run), resume=True, steps=6, progress=False, plot=False, threads=1))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_log_file_gets_a_line_every_log_every_steps_and_the_files_written(corpus_dir, tmp_path, capsys):

@@ -169,12 +169,21 @@ class MetricsLog:
 
 
 def _open_jsonl(path: Path, keep_until: int) -> Any:
-    """Append to ``path``, first dropping records of steps after ``keep_until`` (an interrupted run's)."""
+    """Append to ``path``, first dropping the records of steps after ``keep_until`` (an interrupted run's)
+    and any line cut short (a run killed while writing it)."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= keep_until]  # fmt: skip
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
         path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")
+
+
+def _step_of(line: str) -> float:
+    """The step of a JSONL record; infinity (dropped) for a line that is not a complete record."""
+    try:
+        record = json.loads(line)
+        return float(record["step"]) if isinstance(record, dict) else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _tensorboard_writer(out: Path) -> tuple[Any, str]:
