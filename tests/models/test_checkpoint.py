@@ -217,7 +217,7 @@ def test_a_failed_save_leaves_no_temporary_and_latest_unchanged(tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    with pytest.raises(CheckpointError, match="No space left.*'latest' still names step-000007"):
+    with pytest.raises(CheckpointError, match="No space left.*'latest' in .* still names step-000007"):
         save_checkpoint(tmp_path, step=8, model_state=model.state_dict(), config=config)
     monkeypatch.undo()
     monkeypatch.setattr("ttt.models.checkpoint.os.fsync", full_disk)

@@ -47,6 +47,7 @@ __all__ = [
     "clear_run",
     "find_checkpoint",
     "has_checkpoints",
+    "latest_note",
     "load_checkpoint",
     "load_model",
     "lock_run",
@@ -180,7 +181,7 @@ def save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not save checkpoint {name} in {run}: {e}; {_latest_note(run)}, nothing of {name} is left"
+            f"could not save checkpoint {name} in {run}: {e}; {latest_note(run)}; nothing of {name} is left"
         ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,11 +220,12 @@ def _write_checkpoint_files(
     _fsync(tmp / "checkpoint.json")
 
 
-def _latest_note(run: Path) -> str:
+def latest_note(run_dir: str | os.PathLike) -> str:
+    """What a run directory's ``latest`` names now, for messages after a failure."""
     try:
-        return f"'latest' still names {find_checkpoint(run).name}"
+        return f"'latest' in {run_dir} still names {find_checkpoint(run_dir).name}"
     except CheckpointError:
-        return "there is no earlier checkpoint"
+        return f"{run_dir} holds no earlier checkpoint"
 
 
 def _step_dirs(run: Path) -> list[tuple[int, Path]]:

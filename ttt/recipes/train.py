@@ -251,12 +251,9 @@ def _stop_everywhere(requested: bool, dist: Dist, device: torch.device) -> bool:
 
 
 def _latest_note(run_dir: Path) -> str:
-    from ttt.models.checkpoint import CheckpointError, find_checkpoint
+    from ttt.models.checkpoint import latest_note
 
-    try:
-        return f" ('latest' in {run_dir} is still {find_checkpoint(run_dir).name})"
-    except CheckpointError:
-        return f" ({run_dir} holds no earlier checkpoint)"
+    return f" ({latest_note(run_dir)})"
 
 
 def train(args: TrainArgs) -> TrainResult:
