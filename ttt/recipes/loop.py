@@ -109,27 +109,25 @@ class MetricsLog:
             return []
         return [self.JSONL] + (["TensorBoard events.out.tfevents.*"] if self.tb is not None else [])
 
-    def step(self, step: int, outcome: StepOutcome, tokens: int = 0, **extra: float) -> None:
+    def step(self, step: int, outcome: StepOutcome, tokens: int = 0) -> None:
         """One optimizer step's record (every step goes to the files; the console every ``log_every``)."""
         if not self.enabled:
             return
-        record = {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm, "lr": outcome.lr}
-        self._write("train", step, {**record, **extra})
-        # the rate over the steps since the last line (one step's time is noisy)
-        self._window = (self._window[0] + 1, self._window[1] + outcome.seconds)
-        rate = f"{tokens * self._window[0] / max(self._window[1], 1e-9):,.0f} tok/s" if tokens else ""
+        self._write("train", step, {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
+                                    "lr": outcome.lr})  # fmt: skip
+        # the rate over the steps since the last console line (one step's time is noisy)
+        n, seconds = self._window[0] + 1, self._window[1] + outcome.seconds
+        rate = f"{tokens * n / max(seconds, 1e-9):,.0f} tok/s" if tokens else ""
+        self._window = (0, 0.0)
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{outcome.loss:.3f}", lr=f"{outcome.lr:.1e}", **({"rate": rate} if rate else {})
-            )
+            postfix = {"loss": f"{outcome.loss:.3f}", "lr": f"{outcome.lr:.1e}"}
+            self.bar.set_postfix(postfix | ({"rate": rate} if rate else {}))
             self.bar.update(1)
-        elif self.log_every > 0 and (step % self.log_every == 0):
-            extras = "".join(f", {k} {v:.4g}" for k, v in extra.items())
-            self.print(f"step {step}/{self.total}: train loss {outcome.loss:.4f}, lr {outcome.lr:.2e}{extras}"
+        elif self.log_every > 0 and step % self.log_every == 0:
+            self.print(f"step {step}/{self.total}: train loss {outcome.loss:.4f}, lr {outcome.lr:.2e}"
                        + (f", {rate}" if rate else ""))  # fmt: skip
-            self._window = (0, 0.0)
-        if self.bar is not None:
-            self._window = (0, 0.0)
+        else:
+            self._window = (n, seconds)
 
     def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
         """Other measurements (validation, accuracy) of ``step``, to the files."""
