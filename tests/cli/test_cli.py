@@ -326,7 +326,8 @@ def test_no_progress_bar_in_a_log(corpus_dir, tmp_path, capsys):
     assert "\r" not in captured.err and "step 1/2: train loss" in captured.out
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(corpus_dir, tmp_path, signum):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ttt.cli.main", "train", "--preset", "micro", "--corpus", corpus_dir,
            "--steps", "100000", "--batch-size", "2", "--context", "16", "--eval-every", "0", "--ckpt-every", "0",
@@ -336,7 +337,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus_dir, tmp_path):
         # the handler is in place before this line is printed
         assert proc.stdout.readline().startswith("model:")
         time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -506,3 +507,69 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
     assert "in 2 checkpoints" in out and "tiny" in out and "886K params" in out
     assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 0
     assert "checkpoints: none under" in capsys.readouterr().out
+
+
+def test_hostile_or_broken_checkpoints_give_one_line_errors(trained, tmp_path, capsys):
+    import json
+
+    from ttt.data.tokenizer import BPETokenizer
+    from ttt.models import checkpoint
+
+    ckpt = find_checkpoint(trained)
+    original = (ckpt / "checkpoint.json").read_text()
+    bpe = BPETokenizer.train("a few words, and a few more words " * 50, vocab_size=300)  # ids beyond 255
+
+    def edit(**changes):
+        doc = json.loads(original)
+        for key, value in changes.items():
+            if value is None:
+                doc.pop(key)
+            elif key.startswith("config__"):
+                doc["config"][key[8:]] = value
+            else:
+                doc[key] = value
+        doc["meta_sha256"] = checkpoint._meta_digest(doc)
+        (ckpt / "checkpoint.json").write_text(json.dumps(doc))
+
+    cases = [
+        ({"config__n_layers": 200_000}, "n_layers"),
+        ({"tokenizer": None}, "has no tokenizer"),
+        ({"config": None}, "missing fields"),
+        ({"tokenizer": {"kind": "bpe", "json": "{broken"}}, "tokenizer is corrupted"),
+        ({"config__vocab_size": 100}, "weights do not fit the model"),
+        ({"tokenizer": bpe.to_dict()}, "out of the model's vocabulary of 256"),
+        ({"step": 2.5}, "'step' must be an integer"),
+    ]
+    for changes, message in cases:
+        edit(**changes)
+        for argv in (
+            ["eval", "--checkpoint", str(trained)],
+            ["generate", "--checkpoint", str(trained), "--prompt", "x"],
+        ):
+            assert main(argv) == 1, (changes, argv)
+            err = capsys.readouterr().err
+            assert err.startswith(f"ttt {argv[0]}: error:") and message in err and err.count("\n") == 1, err
+    (ckpt / "checkpoint.json").write_text(original)
+    # a run whose 'latest' leads into another run: refused, and nothing is written there
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    (attacker / "latest").write_text(f"../{trained.name}/{ckpt.name}\n")
+    before = sorted(p.name for p in trained.iterdir())
+    assert main(["eval", "--checkpoint", str(attacker)]) == 1
+    assert "must name a step-N directory" in capsys.readouterr().err
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_a_diverged_run_exits_nonzero_with_one_line(corpus_dir, tmp_path, capsys, monkeypatch):
+    import ttt.recipes.train as recipe
+
+    monkeypatch.setattr(recipe, "lm_loss", lambda logits, y: logits.sum() * float("nan"))
+    argv = ["train", "--preset", "micro", "--corpus", corpus_dir, "--steps", "2", "--batch-size", "2",
+            "--context", "16", "--out", str(tmp_path / "r"), "--no-progress", "--no-plot"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ttt train: error: training diverged at step 1: the loss is nan")
+        and "no earlier" in err
+    )
+    assert not (tmp_path / "r").exists()

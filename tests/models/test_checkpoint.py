@@ -106,3 +106,194 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         find_checkpoint(tmp_path / "nope")
+
+
+def rewrite_meta(ckpt, resign: bool = True, **changes):
+    """Edit a checkpoint.json as a user (resign=False) or an attacker who recomputes its digest would."""
+    import json
+
+    from ttt.models import checkpoint
+
+    path = ckpt / "checkpoint.json"
+    doc = json.loads(path.read_text())
+    for key, value in changes.items():
+        target, *rest = key.split("__")
+        if rest:
+            doc[target][rest[0]] = value
+        elif value is None:
+            doc.pop(target)
+        else:
+            doc[target] = value
+    if resign:
+        doc["meta_sha256"] = checkpoint._meta_digest(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_an_edited_checkpoint_json_is_refused_by_its_checksum(tmp_path):
+    saved_model(tmp_path)
+    ckpt = find_checkpoint(tmp_path)
+    original = (ckpt / "checkpoint.json").read_text()
+    for change in ({"config__norm_eps": 0.5}, {"step": 7.5}, {"note": "edited"}):
+        rewrite_meta(ckpt, resign=False, **change)
+        with pytest.raises(CheckpointError, match="does not match its sha256"):
+            load_model(tmp_path)
+        (ckpt / "checkpoint.json").write_text(original)
+    load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"config__n_layers": 200_000}, "n_layers' must be an integer in"),
+        ({"config__dim": 1 << 20}, "'dim' must be an integer in"),
+        ({"config__n_layers": 3}, "do not fit the model"),
+        ({"config__vocab_size": "50"}, "'vocab_size' must be an integer"),
+        ({"config__norm_eps": -1.0}, "'norm_eps' must be a number"),
+        ({"config__tie_embeddings": "yes"}, "tie_embeddings"),
+        ({"config__mixer": "nope"}, "unknown mixers"),
+        ({"config__layer_mixers": "ttt_linear"}, "layer_mixers"),
+        ({"config__mixer_kwargs": {"ttt_linear": {"nope": 1}}}, "does not build a model"),
+        ({"step": 7.5}, "'step' must be an integer"),
+        ({"step": -1}, "'step' must be an integer"),
+        ({"config": None}, "missing fields \\['config'\\]"),
+        ({"sha256": "x"}, "'sha256' must map"),
+        ({"format": "ttt-checkpoint-1"}, "not a ttt-checkpoint-2 checkpoint"),
+        ({"tokenizer": []}, "'tokenizer' must be a JSON object"),
+    ],
+)
+def test_checkpoint_json_is_validated_before_a_model_is_built(tmp_path, monkeypatch, change, message):
+    import ttt.models.lm
+
+    saved_model(tmp_path)
+    rewrite_meta(find_checkpoint(tmp_path), **change)
+    built = []
+    real = ttt.models.lm.CausalLM.__init__
+
+    def counting(self, config):
+        built.append(str(torch.get_default_device()))
+        real(self, config)
+
+    monkeypatch.setattr(ttt.models.lm.CausalLM, "__init__", counting)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
+    assert all(device == "meta" for device in built)  # nothing was allocated for real
+
+
+def test_nan_in_the_metadata_is_refused_on_save_and_on_load(tmp_path):
+    model, config = saved_model(tmp_path)
+    with pytest.raises(CheckpointError, match="strict JSON"):
+        save_checkpoint(
+            tmp_path, step=8, model_state=model.state_dict(), config=config, meta={"x": float("nan")}
+        )
+    assert find_checkpoint(tmp_path).name == "step-000007" and not list(tmp_path.glob(".tmp-*"))
+    path = find_checkpoint(tmp_path) / "checkpoint.json"
+    path.write_text(path.read_text().replace('"note": "x"', '"note": NaN'))
+    with pytest.raises(CheckpointError, match="NaN is not strict JSON"):
+        load_model(tmp_path)
+
+
+def test_latest_cannot_lead_out_of_its_run_directory(tmp_path):
+    victim, run = tmp_path / "victim", tmp_path / "run"
+    saved_model(victim)
+    run.mkdir()
+    for text in ("../victim/step-000007", str(victim / "step-000007"), "step-7/../../victim/step-000007"):
+        (run / "latest").write_text(text + "\n")
+        with pytest.raises(CheckpointError, match="must name a step-N directory"):
+            find_checkpoint(run)
+    (run / "step-000007").symlink_to(victim / "step-000007")
+    (run / "latest").write_text("step-000007\n")
+    with pytest.raises(CheckpointError, match="leads out of"):
+        load_model(run)
+
+
+def test_a_failed_save_leaves_no_temporary_and_latest_unchanged(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    model, config = saved_model(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left.*'latest' in .* still names step-000007"):
+        save_checkpoint(tmp_path, step=8, model_state=model.state_dict(), config=config)
+    monkeypatch.undo()
+    monkeypatch.setattr("ttt.models.checkpoint.os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        update_checkpoint_meta(find_checkpoint(tmp_path), note="y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000007"]
+    assert sorted(p.name for p in (tmp_path / "step-000007").iterdir()) == [
+        "checkpoint.json",
+        "model.safetensors",
+    ]
+    assert find_checkpoint(tmp_path).name == "step-000007" and load_checkpoint(tmp_path)[1]["note"] == "x"
+
+
+def test_clear_run_that_fails_midway_deletes_nothing(tmp_path, monkeypatch):
+    import os
+
+    model, config = saved_model(tmp_path)
+    save_checkpoint(tmp_path, step=8, model_state=model.state_dict(), config=config)
+    (tmp_path / "result.json").write_text("{}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, calls = os.replace, []
+
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise PermissionError(13, "Permission denied", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr("ttt.models.checkpoint.os.replace", failing)
+    with pytest.raises(CheckpointError, match="nothing was deleted"):
+        clear_run(tmp_path, ("result.json",))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert find_checkpoint(tmp_path).name == "step-000008"
+    assert [p.name for p in clear_run(tmp_path, ("result.json",))] == ["latest", "step-000007", "step-000008",
+                                                                         "result.json"]  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_checks(tmp_path):
+    from ttt.models.checkpoint import checkpoint_tokenizer
+
+    saved_model(tmp_path)
+    meta = load_checkpoint(tmp_path)[1]
+    with pytest.raises(CheckpointError, match="has no tokenizer"):
+        checkpoint_tokenizer(meta)
+    # the byte tokenizer makes ids up to 255: out of this model's vocabulary of 50
+    with pytest.raises(CheckpointError, match="ids up to 255, out of the model's vocabulary of 50"):
+        checkpoint_tokenizer({**meta, "tokenizer": {"kind": "bytes"}})
+    with pytest.raises(CheckpointError, match="tokenizer is corrupted"):
+        checkpoint_tokenizer({**meta, "tokenizer": {"kind": "bpe", "json": "{not json"}})
+    with pytest.raises(CheckpointError, match="tokenizer is corrupted"):
+        checkpoint_tokenizer({**meta, "tokenizer": {"kind": "words"}})
+    assert checkpoint_tokenizer({**meta, "tokenizer": {"kind": "bytes"}}, vocab_size=256).vocab_size == 256
+
+
+def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_lock(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ttt.models.checkpoint import RunLocked, lock_run
+
+    run = tmp_path / "run"
+    with lock_run(run):
+        assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
+            with lock_run(run):
+                pass
+    assert not run.exists()  # created by the lock, still empty: removed
+    # a lock file left by a process that has ended is stale
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    run.mkdir()
+    (run / ".lock").write_text(dead.stdout)
+    with lock_run(run):
+        assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+    assert run.exists() and not (run / ".lock").exists()

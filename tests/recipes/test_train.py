@@ -222,3 +222,191 @@ def test_mixer_kwargs_reach_the_model_and_its_checkpoint(corpus_dir, tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword"):
         train(small_args(corpus_dir, tmp_path / "bad", mixer_kwargs='{"ttt_linear": {"sharing": 1}}'))
     assert not (tmp_path / "bad").exists()
+
+
+def _poison(monkeypatch, at_call: int, kind: str) -> None:
+    """Make the ``at_call``-th training loss NaN (kind 'loss') or its gradient infinite ('grad')."""
+    import ttt.recipes.train as recipe
+
+    real, calls = recipe.lm_loss, []
+
+    class InfiniteGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    def poisoned(logits, targets):
+        calls.append(1) if torch.is_grad_enabled() else None
+        loss = real(logits, targets)
+        if torch.is_grad_enabled() and len(calls) >= at_call:
+            return loss * float("nan") if kind == "loss" else InfiniteGrad.apply(loss)
+        return loss
+
+    monkeypatch.setattr(recipe, "lm_loss", poisoned)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(
+    corpus_dir, tmp_path, monkeypatch, kind
+):
+    from ttt.recipes.train import TrainingDiverged
+
+    _poison(monkeypatch, at_call=3, kind=kind)
+    run = tmp_path / "run"
+    # grad_clip 0: an infinite gradient is not clipped into finite weights
+    with pytest.raises(TrainingDiverged, match="diverged at step 3.*'latest' in .* still names step-000002"):
+        train(small_args(corpus_dir, run, steps=4, ckpt_every=1, grad_clip=0.0))
+    assert find_checkpoint(run).name == "step-000002" and not (run / "result.json").exists()
+    state, _, _ = load_checkpoint(run)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000001", "step-000002"]
+
+
+def test_result_json_is_strict_json(corpus_dir, tmp_path):
+    import json
+
+    r = train(small_args(corpus_dir, tmp_path / "run"))
+
+    def refuse(token):
+        raise ValueError(token)
+
+    result = json.loads((tmp_path / "run" / "result.json").read_text(), parse_constant=refuse)
+    assert result["step"] == 3 and result["val_loss"] == r.val_loss
+
+
+def test_sigterm_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp_path, monkeypatch):
+    import ttt.data
+
+    straight = train(small_args(corpus_dir, tmp_path / "a", steps=6, ckpt_every=3))
+    real, calls = ttt.data.sample_batch, []
+
+    def terminated(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttt.data, "sample_batch", terminated)
+    b = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(small_args(corpus_dir, b, steps=6, ckpt_every=3))
+    assert find_checkpoint(b).name == "step-000005"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(ttt.data, "sample_batch", real)
+    resumed = train(small_args(corpus_dir, b, steps=6, ckpt_every=3, resume=True))
+    assert_resumed_equals_straight(straight, resumed, tmp_path / "a", b)
+
+
+def test_a_run_directory_in_use_is_refused_even_with_overwrite(corpus_dir, tmp_path):
+    from ttt.models.checkpoint import RunLocked, lock_run
+
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run))
+    before = sorted(p.name for p in run.iterdir())
+    with lock_run(run):  # another `ttt train` holds the directory
+        for extra in ({}, {"overwrite": True}, {"resume": True, "steps": 5}):
+            with pytest.raises(RunLocked, match="in use by another ttt train"):
+                train(small_args(corpus_dir, run, **extra))
+        assert sorted(p.name for p in run.iterdir()) == sorted([*before, ".lock"])
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_step_directories_without_latest_are_not_overwritten(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=2))
+    (run / "latest").unlink()
+    before = (run / "step-000002" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(small_args(corpus_dir, run, steps=3, ckpt_every=1))
+    with pytest.raises(CheckpointError, match="no 'latest' file"):
+        train(small_args(corpus_dir, run, steps=3, resume=True))
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]
+    assert (run / "step-000002" / "model.safetensors").read_bytes() == before
+
+
+def test_a_failed_save_stops_training_without_leftovers(corpus_dir, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def full_disk_at_the_second_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # model + trainer file of step 1 fit; step 2 does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_at_the_second_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="No space left"):
+        train(small_args(corpus_dir, run, ckpt_every=1))
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "metrics.jsonl", "step-000001"]
+
+
+def test_resume_takes_the_stored_arguments_and_extends_steps(corpus_dir, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    first = train(small_args(corpus_dir, run, steps=3, ckpt_every=3))
+    # only the machine's options and the new --steps: everything else comes from the checkpoint
+    more = train(TrainArgs(out=str(run), resume=True, steps=5, progress=False, plot=False, threads=1))
+    out = capsys.readouterr().out
+    assert "resumed from step 3 of" in out and "training to step 5" in out
+    assert more.step == 5 and [s for s, _ in more.history["train"]] == [1, 2, 3, 4, 5]
+    assert more.history["train"][:3] == first.history["train"]
+    _, meta, _ = load_checkpoint(run)
+    assert meta["step"] == 5 and meta["args"]["steps"] == 5 and meta["args"]["corpus"] == corpus_dir
+    with pytest.raises(ValueError, match="below the checkpoint's step 5"):
+        train(TrainArgs(out=str(run), resume=True, steps=4))
+    # the metrics log holds each step once
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    # a run killed while writing a record, resumed from step 5: the half line and later records go
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 6, "loss": 1.0}\n{"kind": "tra')
+    train(TrainArgs(out=str(run), resume=True, steps=6, progress=False, plot=False, threads=1))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_log_file_gets_a_line_every_log_every_steps_and_the_files_written(corpus_dir, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=4, eval_every=0, ckpt_every=0, log_every=2, progress=True))
+    out = capsys.readouterr().out
+    assert "step 2/4: train loss" in out and "step 4/4: train loss" in out and "step 3/4" not in out
+    assert f"wrote {run / 'step-000004'} (latest), result.json, metrics.jsonl" in out and f"in {run}" in out
+
+    def refuse(token):
+        raise ValueError(token)
+
+    records = [
+        json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [(r["kind"], r["step"]) for r in records]
+    assert steps == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("val", 4)]
+    records = records[:4]
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0 for r in records)
+
+
+def test_tensorboard_event_files_when_installed(corpus_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run))
+    assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_one_cpu_thread_by_default(corpus_dir, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(small_args(corpus_dir, tmp_path / "run", steps=1, threads=None))
+        assert torch.get_num_threads() == 1 and "1 thread(s)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,9 @@ from ttt.models.config import PRESETS
 from ttt.recipes.args import TrainArgs
 
 EPILOG = """examples:
-  # the README's main command: TTT-Linear, tiny preset, Shakespeare plays, 2 CPU cores
+  # the README's main command: TTT-Linear, tiny preset, Shakespeare plays, one CPU thread
+  ttt train
+  # two threads, when both cores are yours alone (on a busy machine one thread is faster)
   ttt train --threads 2
 
   # the same shape with attention, TTT-MLP or a hybrid, at the attention model's parameter count

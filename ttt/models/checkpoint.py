@@ -8,21 +8,30 @@ Layout of a run directory::
         model.safetensors          # model weights
         trainer.safetensors        # optimizer moments, RNG states (training checkpoints only)
         checkpoint.json            # LMConfig, tokenizer, step, scalars, sha256 of both tensor files
+                                   # and of its own content ("meta_sha256")
+      .lock                        # pid of the `ttt train` writing into the directory (while it runs)
 
 A checkpoint is written into a hidden temporary directory, fsynced, renamed into place (atomic on
 POSIX), and only then is ``latest`` replaced (temp file + ``os.replace``). A process killed at any
-moment therefore leaves ``latest`` pointing at a complete checkpoint. Loading verifies the hashes, so
-a truncated or corrupted file gives a clear error instead of silently wrong weights.
+moment therefore leaves ``latest`` pointing at a complete checkpoint; a save that fails (a full disk)
+removes its temporary directory and leaves ``latest`` as it was. Loading verifies the hashes, so a
+truncated, corrupted or edited file gives a clear error instead of silently wrong weights, and checks
+every field of ``checkpoint.json`` (types, ranges, sizes) before a model is built. ``latest`` may only
+name a ``step-N`` directory inside its run directory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +42,23 @@ from .config import LMConfig
 
 __all__ = [
     "CheckpointError",
+    "RunLocked",
+    "checkpoint_tokenizer",
     "clear_run",
     "find_checkpoint",
+    "has_checkpoints",
+    "latest_note",
     "load_checkpoint",
     "load_model",
+    "lock_run",
     "save_checkpoint",
+    "validate_meta",
     "update_checkpoint_meta",
     "write_text_atomic",
 ]
 
-FORMAT = "ttt-checkpoint-1"
+# 2: checkpoint.json carries the sha256 of its own content ("meta_sha256")
+FORMAT = "ttt-checkpoint-2"
 # the files save_checkpoint writes into a checkpoint directory
 CHECKPOINT_FILES = frozenset({"model.safetensors", "trainer.safetensors", "checkpoint.json"})
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -50,6 +66,24 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted, or belongs to another configuration."""
+
+
+class RunLocked(CheckpointError):
+    """Another live process trains in this run directory."""
+
+
+# what a checkpoint.json may describe: a sanity bound per size, far above every preset, so that an edited
+# or hostile file cannot make the reader allocate without bound before the weights are compared
+_CONFIG_INTS = {
+    "vocab_size": (1, 1 << 22),
+    "dim": (1, 1 << 16),
+    "n_layers": (1, 1024),
+    "n_heads": (1, 1 << 12),
+    "max_seq_len": (1, 1 << 24),
+    "mlp_hidden": (1, 1 << 20),
+}
+_META_REQUIRED = ("format", "step", "config", "sha256", "meta_sha256")
+LOCK_NAME = ".lock"
 
 
 def _sha256(path: Path) -> str:
@@ -68,16 +102,38 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _meta_digest(doc: dict[str, Any]) -> str:
+    """sha256 of a checkpoint.json's content (every field but the digest itself, keys sorted)."""
+    body = {k: v for k, v in doc.items() if k != "meta_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _dump_meta(doc: dict[str, Any]) -> str:
+    """checkpoint.json's text: strict JSON (no NaN / Infinity tokens) with the digest of its content."""
+    try:
+        return json.dumps({**doc, "meta_sha256": _meta_digest(doc)}, indent=1, allow_nan=False)
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint metadata must be finite, strict JSON (NaN or infinity?): {e}"
+        ) from e
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a part of it."""
+    """Write a text file so that readers see the old or the new content, never a part of it; a write
+    that fails (a full disk) leaves the old file and no temporary behind."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(
@@ -94,20 +150,61 @@ def save_checkpoint(
 
     Args:
         model_state: ``model.state_dict()`` (tied weights are stored once).
-        meta: JSON-serialisable extras (tokenizer, training arguments, optimizer scalars, losses).
+        meta: JSON-serialisable extras (tokenizer, training arguments, optimizer scalars, losses);
+            finite numbers only (strict JSON).
         trainer_tensors: optimizer moments and RNG states, flattened to ``name -> tensor``.
         keep: how many checkpoints to keep: this one and the ``keep - 1`` newest of lower step;
             checkpoints of a higher step (left by a run resumed from an older one) are never pruned.
 
     Returns:
         the checkpoint directory.
-    """
-    from safetensors.torch import save_file
 
+    Raises:
+        CheckpointError: the checkpoint could not be written (a full disk, ...); nothing of it is left
+            and ``latest`` still names the previous checkpoint.
+    """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=run, prefix=f".tmp-{name}-"))
+    try:
+        _write_checkpoint_files(tmp, step, model_state, config, meta, trainer_tensors)
+        final = run / name
+        if final.exists():  # the same step saved again (a run resumed from an older checkpoint)
+            old = Path(tempfile.mkdtemp(dir=run, prefix=".trash-"))
+            os.replace(final, old / name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        write_text_atomic(run / "latest", name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not save checkpoint {name} in {run}: {e}; {latest_note(run)}; nothing of {name} is left"
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    older = sorted((s, p) for s, p in _step_dirs(run) if s < step)
+    for _, old_dir in older[: max(0, len(older) - keep + 1)] if keep > 0 else []:
+        shutil.rmtree(old_dir, ignore_errors=True)
+    for stale in [*run.glob(".tmp-step-*"), *run.glob(".trash-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    step: int,
+    model_state: dict[str, Tensor],
+    config: LMConfig,
+    meta: dict[str, Any] | None,
+    trainer_tensors: dict[str, Tensor] | None,
+) -> None:
+    """The tensor files and checkpoint.json of one checkpoint, fsynced, into the directory ``tmp``."""
+    from safetensors.torch import save_file
+
     os.chmod(tmp, 0o755)
     files = {"model.safetensors": _dedupe(model_state)}
     if trainer_tensors is not None:
@@ -119,20 +216,16 @@ def save_checkpoint(
         _fsync(tmp / fname)
         hashes[fname] = _sha256(tmp / fname)
     doc = {"format": FORMAT, "step": step, "config": config.to_dict(), "sha256": hashes, **(meta or {})}
-    (tmp / "checkpoint.json").write_text(json.dumps(doc, indent=1))
+    (tmp / "checkpoint.json").write_text(_dump_meta(doc))
     _fsync(tmp / "checkpoint.json")
-    final = run / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(run / "latest", name + "\n")
-    older = sorted((s, p) for s, p in _step_dirs(run) if s < step)
-    for _, old in older[: max(0, len(older) - keep + 1)] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in run.glob(".tmp-step-*"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+
+
+def latest_note(run_dir: str | os.PathLike) -> str:
+    """What a run directory's ``latest`` names now, for messages after a failure."""
+    try:
+        return f"'latest' in {run_dir} still names {find_checkpoint(run_dir).name}"
+    except CheckpointError:
+        return f"{run_dir} holds no earlier checkpoint"
 
 
 def _step_dirs(run: Path) -> list[tuple[int, Path]]:
@@ -145,14 +238,73 @@ def _step_dirs(run: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether a directory holds a ``latest`` file or a ``step-N`` directory (complete or not)."""
+    run = Path(run_dir)
+    return (run / "latest").exists() or bool(_step_dirs(run))
+
+
 def update_checkpoint_meta(ckpt_dir: str | os.PathLike, **fields: Any) -> None:
     """Replace top-level fields of a checkpoint's ``checkpoint.json`` (atomically; tensors unchanged)."""
     path = Path(ckpt_dir) / "checkpoint.json"
-    doc = json.loads(path.read_text())
-    reserved = {"format", "step", "config", "sha256"} & set(fields)
+    doc = _read_meta(Path(ckpt_dir))
+    reserved = {"format", "step", "config", "sha256", "meta_sha256"} & set(fields)
     if reserved:
         raise ValueError(f"cannot update {sorted(reserved)} of a checkpoint")
-    write_text_atomic(path, json.dumps({**doc, **fields}, indent=1))
+    write_text_atomic(path, _dump_meta({k: v for k, v in {**doc, **fields}.items() if k != "meta_sha256"}))
+
+
+@contextmanager
+def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``run_dir/.lock`` (a file holding this process's pid) while the block runs.
+
+    Raises :class:`RunLocked` when a live process holds it. The lock is an ``flock`` on that file, so
+    it ends with its process however the process ends: a lock file left by a dead process (its pid is
+    gone) is stale and taken over. A run directory created here and still empty at the end is removed.
+    """
+    run = Path(run_dir)
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_NAME
+    fd = _acquire_lock(path)
+    try:
+        yield run
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:
+            try:
+                run.rmdir()
+            except OSError:
+                pass  # not empty: the run wrote something
+
+
+def _acquire_lock(path: Path) -> int:
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLocked(
+                    f"{path.parent} is in use by another ttt train (pid {holder}, see {path}); wait for it "
+                    "to end or choose another --out (a lock left by a process that has ended is taken over)"
+                ) from None
+            raise
+        # the previous holder may have removed the file between our open and our lock: lock the new one
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list[Path]:
@@ -162,30 +314,45 @@ def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list
     Only what ``ttt`` writes is deleted. If a ``step-*`` directory holds any other file, nothing at all
     is deleted and :class:`CheckpointError` names the file. A directory without ``ttt`` checkpoints
     (no ``latest``, no ``step-*``) is not a run: files matching ``outputs`` there are the user's and stay.
+    Everything is first moved (renamed) into one hidden ``.trash-*`` directory, then that is deleted: a
+    failed move puts back what moved, and a deletion cut short leaves only the trash (removed next time).
     """
     run = Path(run_dir)
     if not run.is_dir():
         return []
     steps = [p for _, p in sorted(_step_dirs(run))]
-    foreign = [f for d in steps for f in sorted(d.iterdir()) if f.name not in CHECKPOINT_FILES]
+    foreign = [f for d in steps for f in sorted(d.iterdir()) if not _is_checkpoint_file(f.name)]
     if foreign:
         raise CheckpointError(
             f"{run} holds files that ttt did not write, inside its checkpoints: "
             f"{', '.join(str(f) for f in foreign[:5])}; move them away (nothing was deleted)"
         )
-    temporaries = [*run.glob(".tmp-step-*"), *run.glob(".latest.*")]
+    temporaries = [*run.glob(".tmp-step-*"), *run.glob(".latest.*"), *run.glob(".trash-*")]
     latest = [run / "latest"] if (run / "latest").is_file() else []
     is_run = bool(latest or steps)
     files = sorted({p for pattern in outputs for p in run.glob(pattern) if p.is_file()}) if is_run else []
-    # 'latest' first: a removal cut short never leaves it pointing at a deleted checkpoint
-    removed = []
-    for p in [*latest, *steps, *temporaries, *files]:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-        removed.append(p)
-    return removed
+    victims = [*latest, *steps, *temporaries, *files]
+    if not victims:
+        return []
+    trash = Path(tempfile.mkdtemp(dir=run, prefix=".trash-"))
+    moved: list[Path] = []
+    # 'latest' first: a removal cut short never leaves it pointing at a moved checkpoint
+    try:
+        for p in victims:
+            os.replace(p, trash / f"{len(moved)}-{p.name}")
+            moved.append(p)
+    except OSError as e:
+        for i, p in reversed(list(enumerate(moved))):
+            os.replace(trash / f"{i}-{p.name}", p)
+        trash.rmdir()
+        raise CheckpointError(f"could not remove {victims[len(moved)]} ({e}); nothing was deleted") from e
+    shutil.rmtree(trash, ignore_errors=True)
+    return victims
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    # .checkpoint.json.*: the temporary of an update_checkpoint_meta killed before its rename
+    return name in CHECKPOINT_FILES or name.startswith(".checkpoint.json.")
 
 
 def _dedupe(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -202,19 +369,116 @@ def _dedupe(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """Resolve a run directory (via ``latest``) or a checkpoint directory to a checkpoint directory."""
+    """Resolve a run directory (via ``latest``) or a checkpoint directory to a checkpoint directory.
+
+    ``latest`` must name a ``step-N`` directory of the run directory itself (no other path, no link
+    that leads out of it): a run directory never sends its reader (or the files eval writes) elsewhere.
+    """
     p = Path(path)
     if (p / "checkpoint.json").is_file():
         return p
     latest = p / "latest"
     if latest.is_file():
-        target = p / latest.read_text().strip()
+        with open(latest, "rb") as f:
+            name = f.read(256).decode(errors="replace").strip()
+        if not _STEP_DIR.fullmatch(name):
+            raise CheckpointError(f"{latest} must name a step-N directory of {p}, but says {name[:60]!r}")
+        target = p / name
+        if not target.resolve().is_relative_to(p.resolve()):
+            raise CheckpointError(f"{latest} names {target}, which leads out of {p} (a link): refused")
         if (target / "checkpoint.json").is_file():
             return target
         raise CheckpointError(f"{latest} points at {target.name}, which is not a complete checkpoint")
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}: the path does not exist")
+    if _step_dirs(p):
+        raise CheckpointError(
+            f"no checkpoint at {p}: it holds step-N directories but no 'latest' file; name one of them "
+            "(e.g. --checkpoint DIR/step-000200)"
+        )
     raise CheckpointError(f"no checkpoint at {p}: expected checkpoint.json or a 'latest' file")
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint directory, checked (see :func:`validate_meta`)."""
+    try:
+        with open(ckpt / "checkpoint.json", "rb") as f:
+            text = f.read(64 << 20)  # far above any real checkpoint.json (a BPE tokenizer is ~100 kB)
+        meta = json.loads(text, parse_constant=_refuse_constant)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}/checkpoint.json is unreadable or corrupted: {e}") from e
+    validate_meta(meta, where=f"{ckpt}/checkpoint.json")
+    return meta
+
+
+def _refuse_constant(token: str) -> None:
+    raise ValueError(f"{token} is not strict JSON")
+
+
+def validate_meta(meta: Any, *, where: str = "checkpoint.json") -> None:
+    """Check a checkpoint.json document before anything is built from it: its format, the digest of its
+    content, and the type and range of every field this library reads. Raises :class:`CheckpointError`."""
+
+    def fail(what: str) -> None:
+        raise CheckpointError(f"{where}: {what}")
+
+    if not isinstance(meta, dict):
+        fail(f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        fail(f"not a {FORMAT} checkpoint (format {str(meta.get('format'))[:40]!r})")
+    missing = [k for k in _META_REQUIRED if k not in meta]
+    if missing:
+        fail(f"missing fields {missing}")
+    if meta["meta_sha256"] != _meta_digest(meta):
+        fail("its content does not match its sha256 (the file was edited or corrupted)")
+    if not _is_int(meta["step"]) or meta["step"] < 0:
+        fail(f"'step' must be an integer >= 0, got {meta['step']!r}")
+    hashes = meta["sha256"]
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        fail("'sha256' must map file names to hex digests")
+    _validate_config(meta["config"], fail)
+    for key, kind in (("tokenizer", dict), ("args", dict), ("history", dict), ("optimizer", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            fail(f"'{key}' must be a JSON object, got {type(meta[key]).__name__}")
+    if "seconds" in meta and not (_is_number(meta["seconds"]) and meta["seconds"] >= 0):
+        fail(f"'seconds' must be a number >= 0, got {meta['seconds']!r}")
+
+
+def _validate_config(config: Any, fail: Any) -> None:
+    from ttt.layers import MIXERS
+
+    known = set(LMConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or set(config) - known:
+        fail(f"'config' must be an LMConfig object; unknown fields {sorted(set(config) - known)[:5]}")
+    for key, (low, high) in _CONFIG_INTS.items():
+        value = config.get(key, 1)
+        if key == "mlp_hidden" and value is None:
+            continue
+        if not _is_int(value) or not low <= value <= high:
+            fail(f"config '{key}' must be an integer in [{low}, {high}], got {str(value)[:40]}")
+    for key, low, high in (("norm_eps", 0.0, 1.0), ("init_std", 0.0, 10.0)):
+        value = config.get(key, 0.5)
+        if not _is_number(value) or not low < value <= high:
+            fail(f"config '{key}' must be a number in ({low}, {high}], got {str(value)[:40]}")
+    if not isinstance(config.get("tie_embeddings", True), bool):
+        fail("config 'tie_embeddings' must be true or false")
+    names = [config.get("mixer", "ttt_linear"), *(config.get("layer_mixers") or [])]
+    if config.get("layer_mixers") is not None and not isinstance(config["layer_mixers"], list):
+        fail("config 'layer_mixers' must be a list of mixer names or null")
+    kwargs = config.get("mixer_kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(v, dict) for v in kwargs.values()):
+        fail("config 'mixer_kwargs' must map mixer names to objects")
+    unknown = [str(n)[:40] for n in [*names, *kwargs] if not isinstance(n, str) or n not in MIXERS]
+    if unknown:
+        fail(f"config names unknown mixers {unknown[:5]}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_checkpoint(
@@ -222,23 +486,21 @@ def load_checkpoint(
     *,
     load_trainer: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor] | None]:
-    """Read and verify a checkpoint: ``(model_state, meta, trainer_tensors or None)``."""
+    """Read and verify a checkpoint: ``(model_state, meta, trainer_tensors or None)``.
+
+    ``meta`` has passed :func:`validate_meta`; the tensor files match their sha256.
+    """
     from safetensors.torch import load_file
 
     ckpt = find_checkpoint(path)
-    try:
-        meta = json.loads((ckpt / "checkpoint.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt}/checkpoint.json is unreadable or corrupted: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt} is not a ttt checkpoint (format {meta.get('format')!r})")
+    meta = _read_meta(ckpt)
     wanted = ["model.safetensors"] + (["trainer.safetensors"] if load_trainer else [])
     tensors = {}
     for fname in wanted:
         f = ckpt / fname
         if not f.is_file():
             raise CheckpointError(f"{f} is missing (a model-only checkpoint cannot resume training)")
-        if _sha256(f) != meta.get("sha256", {}).get(fname):
+        if _sha256(f) != meta["sha256"].get(fname):
             raise CheckpointError(f"{f} is truncated or corrupted: its sha256 does not match checkpoint.json")
         try:
             tensors[fname] = load_file(str(f))
@@ -252,25 +514,64 @@ def load_model(
 ) -> tuple[Any, dict[str, Any]]:
     """Build a :class:`CausalLM` from a checkpoint: ``(model, meta)``.
 
+    The model is first built on the ``meta`` device (no memory) and its tensor names and shapes are
+    compared with the checkpoint's weights; only a model that fits them is built for real.
     ``expect``: raise :class:`CheckpointError` if the checkpoint's config differs from it.
     """
     from .lm import CausalLM
 
     state, meta, _ = load_checkpoint(path)
-    config = LMConfig.from_dict(meta["config"])
+    try:
+        config = LMConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's config is invalid: {e}") from e
     if expect is not None and expect != config:
         raise CheckpointError(
             f"checkpoint config differs from the requested one: {config_diff(config, expect)}"
         )
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in CausalLM(config).state_dict().items()}
+    except (TypeError, ValueError) as e:  # a mixer refusing its mixer_kwargs
+        raise CheckpointError(f"the checkpoint's config does not build a model: {e}") from e
+    _check_weights_fit(shapes, state, tied={"head.weight"} if config.tie_embeddings else set())
     model = CausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"head.weight"} if config.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(
-            f"checkpoint weights do not fit the model: missing {sorted(set(missing) - tied)}, "
-            f"unexpected {sorted(unexpected)}"
-        )
+    model.load_state_dict(state, strict=False)
     return model.to(device), meta
+
+
+def _check_weights_fit(shapes: dict[str, tuple[int, ...]], state: dict[str, Tensor], tied: set[str]) -> None:
+    missing = sorted(set(shapes) - set(state) - tied)
+    unexpected = sorted(set(state) - set(shapes))
+    wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes if k in state
+             and tuple(state[k].shape) != shapes[k]]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint weights do not fit the model of its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}"
+        )
+
+
+def checkpoint_tokenizer(meta: dict[str, Any], vocab_size: int | None = None) -> Any:
+    """The tokenizer stored in a checkpoint's meta, checked: every id it can produce is below
+    ``vocab_size`` (the model's; default: the checkpoint config's). Raises :class:`CheckpointError`."""
+    from ttt.data import tokenizer_from_dict
+
+    if "tokenizer" not in meta:
+        raise CheckpointError("the checkpoint has no tokenizer (it was not written by ttt train)")
+    try:
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    except Exception as e:  # tokenizers raises its own error types on a corrupt description
+        raise CheckpointError(f"the checkpoint's tokenizer is corrupted: {str(e)[:200]}") from e
+    vocab_size = vocab_size or meta["config"].get("vocab_size", 256)
+    inner = getattr(tokenizer, "_tok", None)
+    largest = max(inner.get_vocab().values(), default=-1) + 1 if inner is not None else tokenizer.vocab_size
+    if max(largest, tokenizer.vocab_size) > vocab_size:
+        raise CheckpointError(
+            f"the checkpoint's tokenizer produces ids up to {max(largest, tokenizer.vocab_size) - 1}, "
+            f"out of the model's vocabulary of {vocab_size}"
+        )
+    return tokenizer
 
 
 def config_diff(a: LMConfig, b: LMConfig) -> str:

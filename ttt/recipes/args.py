@@ -97,9 +97,12 @@ class TrainArgs:
     """'float32', or 'bfloat16': torch.autocast mixed precision (matmuls in bfloat16, TTT inner loops in
     float32); saves time and memory on CUDA; accepted on CPU (CPU autocast) but usually slower there"""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice)"""
+    """torch CPU threads (default: 1 on a CPU, which stays fast when the cores are shared; more can help a
+    larger preset on idle cores: see docs/cli.md)"""
     progress: bool = True
-    """show a progress bar when stderr is a terminal (there is a log line per validation either way)"""
+    """show a progress bar when stderr is a terminal (else a log line every --log-every steps)"""
+    log_every: int = 50
+    """print a line every this many steps when there is no progress bar (a log file; 0: validations only)"""
     plot: bool = True
     """write loss_curve.png into the run directory at the end"""
 

@@ -36,15 +36,6 @@ def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
     return parsed
 
 
-def optimizer_step(loss: Tensor, model: torch.nn.Module, optimizer, scheduler, clip: float = 1.0) -> None:
-    """Backward, clip the global gradient norm to ``clip``, step the optimizer and the schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    scheduler.step()
-
-
 def resolve_device(name: str) -> torch.device:
     """``'auto'`` -> CUDA when present, else CPU; anything else is checked."""
     if name == "auto":

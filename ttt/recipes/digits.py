@@ -8,13 +8,13 @@ that reads the sequence well should reach the mid 0.9s within a few CPU minutes.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .common import optimizer_step
+from .loop import TrainLoop, cosine_lr
 
 __all__ = ["DigitsArgs", "DigitsResult", "train_digits"]
 
@@ -50,7 +50,7 @@ class DigitsResult:
 
 
 def train_digits(args: DigitsArgs) -> DigitsResult:
-    """Train and evaluate; returns the test accuracy."""
+    """Train and evaluate (the recipes' one loop); returns the test accuracy."""
     from ttt.data import load_digits
     from ttt.models.encoder import EncoderClassifier, EncoderConfig
 
@@ -60,22 +60,28 @@ def train_digits(args: DigitsArgs) -> DigitsResult:
     torch.manual_seed(args.seed)
     model = EncoderClassifier(EncoderConfig(mixer=args.mixer, dim=args.dim, n_layers=args.n_layers))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    steps = args.epochs * ((len(x_tr) + args.batch_size - 1) // args.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    steps_per_epoch = (len(x_tr) + args.batch_size - 1) // args.batch_size
+    total = args.epochs * steps_per_epoch
     g = torch.Generator().manual_seed(args.seed)
-    t0, loss = time.perf_counter(), torch.tensor(0.0)
-    for _ in range(args.epochs):
-        order = torch.randperm(len(x_tr), generator=g)
-        for i in range(0, len(order), args.batch_size):
-            b = order[i : i + args.batch_size]
-            loss = F.cross_entropy(model(x_tr[b]), y_tr[b])
-            optimizer_step(loss, model, opt, sched)
+    order = torch.empty(0, dtype=torch.long)
+
+    def batch(step: int) -> Tensor:
+        nonlocal order
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(x_tr), generator=g)
+        i = (step % steps_per_epoch) * args.batch_size
+        return order[i : i + args.batch_size]
+
+    loop = TrainLoop(model, opt, batch, lambda b: F.cross_entropy(model(x_tr[b]), y_tr[b]), steps=total,
+                     lr=lambda s: cosine_lr(s, peak=args.lr, total=total), grad_clip=1.0)  # fmt: skip
+    loop.run()
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(x_te[i : i + 256]).argmax(-1) for i in range(0, len(x_te), 256)])
     accuracy = float((pred == y_te).float().mean())
     n_params = sum(p.numel() for p in model.parameters())
-    return DigitsResult(accuracy, loss.item(), time.perf_counter() - t0, n_params)
+    train_loss = loop.history[-1][1] if loop.history else 0.0
+    return DigitsResult(accuracy, train_loss, loop.seconds, n_params)
 
 
 def main(argv: list[str] | None = None) -> None:

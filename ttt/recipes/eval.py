@@ -173,8 +173,8 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     Writes ``eval-step-N.json`` (the result, with the checkpoint, step, what was scored, context and
     batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory);
     with ``args.file`` the names end in ``-file-NAME``."""
-    from ttt.data import TokenData, tokenizer_from_dict
-    from ttt.models.checkpoint import find_checkpoint, load_model
+    from ttt.data import TokenData
+    from ttt.models.checkpoint import checkpoint_tokenizer, find_checkpoint, load_model
 
     _check(args)
     set_threads(args.threads)
@@ -187,7 +187,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
         raise ValueError(
             f"context {context} is longer than this model's max_seq_len = {model.config.max_seq_len}"
         )
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    tokenizer = checkpoint_tokenizer(meta)
     corpus_name = "" if args.file else args.corpus or train_args.get("corpus", "shakespeare")
     scored = (
         _file_tokens(args.file, tokenizer, context)

@@ -75,9 +75,9 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> tuple[str, list[in
 def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResult:
     """Load a checkpoint and continue a prompt; streams to ``out`` (default stdout) when ``args.stream``,
     the prompt first when ``args.echo``."""
-    from ttt.data import StreamDecoder, tokenizer_from_dict
+    from ttt.data import StreamDecoder
     from ttt.models import sample, state_nbytes
-    from ttt.models.checkpoint import load_model
+    from ttt.models.checkpoint import checkpoint_tokenizer, load_model
 
     out = out or sys.stdout
     set_threads(args.threads)
@@ -94,7 +94,7 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
         raise ValueError(f"--top-p must lie in (0, 1], or none to sample from every token, got {args.top_p}")
     model, meta = load_model(args.checkpoint, device=device)
     model.eval()
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    tokenizer = checkpoint_tokenizer(meta)
     if args.prompts_file is not None:
         if any(a is not None for a in (args.prompt, args.prompt_file, args.prompt_tokens)):
             raise ValueError("give only one of --prompt, --prompt-file, --prompt-tokens, --prompts-file")

@@ -31,8 +31,6 @@ see benchmarks/results/mqar_cpu.md for what it measured.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import format_table, optimizer_step, parse_mixer_kwargs, set_threads
+from .common import format_table, parse_mixer_kwargs, set_threads
+from .loop import Every, MetricsLog, TrainLoop, cosine_lr
 
 __all__ = ["MQARArgs", "MQARResult", "main", "run_mqar", "train_mqar"]
 
@@ -87,7 +86,9 @@ class MQARArgs:
     out: str | None = None
     """directory for mqar.md and mqar.json"""
     progress: bool = True
-    """show a progress bar"""
+    """show a progress bar when stderr is a terminal"""
+    log_every: int = 100
+    """without a progress bar (a log file), print a line every this many steps (0: never)"""
 
 
 @dataclass
@@ -181,32 +182,40 @@ def epoch_batches(train: Split, batch_size: int, g: torch.Generator) -> list[tup
 
 
 def train_mqar(mixer: str, args: MQARArgs, train: Split, test: Split) -> MQARResult:
-    """Train one model on ``train`` and score it on ``test``."""
-    from tqdm.auto import tqdm
-
+    """Train one model on ``train`` and score it on ``test`` after every epoch (the recipes' one loop)."""
     torch.manual_seed(args.seed)
     model = build_model(mixer, args, max_seq_len=max(t for t, _ in train))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     steps_per_epoch = sum(-(-len(x) // args.batch_size) for x, _ in train.values())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.epochs * steps_per_epoch))
+    total = args.epochs * steps_per_epoch
     g = torch.Generator().manual_seed(args.seed)
-    t0, loss, history = time.perf_counter(), torch.tensor(float("nan")), []
-    bar = tqdm(total=args.epochs * steps_per_epoch, desc=mixer, disable=not args.progress, file=sys.stderr)
-    for _ in range(args.epochs):
-        for x, y in epoch_batches(train, args.batch_size, g):
-            loss = recall_loss(model(x)[0], y)
-            optimizer_step(loss, model, opt, sched)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{history[-1]:.3f}" if history else "-")
-        scores = evaluate(model, test)
+    epoch: list[tuple[Tensor, Tensor]] = []
+    history: list[float] = []
+    scores: dict[tuple[int, int], Tensor] = {}
+
+    def batch(step: int) -> tuple[Tensor, Tensor]:
+        if step % steps_per_epoch == 0:
+            epoch[:] = epoch_batches(train, args.batch_size, g)
+        return epoch[step % steps_per_epoch]
+
+    def test_pass(step: int) -> bool:
+        scores.update(evaluate(model, test))
         history.append(float(torch.cat(list(scores.values())).mean()))
-        if history[-1] > EARLY_STOP_ACCURACY:
-            break
-    bar.close()
+        log.scalars("test", step, {"accuracy": history[-1]})
+        return history[-1] > EARLY_STOP_ACCURACY  # Zoology's early stop
+
+    log = MetricsLog(None, total=total, log_every=args.log_every, progress=args.progress, desc=mixer)
+    loop = TrainLoop(model, opt, batch, lambda xy: recall_loss(model(xy[0])[0], xy[1]), steps=total,
+                     lr=lambda s: cosine_lr(s, peak=args.lr, total=total), grad_clip=1.0, log=log,
+                     hooks=[Every(steps_per_epoch, test_pass)])  # fmt: skip
+    try:
+        loop.run()
+    finally:
+        log.close()
     per_slice = {f"T={t},D={d}": float(s.mean()) for (t, d), s in scores.items()}
     n_params = sum(p.numel() for p in model.parameters())
-    return MQARResult(mixer, history[-1], per_slice, loss.item(), len(history),
-                      time.perf_counter() - t0, n_params, history)  # fmt: skip
+    return MQARResult(mixer, history[-1], per_slice, loop.history[-1][1], len(history), loop.seconds,
+                      n_params, history)  # fmt: skip
 
 
 def run_mqar(args: MQARArgs) -> list[MQARResult]:

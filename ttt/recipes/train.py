@@ -1,9 +1,14 @@
-"""Train a causal LM on a corpus: one readable loop (nanoGPT's shape), functions instead of globals.
+"""Train a causal LM on a corpus: the recipes' one loop (:mod:`ttt.recipes.loop`), in small pieces.
 
 AdamW (0.9, 0.95), weight decay 0.1 on matrices, linear warm-up then cosine decay, gradient clipping at
 1.0: the TTT paper's recipe (Table 3, from the Mamba paper). Run with ``torchrun --nproc_per_node N``
 for data parallelism (gloo on CPU, NCCL on CUDA); every process draws the same global batch and keeps
 its rows, so N processes follow the single-process run.
+
+The pieces, in order: :func:`resume_args` (a run's stored arguments), :func:`_prepare` (data, tokenizer,
+model config: everything checked before anything is written), :func:`_build` (model, optimizer, the
+state of a resumed run), :func:`wrap_model` (the place where a parallel strategy wraps the model),
+:func:`_fit` (the loop with its validation and checkpoint hooks), :func:`_finish` (result files).
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,26 @@ import torch
 from torch import Tensor, nn
 
 from .args import TrainArgs
-from .common import lm_loss, parse_mixer_kwargs, resolve_device, save_plot, set_threads, setup_dist
+from .common import Dist, lm_loss, parse_mixer_kwargs, resolve_device, save_plot, set_threads, setup_dist
+from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
 
-__all__ = ["RUN_OUTPUTS", "TrainResult", "build_optimizer", "lr_at", "train"]
+__all__ = [
+    "RUN_OUTPUTS",
+    "TrainResult",
+    "TrainingDiverged",
+    "build_optimizer",
+    "lr_at",
+    "resume_args",
+    "train",
+]
 
 #: files a run directory holds besides its checkpoints (train and eval outputs): what --overwrite removes
 RUN_OUTPUTS = (
     "loss_curve.png",
     "loss_curve.png.tmp.png",
     "result.json",
+    "metrics.jsonl",
+    "events.out.tfevents.*",
     "eval.json",
     "loss_by_position.md",
     "loss_by_position.png",
@@ -40,19 +56,10 @@ RUN_OUTPUTS = (
     "loss_by_position-step-*.png",
 )
 
-# arguments that may change between a run and its --resume without changing the results
-RUNTIME_ARGS = {
-    "resume",
-    "overwrite",
-    "progress",
-    "plot",
-    "threads",
-    "device",
-    "out",
-    "eval_every",
-    "ckpt_every",
-    "eval_batches",
-}
+# arguments of the machine, not of the run: --resume takes them as given now, never from the checkpoint
+RUNTIME_ARGS = {"resume", "overwrite", "progress", "plot", "threads", "device", "out"}
+# arguments a --resume may change without changing what was trained so far (--steps: extend the run)
+RESUME_MAY_CHANGE = {"steps", "eval_every", "ckpt_every", "eval_batches", "log_every"}
 
 
 @dataclass
@@ -69,13 +76,34 @@ class TrainResult:
     history: dict[str, list[list[float]]]
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds, passed between the pieces."""
+
+    args: TrainArgs
+    run_dir: Path
+    dist: Dist
+    device: torch.device
+    corpus: Any = None
+    data: Any = None
+    tokenizer: Any = None
+    config: Any = None
+    saved: tuple | None = None
+    model: nn.Module | None = None
+    wrapped: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    sampler: torch.Generator | None = None
+    step: int = 0
+    saved_step: int = -1
+    history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
+    seconds: float = 0.0
+    wrote: list[str] = field(default_factory=list)
+    """files of the metrics log, and a note on TensorBoard when it is not installed"""
+
+
 def lr_at(step: int, args: TrainArgs) -> float:
     """Learning rate of ``step``: linear warm-up to ``lr``, then cosine down to ``min_lr``."""
-    warmup = int(args.warmup * args.steps) if args.warmup < 1 else int(args.warmup)
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_lr(step, peak=args.lr, total=args.steps, warmup=args.warmup, final=args.min_lr)
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -102,19 +130,51 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
-    now = dataclasses.asdict(args)
-    diff = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}"
-        for k in now
-        if k not in RUNTIME_ARGS and saved.get(k) != now[k]
-    ]
-    if diff:
-        from ttt.models.checkpoint import CheckpointError
+def resume_args(saved: dict[str, Any], given: TrainArgs) -> TrainArgs:
+    """The arguments of a resumed run: the checkpoint's, except those given now (not at their default).
 
+    Machine arguments (``--threads``, ``--device``, ...) are always taken as given; ``--steps`` may grow
+    (the cosine schedule is then stretched to the new end); any other argument given with another value
+    than the checkpoint's is refused, since the run would no longer continue the one it resumes.
+    """
+    from ttt.models.checkpoint import CheckpointError
+
+    defaults, merged, diff = TrainArgs(), {}, []
+    for f in dataclasses.fields(TrainArgs):
+        now, default = getattr(given, f.name), getattr(defaults, f.name)
+        if f.name in RUNTIME_ARGS or f.name not in saved:
+            merged[f.name] = now
+            continue
+        stored = saved[f.name]
+        if default is not None and stored is not None and not isinstance(stored, type(default) | int):
+            raise CheckpointError(
+                f"the checkpoint's argument {f.name} = {str(stored)[:40]!r} has the wrong type"
+            )
+        if now == default or now == stored:
+            merged[f.name] = stored
+        elif f.name in RESUME_MAY_CHANGE:
+            merged[f.name] = now
+        else:
+            diff.append(f"--{f.name.replace('_', '-')} {stored!r} -> {now!r}")
+    if diff:
         raise CheckpointError(
             "cannot resume: the checkpoint was trained with other arguments: " + "; ".join(diff)
-        )
+            + " (leave them out: --resume takes the checkpoint's)"
+        )  # fmt: skip
+    return TrainArgs(**merged)
+
+
+def _check_resumable(meta: dict[str, Any], trainer: dict[str, Tensor]) -> None:
+    """Refuse a checkpoint that lacks what resuming reads (a model-only or hand-made one)."""
+    from ttt.models.checkpoint import CheckpointError
+
+    missing = [k for k in ("args", "tokenizer", "optimizer", "history") if k not in meta]
+    missing += [k for k in ("rng.sampler", "rng.torch") if k not in trainer]
+    history = meta.get("history", {})
+    if not missing and not (isinstance(history.get("train"), list) and isinstance(history.get("val"), list)):
+        missing = ["history.train", "history.val"]
+    if missing:
+        raise CheckpointError(f"cannot resume: the checkpoint lacks {missing} (not saved by ttt train?)")
 
 
 def _check_args(args: TrainArgs) -> None:
@@ -126,6 +186,7 @@ def _check_args(args: TrainArgs) -> None:
         ("--eval-batches", args.eval_batches, 1),
         ("--eval-every", args.eval_every, 0),
         ("--ckpt-every", args.ckpt_every, 0),
+        ("--log-every", args.log_every, 0),
     ):
         if value < least:
             hint = " (0: only at the end)" if least == 0 else ""
@@ -149,39 +210,38 @@ def _check_splits(data: Any, corpus: Any, context: int) -> None:
     )
 
 
-def _due(step: int, every: int, last: int) -> bool:
-    """Whether something done every ``every`` steps (0: only at the end) is due after ``step``."""
-    return step == last or (every > 0 and step % every == 0)
-
-
 class _StopOnInterrupt:
-    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) only sets ``requested``: the loop
-    finishes its step, saves a checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt at once.
-    Only in the main thread (signals are delivered there)."""
+    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch
+    scheduler's end of job) only sets ``requested``: the loop finishes its step, saves a checkpoint and
+    stops. A second one raises KeyboardInterrupt at once. Only in the main thread (signals are
+    delivered there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            "\ninterrupt: stopping after this step and saving a checkpoint (Ctrl-C again: stop now, no save)",
+            f"\n{name}: stopping after this step and saving a checkpoint (again: stop now, no save)",
             file=sys.stderr,
             flush=True,
         )
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
-def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
+def _stop_everywhere(requested: bool, dist: Dist, device: torch.device) -> bool:
     """Whether any process was asked to stop (every process must stop after the same step)."""
     if dist.world == 1:
         return requested
@@ -190,67 +250,94 @@ def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def train(args: TrainArgs) -> TrainResult:
-    """Train (or resume) a model as ``args`` says; returns the final validation figures."""
-    from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
-    from ttt.models import CausalLM, LMConfig, build_mixer
-    from ttt.models.checkpoint import (
-        CheckpointError,
-        clear_run,
-        config_diff,
-        find_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-        update_checkpoint_meta,
-    )
+def _latest_note(run_dir: Path) -> str:
+    from ttt.models.checkpoint import latest_note
 
-    from .eval import evaluate_loss
+    return f" ({latest_note(run_dir)})"
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Train (or resume) a model as ``args`` says; returns the final validation figures.
+
+    The run directory is locked (``.lock``) while it runs: a second ``train`` on it is refused."""
+    from ttt.models.checkpoint import find_checkpoint, lock_run
 
     _check_args(args)
-    set_threads(args.threads)
+    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
+    if args.resume:
+        find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(args, run_dir)
+    with lock_run(run_dir):
+        return _train(args, run_dir)
+
+
+def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
     device = resolve_device(args.device)
+    # one thread on a CPU unless asked: measured on a 2-core machine shared with other work, 2 threads ran
+    # the tiny preset 8-15x slower than 1 (docs/cli.md, "Threads")
+    set_threads(args.threads if args.threads is not None or device.type != "cpu" else 1)
     dist = setup_dist(device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if args.batch_size % dist.world:
         raise ValueError(f"batch_size {args.batch_size} must be divisible by the {dist.world} processes")
-    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
+    run = _prepare(_Run(args, run_dir, dist, device))
+    _build(run)
+    _fit(run)
+    return _finish(run)
 
-    # a previous run in run_dir is either resumed or, only when asked, replaced
-    saved = None
+
+def _prepare(run: _Run) -> _Run:
+    """Resume or refuse a previous run, load the data, make the tokenizer and the model config; every
+    argument is checked before --overwrite deletes anything."""
+    from ttt.data import load_corpus, prepare, train_tokenizer
+    from ttt.models.checkpoint import checkpoint_tokenizer, clear_run, has_checkpoints, load_checkpoint
+
+    args, run_dir = run.args, run.run_dir
     if args.resume:
-        saved = load_checkpoint(run_dir, load_trainer=True)
-        _check_resume_args(saved[1].get("args", {}), args)
-    elif not args.overwrite:
-        try:
-            find_checkpoint(run_dir)
-        except CheckpointError:
-            pass
-        else:
-            raise FileExistsError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue it or "
-                "--overwrite to start over (or choose another --out)"
+        run.saved = load_checkpoint(run_dir, load_trainer=True)
+        _check_resumable(run.saved[1], run.saved[2])
+        run.args = args = resume_args(run.saved[1]["args"], args)
+        if args.steps < run.saved[1]["step"]:
+            raise ValueError(
+                f"--steps {args.steps} is below the checkpoint's step {run.saved[1]['step']}; give a larger "
+                "--steps to extend the run"
             )
+    elif not args.overwrite and has_checkpoints(run_dir):
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints ('latest' or step-N); pass --resume to continue it or "
+            "--overwrite to start over (or choose another --out)"
+        )
+    run.corpus = load_corpus(args.corpus)
+    if run.saved:
+        run.tokenizer = checkpoint_tokenizer(run.saved[1])
+    else:
+        run.tokenizer = train_tokenizer(args.tokenizer, run.corpus.train_text(), args.vocab_size)
+    run.data = prepare(run.corpus, run.tokenizer)
+    run.config = _model_config(args, run.tokenizer.vocab_size, run.saved)
+    _check_splits(run.data, run.corpus, args.context)
+    if args.overwrite and run.dist.main:
+        removed = clear_run(run_dir, RUN_OUTPUTS)
+        if removed:
+            print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
+    return run
 
-    corpus = load_corpus(args.corpus)
-    tokenizer = (
-        tokenizer_from_dict(saved[1]["tokenizer"])
-        if saved
-        else train_tokenizer(args.tokenizer, corpus.train_text(), args.vocab_size)
-    )
-    data = prepare(corpus, tokenizer)
-    layer_mixers = tuple(args.layer_mixers.split(",")) if args.layer_mixers else None
+
+def _model_config(args: TrainArgs, vocab_size: int, saved: tuple | None) -> Any:
+    """The LMConfig of ``args`` (parameter-matched), checked by building each mixer once."""
+    from ttt.models import LMConfig, build_mixer
+    from ttt.models.checkpoint import CheckpointError, config_diff
+
     config = LMConfig.from_name(
         args.preset,
         mixer=args.mixer,
-        vocab_size=tokenizer.vocab_size,
-        layer_mixers=layer_mixers,
+        vocab_size=vocab_size,
+        layer_mixers=tuple(args.layer_mixers.split(",")) if args.layer_mixers else None,
         mixer_kwargs=parse_mixer_kwargs(args.mixer_kwargs),
     )
-    for name in sorted(
-        set(config.mixers)
-    ):  # a bad --mixer-kwargs argument fails here, before anything is written
+    for name in sorted(set(config.mixers)):  # a bad --mixer-kwargs argument fails here
         build_mixer(name, config)
     if args.match_params and args.match_params.lower() != "none":
         reference = dataclasses.replace(config, mixer=args.match_params, layer_mixers=None)
@@ -261,195 +348,223 @@ def train(args: TrainArgs) -> TrainResult:
             f"context {args.context} is longer than preset {args.preset!r} allows "
             f"(max_seq_len = {config.max_seq_len})"
         )
-    _check_splits(data, corpus, args.context)
     if saved and LMConfig.from_dict(saved[1]["config"]) != config:
         raise CheckpointError(
             "checkpoint was made with another model config: "
             + config_diff(LMConfig.from_dict(saved[1]["config"]), config)
         )
-    # every argument is checked: only now may --overwrite delete the previous run
-    if args.overwrite and dist.main:
-        removed = clear_run(run_dir, RUN_OUTPUTS)
-        if removed:
-            print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
+    return config
 
-    torch.manual_seed(args.seed)
-    model = CausalLM(config).to(device)
-    optimizer = build_optimizer(model, args)
-    sampler = torch.Generator().manual_seed(args.seed)
-    step, history, elapsed = 0, {"train": [], "val": []}, 0.0
-    if saved:
-        model_state, meta, trainer = saved
-        model.load_state_dict(model_state, strict=False)
-        _load_optimizer(optimizer, trainer, meta["optimizer"])
-        sampler.set_state(trainer["rng.sampler"])
+
+def _build(run: _Run) -> None:
+    """Model, optimizer and batch sampler; a resumed run's weights, moments, RNG states and history."""
+    from ttt.models import CausalLM
+
+    torch.manual_seed(run.args.seed)
+    run.model = CausalLM(run.config).to(run.device)
+    run.optimizer = build_optimizer(run.model, run.args)
+    run.sampler = torch.Generator().manual_seed(run.args.seed)
+    if run.saved:
+        model_state, meta, trainer = run.saved
+        run.model.load_state_dict(model_state, strict=False)
+        _load_optimizer(run.optimizer, trainer, meta["optimizer"])
+        run.sampler.set_state(trainer["rng.sampler"])
         torch.set_rng_state(trainer["rng.torch"])
-        step, history, elapsed = meta["step"], meta["history"], meta.get("seconds", 0.0)
-    ddp_model: nn.Module = model
-    if dist.world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+        run.step, run.history, run.seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
+        run.saved_step, run.saved = run.step, None
+    run.wrapped = wrap_model(run.model, run.dist, run.device)
 
-    def validate() -> tuple[float, float]:
-        with autocast:
-            loss, _ = evaluate_loss(
-                model,
-                data.validation,
-                batch_size=max(1, args.batch_size // dist.world),
-                context=args.context,
-                max_batches=args.eval_batches,
-                device=device,
+
+def wrap_model(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """The module the training step calls: ``model`` itself, or its DistributedDataParallel wrapper
+    under ``torchrun``. A parallel strategy (sharding, ...) plugs in here."""
+    if dist.world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _autocast(run: _Run) -> torch.autocast:
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.args.dtype == "bfloat16")
+
+
+def _validate(run: _Run) -> tuple[float, float]:
+    """Validation loss (nats/token) and bits per byte on ``--eval-batches`` batches."""
+    from .eval import evaluate_loss
+
+    with _autocast(run):
+        loss, _ = evaluate_loss(
+            run.model,
+            run.data.validation,
+            batch_size=max(1, run.args.batch_size // run.dist.world),
+            context=run.args.context,
+            max_batches=run.args.eval_batches,
+            device=run.device,
+        )
+    return loss, run.data.bits_per_byte(loss)
+
+
+def _save(run: _Run) -> Path | None:
+    """Checkpoint of the current step (the main process writes it); refuses non-finite weights."""
+    from ttt.models.checkpoint import save_checkpoint
+
+    run.saved_step = run.step
+    if not run.dist.main:
+        return None
+    check_finite_weights(run.model, run.step, _latest_note(run.run_dir))
+    tensors, opt_meta = _optimizer_tensors(run.optimizer)
+    tensors["rng.sampler"] = run.sampler.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "args": dataclasses.asdict(run.args),
+        "tokenizer": run.tokenizer.to_dict(),
+        "optimizer": opt_meta,
+        "history": run.history,
+        "seconds": run.seconds,
+        "num_params": run.model.num_params(),
+    }
+    return save_checkpoint(
+        run.run_dir,
+        step=run.step,
+        model_state=run.model.state_dict(),
+        config=run.config,
+        meta=meta,
+        trainer_tensors=tensors,
+    )
+
+
+def _global_mean(run: _Run) -> Any:
+    """The loss as logged and checked: the global batch's, not this process's share of it."""
+
+    def reduce(loss: Tensor) -> Tensor:
+        if run.dist.world > 1:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        return loss
+
+    return reduce
+
+
+def _fit(run: _Run) -> None:
+    """The loop: checkpoint hook, then validation hook; Ctrl-C / SIGTERM save the step and stop."""
+    from ttt.data import sample_batch
+    from ttt.models.checkpoint import update_checkpoint_meta
+
+    args, dist = run.args, run.dist
+    last_checkpoint: list[Path | None] = [None]
+
+    def batch(step: int) -> tuple[Tensor, Tensor]:
+        return sample_batch(run.data.train, args.batch_size, args.context, run.sampler,
+                            shard=(dist.rank, dist.world))  # fmt: skip
+
+    def loss(xy: tuple[Tensor, Tensor]) -> Tensor:
+        with _autocast(run):
+            logits, _ = run.wrapped(xy[0].to(run.device))
+            return lm_loss(logits, xy[1].to(run.device))
+
+    def checkpoint(step: int) -> None:
+        run.step, run.seconds = step, loop.seconds
+        last_checkpoint[0] = _save(run)
+
+    def validate(step: int) -> None:
+        val_loss, bpb = _validate(run)
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the validation loss is {val_loss}"
+                + _latest_note(run.run_dir)
             )
-        return loss, data.bits_per_byte(loss)
+        run.history["val"].append([step, val_loss, bpb])
+        log.scalars("val", step, {"loss": val_loss, "bits_per_byte": bpb})
+        if last_checkpoint[0] is not None and run.saved_step == step:
+            update_checkpoint_meta(last_checkpoint[0], history=run.history)
+        rate = args.batch_size * args.context * step / max(loop.seconds, 1e-9)
+        log.print(f"step {step}/{args.steps}: train loss {run.history['train'][-1][1]:.4f}, val loss "
+                  f"{val_loss:.4f}, val bits/byte {bpb:.4f}, {rate:,.0f} tok/s")  # fmt: skip
 
-    def checkpoint() -> Path | None:
-        if not dist.main:
-            return None
-        tensors, opt_meta = _optimizer_tensors(optimizer)
-        tensors["rng.sampler"] = sampler.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        meta = {
-            "args": dataclasses.asdict(args),
-            "tokenizer": tokenizer.to_dict(),
-            "optimizer": opt_meta,
-            "history": history,
-            "seconds": elapsed,
-            "num_params": model.num_params(),
-        }
-        return save_checkpoint(
-            run_dir,
-            step=step,
-            model_state=model.state_dict(),
-            config=config,
-            meta=meta,
-            trainer_tensors=tensors,
-        )
-
-    bar = None
-    # from here on, Ctrl-C finishes the step in progress, saves it and stops
+    log = _open_log(run)
+    loop = TrainLoop(
+        run.wrapped, run.optimizer, batch, loss, steps=args.steps, lr=lambda s: lr_at(s, args),
+        grad_clip=args.grad_clip, log=log, tokens_per_step=args.batch_size * args.context,
+        hooks=[Every(args.ckpt_every, checkpoint), Every(args.eval_every, validate)],
+        reduce=_global_mean(run), on_diverged=lambda s: _latest_note(run.run_dir),
+        history=run.history["train"], seconds=run.seconds,
+    )  # fmt: skip
+    # from here on, Ctrl-C / SIGTERM finish the step in progress, save it and stop (in place before the
+    # first line is printed: a script may signal as soon as it reads it)
     stop = _StopOnInterrupt()
+    loop.stop = lambda: _stop_everywhere(stop.requested, dist, run.device)
     try:
-        if dist.main:
-            print(
-                f"model: {args.preset} / {','.join(sorted(set(config.mixers)))}, "
-                f"{model.num_params():,} parameters; data: {corpus!r}, {data.train.numel():,} train tokens; "
-                f"device {device}, {dist.world} process(es)",
-                flush=True,
-            )
-        if dist.main and args.progress:
-            from tqdm.auto import tqdm
-
-            # disable=None: no bar when stderr is not a terminal (a log file gets the eval lines only)
-            bar = tqdm(
-                total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0, disable=None
-            )
-            if bar.disable:
-                bar = None
-        tokens_per_step = args.batch_size * args.context
-        saved_step = step
-        model.train()
-        t_last = time.perf_counter()
-        while step < args.steps:
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = sample_batch(
-                data.train, args.batch_size, args.context, sampler, shard=(dist.rank, dist.world)
-            )
-            with autocast:
-                logits, _ = ddp_model(x.to(device))
-                loss = lm_loss(logits, y.to(device))
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            elapsed += dt
-            loss_value = loss.detach()
-            if dist.world > 1:
-                # log the global batch's loss, not this process's share of it
-                torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss_value.item()
-            history["train"].append([step, loss_value])
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.1e}"
-                )
-                bar.update(1)
-            # checkpoint before validating: a validation that fails or is interrupted loses nothing
-            saved = None
-            if _due(step, args.ckpt_every, args.steps):
-                saved = checkpoint()
-                saved_step = step
-            if _due(step, args.eval_every, args.steps):
-                val_loss, bpb = validate()
-                history["val"].append([step, val_loss, bpb])
-                if saved is not None:
-                    update_checkpoint_meta(saved, history=history)
-                if dist.main:
-                    msg = (
-                        f"step {step}/{args.steps}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
-                        f"val bits/byte {bpb:.4f}, {tokens_per_step * step / max(elapsed, 1e-9):,.0f} tok/s"
-                    )
-                    (bar.write if bar is not None else print)(msg)
-            t_last = time.perf_counter()
-            if _stop_everywhere(stop.requested, dist, device):
-                if saved_step != step:
-                    checkpoint()
-                if dist.main:
-                    print(
-                        f"interrupted: step {step} is saved in {run_dir}; continue it with --resume",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                raise KeyboardInterrupt
+        log.print(_banner(run))
+        run.step = loop.run(start=run.step)
+        if loop.stop():
+            _interrupted(run)
     finally:
+        run.seconds = loop.seconds
         stop.restore()
-        if bar is not None:
-            bar.close()
+        log.close()
+        run.wrote = log.files + ([log.tensorboard_note] if log.tensorboard_note else [])
+
+
+def _open_log(run: _Run) -> MetricsLog:
+    args = run.args
+    return MetricsLog(run.run_dir, total=args.steps, start=run.step, log_every=args.log_every,
+                      progress=args.progress, enabled=run.dist.main)  # fmt: skip
+
+
+def _banner(run: _Run) -> str:
+    """The first lines: model, data, device, threads (and where a resumed run continues)."""
+    args, mixers = run.args, ",".join(sorted(set(run.config.mixers)))
+    text = (
+        f"model: {args.preset} / {mixers}, {run.model.num_params():,} parameters; data: {run.corpus!r}, "
+        f"{run.data.train.numel():,} train tokens; device {run.device}, {run.dist.world} process(es), "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    if args.resume:
+        text += f"\nresumed from step {run.step} of {run.run_dir}; training to step {args.steps}"
+    return text
+
+
+def _interrupted(run: _Run) -> None:
+    if run.saved_step != run.step:
+        _save(run)
+    if run.dist.main:
+        print(f"interrupted: step {run.step} is saved in {run.run_dir}; continue it with --resume",
+              file=sys.stderr, flush=True)  # fmt: skip
+    raise KeyboardInterrupt
+
+
+def _finish(run: _Run) -> TrainResult:
+    """Final validation (unless the last step had one), loss curve, result.json, the 'wrote' line."""
+    args, history, step = run.args, run.history, run.step
     if not history["val"] or history["val"][-1][0] != step:
-        val_loss, bpb = validate()
+        val_loss, bpb = _validate(run)
         history["val"].append([step, val_loss, bpb])
     val_loss, bpb = history["val"][-1][1], history["val"][-1][2]
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        result_path = run_dir / "result.json"
-        if args.plot:
-            xs, ys = zip(*history["train"]) if history["train"] else ((), ())
-            curves = {"train": (list(xs), list(ys))}
-            if history["val"]:
-                curves["validation"] = ([v[0] for v in history["val"]], [v[1] for v in history["val"]])
-            save_plot(
-                run_dir / "loss_curve.png",
-                curves,
-                xlabel="step",
-                ylabel="loss (nats/token)",
-                title=f"{args.mixer} / {args.preset} on {args.corpus}",
-            )
-        print(
-            f"final: step {step}, val loss {val_loss:.4f} nats/token, val bits/byte {bpb:.4f} "
-            f"({elapsed:.0f} s of training)",
-            flush=True,
-        )
-    result = TrainResult(
-        str(run_dir),
-        step,
-        val_loss,
-        bpb,
-        model.num_params(),
-        elapsed,
-        tokens_per_step * len(history["train"]) / max(elapsed, 1e-9),
-        history,
-    )
-    if dist.owns_group:
+    tokens = args.batch_size * args.context * max(0, len(history["train"]))
+    result = TrainResult(str(run.run_dir), step, val_loss, bpb, run.model.num_params(), run.seconds,
+                         tokens / max(run.seconds, 1e-9), history)  # fmt: skip
+    if run.dist.owns_group:
         torch.distributed.destroy_process_group()
-    if dist.main:
-        result_path.write_text(
-            json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=1)
-        )
+    if not run.dist.main:
+        return result
+    wrote = [f"{run.run_dir / f'step-{step:06d}'} (latest)"] if run.saved_step == step else []
+    if args.plot and _plot(run):
+        wrote.append("loss_curve.png")
+    summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
+    (run.run_dir / "result.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    files = [*wrote, "result.json", *(w for w in run.wrote if not w.startswith("no "))]
+    notes = "".join(f" ({w})" for w in run.wrote if w.startswith("no "))
+    print(f"final: step {step}, val loss {val_loss:.4f} nats/token, val bits/byte {bpb:.4f} "
+          f"({run.seconds:.0f} s of training)", flush=True)  # fmt: skip
+    print(f"wrote {', '.join(files)} in {run.run_dir}{notes}", flush=True)
     return result
+
+
+def _plot(run: _Run) -> bool:
+    history, args = run.history, run.args
+    xs, ys = zip(*history["train"]) if history["train"] else ((), ())
+    curves = {"train": (list(xs), list(ys))}
+    if history["val"]:
+        curves["validation"] = ([v[0] for v in history["val"]], [v[1] for v in history["val"]])
+    return save_plot(run.run_dir / "loss_curve.png", curves, xlabel="step", ylabel="loss (nats/token)",
+                     title=f"{args.mixer} / {args.preset} on {args.corpus}")  # fmt: skip

@@ -1,0 +1,272 @@
+"""The one training loop of the recipes (LM, MQAR, digits): schedule, step, checks, hooks, logging.
+
+A recipe gives :class:`TrainLoop` its model, optimizer, a batch source, a loss and the things to do
+every N steps (validate, checkpoint, early stop); the loop owns the rest:
+
+    for each step: set the lr (warm-up + cosine), draw a batch, loss, stop on a non-finite loss,
+    backward, clip (the norm is computed even without clipping: it tells a diverged step), optimizer
+    step, log, run the due hooks, stop when asked (Ctrl-C / SIGTERM / a hook)
+
+Logging (:class:`MetricsLog`): a progress bar when stderr is a terminal, else a line every ``log_every``
+steps; every record in ``metrics.jsonl`` and, when the ``tensorboard`` package is installed, in
+TensorBoard event files of the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Every",
+    "MetricsLog",
+    "StepOutcome",
+    "TrainLoop",
+    "TrainingDiverged",
+    "check_finite_weights",
+    "cosine_lr",
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient or the weights became NaN or infinite; nothing of that step was saved."""
+
+
+def cosine_lr(step: int, *, peak: float, total: int, warmup: float = 0.0, final: float = 0.0) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up to ``peak`` over ``warmup`` steps (a fraction
+    of ``total`` when < 1), then cosine down to ``final`` at ``total``. Without warm-up this equals
+    ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total, eta_min=final)`` after ``step`` steps."""
+    n_warmup = int(warmup * total) if warmup < 1 else int(warmup)
+    if step < n_warmup:
+        return peak * (step + 1) / n_warmup
+    progress = (step - n_warmup) / max(1, total - n_warmup)
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Every:
+    """Run ``fn(step)`` after every ``every`` steps and after the last one (``every`` 0: only the last);
+    ``fn`` returning True stops the loop (an early stop)."""
+
+    every: int
+    fn: Callable[[int], bool | None]
+
+    def due(self, step: int, last: int) -> bool:
+        return step == last or (self.every > 0 and step % self.every == 0)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step measured."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+
+
+class MetricsLog:
+    """Where the loop's numbers go: a bar or log lines on the console, JSONL and TensorBoard files.
+
+    ``out``: directory of ``metrics.jsonl`` (and the event files); None writes no files.
+    ``log_every``: print a line every this many steps when there is no progress bar (0: never).
+    ``start``: the step a resumed run starts from; records of later steps (left by an interrupted run)
+    are dropped from the JSONL.
+    """
+
+    JSONL = "metrics.jsonl"
+
+    def __init__(self, out: Path | None, *, total: int, start: int = 0, log_every: int = 50,
+                 progress: bool = True, desc: str | None = None, enabled: bool = True) -> None:  # fmt: skip
+        self.out, self.total, self.log_every, self.enabled = out, total, log_every, enabled
+        self.bar, self.tb, self._jsonl = None, None, None
+        self.tensorboard_note = ""
+        self._start = start
+        self._window = (0, 0.0)  # steps and seconds since the last console line
+        self._opened = out is None  # the files are opened at the first record: a failed start leaves none
+        if not enabled:
+            return
+        if progress:
+            from tqdm.auto import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (log lines instead)
+            bar = tqdm(total=total, initial=start, unit="step", desc=desc, dynamic_ncols=True,
+                       mininterval=1.0, disable=None)  # fmt: skip
+            self.bar = None if bar.disable else bar
+
+    @property
+    def files(self) -> list[str]:
+        """The names of the files this log wrote into ``out`` (for the 'wrote ...' line)."""
+        if self._jsonl is None:
+            return []
+        return [self.JSONL] + (["TensorBoard events.out.tfevents.*"] if self.tb is not None else [])
+
+    def step(self, step: int, outcome: StepOutcome, tokens: int = 0) -> None:
+        """One optimizer step's record (every step goes to the files; the console every ``log_every``)."""
+        if not self.enabled:
+            return
+        self._write("train", step, {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
+                                    "lr": outcome.lr})  # fmt: skip
+        # the rate over the steps since the last console line (one step's time is noisy)
+        n, seconds = self._window[0] + 1, self._window[1] + outcome.seconds
+        rate = f"{tokens * n / max(seconds, 1e-9):,.0f} tok/s" if tokens else ""
+        self._window = (0, 0.0)
+        if self.bar is not None:
+            postfix = {"loss": f"{outcome.loss:.3f}", "lr": f"{outcome.lr:.1e}"}
+            self.bar.set_postfix(postfix | ({"rate": rate} if rate else {}))
+            self.bar.update(1)
+        elif self.log_every > 0 and step % self.log_every == 0:
+            self.print(f"step {step}/{self.total}: train loss {outcome.loss:.4f}, lr {outcome.lr:.2e}"
+                       + (f", {rate}" if rate else ""))  # fmt: skip
+        else:
+            self._window = (n, seconds)
+
+    def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """Other measurements (validation, accuracy) of ``step``, to the files."""
+        if self.enabled:
+            self._write(kind, step, {"step": step, **values})
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def _write(self, kind: str, step: int, record: dict[str, Any]) -> None:
+        if not self._opened:
+            self._opened = True
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._jsonl = _open_jsonl(self.out / self.JSONL, keep_until=self._start)
+            self.tb, self.tensorboard_note = _tensorboard_writer(self.out)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"kind": kind, **record}, allow_nan=False) + "\n")
+            self._jsonl.flush()
+        if self.tb is not None:
+            for name, value in record.items():
+                if name != "step":
+                    self.tb.add_scalar(f"{kind}/{name}", value, step)
+
+
+def _open_jsonl(path: Path, keep_until: int) -> Any:
+    """Append to ``path``, first dropping the records of steps after ``keep_until`` (an interrupted run's)
+    and any line cut short (a run killed while writing it)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def _step_of(line: str) -> float:
+    """The step of a JSONL record; infinity (dropped) for a line that is not a complete record."""
+    try:
+        record = json.loads(line)
+        return float(record["step"]) if isinstance(record, dict) else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _tensorboard_writer(out: Path) -> tuple[Any, str]:
+    """A TensorBoard SummaryWriter into ``out`` when the ``tensorboard`` package is installed."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None, "no TensorBoard files: pip install 'ttt[tensorboard]' to get them"
+    return SummaryWriter(log_dir=str(out)), ""
+
+
+@dataclass
+class TrainLoop:
+    """One optimizer loop. ``batch(step)`` gives the inputs of step ``step`` (0-based), ``loss(batch)``
+    runs the model and returns a scalar; ``hooks`` run after the steps they are due (in order: put a
+    checkpoint before a validation); ``stop()`` True after a step ends the loop there (Ctrl-C, SIGTERM).
+
+    ``reduce``: the loss as logged and checked, e.g. its mean over ``torch.distributed`` processes.
+    ``params``: the parameters to clip and check (default: the model's).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: Callable[[int], Any]
+    loss: Callable[[Any], Tensor]
+    steps: int
+    lr: Callable[[int], float]
+    grad_clip: float = 1.0
+    hooks: list[Every] = field(default_factory=list)
+    log: MetricsLog | None = None
+    tokens_per_step: int = 0
+    stop: Callable[[], bool] = lambda: False
+    reduce: Callable[[Tensor], Tensor] = lambda t: t
+    on_diverged: Callable[[int], str] = lambda step: ""
+    history: list[list[float]] = field(default_factory=list)
+    """``[step, loss]`` of every step run"""
+    seconds: float = 0.0
+    """time spent in steps (not in hooks)"""
+
+    def run(self, start: int = 0) -> int:
+        """Steps ``start + 1 .. steps``; returns the last step run (earlier on a stop)."""
+        step = start
+        self.model.train()
+        while step < self.steps:
+            outcome = self.one_step(step)
+            step += 1
+            self.seconds += outcome.seconds
+            self.history.append([step, outcome.loss])
+            if self.log is not None:
+                self.log.step(step, outcome, tokens=self.tokens_per_step)
+            stop = [hook.fn(step) for hook in self.hooks if hook.due(step, self.steps)]
+            if any(stop) or self.stop():
+                break
+        return step
+
+    def one_step(self, step: int) -> StepOutcome:
+        """Optimizer step number ``step + 1``: nothing is applied when its loss or gradient is not finite."""
+        t0 = time.perf_counter()
+        lr = self.lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.loss(self.batch(step))
+        loss_value = float(self.reduce(loss.detach()))
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = float(
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        )
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: the loss is {loss_value}, the gradient norm {norm}; "
+                f"nothing of step {step + 1} was applied or saved{self.on_diverged(step + 1)}; lower --lr, "
+                "lengthen --warmup, or check the data"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(loss_value, norm, lr, time.perf_counter() - t0)
+
+
+def check_finite_weights(model: nn.Module, step: int, note: str = "") -> None:
+    """Raise :class:`TrainingDiverged` when a parameter holds NaN or infinity (before saving it)."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingDiverged(
+            f"training diverged at step {step}: the weights hold NaN or infinity; nothing of step {step} "
+            f"was saved{note}; lower --lr, lengthen --warmup, or check the data"
+        )
