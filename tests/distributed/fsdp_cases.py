@@ -64,5 +64,9 @@ def train(
             os._exit(3)  # a rank dies without warning, mid-run
         if ckpt_every and (step + 1) % ckpt_every == 0:
             save_sharded(root, step + 1, model, opt, {"step": step + 1})
-    state = full_model_state(model) if sharded else model.state_dict()
+    state = (
+        full_model_state(model)
+        if sharded
+        else {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    )
     return {"losses": losses, "state": state, "start": start}

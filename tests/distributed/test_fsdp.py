@@ -76,3 +76,13 @@ def test_mixed_precision_trains(plain):
     assert all(torch.isfinite(torch.tensor(out["losses"])))
     # bfloat16 compute: the first loss (same weights) agrees to bfloat16 precision
     assert abs(out["losses"][0] - plain["losses"][0]) < 0.05
+
+
+def test_train_names_bad_strategy():
+    from ttt.recipes.args import TrainArgs
+    from ttt.recipes.train import _check_args
+
+    with pytest.raises(ValueError, match="strategy must be 'ddp' or 'fsdp'"):
+        _check_args(TrainArgs(strategy="zero3"))
+    with pytest.raises(ValueError, match="--activation-checkpointing needs --strategy fsdp"):
+        _check_args(TrainArgs(activation_checkpointing=True))

@@ -35,11 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-__all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model", "STRATEGIES"]
-
-STRATEGIES = ("ddp", "fsdp")
-"""What ``ttt train --strategy`` accepts: data parallelism with replicated weights (DDP; the default,
-also for one process) or fully sharded weights, gradients and optimizer state (FSDP2)."""
+__all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _COMPLETE = ".complete"
@@ -151,5 +147,16 @@ def load_sharded(
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded ``state_dict`` on CPU, on rank 0 (an empty dict on the others). Collective."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The unsharded ``state_dict`` on CPU, on rank 0 (an empty dict on the others). Collective.
+
+    A parameter registered under two names (a head tied to the embedding) is kept under its first name
+    only, as ``ttt.models.checkpoint.save_checkpoint`` stores it.
+    """
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for aliases in names.values():
+        for name in aliases[1:]:
+            state.pop(name, None)
+    return state

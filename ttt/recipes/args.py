@@ -75,6 +75,12 @@ class TrainArgs:
     """show a progress bar when stderr is a terminal (there is a log line per validation either way)"""
     plot: bool = True
     """write loss_curve.png into the run directory at the end"""
+    strategy: str = "ddp"
+    """'ddp' (weights replicated on every process) or 'fsdp' (FSDP2: weights, gradients and optimizer state
+    sharded; with --dtype bfloat16 the sharded weights stay float32 and compute runs in bfloat16; sharded
+    checkpoints in <out>/dcp plus the usual safetensors export); one process runs either"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in the backward (less memory); with --strategy fsdp only"""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -134,6 +135,10 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
+    if args.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {args.strategy!r}")
+    if args.activation_checkpointing and args.strategy != "fsdp":
+        raise ValueError("--activation-checkpointing needs --strategy fsdp")
 
 
 def _check_splits(data: Any, corpus: Any, context: int) -> None:
@@ -193,6 +198,7 @@ def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
 def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures."""
     from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
+    from ttt.distributed import fsdp as fsdp_mod
     from ttt.models import CausalLM, LMConfig, build_mixer
     from ttt.models.checkpoint import (
         CheckpointError,
@@ -270,23 +276,33 @@ def train(args: TrainArgs) -> TrainResult:
     # every argument is checked: only now may --overwrite delete the previous run
     if args.overwrite and dist.main:
         removed = clear_run(run_dir, RUN_OUTPUTS)
+        shutil.rmtree(run_dir / "dcp", ignore_errors=True)  # --strategy fsdp's sharded checkpoints
         if removed:
             print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
 
     torch.manual_seed(args.seed)
     model = CausalLM(config).to(device)
+    fsdp = args.strategy == "fsdp"
+    if saved:
+        model.load_state_dict(saved[0], strict=False)
+    if fsdp:  # weights, gradients and optimizer state sharded; resumed weights are loaded before
+        fsdp_mod.shard_model(
+            model, mixed_precision=args.dtype == "bfloat16", checkpoint_blocks=args.activation_checkpointing
+        )
     optimizer = build_optimizer(model, args)
     sampler = torch.Generator().manual_seed(args.seed)
     step, history, elapsed = 0, {"train": [], "val": []}, 0.0
     if saved:
         model_state, meta, trainer = saved
-        model.load_state_dict(model_state, strict=False)
-        _load_optimizer(optimizer, trainer, meta["optimizer"])
+        if fsdp:
+            fsdp_mod.load_sharded(run_dir / "dcp" / f"step-{meta['step']:07d}", model, optimizer)
+        else:
+            _load_optimizer(optimizer, trainer, meta["optimizer"])
         sampler.set_state(trainer["rng.sampler"])
         torch.set_rng_state(trainer["rng.torch"])
         step, history, elapsed = meta["step"], meta["history"], meta.get("seconds", 0.0)
     ddp_model: nn.Module = model
-    if dist.world > 1:
+    if dist.world > 1 and not fsdp:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -305,9 +321,14 @@ def train(args: TrainArgs) -> TrainResult:
         return loss, data.bits_per_byte(loss)
 
     def checkpoint() -> Path | None:
+        if fsdp:  # every process writes its shards, then rank 0 exports the whole model as usual
+            fsdp_mod.save_sharded(run_dir / "dcp", step, model, optimizer)
+            full = fsdp_mod.full_model_state(model)
         if not dist.main:
             return None
-        tensors, opt_meta = _optimizer_tensors(optimizer)
+        tensors, opt_meta = (
+            ({}, {"sharded": f"dcp/step-{step:07d}"}) if fsdp else _optimizer_tensors(optimizer)
+        )
         tensors["rng.sampler"] = sampler.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {
@@ -321,7 +342,7 @@ def train(args: TrainArgs) -> TrainResult:
         return save_checkpoint(
             run_dir,
             step=step,
-            model_state=model.state_dict(),
+            model_state=full if fsdp else model.state_dict(),
             config=config,
             meta=meta,
             trainer_tensors=tensors,
