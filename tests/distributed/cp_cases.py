@@ -162,3 +162,40 @@ def run_no_grad(rank: int, world: int) -> torch.Tensor:
     with torch.no_grad():
         o, _ = _forward("ttt_linear", time, case["shared"], case["kw"], cp=True, micro_batches=2)
     return o
+
+
+def make_lm():
+    from ttt.models import CausalLM, LMConfig
+
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=16, dim=16, n_layers=2, n_heads=2, mlp_hidden=32, max_seq_len=64,
+                   layer_mixers=("ttt_linear", "ttt_mlp"))  # fmt: skip
+    for_cp = CausalLM(cfg).double()
+    for block in for_cp.blocks:
+        block.mixer.mini_batch_size = 4  # segments of 6 tokens (R = 4) end inside a mini-batch
+        block.mixer.token_eta_offset = torch.nn.Parameter(torch.zeros(4, dtype=DT))
+    return for_cp
+
+
+def lm_tokens() -> torch.Tensor:
+    return torch.randint(0, 16, (2, T + 1), generator=torch.Generator().manual_seed(2))
+
+
+def run_lm(rank: int, world: int) -> dict:
+    """A two-block LM (TTT-Linear, TTT-MLP) with context parallelism: logits and summed parameter grads."""
+    from ttt.distributed import enable_context_parallel
+
+    model = enable_context_parallel(make_lm())
+    x, T_r = lm_tokens(), T // world
+    cut = slice(rank * T_r, (rank + 1) * T_r)
+    logits, _ = model(x[:, :-1][:, cut])
+    loss = (
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:][:, cut].flatten(), reduction="sum") / x[:, 1:].numel()
+    )
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        grads[name] = g
+    return {"logits": logits.detach(), "grads": grads}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ttt.ops.family as fam
 from ttt.distributed import cp_bytes, cp_family, cp_ttt, spawn
@@ -75,3 +76,27 @@ def test_bad_calls_are_named():
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         cp_ttt(ttt_linear, q, q, q, torch.rand(2, 1, 4), torch.ones(1, 4), torch.zeros(1, 4),
                initial_state=(torch.zeros(1, 4, 4), torch.zeros(1, 4)))  # fmt: skip
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_language_model_layers_equal_one_process(R):
+    model = C.make_lm()
+    x = C.lm_tokens()
+    logits, _ = model(x[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    out = spawn(C.run_lm, R, start_method="fork")
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)  # noqa: E731
+    close(torch.cat([r["logits"] for r in out], dim=1), logits.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(out[0]["grads"][name], p.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_enable_context_parallel_refuses_layers_without_a_form():
+    from ttt.distributed import enable_context_parallel
+    from ttt.models import CausalLM, LMConfig
+
+    small = dict(vocab_size=16, dim=16, n_layers=1, n_heads=2, mlp_hidden=32, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"blocks.0.mixer \(Attention\) has no context-parallel layer form"):
+        enable_context_parallel(CausalLM(LMConfig(**small, mixer="attention")))
+    with pytest.raises(ValueError, match="share_qk=True"):
+        enable_context_parallel(CausalLM(LMConfig(**small, mixer_kwargs={"ttt_linear": {"share_qk": True}})))

@@ -2,7 +2,14 @@
 over ranks) and FSDP2 sharded training. Derivations and the communication volumes: README.md."""
 
 from .comm import COUNTER, CommCounter, all_gather
-from .context_parallel import FAMILY_CP_RULES, cp_attention, cp_bytes, cp_family, cp_ttt
+from .context_parallel import (
+    FAMILY_CP_RULES,
+    cp_attention,
+    cp_bytes,
+    cp_family,
+    cp_ttt,
+    enable_context_parallel,
+)
 from .launch import spawn
 
 __all__ = [
@@ -14,5 +21,6 @@ __all__ = [
     "cp_bytes",
     "cp_family",
     "cp_ttt",
+    "enable_context_parallel",
     "spawn",
 ]

@@ -40,7 +40,7 @@ from ..ops.ttt_mlp import api as ttt_mlp_api
 from ..ops.types import TTTState
 from .comm import RecvState, SendState, Tie, all_gather, group_rank_world, recv, send
 
-__all__ = ["cp_attention", "cp_bytes", "cp_family", "cp_ttt", "FAMILY_CP_RULES"]
+__all__ = ["cp_attention", "cp_bytes", "cp_family", "cp_ttt", "enable_context_parallel", "FAMILY_CP_RULES"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,3 +313,48 @@ def cp_bytes(
         slab = 2 * B * H * (T // R) * D * element_size
         return {"forward": (R - 1) * slab, "backward": 2 * (R - 1) * slab}
     raise ValueError(f"scheme must be 'relay', 'scan' or 'kv', got {scheme!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers and models
+# --------------------------------------------------------------------------------------------------
+
+
+def enable_context_parallel(
+    model: torch.nn.Module, group: dist.ProcessGroup | None = None
+) -> torch.nn.Module:
+    """Split the sequence over the ranks of ``group`` in every TTT layer of ``model`` (in place).
+
+    After this call rank r feeds the model its shard ``x [B, T_r, C]`` (tokens ``r*T_r ...``), every
+    ``TTTLinear`` / ``TTTMLP`` relays its fast weights through :func:`cp_ttt` and offsets its RoPE
+    positions by ``r * T_r``; per-token modules (embeddings, MLPs, norms, the head) need nothing. Calls
+    start from the learned initial state (``state=None``). Parameter gradients are per-rank partial sums:
+    all-reduce them over ``group`` (sum) before the optimizer step.
+
+    Raises:
+        ValueError: for a mixer without a context-parallel layer form yet (attention, the family
+            layers) or a TTT layer whose short convolutions (``share_qk=True``) would need the previous
+            rank's last tokens.
+    """
+    from ttt.layers import MIXERS, TTTMLP, TTTLinear
+
+    others = tuple(c for c in MIXERS.values() if c not in (TTTLinear, TTTMLP))
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, (TTTLinear, TTTMLP)):
+            if module.share_qk:
+                raise ValueError(
+                    f"{name or 'model'}: share_qk=True (short convolutions) has no context-parallel form"
+                )
+            if not module.causal:
+                raise ValueError(f"{name or 'model'}: causal=False has no context-parallel form")
+            layers.append(module)
+        elif isinstance(module, others):
+            raise ValueError(
+                f"{name or 'model'} ({type(module).__name__}) has no context-parallel layer form yet; "
+                "TTTLinear and TTTMLP have"
+            )
+    rank, _ = group_rank_world(group)
+    for module in layers:
+        module.context_parallel = (group, rank)
+    return model

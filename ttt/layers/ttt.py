@@ -14,6 +14,7 @@ Shapes: B batch, T tokens, C model width, H heads, D head dim C/H, M hidden widt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,8 @@ class _TTTLayer(nn.Module):
         self.impl = Impl.parse(impl).value
         self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
         self.last_impl: str | None = None
+        # set by ttt.distributed.enable_context_parallel: (process group, rank) over which T is split
+        self.context_parallel: tuple[Any, int] | None = None
 
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = None if share_qk else nn.Linear(dim, dim, bias=False)
@@ -139,6 +142,19 @@ class _TTTLayer(nn.Module):
 
     def _op(self, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, **kwargs) -> tuple[Tensor, TTTState]:
         raise NotImplementedError
+
+    def _call(self, op, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, **kwargs) -> tuple[Tensor, TTTState]:
+        """``op`` on this process's tokens, or, under context parallelism, its relay over the ranks."""
+        if self.context_parallel is None:
+            return op(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+        from ttt.distributed import cp_ttt
+
+        if isinstance(kwargs["initial_state"], TTTState):
+            raise ValueError(
+                f"{type(self).__name__} under context parallelism runs whole sequences from its learned "
+                "initial state: pass state=None"
+            )
+        return cp_ttt(op, q, k, v, lr, self.ln_weight, self.ln_bias, group=self.context_parallel[0], **kwargs)
 
     def token_eta(self) -> Tensor:
         """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
@@ -198,7 +214,8 @@ class _TTTLayer(nn.Module):
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
         # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
-        positions = (state.position + torch.arange(length, device=x.device)) % self.mini_batch_size
+        start = state.position + (self.context_parallel[1] * length if self.context_parallel else 0)
+        positions = (start + torch.arange(length, device=x.device)) % self.mini_batch_size
         cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -320,7 +337,7 @@ class TTTLinear(_TTTLayer):
         return self.W0, self.b0
 
     def _op(self, q, k, v, lr, **kwargs):
-        return ttt.ops.ttt_linear(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+        return self._call(ttt.ops.ttt_linear, q, k, v, lr, **kwargs)
 
 
 class TTTMLP(_TTTLayer):
@@ -367,4 +384,4 @@ class TTTMLP(_TTTLayer):
         return self.W1, self.b1, self.W2, self.b2
 
     def _op(self, q, k, v, lr, **kwargs):
-        return ttt.ops.ttt_mlp(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+        return self._call(ttt.ops.ttt_mlp, q, k, v, lr, **kwargs)
