@@ -4,11 +4,14 @@ over ranks) and FSDP2 sharded training. Derivations and the communication volume
 from .comm import COUNTER, CommCounter, all_gather
 from .context_parallel import (
     FAMILY_CP_RULES,
+    context_parallel_groups,
     cp_attention,
     cp_bytes,
     cp_family,
     cp_ttt,
+    disable_context_parallel,
     enable_context_parallel,
+    restore_context_parallel,
 )
 from .launch import spawn
 
@@ -17,10 +20,13 @@ __all__ = [
     "CommCounter",
     "FAMILY_CP_RULES",
     "all_gather",
+    "context_parallel_groups",
     "cp_attention",
     "cp_bytes",
     "cp_family",
     "cp_ttt",
+    "disable_context_parallel",
     "enable_context_parallel",
+    "restore_context_parallel",
     "spawn",
 ]

@@ -40,7 +40,17 @@ from ..ops.ttt_mlp import api as ttt_mlp_api
 from ..ops.types import TTTState
 from .comm import RecvState, SendState, Tie, all_gather, group_rank_world, recv, send
 
-__all__ = ["cp_attention", "cp_bytes", "cp_family", "cp_ttt", "enable_context_parallel", "FAMILY_CP_RULES"]
+__all__ = [
+    "FAMILY_CP_RULES",
+    "context_parallel_groups",
+    "cp_attention",
+    "cp_bytes",
+    "cp_family",
+    "cp_ttt",
+    "disable_context_parallel",
+    "enable_context_parallel",
+    "restore_context_parallel",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,3 +368,36 @@ def enable_context_parallel(
     for module in layers:
         module.context_parallel = (group, rank)
     return model
+
+
+def disable_context_parallel(model: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple]]:
+    """Turn context parallelism off in every TTT layer of ``model``; returns what to give back to
+    :func:`restore_context_parallel` (e.g. around a validation pass on whole sequences)."""
+    saved = [(m, m.context_parallel) for m in model.modules() if getattr(m, "context_parallel", None)]
+    for m, _ in saved:
+        m.context_parallel = None
+    return saved
+
+
+def restore_context_parallel(saved: list[tuple[torch.nn.Module, tuple]]) -> None:
+    for m, setting in saved:
+        m.context_parallel = setting
+
+
+def context_parallel_groups(size: int) -> tuple[dist.ProcessGroup, int, int, int]:
+    """Cut the default group into consecutive blocks of ``size`` ranks (each block shares one sequence).
+
+    Returns:
+        ``(group of this rank's block, rank inside it, data-parallel index = block index, block count)``.
+    """
+    rank, world = group_rank_world(None)
+    if size < 1 or world % size:
+        raise ValueError(
+            f"context parallelism over {size} ranks needs a multiple of {size} processes, got {world}"
+        )
+    mine = None
+    for g in range(world // size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(g * size, (g + 1) * size)))
+        if g == rank // size:
+            mine = group
+    return mine, rank % size, rank // size, world // size

@@ -81,6 +81,10 @@ class TrainArgs:
     checkpoints in <out>/dcp plus the usual safetensors export); one process runs either"""
     activation_checkpointing: bool = False
     """recompute each block's activations in the backward (less memory); with --strategy fsdp only"""
+    context_parallel: int = 1
+    """split every training sequence along T over this many processes (consecutive ranks; TTT-Linear /
+    TTT-MLP mixers without share_qk; --context divisible by it); the processes are this many times the
+    data-parallel groups (torchrun --nproc_per_node 4 with --context-parallel 2: 2 groups of 2)"""
 
 
 @dataclass

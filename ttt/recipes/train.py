@@ -139,6 +139,14 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {args.strategy!r}")
     if args.activation_checkpointing and args.strategy != "fsdp":
         raise ValueError("--activation-checkpointing needs --strategy fsdp")
+    if args.context_parallel < 1 or args.context % args.context_parallel:
+        raise ValueError(
+            f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
+        )
+    if args.context_parallel > 1 and args.strategy == "fsdp":
+        raise ValueError(
+            "--context-parallel runs with --strategy ddp (FSDP with context parallelism is not built)"
+        )
 
 
 def _check_splits(data: Any, corpus: Any, context: int) -> None:
@@ -197,6 +205,7 @@ def _stop_everywhere(requested: bool, dist: Any, device: torch.device) -> bool:
 
 def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures."""
+    import ttt.distributed as dist_mod
     from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
     from ttt.distributed import fsdp as fsdp_mod
     from ttt.models import CausalLM, LMConfig, build_mixer
@@ -219,8 +228,13 @@ def train(args: TrainArgs) -> TrainResult:
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if args.batch_size % dist.world:
-        raise ValueError(f"batch_size {args.batch_size} must be divisible by the {dist.world} processes")
+    cp_group, cp_rank, dp_rank, dp_world = None, 0, dist.rank, dist.world  # data-parallel place
+    if args.context_parallel > 1:  # blocks of ranks that share one sequence, split along T
+        cp_group, cp_rank, dp_rank, dp_world = dist_mod.context_parallel_groups(args.context_parallel)
+    if args.batch_size % dp_world:
+        raise ValueError(
+            f"batch_size {args.batch_size} must be divisible by the {dp_world} data-parallel groups"
+        )
     run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
 
     # a previous run in run_dir is either resumed or, only when asked, replaced
@@ -306,9 +320,12 @@ def train(args: TrainArgs) -> TrainResult:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cp_group is not None:
+        dist_mod.enable_context_parallel(model, cp_group)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def validate() -> tuple[float, float]:
+        paused = dist_mod.disable_context_parallel(model)  # every process scores whole windows
         with autocast:
             loss, _ = evaluate_loss(
                 model,
@@ -318,6 +335,7 @@ def train(args: TrainArgs) -> TrainResult:
                 max_batches=args.eval_batches,
                 device=device,
             )
+        dist_mod.restore_context_parallel(paused)
         return loss, data.bits_per_byte(loss)
 
     def checkpoint() -> Path | None:
@@ -376,9 +394,13 @@ def train(args: TrainArgs) -> TrainResult:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = sample_batch(
-                data.train, args.batch_size, args.context, sampler, shard=(dist.rank, dist.world)
-            )
+            x, y = sample_batch(data.train, args.batch_size, args.context, sampler, shard=(dp_rank, dp_world))
+            if cp_group is not None:  # this process's segment of every sequence
+                seg = slice(
+                    cp_rank * x.shape[1] // args.context_parallel,
+                    (cp_rank + 1) * x.shape[1] // args.context_parallel,
+                )
+                x, y = x[:, seg], y[:, seg]
             with autocast:
                 logits, _ = ddp_model(x.to(device))
                 loss = lm_loss(logits, y.to(device))
