@@ -490,6 +490,10 @@ def train(args: TrainArgs) -> TrainResult:
         history,
     )
     if dist.owns_group:
+        # DDP's reducer and the context-parallel groups go first: a process group whose last owner is
+        # the reducer can deadlock in its destructor (its worker thread waits for the GIL)
+        dist_mod.disable_context_parallel(model)
+        cp_group = ddp_model = None  # noqa: F841
         torch.distributed.destroy_process_group()
     if dist.main:
         result_path.write_text(
