@@ -4,6 +4,8 @@ one process (the per-step loss of the global batch)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,16 @@ def test_two_processes_log_the_losses_of_one(corpus_dir, tmp_path, kw):
 def test_context_parallel_needs_a_multiple_of_processes(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="--context 24 must split into --context-parallel 5 parts"):
         train(small_args(corpus_dir, tmp_path / "run", context_parallel=5))
+
+
+@pytest.mark.slow
+def test_torchrun_context_parallel_exits(corpus_dir, tmp_path):
+    """Under torchrun the run must also exit: it once hung in the gloo group's destructor at the end."""
+    run = tmp_path / "cp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ttt.cli.main",
+           "train", "--context-parallel", "2", "--preset", "micro", "--corpus", corpus_dir, "--steps", "2",
+           "--batch-size", "4", "--context", "32", "--eval-every", "2", "--eval-batches", "1", "--threads", "1",
+           "--out", str(run), "--no-progress", "--no-plot"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout and (run / "result.json").exists()
