@@ -207,7 +207,6 @@ def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures."""
     import ttt.distributed as dist_mod
     from ttt.data import load_corpus, prepare, sample_batch, tokenizer_from_dict, train_tokenizer
-    from ttt.distributed import fsdp as fsdp_mod
     from ttt.models import CausalLM, LMConfig, build_mixer
     from ttt.models.checkpoint import (
         CheckpointError,
@@ -297,6 +296,8 @@ def train(args: TrainArgs) -> TrainResult:
     torch.manual_seed(args.seed)
     model = CausalLM(config).to(device)
     fsdp = args.strategy == "fsdp"
+    if fsdp:  # torch.distributed.fsdp / .checkpoint take seconds to import: only when asked for
+        from ttt.distributed import fsdp as fsdp_mod
     if saved:
         model.load_state_dict(saved[0], strict=False)
     if fsdp:  # weights, gradients and optimizer state sharded; resumed weights are loaded before
