@@ -181,11 +181,11 @@ def lm_tokens() -> torch.Tensor:
     return torch.randint(0, 16, (2, T + 1), generator=torch.Generator().manual_seed(2))
 
 
-def run_lm(rank: int, world: int) -> dict:
+def run_lm(rank: int, world: int, micro_batches: int = 1) -> dict:
     """A two-block LM (TTT-Linear, TTT-MLP) with context parallelism: logits and summed parameter grads."""
     from ttt.distributed import enable_context_parallel
 
-    model = enable_context_parallel(make_lm())
+    model = enable_context_parallel(make_lm(), micro_batches=micro_batches)
     x, T_r = lm_tokens(), T // world
     cut = slice(rank * T_r, (rank + 1) * T_r)
     logits, _ = model(x[:, :-1][:, cut])

@@ -78,13 +78,13 @@ def test_bad_calls_are_named():
                initial_state=(torch.zeros(1, 4, 4), torch.zeros(1, 4)))  # fmt: skip
 
 
-@pytest.mark.parametrize("R", [2, 4])
-def test_language_model_layers_equal_one_process(R):
+@pytest.mark.parametrize("R,micro_batches", [(2, 2), (4, 1)])
+def test_language_model_layers_equal_one_process(R, micro_batches):
     model = C.make_lm()
     x = C.lm_tokens()
     logits, _ = model(x[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
-    out = spawn(C.run_lm, R, start_method="fork")
+    out = spawn(C.run_lm, R, micro_batches, start_method="fork")
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)  # noqa: E731
     close(torch.cat([r["logits"] for r in out], dim=1), logits.detach())
     for name, p in model.named_parameters():

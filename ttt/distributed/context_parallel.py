@@ -331,7 +331,7 @@ def cp_bytes(
 
 
 def enable_context_parallel(
-    model: torch.nn.Module, group: dist.ProcessGroup | None = None
+    model: torch.nn.Module, group: dist.ProcessGroup | None = None, *, micro_batches: int = 1
 ) -> torch.nn.Module:
     """Split the sequence over the ranks of ``group`` in every TTT layer of ``model`` (in place).
 
@@ -339,7 +339,8 @@ def enable_context_parallel(
     ``TTTLinear`` / ``TTTMLP`` relays its fast weights through :func:`cp_ttt` and offsets its RoPE
     positions by ``r * T_r``; per-token modules (embeddings, MLPs, norms, the head) need nothing. Calls
     start from the learned initial state (``state=None``). Parameter gradients are per-rank partial sums:
-    all-reduce them over ``group`` (sum) before the optimizer step.
+    all-reduce them over ``group`` (sum) before the optimizer step. ``micro_batches``: :func:`cp_ttt`'s
+    pipelining (it must divide the batch size of every call).
 
     Raises:
         ValueError: for a mixer without a context-parallel layer form yet (attention, the family
@@ -366,7 +367,7 @@ def enable_context_parallel(
             )
     rank, _ = group_rank_world(group)
     for module in layers:
-        module.context_parallel = (group, rank)
+        module.context_parallel = (group, rank, micro_batches)
     return model
 
 

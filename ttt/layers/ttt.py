@@ -116,8 +116,8 @@ class _TTTLayer(nn.Module):
         self.impl = Impl.parse(impl).value
         self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
         self.last_impl: str | None = None
-        # set by ttt.distributed.enable_context_parallel: (process group, rank) over which T is split
-        self.context_parallel: tuple[Any, int] | None = None
+        # set by ttt.distributed.enable_context_parallel: (process group, rank, micro-batches) of the split
+        self.context_parallel: tuple[Any, int, int] | None = None
 
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = None if share_qk else nn.Linear(dim, dim, bias=False)
@@ -154,7 +154,10 @@ class _TTTLayer(nn.Module):
                 f"{type(self).__name__} under context parallelism runs whole sequences from its learned "
                 "initial state: pass state=None"
             )
-        return cp_ttt(op, q, k, v, lr, self.ln_weight, self.ln_bias, group=self.context_parallel[0], **kwargs)
+        group, _, micro = self.context_parallel
+        return cp_ttt(
+            op, q, k, v, lr, self.ln_weight, self.ln_bias, group=group, micro_batches=micro, **kwargs
+        )
 
     def token_eta(self) -> Tensor:
         """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
