@@ -14,6 +14,7 @@ Shapes: B batch, T tokens, C model width, H heads, D head dim C/H, M hidden widt
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,8 @@ class _TTTLayer(nn.Module):
         self.impl = Impl.parse(impl).value
         self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
         self.last_impl: str | None = None
+        # set by ttt.distributed.enable_context_parallel: (process group, rank, micro-batches) of the split
+        self.context_parallel: tuple[Any, int, int] | None = None
 
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = None if share_qk else nn.Linear(dim, dim, bias=False)
@@ -172,6 +175,22 @@ class _TTTLayer(nn.Module):
 
     def _op(self, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, **kwargs) -> tuple[Tensor, TTTState]:
         raise NotImplementedError
+
+    def _call(self, op, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, **kwargs) -> tuple[Tensor, TTTState]:
+        """``op`` on this process's tokens, or, under context parallelism, its relay over the ranks."""
+        if self.context_parallel is None:
+            return op(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+        from ttt.distributed import cp_ttt
+
+        if isinstance(kwargs["initial_state"], TTTState):
+            raise ValueError(
+                f"{type(self).__name__} under context parallelism runs whole sequences from its learned "
+                "initial state: pass state=None"
+            )
+        group, _, micro = self.context_parallel
+        return cp_ttt(
+            op, q, k, v, lr, self.ln_weight, self.ln_bias, group=group, micro_batches=micro, **kwargs
+        )
 
     def token_eta(self) -> Tensor:
         """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
@@ -246,6 +265,8 @@ class _TTTLayer(nn.Module):
         start = state.position  # rows of a ragged prefill continue at their own positions: [B, 1]
         if state.ttt is not None and isinstance(state.ttt.offset, tuple):
             start = torch.tensor(state.ttt.offset, device=x.device)[:, None]
+        if self.context_parallel:  # this rank's segment starts after the earlier ranks' segments
+            start = start + self.context_parallel[1] * length
         positions = (start + torch.arange(length, device=x.device)) % self.mini_batch_size
         cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -375,7 +396,7 @@ class TTTLinear(_TTTLayer):
         return self.W0, self.b0
 
     def _op(self, q, k, v, lr, **kwargs):
-        return ttt.ops.ttt_linear(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+        return self._call(ttt.ops.ttt_linear, q, k, v, lr, **kwargs)
 
 
 class TTTMLP(_TTTLayer):
@@ -422,4 +443,4 @@ class TTTMLP(_TTTLayer):
         return self.W1, self.b1, self.W2, self.b2
 
     def _op(self, q, k, v, lr, **kwargs):
-        return ttt.ops.ttt_mlp(q, k, v, lr, self.ln_weight, self.ln_bias, **kwargs)
+        return self._call(ttt.ops.ttt_mlp, q, k, v, lr, **kwargs)

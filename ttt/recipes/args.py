@@ -105,6 +105,16 @@ class TrainArgs:
     """print a line every this many steps when there is no progress bar (a log file; 0: validations only)"""
     plot: bool = True
     """write loss_curve.png into the run directory at the end"""
+    strategy: str = "ddp"
+    """'ddp' (weights replicated on every process) or 'fsdp' (FSDP2: weights, gradients and optimizer state
+    sharded; with --dtype bfloat16 the sharded weights stay float32 and compute runs in bfloat16; sharded
+    checkpoints in <out>/dcp plus the usual safetensors export); one process runs either"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in the backward (less memory); with --strategy fsdp only"""
+    context_parallel: int = 1
+    """split every training sequence along T over this many processes (consecutive ranks; TTT-Linear /
+    TTT-MLP mixers without share_qk; --context divisible by it); the processes are this many times the
+    data-parallel groups (torchrun --nproc_per_node 4 with --context-parallel 2: 2 groups of 2)"""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -99,6 +100,12 @@ class _Run:
     seconds: float = 0.0
     wrote: list[str] = field(default_factory=list)
     """files of the metrics log, and a note on TensorBoard when it is not installed"""
+    cp_group: Any = None
+    """the ranks that share one sequence under --context-parallel (None: no context parallelism)"""
+    cp_rank: int = 0
+    dp_rank: int = 0
+    """this process's data-parallel place: which share of the batch it samples"""
+    dp_world: int = 1
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -195,6 +202,18 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
+    if args.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {args.strategy!r}")
+    if args.activation_checkpointing and args.strategy != "fsdp":
+        raise ValueError("--activation-checkpointing needs --strategy fsdp")
+    if args.context_parallel < 1 or args.context % args.context_parallel:
+        raise ValueError(
+            f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
+        )
+    if args.context_parallel > 1 and args.strategy == "fsdp":
+        raise ValueError(
+            "--context-parallel runs with --strategy ddp (FSDP with context parallelism is not built)"
+        )
 
 
 def _check_splits(data: Any, corpus: Any, context: int) -> None:
@@ -281,9 +300,18 @@ def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if args.batch_size % dist.world:
-        raise ValueError(f"batch_size {args.batch_size} must be divisible by the {dist.world} processes")
-    run = _prepare(_Run(args, run_dir, dist, device))
+    run = _Run(args, run_dir, dist, device, dp_rank=dist.rank, dp_world=dist.world)
+    if args.context_parallel > 1:  # blocks of ranks that share one sequence, split along T
+        import ttt.distributed as dist_mod
+
+        run.cp_group, run.cp_rank, run.dp_rank, run.dp_world = dist_mod.context_parallel_groups(
+            args.context_parallel
+        )
+    if args.batch_size % run.dp_world:
+        raise ValueError(
+            f"batch_size {args.batch_size} must be divisible by the {run.dp_world} data-parallel groups"
+        )
+    run = _prepare(run)
     _build(run)
     _fit(run)
     return _finish(run)
@@ -320,6 +348,7 @@ def _prepare(run: _Run) -> _Run:
     _check_splits(run.data, run.corpus, args.context)
     if args.overwrite and run.dist.main:
         removed = clear_run(run_dir, RUN_OUTPUTS)
+        shutil.rmtree(run_dir / "dcp", ignore_errors=True)  # --strategy fsdp's sharded checkpoints
         if removed:
             print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
     return run
@@ -360,25 +389,44 @@ def _build(run: _Run) -> None:
     """Model, optimizer and batch sampler; a resumed run's weights, moments, RNG states and history."""
     from ttt.models import CausalLM
 
-    torch.manual_seed(run.args.seed)
+    args = run.args
+    torch.manual_seed(args.seed)
     run.model = CausalLM(run.config).to(run.device)
-    run.optimizer = build_optimizer(run.model, run.args)
-    run.sampler = torch.Generator().manual_seed(run.args.seed)
+    if run.saved:  # before sharding: FSDP shards the resumed weights
+        run.model.load_state_dict(run.saved[0], strict=False)
+    if args.strategy == "fsdp":  # weights, gradients and optimizer state sharded (FSDP2)
+        _fsdp().shard_model(run.model, mixed_precision=args.dtype == "bfloat16",
+                            checkpoint_blocks=args.activation_checkpointing)  # fmt: skip
+    run.optimizer = build_optimizer(run.model, args)
+    run.sampler = torch.Generator().manual_seed(args.seed)
     if run.saved:
         model_state, meta, trainer = run.saved
-        run.model.load_state_dict(model_state, strict=False)
-        _load_optimizer(run.optimizer, trainer, meta["optimizer"])
+        if args.strategy == "fsdp":
+            _fsdp().load_sharded(run.run_dir / "dcp" / f"step-{meta['step']:07d}", run.model, run.optimizer)
+        else:
+            _load_optimizer(run.optimizer, trainer, meta["optimizer"])
         run.sampler.set_state(trainer["rng.sampler"])
         torch.set_rng_state(trainer["rng.torch"])
         run.step, run.history, run.seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
         run.saved_step, run.saved = run.step, None
-    run.wrapped = wrap_model(run.model, run.dist, run.device)
+    run.wrapped = wrap_model(run.model, run.dist, run.device, args.strategy)
+    if run.cp_group is not None:
+        import ttt.distributed as dist_mod
+
+        dist_mod.enable_context_parallel(run.model, run.cp_group)
 
 
-def wrap_model(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
-    """The module the training step calls: ``model`` itself, or its DistributedDataParallel wrapper
-    under ``torchrun``. A parallel strategy (sharding, ...) plugs in here."""
-    if dist.world == 1:
+def _fsdp() -> Any:
+    # torch.distributed.fsdp / .checkpoint take seconds to import: only under --strategy fsdp
+    from ttt.distributed import fsdp
+
+    return fsdp
+
+
+def wrap_model(model: nn.Module, dist: Dist, device: torch.device, strategy: str = "ddp") -> nn.Module:
+    """The module the training step calls: ``model`` itself (one process, or already sharded by FSDP),
+    or its DistributedDataParallel wrapper under ``torchrun``."""
+    if dist.world == 1 or strategy == "fsdp":
         return model
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
@@ -391,8 +439,11 @@ def _autocast(run: _Run) -> torch.autocast:
 
 def _validate(run: _Run) -> tuple[float, float]:
     """Validation loss (nats/token) and bits per byte on ``--eval-batches`` batches."""
+    import ttt.distributed as dist_mod
+
     from .eval import evaluate_loss
 
+    paused = dist_mod.disable_context_parallel(run.model)  # every process scores whole windows
     with _autocast(run):
         loss, _ = evaluate_loss(
             run.model,
@@ -402,6 +453,7 @@ def _validate(run: _Run) -> tuple[float, float]:
             max_batches=run.args.eval_batches,
             device=run.device,
         )
+    dist_mod.restore_context_parallel(paused)
     return loss, run.data.bits_per_byte(loss)
 
 
@@ -410,10 +462,16 @@ def _save(run: _Run) -> Path | None:
     from ttt.models.checkpoint import save_checkpoint
 
     run.saved_step = run.step
+    fsdp = run.args.strategy == "fsdp"
+    if fsdp:  # every process writes its shards, then the main process exports the whole model as usual
+        _fsdp().save_sharded(run.run_dir / "dcp", run.step, run.model, run.optimizer)
+        full = _fsdp().full_model_state(run.model)
     if not run.dist.main:
         return None
     check_finite_weights(run.model, run.step, _latest_note(run.run_dir))
-    tensors, opt_meta = _optimizer_tensors(run.optimizer)
+    tensors, opt_meta = (
+        ({}, {"sharded": f"dcp/step-{run.step:07d}"}) if fsdp else _optimizer_tensors(run.optimizer)
+    )
     tensors["rng.sampler"] = run.sampler.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
@@ -427,7 +485,7 @@ def _save(run: _Run) -> Path | None:
     return save_checkpoint(
         run.run_dir,
         step=run.step,
-        model_state=run.model.state_dict(),
+        model_state=full if fsdp else run.model.state_dict(),
         config=run.config,
         meta=meta,
         trainer_tensors=tensors,
@@ -454,8 +512,13 @@ def _fit(run: _Run) -> None:
     last_checkpoint: list[Path | None] = [None]
 
     def batch(step: int) -> tuple[Tensor, Tensor]:
-        return sample_batch(run.data.train, args.batch_size, args.context, run.sampler,
-                            shard=(dist.rank, dist.world))  # fmt: skip
+        x, y = sample_batch(run.data.train, args.batch_size, args.context, run.sampler,
+                            shard=(run.dp_rank, run.dp_world))  # fmt: skip
+        if run.cp_group is None:
+            return x, y
+        n = args.context_parallel  # this process's segment of every sequence
+        seg = slice(run.cp_rank * x.shape[1] // n, (run.cp_rank + 1) * x.shape[1] // n)
+        return x[:, seg], y[:, seg]
 
     def loss(xy: tuple[Tensor, Tensor]) -> Tensor:
         with _autocast(run):
@@ -544,6 +607,12 @@ def _finish(run: _Run) -> TrainResult:
     result = TrainResult(str(run.run_dir), step, val_loss, bpb, run.model.num_params(), run.seconds,
                          tokens / max(run.seconds, 1e-9), history)  # fmt: skip
     if run.dist.owns_group:
+        import ttt.distributed as dist_mod
+
+        # DDP's reducer and the context-parallel groups go first: a process group whose last owner is
+        # the reducer can deadlock in its destructor (its worker thread waits for the GIL)
+        dist_mod.disable_context_parallel(run.model)
+        run.cp_group = run.wrapped = None
         torch.distributed.destroy_process_group()
     if not run.dist.main:
         return result

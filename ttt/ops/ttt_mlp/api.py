@@ -17,6 +17,11 @@ FORMS = {
 STATE_NAMES = ("W1", "b1", "W2", "b2")
 
 
+def state_shapes(H: int, D: int, M: int) -> tuple[tuple[int, ...], ...]:
+    """Per-head shapes of ``(W1, b1, W2, b2)`` for head dim D and hidden size M."""
+    return (H, D, M), (H, M), (H, M, D), (H, D)
+
+
 def ttt_mlp(
     q: Tensor,
     k: Tensor,
@@ -64,8 +69,7 @@ def ttt_mlp(
 
     def shapes(H: int, D: int):
         W1 = initial_state.anchor[0] if isinstance(initial_state, TTTState) else initial_state[0]
-        M = W1.shape[-1] if isinstance(W1, Tensor) else 4 * D
-        return (H, D, M), (H, M), (H, M, D), (H, D)
+        return state_shapes(H, D, W1.shape[-1] if isinstance(W1, Tensor) else 4 * D)
 
     return run_ttt(
         FORMS, "ttt_mlp", shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,

@@ -1,0 +1,162 @@
+"""Sharded training with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) and sharded
+checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Four pieces, each a collective (every rank calls it):
+
+- :func:`shard_model`: optional activation checkpointing of every block, then ``fully_shard`` on every
+  block and on the root (embedding, final norm and head, tied or not, live in the root's group), with
+  an optional bfloat16 mixed-precision policy (parameters cast to bfloat16 for compute, gradients
+  reduced in float32; the TTT inner loops stay float32 as the ops always run them).
+- :func:`save_sharded` / :func:`load_sharded`: model and optimizer state (each rank writes its own
+  shards) plus small replicated trainer state, in ``<run>/dcp/step-XXXXXXX``. A checkpoint counts only
+  once a ``.complete`` marker is written after every rank has finished, so a rank killed mid-save
+  leaves the previous checkpoint as the latest (:func:`latest_sharded`).
+- :func:`full_model_state`: the whole, unsharded ``state_dict`` on rank 0 (for the usual safetensors
+  checkpoint that ``ttt eval`` / ``ttt generate`` / ``from_pretrained`` read).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+__all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model"]
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_COMPLETE = ".complete"
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    mixed_precision: bool = False,
+    checkpoint_blocks: bool = False,
+    mesh: Any = None,
+) -> nn.Module:
+    """Shard ``model`` (a module with ``.blocks``, e.g. ``ttt.models.CausalLM``) over the default group.
+
+    Args:
+        mixed_precision: compute in bfloat16 (FSDP casts the gathered parameters), reduce gradients
+            and keep the sharded master weights in float32.
+        checkpoint_blocks: recompute each block's activations in the backward (less memory, one more
+            forward per block).
+        mesh: a 1-d ``DeviceMesh``. Default: every rank of the default group.
+
+    Returns:
+        The same module, sharded in place (its parameters become ``DTensor`` shards). Build the
+        optimizer after this call.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialised (dist.init_process_group) first")
+    if not hasattr(model, "blocks"):
+        raise TypeError(
+            f"shard_model expects a model with .blocks (e.g. CausalLM), got {type(model).__name__}"
+        )
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    for i, block in enumerate(model.blocks):
+        if checkpoint_blocks:
+            block = checkpoint_wrapper(block)
+            model.blocks[i] = block
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:07d}"
+
+
+def latest_sharded(root: str | Path) -> Path | None:
+    """The newest complete sharded checkpoint under ``root`` (``<run>/dcp``), or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / _COMPLETE).exists()
+    ]
+    return max(done)[1] if done else None
+
+
+def save_sharded(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any] | None = None,
+    *,
+    keep: int = 2,
+) -> Path:
+    """Write ``<root>/step-XXXXXXX`` (collective): model and optimizer shards plus ``extra``.
+
+    ``extra`` holds small replicated trainer state (tensors such as RNG states, and picklable values);
+    every rank must pass the same. Older complete checkpoints beyond the newest ``keep`` are removed.
+    """
+    path = _step_dir(Path(root), step)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})}, checkpoint_id=path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (path / _COMPLETE).write_text(str(step))
+        complete = sorted(
+            p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and (p / _COMPLETE).exists()
+        )
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_sharded(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_like: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_sharded` into the sharded ``model`` and ``optimizer``
+    (collective; any number of ranks). Returns the ``extra`` dict; ``extra_like`` names its keys
+    (tensor values give the shapes)."""
+    path = Path(path)
+    if not (path / _COMPLETE).exists():
+        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {_COMPLETE} marker)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": dict(extra_like or {})}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return state["extra"]
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded ``state_dict`` on CPU, on rank 0 (an empty dict on the others). Collective.
+
+    A parameter registered under two names (a head tied to the embedding) is kept under its first name
+    only, as ``ttt.models.checkpoint.save_checkpoint`` stores it.
+    """
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for aliases in names.values():
+        for name in aliases[1:]:
+            state.pop(name, None)
+    return state
