@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..ops._dispatch import TTTOutput
 from ..ops._state import fresh_state
-from ..ops.family._validate import compute_dtype as family_compute_dtype
+from ..ops.common import compute_dtype
 from ..ops.ttt_linear import api as ttt_linear_api
 from ..ops.ttt_mlp import api as ttt_mlp_api
 from ..ops.types import TTTState
@@ -225,7 +225,7 @@ def cp_family(
     rank, world = group_rank_world(group)
     B, H, T_r, Dk = q.shape
     Dv = v.shape[-1]
-    dt = family_compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     eye = torch.eye(Dk, dtype=dt, device=q.device).expand(B, H, Dk, Dk)
     s_aug = torch.cat([eye, eye.new_zeros(B, H, Dk, Dv)], dim=-1)  # [B, H, Dk, Dk + Dv]
     v_aug = torch.cat([v.new_zeros(B, H, T_r, Dk), v], dim=-1)

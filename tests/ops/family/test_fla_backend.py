@@ -17,7 +17,8 @@ from family_cases import make_case
 import ttt.ops.family.additive as additive_ops
 import ttt.ops.family.delta as delta_ops
 import ttt.ops.family.fla_backend as fb
-from ttt.ops.family._validate import check_state, compute_dtype, resolve_scale
+from ttt.ops._checks import check_state, resolve_scale
+from ttt.ops.common import compute_dtype
 
 FLA_RULES = sorted(fb.FLA_KERNELS)
 
@@ -25,7 +26,7 @@ FLA_RULES = sorted(fb.FLA_KERNELS)
 def _fla_run_rule(name, q, v, tokens, *, scale, initial_state, output_final_state, impl, chunk_size):
     """What the dispatch does for an fla form: our dtype and scale handling, then ``fla_form(name)``."""
     del impl
-    dtype, out_dtype = compute_dtype(q), q.dtype
+    dtype, out_dtype = compute_dtype(q.dtype), q.dtype
     B, H, T, Dk = q.shape
     S0 = check_state(initial_state, B, H, Dk, v.shape[-1], dtype, q)
     q = q.to(dtype) * resolve_scale(scale, Dk)
