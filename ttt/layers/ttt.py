@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ttt.ops
-from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtype, split_heads
+from ttt.layers.base import RecurrentMixer
+from ttt.layers.protocol import merge_heads, split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
-from ttt.ops import Impl, TTTState, auto_impl
+from ttt.ops import Impl, TTTState
 
 
 def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
@@ -80,12 +81,10 @@ class TTTLayerState:
         return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-class _TTTLayer(nn.Module):
-    """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator."""
+class _TTTLayer(RecurrentMixer):
+    """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator (``op``)."""
 
-    variant: str
-    # what impl="auto" decodes one token with where the Triton kernels do not apply (CPU, float64, ...)
-    fallback_decode_impl: str = "chunk"
+    state_type = TTTLayerState
 
     def __init__(
         self,
@@ -102,19 +101,15 @@ class _TTTLayer(nn.Module):
         impl: Impl | str,
         decode_impl: Impl | str | None,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl)
+        self.causal = causal
         if (dim // num_heads) % 2:
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.head_dim = dim // num_heads
         self.mini_batch_size, self.base_lr, self.rope_theta = mini_batch_size, base_lr, rope_theta
-        self.causal, self.share_qk = causal, share_qk
-        self.impl = Impl.parse(impl).value
-        self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
-        self.last_impl: str | None = None
+        self.share_qk = share_qk
 
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = None if share_qk else nn.Linear(dim, dim, bias=False)
@@ -171,30 +166,10 @@ class _TTTLayer(nn.Module):
         Returns:
             ``(y [B, T, C], TTTLayerState)``.
         """
-        name = type(self).__name__
-        check_input(name, x, self.dim, dtype=param_dtype(self))
-        mask = check_mask(name, mask, x)
-        return self._run(x, state, mask, self.impl)
+        return super().forward(x, state, mask)
 
-    def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
-        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
-        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True, dtype=param_dtype(self))
-        if not self.causal:
-            raise ValueError(
-                f"{type(self).__name__}(causal=False) reads each mini-batch's final weights, "
-                "so it cannot decode token by token; use it in encoders only"
-            )
-        return self._run(x_t, state, None, self.decode_impl)
-
-    def _run(self, x: Tensor, state: TTTLayerState | None, mask: Tensor | None, impl: str):
-        batch, length, _ = x.shape
-        if state is None:
-            state = self.init_state(batch, device=x.device, dtype=x.dtype)
-        elif not isinstance(state, TTTLayerState):
-            raise TypeError(
-                f"{type(self).__name__}: state must be a TTTLayerState, got {type(state).__name__}"
-            )
-
+    def _run(self, x: Tensor, state: TTTLayerState, mask: Tensor | None, decode: bool):
+        length = x.shape[1]
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
         # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
@@ -204,16 +179,11 @@ class _TTTLayer(nn.Module):
 
         lr, token_eta = self._inner_lr(x, mask)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
-        if impl == "auto":  # the fused kernels on CUDA where they apply, else the fastest PyTorch form
-            impl = auto_impl(q).value
-            if impl == "chunk" and length == 1 and self.causal:
-                impl = self.fallback_decode_impl
         o, ttt_state = self._op(
             q, k, v, lr,
             initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
-            causal=self.causal, output_final_state=True, impl=impl,
+            causal=self.causal, output_final_state=True, impl=self._form(q, decode), decode=decode,
         )  # fmt: skip
-        self.last_impl = impl
 
         y = self.post_norm(merge_heads(o))  # [B, T, C]
         if self.g_proj is not None:
@@ -272,10 +242,10 @@ class TTTLinear(_TTTLayer):
         rope_theta: RoPE base. Default: ``10000``.
         causal: ``False`` lets every token of a mini-batch read the weights after the whole mini-batch
             (the non-causal form of the TTT video model, for encoders; cannot decode). Default: ``True``.
-        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"auto"``: the fused Triton
-            kernels on CUDA, the chunked dual form elsewhere.
-        decode_impl: form used by ``step``. Default: ``"auto"``: the fused Triton decode kernel on CUDA,
-            the primal ``"recurrent"`` form elsewhere.
+        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"auto"`` (``ttt.ops.forms``):
+            the fused Triton kernels on CUDA where they apply, the chunked dual form elsewhere.
+        decode_impl: form used by ``step`` and a one-token ``forward``. Default: ``"auto"``: the fused
+            Triton decode kernel on CUDA (inference only), the primal ``"recurrent"`` form elsewhere.
 
     ``last_impl`` records the form the last call ran.
 
@@ -291,8 +261,7 @@ class TTTLinear(_TTTLayer):
         (torch.Size([2, 37, 64]), 38, 6, 'recurrent')
     """
 
-    variant = "ttt_linear"
-    fallback_decode_impl = "recurrent"
+    op = "ttt_linear"
 
     def __init__(
         self,
@@ -334,7 +303,7 @@ class TTTMLP(_TTTLayer):
             elsewhere.
     """
 
-    variant = "ttt_mlp"
+    op = "ttt_mlp"
 
     def __init__(
         self,

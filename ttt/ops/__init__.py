@@ -1,8 +1,8 @@
 """Functional TTT operators. Layout ``[B, H, T, D]``; state explicit; ``impl=`` picks the form."""
 
-from . import kv_binding  # the KV-binding reduction keeps its own namespace: ttt.ops.kv_binding.*
+from . import forms, kv_binding  # the KV-binding reduction keeps its own namespace: ttt.ops.kv_binding.*
 from ._compile import compile_chunk_steps
-from ._dispatch import TTTOutput, auto_impl
+from ._dispatch import TTTOutput
 from .family import *  # noqa: F403
 from .family import __all__ as _family_all
 from .general import ttt_general
@@ -13,7 +13,7 @@ from .types import Impl, TTTState
 
 __all__ = [
     "attention",
-    "auto_impl",
+    "forms",
     "compile_chunk_steps",
     "Impl",
     "TTTOutput",

@@ -1,16 +1,11 @@
-"""Validation and ``impl=`` dispatch shared by ``ttt_linear`` and ``ttt_mlp``.
+"""Validation and the run of the chosen form, shared by ``ttt_linear`` and ``ttt_mlp``.
 
-Kept in one place so that every TTT operator rejects bad input with the same messages and no form
-is ever chosen silently.
+Kept in one place so that every TTT operator rejects bad input with the same messages; which form runs
+is decided by :func:`ttt.ops.forms.resolve` from the operator's table (``register_ttt_forms``).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import inspect
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,6 +15,7 @@ from torch import Tensor
 from . import _checks
 from ._state import fresh_state
 from .common import compute_dtype, default_token_eta
+from .forms import Form, register_form, resolve
 from .types import Impl, TTTState
 
 
@@ -34,47 +30,23 @@ class TTTOutput(NamedTuple):
 MAX_TRITON_HEAD_DIM = 128
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    # asked on every "auto" call on CUDA (each layer step): look it up once
-    return importlib.util.find_spec("triton") is not None
-
-
-def auto_impl(q: Tensor, has_triton_form: bool = True) -> Impl:
-    """What ``impl="auto"`` runs for inputs like ``q`` ``[..., D]``: the Triton kernels on CUDA where they
-    apply (fp32 / bf16 / fp16, D <= 128, Triton installed), the chunked dual form otherwise."""
-    fits = q.dtype != torch.float64 and q.shape[-1] <= MAX_TRITON_HEAD_DIM
-    if has_triton_form and q.is_cuda and fits and _triton_installed():
-        return Impl.TRITON
-    return Impl.CHUNK
-
-
-def resolve_impl(impl: Impl | str, q: Tensor, forms: dict[Impl, Callable | str]) -> Callable:
-    """Map ``impl`` to a callable; ``str`` entries are lazily imported ``module:function`` paths."""
-    choice = Impl.parse(impl)
-    if choice is Impl.AUTO:
-        choice = auto_impl(q, Impl.TRITON in forms)
-    if choice not in forms:
-        have = ", ".join(repr(i.value) for i in forms)
-        raise ValueError(f"impl={choice.value!r} is not available for this operator; choose one of {have}")
-    form = forms[choice]
-    if isinstance(form, str):
-        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(
-                f"impl={choice.value!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); q is on {q.device}"
-            )
-        module, name = form.split(":")
-        try:
-            form = getattr(importlib.import_module(module), name)
-        except ImportError as err:
-            raise ImportError(
-                f"impl={choice.value!r} needs Triton and its kernels ({module}): {err}"
-            ) from err
-    return form
+def register_ttt_forms(op: str, reference, chunk, recurrent=None) -> None:
+    """The forms table of a TTT operator (``op`` = its ``variant``), most preferred first: the fused
+    Triton kernels (``ttt/ops/<op>/triton``, CUDA, packed sequences in one launch, a decode kernel),
+    the chunked dual form, the token-by-token primal form (decode), the autograd reference."""
+    kernels = f"ttt.ops.{op}.triton"
+    register_form(op, Form(
+        "triton", f"{kernels}:triton_{op}", decode=True, decode_fn=f"{kernels}:decode_{op}", packed=True,
+        devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), requires="triton",
+        auto_max_head_dim=MAX_TRITON_HEAD_DIM, interpreted=True,
+    ))  # fmt: skip
+    register_form(op, Form("chunk", chunk))
+    if recurrent is not None:
+        register_form(op, Form("recurrent", recurrent, decode=True, non_causal=False))
+    register_form(op, Form("reference", reference, auto=False))
 
 
 def run_ttt(
-    form: dict[Impl, Callable | str],
     variant: str,
     shapes_of: Callable[[int, int], tuple[tuple[int, ...], ...]],
     names: tuple[str, ...],
@@ -94,6 +66,7 @@ def run_ttt(
     impl: Impl | str,
     check_finite: bool,
     cu_seqlens: Tensor | None = None,
+    decode: bool = False,
 ) -> TTTOutput:
     B, H, T, D = _checks.check_qkv(q, k, v)
     _checks.check_per_token("lr", lr, B, H, T, q.device)
@@ -103,7 +76,8 @@ def run_ttt(
     if token_eta is None:
         token_eta = default_token_eta(mini_batch_size, q.device)
     _checks.check_token_eta(token_eta, mini_batch_size, q.device)
-    fn = resolve_impl(impl, q, form)
+    decode = decode and causal and T == 1 and cu_seqlens is None
+    form = resolve(variant, impl, q, causal=causal, decode=decode)
     cd = compute_dtype(q.dtype)
     lengths = _checks.check_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None else None
     state = fresh_state(
@@ -131,12 +105,13 @@ def run_ttt(
     # the fast weights are float32 by contract: autocast must not lower the inner loop's matmuls
     with torch.autocast(q.device.type, enabled=False):
         o, final = _run(
-            fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps
+            form, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps, decode
         )
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
 
 
-def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps):
+def _run(form, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps, decode):
+    fn = form.load(decode)
     if lengths is None:
         return fn(*args, state, causal=causal, eps=eps)
     ends = {(state.offset + n) % mini_batch_size for n in lengths}
@@ -146,13 +121,13 @@ def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_sta
             "TTTState holds one offset: ask for no final state, or pack lengths congruent modulo "
             f"mini_batch_size={mini_batch_size}"
         )
-    return _packed(fn, args, state, cu_seqlens, lengths, causal=causal, eps=eps)
-
-
-def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], *, causal: bool, eps: float):
-    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path, or one call each."""
-    if "cu_seqlens" in inspect.signature(fn).parameters:
+    if form.packed:  # the form's own varlen path
         return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+    return _one_call_each(fn, args, state, lengths, causal=causal, eps=eps)
+
+
+def _one_call_each(fn, args, state: TTTState, lengths: list[int], *, causal: bool, eps: float):
+    """Sequences packed along T (``[1, H, sum T_n, D]``) through a form without a varlen path."""
     q, k, v, lr, *rest = args
     # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
     per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))

@@ -10,13 +10,14 @@ from torch import Tensor
 
 
 class Impl(str, enum.Enum):
-    """Execution forms. Chosen explicitly with ``impl=``; there is no silent fallback.
+    """The built-in form names. ``impl=`` takes them (or any name registered in :mod:`ttt.ops.forms`);
+    which forms an operator has, and what ``"auto"`` picks, is in its table there. No silent fallback.
 
     - ``REFERENCE``: token by token, inner gradient from ``torch.func`` (autograd). Slow, obviously right.
     - ``CHUNK``: the dual form, all work inside a mini-batch as matmuls; loop over mini-batches.
     - ``RECURRENT``: token by token with the closed-form inner gradient (the primal form of decoding).
     - ``TRITON``: fused GPU kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-    - ``AUTO``: ``TRITON`` on CUDA tensors, ``CHUNK`` otherwise.
+    - ``AUTO``: the first form of the operator's table that supports the call (see ``ttt.ops.forms``).
     """
 
     REFERENCE = "reference"

@@ -198,7 +198,7 @@ def test_split_equals_full():
 
 
 def test_decode_steps_equal_full():
-    """Decoding is a call with T = 1: 20 single-token triton calls chained through the state == one call."""
+    """20 single-token triton calls (the chunk kernels at T = 1) chained through the state == one call."""
     leaves, meta = make_case(1, 2, 20, 16, seed=13)
     full, _, _ = run(leaves, meta, impl="triton", dtype=torch.float32, causal=True, grad=False)
     x = {k: v.float() for k, v in leaves.items()}

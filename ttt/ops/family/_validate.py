@@ -12,20 +12,6 @@ from torch import Tensor
 
 from .. import common
 
-# "reference" is the library-wide name (ttt.ops.Impl) of the autograd-defined token loop.
-_IMPLS = {"chunk": "chunk", "recurrent": "recurrent", "autograd": "autograd", "reference": "autograd"}
-
-
-def parse_impl(impl: str) -> str:
-    """Map ``impl`` to one of "chunk" | "recurrent" | "autograd"; anything else raises (no fallback)."""
-    value = getattr(impl, "value", impl)
-    if value not in _IMPLS:
-        raise ValueError(
-            f"impl must be one of 'chunk', 'recurrent', 'autograd' (alias 'reference') for the family "
-            f"rules (no Triton kernel exists for them), got {impl!r}"
-        )
-    return _IMPLS[value]
-
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """State and accumulation dtype: float64 for float64 inputs, float32 otherwise (bf16 / fp16 too)."""

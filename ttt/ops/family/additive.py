@@ -25,7 +25,10 @@ from .dispatch import run_rule
 
 
 def _per_head(name: str, x: Tensor | float, B: int, H: int, T: int, dtype, ref: Tensor, **bounds) -> Tensor:
-    """A constant per head (float or [H]) broadcast to [B, H, T] after its range check."""
+    """A constant per head (float or [H]), or one per token ([B, H, T]), as [B, H, T] after its range
+    check."""
+    if isinstance(x, Tensor) and x.dim() == 3:
+        return check_gate(name, x, (B, H, T), dtype, **bounds)
     x = torch.as_tensor(x, dtype=dtype, device=ref.device)
     if x.dim() == 0:
         x = x.expand(H)
@@ -55,17 +58,9 @@ def linear_attention(
         True
     """
     check_qkv(q, k, v)
-    dt = compute_dtype(q)
+    tokens = {"k": k, "v": v}
     return run_rule(
-        "linear_attention",
-        q,
-        v,
-        {"k": k.to(dt), "v": v.to(dt)},
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
+        "linear_attention", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size
     )
 
 
@@ -85,7 +80,8 @@ def retnet(
     """RetNet (retention): ``S_t = alpha S_{t-1} + beta_t k_t v_t^T`` with a fixed decay per head.
 
     Args:
-        alpha: decay gamma per head, float or [H], in (0, 1] (RetNet: ``1 - 2 ** (-5 - arange(H))``).
+        alpha: decay gamma per head, float or [H], in (0, 1] (RetNet: ``1 - 2 ** (-5 - arange(H))``);
+            or one per token [B, H, T] (a layer sets 1 on padding).
         beta: optional input scale [B, H, T], >= 0. Default: 1.
     """
     B, H, T, _, _ = check_qkv(q, k, v)
@@ -96,18 +92,8 @@ def retnet(
         if beta is None
         else check_gate("beta", beta, (B, H, T), dt, low=0.0)
     )
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": beta, "log_alpha": torch.log(alpha)}
-    return run_rule(
-        "retnet",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": beta, "log_alpha": torch.log(alpha)}
+    return run_rule("retnet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def mamba2(
@@ -135,22 +121,12 @@ def mamba2(
     B, H, T, _, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "beta": check_gate("beta", beta, (B, H, T), dt, low=0.0),
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
     }
-    return run_rule(
-        "mamba2",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    return run_rule("mamba2", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def gla(
@@ -175,21 +151,11 @@ def gla(
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
     }
-    return run_rule(
-        "gla",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    return run_rule("gla", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def hgrn2(
@@ -214,18 +180,8 @@ def hgrn2(
     B, H, T, Dk, _ = check_qkv(q, None, v)
     dt = compute_dtype(q)
     log_alpha = resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)
-    tokens = {"k": -torch.expm1(log_alpha), "v": v.to(dt), "log_alpha": log_alpha}
-    return run_rule(
-        "hgrn2",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": -torch.expm1(log_alpha), "v": v, "log_alpha": log_alpha}
+    return run_rule("hgrn2", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def hebbian(
@@ -247,22 +203,12 @@ def hebbian(
     "attention to the recent past" loop of the RNN around it.
 
     Args:
-        decay: lambda, float or [H], in (0, 1].
-        lr: eta, float or [H], >= 0.
+        decay: lambda, float or [H], in (0, 1]; or one per token [B, H, T].
+        lr: eta, float or [H], >= 0; or one per token [B, H, T].
     """
     B, H, T, _, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     lam = _per_head("decay", decay, B, H, T, dt, q, low=0.0, high=1.0, low_open=True)
     eta = _per_head("lr", lr, B, H, T, dt, q, low=0.0)
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": eta, "log_alpha": torch.log(lam)}
-    return run_rule(
-        "hebbian",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": eta, "log_alpha": torch.log(lam)}
+    return run_rule("hebbian", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)

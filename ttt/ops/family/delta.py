@@ -60,18 +60,8 @@ def deltanet(
     """
     B, H, T, _, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": _beta(beta, (B, H, T), dt)}
-    return run_rule(
-        "deltanet",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": _beta(beta, (B, H, T), dt)}
+    return run_rule("deltanet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def gated_deltanet(
@@ -110,21 +100,13 @@ def gated_deltanet(
     B, H, T, _, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "beta": _beta(beta, (B, H, T), dt),
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
     }
     return run_rule(
-        "gated_deltanet",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
+        "gated_deltanet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size
     )
 
 
@@ -153,22 +135,12 @@ def kda(
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "beta": _beta(beta, (B, H, T), dt),
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
     }
-    return run_rule(
-        "kda",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    return run_rule("kda", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def longhorn(
@@ -198,18 +170,8 @@ def longhorn(
     B, H, T, _, Dv = check_qkv(q, k, v)
     dt = compute_dtype(q)
     shape = (B, H, T, Dv) if getattr(beta, "dim", lambda: 0)() == 4 else (B, H, T)
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": _beta(beta, shape, dt)}
-    return run_rule(
-        "longhorn",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": _beta(beta, shape, dt)}
+    return run_rule("longhorn", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def comba(
@@ -240,23 +202,13 @@ def comba(
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "p": check_gate("p", p, (B, H, T, Dk), dt),
         "beta": _beta(beta, (B, H, T), dt),
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
     }
-    return run_rule(
-        "comba",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    return run_rule("comba", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def rwkv7(
@@ -287,20 +239,10 @@ def rwkv7(
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "beta": _beta(beta, (B, H, T, Dk), dt, high=1.0),
         "k_hat": check_gate("k_hat", k_hat, (B, H, T, Dk), dt),
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
     }
-    return run_rule(
-        "rwkv7",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    return run_rule("rwkv7", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)

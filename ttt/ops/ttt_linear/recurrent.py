@@ -27,8 +27,7 @@ def recurrent_ttt_linear(
     causal: bool,
     eps: float,
 ) -> tuple[Tensor, TTTState]:
-    if not causal:
-        raise ValueError("impl='recurrent' is the causal decoding form; use impl='chunk' for causal=False")
+    # causal only: its forms-table row says so, and ttt.ops.forms.resolve refuses causal=False
     cd = state.anchor[0].dtype
     q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
     lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)

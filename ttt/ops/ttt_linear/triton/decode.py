@@ -234,19 +234,46 @@ def check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, s
                              f"{[(list(y.shape), y.dtype) for y in ts]}")  # fmt: skip
 
 
-def needs_grad(*tensors: Tensor) -> bool:
-    """Whether autograd would record a call on these tensors (then the chunk kernels run instead)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+class _InferenceOnly(torch.autograd.Function):
+    """Runs ``run(*tensors)`` (a decode kernel) as one autograd node whose backward raises: the decode
+    kernels have no backward, and a gradient through them must not silently come out as zero."""
+
+    @staticmethod
+    def forward(ctx, run, *tensors):
+        return run(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "the Triton decode kernels are inference-only (no backward): to train through one-token steps "
+            "use decode_impl='chunk' (layers) or call the op without decode=True"
+        )
 
 
-def decode_through(decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, eps: float):
+def decode_through(
+    decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, *, causal: bool, eps: float
+):
     """One causal token ``[B, H, 1, D]`` through a functional decode kernel (``ttt_linear_decode`` or
-    ``ttt_mlp_decode``); returns ``(o [B, H, 1, D], TTTState)`` like the chunk launchers. Inference only."""
+    ``ttt_mlp_decode``); returns ``(o [B, H, 1, D], TTTState)`` like the chunk launchers. Inference only:
+    a backward through it raises."""
+    if not causal or q.shape[2] != 1:
+        raise ValueError(
+            f"a decode step is one causal token [B, H, 1, D], got causal={causal}, {list(q.shape)}"
+        )
     f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-    o, anchor, grad_sum, weights = decode(
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(), f32(ln_weight), f32(ln_bias),
-        f32(token_eta), tuple(map(f32, state.anchor)), tuple(map(f32, state.grad_sum)), state.offset, eps=eps,
-    )  # fmt: skip
+    n = len(state.anchor)
+
+    def run(q, k, v, lr, ln_weight, ln_bias, token_eta, *fast):
+        o, anchor, grad_sum, weights = decode(
+            q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(), f32(ln_weight), f32(ln_bias),
+            f32(token_eta), tuple(map(f32, fast[:n])), tuple(map(f32, fast[n:])), state.offset, eps=eps,
+        )  # fmt: skip
+        return (o, *anchor, *grad_sum, *weights)
+
+    out = _InferenceOnly.apply(
+        run, q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum
+    )
+    o, anchor, grad_sum, weights = out[0], out[1 : 1 + n], out[1 + n : 1 + 2 * n], out[1 + 2 * n :]
     offset = (state.offset + 1) % token_eta.shape[0]
     if offset == 0:  # the mini-batch completed: the token's weights are the new anchor
         weights = anchor

@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 from ...types import TTTState
 from .chunk_bwd import chunk_ttt_linear_bwd
 from .chunk_fwd import chunk_ttt_linear_fwd_fused
-from .decode import decode_through, needs_grad, ttt_linear_decode
+from .decode import decode_through, ttt_linear_decode
 
 
 class ChunkTTTLinearFunction(torch.autograd.Function):
@@ -115,13 +115,6 @@ def triton_ttt_linear(
     T = q.shape[2]
     if T == 0:
         return q.clone(), state
-    if (
-        T == 1
-        and causal
-        and cu_seqlens is None
-        and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
-    ):
-        return decode_through(ttt_linear_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
     w0, b0 = state.anchor
     gw0, gb0 = state.grad_sum
     o, wt, bt, gwt, gbt = ChunkTTTLinearFunction.apply(
@@ -150,3 +143,13 @@ def triton_ttt_linear(
     te = token_eta.to(torch.float32)
     weights = (wt, bt) if offset == 0 else (wt - te[offset - 1] * gwt, bt - te[offset - 1] * gbt)
     return o, TTTState(weights, (wt, bt), (gwt, gbt), offset, mb, state.variant)
+
+
+def decode_ttt_linear(
+    q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, *, causal: bool, eps: float
+):
+    """The Triton form at a decode step: one causal token ``[B, H, 1, D]`` through the fused decode
+    kernel (inference only; same arguments and results as ``triton_ttt_linear``)."""
+    return decode_through(
+        ttt_linear_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, causal=causal, eps=eps
+    )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...ttt_linear.triton.decode import decode_through, needs_grad
+from ...ttt_linear.triton.decode import decode_through
 from ...types import TTTState
 from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
@@ -110,13 +110,6 @@ def triton_ttt_mlp(
     mb, T = token_eta.shape[0], q.shape[2]
     if T == 0:
         return q.clone(), state
-    if (
-        T == 1
-        and causal
-        and cu_seqlens is None
-        and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
-    ):
-        return decode_through(ttt_mlp_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
     out = ChunkTTTMLPFunction.apply(
         q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum, state.offset, causal, eps,
         cu_seqlens,
@@ -131,3 +124,11 @@ def triton_ttt_mlp(
     te = token_eta.to(torch.float32)
     weights = anchor if offset == 0 else tuple(a - te[offset - 1] * s for a, s in zip(anchor, grad_sum))
     return o, TTTState(weights, anchor, grad_sum, offset, mb, state.variant)
+
+
+def decode_ttt_mlp(q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, *, causal: bool, eps: float):
+    """The Triton form at a decode step: one causal token ``[B, H, 1, D]`` through the fused decode
+    kernel (inference only; same arguments and results as ``triton_ttt_mlp``)."""
+    return decode_through(
+        ttt_mlp_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, causal=causal, eps=eps
+    )
