@@ -82,7 +82,8 @@ class TTTLayerState:
 
 
 class _TTTLayer(RecurrentMixer):
-    """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator (``op``)."""
+    """What TTT-Linear and TTT-MLP share (the arguments are documented on :class:`TTTLinear`); subclasses
+    define the fast weights, the operator (``op``) and their default ``base_lr``."""
 
     state_type = TTTLayerState
 
@@ -91,15 +92,15 @@ class _TTTLayer(RecurrentMixer):
         dim: int,
         num_heads: int,
         *,
-        mini_batch_size: int,
         base_lr: float,
-        use_gate: bool,
-        share_qk: bool,
-        conv_size: int,
-        rope_theta: float,
-        causal: bool,
-        impl: Impl | str,
-        decode_impl: Impl | str | None,
+        mini_batch_size: int = 16,
+        use_gate: bool = False,
+        share_qk: bool = False,
+        conv_size: int = 4,
+        rope_theta: float = 10000.0,
+        causal: bool = True,
+        impl: Impl | str = "auto",
+        decode_impl: Impl | str | None = "auto",
     ) -> None:
         super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl)
         self.causal = causal
@@ -263,24 +264,8 @@ class TTTLinear(_TTTLayer):
 
     op = "ttt_linear"
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mini_batch_size: int = 16,
-        base_lr: float = 1.0,
-        use_gate: bool = False,
-        share_qk: bool = False,
-        conv_size: int = 4,
-        rope_theta: float = 10000.0,
-        causal: bool = True,
-        impl: Impl | str = "auto",
-        decode_impl: Impl | str | None = "auto",
-    ) -> None:
-        super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
-                         share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
-                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+    def __init__(self, dim: int, num_heads: int, *, base_lr: float = 1.0, **kwargs) -> None:
+        super().__init__(dim, num_heads, base_lr=base_lr, **kwargs)
         self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
 
@@ -306,24 +291,9 @@ class TTTMLP(_TTTLayer):
     op = "ttt_mlp"
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mini_batch_size: int = 16,
-        base_lr: float = 0.1,
-        hidden_mult: int = 4,
-        use_gate: bool = False,
-        share_qk: bool = False,
-        conv_size: int = 4,
-        rope_theta: float = 10000.0,
-        causal: bool = True,
-        impl: Impl | str = "auto",
-        decode_impl: Impl | str | None = "auto",
+        self, dim: int, num_heads: int, *, base_lr: float = 0.1, hidden_mult: int = 4, **kwargs
     ) -> None:
-        super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
-                         share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
-                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+        super().__init__(dim, num_heads, base_lr=base_lr, **kwargs)
         hidden = hidden_mult * self.head_dim
         # W2 ~ N(0, 0.02) too, after ttt-lm-jax commit ac8cdc8 "Fix TTT MLP Init"
         self.W1 = nn.Parameter(torch.randn(num_heads, self.head_dim, hidden) * 0.02)

@@ -16,7 +16,7 @@ from . import _checks
 from ._state import fresh_state
 from .common import compute_dtype, default_token_eta
 from .forms import Form, register_form, resolve
-from .types import Impl, TTTState
+from .types import Impl, TTTInputs, TTTState
 
 
 class TTTOutput(NamedTuple):
@@ -50,12 +50,7 @@ def run_ttt(
     variant: str,
     shapes_of: Callable[[int, int], tuple[tuple[int, ...], ...]],
     names: tuple[str, ...],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
+    tensors: tuple[Tensor, ...],
     *,
     initial_state,
     token_eta: Tensor | None,
@@ -68,6 +63,8 @@ def run_ttt(
     cu_seqlens: Tensor | None = None,
     decode: bool = False,
 ) -> TTTOutput:
+    """The body of ``ttt_linear`` / ``ttt_mlp``: ``tensors`` = (q, k, v, lr, ln_weight, ln_bias)."""
+    q, k, v, lr, ln_weight, ln_bias = tensors
     B, H, T, D = _checks.check_qkv(q, k, v)
     _checks.check_per_token("lr", lr, B, H, T, q.device)
     _checks.check_per_head("ln_weight", ln_weight, H, D, q.device)
@@ -101,7 +98,7 @@ def run_ttt(
         named = {f"initial_state.anchor.{n}": t for n, t in zip(names, state.anchor)}
         named.update({f"initial_state.grad_sum.{n}": t for n, t in zip(names, state.grad_sum)})
         _checks.check_finite(**named)
-    args = (q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
+    args = TTTInputs(q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
     # the fast weights are float32 by contract: autocast must not lower the inner loop's matmuls
     with torch.autocast(q.device.type, enabled=False):
         o, final = _run(
@@ -110,10 +107,10 @@ def run_ttt(
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
 
 
-def _run(form, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps, decode):
+def _run(form, x, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps, decode):
     fn = form.load(decode)
     if lengths is None:
-        return fn(*args, state, causal=causal, eps=eps)
+        return fn(x, state, causal=causal, eps=eps)
     ends = {(state.offset + n) % mini_batch_size for n in lengths}
     if output_final_state and len(ends) > 1:
         raise ValueError(
@@ -122,18 +119,16 @@ def _run(form, args, state, lengths, cu_seqlens, mini_batch_size, output_final_s
             f"mini_batch_size={mini_batch_size}"
         )
     if form.packed:  # the form's own varlen path
-        return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
-    return _one_call_each(fn, args, state, lengths, causal=causal, eps=eps)
+        return fn(x, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+    return _one_call_each(fn, x, state, lengths, causal=causal, eps=eps)
 
 
-def _one_call_each(fn, args, state: TTTState, lengths: list[int], *, causal: bool, eps: float):
+def _one_call_each(fn, x: TTTInputs, state: TTTState, lengths: list[int], *, causal: bool, eps: float):
     """Sequences packed along T (``[1, H, sum T_n, D]``) through a form without a varlen path."""
-    q, k, v, lr, *rest = args
-    # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
-    per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))
     outs, finals = [], []
-    for n, (q_n, k_n, v_n, lr_n) in enumerate(per_seq):
-        o, final = fn(q_n, k_n, v_n, lr_n, *rest, state.rows(n, n + 1), causal=causal, eps=eps)
+    # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
+    for n, x_n in enumerate(x.split(lengths)):
+        o, final = fn(x_n, state.rows(n, n + 1), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
     same_offset = len({f.offset for f in finals}) == 1

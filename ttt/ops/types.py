@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +34,30 @@ class Impl(str, enum.Enum):
         except ValueError:
             names = ", ".join(repr(m.value) for m in cls)
             raise ValueError(f"impl must be one of {names}, got {value!r}") from None
+
+
+class TTTInputs(NamedTuple):
+    """The tensors every form of a TTT operator takes (``fn(x, state, *, causal, eps)``).
+
+    q, k, v ``[B, H, T, D]``; lr ``[B, H, T]``; ln_weight, ln_bias ``[H, D]``; token_eta ``[b]``.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    lr: Tensor
+    ln_weight: Tensor
+    ln_bias: Tensor
+    token_eta: Tensor
+
+    def to(self, dtype: torch.dtype) -> TTTInputs:
+        """Every tensor in ``dtype`` (the forms compute in the dtype of the state's fast weights)."""
+        return TTTInputs(*(t.to(dtype) for t in self))
+
+    def split(self, lengths: list[int]) -> list[TTTInputs]:
+        """The inputs of consecutive stretches of ``lengths`` tokens (q, k, v, lr cut along T, once)."""
+        per_token = zip(*(t.split(lengths, dim=2) for t in self[:4]))
+        return [TTTInputs(*cut, *self[4:]) for cut in per_token]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ import torch
 # before any module imports Triton (Triton decides when a kernel module is first imported)
 pytest.importorskip("triton")
 
-from ttt.ops import TTTState, ttt_linear  # noqa: E402
+from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.ops.types import TTTInputs, TTTState  # noqa: E402
 from ttt.testing import assert_within_budget, random_projection_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,10 +230,8 @@ def _varlen_run(leaves, lens, offset, *, packed, dtype, causal):
 
         anchor, gsum = (x["W"], x["b"]), (x["gW"], x["gb"])
         state = TTTState(anchor, anchor, gsum, offset, te.shape[0], "ttt_linear")
-        o, final = triton_ttt_linear(
-            x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], te, state,
-            causal=causal, eps=1e-6, cu_seqlens=cu,
-        )  # fmt: skip
+        inputs = TTTInputs(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], te)
+        o, final = triton_ttt_linear(inputs, state, causal=causal, eps=1e-6, cu_seqlens=cu)
         outs = [o, *final.anchor, *final.grad_sum]
     else:
         parts, finals = [], []

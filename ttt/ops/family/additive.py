@@ -37,16 +37,10 @@ def _per_head(name: str, x: Tensor | float, B: int, H: int, T: int, dtype, ref: 
 
 
 def linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Linear attention: one step on ``L = -<S^T k_t, v_t>``, ``S_t = S_{t-1} + k_t v_t^T``.
 
     Examples::
@@ -65,18 +59,10 @@ def linear_attention(
 
 
 def retnet(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    alpha: Tensor | float,
-    beta: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, alpha: Tensor | float, beta: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """RetNet (retention): ``S_t = alpha S_{t-1} + beta_t k_t v_t^T`` with a fixed decay per head.
 
     Args:
@@ -97,19 +83,11 @@ def retnet(
 
 
 def mamba2(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Mamba2 (scalar-decay SSD): ``S_t = alpha_t S_{t-1} + beta_t k_t v_t^T``. In Mamba2's names
     q = C, k = B, v = x, ``alpha_t = exp(dt_t A)`` (``log_alpha = dt_t A``), ``beta_t = dt_t``; the
     skip term ``D x`` is outside the recurrence and left to the layer.
@@ -130,18 +108,10 @@ def mamba2(
 
 
 def gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    alpha: Tensor | None = None,
-    log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, alpha: Tensor | None = None, log_alpha: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Gated linear attention: ``S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T``.
 
     Args:
@@ -150,26 +120,15 @@ def gla(
     """
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
-    tokens = {
-        "k": k,
-        "v": v,
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
-    }
+    tokens = {"k": k, "v": v, "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)}
     return run_rule("gla", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def hgrn2(
-    q: Tensor,
-    v: Tensor,
-    *,
-    alpha: Tensor | None = None,
-    log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, v: Tensor, *, alpha: Tensor | None = None, log_alpha: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """HGRN2: ``S_t = Diag(alpha_t) S_{t-1} + (1 - alpha_t) v_t^T``. The key is tied to the forget
     gate (``k_t = 1 - alpha_t``, the HGRN2 paper's state expansion), so there is no ``k`` argument.
 
@@ -185,18 +144,10 @@ def hgrn2(
 
 
 def hebbian(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    decay: Tensor | float,
-    lr: Tensor | float,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor | float, lr: Tensor | float,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Hebbian fast weights (Ba et al. 2016, ``A(t+1) = lambda A(t) + eta h(t) h(t)^T``), the ancestor
     of the family: ``S_t = decay S_{t-1} + lr k_t v_t^T`` (pass k = v = h for the paper's
     auto-associative memory). Only the fast-weight memory is implemented, not the paper's inner

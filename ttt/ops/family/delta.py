@@ -32,17 +32,10 @@ def _beta(
 
 
 def deltanet(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """DeltaNet: online gradient descent on ``L_t = beta_t/2 ||S^T k_t - v_t||^2``,
     ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -65,19 +58,11 @@ def deltanet(
 
 
 def gated_deltanet(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Gated DeltaNet (GDN): SGD on the decayed state ``S~ = alpha_t S_{t-1}`` with
     ``L_t = beta_t/2 ||S~^T k_t - v_t||^2``, i.e.
     ``S_t = (I - beta_t k_t k_t^T) alpha_t S_{t-1} + beta_t k_t v_t^T``.
@@ -111,19 +96,11 @@ def gated_deltanet(
 
 
 def kda(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Kimi Delta Attention: GDN with a per-channel decay,
     ``S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -144,17 +121,10 @@ def kda(
 
 
 def longhorn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Longhorn: the implicit (proximal) online step
     ``S_t = argmin_S 1/2 ||S - S_{t-1}||^2 + 1/2 ||S^T k_t - v_t||^2_Diag(beta_t)``, whose closed form
     is, per value column j, ``S_t = (I - eps k k^T) S_{t-1} + eps k v^T`` with
@@ -175,20 +145,11 @@ def longhorn(
 
 
 def comba(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    p: Tensor,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, p: Tensor, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Comba (closed-loop control): the correction reads the prediction with a second key ``p`` and
     writes it along ``k``, ``S_t = (alpha_t - beta_t k_t p_t^T) S_{t-1} + beta_t k_t v_t^T``
     (the Comba paper's form; fla's ``naive_recurrent_comba`` decays first instead, see README.md).
@@ -212,20 +173,11 @@ def comba(
 
 
 def rwkv7(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    k_hat: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, k_hat: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """RWKV-7 ("Goose"): ``S_t = (Diag(alpha_t) - (beta_t * k_hat_t) k_hat_t^T) S_{t-1} + k_t v_t^T``
     (the paper's ``S_t = S_{t-1}(diag(w_t) - kappa^T (a_t * kappa)) + v_t^T k~_t`` transposed to the
     [Dk, Dv] layout: q = r, k = k~, alpha = w, beta = a, k_hat = kappa-hat).

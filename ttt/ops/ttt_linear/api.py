@@ -82,7 +82,7 @@ def ttt_linear(
         (torch.Size([2, 4, 40, 16]), 8)
     """
     return run_ttt(
-        "ttt_linear", state_shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
+        "ttt_linear", state_shapes, STATE_NAMES, (q, k, v, lr, ln_weight, ln_bias),
         initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
         output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
         cu_seqlens=cu_seqlens, decode=decode,

@@ -14,24 +14,12 @@ STATE_NAMES = ("W1", "b1", "W2", "b2")
 
 
 def ttt_mlp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    *,
-    initial_state: tuple[Tensor, Tensor, Tensor, Tensor] | TTTState,
-    token_eta: Tensor | None = None,
-    mini_batch_size: int = 16,
-    causal: bool = True,
-    output_final_state: bool = False,
-    eps: float = 1e-6,
-    impl: Impl | str = Impl.CHUNK,
-    check_finite: bool = False,
-    cu_seqlens: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, *,
+    initial_state: tuple[Tensor, Tensor, Tensor, Tensor] | TTTState, token_eta: Tensor | None = None,
+    mini_batch_size: int = 16, causal: bool = True, output_final_state: bool = False, eps: float = 1e-6,
+    impl: Impl | str = Impl.CHUNK, check_finite: bool = False, cu_seqlens: Tensor | None = None,
     decode: bool = False,
-) -> TTTOutput:
+) -> TTTOutput:  # fmt: skip
     """TTT-MLP (Sun et al. 2024): ``ttt_linear`` with inner model ``LN(gelu_tanh(x W1 + b1) W2 + b2)``.
 
     Args:
@@ -65,7 +53,7 @@ def ttt_mlp(
         return (H, D, M), (H, M), (H, M, D), (H, D)
 
     return run_ttt(
-        "ttt_mlp", shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
+        "ttt_mlp", shapes, STATE_NAMES, (q, k, v, lr, ln_weight, ln_bias),
         initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
         output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
         cu_seqlens=cu_seqlens, decode=decode,

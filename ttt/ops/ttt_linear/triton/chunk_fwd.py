@@ -230,66 +230,6 @@ def chunk_ttt_linear_fwd_kernel_fused(
     tl.store(ht_b + i_bh64 * D + o_d, b_b, mask=m_d)
 
 
-@triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
-@triton.jit(do_not_specialize=["T", "offset", "NS"])
-def chunk_ttt_linear_fwd_kernel_o(
-    q,
-    k,
-    v,
-    lr,
-    te,
-    ln_w,
-    ln_b,
-    g0_w,
-    g0_b,
-    ckpt_w,
-    ckpt_b,
-    o,
-    cu_seqlens,
-    T,
-    offset,
-    NS,
-    eps,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    MB: tl.constexpr,
-    BT: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PREC: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """Outputs of one segment from its checkpointed anchor; grid (NS, B * H), no recurrence."""
-    n, i_bh = tl.program_id(0), tl.program_id(1)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    m_dd = m_d[:, None] & m_d[None, :]
-    o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
-
-    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
-    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
-    p_ck = (i_bh64 * NS + n) * D
-    # segments past the end of a short packed sequence were never checkpointed: read zeros
-    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd & (o_dd * 0 + n < NS_i), other=0.0)
-    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d & (o_d * 0 + n < NS_i), other=0.0)
-    b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)
-    b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
-    # carried gradient sum: only segment 0 reads it (masked loads instead of a branch)
-    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd & (o_dd * 0 + n == 0), other=0.0)
-    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d & (o_d * 0 + n == 0), other=0.0)
-    b_zb = b_zb - b_eta[:, None] * (_dot(b_q, b_gw, PREC) + b_gb[None, :])
-    b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
-    b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
-    tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
-
-
-# chosen from the H200 measurements in docs/kernels.md
-SPLIT_O = False
 # software-pipelining depth of the sequential loops (loads of the next segment overlap this one)
 NUM_STAGES = 2
 
@@ -348,7 +288,6 @@ def chunk_ttt_linear_fwd_fused(
     causal: bool,
     eps: float,
     store_ckpt: bool,
-    split_o: bool | None = None,
     cu_seqlens: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -357,12 +296,7 @@ def chunk_ttt_linear_fwd_fused(
     [N + 1], then the state has N rows); lr [B, H, T]; h0 / g0 = (W [B, H, D, D], b [B, H, D]) fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
     per-segment anchors (ckpt_w [B, H, NS, D, D] in ``checkpoint_dtype``, ckpt_b [B, H, NS, D] fp32) or
     (None, None).
-
-    ``split_o``: run only the recurrence sequentially (one program per (batch, head)) and compute the
-    outputs in a second, fully parallel launch (one program per (segment, batch, head)) from the
-    checkpointed anchors, instead of fusing both in the sequential loop. Default: ``SPLIT_O``.
     """
-    split_o = SPLIT_O if split_o is None else split_o
     B, H, T, D = q.shape
     MB = token_eta.shape[0]
     # packed sequences (cu_seqlens [N + 1], q [1, H, sum T_n, D]) run one program per (sequence, head)
@@ -370,11 +304,10 @@ def chunk_ttt_linear_fwd_fused(
     cfg = launch_config(D, q.dtype)
     BT = max(16, triton.next_power_of_2(MB))
     o = torch.empty_like(q)
-    o_fused = None if split_o else o
     ht_w, ht_b = torch.empty_like(h0[0]), torch.empty_like(h0[1])
     gt_w, gt_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
     ckpt_w = ckpt_b = None
-    if store_ckpt or split_o:
+    if store_ckpt:
         ckpt_w = q.new_empty(B, H, NS, D, D, dtype=checkpoint_dtype(cfg["PREC"]))
         ckpt_b = q.new_empty(B, H, NS, D, dtype=torch.float32)
     chunk_ttt_linear_fwd_kernel_fused[(B * H,)](
@@ -389,7 +322,7 @@ def chunk_ttt_linear_fwd_fused(
         h0[1],
         g0[0],
         g0[1],
-        o_fused,
+        o,
         ht_w,
         ht_b,
         gt_w,
@@ -411,32 +344,4 @@ def chunk_ttt_linear_fwd_fused(
         num_warps=num_warps or cfg["num_warps"],
         num_stages=num_stages or cfg["num_stages"],
     )
-    if split_o:
-        chunk_ttt_linear_fwd_kernel_o[(NS, B * H)](
-            q,
-            k,
-            v,
-            lr,
-            token_eta,
-            ln_weight,
-            ln_bias,
-            g0[0],
-            g0[1],
-            ckpt_w,
-            ckpt_b,
-            o,
-            cu_seqlens,
-            T,
-            offset,
-            NS,
-            eps,
-            H=H,
-            D=D,
-            BD=cfg["BD"],
-            MB=MB,
-            BT=BT,
-            CAUSAL=causal,
-            PREC=cfg["PREC"],
-            num_warps=4 if cfg["BD"] <= 64 else 8,
-        )
     return o, (ht_w, ht_b), (gt_w, gt_b), (ckpt_w, ckpt_b)

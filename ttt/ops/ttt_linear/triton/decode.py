@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...types import TTTState
+from ...types import TTTInputs, TTTState
 from .ln_l2 import _ln_l2_grad, _ln_rows
 
 
@@ -118,20 +118,10 @@ def _num_warps(BD: int) -> int:
 
 
 def ttt_linear_decode_(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, Tensor],
-    grad_sum: tuple[Tensor, Tensor],
-    offset: Tensor,
-    *,
-    eps: float = 1e-6,
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, Tensor], grad_sum: tuple[Tensor, Tensor], offset: Tensor, *, eps: float = 1e-6,
     out: Tensor | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """One causal TTT-Linear token for every (batch, head), updating the state **in place**.
 
     No host synchronisation and no allocation (with ``out``): a loop of these calls can be captured in a
@@ -163,19 +153,9 @@ def ttt_linear_decode_(
 
 
 def ttt_linear_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, Tensor],
-    grad_sum: tuple[Tensor, Tensor],
-    offset: int,
-    *,
-    eps: float,
-) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, Tensor], grad_sum: tuple[Tensor, Tensor], offset: int, *, eps: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:  # fmt: skip
     """Functional form of ``ttt_linear_decode_`` (new state tensors; the inputs are left alone).
 
     ``offset`` is a host int shared by every row. Returns ``(o [B, H, D], anchor, grad_sum, weights)``
@@ -251,16 +231,16 @@ class _InferenceOnly(torch.autograd.Function):
 
 
 def decode_through(
-    decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, *, causal: bool, eps: float
-):
+    decode, x: TTTInputs, state: TTTState, *, causal: bool, eps: float
+) -> tuple[Tensor, TTTState]:
     """One causal token ``[B, H, 1, D]`` through a functional decode kernel (``ttt_linear_decode`` or
     ``ttt_mlp_decode``); returns ``(o [B, H, 1, D], TTTState)`` like the chunk launchers. Inference only:
     a backward through it raises."""
-    if not causal or q.shape[2] != 1:
+    if not causal or x.q.shape[2] != 1:
         raise ValueError(
-            f"a decode step is one causal token [B, H, 1, D], got causal={causal}, {list(q.shape)}"
+            f"a decode step is one causal token [B, H, 1, D], got causal={causal}, {list(x.q.shape)}"
         )
-    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     n = len(state.anchor)
 
     def run(q, k, v, lr, ln_weight, ln_bias, token_eta, *fast):
@@ -270,11 +250,28 @@ def decode_through(
         )  # fmt: skip
         return (o, *anchor, *grad_sum, *weights)
 
-    out = _InferenceOnly.apply(
-        run, q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum
-    )
+    out = _InferenceOnly.apply(run, *x, *state.anchor, *state.grad_sum)
     o, anchor, grad_sum, weights = out[0], out[1 : 1 + n], out[1 + n : 1 + 2 * n], out[1 + 2 * n :]
-    offset = (state.offset + 1) % token_eta.shape[0]
+    offset = (state.offset + 1) % x.token_eta.shape[0]
     if offset == 0:  # the mini-batch completed: the token's weights are the new anchor
         weights = anchor
     return o[:, :, None], TTTState(weights, anchor, grad_sum, offset, state.mini_batch_size, state.variant)
+
+
+def state_after(
+    x: TTTInputs, state: TTTState, anchor: list[Tensor], grad_sum: list[Tensor], cu_seqlens: Tensor | None
+) -> TTTState | None:
+    """The ``TTTState`` after a chunk-kernel call from the anchor and gradient sum it returned: the offset
+    moves by T (packed: by each sequence's length; None when they end at different offsets), and the
+    last token's weights are ``anchor - token_eta[offset - 1] * grad_sum`` inside a mini-batch."""
+    mb = x.token_eta.shape[0]
+    offset = (state.offset + x.q.shape[2]) % mb
+    if cu_seqlens is not None:
+        ends = {(state.offset + int(n)) % mb for n in torch.diff(cu_seqlens.detach().cpu())}
+        if len(ends) > 1:
+            return None
+        offset = ends.pop()
+    anchor, grad_sum = tuple(anchor), tuple(grad_sum)
+    te = x.token_eta.to(torch.float32)
+    weights = anchor if offset == 0 else tuple(a - te[offset - 1] * s for a, s in zip(anchor, grad_sum))
+    return TTTState(weights, anchor, grad_sum, offset, mb, state.variant)

@@ -149,20 +149,10 @@ def _shapes(D: int, M: int):
 
 
 def ttt_mlp_decode_(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, Tensor, Tensor, Tensor],
-    grad_sum: tuple[Tensor, Tensor, Tensor, Tensor],
-    offset: Tensor,
-    *,
-    eps: float = 1e-6,
-    out: Tensor | None = None,
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, Tensor, Tensor, Tensor], grad_sum: tuple[Tensor, Tensor, Tensor, Tensor],
+    offset: Tensor, *, eps: float = 1e-6, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """One causal TTT-MLP token for every (batch, head), updating the state **in place**.
 
     No host synchronisation and no allocation (with ``out``): capturable in a CUDA graph.
@@ -191,19 +181,9 @@ def ttt_mlp_decode_(
 
 
 def ttt_mlp_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, ...],
-    grad_sum: tuple[Tensor, ...],
-    offset: int,
-    *,
-    eps: float,
-) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, ...], grad_sum: tuple[Tensor, ...], offset: int, *, eps: float,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:  # fmt: skip
     """Functional form of ``ttt_mlp_decode_``: ``(o [B, H, D], anchor, grad_sum, weights)`` after the
     token, in new tensors (the inputs are left alone); ``offset`` is a host int shared by every row."""
     B, H = lr.shape[:2]

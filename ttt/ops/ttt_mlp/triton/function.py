@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...ttt_linear.triton.decode import decode_through
-from ...types import TTTState
+from ...ttt_linear.triton.decode import decode_through, state_after
+from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
 from .decode import ttt_mlp_decode
@@ -74,18 +74,7 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
 
 
 def triton_ttt_mlp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
-    cu_seqlens: Tensor | None = None,
+    x: TTTInputs, state: TTTState, *, causal: bool, eps: float, cu_seqlens: Tensor | None = None
 ) -> tuple[Tensor, TTTState | None]:
     """TTT-MLP with the fused Triton forward; same arguments and results as ``chunk_ttt_mlp``.
 
@@ -105,30 +94,17 @@ def triton_ttt_mlp(
         sequence's last token, or None when the sequences end at different positions of a mini-batch,
         which one ``TTTState.offset`` cannot express).
     """
-    if q.dtype == torch.float64:
+    if x.q.dtype == torch.float64:
         raise TypeError("the Triton TTT-MLP kernel computes in float32; use impl='chunk' for float64 inputs")
-    mb, T = token_eta.shape[0], q.shape[2]
-    if T == 0:
-        return q.clone(), state
-    out = ChunkTTTMLPFunction.apply(
-        q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum, state.offset, causal, eps,
-        cu_seqlens,
-    )  # fmt: skip
-    o, anchor, grad_sum = out[0], tuple(out[1:5]), tuple(out[5:9])
-    offset = (state.offset + T) % mb
-    if cu_seqlens is not None:
-        ends = {(state.offset + int(n)) % mb for n in torch.diff(cu_seqlens.detach().cpu())}
-        if len(ends) > 1:
-            return o, None
-        offset = ends.pop()
-    te = token_eta.to(torch.float32)
-    weights = anchor if offset == 0 else tuple(a - te[offset - 1] * s for a, s in zip(anchor, grad_sum))
-    return o, TTTState(weights, anchor, grad_sum, offset, mb, state.variant)
+    if x.q.shape[2] == 0:
+        return x.q.clone(), state
+    o, *fast = ChunkTTTMLPFunction.apply(
+        *x, *state.anchor, *state.grad_sum, state.offset, causal, eps, cu_seqlens
+    )
+    return o, state_after(x, state, fast[:4], fast[4:], cu_seqlens)
 
 
-def decode_ttt_mlp(q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, *, causal: bool, eps: float):
+def decode_ttt_mlp(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:
     """The Triton form at a decode step: one causal token ``[B, H, 1, D]`` through the fused decode
     kernel (inference only; same arguments and results as ``triton_ttt_mlp``)."""
-    return decode_through(
-        ttt_mlp_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, causal=causal, eps=eps
-    )
+    return decode_through(ttt_mlp_decode, x, state, causal=causal, eps=eps)
