@@ -40,7 +40,7 @@ class KVCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-class Attention(nn.Module):
+class SoftmaxAttention(nn.Module):
     """Causal softmax attention with rotary positions, as in Llama (and the TTT paper's Transformer baseline).
 
     Args:
@@ -57,8 +57,8 @@ class Attention(nn.Module):
     Examples::
 
         >>> import torch
-        >>> from ttt.layers import Attention
-        >>> layer = Attention(dim=64, num_heads=4)
+        >>> from ttt.layers import SoftmaxAttention
+        >>> layer = SoftmaxAttention(dim=64, num_heads=4)
         >>> x = torch.randn(2, 10, 64)
         >>> y, cache = layer(x[:, :9])               # prefill
         >>> y_last, cache = layer.step(x[:, 9:], cache)  # decode one token
@@ -210,7 +210,7 @@ class Attention(nn.Module):
             )
 
 
-class SlidingWindowAttention(Attention):
+class SlidingWindowAttention(SoftmaxAttention):
     """:class:`Attention` with a sliding window, for hybrid models (the ``"swa"`` mixer).
 
     Args:
@@ -223,3 +223,7 @@ class SlidingWindowAttention(Attention):
         if window is None:
             raise ValueError("SlidingWindowAttention needs a window (use Attention for full attention)")
         super().__init__(dim, num_heads, window=window, **kwargs)
+
+
+# the former name of the softmax layer, kept for old imports (``ttt.attention`` is the TTT operator)
+Attention = SoftmaxAttention

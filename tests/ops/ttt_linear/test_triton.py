@@ -155,8 +155,7 @@ def test_backward_follows_the_forwards_dot_mode(monkeypatch):
 
 
 def test_dot_precision_modes(monkeypatch):
-    from ttt.ops.ttt_linear.triton.chunk_fwd import checkpoint_dtype
-    from ttt.ops.ttt_linear.triton.dot import dot_precision
+    from ttt.ops.triton_shared import checkpoint_dtype, dot_precision
 
     monkeypatch.delenv("TTT_TRITON_DOTS", raising=False)
     assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [

@@ -33,17 +33,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import (
+from ...triton_shared import (
+    _dot,
     _head_params,
+    _ln_l2_grad,
+    _ln_l2_grad_bwd,
+    _ln_rows,
+    _ln_rows_bwd,
     _segment_masks,
     _segment_rows,
     _span,
     checkpoint_precision,
-    launch_config,
     varlen_plan,
 )
-from .dot import _dot
-from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
+from .chunk_fwd import launch_config
 
 
 @triton.jit

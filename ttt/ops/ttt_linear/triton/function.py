@@ -6,10 +6,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ...triton_shared import decode_through, state_after
 from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_linear_bwd
 from .chunk_fwd import chunk_ttt_linear_fwd_fused
-from .decode import decode_through, state_after, ttt_linear_decode
+from .decode import ttt_linear_decode
 
 
 class ChunkTTTLinearFunction(torch.autograd.Function):

@@ -40,16 +40,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import (
+from ...triton_shared import (
+    _dot,
     _head_params,
+    _ln_l2_grad,
+    _ln_l2_grad_bwd,
+    _ln_rows,
+    _ln_rows_bwd,
     _segment_masks,
     _segment_rows,
     _span,
     checkpoint_precision,
     varlen_plan,
 )
-from ...ttt_linear.triton.dot import _dot
-from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh, _load_w_tile
 
 # widest M tile (columns of W1 / rows of W2) a kernel holds in registers, and the warps per program.

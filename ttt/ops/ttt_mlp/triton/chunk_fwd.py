@@ -27,16 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import (
+from ...triton_shared import (
+    _dot,
     _head_params,
+    _ln_l2_grad,
+    _ln_rows,
     _segment_masks,
     _segment_rows,
     _span,
     checkpoint_dtype,
+    dot_precision,
     varlen_plan,
 )
-from ...ttt_linear.triton.dot import _dot, dot_precision
-from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
 # the largest [BD, BM] weight tile the fused forward holds on chip: BD = 64, BM = 256 ran on the H200. Static
 # sm_90 builds at BD * BM = 64 * 256 need 153-197 KB of shared memory ((128, 128), (32, 512), (64, 256),

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...ttt_linear.triton.decode import _ln_l2_grad_vec, _ln_vec, check_decode
+from ...triton_shared import _ln_l2_grad_vec, _ln_vec, check_decode
 from .chunk_fwd import _gelu_tanh
 
 

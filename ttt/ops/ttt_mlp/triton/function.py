@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...ttt_linear.triton.decode import decode_through, state_after
+from ...triton_shared import decode_through, state_after
 from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
