@@ -47,7 +47,7 @@ class RecurrentMixer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
-        """Run the layer over a chunk: ``x [B, T, C]`` -> ``(y [B, T, C], state)``; ``mask`` ``[B, T]``
+        """``x [B, T, C]`` (a sequence or a piece of one) -> ``(y [B, T, C], state)``; ``mask`` ``[B, T]``
         bool, True = real token (right padding). Subclasses document what padding does to their state."""
         name = type(self).__name__
         check_input(name, x, self.dim, dtype=param_dtype(self))

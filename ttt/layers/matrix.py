@@ -80,7 +80,7 @@ class MatrixMixer(RecurrentMixer):
     def forward(
         self, x: Tensor, state: MatrixState | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, MatrixState]:
-        """Run the layer over a chunk.
+        """Run the layer over ``x``, a sequence or a piece of one (continue with the returned state).
 
         Args:
             x: ``[B, T, C]``.

@@ -153,7 +153,7 @@ class _TTTLayer(RecurrentMixer):
     def forward(
         self, x: Tensor, state: TTTLayerState | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, TTTLayerState]:
-        """Run the layer over a chunk.
+        """Run the layer over ``x``, a sequence or a piece of one (continue with the returned state).
 
         Args:
             x: ``[B, T, C]``.
@@ -229,7 +229,7 @@ class _TTTLayer(RecurrentMixer):
 
 
 class TTTLinear(_TTTLayer):
-    """TTT-Linear: the fast model is ``x + LN(x W + b)`` per head, updated by mini-batch GD on each chunk.
+    """TTT-Linear: the fast model is ``x + LN(x W + b)`` per head, updated by mini-batch GD.
 
     Args:
         dim: model width C.
