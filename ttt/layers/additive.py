@@ -63,11 +63,9 @@ class LinearAttention(MatrixMixer):
         num_heads: int,
         *,
         normalize: bool = True,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.normalize = normalize
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             nn.Linear(dim, dim, bias=False) for _ in range(4)
@@ -116,11 +114,9 @@ class RetNet(MatrixMixer):
         *,
         expand_v: float = 1.0,
         rope_theta: float = 10000.0,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.head_k_dim, self.rope_theta = dim // num_heads, rope_theta
         if self.head_k_dim % 2:
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {self.head_k_dim}")
@@ -180,11 +176,9 @@ class Mamba2(MatrixMixer):
         d_state: int = 128,
         expand: int = 2,
         conv_size: int = 4,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.d_inner, self.d_state = expand * dim, d_state
         if self.d_inner % num_heads:
             raise ValueError(f"expand * dim = {self.d_inner} must be divisible by num_heads={num_heads}")
@@ -249,11 +243,9 @@ class GatedLinearAttention(MatrixMixer):
         expand_k: float = 0.5,
         gate_rank: int = 16,
         gate_normalizer: float = 16.0,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         key_width = int(dim * expand_k)
         if key_width % num_heads or key_width == 0:
             raise ValueError(
@@ -303,12 +295,9 @@ class HGRN2(MatrixMixer):
         self,
         dim: int,
         num_heads: int,
-        *,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.q_proj, self.f_proj, self.i_proj, self.o_proj = (
             nn.Linear(dim, dim, bias=False) for _ in range(4)
         )
@@ -354,11 +343,9 @@ class HebbianFastWeights(MatrixMixer):
         *,
         decay: float = 0.95,
         lr: float = 0.5,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         if not 0 < decay < 1 or lr <= 0:
             raise ValueError(f"need 0 < decay < 1 and lr > 0, got decay={decay}, lr={lr}")
         self.head_dim = dim // num_heads

@@ -35,11 +35,9 @@ class _DeltaFamilyLayer(MatrixMixer):
         expand_v: float = 1.0,
         conv_size: int | None = 4,
         norm_eps: float = 1e-6,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.head_k_dim = dim // num_heads
         self.head_v_dim = int(self.head_k_dim * expand_v)
         if self.head_v_dim < 1:

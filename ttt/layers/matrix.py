@@ -59,11 +59,18 @@ class MatrixMixer(RecurrentMixer):
         chunk_size: tokens per chunk of the chunk form.
 
     Subclasses set ``op`` (the family rule they run) and implement ``_mix``.
+
+    ``forward(x [B, T, C], state=None, mask=None) -> (y, MatrixState)``: a padded token (``mask`` False,
+    right padding) leaves ``S`` exactly unchanged (zero key and learning rate, no decay) and the conv
+    caches keep each row's last real inputs, so the returned state continues exactly like the unpadded
+    sequence.
     """
 
     state_type = MatrixState
 
-    def __init__(self, dim: int, num_heads: int, *, impl: str, decode_impl: str, chunk_size: int) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, *, impl: str = "auto", decode_impl: str = "auto", chunk_size: int = 64
+    ) -> None:
         super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl)
         self.chunk_size = chunk_size
 
@@ -76,23 +83,6 @@ class MatrixMixer(RecurrentMixer):
         convs = tuple(c.init_cache(batch_size, device=device, dtype=dtype) for c in self.conv_modules())
         device = device or next(self.parameters()).device
         return MatrixState(None, convs, torch.zeros(batch_size, dtype=torch.long, device=device))
-
-    def forward(
-        self, x: Tensor, state: MatrixState | None = None, mask: Tensor | None = None
-    ) -> tuple[Tensor, MatrixState]:
-        """Run the layer over ``x``, a sequence or a piece of one (continue with the returned state).
-
-        Args:
-            x: ``[B, T, C]``.
-            state: a :class:`MatrixState` from ``init_state`` or a previous call, or ``None``.
-            mask: ``[B, T]`` bool, True = real token (right padding). A padded token leaves ``S`` exactly
-                unchanged (zero key and learning rate, no decay) and the conv caches keep each row's last
-                real inputs, so the returned state continues exactly like the unpadded sequence.
-
-        Returns:
-            ``(y [B, T, C], MatrixState)``.
-        """
-        return super().forward(x, state, mask)
 
     def _run(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         y, S, convs = self._mix(x, state, mask, decode)

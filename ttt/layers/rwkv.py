@@ -94,11 +94,9 @@ class RWKV7(MatrixMixer):
         num_heads: int,
         *,
         norm_eps: float = 64e-5,
-        impl: str = "auto",
-        decode_impl: str = "auto",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.head_dim = dim // num_heads
         self.shift = TokenShift(dim)
         # first-layer interpolations of the paper's init: channel i of C gets 1 - (i / C)^p

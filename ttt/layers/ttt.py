@@ -83,7 +83,14 @@ class TTTLayerState:
 
 class _TTTLayer(RecurrentMixer):
     """What TTT-Linear and TTT-MLP share (the arguments are documented on :class:`TTTLinear`); subclasses
-    define the fast weights, the operator (``op``) and their default ``base_lr``."""
+    define the fast weights, the operator (``op``) and their default ``base_lr``.
+
+    ``forward(x [B, T, C], state=None, mask=None) -> (y, TTTLayerState)``: padded tokens (``mask`` False,
+    right padding) get inner learning rate 0, so they do not change the fast weights, and each row's real
+    outputs equal those of its unpadded sequence (with ``causal=False`` too, at any real length). The
+    returned state of a padded row is *not* that of the unpadded row (its padding still advanced the
+    mini-batch position); do not continue it.
+    """
 
     state_type = TTTLayerState
 
@@ -149,25 +156,6 @@ class _TTTLayer(RecurrentMixer):
                 c.init_cache(batch_size, device=device, dtype=dtype) for c in (self.conv_q, self.conv_k)
             ]
         return TTTLayerState(None, caches[0], caches[1], 0)
-
-    def forward(
-        self, x: Tensor, state: TTTLayerState | None = None, mask: Tensor | None = None
-    ) -> tuple[Tensor, TTTLayerState]:
-        """Run the layer over ``x``, a sequence or a piece of one (continue with the returned state).
-
-        Args:
-            x: ``[B, T, C]``.
-            state: a :class:`TTTLayerState` from ``init_state`` or a previous call, or ``None``.
-            mask: ``[B, T]`` bool, True = real token, right padding. Padded tokens get inner learning
-                rate 0, so they do not change the fast weights, and each row's real outputs equal those
-                of its unpadded sequence (with ``causal=False`` too, at any real length). The returned
-                state of a padded row is *not* that of the unpadded row (its padding still advanced the
-                mini-batch position); do not continue it.
-
-        Returns:
-            ``(y [B, T, C], TTTLayerState)``.
-        """
-        return super().forward(x, state, mask)
 
     def _run(self, x: Tensor, state: TTTLayerState, mask: Tensor | None, decode: bool):
         length = x.shape[1]

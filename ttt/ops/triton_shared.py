@@ -297,6 +297,20 @@ def decode_through(
     return o[:, :, None], TTTState(weights, anchor, grad_sum, offset, state.mini_batch_size, state.variant)
 
 
+def chunk_through(
+    function, x: TTTInputs, state: TTTState, *, causal: bool, eps: float, cu_seqlens: Tensor | None
+) -> tuple[Tensor, TTTState | None]:
+    """A TTT call through a chunk-kernel ``torch.autograd.Function`` (``(*x, *anchor, *grad_sum, offset,
+    causal, eps, cu_seqlens) -> (o, *anchor, *grad_sum)``): ``(o, TTTState after the call)``."""
+    if x.q.dtype == torch.float64:
+        raise TypeError("the Triton TTT kernels compute in float32; use impl='chunk' for float64 inputs")
+    if x.q.shape[2] == 0:
+        return x.q.clone(), state
+    o, *fast = function.apply(*x, *state.anchor, *state.grad_sum, state.offset, causal, eps, cu_seqlens)
+    n = len(state.anchor)
+    return o, state_after(x, state, fast[:n], fast[n:], cu_seqlens)
+
+
 def state_after(
     x: TTTInputs, state: TTTState, anchor: list[Tensor], grad_sum: list[Tensor], cu_seqlens: Tensor | None
 ) -> TTTState | None:

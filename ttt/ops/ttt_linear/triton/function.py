@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...triton_shared import decode_through, state_after
+from ...triton_shared import chunk_through, decode_through
 from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_linear_bwd
 from .chunk_fwd import chunk_ttt_linear_fwd_fused
@@ -97,16 +97,7 @@ def triton_ttt_linear(
         sequence's last token, or None when the sequences end at different positions of a mini-batch,
         which one ``TTTState.offset`` cannot express).
     """
-    if x.q.dtype == torch.float64:
-        raise TypeError(
-            "the Triton TTT-Linear kernels compute in float32; use impl='chunk' for float64 inputs"
-        )
-    if x.q.shape[2] == 0:
-        return x.q.clone(), state
-    o, *fast = ChunkTTTLinearFunction.apply(
-        *x, *state.anchor, *state.grad_sum, state.offset, causal, eps, cu_seqlens
-    )
-    return o, state_after(x, state, fast[:2], fast[2:], cu_seqlens)
+    return chunk_through(ChunkTTTLinearFunction, x, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
 
 
 def decode_ttt_linear(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:

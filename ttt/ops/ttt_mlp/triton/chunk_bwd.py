@@ -237,20 +237,27 @@ def chunk_ttt_mlp_bwd_kernel_local(
 
 @triton.jit
 def _seq_segment(
-    n, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
-    dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-    dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-    b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-    i_bh64, tok0, o_i, o_d, o_j, m_d, T, offset, NS, eps,
+    n, ptrs, carry, head, pos,
     D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr, NMT: tl.constexpr,
     MB: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
     """Segment n of the reverse sweep; returns the carried (db2, dte, dgamma, dbeta).
 
+    Arguments bundled as the kernel builds them once: ``ptrs`` (inputs, checkpoints, initial and returned
+    gradient sums, the local stage's buffers, outputs, carried anchor gradient, gradient-sum outputs),
+    ``carry`` (db2, dte, dgamma, dbeta), ``head`` (LN parameters and token_eta), ``pos`` (this program's
+    offsets and masks, T, offset, NS, eps).
+
     On entry dh_w1 / dh_b1 / dh_w2 hold the gradient w.r.t. the anchor leaving segment n; on exit, w.r.t.
     the anchor entering it. PARTIAL: a trailing partial mini-batch (U reached through the returned gradient
     sums); HAS_S: segment 0, which reads the carried gradient sums.
     """
+    (q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1, dgt_w2,
+     dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dh_w1, dh_b1, dh_w2,
+     dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2) = ptrs  # fmt: skip
+    b_db2, b_dte, b_dgamma, b_dbeta = carry
+    b_gamma, b_beta, b_te, te, te_last = head
+    i_bh64, tok0, o_i, o_d, o_j, m_d, T, offset, NS, eps = pos
     # causal or not only changes the output path (local kernel): the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
@@ -431,40 +438,28 @@ def chunk_ttt_mlp_bwd_kernel_seq(
     b_dbeta = tl.zeros([BD], dtype=tl.float32)
     # the first / last segments of the sweep are peeled with constexpr flags (only they read the returned /
     # carried gradient sums)
+    ptrs = (q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1, dgt_w2,
+            dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dh_w1, dh_b1, dh_w2,
+            dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2)  # fmt: skip
+    head = (b_gamma, b_beta, b_te, te, te_last)
+    pos = (i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps)
     if ONE_SEGMENT:
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            0, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
-            dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-            dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-            b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+            0, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT, PREC,
             LAST_PARTIAL, True,
         )  # fmt: skip
     else:
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            NS_i - 1, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2,
-            dgt_w1, dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f,
-            dk, dv,
-            dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-            b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+            NS_i - 1, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT, PREC,
             LAST_PARTIAL, False,
         )  # fmt: skip
         for i_s in range(2, NS_i):
             b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-                NS_i - i_s, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1,
-                dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-                dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-                b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-                i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
-                False, False,
+                NS_i - i_s, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT,
+                PREC, False, False,
             )  # fmt: skip
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            0, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
-            dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-            dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-            b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC, False, True,
+            0, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT, PREC, False, True,
         )  # fmt: skip
     tl.store(dh_b2 + i_bh64 * D + o_d, b_db2, mask=m_d)
     tl.store(dte_s + i_bh64 * MB + o_i, b_dte, mask=o_i < MB)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...triton_shared import decode_through, state_after
+from ...triton_shared import chunk_through, decode_through
 from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
@@ -89,19 +89,9 @@ def triton_ttt_mlp(
             ``[1, H, sum T_n, D]``, lr ``[1, H, sum T_n]``), one program per (sequence, head) in a single
             forward launch; the state then has N rows, every sequence starting at ``state.offset``.
             Default: None.
-    Returns:
-        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token (packed: after each
-        sequence's last token, or None when the sequences end at different positions of a mini-batch,
-        which one ``TTTState.offset`` cannot express).
+    Returns: as ``triton_ttt_linear``.
     """
-    if x.q.dtype == torch.float64:
-        raise TypeError("the Triton TTT-MLP kernel computes in float32; use impl='chunk' for float64 inputs")
-    if x.q.shape[2] == 0:
-        return x.q.clone(), state
-    o, *fast = ChunkTTTMLPFunction.apply(
-        *x, *state.anchor, *state.grad_sum, state.offset, causal, eps, cu_seqlens
-    )
-    return o, state_after(x, state, fast[:4], fast[4:], cu_seqlens)
+    return chunk_through(ChunkTTTMLPFunction, x, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
 
 
 def decode_ttt_mlp(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:
