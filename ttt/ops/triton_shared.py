@@ -216,6 +216,29 @@ def _ln_l2_grad_vec(z, tgt, gamma, beta, m_d, D: tl.constexpr, eps):
     return tl.sum(g, axis=0)
 
 
+@triton.jit
+def _decode_token(x, te, offs, off_scalar, i_bh, i_h, o_d, m_d, D: tl.constexpr, MB: tl.constexpr,
+                  OFFSET_PTR: tl.constexpr):  # fmt: skip
+    """What a decode program reads first: its position in the mini-batch ``off`` (per program from
+    ``offs``, or the host's ``off_scalar``), ``token_eta`` there and at the end, and its token's rows.
+    ``x`` = (q, k, v, lr, ln_w, ln_b) pointers. Returns (off, eta, te_last, q, k, v, lr, gamma, beta)."""
+    q, k, v, lr, ln_w, ln_b = x
+    if OFFSET_PTR:
+        off = tl.load(offs + i_bh)
+    else:
+        off = off_scalar
+    eta = tl.load(te + off).to(tl.float32)
+    te_last = tl.load(te + MB - 1).to(tl.float32)
+    p_d = i_bh.to(tl.int64) * D + o_d
+    b_q = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_d, mask=m_d, other=0.0).to(tl.float32)
+    b_lr = tl.load(lr + i_bh).to(tl.float32)
+    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    return off, eta, te_last, b_q, b_k, b_v, b_lr, b_gamma, b_beta
+
+
 def check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, shapes, offset=None, out=None):
     """Shapes, dtypes and contiguity the decode kernels index by; errors name the expected layout.
 

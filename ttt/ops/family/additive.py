@@ -98,12 +98,8 @@ def mamba2(
     """
     B, H, T, _, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
-    tokens = {
-        "k": k,
-        "v": v,
-        "beta": check_gate("beta", beta, (B, H, T), dt, low=0.0),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
-    }
+    tokens = {"k": k, "v": v, "beta": check_gate("beta", beta, (B, H, T), dt, low=0.0)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T), dt)
     return run_rule("mamba2", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 

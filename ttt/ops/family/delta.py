@@ -84,12 +84,8 @@ def gated_deltanet(
     """
     B, H, T, _, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
-    tokens = {
-        "k": k,
-        "v": v,
-        "beta": _beta(beta, (B, H, T), dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
-    }
+    tokens = {"k": k, "v": v, "beta": _beta(beta, (B, H, T), dt)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T), dt)
     return run_rule(
         "gated_deltanet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size
     )
@@ -111,12 +107,8 @@ def kda(
     """
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
-    tokens = {
-        "k": k,
-        "v": v,
-        "beta": _beta(beta, (B, H, T), dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
-    }
+    tokens = {"k": k, "v": v, "beta": _beta(beta, (B, H, T), dt)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)
     return run_rule("kda", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
@@ -162,13 +154,8 @@ def comba(
     """
     B, H, T, Dk, _ = check_qkv(q, k, v)
     dt = compute_dtype(q)
-    tokens = {
-        "k": k,
-        "v": v,
-        "p": check_gate("p", p, (B, H, T, Dk), dt),
-        "beta": _beta(beta, (B, H, T), dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
-    }
+    tokens = {"k": k, "v": v, "p": check_gate("p", p, (B, H, T, Dk), dt), "beta": _beta(beta, (B, H, T), dt)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T), dt)
     return run_rule("comba", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...triton_shared import _ln_l2_grad_vec, _ln_vec, check_decode
+from ...triton_shared import _decode_token, _ln_l2_grad_vec, _ln_vec, check_decode
 
 
 @triton.heuristics(
@@ -52,18 +52,9 @@ def ttt_linear_decode_kernel(
     p_dd = i_bh64 * D * D + o_dd
     p_d = i_bh64 * D + o_d
 
-    if OFFSET_PTR:
-        off = tl.load(offs + i_bh)
-    else:
-        off = off_scalar
-    eta = tl.load(te + off).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
-    b_q = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh).to(tl.float32)
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    off, eta, te_last, b_q, b_k, b_v, b_lr, b_gamma, b_beta = _decode_token(
+        (q, k, v, lr, ln_w, ln_b), te, offs, off_scalar, i_bh, i_h, o_d, m_d, D, MB, OFFSET_PTR
+    )
 
     b_w = tl.load(w + p_dd, mask=m_dd, other=0.0)  # [BD, BD]: rows = input dim, columns = output dim
     b_b = tl.load(bias + p_d, mask=m_d, other=0.0)

@@ -28,21 +28,9 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
         ln_w, ln_b, token_eta, w0, b0, gw0, gb0 = map(f32, (ln_w, ln_b, token_eta, w0, b0, gw0, gb0))
         store = any(ctx.needs_input_grad)
         o, (wt, bt), (gwt, gbt), ckpt = chunk_ttt_linear_fwd_fused(
-            q,
-            k,
-            v,
-            lr,
-            token_eta,
-            ln_w,
-            ln_b,
-            (w0, b0),
-            (gw0, gb0),
-            offset=offset,
-            causal=causal,
-            eps=eps,
-            store_ckpt=store,
-            cu_seqlens=cu_seqlens,
-        )
+            q, k, v, lr, token_eta, ln_w, ln_b, (w0, b0), (gw0, gb0),
+            offset=offset, causal=causal, eps=eps, store_ckpt=store, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, *ckpt)
         ctx.offset, ctx.causal, ctx.eps, ctx.cu_seqlens = offset, causal, eps, cu_seqlens

@@ -36,21 +36,9 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
         h0, g0 = tuple(map(f32, (w1, b1, w2, b2))), tuple(map(f32, (s1, sb1, s2, sb2)))
         store = any(ctx.needs_input_grad)
         o, ht, gt, ckpt = chunk_ttt_mlp_fwd_fused(
-            q,
-            k,
-            v,
-            lr,
-            token_eta,
-            ln_w,
-            ln_b,
-            h0,
-            g0,
-            offset=offset,
-            causal=causal,
-            eps=eps,
-            store_ckpt=store,
-            cu_seqlens=cu_seqlens,
-        )
+            q, k, v, lr, token_eta, ln_w, ln_b, h0, g0,
+            offset=offset, causal=causal, eps=eps, store_ckpt=store, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, *g0, *ckpt)
         ctx.offset, ctx.causal, ctx.eps, ctx.cu_seqlens = offset, causal, eps, cu_seqlens
