@@ -9,7 +9,7 @@ from .general import ttt_general
 from .ttt_attention import attention
 from .ttt_linear import ttt_linear
 from .ttt_mlp import ttt_mlp
-from .types import Impl, TTTState
+from .types import Impl, TTTInputs, TTTState
 
 __all__ = [
     "attention",
@@ -17,6 +17,7 @@ __all__ = [
     "compile_chunk_steps",
     "Impl",
     "TTTOutput",
+    "TTTInputs",
     "TTTState",
     "ttt_general",
     "ttt_linear",

@@ -174,6 +174,20 @@ def _span(i_bh, T, NS, offset, cu_seqlens, H: tl.constexpr, MB: tl.constexpr, IS
     return tok0, T_i, NS_i
 
 
+@triton.jit
+def _program(i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H: tl.constexpr, D: tl.constexpr,
+             BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):  # fmt: skip
+    """What a program of a backward kernel sets up first for its (sequence, head) ``i_bh``: its span
+    (``_span``), 64-bit index, row / column offsets and mask, and the head's LN parameters and token_eta.
+    Returns (tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, gamma, beta, te, te_last)."""
+    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_bh % H, o_d, m_d, o_i, D, MB)
+    return tok0, T_i, NS_i, i_bh.to(tl.int64), o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last
+
+
 def varlen_plan(cu_seqlens: torch.Tensor | None, offset: int, MB: int, B: int, T: int):
     """(sequences, max segments, per-sequence lengths or None) of a dense or packed call.
 

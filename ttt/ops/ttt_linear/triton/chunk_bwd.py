@@ -35,14 +35,13 @@ import triton.language as tl
 
 from ...triton_shared import (
     _dot,
-    _head_params,
     _ln_l2_grad,
     _ln_l2_grad_bwd,
     _ln_rows,
     _ln_rows_bwd,
+    _program,
     _segment_masks,
     _segment_rows,
-    _span,
     checkpoint_precision,
     varlen_plan,
 )
@@ -98,15 +97,11 @@ def chunk_ttt_linear_bwd_kernel_local(
     IS_VARLEN: tl.constexpr,
 ):
     n, i_bh = tl.program_id(0), tl.program_id(1)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last = _program(
+        i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H, D, BD, MB, BT, IS_VARLEN
+    )
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
@@ -269,15 +264,11 @@ def chunk_ttt_linear_bwd_kernel_seq(
         i_bh = tl.load(ids + tl.program_id(0))
     else:
         i_bh = tl.program_id(0)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last = _program(
+        i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H, D, BD, MB, BT, IS_VARLEN
+    )
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     # gradient w.r.t. the anchor leaving the current segment, carried backwards
     b_dw = tl.load(dht_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ...triton_shared import (
     _dot,
@@ -193,24 +194,10 @@ def launch_config(D: int, dtype: torch.dtype, prec: str | None = None) -> dict:
 
 
 def chunk_ttt_linear_fwd_fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    token_eta: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    h0: tuple[torch.Tensor, torch.Tensor],
-    g0: tuple[torch.Tensor, torch.Tensor],
-    *,
-    offset: int,
-    causal: bool,
-    eps: float,
-    store_ckpt: bool,
-    cu_seqlens: torch.Tensor | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-):
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+    h0: tuple[Tensor, Tensor], g0: tuple[Tensor, Tensor], *, offset: int, causal: bool, eps: float,
+    store_ckpt: bool, cu_seqlens: Tensor | None = None, num_warps: int | None = None, num_stages: int | None = None,
+):  # fmt: skip
     """Launch the forward. q, k, v [B, H, T, D] contiguous (or [1, H, sum T_n, D] with ``cu_seqlens``
     [N + 1], then the state has N rows); lr [B, H, T]; h0 / g0 = (W [B, H, D, D], b [B, H, D]) fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
     per-segment anchors (ckpt_w [B, H, NS, D, D] in ``checkpoint_dtype``, ckpt_b [B, H, NS, D] fp32) or
