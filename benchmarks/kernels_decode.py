@@ -3,7 +3,7 @@
 One decode step for every (batch, head), B = 8, H = 16, D = 64 (TTT-MLP: M = 256), bf16 inputs, fp32
 state. Rows:
 
-- ``ttt_linear op`` / ``ttt_mlp op``: the public op with T = 1 (``impl="triton"``, validation and
+- ``ttt_linear op`` / ``ttt_mlp op``: the public op with T = 1 (``impl="triton", decode=True``, validation and
   ``TTTState`` bookkeeping on the host, one kernel launch; new state tensors every step);
 - ``ttt_linear step`` / ``ttt_mlp step``: the in-place kernel call ``ttt_linear_decode_`` (eager);
 - ``... graph``: the in-place step captured in a CUDA graph and replayed (what a compiled decode
@@ -81,7 +81,7 @@ def ttt_rows(B, H, D, M, dtype, device, quick):
         def op_call(op=op, state=state, q4=q4, k4=k4, v4=v4, lr3=lr3):
             with torch.no_grad():
                 _, state["s"] = op(q4, k4, v4, lr3, lw, lb, initial_state=state["s"], token_eta=te,
-                                   output_final_state=True, impl="triton")  # fmt: skip
+                                   output_final_state=True, impl="triton", decode=True)  # fmt: skip
 
         rows[f"{name} op"] = bench(op_call, device, quick)
         a = tuple(t.clone() for t in anchor)

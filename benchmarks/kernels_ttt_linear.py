@@ -296,6 +296,7 @@ def run_decode(contexts, B, H, D, dtype, device, quick=False):
                 token_eta=te,
                 output_final_state=True,
                 impl="triton",
+                decode=True,
             )
 
         row = {"L": L}

@@ -1,5 +1,5 @@
 """Kernel-level timings of the TTT-Linear Triton launchers: dot operand precision (``TTT_TRITON_DOTS``),
-warps per program, fused vs split forward, anchor checkpointing on/off, backward and its parallel stage. Used to pick the defaults in ``ttt/ops/ttt_linear/triton``.
+warps per program, anchor checkpointing on/off, backward and its parallel stage. Used to pick the defaults in ``ttt/ops/ttt_linear/triton``.
 
     python benchmarks/kernels_ttt_linear_tune.py [--shapes B,T,H,D ...] [--dots tf32 input] [--warps 2 4 8]
         [--stages 2] [--out results.md]
@@ -31,7 +31,6 @@ def main():
     ap.add_argument("--stages", nargs="*", type=int, default=[2])
     ap.add_argument("--dots", nargs="*", default=["tf32", "input"], help="TTT_TRITON_DOTS modes to compare")
     ap.add_argument("--local-maxnreg", nargs="*", type=int, default=[0], help="register caps (0: none)")
-    ap.add_argument("--split", action="store_true", help="also time the split forward (recurrence + outputs)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -43,9 +42,9 @@ def main():
     lines = [f"# TTT-Linear kernel variants: {gpu} ({args.dtype}, b = 16, causal)", ""]
     lines += ["| B,T,H,D | variant | dots warps/stages | ms |", "|---|---|---|---|"]
     fwd_variants = [
-        ("fwd fused", dict(store_ckpt=False, split_o=False)),
-        ("fwd fused + ckpt", dict(store_ckpt=True, split_o=False)),
-    ] + ([("fwd split (rec + o)", dict(store_ckpt=True, split_o=True))] if args.split else [])
+        ("fwd fused", dict(store_ckpt=False)),
+        ("fwd fused + ckpt", dict(store_ckpt=True)),
+    ]
     for B, T, H, D in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (

@@ -3,6 +3,8 @@ fast weights, token_eta, the (M) variant, and that the chosen ``impl`` really ra
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +14,7 @@ from hypothesis import strategies as st
 import ttt.ops
 from ttt.layers import TTTMLP, TTTLayerState, TTTLinear
 from ttt.modules import apply_rotary, rotary_cos_sin
-from ttt.ops import Impl
-from ttt.ops.ttt_linear import api as linear_api
-from ttt.ops.ttt_mlp import api as mlp_api
+from ttt.ops import forms
 from ttt.testing import assert_padded_matches_rows
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}
@@ -92,20 +92,23 @@ def test_padded_tokens_do_not_update_fast_weights(kind):
 
 
 @pytest.mark.parametrize(
-    ("kind", "impl", "decode_impl", "api"),
-    [("linear", "chunk", "recurrent", linear_api), ("linear", "reference", "reference", linear_api),
-     ("mlp", "chunk", "chunk", mlp_api), ("mlp", "reference", "chunk", mlp_api)],
+    ("kind", "impl", "decode_impl"),
+    [("linear", "chunk", "recurrent"), ("linear", "reference", "reference"), ("mlp", "chunk", "chunk"),
+     ("mlp", "reference", "chunk")],
 )  # fmt: skip
-def test_chosen_impl_runs(monkeypatch, kind, impl, decode_impl, api):
+def test_chosen_impl_runs(monkeypatch, kind, impl, decode_impl):
+    """The layer runs exactly the forms it was given: its table rows are swapped for counting ones."""
     calls = []
-    for form in {Impl(impl), Impl(decode_impl)}:
-        real = api.FORMS[form]
+    op = f"ttt_{kind}"
 
-        def counted(*args, _real=real, _form=form, **kwargs):
-            calls.append(_form.value)
-            return _real(*args, **kwargs)
+    def counted(form):
+        def run(*args, **kwargs):
+            calls.append(form.name)
+            return form.load()(*args, **kwargs)
 
-        monkeypatch.setitem(api.FORMS, form, counted)
+        return dataclasses.replace(form, fn=run)
+
+    monkeypatch.setitem(forms._TABLES, op, [counted(f) for f in forms.forms_of(op)])
     layer = _layer(kind, impl=impl, decode_impl=decode_impl)
     _, state = layer(_x(1, 6))
     assert calls == [impl] and layer.last_impl == impl

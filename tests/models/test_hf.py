@@ -61,10 +61,21 @@ def test_save_pretrained_and_auto_classes(tmp_path):
 
 
 def test_loss_with_labels_and_padding_rules():
-    model = hf_model()
+    """``labels`` are the input ids (the HF convention): the model shifts them, so the loss is the mean
+    negative log-likelihood of token t + 1 given tokens <= t over the labels that are not -100."""
+    model = hf_model().eval()
     idx = torch.randint(0, 61, (2, 12))
-    out = model(idx, labels=idx)
+    labels = idx.clone()
+    labels[1, 7:] = -100
+    with torch.no_grad():
+        out = model(idx, labels=labels)
     assert out.loss is not None and out.loss.ndim == 0
+    logp = torch.log_softmax(out.logits.double(), dim=-1)
+    nll = [-logp[b, t, labels[b, t + 1]] for b in range(2) for t in range(11) if labels[b, t + 1] != -100]
+    assert len(nll) == 11 + 6
+    torch.testing.assert_close(out.loss.double(), torch.stack(nll).mean(), rtol=1e-5, atol=1e-6)
+    unshifted = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(12) if labels[b, t] != -100]
+    assert not torch.allclose(out.loss.double(), torch.stack(unshifted).mean(), atol=1e-3)
     left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
     with pytest.raises(ValueError, match="right padding"):
         model(idx[:, :3], attention_mask=left_padded)

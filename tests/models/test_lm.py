@@ -62,7 +62,7 @@ def test_generate_is_greedy_argmax_of_forward(mixer):
 
 def test_hybrid_per_layer_mixers_and_constant_state():
     model = micro("ttt_linear", layer_mixers=("ttt_linear", "attention"))
-    assert [type(b.mixer).__name__ for b in model.blocks] == ["TTTLinear", "Attention"]
+    assert [type(b.mixer).__name__ for b in model.blocks] == ["TTTLinear", "SoftmaxAttention"]
     ttt_only = micro("ttt_linear")
     with torch.no_grad():
         short = state_nbytes(ttt_only(torch.zeros(1, 32, dtype=torch.long))[1])

@@ -43,7 +43,7 @@ def test_short_conv_step_split_and_reference(activation):
     torch.testing.assert_close(y, F.silu(ref) if activation else ref)
     cache, outs = conv.init_cache(2, dtype=torch.float64), []
     for t in range(11):
-        y_t, cache = conv.step(x[:, t : t + 1], cache)
+        y_t, cache = conv(x[:, t : t + 1], cache)  # a decode step is a one-token call
         outs.append(y_t)
     torch.testing.assert_close(torch.cat(outs, 1), y)
     y1, cache = conv(x[:, :2])

@@ -64,13 +64,18 @@ def test_noncausal_cannot_resume_inside_a_mini_batch():
 
 
 def test_recurrent_form_is_causal_only():
-    with pytest.raises(ValueError, match="impl='recurrent' is the causal decoding form"):
+    with pytest.raises(
+        ValueError, match="impl='recurrent' cannot run this ttt_linear call: it is causal only"
+    ):
         call(causal=False, impl="recurrent")
 
 
 def test_mlp_has_no_primal_form():
     x = ttt_inputs(1, 1, 4, 4, hidden=8)
-    with pytest.raises(ValueError, match="impl='recurrent' is not available"):
+    with pytest.raises(
+        ValueError,
+        match="impl must be one of 'triton', 'chunk', 'reference' or 'auto' for ttt_mlp, got 'recurrent'",
+    ):
         ttt.ops.ttt_mlp(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"],
                         initial_state=x["initial_state"], impl="recurrent")  # fmt: skip
 
@@ -87,26 +92,31 @@ def test_nan_input_is_detectable():
         call(initial_state=st, check_finite=True)
 
 
-def test_auto_impl_picks_triton_only_where_it_applies(monkeypatch):
+def test_auto_picks_triton_only_where_it_applies(monkeypatch):
     """impl="auto": the Triton kernels on CUDA for fp32/bf16/fp16 heads up to 128 with Triton installed;
-    the chunked form for float64, wider heads, operators without kernels, CPU, or no Triton."""
+    the chunked form for float64, wider heads, operators without kernels, CPU, or no Triton. At a decode
+    step the decode forms come first (Triton on CUDA, else TTT-Linear's recurrent form)."""
     import importlib.util
     from types import SimpleNamespace
 
-    from ttt.ops import Impl, auto_impl
+    from ttt.ops import forms
 
-    cuda = lambda dtype=torch.float32, D=64: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 4, 9, D))  # noqa: E731
+    def cuda(dtype=torch.float32, D=64):
+        return SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(2, 4, 9, D))
+
+    auto = lambda q, op="ttt_linear", **kw: forms.resolve(op, "auto", q, **kw).name  # noqa: E731
     if importlib.util.find_spec("triton") is not None:
-        assert auto_impl(cuda()) is Impl.TRITON
-        assert auto_impl(cuda(torch.bfloat16, 128)) is Impl.TRITON
-    assert auto_impl(cuda(torch.float64)) is Impl.CHUNK
-    assert auto_impl(cuda(D=256)) is Impl.CHUNK
-    assert auto_impl(cuda(), has_triton_form=False) is Impl.CHUNK
-    assert auto_impl(torch.zeros(1, 1, 2, 8)) is Impl.CHUNK
-    from ttt.ops import _dispatch
-
-    monkeypatch.setattr(_dispatch, "_triton_installed", lambda: False)
-    assert auto_impl(cuda()) is Impl.CHUNK
+        assert auto(cuda()) == auto(cuda(torch.bfloat16, 128)) == auto(cuda(), decode=True) == "triton"
+        assert auto(cuda(), "ttt_mlp") == "triton"
+    assert auto(cuda(torch.float64)) == auto(cuda(D=256)) == auto(torch.zeros(1, 1, 2, 8)) == "chunk"
+    assert auto(cuda(), "ttt_attention") == auto(cuda(), "gated_deltanet") == "chunk"
+    assert auto(torch.zeros(1, 1, 1, 8), decode=True) == "recurrent"
+    assert auto(torch.zeros(1, 1, 1, 8), "ttt_mlp", decode=True) == "chunk"
+    assert auto(torch.zeros(1, 1, 1, 8), "gated_deltanet", decode=True) == "recurrent"
+    monkeypatch.setattr(forms, "_installed", lambda module: False)
+    assert auto(cuda()) == "chunk"
+    with pytest.raises(ImportError, match="impl='triton' cannot run this ttt_linear call: it needs triton"):
+        forms.resolve("ttt_linear", "triton", cuda())
 
 
 # --- one behaviour for every op: the learning rate, eps, T = 0, overflow ---------------------------

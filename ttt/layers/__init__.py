@@ -11,7 +11,7 @@ from ttt.layers.additive import (
     Mamba2,
     RetNet,
 )
-from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention
+from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention, SoftmaxAttention
 from ttt.layers.bidirectional import Bidirectional
 from ttt.layers.delta import Comba, DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
 from ttt.layers.matrix import MatrixState
@@ -20,7 +20,7 @@ from ttt.layers.rwkv import RWKV7
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
 
 MIXERS: dict[str, type] = {
-    "attention": Attention,
+    "attention": SoftmaxAttention,
     "swa": SlidingWindowAttention,
     "ttt_linear": TTTLinear,
     "ttt_mlp": TTTMLP,
@@ -58,6 +58,7 @@ __all__ = [
     "RWKV7",
     "RetNet",
     "SlidingWindowAttention",
+    "SoftmaxAttention",
     "TTTLayerState",
     "TTTLinear",
     "TTTMLP",

@@ -23,9 +23,10 @@ from ttt.modules.norm import GatedRMSNorm, RMSNorm
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 
 _FORMS_DOC = """
-        impl: operator form in ``forward``: ``"chunk"`` | ``"recurrent"`` | ``"reference"``.
-            Default: ``"chunk"``.
-        decode_impl: form in ``step``. Default: ``"recurrent"``.
+        impl: operator form in ``forward``: ``"auto"`` | ``"chunk"`` | ``"recurrent"`` | ``"reference"``,
+            or a registered backend (``ttt.ops.forms``). Default: ``"auto"`` (the chunk form here).
+        decode_impl: form in ``step`` and a one-token ``forward``. Default: ``"auto"`` (the recurrent
+            form here).
         chunk_size: tokens per chunk of the chunk form. Default: ``64``.
 """
 
@@ -54,30 +55,30 @@ class LinearAttention(MatrixMixer):
         + "    "
     )
 
+    op = "linear_attention"
+
     def __init__(
         self,
         dim: int,
         num_heads: int,
         *,
         normalize: bool = True,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.normalize = normalize
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             nn.Linear(dim, dim, bias=False) for _ in range(4)
         )
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         q = F.elu(split_heads(self.q_proj(x), self.num_heads)) + 1  # [B, H, T, D]
         k = F.elu(split_heads(self.k_proj(x), self.num_heads)) + 1
         v = split_heads(self.v_proj(x), self.num_heads)
         if self.normalize:
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, H, T, D + 1]
         (k,) = mask_tokens(mask, k)
-        o, S = self._operator("linear_attention", q, k, v, state=state, impl=impl, scale=1.0)
+        o, S = self._operator(q, k, v, state=state, decode=decode, scale=1.0)
         if self.normalize:
             # phi > 0, so the normaliser only vanishes for a row with no real token yet (all padding)
             o = o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(o.dtype).tiny)
@@ -93,8 +94,8 @@ class RetNet(MatrixMixer):
     Bias-free q/k/v projections, rotary positions on q and k (the paper's xPos without its length
     extrapolation scaling, as fla), a fixed decay per head ``gamma_h = 1 - 2^(-5 - h)``, q scaled by
     Dk^-1/2, and the output ``RMSNorm(o) * swish(x W_g)`` per head (the paper's GroupNorm replaced by
-    RMSNorm, as fla). The fixed decay runs through ``ttt.ops.family.mamba2`` with a per-token decay equal
-    to gamma, which lets padded tokens skip the decay (``retnet`` takes one decay per head).
+    RMSNorm, as fla). The decay is handed to ``ttt.ops.family.retnet`` per token (gamma on real tokens, 1
+    on padding), so a padded token leaves the state as it is.
 
     Args:
         dim, num_heads: model width C and heads H (Dk = C / H, even for RoPE).
@@ -104,6 +105,8 @@ class RetNet(MatrixMixer):
         + "    "
     )
 
+    op = "retnet"
+
     def __init__(
         self,
         dim: int,
@@ -111,11 +114,9 @@ class RetNet(MatrixMixer):
         *,
         expand_v: float = 1.0,
         rope_theta: float = 10000.0,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.head_k_dim, self.rope_theta = dim // num_heads, rope_theta
         if self.head_k_dim % 2:
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {self.head_k_dim}")
@@ -130,7 +131,7 @@ class RetNet(MatrixMixer):
         gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))
         self.register_buffer("log_gamma", torch.log(gamma), persistent=False)
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
         q = split_heads(self.q_proj(x), self.num_heads)  # [B, H, T, Dk]
         k = split_heads(self.k_proj(x), self.num_heads)
@@ -139,9 +140,8 @@ class RetNet(MatrixMixer):
         cos, sin = rotary_cos_sin(positions, self.head_k_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         log_alpha = per_head_per_token(self.log_gamma, batch, length, q.dtype)  # [B, H, T]
-        beta = torch.ones_like(log_alpha)
-        k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
-        o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha)
+        k, log_alpha = mask_tokens(mask, k, log_alpha)
+        o, S = self._operator(q, k, v, state=state, decode=decode, alpha=log_alpha.exp())
         gate = self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim)
         o = self.o_norm(o.transpose(1, 2), gate)  # [B, T, H, Dv]
         return self.o_proj(o.reshape(batch, length, -1)), S, []
@@ -166,6 +166,8 @@ class Mamba2(MatrixMixer):
         + "    "
     )
 
+    op = "mamba2"
+
     def __init__(
         self,
         dim: int,
@@ -174,11 +176,9 @@ class Mamba2(MatrixMixer):
         d_state: int = 128,
         expand: int = 2,
         conv_size: int = 4,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.d_inner, self.d_state = expand * dim, d_state
         if self.d_inner % num_heads:
             raise ValueError(f"expand * dim = {self.d_inner} must be divisible by num_heads={num_heads}")
@@ -195,7 +195,7 @@ class Mamba2(MatrixMixer):
     def conv_modules(self) -> list[ShortConv]:
         return [self.conv]
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
         z, xbc, dt_raw = self.in_proj(x).split(
             [self.d_inner, self.d_inner + 2 * self.d_state, self.num_heads], -1
@@ -209,9 +209,7 @@ class Mamba2(MatrixMixer):
         dt = F.softplus(dt_raw + self.dt_bias).transpose(1, 2)  # [B, H, T]
         log_alpha = -torch.exp(self.A_log)[None, :, None] * dt
         k, dt, log_alpha = mask_tokens(mask, k, dt, log_alpha)
-        o, S = self._operator(
-            "mamba2", q, k, v, state=state, impl=impl, beta=dt, log_alpha=log_alpha, scale=1.0
-        )
+        o, S = self._operator(q, k, v, state=state, decode=decode, beta=dt, log_alpha=log_alpha, scale=1.0)
         y = merge_heads(o + self.D[None, :, None, None] * v)  # [B, T, d_inner]
         return self.out_proj(self.norm(y * F.silu(z))), S, caches
 
@@ -235,6 +233,8 @@ class GatedLinearAttention(MatrixMixer):
         + "    "
     )
 
+    op = "gla"
+
     def __init__(
         self,
         dim: int,
@@ -243,11 +243,9 @@ class GatedLinearAttention(MatrixMixer):
         expand_k: float = 0.5,
         gate_rank: int = 16,
         gate_normalizer: float = 16.0,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         key_width = int(dim * expand_k)
         if key_width % num_heads or key_width == 0:
             raise ValueError(
@@ -263,14 +261,14 @@ class GatedLinearAttention(MatrixMixer):
         self.o_norm = GatedRMSNorm(self.head_v_dim)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
         q = split_heads(self.q_proj(x), self.num_heads)  # [B, H, T, Dk]
         k = split_heads(self.k_proj(x), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, Dv]
         log_alpha = split_heads(F.logsigmoid(self.gk_proj(x)) / self.gate_normalizer, self.num_heads)
         k, log_alpha = mask_tokens(mask, k, log_alpha)
-        o, S = self._operator("gla", q, k, v, state=state, impl=impl, log_alpha=log_alpha)
+        o, S = self._operator(q, k, v, state=state, decode=decode, log_alpha=log_alpha)
         gate = self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim)
         o = self.o_norm(o.transpose(1, 2), gate)
         return self.o_proj(o.reshape(batch, length, -1)), S, []
@@ -291,27 +289,26 @@ class HGRN2(MatrixMixer):
         + "    "
     )
 
+    op = "hgrn2"
+
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        *,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.q_proj, self.f_proj, self.i_proj, self.o_proj = (
             nn.Linear(dim, dim, bias=False) for _ in range(4)
         )
         self.g_norm = RMSNorm(dim)
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         q = F.silu(split_heads(self.q_proj(x), self.num_heads))  # [B, H, T, D]
         log_alpha = F.logsigmoid(split_heads(self.f_proj(x), self.num_heads))
         i = split_heads(self.i_proj(x), self.num_heads)
         (log_alpha,) = mask_tokens(mask, log_alpha)
-        o, S = self._operator("hgrn2", q, i, state=state, impl=impl, log_alpha=log_alpha)
+        o, S = self._operator(q, i, state=state, decode=decode, log_alpha=log_alpha)
         return self.o_proj(self.g_norm(merge_heads(o))), S, []
 
 
@@ -325,9 +322,9 @@ class HebbianFastWeights(MatrixMixer):
     projections, q and k L2-normalised per head, a per-head RMSNorm on the output (the paper's inner
     LayerNorm) and the output projection. Deviations, named: the paper's memory is auto-associative
     (q = k = v = the RNN's hidden state) inside a slow RNN that iterates it; here the layer is an
-    attention replacement, so q, k, v are projections of the input. The rule runs through
-    ``ttt.ops.family.mamba2`` with the constants repeated per token, which lets a padded token skip the
-    decay; ``ttt.ops.family.hebbian`` is the same rule with per-head constants.
+    attention replacement, so q, k, v are projections of the input. The constants are handed to
+    ``ttt.ops.family.hebbian`` per token (decay 1 and rate 0 on padding), so a padded token leaves the
+    state as it is.
 
     Args:
         dim, num_heads: model width C and heads H (D = C / H).
@@ -337,6 +334,8 @@ class HebbianFastWeights(MatrixMixer):
         + "    "
     )
 
+    op = "hebbian"
+
     def __init__(
         self,
         dim: int,
@@ -344,11 +343,9 @@ class HebbianFastWeights(MatrixMixer):
         *,
         decay: float = 0.95,
         lr: float = 0.5,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         if not 0 < decay < 1 or lr <= 0:
             raise ValueError(f"need 0 < decay < 1 and lr > 0, got decay={decay}, lr={lr}")
         self.head_dim = dim // num_heads
@@ -364,16 +361,15 @@ class HebbianFastWeights(MatrixMixer):
         """(lambda [H], eta [H]): the current decay and learning rate per head."""
         return torch.sigmoid(self.decay_logit), F.softplus(self.lr_raw)
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
         q = F.normalize(split_heads(self.q_proj(x), self.num_heads), dim=-1, eps=1e-6)  # [B, H, T, D]
         k = F.normalize(split_heads(self.k_proj(x), self.num_heads), dim=-1, eps=1e-6)
         v = split_heads(self.v_proj(x), self.num_heads)
         _, lr = self.rates()
-        beta = per_head_per_token(lr, batch, length, q.dtype)  # [B, H, T]
-        log_alpha = per_head_per_token(F.logsigmoid(self.decay_logit), batch, length, q.dtype)
-        k, beta, log_alpha = mask_tokens(mask, k, beta, log_alpha)
-        o, S = self._operator("mamba2", q, k, v, state=state, impl=impl, beta=beta, log_alpha=log_alpha,
-                              scale=1.0)  # fmt: skip
+        eta = per_head_per_token(lr, batch, length, q.dtype)  # [B, H, T]
+        log_decay = per_head_per_token(F.logsigmoid(self.decay_logit), batch, length, q.dtype)
+        k, eta, log_decay = mask_tokens(mask, k, eta, log_decay)
+        o, S = self._operator(q, k, v, state=state, decode=decode, decay=log_decay.exp(), lr=eta, scale=1.0)
         o = self.o_norm(o.transpose(1, 2))  # [B, T, H, D]
         return self.o_proj(o.reshape(batch, length, -1)), S, []

@@ -40,7 +40,7 @@ class KVCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-class Attention(nn.Module):
+class SoftmaxAttention(nn.Module):
     """Causal softmax attention with rotary positions, as in Llama (and the TTT paper's Transformer baseline).
 
     Args:
@@ -57,8 +57,8 @@ class Attention(nn.Module):
     Examples::
 
         >>> import torch
-        >>> from ttt.layers import Attention
-        >>> layer = Attention(dim=64, num_heads=4)
+        >>> from ttt.layers import SoftmaxAttention
+        >>> layer = SoftmaxAttention(dim=64, num_heads=4)
         >>> x = torch.randn(2, 10, 64)
         >>> y, cache = layer(x[:, :9])               # prefill
         >>> y_last, cache = layer.step(x[:, 9:], cache)  # decode one token
@@ -210,7 +210,7 @@ class Attention(nn.Module):
             )
 
 
-class SlidingWindowAttention(Attention):
+class SlidingWindowAttention(SoftmaxAttention):
     """:class:`Attention` with a sliding window, for hybrid models (the ``"swa"`` mixer).
 
     Args:
@@ -225,12 +225,16 @@ class SlidingWindowAttention(Attention):
         super().__init__(dim, num_heads, window=window, **kwargs)
 
 
+# the former name of the softmax layer, kept for old imports (``ttt.attention`` is the TTT operator)
+Attention = SoftmaxAttention
+
+
 # --- preallocated decoding: a KV cache written in place (no torch.cat per token), CUDA-graph friendly ---
 
 
 @dataclass(frozen=True)
 class StaticKVCache:
-    """A preallocated KV cache of :class:`Attention` for decoding, updated in place by
+    """A preallocated KV cache of :class:`SoftmaxAttention` for decoding, updated in place by
     :func:`attention_decode_step_`: no allocation and no host synchronisation per token, so a decode step
     can be captured in a CUDA graph. Every row of the batch is at the same position.
 
@@ -252,7 +256,7 @@ class StaticKVCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-def static_kv_cache(layer: Attention, cache: KVCache, max_len: int) -> StaticKVCache:
+def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> StaticKVCache:
     """Copy ``cache`` (from ``layer``'s prefill, unpadded) into a preallocated cache for ``max_len``
     positions in all (ignored with a window, whose ring holds ``window`` slots).
 
@@ -285,7 +289,7 @@ def static_kv_cache(layer: Attention, cache: KVCache, max_len: int) -> StaticKVC
     return StaticKVCache(k, v, slot_pos, torch.tensor(length, dtype=torch.long, device=k.device))
 
 
-def attention_decode_step_(layer: Attention, x_t: Tensor, cache: StaticKVCache) -> Tensor:
+def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKVCache) -> Tensor:
     """One token through ``layer`` with a :class:`StaticKVCache`, updated in place: ``x_t [B, 1, C]`` ->
     ``y [B, 1, C]``. Same math as ``layer.step``; the caller keeps the position within the cache's size
     (it is not checked: reading it on the host would synchronise)."""

@@ -23,9 +23,8 @@ from ttt.modules.norm import GatedRMSNorm, RMSNorm
 
 
 class _DeltaFamilyLayer(MatrixMixer):
-    """The shared body; subclasses set ``rule``, ``gated_norm`` and define ``_gates``."""
+    """The shared body; subclasses set ``op`` (the rule), ``gated_norm`` and define ``_gates``."""
 
-    rule: str
     gated_norm: str | None = None  # activation of the output gate, or None for a plain RMSNorm
 
     def __init__(
@@ -36,11 +35,9 @@ class _DeltaFamilyLayer(MatrixMixer):
         expand_v: float = 1.0,
         conv_size: int | None = 4,
         norm_eps: float = 1e-6,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.head_k_dim = dim // num_heads
         self.head_v_dim = int(self.head_k_dim * expand_v)
         if self.head_v_dim < 1:
@@ -74,7 +71,7 @@ class _DeltaFamilyLayer(MatrixMixer):
     def conv_modules(self) -> list[ShortConv]:
         return [] if self.conv_q is None else [self.conv_q, self.conv_k, self.conv_v]
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
         (q, k, v), caches = self._convolve([self.q_proj(x), self.k_proj(x), self.v_proj(x)], state, mask)
         q = F.normalize(split_heads(q, self.num_heads), dim=-1, eps=1e-6)  # [B, H, T, Dk]
@@ -83,7 +80,7 @@ class _DeltaFamilyLayer(MatrixMixer):
         gates = self._gates(x, k)
         q = self._correct_query(q, gates)
         k, *values = mask_tokens(mask, k, *gates.values())
-        o, S = self._operator(self.rule, q, k, v, state=state, impl=impl, **dict(zip(gates, values)))
+        o, S = self._operator(q, k, v, state=state, decode=decode, **dict(zip(gates, values)))
         o = o.transpose(1, 2)  # [B, T, H, Dv]
         if self.g_proj is not None:
             o = self.o_norm(o, self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim))
@@ -92,7 +89,7 @@ class _DeltaFamilyLayer(MatrixMixer):
         return self.o_proj(o.reshape(batch, length, -1)), S, caches
 
     def extra_repr(self) -> str:
-        return (f"rule={self.rule!r}, dim={self.dim}, num_heads={self.num_heads}, "
+        return (f"rule={self.op!r}, dim={self.dim}, num_heads={self.num_heads}, "
                 f"head_k_dim={self.head_k_dim}, head_v_dim={self.head_v_dim}, impl={self.impl!r}, "
                 f"decode_impl={self.decode_impl!r}")  # fmt: skip
 
@@ -106,9 +103,9 @@ _ARGS_DOC = """
         conv_size: kernel of the causal short convs on q, k, v (SiLU); ``None`` or 0 for none.
             Default: ``4`` (GDN, DeltaNet, Mamba).
         norm_eps: output RMSNorm epsilon. Default: ``1e-6``.
-        impl: form of the operator in ``forward``: ``"chunk"`` | ``"recurrent"`` | ``"reference"``.
-            Default: ``"chunk"``.
-        decode_impl: form in ``step``. Default: ``"recurrent"``.
+        impl: form of the operator in ``forward``: ``"auto"`` | ``"chunk"`` | ``"recurrent"`` |
+            ``"reference"``, or a registered backend (``ttt.ops.forms``). Default: ``"auto"`` (chunk here).
+        decode_impl: form in ``step`` and a one-token ``forward``. Default: ``"auto"`` (recurrent here).
         chunk_size: tokens per chunk of the chunk form. Default: ``64``.
 
     ``last_impl`` records the form the last call ran.
@@ -126,7 +123,7 @@ class DeltaNet(_DeltaFamilyLayer):
         + _ARGS_DOC
     )
 
-    rule = "deltanet"
+    op = "deltanet"
 
     def _gates(self, x: Tensor, k: Tensor) -> dict[str, Tensor]:
         return {"beta": torch.sigmoid(self.b_proj(x)).transpose(1, 2)}  # [B, H, T]
@@ -142,7 +139,7 @@ class GatedDeltaNet(_DeltaFamilyLayer):
         + _ARGS_DOC
     )
 
-    rule = "gated_deltanet"
+    op = "gated_deltanet"
     gated_norm = "silu"
     __doc__ += """
     Examples::
@@ -177,7 +174,7 @@ class KimiDeltaAttention(_DeltaFamilyLayer):
         + _ARGS_DOC
     )
 
-    rule = "kda"
+    op = "kda"
     gated_norm = "sigmoid"
 
     def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
@@ -209,7 +206,7 @@ class Longhorn(_DeltaFamilyLayer):
         + _ARGS_DOC
     )
 
-    rule = "longhorn"
+    op = "longhorn"
 
     def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
@@ -239,7 +236,7 @@ class Comba(_DeltaFamilyLayer):
         + _ARGS_DOC
     )
 
-    rule = "comba"
+    op = "comba"
     gated_norm = "sigmoid"
 
     def __init__(self, dim: int, num_heads: int, *, correction_factor: float = 1.0, **kwargs) -> None:

@@ -1,7 +1,7 @@
 """Protocol plumbing shared by the family layers, whose state is a matrix ``S`` plus short-conv caches.
 
-A subclass builds its projections and gates and implements ``_mix``; this base validates input, keeps the
-state and records which form of the operator ran.
+A subclass builds its projections and gates and implements ``_mix``; :class:`~ttt.layers.base.RecurrentMixer`
+validates input and ``impl``, and records which form of the operator ran.
 
 Shapes: B batch, T tokens, C model width, H heads, Dk key head dim, Dv value head dim.
 """
@@ -13,14 +13,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import ttt.ops.family
-from ttt.layers.protocol import check_input, check_mask, param_dtype
+from ttt.layers.base import RecurrentMixer
 from ttt.modules.conv import ShortConv
 from ttt.ops._checks import gates_computed_by
-
-FORMS = ("chunk", "recurrent", "reference", "autograd")
 
 
 @dataclass(frozen=True)
@@ -49,27 +47,32 @@ class MatrixState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class MatrixMixer(nn.Module):
+class MatrixMixer(RecurrentMixer):
     """Base of the family layers.
 
     Args:
         dim: model width C.
         num_heads: H (``dim % num_heads == 0``).
-        impl: form of the operator in ``forward``: ``"chunk"`` | ``"recurrent"`` | ``"reference"``.
-        decode_impl: form in ``step``.
+        impl: form of the operator in ``forward``: ``"auto"`` | ``"chunk"`` | ``"recurrent"`` |
+            ``"reference"`` (alias ``"autograd"``), or a registered backend (``ttt.ops.forms``).
+        decode_impl: form in ``step`` and a one-token ``forward``.
         chunk_size: tokens per chunk of the chunk form.
+
+    Subclasses set ``op`` (the family rule they run) and implement ``_mix``.
+
+    ``forward(x [B, T, C], state=None, mask=None) -> (y, MatrixState)``: a padded token (``mask`` False,
+    right padding) leaves ``S`` exactly unchanged (zero key and learning rate, no decay) and the conv
+    caches keep each row's last real inputs, so the returned state continues exactly like the unpadded
+    sequence.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, impl: str, decode_impl: str, chunk_size: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-        for name, value in (("impl", impl), ("decode_impl", decode_impl)):
-            if getattr(value, "value", value) not in FORMS:
-                raise ValueError(f"{name} must be 'chunk', 'recurrent' or 'reference', got {value!r}")
-        self.dim, self.num_heads = dim, num_heads
-        self.impl, self.decode_impl, self.chunk_size = impl, decode_impl, chunk_size
-        self.last_impl: str | None = None
+    state_type = MatrixState
+
+    def __init__(
+        self, dim: int, num_heads: int, *, impl: str = "auto", decode_impl: str = "auto", chunk_size: int = 64
+    ) -> None:
+        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl)
+        self.chunk_size = chunk_size
 
     def conv_modules(self) -> list[ShortConv]:
         """The layer's short convs, in the order their caches sit in ``MatrixState.convs``."""
@@ -81,42 +84,13 @@ class MatrixMixer(nn.Module):
         device = device or next(self.parameters()).device
         return MatrixState(None, convs, torch.zeros(batch_size, dtype=torch.long, device=device))
 
-    def forward(
-        self, x: Tensor, state: MatrixState | None = None, mask: Tensor | None = None
-    ) -> tuple[Tensor, MatrixState]:
-        """Run the layer over a chunk.
-
-        Args:
-            x: ``[B, T, C]``.
-            state: a :class:`MatrixState` from ``init_state`` or a previous call, or ``None``.
-            mask: ``[B, T]`` bool, True = real token (right padding). A padded token leaves ``S`` exactly
-                unchanged (zero key and learning rate, no decay) and the conv caches keep each row's last
-                real inputs, so the returned state continues exactly like the unpadded sequence.
-
-        Returns:
-            ``(y [B, T, C], MatrixState)``.
-        """
-        name = type(self).__name__
-        check_input(name, x, self.dim, dtype=param_dtype(self))
-        return self._run(x, state, check_mask(name, mask, x), self.impl)
-
-    def step(self, x_t: Tensor, state: MatrixState | None) -> tuple[Tensor, MatrixState]:
-        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
-        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True, dtype=param_dtype(self))
-        return self._run(x_t, state, None, self.decode_impl)
-
-    def _run(self, x: Tensor, state: MatrixState | None, mask: Tensor | None, impl: str):
-        if state is None:
-            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        elif not isinstance(state, MatrixState):
-            raise TypeError(f"{type(self).__name__}: state must be a MatrixState, got {type(state).__name__}")
-        y, S, convs = self._mix(x, state, mask, impl)
-        self.last_impl = impl
+    def _run(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
+        y, S, convs = self._mix(x, state, mask, decode)
         added = mask.sum(dim=1) if mask is not None else x.shape[1]
         return y, MatrixState(S, tuple(convs), state.lengths + added)
 
     def _mix(
-        self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str
+        self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``(y [B, T, C], S, new conv caches)``; implemented by each layer."""
         raise NotImplementedError
@@ -129,15 +103,14 @@ class MatrixMixer(nn.Module):
         pairs = [conv(t, cache, mask) for conv, t, cache in zip(convs, inputs, state.convs)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def _operator(
-        self, rule: str, *args: Tensor, state: MatrixState, impl: str, **gates
-    ) -> tuple[Tensor, Tensor]:
-        """Call ``ttt.ops.family.<rule>`` from ``state.S``; returns ``(o [B, H, T, Dv], S)``."""
-        op = getattr(ttt.ops.family, rule)
+    def _operator(self, *args: Tensor, state: MatrixState, decode: bool, **gates) -> tuple[Tensor, Tensor]:
+        """Call ``ttt.ops.family.<op>`` from ``state.S``; returns ``(o [B, H, T, Dv], S)``."""
+        op = getattr(ttt.ops.family, self.op)
         # under autocast, projections come out in bf16 but tensors scaled by a parameter in float32; the
         # op takes q, k, v in one dtype (and computes in float32 whatever it is): lift them to the widest
         dtype = functools.reduce(torch.promote_types, (a.dtype for a in args))
         args = tuple(a.to(dtype) for a in args)
+        impl = self._form(args[0], decode)
         # the gates come from x: a NaN in x must be reported as such, not as a bad argument of the op
         with gates_computed_by(type(self).__name__):
             return op(*args, **gates, initial_state=state.S, output_final_state=True, impl=impl,

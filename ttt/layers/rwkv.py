@@ -67,9 +67,9 @@ class RWKV7(MatrixMixer):
         dim: model width C.
         num_heads: H (``dim % num_heads == 0``); head dim D = C / H.
         norm_eps: GroupNorm epsilon. Default: ``64e-5`` (the paper's ``1e-5 * 8^2``).
-        impl: operator form in ``forward``: ``"chunk"`` | ``"recurrent"`` | ``"reference"``. Default:
-            ``"chunk"``.
-        decode_impl: form in ``step``. Default: ``"recurrent"``.
+        impl: operator form in ``forward``: ``"auto"`` | ``"chunk"`` | ``"recurrent"`` | ``"reference"``,
+            or a registered backend (``ttt.ops.forms``). Default: ``"auto"`` (chunk here).
+        decode_impl: form in ``step`` and a one-token ``forward``. Default: ``"auto"`` (recurrent here).
         chunk_size: tokens per chunk of the chunk form. Default: ``64``.
 
     The state is :class:`~ttt.layers.matrix.MatrixState` with ``S [B, H, D, D]`` and the token-shift cache.
@@ -86,17 +86,17 @@ class RWKV7(MatrixMixer):
 
     MIXES = ("r", "w", "k", "v", "a", "g")
 
+    op = "rwkv7"
+
     def __init__(
         self,
         dim: int,
         num_heads: int,
         *,
         norm_eps: float = 64e-5,
-        impl: str = "chunk",
-        decode_impl: str = "recurrent",
-        chunk_size: int = 64,
+        **kwargs,
     ) -> None:
-        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl, chunk_size=chunk_size)
+        super().__init__(dim, num_heads, **kwargs)
         self.head_dim = dim // num_heads
         self.shift = TokenShift(dim)
         # first-layer interpolations of the paper's init: channel i of C gets 1 - (i / C)^p
@@ -119,7 +119,7 @@ class RWKV7(MatrixMixer):
     def conv_modules(self) -> list[TokenShift]:
         return [self.shift]
 
-    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, impl: str):
+    def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
         heads = lambda t: split_heads(t, self.num_heads)  # noqa: E731  [B, T, C] -> [B, H, T, D]
         prev, caches = self._convolve([x], state, mask)
@@ -133,7 +133,7 @@ class RWKV7(MatrixMixer):
         r, k, v, a, log_w = heads(r), heads(k), heads(v), heads(a), heads(log_w)
         # a padded token: no write (k = 0), no removal (a = 0), no decay (log w = 0)
         k, a, log_w = mask_tokens(mask, k, a, log_w)
-        o, S = self._operator("rwkv7", r, k, v, state=state, impl=impl, beta=a, k_hat=kk, log_alpha=log_w,
+        o, S = self._operator(r, k, v, state=state, decode=decode, beta=a, k_hat=kk, log_alpha=log_w,
                               scale=1.0)  # fmt: skip
         o = self.o_norm(o.transpose(1, 2).reshape(batch * length, -1)).view(batch, length, -1)
         bonus = (r * k * self.r_k[:, None, :]).sum(-1, keepdim=True) * v  # the current token's, [B, H, T, D]

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ttt.ops
-from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtype, split_heads
+from ttt.layers.base import RecurrentMixer
+from ttt.layers.protocol import merge_heads, split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
-from ttt.ops import Impl, TTTState, auto_impl
+from ttt.ops import Impl, TTTState
 from ttt.ops._checks import gates_computed_by
 from ttt.ops.common import default_token_eta
 
@@ -114,41 +115,43 @@ class TTTLayerState:
         return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-class _TTTLayer(nn.Module):
-    """What TTT-Linear and TTT-MLP share; subclasses define the fast weights and the operator."""
+class _TTTLayer(RecurrentMixer):
+    """What TTT-Linear and TTT-MLP share (the arguments are documented on :class:`TTTLinear`); subclasses
+    define the fast weights, the operator (``op``) and their default ``base_lr``.
 
-    variant: str
-    # what impl="auto" decodes one token with where the Triton kernels do not apply (CPU, float64, ...)
-    fallback_decode_impl: str = "chunk"
+    ``forward(x [B, T, C], state=None, mask=None) -> (y, TTTLayerState)``: padded tokens (``mask`` False,
+    right padding) get inner learning rate 0, so they do not change the fast weights, and each row's real
+    outputs equal those of its unpadded sequence (with ``causal=False`` too, at any real length). The
+    returned state of a padded row is *not* that of the unpadded row (its padding still advanced the
+    mini-batch position); do not continue it.
+    """
+
+    state_type = TTTLayerState
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
         *,
-        mini_batch_size: int,
         base_lr: float,
-        use_gate: bool,
-        share_qk: bool,
-        conv_size: int,
-        rope_theta: float,
-        causal: bool,
-        impl: Impl | str,
-        decode_impl: Impl | str | None,
+        mini_batch_size: int = 16,
+        use_gate: bool = False,
+        share_qk: bool = False,
+        conv_size: int = 4,
+        rope_theta: float = 10000.0,
+        causal: bool = True,
+        impl: Impl | str = "auto",
+        decode_impl: Impl | str | None = "auto",
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl)
+        self.causal = causal
         if (dim // num_heads) % 2:
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.head_dim = dim // num_heads
         self.mini_batch_size, self.base_lr, self.rope_theta = mini_batch_size, base_lr, rope_theta
-        self.causal, self.share_qk = causal, share_qk
-        self.impl = Impl.parse(impl).value
-        self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
-        self.last_impl: str | None = None
+        self.share_qk = share_qk
         # set by ttt.distributed.enable_context_parallel: (process group, rank, micro-batches) of the split
         self.context_parallel: tuple[Any, int, int] | None = None
 
@@ -225,32 +228,13 @@ class _TTTLayer(nn.Module):
         Returns:
             ``(y [B, T, C], TTTLayerState)``.
         """
-        name = type(self).__name__
-        check_input(name, x, self.dim, dtype=param_dtype(self))
-        mask = check_mask(name, mask, x)
-        y, new = self._run(x, state, mask, self.impl)
+        y, new = super().forward(x, state, mask)
         if mask is not None and not self.causal and not padding_keeps_state(mask, self.mini_batch_size):
             new = replace(new, padded=True)  # causal calls pack the rows instead (see ``_run``)
         return y, new
 
-    def step(self, x_t: Tensor, state: TTTLayerState | None) -> tuple[Tensor, TTTLayerState]:
-        """One decoding step with ``decode_impl``: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], state)``."""
-        check_input(f"{type(self).__name__}.step", x_t, self.dim, step=True, dtype=param_dtype(self))
-        if not self.causal:
-            raise ValueError(
-                f"{type(self).__name__}(causal=False) reads each mini-batch's final weights, "
-                "so it cannot decode token by token; use it in encoders only"
-            )
-        return self._run(x_t, state, None, self.decode_impl)
-
-    def _run(self, x: Tensor, state: TTTLayerState | None, mask: Tensor | None, impl: str):
-        batch, length, _ = x.shape
-        if state is None:
-            state = self.init_state(batch, device=x.device, dtype=x.dtype)
-        elif not isinstance(state, TTTLayerState):
-            raise TypeError(
-                f"{type(self).__name__}: state must be a TTTLayerState, got {type(state).__name__}"
-            )
+    def _run(self, x: Tensor, state: TTTLayerState, mask: Tensor | None, decode: bool):
+        length = x.shape[1]
         if state.padded:
             raise ValueError(
                 f"{type(self).__name__}: this state comes from a call whose mask padded a row inside a "
@@ -258,7 +242,6 @@ class _TTTLayer(nn.Module):
                 "through the padding, so continuing it would be silently wrong; pad rows by whole "
                 "mini-batches, or run them causal"
             )
-
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
         # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
@@ -273,23 +256,19 @@ class _TTTLayer(nn.Module):
 
         lr, token_eta = self._inner_lr(x, mask)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
-        if impl == "auto":  # the fused kernels on CUDA where they apply, else the fastest PyTorch form
-            impl = auto_impl(q).value
-            if impl == "chunk" and length == 1 and self.causal:
-                impl = self.fallback_decode_impl
         ragged = mask is not None and self.causal and not bool(mask.all())
         cu_seqlens = None
         if ragged:  # each row's real tokens packed: every row ends in its own state, at its own offset
             (q, k, v, lr), cu_seqlens = pack_rows(mask, q, k, v, lr), packed_offsets(mask)
+        impl = self._form(q, decode)
         with gates_computed_by(type(self).__name__):  # a NaN lr names its cause, the input x
             o, ttt_state = self._op(
                 q, k, v, lr,
                 initial_state=initial, token_eta=token_eta, mini_batch_size=self.mini_batch_size,
-                causal=self.causal, output_final_state=True, impl=impl, cu_seqlens=cu_seqlens,
+                causal=self.causal, output_final_state=True, impl=impl, decode=decode, cu_seqlens=cu_seqlens,
             )  # fmt: skip
         if ragged:
             o = unpack_rows(o, mask)
-        self.last_impl = impl
 
         y = self.post_norm(merge_heads(o))  # [B, T, C]
         if self.g_proj is not None:
@@ -334,7 +313,7 @@ class _TTTLayer(nn.Module):
 
 
 class TTTLinear(_TTTLayer):
-    """TTT-Linear: the fast model is ``x + LN(x W + b)`` per head, updated by mini-batch GD on each chunk.
+    """TTT-Linear: the fast model is ``x + LN(x W + b)`` per head, updated by mini-batch GD.
 
     Args:
         dim: model width C.
@@ -348,10 +327,10 @@ class TTTLinear(_TTTLayer):
         rope_theta: RoPE base. Default: ``10000``.
         causal: ``False`` lets every token of a mini-batch read the weights after the whole mini-batch
             (the non-causal form of the TTT video model, for encoders; cannot decode). Default: ``True``.
-        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"auto"``: the fused Triton
-            kernels on CUDA, the chunked dual form elsewhere.
-        decode_impl: form used by ``step``. Default: ``"auto"``: the fused Triton decode kernel on CUDA,
-            the primal ``"recurrent"`` form elsewhere.
+        impl: form of ``ttt.ops.ttt_linear`` used by ``forward``. Default: ``"auto"`` (``ttt.ops.forms``):
+            the fused Triton kernels on CUDA where they apply, the chunked dual form elsewhere.
+        decode_impl: form used by ``step`` and a one-token ``forward``. Default: ``"auto"``: the fused
+            Triton decode kernel on CUDA (inference only), the primal ``"recurrent"`` form elsewhere.
 
     ``last_impl`` records the form the last call ran.
 
@@ -367,27 +346,10 @@ class TTTLinear(_TTTLayer):
         (torch.Size([2, 37, 64]), 38, 6, 'recurrent')
     """
 
-    variant = "ttt_linear"
-    fallback_decode_impl = "recurrent"
+    op = "ttt_linear"
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mini_batch_size: int = 16,
-        base_lr: float = 1.0,
-        use_gate: bool = False,
-        share_qk: bool = False,
-        conv_size: int = 4,
-        rope_theta: float = 10000.0,
-        causal: bool = True,
-        impl: Impl | str = "auto",
-        decode_impl: Impl | str | None = "auto",
-    ) -> None:
-        super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
-                         share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
-                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+    def __init__(self, dim: int, num_heads: int, *, base_lr: float = 1.0, **kwargs) -> None:
+        super().__init__(dim, num_heads, base_lr=base_lr, **kwargs)
         self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
 
@@ -410,27 +372,12 @@ class TTTMLP(_TTTLayer):
             elsewhere.
     """
 
-    variant = "ttt_mlp"
+    op = "ttt_mlp"
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mini_batch_size: int = 16,
-        base_lr: float = 0.1,
-        hidden_mult: int = 4,
-        use_gate: bool = False,
-        share_qk: bool = False,
-        conv_size: int = 4,
-        rope_theta: float = 10000.0,
-        causal: bool = True,
-        impl: Impl | str = "auto",
-        decode_impl: Impl | str | None = "auto",
+        self, dim: int, num_heads: int, *, base_lr: float = 0.1, hidden_mult: int = 4, **kwargs
     ) -> None:
-        super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
-                         share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
-                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+        super().__init__(dim, num_heads, base_lr=base_lr, **kwargs)
         hidden = hidden_mult * self.head_dim
         # W2 ~ N(0, 0.02) too, after ttt-lm-jax commit ac8cdc8 "Fix TTT MLP Init"
         self.W1 = nn.Parameter(torch.randn(num_heads, self.head_dim, hidden) * 0.02)

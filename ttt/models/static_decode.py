@@ -143,7 +143,7 @@ class _TTTSlot:
         state = TTTState(weights, self.anchor, self.grad_sum, offset, layer.mini_batch_size, layer.variant)
         o, new = layer._op(
             q, k, v, lr, initial_state=state, token_eta=token_eta, mini_batch_size=layer.mini_batch_size,
-            causal=True, output_final_state=True, impl=layer.fallback_decode_impl,
+            causal=True, output_final_state=True, impl="auto", decode=True,
         )  # fmt: skip
         for buf, t in zip(self.anchor + self.grad_sum, new.anchor + new.grad_sum):
             buf.copy_(t)

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 class ShortConv(nn.Module):
     """Depthwise causal 1-D convolution over time: ``y_t = act(sum_i w_i * x_{t-K+1+i} + bias)``.
 
-    The cache holds the last ``K - 1`` inputs, so ``forward`` on a split sequence and ``step`` token by
-    token give the same outputs as one call.
+    The cache holds the last ``K - 1`` inputs, so ``forward`` on a split sequence, down to one token per
+    call (decoding), gives the same outputs as one call.
 
     Args:
         dim: channels C.
@@ -59,14 +59,6 @@ class ShortConv(nn.Module):
             cache = self.init_cache(x.shape[0], device=x.device, dtype=x.dtype)
         padded, new_cache = causal_window(x, cache, mask)
         return self._act(self.conv(padded)).transpose(1, 2), new_cache
-
-    def step(self, x_t: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
-        """One token: ``x_t [B, 1, C]``, ``cache [B, C, K - 1]`` -> ``(y [B, 1, C], new cache)``."""
-        window = torch.cat([cache.to(x_t.dtype), x_t.transpose(1, 2)], dim=2)  # [B, C, K]
-        y = (window * self.conv.weight[:, 0, :]).sum(dim=2)  # [B, C]
-        if self.conv.bias is not None:
-            y = y + self.conv.bias
-        return self._act(y)[:, None, :], window[:, :, 1:]
 
     def _act(self, y: Tensor) -> Tensor:
         return F.silu(y) if self.activation == "silu" else y

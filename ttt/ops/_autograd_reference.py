@@ -13,18 +13,12 @@ import torch
 from torch import Tensor
 
 from .common import layer_norm
-from .types import TTTState
+from .types import TTTInputs, TTTState
 
 
 def autograd_token_loop(
     inner_model: Callable[[tuple[Tensor, ...], Tensor], Tensor],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
+    x: TTTInputs,
     state: TTTState,
     *,
     causal: bool,
@@ -36,12 +30,11 @@ def autograd_token_loop(
     ``theta_t = theta_0 - token_eta[p] * sum_{j <= t in the mini-batch} lr_j grad loss_j(theta_0)``.
     """
     cd = state.anchor[0].dtype
-    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
-    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+    q, k, v, lr, lw, lb, te = x.to(cd)
     b, T = state.mini_batch_size, q.shape[2]
 
-    def f(params, x):  # x [B, H, D] -> [B, H, D]
-        return layer_norm(inner_model(params, x)[:, :, None], lw, lb, eps)[:, :, 0]
+    def f(params, h):  # h [B, H, D] -> [B, H, D]
+        return layer_norm(inner_model(params, h)[:, :, None], lw, lb, eps)[:, :, 0]
 
     def inner_loss(params, k_t, v_t):
         # summed over (batch, head): their fast weights are disjoint, so the gradients stay separate

@@ -141,21 +141,6 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-# "reference" is the library-wide name (ttt.ops.Impl) of the autograd-defined token loop.
-_IMPLS = {"chunk": "chunk", "recurrent": "recurrent", "autograd": "autograd", "reference": "autograd"}
-
-
-def parse_impl(impl: str) -> str:
-    """Map ``impl`` to one of "chunk" | "recurrent" | "autograd"; anything else raises (no fallback)."""
-    value = getattr(impl, "value", impl)
-    if value not in _IMPLS:
-        raise ValueError(
-            f"impl must be one of 'chunk', 'recurrent', 'autograd' (alias 'reference') for the family "
-            f"rules (no Triton kernel exists for them), got {impl!r}"
-        )
-    return _IMPLS[value]
-
-
 # the layer that computed the gates, if any: a bad gate then names its real cause, the layer's input
 _GATE_SOURCE: ContextVar[str | None] = ContextVar("gate_source", default=None)
 

@@ -1,16 +1,11 @@
-"""Validation and ``impl=`` dispatch shared by ``ttt_linear`` and ``ttt_mlp``.
+"""Validation and the run of the chosen form, shared by ``ttt_linear`` and ``ttt_mlp``.
 
-Kept in one place so that every TTT operator rejects bad input with the same messages and no form
-is ever chosen silently.
+Kept in one place so that every TTT operator rejects bad input with the same messages; which form runs
+is decided by :func:`ttt.ops.forms.resolve` from the operator's table (``register_ttt_forms``).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import inspect
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,7 +15,8 @@ from torch import Tensor
 from . import _checks
 from ._state import fresh_state
 from .common import compute_dtype, default_token_eta
-from .types import Impl, TTTState
+from .forms import Form, register_form, resolve
+from .types import Impl, TTTInputs, TTTState
 
 
 class TTTOutput(NamedTuple):
@@ -34,56 +30,27 @@ class TTTOutput(NamedTuple):
 MAX_TRITON_HEAD_DIM = 128
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    # asked on every "auto" call on CUDA (each layer step): look it up once
-    return importlib.util.find_spec("triton") is not None
-
-
-def auto_impl(q: Tensor, has_triton_form: bool = True) -> Impl:
-    """What ``impl="auto"`` runs for inputs like ``q`` ``[..., D]``: the Triton kernels on CUDA where they
-    apply (fp32 / bf16 / fp16, D <= 128, Triton installed), the chunked dual form otherwise."""
-    fits = q.dtype != torch.float64 and q.shape[-1] <= MAX_TRITON_HEAD_DIM
-    if has_triton_form and q.is_cuda and fits and _triton_installed():
-        return Impl.TRITON
-    return Impl.CHUNK
-
-
-def resolve_impl(impl: Impl | str, q: Tensor, forms: dict[Impl, Callable | str]) -> Callable:
-    """Map ``impl`` to a callable; ``str`` entries are lazily imported ``module:function`` paths."""
-    choice = Impl.parse(impl)
-    if choice is Impl.AUTO:
-        choice = auto_impl(q, Impl.TRITON in forms)
-    if choice not in forms:
-        have = ", ".join(repr(i.value) for i in forms)
-        raise ValueError(f"impl={choice.value!r} is not available for this operator; choose one of {have}")
-    form = forms[choice]
-    if isinstance(form, str):
-        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(
-                f"impl={choice.value!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); q is on {q.device}"
-            )
-        module, name = form.split(":")
-        try:
-            form = getattr(importlib.import_module(module), name)
-        except ImportError as err:
-            raise ImportError(
-                f"impl={choice.value!r} needs Triton and its kernels ({module}): {err}"
-            ) from err
-    return form
+def register_ttt_forms(op: str, reference, chunk, recurrent=None) -> None:
+    """The forms table of a TTT operator (``op`` = its ``variant``), most preferred first: the fused
+    Triton kernels (``ttt/ops/<op>/triton``, CUDA, packed sequences in one launch, a decode kernel),
+    the chunked dual form, the token-by-token primal form (decode), the autograd reference."""
+    kernels = f"ttt.ops.{op}.triton"
+    register_form(op, Form(
+        "triton", f"{kernels}:triton_{op}", decode=True, decode_fn=f"{kernels}:decode_{op}", packed=True,
+        devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), requires="triton",
+        auto_max_head_dim=MAX_TRITON_HEAD_DIM, interpreted=True,
+    ))  # fmt: skip
+    register_form(op, Form("chunk", chunk))
+    if recurrent is not None:
+        register_form(op, Form("recurrent", recurrent, decode=True, non_causal=False))
+    register_form(op, Form("reference", reference, auto=False))
 
 
 def run_ttt(
-    form: dict[Impl, Callable | str],
     variant: str,
     shapes_of: Callable[[int, int], tuple[tuple[int, ...], ...]],
     names: tuple[str, ...],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor | float,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
+    tensors: tuple[Tensor, ...],
     *,
     initial_state,
     token_eta: Tensor | None,
@@ -94,7 +61,10 @@ def run_ttt(
     impl: Impl | str,
     check_finite: bool,
     cu_seqlens: Tensor | None = None,
+    decode: bool = False,
 ) -> TTTOutput:
+    """The body of ``ttt_linear`` / ``ttt_mlp``: ``tensors`` = (q, k, v, lr, ln_weight, ln_bias)."""
+    q, k, v, lr, ln_weight, ln_bias = tensors
     B, H, T, D = _checks.check_qkv(q, k, v)
     lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)
     eps = _checks.check_eps(eps)
@@ -104,7 +74,8 @@ def run_ttt(
     if token_eta is None:
         token_eta = default_token_eta(mini_batch_size, q.device)
     _checks.check_token_eta(token_eta, mini_batch_size, q.device)
-    fn = resolve_impl(impl, q, form)
+    decode = decode and causal and T == 1 and cu_seqlens is None
+    form = resolve(variant, impl, q, causal=causal, decode=decode)
     cd = compute_dtype(q.dtype)
     lengths = _checks.check_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None else None
     state = fresh_state(
@@ -130,11 +101,11 @@ def run_ttt(
         _checks.check_finite(**named)
     if T == 0:  # every form alike (the fused kernels included): an empty output, the state unchanged
         return TTTOutput(q.new_zeros(B, H, 0, D), state if output_final_state else None)
-    args = (q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
+    args = TTTInputs(q, k, v, lr, ln_weight, ln_bias, token_eta.to(cd))
     # the fast weights are float32 by contract: autocast must not lower the inner loop's matmuls
     with torch.autocast(q.device.type, enabled=False):
         o, final = _run(
-            fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps
+            form, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps, decode
         )
     o = o.to(q.dtype)
     if check_finite:
@@ -143,50 +114,47 @@ def run_ttt(
     return TTTOutput(o, final if output_final_state else None)
 
 
-def _run(fn, args, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps):
+def _run(form, x, state, lengths, cu_seqlens, mini_batch_size, output_final_state, causal, eps, decode):
+    fn = form.load(decode)
     if lengths is not None:
-        return _packed(fn, args, state, cu_seqlens, lengths, output_final_state, causal=causal, eps=eps)
+        return _packed(form, fn, x, state, cu_seqlens, lengths, output_final_state, causal=causal, eps=eps)
     if isinstance(state.offset, tuple):
-        return _per_offset(fn, args, state, causal=causal, eps=eps)
-    return fn(*args, state, causal=causal, eps=eps)
+        return _per_offset(fn, x, state, causal=causal, eps=eps)
+    return fn(x, state, causal=causal, eps=eps)
 
 
-def _per_offset(fn, args, state: TTTState, *, causal: bool, eps: float):
+def _per_offset(fn, x: TTTInputs, state: TTTState, *, causal: bool, eps: float):
     """Rows at different mini-batch offsets (after a ragged prefill): one call per offset, rows put back."""
-    q, k, v, lr, *rest = args
     groups: dict[int, list[int]] = {}
     for row, offset in enumerate(state.row_offsets()):
         groups.setdefault(offset, []).append(row)
     outs, finals, order = [], [], []
     for rows in groups.values():
-        pick = torch.tensor(rows, dtype=torch.long, device=q.device)
-        o, final = fn(*(x.index_select(0, pick) for x in (q, k, v, lr)), *rest, state.select(rows),
-                      causal=causal, eps=eps)  # fmt: skip
+        pick = torch.tensor(rows, dtype=torch.long, device=x.q.device)
+        o, final = fn(x.select_rows(pick), state.select(rows), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
         order += rows
     back = sorted(range(len(order)), key=order.__getitem__)  # position of row r in the grouped order
-    o = torch.cat(outs, dim=0).index_select(0, torch.tensor(back, dtype=torch.long, device=q.device))
+    o = torch.cat(outs, dim=0).index_select(0, torch.tensor(back, dtype=torch.long, device=x.q.device))
     return o, TTTState.cat(finals).select(back)
 
 
-def _packed(fn, args, state: TTTState, cu_seqlens: Tensor, lengths: list[int], output_final_state: bool, *,
-            causal: bool, eps: float):  # fmt: skip
-    """Sequences packed along T (``[1, H, sum T_n, D]``): the kernel's own varlen path where one offset
+def _packed(form, fn, x: TTTInputs, state: TTTState, cu_seqlens: Tensor, lengths: list[int],
+            output_final_state: bool, *, causal: bool, eps: float):  # fmt: skip
+    """Sequences packed along T (``[1, H, sum T_n, D]``): the form's own varlen path where one offset
     describes the result, else one call each (each sequence's final state at its own offset)."""
     b = state.mini_batch_size
-    if "cu_seqlens" in inspect.signature(fn).parameters and isinstance(state.offset, int):
+    if form.packed and isinstance(state.offset, int):
         if not output_final_state or len({(state.offset + n) % b for n in lengths}) == 1:
-            return fn(*args, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
-    q, k, v, lr, *rest = args
-    # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
-    per_seq = zip(*(x.split(lengths, dim=2) for x in (q, k, v, lr)))
+            return fn(x, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
     outs, finals = [], []
-    for n, (q_n, k_n, v_n, lr_n) in enumerate(per_seq):
-        if q_n.shape[2] == 0:  # an empty sequence (a fully padded row): no output, its state unchanged
+    # cut once (slicing in the loop would make the backward quadratic in the number of sequences)
+    for n, x_n in enumerate(x.split(lengths)):
+        if x_n.q.shape[2] == 0:  # an empty sequence (a fully padded row): no output, its state unchanged
             finals.append(state.rows(n, n + 1))
             continue
-        o, final = fn(q_n, k_n, v_n, lr_n, *rest, state.rows(n, n + 1), causal=causal, eps=eps)
+        o, final = fn(x_n, state.rows(n, n + 1), causal=causal, eps=eps)
         outs.append(o)
         finals.append(final)
     return torch.cat(outs, dim=2), TTTState.cat(finals)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
 class Impl(str, enum.Enum):
-    """Execution forms. Chosen explicitly with ``impl=``; there is no silent fallback.
+    """The built-in form names. ``impl=`` takes them (or any name registered in :mod:`ttt.ops.forms`);
+    which forms an operator has, and what ``"auto"`` picks, is in its table there. No silent fallback.
 
     - ``REFERENCE``: token by token, inner gradient from ``torch.func`` (autograd). Slow, obviously right.
     - ``CHUNK``: the dual form, all work inside a mini-batch as matmuls; loop over mini-batches.
     - ``RECURRENT``: token by token with the closed-form inner gradient (the primal form of decoding).
     - ``TRITON``: fused GPU kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-    - ``AUTO``: ``TRITON`` on CUDA tensors, ``CHUNK`` otherwise.
+    - ``AUTO``: the first form of the operator's table that supports the call (see ``ttt.ops.forms``).
     """
 
     REFERENCE = "reference"
@@ -32,6 +34,34 @@ class Impl(str, enum.Enum):
         except ValueError:
             names = ", ".join(repr(m.value) for m in cls)
             raise ValueError(f"impl must be one of {names}, got {value!r}") from None
+
+
+class TTTInputs(NamedTuple):
+    """The tensors every form of a TTT operator takes (``fn(x, state, *, causal, eps)``).
+
+    q, k, v ``[B, H, T, D]``; lr ``[B, H, T]``; ln_weight, ln_bias ``[H, D]``; token_eta ``[b]``.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    lr: Tensor
+    ln_weight: Tensor
+    ln_bias: Tensor
+    token_eta: Tensor
+
+    def to(self, dtype: torch.dtype) -> TTTInputs:
+        """Every tensor in ``dtype`` (the forms compute in the dtype of the state's fast weights)."""
+        return TTTInputs(*(t.to(dtype) for t in self))
+
+    def split(self, lengths: list[int]) -> list[TTTInputs]:
+        """The inputs of consecutive stretches of ``lengths`` tokens (q, k, v, lr cut along T, once)."""
+        per_token = zip(*(t.split(lengths, dim=2) for t in self[:4]))
+        return [TTTInputs(*cut, *self[4:]) for cut in per_token]
+
+    def select_rows(self, rows: Tensor) -> TTTInputs:
+        """The inputs of the batch rows ``rows`` (an index tensor) of q, k, v and lr."""
+        return TTTInputs(*(t.index_select(0, rows) for t in self[:4]), *self[4:])
 
 
 @dataclass(frozen=True)

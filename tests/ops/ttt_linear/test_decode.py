@@ -113,7 +113,9 @@ def test_functional_form_leaves_inputs_and_returns_weights():
 
 
 def test_public_op_routes_single_tokens_to_the_decode_kernel(monkeypatch):
-    """impl="triton" with T = 1, causal and no gradient uses the decode kernel (one launch)."""
+    """impl="triton" at a decode step (decode=True: T = 1, causal) uses the decode kernel (one launch),
+    whatever the grad mode; a T = 1 call that is not a decode step runs the chunk kernels; a backward
+    through the decode kernel raises instead of giving zero gradients."""
     # ``ttt.ops.ttt_linear`` is also the name of the function, so the module is imported by path
     fn = importlib.import_module("ttt.ops.ttt_linear.triton.function")
 
@@ -126,13 +128,17 @@ def test_public_op_routes_single_tokens_to_the_decode_kernel(monkeypatch):
     o_full, st_full = ttt_linear(f["q"], f["k"], f["v"], f["lr"], f["ln_weight"], f["ln_bias"],
                                  initial_state=(f["W"], f["bias"]), impl="chunk", **kw)  # fmt: skip
     st, outs = (f["W"], f["bias"]), []
-    with torch.no_grad():
-        for t in range(6):
-            o, st = ttt_linear(f["q"][:, :, t : t + 1], f["k"][:, :, t : t + 1], f["v"][:, :, t : t + 1],
-                               f["lr"][:, :, t : t + 1], f["ln_weight"], f["ln_bias"], initial_state=st,
-                               impl="triton", **kw)  # fmt: skip
-            outs.append(o)
+    token = lambda t: [f[n][:, :, t : t + 1] for n in ("q", "k", "v", "lr")] + [f["ln_weight"], f["ln_bias"]]  # noqa: E731
+    for t in range(6):
+        o, st = ttt_linear(*token(t), initial_state=st, impl="triton", decode=True, **kw)
+        outs.append(o)
     assert len(calls) == 6
+    ttt_linear(*token(0), initial_state=(f["W"], f["bias"]), impl="triton", **kw)
+    assert len(calls) == 6
+    q = f["q"][:, :, :1].clone().requires_grad_()
+    o, _ = ttt_linear(q, *token(0)[1:], initial_state=(f["W"], f["bias"]), impl="triton", decode=True, **kw)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        o.sum().backward()
     torch.testing.assert_close(torch.cat(outs, 2), o_full, atol=2e-5, rtol=2e-5)
     assert st.offset == st_full.offset
     for got, want in zip(

@@ -16,8 +16,9 @@ import torch
 # before any module imports Triton (Triton decides when a kernel module is first imported)
 pytest.importorskip("triton")
 
-from ttt.ops import TTTState, ttt_linear  # noqa: E402
+from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.ops.types import TTTInputs, TTTState  # noqa: E402
 from ttt.testing import assert_within_budget, random_projection_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,8 +155,7 @@ def test_backward_follows_the_forwards_dot_mode(monkeypatch):
 
 
 def test_dot_precision_modes(monkeypatch):
-    from ttt.ops.ttt_linear.triton.chunk_fwd import checkpoint_dtype
-    from ttt.ops.ttt_linear.triton.dot import dot_precision
+    from ttt.ops.triton_shared import checkpoint_dtype, dot_precision
 
     monkeypatch.delenv("TTT_TRITON_DOTS", raising=False)
     assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [
@@ -198,7 +198,7 @@ def test_split_equals_full():
 
 
 def test_decode_steps_equal_full():
-    """Decoding is a call with T = 1: 20 single-token triton calls chained through the state == one call."""
+    """20 single-token triton calls (the chunk kernels at T = 1) chained through the state == one call."""
     leaves, meta = make_case(1, 2, 20, 16, seed=13)
     full, _, _ = run(leaves, meta, impl="triton", dtype=torch.float32, causal=True, grad=False)
     x = {k: v.float() for k, v in leaves.items()}
@@ -229,10 +229,8 @@ def _varlen_run(leaves, lens, offset, *, packed, dtype, causal):
 
         anchor, gsum = (x["W"], x["b"]), (x["gW"], x["gb"])
         state = TTTState(anchor, anchor, gsum, offset, te.shape[0], "ttt_linear")
-        o, final = triton_ttt_linear(
-            x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], te, state,
-            causal=causal, eps=1e-6, cu_seqlens=cu,
-        )  # fmt: skip
+        inputs = TTTInputs(x["q"], x["k"], x["v"], x["lr"], x["ln_weight"], x["ln_bias"], te)
+        o, final = triton_ttt_linear(inputs, state, causal=causal, eps=1e-6, cu_seqlens=cu)
         outs = [o, *final.anchor, *final.grad_sum]
     else:
         parts, finals = [], []

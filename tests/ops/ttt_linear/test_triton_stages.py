@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_linear  # noqa: E402
-from ttt.ops.common import causal_eta_scores, layer_norm, ln_l2_grad, split_segments  # noqa: E402
+from ttt.ops.common import split_segments  # noqa: E402
+from ttt.ops.ttt_linear.triton.reference import chunk_ttt_linear_bwd_local_ref, chunk_ttt_linear_bwd_seq_ref  # noqa: E402
 from ttt.testing import assert_stage_matches, stage_case  # noqa: E402
 
 fwd = importlib.import_module("ttt.ops.ttt_linear.triton.chunk_fwd")
@@ -65,40 +66,6 @@ def test_forward_checkpoints_are_the_segment_anchors(T, offset, b, causal):
                               causal=causal, output_final_state=True, impl="chunk")  # fmt: skip
 
 
-def output_path_reference(x, ckpt, offset, b, causal):
-    """Float64 gradients of sum(o * do) through each segment's output path, with the segment's anchor
-    (the checkpoint) and its inner gradient G as constants: what the parallel backward stage computes.
-
-    Per segment: Zbar = Q W0 + b0 - eta (Q S_W + S_b) - A G, o = Q + LN(Zbar), with A = E * (Q K^T + 1),
-    E[i, j] = eta_i lr_j for j <= i (causal) or te[last] lr_j on every column (non-causal)."""
-    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
-    q, k, lr, te, lw, lb, sw, sb = map(
-        leaf, (x["q"], x["k"], x["lr"], x["te"], x["ln_w"], x["ln_b"], *x["S"])
-    )
-    zbars, grads_g, loss = [], [], 0.0
-    for n, (start, c) in enumerate(split_segments(q.shape[2], offset, b)):
-        sl, p0 = slice(start, start + c), offset if n == 0 else 0
-        Q, K, LR = q[:, :, sl], k[:, :, sl], lr[:, :, sl]
-        W0, b0 = ckpt[0][:, :, n].double(), ckpt[1][:, :, n].double()
-        G = leaf(ln_l2_grad(K @ W0 + b0[:, :, None], x["v"][:, :, sl] - K, x["ln_w"], x["ln_b"], EPS))
-        S_W, S_b = (sw, sb) if n == 0 else (torch.zeros_like(sw), torch.zeros_like(sb))
-        if causal:
-            eta = te[p0 : p0 + c][:, None]
-            A = causal_eta_scores(Q, K, LR, te[p0 : p0 + c])
-        else:
-            eta = te[p0 + c - 1]
-            A = (Q @ K.transpose(-1, -2) + 1) * (eta * LR)[:, :, None, :]
-        zbar = Q @ W0 + b0[:, :, None] - eta * (Q @ S_W + S_b[:, :, None]) - A @ G
-        zbar.retain_grad()
-        loss = loss + ((Q + layer_norm(zbar, lw, lb, EPS)) * x["do"][:, :, sl]).sum()
-        zbars.append(zbar)
-        grads_g.append(G)
-    loss.backward()
-    cat = lambda ts: torch.cat([t.grad for t in ts], dim=2)  # noqa: E731
-    return dict(dq=q.grad, dk=k.grad, dlr=lr.grad, dzb=cat(zbars), dgl=cat(grads_g), dte=te.grad,
-                dln_w=lw.grad, dln_b=lb.grad, dgW0=sw.grad, dgb0=sb.grad)  # fmt: skip
-
-
 @pytest.mark.parametrize("T,offset,b,causal", CASES, ids=lambda v: str(v))
 def test_backward_local_stage_is_the_output_path(T, offset, b, causal):
     x = make(2, 2, T, 16, b, offset, seed=T + 1)
@@ -107,48 +74,12 @@ def test_backward_local_stage_is_the_output_path(T, offset, b, causal):
         f32["q"], f32["k"], f32["v"], f32["lr"], f32["te"], f32["ln_w"], f32["ln_b"], ckpt,
         tuple(s.float().contiguous() for s in x["S"]), f32["do"], offset=offset, causal=causal, eps=EPS,
     )  # fmt: skip
-    ref = output_path_reference(x, ckpt, offset, b, causal)
+    ref = chunk_ttt_linear_bwd_local_ref(x, ckpt, offset, b, causal)
     got = dict(dq=loc.dq, dk=loc.dk, dlr=loc.dlr, dzb=loc.dzb, dgl=loc.dgl, dte=loc.dte.sum((0, 1, 2)),
                dln_w=loc.dln_w.sum((0, 2)), dln_b=loc.dln_b.sum((0, 2)))  # fmt: skip
     if offset:  # the carried gradient sum is an input of segment 0 only when the call resumes mid-batch
         got.update(dgW0=loc.dg0[0], dgb0=loc.dg0[1])
     assert_stage_matches(got, ref)
-
-
-def recurrence_reference(x, dzb, dgl, dht, dgt, offset, b):
-    """Float64 gradients of the surrogate loss the sequential stage differentiates:
-
-        sum_n <Q_n W_n + b_n, dZbar_n> + <G_n, dG_local_n> + <final anchor, dht> + <returned sum, dgt>
-
-    where (W_n, b_n) is the anchor at the start of segment n, run through the recurrence (full mini-batch:
-    W_{n+1} = W_n - te[b-1] (S + K^T (lr G_n)), S only in segment 0; a trailing partial one returns the
-    sum instead) and G_n the LN-L2 inner gradient at K_n W_n + b_n. q is a constant here: its gradient is
-    all output path (the parallel stage's)."""
-    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
-    k, v, lr, te, lw, lb, W0, b0, sw, sb = map(
-        leaf, (x["k"], x["v"], x["lr"], x["te"], x["ln_w"], x["ln_b"], x["W"], x["bias"], *x["S"])
-    )
-    W, bias = W0, b0
-    loss, gsum = 0.0, (torch.zeros_like(sw), torch.zeros_like(sb))
-    for n, (start, c) in enumerate(split_segments(k.shape[2], offset, b)):
-        sl, p0 = slice(start, start + c), offset if n == 0 else 0
-        Q, K, LR = x["q"][:, :, sl], k[:, :, sl], lr[:, :, sl]
-        G = ln_l2_grad(K @ W + bias[:, :, None], v[:, :, sl] - K, lw, lb, EPS)
-        loss = loss + ((Q @ W + bias[:, :, None]) * dzb[:, :, sl]).sum() + (G * dgl[:, :, sl]).sum()
-        U = K.transpose(-1, -2) @ (LR[..., None] * G)
-        u = (LR[..., None] * G).sum(2)
-        if n == 0:
-            U, u = U + sw, u + sb
-        if p0 + c == b:
-            W, bias = W - te[b - 1] * U, bias - te[b - 1] * u
-        else:  # only the last segment can end inside its mini-batch
-            gsum = (U, u)
-    finals = ((W, dht[0]), (bias, dht[1]), (gsum[0], dgt[0]), (gsum[1], dgt[1]))
-    loss = loss + sum((t * g).sum() for t, g in finals)
-    loss.backward()
-    grad = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731  (te: no full step)
-    return dict(dk=grad(k), dv=grad(v), dlr=grad(lr), dte=grad(te), dln_w=grad(lw), dln_b=grad(lb), dW0=grad(W0),
-                db0=grad(b0), dgW0=grad(sw), dgb0=grad(sb))  # fmt: skip
 
 
 @pytest.mark.parametrize("T,offset,b,causal", CASES, ids=lambda v: str(v))
@@ -169,7 +100,7 @@ def test_backward_sequential_stage_is_the_recurrence(T, offset, b, causal):
     dq, dk, dv, dlr, dte, dln_w, dln_b, dh0, dg0 = bwd.chunk_ttt_linear_bwd(
         *args, tuple(t.float() for t in dht), tuple(t.float() for t in dgt), **meta
     )
-    ref = recurrence_reference(x, loc.dzb.double(), loc.dgl.double(), dht, dgt, offset, b)
+    ref = chunk_ttt_linear_bwd_seq_ref(x, loc.dzb.double(), loc.dgl.double(), dht, dgt, offset, b)
     got = dict(dk=dk.double() - loc.dk, dv=dv, dlr=dlr - loc.dlr, dte=dte - loc.dte.sum((0, 1, 2)),
                dln_w=dln_w - loc.dln_w.sum((0, 2)), dln_b=dln_b - loc.dln_b.sum((0, 2)), dW0=dh0[0], db0=dh0[1])  # fmt: skip
     # the sweep's part of the carried gradient sum's gradient (compared at offset 0 too: the kernel and

@@ -146,7 +146,8 @@ def test_per_row_offsets():
 
 
 def test_public_op_routes_single_tokens_to_the_decode_kernel(monkeypatch):
-    """impl="triton" with T = 1, causal and no gradient uses the decode kernel; == one chunked call."""
+    """impl="triton" at a decode step (decode=True) uses the decode kernel in any grad mode; == one
+    chunked call."""
     fn = importlib.import_module("ttt.ops.ttt_mlp.triton.function")
     calls = []
     real = fn.ttt_mlp_decode
@@ -160,10 +161,9 @@ def test_public_op_routes_single_tokens_to_the_decode_kernel(monkeypatch):
         *args(slice(0, T)), initial_state=tuple(x[n] for n in NAMES), impl="chunk", **kw
     )
     st, outs = tuple(x[n] for n in NAMES), []
-    with torch.no_grad():
-        for t in range(T):
-            o, st = ttt_mlp(*args(slice(t, t + 1)), initial_state=st, impl="triton", **kw)
-            outs.append(o)
+    for t in range(T):
+        o, st = ttt_mlp(*args(slice(t, t + 1)), initial_state=st, impl="triton", decode=True, **kw)
+        outs.append(o)
     assert len(calls) == T
     torch.testing.assert_close(torch.cat(outs, 2), o_full, atol=3e-5, rtol=3e-5)
     assert st.offset == st_full.offset

@@ -279,8 +279,9 @@ def test_chunk_tiled_forward_fp32(monkeypatch, T, offset, causal, D, M):
     compare(leaves, meta, causal=causal, dtype=torch.float32)
 
 
-def test_fused_forward_out_of_resources_falls_back_to_tiled(monkeypatch):
-    """A GPU with less shared memory than the fused forward needs gets the tiled forward, same results."""
+def test_fused_forward_out_of_resources_names_the_tiled_forward(monkeypatch):
+    """A GPU with less shared memory than the fused forward needs gets an error naming the switch, not a
+    silent change of kernel; with TTT_MLP_FORWARD=tiled the tiled forward gives the same results."""
     import triton
 
     fwd = importlib.import_module("ttt.ops.ttt_mlp.triton.chunk_fwd")
@@ -295,7 +296,13 @@ def test_fused_forward_out_of_resources_falls_back_to_tiled(monkeypatch):
     monkeypatch.setattr(fwd, "chunk_ttt_mlp_fwd_kernel_fused", NoRoom())
     monkeypatch.setattr(fwd, "TILED_BLOCK_M", 16)
     leaves, meta = make_case(1, 2, 21, 16, 40, b=8, offset=3, seed=4)
+    with pytest.raises(RuntimeError, match="does not fit this GPU .*TTT_MLP_FORWARD=tiled"):
+        compare(leaves, meta, causal=True, dtype=torch.float32)
+    monkeypatch.setenv("TTT_MLP_FORWARD", "tiled")
     compare(leaves, meta, causal=True, dtype=torch.float32)
+    monkeypatch.setenv("TTT_MLP_FORWARD", "fast")
+    with pytest.raises(ValueError, match="TTT_MLP_FORWARD must be one of"):
+        compare(leaves, meta, causal=True, dtype=torch.float32)
 
 
 def test_varlen_tiled_forward_fp32(monkeypatch):

@@ -26,7 +26,10 @@ from .dispatch import run_rule
 
 
 def _per_head(name: str, x: Tensor | float, B: int, H: int, T: int, dtype, ref: Tensor, **bounds) -> Tensor:
-    """A constant per head (float or [H]) broadcast to [B, H, T] after its range check."""
+    """A constant per head (float or [H]), or one per token ([B, H, T]), as [B, H, T] after its range
+    check."""
+    if isinstance(x, Tensor) and x.dim() == 3:
+        return check_gate(name, x, (B, H, T), dtype, **bounds)
     x = torch.as_tensor(x, dtype=dtype, device=ref.device)
     if x.dim() == 0:
         x = x.expand(H)
@@ -35,16 +38,10 @@ def _per_head(name: str, x: Tensor | float, B: int, H: int, T: int, dtype, ref: 
 
 
 def linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Linear attention: one step on ``L = -<S^T k_t, v_t>``, ``S_t = S_{t-1} + k_t v_t^T``.
 
     Examples::
@@ -56,37 +53,22 @@ def linear_attention(
         True
     """
     check_qkv(q, k, v, same_qk_v_dim=False)
-    dt = compute_dtype(q.dtype)
+    tokens = {"k": k, "v": v}
     return run_rule(
-        "linear_attention",
-        q,
-        v,
-        {"k": k.to(dt), "v": v.to(dt)},
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
+        "linear_attention", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size
     )
 
 
 def retnet(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    alpha: Tensor | float,
-    beta: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, alpha: Tensor | float, beta: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """RetNet (retention): ``S_t = alpha S_{t-1} + beta_t k_t v_t^T`` with a fixed decay per head.
 
     Args:
-        alpha: decay gamma per head, float or [H], in (0, 1] (RetNet: ``1 - 2 ** (-5 - arange(H))``).
+        alpha: decay gamma per head, float or [H], in (0, 1] (RetNet: ``1 - 2 ** (-5 - arange(H))``);
+            or one per token [B, H, T] (a layer sets 1 on padding).
         beta: optional input scale [B, H, T], >= 0. Default: 1.
     """
     B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
@@ -97,34 +79,16 @@ def retnet(
         if beta is None
         else check_gate("beta", beta, (B, H, T), dt, low=0.0)
     )
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": beta, "log_alpha": torch.log(alpha)}
-    return run_rule(
-        "retnet",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": beta, "log_alpha": torch.log(alpha)}
+    return run_rule("retnet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def mamba2(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Mamba2 (scalar-decay SSD): ``S_t = alpha_t S_{t-1} + beta_t k_t v_t^T``. In Mamba2's names
     q = C, k = B, v = x, ``alpha_t = exp(dt_t A)`` (``log_alpha = dt_t A``), ``beta_t = dt_t``; the
     skip term ``D x`` is outside the recurrence and left to the layer.
@@ -135,38 +99,16 @@ def mamba2(
     """
     B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
-    tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
-        "beta": check_gate("beta", beta, (B, H, T), dt, low=0.0),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
-    }
-    return run_rule(
-        "mamba2",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": check_gate("beta", beta, (B, H, T), dt, low=0.0)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T), dt)
+    return run_rule("mamba2", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    alpha: Tensor | None = None,
-    log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, alpha: Tensor | None = None, log_alpha: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Gated linear attention: ``S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T``.
 
     Args:
@@ -175,36 +117,15 @@ def gla(
     """
     B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
-    tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
-    }
-    return run_rule(
-        "gla",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)}
+    return run_rule("gla", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def hgrn2(
-    q: Tensor,
-    v: Tensor,
-    *,
-    alpha: Tensor | None = None,
-    log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, v: Tensor, *, alpha: Tensor | None = None, log_alpha: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """HGRN2: ``S_t = Diag(alpha_t) S_{t-1} + (1 - alpha_t) v_t^T``. The key is tied to the forget
     gate (``k_t = 1 - alpha_t``, the HGRN2 paper's state expansion), so there is no ``k`` argument.
 
@@ -215,55 +136,27 @@ def hgrn2(
     B, H, T, Dk = check_qkv(q, None, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
     log_alpha = resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)
-    tokens = {"k": -torch.expm1(log_alpha), "v": v.to(dt), "log_alpha": log_alpha}
-    return run_rule(
-        "hgrn2",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": -torch.expm1(log_alpha), "v": v, "log_alpha": log_alpha}
+    return run_rule("hgrn2", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def hebbian(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    decay: Tensor | float,
-    lr: Tensor | float,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor | float, lr: Tensor | float,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Hebbian fast weights (Ba et al. 2016, ``A(t+1) = lambda A(t) + eta h(t) h(t)^T``), the ancestor
     of the family: ``S_t = decay S_{t-1} + lr k_t v_t^T`` (pass k = v = h for the paper's
     auto-associative memory). Only the fast-weight memory is implemented, not the paper's inner
     "attention to the recent past" loop of the RNN around it.
 
     Args:
-        decay: lambda, float or [H], in (0, 1].
-        lr: eta, float or [H], >= 0.
+        decay: lambda, float or [H], in (0, 1]; or one per token [B, H, T].
+        lr: eta, float or [H], >= 0; or one per token [B, H, T].
     """
     B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
     lam = _per_head("decay", decay, B, H, T, dt, q, low=0.0, high=1.0, low_open=True)
     eta = _per_head("lr", lr, B, H, T, dt, q, low=0.0)
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": eta, "log_alpha": torch.log(lam)}
-    return run_rule(
-        "hebbian",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": eta, "log_alpha": torch.log(lam)}
+    return run_rule("hebbian", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)

@@ -32,11 +32,6 @@ def _exp(x: Tensor) -> Tensor:
     return torch.exp(F.threshold(x, _floor(x.dtype), float("-inf")))  # one pass: x if x > floor else -inf
 
 
-def _untracked(*xs: Tensor) -> bool:
-    """True when autograd records nothing on ``xs``, so one of them may be overwritten in place."""
-    return not torch.is_grad_enabled() or not any(x.requires_grad for x in xs)
-
-
 def _clamped_exp_(x: Tensor) -> Tensor:
     """``_exp(min(x, 0))`` computed in place on a fresh tensor ``x`` (autograd allows it: nothing has
     saved ``x``). The [.., C, C] and [.., c, c, Dk] decay factors are large: every buffer saved is a
@@ -63,7 +58,8 @@ def _decayed_products(x: Tensor, gx: Tensor, y: Tensor, gy: Tensor, mask: Tensor
             return products
         # above the diagonal the exponents are > 0: clamped to 0 (exp = 1) where the mask zeroed
         decay = _clamped_exp_(gx - gy.transpose(-1, -2))  # [..., C, C]
-        return products.mul_(decay) if _untracked(products, decay) else products * decay
+        # out of place in every grad mode (one form of the computation): autograd needs the products
+        return products * decay
     C = x.shape[-2]
     c = _SUB if C % _SUB == 0 and C > _SUB else C
     nb = C // c

@@ -33,17 +33,10 @@ def _beta(
 
 
 def deltanet(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """DeltaNet: online gradient descent on ``L_t = beta_t/2 ||S^T k_t - v_t||^2``,
     ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -61,34 +54,16 @@ def deltanet(
     """
     B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": _beta(beta, (B, H, T), dt)}
-    return run_rule(
-        "deltanet",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": _beta(beta, (B, H, T), dt)}
+    return run_rule("deltanet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def gated_deltanet(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Gated DeltaNet (GDN): SGD on the decayed state ``S~ = alpha_t S_{t-1}`` with
     ``L_t = beta_t/2 ||S~^T k_t - v_t||^2``, i.e.
     ``S_t = (I - beta_t k_t k_t^T) alpha_t S_{t-1} + beta_t k_t v_t^T``.
@@ -110,39 +85,19 @@ def gated_deltanet(
     """
     B, H, T, _ = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
-    tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
-        "beta": _beta(beta, (B, H, T), dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
-    }
+    tokens = {"k": k, "v": v, "beta": _beta(beta, (B, H, T), dt)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T), dt)
     return run_rule(
-        "gated_deltanet",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
+        "gated_deltanet", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size
     )
 
 
 def kda(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Kimi Delta Attention: GDN with a per-channel decay,
     ``S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -153,37 +108,16 @@ def kda(
     """
     B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
-    tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
-        "beta": _beta(beta, (B, H, T), dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
-    }
-    return run_rule(
-        "kda",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": _beta(beta, (B, H, T), dt)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt)
+    return run_rule("kda", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def longhorn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor,
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Longhorn: the implicit (proximal) online step
     ``S_t = argmin_S 1/2 ||S - S_{t-1}||^2 + 1/2 ||S^T k_t - v_t||^2_Diag(beta_t)``, whose closed form
     is, per value column j, ``S_t = (I - eps k k^T) S_{t-1} + eps k v^T`` with
@@ -200,35 +134,16 @@ def longhorn(
     Dv = v.shape[-1]
     dt = compute_dtype(q.dtype)
     shape = (B, H, T, Dv) if getattr(beta, "dim", lambda: 0)() == 4 else (B, H, T)
-    tokens = {"k": k.to(dt), "v": v.to(dt), "beta": _beta(beta, shape, dt)}
-    return run_rule(
-        "longhorn",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "beta": _beta(beta, shape, dt)}
+    return run_rule("longhorn", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def comba(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    p: Tensor,
-    beta: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, p: Tensor, beta: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Comba (closed-loop control): the correction reads the prediction with a second key ``p`` and
     writes it along ``k``, ``S_t = (alpha_t - beta_t k_t p_t^T) S_{t-1} + beta_t k_t v_t^T``
     (the Comba paper's form; fla's ``naive_recurrent_comba`` decays first instead, see README.md).
@@ -241,41 +156,17 @@ def comba(
     """
     B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
-    tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
-        "p": check_gate("p", p, (B, H, T, Dk), dt),
-        "beta": _beta(beta, (B, H, T), dt),
-        "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T), dt),
-    }
-    return run_rule(
-        "comba",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    tokens = {"k": k, "v": v, "p": check_gate("p", p, (B, H, T, Dk), dt), "beta": _beta(beta, (B, H, T), dt)}
+    tokens["log_alpha"] = resolve_log_decay(alpha, log_alpha, (B, H, T), dt)
+    return run_rule("comba", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)
 
 
 def rwkv7(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    beta: Tensor,
-    k_hat: Tensor,
-    alpha: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, k_hat: Tensor, alpha: Tensor | None = None,
     log_alpha: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    impl: str = "chunk",
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+    impl: str = "chunk", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """RWKV-7 ("Goose"): ``S_t = (Diag(alpha_t) - (beta_t * k_hat_t) k_hat_t^T) S_{t-1} + k_t v_t^T``
     (the paper's ``S_t = S_{t-1}(diag(w_t) - kappa^T (a_t * kappa)) + v_t^T k~_t`` transposed to the
     [Dk, Dv] layout: q = r, k = k~, alpha = w, beta = a, k_hat = kappa-hat).
@@ -289,20 +180,10 @@ def rwkv7(
     B, H, T, Dk = check_qkv(q, k, v, same_qk_v_dim=False)
     dt = compute_dtype(q.dtype)
     tokens = {
-        "k": k.to(dt),
-        "v": v.to(dt),
+        "k": k,
+        "v": v,
         "beta": _beta(beta, (B, H, T, Dk), dt, high=1.0),
         "k_hat": check_gate("k_hat", k_hat, (B, H, T, Dk), dt),
         "log_alpha": resolve_log_decay(alpha, log_alpha, (B, H, T, Dk), dt),
     }
-    return run_rule(
-        "rwkv7",
-        q,
-        v,
-        tokens,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        impl=impl,
-        chunk_size=chunk_size,
-    )
+    return run_rule("rwkv7", q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size)

@@ -17,6 +17,7 @@ weights).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -77,58 +78,24 @@ def ttt_general(
         ``TTTOutput(output [B, H, T, Dv] in q's dtype, final_state or None)``.
     """
     B, H, T, Dk = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
-    _checks.check_mini_batch_size(mini_batch_size)
     b, cd, N = mini_batch_size, compute_dtype(q.dtype), B * H
-    lr = _checks.check_lr(lr, B, H, T, q.device)  # >= 0: gradient ascent is ascent=True
-    te = (default_token_eta(b, q.device) if token_eta is None else token_eta).to(cd)
-    _checks.check_token_eta(te, b, q.device)
-    if not isinstance(inner_steps, int) or inner_steps < 1:
-        raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
-    loss_fn = LOSSES[loss] if isinstance(loss, str) and loss in LOSSES else loss
-    if not callable(loss_fn):
-        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
-    read = readout if readout is not None else (lambda params, x, *args: model(params, x))
+    lr, te, loss_fn = _check_options(q, lr, b, token_eta, inner_steps, loss, cd)
 
     P0, S, m, offset = _initial(initial_state, B, H, b, cd, q.device)
     if offset and (not causal or inner_steps > 1):
         raise ValueError("causal=False and inner_steps > 1 can only resume at a mini-batch boundary")
-    mask = tuple(update) if update is not None else (True,) * len(P0)
-    if len(mask) != len(P0):
-        raise ValueError(f"update must hold one bool per fast-weight tensor ({len(P0)}), got {len(mask)}")
-    if momentum and not m:
-        m = tuple(torch.zeros_like(p) for p in P0)
+    mask = _update_mask(update, len(P0))
+    m = m or (tuple(torch.zeros_like(p) for p in P0) if momentum else ())
     args = tuple(a.to(cd)[None].expand(B, *a.shape).reshape(N, *a.shape[1:]) for a in head_args)
-    qf, kf, vf = (x.to(cd).reshape(N, T, x.shape[-1]) for x in (q, k, v))
-    lrf = lr.to(cd).reshape(N, T)
+    qf, kf, vf, lrf = (x.to(cd).reshape(N, T, *x.shape[3:]) for x in (q, k, v, lr))
 
-    def token_loss(params, k_t, v_t, *a):
-        return loss_fn(model(params, k_t), k_t, v_t, *a)
-
-    over_tokens = (None, 0, 0) + (None,) * len(args)
-    token_grads = torch.func.vmap(torch.func.vmap(torch.func.grad(token_loss), in_dims=over_tokens))
-    per_token_read = torch.func.vmap(torch.func.vmap(read, in_dims=(0, 0) + (None,) * len(args)))
-    sign = -1.0 if ascent else 1.0
-
-    def bcast(x: Tensor, like: Tensor) -> Tensor:  # [N, c] -> [N, c, 1, ..., 1]
-        return x.reshape(*x.shape, *([1] * (like.dim() - 2)))
-
+    token_grads, per_token_read = _batched(model, loss_fn, readout, len(args))
+    opts = _Options(inner_steps, momentum, weight_decay, -1.0 if ascent else 1.0, mask, weight_norm, causal)
     outs, P_last = [], P0
     for start, c in split_segments(T, offset, b):
         sl = slice(start, start + c)
         K, V, LR, te_c = kf[:, sl], vf[:, sl], lrf[:, sl], te[offset : offset + c]
-        g = token_grads(P0, K, V, *args)  # each [N, c, *shape]
-        prefix = tuple(s[:, None] + torch.cumsum(bcast(LR, gi) * gi, dim=1) for s, gi in zip(S, g))
-        if inner_steps == 1:
-            delta = tuple(bcast(te_c[None].expand(N, c), p) * p for p in prefix)
-        else:
-            delta = _multi_step(token_grads, P0, K, V, LR, te_c, args, inner_steps, bcast, mask)
-        delta = tuple(sign * d if upd else torch.zeros_like(d) for d, upd in zip(delta, mask))
-        U = tuple(d + momentum * mi[:, None] for d, mi in zip(delta, m)) if momentum else delta
-        P = tuple((1 - weight_decay) * p0[:, None] - u for p0, u in zip(P0, U))  # [N, c, *shape]
-        if weight_norm:
-            P = tuple(_renorm(p, p0) if upd and p.dim() >= 4 else p for p, p0, upd in zip(P, P0, mask))
-        if not causal:
-            P = tuple(p[:, -1:].expand_as(p) for p in P)
+        P, U, prefix = _segment(opts, token_grads, P0, S, m, K, V, LR, te_c, args)
         outs.append(per_token_read(P, qf[:, sl], *args))
         S = tuple(p[:, -1] for p in prefix)
         P_last = tuple(p[:, -1] for p in P)
@@ -138,11 +105,74 @@ def ttt_general(
             S = tuple(torch.zeros_like(s) for s in S)
             m = tuple(u[:, -1] for u in U) if momentum else m
 
-    Dv = v.shape[-1]
-    o = torch.cat(outs, dim=1).reshape(B, H, T, -1) if outs else q.new_zeros(B, H, 0, Dv).to(cd)
+    o = torch.cat(outs, dim=1).reshape(B, H, T, -1) if outs else q.new_zeros(B, H, 0, v.shape[-1]).to(cd)
     unflat = lambda ts: tuple(t.reshape(B, H, *t.shape[1:]) for t in ts)  # noqa: E731
     final = TTTState(unflat(P_last), unflat(P0), unflat(S), offset, b, "general", unflat(m))
     return TTTOutput(o.to(q.dtype), final if output_final_state else None)
+
+
+def _check_options(q: Tensor, lr, b: int, token_eta, inner_steps, loss, cd):
+    """The checked per-token ``lr [B, H, T]``, ``token_eta [b]`` (compute dtype) and loss function."""
+    B, H, T = q.shape[:3]
+    _checks.check_mini_batch_size(b)
+    lr = _checks.check_lr(lr, B, H, T, q.device)  # >= 0: gradient ascent is ascent=True
+    te = (default_token_eta(b, q.device) if token_eta is None else token_eta).to(cd)
+    _checks.check_token_eta(te, b, q.device)
+    if not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
+    loss_fn = LOSSES[loss] if isinstance(loss, str) and loss in LOSSES else loss
+    if not callable(loss_fn):
+        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
+    return lr, te, loss_fn
+
+
+def _batched(model, loss_fn, readout, n_args: int):
+    """The per-token inner gradients and readouts, vmapped over (sequence x head) and tokens."""
+    read = readout if readout is not None else (lambda params, x, *args: model(params, x))
+
+    def token_loss(params, k_t, v_t, *a):
+        return loss_fn(model(params, k_t), k_t, v_t, *a)
+
+    over_tokens = (None, 0, 0) + (None,) * n_args
+    token_grads = torch.func.vmap(torch.func.vmap(torch.func.grad(token_loss), in_dims=over_tokens))
+    return token_grads, torch.func.vmap(torch.func.vmap(read, in_dims=(0, 0) + (None,) * n_args))
+
+
+@dataclass(frozen=True)
+class _Options:
+    inner_steps: int
+    momentum: float
+    weight_decay: float
+    sign: float  # -1 for gradient ascent
+    mask: tuple[bool, ...]  # which fast-weight tensors are trained
+    weight_norm: bool
+    causal: bool
+
+
+def _segment(opts: _Options, token_grads, P0, S, m, K, V, LR, te_c, args):
+    """One stretch of c tokens inside a mini-batch that started at ``P0`` (gradient sums ``S``, momentum
+    ``m`` carried in): the weights each token reads ``P``, the updates ``U`` and the gradient prefix sums,
+    each ``[N, c, *shape]``."""
+    N, c = K.shape[:2]
+    g = token_grads(P0, K, V, *args)  # each [N, c, *shape]
+    prefix = tuple(s[:, None] + torch.cumsum(bcast(LR, gi) * gi, dim=1) for s, gi in zip(S, g))
+    if opts.inner_steps == 1:
+        delta = tuple(bcast(te_c[None].expand(N, c), p) * p for p in prefix)
+    else:
+        delta = _multi_step(token_grads, P0, K, V, LR, te_c, args, opts.inner_steps, opts.mask)
+    delta = tuple(opts.sign * d if upd else torch.zeros_like(d) for d, upd in zip(delta, opts.mask))
+    U = tuple(d + opts.momentum * mi[:, None] for d, mi in zip(delta, m)) if opts.momentum else delta
+    P = tuple((1 - opts.weight_decay) * p0[:, None] - u for p0, u in zip(P0, U))
+    if opts.weight_norm:
+        P = tuple(_renorm(p, p0) if upd and p.dim() >= 4 else p for p, p0, upd in zip(P, P0, opts.mask))
+    if not opts.causal:
+        P = tuple(p[:, -1:].expand_as(p) for p in P)
+    return P, U, prefix
+
+
+def bcast(x: Tensor, like: Tensor) -> Tensor:
+    """``x [N, c]`` -> ``[N, c, 1, ..., 1]`` to scale a per-token gradient like ``like``."""
+    return x.reshape(*x.shape, *([1] * (like.dim() - 2)))
 
 
 def _renorm(p: Tensor, p0: Tensor) -> Tensor:
@@ -150,7 +180,7 @@ def _renorm(p: Tensor, p0: Tensor) -> Tensor:
     return p * (p0.norm(dim=-2, keepdim=True)[:, None] / p.norm(dim=-2, keepdim=True).clamp_min(1e-12))
 
 
-def _multi_step(token_grads, P0, K, V, LR, te_c, args, steps, bcast, mask):
+def _multi_step(token_grads, P0, K, V, LR, te_c, args, steps, mask):
     """``P0 - P^n`` for every token prefix i of the segment, n gradient steps on tokens ``<= i``.
 
     Frozen parameters (``mask`` False) stay at ``P0`` during the steps, not only after them.
@@ -166,6 +196,14 @@ def _multi_step(token_grads, P0, K, V, LR, te_c, args, steps, bcast, mask):
             )
         deltas.append(tuple(p0 - p for p0, p in zip(P0, P)))
     return tuple(torch.stack(ds, dim=1) for ds in zip(*deltas))
+
+
+def _update_mask(update: Sequence[bool] | None, n: int) -> tuple[bool, ...]:
+    """Which of the ``n`` fast-weight tensors the inner loop trains (all by default)."""
+    mask = tuple(update) if update is not None else (True,) * n
+    if len(mask) != n:
+        raise ValueError(f"update must hold one bool per fast-weight tensor ({n}), got {len(mask)}")
+    return mask
 
 
 def _initial(initial_state, B, H, b, cd, device):

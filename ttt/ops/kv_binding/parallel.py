@@ -95,8 +95,15 @@ def kv_binding_parallel(
             q, k, v, scale=1.0, initial_state=W, output_final_state=True, chunk_size=chunk_size
         )
         return o, ((W_T, torch.zeros_like(W_T)) if output_final_state else None)
-    mu = float(eff.momentum)
     V = torch.zeros_like(W) if velocity is None else velocity.expand_as(W).to(q.dtype)
+    o, W, V = _momentum_chunks(q, k, v, W, V, float(eff.momentum), chunk_size)
+    return o, ((W, V) if output_final_state else None)
+
+
+def _momentum_chunks(q: Tensor, k: Tensor, v: Tensor, W: Tensor, V: Tensor, mu: float, chunk_size: int):
+    """Online steps with momentum ``mu`` from ``(W, V)`` [B, H, M, Dv], chunk by chunk (the closed form in
+    the module docstring). Returns o [B, H, T, Dv] and the final ``(W, V)``."""
+    B, H, T, M = q.shape
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T
@@ -119,7 +126,7 @@ def kv_binding_parallel(
         W = W + s[L - 1] * V + (k_n * c_lag[to_end][:, None]).transpose(-1, -2) @ v_n
         V = mu**L * V + (k_n * powers[to_end][:, None]).transpose(-1, -2) @ v_n
     o = torch.stack(outputs, dim=2).reshape(B, H, N * C, -1)[:, :, :T]
-    return o, ((W, V) if output_final_state else None)
+    return o, W, V
 
 
 def _mini_batch_parallel(eff, W0, velocity, b, token_eta, causal, output_final_state):

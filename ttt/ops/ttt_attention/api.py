@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
-from .._dispatch import TTTOutput, resolve_impl
+from .._dispatch import TTTOutput
 from .._state import fresh_state, last_token_weights
 from ..common import causal_eta_scores, compute_dtype, scan_mini_batches, split_segments, split_time
 from ..family import deltanet
+from ..forms import Form, register_form, resolve
 from ..general import inner, ttt_general
 from ..types import Impl, TTTState
 
@@ -133,7 +134,7 @@ def attention(
         initial_state = q.new_zeros(1, H, Dk, Dv, dtype=cd)
     if isinstance(initial_state, Tensor):
         initial_state = (initial_state,)
-    form = resolve_impl(impl, q, {Impl.REFERENCE: _reference, Impl.CHUNK: _chunk})
+    form = resolve("ttt_attention", impl, q, causal=is_causal).load()
     state = fresh_state(
         initial_state, shapes=((H, Dk, Dv),), names=("S",), batch_size=B, mini_batch_size=b,
         variant="general", dtype=cd, device=q.device,
@@ -265,3 +266,7 @@ def _delta_rule(q, k, v, beta, state, scale, cd):
     q, k, v, beta = (x.to(cd) for x in (q, k, v, beta))
     o, S = deltanet(q, k, v, beta=beta, scale=scale, initial_state=state.anchor[0], output_final_state=True)
     return o, TTTState((S,), (S,), (torch.zeros_like(S),), 0, 1, "general")
+
+
+register_form("ttt_attention", Form("chunk", _chunk))
+register_form("ttt_attention", Form("reference", _reference, auto=False))

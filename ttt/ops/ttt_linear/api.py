@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._dispatch import TTTOutput, run_ttt
+from .._dispatch import TTTOutput, register_ttt_forms, run_ttt
 from ..types import Impl, TTTState
 from .chunk import chunk_ttt_linear
 from .recurrent import recurrent_ttt_linear
 from .reference import naive_recurrent_ttt_linear
 
-FORMS = {
-    Impl.REFERENCE: naive_recurrent_ttt_linear,
-    Impl.CHUNK: chunk_ttt_linear,
-    Impl.RECURRENT: recurrent_ttt_linear,
-    Impl.TRITON: "ttt.ops.ttt_linear.triton:triton_ttt_linear",
-}
+register_ttt_forms("ttt_linear", naive_recurrent_ttt_linear, chunk_ttt_linear, recurrent_ttt_linear)
 STATE_NAMES = ("W", "b")
 
 
@@ -40,6 +35,7 @@ def ttt_linear(
     impl: Impl | str = Impl.CHUNK,
     check_finite: bool = False,
     cu_seqlens: Tensor | None = None,
+    decode: bool = False,
 ) -> TTTOutput:
     """TTT-Linear (Sun et al. 2024): mini-batch gradient descent on a LayerNorm'd linear model.
 
@@ -62,12 +58,15 @@ def ttt_linear(
         output_final_state: return the ``TTTState`` after the last token. Default: False.
         eps: LayerNorm epsilon, a finite float > 0. Default: 1e-6.
         impl: "chunk" (dual form, default), "reference" (autograd inner gradient, token by token),
-            "recurrent" (primal form; decoding), "triton", or "auto" (triton on CUDA, else chunk).
+            "recurrent" (primal form; decoding), "triton", or "auto" (see ``ttt.ops.forms``: triton on
+            CUDA where it applies, else chunk; at a decode step triton on CUDA, else recurrent).
         check_finite: raise ``FloatingPointError`` if an input or the initial state holds NaN/Inf, or
             if the output or the final fast weights overflowed to Inf/NaN (synchronises on GPU).
         cu_seqlens: ``[N + 1]`` offsets of N sequences packed along T (q ``[1, H, sum T_n, D]``), each
             starting from its own row of the initial state (``[N, ...]`` or broadcast); the Triton form
             runs them in one launch, the others one call each. Default: None.
+        decode: this call is a decode step (one causal token): "auto" prefers a decode form, and the
+            Triton form runs its one-token kernel (inference only: its backward raises). Default: False.
 
     Returns:
         ``TTTOutput(output [B, H, T, D] in q's dtype, final_state or None)``. Fast weights are float32
@@ -85,8 +84,8 @@ def ttt_linear(
         (torch.Size([2, 4, 40, 16]), 8)
     """
     return run_ttt(
-        FORMS, "ttt_linear", state_shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
+        "ttt_linear", state_shapes, STATE_NAMES, (q, k, v, lr, ln_weight, ln_bias),
         initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
         output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, decode=decode,
     )  # fmt: skip

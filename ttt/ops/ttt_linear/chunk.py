@@ -22,26 +22,13 @@ from torch import Tensor
 
 from .._state import last_token_weights
 from ..common import causal_eta_scores, grad_of_inner_loss, layer_norm
-from ..types import TTTState
+from ..types import TTTInputs, TTTState
 from .scan import MiniBatchScan
 
 
-def chunk_ttt_linear(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
-) -> tuple[Tensor, TTTState]:
+def chunk_ttt_linear(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:
     cd = state.anchor[0].dtype
-    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
-    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+    q, k, v, lr, lw, lb, te = x.to(cd)
     b, T, offset = state.mini_batch_size, q.shape[2], state.offset
     ones = q.new_ones(*q.shape[:3], 1)
     qa, ka = torch.cat([q, ones], -1), torch.cat([k, ones], -1)  # [B, H, T, D + 1]

@@ -11,27 +11,15 @@ from torch import Tensor
 
 from .._state import last_token_weights
 from ..common import layer_norm, ln_l2_grad, scan_mini_batches
-from ..types import TTTState
+from ..types import TTTInputs, TTTState
 
 
 def recurrent_ttt_linear(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
+    x: TTTInputs, state: TTTState, *, causal: bool, eps: float
 ) -> tuple[Tensor, TTTState]:
-    if not causal:
-        raise ValueError("impl='recurrent' is the causal decoding form; use impl='chunk' for causal=False")
+    # causal only: its forms-table row says so, and ttt.ops.forms.resolve refuses causal=False
     cd = state.anchor[0].dtype
-    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
-    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+    q, k, v, lr, lw, lb, te = x.to(cd)
     # per-token views cut once: slicing inside the loop would make the backward quadratic in T
     qs, ks, vs, lrs = (x.split(1, dim=2) for x in (q, k, v, lr))
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._autograd_reference import autograd_token_loop
-from ..types import TTTState
+from ..types import TTTInputs, TTTState
 
 
 def linear_model(params: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
@@ -21,18 +21,6 @@ def linear_model(params: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
 
 
 def naive_recurrent_ttt_linear(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
+    x: TTTInputs, state: TTTState, *, causal: bool, eps: float
 ) -> tuple[Tensor, TTTState]:
-    return autograd_token_loop(
-        linear_model, q, k, v, lr, ln_weight, ln_bias, token_eta, state, causal=causal, eps=eps
-    )
+    return autograd_token_loop(linear_model, x, state, causal=causal, eps=eps)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._dispatch import TTTOutput, run_ttt
+from .._dispatch import TTTOutput, register_ttt_forms, run_ttt
 from ..types import Impl, TTTState
 from .chunk import chunk_ttt_mlp
 from .reference import naive_recurrent_ttt_mlp
 
-FORMS = {
-    Impl.REFERENCE: naive_recurrent_ttt_mlp,
-    Impl.CHUNK: chunk_ttt_mlp,
-    Impl.TRITON: "ttt.ops.ttt_mlp.triton:triton_ttt_mlp",
-}
+register_ttt_forms("ttt_mlp", naive_recurrent_ttt_mlp, chunk_ttt_mlp)
 STATE_NAMES = ("W1", "b1", "W2", "b2")
 
 
@@ -23,23 +19,12 @@ def state_shapes(H: int, D: int, M: int) -> tuple[tuple[int, ...], ...]:
 
 
 def ttt_mlp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor | float,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    *,
-    initial_state: tuple[Tensor, Tensor, Tensor, Tensor] | TTTState,
-    token_eta: Tensor | None = None,
-    mini_batch_size: int = 16,
-    causal: bool = True,
-    output_final_state: bool = False,
-    eps: float = 1e-6,
-    impl: Impl | str = Impl.CHUNK,
-    check_finite: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> TTTOutput:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor | float, ln_weight: Tensor, ln_bias: Tensor, *,
+    initial_state: tuple[Tensor, Tensor, Tensor, Tensor] | TTTState, token_eta: Tensor | None = None,
+    mini_batch_size: int = 16, causal: bool = True, output_final_state: bool = False, eps: float = 1e-6,
+    impl: Impl | str = Impl.CHUNK, check_finite: bool = False, cu_seqlens: Tensor | None = None,
+    decode: bool = False,
+) -> TTTOutput:  # fmt: skip
     """TTT-MLP (Sun et al. 2024): ``ttt_linear`` with inner model ``LN(gelu_tanh(x W1 + b1) W2 + b2)``.
 
     Args:
@@ -48,9 +33,9 @@ def ttt_mlp(
         ln_weight, ln_bias: ``[H, D]``.
         initial_state: ``(W1 [B, H, D, M], b1 [B, H, M], W2 [B, H, M, D], b2 [B, H, D])`` for any hidden
             size M (the paper uses 4D), leading B optional or 1; or the ``TTTState`` of a previous call.
-        token_eta, mini_batch_size, causal, output_final_state, eps, impl, check_finite, cu_seqlens: as
-            ``ttt_linear``
-            (decoding is a T = 1 call with ``impl="chunk"``; there is no separate primal form).
+        token_eta, mini_batch_size, causal, output_final_state, eps, impl, check_finite, cu_seqlens,
+            decode: as ``ttt_linear`` (there is no separate primal form: off CUDA a decode step is a
+            T = 1 call of the chunk form).
 
     Returns:
         ``TTTOutput(output [B, H, T, D], final_state or None)``.
@@ -72,8 +57,8 @@ def ttt_mlp(
         return state_shapes(H, D, W1.shape[-1] if isinstance(W1, Tensor) else 4 * D)
 
     return run_ttt(
-        FORMS, "ttt_mlp", shapes, STATE_NAMES, q, k, v, lr, ln_weight, ln_bias,
+        "ttt_mlp", shapes, STATE_NAMES, (q, k, v, lr, ln_weight, ln_bias),
         initial_state=initial_state, token_eta=token_eta, mini_batch_size=mini_batch_size, causal=causal,
         output_final_state=output_final_state, eps=eps, impl=impl, check_finite=check_finite,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, decode=decode,
     )  # fmt: skip

@@ -26,25 +26,12 @@ from ..common import (
     split_segments,
     split_time,
 )
-from ..types import TTTState
+from ..types import TTTInputs, TTTState
 
 
-def chunk_ttt_mlp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
-) -> tuple[Tensor, TTTState]:
+def chunk_ttt_mlp(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:
     cd = state.anchor[0].dtype
-    q, k, v, lr = (x.to(cd) for x in (q, k, v, lr))
-    lw, lb, te = ln_weight.to(cd), ln_bias.to(cd), token_eta.to(cd)
+    q, k, v, lr, lw, lb, te = x.to(cd)
     b, T = state.mini_batch_size, q.shape[2]
     segments = split_segments(T, state.offset, b)
     # the LN + L2 gradient needs (LN(z) - t) * w = x * w^2 - (t - beta) * w; precompute the second term

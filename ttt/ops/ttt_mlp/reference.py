@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._autograd_reference import autograd_token_loop
 from ..common import gelu_tanh
-from ..types import TTTState
+from ..types import TTTInputs, TTTState
 
 
 def mlp_model(params: tuple[Tensor, Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
@@ -23,18 +23,6 @@ def mlp_model(params: tuple[Tensor, Tensor, Tensor, Tensor], x: Tensor) -> Tenso
 
 
 def naive_recurrent_ttt_mlp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
+    x: TTTInputs, state: TTTState, *, causal: bool, eps: float
 ) -> tuple[Tensor, TTTState]:
-    return autograd_token_loop(
-        mlp_model, q, k, v, lr, ln_weight, ln_bias, token_eta, state, causal=causal, eps=eps
-    )
+    return autograd_token_loop(mlp_model, x, state, causal=causal, eps=eps)

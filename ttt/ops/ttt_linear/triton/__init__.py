@@ -1,5 +1,5 @@
 """Fused Triton kernels for TTT-Linear (private; reached through ``ttt.ops.ttt_linear(impl="triton")``)."""
 
-from .function import ChunkTTTLinearFunction, triton_ttt_linear
+from .function import ChunkTTTLinearFunction, decode_ttt_linear, triton_ttt_linear
 
-__all__ = ["ChunkTTTLinearFunction", "triton_ttt_linear"]
+__all__ = ["ChunkTTTLinearFunction", "decode_ttt_linear", "triton_ttt_linear"]

@@ -33,17 +33,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import (
-    _head_params,
+from ...triton_shared import (
+    _dot,
+    _ln_l2_grad,
+    _ln_l2_grad_bwd,
+    _ln_rows,
+    _ln_rows_bwd,
+    _program,
     _segment_masks,
     _segment_rows,
-    _span,
     checkpoint_precision,
-    launch_config,
     varlen_plan,
 )
-from .dot import _dot
-from .ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
+from .chunk_fwd import launch_config
 
 
 @triton.jit
@@ -95,15 +97,11 @@ def chunk_ttt_linear_bwd_kernel_local(
     IS_VARLEN: tl.constexpr,
 ):
     n, i_bh = tl.program_id(0), tl.program_id(1)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last = _program(
+        i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H, D, BD, MB, BT, IS_VARLEN
+    )
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
@@ -167,18 +165,24 @@ def chunk_ttt_linear_bwd_kernel_local(
 
 @triton.jit
 def _seq_segment(
-    n, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv, dg0s_w, dg0s_b,
-    b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-    i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps,
+    n, ptrs, carry, head, pos,
     D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
     PARTIAL: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
     """Segment n of the reverse sweep; returns the carried (dW, db, dte, dgamma, dbeta).
 
+    Arguments bundled as the kernel builds them once: ``ptrs`` (inputs, initial and returned gradient
+    sums, checkpoints, the local stage's buffers, outputs), ``carry`` (dW, db, dte, dgamma, dbeta),
+    ``head`` (LN parameters and token_eta), ``pos`` (this program's offsets and masks, T, offset, NS, eps).
+
     PARTIAL: the segment is a trailing partial mini-batch (gradient reaches U through the returned
     gradient sum); HAS_S: segment 0, which reads the gradient sum carried in by the state. Both are
     constexpr so the [D, D] tiles they need exist only in the peeled first / last iterations.
     """
+    q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv, dg0s_w, dg0s_b = ptrs  # fmt: skip
+    b_dw, b_db, b_dte, b_dgamma, b_dbeta = carry
+    b_gamma, b_beta, b_te, te_last = head
+    i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T, offset, NS, eps = pos
     # CAUSAL only changes the output path (local kernel); the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
@@ -260,15 +264,11 @@ def chunk_ttt_linear_bwd_kernel_seq(
         i_bh = tl.load(ids + tl.program_id(0))
     else:
         i_bh = tl.program_id(0)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last = _program(
+        i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H, D, BD, MB, BT, IS_VARLEN
+    )
     m_dd = m_d[:, None] & m_d[None, :]
     o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     # gradient w.r.t. the anchor leaving the current segment, carried backwards
     b_dw = tl.load(dht_w + i_bh64 * D * D + o_dd, mask=m_dd, other=0.0)
@@ -276,28 +276,24 @@ def chunk_ttt_linear_bwd_kernel_seq(
     b_dte = tl.zeros([BT], dtype=tl.float32)
     b_dgamma = tl.zeros([BD], dtype=tl.float32)
     b_dbeta = tl.zeros([BD], dtype=tl.float32)
+    ptrs = (q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv, dg0s_w,
+            dg0s_b)  # fmt: skip
+    head = (b_gamma, b_beta, b_te, te_last)
+    pos = (i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps)
     if ONE_SEGMENT:
         b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            0, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
-            dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-            i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, LAST_PARTIAL, True,
+            0, ptrs, (b_dw, b_db, b_dte, b_dgamma, b_dbeta), head, pos, D, MB, BT, PREC, LAST_PARTIAL, True,
         )  # fmt: skip
     else:
         b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            NS_i - 1, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
-            dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-            i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, LAST_PARTIAL, False,
+            NS_i - 1, ptrs, (b_dw, b_db, b_dte, b_dgamma, b_dbeta), head, pos, D, MB, BT, PREC, LAST_PARTIAL, False,
         )  # fmt: skip
         for i_s in range(2, NS_i):
             b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
-                NS_i - i_s, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f,
-                dk, dv, dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-                i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, False, False,
+                NS_i - i_s, ptrs, (b_dw, b_db, b_dte, b_dgamma, b_dbeta), head, pos, D, MB, BT, PREC, False, False,
             )  # fmt: skip
         b_dw, b_db, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            0, q, k, v, lr, te, g0_w, g0_b, dgt_w, dgt_b, ckpt_w, ckpt_b, dk_f, dlr_f, dzb_f, dgl_f, dk, dv,
-            dg0s_w, dg0s_b, b_dw, b_db, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te_last,
-            i_bh64, tok0, o_i, o_d, m_d, m_dd, o_dd, T_i, offset, NS, eps, D, MB, BT, PREC, False, True,
+            0, ptrs, (b_dw, b_db, b_dte, b_dgamma, b_dbeta), head, pos, D, MB, BT, PREC, False, True,
         )  # fmt: skip
 
     tl.store(dh0_w + i_bh64 * D * D + o_dd, b_dw, mask=m_dd)

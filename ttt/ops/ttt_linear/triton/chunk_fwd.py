@@ -11,7 +11,7 @@ carried gradient sum stay in registers in fp32 for the whole sequence.
 Optionally the anchor at the start of every segment is written to ``ckpt_w`` / ``ckpt_b``
 ([B * H, NS, D, D] / [B * H, NS, D]): the backward recomputes each segment from it, so activation
 memory is O(T * D + (T / b) * D^2). ``ckpt_w`` is fp32, or bf16 / fp16 when the dots round their
-operands to that dtype (``dot.py``): the backward uses W only as a dot operand, so it sees the same
+operands to that dtype (``ttt/ops/triton_shared.py``): the backward uses W only as a dot operand, so it sees the same
 rounded anchor either way, at half the memory and traffic.
 """
 
@@ -20,19 +20,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .dot import _dot, dot_precision
-from .ln_l2 import _ln_l2_grad, _ln_rows
-
-
-@triton.jit
-def _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D: tl.constexpr, MB: tl.constexpr):
-    """Head i_h's inner LayerNorm (gamma, beta [BD]) and the mini-batch's token_eta (row i's te [BT],
-    te[b-1]), in fp32: what every kernel loads first."""
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_te = tl.load(te + o_i, mask=o_i < MB, other=0.0).to(tl.float32)
-    return b_gamma, b_beta, b_te, tl.load(te + MB - 1).to(tl.float32)
+from ...triton_shared import (
+    _dot,
+    _head_params,
+    _ln_l2_grad,
+    _ln_rows,
+    _segment_masks,
+    _segment_rows,
+    _span,
+    checkpoint_dtype,
+    dot_precision,
+    varlen_plan,
+)
 
 
 @triton.jit
@@ -49,59 +50,6 @@ def _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC: tl.constexpr)
     b_p = _dot(b_q, tl.trans(b_k), PREC)
     b_a = tl.where(m_a, b_eta[:, None] * b_lr[None, :] * (b_p + 1.0), 0.0)
     return _dot(b_q, b_w, PREC) + b_b[None, :] - _dot(b_a, b_g, PREC)
-
-
-@triton.jit
-def _segment_masks(n, o_i, offset, T, te, b_te, MB: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr):
-    """Rows of segment n: token index, validity, eta per row, the [BT, BT] mask, last position, done flag."""
-    # grid slot of row i is n * MB + i; token index t = slot - offset
-    o_t = n * MB + o_i - offset
-    m_t = (o_i < MB) & (o_t >= 0) & (o_t < T)
-    # position of the last token of this segment inside its mini-batch
-    slot_end = tl.minimum(n * MB + MB, offset + T)
-    p_last = slot_end - 1 - n * MB
-    f_done = (slot_end == n * MB + MB).to(tl.float32)
-    if CAUSAL:
-        b_eta = b_te
-        m_a = (o_i[:, None] >= o_i[None, :]) & m_t[None, :]
-    else:
-        # clamped: a segment past the end of a short packed sequence has no last token
-        b_eta = tl.zeros([BT], dtype=tl.float32) + tl.load(te + tl.maximum(p_last, 0)).to(tl.float32)
-        m_a = (o_i[:, None] >= 0) & m_t[None, :]
-    return o_t, m_t, b_eta, m_a, p_last, f_done
-
-
-@triton.jit
-def _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D: tl.constexpr):
-    """The rows of one segment: token pointers [BT, BD] (tokens o_t of the sequence at tok0), their mask,
-    q, k, v in fp32 (zero outside the mask) and lr [BT]."""
-    p_tok = tok0 * D + o_t[:, None] * D + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_tok, mask=m_td, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + tok0 + o_t, mask=m_t, other=0.0).to(tl.float32)
-    return p_tok, m_td, b_q, b_k, b_v, b_lr
-
-
-@triton.jit
-def _span(i_bh, T, NS, offset, cu_seqlens, H: tl.constexpr, MB: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Token base (int64, in tokens), length and segment count of program i_bh's sequence.
-
-    Dense q [B, H, T, D]: sequence i_bh has T tokens at i_bh * T. Packed q [1, H, sum T_n, D] with
-    ``cu_seqlens`` [N + 1]: program i_bh = n * H + h reads tokens cu[n] .. cu[n + 1] of head h.
-    """
-    if IS_VARLEN:
-        i_n = i_bh // H
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_i = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-        tok0 = (i_bh % H).to(tl.int64) * T + bos
-        NS_i = (offset + T_i + MB - 1) // MB
-    else:
-        tok0 = i_bh.to(tl.int64) * T
-        T_i = T
-        NS_i = NS
-    return tok0, T_i, NS_i
 
 
 @triton.jit
@@ -230,103 +178,15 @@ def chunk_ttt_linear_fwd_kernel_fused(
     tl.store(ht_b + i_bh64 * D + o_d, b_b, mask=m_d)
 
 
-@triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
-@triton.jit(do_not_specialize=["T", "offset", "NS"])
-def chunk_ttt_linear_fwd_kernel_o(
-    q,
-    k,
-    v,
-    lr,
-    te,
-    ln_w,
-    ln_b,
-    g0_w,
-    g0_b,
-    ckpt_w,
-    ckpt_b,
-    o,
-    cu_seqlens,
-    T,
-    offset,
-    NS,
-    eps,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    MB: tl.constexpr,
-    BT: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PREC: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """Outputs of one segment from its checkpointed anchor; grid (NS, B * H), no recurrence."""
-    n, i_bh = tl.program_id(0), tl.program_id(1)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    m_dd = m_d[:, None] & m_d[None, :]
-    o_dd = o_d[:, None] * D + o_d[None, :]
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
-
-    o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
-    p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
-    p_ck = (i_bh64 * NS + n) * D
-    # segments past the end of a short packed sequence were never checkpointed: read zeros
-    b_w = tl.load(ckpt_w + p_ck * D + o_dd, mask=m_dd & (o_dd * 0 + n < NS_i), other=0.0)
-    b_b = tl.load(ckpt_b + p_ck + o_d, mask=m_d & (o_d * 0 + n < NS_i), other=0.0)
-    b_g = _inner_grad(b_k, b_v, b_w, b_b, b_gamma, b_beta, m_t, m_d, D, eps, PREC)
-    b_zb = _segment_zbar(b_q, b_k, b_g, b_lr, b_w, b_b, b_eta, m_a, PREC)
-    # carried gradient sum: only segment 0 reads it (masked loads instead of a branch)
-    b_gw = tl.load(g0_w + i_bh64 * D * D + o_dd, mask=m_dd & (o_dd * 0 + n == 0), other=0.0)
-    b_gb = tl.load(g0_b + i_bh64 * D + o_d, mask=m_d & (o_d * 0 + n == 0), other=0.0)
-    b_zb = b_zb - b_eta[:, None] * (_dot(b_q, b_gw, PREC) + b_gb[None, :])
-    b_xb, _ = _ln_rows(b_zb, m_d, D, eps)
-    b_o = b_q + b_xb * b_gamma[None, :] + b_beta[None, :]
-    tl.store(o + p_tok, b_o.to(o.dtype.element_ty), mask=m_td)
-
-
-# chosen from the H200 measurements in docs/kernels.md
-SPLIT_O = False
 # software-pipelining depth of the sequential loops (loads of the next segment overlap this one)
 NUM_STAGES = 2
-
-
-def varlen_plan(cu_seqlens: torch.Tensor | None, offset: int, MB: int, B: int, T: int):
-    """(sequences, max segments, per-sequence lengths or None) of a dense or packed call.
-
-    Packed calls read ``cu_seqlens`` once on the host (one device sync) to size the checkpoints."""
-    if cu_seqlens is None:
-        return B, triton.cdiv(offset + T, MB), None
-    lens = torch.diff(cu_seqlens.detach().to("cpu", torch.int64)).tolist()
-    if B != 1 or not lens or min(lens) < 1 or sum(lens) != T:
-        raise ValueError(
-            f"cu_seqlens must split the T = {T} tokens of q [1, H, T, D] into non-empty sequences, "
-            f"got batch {B} and lengths {lens}"
-        )
-    return len(lens), max(triton.cdiv(offset + n, MB) for n in lens), lens
-
-
-def checkpoint_dtype(prec: str) -> torch.dtype:
-    """dtype of the checkpointed anchors W: the dtype the dots round W to, fp32 for tf32 / ieee."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
-
-
-def checkpoint_precision(dtype: torch.dtype, ckpt_dtype: torch.dtype) -> str:
-    """The ``PREC`` of the forward that wrote checkpoints of ``ckpt_dtype`` for inputs of ``dtype``: the
-    backward must round its dot operands the same way (whatever ``TTT_TRITON_DOTS`` says by then)."""
-    if ckpt_dtype in (torch.bfloat16, torch.float16):
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[ckpt_dtype]
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def launch_config(D: int, dtype: torch.dtype, prec: str | None = None) -> dict:
     """Block sizes, warps and dot precision shared by the forward and backward launchers (``prec``: the
     backward's, from ``checkpoint_precision``; default ``dot_precision(dtype)``)."""
     BD = max(16, triton.next_power_of_2(D))
-    # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs dots in their own dtype or tf32 (dot.py)
+    # fp32 inputs get exact fp32 dots; bf16 / fp16 inputs dots in their own dtype or tf32 (triton_shared.py)
     prec = prec or dot_precision(dtype)
     # H200 sweeps (docs/kernels.md): 4 warps at D <= 64 and 8 at D = 128, forward and sequential backward
     nw = 4 if BD <= 64 else 8
@@ -334,35 +194,15 @@ def launch_config(D: int, dtype: torch.dtype, prec: str | None = None) -> dict:
 
 
 def chunk_ttt_linear_fwd_fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    token_eta: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    h0: tuple[torch.Tensor, torch.Tensor],
-    g0: tuple[torch.Tensor, torch.Tensor],
-    *,
-    offset: int,
-    causal: bool,
-    eps: float,
-    store_ckpt: bool,
-    split_o: bool | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-):
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+    h0: tuple[Tensor, Tensor], g0: tuple[Tensor, Tensor], *, offset: int, causal: bool, eps: float,
+    store_ckpt: bool, cu_seqlens: Tensor | None = None, num_warps: int | None = None, num_stages: int | None = None,
+):  # fmt: skip
     """Launch the forward. q, k, v [B, H, T, D] contiguous (or [1, H, sum T_n, D] with ``cu_seqlens``
     [N + 1], then the state has N rows); lr [B, H, T]; h0 / g0 = (W [B, H, D, D], b [B, H, D]) fp32. Returns o [B, H, T, D], (W, b) anchor, (gW, gb) grad sum, and the
     per-segment anchors (ckpt_w [B, H, NS, D, D] in ``checkpoint_dtype``, ckpt_b [B, H, NS, D] fp32) or
     (None, None).
-
-    ``split_o``: run only the recurrence sequentially (one program per (batch, head)) and compute the
-    outputs in a second, fully parallel launch (one program per (segment, batch, head)) from the
-    checkpointed anchors, instead of fusing both in the sequential loop. Default: ``SPLIT_O``.
     """
-    split_o = SPLIT_O if split_o is None else split_o
     B, H, T, D = q.shape
     MB = token_eta.shape[0]
     # packed sequences (cu_seqlens [N + 1], q [1, H, sum T_n, D]) run one program per (sequence, head)
@@ -370,73 +210,15 @@ def chunk_ttt_linear_fwd_fused(
     cfg = launch_config(D, q.dtype)
     BT = max(16, triton.next_power_of_2(MB))
     o = torch.empty_like(q)
-    o_fused = None if split_o else o
     ht_w, ht_b = torch.empty_like(h0[0]), torch.empty_like(h0[1])
     gt_w, gt_b = torch.empty_like(g0[0]), torch.empty_like(g0[1])
     ckpt_w = ckpt_b = None
-    if store_ckpt or split_o:
+    if store_ckpt:
         ckpt_w = q.new_empty(B, H, NS, D, D, dtype=checkpoint_dtype(cfg["PREC"]))
         ckpt_b = q.new_empty(B, H, NS, D, dtype=torch.float32)
     chunk_ttt_linear_fwd_kernel_fused[(B * H,)](
-        q,
-        k,
-        v,
-        lr,
-        token_eta,
-        ln_weight,
-        ln_bias,
-        h0[0],
-        h0[1],
-        g0[0],
-        g0[1],
-        o_fused,
-        ht_w,
-        ht_b,
-        gt_w,
-        gt_b,
-        ckpt_w,
-        ckpt_b,
-        cu_seqlens,
-        T,
-        offset,
-        NS,
-        eps,
-        H=H,
-        D=D,
-        BD=cfg["BD"],
-        MB=MB,
-        BT=BT,
-        CAUSAL=causal,
-        PREC=cfg["PREC"],
-        num_warps=num_warps or cfg["num_warps"],
-        num_stages=num_stages or cfg["num_stages"],
-    )
-    if split_o:
-        chunk_ttt_linear_fwd_kernel_o[(NS, B * H)](
-            q,
-            k,
-            v,
-            lr,
-            token_eta,
-            ln_weight,
-            ln_bias,
-            g0[0],
-            g0[1],
-            ckpt_w,
-            ckpt_b,
-            o,
-            cu_seqlens,
-            T,
-            offset,
-            NS,
-            eps,
-            H=H,
-            D=D,
-            BD=cfg["BD"],
-            MB=MB,
-            BT=BT,
-            CAUSAL=causal,
-            PREC=cfg["PREC"],
-            num_warps=4 if cfg["BD"] <= 64 else 8,
-        )
+        q, k, v, lr, token_eta, ln_weight, ln_bias, *h0, *g0, o, ht_w, ht_b, gt_w, gt_b, ckpt_w, ckpt_b,
+        cu_seqlens, T, offset, NS, eps, H=H, D=D, BD=cfg["BD"], MB=MB, BT=BT, CAUSAL=causal, PREC=cfg["PREC"],
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )  # fmt: skip
     return o, (ht_w, ht_b), (gt_w, gt_b), (ckpt_w, ckpt_b)

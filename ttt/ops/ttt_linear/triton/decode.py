@@ -26,22 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...types import TTTState
-from .ln_l2 import _ln_l2_grad, _ln_rows
-
-
-@triton.jit
-def _ln_vec(z, m_d, D: tl.constexpr, eps):
-    """LayerNorm statistics of one row z [BD] over its D valid entries: (xhat, rstd)."""
-    xh, rstd = _ln_rows(z[None, :], m_d, D, eps)
-    return tl.sum(xh, axis=0), tl.sum(rstd, axis=0)
-
-
-@triton.jit
-def _ln_l2_grad_vec(z, tgt, gamma, beta, m_d, D: tl.constexpr, eps):
-    """``_ln_l2_grad`` of one row z [BD] (padding zeroed)."""
-    g, _, _, _, _ = _ln_l2_grad(z[None, :], tgt[None, :], gamma, beta, m_d[None, :], m_d, D, eps)
-    return tl.sum(g, axis=0)
+from ...triton_shared import _decode_token, _ln_l2_grad_vec, _ln_vec, check_decode
 
 
 @triton.heuristics(
@@ -67,18 +52,9 @@ def ttt_linear_decode_kernel(
     p_dd = i_bh64 * D * D + o_dd
     p_d = i_bh64 * D + o_d
 
-    if OFFSET_PTR:
-        off = tl.load(offs + i_bh)
-    else:
-        off = off_scalar
-    eta = tl.load(te + off).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
-    b_q = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh).to(tl.float32)
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    off, eta, te_last, b_q, b_k, b_v, b_lr, b_gamma, b_beta = _decode_token(
+        (q, k, v, lr, ln_w, ln_b), te, offs, off_scalar, i_bh, i_h, o_d, m_d, D, MB, OFFSET_PTR
+    )
 
     b_w = tl.load(w + p_dd, mask=m_dd, other=0.0)  # [BD, BD]: rows = input dim, columns = output dim
     b_b = tl.load(bias + p_d, mask=m_d, other=0.0)
@@ -118,20 +94,10 @@ def _num_warps(BD: int) -> int:
 
 
 def ttt_linear_decode_(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, Tensor],
-    grad_sum: tuple[Tensor, Tensor],
-    offset: Tensor,
-    *,
-    eps: float = 1e-6,
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, Tensor], grad_sum: tuple[Tensor, Tensor], offset: Tensor, *, eps: float = 1e-6,
     out: Tensor | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """One causal TTT-Linear token for every (batch, head), updating the state **in place**.
 
     No host synchronisation and no allocation (with ``out``): a loop of these calls can be captured in a
@@ -163,19 +129,9 @@ def ttt_linear_decode_(
 
 
 def ttt_linear_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, Tensor],
-    grad_sum: tuple[Tensor, Tensor],
-    offset: int,
-    *,
-    eps: float,
-) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, Tensor], grad_sum: tuple[Tensor, Tensor], offset: int, *, eps: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:  # fmt: skip
     """Functional form of ``ttt_linear_decode_`` (new state tensors; the inputs are left alone).
 
     ``offset`` is a host int shared by every row. Returns ``(o [B, H, D], anchor, grad_sum, weights)``
@@ -195,59 +151,3 @@ def ttt_linear_decode(
         num_warps=_num_warps(BD),
     )  # fmt: skip
     return o, new_anchor, new_sum, weights
-
-
-def check_decode(q, k, v, lr, ln_weight, ln_bias, token_eta, anchor, grad_sum, shapes, offset=None, out=None):
-    """Shapes, dtypes and contiguity the decode kernels index by; errors name the expected layout.
-
-    B, H come from ``lr`` ``[B, H]``, D from ``ln_weight`` ``[H, D]``; ``shapes``: the per-head shape of each
-    state tensor, e.g. ``((D, D), (D,))``; ``offset``: the in-place forms' int32 ``[B, H]`` offsets (None
-    for the functional forms' host int); ``out``: the optional output buffer."""
-    B, H = lr.shape[:2]
-    D = ln_weight.shape[-1]
-    for name, x in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if tuple(x.shape) != (H, D) or not x.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [H, D] = [{H}, {D}] tensor, got {list(x.shape)}")
-    if token_eta.dim() != 1 or not token_eta.is_contiguous() or not token_eta.is_floating_point():
-        raise ValueError(f"token_eta must be a contiguous float [b] tensor, got {token_eta.dtype} "
-                         f"{list(token_eta.shape)}")  # fmt: skip
-    if offset is not None and (
-        offset.shape != (B, H) or offset.dtype != torch.int32 or not offset.is_contiguous()
-    ):
-        raise ValueError(f"offset must be a contiguous int32 tensor [B, H] = [{B}, {H}], got "
-                         f"{offset.dtype} {list(offset.shape)}")  # fmt: skip
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.numel() != B * H * D or x.shape[:2] != (B, H) or x.shape[-1] != D or not x.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [B, H, D] = [{B}, {H}, {D}] tensor (or [B, H, 1, D]), "
-                             f"got {list(x.shape)}")  # fmt: skip
-    if lr.numel() != B * H or not lr.is_contiguous():
-        raise ValueError(f"lr must be a contiguous [B, H] = [{B}, {H}] tensor, got {list(lr.shape)}")
-    if out is not None and (tuple(out.shape) != (B, H, D) or out.dtype != q.dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous [B, H, D] = [{B}, {H}, {D}] {q.dtype} tensor, got "
-                         f"{out.dtype} {list(out.shape)}")  # fmt: skip
-    full = [(B, H, *s) for s in shapes]
-    for name, ts in (("anchor", anchor), ("grad_sum", grad_sum)):
-        if len(ts) != len(full) or any(
-            tuple(x.shape) != s or x.dtype != torch.float32 or not x.is_contiguous() for x, s in zip(ts, full)
-        ):
-            raise ValueError(f"{name} must be {len(full)} contiguous float32 tensors of shapes {full}, got "
-                             f"{[(list(y.shape), y.dtype) for y in ts]}")  # fmt: skip
-
-
-def needs_grad(*tensors: Tensor) -> bool:
-    """Whether autograd would record a call on these tensors (then the chunk kernels run instead)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def decode_through(decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state: TTTState, eps: float):
-    """One causal token ``[B, H, 1, D]`` through a functional decode kernel (``ttt_linear_decode`` or
-    ``ttt_mlp_decode``); returns ``(o [B, H, 1, D], TTTState)`` like the chunk launchers. Inference only."""
-    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-    o, anchor, grad_sum, weights = decode(
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(), f32(ln_weight), f32(ln_bias),
-        f32(token_eta), tuple(map(f32, state.anchor)), tuple(map(f32, state.grad_sum)), state.offset, eps=eps,
-    )  # fmt: skip
-    offset = (state.offset + 1) % token_eta.shape[0]
-    if offset == 0:  # the mini-batch completed: the token's weights are the new anchor
-        weights = anchor
-    return o[:, :, None], TTTState(weights, anchor, grad_sum, offset, state.mini_batch_size, state.variant)

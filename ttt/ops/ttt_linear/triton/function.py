@@ -6,10 +6,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...types import TTTState
+from ...triton_shared import chunk_through, decode_through
+from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_linear_bwd
 from .chunk_fwd import chunk_ttt_linear_fwd_fused
-from .decode import decode_through, needs_grad, ttt_linear_decode
+from .decode import ttt_linear_decode
 
 
 class ChunkTTTLinearFunction(torch.autograd.Function):
@@ -27,21 +28,9 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
         ln_w, ln_b, token_eta, w0, b0, gw0, gb0 = map(f32, (ln_w, ln_b, token_eta, w0, b0, gw0, gb0))
         store = any(ctx.needs_input_grad)
         o, (wt, bt), (gwt, gbt), ckpt = chunk_ttt_linear_fwd_fused(
-            q,
-            k,
-            v,
-            lr,
-            token_eta,
-            ln_w,
-            ln_b,
-            (w0, b0),
-            (gw0, gb0),
-            offset=offset,
-            causal=causal,
-            eps=eps,
-            store_ckpt=store,
-            cu_seqlens=cu_seqlens,
-        )
+            q, k, v, lr, token_eta, ln_w, ln_b, (w0, b0), (gw0, gb0),
+            offset=offset, causal=causal, eps=eps, store_ckpt=store, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, gw0, gb0, *ckpt)
         ctx.offset, ctx.causal, ctx.eps, ctx.cu_seqlens = offset, causal, eps, cu_seqlens
@@ -76,18 +65,7 @@ class ChunkTTTLinearFunction(torch.autograd.Function):
 
 
 def triton_ttt_linear(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
-    cu_seqlens: Tensor | None = None,
+    x: TTTInputs, state: TTTState, *, causal: bool, eps: float, cu_seqlens: Tensor | None = None
 ) -> tuple[Tensor, TTTState | None]:
     """TTT-Linear through the fused Triton kernels; same arguments and results as ``chunk_ttt_linear``.
 
@@ -107,46 +85,10 @@ def triton_ttt_linear(
         sequence's last token, or None when the sequences end at different positions of a mini-batch,
         which one ``TTTState.offset`` cannot express).
     """
-    if q.dtype == torch.float64:
-        raise TypeError(
-            "the Triton TTT-Linear kernels compute in float32; use impl='chunk' for float64 inputs"
-        )
-    mb = token_eta.shape[0]
-    T = q.shape[2]
-    if T == 0:
-        return q.clone(), state
-    if (
-        T == 1
-        and causal
-        and cu_seqlens is None
-        and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
-    ):
-        return decode_through(ttt_linear_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
-    w0, b0 = state.anchor
-    gw0, gb0 = state.grad_sum
-    o, wt, bt, gwt, gbt = ChunkTTTLinearFunction.apply(
-        q,
-        k,
-        v,
-        lr,
-        ln_weight,
-        ln_bias,
-        token_eta,
-        w0,
-        b0,
-        gw0,
-        gb0,
-        state.offset,
-        causal,
-        eps,
-        cu_seqlens,
-    )
-    offset = (state.offset + T) % mb
-    if cu_seqlens is not None:
-        ends = {(state.offset + int(n)) % mb for n in torch.diff(cu_seqlens.detach().cpu())}
-        if len(ends) > 1:
-            return o, None
-        offset = ends.pop()
-    te = token_eta.to(torch.float32)
-    weights = (wt, bt) if offset == 0 else (wt - te[offset - 1] * gwt, bt - te[offset - 1] * gbt)
-    return o, TTTState(weights, (wt, bt), (gwt, gbt), offset, mb, state.variant)
+    return chunk_through(ChunkTTTLinearFunction, x, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+
+
+def decode_ttt_linear(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:
+    """The Triton form at a decode step: one causal token ``[B, H, 1, D]`` through the fused decode
+    kernel (inference only; same arguments and results as ``triton_ttt_linear``)."""
+    return decode_through(ttt_linear_decode, x, state, causal=causal, eps=eps)

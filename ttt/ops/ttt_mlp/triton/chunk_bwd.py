@@ -40,16 +40,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import (
-    _head_params,
+from ...triton_shared import (
+    _dot,
+    _ln_l2_grad,
+    _ln_l2_grad_bwd,
+    _ln_rows,
+    _ln_rows_bwd,
+    _program,
     _segment_masks,
     _segment_rows,
-    _span,
     checkpoint_precision,
     varlen_plan,
 )
-from ...ttt_linear.triton.dot import _dot
-from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_l2_grad_bwd, _ln_rows, _ln_rows_bwd
 from .chunk_fwd import _gelu_tanh, _load_w_tile
 
 # widest M tile (columns of W1 / rows of W2) a kernel holds in registers, and the warps per program.
@@ -103,14 +105,10 @@ def chunk_ttt_mlp_bwd_kernel_local(
 ):  # fmt: skip
     """Output path of segment N0 + program_id(0); HAS_S: the segment reads the carried gradient sums."""
     n, i_bh = tl.program_id(0) + N0, tl.program_id(1)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
+    tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last = _program(
+        i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H, D, BD, MB, BT, IS_VARLEN
+    )
     o_j = tl.arange(0, BMT)
-    m_d = o_d < D
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
 
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T_i, te, b_te, MB, BT, CAUSAL)
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
@@ -234,20 +232,27 @@ def chunk_ttt_mlp_bwd_kernel_local(
 
 @triton.jit
 def _seq_segment(
-    n, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
-    dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-    dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-    b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-    i_bh64, tok0, o_i, o_d, o_j, m_d, T, offset, NS, eps,
+    n, ptrs, carry, head, pos,
     D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr, NMT: tl.constexpr,
     MB: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr, HAS_S: tl.constexpr,
 ):  # fmt: skip
     """Segment n of the reverse sweep; returns the carried (db2, dte, dgamma, dbeta).
 
+    Arguments bundled as the kernel builds them once: ``ptrs`` (inputs, checkpoints, initial and returned
+    gradient sums, the local stage's buffers, outputs, carried anchor gradient, gradient-sum outputs),
+    ``carry`` (db2, dte, dgamma, dbeta), ``head`` (LN parameters and token_eta), ``pos`` (this program's
+    offsets and masks, T, offset, NS, eps).
+
     On entry dh_w1 / dh_b1 / dh_w2 hold the gradient w.r.t. the anchor leaving segment n; on exit, w.r.t.
     the anchor entering it. PARTIAL: a trailing partial mini-batch (U reached through the returned gradient
     sums); HAS_S: segment 0, which reads the carried gradient sums.
     """
+    (q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1, dgt_w2,
+     dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dh_w1, dh_b1, dh_w2,
+     dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2) = ptrs  # fmt: skip
+    b_db2, b_dte, b_dgamma, b_dbeta = carry
+    b_gamma, b_beta, b_te, te, te_last = head
+    i_bh64, tok0, o_i, o_d, o_j, m_d, T, offset, NS, eps = pos
     # causal or not only changes the output path (local kernel): the recurrence is the same
     o_t, m_t, b_eta, m_a, p_last, f_done = _segment_masks(n, o_i, offset, T, te, b_te, MB, BT, True)
     p_tok, m_td, b_q, b_k, b_v, b_lr = _segment_rows(q, k, v, lr, tok0, o_t, m_t, o_d, m_d, D)
@@ -410,14 +415,10 @@ def chunk_ttt_mlp_bwd_kernel_seq(
         i_bh = tl.load(ids + tl.program_id(0))
     else:
         i_bh = tl.program_id(0)
-    tok0, T_i, NS_i = _span(i_bh, T, NS, offset, cu_seqlens, H, MB, IS_VARLEN)
-    i_h = i_bh % H
-    i_bh64 = i_bh.to(tl.int64)
-    o_i = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
+    tok0, T_i, NS_i, i_bh64, o_i, o_d, m_d, b_gamma, b_beta, b_te, te_last = _program(
+        i_bh, T, NS, offset, cu_seqlens, ln_w, ln_b, te, H, D, BD, MB, BT, IS_VARLEN
+    )
     o_j = tl.arange(0, BMT)
-    m_d = o_d < D
-    b_gamma, b_beta, b_te, te_last = _head_params(ln_w, ln_b, te, i_h, o_d, m_d, o_i, D, MB)
     # this program's slices of the carried anchor gradient (updated in place) and of the sums' inputs
     dh_w1 += i_bh64 * D * M
     dh_b1 += i_bh64 * M
@@ -428,40 +429,28 @@ def chunk_ttt_mlp_bwd_kernel_seq(
     b_dbeta = tl.zeros([BD], dtype=tl.float32)
     # the first / last segments of the sweep are peeled with constexpr flags (only they read the returned /
     # carried gradient sums)
+    ptrs = (q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1, dgt_w2,
+            dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv, dh_w1, dh_b1, dh_w2,
+            dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2)  # fmt: skip
+    head = (b_gamma, b_beta, b_te, te, te_last)
+    pos = (i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps)
     if ONE_SEGMENT:
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            0, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
-            dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-            dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-            b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+            0, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT, PREC,
             LAST_PARTIAL, True,
         )  # fmt: skip
     else:
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            NS_i - 1, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2,
-            dgt_w1, dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f,
-            dk, dv,
-            dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-            b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
+            NS_i - 1, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT, PREC,
             LAST_PARTIAL, False,
         )  # fmt: skip
         for i_s in range(2, NS_i):
             b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-                NS_i - i_s, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1,
-                dgt_b1, dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-                dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-                b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-                i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC,
-                False, False,
+                NS_i - i_s, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT,
+                PREC, False, False,
             )  # fmt: skip
         b_db2, b_dte, b_dgamma, b_dbeta = _seq_segment(
-            0, q, k, v, lr, ckpt_w1, ckpt_b1, ckpt_w2, ckpt_b2, g0_w1, g0_b1, g0_w2, g0_b2, dgt_w1, dgt_b1,
-            dgt_w2, dgt_b2, dk_f, dlr_f, x2b_f, dz1b_f, dg1l_f, dx2l_f, dz2b_f, dg2l_f, dk, dv,
-            dh_w1, dh_b1, dh_w2, dg0s_w1, dg0s_b1, dg0s_w2, dg0s_b2,
-            b_db2, b_dte, b_dgamma, b_dbeta, b_gamma, b_beta, b_te, te, te_last,
-            i_bh64, tok0, o_i, o_d, o_j, m_d, T_i, offset, NS, eps, D, M, BD, BMT, NMT, MB, BT, PREC, False, True,
+            0, ptrs, (b_db2, b_dte, b_dgamma, b_dbeta), head, pos, D, M, BD, BMT, NMT, MB, BT, PREC, False, True,
         )  # fmt: skip
     tl.store(dh_b2 + i_bh64 * D + o_d, b_db2, mask=m_d)
     tl.store(dte_s + i_bh64 * MB + o_i, b_dte, mask=o_i < MB)

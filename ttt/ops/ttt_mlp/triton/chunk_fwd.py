@@ -21,28 +21,45 @@ stride is the most segments of any sequence. ``IS_VARLEN`` is a constexpr: the d
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ...ttt_linear.triton.chunk_fwd import (
+from ...triton_shared import (
+    _dot,
     _head_params,
+    _ln_l2_grad,
+    _ln_rows,
     _segment_masks,
     _segment_rows,
     _span,
     checkpoint_dtype,
+    dot_precision,
     varlen_plan,
 )
-from ...ttt_linear.triton.dot import _dot, dot_precision
-from ...ttt_linear.triton.ln_l2 import _ln_l2_grad, _ln_rows
 
 # the largest [BD, BM] weight tile the fused forward holds on chip: BD = 64, BM = 256 ran on the H200. Static
 # sm_90 builds at BD * BM = 64 * 256 need 153-197 KB of shared memory ((128, 128), (32, 512), (64, 256),
 # (16, 1024)), at BD = 128, BM = 256 297 KB, over the 227 KB an H100 / H200 block may have. Larger hidden
-# layers, and any launch that runs out of resources, take the tiled forward.
+# layers take the tiled forward; $TTT_MLP_FORWARD = "fused" | "tiled" forces one (a GPU with less shared
+# memory than the fused forward needs says so with an error naming it: nothing falls back silently).
 FUSED_MAX_TILE = 64 * 256
+FORWARD_KERNELS = ("auto", "fused", "tiled")
 # hidden-dimension tile of the tiled forward (as the backward's MAX_BLOCK_M)
 TILED_BLOCK_M = 32
+
+
+def forward_kernel(BD: int, BM: int) -> str:
+    """``"fused"`` or ``"tiled"``: ``$TTT_MLP_FORWARD`` if set, else fused while the ``[BD, BM]`` weight
+    tile fits ``FUSED_MAX_TILE``."""
+    choice = os.environ.get("TTT_MLP_FORWARD", "auto")
+    if choice not in FORWARD_KERNELS:
+        raise ValueError(f"TTT_MLP_FORWARD must be one of {FORWARD_KERNELS}, got {choice!r}")
+    if choice == "auto":
+        return "fused" if BD * BM <= FUSED_MAX_TILE else "tiled"
+    return choice
 
 
 @triton.jit
@@ -400,15 +417,18 @@ def chunk_ttt_mlp_fwd_fused(
         )
     args = (q, k, v, lr, token_eta, ln_weight, ln_bias)
     meta = dict(H=H, D=D, M=M, BD=BD, MB=MB, BT=BT, CAUSAL=causal, PREC=prec)
-    if BD * BM <= FUSED_MAX_TILE:
+    if forward_kernel(BD, BM) == "fused":
         try:
             chunk_ttt_mlp_fwd_kernel_fused[(B * H,)](
                 *args, *h0, *g0, o, *ht, *gt, *ckpt, cu_seqlens, T, offset, NS, eps,
                 BM=BM, num_warps=4 if BM <= 128 else 8, **meta,
             )  # fmt: skip
-            return o, ht, gt, (ckpt if store_ckpt else None)
-        except triton.runtime.errors.OutOfResources:
-            pass  # a GPU with less shared memory than the H100 / H200: the tiled forward fits
+        except triton.runtime.errors.OutOfResources as err:
+            raise RuntimeError(
+                f"the fused TTT-MLP forward (D={D}, M={M}) does not fit this GPU ({err}); set "
+                "TTT_MLP_FORWARD=tiled to run the tiled forward"
+            ) from err
+        return o, ht, gt, (ckpt if store_ckpt else None)
     # the anchor is stepped in place in ht, walked in tiles of the hidden dimension
     for dst, src in zip(ht[:3], h0[:3]):
         dst.copy_(src)

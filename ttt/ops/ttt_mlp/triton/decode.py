@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...ttt_linear.triton.decode import _ln_l2_grad_vec, _ln_vec, check_decode
+from ...triton_shared import _decode_token, _ln_l2_grad_vec, _ln_vec, check_decode
 from .chunk_fwd import _gelu_tanh
 
 
@@ -53,12 +53,9 @@ def ttt_mlp_decode_kernel(
     base_dm = i_bh64 * D * M  # W1 [D, M] and W2 [M, D] of this (batch, head)
     base_m = i_bh64 * M
 
-    if OFFSET_PTR:
-        off = tl.load(offs + i_bh)
-    else:
-        off = off_scalar
-    eta = tl.load(te + off).to(tl.float32)
-    te_last = tl.load(te + MB - 1).to(tl.float32)
+    off, eta, te_last, b_q, b_k, b_v, b_lr, b_gamma, b_beta = _decode_token(
+        (q, k, v, lr, ln_w, ln_b), te, offs, off_scalar, i_bh, i_h, o_d, m_d, D, MB, OFFSET_PTR
+    )
     done = off == MB - 1
     if INPLACE:  # in place, an anchor that does not move needs no write
         write_anchor = done
@@ -66,12 +63,6 @@ def ttt_mlp_decode_kernel(
         write_anchor = off >= 0
     step = tl.where(done, te_last, 0.0)  # anchor step of a completed mini-batch
     keep = tl.where(done, 0.0, 1.0)  # the gradient sums restart after it
-    b_q = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_d, mask=m_d, other=0.0).to(tl.float32)
-    b_lr = tl.load(lr + i_bh).to(tl.float32)
-    b_gamma = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_b2 = tl.load(b2 + p_d, mask=m_d, other=0.0)
 
     # pass 1: the inner model's output at the anchor
@@ -149,20 +140,10 @@ def _shapes(D: int, M: int):
 
 
 def ttt_mlp_decode_(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, Tensor, Tensor, Tensor],
-    grad_sum: tuple[Tensor, Tensor, Tensor, Tensor],
-    offset: Tensor,
-    *,
-    eps: float = 1e-6,
-    out: Tensor | None = None,
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, Tensor, Tensor, Tensor], grad_sum: tuple[Tensor, Tensor, Tensor, Tensor],
+    offset: Tensor, *, eps: float = 1e-6, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """One causal TTT-MLP token for every (batch, head), updating the state **in place**.
 
     No host synchronisation and no allocation (with ``out``): capturable in a CUDA graph.
@@ -191,19 +172,9 @@ def ttt_mlp_decode_(
 
 
 def ttt_mlp_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    anchor: tuple[Tensor, ...],
-    grad_sum: tuple[Tensor, ...],
-    offset: int,
-    *,
-    eps: float,
-) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, ln_weight: Tensor, ln_bias: Tensor, token_eta: Tensor,
+    anchor: tuple[Tensor, ...], grad_sum: tuple[Tensor, ...], offset: int, *, eps: float,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:  # fmt: skip
     """Functional form of ``ttt_mlp_decode_``: ``(o [B, H, D], anchor, grad_sum, weights)`` after the
     token, in new tensors (the inputs are left alone); ``offset`` is a host int shared by every row."""
     B, H = lr.shape[:2]

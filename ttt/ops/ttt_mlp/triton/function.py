@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...ttt_linear.triton.decode import decode_through, needs_grad
-from ...types import TTTState
+from ...triton_shared import chunk_through, decode_through
+from ...types import TTTInputs, TTTState
 from .chunk_bwd import chunk_ttt_mlp_bwd
 from .chunk_fwd import chunk_ttt_mlp_fwd_fused
 from .decode import ttt_mlp_decode
@@ -36,21 +36,9 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
         h0, g0 = tuple(map(f32, (w1, b1, w2, b2))), tuple(map(f32, (s1, sb1, s2, sb2)))
         store = any(ctx.needs_input_grad)
         o, ht, gt, ckpt = chunk_ttt_mlp_fwd_fused(
-            q,
-            k,
-            v,
-            lr,
-            token_eta,
-            ln_w,
-            ln_b,
-            h0,
-            g0,
-            offset=offset,
-            causal=causal,
-            eps=eps,
-            store_ckpt=store,
-            cu_seqlens=cu_seqlens,
-        )
+            q, k, v, lr, token_eta, ln_w, ln_b, h0, g0,
+            offset=offset, causal=causal, eps=eps, store_ckpt=store, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         if store:
             ctx.save_for_backward(q, k, v, lr, ln_w, ln_b, token_eta, *g0, *ckpt)
         ctx.offset, ctx.causal, ctx.eps, ctx.cu_seqlens = offset, causal, eps, cu_seqlens
@@ -74,18 +62,7 @@ class ChunkTTTMLPFunction(torch.autograd.Function):
 
 
 def triton_ttt_mlp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    token_eta: Tensor,
-    state: TTTState,
-    *,
-    causal: bool,
-    eps: float,
-    cu_seqlens: Tensor | None = None,
+    x: TTTInputs, state: TTTState, *, causal: bool, eps: float, cu_seqlens: Tensor | None = None
 ) -> tuple[Tensor, TTTState | None]:
     """TTT-MLP with the fused Triton forward; same arguments and results as ``chunk_ttt_mlp``.
 
@@ -100,34 +77,12 @@ def triton_ttt_mlp(
             ``[1, H, sum T_n, D]``, lr ``[1, H, sum T_n]``), one program per (sequence, head) in a single
             forward launch; the state then has N rows, every sequence starting at ``state.offset``.
             Default: None.
-    Returns:
-        ``o`` ``[B, H, T, D]`` in ``q.dtype`` and the ``TTTState`` after the last token (packed: after each
-        sequence's last token, or None when the sequences end at different positions of a mini-batch,
-        which one ``TTTState.offset`` cannot express).
+    Returns: as ``triton_ttt_linear``.
     """
-    if q.dtype == torch.float64:
-        raise TypeError("the Triton TTT-MLP kernel computes in float32; use impl='chunk' for float64 inputs")
-    mb, T = token_eta.shape[0], q.shape[2]
-    if T == 0:
-        return q.clone(), state
-    if (
-        T == 1
-        and causal
-        and cu_seqlens is None
-        and not needs_grad(q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum)
-    ):
-        return decode_through(ttt_mlp_decode, q, k, v, lr, ln_weight, ln_bias, token_eta, state, eps)
-    out = ChunkTTTMLPFunction.apply(
-        q, k, v, lr, ln_weight, ln_bias, token_eta, *state.anchor, *state.grad_sum, state.offset, causal, eps,
-        cu_seqlens,
-    )  # fmt: skip
-    o, anchor, grad_sum = out[0], tuple(out[1:5]), tuple(out[5:9])
-    offset = (state.offset + T) % mb
-    if cu_seqlens is not None:
-        ends = {(state.offset + int(n)) % mb for n in torch.diff(cu_seqlens.detach().cpu())}
-        if len(ends) > 1:
-            return o, None
-        offset = ends.pop()
-    te = token_eta.to(torch.float32)
-    weights = anchor if offset == 0 else tuple(a - te[offset - 1] * s for a, s in zip(anchor, grad_sum))
-    return o, TTTState(weights, anchor, grad_sum, offset, mb, state.variant)
+    return chunk_through(ChunkTTTMLPFunction, x, state, causal=causal, eps=eps, cu_seqlens=cu_seqlens)
+
+
+def decode_ttt_mlp(x: TTTInputs, state: TTTState, *, causal: bool, eps: float) -> tuple[Tensor, TTTState]:
+    """The Triton form at a decode step: one causal token ``[B, H, 1, D]`` through the fused decode
+    kernel (inference only; same arguments and results as ``triton_ttt_mlp``)."""
+    return decode_through(ttt_mlp_decode, x, state, causal=causal, eps=eps)
