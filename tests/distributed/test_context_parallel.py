@@ -96,7 +96,9 @@ def test_enable_context_parallel_refuses_layers_without_a_form():
     from ttt.models import CausalLM, LMConfig
 
     small = dict(vocab_size=16, dim=16, n_layers=1, n_heads=2, mlp_hidden=32, max_seq_len=64)
-    with pytest.raises(ValueError, match=r"blocks.0.mixer \(Attention\) has no context-parallel layer form"):
+    with pytest.raises(
+        ValueError, match=r"blocks.0.mixer \(SoftmaxAttention\) has no context-parallel layer form"
+    ):
         enable_context_parallel(CausalLM(LMConfig(**small, mixer="attention")))
     with pytest.raises(ValueError, match="share_qk=True"):
         enable_context_parallel(CausalLM(LMConfig(**small, mixer_kwargs={"ttt_linear": {"share_qk": True}})))

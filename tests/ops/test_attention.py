@@ -63,14 +63,15 @@ def test_state_split_and_dtype():
 
 def test_same_call_as_sdpa():
     """The SDPA call works as is (q, k, v [B, H, T, D], the output [B, H, T, Dv] in q's dtype), and like
-    causal SDPA the output at t depends on tokens <= t only (a change at t = 11 moves nothing before it)."""
+    causal SDPA, with is_causal=True the output at t depends on tokens <= t only (a change at t = 11 moves
+    nothing before it)."""
     q, k, v, _ = qkv(Dv=5)
-    o = ttt.attention(q, k, v, lr=0.1)
+    o = ttt.attention(q, k, v, lr=0.1, is_causal=True)
     assert o.shape == torch.nn.functional.scaled_dot_product_attention(q, k, v).shape
     assert o.dtype == q.dtype
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 11], v2[:, :, 11] = 1.0, -1.0
-    o2 = ttt.attention(q, k2, v2, lr=0.1)
+    o2 = ttt.attention(q, k2, v2, lr=0.1, is_causal=True)
     assert torch.equal(o2[:, :, :11], o[:, :, :11])
     assert max_abs_diff(o2[:, :, 11:], o[:, :, 11:]) > 1e-3
     with pytest.raises(ValueError, match="inner_model must be 'linear'"):

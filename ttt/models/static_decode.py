@@ -140,7 +140,7 @@ class _TTTSlot:
         # no Triton here: the layer's single-token form, its new state copied into the buffers
         offset = int(self.offset[0, 0])
         weights = last_token_weights(self.anchor, self.grad_sum, offset, token_eta.float())
-        state = TTTState(weights, self.anchor, self.grad_sum, offset, layer.mini_batch_size, layer.variant)
+        state = TTTState(weights, self.anchor, self.grad_sum, offset, layer.mini_batch_size, layer.op)
         o, new = layer._op(
             q, k, v, lr, initial_state=state, token_eta=token_eta, mini_batch_size=layer.mini_batch_size,
             causal=True, output_final_state=True, impl="auto", decode=True,

@@ -23,7 +23,7 @@ from ttt.ops.common import compute_dtype
 FLA_RULES = sorted(fb.FLA_KERNELS)
 
 
-def _fla_run_rule(name, q, v, tokens, *, scale, initial_state, output_final_state, impl, chunk_size):
+def _fla_run_rule(name, q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size):
     """What the dispatch does for an fla form: our dtype and scale handling, then ``fla_form(name)``."""
     del impl
     dtype, out_dtype = compute_dtype(q.dtype), q.dtype

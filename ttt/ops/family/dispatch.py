@@ -23,6 +23,7 @@ from ..common import compute_dtype
 from ..forms import Form, register_form, resolve
 from .chunk import chunk_transition
 from .engine import autograd_rule
+from .fla_backend import register_fla_forms
 from .recurrent import recurrent_transition
 from .rules import RULES, Rule
 
@@ -43,6 +44,7 @@ for _name in RULES:
     register_form(_name, Form("chunk", _chunk_form))
     register_form(_name, Form("recurrent", _recurrent_form, decode=True))
     register_form(_name, Form("reference", _autograd_form, aliases=("autograd",), auto=False))
+register_fla_forms()  # impl="fla": fla-core's Triton kernels on CUDA, asked for by name only
 
 
 def run_rule(

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["FLA_KERNELS", "fla_available", "fla_form"]
+__all__ = ["FLA_KERNELS", "fla_available", "fla_form", "register_fla_forms"]
 
 Form = Callable[[Tensor, dict[str, Tensor], Tensor, int], tuple[Tensor, Tensor]]
 
@@ -139,3 +139,19 @@ def fla_form(rule: str) -> Form | None:
 
     form.__name__ = form.__qualname__ = f"fla_{rule}"
     return form
+
+
+def _registered_form(rule, q: Tensor, tokens: dict[str, Tensor], S0: Tensor, *, chunk_size: int):
+    """The family dispatch's form signature (``rule`` is a ``Rule``) over :func:`fla_form`."""
+    return fla_form(rule.name)(q, tokens, S0, chunk_size)
+
+
+def register_fla_forms() -> None:
+    """Make ``impl="fla"`` run fla-core's kernel for each rule it has one for (CUDA, fla-core installed).
+
+    Not picked by ``impl="auto"``: these mappings were checked against fla's PyTorch references on CPU,
+    but not yet, all of them, against our chunk form on a GPU (docs/family.md)."""
+    from ..forms import Form, register_form
+
+    for rule in FLA_KERNELS:
+        register_form(rule, Form("fla", _registered_form, auto=False, devices=("cuda",), requires="fla"))
