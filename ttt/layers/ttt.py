@@ -48,6 +48,10 @@ def final_token_eta(token_eta: Tensor, lengths: Tensor, length: int) -> Tensor:
     return token_eta[last.clamp(min=0)]
 
 
+#: the base schedules of the per-position inner step ``token_eta`` (a learned offset is added to either)
+TOKEN_ETA_BASES = ("harmonic", "constant")
+
+
 @dataclass(frozen=True)
 class TTTLayerState:
     """The state of a TTT layer after a prefix.
@@ -101,6 +105,8 @@ class _TTTLayer(nn.Module):
         causal: bool,
         impl: Impl | str,
         decode_impl: Impl | str | None,
+        token_eta_base: str = "harmonic",
+        rope: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -109,9 +115,12 @@ class _TTTLayer(nn.Module):
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if token_eta_base not in TOKEN_ETA_BASES:
+            raise ValueError(f"token_eta_base must be one of {TOKEN_ETA_BASES}, got {token_eta_base!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mini_batch_size, self.base_lr, self.rope_theta = mini_batch_size, base_lr, rope_theta
         self.causal, self.share_qk = causal, share_qk
+        self.token_eta_base, self.rope = token_eta_base, bool(rope)
         self.impl = Impl.parse(impl).value
         self.decode_impl = Impl.parse(decode_impl).value if decode_impl is not None else self.impl
         self.last_impl: str | None = None
@@ -141,8 +150,13 @@ class _TTTLayer(nn.Module):
         raise NotImplementedError
 
     def token_eta(self) -> Tensor:
-        """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
-        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, device=self.token_eta_offset.device)
+        """``[b]``: ``max(base_i + offset_i, 0)`` with ``base_i = 1/(i+1)`` (``"harmonic"``, ttt-lm-pytorch
+        ``learnable_token_idx``) or ``1/b`` (``"constant"``)."""
+        b, device = self.mini_batch_size, self.token_eta_offset.device
+        if self.token_eta_base == "harmonic":
+            base = 1.0 / torch.arange(1, b + 1, device=device)
+        else:
+            base = torch.full((b,), 1.0 / b, device=device)
         return (base.to(self.token_eta_offset.dtype) + self.token_eta_offset).clamp(min=0)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> TTTLayerState:
@@ -197,10 +211,11 @@ class _TTTLayer(nn.Module):
 
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
-        # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
-        positions = (state.position + torch.arange(length, device=x.device)) % self.mini_batch_size
-        cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rope:
+            # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
+            positions = (state.position + torch.arange(length, device=x.device)) % self.mini_batch_size
+            cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         lr, token_eta = self._inner_lr(x, mask)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
@@ -254,6 +269,7 @@ class _TTTLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, mini_batch_size={self.mini_batch_size}, "
                 f"base_lr={self.base_lr}, share_qk={self.share_qk}, use_gate={self.g_proj is not None}, "
+                f"token_eta_base={self.token_eta_base!r}, rope={self.rope}, "
                 f"causal={self.causal}, impl={self.impl!r}, decode_impl={self.decode_impl!r}")  # fmt: skip
 
 
@@ -276,6 +292,12 @@ class TTTLinear(_TTTLayer):
             kernels on CUDA, the chunked dual form elsewhere.
         decode_impl: form used by ``step``. Default: ``"auto"``: the fused Triton decode kernel on CUDA,
             the primal ``"recurrent"`` form elsewhere.
+        token_eta_base: base of the per-position inner step ``token_eta`` within a mini-batch, before its
+            learned offset: ``"harmonic"``, ``1/(i+1)`` (the paper: token i reads the mean gradient of
+            tokens 0..i), or ``"constant"``, ``1/b`` (every gradient weighs the same whether read inside
+            its mini-batch or after it; the end-of-mini-batch weights are the same). Default:
+            ``"harmonic"``.
+        rope: RoPE on q, k with positions mod b (the paper). ``False``: no rotary. Default: ``True``.
 
     ``last_impl`` records the form the last call ran.
 
@@ -308,10 +330,13 @@ class TTTLinear(_TTTLayer):
         causal: bool = True,
         impl: Impl | str = "auto",
         decode_impl: Impl | str | None = "auto",
+        token_eta_base: str = "harmonic",
+        rope: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
                          share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
-                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+                         impl=impl, decode_impl=decode_impl, token_eta_base=token_eta_base,
+                         rope=rope)  # fmt: skip
         self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
 
@@ -351,10 +376,13 @@ class TTTMLP(_TTTLayer):
         causal: bool = True,
         impl: Impl | str = "auto",
         decode_impl: Impl | str | None = "auto",
+        token_eta_base: str = "harmonic",
+        rope: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
                          share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
-                         impl=impl, decode_impl=decode_impl)  # fmt: skip
+                         impl=impl, decode_impl=decode_impl, token_eta_base=token_eta_base,
+                         rope=rope)  # fmt: skip
         hidden = hidden_mult * self.head_dim
         # W2 ~ N(0, 0.02) too, after ttt-lm-jax commit ac8cdc8 "Fix TTT MLP Init"
         self.W1 = nn.Parameter(torch.randn(num_heads, self.head_dim, hidden) * 0.02)
