@@ -88,6 +88,14 @@ def test_constant_token_eta_base(kind):
         _layer(kind, token_eta_base="linear")
 
 
+def test_fixed_token_eta_gets_no_gradient():
+    layer = _layer("linear", learn_token_eta=False)
+    layer(_x(1, 8))[0].sum().backward()
+    assert not layer.token_eta_offset.requires_grad and layer.token_eta_offset.grad is None
+    assert layer.W0.grad is not None
+    torch.testing.assert_close(layer.token_eta(), 1.0 / torch.arange(1, 5, dtype=torch.float64))
+
+
 def test_token_eta_is_clamped_at_zero():
     layer = _layer("linear")
     with torch.no_grad():

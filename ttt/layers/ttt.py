@@ -107,6 +107,7 @@ class _TTTLayer(nn.Module):
         decode_impl: Impl | str | None,
         token_eta_base: str = "harmonic",
         rope: bool = True,
+        learn_token_eta: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -136,7 +137,7 @@ class _TTTLayer(nn.Module):
         self.lr_gate = nn.Linear(dim, num_heads)
         nn.init.normal_(self.lr_gate.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
-        self.token_eta_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        self.token_eta_offset = nn.Parameter(torch.zeros(mini_batch_size), requires_grad=learn_token_eta)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.post_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -270,6 +271,7 @@ class _TTTLayer(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads}, mini_batch_size={self.mini_batch_size}, "
                 f"base_lr={self.base_lr}, share_qk={self.share_qk}, use_gate={self.g_proj is not None}, "
                 f"token_eta_base={self.token_eta_base!r}, rope={self.rope}, "
+                f"learn_token_eta={self.token_eta_offset.requires_grad}, "
                 f"causal={self.causal}, impl={self.impl!r}, decode_impl={self.decode_impl!r}")  # fmt: skip
 
 
@@ -298,6 +300,9 @@ class TTTLinear(_TTTLayer):
             its mini-batch or after it; the end-of-mini-batch weights are the same). Default:
             ``"harmonic"``.
         rope: RoPE on q, k with positions mod b (the paper). ``False``: no rotary. Default: ``True``.
+        learn_token_eta: learn the offsets of ``token_eta`` (ttt-lm-pytorch). ``False`` keeps them at 0, so
+            ``token_eta`` stays its base; note that ``token_eta[b-1]`` is also the weight with which each
+            mini-batch's gradients enter the weights carried to the next one. Default: ``True``.
 
     ``last_impl`` records the form the last call ran.
 
@@ -332,11 +337,12 @@ class TTTLinear(_TTTLayer):
         decode_impl: Impl | str | None = "auto",
         token_eta_base: str = "harmonic",
         rope: bool = True,
+        learn_token_eta: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
                          share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
                          impl=impl, decode_impl=decode_impl, token_eta_base=token_eta_base,
-                         rope=rope)  # fmt: skip
+                         rope=rope, learn_token_eta=learn_token_eta)  # fmt: skip
         self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
 
@@ -378,11 +384,12 @@ class TTTMLP(_TTTLayer):
         decode_impl: Impl | str | None = "auto",
         token_eta_base: str = "harmonic",
         rope: bool = True,
+        learn_token_eta: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, mini_batch_size=mini_batch_size, base_lr=base_lr, use_gate=use_gate,
                          share_qk=share_qk, conv_size=conv_size, rope_theta=rope_theta, causal=causal,
                          impl=impl, decode_impl=decode_impl, token_eta_base=token_eta_base,
-                         rope=rope)  # fmt: skip
+                         rope=rope, learn_token_eta=learn_token_eta)  # fmt: skip
         hidden = hidden_mult * self.head_dim
         # W2 ~ N(0, 0.02) too, after ttt-lm-jax commit ac8cdc8 "Fix TTT MLP Init"
         self.W1 = nn.Parameter(torch.randn(num_heads, self.head_dim, hidden) * 0.02)

@@ -182,11 +182,14 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
     from ttt.recipes.train import train
 
     cache = out / "runs" / f"{_cache_name(spec, lr, seed)}.json"
+    run_dir = out / "ckpt" / _cache_name(spec, lr, seed)
     if cache.exists():
         record = json.loads(cache.read_text())
         if _same_scale(record.get("scale"), scale) and record.get("spec") == _plain(spec):
+            if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
+                record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
+                cache.write_text(json.dumps(record) + "\n")
             return record
-    run_dir = out / "ckpt" / _cache_name(spec, lr, seed)
     kwargs = json.dumps({spec.mixer: spec.mixer_kwargs}) if spec.mixer_kwargs else None
     args = TrainArgs(mixer=spec.mixer, preset=scale.preset, corpus=scale.corpus, mixer_kwargs=kwargs,
                      match_params=scale.match_params,
@@ -215,6 +218,7 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
         "val_bits_per_byte": result.val_bits_per_byte,
         "bits_per_nat": data.bits_per_byte(1.0),
         "by_position": by_position,
+        "token_eta": learned_token_eta(model),
     }
     if not keep:
         import shutil
@@ -223,6 +227,12 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record) + "\n")
     return record
+
+
+def learned_token_eta(model: torch.nn.Module) -> list[list[float]] | None:
+    """``token_eta`` (base + learned offset) of every TTT block after training, or None without TTT."""
+    etas = [b.mixer.token_eta().detach().tolist() for b in model.blocks if hasattr(b.mixer, "token_eta")]
+    return [[round(v, 4) for v in e] for e in etas] or None
 
 
 def sweep(

@@ -20,6 +20,9 @@ The variants (``RunSpec`` labels):
 - ``linear-norope``: ``rope=False``;
 - ``linear-const-norope``: both;
 - ``linear-shareqk``: the short convolutions of the (M) variant;
+- ``linear-fixed-eta``: ``learn_token_eta=False`` (``token_eta`` stays ``1/(i+1)``; its last entry, the
+  weight of each mini-batch's update in the weights carried forward, cannot be learned down to 0);
+- ``linear-lr0.1``: inner ``base_lr=0.1`` instead of 1.0;
 - ``linear-b4``, ``linear-b1``: mini-batch 4 and 1;
 - ``mlp-default``, ``mlp-eta-const``: TTT-MLP as the paper and with the constant base.
 
@@ -54,6 +57,8 @@ SPECS = [
     RunSpec("linear-norope", "ttt_linear", {"rope": False}),
     RunSpec("linear-const-norope", "ttt_linear", {"token_eta_base": "constant", "rope": False}),
     RunSpec("linear-shareqk", "ttt_linear", {"share_qk": True}),
+    RunSpec("linear-fixed-eta", "ttt_linear", {"learn_token_eta": False}),
+    RunSpec("linear-lr0.1", "ttt_linear", {"base_lr": 0.1}),
     RunSpec("linear-b4", "ttt_linear", {"mini_batch_size": 4}),
     RunSpec("linear-b1", "ttt_linear", {"mini_batch_size": 1}),
     RunSpec("mlp-default", "ttt_mlp"),
@@ -91,9 +96,14 @@ def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[
             f"first_band_bits_ctx{long}": first,
             f"last_band_bits_ctx{long}": last,
             "train_seconds": [r["train_seconds"] for r in runs],
+            "token_eta_last_per_block": [
+                [e[-1] for e in r["token_eta"]] if r.get("token_eta") else None for r in runs
+            ],
         }
+        eta_last = summary[spec.label]["token_eta_last_per_block"]
+        eta_text = "; ".join("/".join(f"{v:.2f}" for v in e) if e else "-" for e in eta_last)
         rows.append([f"`{spec.label}`", fmt_ms(summary[spec.label]["val_bits_per_byte"]),
-                     fmt_ms(excess[short], 2), fmt_ms(excess[long], 2), fmt_ms(first), fmt_ms(last),
+                     fmt_ms(excess[short], 2), fmt_ms(excess[long], 2), fmt_ms(first), fmt_ms(last), eta_text,
                      f"{mean_spread(summary[spec.label]['train_seconds'])[0]:.0f}"])  # fmt: skip
         phase_series[spec.label] = (list(range(PERIOD)), mean_profile)
         n = int(long) // band
@@ -110,7 +120,8 @@ def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[
         "over seeds.",
         table(["variant", "val bits/byte", f"boundary excess, ctx {short}", f"boundary excess, ctx {long}",
                f"bits/byte at positions 0-{band - 1} (ctx {long})",
-               f"bits/byte at last {band} positions (ctx {long})", "train s"], rows),  # fmt: skip
+               f"bits/byte at last {band} positions (ctx {long})",
+               "learned token_eta[b-1] per block (per seed)", "train s"], rows),  # fmt: skip
         f"Detrended loss (bits/byte) by position mod {PERIOD}, {long}-byte windows, mean over seeds:",
         table(["variant", *(str(k) for k in range(PERIOD))], profile_rows),
     ]) + "\n"  # fmt: skip
