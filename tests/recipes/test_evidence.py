@@ -95,7 +95,7 @@ def test_state_probe_reset_and_decay_act_on_the_fast_weights():
     windows = torch.randint(0, 64, (2, 65), generator=torch.Generator().manual_seed(1))
     reset = state_probe.probe(model, windows, band=32, reset_every=32)
     fresh = state_probe.probe(model, windows[:, 32:], band=32)
-    assert reset["loss"][32:] == pytest.approx(fresh["loss"], abs=1e-5)
-    assert reset["drift"][2:] == pytest.approx(fresh["drift"], abs=1e-6)
+    assert reset["loss"][32:] == pytest.approx(fresh["loss"], abs=3e-5)
+    assert reset["drift"][2:] == pytest.approx(fresh["drift"], abs=3e-5)
     frozen = state_probe.probe(model, windows, band=32, decay=0.0)
     assert max(frozen["drift"]) == 0.0

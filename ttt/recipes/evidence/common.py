@@ -196,7 +196,7 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
                      steps=scale.steps, batch_size=scale.batch_size, context=scale.context, lr=lr, seed=seed,
                      eval_every=0, ckpt_every=0, out=str(run_dir), overwrite=True, progress=False, plot=False,
                      threads=scale.threads)  # fmt: skip
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(args)
     model, meta = load_model(find_checkpoint(run_dir))
     data = _validation(args.corpus, tokenizer_from_dict(meta["tokenizer"]))
@@ -214,6 +214,7 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
         "num_params": result.num_params,
         "train_seconds": round(result.seconds, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
         "val_loss": result.val_loss,
         "val_bits_per_byte": result.val_bits_per_byte,
         "bits_per_nat": data.bits_per_byte(1.0),

@@ -98,7 +98,8 @@ def probe(
     w0_norm = torch.stack([sum((w**2).sum(dim=tuple(range(1, w.dim())))
                                for w in m.fast_weights()).sqrt().mean()
                            for m in mixers]).mean()  # fmt: skip
-    return {"loss": torch.cat(losses, dim=1).mean(0).tolist(), "drift": drift, "w0_norm": float(w0_norm),
+    loss = [round(v, 5) for v in torch.cat(losses, dim=1).mean(0).tolist()]
+    return {"loss": loss, "drift": [round(v, 5) for v in drift], "w0_norm": float(w0_norm),
             "mini_batch_size": b}  # fmt: skip
 
 
