@@ -51,11 +51,11 @@ def test_minibatch_period_quick_writes_outputs_and_resumes(tmp_path, corpus):
     assert len(summary["linear-default"]["phase_profile_bits_ctx512"]) == 16
     payload = json.loads((tmp_path / "minibatch_period.json").read_text())
     assert len(payload["records"]) == 2 and (tmp_path / "minibatch_period.md").exists()
-    cached = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert cached == ["linear-default-lr0.003-s0.json", "linear-eta-const-lr0.003-s0.json"]
-    stamp = (tmp_path / "runs" / cached[0]).stat().st_mtime_ns
+    stamp = (tmp_path / "cache" / cached[0]).stat().st_mtime_ns
     minibatch_period.main([*argv, "--report-only"])  # from the cache: nothing retrained
-    assert (tmp_path / "runs" / cached[0]).stat().st_mtime_ns == stamp
+    assert (tmp_path / "cache" / cached[0]).stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("recipe", [long_context, ladder])

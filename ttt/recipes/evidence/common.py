@@ -171,7 +171,7 @@ def _validation(corpus: str, tokenizer: Any) -> Any:
 
 
 def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, keep: bool = True) -> dict:
-    """Train one model and score it by position; returns (and caches in ``out/runs``) its record.
+    """Train one model and score it by position; returns (and caches in ``out/cache``) its record.
 
     The record: the spec, lr, seed, scale, parameters, training seconds, final validation loss of
     ``ttt train`` and, per evaluation context T, ``by_position[T]``: mean loss (nats) at each of the
@@ -181,7 +181,7 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
     from ttt.recipes.eval import evaluate_loss
     from ttt.recipes.train import train
 
-    cache = out / "runs" / f"{_cache_name(spec, lr, seed)}.json"
+    cache = out / "cache" / f"{_cache_name(spec, lr, seed)}.json"
     run_dir = out / "ckpt" / _cache_name(spec, lr, seed)
     if cache.exists():
         record = json.loads(cache.read_text())
@@ -246,7 +246,7 @@ def sweep(
 
     def get(spec: RunSpec, lr: float, seed: int) -> dict | None:
         if report_only:
-            path = out / "runs" / f"{_cache_name(spec, lr, seed)}.json"
+            path = out / "cache" / f"{_cache_name(spec, lr, seed)}.json"
             if not path.exists():
                 return None
             record = json.loads(path.read_text())

@@ -27,7 +27,7 @@ The variants (``RunSpec`` labels):
 - ``mlp-default``, ``mlp-eta-const``: TTT-MLP as the paper and with the constant base.
 
 Writes ``minibatch_period.{md,json}``, ``minibatch_period_phase.png`` and ``minibatch_period_position.png``
-into ``--out`` (cached runs in ``--out/runs``: rerunning resumes).
+into ``--out`` (cached runs in ``--out/cache``: rerunning resumes).
 """
 
 from __future__ import annotations

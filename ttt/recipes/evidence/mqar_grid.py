@@ -14,7 +14,7 @@ size: ``ttt.models.state_nbytes`` of the model's decoding state after one sequen
 1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once ("default").
 
 Writes ``mqar_grid.{md,json}`` and ``mqar_grid.png`` (accuracy against state bytes, one line per mixer
-and convolution setting through its widths) into ``--out``; cached runs in ``--out/runs``.
+and convolution setting through its widths) into ``--out``; cached runs in ``--out/cache``.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def _state_bytes(model: torch.nn.Module, seq_len: int) -> int:
 
 
 def run_one(label: str, mixer: str, kwargs: dict, base: MQARArgs, out: Path, data: dict) -> dict:
-    """Train and score one model (cached in ``out/runs``)."""
+    """Train and score one model (cached in ``out/cache``)."""
     args = dataclasses.replace(base, mixer_kwargs=json.dumps({mixer: kwargs}) if kwargs else None)
     key = f"{label}-d{args.dim}-lr{args.lr:g}-s{args.seed}"
-    cache = out / "runs" / f"{key}.json"
+    cache = out / "cache" / f"{key}.json"
     plain = json.loads(
         json.dumps(dataclasses.asdict(dataclasses.replace(args, threads=None, progress=False)))
     )
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _cached(out: Path, label: str, width: int, lr: float, seed: int) -> dict | None:
-    path = out / "runs" / f"{label}-d{width}-lr{lr:g}-s{seed}.json"
+    path = out / "cache" / f"{label}-d{width}-lr{lr:g}-s{seed}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
