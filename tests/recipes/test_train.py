@@ -411,3 +411,26 @@ def test_one_cpu_thread_by_default(corpus_dir, tmp_path, capsys):
         assert torch.get_num_threads() == 1 and "1 thread(s)" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise():
+    """`ttt train`'s TTT layers default to share_qk=True (docs/results.md); --mixer-kwargs gives the official
+    layer back, and other mixers get nothing they did not ask for."""
+    from ttt.recipes.train import train_mixer_kwargs
+
+    def kw(**given):
+        return train_mixer_kwargs(TrainArgs(**given))
+
+    assert kw(mixer="ttt_linear") == {"ttt_linear": {"share_qk": True}}
+    assert kw(mixer="ttt_mlp") == {"ttt_mlp": {"share_qk": True}}
+    assert kw(mixer="attention") == {}
+    assert kw(mixer="ttt_linear", mixer_kwargs='{"ttt_linear": {"share_qk": false}}') == {
+        "ttt_linear": {"share_qk": False}
+    }
+    assert kw(mixer="ttt_linear", mixer_kwargs='{"ttt_linear": {"mini_batch_size": 8}}') == {
+        "ttt_linear": {"share_qk": True, "mini_batch_size": 8}
+    }
+    assert kw(layer_mixers="ttt_mlp,attention", mixer_kwargs='{"swa": {"window": 8}}') == {
+        "ttt_mlp": {"share_qk": True},
+        "swa": {"window": 8},
+    }
