@@ -561,6 +561,7 @@ def convert(args: ConvertArgs) -> dict[str, Any]:
         t = time.perf_counter()
         student.train()
         while step < end:
+            t_step = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step - begin, end - begin, peak)
             x, y = sample_batch(data.train, args.batch_size, args.context, sampler)
@@ -579,8 +580,12 @@ def convert(args: ConvertArgs) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-            elif step % 10 == 0 or step == end:
-                print(f"{name} step {step - begin}/{end - begin} loss {float(loss):.4f}", flush=True)
+            else:  # no terminal: one line per step (a full-size teacher takes seconds per step on a CPU)
+                print(
+                    f"{name} step {step - begin}/{end - begin} loss {loss_value:.4f} "
+                    f"({time.perf_counter() - t_step:.1f} s)",
+                    flush=True,
+                )
             if step % args.ckpt_every == 0 or step == end:
                 summary["seconds"][name] = summary["seconds"].get(name, 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
