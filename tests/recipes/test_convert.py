@@ -116,6 +116,12 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
     native = TTTForCausalLM.from_checkpoint(str(tmp_path / "run"))
     assert not native.training and native.tokenizer is not None
     torch.testing.assert_close(native(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # and ttt eval / ttt generate read the HF directory as well (load_model)
+    from ttt.models.checkpoint import load_model
+
+    again, meta = load_model(tmp_path / "run" / "hf")
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["step"] == 0
+    torch.testing.assert_close(again(ids)[0], model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):
