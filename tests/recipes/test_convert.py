@@ -163,3 +163,18 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
     with pytest.raises(LlamaLoadError, match="no such file"):
         convert(args_for(teacher_dir, out, teacher=str(tmp_path / "nothing.gguf")))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "gated_deltanet"])
+def test_output_gains_fit_the_attention_scale(teacher_dir, mixer):
+    from ttt.recipes.convert import calibrate_gains, transfer_loss
+
+    teacher, _ = load_llama(teacher_dir)
+    student, _ = swap_mixers(teacher, mixer, [0, 1, 2, 3])
+    x = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = float(transfer_loss(student, teacher, [0, 1, 2, 3], x))
+        gains = calibrate_gains(student, teacher, [0, 1, 2, 3], x)
+        after = float(transfer_loss(student, teacher, [0, 1, 2, 3], x))
+    assert set(gains) == {"0", "1", "2", "3"}
+    assert after <= min(before, 1.0)  # the least-squares gain never does worse than 0 or than 1

@@ -85,6 +85,9 @@ class ConvertArgs:
     """peak learning rate of stage (b) (LoRA: of the adapters)"""
     ce_weight: float = 0.0
     """weight of the next-token cross-entropy added to the distillation KL"""
+    calibrate: bool = True
+    """before stage (a), scale each converted mixer's output projection by the least-squares gain that
+    best matches the attention output on one training batch"""
     update: str = "full"
     """parameters stage (b) trains: 'full' (all), 'mixers' (the converted mixers), 'lora' (rank --lora-rank
     adapters on every linear map of the blocks, merged into the weights when saved)"""
@@ -322,6 +325,26 @@ def transfer_loss(student: nn.Module, teacher: nn.Module, blocks: list[int], x: 
     return torch.stack(losses).mean()
 
 
+@torch.no_grad()
+def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[str, float]:
+    """Scale each swapped mixer's ``o_proj`` by the least-squares gain ``<y, a> / <y, y>`` between its output
+    y and the attention output a on the teacher's hidden states of batch ``x``: the new mixers' output norms
+    (TTT's LayerNorm, GDN's RMSNorm) start at another scale than attention's. Returns ``{block: gain}``."""
+    captured = _capture_attention(teacher, blocks, x)
+    gains = {}
+    for i in blocks:
+        mixer = student.blocks[i].mixer
+        proj = getattr(mixer, "o_proj", None)
+        if not isinstance(proj, nn.Linear):
+            continue
+        h, target = captured[i]
+        y, _ = mixer(h)
+        gain = float((y.double() * target.double()).sum() / (y.double().pow(2).sum()).clamp_min(1e-30))
+        proj.weight.mul_(gain)
+        gains[str(i)] = gain
+    return gains
+
+
 def distill_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, ce_weight: float) -> Tensor:
     """Stage (b): ``KL(teacher || student)`` of the next-token distributions, mean over tokens, plus
     ``ce_weight`` times the cross-entropy on the targets ``y`` (nats)."""
@@ -518,6 +541,16 @@ def convert(args: ConvertArgs) -> dict[str, Any]:
             trainer_tensors=tensors,
         )
         write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
+
+    if saved is None and args.calibrate:
+        t = time.perf_counter()
+        x, _ = sample_batch(
+            data.train, args.batch_size, args.context, torch.Generator().manual_seed(args.seed + 2)
+        )
+        summary["gains"] = calibrate_gains(student, teacher, blocks, x.to(device))
+        ppl["calibrated"] = perplexity(student)
+        summary["seconds"]["calibrate"] = time.perf_counter() - t
+        print(f"held-out perplexity after the output gains: {ppl['calibrated']:.2f}", flush=True)
 
     stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
     for name, begin, end in stages:
