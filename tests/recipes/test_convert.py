@@ -96,7 +96,13 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
     summary = convert(
         args_for(teacher_dir, tmp_path / "run", mixer="ttt_linear", blocks="all", update="lora")
     )
-    assert set(summary["perplexity"]) == {"teacher", "swapped", "after_transfer", "after_distill"}
+    assert set(summary["perplexity"]) == {
+        "teacher",
+        "swapped",
+        "calibrated",
+        "after_transfer",
+        "after_distill",
+    }
     assert json.loads((tmp_path / "run" / "convert.json").read_text())["tokens"]["distill"] == 3 * 2 * 16
     assert (tmp_path / "run" / "losses.png").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
