@@ -400,241 +400,272 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def convert(args: ConvertArgs) -> dict[str, Any]:
-    """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
-    from ttt.data import load_corpus, prepare, sample_batch
-    from ttt.models.checkpoint import (
-        CheckpointError,
-        clear_run,
-        find_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-        write_text_atomic,
-    )
+def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
+    """The latest checkpoint's metadata when resuming (same arguments required), else None; a fresh run
+    refuses a directory that already holds a run."""
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
-    from .eval import evaluate_loss
+    if not args.resume:
+        if (run / "latest").exists():
+            raise CheckpointError(
+                f"{run} already holds a run: pass --resume to continue it or choose another --out"
+            )
+        return None
+    _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
+    now = dataclasses.asdict(args)
+    diff = [
+        f"--{k.replace('_', '-')} {saved['args'].get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in RUNTIME_ARGS and saved["args"].get(k) != now[k]
+    ]
+    if diff:
+        raise CheckpointError("cannot resume: the run used other arguments: " + "; ".join(diff))
+    return saved
 
-    _check_args(args)
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    extra = parse_mixer_kwargs(args.mixer_kwargs)
-    from ttt.layers import MIXERS
 
-    if args.mixer not in MIXERS:
-        raise ValueError(f"unknown mixer {args.mixer!r}; choose one of {sorted(MIXERS)}")
-    run = Path(args.out)
-    if not args.resume and (run / "latest").exists():
-        raise CheckpointError(
-            f"{run} already holds a run: pass --resume to continue it or choose another --out"
+class _Conversion:
+    """The state of one ``convert`` run: teacher, student, data, summary, step; one method per phase."""
+
+    def __init__(self, args: ConvertArgs) -> None:
+        from ttt.data import load_corpus, prepare
+        from ttt.layers import MIXERS
+
+        _check_args(args)
+        set_threads(args.threads)
+        self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
+        extra = parse_mixer_kwargs(args.mixer_kwargs)
+        if args.mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {args.mixer!r}; choose one of {sorted(MIXERS)}")
+        self.saved = _check_resume(args, self.run)
+        t0 = time.perf_counter()
+        teacher, self.tokenizer = load_teacher(args.teacher)
+        if args.first_blocks is not None:
+            truncate_blocks(teacher, args.first_blocks)
+        self.blocks = parse_blocks(args.blocks, teacher.config.n_layers)
+        if args.context > teacher.config.max_seq_len:
+            raise ValueError(
+                f"--context {args.context} exceeds the teacher's {teacher.config.max_seq_len} positions"
+            )
+        self.teacher = teacher.to(self.device)
+        self.student, mapping = swap_mixers(
+            self.teacher,
+            args.mixer,
+            self.blocks,
+            keep_as=args.keep_as,
+            window=args.window,
+            mixer_kwargs=extra,
+            seed=args.seed,
         )
-    saved = None
-    if args.resume:
-        _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
-        now = dataclasses.asdict(args)
-        diff = [
-            f"--{k.replace('_', '-')} {saved['args'].get(k)!r} -> {now[k]!r}"
-            for k in now
-            if k not in RUNTIME_ARGS and saved["args"].get(k) != now[k]
-        ]
-        if diff:
-            raise CheckpointError("cannot resume: the run used other arguments: " + "; ".join(diff))
-
-    t0 = time.perf_counter()
-    teacher, tokenizer = load_teacher(args.teacher)
-    if args.first_blocks is not None:
-        truncate_blocks(teacher, args.first_blocks)
-    blocks = parse_blocks(args.blocks, teacher.config.n_layers)
-    if args.context > teacher.config.max_seq_len:
-        raise ValueError(
-            f"--context {args.context} exceeds the teacher's {teacher.config.max_seq_len} positions"
+        corpus = load_corpus(args.corpus)
+        self.data = prepare(corpus, self.tokenizer)
+        print(
+            f"teacher {args.teacher}: {teacher.config.n_layers} blocks, {teacher.num_params():,} parameters; "
+            f"converting blocks {self.blocks} to {args.mixer}; {self.data.train.numel():,} train / "
+            f"{self.data.validation.numel():,} held-out tokens of {corpus.name}; loaded in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
         )
-    teacher = teacher.to(device)
-    student, mapping = swap_mixers(
-        teacher,
-        args.mixer,
-        blocks,
-        keep_as=args.keep_as,
-        window=args.window,
-        mixer_kwargs=extra,
-        seed=args.seed,
-    )
-    corpus = load_corpus(args.corpus)
-    data = prepare(corpus, tokenizer)
-    t_load = time.perf_counter() - t0
-    print(
-        f"teacher {args.teacher}: {teacher.config.n_layers} blocks, {teacher.num_params():,} parameters; "
-        f"converting blocks {blocks} to {args.mixer}; {data.train.numel():,} train / "
-        f"{data.validation.numel():,} held-out tokens of {corpus.name}; loaded in {t_load:.0f} s",
-        flush=True,
-    )
+        empty = {"perplexity": {}, "seconds": {}, "losses": {}}
+        self.summary: dict[str, Any] = dict(self.saved["summary"]) if self.saved else empty
+        windows = min(args.eval_batches * args.batch_size, (self.data.validation.numel() - 1) // args.context)
+        self.summary.update(
+            args=dataclasses.asdict(args),
+            blocks=self.blocks,
+            mapping=mapping,
+            eval_tokens=windows * args.context,
+        )
+        self.ppl = self.summary["perplexity"]
+        self.step, self.trainer, self.opt_meta = 0, None, {}
 
-    def perplexity(model: nn.Module) -> float:
+    def perplexity(self, model: nn.Module) -> float:
+        from .eval import evaluate_loss
+
+        a = self.args
         loss, _ = evaluate_loss(
             model,
-            data.validation,
-            batch_size=args.batch_size,
-            context=args.context,
-            max_batches=args.eval_batches,
-            device=device,
+            self.data.validation,
+            batch_size=a.batch_size,
+            context=a.context,
+            max_batches=a.eval_batches,
+            device=self.device,
         )
         return math.exp(loss)
 
-    summary: dict[str, Any] = (
-        dict(saved["summary"]) if saved else {"perplexity": {}, "seconds": {}, "losses": {}}
-    )
-    summary.update(
-        args=dataclasses.asdict(args),
-        blocks=blocks,
-        mapping=mapping,
-        eval_tokens=min(args.eval_batches * args.batch_size, (data.validation.numel() - 1) // args.context)
-        * args.context,
-    )
-    ppl = summary["perplexity"]
-    if "teacher" not in ppl:
+    def baselines(self) -> None:
+        """Held-out perplexity of the teacher and of the student straight after swapping."""
+        if "teacher" in self.ppl:
+            return
         t = time.perf_counter()
-        ppl["teacher"], ppl["swapped"] = perplexity(teacher), perplexity(student)
-        summary["seconds"]["eval"] = time.perf_counter() - t
-        print(f"held-out perplexity: teacher {ppl['teacher']:.2f}, swapped {ppl['swapped']:.2f}", flush=True)
+        self.ppl["teacher"], self.ppl["swapped"] = (
+            self.perplexity(self.teacher),
+            self.perplexity(self.student),
+        )
+        self.summary["seconds"]["eval"] = time.perf_counter() - t
+        print(
+            f"held-out perplexity: teacher {self.ppl['teacher']:.2f}, swapped {self.ppl['swapped']:.2f}",
+            flush=True,
+        )
 
-    total = args.transfer_steps + args.distill_steps
-    step, trainer, opt_meta = 0, None, {}
-    if saved:
-        state, meta, trainer = load_checkpoint(find_checkpoint(run), load_trainer=True)
-        opt_meta = meta["optimizer"]
-        step = int(meta["step"])
-        if step > args.transfer_steps and args.update == "lora":
-            add_lora(student, args.lora_rank)
-        lora = {k.removeprefix("lora."): v for k, v in trainer.items() if k.startswith("lora.")}
+    def restore(self) -> None:
+        """Load the latest checkpoint into the student (LoRA adapters too), or clear a stale directory."""
+        from ttt.models.checkpoint import CheckpointError, clear_run, find_checkpoint, load_checkpoint
+
+        if self.saved is None:
+            if self.run.exists():
+                clear_run(self.run)
+            return
+        state, meta, self.trainer = load_checkpoint(find_checkpoint(self.run), load_trainer=True)
+        self.opt_meta, self.step = meta["optimizer"], int(meta["step"])
+        if self.step > self.args.transfer_steps and self.args.update == "lora":
+            add_lora(self.student, self.args.lora_rank)
+        lora = {k.removeprefix("lora."): v for k, v in self.trainer.items() if k.startswith("lora.")}
         plain = {
             k: v
             for k, v in state.items()
             if k.removesuffix(".weight") + ".parametrizations.weight.original" not in lora
         }
-        missing, unexpected = student.load_state_dict({**plain, **lora}, strict=False)
+        missing, unexpected = self.student.load_state_dict({**plain, **lora}, strict=False)
         if unexpected or set(missing) - {"head.weight"}:
             raise CheckpointError(
-                f"{run}: checkpoint does not fit the student: missing {missing[:3]}, "
+                f"{self.run}: checkpoint does not fit the student: missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}"
             )
-        print(f"resumed from step {step}", flush=True)
-    elif run.exists():
-        clear_run(run)
+        print(f"resumed from step {self.step}", flush=True)
 
-    def checkpoint(optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
+    def calibrate(self) -> None:
+        from ttt.data import sample_batch
+
+        if self.saved is not None or not self.args.calibrate:
+            return
+        a, t = self.args, time.perf_counter()
+        x, _ = sample_batch(
+            self.data.train, a.batch_size, a.context, torch.Generator().manual_seed(a.seed + 2)
+        )
+        self.summary["gains"] = calibrate_gains(self.student, self.teacher, self.blocks, x.to(self.device))
+        self.ppl["calibrated"] = self.perplexity(self.student)
+        self.summary["seconds"]["calibrate"] = time.perf_counter() - t
+        print(f"held-out perplexity after the output gains: {self.ppl['calibrated']:.2f}", flush=True)
+
+    def checkpoint(self, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
+        from ttt.models.checkpoint import save_checkpoint, write_text_atomic
+
         tensors, opt_meta = optimizer_tensors(optimizer)
         tensors["rng.sampler"] = sampler.get_state()
         # model.safetensors holds plain (LoRA-merged) weights, so ttt eval / generate read the run;
         # the adapters and the weights under them go with the trainer state, for an exact resume
-        state = student.state_dict()
+        state = self.student.state_dict()
         tensors.update({f"lora.{k}": v for k, v in state.items() if ".parametrizations." in k})
+        meta = {
+            "tokenizer": self.tokenizer.to_dict(),
+            "args": dataclasses.asdict(self.args),
+            "optimizer": opt_meta,
+            "summary": self.summary,
+        }
         save_checkpoint(
-            run,
-            step=step,
-            model_state=_merged_state(student),
-            config=student.config,
-            meta={
-                "tokenizer": tokenizer.to_dict(),
-                "args": {**dataclasses.asdict(args)},
-                "optimizer": opt_meta,
-                "summary": summary,
-            },
+            self.run,
+            step=self.step,
+            model_state=_merged_state(self.student),
+            config=self.student.config,
+            meta=meta,
             trainer_tensors=tensors,
         )
-        write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
+        write_text_atomic(self.run / "convert.json", json.dumps(self.summary, indent=1))
+        _plot(self.run, self.summary)
 
-    if saved is None and args.calibrate:
-        t = time.perf_counter()
-        x, _ = sample_batch(
-            data.train, args.batch_size, args.context, torch.Generator().manual_seed(args.seed + 2)
+    def trainable(self, stage: str) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze (or create, for LoRA) what ``stage`` trains."""
+        student, mixers = (
+            self.student,
+            [p for i in self.blocks for p in self.student.blocks[i].mixer.parameters()],
         )
-        summary["gains"] = calibrate_gains(student, teacher, blocks, x.to(device))
-        ppl["calibrated"] = perplexity(student)
-        summary["seconds"]["calibrate"] = time.perf_counter() - t
-        print(f"held-out perplexity after the output gains: {ppl['calibrated']:.2f}", flush=True)
+        if stage == "distill" and self.args.update == "lora":
+            if any(".parametrizations." in k for k in student.state_dict()):  # restored with its adapters
+                return [p for n, p in student.named_parameters() if n.endswith((".A", ".B"))]
+            return add_lora(student, self.args.lora_rank)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        params = list(student.parameters()) if stage == "distill" and self.args.update == "full" else mixers
+        for p in params:
+            p.requires_grad_(True)
+        return params
 
-    stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
-    for name, begin, end in stages:
-        if step >= end or end == begin:
-            if end > begin and f"after_{name}" not in ppl:
-                ppl[f"after_{name}"] = perplexity(student)
-            continue
-        if name == "transfer":
-            for p in student.parameters():
-                p.requires_grad_(False)
-            params = [p for i in blocks for p in student.blocks[i].mixer.parameters()]
-            for p in params:
-                p.requires_grad_(True)
-            peak = args.transfer_lr
-        else:
-            if args.update == "lora":
-                already = any(".parametrizations." in k for k in student.state_dict())
-                params = (
-                    add_lora(student, args.lora_rank)
-                    if not already
-                    else [p for n, p in student.named_parameters() if n.endswith((".A", ".B"))]
-                )
-                for p in params:
-                    p.requires_grad_(True)
-            else:
-                for p in student.parameters():
-                    p.requires_grad_(args.update == "full")
-                params = [p for i in blocks for p in student.blocks[i].mixer.parameters()]
-                params = list(student.parameters()) if args.update == "full" else params
-                for p in params:
-                    p.requires_grad_(True)
-            peak = args.distill_lr
+    def train_stage(self, name: str, begin: int, end: int) -> None:
+        """Steps ``begin..end`` (global numbering) of stage ``name``, from wherever the run is."""
+        from ttt.data import sample_batch
+
+        a = self.args
+        if self.step >= end or end == begin:
+            if end > begin and f"after_{name}" not in self.ppl:
+                self.ppl[f"after_{name}"] = self.perplexity(self.student)
+            return
+        params = self.trainable(name)
+        peak = a.transfer_lr if name == "transfer" else a.distill_lr
         optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
-        sampler = torch.Generator().manual_seed(args.seed + (0 if name == "transfer" else 1))
-        if trainer is not None and step > begin:
-            load_optimizer_tensors(optimizer, trainer, opt_meta)
-            sampler.set_state(trainer["rng.sampler"])
-        trainer = None
-        bar = _progress(args.progress, end - begin, step - begin, name)
-        losses = summary["losses"].setdefault(name, [])
+        sampler = torch.Generator().manual_seed(a.seed + (0 if name == "transfer" else 1))
+        if self.trainer is not None and self.step > begin:
+            load_optimizer_tensors(optimizer, self.trainer, self.opt_meta)
+            sampler.set_state(self.trainer["rng.sampler"])
+        self.trainer = None
+        bar = _progress(a.progress, end - begin, self.step - begin, name)
+        losses = self.summary["losses"].setdefault(name, [])
         t = time.perf_counter()
-        student.train()
-        while step < end:
+        self.student.train()
+        while self.step < end:
             t_step = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step - begin, end - begin, peak)
-            x, y = sample_batch(data.train, args.batch_size, args.context, sampler)
-            x, y = x.to(device), y.to(device)
+                group["lr"] = _lr(self.step - begin, end - begin, peak)
+            x, y = (
+                z.to(self.device) for z in sample_batch(self.data.train, a.batch_size, a.context, sampler)
+            )
             if name == "transfer":
-                loss = transfer_loss(student, teacher, blocks, x)
+                loss = transfer_loss(self.student, self.teacher, self.blocks, x)
             else:
-                loss = distill_loss(student, teacher, x, y, args.ce_weight)
+                loss = distill_loss(self.student, self.teacher, x, y, a.ce_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            step += 1
-            loss_value = float(loss.detach())
-            losses.append([step, loss_value])
+            self.step += 1
+            losses.append([self.step, float(loss.detach())])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             else:  # no terminal: one line per step (a full-size teacher takes seconds per step on a CPU)
                 print(
-                    f"{name} step {step - begin}/{end - begin} loss {loss_value:.4f} "
+                    f"{name} step {self.step - begin}/{end - begin} loss {losses[-1][1]:.4f} "
                     f"({time.perf_counter() - t_step:.1f} s)",
                     flush=True,
                 )
-            if step % args.ckpt_every == 0 or step == end:
-                summary["seconds"][name] = summary["seconds"].get(name, 0.0) + time.perf_counter() - t
+            if self.step % a.ckpt_every == 0 or self.step == end:
+                seconds = self.summary["seconds"]
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
-                if step == end:
-                    ppl[f"after_{name}"] = perplexity(student)
-                    print(f"held-out perplexity after {name}: {ppl[f'after_{name}']:.2f}", flush=True)
-                checkpoint(optimizer, sampler)
-                _plot(run, summary)
+                if self.step == end:
+                    self.ppl[f"after_{name}"] = self.perplexity(self.student)
+                    print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}", flush=True)
+                self.checkpoint(optimizer, sampler)
         if bar is not None:
             bar.close()
-        student.eval()
+        self.student.eval()
 
+
+def convert(args: ConvertArgs) -> dict[str, Any]:
+    """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
+    from ttt.models.checkpoint import write_text_atomic
+
+    job = _Conversion(args)
+    job.baselines()
+    job.restore()
+    job.calibrate()
+    total = args.transfer_steps + args.distill_steps
+    stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
+    for name, begin, end in stages:
+        job.train_stage(name, begin, end)
+    summary, run = job.summary, job.run
     summary["tokens"] = {
         n: len(summary["losses"].get(n, [])) * args.batch_size * args.context for n, _, _ in stages
     }
-    hf_dir = export_hf(student, tokenizer, run / "hf")
+    hf_dir = export_hf(job.student, job.tokenizer, run / "hf")
     summary["hf"] = str(hf_dir)
     write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
     _plot(run, summary)
