@@ -59,16 +59,20 @@ def main() -> None:
     p.add_argument("--decode", default="", help="comma-separated prefix lengths to time decoding after")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--prompt", action="append", default=[], help="greedy continuation of this prompt per model"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=30)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = run_rows(args.runs)
-    decode = []
-    if args.decode:
+    decode, samples = [], []
+    if args.decode or args.prompt:
         from ttt.models.checkpoint import load_model
         from ttt.models.llama import fetch_smollm2, load_llama
 
-        lengths = [int(n) for n in args.decode.split(",")]
-        teacher, _ = load_llama(fetch_smollm2(download=False))
+        lengths = [int(n) for n in args.decode.split(",") if n]
+        teacher, tok = load_llama(fetch_smollm2(download=False))
         models = [("teacher (attention)", teacher)]
         models += [(r["model"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
         for name, model in models:
@@ -77,8 +81,15 @@ def main() -> None:
                     {"model": name, **time_decode(model, n, args.new_tokens, teacher.config.vocab_size)}
                 )
                 print(decode[-1], flush=True)
+            for prompt in args.prompt:
+                ids = torch.tensor([tok.encode(prompt)])
+                out = model.generate(ids, args.prompt_tokens, temperature=0)[0, ids.shape[1] :].tolist()
+                samples.append({"model": name, "prompt": prompt, "continuation": tok.decode(out)})
+                print(samples[-1], flush=True)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"runs": rows, "decode": decode}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps({"runs": rows, "decode": decode, "samples": samples}, indent=1)
+    )
     lines = [
         "| model | " + " | ".join(STAGES) + " | transfer tokens / s | distill tokens / s |",
         "|---" * 8 + "|",
@@ -98,6 +109,8 @@ def main() -> None:
         ]
         lines += [f"| {d['model']} | {d['context']} | {d['prefill_s']:.1f} | {d['decode_tokens_per_s']:.2f} | "
                   f"{d['state_bytes']:,} |" for d in decode]  # fmt: skip
+    for d in samples:
+        lines += ["", f"**{d['model']}**, greedy after {d['prompt']!r}: {d['continuation']!r}"]
     out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
