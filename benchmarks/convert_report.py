@@ -91,7 +91,7 @@ def main() -> None:
         json.dumps({"runs": rows, "decode": decode, "samples": samples}, indent=1)
     )
     lines = [
-        "| model | " + " | ".join(STAGES) + " | transfer tokens / s | distill tokens / s |",
+        "| model | " + " | ".join(STAGES) + " | transfer tokens, s | distill tokens, s |",
         "|---" * 8 + "|",
     ]
     for r in rows:
@@ -99,8 +99,8 @@ def main() -> None:
         cells = [f"{ppl[k]:.2f}" if k in ppl and ppl[k] < 1e4 else (f"{ppl[k]:.3g}" if k in ppl else "-")
                  for k in STAGES]  # fmt: skip
         lines.append(f"| {r['model']} | " + " | ".join(cells) +
-                     f" | {tok.get('transfer', 0):,} / {sec.get('transfer', 0):.0f} | "
-                     f"{tok.get('distill', 0):,} / {sec.get('distill', 0):.0f} |")  # fmt: skip
+                     f" | {tok.get('transfer', 0):,}, {sec.get('transfer', 0):.0f} | "
+                     f"{tok.get('distill', 0):,}, {sec.get('distill', 0):.0f} |")  # fmt: skip
     if decode:
         lines += [
             "",
