@@ -29,7 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from .args import TrainArgs
-from .common import Dist, lm_loss, parse_mixer_kwargs, resolve_device, save_plot, set_threads, setup_dist
+from .common import (
+    Dist,
+    lm_loss,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    parse_mixer_kwargs,
+    resolve_device,
+    save_plot,
+    set_threads,
+    setup_dist,
+)
 from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
 
 __all__ = [
@@ -120,21 +130,6 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, v in tensors.items():
-        if name.startswith("optim."):
-            _, i, k = name.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def resume_args(saved: dict[str, Any], given: TrainArgs) -> TrainArgs:
@@ -431,7 +426,7 @@ def _build(run: _Run) -> None:
         if args.strategy == "fsdp":
             _fsdp().load_sharded(run.run_dir / "dcp" / f"step-{meta['step']:07d}", run.model, run.optimizer)
         else:
-            _load_optimizer(run.optimizer, trainer, meta["optimizer"])
+            load_optimizer_tensors(run.optimizer, trainer, meta["optimizer"])
         run.sampler.set_state(trainer["rng.sampler"])
         torch.set_rng_state(trainer["rng.torch"])
         run.step, run.history, run.seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
@@ -497,7 +492,7 @@ def _save(run: _Run) -> Path | None:
         return None
     check_finite_weights(run.model, run.step, _latest_note(run.run_dir))
     tensors, opt_meta = (
-        ({}, {"sharded": f"dcp/step-{run.step:07d}"}) if fsdp else _optimizer_tensors(run.optimizer)
+        ({}, {"sharded": f"dcp/step-{run.step:07d}"}) if fsdp else optimizer_tensors(run.optimizer)
     )
     tensors["rng.sampler"] = run.sampler.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
