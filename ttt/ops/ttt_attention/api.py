@@ -78,8 +78,7 @@ def attention(
         dropout_p: must be 0 (there are no attention weights to drop).
         is_causal: see above. Default False, as SDPA.
         scale: query scale. Default ``1 / sqrt(Dk)`` as SDPA.
-        enable_gqa: k, v may have fewer heads than q (H divisible by theirs); each is shared by
-            ``H / H_kv`` query heads, as SDPA.
+        enable_gqa: k, v may have fewer heads than q, each shared by ``H / H_kv`` query heads, as SDPA.
         lr: inner learning rate, a constant or ``[B, H, T]``, finite and >= 0. Default
             ``1 / mini_batch_size`` (``1 / #keys taking part`` for the default non-causal call): stable
             for unit keys (module docstring); at mini-batch 1 it stores each new pair exactly.
@@ -88,8 +87,8 @@ def attention(
         mini_batch_size: gradients of a mini-batch are all taken at its starting weights. Default: 1 (the
             delta rule) when causal, T when not (``is_causal=False`` at mini-batch 1 is refused).
         inner_model: only ``"linear"`` (``f(x) = S^T x``); other inner models: ``ttt.ops.ttt_general``.
-        token_eta: ``[mini_batch_size]``. Default ones.
-        initial_state: ``S_0`` ``[B or 1, H, Dk, Dv]`` or a previous ``TTTState``. Default zeros.
+        token_eta: ``[mini_batch_size]``. Default ones. initial_state: ``S_0`` ``[B or 1, H, Dk, Dv]`` or a
+            previous ``TTTState``. Default zeros.
         output_final_state: return ``TTTOutput(o, state)`` instead of the tensor ``o``.
         impl: "chunk" (default) or "reference" (the general operator, autograd inner gradient).
 

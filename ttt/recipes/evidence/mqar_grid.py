@@ -92,7 +92,7 @@ def run_one(label: str, mixer: str, kwargs: dict, base: MQARArgs, out: Path, dat
     return record
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out", default=None, help=f"results directory (default: benchmarks/results/evidence/{NAME})"
@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny data and models: checks the pipeline only")
     p.add_argument("--report-only", action="store_true", help="write the outputs from the cached runs only")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
     if a.quick:
         a.mixers, a.widths, a.seq_len, a.num_kv, a.vocab = "ttt_linear,attention", "16", "32", "2", 64
         a.train_examples, a.test_examples, a.epochs, a.seeds = 16, 8, 1, "0"
