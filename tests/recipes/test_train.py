@@ -434,3 +434,11 @@ def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise()
         "ttt_mlp": {"share_qk": True},
         "swa": {"window": 8},
     }
+
+
+def test_a_missing_matplotlib_is_named_with_its_extra(corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    train(small_args(corpus_dir, tmp_path / "run", plot=True))
+    out = capsys.readouterr().out
+    assert "no loss_curve.png: the loss curve needs matplotlib: pip install 'ttt[plot]'" in out
+    assert not (tmp_path / "run" / "loss_curve.png").exists()

@@ -641,6 +641,10 @@ def _finish(run: _Run) -> TrainResult:
     wrote = [f"{run.run_dir / f'step-{step:06d}'} (latest)"] if run.saved_step == step else []
     if args.plot and _plot(run):
         wrote.append("loss_curve.png")
+    elif args.plot:  # matplotlib is missing: say which extra draws the curve
+        from ttt._extras import install_hint
+
+        run.wrote.append("no loss_curve.png: " + install_hint("matplotlib", "the loss curve"))
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
     (run.run_dir / "result.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     files = [*wrote, "result.json", *(w for w in run.wrote if not w.startswith("no "))]
