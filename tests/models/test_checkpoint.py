@@ -231,6 +231,23 @@ def test_a_failed_save_leaves_no_temporary_and_latest_unchanged(tmp_path, monkey
     assert find_checkpoint(tmp_path).name == "step-000007" and load_checkpoint(tmp_path)[1]["note"] == "x"
 
 
+def test_a_full_disk_reported_by_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError: it escaped as a raw
+    traceback from ``ttt train``."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    model, config = saved_model(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left.*'latest' in .* still names step-000007"):
+        save_checkpoint(tmp_path, step=8, model_state=model.state_dict(), config=config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000007"]
+
+
 def test_clear_run_that_fails_midway_deletes_nothing(tmp_path, monkeypatch):
     import os
 

@@ -211,7 +211,12 @@ def _write_checkpoint_files(
         files["trainer.safetensors"] = trainer_tensors
     hashes = {}
     for fname, tensors in files.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            raise OSError(f"{fname}: {e}") from e
         os.chmod(tmp / fname, 0o644)
         _fsync(tmp / fname)
         hashes[fname] = _sha256(tmp / fname)
