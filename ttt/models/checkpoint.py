@@ -51,6 +51,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "lock_run",
+    "refuse_links",
     "save_checkpoint",
     "validate_meta",
     "update_checkpoint_meta",
@@ -288,7 +289,12 @@ def _acquire_lock(path: Path) -> int:
     import fcntl
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock truncates its file, which must be the run's own
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CheckpointError(_LINK_REFUSED.format(path=path)) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -310,6 +316,21 @@ def _acquire_lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+_LINK_REFUSED = (
+    "{path} is a symbolic link: ttt writes only files of the run directory itself, never through a link "
+    "(remove it)"
+)
+
+
+def refuse_links(run_dir: str | os.PathLike, outputs: tuple[str, ...]) -> None:
+    """Raise :class:`CheckpointError` if a file that a run writes into ``run_dir`` (``outputs``: glob
+    patterns) is a symbolic link: writing it would follow the link out of the run directory."""
+    run = Path(run_dir)
+    for p in sorted({p for pattern in outputs for p in run.glob(pattern)}):
+        if p.is_symlink():
+            raise CheckpointError(_LINK_REFUSED.format(path=p))
 
 
 def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list[Path]:
