@@ -314,3 +314,12 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_lock(tmp_path):
     with lock_run(run):
         assert (run / ".lock").read_text() == f"{os.getpid()}\n"
     assert run.exists() and not (run / ".lock").exists()
+
+
+def test_weights_of_an_integer_dtype_are_refused(tmp_path):
+    """Integer weights (with a matching sha256) were cast into the model silently: a model of zeros."""
+    model, config = saved_model(tmp_path)
+    state = {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, step=8, model_state=state, config=config)
+    with pytest.raises(CheckpointError, match="checkpoint weights do not fit .* other dtypes .*int32"):
+        load_model(tmp_path)

@@ -557,24 +557,35 @@ def load_model(
         )
     try:
         with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in CausalLM(config).state_dict().items()}
+            expected = CausalLM(config).state_dict()
     except (TypeError, ValueError) as e:  # a mixer refusing its mixer_kwargs
         raise CheckpointError(f"the checkpoint's config does not build a model: {e}") from e
-    _check_weights_fit(shapes, state, tied={"head.weight"} if config.tie_embeddings else set())
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    floating = {k for k, v in expected.items() if v.is_floating_point()}
+    _check_weights_fit(
+        shapes, state, tied={"head.weight"} if config.tie_embeddings else set(), floating=floating
+    )
     model = CausalLM(config)
     model.load_state_dict(state, strict=False)
     return model.to(device), meta
 
 
-def _check_weights_fit(shapes: dict[str, tuple[int, ...]], state: dict[str, Tensor], tied: set[str]) -> None:
+def _check_weights_fit(
+    shapes: dict[str, tuple[int, ...]], state: dict[str, Tensor], tied: set[str], floating: set[str]
+) -> None:
+    """Names and shapes as the model's, and floating-point weights where the model's are (an integer
+    tensor would be cast in silently)."""
     missing = sorted(set(shapes) - set(state) - tied)
     unexpected = sorted(set(state) - set(shapes))
     wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes if k in state
              and tuple(state[k].shape) != shapes[k]]  # fmt: skip
-    if missing or unexpected or wrong:
+    dtypes = [
+        f"{k} {state[k].dtype}" for k in sorted(floating & set(state)) if not state[k].is_floating_point()
+    ]
+    if missing or unexpected or wrong or dtypes:
         raise CheckpointError(
             f"checkpoint weights do not fit the model of its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}"
+            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}, other dtypes {dtypes[:5]}"
         )
 
 
