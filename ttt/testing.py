@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -211,3 +212,91 @@ def assert_padded_matches_rows(
         assert (a is None) == (b is None), f"grad of {name}: reached in one run only"
         if a is not None:
             torch.testing.assert_close(a, b, **close, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def tiny_llama(path, *, tie: bool = True, seed: int = 0, n_layers: int = 2):
+    """A randomly initialised tiny HF ``LlamaForCausalLM`` (GQA 4/2 heads, RoPE theta 1e5) saved to the
+    directory ``path`` with ``save_pretrained``, plus a tiny byte-level BPE ``tokenizer.json``; returns
+    the model (float32, eval mode). For loader and ``ttt convert`` tests without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(alphabet))}}
+    vocab["Ġt"], vocab["he"] = len(vocab), len(vocab) + 1
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1e5, rms_norm_eps=1e-5,
+        max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped norm weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return model
+
+
+def write_llama_gguf(model, tokenizer_json, path) -> None:
+    """Write a HF Llama ``model`` as a float32 GGUF file the way llama.cpp's converter lays it out
+    (per-head permuted q/k rows, ``blk.N.*`` names, tokenizer metadata from ``tokenizer_json``)."""
+    import json
+
+    import gguf
+
+    c = model.config
+    data = json.loads(Path(tokenizer_json).read_text())
+    vocab = data["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(0)
+
+    def permute(t, heads):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for name, t in model.state_dict().items():
+        t = t.float().numpy()
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if c.tie_word_embeddings:
+                continue
+            out = "output.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            key = rest.removesuffix(".weight")
+            if key == "self_attn.q_proj":
+                t = permute(t, c.num_attention_heads)
+            elif key == "self_attn.k_proj":
+                t = permute(t, c.num_key_value_heads)
+            out = f"blk.{i}.{names[key]}.weight"
+        w.add_tensor(out, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

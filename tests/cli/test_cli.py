@@ -12,7 +12,7 @@ import pytest
 from ttt.cli.main import COMMANDS, build_parser, main
 from ttt.models.checkpoint import find_checkpoint
 
-SUBCOMMANDS = ["train", "eval", "generate", "bench", "ls"]
+SUBCOMMANDS = ["train", "eval", "generate", "bench", "ls", "convert"]
 
 
 def test_root_help_lists_every_subcommand_with_examples(capsys):

@@ -17,9 +17,14 @@ from ttt.recipes.train import train
 pytestmark = pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
 
 
+# the TTT layer without short convolutions: share_qk has no context-parallel form
+OFFICIAL = '{"ttt_linear": {"share_qk": false}}'
+
+
 def _train(rank: int, world: int, corpus_dir: str, out: str, kw: dict) -> list:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    return train(small_args(corpus_dir, Path(out), steps=4, match_params="none", **kw)).history["train"]
+    args = small_args(corpus_dir, Path(out), steps=4, match_params="none", mixer_kwargs=OFFICIAL, **kw)
+    return train(args).history["train"]
 
 
 @pytest.mark.parametrize(
@@ -28,7 +33,8 @@ def _train(rank: int, world: int, corpus_dir: str, out: str, kw: dict) -> list:
     ids=["fsdp", "context_parallel"],
 )
 def test_two_processes_log_the_losses_of_one(corpus_dir, tmp_path, kw):
-    single = train(small_args(corpus_dir, tmp_path / "one", steps=4, match_params="none")).history["train"]
+    one = small_args(corpus_dir, tmp_path / "one", steps=4, match_params="none", mixer_kwargs=OFFICIAL)
+    single = train(one).history["train"]
     two = spawn(_train, 2, corpus_dir, str(tmp_path / "two"), kw, start_method="fork")[0]
     assert [s for s, _ in two] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(single, two):
@@ -37,7 +43,9 @@ def test_two_processes_log_the_losses_of_one(corpus_dir, tmp_path, kw):
 
 def test_context_parallel_needs_a_multiple_of_processes(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="--context 24 must split into --context-parallel 5 parts"):
-        train(small_args(corpus_dir, tmp_path / "run", context_parallel=5))
+        train(small_args(corpus_dir, tmp_path / "run", context_parallel=5, mixer_kwargs=OFFICIAL))
+    with pytest.raises(ValueError, match="share_qk has no context-parallel form yet"):
+        train(small_args(corpus_dir, tmp_path / "run", context_parallel=2))
 
 
 @pytest.mark.slow
@@ -47,7 +55,7 @@ def test_torchrun_context_parallel_exits(corpus_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ttt.cli.main",
            "train", "--context-parallel", "2", "--preset", "micro", "--corpus", corpus_dir, "--steps", "2",
            "--batch-size", "4", "--context", "32", "--eval-every", "2", "--eval-batches", "1", "--threads", "1",
-           "--out", str(run), "--no-progress", "--no-plot"]  # fmt: skip
+           "--out", str(run), "--no-progress", "--no-plot", "--mixer-kwargs", OFFICIAL]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and (run / "result.json").exists()

@@ -34,14 +34,15 @@ def _ln(z, w, b, eps=1e-6):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("use_gate", [False, True])
-def test_zero_inner_lr_is_the_static_initial_model(use_gate):
-    """base_lr = 0 freezes the fast weights: y = o(post_norm(q + LN(q W0 + b0))) with RoPE mod b."""
-    layer = _layer("linear", base_lr=0.0, use_gate=use_gate)
+@pytest.mark.parametrize(("use_gate", "rope"), [(False, True), (True, True), (False, False)])
+def test_zero_inner_lr_is_the_static_initial_model(use_gate, rope):
+    """base_lr = 0 freezes the fast weights: y = o(post_norm(q + LN(q W0 + b0))) with RoPE mod b (or none)."""
+    layer = _layer("linear", base_lr=0.0, use_gate=use_gate, rope=rope)
     x = _x(2, 11)
     q = layer.q_proj(x).view(2, 11, 2, 8).transpose(1, 2)
-    cos, sin = rotary_cos_sin(torch.arange(11) % 4, 8)
-    q = apply_rotary(q, cos, sin)
+    if rope:
+        cos, sin = rotary_cos_sin(torch.arange(11) % 4, 8)
+        q = apply_rotary(q, cos, sin)
     o = q + _ln(q @ layer.W0 + layer.b0[:, None, :], layer.ln_weight, layer.ln_bias)
     y = layer.post_norm(o.transpose(1, 2).reshape(2, 11, 16))
     if use_gate:
@@ -68,6 +69,31 @@ def test_lr_gate_token_eta_and_padding_reach_the_operator(monkeypatch):
     assert seen["cu_seqlens"].tolist() == [0, 8, 13]
     torch.testing.assert_close(seen["token_eta"], 1.0 / torch.arange(1, 5, dtype=torch.float64))
     assert seen["mini_batch_size"] == 4 and seen["causal"] is True
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_constant_token_eta_base(kind):
+    """token_eta_base="constant": 1/b at every position (plus the offset); the end-of-mini-batch weights
+    equal the harmonic rule's (both read token_eta[b-1] = 1/b there)."""
+    layer = _layer(kind, token_eta_base="constant")
+    torch.testing.assert_close(layer.token_eta(), torch.full((4,), 0.25, dtype=torch.float64))
+    harmonic = _layer(kind)
+    x = _x(1, 8)
+    with torch.no_grad():
+        _, s_const = layer(x)
+        _, s_harm = harmonic(x)
+    for a, b in zip(s_const.ttt.weights, s_harm.ttt.weights):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="token_eta_base"):
+        _layer(kind, token_eta_base="linear")
+
+
+def test_fixed_token_eta_gets_no_gradient():
+    layer = _layer("linear", learn_token_eta=False)
+    layer(_x(1, 8))[0].sum().backward()
+    assert not layer.token_eta_offset.requires_grad and layer.token_eta_offset.grad is None
+    assert layer.W0.grad is not None
+    torch.testing.assert_close(layer.token_eta(), 1.0 / torch.arange(1, 5, dtype=torch.float64))
 
 
 def test_token_eta_is_clamped_at_zero():

@@ -426,3 +426,26 @@ def test_files_of_the_run_that_are_links_are_refused_and_their_targets_untouched
         train(small_args(corpus_dir, run, steps=2, eval_every=0, ckpt_every=1, resume=True, plot=True))
     assert victim.read_text() == "precious\n"
     assert find_checkpoint(run).name == "step-000001"
+
+
+def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise():
+    """`ttt train`'s TTT layers default to share_qk=True (docs/results.md); --mixer-kwargs gives the official
+    layer back, and other mixers get nothing they did not ask for."""
+    from ttt.recipes.train import train_mixer_kwargs
+
+    def kw(**given):
+        return train_mixer_kwargs(TrainArgs(**given))
+
+    assert kw(mixer="ttt_linear") == {"ttt_linear": {"share_qk": True}}
+    assert kw(mixer="ttt_mlp") == {"ttt_mlp": {"share_qk": True}}
+    assert kw(mixer="attention") == {}
+    assert kw(mixer="ttt_linear", mixer_kwargs='{"ttt_linear": {"share_qk": false}}') == {
+        "ttt_linear": {"share_qk": False}
+    }
+    assert kw(mixer="ttt_linear", mixer_kwargs='{"ttt_linear": {"mini_batch_size": 8}}') == {
+        "ttt_linear": {"share_qk": True, "mini_batch_size": 8}
+    }
+    assert kw(layer_mixers="ttt_mlp,attention", mixer_kwargs='{"swa": {"window": 8}}') == {
+        "ttt_mlp": {"share_qk": True},
+        "swa": {"window": 8},
+    }

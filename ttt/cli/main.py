@@ -11,10 +11,10 @@ import sys
 
 from ttt.recipes.args import add_subcommand, dataclass_from_namespace
 
-from . import bench, eval, generate, ls, train
+from . import bench, convert, eval, generate, ls, train
 
 #: the subcommands, listed once
-COMMANDS = (train, eval, generate, bench, ls)
+COMMANDS = (train, eval, generate, bench, ls, convert)
 
 EPILOG = """examples:
   ttt train                                   # TTT-Linear, tiny preset, Shakespeare, CPU: a few minutes
@@ -23,6 +23,7 @@ EPILOG = """examples:
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt "ROMEO:"
   ttt bench --mixers ttt_linear,attention --lengths 256,1024,4096
   ttt ls                                      # mixers, presets, corpora
+  ttt convert --mixer ttt_linear              # SmolLM2-135M's attention -> TTT-Linear (distilled)
 """
 
 

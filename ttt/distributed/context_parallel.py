@@ -124,17 +124,10 @@ def cp_ttt(
     if micro_batches < 1 or B % micro_batches:
         raise ValueError(f"micro_batches must divide the batch size B={B}, got {micro_batches}")
     variant, shapes, names = _state_layout(op, initial_state, H, D)
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     start = fresh_state(
-        initial_state,
-        shapes=shapes,
-        names=names,
-        batch_size=B,
-        mini_batch_size=mini_batch_size,
-        variant=variant,
-        dtype=cd,
-        device=q.device,
-    )
+        initial_state, shapes=shapes, names=names, batch_size=B, mini_batch_size=mini_batch_size,
+        variant=variant, dtype=compute_dtype(q.dtype), device=q.device,
+    )  # fmt: skip
     offset_in = (rank * T_r + start.offset) % mini_batch_size
     grad = torch.is_grad_enabled()
     anchor = torch.empty(0, device=q.device, requires_grad=True) if grad else None

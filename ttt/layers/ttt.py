@@ -78,6 +78,10 @@ def padding_keeps_state(mask: Tensor, mini_batch_size: int) -> bool:
     return bool(((lengths == length) | aligned).all())
 
 
+#: the base schedules of the per-position inner step ``token_eta`` (a learned offset is added to either)
+TOKEN_ETA_BASES = ("harmonic", "constant")
+
+
 @dataclass(frozen=True)
 class TTTLayerState:
     """The state of a TTT layer after a prefix.
@@ -142,6 +146,9 @@ class _TTTLayer(RecurrentMixer):
         causal: bool = True,
         impl: Impl | str = "auto",
         decode_impl: Impl | str | None = "auto",
+        token_eta_base: str = "harmonic",
+        rope: bool = True,
+        learn_token_eta: bool = True,
     ) -> None:
         super().__init__(dim, num_heads, impl=impl, decode_impl=decode_impl)
         self.causal = causal
@@ -149,11 +156,14 @@ class _TTTLayer(RecurrentMixer):
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if token_eta_base not in TOKEN_ETA_BASES:
+            raise ValueError(f"token_eta_base must be one of {TOKEN_ETA_BASES}, got {token_eta_base!r}")
         self.head_dim = dim // num_heads
         self.mini_batch_size, self.base_lr, self.rope_theta = mini_batch_size, base_lr, rope_theta
         self.share_qk = share_qk
         # set by ttt.distributed.enable_context_parallel: (process group, rank, micro-batches) of the split
         self.context_parallel: tuple[Any, int, int] | None = None
+        self.token_eta_base, self.rope = token_eta_base, bool(rope)
 
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = None if share_qk else nn.Linear(dim, dim, bias=False)
@@ -166,7 +176,7 @@ class _TTTLayer(RecurrentMixer):
         self.lr_gate = nn.Linear(dim, num_heads)
         nn.init.normal_(self.lr_gate.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
-        self.token_eta_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        self.token_eta_offset = nn.Parameter(torch.zeros(mini_batch_size), requires_grad=learn_token_eta)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.post_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -196,9 +206,14 @@ class _TTTLayer(RecurrentMixer):
         )
 
     def token_eta(self) -> Tensor:
-        """``[b]``: ``max(1/(i+1) + offset_i, 0)`` (ttt-lm-pytorch ``learnable_token_idx``)."""
-        offset = self.token_eta_offset
-        return (default_token_eta(self.mini_batch_size, offset.device, offset.dtype) + offset).clamp(min=0)
+        """``[b]``: ``max(base_i + offset_i, 0)`` with ``base_i = 1/(i+1)`` (``"harmonic"``, ttt-lm-pytorch
+        ``learnable_token_idx``) or ``1/b`` (``"constant"``)."""
+        b, offset = self.mini_batch_size, self.token_eta_offset
+        if self.token_eta_base == "harmonic":
+            base = default_token_eta(b, offset.device, offset.dtype)
+        else:
+            base = torch.full((b,), 1.0 / b, device=offset.device, dtype=offset.dtype)
+        return (base + offset).clamp(min=0)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> TTTLayerState:
         """The state before the first token: learned ``W0`` (``ttt=None``) and zero conv caches."""
@@ -244,15 +259,16 @@ class _TTTLayer(RecurrentMixer):
             )
         q, k, conv_q, conv_k = self._query_key(x, state, mask)
         v = split_heads(self.v_proj(x), self.num_heads)  # [B, H, T, D]
-        # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
-        start = state.position  # rows of a ragged prefill continue at their own positions: [B, 1]
-        if state.ttt is not None and isinstance(state.ttt.offset, tuple):
-            start = torch.tensor(state.ttt.offset, device=x.device)[:, None]
-        if self.context_parallel:  # this rank's segment starts after the earlier ranks' segments
-            start = start + self.context_parallel[1] * length
-        positions = (start + torch.arange(length, device=x.device)) % self.mini_batch_size
-        cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rope:
+            # RoPE restarts every mini-batch: positions are absolute positions mod b (ttt-lm-pytorch l.869)
+            start = state.position  # rows of a ragged prefill continue at their own positions: [B, 1]
+            if state.ttt is not None and isinstance(state.ttt.offset, tuple):
+                start = torch.tensor(state.ttt.offset, device=x.device)[:, None]
+            if self.context_parallel:  # this rank's segment starts after the earlier ranks' segments
+                start = start + self.context_parallel[1] * length
+            positions = (start + torch.arange(length, device=x.device)) % self.mini_batch_size
+            cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         lr, token_eta = self._inner_lr(x, mask)
         initial = state.ttt if state.ttt is not None else self.fast_weights()
@@ -309,6 +325,8 @@ class _TTTLayer(RecurrentMixer):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, mini_batch_size={self.mini_batch_size}, "
                 f"base_lr={self.base_lr}, share_qk={self.share_qk}, use_gate={self.g_proj is not None}, "
+                f"token_eta_base={self.token_eta_base!r}, rope={self.rope}, "
+                f"learn_token_eta={self.token_eta_offset.requires_grad}, "
                 f"causal={self.causal}, impl={self.impl!r}, decode_impl={self.decode_impl!r}")  # fmt: skip
 
 
@@ -331,6 +349,15 @@ class TTTLinear(_TTTLayer):
             the fused Triton kernels on CUDA where they apply, the chunked dual form elsewhere.
         decode_impl: form used by ``step`` and a one-token ``forward``. Default: ``"auto"``: the fused
             Triton decode kernel on CUDA (inference only), the primal ``"recurrent"`` form elsewhere.
+        token_eta_base: base of the per-position inner step ``token_eta`` within a mini-batch, before its
+            learned offset: ``"harmonic"``, ``1/(i+1)`` (the paper: token i reads the mean gradient of
+            tokens 0..i), or ``"constant"``, ``1/b`` (every gradient weighs the same whether read inside
+            its mini-batch or after it; the end-of-mini-batch weights are the same). Default:
+            ``"harmonic"``.
+        rope: RoPE on q, k with positions mod b (the paper). ``False``: no rotary. Default: ``True``.
+        learn_token_eta: learn the offsets of ``token_eta`` (ttt-lm-pytorch). ``False`` keeps them at 0, so
+            ``token_eta`` stays its base; note that ``token_eta[b-1]`` is also the weight with which each
+            mini-batch's gradients enter the weights carried to the next one. Default: ``True``.
 
     ``last_impl`` records the form the last call ran.
 

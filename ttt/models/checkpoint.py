@@ -401,7 +401,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     that leads out of it): a run directory never sends its reader (or the files eval writes) elsewhere.
     """
     p = Path(path)
-    if (p / "checkpoint.json").is_file():
+    if (p / "checkpoint.json").is_file() or _is_hf_dir(p):
         return p
     latest = p / "latest"
     if latest.is_file():
@@ -519,6 +519,10 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     ckpt = find_checkpoint(path)
+    if _is_hf_dir(ckpt) and not (ckpt / "checkpoint.json").is_file():
+        if load_trainer:
+            raise CheckpointError(f"{ckpt} is a HF model directory: it holds no training state to resume")
+        return (*_load_hf_dir(ckpt), None)
     meta = _read_meta(ckpt)
     wanted = ["model.safetensors"] + (["trainer.safetensors"] if load_trainer else [])
     tensors = {}
@@ -533,6 +537,35 @@ def load_checkpoint(
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{f} cannot be read: {e}") from e
     return tensors["model.safetensors"], meta, tensors.get("trainer.safetensors")
+
+
+def _is_hf_dir(p: Path) -> bool:
+    """A directory written by ``TTTForCausalLM.save_pretrained`` (``model_type`` ``ttt_lm``)."""
+    try:
+        return json.loads((p / "config.json").read_text()).get("model_type") == "ttt_lm"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _load_hf_dir(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(model_state, meta)`` of a HF ``ttt_lm`` directory, in the shape :func:`load_checkpoint` returns:
+    the LMConfig fields of ``config.json``, the tokenizer of ``tokenizer.json`` (if any), step 0."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    hf = json.loads((p / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(LMConfig)}
+    config = LMConfig.from_dict({k: v for k, v in hf.items() if k in fields})
+    meta: dict[str, Any] = {"step": 0, "config": config.to_dict()}
+    if (p / "tokenizer.json").is_file():
+        meta["tokenizer"] = {"kind": "bpe", "json": (p / "tokenizer.json").read_text()}
+    state: dict[str, Tensor] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        state.update({k.removeprefix("model."): v for k, v in load_file(str(f)).items()})
+    if not state:
+        raise CheckpointError(f"{p} holds no *.safetensors weights")
+    return state, meta
 
 
 def load_model(

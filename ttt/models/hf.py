@@ -10,6 +10,11 @@ model defaulted to ``use_cache=False`` and re-ran the whole prefix at every step
 
 Importing this module imports ``transformers``; ``import ttt.models`` alone does not.
 
+A model made from a ``ttt`` checkpoint (:meth:`TTTForCausalLM.from_checkpoint`) or from a
+:class:`CausalLM` with its tokenizer (:meth:`TTTForCausalLM.from_ttt`) carries that tokenizer as a
+``PreTrainedTokenizerFast`` and ``save_pretrained`` writes it too, so ``AutoTokenizer`` and
+``pipeline("text-generation")`` load the directory.
+
 Example::
 
     from ttt.models.hf import TTTForCausalLM, TTTLMConfig
@@ -34,7 +39,48 @@ from transformers.utils import ModelOutput
 from .config import LMConfig
 from .lm import CausalLM, state_nbytes
 
-__all__ = ["TTTCache", "TTTCausalLMOutput", "TTTForCausalLM", "TTTLMConfig"]
+__all__ = ["TTTCache", "TTTCausalLMOutput", "TTTForCausalLM", "TTTLMConfig", "hf_tokenizer"]
+
+
+def hf_tokenizer(tokenizer: Any) -> Any:
+    """A ``transformers.PreTrainedTokenizerFast`` giving the same ids as a ``ttt`` tokenizer (bytes or BPE).
+
+    The byte tokenizer becomes a byte-level BPE without merges whose id of each byte is the byte's value.
+    Special tokens a BPE tokenizer read from a GGUF file names (bos / eos / unknown / padding) are kept.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ttt.data.tokenizer import BPETokenizer, ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        # ByteLevel's printable stand-ins for the 256 bytes (GPT-2's bytes_to_unicode), ranked by byte
+        chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_gpt2_byte_of)
+        tok = Tokenizer(models.BPE(vocab={c: _gpt2_byte_of(c) for c in chars}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+    if isinstance(tokenizer, BPETokenizer):
+        special = getattr(tokenizer, "special", {})
+        names = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer._tok, **{names[k]: v for k, v in special.items() if k in names}
+        )
+    raise TypeError(f"cannot turn a {type(tokenizer).__name__} into a transformers tokenizer")
+
+
+def _gpt2_byte_of(char: str) -> int:
+    """The byte that GPT-2's ``bytes_to_unicode`` maps to ``char``."""
+    code = ord(char)
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
 
 
 class TTTLMConfig(PretrainedConfig):
@@ -129,20 +175,32 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.head
 
     @classmethod
-    def from_ttt(cls, model: CausalLM) -> TTTForCausalLM:
-        """Wrap a trained :class:`CausalLM` (weights are copied)."""
+    def from_ttt(cls, model: CausalLM, tokenizer: Any = None) -> TTTForCausalLM:
+        """Wrap a trained :class:`CausalLM` (weights are copied); a ``ttt`` tokenizer given here is
+        written by ``save_pretrained`` (as ``tokenizer.json`` + ``tokenizer_config.json``). Eval mode."""
         config = TTTLMConfig(**model.config.to_dict())
         hf = cls(config)
         hf.model.load_state_dict(model.state_dict())
-        return hf
+        hf.tokenizer = hf_tokenizer(tokenizer) if tokenizer is not None else None
+        return hf.eval()
 
     @classmethod
     def from_checkpoint(cls, path: str) -> TTTForCausalLM:
-        """Load a ``ttt train`` checkpoint (run directory or step directory)."""
+        """Load a ``ttt train`` / ``ttt convert`` checkpoint (run or step directory) with its tokenizer,
+        in eval mode."""
+        from ttt.data.tokenizer import tokenizer_from_dict
+
         from .checkpoint import load_model
 
-        model, _ = load_model(path)
-        return cls.from_ttt(model)
+        model, meta = load_model(path)
+        tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
+        return cls.from_ttt(model, tokenizer)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained``, plus the tokenizer files when the model carries one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "tokenizer", None) is not None:
+            self.tokenizer.save_pretrained(save_directory)
 
     def forward(
         self,

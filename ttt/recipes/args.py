@@ -50,8 +50,9 @@ class TrainArgs:
     """comma-separated mixer per block for hybrids, e.g. 'ttt_linear,attention,ttt_linear,attention'
     (default: every block has --mixer)"""
     mixer_kwargs: str | None = None
-    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"share_qk": true}}' (TTT's short
-    convolutions, the paper's (M) variant)"""
+    """JSON of extra constructor arguments per mixer, over the defaults of `ttt train`, which build TTT-Linear
+    and TTT-MLP with short convolutions (share_qk, the paper's (M) variant; docs/results.md); the official
+    Transformer-backbone layer: '{"ttt_linear": {"share_qk": false}}'"""
     match_params: str | None = "attention"
     """resize the SwiGLU width so the model has the parameter count of this mixer's model ('none': off)"""
     corpus: str = "shakespeare"

@@ -29,7 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from .args import TrainArgs
-from .common import Dist, lm_loss, parse_mixer_kwargs, resolve_device, save_plot, set_threads, setup_dist
+from .common import (
+    Dist,
+    lm_loss,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    parse_mixer_kwargs,
+    resolve_device,
+    save_plot,
+    set_threads,
+    setup_dist,
+)
 from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
 
 __all__ = [
@@ -122,21 +132,6 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, v in tensors.items():
-        if name.startswith("optim."):
-            _, i, k = name.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def resume_args(saved: dict[str, Any], given: TrainArgs) -> TrainArgs:
     """The arguments of a resumed run: the checkpoint's, except those given now (not at their default).
 
@@ -209,6 +204,12 @@ def _check_args(args: TrainArgs) -> None:
     if args.context_parallel < 1 or args.context % args.context_parallel:
         raise ValueError(
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
+        )
+    if args.context_parallel > 1 and any(kw.get("share_qk") for kw in train_mixer_kwargs(args).values()):
+        raise ValueError(
+            "--context-parallel runs the TTT layers without short convolutions only (share_qk has no "
+            "context-parallel form yet): add --mixer-kwargs "
+            '\'{"ttt_linear": {"share_qk": false}}\' (or "ttt_mlp")'
         )
     if args.context_parallel > 1 and args.strategy == "fsdp":
         raise ValueError(
@@ -362,6 +363,27 @@ def _prepare(run: _Run) -> _Run:
     return run
 
 
+# The TTT layers `ttt train` builds by default: the (M) variant, q and k through short causal convolutions
+# (share_qk), which beat the official Transformer-backbone layer on every CPU comparison here (3 seeds on
+# the tiny LM, MQAR, loss beyond the training context: docs/results.md). The official layer is one flag
+# away: --mixer-kwargs '{"ttt_linear": {"share_qk": false}}'.
+TRAIN_MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ttt_linear": {"share_qk": True},
+    "ttt_mlp": {"share_qk": True},
+}
+
+
+def train_mixer_kwargs(args: TrainArgs) -> dict[str, dict[str, Any]]:
+    """``--mixer-kwargs`` over :data:`TRAIN_MIXER_DEFAULTS`, for the mixers this run builds (a given key
+    wins over its default)."""
+    given = parse_mixer_kwargs(args.mixer_kwargs)
+    used = set(args.layer_mixers.split(",")) if args.layer_mixers else {args.mixer}
+    merged = {name: dict(kw) for name, kw in TRAIN_MIXER_DEFAULTS.items() if name in used}
+    for name, kw in given.items():
+        merged.setdefault(name, {}).update(kw)
+    return merged
+
+
 def _model_config(args: TrainArgs, vocab_size: int, saved: tuple | None) -> Any:
     """The LMConfig of ``args`` (parameter-matched), checked by building each mixer once."""
     from ttt.models import LMConfig, build_mixer
@@ -372,7 +394,7 @@ def _model_config(args: TrainArgs, vocab_size: int, saved: tuple | None) -> Any:
         mixer=args.mixer,
         vocab_size=vocab_size,
         layer_mixers=tuple(args.layer_mixers.split(",")) if args.layer_mixers else None,
-        mixer_kwargs=parse_mixer_kwargs(args.mixer_kwargs),
+        mixer_kwargs=train_mixer_kwargs(args),
     )
     for name in sorted(set(config.mixers)):  # a bad --mixer-kwargs argument fails here
         build_mixer(name, config)
@@ -412,7 +434,7 @@ def _build(run: _Run) -> None:
         if args.strategy == "fsdp":
             _fsdp().load_sharded(run.run_dir / "dcp" / f"step-{meta['step']:07d}", run.model, run.optimizer)
         else:
-            _load_optimizer(run.optimizer, trainer, meta["optimizer"])
+            load_optimizer_tensors(run.optimizer, trainer, meta["optimizer"])
         run.sampler.set_state(trainer["rng.sampler"])
         torch.set_rng_state(trainer["rng.torch"])
         run.step, run.history, run.seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
@@ -478,7 +500,7 @@ def _save(run: _Run) -> Path | None:
         return None
     check_finite_weights(run.model, run.step, _latest_note(run.run_dir))
     tensors, opt_meta = (
-        ({}, {"sharded": f"dcp/step-{run.step:07d}"}) if fsdp else _optimizer_tensors(run.optimizer)
+        ({}, {"sharded": f"dcp/step-{run.step:07d}"}) if fsdp else optimizer_tensors(run.optimizer)
     )
     tensors["rng.sampler"] = run.sampler.get_state()
     tensors["rng.torch"] = torch.get_rng_state()

@@ -19,6 +19,11 @@ One mini-batch then multiplies ``S`` by ``I - sum_j lr_j k_j k_j^T``, whose eige
 ``[1 - sum_j lr_j, 1]`` for unit keys: with ``sum_j lr_j <= 2`` over every mini-batch the weights stay
 bounded on any inputs, at any length. Raw keys (``normalize=False``) have no such bound:
 ``lr * |k|^2 > 2`` diverges (``randn`` keys of width 32 at ``lr = 0.5`` reach 1e33 by T = 100).
+
+What a query may see follows SDPA: ``is_causal=True`` reads the model trained on the keys up to the
+query's own (the delta rule by default); ``is_causal=False`` (SDPA's default) lets every query see every
+key: its default mini-batch is the whole sequence, which is non-causal linear attention
+``o_i = scale * mean_j (q_i . k_j) v_j`` over the keys that take part.
 """
 
 from __future__ import annotations
@@ -58,15 +63,12 @@ def attention(
 ) -> Tensor | TTTOutput:
     """TTT attention: answer each query with a linear model trained on the (k, v) pairs it may see.
 
-    The positional arguments and their defaults are SDPA's, and so is what a query may see:
-    ``is_causal=True`` reads the model trained on the keys up to the query's own (the delta rule by
-    default); ``is_causal=False`` (SDPA's default) lets every query see every key: its default
-    mini-batch is the whole sequence, which is non-causal linear attention
-    ``o_i = scale * mean_j (q_i . k_j) v_j`` over the keys that take part.
+    The positional arguments and their defaults are SDPA's, and so is what a query may see (module
+    docstring: ``is_causal=False`` is non-causal linear attention by default, ``True`` the delta rule).
 
     Args:
-        q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (as SDPA; ``[N, T, D]`` is read as ``B = 1``).
-            Self-attention only: q and k have the same length T.
+        q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (as SDPA; ``[N, T, D]`` is read as ``B = 1``);
+            self-attention only (q and k of one length T).
         attn_mask: boolean, broadcastable to ``[B, H, T, T]``, True = the key takes part. It must mark
             keys (the same for every query, e.g. a padding mask ``[B, 1, 1, T]``), optionally
             combined with the causal triangle (then the call is causal). Masked keys get learning
@@ -76,21 +78,17 @@ def attention(
         dropout_p: must be 0 (there are no attention weights to drop).
         is_causal: see above. Default False, as SDPA.
         scale: query scale. Default ``1 / sqrt(Dk)`` as SDPA.
-        enable_gqa: k, v may have fewer heads than q (H divisible by theirs); each is shared by
-            ``H / H_kv`` query heads, as SDPA.
+        enable_gqa: k, v may have fewer heads than q, each shared by ``H / H_kv`` query heads, as SDPA.
         lr: inner learning rate, a constant or ``[B, H, T]``, finite and >= 0. Default
-            ``1 / mini_batch_size`` (``1 / #keys taking part`` for the default non-causal call): then
-            ``I - sum_j lr_j k_j k_j^T`` has its eigenvalues in [0, 1] for unit keys whatever they are,
-            so no mini-batch step can grow S; at mini-batch 1 it stores each new pair exactly
-            (``S^T k_j = v_j`` after its update), and the non-causal default is a mean over keys.
+            ``1 / mini_batch_size`` (``1 / #keys taking part`` for the default non-causal call): stable
+            for unit keys (module docstring); at mini-batch 1 it stores each new pair exactly.
         normalize: L2-normalise the keys over Dk before they enter the inner loop (default True: the
             stable rule). ``normalize=False`` runs the unnormalised rule on the keys as given.
-        mini_batch_size: gradients of a mini-batch are all taken at its starting weights. Default:
-            1 (the delta rule) when causal, T when not. Non-causal calls read each mini-batch's final
-            weights, so ``is_causal=False`` with ``mini_batch_size=1`` would be causal: refused.
+        mini_batch_size: gradients of a mini-batch are all taken at its starting weights. Default: 1 (the
+            delta rule) when causal, T when not (``is_causal=False`` at mini-batch 1 is refused).
         inner_model: only ``"linear"`` (``f(x) = S^T x``); other inner models: ``ttt.ops.ttt_general``.
-        token_eta: ``[mini_batch_size]``. Default ones.
-        initial_state: ``S_0`` ``[B or 1, H, Dk, Dv]`` or a previous ``TTTState``. Default zeros.
+        token_eta: ``[mini_batch_size]``. Default ones. initial_state: ``S_0`` ``[B or 1, H, Dk, Dv]`` or a
+            previous ``TTTState``. Default zeros.
         output_final_state: return ``TTTOutput(o, state)`` instead of the tensor ``o``.
         impl: "chunk" (default) or "reference" (the general operator, autograd inner gradient).
 
@@ -105,6 +103,28 @@ def attention(
         >>> o.shape
         torch.Size([2, 4, 64, 32])
     """
+    _refuse_unsupported(dropout_p, inner_model)
+    q, k, v, attn_mask = _as_4d(q, k, v, attn_mask)
+    if enable_gqa:
+        k, v = _share_kv_heads(q, k, v)
+    B, H, T, Dk = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
+    Dv, cd = v.shape[-1], compute_dtype(q.dtype)
+    keys, is_causal = _key_mask(attn_mask, B, H, T, is_causal)
+    b = _mini_batch_size(mini_batch_size, initial_state, is_causal, T)
+    lr = _inner_lr(lr, b, keys, mini_batch_size is None and not is_causal, B, H, T, q.device, cd)
+    te = torch.ones(b, device=q.device, dtype=cd) if token_eta is None else token_eta.to(cd)
+    _checks.check_token_eta(te, b, q.device)
+    scale = _checks.resolve_scale(scale, Dk)
+    if normalize:
+        k = F.normalize(k.to(cd), dim=-1)
+    form = resolve("ttt_attention", impl, q, causal=is_causal).load()
+    state = _initial_state(initial_state, q, B, H, Dk, Dv, b, is_causal, cd)
+    with torch.autocast(q.device.type, enabled=False):  # the fast weight S stays float32
+        o, state = form(q, k, v, lr, te, state, is_causal, scale, cd)
+    return TTTOutput(o.to(q.dtype), state) if output_final_state else o.to(q.dtype)
+
+
+def _refuse_unsupported(dropout_p: float, inner_model: str) -> None:
     if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
         raise ValueError(
             f"dropout_p must be 0 (ttt.attention has no attention weights to drop), got {dropout_p!r}"
@@ -113,37 +133,30 @@ def attention(
         raise ValueError(
             f"inner_model must be 'linear' (use ttt.ops.ttt_general for others), got {inner_model!r}"
         )
-    q, k, v, attn_mask = _as_4d(q, k, v, attn_mask)
-    if enable_gqa:
-        k, v = _share_kv_heads(q, k, v)
-    B, H, T, Dk = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
-    Dv, cd = v.shape[-1], compute_dtype(q.dtype)
-    keys, is_causal = _key_mask(attn_mask, B, H, T, is_causal)
-    b = _mini_batch_size(mini_batch_size, initial_state, is_causal, T)
+
+
+def _inner_lr(lr, b: int, keys: Tensor | None, whole_sequence: bool, B, H, T, device, cd) -> Tensor:
+    """``lr [B, H, T]`` in the compute dtype: the default or the given one, checked (finite, >= 0 at every
+    mini-batch size), 0 on masked keys."""
     if lr is None:
-        lr = _default_lr(b, keys, mini_batch_size is None and not is_causal, B, H, T, q.device, cd)
-    lr = _checks.check_lr(lr, B, H, T, q.device, cd).to(cd)  # finite and >= 0, at every mini-batch size
-    if keys is not None:
-        lr = lr * keys
-    te = torch.ones(b, device=q.device, dtype=cd) if token_eta is None else token_eta.to(cd)
-    _checks.check_token_eta(te, b, q.device)
-    scale = _checks.resolve_scale(scale, Dk)
-    if normalize:
-        k = F.normalize(k.to(cd), dim=-1)
+        lr = _default_lr(b, keys, whole_sequence, B, H, T, device, cd)
+    lr = _checks.check_lr(lr, B, H, T, device, cd).to(cd)
+    return lr * keys if keys is not None else lr
+
+
+def _initial_state(initial_state, q: Tensor, B, H, Dk, Dv, b: int, causal: bool, cd) -> TTTState:
+    """The starting ``TTTState`` of ``S [B, H, Dk, Dv]`` (zeros by default)."""
     if initial_state is None:
         initial_state = q.new_zeros(1, H, Dk, Dv, dtype=cd)
     if isinstance(initial_state, Tensor):
         initial_state = (initial_state,)
-    form = resolve("ttt_attention", impl, q, causal=is_causal).load()
     state = fresh_state(
         initial_state, shapes=((H, Dk, Dv),), names=("S",), batch_size=B, mini_batch_size=b,
         variant="general", dtype=cd, device=q.device,
     )  # fmt: skip
-    if not is_causal and state.offset:
+    if not causal and state.offset:
         raise ValueError("is_causal=False can only resume at a mini-batch boundary")
-    with torch.autocast(q.device.type, enabled=False):  # the fast weight S stays float32
-        o, state = form(q, k, v, lr, te, state, is_causal, scale, cd)
-    return TTTOutput(o.to(q.dtype), state) if output_final_state else o.to(q.dtype)
+    return state
 
 
 def _as_4d(q, k, v, attn_mask):

@@ -1,0 +1,119 @@
+"""Collect the ``convert.json`` of ``ttt convert`` runs into a results table (markdown + JSON), and
+optionally time decoding of the teacher and of converted models after a prefix of given lengths.
+
+    python benchmarks/convert_report.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/convert_smollm2_cpu
+    python benchmarks/convert_report.py RUN_DIR ... --decode 1024 --new-tokens 16 --threads 1 --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = ["teacher", "swapped", "calibrated", "after_transfer", "after_distill"]
+
+
+def run_rows(runs: list[Path]) -> list[dict]:
+    rows = []
+    for run in runs:
+        s = json.loads((run / "convert.json").read_text())
+        a = s["args"]
+        kept = "" if a["blocks"] == "all" else f", other blocks {a['keep_as']}" + (
+            f" (window {a['window']})" if a["keep_as"] == "swa" else "")  # fmt: skip
+        rows.append({
+            "run": str(run), "model": f"{a['mixer']} in blocks {a['blocks']}{kept}",
+            "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
+            "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
+            "eval_tokens": s["eval_tokens"], "args": a,
+        })  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def time_decode(model, length: int, new_tokens: int, vocab: int) -> dict:
+    """Prefill ``length`` random tokens, then decode ``new_tokens`` greedily one at a time."""
+    from ttt.models.lm import state_nbytes
+
+    idx = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    logits, state = model(idx)
+    prefill = time.perf_counter() - t
+    token = logits[:, -1].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, state = model.step(token, state)
+        token = logits.argmax(-1)
+    decode = time.perf_counter() - t
+    return {"context": length, "prefill_s": prefill, "decode_tokens_per_s": new_tokens / decode,
+            "state_bytes": state_nbytes(state)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", required=True)
+    p.add_argument("--decode", default="", help="comma-separated prefix lengths to time decoding after")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--prompt", action="append", default=[], help="greedy continuation of this prompt per model"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=30)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = run_rows(args.runs)
+    decode, samples = [], []
+    if args.decode or args.prompt:
+        from ttt.models.checkpoint import load_model
+        from ttt.models.llama import fetch_smollm2, load_llama
+
+        lengths = [int(n) for n in args.decode.split(",") if n]
+        teacher, tok = load_llama(fetch_smollm2(download=False))
+        models = [("teacher (attention)", teacher)]
+        models += [(r["model"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
+        for name, model in models:
+            for n in lengths:
+                decode.append(
+                    {"model": name, **time_decode(model, n, args.new_tokens, teacher.config.vocab_size)}
+                )
+                print(decode[-1], flush=True)
+            for prompt in args.prompt:
+                ids = torch.tensor([tok.encode(prompt)])
+                out = model.generate(ids, args.prompt_tokens, temperature=0)[0, ids.shape[1] :].tolist()
+                samples.append({"model": name, "prompt": prompt, "continuation": tok.decode(out)})
+                print(samples[-1], flush=True)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(
+        json.dumps({"runs": rows, "decode": decode, "samples": samples}, indent=1)
+    )
+    lines = [
+        "| model | " + " | ".join(STAGES) + " | transfer tokens, s | distill tokens, s |",
+        "|---" * 8 + "|",
+    ]
+    for r in rows:
+        ppl, sec, tok = r["perplexity"], r["seconds"], r["tokens"]
+        cells = [f"{ppl[k]:.2f}" if k in ppl and ppl[k] < 1e4 else (f"{ppl[k]:.3g}" if k in ppl else "-")
+                 for k in STAGES]  # fmt: skip
+        lines.append(f"| {r['model']} | " + " | ".join(cells) +
+                     f" | {tok.get('transfer', 0):,}, {sec.get('transfer', 0):.0f} | "
+                     f"{tok.get('distill', 0):,}, {sec.get('distill', 0):.0f} |")  # fmt: skip
+    if decode:
+        lines += [
+            "",
+            "| model | context | prefill s | decode tokens/s | state bytes |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {d['model']} | {d['context']} | {d['prefill_s']:.1f} | {d['decode_tokens_per_s']:.2f} | "
+                  f"{d['state_bytes']:,} |" for d in decode]  # fmt: skip
+    for d in samples:
+        lines += ["", f"**{d['model']}**, greedy after {d['prompt']!r}: {d['continuation']!r}"]
+    out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

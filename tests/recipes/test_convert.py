@@ -1,0 +1,186 @@
+"""``ttt convert`` end to end on a tiny random Llama: load, swap, transfer, distill, save, reload with
+transformers, generate; exact resume; bad input fails in one line and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from ttt.models.llama import LlamaLoadError, load_llama  # noqa: E402
+from ttt.recipes.convert import ConvertArgs, convert, init_from_attention, parse_blocks, swap_mixers  # noqa: E402
+from ttt.testing import tiny_llama  # noqa: E402
+
+TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent", "heath"] * 40)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    tiny_llama(path, n_layers=4)
+    (path.parent / "text.txt").write_text("\n".join([TEXT] * 12))
+    return path
+
+
+def args_for(teacher_dir, out, **kw) -> ConvertArgs:
+    base = dict(
+        teacher=str(teacher_dir),
+        corpus=str(teacher_dir.parent / "text.txt"),
+        context=16,
+        batch_size=2,
+        transfer_steps=3,
+        distill_steps=3,
+        eval_batches=1,
+        ckpt_every=2,
+        out=str(out),
+        progress=False,
+    )
+    return ConvertArgs(**{**base, **kw})
+
+
+def test_parse_blocks():
+    assert parse_blocks("all", 5) == [0, 1, 2, 3, 4]
+    assert parse_blocks("every:4", 9) == [3, 7]
+    assert parse_blocks("except-every:4", 9) == [0, 1, 2, 4, 5, 6, 8]
+    assert parse_blocks("3, 1", 5) == [1, 3]
+    with pytest.raises(ValueError, match="block index 5 out of range: the model has blocks 0..4"):
+        parse_blocks("1,5", 5)
+    with pytest.raises(ValueError, match="expected 'all'"):
+        parse_blocks("half", 5)
+
+
+@pytest.mark.parametrize(
+    "mixer", ["ttt_linear", "ttt_mlp", "gated_deltanet", "deltanet", "linear_attention", "swa"]
+)
+def test_swap_copies_projections_with_gqa_heads_expanded(teacher_dir, mixer):
+    teacher, _ = load_llama(teacher_dir)
+    student, mapping = swap_mixers(teacher, mixer, [1, 2], keep_as="swa", window=8)
+    assert student.config.mixers == ("swa", mixer, mixer, "swa")
+    attn, new = teacher.blocks[1].mixer, student.blocks[1].mixer
+    assert torch.equal(new.q_proj.weight, attn.q_proj.weight) and torch.equal(
+        new.o_proj.weight, attn.o_proj.weight
+    )
+    # kv head g serves query heads 2g, 2g + 1 (4 query heads, 2 kv heads, head dim 8)
+    if mixer != "swa":
+        k = new.k_proj.weight.reshape(4, 8, 32)
+        assert torch.equal(k[2], attn.k_proj.weight.reshape(2, 8, 32)[1]) and torch.equal(k[2], k[3])
+    assert "fresh" not in mapping["1"]["parameters"]["q_proj.weight"]
+    x = torch.randn(1, 12, 32)
+    for i in (0, 3):  # kept blocks are the teacher's attention, windowed
+        assert torch.equal(student.blocks[i].mlp.up_proj.weight, teacher.blocks[i].mlp.up_proj.weight)
+        y, _ = student.blocks[i].mixer(x[:, :8])
+        torch.testing.assert_close(y, teacher.blocks[i].mixer(x[:, :8])[0])
+
+
+def test_identity_convs_pass_projections_through(teacher_dir):
+    teacher, _ = load_llama(teacher_dir)
+    student, mapping = swap_mixers(teacher, "deltanet", [0])
+    conv = student.blocks[0].mixer.conv_q
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(conv(x)[0], torch.nn.functional.silu(x))
+    assert mapping["0"]["parameters"]["conv_q.conv.weight"].startswith("identity")
+    assert init_from_attention(student.blocks[1].mixer, teacher.blocks[1].mixer)["q_proj.weight"] == (
+        "attention q_proj"
+    )
+
+
+def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    import ttt.models.hf  # noqa: F401  (registers the Auto classes)
+
+    summary = convert(
+        args_for(teacher_dir, tmp_path / "run", mixer="ttt_linear", blocks="all", update="lora")
+    )
+    assert set(summary["perplexity"]) == {
+        "teacher",
+        "swapped",
+        "calibrated",
+        "after_transfer",
+        "after_distill",
+    }
+    assert json.loads((tmp_path / "run" / "convert.json").read_text())["tokens"]["distill"] == 3 * 2 * 16
+    assert (tmp_path / "run" / "losses.png").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "hf")
+    ids = tok("the cat", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, ids.shape[1] + 6)
+    sizes = [model(ids[:, :n]).cache.nbytes() for n in (1, ids.shape[1])]
+    assert sizes[0] == sizes[1]  # every block TTT: the state does not grow
+    text = pipeline("text-generation", model=model, tokenizer=tok)(
+        "the cat", max_new_tokens=3, do_sample=False
+    )
+    assert text[0]["generated_text"].startswith("the cat")
+    # the run directory is a ttt checkpoint too (LoRA adapters unmerged there): same logits
+    from ttt.models.hf import TTTForCausalLM
+
+    native = TTTForCausalLM.from_checkpoint(str(tmp_path / "run"))
+    assert not native.training and native.tokenizer is not None
+    torch.testing.assert_close(native(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # and ttt eval / ttt generate read the HF directory as well (load_model)
+    from ttt.models.checkpoint import load_model
+
+    again, meta = load_model(tmp_path / "run" / "hf")
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["step"] == 0
+    torch.testing.assert_close(again(ids)[0], model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):
+    import ttt.recipes.convert as recipe
+
+    common = dict(mixer="gated_deltanet", blocks="except-every:2", keep_as="swa", window=8)
+    whole = convert(args_for(teacher_dir, tmp_path / "a", **common))
+    calls = {"n": 0}
+    real = recipe.distill_loss
+
+    def dies_at_step_5(*args, **kwargs):  # step 4 (the first distillation step) was checkpointed
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "distill_loss", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        convert(args_for(teacher_dir, tmp_path / "b", **common))
+    assert (tmp_path / "b" / "latest").read_text().strip() == "step-000004"
+    monkeypatch.setattr(recipe, "distill_loss", real)
+    with pytest.raises(Exception, match="cannot resume: the run used other arguments"):
+        convert(args_for(teacher_dir, tmp_path / "b", resume=True, **{**common, "window": 9}))
+    again = convert(args_for(teacher_dir, tmp_path / "b", resume=True, **common))
+    assert again["losses"] == whole["losses"]
+    assert again["perplexity"] == whole["perplexity"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="unknown mixer 'ttt_lineer'"):
+        convert(args_for(teacher_dir, out, mixer="ttt_lineer"))
+    with pytest.raises(ValueError, match="block index 4 out of range"):
+        convert(args_for(teacher_dir, out, blocks="0,4"))
+    # a GGUF header that promises 5 tensors and 5 metadata entries, then ends: a truncated download
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + (5).to_bytes(8, "little") * 2)
+    with pytest.raises(LlamaLoadError, match="not a readable GGUF file"):
+        convert(args_for(teacher_dir, out, teacher=str(tmp_path / "bad.gguf")))
+    with pytest.raises(LlamaLoadError, match="no such file"):
+        convert(args_for(teacher_dir, out, teacher=str(tmp_path / "nothing.gguf")))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "gated_deltanet"])
+def test_output_gains_fit_the_attention_scale(teacher_dir, mixer):
+    from ttt.recipes.convert import calibrate_gains, transfer_loss
+
+    teacher, _ = load_llama(teacher_dir)
+    student, _ = swap_mixers(teacher, mixer, [0, 1, 2, 3])
+    x = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = float(transfer_loss(student, teacher, [0, 1, 2, 3], x))
+        gains = calibrate_gains(student, teacher, [0, 1, 2, 3], x)
+        after = float(transfer_loss(student, teacher, [0, 1, 2, 3], x))
+    assert set(gains) == {"0", "1", "2", "3"}
+    assert after <= min(before, 1.0)  # the least-squares gain never does worse than 0 or than 1

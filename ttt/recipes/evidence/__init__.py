@@ -1,0 +1,1 @@
+"""Experiments that check the seed papers' claims at small scale (see docs/results.md)."""

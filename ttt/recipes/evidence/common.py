@@ -1,0 +1,334 @@
+"""What the evidence recipes share: one trained LM per (configuration, lr, seed), scored by position,
+cached as JSON so an interrupted experiment resumes where it stopped; the lr sweep (tune on the first
+seed, run the other seeds at the best lr, as Zoology does); mean and spread over seeds; output files.
+
+Every run is ``ttt.recipes.train.train`` with ``TrainArgs`` (the ``ttt train`` loop), then
+``ttt.recipes.eval.evaluate_loss`` on the validation split at each evaluation context. Shapes: T tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ttt.recipes.args import TrainArgs
+from ttt.recipes.common import format_table, save_plot
+
+__all__ = [
+    "RunSpec",
+    "Scale",
+    "base_parser",
+    "detrended_phase_profile",
+    "mean_spread",
+    "run_one",
+    "scale_from_args",
+    "sweep",
+    "write_outputs",
+]
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model configuration of an experiment: a mixer and its constructor arguments."""
+
+    label: str
+    """name in tables and plots (also the cache file's stem: letters, digits, ``-_.`` only)"""
+    mixer: str
+    """a name in ``ttt.layers.MIXERS``"""
+    mixer_kwargs: dict[str, Any] = field(default_factory=dict)
+    """extra constructor arguments of that mixer (``--mixer-kwargs``)"""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The training and evaluation budget every run of an experiment shares."""
+
+    preset: str = "tiny"
+    steps: int = 600
+    batch_size: int = 16
+    context: int = 128
+    eval_contexts: tuple[int, ...] = (128, 1024)
+    """windows of these lengths are scored position by position after training"""
+    eval_tokens: int = 131072
+    """validation tokens scored per evaluation context (windows = eval_tokens // context)"""
+    eval_batch_tokens: int = 8192
+    """tokens per evaluation batch"""
+    threads: int = 1
+    match_params: str = "attention"
+    corpus: str = "shakespeare"
+    """``ttt train --corpus``: a corpus name or a text file / directory"""
+
+
+def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every evidence recipe has (its own are added by the caller)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"results directory (default: {default_out}; with --quick: runs/evidence-quick/...)",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--lrs", default="3e-3", help="lr grid, tuned on the first seed (default: 3e-3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the experiment's)")
+    p.add_argument("--only", default=None, help="comma-separated labels: run only these configurations")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--corpus", default="shakespeare", help="ttt train --corpus (default: shakespeare)")
+    p.add_argument("--quick", action="store_true", help="micro model, a few steps: checks the pipeline only")
+    p.add_argument("--report-only", action="store_true", help="write the outputs from the cached runs only")
+    return p
+
+
+def scale_from_args(args: argparse.Namespace, full: Scale) -> Scale:
+    """``full``, or the seconds-long ``--quick`` scale; ``--steps`` and ``--threads`` override."""
+    scale = full
+    if args.quick:
+        ratio = max(1, full.eval_contexts[-1] // full.context)
+        scale = Scale(preset="micro", steps=3, batch_size=2, context=64,
+                      eval_contexts=tuple(dict.fromkeys((64, 64 * ratio))), eval_tokens=64 * ratio * 2,
+                      eval_batch_tokens=64 * ratio * 2)  # fmt: skip
+    if args.steps is not None:
+        scale = dataclasses.replace(scale, steps=args.steps)
+    return dataclasses.replace(scale, threads=args.threads, corpus=args.corpus)
+
+
+def floats(text: str) -> list[float]:
+    """``"1e-3,3e-3"`` -> ``[0.001, 0.003]``."""
+    return [float(s) for s in text.split(",") if s.strip()]
+
+
+def out_dir(args: argparse.Namespace, name: str) -> Path:
+    """``--out``, or ``benchmarks/results/evidence/<name>`` (``runs/evidence-quick/<name>`` with --quick)."""
+    if args.out:
+        return Path(args.out)
+    return Path("runs/evidence-quick" if args.quick else "benchmarks/results/evidence") / name
+
+
+def run_experiment(
+    name: str, argv: list[str] | None, args: argparse.Namespace, specs: list[RunSpec], scale: Scale, summarise
+) -> dict:
+    """Train the ``--only`` subset of ``specs`` (all by default), then report on every cached run of
+    ``specs``: ``summarise(records, specs, scale) -> (markdown, summary, plots)`` is written to
+    ``<out>/<name>.{md,json}`` and its PNGs. Returns the summary."""
+    out = out_dir(args, name)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = [s for s in specs if args.only is None or s.label in args.only.split(",")]
+    lrs = floats(args.lrs)
+    if not args.report_only:
+        sweep(chosen, lrs=lrs, seeds=seeds, scale=scale, out=out)
+    records = sweep(specs, lrs=lrs, seeds=seeds, scale=scale, out=out, report_only=True)
+    md, summary, plots = summarise(records, specs, scale)
+    command = f"python -m ttt.recipes.evidence.{name} " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_outputs(
+        out,
+        name,
+        markdown=f"{md}\nCommand (last invocation): `{command.strip()}`\n",
+        payload={"command": command.strip(), "summary": summary, "records": records},
+        plots=plots,
+    )
+    print(md)
+    return summary
+
+
+def _plain(obj: Any) -> Any:
+    """A dataclass as its JSON round trip (tuples become lists), for comparing with a cached record."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def _same_scale(cached: dict | None, scale: Scale) -> bool:
+    """Whether a cached record was made at ``scale`` (a field the record predates counts as its default)."""
+    if cached is None:
+        return False
+    defaults = _plain(Scale())
+    return all(cached.get(k, defaults[k]) == v for k, v in _plain(scale).items())
+
+
+def _cache_name(spec: RunSpec, lr: float, seed: int) -> str:
+    return f"{spec.label}-lr{lr:g}-s{seed}"
+
+
+_DATA: dict[tuple[str, str], Any] = {}
+
+
+def _validation(corpus: str, tokenizer: Any) -> Any:
+    from ttt.data import load_corpus, prepare
+
+    key = (corpus, json.dumps(tokenizer.to_dict(), sort_keys=True))
+    if key not in _DATA:
+        _DATA[key] = prepare(load_corpus(corpus), tokenizer)
+    return _DATA[key]
+
+
+def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, keep: bool = True) -> dict:
+    """Train one model and score it by position; returns (and caches in ``out/cache``) its record.
+
+    The record: the spec, lr, seed, scale, parameters, training seconds, final validation loss of
+    ``ttt train`` and, per evaluation context T, ``by_position[T]``: mean loss (nats) at each of the
+    T positions. ``keep``: keep the checkpoint in ``out/ckpt`` (for probes), else delete it."""
+    from ttt.data import tokenizer_from_dict
+    from ttt.models.checkpoint import find_checkpoint, load_model
+    from ttt.recipes.eval import evaluate_loss
+    from ttt.recipes.train import train
+
+    cache = out / "cache" / f"{_cache_name(spec, lr, seed)}.json"
+    run_dir = out / "ckpt" / _cache_name(spec, lr, seed)
+    if cache.exists():
+        record = json.loads(cache.read_text())
+        if _same_scale(record.get("scale"), scale) and record.get("spec") == _plain(spec):
+            if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
+                record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
+                cache.write_text(json.dumps(record) + "\n")
+            return record
+    kwargs = json.dumps({spec.mixer: spec.mixer_kwargs}) if spec.mixer_kwargs else None
+    args = TrainArgs(mixer=spec.mixer, preset=scale.preset, corpus=scale.corpus, mixer_kwargs=kwargs,
+                     match_params=scale.match_params,
+                     steps=scale.steps, batch_size=scale.batch_size, context=scale.context, lr=lr, seed=seed,
+                     eval_every=0, ckpt_every=0, out=str(run_dir), overwrite=True, progress=False, plot=False,
+                     threads=scale.threads)  # fmt: skip
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = train(args)
+    model, meta = load_model(find_checkpoint(run_dir))
+    data = _validation(args.corpus, tokenizer_from_dict(meta["tokenizer"]))
+    by_position = {}
+    for ctx in scale.eval_contexts:
+        _, pos = evaluate_loss(model, data.validation, batch_size=max(1, scale.eval_batch_tokens // ctx),
+                               context=ctx, max_batches=max(1, scale.eval_tokens // scale.eval_batch_tokens),
+                               device=torch.device("cpu"))  # fmt: skip
+        by_position[str(ctx)] = [round(v, 5) for v in pos.tolist()]
+    record = {
+        "spec": dataclasses.asdict(spec),
+        "lr": lr,
+        "seed": seed,
+        "scale": dataclasses.asdict(scale),
+        "num_params": result.num_params,
+        "train_seconds": round(result.seconds, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "val_loss": result.val_loss,
+        "val_bits_per_byte": result.val_bits_per_byte,
+        "bits_per_nat": data.bits_per_byte(1.0),
+        "by_position": by_position,
+        "token_eta": learned_token_eta(model),
+    }
+    if not keep:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(record) + "\n")
+    return record
+
+
+def learned_token_eta(model: torch.nn.Module) -> list[list[float]] | None:
+    """``token_eta`` (base + learned offset) of every TTT block after training, or None without TTT."""
+    etas = [b.mixer.token_eta().detach().tolist() for b in model.blocks if hasattr(b.mixer, "token_eta")]
+    return [[round(v, 4) for v in e] for e in etas] or None
+
+
+def sweep(
+    specs: list[RunSpec], *, lrs: list[float], seeds: list[int], scale: Scale, out: Path, keep: bool = True,
+    report_only: bool = False,
+) -> list[dict]:  # fmt: skip
+    """Every spec: the first seed at every lr, then the other seeds at the lr with the lowest validation
+    loss. ``report_only``: no training, return the cached records only. Returns all records."""
+    records = []
+
+    def get(spec: RunSpec, lr: float, seed: int) -> dict | None:
+        if report_only:
+            path = out / "cache" / f"{_cache_name(spec, lr, seed)}.json"
+            if not path.exists():
+                return None
+            record = json.loads(path.read_text())
+            return record if _same_scale(record.get("scale"), scale) else None
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {spec.label} lr {lr:g} seed {seed}", file=sys.stderr, flush=True
+        )
+        return run_one(spec, lr=lr, seed=seed, scale=scale, out=out, keep=keep)
+
+    for spec in specs:
+        tuned = [r for r in (get(spec, lr, seeds[0]) for lr in lrs) if r is not None]
+        if not tuned:
+            continue
+        best = min(tuned, key=lambda r: r["val_loss"])
+        for r in tuned:
+            r["best_lr"] = r is best
+        records += tuned
+        for seed in seeds[1:]:
+            r = get(spec, best["lr"], seed)
+            if r is not None:
+                r["best_lr"] = True
+                records.append(r)
+    return records
+
+
+def at_best_lr(records: list[dict], label: str) -> list[dict]:
+    """The records of ``label`` at its tuned lr (one per seed)."""
+    return [r for r in records if r["spec"]["label"] == label and r.get("best_lr")]
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+
+
+def fmt_ms(values: list[float], digits: int = 3) -> str:
+    """``mean ± sd (n)``."""
+    m, s = mean_spread(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})"
+
+
+def detrended_phase_profile(loss: list[float] | torch.Tensor, period: int = 16) -> torch.Tensor:
+    """``[period]``: mean of ``loss[p] - trend[p]`` over the positions p of phase ``p mod period``.
+
+    ``trend`` is the centred moving average of width ``period + 1`` with half weights at both ends (the
+    classical "2 x period" seasonal filter): it reproduces a linear trend exactly and removes any signal
+    of that period, so a periodic signal plus a linear trend gives back the periodic signal minus its
+    mean. Positions p run over ``[period, T - period/2)`` (the first period, where the loss still falls
+    steeply, is left out); ``period`` must be even."""
+    if period % 2:
+        raise ValueError(f"period must be even, got {period}")
+    x = torch.as_tensor(loss, dtype=torch.float64)
+    half = period // 2
+    kernel = torch.ones(period + 1, dtype=torch.float64) / period
+    kernel[0] = kernel[-1] = 0.5 / period
+    # trend[p] = sum_k kernel[k] x[p - half + k], stored at index p - half
+    trend = torch.nn.functional.conv1d(x[None, None], kernel[None, None])[0, 0]  # [T - period]
+    positions = torch.arange(period, x.numel() - half)
+    if positions.numel() < period:
+        raise ValueError(f"need at least {2 * period + half} positions for period {period}, got {x.numel()}")
+    resid = x[positions] - trend[positions - half]
+    phase = positions % period
+    return torch.stack([resid[phase == k].mean() for k in range(period)])
+
+
+def boundary_excess(profile: torch.Tensor) -> float:
+    """Mean of a 16-phase profile at phases 15, 0, 1 (the mini-batch boundary) minus its mean at phases
+    4..11 (mid-block), in the profile's units."""
+    p = profile.tolist()
+    return statistics.fmean([p[-1], p[0], p[1]]) - statistics.fmean(p[4:12])
+
+
+def write_outputs(out: Path, name: str, *, markdown: str, payload: dict, plots: dict[str, dict]) -> None:
+    """``out/name.md``, ``out/name.json`` and one PNG per ``plots`` entry (``{stem: save_plot kwargs}``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    for stem, kwargs in plots.items():
+        save_plot(out / f"{stem}.png", **kwargs)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    return format_table(header, rows)

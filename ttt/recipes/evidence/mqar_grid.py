@@ -1,0 +1,194 @@
+"""Recall against state size (Zoology's figure): MQAR accuracy of every mixer, with and without its short
+convolutions, at two widths, against the bytes of its decoding state.
+
+    python -m ttt.recipes.evidence.mqar_grid --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2
+    python -m ttt.recipes.evidence.mqar_grid --only ttt_linear,ttt_linear+conv --widths 64 --seeds 0
+    python -m ttt.recipes.evidence.mqar_grid --quick                     # pipeline check, seconds
+
+One model per (mixer, convolutions on/off, width d, lr, seed), trained by ``ttt.recipes.mqar.train_mqar``
+on all slices at once and scored per slice, as Zoology trains one model on a mixture of lengths:
+(T, D) = (64, 4), (64, 16), (256, 16), (256, 64), (512, 64) (key-value pairs up to 64), V = 8192 as
+Zoology (the ``--vocab`` option lowers it), 2 blocks, 2 heads. The lr is tuned per (mixer, convolutions,
+width) on the first seed and the other seeds run at the best (Zoology reports the best of 4 lrs). State
+size: ``ttt.models.state_nbytes`` of the model's decoding state after one sequence of the longest T, batch
+1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once ("default").
+
+Writes ``mqar_grid.{md,json}`` and ``mqar_grid.png`` (accuracy against state bytes, one line per mixer
+and convolution setting through its widths) into ``--out``; cached runs in ``--out/cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ttt.recipes.mqar import MQARArgs, build_model, make_splits, train_mqar
+
+from .common import floats, fmt_ms, mean_spread, out_dir, table, write_outputs
+
+__all__ = ["CONV_OFF", "CONV_ON", "main", "variants"]
+
+NAME = "mqar_grid"
+
+#: constructor arguments that turn a mixer's short convolutions on / off (mixers absent have no switch)
+CONV_ON = {"ttt_linear": {"share_qk": True}, "ttt_mlp": {"share_qk": True}}
+CONV_OFF = {m: {"conv_size": 0} for m in ("deltanet", "gated_deltanet", "kda", "longhorn", "comba")}
+
+FULL_SLICES = ("64,64,256,256,512", "4,16,16,64,64")
+MIXERS = ("attention", "swa", "ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "linear_attention",
+          "mamba2", "retnet", "gla")  # fmt: skip
+
+
+def variants(mixers: list[str]) -> list[tuple[str, str, dict]]:
+    """``(label, mixer, kwargs)``: every mixer at its default, plus its convolution switch flipped where
+    it has one (label suffix ``+conv`` / ``-conv``)."""
+    out = []
+    for m in mixers:
+        out.append((m, m, {}))
+        if m in CONV_ON:
+            out.append((f"{m}+conv", m, CONV_ON[m]))
+        if m in CONV_OFF:
+            out.append((f"{m}-conv", m, CONV_OFF[m]))
+    return out
+
+
+def _state_bytes(model: torch.nn.Module, seq_len: int) -> int:
+    from ttt.models import state_nbytes
+
+    with torch.no_grad():
+        _, state = model(torch.zeros(1, seq_len, dtype=torch.long))
+    return state_nbytes(state)
+
+
+def run_one(label: str, mixer: str, kwargs: dict, base: MQARArgs, out: Path, data: dict) -> dict:
+    """Train and score one model (cached in ``out/cache``)."""
+    args = dataclasses.replace(base, mixer_kwargs=json.dumps({mixer: kwargs}) if kwargs else None)
+    key = f"{label}-d{args.dim}-lr{args.lr:g}-s{args.seed}"
+    cache = out / "cache" / f"{key}.json"
+    plain = json.loads(
+        json.dumps(dataclasses.asdict(dataclasses.replace(args, threads=None, progress=False)))
+    )
+    if cache.exists():
+        record = json.loads(cache.read_text())
+        if record["args"] == plain:
+            return record
+    print(f"[{time.strftime('%H:%M:%S')}] {key}", file=sys.stderr, flush=True)
+    if args.seed not in data:
+        data[args.seed] = make_splits(args)
+    train, test = data[args.seed]
+    result = train_mqar(mixer, args, train, test)
+    torch.manual_seed(args.seed)
+    model = build_model(mixer, args, max_seq_len=max(t for t, _ in train))
+    record = {"label": label, "mixer": mixer, "args": plain, **dataclasses.asdict(result),
+              "state_bytes": _state_bytes(model, max(t for t, _ in train))}  # fmt: skip
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(record) + "\n")
+    return record
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--out", default=None, help=f"results directory (default: benchmarks/results/evidence/{NAME})"
+    )
+    p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixers")
+    p.add_argument("--only", default=None, help="comma-separated labels (e.g. ttt_linear+conv) to train")
+    p.add_argument("--widths", default="64,128", help="model widths d (default 64,128)")
+    p.add_argument("--seq-len", default=FULL_SLICES[0], help=f"T of each slice (default {FULL_SLICES[0]})")
+    p.add_argument("--num-kv", default=FULL_SLICES[1], help=f"D of each slice (default {FULL_SLICES[1]})")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary V (default 8192, Zoology's)")
+    p.add_argument("--train-examples", type=int, default=20000, help="training examples per slice")
+    p.add_argument("--test-examples", type=int, default=1000, help="test examples per slice")
+    p.add_argument("--epochs", type=int, default=16, help="epochs (early stop above 0.99)")
+    p.add_argument("--lrs", default="1e-3", help="lr grid, tuned on the first seed")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny data and models: checks the pipeline only")
+    p.add_argument("--report-only", action="store_true", help="write the outputs from the cached runs only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
+    if a.quick:
+        a.mixers, a.widths, a.seq_len, a.num_kv, a.vocab = "ttt_linear,attention", "16", "32", "2", 64
+        a.train_examples, a.test_examples, a.epochs, a.seeds = 16, 8, 1, "0"
+    args = argparse.Namespace(out=a.out, quick=a.quick)
+    out = out_dir(args, NAME)
+    seeds, lrs, widths = (
+        [int(s) for s in a.seeds.split(",")],
+        floats(a.lrs),
+        [int(w) for w in a.widths.split(",")],
+    )
+    base = MQARArgs(vocab=a.vocab, seq_len=a.seq_len, num_kv=a.num_kv, train_examples=a.train_examples,
+                    test_examples=a.test_examples, epochs=a.epochs, threads=a.threads,
+                    progress=False)  # fmt: skip
+    torch.set_num_threads(a.threads)
+    data: dict = {}
+    records = []
+    for label, mixer, kwargs in variants(a.mixers.split(",")):
+        train_it = not a.report_only and (a.only is None or label in a.only.split(","))
+        for width in widths:
+
+            def get(seed: int, lr: float) -> dict | None:
+                if not train_it:  # noqa: B023
+                    return _cached(out, label, width, lr, seed)  # noqa: B023
+                run_args = dataclasses.replace(base, dim=width, lr=lr, seed=seed)  # noqa: B023
+                return run_one(label, mixer, kwargs, run_args, out, data)  # noqa: B023
+
+            tuned = [r for r in (get(seeds[0], lr) for lr in lrs) if r is not None]
+            if not tuned:
+                continue
+            best = max(tuned, key=lambda r: r["accuracy"])
+            runs = [best] + [r for r in (get(s, best["args"]["lr"]) for s in seeds[1:]) if r]
+            records.append({"label": label, "width": width, "lr": best["args"]["lr"],
+                            "lr_grid_seed0": [(r["args"]["lr"], r["accuracy"]) for r in tuned],
+                            "accuracy": [r["accuracy"] for r in runs],
+                            "seeds": [r["args"]["seed"] for r in runs],
+                            "slice_accuracy": [r["slice_accuracy"] for r in runs],
+                            "state_bytes": best["state_bytes"], "num_params": best["num_params"],
+                            "seconds": [r["seconds"] for r in runs]})  # fmt: skip
+    rows = [[f"`{r['label']}`", r["width"], f"{r['state_bytes']:,}", f"{r['num_params']:,}", f"{r['lr']:g}",
+             fmt_ms(r["accuracy"]), f"{mean_spread(r['seconds'])[0]:.0f}"] for r in records]  # fmt: skip
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for r in records:
+        xs, ys = series.setdefault(r["label"], ([], []))
+        xs.append(r["state_bytes"])
+        ys.append(mean_spread(r["accuracy"])[0])
+    md = "\n\n".join([
+        "# MQAR accuracy against state size",
+        f"Slices (T, D): {list(zip(a.seq_len.split(','), a.num_kv.split(',')))}, V = {a.vocab}, "
+        f"{a.train_examples:,} training / {a.test_examples:,} test examples per slice, up to {a.epochs} "
+        "epochs; "
+        "accuracy: mean ± sd over seeds at the lr tuned on the first seed.",
+        table(["model", "width", "state bytes (T max)", "parameters", "lr", "accuracy", "train s"], rows),
+    ]) + "\n"  # fmt: skip
+    command = "python -m ttt.recipes.evidence.mqar_grid " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    plots = {NAME: dict(series=series, xlabel="decoding state (bytes, log2)", ylabel="MQAR accuracy",
+                        title="Recall against state size", logx=True)}  # fmt: skip
+    write_outputs(
+        out,
+        NAME,
+        markdown=md + f"\nCommand (last invocation): `{command.strip()}`\n",
+        payload={"command": command.strip(), "summary": records},
+        plots=plots,
+    )
+    print(md)
+    return {"records": records}
+
+
+def _cached(out: Path, label: str, width: int, lr: float, seed: int) -> dict | None:
+    path = out / "cache" / f"{label}-d{width}-lr{lr:g}-s{seed}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+if __name__ == "__main__":
+    main()
