@@ -231,6 +231,23 @@ def test_a_failed_save_leaves_no_temporary_and_latest_unchanged(tmp_path, monkey
     assert find_checkpoint(tmp_path).name == "step-000007" and load_checkpoint(tmp_path)[1]["note"] == "x"
 
 
+def test_a_full_disk_reported_by_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError: it escaped as a raw
+    traceback from ``ttt train``."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    model, config = saved_model(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left.*'latest' in .* still names step-000007"):
+        save_checkpoint(tmp_path, step=8, model_state=model.state_dict(), config=config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000007"]
+
+
 def test_clear_run_that_fails_midway_deletes_nothing(tmp_path, monkeypatch):
     import os
 
@@ -297,3 +314,12 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_lock(tmp_path):
     with lock_run(run):
         assert (run / ".lock").read_text() == f"{os.getpid()}\n"
     assert run.exists() and not (run / ".lock").exists()
+
+
+def test_weights_of_an_integer_dtype_are_refused(tmp_path):
+    """Integer weights (with a matching sha256) were cast into the model silently: a model of zeros."""
+    model, config = saved_model(tmp_path)
+    state = {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, step=8, model_state=state, config=config)
+    with pytest.raises(CheckpointError, match="checkpoint weights do not fit .* other dtypes .*int32"):
+        load_model(tmp_path)

@@ -230,3 +230,18 @@ def test_ragged_generate_pads_also_without_new_tokens_and_yields_fresh_tensors()
     assert all(c.is_contiguous() and c._base is None for c in columns)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(batch, -1)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error():
+    """An id >= vocab_size (or < 0) raised torch's bare 'index out of range in self' (a device-side assert
+    on CUDA); a float tensor of ids a message about 'indices'."""
+    model = CausalLM(LMConfig.from_name("micro"))
+    for idx in (torch.tensor([[1, 256]]), torch.tensor([[-1, 2]])):
+        with pytest.raises(
+            ValueError, match=r"token ids must lie in \[0, 256\) .* got ids from -?\d+ to \d+"
+        ):
+            model(idx)
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+            model.generate(idx, max_new_tokens=1)
+    with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+        model(torch.tensor([[1.0, 2.0]]))

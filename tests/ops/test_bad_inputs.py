@@ -224,3 +224,45 @@ def test_check_finite_catches_overflow_from_finite_inputs():
     assert not torch.isfinite(out.output).all()  # what an unchecked call returns
     with pytest.raises(FloatingPointError, match="output overflowed to Inf/NaN from finite inputs"):
         ttt.ops.ttt_linear(*args, initial_state=x["initial_state"], mini_batch_size=4, check_finite=True)
+
+
+def test_token_eta_must_be_finite_and_non_negative():
+    """token_eta scales the learning rate per position: a NaN or negative one was taken silently (NaN
+    outputs; a negative step is gradient ascent, which is ``ascent=True`` where an op offers it)."""
+    from ttt.ops.general import inner
+
+    x = ttt_inputs(2, 3, 10, 4)
+    S0 = tuple(t[None] for t in x["initial_state"])
+    calls = {
+        "ttt_linear": lambda te: call(mini_batch_size=4, token_eta=te),
+        "ttt_general": lambda te: ttt_general(x["q"], x["k"], x["v"], model=inner.linear, initial_state=S0,
+                                              mini_batch_size=4, token_eta=te),
+        "attention": lambda te: ttt.attention(x["q"], x["k"], x["v"], is_causal=True, mini_batch_size=4,
+                                              token_eta=te),
+    }  # fmt: skip
+    for run in calls.values():
+        for bad in (float("nan"), -1.0, float("inf")):
+            te = torch.ones(4, dtype=torch.float64)
+            te[1] = bad
+            with pytest.raises(ValueError, match=r"^token_eta must"):
+                run(te)
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("momentum", -0.5), ("momentum", float("nan")), ("momentum", 1.0), ("weight_decay", float("nan")),
+     ("weight_decay", -0.1), ("weight_decay", 1.5)],
+)  # fmt: skip
+def test_inner_optimiser_coefficients_are_checked(option, value):
+    """momentum in [0, 1), weight decay in [0, 1]: a NaN one gave NaN outputs without a word."""
+    from ttt.ops.general import inner
+    from ttt.ops.kv_binding import lact_recurrent
+
+    x = ttt_inputs(2, 3, 10, 4)
+    S0 = tuple(t[None] for t in x["initial_state"])
+    with pytest.raises(ValueError, match=rf"^{option} must be a finite number in \[0, 1"):
+        ttt_general(x["q"], x["k"], x["v"], model=inner.linear, initial_state=S0, **{option: value})
+    if option == "momentum":
+        W = tuple(torch.randn(3, *s, dtype=torch.float64) for s in ((4, 8), (8, 4), (4, 8)))
+        with pytest.raises(ValueError, match=r"^momentum must be a finite number in \[0, 1\)"):
+            lact_recurrent(x["q"], x["k"], x["v"], W, momentum=value)

@@ -413,6 +413,21 @@ def test_one_cpu_thread_by_default(corpus_dir, tmp_path, capsys):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "result.json", "loss_curve.png.tmp.png"])
+def test_files_of_the_run_that_are_links_are_refused_and_their_targets_untouched(corpus_dir, tmp_path, name):
+    """A run directory from elsewhere may hold links among the files train writes: each was followed, and
+    the file it named (outside the run) was truncated or overwritten."""
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    train(small_args(corpus_dir, run, steps=1, eval_every=0, ckpt_every=1))
+    victim.write_text("precious\n")
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(victim)
+    with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')} is a symbolic link"):
+        train(small_args(corpus_dir, run, steps=2, eval_every=0, ckpt_every=1, resume=True, plot=True))
+    assert victim.read_text() == "precious\n"
+    assert find_checkpoint(run).name == "step-000001"
+
+
 def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise():
     """`ttt train`'s TTT layers default to share_qk=True (docs/results.md); --mixer-kwargs gives the official
     layer back, and other mixers get nothing they did not ask for."""

@@ -51,6 +51,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "lock_run",
+    "refuse_links",
     "save_checkpoint",
     "validate_meta",
     "update_checkpoint_meta",
@@ -211,7 +212,12 @@ def _write_checkpoint_files(
         files["trainer.safetensors"] = trainer_tensors
     hashes = {}
     for fname, tensors in files.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            raise OSError(f"{fname}: {e}") from e
         os.chmod(tmp / fname, 0o644)
         _fsync(tmp / fname)
         hashes[fname] = _sha256(tmp / fname)
@@ -283,7 +289,12 @@ def _acquire_lock(path: Path) -> int:
     import fcntl
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock truncates its file, which must be the run's own
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CheckpointError(_LINK_REFUSED.format(path=path)) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -305,6 +316,21 @@ def _acquire_lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+_LINK_REFUSED = (
+    "{path} is a symbolic link: ttt writes only files of the run directory itself, never through a link "
+    "(remove it)"
+)
+
+
+def refuse_links(run_dir: str | os.PathLike, outputs: tuple[str, ...]) -> None:
+    """Raise :class:`CheckpointError` if a file that a run writes into ``run_dir`` (``outputs``: glob
+    patterns) is a symbolic link: writing it would follow the link out of the run directory."""
+    run = Path(run_dir)
+    for p in sorted({p for pattern in outputs for p in run.glob(pattern)}):
+        if p.is_symlink():
+            raise CheckpointError(_LINK_REFUSED.format(path=p))
 
 
 def clear_run(run_dir: str | os.PathLike, outputs: tuple[str, ...] = ()) -> list[Path]:
@@ -564,24 +590,35 @@ def load_model(
         )
     try:
         with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in CausalLM(config).state_dict().items()}
+            expected = CausalLM(config).state_dict()
     except (TypeError, ValueError) as e:  # a mixer refusing its mixer_kwargs
         raise CheckpointError(f"the checkpoint's config does not build a model: {e}") from e
-    _check_weights_fit(shapes, state, tied={"head.weight"} if config.tie_embeddings else set())
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    floating = {k for k, v in expected.items() if v.is_floating_point()}
+    _check_weights_fit(
+        shapes, state, tied={"head.weight"} if config.tie_embeddings else set(), floating=floating
+    )
     model = CausalLM(config)
     model.load_state_dict(state, strict=False)
     return model.to(device), meta
 
 
-def _check_weights_fit(shapes: dict[str, tuple[int, ...]], state: dict[str, Tensor], tied: set[str]) -> None:
+def _check_weights_fit(
+    shapes: dict[str, tuple[int, ...]], state: dict[str, Tensor], tied: set[str], floating: set[str]
+) -> None:
+    """Names and shapes as the model's, and floating-point weights where the model's are (an integer
+    tensor would be cast in silently)."""
     missing = sorted(set(shapes) - set(state) - tied)
     unexpected = sorted(set(state) - set(shapes))
     wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes if k in state
              and tuple(state[k].shape) != shapes[k]]  # fmt: skip
-    if missing or unexpected or wrong:
+    dtypes = [
+        f"{k} {state[k].dtype}" for k in sorted(floating & set(state)) if not state[k].is_floating_point()
+    ]
+    if missing or unexpected or wrong or dtypes:
         raise CheckpointError(
             f"checkpoint weights do not fit the model of its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}"
+            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}, other dtypes {dtypes[:5]}"
         )
 
 

@@ -113,6 +113,7 @@ class CausalLM(nn.Module):
                 f"sequence of {idx.shape[1]} tokens is longer than max_seq_len = "
                 f"{self.config.max_seq_len} of this model"
             )
+        _check_token_ids(idx, self.config.vocab_size)
         states = state if state is not None else [None] * len(self.blocks)
         x = self.embed(idx)  # [B, T, C]
         new_states = []
@@ -298,3 +299,16 @@ def state_nbytes(state: Any) -> int:
     if hasattr(state, "_fields"):
         return sum(state_nbytes(s) for s in state)
     return 0
+
+
+def _check_token_ids(idx: Tensor, vocab_size: int) -> None:
+    """``idx`` holds integer ids in ``[0, vocab_size)`` (one host sync; skipped while compiling)."""
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token ids must be an integer tensor (int64 or int32), got {idx.dtype}")
+    if idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if bool(((idx < 0) | (idx >= vocab_size)).any()):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}) (the model's vocabulary), got ids from "
+            f"{int(idx.min())} to {int(idx.max())}"
+        )

@@ -98,11 +98,22 @@ def check_mini_batch_size(b: int) -> None:
 
 
 def check_token_eta(token_eta: Tensor, b: int, device: torch.device) -> None:
+    """``[b]`` per-position step factors, finite and >= 0 like ``lr`` (one host sync)."""
     if not isinstance(token_eta, Tensor) or tuple(token_eta.shape) != (b,):
         got = list(token_eta.shape) if isinstance(token_eta, Tensor) else type(token_eta).__name__
         raise ValueError(f"token_eta must have shape [mini_batch_size] = [{b}], got {got}")
     if token_eta.device != device:
         raise ValueError(f"token_eta must be on {device} like q, got {token_eta.device}")
+    check_gate("token_eta", token_eta, (b,), token_eta.dtype, low=0.0)
+
+
+def check_coefficient(name: str, x: float, *, high_open: bool) -> float:
+    """An inner optimiser's coefficient (momentum, weight decay): a finite number in [0, 1) when
+    ``high_open``, else in [0, 1]."""
+    number = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not number or not (0 <= x < 1 if high_open else 0 <= x <= 1):
+        raise ValueError(f"{name} must be a finite number in [0, 1{')' if high_open else ']'}, got {x!r}")
+    return float(x)
 
 
 def check_finite(**tensors: Tensor) -> None:

@@ -322,7 +322,13 @@ def _prepare(run: _Run) -> _Run:
     """Resume or refuse a previous run, load the data, make the tokenizer and the model config; every
     argument is checked before --overwrite deletes anything."""
     from ttt.data import load_corpus, prepare, train_tokenizer
-    from ttt.models.checkpoint import checkpoint_tokenizer, clear_run, has_checkpoints, load_checkpoint
+    from ttt.models.checkpoint import (
+        checkpoint_tokenizer,
+        clear_run,
+        has_checkpoints,
+        load_checkpoint,
+        refuse_links,
+    )
 
     args, run_dir = run.args, run.run_dir
     if args.resume:
@@ -352,6 +358,8 @@ def _prepare(run: _Run) -> _Run:
         shutil.rmtree(run_dir / "dcp", ignore_errors=True)  # --strategy fsdp's sharded checkpoints
         if removed:
             print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
+    if run.dist.main:
+        refuse_links(run_dir, RUN_OUTPUTS)
     return run
 
 
@@ -620,6 +628,8 @@ def _interrupted(run: _Run) -> None:
 
 def _finish(run: _Run) -> TrainResult:
     """Final validation (unless the last step had one), loss curve, result.json, the 'wrote' line."""
+    from ttt.models.checkpoint import write_text_atomic
+
     args, history, step = run.args, run.history, run.step
     if not history["val"] or history["val"][-1][0] != step:
         val_loss, bpb = _validate(run)
@@ -646,7 +656,7 @@ def _finish(run: _Run) -> TrainResult:
 
         run.wrote.append("no loss_curve.png: " + install_hint("matplotlib", "the loss curve"))
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
-    (run.run_dir / "result.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(run.run_dir / "result.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
     files = [*wrote, "result.json", *(w for w in run.wrote if not w.startswith("no "))]
     notes = "".join(f" ({w})" for w in run.wrote if w.startswith("no "))
     print(f"final: step {step}, val loss {val_loss:.4f} nats/token, val bits/byte {bpb:.4f} "

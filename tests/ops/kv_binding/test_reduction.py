@@ -170,7 +170,7 @@ def test_bad_input():
     phi = swiglu_features(x["W0"], x["W2"])
     with pytest.raises(ValueError, match=r"lr must have shape \[B, H, T\]"):
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, lr=x["lr"][..., :3])
-    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\)"):
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, momentum=1.0)
     with pytest.raises(ValueError, match="inner_steps must be a positive int"):
         reduce_kv_binding(x["q"], x["k"], x["v"], features=phi, inner_steps=0)

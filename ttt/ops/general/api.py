@@ -80,6 +80,8 @@ def ttt_general(
     B, H, T, Dk = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
     b, cd, N = mini_batch_size, compute_dtype(q.dtype), B * H
     lr, te, loss_fn = _check_options(q, lr, b, token_eta, inner_steps, loss, cd)
+    momentum = _checks.check_coefficient("momentum", momentum, high_open=True)
+    weight_decay = _checks.check_coefficient("weight_decay", weight_decay, high_open=False)
 
     P0, S, m, offset = _initial(initial_state, B, H, b, cd, q.device)
     if offset and (not causal or inner_steps > 1):

@@ -80,6 +80,7 @@ def lact_recurrent(
     P = tuple(p.unsqueeze(0).expand(B, *p.shape).clone() for p in params)
     norms = P[1].norm(dim=-2, keepdim=True)
     lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)  # >= 0: gradient ascent is ascent=True
+    momentum = _checks.check_coefficient("momentum", momentum, high_open=True)
     step_grad = vmap(vmap(grad(_loss(loss))))
     read = vmap(vmap(_swiglu))
     trained = (True, True, True) if update_all else (False, True, False)

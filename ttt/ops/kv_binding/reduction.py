@@ -91,8 +91,7 @@ def reduce_kv_binding(
     B, H, T, _ = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
     if not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    momentum = _checks.check_coefficient("momentum", momentum, high_open=True)
     lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype).unsqueeze(-1)  # >= 0: ascent is ascent=True
     sign = -1.0 if ascent else 1.0
     return EffectiveLinearAttention(features(q), features(k), sign * inner_steps * lr * v, momentum)
