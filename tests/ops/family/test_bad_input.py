@@ -151,7 +151,7 @@ def test_ttt_attention_names_lr_at_mini_batch_1():
         ttt.attention(q, k, v, lr=-1.0)
     with pytest.raises(ValueError, match="^lr must be finite"):
         ttt.attention(q, k, v, lr=torch.full((B, H, T), float("nan")))
-    with pytest.raises(ValueError, match=r"^token_eta\[0\] must be >= 0"):
+    with pytest.raises(ValueError, match=r"^token_eta must lie in \[0.0, inf\], got min -1.0"):
         ttt.attention(q, k, v, lr=0.5, token_eta=torch.tensor([-1.0]), is_causal=True)
 
 
