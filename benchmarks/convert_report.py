@@ -30,7 +30,9 @@ def run_rows(runs: list[Path]) -> list[dict]:
         kept = "" if a["blocks"] == "all" else f", other blocks {a['keep_as']}" + (
             f" (window {a['window']})" if a["keep_as"] == "swa" else "")  # fmt: skip
         rows.append({
-            "run": str(run), "model": f"{a['mixer']} in blocks {a['blocks']}{kept}",
+            "run": str(run),
+            "model": f"{a['mixer']} in blocks {a['blocks']}{kept}" + (
+                ", from scratch" if a.get("from_scratch") else ""),
             "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
             "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
             "eval_tokens": s["eval_tokens"], "args": a,
@@ -41,7 +43,7 @@ def run_rows(runs: list[Path]) -> list[dict]:
 @torch.no_grad()
 def time_decode(model, length: int, new_tokens: int, vocab: int, chunk: int | None = None) -> dict:
     """Prefill ``length`` random tokens (in chunks of ``chunk`` tokens carrying the state; default: one
-    call), then decode ``new_tokens`` greedily one at a time. State bytes: the state after the prefix."""
+    call), then decode ``new_tokens`` greedily one at a time. State bytes: the final state (prefix + new)."""
     from ttt.models.lm import state_nbytes
 
     idx = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
