@@ -3,6 +3,11 @@ optionally time decoding of the teacher and of converted models after a prefix o
 
     python benchmarks/convert_report.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/convert_smollm2_cpu
     python benchmarks/convert_report.py RUN_DIR ... --decode 1024 --new-tokens 16 --threads 1 --out ...
+    python benchmarks/convert_report.py RUN_DIR ... --decode 4096,16384 --prefill-chunk 1024 --no-table --out ...
+
+Decoding is timed side by side in one process, every model at one prefix length before the next length.
+Prefixes are prefilled in chunks of ``--prefill-chunk`` tokens (carrying the state), so a prefix may exceed
+the models' ``max_seq_len`` (the teacher's RoPE positions are computed, not tabled).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ def run_rows(runs: list[Path]) -> list[dict]:
         kept = "" if a["blocks"] == "all" else f", other blocks {a['keep_as']}" + (
             f" (window {a['window']})" if a["keep_as"] == "swa" else "")  # fmt: skip
         rows.append({
-            "run": str(run), "model": f"{a['mixer']} in blocks {a['blocks']}{kept}",
+            "run": str(run),
+            "model": f"{a['mixer']} in blocks {a['blocks']}{kept}" + (
+                ", from scratch" if a.get("from_scratch") else ""),
             "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
             "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
             "eval_tokens": s["eval_tokens"], "args": a,
@@ -34,13 +41,17 @@ def run_rows(runs: list[Path]) -> list[dict]:
 
 
 @torch.no_grad()
-def time_decode(model, length: int, new_tokens: int, vocab: int) -> dict:
-    """Prefill ``length`` random tokens, then decode ``new_tokens`` greedily one at a time."""
+def time_decode(model, length: int, new_tokens: int, vocab: int, chunk: int | None = None) -> dict:
+    """Prefill ``length`` random tokens (in chunks of ``chunk`` tokens carrying the state; default: one
+    call), then decode ``new_tokens`` greedily one at a time. State bytes: the final state (prefix + new)."""
     from ttt.models.lm import state_nbytes
 
     idx = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    chunk = chunk or length
     t = time.perf_counter()
-    logits, state = model(idx)
+    state = None
+    for i in range(0, length, chunk):
+        logits, state = model(idx[:, i : i + chunk], state)
     prefill = time.perf_counter() - t
     token = logits[:, -1].argmax(-1)
     t = time.perf_counter()
@@ -58,6 +69,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--decode", default="", help="comma-separated prefix lengths to time decoding after")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument("--no-table", action="store_true", help="decoding/samples only: no perplexity table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--prompt", action="append", default=[], help="greedy continuation of this prompt per model"
@@ -75,12 +88,14 @@ def main() -> None:
         teacher, tok = load_llama(fetch_smollm2(download=False))
         models = [("teacher (attention)", teacher)]
         models += [(r["model"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
-        for name, model in models:
-            for n in lengths:
+        vocab = teacher.config.vocab_size
+        for n in lengths:  # all models at one length, then the next: partial results stay comparable
+            for name, model in models:
                 decode.append(
-                    {"model": name, **time_decode(model, n, args.new_tokens, teacher.config.vocab_size)}
+                    {"model": name, **time_decode(model, n, args.new_tokens, vocab, args.prefill_chunk)}
                 )
                 print(decode[-1], flush=True)
+        for name, model in models:
             for prompt in args.prompt:
                 ids = torch.tensor([tok.encode(prompt)])
                 out = model.generate(ids, args.prompt_tokens, temperature=0)[0, ids.shape[1] :].tolist()
@@ -90,11 +105,11 @@ def main() -> None:
     out.with_suffix(".json").write_text(
         json.dumps({"runs": rows, "decode": decode, "samples": samples}, indent=1)
     )
-    lines = [
+    lines = [] if args.no_table else [
         "| model | " + " | ".join(STAGES) + " | transfer tokens, s | distill tokens, s |",
         "|---" * 8 + "|",
-    ]
-    for r in rows:
+    ]  # fmt: skip
+    for r in [] if args.no_table else rows:
         ppl, sec, tok = r["perplexity"], r["seconds"], r["tokens"]
         cells = [f"{ppl[k]:.2f}" if k in ppl and ppl[k] < 1e4 else (f"{ppl[k]:.3g}" if k in ppl else "-")
                  for k in STAGES]  # fmt: skip

@@ -184,3 +184,21 @@ def test_output_gains_fit_the_attention_scale(teacher_dir, mixer):
         after = float(transfer_loss(student, teacher, [0, 1, 2, 3], x))
     assert set(gains) == {"0", "1", "2", "3"}
     assert after <= min(before, 1.0)  # the least-squares gain never does worse than 0 or than 1
+
+
+def test_from_scratch_floor_trains_the_same_shape_with_cross_entropy(teacher_dir, tmp_path):
+    from ttt.models.checkpoint import load_model
+
+    s = convert(args_for(teacher_dir, tmp_path / "floor", from_scratch=True))
+    ppl = s["perplexity"]
+    assert "teacher" not in ppl and "calibrated" not in ppl and "gains" not in s
+    assert ppl["after_distill"] < ppl["initial"]  # cross-entropy training moves it off the random init
+    assert [n for n, _ in s["losses"]["transfer"]] == [1, 2, 3] and len(s["losses"]["distill"]) == 3
+    floor, _ = load_model(tmp_path / "floor" / "hf")
+    teacher, _ = load_llama(teacher_dir)
+    converted, _ = swap_mixers(teacher, "ttt_linear", list(range(teacher.config.n_layers)))
+    assert floor.config == converted.config
+    assert not torch.allclose(floor.embed.weight, teacher.embed.weight)  # none of the teacher's weights
+    with pytest.raises(ValueError, match="--from-scratch trains every parameter"):
+        convert(args_for(teacher_dir, tmp_path / "bad", from_scratch=True, update="lora"))
+    assert not (tmp_path / "bad").exists()

@@ -109,6 +109,9 @@ class ConvertArgs:
     """torch CPU threads (default: torch's choice)"""
     progress: bool = True
     """show progress bars (only on a terminal)"""
+    from_scratch: bool = False
+    """the floor: the student's shape with random weights (none of the teacher's), every parameter trained
+    with next-token cross-entropy only, on the same batches and schedules as the two stages (no teacher)"""
 
 
 # the arguments that may change when a run resumes
@@ -383,6 +386,10 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
+    if args.from_scratch and args.update != "full":
+        raise ValueError(
+            f"--from-scratch trains every parameter: expected --update full, got {args.update!r}"
+        )
 
 
 def load_teacher(spec: str) -> tuple[nn.Module, Any]:
@@ -456,6 +463,12 @@ class _Conversion:
             mixer_kwargs=extra,
             seed=args.seed,
         )
+        if args.from_scratch:
+            from ttt.models import CausalLM
+
+            torch.manual_seed(args.seed)
+            self.student = CausalLM(self.student.config).to(self.device)
+            mapping = {"all": "fresh (--from-scratch: random initialisation, no teacher weights)"}
         corpus = load_corpus(args.corpus)
         self.data = prepare(corpus, self.tokenizer)
         print(
@@ -493,9 +506,14 @@ class _Conversion:
 
     def baselines(self) -> None:
         """Held-out perplexity of the teacher and of the student straight after swapping."""
-        if "teacher" in self.ppl:
+        if "teacher" in self.ppl or "initial" in self.ppl:
             return
         t = time.perf_counter()
+        if self.args.from_scratch:  # the teacher's figure is the conversions'; only the random student's here
+            self.ppl["initial"] = self.perplexity(self.student)
+            self.summary["seconds"]["eval"] = time.perf_counter() - t
+            print(f"held-out perplexity at random initialisation: {self.ppl['initial']:.2f}", flush=True)
+            return
         self.ppl["teacher"], self.ppl["swapped"] = (
             self.perplexity(self.teacher),
             self.perplexity(self.student),
@@ -535,7 +553,7 @@ class _Conversion:
     def calibrate(self) -> None:
         from ttt.data import sample_batch
 
-        if self.saved is not None or not self.args.calibrate:
+        if self.saved is not None or not self.args.calibrate or self.args.from_scratch:
             return
         a, t = self.args, time.perf_counter()
         x, _ = sample_batch(
@@ -584,7 +602,8 @@ class _Conversion:
             return add_lora(student, self.args.lora_rank)
         for p in student.parameters():
             p.requires_grad_(False)
-        params = list(student.parameters()) if stage == "distill" and self.args.update == "full" else mixers
+        full = stage == "distill" and self.args.update == "full" or self.args.from_scratch
+        params = list(student.parameters()) if full else mixers
         for p in params:
             p.requires_grad_(True)
         return params
@@ -617,7 +636,9 @@ class _Conversion:
             x, y = (
                 z.to(self.device) for z in sample_batch(self.data.train, a.batch_size, a.context, sampler)
             )
-            if name == "transfer":
+            if a.from_scratch:
+                loss = F.cross_entropy(self.student(x)[0].flatten(0, 1), y.flatten())
+            elif name == "transfer":
                 loss = transfer_loss(self.student, self.teacher, self.blocks, x)
             else:
                 loss = distill_loss(self.student, self.teacher, x, y, a.ce_weight)
