@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import family as family_ops
 from ..ops._dispatch import TTTOutput
 from ..ops._state import fresh_state
 from ..ops.common import compute_dtype
@@ -167,19 +168,7 @@ def cp_ttt(
 # rules whose transition A_t acts on the rows of S the same way for every column (value dim): the
 # augmented-value trick below is exact for them. Longhorn's step size is per value column (its A_t
 # differs between columns), so it is not in the list.
-FAMILY_CP_RULES = (
-    "linear_attention",
-    "retnet",
-    "mamba2",
-    "gla",
-    "hgrn2",
-    "hebbian",
-    "deltanet",
-    "gated_deltanet",
-    "kda",
-    "comba",
-    "rwkv7",
-)
+FAMILY_CP_RULES = tuple(rule for rule in family_ops.__all__ if rule != "longhorn")
 
 
 def cp_family(
