@@ -59,3 +59,15 @@ def test_torchrun_context_parallel_exits(corpus_dir, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and (run / "result.json").exists()
+
+
+def test_fsdp_runs_in_one_process_and_context_parallel_asks_for_processes(corpus_dir, tmp_path):
+    """The same `--strategy fsdp` command runs without torchrun (a one-process group) and logs the plain
+    run's losses; `--context-parallel R` without R processes is one clear error, before anything is written."""
+    plain = train(small_args(corpus_dir, tmp_path / "plain", steps=2, match_params="none")).history["train"]
+    fsdp = small_args(corpus_dir, tmp_path / "fsdp", steps=2, match_params="none", strategy="fsdp")
+    for (_, a), (_, b) in zip(plain, train(fsdp).history["train"]):
+        assert abs(a - b) < 1e-5
+    with pytest.raises(ValueError, match="launch with torchrun --nproc_per_node 2"):
+        train(small_args(corpus_dir, tmp_path / "cp", context_parallel=2, mixer_kwargs=OFFICIAL))
+    assert not (tmp_path / "cp").exists()

@@ -70,16 +70,23 @@ class Dist:
         return self.rank == 0
 
 
-def setup_dist(device: torch.device) -> Dist:
-    """Initialise ``torch.distributed`` when launched by ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
+def setup_dist(device: torch.device, need_group: bool = False) -> Dist:
+    """Initialise ``torch.distributed`` when launched by ``torchrun`` (gloo on CPU, NCCL on CUDA); with
+    ``need_group`` (FSDP), a one-process group when launched without it, so one command runs anywhere."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not need_group:
         return Dist()
+    import tempfile
+
     import torch.distributed as dist
 
     owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if owns and world <= 1:  # a rendezvous file of its own: no port to pick, nothing left behind
+        with tempfile.NamedTemporaryFile(prefix="ttt-rendezvous-") as f:
+            dist.init_process_group(backend=backend, init_method=f"file://{f.name}", rank=0, world_size=1)
+    elif owns:
+        dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 

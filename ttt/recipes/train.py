@@ -297,7 +297,12 @@ def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
     # one thread on a CPU unless asked: measured on a 2-core machine shared with other work, 2 threads ran
     # the tiny preset 8-15x slower than 1 (docs/cli.md, "Threads")
     set_threads(args.threads if args.threads is not None or device.type != "cpu" else 1)
-    dist = setup_dist(device)
+    if args.context_parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) % args.context_parallel:
+        raise ValueError(
+            f"--context-parallel {args.context_parallel} splits each sequence over that many processes: "
+            f"launch with torchrun --nproc_per_node {args.context_parallel} (or a multiple of it)"
+        )
+    dist = setup_dist(device, need_group=args.strategy == "fsdp")
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
