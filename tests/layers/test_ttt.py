@@ -318,3 +318,11 @@ def test_padded_batch_gradients_are_those_of_each_row_alone(kind):
             w += g
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("switch", ["use_gate", "share_qk", "causal", "rope", "learn_token_eta"])
+def test_switches_must_be_booleans(switch):
+    """A JSON "yes" or a 0 from --mixer-kwargs is refused, not read as a truth value."""
+    for bad in ("yes", 0, None):
+        with pytest.raises(TypeError, match=f"TTTLinear: {switch} must be True or False"):
+            TTTLinear(dim=16, num_heads=2, **{switch: bad})

@@ -156,6 +156,11 @@ class _TTTLayer(RecurrentMixer):
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        switches = {"use_gate": use_gate, "share_qk": share_qk, "causal": causal, "rope": rope,
+                    "learn_token_eta": learn_token_eta}  # fmt: skip
+        for name, value in switches.items():  # a JSON "yes" or 0 from --mixer-kwargs must not pass as a bool
+            if not isinstance(value, bool):
+                raise TypeError(f"{type(self).__name__}: {name} must be True or False, got {value!r}")
         if token_eta_base not in TOKEN_ETA_BASES:
             raise ValueError(f"token_eta_base must be one of {TOKEN_ETA_BASES}, got {token_eta_base!r}")
         self.head_dim = dim // num_heads
