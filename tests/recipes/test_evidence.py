@@ -99,3 +99,18 @@ def test_state_probe_reset_and_decay_act_on_the_fast_weights():
     assert reset["drift"][2:] == pytest.approx(fresh["drift"], abs=3e-5)
     frozen = state_probe.probe(model, windows, band=32, decay=0.0)
     assert max(frozen["drift"]) == 0.0
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+def test_specs_mean_the_layer_defaults_not_ttt_trains(tmp_path, mixer):
+    """A spec without ``share_qk`` is the layer's own default (no short convolutions), although ``ttt train``
+    turns them on by default; a spec that sets it keeps its value."""
+    from ttt.recipes.evidence.common import RunSpec, Scale, train_args
+    from ttt.recipes.train import train_mixer_kwargs
+
+    plain = train_args(RunSpec("x", mixer), Scale(), 1e-3, 0, tmp_path)
+    assert train_mixer_kwargs(plain)[mixer]["share_qk"] is False
+    conv = train_args(
+        RunSpec("y", mixer, {"share_qk": True, "mini_batch_size": 4}), Scale(), 1e-3, 0, tmp_path
+    )
+    assert train_mixer_kwargs(conv)[mixer] == {"share_qk": True, "mini_batch_size": 4}

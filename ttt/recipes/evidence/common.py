@@ -190,12 +190,7 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
                 record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
                 cache.write_text(json.dumps(record) + "\n")
             return record
-    kwargs = json.dumps({spec.mixer: spec.mixer_kwargs}) if spec.mixer_kwargs else None
-    args = TrainArgs(mixer=spec.mixer, preset=scale.preset, corpus=scale.corpus, mixer_kwargs=kwargs,
-                     match_params=scale.match_params,
-                     steps=scale.steps, batch_size=scale.batch_size, context=scale.context, lr=lr, seed=seed,
-                     eval_every=0, ckpt_every=0, out=str(run_dir), overwrite=True, progress=False, plot=False,
-                     threads=scale.threads)  # fmt: skip
+    args = train_args(spec, scale, lr, seed, run_dir)
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(args)
     model, meta = load_model(find_checkpoint(run_dir))
@@ -228,6 +223,33 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record) + "\n")
     return record
+
+
+def train_args(spec: RunSpec, scale: Scale, lr: float, seed: int, run_dir: Path) -> TrainArgs:
+    """The ``ttt train`` arguments of one run. A spec names the layer's own constructor defaults: the
+    mixer settings ``ttt train`` adds by default (``TRAIN_MIXER_DEFAULTS``, e.g. TTT's short convolutions)
+    are pinned back to the layer's values unless the spec sets them, so a label keeps its meaning when
+    ``ttt train``'s defaults change."""
+    import inspect
+
+    from ttt.layers import MIXERS
+    from ttt.recipes.train import TRAIN_MIXER_DEFAULTS
+
+    def layer_default(name: str) -> Any:  # the first __init__ up the class chain that declares ``name``
+        for cls in MIXERS[spec.mixer].__mro__:
+            param = inspect.signature(cls.__init__).parameters.get(name) if "__init__" in vars(cls) else None
+            if param is not None and param.default is not inspect.Parameter.empty:
+                return param.default
+        raise ValueError(f"{spec.mixer} has no default for {name!r}")
+
+    pinned = {k: layer_default(k) for k in TRAIN_MIXER_DEFAULTS.get(spec.mixer, {})}
+    kwargs = {**pinned, **spec.mixer_kwargs}
+    margs = dict(mixer=spec.mixer, preset=scale.preset, corpus=scale.corpus, match_params=scale.match_params)
+    return TrainArgs(**margs,
+                     mixer_kwargs=json.dumps({spec.mixer: kwargs}) if kwargs else None,
+                     steps=scale.steps, batch_size=scale.batch_size, context=scale.context, lr=lr, seed=seed,
+                     eval_every=0, ckpt_every=0, out=str(run_dir), overwrite=True, progress=False, plot=False,
+                     threads=scale.threads)  # fmt: skip
 
 
 def learned_token_eta(model: torch.nn.Module) -> list[list[float]] | None:
