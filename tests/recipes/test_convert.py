@@ -202,3 +202,23 @@ def test_from_scratch_floor_trains_the_same_shape_with_cross_entropy(teacher_dir
     with pytest.raises(ValueError, match="--from-scratch trains every parameter"):
         convert(args_for(teacher_dir, tmp_path / "bad", from_scratch=True, update="lora"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_resume_before_distillation_may_change_its_arguments(teacher_dir, tmp_path):
+    """A run stopped at the end of attention transfer (distillation not begun) resumes with other
+    distillation arguments, and equals a fresh run with them; after distillation began it may not."""
+    common = dict(mixer="ttt_linear", blocks="all")
+    fresh = convert(
+        args_for(teacher_dir, tmp_path / "a", **{**common, "distill_steps": 2, "distill_lr": 1e-3})
+    )
+    convert(args_for(teacher_dir, tmp_path / "b", **{**common, "distill_steps": 0}))
+    resumed = convert(
+        args_for(
+            teacher_dir, tmp_path / "b", resume=True, **{**common, "distill_steps": 2, "distill_lr": 1e-3}
+        )
+    )
+    assert resumed["losses"] == fresh["losses"] and resumed["perplexity"] == fresh["perplexity"]
+    with pytest.raises(
+        Exception, match="cannot resume: the run used other arguments: --distill-steps 2 -> 3"
+    ):
+        convert(args_for(teacher_dir, tmp_path / "b", resume=True, **{**common, "distill_steps": 3}))

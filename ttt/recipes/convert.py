@@ -116,6 +116,8 @@ class ConvertArgs:
 
 # the arguments that may change when a run resumes
 RUNTIME_ARGS = ("resume", "device", "threads", "progress", "out")
+# ... and those that may change while the latest checkpoint is not past attention transfer
+DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank")
 
 
 def parse_blocks(spec: str, n_layers: int) -> list[int]:
@@ -420,10 +422,12 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
         return None
     _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
     now = dataclasses.asdict(args)
+    # before distillation begins, its arguments have not acted yet: a resumed run equals a fresh one
+    free = RUNTIME_ARGS + (DISTILL_ARGS if int(saved["step"]) <= args.transfer_steps else ())
     diff = [
         f"--{k.replace('_', '-')} {saved['args'].get(k)!r} -> {now[k]!r}"
         for k in now
-        if k not in RUNTIME_ARGS and saved["args"].get(k) != now[k]
+        if k not in free and saved["args"].get(k) != now[k]
     ]
     if diff:
         raise CheckpointError("cannot resume: the run used other arguments: " + "; ".join(diff))
