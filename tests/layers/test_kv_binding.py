@@ -124,13 +124,19 @@ def test_a_recurrent_state_cannot_be_continued():
     x = _x(1, 5)
     _, state = layer(x)
     with pytest.raises(ValueError, match="'recurrent' form, which returns no fast weights"):
-        layer.step(x[:, :1], state)
-    with pytest.raises(ValueError, match="'recurrent' form"):
         layer(x, state)
-    par = KVBinding(dim=DIM, num_heads=HEADS, decode_impl="recurrent").double()
-    _, state = par(x)  # parallel prefill, then a recurrent decode step cannot start from its weights
-    with pytest.raises(ValueError, match="pass state=None"):
+    with pytest.raises(ValueError, match="decoding needs the parallel form") as err:
+        layer.step(x[:, :1], layer.init_state(1))
+    assert "\n" not in str(err.value)
+    par = KVBinding(dim=DIM, num_heads=HEADS, impl="recurrent", decode_impl="parallel").double()
+    _, state = par(x)
+    with pytest.raises(ValueError, match="'recurrent' form, which returns no fast weights"):
         par.step(x[:, :1], state)
+    par = KVBinding(dim=DIM, num_heads=HEADS).double()
+    _, state = par(x)  # a parallel state, continued by the recurrent form: it starts from W1 only
+    par.impl = "recurrent"
+    with pytest.raises(ValueError, match="pass state=None"):
+        par(x, state)
 
 
 @pytest.mark.parametrize(
@@ -193,3 +199,17 @@ def test_ttt_train_runs_two_steps(corpus_dir, tmp_path):
             "--mixer-kwargs", '{"kv_binding": {"update_all": true, "momentum": 0.5}}']  # fmt: skip
     assert main(argv) == 0
     assert (run / "result.json").exists()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [{}, dict(update_all=True, weight_norm=True, momentum=0.5)])
+def test_gradient_ascent_is_descent_with_the_values_negated(kwargs):
+    """Ascent on -<f(k), v> is descent on -<f(k), -v> and the read never sees v: negating v_proj turns one
+    layer into the other exactly, with all layers trained too (so the ascent row is a reparametrisation)."""
+    torch.manual_seed(0)
+    descent = KVBinding(dim=DIM, num_heads=HEADS, **kwargs).double()
+    ascent = KVBinding(dim=DIM, num_heads=HEADS, ascent=True, **kwargs).double()
+    ascent.load_state_dict(descent.state_dict())
+    ascent.v_proj.weight.neg_()
+    x = _x(2, 9)
+    torch.testing.assert_close(ascent(x)[0], descent(x)[0], atol=1e-12, rtol=0)

@@ -89,9 +89,9 @@ class KVBinding(RecurrentMixer):
         impl: ``"parallel"`` (chunk-parallel linear attention), ``"recurrent"`` (the TTT recurrence,
             ``lact_recurrent``; whole sequences from the learned initial weights: its state cannot be
             continued) or ``"auto"``: parallel where the switches allow, else recurrent. Default: ``"auto"``.
-        decode_impl: form in ``step`` and a one-token ``forward``: as ``impl``. Decoding needs the parallel
-            form (it carries ``W1`` and the momentum buffer); with ``update_all`` or ``weight_norm`` the layer
-            cannot decode. Default: ``"auto"``.
+        decode_impl: form in a one-token ``forward`` and in ``step``: as ``impl``. ``step`` needs the
+            parallel form (it carries ``W1`` and the momentum buffer): with ``update_all`` or ``weight_norm``
+            (or ``decode_impl="recurrent"``) it raises. Default: ``"auto"``.
         chunk_size: tokens per chunk of the parallel form. Default: ``64``.
 
     ``forward(x [B, T, C], state=None, mask=None) -> (y, KVBindingState)``. Padded tokens (``mask`` False,
@@ -191,6 +191,16 @@ class KVBinding(RecurrentMixer):
         """The state before the first token: the learned ``W1`` (``W=None``), zero momentum."""
         device = device or self.W1.device
         return KVBindingState(None, None, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def step(self, x_t: Tensor, state: KVBindingState) -> tuple[Tensor, KVBindingState]:
+        """One decoding step with the parallel form (``x_t [B, 1, C]``); refused where the switches leave
+        only the recurrent form, which carries no fast weights from one call to the next."""
+        if self.decode_impl == "recurrent":
+            raise ValueError(
+                f"{type(self).__name__}: decoding needs the parallel form (it carries W1 and the momentum "
+                "buffer); with decode_impl='recurrent' (update_all, weight_norm) run whole sequences instead"
+            )
+        return super().step(x_t, state)
 
     def _features(self):
         """``phi``: ``[B, H, T, D] -> [B, H, T, M]``."""
