@@ -40,6 +40,8 @@ CASES: dict[str, dict] = {
     "hgrn2": dict(name="hgrn2", chunk_size=8),
     "rwkv7": dict(name="rwkv7", chunk_size=8),
     "hebbian": dict(name="hebbian", chunk_size=8),
+    "kv_binding": dict(name="kv_binding", chunk_size=8),
+    "kv_binding_momentum": dict(name="kv_binding", chunk_size=8, momentum=0.5, hidden_mult=2),
 }
 
 # TTT states after padding are documented as not continuable (padding advances the mini-batch slot)

@@ -13,6 +13,7 @@ MODULES = [
     "ttt.layers.bidirectional",
     "ttt.layers.delta",
     "ttt.layers.rwkv",
+    "ttt.layers.kv_binding",
 ]
 
 

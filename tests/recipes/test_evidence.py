@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from ttt.recipes.evidence import ladder, long_context, minibatch_period, mqar_grid, state_probe
+from ttt.recipes.evidence import kv_binding, ladder, long_context, minibatch_period, mqar_grid, state_probe
 from ttt.recipes.evidence.common import boundary_excess, detrended_phase_profile, mean_spread
 
 
@@ -58,7 +58,7 @@ def test_minibatch_period_quick_writes_outputs_and_resumes(tmp_path, corpus):
     assert (tmp_path / "cache" / cached[0]).stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("recipe", [long_context, ladder])
+@pytest.mark.parametrize("recipe", [long_context, ladder, kv_binding])
 def test_lm_recipes_quick(tmp_path, corpus, recipe):
     summary = recipe.main(["--quick", "--seeds", "0", "--corpus", corpus, "--out", str(tmp_path)])
     assert len(summary) == 2 and all(s["num_params"] > 0 for s in summary.values())

@@ -14,6 +14,7 @@ from ttt.layers.additive import (
 from ttt.layers.attention import Attention, KVCache, SlidingWindowAttention, SoftmaxAttention
 from ttt.layers.bidirectional import Bidirectional
 from ttt.layers.delta import Comba, DeltaNet, GatedDeltaNet, KimiDeltaAttention, Longhorn
+from ttt.layers.kv_binding import KVBinding, KVBindingState
 from ttt.layers.matrix import MatrixState
 from ttt.layers.protocol import Mixer
 from ttt.layers.rwkv import RWKV7
@@ -36,6 +37,7 @@ MIXERS: dict[str, type] = {
     "hgrn2": HGRN2,
     "rwkv7": RWKV7,
     "hebbian": HebbianFastWeights,
+    "kv_binding": KVBinding,
 }
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
     "HGRN2",
     "HebbianFastWeights",
     "KVCache",
+    "KVBinding",
+    "KVBindingState",
     "KimiDeltaAttention",
     "LinearAttention",
     "Longhorn",
