@@ -88,7 +88,7 @@ def test_fla_kernel_equals_our_chunk_form(rule):
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 
 
-#: interpreted forward + backward over 5 s on the shared 2-core CI machine (5-7 s; the others 0.4-1.7 s)
+#: interpreted forward + backward near or over 5 s on a shared 2-core machine (3.8-7 s; the others 0.3-1.7 s)
 SLOW_INTERPRETED = {"comba", "kda", "rwkv7"}
 
 
