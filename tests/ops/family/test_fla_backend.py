@@ -146,3 +146,12 @@ def test_adapters_with_fla_references_on_cpu(rule, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="fla" takes CPU tensors (the references run)
     monkeypatch.setattr(fb, "_kernel", lambda r, q: refs[fb.FLA_KERNELS[r].split(":")[1]])
     _compare(_run(case, "chunk"), _run(case, "fla"), rule, rel=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 on a machine without CUDA")
+def test_fla_imported_before_the_interpreter_was_set_is_named(monkeypatch):
+    op = pytest.importorskip("fla.ops.utils.op")
+    monkeypatch.setattr(op, "exp", object())  # what a compiled (not interpreted) fla kernel module holds
+    case = _case("retnet", "cpu", T=4, D=16, B=1, H=1)
+    with pytest.raises(RuntimeError, match="fla-core was imported before TRITON_INTERPRET=1 was set"):
+        case.run("fla")

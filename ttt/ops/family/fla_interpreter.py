@@ -21,7 +21,8 @@ closes each one for fla's kernels only (functions defined in ``fla.*`` modules),
 These touch Triton's interpreter internals (``triton.runtime.interpreter.FunctionRewriter``,
 ``triton.runtime.autotuner.Autotuner.prune_configs``); :func:`install` raises naming what is missing
 if a Triton version lacks them. It changes nothing on CUDA: it is only called for CPU tensors under
-``TRITON_INTERPRET=1``, where every Triton kernel runs in the interpreter anyway.
+``TRITON_INTERPRET=1``, where every Triton kernel runs in the interpreter anyway (and it refuses, in one
+line, when fla was imported before ``TRITON_INTERPRET=1`` was set: fla's kernels are then compiled ones).
 """
 
 from __future__ import annotations
@@ -78,10 +79,23 @@ def rebind_builtin_aliases() -> None:
                 setattr(module, name, late)
 
 
+def _check_interpreted() -> None:
+    """Raise if fla's kernels were built compiled (fla imported before ``TRITON_INTERPRET=1`` was set)."""
+    from fla.ops.utils import op
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(op.exp, InterpretedFunction):
+        raise RuntimeError(
+            "fla-core was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled ones and "
+            "cannot run on CPU tensors; set TRITON_INTERPRET=1 before anything imports fla"
+        )
+
+
 def install() -> None:
     """Close the three gaps above for fla's kernels (once per process), then rebind the builtin
     aliases of the fla modules loaded so far (every call: fla imports its kernel modules lazily)."""
     global _installed
+    _check_interpreted()
     if not _installed:
         try:
             from triton.runtime import interpreter
