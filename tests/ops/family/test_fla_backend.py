@@ -1,47 +1,31 @@
-"""The family rules on fla-core's Triton chunk kernels (``ttt.ops.family.fla_backend``).
+"""The family rules on fla-core's Triton chunk kernels (``ttt.ops.family.fla_backend``), through the
+public ops with ``impl="fla"`` (the family dispatch's own path), against ``impl="chunk"``.
 
 On CUDA (``gpu``): fla's kernel output, final state and every gradient equal our chunk form in float32
 (tolerance: Triton's float32 dots run in tf32 on Ampere and later, about 1e-3 relative).
-On CPU: fla's kernels do not run under the Triton interpreter (their autotuner asks for a GPU driver,
-and with the autotuning pruned the interpreter fails inside the kernels), so the adapters
-(layout, scale, keyword names, gate conventions) are checked with fla's pure-PyTorch references
-standing in for the kernels.
+On CPU under ``TRITON_INTERPRET=1`` (tests/conftest.py sets it without CUDA): the same comparison with
+fla's kernels run by the Triton interpreter (``ttt/ops/family/fla_interpreter.py`` closes the three gaps
+that stopped them), in IEEE float32, at the smallest shapes fla's dots take (16-wide heads).
+On CPU with fla's pure-PyTorch references standing in for the kernels: the adapters once more, against
+a second implementation of fla's conventions.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from family_cases import make_case
 
-import ttt.ops.family.additive as additive_ops
-import ttt.ops.family.delta as delta_ops
 import ttt.ops.family.fla_backend as fb
-from ttt.ops._checks import check_state, resolve_scale
-from ttt.ops.common import compute_dtype
 
 FLA_RULES = sorted(fb.FLA_KERNELS)
 
 
-def _fla_run_rule(name, q, v, tokens, scale, initial_state, output_final_state, impl, chunk_size):
-    """What the dispatch does for an fla form: our dtype and scale handling, then ``fla_form(name)``."""
-    del impl
-    dtype, out_dtype = compute_dtype(q.dtype), q.dtype
-    B, H, T, Dk = q.shape
-    S0 = check_state(initial_state, B, H, Dk, v.shape[-1], dtype, q)
-    q = q.to(dtype) * resolve_scale(scale, Dk)
-    tokens = {n: x.to(dtype) for n, x in tokens.items()}
-    o, S = fb.fla_form(name)(q, tokens, S0, chunk_size)
-    return o.to(out_dtype), (S if output_final_state else None)
-
-
-def _run(case, monkeypatch, fla: bool):
+def _run(case, impl: str):
     """Forward and the gradients of a fixed random functional of (o, S) w.r.t. every leaf."""
-    if fla:
-        monkeypatch.setattr(additive_ops, "run_rule", _fla_run_rule)
-        monkeypatch.setattr(delta_ops, "run_rule", _fla_run_rule)
-    o, S = case.run("chunk", 16)
-    monkeypatch.undo()
+    o, S = case.run(impl, 16)
     g = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=g).to(o)
     dS = torch.randn(S.shape, generator=g).to(S)
@@ -51,8 +35,8 @@ def _run(case, monkeypatch, fla: bool):
     return {"o": o.detach(), "S": S.detach(), **{f"d{n}": gr for n, gr in zip(names, grads)}}
 
 
-def _case(rule, device, T, D, seed=0):
-    case = make_case(rule, B=2, H=2, T=T, Dk=D, Dv=D, dtype=torch.float32, seed=seed)
+def _case(rule, device, T, D, B=2, H=2, Dv=None, seed=0):
+    case = make_case(rule, B=B, H=H, T=T, Dk=D, Dv=Dv or D, dtype=torch.float32, seed=seed)
     for name, x in list(case.leaves.items()):
         case.leaves[name] = x.detach().to(device).requires_grad_(True)
     return case
@@ -75,22 +59,50 @@ def test_fla_form_covers_the_rules_fla_implements():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fla_form_refuses_what_fla_cannot_run(dtype):
+def test_fla_form_refuses_what_fla_cannot_run(dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors without the interpreter
     q = torch.zeros(1, 1, 4, 8, dtype=dtype)
     tokens = {"k": q, "v": q, "beta": q[..., 0], "log_alpha": q[..., 0]}
-    want = "runs on CUDA tensors of float32 / bfloat16 / float16"
+    want = r"runs on CUDA tensors \(or CPU ones under TRITON_INTERPRET=1\) of float32 / bfloat16 / float16"
     with pytest.raises(ValueError, match=want):
         fb.fla_form("gated_deltanet")(q, tokens, torch.zeros(1, 1, 8, 8, dtype=dtype), 64)
 
 
+def test_impl_fla_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = _case("gated_deltanet", "cpu", T=4, D=16, B=1, H=1)
+    with pytest.raises(ValueError, match=r"impl='fla' cannot run .* \(or TRITON_INTERPRET=1 on CPU\)"):
+        case.run("fla")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", FLA_RULES)
-def test_fla_kernel_equals_our_chunk_form(rule, monkeypatch):
+def test_fla_kernel_equals_our_chunk_form(rule):
     pytest.importorskip("fla")
     case = _case(rule, "cuda", T=100, D=32)  # T not a multiple of fla's chunk
-    ours = _run(case, monkeypatch, fla=False)
-    theirs = _run(case, monkeypatch, fla=True)
-    _compare(ours, theirs, rule, rel=1e-2)
+    _compare(_run(case, "chunk"), _run(case, "fla"), rule, rel=1e-2)
+
+
+# --- CPU: fla's kernels under the Triton interpreter ---------------------------------------------------
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+
+
+#: interpreted forward + backward near or over 5 s on a shared 2-core machine (3.8-7 s; the others 0.3-1.7 s)
+SLOW_INTERPRETED = {"comba", "kda", "rwkv7"}
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 on a machine without CUDA")
+@pytest.mark.parametrize(
+    "rule", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW_INTERPRETED else r for r in FLA_RULES]
+)
+def test_fla_kernel_under_the_interpreter_equals_our_chunk_form(rule):
+    pytest.importorskip("fla")
+    # two heads and Dk != Dv (a layout or [K, V] / [V, K] mix-up shows); a nonzero initial state (read
+    # as the carried state of every later chunk is); T = 40, one partial chunk of fla's 64; fla's dots
+    # need dims >= 16
+    case = _case(rule, "cpu", T=40, D=16, Dv=32, B=1, H=2)
+    _compare(_run(case, "chunk"), _run(case, "fla"), rule, rel=1e-4)
 
 
 # --- CPU: the adapters, with fla's pure-PyTorch references in place of its kernels --------------------
@@ -131,7 +143,15 @@ def _references():
 def test_adapters_with_fla_references_on_cpu(rule, monkeypatch):
     refs = _references()
     case = _case(rule, "cpu", T=64, D=8)  # the chunk references need T a multiple of their chunk
-    ours = _run(case, monkeypatch, fla=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="fla" takes CPU tensors (the references run)
     monkeypatch.setattr(fb, "_kernel", lambda r, q: refs[fb.FLA_KERNELS[r].split(":")[1]])
-    theirs = _run(case, monkeypatch, fla=True)
-    _compare(ours, theirs, rule, rel=1e-4)
+    _compare(_run(case, "chunk"), _run(case, "fla"), rule, rel=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 on a machine without CUDA")
+def test_fla_imported_before_the_interpreter_was_set_is_named(monkeypatch):
+    op = pytest.importorskip("fla.ops.utils.op")
+    monkeypatch.setattr(op, "exp", object())  # what a compiled (not interpreted) fla kernel module holds
+    case = _case("retnet", "cpu", T=4, D=16, B=1, H=1)
+    with pytest.raises(RuntimeError, match="fla-core was imported before TRITON_INTERPRET=1 was set"):
+        case.run("fla")

@@ -12,7 +12,8 @@
 
 or ``None`` for a rule fla has no kernel for (longhorn). Our PyTorch forms stay the CPU path and the
 oracle: ``tests/ops/family/test_fla_backend.py`` checks every mapping against our chunk form in float32,
-forward and gradients, on CUDA.
+output, final state and every gradient, on CUDA and on CPU under the Triton interpreter
+(``TRITON_INTERPRET=1``; :mod:`ttt.ops.family.fla_interpreter` lets fla's kernels run there, for tests).
 
 Conventions, ours -> fla (the same ones ``tests/ops/family/test_fla_oracle.py`` checks against fla's
 pure-PyTorch references on CPU):
@@ -38,6 +39,7 @@ pure-PyTorch references on CPU):
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 import torch
@@ -75,18 +77,25 @@ def fla_available() -> bool:
 
 def _kernel(rule: str, q: Tensor) -> Callable:
     """fla's kernel for ``rule``, after checking that ``q`` is something it runs on."""
-    if not q.is_cuda or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    interpreted = q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or interpreted) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
-            f"the fla backend of {rule!r} runs on CUDA tensors of float32 / bfloat16 / float16, got "
-            f"{q.dtype} on {q.device} (the chunk form is the CPU and float64 path)"
+            f"the fla backend of {rule!r} runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1) of "
+            f"float32 / bfloat16 / float16, got {q.dtype} on {q.device} (the chunk form is the CPU and "
+            "float64 path)"
         )
     module, name = FLA_KERNELS[rule].split(":")
     try:
-        return getattr(importlib.import_module(module), name)
+        kernel = getattr(importlib.import_module(module), name)
     except ImportError as err:
         raise ImportError(
             f"the fla backend of {rule!r} needs fla-core (pip install fla-core==0.6.0): {err}"
         ) from err
+    if interpreted:
+        from . import fla_interpreter  # noqa: PLC0415 -- Triton internals, touched only here
+
+        fla_interpreter.install()
+    return kernel
 
 
 def _bthd(x: Tensor) -> Tensor:
@@ -147,11 +156,15 @@ def _registered_form(rule, q: Tensor, tokens: dict[str, Tensor], S0: Tensor, *, 
 
 
 def register_fla_forms() -> None:
-    """Make ``impl="fla"`` run fla-core's kernel for each rule it has one for (CUDA, fla-core installed).
+    """Make ``impl="fla"`` run fla-core's kernel for each rule it has one for (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``; fla-core installed).
 
-    Not picked by ``impl="auto"``: these mappings were checked against fla's PyTorch references on CPU,
-    but not yet, all of them, against our chunk form on a GPU (docs/family.md)."""
+    Not picked by ``impl="auto"``: every mapping equals our chunk form with fla's kernels run by the
+    Triton interpreter on CPU, but not yet, all of them, compiled on a GPU (docs/family.md)."""
     from ..forms import Form, register_form
 
     for rule in FLA_KERNELS:
-        register_form(rule, Form("fla", _registered_form, auto=False, devices=("cuda",), requires="fla"))
+        register_form(
+            rule,
+            Form("fla", _registered_form, auto=False, devices=("cuda",), requires="fla", interpreted=True),
+        )
