@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -573,3 +574,71 @@ def test_a_diverged_run_exits_nonzero_with_one_line(corpus_dir, tmp_path, capsys
         and "no earlier" in err
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
+def test_an_out_that_is_a_file_is_one_line_and_writes_nothing(trained, corpus_dir, tmp_path, capsys, under):
+    """--out naming an existing file (or a path under one) gave the raw "[Errno 17] File exists" line, for
+    eval and convert only after all their work."""
+    afile = tmp_path / "afile"
+    afile.write_text("precious\n")
+    out = afile / "sub" if under else afile
+    train_argv = ["--preset", "micro", "--corpus", corpus_dir, "--steps", "1", "--batch-size", "2",
+                  "--context", "16", "--no-progress"]  # fmt: skip
+    commands = [
+        ["train", *train_argv],
+        ["eval", "--checkpoint", str(trained), "--max-batches", "1"],
+        ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"],
+        ["convert", "--teacher", str(tmp_path / "teacher"), "--context", "16"],
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run_before = sorted(p.name for p in trained.iterdir())
+    for argv in commands:
+        assert main([*argv, "--out", str(out)]) == 1, argv
+        err = capsys.readouterr().err
+        expected = "a run directory" if argv[0] in ("train", "convert") else "a directory"
+        assert err.startswith(f"ttt {argv[0]}: error: --out {out}") and err.count("\n") == 1, err
+        assert f"{afile} is a file; expected {expected}" in err, err
+    assert afile.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in trained.iterdir()) == run_before
+
+
+def test_sigterm_before_the_training_loop_leaves_no_lock(corpus_dir, tmp_path):
+    """A SIGTERM between taking the run's lock and installing the loop's handler (data, tokenizer, model)
+    ended the process where it stood: its .lock (and the empty run directory) stayed behind."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ttt.cli.main", "train", "--preset", "micro", "--corpus", corpus_dir,
+           "--steps", "100000", "--batch-size", "2", "--context", "16", "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / ".lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert not (run / ".lock").exists(), (proc.returncode, err)
+    assert proc.returncode == 130 and "ttt train: interrupted" in err, (proc.returncode, err)
+    # nothing left (the usual case: the signal came before the loop), or a saved step (the loop had begun)
+    assert (not run.exists() and "model:" not in out) or find_checkpoint(run)
+
+
+def test_eval_never_writes_through_a_named_link_to_a_checkpoint(trained, tmp_path, capsys):
+    """A checkpoint named through a symbolic link, outside any run directory: eval's results went to the
+    link's target, into another run's checkpoint directory."""
+    target = trained / "step-000002"
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "best"
+    link.symlink_to(target)
+    before = sorted(p.name for p in target.iterdir())
+    assert main(["eval", "--checkpoint", str(link), "--max-batches", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt eval: error: --checkpoint {link} is a symbolic link") and err.count("\n") == 1
+    assert "--out" in err
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert os.listdir(tmp_path / "elsewhere") == ["best"]
+    # with --out the results go where it says
+    assert main(["eval", "--checkpoint", str(link), "--max-batches", "1", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "eval-step-000002.json").is_file()
+    assert sorted(p.name for p in target.iterdir()) == before

@@ -169,6 +169,13 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
     with pytest.raises(LlamaLoadError, match="no such file"):
         convert(args_for(teacher_dir, out, teacher=str(tmp_path / "nothing.gguf")))
     assert not out.exists()
+    # --out an existing file, or a path under one: refused before the teacher is read (it was refused by
+    # the first checkpoint, after the baselines and a stage of training, as "[Errno 17] File exists")
+    out.write_text("precious\n")
+    for where in (out, out / "sub"):
+        with pytest.raises(ValueError, match=f"^--out {where}.* is a file; expected a run directory"):
+            convert(args_for(teacher_dir, where))
+    assert out.read_text() == "precious\n"
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "gated_deltanet"])

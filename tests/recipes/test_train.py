@@ -457,3 +457,29 @@ def test_a_missing_matplotlib_is_named_with_its_extra(corpus_dir, tmp_path, monk
     out = capsys.readouterr().out
     assert "no loss_curve.png: the loss curve needs matplotlib: pip install 'ttt[plot]'" in out
     assert not (tmp_path / "run" / "loss_curve.png").exists()
+
+
+def test_sigterm_raises_while_the_run_is_locked_before_the_loop(corpus_dir, tmp_path, monkeypatch):
+    """The lock was held while SIGTERM still had its default action (end the process at once): a SIGTERM
+    before the loop's handler (data, tokenizer, model) left the .lock behind. Now it raises, as Ctrl-C does,
+    and the lock's file and the still empty run directory go."""
+    import ttt.recipes.train as recipe
+
+    seen = []
+    real = recipe._prepare
+
+    def prepare(run):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        assert (run.run_dir / ".lock").is_file()
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run)
+
+    monkeypatch.setattr(recipe, "_prepare", prepare)
+    before = signal.getsignal(signal.SIGTERM)
+    train(small_args(corpus_dir, tmp_path / "run", steps=1))
+    assert seen[0] not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    assert signal.getsignal(signal.SIGTERM) is before  # given back afterwards
+    with pytest.raises(KeyboardInterrupt):
+        train(small_args(corpus_dir, tmp_path / "run2", steps=1))
+    assert not (tmp_path / "run2").exists() and signal.getsignal(signal.SIGTERM) is before

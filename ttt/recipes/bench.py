@@ -90,7 +90,9 @@ def bench(args: BenchArgs) -> list[BenchRow]:
     """Run the benchmark; writes ``bench.md`` and ``bench.png`` into ``args.out``."""
     from ttt.layers import MIXERS
     from ttt.models import state_nbytes
+    from ttt.models.checkpoint import check_out_dir
 
+    check_out_dir(args.out, expected="a directory")
     set_threads(args.threads)
     device = resolve_device(args.device)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]

@@ -436,8 +436,10 @@ class _Conversion:
     def __init__(self, args: ConvertArgs) -> None:
         from ttt.data import load_corpus, prepare
         from ttt.layers import MIXERS
+        from ttt.models.checkpoint import check_out_dir
 
         _check_args(args)
+        check_out_dir(args.out)
         set_threads(args.threads)
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
         extra = parse_mixer_kwargs(args.mixer_kwargs)

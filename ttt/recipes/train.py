@@ -280,15 +280,15 @@ def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures.
 
     The run directory is locked (``.lock``) while it runs: a second ``train`` on it is refused."""
-    from ttt.models.checkpoint import find_checkpoint, lock_run
+    from ttt.models.checkpoint import check_out_dir, find_checkpoint, lock_run
 
     _check_args(args)
-    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
+    run_dir = check_out_dir(args.out or f"runs/{args.mixer}-{args.preset}")
     if args.resume:
         find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
     if int(os.environ.get("RANK", "0")) != 0:
         return _train(args, run_dir)
-    with lock_run(run_dir):
+    with lock_run(run_dir):  # SIGTERM raises while it holds the lock, until the loop's handler takes over
         return _train(args, run_dir)
 
 
