@@ -642,3 +642,55 @@ def test_eval_never_writes_through_a_named_link_to_a_checkpoint(trained, tmp_pat
     assert main(["eval", "--checkpoint", str(link), "--max-batches", "1", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "eval-step-000002.json").is_file()
     assert sorted(p.name for p in target.iterdir()) == before
+
+
+def test_an_out_that_is_empty_or_inside_a_checkpoint_is_refused(
+    trained, corpus_dir, tmp_path, capsys, monkeypatch
+):
+    """--out '' meant the default (train, eval) or the current directory (convert wrote its checkpoints and
+    hf/ there); --out naming a checkpoint directory (or a path inside one) wrote a run into it."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained / "step-000002"
+    before = sorted(p.name for p in ckpt.iterdir())
+    commands = [
+        ["train", "--preset", "micro", "--corpus", corpus_dir, "--steps", "1", "--batch-size", "2",
+         "--context", "16", "--no-progress"],
+        ["eval", "--checkpoint", str(trained), "--max-batches", "1"],
+        ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"],
+        ["convert", "--teacher", str(tmp_path / "teacher"), "--context", "16"],
+    ]  # fmt: skip
+    top = sorted(p.name for p in tmp_path.iterdir())
+    for argv in commands:
+        for out, message in [
+            ("", "--out is empty; expected"),
+            (str(ckpt), f"--out {ckpt} is a checkpoint directory"),
+            (str(ckpt / "sub"), f"--out {ckpt / 'sub'}: {ckpt} is a checkpoint directory"),
+        ]:
+            assert main([*argv, "--out", out]) == 1, (argv, out)
+            err = capsys.readouterr().err
+            assert err.startswith(f"ttt {argv[0]}: error: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == top
+
+
+def test_bench_and_generate_numbers_are_checked(trained, tmp_path, capsys):
+    """bench: --heads 0 was a raw ZeroDivisionError traceback, --dim 0 torch's three-line message,
+    --batch-size 0 wrote a table of nothing, --lengths abc named no option; generate --temperature inf
+    sampled uniformly without a word."""
+    bench = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+             "--out", str(tmp_path / "b")]  # fmt: skip
+    cases = [
+        ([*bench, "--heads", "0"], "--heads must be >= 1, got 0"),
+        ([*bench, "--dim", "0"], "--dim must be >= 1, got 0"),
+        ([*bench, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ([*bench, "--lengths", "abc"], "--lengths must be comma-separated integers >= 1, e.g. '256,1024', got 'abc'"),
+        ([*bench, "--lengths", "8,,16"], "--lengths must be comma-separated integers >= 1"),
+        ([*bench, "--lengths", "0"], "--lengths must be comma-separated integers >= 1"),
+        (["generate", "--checkpoint", str(trained), "--prompt", "x", "--temperature", "inf"],
+         "--temperature must be a finite number >= 0 (0: greedy), got inf"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"ttt {argv[0]}: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "b").exists()

@@ -4,6 +4,7 @@ transformers, generate; exact resume; bad input fails in one line and writes not
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -176,6 +177,18 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path, monkeyp
     with pytest.raises(LlamaLoadError, match=r"^cannot fetch the SmolLM2 GGUF .*\(offline\?\)[^\n]*$"):
         convert(args_for(teacher_dir, out, teacher="smollm2"))
     assert not out.exists() and not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    # numbers checked before the teacher is read: a negative --ce-weight trained silently (ascending the
+    # cross-entropy); a bad --lora-rank failed after stage (a), NaN / infinite ones when saving, leaving files
+    for change, message in [
+        ({"ce_weight": -1.0}, "--ce-weight must be a finite number >= 0, got -1.0"),
+        ({"ce_weight": float("nan")}, "--ce-weight must be a finite number >= 0, got nan"),
+        ({"lora_rank": 0, "update": "lora"}, "--lora-rank must be >= 1, got 0"),
+        ({"transfer_lr": -1.0}, "--transfer-lr must be a finite number > 0, got -1.0"),
+        ({"distill_lr": float("inf")}, "--distill-lr must be a finite number > 0, got inf"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            convert(args_for(teacher_dir, out, **change))
+        assert not out.exists()
     # --out an existing file, or a path under one: refused before the teacher is read (it was refused by
     # the first checkpoint, after the baselines and a stage of training, as "[Errno 17] File exists")
     out.write_text("precious\n")
@@ -216,3 +229,24 @@ def test_from_scratch_floor_trains_the_same_shape_with_cross_entropy(teacher_dir
     with pytest.raises(ValueError, match="--from-scratch trains every parameter"):
         convert(args_for(teacher_dir, tmp_path / "bad", from_scratch=True, update="lora"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_fresh_run_never_replaces_what_a_directory_holds(teacher_dir, tmp_path):
+    """A fresh convert into a directory with step-N checkpoints but no 'latest' deleted them and wrote its
+    own (and replaced convert.json and hf/); a second convert on the same directory was not refused."""
+    from ttt.models.checkpoint import RunLocked, lock_run
+
+    run = tmp_path / "run"
+    (run / "step-000004").mkdir(parents=True)
+    (run / "step-000004" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(Exception, match="already holds checkpoints .* --resume"):
+        convert(args_for(teacher_dir, run))
+    assert sorted(p.name for p in run.rglob("*")) == ["model.safetensors", "step-000004"]
+    other = tmp_path / "other"
+    (other / "hf").mkdir(parents=True)
+    (other / "hf" / "config.json").write_text("{}")
+    with pytest.raises(Exception, match=r"already holds .*hf"):
+        convert(args_for(teacher_dir, other))
+    assert (other / "hf" / "config.json").read_text() == "{}"
+    with lock_run(tmp_path / "busy"), pytest.raises(RunLocked, match="in use by another"):
+        convert(args_for(teacher_dir, tmp_path / "busy"))

@@ -92,6 +92,28 @@ def test_bad_arguments(corpus_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": float("inf")}, "--lr must be a finite number > 0, got inf"),
+        ({"lr": -1.0}, "--lr must be a finite number > 0, got -1.0"),
+        ({"min_lr": -1e-5}, r"--min-lr must lie in \[0, --lr\], got -1e-05"),
+        ({"min_lr": 1.0}, r"--min-lr must lie in \[0, --lr\], got 1.0"),
+        ({"warmup": -0.5}, "--warmup must be a finite number >= 0"),
+        ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
+        ({"grad_clip": -1.0}, r"--grad-clip must be a finite number >= 0 \(0: off\)"),
+        ({"grad_clip": float("nan")}, r"--grad-clip must be a finite number >= 0 \(0: off\), got nan"),
+    ],
+)
+def test_bad_optimizer_numbers_are_refused_before_anything_is_written(corpus_dir, tmp_path, change, message):
+    """A negative --min-lr (the schedule ended in gradient ascent), --weight-decay or --warmup trained
+    silently; an infinite --lr or a NaN --grad-clip failed only when the first checkpoint's metadata was
+    written, leaving metrics.jsonl and TensorBoard files."""
+    with pytest.raises(ValueError, match=message):
+        train(small_args(corpus_dir, tmp_path / "x", **change))
+    assert not (tmp_path / "x").exists()
+
+
 def test_schedule_warms_up_then_decays():
     args = TrainArgs(steps=100, lr=1.0, min_lr=0.1, warmup=0.1)
     lrs = [lr_at(s, args) for s in range(100)]

@@ -262,16 +262,22 @@ def update_checkpoint_meta(ckpt_dir: str | os.PathLike, **fields: Any) -> None:
 
 
 def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", expected: str = "a run directory") -> Path:
-    """Refuse, before any work, an output directory that cannot be one: ``path`` or a folder above it is a
-    file (or another non-directory, a dangling link). Raises a one-line ``ValueError`` naming ``flag``
-    and what was expected; returns ``Path(path)``. Nothing is created."""
+    """Refuse, before any work, an output directory that cannot be one: an empty path (it would mean the
+    current directory), ``path`` or a folder above it is a file (or another non-directory, a dangling
+    link), or it is or lies inside a checkpoint directory (one holding ``checkpoint.json``: a run written
+    there would mix with the checkpoint's files). Raises a one-line ``ValueError`` naming ``flag`` and what
+    was expected; returns ``Path(path)``. Nothing is created."""
+    if not str(path):
+        raise ValueError(f"{flag} is empty; expected {expected}")
     p = Path(path)
     for q in (p, *p.parents):
+        where = f"{p} is" if q == p else f"{p}: {q} is"
         if q.is_dir():
-            break
+            if (q / "checkpoint.json").is_file():
+                raise ValueError(f"{flag} {where} a checkpoint directory; expected {expected} outside it")
+            continue
         if q.exists() or q.is_symlink():
             what = "a file" if q.is_file() else "a link to nothing" if not q.exists() else "not a directory"
-            where = f"{p} is" if q == p else f"{p}: {q} is"
             raise ValueError(f"{flag} {where} {what}; expected {expected}")
     return p
 

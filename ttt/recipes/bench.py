@@ -99,9 +99,18 @@ def bench(args: BenchArgs) -> list[BenchRow]:
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown or not mixers:
         raise ValueError(f"unknown mixer(s) {unknown}; choose from {sorted(MIXERS)}")
-    lengths = [int(t) for t in args.lengths.split(",")]
-    if any(t < 1 for t in lengths) or args.repeats < 1:
-        raise ValueError("lengths and repeats must be >= 1")
+    for flag, value in (("--dim", args.dim), ("--heads", args.heads), ("--batch-size", args.batch_size),
+                        ("--repeats", args.repeats)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    try:
+        lengths = [int(t) for t in args.lengths.split(",")]
+    except ValueError:
+        lengths = [0]
+    if any(t < 1 for t in lengths):
+        raise ValueError(
+            f"--lengths must be comma-separated integers >= 1, e.g. '256,1024', got {args.lengths[:60]!r}"
+        )
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: list[BenchRow] = []

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dist", "lm_loss", "resolve_device", "save_plot", "setup_dist", "set_threads"]
+__all__ = ["Dist", "check_number", "lm_loss", "resolve_device", "save_plot", "setup_dist", "set_threads"]
 
 
 def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
@@ -36,6 +36,21 @@ def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
     if unknown:
         raise ValueError(f"--mixer-kwargs names unknown mixers {unknown}; choose from {sorted(MIXERS)}")
     return parsed
+
+
+def check_number(
+    flag: str, value: float, *, above: float | None = None, least: float = 0.0, hint: str = ""
+) -> None:
+    """Refuse (one-line ``ValueError``) a command-line number that is not finite, or not ``> above`` (when
+    given) / ``>= least``: e.g. ``--lr must be a finite number > 0, got inf``."""
+    import math
+
+    if above is not None:
+        fine, bound = value > above, f"> {above:g}"
+    else:
+        fine, bound = value >= least, f">= {least:g}"
+    if not (math.isfinite(value) and fine):
+        raise ValueError(f"{flag} must be a finite number {bound}{hint}, got {value}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import (
+    check_number,
     load_optimizer_tensors,
     optimizer_tensors,
     parse_mixer_kwargs,
@@ -116,6 +117,8 @@ class ConvertArgs:
 
 # the arguments that may change when a run resumes
 RUNTIME_ARGS = ("resume", "device", "threads", "progress", "out")
+#: what a conversion writes into its run directory besides its checkpoints
+RUN_OUTPUTS = ("convert.json", "losses.png", "hf")
 
 
 def parse_blocks(spec: str, n_layers: int) -> list[int]:
@@ -386,6 +389,11 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
+    check_number("--transfer-lr", args.transfer_lr, above=0)
+    check_number("--distill-lr", args.distill_lr, above=0)
+    check_number("--ce-weight", args.ce_weight, least=0)
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.from_scratch and args.update != "full":
         raise ValueError(
             f"--from-scratch trains every parameter: expected --update full, got {args.update!r}"
@@ -410,12 +418,19 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
 def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     """The latest checkpoint's metadata when resuming (same arguments required), else None; a fresh run
     refuses a directory that already holds a run."""
-    from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint
 
     if not args.resume:
-        if (run / "latest").exists():
+        if has_checkpoints(run):
             raise CheckpointError(
-                f"{run} already holds a run: pass --resume to continue it or choose another --out"
+                f"{run} already holds checkpoints ('latest' or step-N): pass --resume to continue its run or "
+                "choose another --out (nothing is replaced)"
+            )
+        outputs = [name for name in RUN_OUTPUTS if (run / name).exists() or (run / name).is_symlink()]
+        if outputs:
+            raise CheckpointError(
+                f"{run} already holds {', '.join(outputs)} of another conversion: choose another --out "
+                "(nothing is replaced)"
             )
         return None
     _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
@@ -674,9 +689,17 @@ class _Conversion:
 
 def convert(args: ConvertArgs) -> dict[str, Any]:
     """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
-    from ttt.models.checkpoint import write_text_atomic
+    from ttt.models.checkpoint import lock_run
 
     job = _Conversion(args)
+    with lock_run(job.run):  # one process per run directory; SIGTERM raises while it is held
+        return _run(job, args)
+
+
+def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
+    from ttt.models.checkpoint import refuse_links, write_text_atomic
+
+    refuse_links(job.run, ("convert.json", "losses.png"))
     job.baselines()
     job.restore()
     job.calibrate()

@@ -178,7 +178,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     from ttt.models.checkpoint import check_out_dir, checkpoint_tokenizer, find_checkpoint, load_model
 
     _check(args)
-    if args.out:
+    if args.out is not None:
         check_out_dir(args.out, expected="a directory")
     set_threads(args.threads)
     device = resolve_device(args.device)

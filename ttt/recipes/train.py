@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .args import TrainArgs
 from .common import (
     Dist,
+    check_number,
     lm_loss,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -195,6 +196,12 @@ def _check_args(args: TrainArgs) -> None:
             raise ValueError(f"{flag} must be >= {least}{hint}, got {value}")
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
+    check_number("--lr", args.lr, above=0)
+    for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
+        check_number(flag, value, least=0)
+    check_number("--grad-clip", args.grad_clip, least=0, hint=" (0: off)")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr must lie in [0, --lr], got {args.min_lr} (--lr {args.lr})")
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
     if args.strategy not in ("ddp", "fsdp"):
@@ -283,7 +290,7 @@ def train(args: TrainArgs) -> TrainResult:
     from ttt.models.checkpoint import check_out_dir, find_checkpoint, lock_run
 
     _check_args(args)
-    run_dir = check_out_dir(args.out or f"runs/{args.mixer}-{args.preset}")
+    run_dir = check_out_dir(args.out if args.out is not None else f"runs/{args.mixer}-{args.preset}")
     if args.resume:
         find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
     if int(os.environ.get("RANK", "0")) != 0:
