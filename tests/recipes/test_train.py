@@ -505,3 +505,27 @@ def test_sigterm_raises_while_the_run_is_locked_before_the_loop(corpus_dir, tmp_
     with pytest.raises(KeyboardInterrupt):
         train(small_args(corpus_dir, tmp_path / "run2", steps=1))
     assert not (tmp_path / "run2").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("name", ["result.json", "metrics.jsonl", "loss_curve.png"])
+def test_a_fresh_run_never_replaces_files_it_did_not_write(corpus_dir, tmp_path, name):
+    """A directory without checkpoints is not a run: its result.json, metrics.jsonl, plots were the user's,
+    and a fresh `ttt train --out` there replaced (or truncated) them without a word."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / name).write_text("precious\n")
+    for overwrite in (False, True):  # --overwrite deletes only a run's files
+        with pytest.raises(FileExistsError, match=f"{run} holds {name}, which no ttt run here wrote"):
+            train(small_args(corpus_dir, run, plot=True, overwrite=overwrite))
+        assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_text() == "precious\n"
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(corpus_dir, tmp_path):
+    """Its metrics.jsonl (ttt's records only, the last line cut short) is not the user's: a new run
+    replaces those records."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 5.0}\n{"kind": "tra')
+    train(small_args(corpus_dir, run, steps=1))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines and all('"kind"' in line for line in lines) and '{"kind": "tra' not in lines

@@ -357,6 +357,8 @@ def _prepare(run: _Run) -> _Run:
             f"{run_dir} already holds checkpoints ('latest' or step-N); pass --resume to continue it or "
             "--overwrite to start over (or choose another --out)"
         )
+    elif not has_checkpoints(run_dir):
+        _refuse_foreign_outputs(run_dir)
     run.corpus = load_corpus(args.corpus)
     if run.saved:
         run.tokenizer = checkpoint_tokenizer(run.saved[1])
@@ -373,6 +375,37 @@ def _prepare(run: _Run) -> _Run:
     if run.dist.main:
         refuse_links(run_dir, RUN_OUTPUTS)
     return run
+
+
+def _refuse_foreign_outputs(run_dir: Path) -> None:
+    """A directory without checkpoints is no run: a ``result.json`` or ``loss_curve.png`` there, or a
+    ``metrics.jsonl`` with lines that are not ttt's records, is the user's, and a fresh run (``--overwrite``
+    too, which deletes only a run's files) would replace it. The records of a run killed before its first
+    checkpoint (the last line possibly cut short) are ttt's: the new run replaces them."""
+    from .loop import MetricsLog
+
+    found = [name for name in ("result.json", "loss_curve.png") if (run_dir / name).exists()]
+    jsonl = run_dir / MetricsLog.JSONL
+    if jsonl.is_file():
+        with open(jsonl, "rb") as f:
+            lines = f.read(64 << 20).decode(errors="replace").splitlines()
+        if any(not _is_record(line) for line in lines[:-1]) or (
+            lines and not lines[-1].startswith('{"kind"')
+        ):
+            found.append(MetricsLog.JSONL)
+    if found:
+        raise FileExistsError(
+            f"{run_dir} holds {', '.join(found)}, which no ttt run here wrote (it has no checkpoints): a new "
+            "run would replace them; move them away or choose another --out"
+        )
+
+
+def _is_record(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "kind" in record and "step" in record
 
 
 # The TTT layers `ttt train` builds by default: the (M) variant, q and k through short causal convolutions
