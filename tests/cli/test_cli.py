@@ -422,7 +422,7 @@ def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path,
     assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--context", "8"]) == 0
     captured = capsys.readouterr()
     assert "(2 text files)" in captured.out and "image.bin" in captured.err
-    result = json.loads((trained / "eval-step-000003-file-texts.json").read_text())
+    result = json.loads((trained / "eval-step-000003-file-texts-context-8.json").read_text())
     assert result["files"] == 2 and result["skipped"] == [str(texts / "image.bin")] and result["context"] == 8
     # nothing written beside the texts; the run directory's corpus evaluation is left alone
     assert sorted(p.name for p in texts.rglob("*")) == before
@@ -694,3 +694,28 @@ def test_bench_and_generate_numbers_are_checked(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"ttt {argv[0]}: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "b").exists()
+
+
+def test_eval_on_another_corpus_or_context_keeps_the_earlier_results(trained, tmp_path, capsys):
+    """The results were named by the step alone (and --file): evaluating the same checkpoint on another
+    --corpus, or at another --context, replaced the earlier eval-step-N.json and its table and plot."""
+    import json
+
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"line {i}: a quick brown fox\n" for i in range(400)))
+    base = ["eval", "--checkpoint", str(trained), "--max-batches", "1"]
+    assert main(base) == 0
+    first = (trained / "eval-step-000003.json").read_text()
+    assert main([*base, "--context", "8"]) == 0
+    assert main([*base, "--corpus", str(other)]) == 0
+    assert main([*base, "--corpus", str(other), "--context", "8"]) == 0
+    capsys.readouterr()
+    assert (trained / "eval-step-000003.json").read_text() == first
+    for stem, corpus, context in [
+        ("step-000003-context-8", None, 8),
+        ("step-000003-corpus-other.txt", str(other), 32),
+        ("step-000003-corpus-other.txt-context-8", str(other), 8),
+    ]:
+        result = json.loads((trained / f"eval-{stem}.json").read_text())
+        assert result["context"] == context and (corpus is None or result["corpus"] == corpus)
+        assert (trained / f"loss_by_position-{stem}.md").is_file()

@@ -173,7 +173,8 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
 
     Writes ``eval-step-N.json`` (the result, with the checkpoint, step, what was scored, context and
     batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory);
-    with ``args.file`` the names end in ``-file-NAME``."""
+    with ``args.file`` the names go on with ``-file-NAME``, with another corpus than the checkpoint's with
+    ``-corpus-NAME``, and with another context than its training context with ``-context-N``."""
     from ttt.data import TokenData
     from ttt.models.checkpoint import check_out_dir, checkpoint_tokenizer, find_checkpoint, load_model
 
@@ -187,6 +188,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     model, meta = load_model(ckpt, device=device)
     train_args = meta.get("args", {})
     context = args.context if args.context is not None else train_args.get("context", 128)
+    context_asked = context
     if context > model.config.max_seq_len:
         raise ValueError(
             f"context {context} is longer than this model's max_seq_len = {model.config.max_seq_len}"
@@ -214,7 +216,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
 
     step = int(meta.get("step", 0))
-    stem = f"step-{step:06d}" + (f"-file-{_file_slug(args.file)}" if args.file else "")
+    stem = _stem(args, step, corpus_name, context_asked, train_args)
     result = EvalResult(
         loss,
         data.bits_per_byte(loss),
@@ -235,6 +237,19 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     )
     _write(result, out, stem, scored.label, data, by_pos, meta["config"]["mixer"])
     return result
+
+
+def _stem(args: EvalArgs, step: int, corpus: str, context: int, train_args: dict) -> str:
+    """The results' name: the step, then what differs from the checkpoint's own evaluation (a file, another
+    corpus, another context), so evaluating the same checkpoint otherwise never replaces earlier results."""
+    stem = f"step-{step:06d}"
+    if args.file:
+        stem += f"-file-{_file_slug(args.file)}"
+    elif corpus != train_args.get("corpus", "shakespeare"):
+        stem += f"-corpus-{_file_slug(corpus)}"
+    if context != train_args.get("context", 128):
+        stem += f"-context-{context}"
+    return stem
 
 
 def _out_dir(args: EvalArgs, ckpt: Path) -> Path:
