@@ -719,3 +719,43 @@ def test_eval_on_another_corpus_or_context_keeps_the_earlier_results(trained, tm
         result = json.loads((trained / f"eval-{stem}.json").read_text())
         assert result["context"] == context and (corpus is None or result["corpus"] == corpus)
         assert (trained / f"loss_by_position-{stem}.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["bench.md", "bench.json", "bench.png"])
+def test_bench_never_writes_through_a_link(tmp_path, capsys, name):
+    """bench wrote its files with plain writes: a bench.md, bench.json or bench.png in --out that links
+    elsewhere had its target overwritten."""
+    out, victim = tmp_path / "b", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious\n")
+    (out / name).symlink_to(victim)
+    argv = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt bench: error: {out / name} is a symbolic link") and err.count("\n") == 1
+    assert victim.read_text() == "precious\n" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_ls_and_device_bad_input_name_what_was_expected(tmp_path, capsys):
+    """ls --runs FILE said 'none under FILE' and exited 0; --device tpu gave torch's list of device types
+    without naming the option."""
+    (tmp_path / "afile").write_text("x\n")
+    assert main(["ls", "--runs", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt ls: error: --runs {tmp_path / 'afile'} is a file; expected a directory")
+    argv = [
+        "bench",
+        "--mixers",
+        "attention",
+        "--lengths",
+        "8",
+        "--device",
+        "tpu",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ttt bench: error: --device 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    assert err.count("\n") == 1 and not (tmp_path / "b").exists()
