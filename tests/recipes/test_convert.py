@@ -250,3 +250,23 @@ def test_a_fresh_run_never_replaces_what_a_directory_holds(teacher_dir, tmp_path
     assert (other / "hf" / "config.json").read_text() == "{}"
     with lock_run(tmp_path / "busy"), pytest.raises(RunLocked, match="in use by another"):
         convert(args_for(teacher_dir, tmp_path / "busy"))
+
+
+def test_a_resumed_run_never_writes_through_a_link(teacher_dir, tmp_path):
+    """hf/ (or a file in it) that links elsewhere: the export wrote the model over the link's target."""
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1))
+    victim.mkdir()
+    (victim / "config.json").write_text("precious\n")
+    for link, target in ((run / "hf" / "config.json", victim / "config.json"), (run / "hf", victim)):
+        if link.is_dir():
+            import shutil
+
+            shutil.rmtree(link)
+        else:
+            link.unlink()
+        link.symlink_to(target)
+        with pytest.raises(Exception, match=f"{link} is a symbolic link"):
+            convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1, resume=True))
+        assert sorted(p.name for p in victim.iterdir()) == ["config.json"]
+        assert (victim / "config.json").read_text() == "precious\n"

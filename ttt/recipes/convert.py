@@ -699,7 +699,7 @@ def convert(args: ConvertArgs) -> dict[str, Any]:
 def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     from ttt.models.checkpoint import refuse_links, write_text_atomic
 
-    refuse_links(job.run, ("convert.json", "losses.png"))
+    refuse_links(job.run, (*RUN_OUTPUTS, "hf/*"))
     job.baselines()
     job.restore()
     job.calibrate()
