@@ -243,9 +243,14 @@ def tiny_llama(path, *, tie: bool = True, seed: int = 0, n_layers: int = 2):
     return model
 
 
-def write_llama_gguf(model, tokenizer_json, path) -> None:
+def write_llama_gguf(model, tokenizer_json, path, *, metadata: dict | None = None, edit=None) -> None:
     """Write a HF Llama ``model`` as a float32 GGUF file the way llama.cpp's converter lays it out
-    (per-head permuted q/k rows, ``blk.N.*`` names, tokenizer metadata from ``tokenizer_json``)."""
+    (per-head permuted q/k rows, ``blk.N.*`` names, tokenizer metadata from ``tokenizer_json``).
+
+    For tests of broken files: ``metadata`` replaces the model's values of ``block_count``,
+    ``context_length``, ``embedding_length``, ``feed_forward_length``, ``head_count``, ``head_count_kv``,
+    ``rope_freq_base``, ``layer_norm_rms_eps``; ``edit(name, array)`` returns the array to write under
+    ``name`` (None: leave the tensor out)."""
     import json
 
     import gguf
@@ -256,14 +261,22 @@ def write_llama_gguf(model, tokenizer_json, path) -> None:
     tokens = sorted(vocab, key=vocab.get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    theta = c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta
+    values = {
+        "block_count": c.num_hidden_layers,
+        "context_length": c.max_position_embeddings,
+        "embedding_length": c.hidden_size,
+        "feed_forward_length": c.intermediate_size,
+        "head_count": c.num_attention_heads,
+        "head_count_kv": c.num_key_value_heads,
+        "rope_freq_base": theta,
+        "layer_norm_rms_eps": c.rms_norm_eps,
+    }
+    unknown = set(metadata or {}) - set(values)
+    if unknown:
+        raise ValueError(f"unknown GGUF metadata {sorted(unknown)}; choose from {sorted(values)}")
+    for key, value in {**values, **(metadata or {})}.items():
+        getattr(w, f"add_{key}")(value)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
@@ -295,6 +308,10 @@ def write_llama_gguf(model, tokenizer_json, path) -> None:
             elif key == "self_attn.k_proj":
                 t = permute(t, c.num_key_value_heads)
             out = f"blk.{i}.{names[key]}.weight"
+        if edit is not None:
+            t = edit(out, t)
+            if t is None:
+                continue
         w.add_tensor(out, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()

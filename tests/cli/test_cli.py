@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -421,7 +422,7 @@ def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path,
     assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--context", "8"]) == 0
     captured = capsys.readouterr()
     assert "(2 text files)" in captured.out and "image.bin" in captured.err
-    result = json.loads((trained / "eval-step-000003-file-texts.json").read_text())
+    result = json.loads((trained / "eval-step-000003-file-texts-context-8.json").read_text())
     assert result["files"] == 2 and result["skipped"] == [str(texts / "image.bin")] and result["context"] == 8
     # nothing written beside the texts; the run directory's corpus evaluation is left alone
     assert sorted(p.name for p in texts.rglob("*")) == before
@@ -573,3 +574,188 @@ def test_a_diverged_run_exits_nonzero_with_one_line(corpus_dir, tmp_path, capsys
         and "no earlier" in err
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
+def test_an_out_that_is_a_file_is_one_line_and_writes_nothing(trained, corpus_dir, tmp_path, capsys, under):
+    """--out naming an existing file (or a path under one) gave the raw "[Errno 17] File exists" line, for
+    eval and convert only after all their work."""
+    afile = tmp_path / "afile"
+    afile.write_text("precious\n")
+    out = afile / "sub" if under else afile
+    train_argv = ["--preset", "micro", "--corpus", corpus_dir, "--steps", "1", "--batch-size", "2",
+                  "--context", "16", "--no-progress"]  # fmt: skip
+    commands = [
+        ["train", *train_argv],
+        ["eval", "--checkpoint", str(trained), "--max-batches", "1"],
+        ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"],
+        ["convert", "--teacher", str(tmp_path / "teacher"), "--context", "16"],
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run_before = sorted(p.name for p in trained.iterdir())
+    for argv in commands:
+        assert main([*argv, "--out", str(out)]) == 1, argv
+        err = capsys.readouterr().err
+        expected = "a run directory" if argv[0] in ("train", "convert") else "a directory"
+        assert err.startswith(f"ttt {argv[0]}: error: --out {out}") and err.count("\n") == 1, err
+        assert f"{afile} is a file; expected {expected}" in err, err
+    assert afile.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in trained.iterdir()) == run_before
+
+
+def test_sigterm_before_the_training_loop_leaves_no_lock(corpus_dir, tmp_path):
+    """A SIGTERM between taking the run's lock and installing the loop's handler (data, tokenizer, model)
+    ended the process where it stood: its .lock (and the empty run directory) stayed behind."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ttt.cli.main", "train", "--preset", "micro", "--corpus", corpus_dir,
+           "--steps", "100000", "--batch-size", "2", "--context", "16", "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / ".lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert not (run / ".lock").exists(), (proc.returncode, err)
+    assert proc.returncode == 130 and "ttt train: interrupted" in err, (proc.returncode, err)
+    # nothing left (the usual case: the signal came before the loop), or a saved step (the loop had begun)
+    assert (not run.exists() and "model:" not in out) or find_checkpoint(run)
+
+
+def test_eval_never_writes_through_a_named_link_to_a_checkpoint(trained, tmp_path, capsys):
+    """A checkpoint named through a symbolic link, outside any run directory: eval's results went to the
+    link's target, into another run's checkpoint directory."""
+    target = trained / "step-000002"
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "best"
+    link.symlink_to(target)
+    before = sorted(p.name for p in target.iterdir())
+    assert main(["eval", "--checkpoint", str(link), "--max-batches", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt eval: error: --checkpoint {link} is a symbolic link") and err.count("\n") == 1
+    assert "--out" in err
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert os.listdir(tmp_path / "elsewhere") == ["best"]
+    # with --out the results go where it says
+    assert main(["eval", "--checkpoint", str(link), "--max-batches", "1", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "eval-step-000002.json").is_file()
+    assert sorted(p.name for p in target.iterdir()) == before
+
+
+def test_an_out_that_is_empty_or_inside_a_checkpoint_is_refused(
+    trained, corpus_dir, tmp_path, capsys, monkeypatch
+):
+    """--out '' meant the default (train, eval) or the current directory (convert wrote its checkpoints and
+    hf/ there); --out naming a checkpoint directory (or a path inside one) wrote a run into it."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained / "step-000002"
+    before = sorted(p.name for p in ckpt.iterdir())
+    commands = [
+        ["train", "--preset", "micro", "--corpus", corpus_dir, "--steps", "1", "--batch-size", "2",
+         "--context", "16", "--no-progress"],
+        ["eval", "--checkpoint", str(trained), "--max-batches", "1"],
+        ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"],
+        ["convert", "--teacher", str(tmp_path / "teacher"), "--context", "16"],
+    ]  # fmt: skip
+    top = sorted(p.name for p in tmp_path.iterdir())
+    for argv in commands:
+        for out, message in [
+            ("", "--out is empty; expected"),
+            (str(ckpt), f"--out {ckpt} is a checkpoint directory"),
+            (str(ckpt / "sub"), f"--out {ckpt / 'sub'}: {ckpt} is a checkpoint directory"),
+        ]:
+            assert main([*argv, "--out", out]) == 1, (argv, out)
+            err = capsys.readouterr().err
+            assert err.startswith(f"ttt {argv[0]}: error: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == top
+
+
+def test_bench_and_generate_numbers_are_checked(trained, tmp_path, capsys):
+    """bench: --heads 0 was a raw ZeroDivisionError traceback, --dim 0 torch's three-line message,
+    --batch-size 0 wrote a table of nothing, --lengths abc named no option; generate --temperature inf
+    sampled uniformly without a word."""
+    bench = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+             "--out", str(tmp_path / "b")]  # fmt: skip
+    cases = [
+        ([*bench, "--heads", "0"], "--heads must be >= 1, got 0"),
+        ([*bench, "--dim", "0"], "--dim must be >= 1, got 0"),
+        ([*bench, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ([*bench, "--lengths", "abc"], "--lengths must be comma-separated integers >= 1, e.g. '256,1024', got 'abc'"),
+        ([*bench, "--lengths", "8,,16"], "--lengths must be comma-separated integers >= 1"),
+        ([*bench, "--lengths", "0"], "--lengths must be comma-separated integers >= 1"),
+        (["generate", "--checkpoint", str(trained), "--prompt", "x", "--temperature", "inf"],
+         "--temperature must be a finite number >= 0 (0: greedy), got inf"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"ttt {argv[0]}: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_eval_on_another_corpus_or_context_keeps_the_earlier_results(trained, tmp_path, capsys):
+    """The results were named by the step alone (and --file): evaluating the same checkpoint on another
+    --corpus, or at another --context, replaced the earlier eval-step-N.json and its table and plot."""
+    import json
+
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"line {i}: a quick brown fox\n" for i in range(400)))
+    base = ["eval", "--checkpoint", str(trained), "--max-batches", "1"]
+    assert main(base) == 0
+    first = (trained / "eval-step-000003.json").read_text()
+    assert main([*base, "--context", "8"]) == 0
+    assert main([*base, "--corpus", str(other)]) == 0
+    assert main([*base, "--corpus", str(other), "--context", "8"]) == 0
+    capsys.readouterr()
+    assert (trained / "eval-step-000003.json").read_text() == first
+    for stem, corpus, context in [
+        ("step-000003-context-8", None, 8),
+        ("step-000003-corpus-other.txt", str(other), 32),
+        ("step-000003-corpus-other.txt-context-8", str(other), 8),
+    ]:
+        result = json.loads((trained / f"eval-{stem}.json").read_text())
+        assert result["context"] == context and (corpus is None or result["corpus"] == corpus)
+        assert (trained / f"loss_by_position-{stem}.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["bench.md", "bench.json", "bench.png"])
+def test_bench_never_writes_through_a_link(tmp_path, capsys, name):
+    """bench wrote its files with plain writes: a bench.md, bench.json or bench.png in --out that links
+    elsewhere had its target overwritten."""
+    out, victim = tmp_path / "b", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious\n")
+    (out / name).symlink_to(victim)
+    argv = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt bench: error: {out / name} is a symbolic link") and err.count("\n") == 1
+    assert victim.read_text() == "precious\n" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_ls_and_device_bad_input_name_what_was_expected(tmp_path, capsys):
+    """ls --runs FILE said 'none under FILE' and exited 0; --device tpu gave torch's list of device types
+    without naming the option."""
+    (tmp_path / "afile").write_text("x\n")
+    assert main(["ls", "--runs", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt ls: error: --runs {tmp_path / 'afile'} is a file; expected a directory")
+    argv = [
+        "bench",
+        "--mixers",
+        "attention",
+        "--lengths",
+        "8",
+        "--device",
+        "tpu",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ttt bench: error: --device 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    assert err.count("\n") == 1 and not (tmp_path / "b").exists()

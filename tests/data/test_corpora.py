@@ -58,3 +58,18 @@ def test_unknown_corpus_is_a_clear_error(bad):
 
 def test_registry_names():
     assert {"shakespeare", "python-stdlib"} <= set(CORPORA)
+
+
+def test_a_ttt_run_or_checkpoint_directory_is_not_a_corpus(tmp_path):
+    """`--corpus runs/x` trained (and evaluated) on the run's JSON metadata as if it were text."""
+    run = tmp_path / "run"
+    (run / "step-000002").mkdir(parents=True)
+    (run / "step-000002" / "checkpoint.json").write_text('{"format": "ttt-checkpoint-2"}\n' * 50)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n' * 50)
+    (run / "latest").write_text("step-000002\n")
+    for path in (run, run / "step-000002"):
+        with pytest.raises(ValueError, match=f"^corpus {path} is a ttt run or checkpoint directory"):
+            load_corpus(str(path))
+    (run / "latest").unlink()  # step-N directories alone still make it a run
+    with pytest.raises(ValueError, match="is a ttt run or checkpoint directory"):
+        load_corpus(str(run))

@@ -316,6 +316,31 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_lock(tmp_path):
     assert run.exists() and not (run / ".lock").exists()
 
 
+def test_the_run_lock_never_outlives_a_sigterm(tmp_path):
+    """Under SIGTERM's default action the process ended with the lock's file left behind; while the lock is
+    held SIGTERM raises (as Ctrl-C does), a signal during taking the lock waits until it is held, and the
+    handler is given back after."""
+    import os
+    import signal
+
+    import ttt.models.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with ckpt.lock_run(run):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    real = ckpt._acquire_lock
+    try:  # the signal arrives after the lock's file is created, before lock_run holds it
+        ckpt._acquire_lock = lambda path: (real(path), os.kill(os.getpid(), signal.SIGTERM))[0]
+        with pytest.raises(KeyboardInterrupt):
+            with ckpt.lock_run(run):
+                pytest.fail("the block ran after the signal")
+    finally:
+        ckpt._acquire_lock = real
+    assert not run.exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_weights_of_an_integer_dtype_are_refused(tmp_path):
     """Integer weights (with a matching sha256) were cast into the model silently: a model of zeros."""
     model, config = saved_model(tmp_path)

@@ -88,3 +88,78 @@ def test_smollm2_logits_equal_transformers_gguf(monkeypatch):
     with torch.no_grad():
         gap = (model(x)[0] - ref.eval()(x).logits).abs().max()
     assert gap <= 1e-4, f"max |logit difference| {gap:.3g}"
+
+
+def _nan(name, t):
+    return t * float("nan") if name == "blk.0.attn_v.weight" else t
+
+
+@pytest.mark.parametrize(
+    "metadata, edit, message",
+    [
+        ({}, lambda n, t: None if n == "output_norm.weight" else t, "has no tensor output_norm.weight"),
+        ({"head_count": 0}, None, "head_count must be an integer >= 1, got 0"),
+        ({"head_count_kv": 3}, None, "4 query heads do not split into 3 key/value heads"),
+        (
+            {},
+            lambda n, t: t[:-1] if n == "blk.0.attn_q.weight" else t,
+            "blk.0.attn_q.weight has shape (31, 32)",
+        ),
+        ({"feed_forward_length": 65}, None, "blk.0.ffn_gate.weight has shape (64, 32), expected (65, 32)"),
+        ({"layer_norm_rms_eps": -1.0}, None, "layer_norm_rms_epsilon must be a number > 0, got -1.0"),
+        ({}, _nan, "blk.0.attn_v.weight holds NaN or infinite values"),
+    ],
+    ids=["no-output-norm", "no-heads", "kv-heads", "q-shape", "ffn-length", "negative-eps", "nan-weights"],
+)
+def test_a_corrupt_llama_gguf_is_a_one_line_error(tmp_path, metadata, edit, message):
+    """A GGUF that says 'llama' but does not hold one: a raw KeyError or ZeroDivisionError traceback, a
+    reshape message naming no file, torch's multi-line state-dict report, or a model that loaded and gave
+    NaN at its first use."""
+    ref = tiny_llama(tmp_path / "hf", n_layers=1)
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(ref, tmp_path / "hf" / "tokenizer.json", path, metadata=metadata, edit=edit)
+    with pytest.raises(LlamaLoadError) as e:
+        load_llama(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("config:hidden_size", "config.json lacks 'hidden_size'"),
+        ("config:num_attention_heads=0", "num_attention_heads must be an integer >= 1, got 0"),
+        ("config:rms_norm_eps=nan", "rms_norm_eps must be a number > 0, got nan"),
+        ("weights", "model.safetensors cannot be read"),
+        ("tokenizer", "tokenizer.json cannot be read"),
+        ("nan", "layers.0.self_attn.v_proj.weight holds NaN or infinite values"),
+    ],
+)
+def test_a_corrupt_hf_llama_directory_is_a_one_line_error(tmp_path, change, message):
+    """A raw KeyError, ZeroDivisionError or the reader's own error types (tracebacks), or NaN weights loaded
+    silently."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tiny_llama(tmp_path, n_layers=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if change.startswith("config:"):
+        key, _, value = change[7:].partition("=")
+        if value:
+            config[key] = float(value) if value == "nan" else int(value)
+        else:
+            del config[key]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    elif change == "weights":
+        (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    elif change == "tokenizer":
+        (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    else:
+        state = load_file(str(tmp_path / "model.safetensors"))
+        state["model.layers.0.self_attn.v_proj.weight"][0, 0] = float("inf")
+        save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LlamaLoadError) as e:
+        load_llama(tmp_path)
+    assert message in str(e.value) and str(tmp_path) in str(e.value) and "\n" not in str(e.value), str(
+        e.value
+    )

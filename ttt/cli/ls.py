@@ -63,6 +63,9 @@ def run(args: LsArgs) -> int:
     from ttt.layers import MIXERS
     from ttt.models import PRESETS, LMConfig
 
+    root = Path(args.runs)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--runs {root} is a file; expected a directory of run directories")
     print("mixers:  " + ", ".join(sorted(MIXERS)))
     print("presets (parameters: the attention model on bytes; ttt train sizes every mixer's model to it):")
     with torch.device("meta"):  # counts parameters without allocating them
@@ -75,7 +78,6 @@ def run(args: LsArgs) -> int:
             f"  heads {p['n_heads']:3}  mlp {p['mlp_hidden']:5}  max_seq_len {p['max_seq_len']}"
         )
     print("corpora: " + ", ".join(sorted(CORPORA)) + ", or a path to a text file / directory")
-    root = Path(args.runs)
     found = checkpoints(root) if root.is_dir() else []
     if not found:
         print(f"checkpoints: none under {root} (ttt train writes them there; --runs DIR looks elsewhere)")

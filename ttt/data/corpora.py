@@ -214,6 +214,13 @@ def load_corpus(name_or_path: str) -> Corpus:
     if p.is_file():
         return load_file(p)
     if p.is_dir():
+        from ttt.models.checkpoint import has_checkpoints
+
+        if has_checkpoints(p) or (p / "checkpoint.json").is_file():
+            raise ValueError(
+                f"corpus {p} is a ttt run or checkpoint directory, not text to train or evaluate on; "
+                f"expected a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts"
+            )
         return load_directory(p)
     raise ValueError(
         f"unknown corpus {name_or_path!r}: not one of {sorted(CORPORA)} and not an existing file or directory"

@@ -43,6 +43,7 @@ from .config import LMConfig
 __all__ = [
     "CheckpointError",
     "RunLocked",
+    "check_out_dir",
     "checkpoint_tokenizer",
     "clear_run",
     "find_checkpoint",
@@ -260,6 +261,27 @@ def update_checkpoint_meta(ckpt_dir: str | os.PathLike, **fields: Any) -> None:
     write_text_atomic(path, _dump_meta({k: v for k, v in {**doc, **fields}.items() if k != "meta_sha256"}))
 
 
+def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", expected: str = "a run directory") -> Path:
+    """Refuse, before any work, an output directory that cannot be one: an empty path (it would mean the
+    current directory), ``path`` or a folder above it is a file (or another non-directory, a dangling
+    link), or it is or lies inside a checkpoint directory (one holding ``checkpoint.json``: a run written
+    there would mix with the checkpoint's files). Raises a one-line ``ValueError`` naming ``flag`` and what
+    was expected; returns ``Path(path)``. Nothing is created."""
+    if not str(path):
+        raise ValueError(f"{flag} is empty; expected {expected}")
+    p = Path(path)
+    for q in (p, *p.parents):
+        where = f"{p} is" if q == p else f"{p}: {q} is"
+        if q.is_dir():
+            if (q / "checkpoint.json").is_file():
+                raise ValueError(f"{flag} {where} a checkpoint directory; expected {expected} outside it")
+            continue
+        if q.exists() or q.is_symlink():
+            what = "a file" if q.is_file() else "a link to nothing" if not q.exists() else "not a directory"
+            raise ValueError(f"{flag} {where} {what}; expected {expected}")
+    return p
+
+
 @contextmanager
 def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold ``run_dir/.lock`` (a file holding this process's pid) while the block runs.
@@ -267,22 +289,84 @@ def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
     Raises :class:`RunLocked` when a live process holds it. The lock is an ``flock`` on that file, so
     it ends with its process however the process ends: a lock file left by a dead process (its pid is
     gone) is stale and taken over. A run directory created here and still empty at the end is removed.
+
+    The file never outlives the block: in the main thread, a SIGTERM whose action is the default (end
+    the process where it stands) raises ``KeyboardInterrupt`` while the lock is held, as Ctrl-C does, so
+    the block's exit removes the file; and SIGINT / SIGTERM arriving while the lock is taken or given
+    back wait until that is done.
     """
     run = Path(run_dir)
-    created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / LOCK_NAME
-    fd = _acquire_lock(path)
+    path, fd, created = run / LOCK_NAME, None, False
+    with _sigterm_raises():
+        try:
+            with _signals_deferred():
+                created = not run.exists()
+                run.mkdir(parents=True, exist_ok=True)
+                fd = _acquire_lock(path)
+            yield run
+        finally:
+            with _signals_deferred():
+                if fd is not None:
+                    path.unlink(missing_ok=True)
+                    os.close(fd)
+                if created:
+                    try:
+                        run.rmdir()
+                    except OSError:
+                        pass  # not empty: the run wrote something
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """In the block, a SIGTERM left at its default action raises ``KeyboardInterrupt`` instead (a handler
+    installed inside the block, like ``ttt train``'s, takes over until it restores this one)."""
+    import signal
+
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield run
+        yield
     finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-        if created:
-            try:
-                run.rmdir()
-            except OSError:
-                pass  # not empty: the run wrote something
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving while the block runs take effect at its end: their handlers then run as
+    they would have (a default action is carried out). Python runs signal handlers in the main thread only,
+    whichever thread the signal reached, so a recording handler there defers them all."""
+    import signal
+
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous: dict[int, Any] = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum, frame in caught:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), signum)
 
 
 def _acquire_lock(path: Path) -> int:

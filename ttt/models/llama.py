@@ -26,6 +26,8 @@ Example::
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -59,6 +61,48 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class LlamaLoadError(ValueError):
     """A checkpoint that is not a Llama model this loader supports, or that cannot be read."""
+
+
+def _count(value: Any, key: str, where: str) -> int:
+    """A size of a checkpoint's metadata: an integer >= 1, else a :class:`LlamaLoadError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise LlamaLoadError(f"{where}: {key} must be an integer >= 1, got {str(value)[:40]}")
+    return int(value)
+
+
+def _positive(value: Any, key: str, where: str) -> float:
+    """A finite number > 0 of a checkpoint's metadata (an epsilon, RoPE's base)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise LlamaLoadError(f"{where}: {key} must be a number > 0, got {str(value)[:40]}")
+    return float(value)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most 200 chars."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _check_finite(name: str, t: Tensor, where: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise LlamaLoadError(f"{where}: tensor {name} holds NaN or infinite values (a corrupted file?)")
+
+
+def _expected_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
+    """The CausalLM tensor shapes of ``config`` (built on the meta device: no memory)."""
+    from .lm import CausalLM
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in CausalLM(config).state_dict().items()}
+
+
+def _make_config(where: str, n_heads: int, n_kv_heads: int, **kw: Any) -> LMConfig:
+    """:func:`_lm_config`, with the heads checked and the config's own refusals naming the file."""
+    if n_heads % n_kv_heads:
+        raise LlamaLoadError(f"{where}: {n_heads} query heads do not split into {n_kv_heads} key/value heads")
+    try:
+        return _lm_config(n_heads=n_heads, n_kv_heads=n_kv_heads, **kw)
+    except (TypeError, ValueError) as e:
+        raise LlamaLoadError(f"{where}: {e}") from None
 
 
 def cache_dir() -> Path:
@@ -170,7 +214,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct errors, numpy errors...
-        raise LlamaLoadError(f"{path} is not a readable GGUF file: {str(e).splitlines()[0][:200]}") from None
+        raise LlamaLoadError(f"{path} is not a readable GGUF file: {_first_line(e)}") from None
 
     def field(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
@@ -183,46 +227,76 @@ def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any
     arch = field("general.architecture")
     if arch != "llama":
         raise LlamaLoadError(f"{path} holds a {arch!r} model; only the 'llama' architecture is supported")
-    n_heads, n_kv = int(field("llama.attention.head_count")), int(field("llama.attention.head_count_kv", 0))
-    n_kv = n_kv or n_heads
-    dim, n_layers = int(field("llama.embedding_length")), int(field("llama.block_count"))
+    where = str(path)
+
+    def count(key: str, default: Any = None) -> int:
+        return _count(field(key, default), key, where)
+
+    n_heads = count("llama.attention.head_count")
+    n_kv = count("llama.attention.head_count_kv", n_heads)
+    dim, n_layers = count("llama.embedding_length"), count("llama.block_count")
     tensors: dict[str, Tensor] = {}
     for t in reader.tensors:
-        arr = dequantize(t.data, t.tensor_type)
-        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest-varying dim first
-        tensors[t.name] = torch.tensor(arr, dtype=torch.float32).reshape(shape)
-    if "token_embd.weight" not in tensors:
-        raise LlamaLoadError(f"{path} has no token_embd.weight tensor")
-    vocab = tensors["token_embd.weight"].shape[0]
-    rope_dims = int(field("llama.rope.dimension_count", dim // n_heads))
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+            shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest-varying dim first
+            tensors[t.name] = torch.tensor(arr, dtype=torch.float32).reshape(shape)
+        except Exception as e:  # numpy / gguf errors on a truncated or inconsistent tensor
+            raise LlamaLoadError(f"{path}: tensor {t.name} cannot be read: {_first_line(e)}") from None
+        _check_finite(t.name, tensors[t.name], where)
+
+    def take(name: str) -> Tensor:
+        if name not in tensors:
+            raise LlamaLoadError(f"{path} has no tensor {name}: not a complete Llama checkpoint")
+        return tensors.pop(name)
+
+    embed = take("token_embd.weight")
+    vocab = embed.shape[0]
+    rope_dims = count("llama.rope.dimension_count", dim // n_heads)
     if rope_dims != dim // n_heads:
         raise LlamaLoadError(f"{path}: partial RoPE ({rope_dims} of {dim // n_heads} dims) is not supported")
     tie = "output.weight" not in tensors
-    config = _lm_config(
+    config = _make_config(
+        where,
+        n_heads,
+        n_kv,
         vocab_size=vocab,
         dim=dim,
         n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        mlp_hidden=int(field("llama.feed_forward_length")),
-        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-        max_seq_len=int(field("llama.context_length", 2048)),
+        mlp_hidden=count("llama.feed_forward_length"),
+        rope_theta=_positive(field("llama.rope.freq_base", 10000.0), "llama.rope.freq_base", where),
+        norm_eps=_positive(
+            field("llama.attention.layer_norm_rms_epsilon"), "llama.attention.layer_norm_rms_epsilon", where
+        ),
+        max_seq_len=count("llama.context_length", 2048),
         tie=tie,
     )
-    state = {"embed.weight": tensors.pop("token_embd.weight")}
-    state["norm.weight"] = tensors.pop("output_norm.weight")
-    state["head.weight"] = state["embed.weight"] if tie else tensors.pop("output.weight")
+    shapes = _expected_shapes(config)
+    state = {"embed.weight": embed, "norm.weight": take("output_norm.weight")}
+    state["head.weight"] = state["embed.weight"] if tie else take("output.weight")
     for i in range(n_layers):
         for src, (_, dst) in _BLOCK_NAMES.items():
-            name = f"blk.{i}.{src}.weight"
-            if name not in tensors:
-                raise LlamaLoadError(f"{path} has no tensor {name}: not a complete Llama checkpoint")
-            w = tensors.pop(name)
+            name, key = f"blk.{i}.{src}.weight", f"blocks.{i}.{dst}.weight"
+            w = take(name)
+            if tuple(w.shape) != shapes[key]:
+                raise LlamaLoadError(
+                    f"{path}: tensor {name} has shape {tuple(w.shape)}, expected {shapes[key]} from the "
+                    "file's metadata"
+                )
             if src in ("attn_q", "attn_k"):
                 w = _unpermute_rope_rows(w, n_heads if src == "attn_q" else n_kv)
-            state[f"blocks.{i}.{dst}.weight"] = w
-    return config, state, _gguf_tokenizer(field, path)
+            state[key] = w
+    try:
+        tokenizer = _gguf_tokenizer(field, path)
+    except LlamaLoadError:
+        raise
+    except Exception as e:  # tokenizers' own error types on malformed vocabularies or merges
+        raise LlamaLoadError(f"{path}: its tokenizer cannot be built: {_first_line(e)}") from None
+    if tokenizer.vocab_size > vocab:
+        raise LlamaLoadError(
+            f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's {vocab}"
+        )
+    return config, state, tokenizer
 
 
 def _gguf_tokenizer(field: Any, path: Path) -> Any:
@@ -265,13 +339,22 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
         hf = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LlamaLoadError(f"{path} is not a HF model directory (config.json unreadable: {e})") from None
-    if hf.get("model_type") != "llama":
-        raise LlamaLoadError(f"{path} holds a {hf.get('model_type')!r} model; only 'llama' is supported")
-    dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    if not isinstance(hf, dict) or hf.get("model_type") != "llama":
+        kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+        raise LlamaLoadError(f"{path} holds a {kind!r} model; only 'llama' is supported")
+    where = f"{path / 'config.json'}"
+
+    def count(key: str, default: Any = None) -> int:
+        if key not in hf and default is None:
+            raise LlamaLoadError(f"{where} lacks {key!r}")
+        return _count(hf.get(key) if hf.get(key) is not None else default, key, where)
+
+    dim, n_heads = count("hidden_size"), count("num_attention_heads")
     unsupported = {
         "attention_bias": bool(hf.get("attention_bias")),
         "mlp_bias": bool(hf.get("mlp_bias")),
-        "rope_scaling": bool(hf.get("rope_scaling")) and hf["rope_scaling"].get("rope_type") != "default",
+        "rope_scaling": isinstance(hf.get("rope_scaling"), dict)
+        and hf["rope_scaling"].get("rope_type") != "default",
         "head_dim": hf.get("head_dim") not in (None, dim // n_heads),
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
     }
@@ -282,20 +365,27 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
         raise LlamaLoadError(f"{path} has no *.safetensors weights")
     raw: dict[str, Tensor] = {}
     for f in files:
-        raw.update(load_file(str(f)))
+        try:
+            raw.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types
+            raise LlamaLoadError(f"{f} cannot be read: {_first_line(e)}") from None
     raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
+    for name, t in raw.items():
+        _check_finite(name, t, str(path))
     tie = bool(hf.get("tie_word_embeddings", True)) or "lm_head.weight" not in raw
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    config = _lm_config(
-        vocab_size=int(hf["vocab_size"]),
+    theta = hf.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None) or 10000.0
+    config = _make_config(
+        where,
+        n_heads,
+        count("num_key_value_heads", n_heads),
+        vocab_size=count("vocab_size"),
         dim=dim,
-        n_layers=int(hf["num_hidden_layers"]),
-        n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        mlp_hidden=int(hf["intermediate_size"]),
-        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        n_layers=count("num_hidden_layers"),
+        mlp_hidden=count("intermediate_size"),
+        rope_theta=_positive(theta, "rope_theta", where),
+        norm_eps=_positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        max_seq_len=count("max_position_embeddings", 2048),
         tie=tie,
     )
     try:
@@ -312,18 +402,27 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
 
         from ttt.data.tokenizer import BPETokenizer
 
-        tokenizer = BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+        try:
+            tokenizer = BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+        except Exception as e:  # tokenizers raises its own error types
+            raise LlamaLoadError(f"{path / 'tokenizer.json'} cannot be read: {_first_line(e)}") from None
     return config, state, tokenizer
 
 
 def load_llama(path: str | os.PathLike) -> tuple[Any, Any]:
     """``(CausalLM in float32 and eval mode, tokenizer or None)`` from a GGUF file or a HF Llama directory."""
+    from .checkpoint import CheckpointError, _check_weights_fit
     from .lm import CausalLM
 
     p = Path(path)
     config, state, tokenizer = read_hf_llama(p) if p.is_dir() else read_gguf(p)
     with torch.device("meta"):
         model = CausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:  # names and shapes as the model's: a one-line error, not torch's report of every mismatch
+        _check_weights_fit(shapes, state, tied=set(), floating=set(shapes))
+    except CheckpointError as e:
+        raise LlamaLoadError(f"{p}: {e}") from None
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:
         model.head.weight = model.embed.weight

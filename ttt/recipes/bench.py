@@ -22,9 +22,12 @@ from torch import Tensor, nn
 from ttt._extras import require
 
 from .args import BenchArgs
-from .common import format_table, resolve_device, set_threads
+from .common import format_table, resolve_device, save_figure, set_threads
 
 __all__ = ["BenchRow", "bench", "check_decode_matches_forward"]
+
+#: the files bench writes into --out
+BENCH_OUTPUTS = ("bench.md", "bench.json", "bench.png")
 
 
 @dataclass
@@ -90,16 +93,27 @@ def bench(args: BenchArgs) -> list[BenchRow]:
     """Run the benchmark; writes ``bench.md`` and ``bench.png`` into ``args.out``."""
     from ttt.layers import MIXERS
     from ttt.models import state_nbytes
+    from ttt.models.checkpoint import check_out_dir, refuse_links
 
+    refuse_links(check_out_dir(args.out, expected="a directory"), BENCH_OUTPUTS)
     set_threads(args.threads)
     device = resolve_device(args.device)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown or not mixers:
         raise ValueError(f"unknown mixer(s) {unknown}; choose from {sorted(MIXERS)}")
-    lengths = [int(t) for t in args.lengths.split(",")]
-    if any(t < 1 for t in lengths) or args.repeats < 1:
-        raise ValueError("lengths and repeats must be >= 1")
+    for flag, value in (("--dim", args.dim), ("--heads", args.heads), ("--batch-size", args.batch_size),
+                        ("--repeats", args.repeats)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    try:
+        lengths = [int(t) for t in args.lengths.split(",")]
+    except ValueError:
+        lengths = [0]
+    if any(t < 1 for t in lengths):
+        raise ValueError(
+            f"--lengths must be comma-separated integers >= 1, e.g. '256,1024', got {args.lengths[:60]!r}"
+        )
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: list[BenchRow] = []
@@ -145,6 +159,8 @@ def bench(args: BenchArgs) -> list[BenchRow]:
 
 
 def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
+    from ttt.models.checkpoint import write_text_atomic
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hw = (
@@ -168,11 +184,13 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
             for r in rows
         ],
     )
-    (out / "bench.md").write_text(
+    # atomic writes (a temporary renamed into place), never through a link (refused at the start)
+    write_text_atomic(
+        out / "bench.md",
         f"# Layer benchmark\n\n{hw}; dim {args.dim}, {args.heads} heads, batch "
-        f"{args.batch_size}, torch {torch.__version__}\n\n{table}\n"
+        f"{args.batch_size}, torch {torch.__version__}\n\n{table}\n",
     )
-    (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    write_text_atomic(out / "bench.json", json.dumps([asdict(r) for r in rows], indent=1))
     try:
         require("matplotlib", "the plot bench.png").use("Agg")
         import matplotlib.pyplot as plt
@@ -193,6 +211,5 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
         ax.legend()
     fig.suptitle(f"{hw}, dim {args.dim}, {args.heads} heads")
     fig.tight_layout()
-    fig.savefig(out / "bench.png")
-    plt.close(fig)
+    save_figure(fig, out / "bench.png")
     print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}", file=sys.stderr)

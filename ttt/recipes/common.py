@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dist", "lm_loss", "resolve_device", "save_plot", "setup_dist", "set_threads"]
+__all__ = ["Dist", "check_number", "lm_loss", "resolve_device", "save_plot", "setup_dist", "set_threads"]
 
 
 def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
@@ -38,11 +38,32 @@ def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
     return parsed
 
 
+def check_number(
+    flag: str, value: float, *, above: float | None = None, least: float = 0.0, hint: str = ""
+) -> None:
+    """Refuse (one-line ``ValueError``) a command-line number that is not finite, or not ``> above`` (when
+    given) / ``>= least``: e.g. ``--lr must be a finite number > 0, got inf``."""
+    import math
+
+    if above is not None:
+        fine, bound = value > above, f"> {above:g}"
+    else:
+        fine, bound = value >= least, f">= {least:g}"
+    if not (math.isfinite(value) and fine):
+        raise ValueError(f"{flag} must be a finite number {bound}{hint}, got {value}")
+
+
 def resolve_device(name: str) -> torch.device:
     """``'auto'`` -> CUDA when present, else CPU; anything else is checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # torch's list of every device type it knows
+        raise ValueError(
+            f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (or another torch device: "
+            f"{str(e).splitlines()[0][:120]})"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
@@ -121,7 +142,15 @@ def save_plot(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    # a fresh temporary (never an existing name, which could be a link out of the directory), then renamed
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as a PNG at ``path`` and close it: into a fresh temporary (never an existing
+    name, which could be a link out of the directory), then renamed into place."""
+    import matplotlib.pyplot as plt
+
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".png")
     os.close(fd)
     try:
@@ -130,7 +159,6 @@ def save_plot(
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
-    return True
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:

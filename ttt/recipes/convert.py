@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import (
+    check_number,
     load_optimizer_tensors,
     optimizer_tensors,
     parse_mixer_kwargs,
@@ -118,6 +119,8 @@ class ConvertArgs:
 RUNTIME_ARGS = ("resume", "device", "threads", "progress", "out")
 # ... and those that may change while the latest checkpoint is not past attention transfer
 DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank")
+#: what a conversion writes into its run directory besides its checkpoints
+RUN_OUTPUTS = ("convert.json", "losses.png", "hf")
 
 
 def parse_blocks(spec: str, n_layers: int) -> list[int]:
@@ -388,6 +391,11 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
+    check_number("--transfer-lr", args.transfer_lr, above=0)
+    check_number("--distill-lr", args.distill_lr, above=0)
+    check_number("--ce-weight", args.ce_weight, least=0)
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.from_scratch and args.update != "full":
         raise ValueError(
             f"--from-scratch trains every parameter: expected --update full, got {args.update!r}"
@@ -412,12 +420,19 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
 def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     """The latest checkpoint's metadata when resuming (same arguments required), else None; a fresh run
     refuses a directory that already holds a run."""
-    from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint
 
     if not args.resume:
-        if (run / "latest").exists():
+        if has_checkpoints(run):
             raise CheckpointError(
-                f"{run} already holds a run: pass --resume to continue it or choose another --out"
+                f"{run} already holds checkpoints ('latest' or step-N): pass --resume to continue its run or "
+                "choose another --out (nothing is replaced)"
+            )
+        outputs = [name for name in RUN_OUTPUTS if (run / name).exists() or (run / name).is_symlink()]
+        if outputs:
+            raise CheckpointError(
+                f"{run} already holds {', '.join(outputs)} of another conversion: choose another --out "
+                "(nothing is replaced)"
             )
         return None
     _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
@@ -440,8 +455,10 @@ class _Conversion:
     def __init__(self, args: ConvertArgs) -> None:
         from ttt.data import load_corpus, prepare
         from ttt.layers import MIXERS
+        from ttt.models.checkpoint import check_out_dir
 
         _check_args(args)
+        check_out_dir(args.out)
         set_threads(args.threads)
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
@@ -676,9 +693,17 @@ class _Conversion:
 
 def convert(args: ConvertArgs) -> dict[str, Any]:
     """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
-    from ttt.models.checkpoint import write_text_atomic
+    from ttt.models.checkpoint import lock_run
 
     job = _Conversion(args)
+    with lock_run(job.run):  # one process per run directory; SIGTERM raises while it is held
+        return _run(job, args)
+
+
+def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
+    from ttt.models.checkpoint import refuse_links, write_text_atomic
+
+    refuse_links(job.run, (*RUN_OUTPUTS, "hf/*"))
     job.baselines()
     job.restore()
     job.calibrate()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,17 +173,22 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
 
     Writes ``eval-step-N.json`` (the result, with the checkpoint, step, what was scored, context and
     batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory);
-    with ``args.file`` the names end in ``-file-NAME``."""
+    with ``args.file`` the names go on with ``-file-NAME``, with another corpus than the checkpoint's with
+    ``-corpus-NAME``, and with another context than its training context with ``-context-N``."""
     from ttt.data import TokenData
-    from ttt.models.checkpoint import checkpoint_tokenizer, find_checkpoint, load_model
+    from ttt.models.checkpoint import check_out_dir, checkpoint_tokenizer, find_checkpoint, load_model
 
     _check(args)
+    if args.out is not None:
+        check_out_dir(args.out, expected="a directory")
     set_threads(args.threads)
     device = resolve_device(args.device)
     ckpt = find_checkpoint(args.checkpoint)
+    out = _out_dir(args, ckpt)
     model, meta = load_model(ckpt, device=device)
     train_args = meta.get("args", {})
     context = args.context if args.context is not None else train_args.get("context", 128)
+    context_asked = context
     if context > model.config.max_seq_len:
         raise ValueError(
             f"context {context} is longer than this model's max_seq_len = {model.config.max_seq_len}"
@@ -209,10 +215,8 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     edges = torch.linspace(0, context, min(args.bins, context) + 1).round().long().tolist()
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
 
-    # results are named by the checkpoint's step: evaluating another checkpoint overwrites nothing
-    out = Path(args.out) if args.out else ckpt.parent if (ckpt.parent / "latest").exists() else ckpt
     step = int(meta.get("step", 0))
-    stem = f"step-{step:06d}" + (f"-file-{_file_slug(args.file)}" if args.file else "")
+    stem = _stem(args, step, corpus_name, context_asked, train_args)
     result = EvalResult(
         loss,
         data.bits_per_byte(loss),
@@ -233,6 +237,37 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     )
     _write(result, out, stem, scored.label, data, by_pos, meta["config"]["mixer"])
     return result
+
+
+def _stem(args: EvalArgs, step: int, corpus: str, context: int, train_args: dict) -> str:
+    """The results' name: the step, then what differs from the checkpoint's own evaluation (a file, another
+    corpus, another context), so evaluating the same checkpoint otherwise never replaces earlier results."""
+    stem = f"step-{step:06d}"
+    if args.file:
+        stem += f"-file-{_file_slug(args.file)}"
+    elif corpus != train_args.get("corpus", "shakespeare"):
+        stem += f"-corpus-{_file_slug(corpus)}"
+    if context != train_args.get("context", 128):
+        stem += f"-context-{context}"
+    return stem
+
+
+def _out_dir(args: EvalArgs, ckpt: Path) -> Path:
+    """Where the results go: ``--out``, else the run directory of a checkpoint inside one, else the
+    checkpoint's own directory, which must then not be a symbolic link (the results would land at its
+    target, in a directory the command was not given). Results are named by the checkpoint's step:
+    evaluating another checkpoint overwrites nothing."""
+    if args.out:
+        return Path(args.out)
+    if (ckpt.parent / "latest").exists():
+        return ckpt.parent
+    if ckpt.is_symlink():
+        raise ValueError(
+            f"--checkpoint {ckpt} is a symbolic link (to {os.readlink(ckpt)}): eval writes its results "
+            "beside the checkpoint, never through a link; give --out DIR for them, or name the checkpoint "
+            "itself"
+        )
+    return ckpt
 
 
 def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: Tensor, mixer: str) -> None:

@@ -17,7 +17,7 @@ from typing import TextIO
 import torch
 
 from .args import GenerateArgs
-from .common import resolve_device, set_threads
+from .common import check_number, resolve_device, set_threads
 
 __all__ = ["GenerateResult", "generate_text"]
 
@@ -85,8 +85,7 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     # not a < 0 test: NaN must fail too
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    check_number("--temperature", args.temperature, least=0, hint=" (0: greedy)")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, or none to sample from every token, got {args.top_k}")
     # written so that NaN fails too

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .args import TrainArgs
 from .common import (
     Dist,
+    check_number,
     lm_loss,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -195,6 +196,12 @@ def _check_args(args: TrainArgs) -> None:
             raise ValueError(f"{flag} must be >= {least}{hint}, got {value}")
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
+    check_number("--lr", args.lr, above=0)
+    for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
+        check_number(flag, value, least=0)
+    check_number("--grad-clip", args.grad_clip, least=0, hint=" (0: off)")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr must lie in [0, --lr], got {args.min_lr} (--lr {args.lr})")
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
     if args.strategy not in ("ddp", "fsdp"):
@@ -280,15 +287,15 @@ def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures.
 
     The run directory is locked (``.lock``) while it runs: a second ``train`` on it is refused."""
-    from ttt.models.checkpoint import find_checkpoint, lock_run
+    from ttt.models.checkpoint import check_out_dir, find_checkpoint, lock_run
 
     _check_args(args)
-    run_dir = Path(args.out or f"runs/{args.mixer}-{args.preset}")
+    run_dir = check_out_dir(args.out if args.out is not None else f"runs/{args.mixer}-{args.preset}")
     if args.resume:
         find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
     if int(os.environ.get("RANK", "0")) != 0:
         return _train(args, run_dir)
-    with lock_run(run_dir):
+    with lock_run(run_dir):  # SIGTERM raises while it holds the lock, until the loop's handler takes over
         return _train(args, run_dir)
 
 
@@ -350,6 +357,8 @@ def _prepare(run: _Run) -> _Run:
             f"{run_dir} already holds checkpoints ('latest' or step-N); pass --resume to continue it or "
             "--overwrite to start over (or choose another --out)"
         )
+    elif not has_checkpoints(run_dir):
+        _refuse_foreign_outputs(run_dir)
     run.corpus = load_corpus(args.corpus)
     if run.saved:
         run.tokenizer = checkpoint_tokenizer(run.saved[1])
@@ -366,6 +375,37 @@ def _prepare(run: _Run) -> _Run:
     if run.dist.main:
         refuse_links(run_dir, RUN_OUTPUTS)
     return run
+
+
+def _refuse_foreign_outputs(run_dir: Path) -> None:
+    """A directory without checkpoints is no run: a ``result.json`` or ``loss_curve.png`` there, or a
+    ``metrics.jsonl`` with lines that are not ttt's records, is the user's, and a fresh run (``--overwrite``
+    too, which deletes only a run's files) would replace it. The records of a run killed before its first
+    checkpoint (the last line possibly cut short) are ttt's: the new run replaces them."""
+    from .loop import MetricsLog
+
+    found = [name for name in ("result.json", "loss_curve.png") if (run_dir / name).exists()]
+    jsonl = run_dir / MetricsLog.JSONL
+    if jsonl.is_file():
+        with open(jsonl, "rb") as f:
+            lines = f.read(64 << 20).decode(errors="replace").splitlines()
+        if any(not _is_record(line) for line in lines[:-1]) or (
+            lines and not lines[-1].startswith('{"kind"')
+        ):
+            found.append(MetricsLog.JSONL)
+    if found:
+        raise FileExistsError(
+            f"{run_dir} holds {', '.join(found)}, which no ttt run here wrote (it has no checkpoints): a new "
+            "run would replace them; move them away or choose another --out"
+        )
+
+
+def _is_record(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "kind" in record and "step" in record
 
 
 # The TTT layers `ttt train` builds by default: the (M) variant, q and k through short causal convolutions
