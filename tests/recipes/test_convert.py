@@ -249,6 +249,8 @@ def test_resume_before_distillation_may_change_its_arguments(teacher_dir, tmp_pa
         Exception, match="cannot resume: the run used other arguments: --distill-steps 2 -> 3"
     ):
         convert(args_for(teacher_dir, tmp_path / "b", resume=True, **{**common, "distill_steps": 3}))
+
+
 def test_a_fresh_run_never_replaces_what_a_directory_holds(teacher_dir, tmp_path):
     """A fresh convert into a directory with step-N checkpoints but no 'latest' deleted them and wrote its
     own (and replaced convert.json and hf/); a second convert on the same directory was not refused."""

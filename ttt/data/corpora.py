@@ -214,9 +214,9 @@ def load_corpus(name_or_path: str) -> Corpus:
     if p.is_file():
         return load_file(p)
     if p.is_dir():
-        from ttt.models.checkpoint import has_checkpoints
-
-        if has_checkpoints(p) or (p / "checkpoint.json").is_file():
+        # a run directory (``latest`` / ``step-N``) or a checkpoint (``checkpoint.json``), named by its files
+        # so that data does not import models
+        if (p / "latest").exists() or any(p.glob("step-*")) or (p / "checkpoint.json").is_file():
             raise ValueError(
                 f"corpus {p} is a ttt run or checkpoint directory, not text to train or evaluate on; "
                 f"expected a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts"
