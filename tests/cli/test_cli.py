@@ -759,3 +759,18 @@ def test_ls_and_device_bad_input_name_what_was_expected(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ttt bench: error: --device 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     assert err.count("\n") == 1 and not (tmp_path / "b").exists()
+
+
+def test_an_unknown_mixer_argument_is_one_line_naming_the_mixer_and_its_arguments(tmp_path, capsys):
+    """train and convert refuse a --mixer-kwargs key the mixer does not take before loading any data or
+    teacher, naming the mixer as written (not a private class) and the keys it accepts."""
+    bad = ["--mixer", "ttt_linear", "--mixer-kwargs", '{"ttt_linear": {"nope": 1}}']
+    for argv in (
+        ["train", "--preset", "micro", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "a")],
+        ["convert", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "b")],
+    ):
+        assert main(argv + bad) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"ttt {argv[0]}: error: unknown argument 'nope' for mixer 'ttt_linear'"), err
+        assert err.count("\n") == 1 and "share_qk" in err and "_TTT" not in err
+    assert not any(tmp_path.iterdir())
