@@ -437,9 +437,13 @@ def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path,
         (tmp_path / "latin1.txt", "not UTF-8 text"),
         (tmp_path / "short.txt", "need at least 2"),
         (tmp_path / "empty", "no UTF-8 text file"),
+        (trained, f"{trained} is a ttt run or checkpoint directory, not text to evaluate"),  # its JSON files
+        (find_checkpoint(trained), "is a ttt run or checkpoint directory"),
     ]:
         assert main(["eval", "--checkpoint", str(trained), "--file", str(path)]) == 1
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not list(trained.glob("*-file-run*")) and not list(trained.glob("*-file-step*"))
     assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--corpus", "shakespeare"]) == 1
     assert "not both" in capsys.readouterr().err
     # no matplotlib: the tables are written, the missing plot is named with the extra that draws it
