@@ -778,3 +778,83 @@ def test_an_unknown_mixer_argument_is_one_line_naming_the_mixer_and_its_argument
         assert err.startswith(f"ttt {argv[0]}: error: unknown argument 'nope' for mixer 'ttt_linear'"), err
         assert err.count("\n") == 1 and "share_qk" in err and "_TTT" not in err
     assert not any(tmp_path.iterdir())
+
+
+def _examples() -> list[tuple[str, list[str]]]:
+    """``(where, argv)`` of every ``ttt`` command in the examples of ``ttt -h`` and of each subcommand's
+    ``-h``, and in the bash blocks of docs/cli.md (``torchrun ... -m ttt.cli.main ARGS`` too)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from ttt.cli import main as root
+
+    texts = {"ttt -h": root.EPILOG, **{f"ttt {m.__name__.rsplit('.', 1)[1]} -h": m.EPILOG for m in COMMANDS}}
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    texts.update(
+        {f"docs/cli.md block {i}": t for i, t in enumerate(re.findall(r"```bash\n(.*?)```", doc, re.S))}
+    )
+    found = []
+    for where, text in texts.items():
+        for line in text.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["ttt"]:
+                found.append((where, words[1:]))
+            elif words[:1] == ["torchrun"]:
+                found.append((where, words[words.index("ttt.cli.main") + 1 :]))
+    return found
+
+
+def test_every_example_command_is_valid_and_none_trains_into_an_earlier_ones_run():
+    """Each example parses, names known mixers and presets, passes its recipe's argument checks (nothing
+    runs), and, run in the order shown, no train or convert example writes into a run directory an
+    earlier one made without --resume (it would stop at 'already holds checkpoints')."""
+    from ttt.cli.main import build_parser
+    from ttt.layers import MIXERS
+    from ttt.models import PRESETS
+    from ttt.recipes import convert as convert_recipe
+    from ttt.recipes import eval as eval_recipe
+    from ttt.recipes import train as train_recipe
+    from ttt.recipes.args import dataclass_from_namespace
+
+    checks = {"train": train_recipe._check_args, "convert": convert_recipe._check_args,
+              "eval": eval_recipe._check}  # fmt: skip
+    examples = _examples()
+    assert len({w for w, _ in examples}) == 9 and len(examples) >= 30
+    runs: dict[str, set[str]] = {}
+    for where, argv in examples:
+        try:
+            ns = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: ttt {' '.join(argv)} does not parse")
+        args = dataclass_from_namespace(ns._command.ARGS, ns)
+        mixers = [getattr(args, "mixer", None), *(getattr(args, "layer_mixers", None) or "").split(","),
+                  *(getattr(args, "mixers", None) or "").split(",")]  # fmt: skip
+        assert set(filter(None, mixers)) <= set(MIXERS), (where, argv)
+        if ns.command == "train":
+            assert args.preset in PRESETS, (where, argv)
+            if args.layer_mixers:
+                assert len(args.layer_mixers.split(",")) == PRESETS[args.preset]["n_layers"], (where, argv)
+        if ns.command in checks:
+            checks[ns.command](args)
+        if ns.command in ("train", "convert"):
+            out = args.out or f"runs/{args.mixer}-{args.preset}"
+            seen = runs.setdefault(where, set())
+            assert args.resume or out not in seen, f"{where}: ttt {' '.join(argv)} trains into {out} again"
+            seen.add(out)
+
+
+def test_help_shows_every_default_the_same_way():
+    """Every --x/--no-x switch says whether it is on by default; a default reads '(default: X)'."""
+    import argparse
+    import re
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(SUBCOMMANDS)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                expected = "(default: on)" if action.default else "(default: off)"
+                assert action.help.endswith(expected), (name, action.option_strings, action.help)
+            assert not re.search(r"\(default [^:]", action.help or ""), (name, action.option_strings)
