@@ -43,7 +43,7 @@ class TrainArgs:
     """Arguments of :func:`ttt.recipes.train.train`."""
 
     mixer: str = "ttt_linear"
-    """mixer of every block (a name in ttt.layers.MIXERS)"""
+    """mixer of every block (a name in ttt.layers.MIXERS; ttt ls lists them)"""
     preset: str = "tiny"
     """model shape: a name in ttt.models.PRESETS (ttt ls shows each one's size)"""
     layer_mixers: str | None = None
@@ -88,7 +88,8 @@ class TrainArgs:
     out: str | None = None
     """run directory for checkpoints and plots (default: runs/<mixer>-<preset>)"""
     resume: bool = False
-    """continue from the latest checkpoint in --out"""
+    """continue the run in --out from its latest checkpoint, with the arguments stored there (--out and
+    --resume are the whole command; docs/cli.md says which others may be given)"""
     overwrite: bool = False
     """start over: delete the checkpoints, loss_curve.png, result.json and eval files of the run in --out
     (once every argument is checked; other files stay)"""
@@ -185,7 +186,7 @@ class GenerateArgs:
     seed: int = 0
     """sampling seed"""
     stream: bool = True
-    """print tokens as they come"""
+    """print tokens as they come (--no-stream: the whole text at the end)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None

