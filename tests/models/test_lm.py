@@ -105,7 +105,13 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_an_unknown_mixer_argument_names_the_mixer_as_written_not_its_class():
-    config = LMConfig.from_name("micro", mixer_kwargs={"ttt_linear": {"share_q": True}})
+    """The config refuses it when made (not only once a model is built from it)."""
+    with pytest.raises(TypeError, match=r"^unknown argument 'share_q' for mixer 'ttt_linear' \(did you mean"):
+        LMConfig.from_name("micro", mixer_kwargs={"ttt_linear": {"share_q": True}})
+    with pytest.raises(ValueError, match="unknown mixer 'mamba9'"):
+        LMConfig(mixer_kwargs={"mamba9": {}})
+    config = LMConfig.from_name("micro", mixer_kwargs={"ttt_linear": {"share_qk": True}})
+    config.mixer_kwargs["ttt_linear"]["share_q"] = True  # changed after it was made: the build refuses it
     with pytest.raises(TypeError, match=r"^unknown argument 'share_q' for mixer 'ttt_linear' \(did you mean"):
         CausalLM(config)
 
