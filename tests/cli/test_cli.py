@@ -437,9 +437,13 @@ def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path,
         (tmp_path / "latin1.txt", "not UTF-8 text"),
         (tmp_path / "short.txt", "need at least 2"),
         (tmp_path / "empty", "no UTF-8 text file"),
+        (trained, f"{trained} is a ttt run or checkpoint directory, not text to evaluate"),  # its JSON files
+        (find_checkpoint(trained), "is a ttt run or checkpoint directory"),
     ]:
         assert main(["eval", "--checkpoint", str(trained), "--file", str(path)]) == 1
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not list(trained.glob("*-file-run*")) and not list(trained.glob("*-file-step*"))
     assert main(["eval", "--checkpoint", str(trained), "--file", str(texts), "--corpus", "shakespeare"]) == 1
     assert "not both" in capsys.readouterr().err
     # no matplotlib: the tables are written, the missing plot is named with the extra that draws it
@@ -759,3 +763,98 @@ def test_ls_and_device_bad_input_name_what_was_expected(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ttt bench: error: --device 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     assert err.count("\n") == 1 and not (tmp_path / "b").exists()
+
+
+def test_an_unknown_mixer_argument_is_one_line_naming_the_mixer_and_its_arguments(tmp_path, capsys):
+    """train and convert refuse a --mixer-kwargs key the mixer does not take before loading any data or
+    teacher, naming the mixer as written (not a private class) and the keys it accepts."""
+    bad = ["--mixer", "ttt_linear", "--mixer-kwargs", '{"ttt_linear": {"nope": 1}}']
+    for argv in (
+        ["train", "--preset", "micro", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "a")],
+        ["convert", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "b")],
+    ):
+        assert main(argv + bad) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"ttt {argv[0]}: error: unknown argument 'nope' for mixer 'ttt_linear'"), err
+        assert err.count("\n") == 1 and "share_qk" in err and "_TTT" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def _examples() -> list[tuple[str, list[str]]]:
+    """``(where, argv)`` of every ``ttt`` command in the examples of ``ttt -h`` and of each subcommand's
+    ``-h``, and in the bash blocks of docs/cli.md (``torchrun ... -m ttt.cli.main ARGS`` too)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from ttt.cli import main as root
+
+    texts = {"ttt -h": root.EPILOG, **{f"ttt {m.__name__.rsplit('.', 1)[1]} -h": m.EPILOG for m in COMMANDS}}
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    texts.update(
+        {f"docs/cli.md block {i}": t for i, t in enumerate(re.findall(r"```bash\n(.*?)```", doc, re.S))}
+    )
+    found = []
+    for where, text in texts.items():
+        for line in text.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["ttt"]:
+                found.append((where, words[1:]))
+            elif words[:1] == ["torchrun"]:
+                found.append((where, words[words.index("ttt.cli.main") + 1 :]))
+    return found
+
+
+def test_every_example_command_is_valid_and_none_trains_into_an_earlier_ones_run():
+    """Each example parses, names known mixers and presets, passes its recipe's argument checks (nothing
+    runs), and, run in the order shown, no train or convert example writes into a run directory an
+    earlier one made without --resume (it would stop at 'already holds checkpoints')."""
+    from ttt.cli.main import build_parser
+    from ttt.layers import MIXERS
+    from ttt.models import PRESETS
+    from ttt.recipes import convert as convert_recipe
+    from ttt.recipes import eval as eval_recipe
+    from ttt.recipes import train as train_recipe
+    from ttt.recipes.args import dataclass_from_namespace
+
+    checks = {"train": train_recipe._check_args, "convert": convert_recipe._check_args,
+              "eval": eval_recipe._check}  # fmt: skip
+    examples = _examples()
+    assert len({w for w, _ in examples}) == 9 and len(examples) >= 30
+    runs: dict[str, set[str]] = {}
+    for where, argv in examples:
+        try:
+            ns = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: ttt {' '.join(argv)} does not parse")
+        args = dataclass_from_namespace(ns._command.ARGS, ns)
+        mixers = [getattr(args, "mixer", None), *(getattr(args, "layer_mixers", None) or "").split(","),
+                  *(getattr(args, "mixers", None) or "").split(",")]  # fmt: skip
+        assert set(filter(None, mixers)) <= set(MIXERS), (where, argv)
+        if ns.command == "train":
+            assert args.preset in PRESETS, (where, argv)
+            if args.layer_mixers:
+                assert len(args.layer_mixers.split(",")) == PRESETS[args.preset]["n_layers"], (where, argv)
+        if ns.command in checks:
+            checks[ns.command](args)
+        if ns.command in ("train", "convert"):
+            out = args.out or f"runs/{args.mixer}-{args.preset}"
+            seen = runs.setdefault(where, set())
+            assert args.resume or out not in seen, f"{where}: ttt {' '.join(argv)} trains into {out} again"
+            seen.add(out)
+
+
+def test_help_shows_every_default_the_same_way():
+    """Every --x/--no-x switch says whether it is on by default; a default reads '(default: X)'."""
+    import argparse
+    import re
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(SUBCOMMANDS)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                expected = "(default: on)" if action.default else "(default: off)"
+                assert action.help.endswith(expected), (name, action.option_strings, action.help)
+            assert not re.search(r"\(default [^:]", action.help or ""), (name, action.option_strings)

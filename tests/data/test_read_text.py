@@ -35,3 +35,16 @@ def test_read_text_files_of_a_directory_skips_binary_and_hidden_files(tmp_path):
     assert [(p.name, t) for p, t in texts] == [("two.txt", "2"), ("one.md", "1")]
     assert skipped == [tmp_path / "blob.bin"]
     assert read_text_files(tmp_path / "one.md") == ([(tmp_path / "one.md", "1")], [])
+
+
+def test_a_ttt_run_or_checkpoint_directory_is_not_text_to_read(tmp_path):
+    """`ttt eval --file runs/x` scored the run's JSON files as text."""
+    run = tmp_path / "run"
+    (run / "step-000002").mkdir(parents=True)
+    (run / "step-000002" / "checkpoint.json").write_text('{"format": "ttt-checkpoint-2"}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    for path in (run, run / "step-000002"):
+        with pytest.raises(
+            ValueError, match=f"^{path} is a ttt run or checkpoint directory, not text to evaluate; "
+        ):
+            read_text_files(path)

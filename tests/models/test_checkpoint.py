@@ -152,7 +152,7 @@ def test_an_edited_checkpoint_json_is_refused_by_its_checksum(tmp_path):
         ({"config__tie_embeddings": "yes"}, "tie_embeddings"),
         ({"config__mixer": "nope"}, "unknown mixers"),
         ({"config__layer_mixers": "ttt_linear"}, "layer_mixers"),
-        ({"config__mixer_kwargs": {"ttt_linear": {"nope": 1}}}, "does not build a model"),
+        ({"config__mixer_kwargs": {"ttt_linear": {"nope": 1}}}, "invalid: unknown argument 'nope' for mixer"),
         ({"step": 7.5}, "'step' must be an integer"),
         ({"step": -1}, "'step' must be an integer"),
         ({"config": None}, "missing fields \\['config'\\]"),

@@ -104,6 +104,18 @@ def test_bad_input_is_a_clear_error():
         model.generate(torch.zeros(1, 500, dtype=torch.long), 20)
 
 
+def test_an_unknown_mixer_argument_names_the_mixer_as_written_not_its_class():
+    """The config refuses it when made (not only once a model is built from it)."""
+    with pytest.raises(TypeError, match=r"^unknown argument 'share_q' for mixer 'ttt_linear' \(did you mean"):
+        LMConfig.from_name("micro", mixer_kwargs={"ttt_linear": {"share_q": True}})
+    with pytest.raises(ValueError, match="unknown mixer 'mamba9'"):
+        LMConfig(mixer_kwargs={"mamba9": {}})
+    config = LMConfig.from_name("micro", mixer_kwargs={"ttt_linear": {"share_qk": True}})
+    config.mixer_kwargs["ttt_linear"]["share_q"] = True  # changed after it was made: the build refuses it
+    with pytest.raises(TypeError, match=r"^unknown argument 'share_q' for mixer 'ttt_linear' \(did you mean"):
+        CausalLM(config)
+
+
 @pytest.mark.parametrize("mixer", LM_MIXERS)
 def test_chunked_prefill_at_any_offset_equals_full_forward(mixer):
     # ttt-lm-pytorch raised "fractional update not supported yet" for a chunk after a 20-token prefill

@@ -241,7 +241,7 @@ def test_mixer_kwargs_reach_the_model_and_its_checkpoint(corpus_dir, tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             train(small_args(corpus_dir, tmp_path / "bad", mixer_kwargs=bad))
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(TypeError, match="unknown argument 'sharing' for mixer 'ttt_linear'"):
         train(small_args(corpus_dir, tmp_path / "bad", mixer_kwargs='{"ttt_linear": {"sharing": 1}}'))
     assert not (tmp_path / "bad").exists()
 

@@ -16,9 +16,12 @@ from . import bench, convert, eval, generate, ls, train
 #: the subcommands, listed once
 COMMANDS = (train, eval, generate, bench, ls, convert)
 
+DESCRIPTION = """Train, evaluate, sample from and benchmark Test-Time Training (TTT) language models, and
+convert a pretrained Llama model's attention to TTT. 'ttt <command> -h' shows its options and examples."""
+
 EPILOG = """examples:
   ttt train                                   # TTT-Linear, tiny preset, Shakespeare, CPU: a few minutes
-  ttt train --mixer attention --steps 300     # the attention baseline
+  ttt train --mixer attention                 # the attention baseline, same shape and parameters
   ttt eval --checkpoint runs/ttt_linear-tiny  # bits per byte and loss vs position
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt "ROMEO:"
   ttt bench --mixers ttt_linear,attention --lengths 256,1024,4096
@@ -42,7 +45,7 @@ def version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttt",
-        description="Train, evaluate, sample from and benchmark Test-Time Training language models.",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -9,7 +9,7 @@ EPILOG = """examples:
   # the README's main command: TTT-Linear, tiny preset, Shakespeare plays, one CPU thread
   ttt train
   # two threads, when both cores are yours alone (on a busy machine one thread is faster)
-  ttt train --threads 2
+  ttt train --threads 2 --out runs/two-threads
 
   # the same shape with attention, TTT-MLP or a hybrid, at the attention model's parameter count
   ttt train --mixer attention
@@ -20,9 +20,9 @@ EPILOG = """examples:
   ttt train --out runs/ttt_linear-tiny --resume
 
   # BPE tokens, another corpus, a paper-sized model on a GPU (bfloat16), 8 GPUs with torchrun
-  ttt train --tokenizer bpe --vocab-size 2048 --corpus python-stdlib
+  ttt train --tokenizer bpe --vocab-size 2048 --corpus python-stdlib --out runs/bpe-stdlib
   ttt train --preset 125m --context 2048 --batch-size 32 --dtype bfloat16 --device cuda
-  torchrun --nproc_per_node 8 -m ttt.cli.main train --preset 125m --batch-size 256
+  torchrun --nproc_per_node 8 -m ttt.cli.main train --preset 125m --batch-size 256 --out runs/125m-8gpu
 """
 HELP = "train a TTT (or attention) language model"
 ARGS = TrainArgs

@@ -177,14 +177,24 @@ def read_text(path: str | os.PathLike) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+def _refuse_run_directory(path: Path, label: str, use: str, expected: str) -> None:
+    """Refuse (one-line ``ValueError``) a directory that is a ttt run (``latest`` / ``step-N``) or a
+    checkpoint (``checkpoint.json``) where text is wanted: its JSON files would be read as text. Named by
+    its files, so that data does not import models."""
+    if (path / "latest").exists() or any(path.glob("step-*")) or (path / "checkpoint.json").is_file():
+        raise ValueError(f"{label} is a ttt run or checkpoint directory, not text {use}; expected {expected}")
+
+
 def read_text_files(path: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[Path]]:
     """``(texts, skipped)``: a text file as ``[(path, text)]``, or every UTF-8 text file under a directory
     (recursively, sorted, hidden files and folders left out) and the files skipped as not text.
 
-    A missing path, a binary file named directly, or a directory without a text file is an error."""
+    A missing path, a binary file named directly, a ttt run or checkpoint directory, or a directory without
+    a text file is an error."""
     p = Path(path)
     if not p.is_dir():
         return [(p, read_text(p))], []
+    _refuse_run_directory(p, str(path), "to evaluate", "a text file or a directory of texts")
     files = sorted(
         f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
     )
@@ -214,13 +224,10 @@ def load_corpus(name_or_path: str) -> Corpus:
     if p.is_file():
         return load_file(p)
     if p.is_dir():
-        # a run directory (``latest`` / ``step-N``) or a checkpoint (``checkpoint.json``), named by its files
-        # so that data does not import models
-        if (p / "latest").exists() or any(p.glob("step-*")) or (p / "checkpoint.json").is_file():
-            raise ValueError(
-                f"corpus {p} is a ttt run or checkpoint directory, not text to train or evaluate on; "
-                f"expected a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts"
-            )
+        _refuse_run_directory(
+            p, f"corpus {p}", "to train or evaluate on",
+            f"a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts",
+        )  # fmt: skip
         return load_directory(p)
     raise ValueError(
         f"unknown corpus {name_or_path!r}: not one of {sorted(CORPORA)} and not an existing file or directory"

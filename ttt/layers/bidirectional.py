@@ -77,13 +77,10 @@ class Bidirectional(nn.Module):
     @classmethod
     def from_name(cls, name: str, *, dim: int, num_heads: int, shared: bool = True, gate_init: float = 0.1,
                   **mixer_kwargs) -> Bidirectional:  # fmt: skip
-        """``Bidirectional(MIXERS[name](dim=dim, num_heads=num_heads, **mixer_kwargs), ...)``."""
-        from ttt.layers import MIXERS
+        """``Bidirectional(make_mixer(name, dim, num_heads, mixer_kwargs), ...)``."""
+        from ttt.layers import make_mixer
 
-        if name not in MIXERS:
-            raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
-        return cls(MIXERS[name](dim=dim, num_heads=num_heads, **mixer_kwargs), shared=shared,
-                   gate_init=gate_init)  # fmt: skip
+        return cls(make_mixer(name, dim, num_heads, mixer_kwargs), shared=shared, gate_init=gate_init)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> None:
         """An encoder carries no state between calls: always ``None``."""

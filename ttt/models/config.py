@@ -25,7 +25,8 @@ class LMConfig:
         n_heads: heads of every mixer; head dim = dim / n_heads.
         mixer: default mixer of every block, a key of ``ttt.layers.MIXERS``.
         layer_mixers: per-block mixer names for hybrids (length ``n_layers``); ``None`` = all ``mixer``.
-        mixer_kwargs: extra constructor arguments per mixer name, e.g. ``{"ttt_linear": {"base_lr": 1.0}}``.
+        mixer_kwargs: extra constructor arguments per mixer name, e.g. ``{"ttt_linear": {"base_lr": 1.0}}``;
+            a name that is not a mixer, or an argument its mixer does not take, is refused here.
         mlp_hidden: SwiGLU inner width; ``None`` = Llama's 8/3 * dim rounded to 64.
         max_seq_len: the longest sequence (prompt + generated tokens) the model accepts.
         norm_eps: RMSNorm epsilon (ttt-lm-pytorch ``rms_norm_eps``).
@@ -53,6 +54,16 @@ class LMConfig:
                 raise ValueError(
                     f"layer_mixers has {len(self.layer_mixers)} entries, n_layers is {self.n_layers}"
                 )
+        if not isinstance(self.mixer_kwargs, dict) or not all(
+            isinstance(v, dict) for v in self.mixer_kwargs.values()
+        ):
+            raise TypeError(
+                f"mixer_kwargs must map mixer names to dicts of arguments, got {self.mixer_kwargs!r}"
+            )
+        from ttt.layers import check_mixer_kwargs
+
+        for name, kwargs in self.mixer_kwargs.items():  # each a mixer, each argument one it takes
+            check_mixer_kwargs(name, kwargs)
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         for name in (

@@ -27,12 +27,11 @@ __all__ = ["Block", "CausalLM", "build_mixer", "sample", "state_nbytes"]
 
 
 def build_mixer(name: str, config: LMConfig) -> nn.Module:
-    """Instantiate mixer ``name`` from the registry with the config's width, heads and extra kwargs."""
-    from ttt.layers import MIXERS
+    """Instantiate mixer ``name`` from the registry with the config's width, heads and extra kwargs
+    (:func:`ttt.layers.make_mixer`: an unknown name or argument is a one-line error)."""
+    from ttt.layers import make_mixer
 
-    if name not in MIXERS:
-        raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
-    return MIXERS[name](dim=config.dim, num_heads=config.n_heads, **config.mixer_kwargs.get(name, {}))
+    return make_mixer(name, config.dim, config.n_heads, config.mixer_kwargs.get(name, {}))
 
 
 class Block(nn.Module):

@@ -43,16 +43,18 @@ class TrainArgs:
     """Arguments of :func:`ttt.recipes.train.train`."""
 
     mixer: str = "ttt_linear"
-    """mixer of every block (a name in ttt.layers.MIXERS)"""
+    """mixer of every block (a name in ttt.layers.MIXERS; ttt ls lists them)"""
     preset: str = "tiny"
     """model shape: a name in ttt.models.PRESETS (ttt ls shows each one's size)"""
     layer_mixers: str | None = None
     """comma-separated mixer per block for hybrids, e.g. 'ttt_linear,attention,ttt_linear,attention'
     (default: every block has --mixer)"""
     mixer_kwargs: str | None = None
-    """JSON of extra constructor arguments per mixer, over the defaults of `ttt train`, which build TTT-Linear
-    and TTT-MLP with short convolutions (share_qk, the paper's (M) variant; docs/results.md); the official
-    Transformer-backbone layer: '{"ttt_linear": {"share_qk": false}}'"""
+    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"mini_batch_size": 8}}' (a key
+    the mixer does not take is refused, naming those it takes; docs/layers.md). A key given wins over the
+    defaults of `ttt train`, which give TTT-Linear and TTT-MLP short convolutions on q and k (share_qk, as
+    the TTT paper's Mamba-backbone "(M)" models; docs/results.md); the paper's Transformer-backbone layer:
+    '{"ttt_linear": {"share_qk": false}}'"""
     match_params: str | None = "attention"
     """resize the SwiGLU width so the model has the parameter count of this mixer's model ('none': off)"""
     corpus: str = "shakespeare"
@@ -80,13 +82,14 @@ class TrainArgs:
     eval_every: int = 200
     """validate every this many steps and at the end (0: only at the end)"""
     eval_batches: int = 16
-    """validation batches per evaluation"""
+    """validation batches (of --batch-size sequences) per evaluation"""
     ckpt_every: int = 200
     """checkpoint every this many steps and at the end (0: only at the end); Ctrl-C saves the last step"""
     out: str | None = None
-    """run directory for checkpoints and plots (default runs/<mixer>-<preset>)"""
+    """run directory for checkpoints and plots (default: runs/<mixer>-<preset>)"""
     resume: bool = False
-    """continue from the latest checkpoint in --out"""
+    """continue the run in --out from its latest checkpoint, with the arguments stored there (--out and
+    --resume are the whole command; docs/cli.md says which others may be given)"""
     overwrite: bool = False
     """start over: delete the checkpoints, loss_curve.png, result.json and eval files of the run in --out
     (once every argument is checked; other files stay)"""
@@ -123,11 +126,12 @@ class EvalArgs:
     """Arguments of :func:`ttt.recipes.eval.evaluate_checkpoint`."""
 
     checkpoint: str = ""
-    """run directory or checkpoint directory"""
+    """a run directory (its latest checkpoint), one of its step-N checkpoint directories, or a HF directory
+    saved from a ttt model (hf/ of ttt convert)"""
     file: str | None = None
     """score the whole of this UTF-8 text file, or of every text file in this directory (recursively; other
-    files are skipped and listed), read with the model's tokenizer: every token after the first, in windows
-    of --context tokens; --max-batches does not apply"""
+    files are skipped and listed; not a ttt run directory), read with the model's tokenizer: every token
+    after the first, in windows of --context tokens; --max-batches does not apply"""
     corpus: str | None = None
     """corpus to evaluate on when --file is not given (default: the one it was trained on); only its
     validation split is scored: the last 10% of a text file's lines, every 10th file of a directory, the
@@ -157,13 +161,15 @@ class GenerateArgs:
     """Arguments of :func:`ttt.recipes.generate.generate_text`."""
 
     checkpoint: str = ""
-    """run directory or checkpoint directory"""
+    """a run directory (its latest checkpoint), one of its step-N checkpoint directories, or a HF directory
+    saved from a ttt model (hf/ of ttt convert)"""
     prompt: str | None = None
-    """prompt text"""
+    """prompt text (give one of --prompt, --prompt-file, --prompt-tokens, --prompts-file)"""
     prompt_file: str | None = None
-    """read the prompt from this file"""
+    """read the prompt from this UTF-8 text file"""
     prompt_tokens: int | None = None
-    """use the first N tokens of the validation split as the prompt (for speed measurements)"""
+    """use the first N tokens of the validation split of the corpus the checkpoint was trained on as the
+    prompt (for decode-speed measurements)"""
     prompts_file: str | None = None
     """one prompt per line: continue all of them as one batch (prompts of any lengths; not streamed)"""
     max_new_tokens: int = 200
@@ -174,13 +180,13 @@ class GenerateArgs:
     """sample from the k most likely tokens, >= 1 ('none': all)"""
     top_p: float | None = None
     """nucleus sampling: sample from the fewest most likely tokens whose probability sums to at least p,
-    0 < p <= 1, applied after --top-k (default none: all)"""
+    0 < p <= 1, applied after --top-k ('none': off) (default: none)"""
     echo: bool = True
     """print the prompt before its continuation (--no-echo: only the new text)"""
     seed: int = 0
     """sampling seed"""
     stream: bool = True
-    """print tokens as they come"""
+    """print tokens as they come (--no-stream: the whole text at the end)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
@@ -192,13 +198,13 @@ class BenchArgs:
     """Arguments of :func:`ttt.recipes.bench.bench`."""
 
     mixers: str = "ttt_linear,ttt_mlp,gated_deltanet,attention"
-    """comma-separated mixers to compare (attention is the baseline)"""
+    """comma-separated mixers to compare (names in ttt.layers.MIXERS; ttt ls lists them)"""
     dim: int = 128
     """model width C of the benchmarked layer"""
     heads: int = 4
-    """heads"""
+    """heads of the benchmarked layer (head dim = --dim / --heads)"""
     batch_size: int = 1
-    """batch size"""
+    """sequences per timed call"""
     lengths: str = "256,512,1024,2048"
     """comma-separated context lengths"""
     repeats: int = 3
@@ -290,9 +296,9 @@ def add_dataclass_args(
     ``required``: fields that must be given (their default is not shown). ``notes``: text appended to
     a field's help (e.g. choices read from a registry). ``aliases``: more flags of a field, e.g.
     ``{"mixers": ["--mixer"]}``. The default is appended to the help unless it is None or the docstring
-    already speaks of it. ``bool`` fields become ``--x / --no-x``; ``int | None`` and ``float | None``
-    options take ``none`` (any case) for None. Field types must be str, int, float or bool (optionally
-    ``| None``); another type is refused here, not at parse time.
+    already speaks of it (a ``bool``'s as "on" / "off"). ``bool`` fields become ``--x / --no-x``;
+    ``int | None`` and ``float | None`` options take ``none`` (any case) for None. Field types must be str,
+    int, float or bool (optionally ``| None``); another type is refused here, not at parse time.
     """
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -307,9 +313,12 @@ def add_dataclass_args(
         if tp not in (str, int, float, bool):
             raise TypeError(f"{cls.__name__}.{f.name}: a CLI field is str, int, float or bool, not {tp}")
         if tp is bool:
-            parser.add_argument(
+            if "default" not in doc.lower():
+                doc += " (default: on)" if f.default else " (default: off)"
+            action = parser.add_argument(
                 *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=doc
             )
+            action.help = doc  # Python 3.10's BooleanOptionalAction appends "(default: True)" of its own
             continue
         if f.name in required:
             parser.add_argument(*flags, dest=f.name, type=tp, required=True, metavar=f.name.upper(), help=doc)

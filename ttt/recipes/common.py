@@ -16,10 +16,11 @@ __all__ = ["Dist", "check_number", "lm_loss", "resolve_device", "save_plot", "se
 
 
 def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
-    """``--mixer-kwargs`` JSON -> ``{mixer name: {argument: value}}`` (``LMConfig.mixer_kwargs``), checked."""
+    """``--mixer-kwargs`` JSON -> ``{mixer name: {argument: value}}`` (``LMConfig.mixer_kwargs``), checked:
+    each name is a mixer and each argument one it takes (:func:`ttt.layers.check_mixer_kwargs`)."""
     import json
 
-    from ttt.layers import MIXERS
+    from ttt.layers import MIXERS, check_mixer_kwargs
 
     if not text:
         return {}
@@ -35,6 +36,8 @@ def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
     unknown = sorted(set(parsed) - set(MIXERS))
     if unknown:
         raise ValueError(f"--mixer-kwargs names unknown mixers {unknown}; choose from {sorted(MIXERS)}")
+    for name, kwargs in parsed.items():
+        check_mixer_kwargs(name, kwargs)
     return parsed
 
 

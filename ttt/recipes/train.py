@@ -212,7 +212,8 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
         )
-    if args.context_parallel > 1 and any(kw.get("share_qk") for kw in train_mixer_kwargs(args).values()):
+    mixer_kwargs = train_mixer_kwargs(args)  # a bad --mixer-kwargs is refused before any data is loaded
+    if args.context_parallel > 1 and any(kw.get("share_qk") for kw in mixer_kwargs.values()):
         raise ValueError(
             "--context-parallel runs the TTT layers without short convolutions only (share_qk has no "
             "context-parallel form yet): add --mixer-kwargs "

@@ -232,15 +232,14 @@ def train_args(spec: RunSpec, scale: Scale, lr: float, seed: int, run_dir: Path)
     ``ttt train``'s defaults change."""
     import inspect
 
-    from ttt.layers import MIXERS
+    from ttt.layers import mixer_parameters
     from ttt.recipes.train import TRAIN_MIXER_DEFAULTS
 
-    def layer_default(name: str) -> Any:  # the first __init__ up the class chain that declares ``name``
-        for cls in MIXERS[spec.mixer].__mro__:
-            param = inspect.signature(cls.__init__).parameters.get(name) if "__init__" in vars(cls) else None
-            if param is not None and param.default is not inspect.Parameter.empty:
-                return param.default
-        raise ValueError(f"{spec.mixer} has no default for {name!r}")
+    def layer_default(name: str) -> Any:  # the default of the most derived __init__ that declares ``name``
+        param = mixer_parameters(spec.mixer).get(name)
+        if param is None or param.default is inspect.Parameter.empty:
+            raise ValueError(f"{spec.mixer} has no default for {name!r}")
+        return param.default
 
     pinned = {k: layer_default(k) for k in TRAIN_MIXER_DEFAULTS.get(spec.mixer, {})}
     kwargs = {**pinned, **spec.mixer_kwargs}
