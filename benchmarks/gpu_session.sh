@@ -17,8 +17,8 @@
 #                     layers on CUDA, with whatever time is left
 #   call 2  CALL=2, LIMIT from `status` (below), timeout_s LIMIT + 20: the CLI and speed  ~4.5 min
 #           c1_cli    `ttt train --device cuda` + `ttt generate --device cuda`, TTT-Linear and TTT-MLP
-#           bench_mlp 125m TTT-MLP training at T = 8k, 32k (cut last time by the compile-inclusive case limit)
 #           bench_fla 125m / 350m Gated DeltaNet on fla's kernels (`impl="fla"`), train + prefill + decode
+#           bench_mlp 125m TTT-MLP training at T = 8k, 32k (cut last time by the compile-inclusive case limit)
 #           bench_350m 350m TTT-MLP, swa and Gated DeltaNet (PyTorch chunk form), all phases
 #   a second machine start, only if the machine went back between the calls (it stays warm 30 s)  ~1.5 min
 # So: issue call 2 at once when call 1 returns (its files are already copied back; read them afterwards).
@@ -119,13 +119,15 @@ EOF
   )
 fi
 DEVICE=cuda; [ "$DRY" = 1 ] && DEVICE=cpu
+PYTEST_INT='import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))'
 
 # pytest_stage NAME CAP ARGS...: one pytest run under min(CAP, time left); everything in $OUT/NAME.txt
 pytest_stage() {
   local name=$1 cap=$2 lim rc t n
+  local common=(-p no:cacheprovider -rfEs --tb=short --durations=30 --durations-min=2)
   shift 2
-  if [ "$DRY" = 1 ]; then
-    python3 -m pytest --collect-only -q -p no:cacheprovider "$@" > "$OUT/$name.txt" 2>&1
+  if [ "$DRY" = 1 ]; then  # the same command, collecting only (-q, and no xdist here)
+    python3 -c "$PYTEST_INT" --collect-only -q "${common[@]}" "$@" > "$OUT/$name.txt" 2>&1
     rc=$?
     n=$(grep -oE '^[0-9]+(/[0-9]+)? tests? collected' "$OUT/$name.txt" | grep -oE '^[0-9]+')
     echo "$name: ${n:-0} tests selected (collect rc=$rc)"
@@ -138,13 +140,17 @@ pytest_stage() {
   if (( lim < 30 )); then stamp "$name: skipped, ${lim}s left"; return; fi
   stamp "$name (limit ${lim}s)"
   t=$(date +%s)
-  timeout -s INT -k 20 "$lim" python3 -m pytest -vv $XDIST -p no:cacheprovider -rfEs --tb=short \
-    --durations=25 "$@" > "$OUT/$name.txt" 2>&1
+  # pytest under a handler for SIGINT set here: a shell that started this script in the background may
+  # have it ignored, and then pytest would die at the KILL with no summary
+  timeout -s INT -k 20 "$lim" python3 -c "$PYTEST_INT" -vv $XDIST "${common[@]}" "$@" > "$OUT/$name.txt" 2>&1
   rc=$?
   echo "$name: rc=$rc (124: cut by its limit) in $(( $(date +%s) - t ))s; compiled kernels cached:" \
     "$(find "$CACHE" -name '*.cubin' 2>/dev/null | wc -l)"
   grep -E "^(FAILED|ERROR) " "$OUT/$name.txt" | cut -c1-400
-  grep -E "^=+ .*(passed|failed|error|skipped|deselected|no tests ran).* =+$" "$OUT/$name.txt" | tail -1
+  # selected (xdist: "[N items]", else "collected N items") against the final counts; the rest was not reached
+  echo "$name selected: $(grep -m1 -oE '\[[0-9]+ items?\]|collected [0-9]+ items?' "$OUT/$name.txt");" \
+    "result: $(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/$name.txt" | tail -1 \
+    | sed -E 's/^=+ | =+$//g')"
 }
 
 # run_cmd NAME CAP CMD...: a command under min(CAP, time left), output to the session log
@@ -165,10 +171,10 @@ MLP=tests/ops/ttt_mlp/test_triton.py
 LIN=tests/ops/ttt_linear/test_triton.py
 
 if [ "$CALL" = 1 ]; then
-  pytest_stage t1_mlp 150 \
+  pytest_stage t1_mlp 140 \
     $MLP::test_chunk_fp16 $MLP::test_gpu_chunk $MLP::test_gpu_varlen tests/ops/ttt_mlp/test_decode.py \
     tests/models/test_static_decode.py::test_cuda_graph_decoder_equals_model_step
-  pytest_stage t2_linear 100 \
+  pytest_stage t2_linear 80 \
     $LIN::test_gpu_chunk tests/ops/ttt_linear/test_decode.py \
     tests/layers/test_cuda.py::test_ttt_linear_triton_matches_chunk
   # fla autotunes every kernel at its first call (cached on disk, FLA_CACHE_RESULTS=1 by default)
@@ -234,17 +240,18 @@ EOF
     run_cmd "$name" "$lim" python3 benchmarks/model_gpu.py $SIZES --budget $(( lim > 60 ? lim - 40 : 20 )) \
       --out "$OUT/$name" "$@"
   }
+  # the family on fla's kernels: the comparison with flash-linear-attention; fla autotunes inside the first
+  # case of each phase, hence the case limit (DRY: fla under the Triton interpreter)
+  if [ "$DRY" = 1 ]; then
+    TRITON_INTERPRET=1 bench bench_fla 150 --presets $P125 --mixers gated_deltanet --case-limit 120 \
+      --mixer-kwargs '{"gated_deltanet": {"impl": "fla"}}'
+  else
+    bench bench_fla 150 --presets $P125,$P350 --mixers gated_deltanet --case-limit 120 \
+      --mixer-kwargs '{"gated_deltanet": {"impl": "fla"}}'
+  fi
   # TTT-MLP training past 2k (its kernels compile inside the first case: a generous case limit)
   bench bench_mlp 100 --presets $P125 --mixers ttt_mlp --phases train --train-lengths $LONG \
     --case-limit 120
-  # the family on fla's kernels: the comparison with flash-linear-attention (DRY: fla under the interpreter)
-  if [ "$DRY" = 1 ]; then
-    TRITON_INTERPRET=1 bench bench_fla 150 --presets $P125 --mixers gated_deltanet --case-limit 60 \
-      --mixer-kwargs '{"gated_deltanet": {"impl": "fla"}}'
-  else
-    bench bench_fla 150 --presets $P125,$P350 --mixers gated_deltanet --case-limit 60 \
-      --mixer-kwargs '{"gated_deltanet": {"impl": "fla"}}'
-  fi
   bench bench_350m 400 --presets $P350 --mixers ttt_mlp,swa,gated_deltanet --case-limit 60
   for f in "$OUT"/bench_*/model_gpu.md; do
     [ -f "$f" ] || continue
