@@ -92,14 +92,15 @@ if [ -f .tcache/triton_cache.tgz ] && [ "$DRY" != 1 ]; then
 fi
 python3 - <<'EOF'
 import platform, torch
+from importlib.metadata import version
 def ver(name):
     try:
-        return __import__(name).__version__
+        return version(name)
     except Exception as e:
-        return f"not importable ({type(e).__name__})"
+        return f"not installed ({type(e).__name__})"
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
-print(f"python {platform.python_version()} torch {torch.__version__} triton {ver('triton')} fla {ver('fla')} "
-      f"xdist {ver('xdist')} device {dev}")
+print(f"python {platform.python_version()} torch {torch.__version__} triton {ver('triton')} "
+      f"fla-core {ver('fla-core')} pytest-xdist {ver('pytest-xdist')} device {dev}")
 EOF
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 
@@ -109,14 +110,15 @@ XDIST=""
 if [ "$DRY" != 1 ]; then
   XDIST=$(python3 - "$NPROC" <<'EOF'
 import sys
+from importlib.metadata import version
 try:
-    import xdist
-except ImportError:
+    v = tuple(int(x) for x in version("pytest-xdist").split(".")[:2])
+except Exception:  # not installed, or an odd version string: one process
     sys.exit(0)
-v = tuple(int(x) for x in xdist.__version__.split(".")[:2])
 print(f"-n {sys.argv[1]} --dist {'worksteal' if v >= (3, 2) else 'load'}")
 EOF
   )
+  echo "pytest workers: ${XDIST:-none (pytest-xdist missing: one process)}"
 fi
 DEVICE=cuda; [ "$DRY" = 1 ] && DEVICE=cpu
 PYTEST_INT='import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))'
