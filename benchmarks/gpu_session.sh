@@ -3,7 +3,7 @@
 # 15 minutes of H200 time (machine start included). Every stage runs under its own `timeout`: SIGINT at its
 # limit (pytest still prints each failure's traceback and its summary), KILL 20 s later. A call's stages
 # end RESERVE seconds before LIMIT whatever they do, so its files always come back. Every failure is named,
-# with its assertion, in a small file under $OUT (pytest -vv -rfE --tb=short: no bare `F`).
+# with its assertion, in a small file under $OUT (pytest -vv -rfEs --tb=short: no bare `F`).
 #
 # The 15 minutes:
 #   machine start (first call)                                                      ~1.5 min
