@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ttt.models import CausalLM, LMConfig  # noqa: E402
 from ttt.models.static_decode import StaticDecoder  # noqa: E402
+from ttt.recipes.common import parse_mixer_kwargs  # noqa: E402
 
 MIXERS = ("ttt_linear", "attention", "ttt_mlp", "swa", "gated_deltanet")
 #: dense bf16 peak by GPU name (NVIDIA datasheets, SXM parts); MFU is "n/a" for a GPU not listed
@@ -198,6 +199,8 @@ class Runner:
 
     def build(self, preset: str, mixer: str, max_len: int) -> CausalLM:
         kwargs = {"swa": {"window": self.args.swa_window}}
+        for name, extra in parse_mixer_kwargs(self.args.mixer_kwargs).items():
+            kwargs[name] = {**kwargs.get(name, {}), **extra}
         config = LMConfig.from_name(preset, mixer=mixer, max_seq_len=max_len, mixer_kwargs=kwargs)
         torch.manual_seed(0)
         return CausalLM(config).to(self.device)
@@ -290,6 +293,7 @@ class Runner:
                 case.tflops = flops / sec / 1e12
                 case.mfu = flops / sec / self.peak if self.peak else None
                 case.peak_mb = self.peak_mb()
+                case.extra["impl"] = _impls(model)
 
             case = self.guarded(Case(preset, mixer, "train", T, B), body)
             if case.status == "OOM" or case.seconds > self.args.case_limit:
@@ -327,6 +331,7 @@ class Runner:
                 case.mfu = flops / sec / self.peak if self.peak else None
                 case.peak_mb = self.peak_mb()
                 case.extra["weights_mb"] = base / 2**20 if self.cuda else None
+                case.extra["impl"] = _impls(model)
 
             def decode(case: Case, ctx=ctx) -> None:
                 model, idx = held["model"], held["idx"]
@@ -412,6 +417,8 @@ class Runner:
                 static = c.extra["err_static"]
                 static = f"{static:.2e} ({c.extra['static']})" if static is not None else "FAILED"
                 note = f"max err CausalLM.step {c.extra['err_step']:.2e}, static decoder {static}"
+            if c.phase in ("train", "prefill") and c.status == "ok" and c.extra.get("impl"):
+                note = f"forms: {c.extra['impl']}"
             if c.phase == "decode" and c.status == "ok":
                 static = c.extra["static"]
                 static = f"static ({static})" if static != "failed" else "static decoder failed its gate"
@@ -441,6 +448,12 @@ class Runner:
         (self.out / "model_gpu.json").write_text(
             json.dumps({"meta": meta, "cases": [asdict(c) for c in self.cases]}, indent=1)
         )
+
+
+def _impls(model: nn.Module) -> str:
+    """The operator forms the mixers' last calls ran (``last_impl``), e.g. "triton" or "fla"."""
+    forms = {m.last_impl for m in model.modules() if getattr(m, "last_impl", None)}
+    return ",".join(sorted(forms))
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
@@ -482,6 +495,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--swa-window", type=int, default=2048)
     p.add_argument(
+        "--mixer-kwargs",
+        default=None,
+        help='extra layer arguments per mixer, JSON as in `ttt train`, e.g. \'{"gated_deltanet": {"impl": "fla"}}\'',
+    )
+    p.add_argument(
         "--gate-tol", type=float, default=1e-2, help="gate: max |logit error| <= tol * max(1, max |logit|)"
     )
     p.add_argument(
@@ -495,6 +513,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(_strs(args.phases)) - {"train", "infer"}
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}; choose from train, infer")
+    try:
+        parse_mixer_kwargs(args.mixer_kwargs)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

@@ -132,6 +132,34 @@ def assert_within_budget(
     assert err <= bound, f"{name}: max err {err:.3e} > budget {bound:.3e}"
 
 
+class BudgetChecks:
+    """Several :func:`assert_within_budget` checks that fail once, at the end, naming every quantity over its
+    budget with its error and bound (so one failing run shows the whole picture, not its first entry)::
+
+        with BudgetChecks() as check:
+            check("o", got, ref64, low, dtype)
+            check("grad lr", g, g64, g_low, dtype, n_sum=D)
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def __call__(
+        self, name: str, got: Tensor, ref64: Tensor, low: Tensor, dtype: torch.dtype, n_sum: int = 1
+    ) -> None:
+        try:
+            assert_within_budget(name, got, ref64, low, dtype, n_sum)
+        except AssertionError as err:
+            self.failures.append(str(err))
+
+    def __enter__(self) -> BudgetChecks:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.failures:
+            raise AssertionError(f"{len(self.failures)} over budget: " + "; ".join(self.failures))
+
+
 def assert_stage_matches(got: dict, ref: dict, rtol: float = 1e-4, atol: float = 1e-5) -> None:
     """Each entry of ``got`` (a tensor or a tuple of tensors, any float dtype) equals ``ref[name]`` (float64)
     to ``rtol`` and ``atol * (1 + max|ref|)``; a failure names the entry. For the kernels' stage tests,

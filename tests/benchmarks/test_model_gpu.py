@@ -71,3 +71,21 @@ def test_a_static_decoder_that_fails_its_gate_is_not_timed(tmp_path, monkeypatch
     assert gate.status == "ok" and gate.extra["static"] == "failed"  # CausalLM.step passed: timed
     assert decode.status == "ok" and decode.tokens_per_s is None and decode.extra["step_path_ms"] > 0
     assert "static decoder failed its gate" in (tmp_path / "model_gpu.md").read_text()
+
+
+def test_mixer_kwargs_reach_the_layers_and_the_forms_they_ran_are_recorded(tmp_path):
+    bench = _module()
+    cases = bench.main(["--device", "cpu", "--presets", "micro", "--mixers", "gated_deltanet", "--phases", "train",
+                        "--train-lengths", "16", "--tokens-per-step", "32", "--train-steps", "1",
+                        "--mixer-kwargs", '{"gated_deltanet": {"impl": "recurrent"}}',
+                        "--out", str(tmp_path)])  # fmt: skip
+    gate, train = cases
+    assert train.status == "ok" and train.extra["impl"] == "recurrent"
+    assert "forms: recurrent" in (tmp_path / "model_gpu.md").read_text()
+
+
+def test_bad_mixer_kwargs_are_a_one_line_error(capsys):
+    bench = _module()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--mixer-kwargs", '{"no_such_mixer": {}}'])
+    assert "unknown mixers ['no_such_mixer']" in capsys.readouterr().err

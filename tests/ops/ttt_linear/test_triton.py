@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 from ttt.ops.types import TTTInputs, TTTState  # noqa: E402
-from ttt.testing import assert_within_budget, random_projection_grads  # noqa: E402
+from ttt.testing import BudgetChecks, random_projection_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,10 +81,11 @@ def compare(leaves, meta, *, causal, dtype, grad=True, n_sum=None):
     assert off == off64
     assert outs[0].dtype == dtype
     names = ["o", "W", "b", "gW", "gb", "weights_W", "weights_b"]
-    for name, a, r, lo in zip(names, outs, outs64, outs_lo):
-        assert_within_budget(name, a, r, lo, dtype)
-    for key in g:
-        assert_within_budget(f"grad {key}", g[key], g64[key], g_lo[key], dtype, (n_sum or {}).get(key, 1))
+    with BudgetChecks() as check:  # a failure names every quantity over its budget
+        for name, a, r, lo in zip(names, outs, outs64, outs_lo):
+            check(name, a, r, lo, dtype)
+        for key in g:
+            check(f"grad {key}", g[key], g64[key], g_lo[key], dtype, (n_sum or {}).get(key, 1))
 
 
 # T = 40 = 2 full mini-batches + 8; offset 5 resumes inside a mini-batch; T = 9 < b with offset 3 (one
@@ -265,10 +266,11 @@ def test_varlen_equals_per_sequence(lens, offset, causal):
     ref, g_ref = _varlen_run(leaves, lens, offset, packed=False, dtype=torch.float64, causal=causal)
     low, g_low = _varlen_run(leaves, lens, offset, packed=False, dtype=torch.float32, causal=causal)
     got, g_got = _varlen_run(leaves, lens, offset, packed=True, dtype=torch.float32, causal=causal)
-    for name, a, r, lo in zip(["o", "W", "b", "gW", "gb"], got, ref, low):
-        assert_within_budget(name, a, r, lo, torch.float32)
-    for key in g_ref:
-        assert_within_budget(f"grad {key}", g_got[key], g_ref[key], g_low[key], torch.float32)
+    with BudgetChecks() as check:
+        for name, a, r, lo in zip(["o", "W", "b", "gW", "gb"], got, ref, low):
+            check(name, a, r, lo, torch.float32)
+        for key in g_ref:
+            check(f"grad {key}", g_got[key], g_ref[key], g_low[key], torch.float32)
 
 
 def test_triton_form_runs(monkeypatch):

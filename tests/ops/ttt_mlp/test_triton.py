@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from ttt.ops import TTTState, ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
-from ttt.testing import assert_within_budget, random_projection_grads  # noqa: E402
+from ttt.testing import BudgetChecks, random_projection_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,11 +86,12 @@ def compare(leaves, meta, *, causal, dtype, grad=True):
     assert off == off64
     assert outs[0].dtype == dtype
     names = ["o", *STATE, *SUMS, *(f"weights_{n}" for n in STATE)]
-    for name, a, r, lo in zip(names, outs, outs64, outs_lo):
-        assert_within_budget(name, a, r, lo, dtype)
     n_tok = leaves["lr"].numel()
-    for key in g:
-        assert_within_budget(f"grad {key}", g[key], g64[key], g_lo[key], dtype, terms(key, n_tok, leaves))
+    with BudgetChecks() as check:  # a failure names every quantity over its budget
+        for name, a, r, lo in zip(names, outs, outs64, outs_lo):
+            check(name, a, r, lo, dtype)
+        for key in g:
+            check(f"grad {key}", g[key], g64[key], g_lo[key], dtype, terms(key, n_tok, leaves))
 
 
 CASES = [(40, 0), (40, 5), (9, 3), (13, 3)]
@@ -220,14 +221,13 @@ def compare_varlen(lens, offset, *, causal, D, M, dtype, b=8, H=2):
     low, g_low = _varlen_run(leaves, lens, offset, packed=False, dtype=dtype, **kw)
     got, g_got = _varlen_run(leaves, lens, offset, packed=True, dtype=dtype, **kw)
     assert len(got) == len(ref)
-    for name, a, r, lo in zip(["o", *STATE, *SUMS], got, ref, low):
-        assert_within_budget(name, a, r, lo, dtype)
     assert g_got.keys() == g_ref.keys()
     n_tok = leaves["lr"].numel()
-    for key in g_ref:
-        assert_within_budget(
-            f"grad {key}", g_got[key], g_ref[key], g_low[key], dtype, terms(key, n_tok, leaves)
-        )
+    with BudgetChecks() as check:
+        for name, a, r, lo in zip(["o", *STATE, *SUMS], got, ref, low):
+            check(name, a, r, lo, dtype)
+        for key in g_ref:
+            check(f"grad {key}", g_got[key], g_ref[key], g_low[key], dtype, terms(key, n_tok, leaves))
 
 
 # mini-batch 8: (5, 16, 23) end at different positions of a mini-batch (no final state) and cover one
