@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         _discard_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader has gone
     except KeyboardInterrupt:
+        if argv is None:  # the process's own command line: it ends right after this
+            _ignore_further_interrupts()
         print(f"ttt {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
@@ -92,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if debug else " (run with TTT_DEBUG=1 or ttt --debug for the traceback)"
         print(f"ttt {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
+
+
+def _ignore_further_interrupts() -> None:
+    """Once stopping on an interrupt, a SIGINT / SIGTERM still pending (one caught by a deferring handler
+    and replayed, or a second one) must not raise again after the exit code is chosen: Python would then
+    end the process by SIGINT instead of 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def _discard_stdout() -> None:
