@@ -298,6 +298,21 @@ def at_best_lr(records: list[dict], label: str) -> list[dict]:
     return [r for r in records if r["spec"]["label"] == label and r.get("best_lr")]
 
 
+def scored_at_best_lr(runs: list[dict], ctx: str) -> dict:
+    """The summary entry of one configuration's ``runs`` at its tuned lr: bits/byte of every seed scored on
+    the ``ctx``-token evaluation windows (``eval_bits_per_byte``) beside ``ttt train``'s validation figure."""
+    bpn = runs[0]["bits_per_nat"]
+    return {
+        "spec": runs[0]["spec"],
+        "lr": runs[0]["lr"],
+        "seeds": [r["seed"] for r in runs],
+        "num_params": runs[0]["num_params"],
+        "val_bits_per_byte": [r["val_bits_per_byte"] for r in runs],
+        "eval_bits_per_byte": [sum(r["by_position"][ctx]) / len(r["by_position"][ctx]) * bpn for r in runs],
+        "train_seconds": [r["train_seconds"] for r in runs],
+    }
+
+
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     n = len(values)

@@ -60,6 +60,7 @@ from .common import (
     out_dir,
     run_experiment,
     scale_from_args,
+    scored_at_best_lr,
     table,
 )
 
@@ -203,18 +204,8 @@ def summarise(
         runs = at_best_lr(records, spec.label)
         if not runs:
             continue
-        bpn = runs[0]["bits_per_nat"]
-        scored = [sum(r["by_position"][ctx]) / len(r["by_position"][ctx]) * bpn for r in runs]
-        summary[spec.label] = {
-            "spec": runs[0]["spec"],
-            "lr": runs[0]["lr"],
-            "seeds": [r["seed"] for r in runs],
-            "num_params": runs[0]["num_params"],
-            "val_bits_per_byte": [r["val_bits_per_byte"] for r in runs],
-            "eval_bits_per_byte": scored,
-            "train_seconds": [r["train_seconds"] for r in runs],
-            "paper_ppl": PAPER_PPL.get(spec.label),
-        }
+        summary[spec.label] = {**scored_at_best_lr(runs, ctx), "paper_ppl": PAPER_PPL.get(spec.label)}
+        scored = summary[spec.label]["eval_bits_per_byte"]
         paper = PAPER_PPL.get(spec.label)
         rows.append([f"`{spec.label}`", f"{runs[0]['num_params']:,}", f"{runs[0]['lr']:g}", fmt_ms(scored),
                      f"{mean_spread(summary[spec.label]['train_seconds'])[0]:.0f}",

@@ -31,6 +31,7 @@ from .common import (
     mean_spread,
     run_experiment,
     scale_from_args,
+    scored_at_best_lr,
     table,
 )
 
@@ -57,18 +58,8 @@ def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[
         runs = at_best_lr(records, spec.label)
         if not runs:
             continue
-        bpn = runs[0]["bits_per_nat"]
-        ctx = str(scale.eval_contexts[0])
-        scored = [sum(r["by_position"][ctx]) / len(r["by_position"][ctx]) * bpn for r in runs]
-        summary[spec.label] = {
-            "spec": runs[0]["spec"],
-            "lr": runs[0]["lr"],
-            "seeds": [r["seed"] for r in runs],
-            "num_params": runs[0]["num_params"],
-            "val_bits_per_byte": [r["val_bits_per_byte"] for r in runs],
-            "eval_bits_per_byte": scored,
-            "train_seconds": [r["train_seconds"] for r in runs],
-        }
+        summary[spec.label] = scored_at_best_lr(runs, str(scale.eval_contexts[0]))
+        scored = summary[spec.label]["eval_bits_per_byte"]
         rows.append([f"`{spec.label}`", f"{runs[0]['num_params']:,}", f"{runs[0]['lr']:g}", fmt_ms(scored),
                      f"{mean_spread(summary[spec.label]['train_seconds'])[0]:.0f}"])  # fmt: skip
         xs.append(i)
