@@ -202,7 +202,14 @@ def test_overwrite_replaces_the_previous_run_and_keeps_other_files(corpus_dir, t
     assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
 
 
-def test_ctrl_c_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "signum, handler_after",
+    [(signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_saves_the_last_step_and_resume_continues_exactly(
+    corpus_dir, tmp_path, monkeypatch, signum, handler_after
+):
     import ttt.data
 
     straight = train(small_args(corpus_dir, tmp_path / "a", steps=6, ckpt_every=3))
@@ -211,8 +218,8 @@ def test_ctrl_c_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
-            # Ctrl-C while step 5 runs: the step finishes, is saved, then training stops
-            signal.raise_signal(signal.SIGINT)
+            # Ctrl-C / kill while step 5 runs: the step finishes, is saved, then training stops
+            signal.raise_signal(signum)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ttt.data, "sample_batch", interrupted)
@@ -220,7 +227,7 @@ def test_ctrl_c_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp
     with pytest.raises(KeyboardInterrupt):
         train(small_args(corpus_dir, b, steps=6, ckpt_every=3))
     assert find_checkpoint(b).name == "step-000005"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signum) is handler_after
     monkeypatch.setattr(ttt.data, "sample_batch", real)
     resumed = train(small_args(corpus_dir, b, steps=6, ckpt_every=3, resume=True))
     assert_resumed_equals_straight(straight, resumed, tmp_path / "a", b)
@@ -298,29 +305,6 @@ def test_result_json_is_strict_json(corpus_dir, tmp_path):
 
     result = json.loads((tmp_path / "run" / "result.json").read_text(), parse_constant=refuse)
     assert result["step"] == 3 and result["val_loss"] == r.val_loss
-
-
-def test_sigterm_saves_the_last_step_and_resume_continues_exactly(corpus_dir, tmp_path, monkeypatch):
-    import ttt.data
-
-    straight = train(small_args(corpus_dir, tmp_path / "a", steps=6, ckpt_every=3))
-    real, calls = ttt.data.sample_batch, []
-
-    def terminated(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ttt.data, "sample_batch", terminated)
-    b = tmp_path / "b"
-    with pytest.raises(KeyboardInterrupt):
-        train(small_args(corpus_dir, b, steps=6, ckpt_every=3))
-    assert find_checkpoint(b).name == "step-000005"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    monkeypatch.setattr(ttt.data, "sample_batch", real)
-    resumed = train(small_args(corpus_dir, b, steps=6, ckpt_every=3, resume=True))
-    assert_resumed_equals_straight(straight, resumed, tmp_path / "a", b)
 
 
 def test_a_run_directory_in_use_is_refused_even_with_overwrite(corpus_dir, tmp_path):
