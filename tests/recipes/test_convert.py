@@ -106,6 +106,11 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
     }
     assert json.loads((tmp_path / "run" / "convert.json").read_text())["tokens"]["distill"] == 3 * 2 * 16
     assert (tmp_path / "run" / "losses.png").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("transfer", s) for s in (1, 2, 3)] + [
+        ("distill", s) for s in (4, 5, 6)
+    ]
+    assert all(r["grad_norm"] > 0 for r in records)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "hf")
     ids = tok("the cat", return_tensors="pt").input_ids
@@ -290,3 +295,35 @@ def test_a_resumed_run_never_writes_through_a_link(teacher_dir, tmp_path):
             convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1, resume=True))
         assert sorted(p.name for p in victim.iterdir()) == ["config.json"]
         assert (victim / "config.json").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("stage", ["transfer", "distill"])
+def test_divergence_stops_before_a_checkpoint_and_keeps_the_last_good_one(
+    teacher_dir, tmp_path, monkeypatch, stage
+):
+    """A NaN loss in either stage went through backward and AdamW into the weights, and the next
+    checkpoint (and hf/) saved them; now the step is not applied and the run stops with one line."""
+    import ttt.recipes.convert as recipe
+    from ttt.models.checkpoint import find_checkpoint, load_checkpoint
+    from ttt.recipes.loop import TrainingDiverged
+
+    real = getattr(recipe, f"{stage}_loss")
+    calls = {"n": 0}
+
+    def nan_at_second_call(*args, **kwargs):  # the stage's first step was checkpointed (ckpt_every=1)
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(recipe, f"{stage}_loss", nan_at_second_call)
+    run = tmp_path / "run"
+    bad = 2 if stage == "transfer" else 5
+    with pytest.raises(
+        TrainingDiverged, match=rf"diverged at step {bad}: .*still names step-0000{bad - 1:02d}"
+    ):
+        convert(args_for(teacher_dir, run, mixer="ttt_linear", blocks="all", ckpt_every=1))
+    assert find_checkpoint(run).name == f"step-0000{bad - 1:02d}" and not (run / "hf").exists()
+    state, _, _ = load_checkpoint(run)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    losses = json.loads((run / "convert.json").read_text())["losses"]
+    assert all(v == v for _, v in losses.get(stage, []))  # no NaN recorded as a step that was taken

@@ -128,7 +128,7 @@ RUNTIME_ARGS = ("resume", "device", "threads", "progress", "out")
 # ... and those that may change while the latest checkpoint is not past attention transfer
 DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank")
 #: what a conversion writes into its run directory besides its checkpoints
-RUN_OUTPUTS = ("convert.json", "losses.png", "hf")
+RUN_OUTPUTS = ("convert.json", "losses.png", "hf", "metrics.jsonl", "events.out.tfevents.*")
 
 
 def parse_blocks(spec: str, n_layers: int) -> list[int]:
@@ -376,15 +376,6 @@ def distill_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, c
     return loss
 
 
-def _lr(step: int, steps: int, peak: float) -> float:
-    """10% linear warm-up, then cosine to 10% of the peak."""
-    warm = max(1, steps // 10)
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, steps - warm)
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 # --- the recipe -------------------------------------------------------------------------------------
 
 
@@ -436,7 +427,7 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
                 f"{run} already holds checkpoints ('latest' or step-N): pass --resume to continue its run or "
                 "choose another --out (nothing is replaced)"
             )
-        outputs = [name for name in RUN_OUTPUTS if (run / name).exists() or (run / name).is_symlink()]
+        outputs = [name for name in RUN_OUTPUTS if any(run.glob(name)) or (run / name).is_symlink()]
         if outputs:
             raise CheckpointError(
                 f"{run} already holds {', '.join(outputs)} of another conversion: choose another --out "
@@ -638,8 +629,12 @@ class _Conversion:
         return params
 
     def train_stage(self, name: str, begin: int, end: int) -> None:
-        """Steps ``begin..end`` (global numbering) of stage ``name``, from wherever the run is."""
+        """Steps ``begin..end`` (global numbering) of stage ``name``, from wherever the run is, in the
+        recipes' one training loop: a non-finite loss or gradient stops the run before it is applied."""
         from ttt.data import sample_batch
+        from ttt.models.checkpoint import latest_note
+
+        from .loop import Every, MetricsLog, TrainLoop, check_finite_weights, cosine_lr
 
         a = self.args
         if self.step >= end or end == begin:
@@ -654,48 +649,45 @@ class _Conversion:
             load_optimizer_tensors(optimizer, self.trainer, self.opt_meta)
             sampler.set_state(self.trainer["rng.sampler"])
         self.trainer = None
-        bar = _progress(a.progress, end - begin, self.step - begin, name)
-        losses = self.summary["losses"].setdefault(name, [])
-        t = time.perf_counter()
-        self.student.train()
-        while self.step < end:
-            t_step = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(self.step - begin, end - begin, peak)
-            x, y = (
-                z.to(self.device) for z in sample_batch(self.data.train, a.batch_size, a.context, sampler)
-            )
+        losses, seconds = self.summary["losses"].setdefault(name, []), self.summary["seconds"]
+        counted = [0.0]  # loop seconds already added to seconds[name]
+
+        def batch(step: int) -> tuple[Tensor, Tensor]:
+            x, y = sample_batch(self.data.train, a.batch_size, a.context, sampler)
+            return x.to(self.device), y.to(self.device)
+
+        def loss(xy: tuple[Tensor, Tensor]) -> Tensor:
+            x, y = xy
             if a.from_scratch:
-                loss = F.cross_entropy(self.student(x)[0].flatten(0, 1), y.flatten())
-            elif name == "transfer":
-                loss = transfer_loss(self.student, self.teacher, self.blocks, x)
-            else:
-                loss = distill_loss(self.student, self.teacher, x, y, a.ce_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            self.step += 1
-            losses.append([self.step, float(loss.detach())])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-            else:  # no terminal: one line per step (a full-size teacher takes seconds per step on a CPU)
-                print(
-                    f"{name} step {self.step - begin}/{end - begin} loss {losses[-1][1]:.4f} "
-                    f"({time.perf_counter() - t_step:.1f} s)",
-                    flush=True,
-                )
-            if self.step % a.ckpt_every == 0 or self.step == end:
-                seconds = self.summary["seconds"]
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
-                t = time.perf_counter()
-                if self.step == end:
-                    self.ppl[f"after_{name}"] = self.perplexity(self.student)
-                    print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}", flush=True)
-                self.checkpoint(optimizer, sampler)
-        if bar is not None:
-            bar.close()
+                return F.cross_entropy(self.student(x)[0].flatten(0, 1), y.flatten())
+            if name == "transfer":
+                return transfer_loss(self.student, self.teacher, self.blocks, x)
+            return distill_loss(self.student, self.teacher, x, y, a.ce_weight)
+
+        def checkpoint(step: int) -> None:
+            self.step = step
+            seconds[name] = seconds.get(name, 0.0) + loop.seconds - counted[0]
+            counted[0] = loop.seconds
+            check_finite_weights(self.student, step, f" ({latest_note(self.run)})")
+            if step == end:
+                self.ppl[f"after_{name}"] = self.perplexity(self.student)
+                log.print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}")
+            self.checkpoint(optimizer, sampler)
+
+        # one log line per step without a terminal: a full-size teacher takes seconds per step on a CPU
+        log = MetricsLog(self.run, total=end, start=self.step, log_every=1, progress=a.progress, desc=name,
+                         kind=name)  # fmt: skip
+        loop = TrainLoop(
+            self.student, optimizer, batch, loss, steps=end, lr=lambda s: cosine_lr(
+                s - begin, peak=peak, total=end - begin, warmup=max(1, (end - begin) // 10), final=0.1 * peak
+            ), grad_clip=1.0, log=log, tokens_per_step=a.batch_size * a.context,
+            hooks=[Every(a.ckpt_every, checkpoint)], on_diverged=lambda s: f" ({latest_note(self.run)})",
+            history=losses,
+        )  # fmt: skip
+        try:
+            loop.run(start=self.step)
+        finally:
+            log.close()
         self.student.eval()
 
 
@@ -740,23 +732,6 @@ def _merged_state(model: nn.Module) -> dict[str, Tensor]:
         if parametrize.is_parametrized(mod, "weight"):
             state[f"{name}.weight"] = mod.weight.detach()
     return state
-
-
-def _progress(enabled: bool, total: int, initial: int, name: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=initial,
-        unit="step",
-        desc=name,
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=None,
-    )
-    return None if bar.disable else bar
 
 
 def _plot(run: Path, summary: dict[str, Any]) -> None:

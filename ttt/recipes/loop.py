@@ -80,13 +80,17 @@ class MetricsLog:
     ``log_every``: print a line every this many steps when there is no progress bar (0: never).
     ``start``: the step a resumed run starts from; records of later steps (left by an interrupted run)
     are dropped from the JSONL.
+    ``desc``: names the bar and starts each log line; ``kind``: the JSONL ``kind`` (TensorBoard tag) of
+    the step records (``ttt convert`` logs its two stages as ``transfer`` and ``distill``).
     """
 
     JSONL = "metrics.jsonl"
 
     def __init__(self, out: Path | None, *, total: int, start: int = 0, log_every: int = 50,
-                 progress: bool = True, desc: str | None = None, enabled: bool = True) -> None:  # fmt: skip
+                 progress: bool = True, desc: str | None = None, kind: str = "train",
+                 enabled: bool = True) -> None:  # fmt: skip
         self.out, self.total, self.log_every, self.enabled = out, total, log_every, enabled
+        self.desc, self.kind = desc, kind
         self.bar, self.tb, self._jsonl = None, None, None
         self.tensorboard_note = ""
         self._start = start
@@ -113,7 +117,7 @@ class MetricsLog:
         """One optimizer step's record (every step goes to the files; the console every ``log_every``)."""
         if not self.enabled:
             return
-        self._write("train", step, {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
+        self._write(self.kind, step, {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
                                     "lr": outcome.lr})  # fmt: skip
         # the rate over the steps since the last console line (one step's time is noisy)
         n, seconds = self._window[0] + 1, self._window[1] + outcome.seconds
@@ -124,7 +128,8 @@ class MetricsLog:
             self.bar.set_postfix(postfix | ({"rate": rate} if rate else {}))
             self.bar.update(1)
         elif self.log_every > 0 and step % self.log_every == 0:
-            self.print(f"step {step}/{self.total}: train loss {outcome.loss:.4f}, lr {outcome.lr:.2e}"
+            self.print(f"{self.desc + ' ' if self.desc else ''}step {step}/{self.total}: {self.kind} loss "
+                       f"{outcome.loss:.4f}, lr {outcome.lr:.2e}"
                        + (f", {rate}" if rate else ""))  # fmt: skip
         else:
             self._window = (n, seconds)
