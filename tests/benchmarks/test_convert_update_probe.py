@@ -1,0 +1,52 @@
+"""benchmarks/convert_update_probe.py on a tiny conversion: the empty update scores the earlier
+checkpoint, the whole update the later one, and every row is finite."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_update_probe.py"
+TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("convert_update_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parts_of_an_update_between_the_two_checkpoints(tmp_path):
+    from ttt.recipes.convert import ConvertArgs, convert
+    from ttt.testing import tiny_llama
+
+    tiny_llama(tmp_path / "llama", n_layers=2)
+    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
+    run = tmp_path / "run"
+    convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), mixer="ttt_mlp",
+                        context=16, batch_size=2, transfer_steps=1, distill_steps=2, distill_lr=1e-2,
+                        eval_batches=1, ckpt_every=1, out=str(run), progress=False))  # fmt: skip
+    probe = _module()
+    rows = probe.probe(run, "step-000002", "step-000003", windows=2, per_block="mixer.o_proj.weight",
+                       blocks=[0], controls=["blocks.0.mixer.o_proj.weight"])  # fmt: skip
+    by = {r["row"]: r["perplexity"] for r in rows}
+    assert all(math.isfinite(v) for v in by.values())
+    assert by["blocks.0.mixer.o_proj.weight: the update"] == pytest.approx(by["blocks.0.mixer.o_proj.weight"])
+    assert "mixer.o_proj.weight of the 1 other blocks" in by and "non-mixer" in by
+    assert by["step-000002"] != pytest.approx(by["all"], rel=1e-6)  # the update changed something
+    # "all" is the later checkpoint itself
+    again = probe.probe(
+        run, "step-000003", "step-000003", windows=2, per_block=None, blocks=None, controls=[]
+    )
+    assert again[0]["perplexity"] == pytest.approx(by["all"], rel=1e-5)
+    probe.main([str(run), "--before", "step-000002", "--after", "step-000003", "--windows", "1",
+                "--out", str(tmp_path / "out" / "probe")])  # fmt: skip
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["rows"][0]["row"] == "step-000002"
