@@ -19,6 +19,8 @@ Mixers (``RunSpec`` labels): ``ttt-linear``, ``ttt-linear-M`` (short convolution
 
 from __future__ import annotations
 
+import math
+
 from .common import (
     RunSpec,
     Scale,
@@ -50,21 +52,49 @@ FULL = Scale(steps=600, batch_size=2, context=2048, eval_contexts=(2048, 8192), 
              eval_batch_tokens=16384)  # fmt: skip
 
 
+def band_edges(context: int, long: int) -> list[int]:
+    """Position bands growing geometrically, so that both the fall over the first positions and the
+    stretch beyond the training context show: for context 2,048 and 8,192,
+    ``[0, 16, 64, 256, 1024, 2048, 4096, 8192]`` (the last three bands lie past the training context)."""
+    inside = [context // 128, context // 32, context // 8, context // 2, context]
+    edges, beyond = [0, *sorted({e for e in inside if e > 0})], context * 2
+    while beyond <= long:
+        edges.append(beyond)
+        beyond *= 2
+    return edges if edges[-1] == long else [*edges, long]
+
+
+def band_means(curve: list[float], edges: list[int]) -> list[float]:
+    """Mean of ``curve`` over each band ``[edges[k], edges[k + 1])``."""
+    return [sum(curve[lo:hi]) / (hi - lo) for lo, hi in zip(edges, edges[1:])]
+
+
 def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[str, dict, dict]:
-    """Markdown, JSON summary and plot of the cached ``records``."""
-    long = str(scale.eval_contexts[-1])
-    band = max(1, scale.context // 4)
-    n_bands = int(long) // band
+    """Markdown, JSON summary and plot of the cached ``records``.
+
+    Per mixer, at its tuned lr and over the seeds: validation bits/byte at the training context, the mean
+    loss in geometric position bands of the 4x windows, the change from the band ending at 1/8 of the
+    context to the last band inside it (``in-context fall``, in the windows of the training length, which
+    are 4x as many: negative when the loss keeps falling) and from the last band inside the context to the
+    last band of the 4x windows (``beyond``: positive when the loss rises past the training context)."""
+    long = scale.eval_contexts[-1]
+    edges = band_edges(scale.context, long)
+    inside = edges.index(scale.context) - 1  # the last band inside the training context
+    early = max(0, inside - 2)  # the band ending at 1/8 of the context
+    fine = sorted({0, *(int(2 ** (k / 2)) for k in range(2 * int(math.log2(long)) + 1))} - {long}) + [long]
     summary, rows, series = {}, [], {}
     for spec in specs:
         runs = at_best_lr(records, spec.label)
         if not runs:
             continue
         bpn = runs[0]["bits_per_nat"]
-        curves = [[sum(r["by_position"][long][k * band : (k + 1) * band]) / band * bpn
-                   for k in range(n_bands)]
-                  for r in runs]  # fmt: skip
-        mean_curve = [mean_spread([c[k] for c in curves])[0] for k in range(n_bands)]
+        curves = [band_means([v * bpn for v in r["by_position"][str(long)]], edges) for r in runs]
+        # the fall inside the context from the windows of the training length (4x as many as the long ones)
+        short = [band_means([v * bpn for v in r["by_position"][str(scale.context)]], edges[: inside + 2])
+                 for r in runs]  # fmt: skip
+        fall = [c[inside] - c[early] for c in short]
+        beyond = [c[-1] - c[inside] for c in curves]
+        mean_curve = [mean_spread([c[k] for c in curves])[0] for k in range(len(edges) - 1)]
         tried = sorted({(r["lr"], round(r["val_bits_per_byte"], 4)) for r in records
                         if r["spec"]["label"] == spec.label and r["seed"] == runs[0]["seed"]})  # fmt: skip
         summary[spec.label] = {
@@ -74,25 +104,33 @@ def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[
             "seeds": [r["seed"] for r in runs],
             "num_params": runs[0]["num_params"],
             "val_bits_per_byte": [r["val_bits_per_byte"] for r in runs],
+            "band_edges": edges,
             f"band_bits_per_byte_ctx{long}": curves,
+            "in_context_fall": fall,
+            "beyond_context_change": beyond,
             "train_seconds": [r["train_seconds"] for r in runs],
         }
         rows.append([f"`{spec.label}`", f"{runs[0]['num_params']:,}", f"{runs[0]['lr']:g}",
                      fmt_ms(summary[spec.label]["val_bits_per_byte"]), *(f"{v:.3f}" for v in mean_curve),
+                     fmt_ms(fall).split(" (")[0], fmt_ms(beyond).split(" (")[0],
                      f"{mean_spread(summary[spec.label]['train_seconds'])[0]:.0f}"])  # fmt: skip
-        series[spec.label] = ([(k + 0.5) * band for k in range(n_bands)], mean_curve)
-    bands = [
-        f"{k * band}-{(k + 1) * band - 1}{'*' if (k + 1) * band > scale.context else ''}"
-        for k in range(n_bands)
-    ]
+        by_pos = [r["by_position"][str(long)] for r in runs]
+        mean_by_pos = [sum(c[i] for c in by_pos) / len(by_pos) * bpn for i in range(long)]
+        xs = [math.sqrt(max(lo, 1) * hi) for lo, hi in zip(fine, fine[1:])]
+        series[spec.label] = (xs, band_means(mean_by_pos, fine))
+    bands = [f"{lo}-{hi - 1}{'*' if hi > scale.context else ''}" for lo, hi in zip(edges, edges[1:])]
     md = "\n\n".join([
         "# Loss by position, trained at a long context",
         f"Scale: preset `{scale.preset}`, {scale.steps} steps of {scale.batch_size} x {scale.context} bytes, "
         f"{scale.threads} thread(s); {scale.eval_tokens:,} validation bytes in windows of {long}. Bands "
-        "marked * lie beyond the training context. Bits/byte: mean over seeds at the tuned lr.",
-        table(["mixer", "parameters", "lr", f"val bits/byte (ctx {scale.context})", *bands, "train s"], rows),
+        "marked * lie beyond the training context. Bits/byte: mean over seeds at the tuned lr. "
+        f"In-context fall: band {bands[inside]} minus band {bands[early]} in the windows of {scale.context} "
+        f"(negative: the loss keeps falling with position); beyond: band {bands[-1]} minus band "
+        f"{bands[inside]} (positive: it rises past the training context); mean ± sd over seeds.",
+        table(["mixer", "parameters", "lr", f"val bits/byte (ctx {scale.context})", *bands, "in-context fall",
+               "beyond", "train s"], rows),
     ]) + "\n"  # fmt: skip
-    plots = {NAME: dict(series=series, xlabel="token position", ylabel="bits/byte (band mean)",
+    plots = {NAME: dict(series=series, xlabel="token position (log bands)", ylabel="bits/byte (band mean)",
                         title=f"Trained at {scale.context}, scored to {long}", logx=True)}  # fmt: skip
     return md, summary, plots
 
