@@ -31,7 +31,7 @@ def test_parts_of_an_update_between_the_two_checkpoints(tmp_path):
     tiny_llama(tmp_path / "llama", n_layers=2)
     (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
     run = tmp_path / "run"
-    convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), mixer="ttt_mlp",
+    convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), mixer="ttt_linear",
                         context=16, batch_size=2, transfer_steps=1, distill_steps=2, distill_lr=1e-2,
                         eval_batches=1, ckpt_every=1, out=str(run), progress=False))  # fmt: skip
     probe = _module()
