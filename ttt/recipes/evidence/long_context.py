@@ -81,7 +81,9 @@ def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[
     edges = band_edges(scale.context, long)
     inside = edges.index(scale.context) - 1  # the last band inside the training context
     early = max(0, inside - 2)  # the band ending at 1/8 of the context
-    fine = sorted({0, *(int(2 ** (k / 2)) for k in range(2 * int(math.log2(long)) + 1))} - {long}) + [long]
+    # plot bands: 0-7, 8-15, then half octaves (a band of a few positions in 16 windows is mostly noise)
+    halves = {int(2 ** (k / 2)) for k in range(8, 2 * int(math.log2(long)) + 1)}
+    fine = sorted(e for e in {0, 8, *halves} if e < long) + [long]
     summary, rows, series = {}, [], {}
     for spec in specs:
         runs = at_best_lr(records, spec.label)
