@@ -114,3 +114,22 @@ def test_specs_mean_the_layer_defaults_not_ttt_trains(tmp_path, mixer):
         RunSpec("y", mixer, {"share_qk": True, "mini_batch_size": 4}), Scale(), 1e-3, 0, tmp_path
     )
     assert train_mixer_kwargs(conv)[mixer] == {"share_qk": True, "mini_batch_size": 4}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lrs", "abc"], "--lrs"),
+        (["--lrs", "-1"], "--lrs"),
+        (["--lrs", ","], "--lrs"),
+        (["--seeds", "x"], "--seeds"),
+        (["--seeds", ""], "--seeds"),
+        (["--only", "nope"], "--only"),
+    ],
+)
+def test_bad_grid_arguments_stop_with_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        long_context.main([*argv, "--report-only", "--out", str(tmp_path / "out")])
+    text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
+    assert message in text and "\n" not in text.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()

@@ -79,8 +79,10 @@ def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
         default=None,
         help=f"results directory (default: {default_out}; with --quick: runs/evidence-quick/...)",
     )
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--lrs", default="3e-3", help="lr grid, tuned on the first seed (default: 3e-3)")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument(
+        "--lrs", type=lr_list, default="3e-3", help="lr grid, tuned on the first seed (default: 3e-3)"
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the experiment's)")
     p.add_argument("--only", default=None, help="comma-separated labels: run only these configurations")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -103,9 +105,26 @@ def scale_from_args(args: argparse.Namespace, full: Scale) -> Scale:
     return dataclasses.replace(scale, threads=args.threads, corpus=args.corpus)
 
 
-def floats(text: str) -> list[float]:
-    """``"1e-3,3e-3"`` -> ``[0.001, 0.003]``."""
-    return [float(s) for s in text.split(",") if s.strip()]
+def lr_list(text: str) -> list[float]:
+    """``--lrs``: ``"1e-3,3e-3"`` -> ``[0.001, 0.003]``; positive finite numbers (argparse reports errors)."""
+    try:
+        lrs = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise argparse.ArgumentTypeError(f"expected positive numbers such as 1e-3,3e-3, got {text!r}")
+    return lrs
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: one or more non-negative integers, comma-separated (argparse reports the error)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers such as 0,1,2, got {text!r}")
+    return seeds
 
 
 def out_dir(args: argparse.Namespace, name: str) -> Path:
@@ -121,10 +140,13 @@ def run_experiment(
     """Train the ``--only`` subset of ``specs`` (all by default), then report on every cached run of
     ``specs``: ``summarise(records, specs, scale) -> (markdown, summary, plots)`` is written to
     ``<out>/<name>.{md,json}`` and its PNGs. Returns the summary."""
+    labels = [spec.label for spec in specs]
+    unknown = sorted(set(args.only.split(",")) - set(labels)) if args.only is not None else []
+    if unknown:
+        raise SystemExit(f"--only: unknown label(s) {', '.join(unknown)}; choose from {', '.join(labels)}")
     out = out_dir(args, name)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds, lrs = args.seeds, args.lrs
     chosen = [s for s in specs if args.only is None or s.label in args.only.split(",")]
-    lrs = floats(args.lrs)
     if not args.report_only:
         sweep(chosen, lrs=lrs, seeds=seeds, scale=scale, out=out)
     records = sweep(specs, lrs=lrs, seeds=seeds, scale=scale, out=out, report_only=True)

@@ -30,7 +30,7 @@ import torch
 
 from ttt.recipes.mqar import MQARArgs, build_model, make_splits, train_mqar
 
-from .common import floats, fmt_ms, mean_spread, out_dir, table, write_outputs
+from .common import fmt_ms, lr_list, mean_spread, out_dir, seed_list, table, write_outputs
 
 __all__ = ["CONV_OFF", "CONV_ON", "main", "variants"]
 
@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-examples", type=int, default=20000, help="training examples per slice")
     p.add_argument("--test-examples", type=int, default=1000, help="test examples per slice")
     p.add_argument("--epochs", type=int, default=16, help="epochs (early stop above 0.99)")
-    p.add_argument("--lrs", default="1e-3", help="lr grid, tuned on the first seed")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lrs", type=lr_list, default="1e-3", help="lr grid, tuned on the first seed")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny data and models: checks the pipeline only")
     p.add_argument("--report-only", action="store_true", help="write the outputs from the cached runs only")
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     if a.quick:
         a.mixers, a.widths, a.seq_len, a.num_kv, a.vocab = "ttt_linear,attention", "16", "32", "2", 64
-        a.train_examples, a.test_examples, a.epochs, a.seeds = 16, 8, 1, "0"
+        a.train_examples, a.test_examples, a.epochs, a.seeds = 16, 8, 1, [0]
     args = argparse.Namespace(out=a.out, quick=a.quick)
     out = out_dir(args, NAME)
     seeds, lrs, widths = (
-        [int(s) for s in a.seeds.split(",")],
-        floats(a.lrs),
+        a.seeds,
+        a.lrs,
         [int(w) for w in a.widths.split(",")],
     )
     base = MQARArgs(vocab=a.vocab, seq_len=a.seq_len, num_kv=a.num_kv, train_examples=a.train_examples,
