@@ -133,3 +133,25 @@ def test_bad_grid_arguments_stop_with_one_line(tmp_path, capsys, argv, message):
     text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
     assert message in text and "\n" not in text.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--only", "nope"], "--only: unknown label(s) nope; choose from"),
+        (["--widths", "x"], "expected positive integers"),
+        (["--widths", "0"], "expected positive integers"),
+        (["--mixers", "foo"], "unknown mixer 'foo'"),
+        (["--train-examples", "0"], "--train-examples must be >= 1"),
+        (["--seq-len", "64,x"], "--seq-len: expected comma-separated integers"),
+        (["--vocab", "10"], "vocab_size must be larger than seq_len"),
+    ],
+)
+def test_bad_mqar_grid_arguments_stop_with_one_line(tmp_path, capsys, argv, message):
+    """mqar_grid's own options: one line, nothing trained or written (an unknown --only label used to write
+    empty tables; the others ended in tracebacks)."""
+    with pytest.raises(SystemExit) as exc:
+        mqar_grid.main([*argv, "--out", str(tmp_path / "out")])
+    text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
+    assert message in text and "\n" not in text.strip().splitlines()[-1], text
+    assert not (tmp_path / "out").exists()

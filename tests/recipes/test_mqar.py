@@ -55,3 +55,30 @@ def test_mixer_kwargs_reach_the_mixer():
         build_model("ttt_linear", a, max_seq_len=16) for a in (args, MQARArgs(dim=16, vocab=40))
     )
     assert with_conv.blocks[0].mixer.conv_q is not None and without.blocks[0].mixer.conv_q is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train-examples", "0"], "--train-examples must be >= 1"),
+        (["--test-examples", "0"], "--test-examples must be >= 1"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--seq-len", "64,x"], "--seq-len: expected comma-separated integers"),
+        (["--num-kv", "4,"], "--num-kv: expected comma-separated integers"),
+        (["--seq-len", "16", "--num-kv", "8"], "num_kv_pairs must be <= seq_len"),
+        (["--vocab", "40", "--seq-len", "64"], "vocab_size must be larger than seq_len"),
+        (["--mixers", "foo"], "unknown mixer 'foo'"),
+        (["--mixers", ","], "--mixers: expected one or more mixer names"),
+        (["--dim", "0"], "--dim must be >= 1"),
+        (["--mixer-kwargs", "{"], "--mixer-kwargs must be JSON"),
+    ],
+)
+def test_bad_arguments_stop_with_one_line_before_any_work(tmp_path, argv, message):
+    """Every bad option is one line naming the option, before any data, model or output (no traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "out"), "--no-progress"])
+    text = str(exc.value.code)
+    assert message in text and "\n" not in text, text
+    assert not (tmp_path / "out").exists()

@@ -52,12 +52,17 @@ MIXERS: dict[str, type] = {
 }
 
 
+def check_mixer_name(name: str) -> None:
+    """Refuse (one-line ``ValueError``, listing the known ones) a name that is not in :data:`MIXERS`."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+
+
 def mixer_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The arguments mixer ``name`` takes besides ``dim`` and ``num_heads``, read from the constructor
     signatures up its class chain (a constructor's ``**kwargs`` reaches its parent's). Where several
     constructors declare a name, the most derived one's parameter (and default) is the one that applies."""
-    if name not in MIXERS:
-        raise ValueError(f"unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+    check_mixer_name(name)
     params: dict[str, inspect.Parameter] = {}
     for cls in MIXERS[name].__mro__:
         if cls is nn.Module:
@@ -127,6 +132,7 @@ __all__ = [
     "TTTLinear",
     "TTTMLP",
     "check_mixer_kwargs",
+    "check_mixer_name",
     "make_mixer",
     "mixer_parameters",
 ]

@@ -223,11 +223,10 @@ def swap_mixers(
     """A student :class:`CausalLM`: the teacher's weights, ``mixer`` in ``blocks`` (initialised from the
     attention there), the other blocks attention or ``swa``. Returns ``(student, mapping)`` where
     ``mapping[block] = {parameter: source}``. The teacher is not modified."""
-    from ttt.layers import MIXERS
+    from ttt.layers import check_mixer_name
     from ttt.models import CausalLM
 
-    if mixer not in MIXERS:
-        raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+    check_mixer_name(mixer)
     if keep_as not in ATTENTION_LIKE:
         raise ValueError(f"--keep-as must be 'attention' or 'swa', got {keep_as!r}")
     config = teacher.config
@@ -453,7 +452,7 @@ class _Conversion:
 
     def __init__(self, args: ConvertArgs) -> None:
         from ttt.data import load_corpus, prepare
-        from ttt.layers import MIXERS
+        from ttt.layers import check_mixer_name
         from ttt.models.checkpoint import check_out_dir
 
         _check_args(args)
@@ -461,8 +460,7 @@ class _Conversion:
         set_threads(args.threads)
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
-        if args.mixer not in MIXERS:
-            raise ValueError(f"unknown mixer {args.mixer!r}; choose one of {sorted(MIXERS)}")
+        check_mixer_name(args.mixer)
         self.saved = _check_resume(args, self.run)
         t0 = time.perf_counter()
         teacher, self.tokenizer = load_teacher(args.teacher)

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import format_table, parse_mixer_kwargs, set_threads
+from .common import check_number, format_table, parse_mixer_kwargs, set_threads
 from .loop import Every, MetricsLog, TrainLoop, cosine_lr
 
-__all__ = ["MQARArgs", "MQARResult", "main", "run_mqar", "train_mqar"]
+__all__ = ["MQARArgs", "MQARResult", "check_args", "main", "run_mqar", "train_mqar"]
 
 # Zoology stops a run once the test accuracy passes this
 EARLY_STOP_ACCURACY = 0.99
@@ -111,10 +111,19 @@ class MQARResult:
 Split = dict[tuple[int, int], tuple[Tensor, Tensor]]
 
 
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: expected comma-separated integers >= 1 such as 64,256, got {text!r}")
+    return values
+
+
 def slices(args: MQARArgs) -> list[tuple[int, int]]:
     """The (T, D) pairs of ``--seq-len`` and ``--num-kv`` (a single value pairs with every other)."""
-    lengths = [int(s) for s in args.seq_len.split(",")]
-    pairs = [int(s) for s in args.num_kv.split(",")]
+    lengths, pairs = _ints("--seq-len", args.seq_len), _ints("--num-kv", args.num_kv)
     if len(lengths) == 1:
         lengths = lengths * len(pairs)
     if len(pairs) == 1:
@@ -122,6 +131,41 @@ def slices(args: MQARArgs) -> list[tuple[int, int]]:
     if len(lengths) != len(pairs):
         raise ValueError(f"--seq-len has {len(lengths)} values, --num-kv {len(pairs)}; give equal counts")
     return list(zip(lengths, pairs))
+
+
+def mixer_names(args: MQARArgs) -> list[str]:
+    """The mixers of ``--mixers``, each checked against ``ttt.layers.MIXERS``."""
+    from ttt.layers import check_mixer_name
+
+    names = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    if not names:
+        raise ValueError(
+            f"--mixers: expected one or more mixer names such as ttt_linear, got {args.mixers!r}"
+        )
+    for name in names:
+        check_mixer_name(name)
+    return names
+
+
+def check_args(args: MQARArgs) -> None:
+    """Refuse bad arguments, each with a one-line ``ValueError`` naming its option, before any data, model
+    or output exists (the data's own rules through ``make_mqar`` on zero examples)."""
+    from ttt.data import make_mqar
+
+    for flag, value in (("--dim", args.dim), ("--layers", args.layers), ("--heads", args.heads),
+                        ("--train-examples", args.train_examples), ("--test-examples", args.test_examples),
+                        ("--epochs", args.epochs), ("--batch-size", args.batch_size)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_number("--lr", args.lr, above=0)
+    if args.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0 (0: never), got {args.log_every}")
+    mixer_names(args)
+    parse_mixer_kwargs(args.mixer_kwargs)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for t, d in slices(args):
+        make_mqar(0, seq_len=t, num_kv_pairs=d, vocab_size=args.vocab)
 
 
 def make_splits(args: MQARArgs) -> tuple[Split, Split]:
@@ -220,10 +264,10 @@ def train_mqar(mixer: str, args: MQARArgs, train: Split, test: Split) -> MQARRes
 
 def run_mqar(args: MQARArgs) -> list[MQARResult]:
     """Train and score every mixer of ``args.mixers`` on the same data."""
-
+    check_args(args)
     set_threads(args.threads)
     train, test = make_splits(args)
-    return [train_mqar(m.strip(), args, train, test) for m in args.mixers.split(",") if m.strip()]
+    return [train_mqar(m, args, train, test) for m in mixer_names(args)]
 
 
 def format_results(results: list[MQARResult]) -> str:
@@ -239,9 +283,12 @@ def format_results(results: list[MQARResult]) -> str:
 def main(argv: list[str] | None = None) -> list[MQARResult]:
     from .args import parse_dataclass
 
-    args = parse_dataclass(
-        MQARArgs, argv, __doc__, prog="python -m ttt.recipes.mqar", aliases={"mixers": ["--mixer"]}
-    )
+    prog = "python -m ttt.recipes.mqar"
+    args = parse_dataclass(MQARArgs, argv, __doc__, prog=prog, aliases={"mixers": ["--mixer"]})
+    try:
+        check_args(args)
+    except ValueError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
     results = run_mqar(args)
     table = format_results(results)
     print(table)

@@ -127,6 +127,24 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def width_list(text: str) -> list[int]:
+    """``--widths``: one or more positive integers, comma-separated (argparse reports the error)."""
+    try:
+        widths = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 64,128, got {text!r}")
+    return widths
+
+
+def check_only(only: str | None, labels: list[str]) -> None:
+    """``--only``: stop (one line, the known labels) when it names a configuration the experiment lacks."""
+    unknown = sorted(set(only.split(",")) - set(labels)) if only is not None else []
+    if unknown:
+        raise SystemExit(f"--only: unknown label(s) {', '.join(unknown)}; choose from {', '.join(labels)}")
+
+
 def out_dir(args: argparse.Namespace, name: str) -> Path:
     """``--out``, or ``benchmarks/results/evidence/<name>`` (``runs/evidence-quick/<name>`` with --quick)."""
     if args.out:
@@ -140,10 +158,7 @@ def run_experiment(
     """Train the ``--only`` subset of ``specs`` (all by default), then report on every cached run of
     ``specs``: ``summarise(records, specs, scale) -> (markdown, summary, plots)`` is written to
     ``<out>/<name>.{md,json}`` and its PNGs. Returns the summary."""
-    labels = [spec.label for spec in specs]
-    unknown = sorted(set(args.only.split(",")) - set(labels)) if args.only is not None else []
-    if unknown:
-        raise SystemExit(f"--only: unknown label(s) {', '.join(unknown)}; choose from {', '.join(labels)}")
+    check_only(args.only, [spec.label for spec in specs])
     out = out_dir(args, name)
     seeds, lrs = args.seeds, args.lrs
     chosen = [s for s in specs if args.only is None or s.label in args.only.split(",")]

@@ -11,7 +11,10 @@ on all slices at once and scored per slice, as Zoology trains one model on a mix
 Zoology (the ``--vocab`` option lowers it), 2 blocks, 2 heads. The lr is tuned per (mixer, convolutions,
 width) on the first seed and the other seeds run at the best (Zoology reports the best of 4 lrs). State
 size: ``ttt.models.state_nbytes`` of the model's decoding state after one sequence of the longest T, batch
-1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once ("default").
+1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once (Mamba2 keeps
+its convolution: it has no switch). Sliding-window attention runs with a 64-token window (its default,
+512, would make it full attention at every T of the grid). The default ``--mixers`` is every mixer of
+``ttt.layers.MIXERS``: Longhorn, RWKV-7 and KDA train 5-40x slower than the rest on a CPU (recurrent forms).
 
 Writes ``mqar_grid.{md,json}`` and ``mqar_grid.png`` (accuracy against state bytes, one line per mixer
 and convolution setting through its widths) into ``--out``; cached runs in ``--out/cache``.
@@ -28,9 +31,20 @@ from pathlib import Path
 
 import torch
 
-from ttt.recipes.mqar import MQARArgs, build_model, make_splits, train_mqar
+from ttt.layers import MIXERS as ALL_MIXERS
+from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
-from .common import fmt_ms, lr_list, mean_spread, out_dir, seed_list, table, write_outputs
+from .common import (
+    check_only,
+    fmt_ms,
+    lr_list,
+    mean_spread,
+    out_dir,
+    seed_list,
+    table,
+    width_list,
+    write_outputs,
+)
 
 __all__ = ["CONV_OFF", "CONV_ON", "main", "variants"]
 
@@ -39,10 +53,12 @@ NAME = "mqar_grid"
 #: constructor arguments that turn a mixer's short convolutions on / off (mixers absent have no switch)
 CONV_ON = {"ttt_linear": {"share_qk": True}, "ttt_mlp": {"share_qk": True}}
 CONV_OFF = {m: {"conv_size": 0} for m in ("deltanet", "gated_deltanet", "kda", "longhorn", "comba")}
+#: constructor arguments every variant of a mixer gets: sliding-window attention's default window (512)
+#: covers every T of the grid, so it would be full attention; 64 tokens makes it a fixed-size state
+BASE = {"swa": {"window": 64}}
 
 FULL_SLICES = ("64,64,256,256,512", "4,16,16,64,64")
-MIXERS = ("attention", "swa", "ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "linear_attention",
-          "mamba2", "retnet", "gla")  # fmt: skip
+MIXERS = tuple(ALL_MIXERS)
 
 
 def variants(mixers: list[str]) -> list[tuple[str, str, dict]]:
@@ -50,11 +66,12 @@ def variants(mixers: list[str]) -> list[tuple[str, str, dict]]:
     it has one (label suffix ``+conv`` / ``-conv``)."""
     out = []
     for m in mixers:
-        out.append((m, m, {}))
+        base = BASE.get(m, {})
+        out.append((m, m, base))
         if m in CONV_ON:
-            out.append((f"{m}+conv", m, CONV_ON[m]))
+            out.append((f"{m}+conv", m, {**base, **CONV_ON[m]}))
         if m in CONV_OFF:
-            out.append((f"{m}-conv", m, CONV_OFF[m]))
+            out.append((f"{m}-conv", m, {**base, **CONV_OFF[m]}))
     return out
 
 
@@ -99,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixers")
     p.add_argument("--only", default=None, help="comma-separated labels (e.g. ttt_linear+conv) to train")
-    p.add_argument("--widths", default="64,128", help="model widths d (default 64,128)")
+    p.add_argument("--widths", type=width_list, default="64,128", help="model widths d (default 64,128)")
     p.add_argument("--seq-len", default=FULL_SLICES[0], help=f"T of each slice (default {FULL_SLICES[0]})")
     p.add_argument("--num-kv", default=FULL_SLICES[1], help=f"D of each slice (default {FULL_SLICES[1]})")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary V (default 8192, Zoology's)")
@@ -117,22 +134,24 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     if a.quick:
-        a.mixers, a.widths, a.seq_len, a.num_kv, a.vocab = "ttt_linear,attention", "16", "32", "2", 64
+        a.mixers, a.widths, a.seq_len, a.num_kv, a.vocab = "ttt_linear,attention", [16], "32", "2", 64
         a.train_examples, a.test_examples, a.epochs, a.seeds = 16, 8, 1, [0]
-    args = argparse.Namespace(out=a.out, quick=a.quick)
-    out = out_dir(args, NAME)
-    seeds, lrs, widths = (
-        a.seeds,
-        a.lrs,
-        [int(w) for w in a.widths.split(",")],
-    )
+    seeds, lrs, widths = a.seeds, a.lrs, a.widths
     base = MQARArgs(vocab=a.vocab, seq_len=a.seq_len, num_kv=a.num_kv, train_examples=a.train_examples,
                     test_examples=a.test_examples, epochs=a.epochs, threads=a.threads,
                     progress=False)  # fmt: skip
+    try:  # every option checked before anything is trained or written
+        for width in widths:
+            check_args(dataclasses.replace(base, mixers=a.mixers, dim=width, lr=lrs[0]))
+    except ValueError as e:
+        raise SystemExit(f"python -m ttt.recipes.evidence.{NAME}: error: {e}") from None
+    names = mixer_names(dataclasses.replace(base, mixers=a.mixers))
+    check_only(a.only, [label for label, _, _ in variants(names)])
+    out = out_dir(argparse.Namespace(out=a.out, quick=a.quick), NAME)
     torch.set_num_threads(a.threads)
     data: dict = {}
     records = []
-    for label, mixer, kwargs in variants(a.mixers.split(",")):
+    for label, mixer, kwargs in variants(names):
         train_it = not a.report_only and (a.only is None or label in a.only.split(","))
         for width in widths:
 
