@@ -53,6 +53,9 @@ def test_minibatch_period_quick_writes_outputs_and_resumes(tmp_path, corpus):
     assert len(payload["records"]) == 2 and (tmp_path / "minibatch_period.md").exists()
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert cached == ["linear-default-lr0.003-s0.json", "linear-eta-const-lr0.003-s0.json"]
+    # the report names each run's file for its per-position losses instead of repeating them
+    assert sorted(r["by_position"] for r in payload["records"]) == [f"cache/{name}" for name in cached]
+    assert all(json.loads((tmp_path / r["by_position"]).read_text())["by_position"] for r in payload["records"])
     stamp = (tmp_path / "cache" / cached[0]).stat().st_mtime_ns
     minibatch_period.main([*argv, "--report-only"])  # from the cache: nothing retrained
     assert (tmp_path / "cache" / cached[0]).stat().st_mtime_ns == stamp

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.args import TrainArgs
 from ttt.recipes.common import format_table, save_plot
 
@@ -171,11 +172,19 @@ def run_experiment(
         out,
         name,
         markdown=f"{md}\nCommand (last invocation): `{command.strip()}`\n",
-        payload={"command": command.strip(), "summary": summary, "records": records},
+        payload={"command": command.strip(), "summary": summary, "records": [_report(r) for r in records]},
         plots=plots,
     )
     print(md)
     return summary
+
+
+def _report(record: dict) -> dict:
+    """A run's record for the experiment's JSON: everything but the per-position losses, which stay in
+    its cache file (named here, relative to the results directory)."""
+    slim = {k: v for k, v in record.items() if k != "by_position"}
+    name = _cache_name(record["spec"]["label"], record["lr"], record["seed"])
+    return {**slim, "by_position": f"cache/{name}.json"}
 
 
 def _plain(obj: Any) -> Any:
@@ -191,8 +200,8 @@ def _same_scale(cached: dict | None, scale: Scale) -> bool:
     return all(cached.get(k, defaults[k]) == v for k, v in _plain(scale).items())
 
 
-def _cache_name(spec: RunSpec, lr: float, seed: int) -> str:
-    return f"{spec.label}-lr{lr:g}-s{seed}"
+def _cache_name(label: str, lr: float, seed: int) -> str:
+    return f"{label}-lr{lr:g}-s{seed}"
 
 
 _DATA: dict[tuple[str, str], Any] = {}
@@ -218,14 +227,14 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
     from ttt.recipes.eval import evaluate_loss
     from ttt.recipes.train import train
 
-    cache = out / "cache" / f"{_cache_name(spec, lr, seed)}.json"
-    run_dir = out / "ckpt" / _cache_name(spec, lr, seed)
+    cache = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
+    run_dir = out / "ckpt" / _cache_name(spec.label, lr, seed)
     if cache.exists():
         record = json.loads(cache.read_text())
         if _same_scale(record.get("scale"), scale) and record.get("spec") == _plain(spec):
             if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
                 record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
-                cache.write_text(json.dumps(record) + "\n")
+                write_text_atomic(cache, json.dumps(record) + "\n")
             return record
     args = train_args(spec, scale, lr, seed, run_dir)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -258,7 +267,7 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
 
         shutil.rmtree(run_dir, ignore_errors=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(record) + "\n")
+    write_text_atomic(cache, json.dumps(record) + "\n")
     return record
 
 
@@ -304,7 +313,7 @@ def sweep(
 
     def get(spec: RunSpec, lr: float, seed: int) -> dict | None:
         if report_only:
-            path = out / "cache" / f"{_cache_name(spec, lr, seed)}.json"
+            path = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
             if not path.exists():
                 return None
             record = json.loads(path.read_text())
@@ -397,8 +406,8 @@ def boundary_excess(profile: torch.Tensor) -> float:
 def write_outputs(out: Path, name: str, *, markdown: str, payload: dict, plots: dict[str, dict]) -> None:
     """``out/name.md``, ``out/name.json`` and one PNG per ``plots`` entry (``{stem: save_plot kwargs}``)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(markdown)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(out / f"{name}.md", markdown)
+    write_text_atomic(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
     for stem, kwargs in plots.items():
         save_plot(out / f"{stem}.png", **kwargs)
 

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from ttt.models.checkpoint import write_text_atomic
+
 from .common import (
     RunSpec,
     Scale,
@@ -185,7 +187,7 @@ def throughput(out: Path, scale: Scale, steps: int, report_only: bool) -> dict |
         return None
     result = time_forms(**want)
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ttt.layers import MIXERS as ALL_MIXERS
+from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
 from .common import (
@@ -105,7 +106,7 @@ def run_one(label: str, mixer: str, kwargs: dict, base: MQARArgs, out: Path, dat
     record = {"label": label, "mixer": mixer, "args": plain, **dataclasses.asdict(result),
               "state_bytes": _state_bytes(model, max(t for t, _ in train))}  # fmt: skip
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(record) + "\n")
+    write_text_atomic(cache, json.dumps(record) + "\n")
     return record
 
 
