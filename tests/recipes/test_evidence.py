@@ -55,7 +55,9 @@ def test_minibatch_period_quick_writes_outputs_and_resumes(tmp_path, corpus):
     assert cached == ["linear-default-lr0.003-s0.json", "linear-eta-const-lr0.003-s0.json"]
     # the report names each run's file for its per-position losses instead of repeating them
     assert sorted(r["by_position"] for r in payload["records"]) == [f"cache/{name}" for name in cached]
-    assert all(json.loads((tmp_path / r["by_position"]).read_text())["by_position"] for r in payload["records"])
+    assert all(
+        json.loads((tmp_path / r["by_position"]).read_text())["by_position"] for r in payload["records"]
+    )
     stamp = (tmp_path / "cache" / cached[0]).stat().st_mtime_ns
     minibatch_period.main([*argv, "--report-only"])  # from the cache: nothing retrained
     assert (tmp_path / "cache" / cached[0]).stat().st_mtime_ns == stamp
@@ -120,41 +122,29 @@ def test_specs_mean_the_layer_defaults_not_ttt_trains(tmp_path, mixer):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "recipe, argv, message",
     [
-        (["--lrs", "abc"], "--lrs"),
-        (["--lrs", "-1"], "--lrs"),
-        (["--lrs", ","], "--lrs"),
-        (["--seeds", "x"], "--seeds"),
-        (["--seeds", ""], "--seeds"),
-        (["--only", "nope"], "--only"),
+        (long_context, ["--lrs", "abc"], "--lrs"),
+        (long_context, ["--lrs", "-1"], "--lrs"),
+        (long_context, ["--lrs", ","], "--lrs"),
+        (long_context, ["--seeds", "x"], "--seeds"),
+        (long_context, ["--seeds", ""], "--seeds"),
+        (long_context, ["--only", "nope"], "--only"),
+        # mqar_grid's own options (an unknown --only label used to write empty tables; the others ended
+        # in tracebacks)
+        (mqar_grid, ["--only", "nope"], "--only: unknown label(s) nope; choose from"),
+        (mqar_grid, ["--widths", "x"], "expected positive integers"),
+        (mqar_grid, ["--widths", "0"], "expected positive integers"),
+        (mqar_grid, ["--mixers", "foo"], "unknown mixer 'foo'"),
+        (mqar_grid, ["--train-examples", "0"], "--train-examples must be >= 1"),
+        (mqar_grid, ["--seq-len", "64,x"], "--seq-len: expected comma-separated integers"),
+        (mqar_grid, ["--vocab", "10"], "vocab_size must be larger than seq_len"),
     ],
 )
-def test_bad_grid_arguments_stop_with_one_line(tmp_path, capsys, argv, message):
+def test_bad_grid_arguments_stop_with_one_line(tmp_path, capsys, recipe, argv, message):
+    """One line naming the option; nothing trained or written."""
     with pytest.raises(SystemExit) as exc:
-        long_context.main([*argv, "--report-only", "--out", str(tmp_path / "out")])
-    text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
-    assert message in text and "\n" not in text.strip().splitlines()[-1]
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--only", "nope"], "--only: unknown label(s) nope; choose from"),
-        (["--widths", "x"], "expected positive integers"),
-        (["--widths", "0"], "expected positive integers"),
-        (["--mixers", "foo"], "unknown mixer 'foo'"),
-        (["--train-examples", "0"], "--train-examples must be >= 1"),
-        (["--seq-len", "64,x"], "--seq-len: expected comma-separated integers"),
-        (["--vocab", "10"], "vocab_size must be larger than seq_len"),
-    ],
-)
-def test_bad_mqar_grid_arguments_stop_with_one_line(tmp_path, capsys, argv, message):
-    """mqar_grid's own options: one line, nothing trained or written (an unknown --only label used to write
-    empty tables; the others ended in tracebacks)."""
-    with pytest.raises(SystemExit) as exc:
-        mqar_grid.main([*argv, "--out", str(tmp_path / "out")])
+        recipe.main([*argv, "--report-only", "--out", str(tmp_path / "out")])
     text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
     assert message in text and "\n" not in text.strip().splitlines()[-1], text
     assert not (tmp_path / "out").exists()

@@ -117,26 +117,25 @@ def lr_list(text: str) -> list[float]:
     return lrs
 
 
+def _int_list(text: str, least: int, example: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        kind = "non-negative" if least == 0 else "positive"
+        raise argparse.ArgumentTypeError(f"expected {kind} integers such as {example}, got {text!r}")
+    return values
+
+
 def seed_list(text: str) -> list[int]:
     """``--seeds``: one or more non-negative integers, comma-separated (argparse reports the error)."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers such as 0,1,2, got {text!r}")
-    return seeds
+    return _int_list(text, 0, "0,1,2")
 
 
 def width_list(text: str) -> list[int]:
     """``--widths``: one or more positive integers, comma-separated (argparse reports the error)."""
-    try:
-        widths = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers such as 64,128, got {text!r}")
-    return widths
+    return _int_list(text, 1, "64,128")
 
 
 def check_only(only: str | None, labels: list[str]) -> None:
