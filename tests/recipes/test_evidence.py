@@ -75,6 +75,9 @@ def test_mqar_grid_quick(tmp_path):
     labels = [r["label"] for r in result["records"]]
     assert labels == ["ttt_linear", "ttt_linear+conv", "attention"]
     assert all(r["state_bytes"] > 0 and 0 <= r["accuracy"][0] <= 1 for r in result["records"])
+    md = (tmp_path / "mqar_grid.md").read_text()
+    assert "| T=32,D=2 |" in md and "seed 0 by lr" in md  # a column per slice, the lr grid of seed 0
+    assert (tmp_path / "mqar_grid.png").exists() and (tmp_path / "mqar_grid_hardest.png").exists()
 
 
 def test_mqar_grid_conv_switches():

@@ -174,26 +174,46 @@ def main(argv: list[str] | None = None) -> dict:
                             "slice_accuracy": [r["slice_accuracy"] for r in runs],
                             "state_bytes": best["state_bytes"], "num_params": best["num_params"],
                             "seconds": [r["seconds"] for r in runs]})  # fmt: skip
-    rows = [[f"`{r['label']}`", r["width"], f"{r['state_bytes']:,}", f"{r['num_params']:,}", f"{r['lr']:g}",
-             fmt_ms(r["accuracy"]), f"{mean_spread(r['seconds'])[0]:.0f}"] for r in records]  # fmt: skip
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for r in records:
-        xs, ys = series.setdefault(r["label"], ([], []))
-        xs.append(r["state_bytes"])
-        ys.append(mean_spread(r["accuracy"])[0])
+    slice_names = list(records[0]["slice_accuracy"][0]) if records else []
+
+    def slice_mean(r: dict, name: str) -> float:
+        return mean_spread([acc[name] for acc in r["slice_accuracy"]])[0]
+
+    rows = [[f"`{r['label']}`", r["width"], f"{r['state_bytes']:,}", f"{r['num_params']:,}",
+             ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in r["lr_grid_seed0"]), f"{r['lr']:g}",
+             fmt_ms(r["accuracy"]), *(f"{slice_mean(r, n):.3f}" for n in slice_names),
+             f"{mean_spread(r['seconds'])[0]:.0f}"] for r in records]  # fmt: skip
+    header = ["model", "width", "state bytes (T max)", "parameters", "seed 0 by lr", "lr", "accuracy",
+              *slice_names, "train s"]  # fmt: skip
     md = "\n\n".join([
         "# MQAR accuracy against state size",
         f"Slices (T, D): {list(zip(a.seq_len.split(','), a.num_kv.split(',')))}, V = {a.vocab}, "
         f"{a.train_examples:,} training / {a.test_examples:,} test examples per slice, up to {a.epochs} "
         "epochs; "
-        "accuracy: mean ± sd over seeds at the lr tuned on the first seed.",
-        table(["model", "width", "state bytes (T max)", "parameters", "lr", "accuracy", "train s"], rows),
+        "accuracy: mean ± sd over seeds at the lr tuned on the first seed; per slice: mean over seeds.",
+        table(header, rows),
     ]) + "\n"  # fmt: skip
     command = "python -m ttt.recipes.evidence.mqar_grid " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    plots = {NAME: dict(series=series, xlabel="decoding state (bytes, log2)", ylabel="MQAR accuracy",
-                        title="Recall against state size", logx=True)}  # fmt: skip
+    plots = {}
+    if records:  # accuracy over all slices, and on the last (hardest) slice, against state bytes
+        for stem, what, y in (
+            (NAME, "all slices", lambda r: mean_spread(r["accuracy"])[0]),
+            (f"{NAME}_hardest", slice_names[-1], lambda r: slice_mean(r, slice_names[-1])),
+        ):
+            series: dict[str, tuple[list[float], list[float]]] = {}
+            for r in records:
+                xs, ys = series.setdefault(r["label"], ([], []))
+                xs.append(r["state_bytes"])
+                ys.append(y(r))
+            plots[stem] = dict(
+                series=series,
+                xlabel="decoding state (bytes, log2)",
+                logx=True,
+                ylabel=f"MQAR accuracy ({what})",
+                title=f"Recall ({what}) against state size",
+            )
     write_outputs(
         out,
         NAME,
