@@ -136,14 +136,19 @@ def save_plot(
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+    many = len(series) > 6  # then the legend goes beside the axes, and markers tell repeated colours apart
+    fig, ax = plt.subplots(figsize=(8, 4) if many else (6, 4), dpi=120)
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        marker = "osD^vPX"[i // 10 % 7] if many else "o"
+        ax.plot(xs, ys, label=label, marker=marker if len(xs) < 30 else None, markersize=5 if many else 3)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logx:
         ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
     return True
