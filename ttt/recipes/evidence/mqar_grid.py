@@ -14,10 +14,11 @@ size: ``ttt.models.state_nbytes`` of the model's decoding state after one sequen
 1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once (Mamba2 keeps
 its convolution: it has no switch). Sliding-window attention runs with a 64-token window (its default,
 512, would make it full attention at every T of the grid). The default ``--mixers`` is every mixer of
-``ttt.layers.MIXERS``: Longhorn, RWKV-7 and KDA train 5-40x slower than the rest on a CPU (recurrent forms).
+``ttt.layers.MIXERS``: Longhorn, RWKV-7 and KDA train 3-45x slower than TTT-Linear on a CPU (recurrent forms).
 
-Writes ``mqar_grid.{md,json}`` and ``mqar_grid.png`` (accuracy against state bytes, one line per mixer
-and convolution setting through its widths) into ``--out``; cached runs in ``--out/cache``.
+Writes ``mqar_grid.{md,json}`` (a column per slice), ``mqar_grid.png`` (accuracy against state bytes, one
+line per mixer and convolution setting through its widths) and ``mqar_grid_hardest.png`` (the same for the
+last slice) into ``--out``; cached runs in ``--out/cache``.
 """
 
 from __future__ import annotations
