@@ -151,3 +151,23 @@ def test_bad_grid_arguments_stop_with_one_line(tmp_path, capsys, recipe, argv, m
     text = str(exc.value.code) if isinstance(exc.value.code, str) else capsys.readouterr().err
     assert message in text and "\n" not in text.strip().splitlines()[-1], text
     assert not (tmp_path / "out").exists()
+
+
+def test_mqar_grid_report_only_skips_runs_made_with_other_options(tmp_path):
+    """--report-only used to report any cached file of the right name, whatever options made it."""
+    tiny = ["--mixers", "linear_attention", "--widths", "16", "--seq-len", "32", "--num-kv", "2", "--vocab", "64",
+            "--train-examples", "16", "--test-examples", "8", "--seeds", "0", "--out", str(tmp_path)]  # fmt: skip
+    assert len(mqar_grid.main([*tiny, "--epochs", "1"])["records"]) == 1
+    assert len(mqar_grid.main([*tiny, "--epochs", "1", "--report-only"])["records"]) == 1
+    assert mqar_grid.main([*tiny, "--epochs", "2", "--report-only"])["records"] == []
+
+
+def test_a_hand_edited_cache_file_stops_with_one_line(tmp_path):
+    mqar_grid.main(["--quick", "--out", str(tmp_path)])
+    broken = sorted((tmp_path / "cache").iterdir())[0]
+    broken.write_text('{"label": "ttt_linear", ')  # cut short by hand (or by a full disk)
+    with pytest.raises(SystemExit) as exc:
+        mqar_grid.main(["--quick", "--out", str(tmp_path), "--report-only"])
+    text = str(exc.value.code)
+    assert str(broken) in text and "not a JSON run record" in text and "\n" not in text
+    assert broken.read_text() == '{"label": "ttt_linear", '  # left as it was

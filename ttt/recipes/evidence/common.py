@@ -186,6 +186,20 @@ def _report(record: dict) -> dict:
     return {**slim, "by_position": f"cache/{name}.json"}
 
 
+def read_cache(path: Path) -> dict | None:
+    """A cached run record, or None when there is none; a file that is not a JSON object (edited by hand,
+    cut short) stops the experiment with one line naming it, and is left as it is."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        record = e
+    if not isinstance(record, dict):
+        raise SystemExit(f"{path}: not a JSON run record ({record}); move it away to rerun that run")
+    return record
+
+
 def _plain(obj: Any) -> Any:
     """A dataclass as its JSON round trip (tuples become lists), for comparing with a cached record."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
@@ -228,8 +242,8 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
 
     cache = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
     run_dir = out / "ckpt" / _cache_name(spec.label, lr, seed)
-    if cache.exists():
-        record = json.loads(cache.read_text())
+    record = read_cache(cache)
+    if record is not None:
         if _same_scale(record.get("scale"), scale) and record.get("spec") == _plain(spec):
             if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
                 record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
@@ -312,11 +326,8 @@ def sweep(
 
     def get(spec: RunSpec, lr: float, seed: int) -> dict | None:
         if report_only:
-            path = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
-            if not path.exists():
-                return None
-            record = json.loads(path.read_text())
-            return record if _same_scale(record.get("scale"), scale) else None
+            record = read_cache(out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json")
+            return record if record is not None and _same_scale(record.get("scale"), scale) else None
         print(
             f"[{time.strftime('%H:%M:%S')}] {spec.label} lr {lr:g} seed {seed}", file=sys.stderr, flush=True
         )

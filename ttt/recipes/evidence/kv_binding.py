@@ -60,6 +60,7 @@ from .common import (
     fmt_ms,
     mean_spread,
     out_dir,
+    read_cache,
     run_experiment,
     scale_from_args,
     scored_at_best_lr,
@@ -180,7 +181,7 @@ def throughput(out: Path, scale: Scale, steps: int, report_only: bool) -> dict |
     path = out / f"{NAME}_throughput.json"
     want = dict(preset=scale.preset, batch_size=scale.batch_size, context=scale.context, steps=steps,
                 threads=scale.threads, match_params=scale.match_params)  # fmt: skip
-    cached = json.loads(path.read_text()) if path.exists() else None
+    cached = read_cache(path)
     if cached and all(cached["setting"].get(k) == v for k, v in want.items()):
         return cached
     if report_only:

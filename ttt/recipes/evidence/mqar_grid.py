@@ -42,6 +42,7 @@ from .common import (
     lr_list,
     mean_spread,
     out_dir,
+    read_cache,
     seed_list,
     table,
     width_list,
@@ -85,18 +86,22 @@ def _state_bytes(model: torch.nn.Module, seq_len: int) -> int:
     return state_nbytes(state)
 
 
-def run_one(label: str, mixer: str, kwargs: dict, base: MQARArgs, out: Path, data: dict) -> dict:
-    """Train and score one model (cached in ``out/cache``)."""
+def run_one(
+    label: str, mixer: str, kwargs: dict, base: MQARArgs, out: Path, data: dict, report_only: bool = False
+) -> dict | None:
+    """Train and score one model (cached in ``out/cache``); a cached record counts only when the same
+    options made it. ``report_only``: never train (None when there is no such record)."""
     args = dataclasses.replace(base, mixer_kwargs=json.dumps({mixer: kwargs}) if kwargs else None)
     key = f"{label}-d{args.dim}-lr{args.lr:g}-s{args.seed}"
     cache = out / "cache" / f"{key}.json"
     plain = json.loads(
         json.dumps(dataclasses.asdict(dataclasses.replace(args, threads=None, progress=False)))
     )
-    if cache.exists():
-        record = json.loads(cache.read_text())
-        if record["args"] == plain:
-            return record
+    record = read_cache(cache)
+    if record is not None and record.get("args") == plain:
+        return record
+    if report_only:
+        return None
     print(f"[{time.strftime('%H:%M:%S')}] {key}", file=sys.stderr, flush=True)
     if args.seed not in data:
         data[args.seed] = make_splits(args)
@@ -158,10 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         for width in widths:
 
             def get(seed: int, lr: float) -> dict | None:
-                if not train_it:  # noqa: B023
-                    return _cached(out, label, width, lr, seed)  # noqa: B023
                 run_args = dataclasses.replace(base, dim=width, lr=lr, seed=seed)  # noqa: B023
-                return run_one(label, mixer, kwargs, run_args, out, data)  # noqa: B023
+                return run_one(label, mixer, kwargs, run_args, out, data, not train_it)  # noqa: B023
 
             tuned = [r for r in (get(seeds[0], lr) for lr in lrs) if r is not None]
             if not tuned:
@@ -224,11 +227,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(md)
     return {"records": records}
-
-
-def _cached(out: Path, label: str, width: int, lr: float, seed: int) -> dict | None:
-    path = out / "cache" / f"{label}-d{width}-lr{lr:g}-s{seed}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 if __name__ == "__main__":
