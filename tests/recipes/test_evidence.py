@@ -171,3 +171,63 @@ def test_a_hand_edited_cache_file_stops_with_one_line(tmp_path):
     text = str(exc.value.code)
     assert str(broken) in text and "not a JSON run record" in text and "\n" not in text
     assert broken.read_text() == '{"label": "ttt_linear", '  # left as it was
+
+
+def _hold(lock_path):
+    """Lock ``lock_path`` as another process training that run would (``flock``, released on close)."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock_path, "w")
+    f.write("otherhost 4242\n")
+    f.flush()
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_mqar_grid_skips_a_run_another_process_is_training(tmp_path, capsys):
+    """Two grid processes on one --out used to train the same run twice (a wasted run, and a race on its
+    cache file). A run locked by another process is now skipped, with the other seeds of its setting."""
+    holder = _hold(tmp_path / "cache" / "ttt_linear-d16-lr0.001-s0.lock")
+    try:
+        result = mqar_grid.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        holder.close()
+    assert [r["label"] for r in result["records"]] == ["ttt_linear+conv", "attention"]
+    assert not (tmp_path / "cache" / "ttt_linear-d16-lr0.001-s0.json").exists()
+    err = capsys.readouterr().err
+    assert "ttt_linear-d16-lr0.001-s0" in err and "otherhost 4242" in err
+    # once it is free (the holder ended, even killed: its lock file stays) the run trains, and the
+    # lock file goes
+    result = mqar_grid.main(["--quick", "--out", str(tmp_path)])
+    assert [r["label"] for r in result["records"]] == ["ttt_linear", "ttt_linear+conv", "attention"]
+    assert not list((tmp_path / "cache").glob("*.lock"))
+
+
+def test_lm_sweep_skips_a_run_another_process_is_training(tmp_path, corpus, capsys):
+    argv = ["--quick", "--seeds", "0", "--corpus", corpus, "--out", str(tmp_path)]
+    holder = _hold(tmp_path / "cache" / "linear-default-lr0.003-s0.lock")
+    try:
+        summary = minibatch_period.main(argv)
+    finally:
+        holder.close()
+    assert set(summary) == {"linear-eta-const"}
+    assert not (tmp_path / "ckpt" / "linear-default-lr0.003-s0").exists()  # its run directory untouched
+    assert "linear-default-lr0.003-s0" in capsys.readouterr().err
+
+
+def test_lm_report_only_skips_runs_made_with_another_spec(tmp_path, corpus):
+    """The report read any cached record at the right scale, whatever mixer settings made it."""
+    from ttt.recipes.evidence.common import Scale, sweep
+
+    argv = ["--quick", "--seeds", "0", "--corpus", corpus, "--out", str(tmp_path)]
+    minibatch_period.main(argv)
+    path = tmp_path / "cache" / "linear-default-lr0.003-s0.json"
+    record = json.loads(path.read_text())
+    record["spec"]["mixer_kwargs"] = {"mini_batch_size": 4}  # made by an older meaning of the label
+    path.write_text(json.dumps(record))
+    scale = Scale(**{**record["scale"], "eval_contexts": tuple(record["scale"]["eval_contexts"])})
+    records = sweep(
+        minibatch_period.SPECS, lrs=[0.003], seeds=[0], scale=scale, out=tmp_path, report_only=True
+    )
+    assert [r["spec"]["label"] for r in records] == ["linear-eta-const"]

@@ -9,12 +9,16 @@ Every run is ``ttt.recipes.train.train`` with ``TrainArgs`` (the ``ttt train`` l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import socket
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +204,42 @@ def read_cache(path: Path) -> dict | None:
     return record
 
 
+class RunBusy(Exception):
+    """Another process holds the lock of the run asked for: it is training that run now."""
+
+
+@contextlib.contextmanager
+def run_lock(cache: Path) -> Iterator[None]:
+    """Hold the lock of the run cached at ``cache`` (``<stem>.lock`` beside it, ``flock``) while this
+    process trains it, so two processes sharing a results directory never train one run twice; raises
+    ``RunBusy`` naming the holder when another process holds it. The kernel drops a lock when its holder
+    ends, even killed, so a lock file left behind never blocks a run. The holder writes the run's record
+    before it lets go: callers look the cache up again once they hold the lock. (No lock where the
+    platform has no ``fcntl``.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = cache.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            raise RunBusy(f"{cache.stem}: another process is training it ({holder}; lock {lock})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def _plain(obj: Any) -> Any:
     """A dataclass as its JSON round trip (tuples become lists), for comparing with a cached record."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
@@ -235,20 +275,39 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
     The record: the spec, lr, seed, scale, parameters, training seconds, final validation loss of
     ``ttt train`` and, per evaluation context T, ``by_position[T]``: mean loss (nats) at each of the
     T positions. ``keep``: keep the checkpoint in ``out/ckpt`` (for probes), else delete it."""
+    from ttt.models.checkpoint import find_checkpoint, load_model
+
+    cache = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
+    run_dir = out / "ckpt" / _cache_name(spec.label, lr, seed)
+    record = cached_run(spec, lr=lr, seed=seed, scale=scale, out=out)
+    if record is None:
+        with run_lock(cache):  # RunBusy when another process trains this run
+            record = cached_run(spec, lr=lr, seed=seed, scale=scale, out=out)
+            if record is None:
+                return _train_and_score(spec, lr=lr, seed=seed, scale=scale, run_dir=run_dir, cache=cache,
+                                        keep=keep)  # fmt: skip
+    if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
+        record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
+        write_text_atomic(cache, json.dumps(record) + "\n")
+    return record
+
+
+def cached_run(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path) -> dict | None:
+    """The cached record of one run when the same spec and scale made it, else None."""
+    record = read_cache(out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json")
+    if record is None or not _same_scale(record.get("scale"), scale) or record.get("spec") != _plain(spec):
+        return None
+    return record
+
+
+def _train_and_score(
+    spec: RunSpec, *, lr: float, seed: int, scale: Scale, run_dir: Path, cache: Path, keep: bool
+) -> dict:
     from ttt.data import tokenizer_from_dict
     from ttt.models.checkpoint import find_checkpoint, load_model
     from ttt.recipes.eval import evaluate_loss
     from ttt.recipes.train import train
 
-    cache = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
-    run_dir = out / "ckpt" / _cache_name(spec.label, lr, seed)
-    record = read_cache(cache)
-    if record is not None:
-        if _same_scale(record.get("scale"), scale) and record.get("spec") == _plain(spec):
-            if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
-                record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
-                write_text_atomic(cache, json.dumps(record) + "\n")
-            return record
     args = train_args(spec, scale, lr, seed, run_dir)
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(args)
@@ -326,26 +385,28 @@ def sweep(
 
     def get(spec: RunSpec, lr: float, seed: int) -> dict | None:
         if report_only:
-            record = read_cache(out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json")
-            return record if record is not None and _same_scale(record.get("scale"), scale) else None
+            return cached_run(spec, lr=lr, seed=seed, scale=scale, out=out)
         print(
             f"[{time.strftime('%H:%M:%S')}] {spec.label} lr {lr:g} seed {seed}", file=sys.stderr, flush=True
         )
         return run_one(spec, lr=lr, seed=seed, scale=scale, out=out, keep=keep)
 
     for spec in specs:
-        tuned = [r for r in (get(spec, lr, seeds[0]) for lr in lrs) if r is not None]
-        if not tuned:
-            continue
-        best = min(tuned, key=lambda r: r["val_loss"])
-        for r in tuned:
-            r["best_lr"] = r is best
-        records += tuned
-        for seed in seeds[1:]:
-            r = get(spec, best["lr"], seed)
-            if r is not None:
-                r["best_lr"] = True
-                records.append(r)
+        try:
+            tuned = [r for r in (get(spec, lr, seeds[0]) for lr in lrs) if r is not None]
+            if not tuned:
+                continue
+            best = min(tuned, key=lambda r: r["val_loss"])
+            for r in tuned:
+                r["best_lr"] = r is best
+            records += tuned
+            for seed in seeds[1:]:
+                r = get(spec, best["lr"], seed)
+                if r is not None:
+                    r["best_lr"] = True
+                    records.append(r)
+        except RunBusy as e:  # the other process goes on with this configuration
+            print(f"skipped the rest of {spec.label}: {e}", file=sys.stderr, flush=True)
     return records
 
 

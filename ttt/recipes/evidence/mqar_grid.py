@@ -37,12 +37,14 @@ from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
 from .common import (
+    RunBusy,
     check_only,
     fmt_ms,
     lr_list,
     mean_spread,
     out_dir,
     read_cache,
+    run_lock,
     seed_list,
     table,
     width_list,
@@ -97,23 +99,30 @@ def run_one(
     plain = json.loads(
         json.dumps(dataclasses.asdict(dataclasses.replace(args, threads=None, progress=False)))
     )
-    record = read_cache(cache)
-    if record is not None and record.get("args") == plain:
+
+    def cached() -> dict | None:
+        record = read_cache(cache)
+        return record if record is not None and record.get("args") == plain else None
+
+    record = cached()
+    if record is not None or report_only:
         return record
-    if report_only:
-        return None
-    print(f"[{time.strftime('%H:%M:%S')}] {key}", file=sys.stderr, flush=True)
-    if args.seed not in data:
-        data[args.seed] = make_splits(args)
-    train, test = data[args.seed]
-    result = train_mqar(mixer, args, train, test)
-    torch.manual_seed(args.seed)
-    model = build_model(mixer, args, max_seq_len=max(t for t, _ in train))
-    record = {"label": label, "mixer": mixer, "args": plain, **dataclasses.asdict(result),
-              "state_bytes": _state_bytes(model, max(t for t, _ in train))}  # fmt: skip
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache, json.dumps(record) + "\n")
-    return record
+    with run_lock(cache):  # RunBusy when another process trains this run
+        record = cached()
+        if record is not None:
+            return record
+        print(f"[{time.strftime('%H:%M:%S')}] {key}", file=sys.stderr, flush=True)
+        if args.seed not in data:
+            data[args.seed] = make_splits(args)
+        train, test = data[args.seed]
+        result = train_mqar(mixer, args, train, test)
+        torch.manual_seed(args.seed)
+        model = build_model(mixer, args, max_seq_len=max(t for t, _ in train))
+        record = {"label": label, "mixer": mixer, "args": plain, **dataclasses.asdict(result),
+                  "state_bytes": _state_bytes(model, max(t for t, _ in train))}  # fmt: skip
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache, json.dumps(record) + "\n")
+        return record
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,11 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
                 run_args = dataclasses.replace(base, dim=width, lr=lr, seed=seed)  # noqa: B023
                 return run_one(label, mixer, kwargs, run_args, out, data, not train_it)  # noqa: B023
 
-            tuned = [r for r in (get(seeds[0], lr) for lr in lrs) if r is not None]
-            if not tuned:
+            try:
+                tuned = [r for r in (get(seeds[0], lr) for lr in lrs) if r is not None]
+                if not tuned:
+                    continue
+                best = max(tuned, key=lambda r: r["accuracy"])
+                runs = [best] + [r for r in (get(s, best["args"]["lr"]) for s in seeds[1:]) if r]
+            except RunBusy as e:  # the other process goes on with this setting; --report-only once it ends
+                print(f"skipped {label} at width {width}: {e}", file=sys.stderr, flush=True)
                 continue
-            best = max(tuned, key=lambda r: r["accuracy"])
-            runs = [best] + [r for r in (get(s, best["args"]["lr"]) for s in seeds[1:]) if r]
             records.append({"label": label, "width": width, "lr": best["args"]["lr"],
                             "lr_grid_seed0": [(r["args"]["lr"], r["accuracy"]) for r in tuned],
                             "accuracy": [r["accuracy"] for r in runs],
