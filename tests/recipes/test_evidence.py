@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ttt.recipes.evidence import kv_binding, ladder, long_context, minibatch_period, mqar_grid, state_probe
-from ttt.recipes.evidence.common import boundary_excess, detrended_phase_profile, mean_spread
+from ttt.recipes.evidence.stats import boundary_excess, detrended_phase_profile, mean_spread
 
 
 def test_phase_profile_recovers_a_periodic_signal_and_cancels_a_trend():

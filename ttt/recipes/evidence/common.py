@@ -1,6 +1,7 @@
 """What the evidence recipes share: one trained LM per (configuration, lr, seed), scored by position,
 cached as JSON so an interrupted experiment resumes where it stopped; the lr sweep (tune on the first
-seed, run the other seeds at the best lr, as Zoology does); mean and spread over seeds; output files.
+seed, run the other seeds at the best lr, as Zoology does); output files. Cache files and run locks:
+``cache.py``; mean and spread over seeds: ``stats.py``.
 
 Every run is ``ttt.recipes.train.train`` with ``TrainArgs`` (the ``ttt train`` loop), then
 ``ttt.recipes.eval.evaluate_loss`` on the validation split at each evaluation context. Shapes: T tokens.
@@ -9,16 +10,11 @@ Every run is ``ttt.recipes.train.train`` with ``TrainArgs`` (the ``ttt train`` l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import socket
-import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +25,13 @@ from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.args import TrainArgs
 from ttt.recipes.common import format_table, save_plot
 
+from .cache import RunBusy, read_cache, run_lock
+
 __all__ = [
     "RunSpec",
     "Scale",
     "base_parser",
-    "detrended_phase_profile",
-    "mean_spread",
+    "cached_run",
     "run_one",
     "scale_from_args",
     "sweep",
@@ -188,56 +185,6 @@ def _report(record: dict) -> dict:
     slim = {k: v for k, v in record.items() if k != "by_position"}
     name = _cache_name(record["spec"]["label"], record["lr"], record["seed"])
     return {**slim, "by_position": f"cache/{name}.json"}
-
-
-def read_cache(path: Path) -> dict | None:
-    """A cached run record, or None when there is none; a file that is not a JSON object (edited by hand,
-    cut short) stops the experiment with one line naming it, and is left as it is."""
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        record = e
-    if not isinstance(record, dict):
-        raise SystemExit(f"{path}: not a JSON run record ({record}); move it away to rerun that run")
-    return record
-
-
-class RunBusy(Exception):
-    """Another process holds the lock of the run asked for: it is training that run now."""
-
-
-@contextlib.contextmanager
-def run_lock(cache: Path) -> Iterator[None]:
-    """Hold the lock of the run cached at ``cache`` (``<stem>.lock`` beside it, ``flock``) while this
-    process trains it, so two processes sharing a results directory never train one run twice; raises
-    ``RunBusy`` naming the holder when another process holds it. The kernel drops a lock when its holder
-    ends, even killed, so a lock file left behind never blocks a run. The holder writes the run's record
-    before it lets go: callers look the cache up again once they hold the lock. (No lock where the
-    platform has no ``fcntl``.)"""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    lock = cache.with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown process"
-            raise RunBusy(f"{cache.stem}: another process is training it ({holder}; lock {lock})") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
 
 
 def _plain(obj: Any) -> Any:
@@ -428,50 +375,6 @@ def scored_at_best_lr(runs: list[dict], ctx: str) -> dict:
         "eval_bits_per_byte": [sum(r["by_position"][ctx]) / len(r["by_position"][ctx]) * bpn for r in runs],
         "train_seconds": [r["train_seconds"] for r in runs],
     }
-
-
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-
-
-def fmt_ms(values: list[float], digits: int = 3) -> str:
-    """``mean ± sd (n)``."""
-    m, s = mean_spread(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})"
-
-
-def detrended_phase_profile(loss: list[float] | torch.Tensor, period: int = 16) -> torch.Tensor:
-    """``[period]``: mean of ``loss[p] - trend[p]`` over the positions p of phase ``p mod period``.
-
-    ``trend`` is the centred moving average of width ``period + 1`` with half weights at both ends (the
-    classical "2 x period" seasonal filter): it reproduces a linear trend exactly and removes any signal
-    of that period, so a periodic signal plus a linear trend gives back the periodic signal minus its
-    mean. Positions p run over ``[period, T - period/2)`` (the first period, where the loss still falls
-    steeply, is left out); ``period`` must be even."""
-    if period % 2:
-        raise ValueError(f"period must be even, got {period}")
-    x = torch.as_tensor(loss, dtype=torch.float64)
-    half = period // 2
-    kernel = torch.ones(period + 1, dtype=torch.float64) / period
-    kernel[0] = kernel[-1] = 0.5 / period
-    # trend[p] = sum_k kernel[k] x[p - half + k], stored at index p - half
-    trend = torch.nn.functional.conv1d(x[None, None], kernel[None, None])[0, 0]  # [T - period]
-    positions = torch.arange(period, x.numel() - half)
-    if positions.numel() < period:
-        raise ValueError(f"need at least {2 * period + half} positions for period {period}, got {x.numel()}")
-    resid = x[positions] - trend[positions - half]
-    phase = positions % period
-    return torch.stack([resid[phase == k].mean() for k in range(period)])
-
-
-def boundary_excess(profile: torch.Tensor) -> float:
-    """Mean of a 16-phase profile at phases 15, 0, 1 (the mini-batch boundary) minus its mean at phases
-    4..11 (mid-block), in the profile's units."""
-    p = profile.tolist()
-    return statistics.fmean([p[-1], p[0], p[1]]) - statistics.fmean(p[4:12])
 
 
 def write_outputs(out: Path, name: str, *, markdown: str, payload: dict, plots: dict[str, dict]) -> None:

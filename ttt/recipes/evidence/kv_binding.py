@@ -52,20 +52,19 @@ import torch
 
 from ttt.models.checkpoint import write_text_atomic
 
+from .cache import read_cache
 from .common import (
     RunSpec,
     Scale,
     at_best_lr,
     base_parser,
-    fmt_ms,
-    mean_spread,
     out_dir,
-    read_cache,
     run_experiment,
     scale_from_args,
     scored_at_best_lr,
     table,
 )
+from .stats import fmt_ms, mean_spread
 
 __all__ = ["SPECS", "main", "time_forms"]
 

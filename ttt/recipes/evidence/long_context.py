@@ -27,12 +27,11 @@ from .common import (
     Scale,
     at_best_lr,
     base_parser,
-    fmt_ms,
-    mean_spread,
     run_experiment,
     scale_from_args,
     table,
 )
+from .stats import fmt_ms, mean_spread
 
 __all__ = ["SPECS", "main"]
 

@@ -37,14 +37,11 @@ from .common import (
     Scale,
     at_best_lr,
     base_parser,
-    boundary_excess,
-    detrended_phase_profile,
-    fmt_ms,
-    mean_spread,
     run_experiment,
     scale_from_args,
     table,
 )
+from .stats import boundary_excess, detrended_phase_profile, fmt_ms, mean_spread
 
 __all__ = ["SPECS", "main"]
 

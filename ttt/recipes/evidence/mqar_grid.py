@@ -36,20 +36,17 @@ from ttt.layers import MIXERS as ALL_MIXERS
 from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
+from .cache import RunBusy, read_cache, run_lock
 from .common import (
-    RunBusy,
     check_only,
-    fmt_ms,
     lr_list,
-    mean_spread,
     out_dir,
-    read_cache,
-    run_lock,
     seed_list,
     table,
     width_list,
     write_outputs,
 )
+from .stats import fmt_ms, mean_spread
 
 __all__ = ["CONV_OFF", "CONV_ON", "main", "variants"]
 

@@ -1,0 +1,63 @@
+"""An evidence run's cache file: read it back (one line when it is not a record), and hold a run's lock while
+one process trains it, so processes sharing a results directory never train one run twice."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["RunBusy", "read_cache", "run_lock"]
+
+
+def read_cache(path: Path) -> dict | None:
+    """A cached run record, or None when there is none; a file that is not a JSON object (edited by hand,
+    cut short) stops the experiment with one line naming it, and is left as it is."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        record = e
+    if not isinstance(record, dict):
+        raise SystemExit(f"{path}: not a JSON run record ({record}); move it away to rerun that run")
+    return record
+
+
+class RunBusy(Exception):
+    """Another process holds the lock of the run asked for: it is training that run now."""
+
+
+@contextlib.contextmanager
+def run_lock(cache: Path) -> Iterator[None]:
+    """Hold the lock of the run cached at ``cache`` (``<stem>.lock`` beside it, ``flock``) while this
+    process trains it, so two processes sharing a results directory never train one run twice; raises
+    ``RunBusy`` naming the holder when another process holds it. The kernel drops a lock when its holder
+    ends, even killed, so a lock file left behind never blocks a run. The holder writes the run's record
+    before it lets go: callers look the cache up again once they hold the lock. (No lock where the
+    platform has no ``fcntl``.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = cache.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            raise RunBusy(f"{cache.stem}: another process is training it ({holder}; lock {lock})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
