@@ -23,6 +23,8 @@ CASES: dict[str, dict] = {
     "attention": dict(name="attention"),
     "attention_gqa": dict(name="attention", num_kv_heads=1),
     "swa": dict(name="swa", window=5),
+    "attention_conv": dict(name="attention", conv_size=4, num_kv_heads=1),
+    "swa_conv": dict(name="swa", window=5, conv_size=3),
     "ttt_linear": dict(name="ttt_linear", mini_batch_size=4),
     "ttt_linear_m": dict(name="ttt_linear", mini_batch_size=4, share_qk=True, use_gate=True),
     "ttt_mlp": dict(name="ttt_mlp", mini_batch_size=4),

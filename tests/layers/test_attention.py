@@ -69,3 +69,20 @@ def test_wrong_state_raises():
         layer(torch.randn(1, 2, 16), state=(1, 2))
     with pytest.raises(ValueError, match="B=2"):
         layer(torch.randn(1, 2, 16), state=layer.init_state(2))
+
+
+@torch.no_grad()
+def test_short_convolutions_with_identity_kernels_change_nothing():
+    """conv_size > 0 convolves the q, k, v projections; with kernels that pass the current token through,
+    the layer is the plain one."""
+    torch.manual_seed(0)
+    plain = Attention(dim=32, num_heads=4, num_kv_heads=2).double()
+    conv = Attention(dim=32, num_heads=4, num_kv_heads=2, conv_size=4).double()
+    conv.load_state_dict(plain.state_dict(), strict=False)
+    for c in conv.convs:
+        c.conv.weight.zero_()
+        c.conv.weight[:, 0, -1] = 1.0  # the last tap is the current token
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    torch.testing.assert_close(conv(x)[0], plain(x)[0], atol=1e-12, rtol=0)
+    assert [c.conv.weight.shape[0] for c in conv.convs] == [32, 16, 16]
+    assert conv.init_state(3).nbytes() == 3 * (32 + 16 + 16) * 3 * 8  # float64 caches of K - 1 = 3 inputs

@@ -14,8 +14,11 @@ from ttt.models.static_decode import StaticDecoder
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"num_kv_heads": 2}, {"window": 4}, {"window": 3, "num_kv_heads": 1}], ids=str
-)
+    "kwargs",
+    [{}, {"num_kv_heads": 2}, {"window": 4}, {"window": 3, "num_kv_heads": 1}, {"conv_size": 4, "num_kv_heads": 2},
+     {"window": 4, "conv_size": 3}],
+    ids=str,
+)  # fmt: skip
 def test_attention_static_cache_equals_step(kwargs):
     torch.manual_seed(0)
     layer = Attention(32, 4, **kwargs)
@@ -42,6 +45,7 @@ def test_static_cache_refuses_padding():
 CASES = {
     "attention": {},
     "swa": {"mixer_kwargs": {"swa": {"window": 5}}},
+    "attention_conv": {"mixer_kwargs": {"attention": {"conv_size": 4}}},
     "ttt_linear": {},
     "ttt_mlp": {},
     "ttt_linear_share_qk": {"mixer_kwargs": {"ttt_linear": {"share_qk": True, "use_gate": True}}},
@@ -51,7 +55,7 @@ CASES = {
 
 def _model(case: str) -> CausalLM:
     torch.manual_seed(0)
-    mixer = "ttt_linear" if case == "ttt_linear_share_qk" else case
+    mixer = {"ttt_linear_share_qk": "ttt_linear", "attention_conv": "attention"}.get(case, case)
     config = LMConfig.from_name("micro", mixer=mixer, max_seq_len=64, **CASES[case])
     return CausalLM(config).eval()
 
@@ -79,7 +83,7 @@ def test_static_decoder_equals_model_step(case, monkeypatch):
     dec = _compare(_model(case))
     assert dec.state_nbytes() > 0
     # attention's step can be captured; TTT's only with its in-place kernels; the family layers never
-    assert dec.graphable == (case in ("attention", "swa"))
+    assert dec.graphable == (case in ("attention", "swa", "attention_conv"))
 
 
 @pytest.mark.parametrize("case", ["ttt_linear", "ttt_mlp"])

@@ -73,7 +73,7 @@ def test_lm_recipes_quick(tmp_path, corpus, recipe):
 def test_mqar_grid_quick(tmp_path):
     result = mqar_grid.main(["--quick", "--out", str(tmp_path)])
     labels = [r["label"] for r in result["records"]]
-    assert labels == ["ttt_linear", "ttt_linear+conv", "attention"]
+    assert labels == ["ttt_linear", "ttt_linear+conv", "attention", "attention+conv"]
     assert all(r["state_bytes"] > 0 and 0 <= r["accuracy"][0] <= 1 for r in result["records"])
     md = (tmp_path / "mqar_grid.md").read_text()
     assert "| T=32,D=2 |" in md and "seed 0 by lr" in md  # a column per slice, the lr grid of seed 0
@@ -82,7 +82,14 @@ def test_mqar_grid_quick(tmp_path):
 
 def test_mqar_grid_conv_switches():
     names = [label for label, _, _ in mqar_grid.variants(["ttt_mlp", "gated_deltanet", "attention"])]
-    assert names == ["ttt_mlp", "ttt_mlp+conv", "gated_deltanet", "gated_deltanet-conv", "attention"]
+    assert names == [
+        "ttt_mlp",
+        "ttt_mlp+conv",
+        "gated_deltanet",
+        "gated_deltanet-conv",
+        "attention",
+        "attention+conv",
+    ]
 
 
 def test_state_probe_quick(tmp_path):
@@ -193,14 +200,19 @@ def test_mqar_grid_skips_a_run_another_process_is_training(tmp_path, capsys):
         result = mqar_grid.main(["--quick", "--out", str(tmp_path)])
     finally:
         holder.close()
-    assert [r["label"] for r in result["records"]] == ["ttt_linear+conv", "attention"]
+    assert [r["label"] for r in result["records"]] == ["ttt_linear+conv", "attention", "attention+conv"]
     assert not (tmp_path / "cache" / "ttt_linear-d16-lr0.001-s0.json").exists()
     err = capsys.readouterr().err
     assert "ttt_linear-d16-lr0.001-s0" in err and "otherhost 4242" in err
     # once it is free (the holder ended, even killed: its lock file stays) the run trains, and the
     # lock file goes
     result = mqar_grid.main(["--quick", "--out", str(tmp_path)])
-    assert [r["label"] for r in result["records"]] == ["ttt_linear", "ttt_linear+conv", "attention"]
+    assert [r["label"] for r in result["records"]] == [
+        "ttt_linear",
+        "ttt_linear+conv",
+        "attention",
+        "attention+conv",
+    ]
     assert not list((tmp_path / "cache").glob("*.lock"))
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtype, split_heads
+from ttt.modules.conv import ShortConv
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 
 
@@ -24,6 +25,7 @@ class KVCache:
         positions: position of each cached token ``[B, S]`` (int64).
         valid: ``[B, S]`` bool, False for cached padding (never attended to).
         lengths: ``[B]`` int64, real tokens seen per row; the next token of a row sits at this position.
+        convs: the short convolutions' caches of q, k, v ``[B, width, K - 1]`` (``()`` without them).
     """
 
     k: Tensor
@@ -31,13 +33,15 @@ class KVCache:
     positions: Tensor
     valid: Tensor
     lengths: Tensor
+    convs: tuple[Tensor, ...] = ()
 
     def detach(self) -> KVCache:
-        return KVCache(self.k.detach(), self.v.detach(), self.positions, self.valid, self.lengths)
+        convs = tuple(c.detach() for c in self.convs)
+        return KVCache(self.k.detach(), self.v.detach(), self.positions, self.valid, self.lengths, convs)
 
     def nbytes(self) -> int:
-        """Bytes held by the cache (keys and values), for state-size comparisons."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Bytes held by the cache (keys, values and convolution caches), for state-size comparisons."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, *self.convs))
 
 
 class SoftmaxAttention(nn.Module):
@@ -53,6 +57,10 @@ class SoftmaxAttention(nn.Module):
             (full causal attention).
         rope_theta: RoPE base. Default: ``10000`` (ttt-lm-pytorch ``rope_theta``).
         bias: bias in the q/k/v/o projections. Default: ``False`` (Llama, TTT baseline).
+        conv_size: kernel K of causal depthwise short convolutions on the q, k and v projections (no
+            activation), as the recurrent mixers have; ``0`` for none. Zoology's recall configs give every
+            mixer a short convolution: one lets a single attention layer bind a key to its neighbour.
+            Default: ``0`` (Llama).
 
     Examples::
 
@@ -75,6 +83,7 @@ class SoftmaxAttention(nn.Module):
         window: int | None = None,
         rope_theta: float = 10000.0,
         bias: bool = False,
+        conv_size: int = 0,
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -87,6 +96,8 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if window is not None and window < 1:
             raise ValueError(f"window must be None or >= 1, got {window}")
+        if conv_size is None or conv_size < 0:
+            raise ValueError(f"conv_size must be >= 0 (0: no short convolutions), got {conv_size}")
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.window, self.rope_theta = window, rope_theta
@@ -94,6 +105,11 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(dim, dim, bias=bias)
+        kv_width = num_kv_heads * self.head_dim
+        self.conv_size = conv_size
+        self.convs = nn.ModuleList(
+            [ShortConv(w, conv_size) for w in (dim, kv_width, kv_width)] if conv_size else []
+        )
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
         """An empty cache for ``batch_size`` sequences."""
@@ -106,6 +122,7 @@ class SoftmaxAttention(nn.Module):
             positions=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
             valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
             lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+            convs=tuple(c.init_cache(batch_size, device=device, dtype=dtype) for c in self.convs),
         )
 
     def forward(
@@ -126,16 +143,21 @@ class SoftmaxAttention(nn.Module):
         check_input(name, x, self.dim, dtype=param_dtype(self))
         mask = check_mask(name, mask, x)
         batch, length, _ = x.shape
-        q = split_heads(self.q_proj(x), self.num_heads)  # [B, H, T, D]
-        k = split_heads(self.k_proj(x), self.num_kv_heads)  # [B, G, T, D]
-        v = split_heads(self.v_proj(x), self.num_kv_heads)
-        steps = torch.arange(length, device=x.device)
         if state is None:
-            state = self.init_state(batch, device=x.device, dtype=k.dtype)
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+            fresh = True
+        else:
+            self._check_state(state, batch)
+            fresh = False
+        projected, convs = self._project(x, state.convs, mask)
+        q = split_heads(projected[0], self.num_heads)  # [B, H, T, D]
+        k = split_heads(projected[1], self.num_kv_heads)  # [B, G, T, D]
+        v = split_heads(projected[2], self.num_kv_heads)
+        steps = torch.arange(length, device=x.device)
+        if fresh:
             positions = steps.expand(batch, length)
             cos, sin = rotary_cos_sin(steps, self.head_dim, theta=self.rope_theta)  # [T, D/2]
         else:
-            self._check_state(state, batch)
             positions = state.lengths[:, None] + steps  # [B, T]
             cos, sin = rotary_cos_sin(positions, self.head_dim, theta=self.rope_theta)  # [B, 1, T, D/2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -154,7 +176,18 @@ class SoftmaxAttention(nn.Module):
         y = self.o_proj(merge_heads(o))
 
         lengths = state.lengths + valid_new.sum(dim=1)
-        return y, self._trim(KVCache(keys, values, key_positions, key_valid, lengths))
+        return y, self._trim(KVCache(keys, values, key_positions, key_valid, lengths, convs))
+
+    def _project(
+        self, x: Tensor, caches: tuple[Tensor, ...], mask: Tensor | None
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """The q, k, v projections ``[B, T, width]`` (through the short convolutions when the layer has
+        them) and the convolutions' new caches."""
+        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        if not self.convs:
+            return projected, ()
+        pairs = [conv(p, cache, mask) for conv, p, cache in zip(self.convs, projected, caches, strict=True)]
+        return [y for y, _ in pairs], tuple(c for _, c in pairs)
 
     def step(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
         """One decoding step: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], KVCache)``."""
@@ -196,12 +229,18 @@ class SoftmaxAttention(nn.Module):
             cache.positions[:, start:],
             cache.valid[:, start:],
             cache.lengths,
+            cache.convs,
         )
 
     def _check_state(self, state: KVCache, batch: int) -> None:
         if not isinstance(state, KVCache):
             raise TypeError(
                 f"Attention: state must be a KVCache (from init_state or forward), got {type(state).__name__}"
+            )
+        if len(state.convs) != len(self.convs):
+            raise ValueError(
+                f"Attention: state holds {len(state.convs)} convolution caches but the layer has "
+                f"{len(self.convs)} (conv_size={self.conv_size}): a state from another layer"
             )
         if state.k.shape[0] != batch or state.k.shape[1] != self.num_kv_heads:
             raise ValueError(
@@ -244,16 +283,18 @@ class StaticKVCache:
             mod W).
         slot_pos: ``[S]`` int64, the position each slot holds (-1: empty).
         position: ``[]`` int64 tensor, the position of the next token.
+        convs: the short convolutions' caches ``[B, width, K - 1]``, updated in place (``()`` without).
     """
 
     k: Tensor
     v: Tensor
     slot_pos: Tensor
     position: Tensor
+    convs: tuple[Tensor, ...] = ()
 
     def nbytes(self) -> int:
-        """Bytes held by the key and value buffers."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Bytes held by the key, value and convolution buffers."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, *self.convs))
 
 
 def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> StaticKVCache:
@@ -286,7 +327,8 @@ def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> St
         k.index_copy_(2, index, cache.k.to(k.dtype))
         v.index_copy_(2, index, cache.v.to(v.dtype))
         slot_pos.index_copy_(0, index, positions)
-    return StaticKVCache(k, v, slot_pos, torch.tensor(length, dtype=torch.long, device=k.device))
+    position = torch.tensor(length, dtype=torch.long, device=k.device)
+    return StaticKVCache(k, v, slot_pos, position, tuple(c.clone() for c in cache.convs))
 
 
 def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKVCache) -> Tensor:
@@ -295,9 +337,12 @@ def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKV
     (it is not checked: reading it on the host would synchronise)."""
     batch = x_t.shape[0]
     groups, head_dim = layer.num_kv_heads, layer.head_dim
-    q = split_heads(layer.q_proj(x_t), layer.num_heads)  # [B, H, 1, D]
-    k = split_heads(layer.k_proj(x_t), groups)  # [B, G, 1, D]
-    v = split_heads(layer.v_proj(x_t), groups)
+    projected, convs = layer._project(x_t, cache.convs, None)
+    for buffer, new in zip(cache.convs, convs, strict=True):
+        buffer.copy_(new)
+    q = split_heads(projected[0], layer.num_heads)  # [B, H, 1, D]
+    k = split_heads(projected[1], groups)  # [B, G, 1, D]
+    v = split_heads(projected[2], groups)
     pos = cache.position.view(1)
     cos, sin = rotary_cos_sin(pos, head_dim, theta=layer.rope_theta)  # [1, D/2]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -54,7 +54,7 @@ class _AttentionSlot:
         return attention_decode_step_(self.layer, x, self.cache)
 
     def buffers(self) -> list[Tensor]:
-        return [self.cache.k, self.cache.v, self.cache.slot_pos, self.cache.position]
+        return [self.cache.k, self.cache.v, self.cache.slot_pos, self.cache.position, *self.cache.convs]
 
 
 def _triton_decode(layer: nn.Module, device: torch.device):

@@ -12,7 +12,8 @@ Zoology (the ``--vocab`` option lowers it), 2 blocks, 2 heads. The lr is tuned p
 width) on the first seed and the other seeds run at the best (Zoology reports the best of 4 lrs). State
 size: ``ttt.models.state_nbytes`` of the model's decoding state after one sequence of the longest T, batch
 1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once (Mamba2 keeps
-its convolution: it has no switch). Sliding-window attention runs with a 64-token window (its default,
+its convolution: it has no switch); attention and sliding-window attention get short convolutions of 4
+taps on q, k, v (``conv_size=4``) as ``+conv``, as Zoology's config B gives every mixer one. Sliding-window attention runs with a 64-token window (its default,
 512, would make it full attention at every T of the grid). The default ``--mixers`` is every mixer of
 ``ttt.layers.MIXERS``: Longhorn, RWKV-7 and KDA train 3-45x slower than TTT-Linear on a CPU (recurrent forms).
 
@@ -53,7 +54,12 @@ __all__ = ["CONV_OFF", "CONV_ON", "main", "variants"]
 NAME = "mqar_grid"
 
 #: constructor arguments that turn a mixer's short convolutions on / off (mixers absent have no switch)
-CONV_ON = {"ttt_linear": {"share_qk": True}, "ttt_mlp": {"share_qk": True}}
+CONV_ON = {
+    "ttt_linear": {"share_qk": True},
+    "ttt_mlp": {"share_qk": True},
+    "attention": {"conv_size": 4},
+    "swa": {"conv_size": 4},
+}
 CONV_OFF = {m: {"conv_size": 0} for m in ("deltanet", "gated_deltanet", "kda", "longhorn", "comba")}
 #: constructor arguments every variant of a mixer gets: sliding-window attention's default window (512)
 #: covers every T of the grid, so it would be full attention; 64 tokens makes it a fixed-size state
