@@ -12,14 +12,17 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from ttt.models.hf import TTTCache, TTTForCausalLM, TTTLMConfig  # noqa: E402
 
 
-def hf_model(mixer: str = "ttt_linear") -> TTTForCausalLM:
+def hf_model(mixer: str = "ttt_linear", **mixer_kwargs) -> TTTForCausalLM:
     torch.manual_seed(0)
-    return TTTForCausalLM(TTTLMConfig(preset="micro", mixer=mixer, vocab_size=61)).eval()
+    kwargs = {"mixer_kwargs": {mixer: mixer_kwargs}} if mixer_kwargs else {}
+    return TTTForCausalLM(TTTLMConfig(preset="micro", mixer=mixer, vocab_size=61, **kwargs)).eval()
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
-def test_generate_matches_native_greedy_decoding(mixer):
-    model = hf_model(mixer)
+@pytest.mark.parametrize(
+    "mixer, kwargs", [("ttt_linear", {}), ("attention", {}), ("attention", {"conv_size": 4})]
+)
+def test_generate_matches_native_greedy_decoding(mixer, kwargs):
+    model = hf_model(mixer, **kwargs)
     idx = torch.randint(0, 61, (2, 19), generator=torch.Generator().manual_seed(1))
     out = model.generate(idx, max_new_tokens=7, do_sample=False)
     assert torch.equal(out, model.model.generate(idx, 7, temperature=0))
