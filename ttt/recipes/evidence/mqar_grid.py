@@ -13,8 +13,9 @@ width) on the first seed and the other seeds run at the best (Zoology reports th
 size: ``ttt.models.state_nbytes`` of the model's decoding state after one sequence of the longest T, batch
 1 (a KV cache for attention: it grows with T). Mixers without a convolution switch run once (Mamba2 keeps
 its convolution: it has no switch); attention and sliding-window attention get short convolutions of 4
-taps on q, k, v (``conv_size=4``) as ``+conv``, as Zoology's config B gives every mixer one. Sliding-window attention runs with a 64-token window (its default,
-512, would make it full attention at every T of the grid). The default ``--mixers`` is every mixer of
+taps on q, k, v (``conv_size=4``) as ``+conv``, as Zoology's config B gives every mixer one.
+Sliding-window attention runs with a 64-token window (its default, 512, would make it full attention at
+every T of the grid). The default ``--mixers`` is every mixer of
 ``ttt.layers.MIXERS``: Longhorn, RWKV-7 and KDA train 3-45x slower than TTT-Linear on a CPU (recurrent forms).
 
 Writes ``mqar_grid.{md,json}`` (a column per slice), ``mqar_grid.png`` (accuracy against state bytes, one
