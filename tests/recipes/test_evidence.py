@@ -243,3 +243,49 @@ def test_lm_report_only_skips_runs_made_with_another_spec(tmp_path, corpus):
         minibatch_period.SPECS, lrs=[0.003], seeds=[0], scale=scale, out=tmp_path, report_only=True
     )
     assert [r["spec"]["label"] for r in records] == ["linear-eta-const"]
+
+
+def test_run_lock_never_holds_a_lock_file_that_was_replaced(tmp_path, monkeypatch):
+    """The holder deletes its lock file as it lets go; a process that opened that file just before could
+    lock the deleted file while a third process locks the new one: two holders, one run trained twice
+    (the holder had failed, so no record stopped them). Found in review."""
+    import fcntl
+
+    from ttt.recipes.evidence import cache as cache_mod
+
+    cache = tmp_path / "cache" / "run-lr0.001-s0.json"
+    lock = cache.with_suffix(".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")  # the old holder's file, about to be deleted
+    real_flock, third = fcntl.flock, []
+
+    def flock_after_the_swap(f, op):
+        if not third:  # between this process's open and its flock: the old holder lets go, a third locks
+            lock.unlink()
+            third.append(open(lock, "w"))
+            third[0].write("otherhost 4242\n")
+            third[0].flush()
+            real_flock(third[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_swap)
+    try:
+        with pytest.raises(cache_mod.RunBusy, match="otherhost 4242"):
+            with cache_mod.run_lock(cache):
+                pass
+    finally:
+        third[0].close()
+
+
+def test_mqar_grid_reports_what_is_cached_after_a_busy_setting(tmp_path):
+    """A setting skipped as busy (here at seed 1) vanished from the report even with seed 0 cached, so the
+    last of two processes to finish overwrote the report without it. Found in review."""
+    tiny = ["--mixers", "linear_attention", "--widths", "16", "--seq-len", "32", "--num-kv", "2", "--vocab", "64",
+            "--train-examples", "16", "--test-examples", "8", "--epochs", "1", "--seeds", "0,1",
+            "--out", str(tmp_path)]  # fmt: skip
+    holder = _hold(tmp_path / "cache" / "linear_attention-d16-lr0.001-s1.lock")
+    try:
+        result = mqar_grid.main(tiny)
+    finally:
+        holder.close()
+    assert [(r["label"], r["seeds"]) for r in result["records"]] == [("linear_attention", [0])]

@@ -46,13 +46,25 @@ def run_lock(cache: Path) -> Iterator[None]:
         return
     lock = cache.with_suffix(".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
+    while True:
+        f = open(lock, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown process"
+            f.close()
             raise RunBusy(f"{cache.stem}: another process is training it ({holder}; lock {lock})") from None
+        # the previous holder deletes the file as it lets go: a lock on a file no longer at ``lock`` (a
+        # third process may hold the new one) is no lock, so open the path again
+        try:
+            same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    with f:
         f.seek(0)
         f.truncate()
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
@@ -60,4 +72,4 @@ def run_lock(cache: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # before the lock drops (closing f): see the check above

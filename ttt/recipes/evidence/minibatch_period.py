@@ -9,7 +9,7 @@ equal parameters through ``--match-params attention``; 300 steps, half the defau
 CPU) with TTT variants that differ in one switch of the layer, then scores every validation position of
 512 windows of 128 bytes and 64 windows of 1,024 bytes. Per variant it reports the loss profile over the
 16 positions of a mini-batch (each position's loss minus a centred moving average over one period, so a
-smooth trend with position cancels: ``common.detrended_phase_profile``), the boundary
+smooth trend with position cancels: ``stats.detrended_phase_profile``), the boundary
 excess (phases 15, 0, 1 minus phases 4-11, bits/byte), the validation bits/byte, and the first and last
 128-position bands of the 1,024-byte windows (8x the training context).
 

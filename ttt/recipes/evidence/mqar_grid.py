@@ -170,31 +170,40 @@ def main(argv: list[str] | None = None) -> dict:
     out = out_dir(argparse.Namespace(out=a.out, quick=a.quick), NAME)
     torch.set_num_threads(a.threads)
     data: dict = {}
-    records = []
-    for label, mixer, kwargs in variants(names):
-        train_it = not a.report_only and (a.only is None or label in a.only.split(","))
-        for width in widths:
 
-            def get(seed: int, lr: float) -> dict | None:
-                run_args = dataclasses.replace(base, dim=width, lr=lr, seed=seed)  # noqa: B023
-                return run_one(label, mixer, kwargs, run_args, out, data, not train_it)  # noqa: B023
+    def collect(train: bool) -> list[dict]:
+        """One record per (setting, width) with cached runs; ``train``: first train the ``--only`` runs
+        it lacks (a setting another process is training is skipped, with a line)."""
+        records = []
+        for label, mixer, kwargs in variants(names):
+            train_it = train and (a.only is None or label in a.only.split(","))
+            for width in widths:
 
-            try:
-                tuned = [r for r in (get(seeds[0], lr) for lr in lrs) if r is not None]
-                if not tuned:
+                def get(seed: int, lr: float) -> dict | None:
+                    run_args = dataclasses.replace(base, dim=width, lr=lr, seed=seed)  # noqa: B023
+                    return run_one(label, mixer, kwargs, run_args, out, data, not train_it)  # noqa: B023
+
+                try:
+                    tuned = [r for r in (get(seeds[0], lr) for lr in lrs) if r is not None]
+                    if not tuned:
+                        continue
+                    best = max(tuned, key=lambda r: r["accuracy"])
+                    runs = [best] + [r for r in (get(s, best["args"]["lr"]) for s in seeds[1:]) if r]
+                except RunBusy as e:  # the other process goes on with this setting
+                    print(f"skipped {label} at width {width}: {e}", file=sys.stderr, flush=True)
                     continue
-                best = max(tuned, key=lambda r: r["accuracy"])
-                runs = [best] + [r for r in (get(s, best["args"]["lr"]) for s in seeds[1:]) if r]
-            except RunBusy as e:  # the other process goes on with this setting; --report-only once it ends
-                print(f"skipped {label} at width {width}: {e}", file=sys.stderr, flush=True)
-                continue
-            records.append({"label": label, "width": width, "lr": best["args"]["lr"],
-                            "lr_grid_seed0": [(r["args"]["lr"], r["accuracy"]) for r in tuned],
-                            "accuracy": [r["accuracy"] for r in runs],
-                            "seeds": [r["args"]["seed"] for r in runs],
-                            "slice_accuracy": [r["slice_accuracy"] for r in runs],
-                            "state_bytes": best["state_bytes"], "num_params": best["num_params"],
-                            "seconds": [r["seconds"] for r in runs]})  # fmt: skip
+                records.append({"label": label, "width": width, "lr": best["args"]["lr"],
+                                "lr_grid_seed0": [(r["args"]["lr"], r["accuracy"]) for r in tuned],
+                                "accuracy": [r["accuracy"] for r in runs],
+                                "seeds": [r["args"]["seed"] for r in runs],
+                                "slice_accuracy": [r["slice_accuracy"] for r in runs],
+                                "state_bytes": best["state_bytes"], "num_params": best["num_params"],
+                                "seconds": [r["seconds"] for r in runs]})  # fmt: skip
+        return records
+
+    if not a.report_only:
+        collect(train=True)
+    records = collect(train=False)  # the report: every cached run, also those another process made
     slice_names = list(records[0]["slice_accuracy"][0]) if records else []
 
     def slice_mean(r: dict, name: str) -> float:
