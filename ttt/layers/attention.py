@@ -143,12 +143,11 @@ class SoftmaxAttention(nn.Module):
         check_input(name, x, self.dim, dtype=param_dtype(self))
         mask = check_mask(name, mask, x)
         batch, length, _ = x.shape
-        if state is None:
+        fresh = state is None  # a sequence start: positions from 0
+        if fresh:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
-            fresh = True
         else:
             self._check_state(state, batch)
-            fresh = False
         projected, convs = self._project(x, state.convs, mask)
         q = split_heads(projected[0], self.num_heads)  # [B, H, T, D]
         k = split_heads(projected[1], self.num_kv_heads)  # [B, G, T, D]

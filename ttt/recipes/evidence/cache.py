@@ -7,10 +7,10 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["RunBusy", "read_cache", "run_lock"]
+__all__ = ["RunBusy", "read_cache", "run_lock", "run_once"]
 
 
 def read_cache(path: Path) -> dict | None:
@@ -73,3 +73,16 @@ def run_lock(cache: Path) -> Iterator[None]:
             yield
         finally:
             lock.unlink(missing_ok=True)  # before the lock drops (closing f): see the check above
+
+
+def run_once(cache: Path, lookup: Callable[[], dict | None], train: Callable[[], dict]) -> dict:
+    """The run's record: ``lookup()`` when the cache has it, else ``train()`` (which writes it to ``cache``)
+    under the run's lock, after looking again once the lock is held (another process may have finished it
+    meanwhile). Raises ``RunBusy`` when another process is training it."""
+    record = lookup()
+    if record is None:
+        with run_lock(cache):
+            record = lookup()
+            if record is None:
+                record = train()
+    return record

@@ -25,7 +25,7 @@ from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.args import TrainArgs
 from ttt.recipes.common import format_table, save_plot
 
-from .cache import RunBusy, read_cache, run_lock
+from .cache import RunBusy, read_cache, run_once
 
 __all__ = [
     "RunSpec",
@@ -226,13 +226,13 @@ def run_one(spec: RunSpec, *, lr: float, seed: int, scale: Scale, out: Path, kee
 
     cache = out / "cache" / f"{_cache_name(spec.label, lr, seed)}.json"
     run_dir = out / "ckpt" / _cache_name(spec.label, lr, seed)
-    record = cached_run(spec, lr=lr, seed=seed, scale=scale, out=out)
-    if record is None:
-        with run_lock(cache):  # RunBusy when another process trains this run
-            record = cached_run(spec, lr=lr, seed=seed, scale=scale, out=out)
-            if record is None:
-                return _train_and_score(spec, lr=lr, seed=seed, scale=scale, run_dir=run_dir, cache=cache,
-                                        keep=keep)  # fmt: skip
+    record = run_once(  # RunBusy when another process trains this run
+        cache,
+        lambda: cached_run(spec, lr=lr, seed=seed, scale=scale, out=out),
+        lambda: _train_and_score(
+            spec, lr=lr, seed=seed, scale=scale, run_dir=run_dir, cache=cache, keep=keep
+        ),
+    )
     if "token_eta" not in record and (run_dir / "latest").exists():  # a record older than the field
         record["token_eta"] = learned_token_eta(load_model(find_checkpoint(run_dir))[0])
         write_text_atomic(cache, json.dumps(record) + "\n")

@@ -38,7 +38,7 @@ from ttt.layers import MIXERS as ALL_MIXERS
 from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
-from .cache import RunBusy, read_cache, run_lock
+from .cache import RunBusy, read_cache, run_once
 from .common import (
     check_only,
     lr_list,
@@ -108,13 +108,10 @@ def run_one(
         record = read_cache(cache)
         return record if record is not None and record.get("args") == plain else None
 
-    record = cached()
-    if record is not None or report_only:
-        return record
-    with run_lock(cache):  # RunBusy when another process trains this run
-        record = cached()
-        if record is not None:
-            return record
+    if report_only:
+        return cached()
+
+    def train_it() -> dict:
         print(f"[{time.strftime('%H:%M:%S')}] {key}", file=sys.stderr, flush=True)
         if args.seed not in data:
             data[args.seed] = make_splits(args)
@@ -127,6 +124,8 @@ def run_one(
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cache, json.dumps(record) + "\n")
         return record
+
+    return run_once(cache, cached, train_it)  # RunBusy when another process trains this run
 
 
 def _parser() -> argparse.ArgumentParser:
