@@ -61,6 +61,9 @@ def test_constructor_errors():
         Attention(dim=12, num_heads=4)
     with pytest.raises(ValueError, match="window"):
         Attention(dim=16, num_heads=2, window=0)
+    for bad in (-1, None, 2.5, "4", True):  # 2.5 / "4" ended in tensor errors, True passed as 1
+        with pytest.raises(ValueError, match="conv_size must be an int >= 0"):
+            Attention(dim=16, num_heads=2, conv_size=bad)
 
 
 def test_wrong_state_raises():

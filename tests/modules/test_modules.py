@@ -62,6 +62,13 @@ def test_short_conv_padding_keeps_real_cache():
     torch.testing.assert_close(cache[1:], cache_short)
 
 
+@pytest.mark.parametrize("bad", [0, 2.5, "4", True])
+def test_short_conv_refuses_a_kernel_that_is_not_a_positive_int(bad):
+    """Every mixer's ``conv_size`` reaches ShortConv: 2.5 ended in a tensor-shape error, True passed as 1."""
+    with pytest.raises(ValueError, match="kernel_size must be an int >= 1"):
+        ShortConv(8, bad)
+
+
 def test_rotary_preserves_norm_and_is_relative():
     d = 8
     q, k = torch.randn(1, 1, 1, d, dtype=torch.float64), torch.randn(1, 1, 1, d, dtype=torch.float64)

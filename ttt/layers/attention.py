@@ -96,8 +96,8 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if window is not None and window < 1:
             raise ValueError(f"window must be None or >= 1, got {window}")
-        if conv_size is None or conv_size < 0:
-            raise ValueError(f"conv_size must be >= 0 (0: no short convolutions), got {conv_size}")
+        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
+            raise ValueError(f"conv_size must be an int >= 0 (0: no short convolutions), got {conv_size!r}")
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.window, self.rope_theta = window, rope_theta

@@ -22,8 +22,8 @@ class ShortConv(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 4, *, bias: bool = False, activation: str | None = None):
         super().__init__()
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be an int >= 1, got {kernel_size!r}")
         if activation not in (None, "silu"):
             raise ValueError(f"activation must be None or 'silu', got {activation!r}")
         self.dim, self.kernel_size, self.activation = dim, kernel_size, activation
