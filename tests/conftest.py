@@ -22,6 +22,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one intra-op thread, whatever an earlier test (``ttt train --threads``, in
+    process) left: the tests are thousands of small tensor ops, and on a shared 2-core machine torch's
+    thread pool spin-waits far more than it helps (20-100x slow-downs observed)."""
+    torch.set_num_threads(1)
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -14,8 +14,9 @@ fall (band 1024-2047 minus band 64-255 in the 2,048-byte windows) and the change
 context (band 4096-8191 minus band 1024-2047).
 
 Mixers (``RunSpec`` labels): ``ttt-linear``, ``ttt-linear-M`` (short convolutions, ``share_qk``),
-``ttt-mlp``, ``ttt-mlp-M``, ``attention`` (RoPE), ``swa`` (sliding window 512), ``gated-deltanet``,
-``mamba2``.
+``ttt-mlp``, ``ttt-mlp-M``, ``attention`` (RoPE), ``swa`` (sliding window 512), ``attention-conv`` and
+``swa-conv`` (the same with short convolutions of 4 on q, k, v, as the (M) layers and the family have),
+``gated-deltanet``, ``mamba2``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ SPECS = [
     RunSpec("ttt-mlp-M", "ttt_mlp", {"share_qk": True}),
     RunSpec("attention", "attention"),
     RunSpec("swa", "swa"),
+    RunSpec("attention-conv", "attention", {"conv_size": 4}),
+    RunSpec("swa-conv", "swa", {"conv_size": 4}),
     RunSpec("gated-deltanet", "gated_deltanet"),
     RunSpec("mamba2", "mamba2"),
 ]
