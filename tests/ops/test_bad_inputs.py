@@ -266,3 +266,17 @@ def test_inner_optimiser_coefficients_are_checked(option, value):
         W = tuple(torch.randn(3, *s, dtype=torch.float64) for s in ((4, 8), (8, 4), (4, 8)))
         with pytest.raises(ValueError, match=r"^momentum must be a finite number in \[0, 1\)"):
             lact_recurrent(x["q"], x["k"], x["v"], W, momentum=value)
+
+
+def test_gate_values_are_checked_except_while_a_cuda_graph_is_captured(monkeypatch):
+    """A capture cannot read a value on the host (the read would end it with an error), so the range check
+    skips itself then; shapes are still checked, and outside a capture a NaN gate is refused."""
+    from ttt.ops import _checks
+
+    bad = torch.tensor([[[0.5, float("nan")]]])
+    with pytest.raises(ValueError, match="beta must be finite"):
+        _checks.check_gate("beta", bad, (1, 1, 2), torch.float32, low=0.0)
+    monkeypatch.setattr(_checks, "capturing", lambda: True)
+    assert _checks.check_gate("beta", bad, (1, 1, 2), torch.float32, low=0.0).shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="must have shape"):
+        _checks.check_gate("beta", bad, (1, 1, 3), torch.float32, low=0.0)

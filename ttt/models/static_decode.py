@@ -13,9 +13,11 @@ Per mixer:
 * TTT-Linear / TTT-MLP: fp32 anchor and gradient-sum buffers and an int32 offset per (row, head),
   stepped by the fused in-place Triton decode kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
   elsewhere by the layer's own single-token form, whose result is copied into the buffers.
-* any other mixer: its ``step`` on the buffers, the new state copied into them (``copy_``); its tensors
-  must keep their shapes. The family layers check their gates on the host, so a model with them is not
-  captured (``graphable`` is False) and runs this path eagerly.
+* any other mixer (the family layers, KV binding): its ``step`` on the buffers, the new state copied into
+  them (``copy_``); its tensors must keep their shapes. These steps read no tensor value on the host
+  (tested for every mixer by running the step on the ``meta`` device), except the gate range checks of the
+  family ops; those skip themselves while a graph is being captured (``ttt.ops._checks.capturing``) and
+  run in the eager warm-up steps before the capture. A replayed graph checks nothing.
 
 Every row of the batch sits at the same position (prefill unpadded prompts of one length).
 Shapes: B batch, T prompt tokens, V vocabulary.
@@ -176,7 +178,7 @@ def _others(state: Any) -> list[Any]:
 class _GenericSlot:
     """Any other mixer: ``layer.step`` on preallocated state tensors, the new state copied into them."""
 
-    graphable = False  # the family layers check their gates on the host (a synchronisation per step)
+    graphable = True  # no host read in a step (tests/models/test_static_decode.py, on the meta device)
 
     def __init__(self, layer: nn.Module, state: Any) -> None:
         self.layer = layer
