@@ -160,6 +160,7 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".png")
+    os.chmod(fd, 0o644)  # mkstemp's 0600 would make the plot the one output others cannot read
     os.close(fd)
     try:
         fig.savefig(tmp)
