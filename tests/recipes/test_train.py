@@ -53,6 +53,9 @@ def test_three_step_smoke_run(corpus_dir, tmp_path):
     assert 0 < r.val_bits_per_byte < 10
     assert find_checkpoint(tmp_path / "run").name == "step-000003"
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    # the plots are readable like every other output (a temporary file's 0600 must not leak into them)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert modes["loss_curve.png"] == modes["result.json"] == 0o644, modes
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
@@ -245,6 +248,8 @@ def test_mixer_kwargs_reach_the_model_and_its_checkpoint(corpus_dir, tmp_path):
         ("{share_qk}", "must be JSON"),
         ('{"ttt_linear": 1}', "objects"),
         ('{"nope": {}}', "unknown"),
+        # a mixer this run does not build: its settings would be kept in the config and never act
+        ('{"ttt_mlp": {"mini_batch_size": 8}}', r"sets \['ttt_mlp'\], which this run does not build"),
     ]:
         with pytest.raises(ValueError, match=match):
             train(small_args(corpus_dir, tmp_path / "bad", mixer_kwargs=bad))
@@ -451,7 +456,7 @@ def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise()
     assert kw(mixer="ttt_linear", mixer_kwargs='{"ttt_linear": {"mini_batch_size": 8}}') == {
         "ttt_linear": {"share_qk": True, "mini_batch_size": 8}
     }
-    assert kw(layer_mixers="ttt_mlp,attention", mixer_kwargs='{"swa": {"window": 8}}') == {
+    assert kw(layer_mixers="ttt_mlp,swa", mixer_kwargs='{"swa": {"window": 8}}') == {
         "ttt_mlp": {"share_qk": True},
         "swa": {"window": 8},
     }

@@ -51,7 +51,8 @@ class TrainArgs:
     (default: every block has --mixer)"""
     mixer_kwargs: str | None = None
     """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"mini_batch_size": 8}}' (a key
-    the mixer does not take is refused, naming those it takes; docs/layers.md). A key given wins over the
+    the mixer does not take is refused, naming those it takes, and so is a mixer the run does not build
+    (by --mixer, --layer-mixers or --match-params); docs/layers.md). A key given wins over the
     defaults of `ttt train`, which give TTT-Linear and TTT-MLP short convolutions on q and k (share_qk, as
     the TTT paper's Mamba-backbone "(M)" models; docs/results.md); the paper's Transformer-backbone layer:
     '{"ttt_linear": {"share_qk": false}}'"""
@@ -117,7 +118,8 @@ class TrainArgs:
     """recompute each block's activations in the backward (less memory); with --strategy fsdp only"""
     context_parallel: int = 1
     """split every training sequence along T over this many processes (consecutive ranks; TTT-Linear /
-    TTT-MLP mixers without share_qk; --context divisible by it); the processes are this many times the
+    TTT-MLP mixers without share_qk, which ttt train turns on by default: add --mixer-kwargs
+    '{"ttt_linear": {"share_qk": false}}'; --context divisible by it); the processes are this many times the
     data-parallel groups (torchrun --nproc_per_node 4 with --context-parallel 2: 2 groups of 2)"""
 
 

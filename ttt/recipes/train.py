@@ -424,6 +424,14 @@ def train_mixer_kwargs(args: TrainArgs) -> dict[str, dict[str, Any]]:
     wins over its default)."""
     given = parse_mixer_kwargs(args.mixer_kwargs)
     used = set(args.layer_mixers.split(",")) if args.layer_mixers else {args.mixer}
+    reference = {args.match_params} if args.match_params and args.match_params.lower() != "none" else set()
+    unused = sorted(set(given) - used - reference)
+    if unused:  # a typo'd --mixer or a stale kwargs string: the settings would be kept and never act
+        raise ValueError(
+            f"--mixer-kwargs sets {unused}, which this run does not build (its mixers: {sorted(used)}"
+            + (f"; --match-params {args.match_params}" if reference else "")
+            + ")"
+        )
     merged = {name: dict(kw) for name, kw in TRAIN_MIXER_DEFAULTS.items() if name in used}
     for name, kw in given.items():
         merged.setdefault(name, {}).update(kw)
