@@ -183,6 +183,7 @@ def test_bad_input_exits_nonzero_with_a_message(trained, corpus_dir, tmp_path, c
             "other arguments",
         ),
         (["generate", "--checkpoint", str(trained), "--prompt", ""], "prompt is empty"),
+        (["generate", "--checkpoint", str(trained)], "no prompt given: give --prompt TEXT"),
         (
             ["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "1000"],
             "max_seq_len",
@@ -514,6 +515,16 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
         )
         assert line.endswith("[latest]") == (step == "step-000003")
     assert "in 2 checkpoints" in out and "tiny" in out and "886K params" in out
+    # a damaged checkpoint is flagged (its tensor files are checked against their own headers, not hashed)
+    model = trained / "step-000002" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-100])
+    (trained / "step-000003" / "trainer.safetensors").unlink()
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if str(trained / "step-000002") in line)
+    assert line.endswith("[damaged: model.safetensors truncated]"), line
+    line = next(line for line in lines if str(trained / "step-000003") in line)
+    assert line.endswith("[latest] [damaged: trainer.safetensors missing]"), line
     assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 0
     assert "checkpoints: none under" in capsys.readouterr().out
 

@@ -103,6 +103,7 @@ def test_bad_arguments(corpus_dir, tmp_path):
         ({"min_lr": -1e-5}, r"--min-lr must lie in \[0, --lr\], got -1e-05"),
         ({"min_lr": 1.0}, r"--min-lr must lie in \[0, --lr\], got 1.0"),
         ({"warmup": -0.5}, "--warmup must be a finite number >= 0"),
+        ({"warmup": 10, "steps": 5}, r"--warmup 10 steps is longer than the run \(--steps 5\)"),
         ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
         ({"grad_clip": -1.0}, r"--grad-clip must be a finite number >= 0 \(0: off\)"),
         ({"grad_clip": float("nan")}, r"--grad-clip must be a finite number >= 0 \(0: off\), got nan"),

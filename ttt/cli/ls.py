@@ -56,6 +56,36 @@ def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
     return found
 
 
+def damage(ckpt: Path, meta: dict) -> list[str]:
+    """What is visibly wrong with a checkpoint, cheaply (no hashing: ``ttt eval`` and ``--resume`` check
+    the sha256): an unreadable ``checkpoint.json``, a listed file missing, or a safetensors file whose size
+    differs from what its own header describes (a truncated copy or an interrupted transfer)."""
+    import json
+    import struct
+
+    if not meta:
+        return ["checkpoint.json unreadable"]
+    found = []
+    for name in sorted(meta.get("sha256") or {}):
+        f = ckpt / name
+        if not f.is_file():
+            found.append(f"{name} missing")
+            continue
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            ok = f.stat().st_size == 8 + n + end
+        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+            ok = False
+        if not ok:
+            found.append(f"{name} truncated")
+    return found
+
+
 def run(args: LsArgs) -> int:
     import torch
 
@@ -90,7 +120,8 @@ def run(args: LsArgs) -> int:
         mixer = meta.get("config", {}).get("mixer", "?")
         print(
             f"  {str(ckpt):{width}}  {human_bytes(total):>9}  (model {human_bytes(model)})  step "
-            f"{meta.get('step', '?')}  {mixer}" + ("  [latest]" if is_latest else "")
-        )
+            f"{meta.get('step', '?')}  {mixer}" + ("  [latest]" if is_latest else "") + (
+                f" [damaged: {', '.join(bad)}]" if (bad := damage(ckpt, meta)) else "")
+        )  # fmt: skip
     print(f"  total {human_bytes(sum(t for _, _, t, _ in found))} in {len(found)} checkpoints")
     return 0

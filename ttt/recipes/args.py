@@ -92,8 +92,8 @@ class TrainArgs:
     """continue the run in --out from its latest checkpoint, with the arguments stored there (--out and
     --resume are the whole command; docs/cli.md says which others may be given)"""
     overwrite: bool = False
-    """start over: delete the checkpoints, loss_curve.png, result.json and eval files of the run in --out
-    (once every argument is checked; other files stay)"""
+    """start over: delete what a run writes in --out (checkpoints, loss_curve.png, result.json,
+    metrics.jsonl, TensorBoard event files, eval files), once every argument is checked; other files stay"""
     seed: int = 0
     """seed of the initialisation and of the batch sampler"""
     device: str = "auto"

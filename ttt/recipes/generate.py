@@ -64,9 +64,10 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> tuple[str, list[in
 
         text = read_text(args.prompt_file)
     if not text:
+        given = args.prompt is not None or args.prompt_file is not None
+        what = "the prompt is empty" if given else "no prompt given"
         raise ValueError(
-            "the prompt is empty: give --prompt TEXT, --prompt-file PATH, --prompt-tokens N or "
-            "--prompts-file PATH"
+            f"{what}: give --prompt TEXT, --prompt-file PATH, --prompt-tokens N or --prompts-file PATH"
         )
     return text, tokenizer.encode(text)
 

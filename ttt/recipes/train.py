@@ -199,6 +199,11 @@ def _check_args(args: TrainArgs) -> None:
     check_number("--lr", args.lr, above=0)
     for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
         check_number(flag, value, least=0)
+    if args.warmup >= 1 and int(args.warmup) > args.steps:  # the peak lr would never be reached
+        raise ValueError(
+            f"--warmup {args.warmup:g} steps is longer than the run (--steps {args.steps}): give at most "
+            f"{args.steps} steps, or a fraction of --steps (< 1)"
+        )
     check_number("--grad-clip", args.grad_clip, least=0, hint=" (0: off)")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min-lr must lie in [0, --lr], got {args.min_lr} (--lr {args.lr})")
