@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -98,7 +99,13 @@ def test_state_probe_quick(tmp_path):
     # the first band is the same computation with and without the reset
     assert plain["loss"][:32] == pytest.approx(reset["loss"][:32], abs=1e-6)
     assert len(plain["drift"]) == 128 // plain["mini_batch_size"]
-    assert (tmp_path / "state_probe.md").exists()
+    # the report names the command that made it, arguments included (they were dropped from the command
+    # line when the module ran as a script)
+    want = f"python -m ttt.recipes.evidence.state_probe --quick --out {tmp_path}"
+    assert f"Command: `{want}`" in (tmp_path / "state_probe.md").read_text()
+    with mock.patch("sys.argv", ["state_probe.py", "--quick", "--out", str(tmp_path)]):
+        state_probe.main()
+    assert f"Command: `{want}`" in (tmp_path / "state_probe.md").read_text()
 
 
 def test_state_probe_reset_and_decay_act_on_the_fast_weights():

@@ -118,6 +118,15 @@ def lr_list(text: str) -> list[float]:
     return lrs
 
 
+def command_line(name: str, argv: list[str] | None) -> str:
+    """The command that reproduces an experiment's outputs, for its report: ``python -m
+    ttt.recipes.evidence.<name>`` and the arguments given (``argv``, else the process's own), shell-quoted."""
+    import shlex
+
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join(["python", "-m", f"ttt.recipes.evidence.{name}", *map(shlex.quote, args)])
+
+
 def _int_list(text: str, least: int, example: str) -> list[int]:
     try:
         values = [int(s) for s in text.split(",") if s.strip()]
@@ -167,7 +176,7 @@ def run_experiment(
         sweep(chosen, lrs=lrs, seeds=seeds, scale=scale, out=out)
     records = sweep(specs, lrs=lrs, seeds=seeds, scale=scale, out=out, report_only=True)
     md, summary, plots = summarise(records, specs, scale)
-    command = f"python -m ttt.recipes.evidence.{name} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(name, argv)
     write_outputs(
         out,
         name,

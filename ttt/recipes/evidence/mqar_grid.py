@@ -41,6 +41,7 @@ from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mix
 from .cache import RunBusy, read_cache, run_once
 from .common import (
     check_only,
+    command_line,
     lr_list,
     out_dir,
     seed_list,
@@ -222,9 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy: mean ± sd over seeds at the lr tuned on the first seed; per slice: mean over seeds.",
         table(header, rows),
     ]) + "\n"  # fmt: skip
-    command = "python -m ttt.recipes.evidence.mqar_grid " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = command_line(NAME, argv)
     plots = {}
     if records:  # accuracy over all slices, and on the last (hardest) slice, against state bytes
         for stem, what, y in (

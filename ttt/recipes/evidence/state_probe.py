@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import table, write_outputs
+from .common import command_line, table, write_outputs
 
 __all__ = ["main", "probe"]
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       for k, r in results.items()},
                               xlabel="token position", ylabel="||W - W0||_F", title="Fast-weight drift"),
     }  # fmt: skip
-    command = "python -m ttt.recipes.evidence.state_probe " + " ".join(argv if argv is not None else [])
+    command = command_line(NAME, argv)
     write_outputs(out, NAME, markdown=md + f"\nCommand: `{command.strip()}`\n",
                   payload={"command": command.strip(), "checkpoint": label, "context": context, "band": band,
                            "windows": n, "probes": results}, plots=plots)  # fmt: skip
