@@ -441,8 +441,8 @@ def test_files_of_the_run_that_are_links_are_refused_and_their_targets_untouched
 
 
 def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise():
-    """`ttt train`'s TTT layers default to share_qk=True (docs/results.md); --mixer-kwargs gives the official
-    layer back, and other mixers get nothing they did not ask for."""
+    """`ttt train`'s TTT layers default to share_qk=True and attention / swa to conv_size=4 (docs/results.md);
+    --mixer-kwargs gives the official layer back, and other mixers get nothing they did not ask for."""
     from ttt.recipes.train import train_mixer_kwargs
 
     def kw(**given):
@@ -450,7 +450,11 @@ def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise()
 
     assert kw(mixer="ttt_linear") == {"ttt_linear": {"share_qk": True}}
     assert kw(mixer="ttt_mlp") == {"ttt_mlp": {"share_qk": True}}
-    assert kw(mixer="attention") == {}
+    assert kw(mixer="attention") == {"attention": {"conv_size": 4}}
+    assert kw(mixer="attention", mixer_kwargs='{"attention": {"conv_size": 0}}') == {
+        "attention": {"conv_size": 0}
+    }
+    assert kw(mixer="gated_deltanet") == {}
     assert kw(mixer="ttt_linear", mixer_kwargs='{"ttt_linear": {"share_qk": false}}') == {
         "ttt_linear": {"share_qk": False}
     }
@@ -459,7 +463,7 @@ def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise()
     }
     assert kw(layer_mixers="ttt_mlp,swa", mixer_kwargs='{"swa": {"window": 8}}') == {
         "ttt_mlp": {"share_qk": True},
-        "swa": {"window": 8},
+        "swa": {"conv_size": 4, "window": 8},
     }
 
 

@@ -54,8 +54,9 @@ class TrainArgs:
     the mixer does not take is refused, naming those it takes, and so is a mixer the run does not build
     (by --mixer, --layer-mixers or --match-params); docs/layers.md). A key given wins over the
     defaults of `ttt train`, which give TTT-Linear and TTT-MLP short convolutions on q and k (share_qk, as
-    the TTT paper's Mamba-backbone "(M)" models; docs/results.md); the paper's Transformer-backbone layer:
-    '{"ttt_linear": {"share_qk": false}}'"""
+    the TTT paper's Mamba-backbone "(M)" models) and attention and swa short convolutions on q, k, v
+    (conv_size 4; docs/results.md); the paper's Transformer-backbone layer: '{"ttt_linear": {"share_qk":
+    false}}', plain attention: '{"attention": {"conv_size": 0}}'"""
     match_params: str | None = "attention"
     """resize the SwiGLU width so the model has the parameter count of this mixer's model ('none': off)"""
     corpus: str = "shakespeare"
