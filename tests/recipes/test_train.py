@@ -59,6 +59,27 @@ def test_three_step_smoke_run(corpus_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
+def test_a_run_made_before_a_default_changed_resumes_as_it_was_made(corpus_dir, tmp_path, mixer, monkeypatch):
+    """`ttt train`'s mixer defaults (short convolutions) apply to new runs; a run made before one changed
+    continues with the settings it was made with (its checkpoint's config), not refused as 'another model'."""
+    import ttt.recipes.train as recipe
+    from ttt.models.checkpoint import load_model
+
+    monkeypatch.setattr(recipe, "TRAIN_MIXER_DEFAULTS", {})  # the defaults of an older version
+    train(small_args(corpus_dir, tmp_path / "old", mixer=mixer, steps=2))
+    monkeypatch.undo()
+    resumed = train(small_args(corpus_dir, tmp_path / "old", mixer=mixer, steps=4, resume=True))
+    assert resumed.step == 4
+    model, _ = load_model(tmp_path / "old")
+    assert model.config.mixer_kwargs == {}
+    # a new run gets today's defaults
+    train(small_args(corpus_dir, tmp_path / "new", mixer=mixer, steps=1))
+    assert load_model(tmp_path / "new")[0].config.mixer_kwargs == recipe.train_mixer_kwargs(
+        TrainArgs(mixer=mixer)
+    )
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
 def test_resume_continues_exactly(corpus_dir, tmp_path, mixer):
     straight = train(small_args(corpus_dir, tmp_path / "a", mixer=mixer, steps=6, ckpt_every=3))
     train(small_args(corpus_dir, tmp_path / "b", mixer=mixer, steps=6, ckpt_every=3))

@@ -218,15 +218,20 @@ def _check_args(args: TrainArgs) -> None:
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
         )
     mixer_kwargs = train_mixer_kwargs(args)  # a bad --mixer-kwargs is refused before any data is loaded
+    if not args.resume:  # a resumed run keeps its own mixer settings: checked with its config
+        _refuse_context_parallel_share_qk(args, mixer_kwargs)
+    if args.context_parallel > 1 and args.strategy == "fsdp":
+        raise ValueError(
+            "--context-parallel runs with --strategy ddp (FSDP with context parallelism is not built)"
+        )
+
+
+def _refuse_context_parallel_share_qk(args: TrainArgs, mixer_kwargs: dict[str, dict[str, Any]]) -> None:
     if args.context_parallel > 1 and any(kw.get("share_qk") for kw in mixer_kwargs.values()):
         raise ValueError(
             "--context-parallel runs the TTT layers without short convolutions only (share_qk has no "
             "context-parallel form yet): add --mixer-kwargs "
             '\'{"ttt_linear": {"share_qk": false}}\' (or "ttt_mlp")'
-        )
-    if args.context_parallel > 1 and args.strategy == "fsdp":
-        raise ValueError(
-            "--context-parallel runs with --strategy ddp (FSDP with context parallelism is not built)"
         )
 
 
@@ -448,16 +453,22 @@ def train_mixer_kwargs(args: TrainArgs) -> dict[str, dict[str, Any]]:
 
 
 def _model_config(args: TrainArgs, vocab_size: int, saved: tuple | None) -> Any:
-    """The LMConfig of ``args`` (parameter-matched), checked by building each mixer once."""
+    """The LMConfig of ``args`` (parameter-matched), checked by building each mixer once. A resumed run
+    (``saved``) keeps the mixer settings it was made with: ``ttt train``'s defaults
+    (:data:`TRAIN_MIXER_DEFAULTS`) apply to new runs, and ``--mixer-kwargs`` cannot change on resume."""
     from ttt.models import LMConfig, build_mixer
     from ttt.models.checkpoint import CheckpointError, config_diff
 
+    mixer_kwargs = train_mixer_kwargs(args)
+    if saved:
+        mixer_kwargs = LMConfig.from_dict(saved[1]["config"]).mixer_kwargs
+        _refuse_context_parallel_share_qk(args, mixer_kwargs)
     config = LMConfig.from_name(
         args.preset,
         mixer=args.mixer,
         vocab_size=vocab_size,
         layer_mixers=tuple(args.layer_mixers.split(",")) if args.layer_mixers else None,
-        mixer_kwargs=train_mixer_kwargs(args),
+        mixer_kwargs=mixer_kwargs,
     )
     for name in sorted(set(config.mixers)):  # a bad --mixer-kwargs argument fails here
         build_mixer(name, config)
