@@ -525,6 +525,11 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
     assert line.endswith("[damaged: model.safetensors truncated]"), line
     line = next(line for line in lines if str(trained / "step-000003") in line)
     assert line.endswith("[latest] [damaged: trainer.safetensors missing]"), line
+    # not a safetensors file at all (a Git LFS pointer): its "header length" is absurd, flagged all the same
+    model.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if str(trained / "step-000002") in line)
+    assert line.endswith("[damaged: model.safetensors truncated]"), line
     assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 0
     assert "checkpoints: none under" in capsys.readouterr().out
 

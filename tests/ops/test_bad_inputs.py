@@ -276,7 +276,7 @@ def test_gate_values_are_checked_except_while_a_cuda_graph_is_captured(monkeypat
     bad = torch.tensor([[[0.5, float("nan")]]])
     with pytest.raises(ValueError, match="beta must be finite"):
         _checks.check_gate("beta", bad, (1, 1, 2), torch.float32, low=0.0)
-    monkeypatch.setattr(_checks, "capturing", lambda: True)
+    monkeypatch.setattr(_checks, "capturing", lambda x: True)
     assert _checks.check_gate("beta", bad, (1, 1, 2), torch.float32, low=0.0).shape == (1, 1, 2)
     with pytest.raises(ValueError, match="must have shape"):
         _checks.check_gate("beta", bad, (1, 1, 3), torch.float32, low=0.0)

@@ -79,6 +79,16 @@ def test_a_run_made_before_a_default_changed_resumes_as_it_was_made(corpus_dir, 
     )
 
 
+def test_resume_checks_arguments_that_go_together_after_taking_the_checkpoints(corpus_dir, tmp_path):
+    """--resume takes the arguments not given from the checkpoint; checks that read several arguments
+    (--mixer-kwargs against the mixers, --warmup against --steps) must see those, not the defaults."""
+    kwargs = '{"swa": {"window": 8}}'
+    train(small_args(corpus_dir, tmp_path / "r", mixer="swa", mixer_kwargs=kwargs, steps=2))
+    # the same --mixer-kwargs given again, --mixer left out (its default is ttt_linear)
+    resumed = train(small_args(corpus_dir, tmp_path / "r", mixer_kwargs=kwargs, steps=4, resume=True))
+    assert resumed.step == 4
+
+
 @pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
 def test_resume_continues_exactly(corpus_dir, tmp_path, mixer):
     straight = train(small_args(corpus_dir, tmp_path / "a", mixer=mixer, steps=6, ckpt_every=3))

@@ -60,9 +60,6 @@ def damage(ckpt: Path, meta: dict) -> list[str]:
     """What is visibly wrong with a checkpoint, cheaply (no hashing: ``ttt eval`` and ``--resume`` check
     the sha256): an unreadable ``checkpoint.json``, a listed file missing, or a safetensors file whose size
     differs from what its own header describes (a truncated copy or an interrupted transfer)."""
-    import json
-    import struct
-
     if not meta:
         return ["checkpoint.json unreadable"]
     found = []
@@ -70,20 +67,31 @@ def damage(ckpt: Path, meta: dict) -> list[str]:
         f = ckpt / name
         if not f.is_file():
             found.append(f"{name} missing")
-            continue
-        if not name.endswith(".safetensors"):
-            continue
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            ok = f.stat().st_size == 8 + n + end
-        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
-            ok = False
-        if not ok:
-            found.append(f"{name} truncated")
+        elif name.endswith(".safetensors"):
+            size, expected = f.stat().st_size, _safetensors_size(f)
+            if expected is None or size < expected:
+                found.append(f"{name} truncated")
+            elif size > expected:
+                found.append(f"{name} longer than its header says")
     return found
+
+
+def _safetensors_size(f: Path) -> int | None:
+    """The size a safetensors file's own header gives it (8 + header + data), or None when the header
+    cannot be read: a file cut inside it, or no safetensors file at all (e.g. a Git LFS pointer)."""
+    import json
+    import struct
+
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > f.stat().st_size - 8:
+                return None
+            header = json.loads(fh.read(n))
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max((int(v["data_offsets"][1]) for v in tensors), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return None
 
 
 def run(args: LsArgs) -> int:

@@ -14,10 +14,12 @@ Per mixer:
   stepped by the fused in-place Triton decode kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
   elsewhere by the layer's own single-token form, whose result is copied into the buffers.
 * any other mixer (the family layers, KV binding): its ``step`` on the buffers, the new state copied into
-  them (``copy_``); its tensors must keep their shapes. These steps read no tensor value on the host
-  (tested for every mixer by running the step on the ``meta`` device), except the gate range checks of the
-  family ops; those skip themselves while a graph is being captured (``ttt.ops._checks.capturing``) and
-  run in the eager warm-up steps before the capture. A replayed graph checks nothing.
+  them (``copy_``); its tensors must keep their shapes. The registered mixers' steps read no tensor value
+  on the host (tested for each by running a whole-model step on the ``meta`` device), except the gate
+  range checks of the family ops; those skip themselves while a graph is being captured
+  (``ttt.ops._checks.capturing``) and run in the eager warm-up steps before the capture. So they count as
+  ``graphable``; no GPU has captured one yet. A mixer not in ``ttt.layers.MIXERS`` does not count, and a
+  replayed graph checks nothing.
 
 Every row of the batch sits at the same position (prefill unpadded prompts of one length).
 Shapes: B batch, T prompt tokens, V vocabulary.
@@ -178,9 +180,11 @@ def _others(state: Any) -> list[Any]:
 class _GenericSlot:
     """Any other mixer: ``layer.step`` on preallocated state tensors, the new state copied into them."""
 
-    graphable = True  # no host read in a step (tests/models/test_static_decode.py, on the meta device)
-
     def __init__(self, layer: nn.Module, state: Any) -> None:
+        from ttt.layers import MIXERS
+
+        # a registered mixer's step reads no value on the host (tests/models/test_static_decode.py, meta)
+        self.graphable = type(layer) in set(MIXERS.values())
         self.layer = layer
         self.state = _clone(state)
         self.tensors = _tensors(self.state)

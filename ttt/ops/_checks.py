@@ -152,11 +152,12 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a graph. A value check would end the capture
-    with an error (a host read is not allowed), so the checks on tensor values skip themselves then; the
-    eager steps before the capture (``StaticDecoder`` runs one) checked the same computation."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def capturing(x: Tensor) -> bool:
+    """Whether ``x`` is a CUDA tensor and the current CUDA stream is being captured into a graph. A value
+    check would end the capture with an error (a host read is not allowed), so the checks on tensor values
+    skip themselves then; the eager steps before the capture (``StaticDecoder`` runs them) checked the same
+    computation. A CPU tensor never asks CUDA (no driver initialised by CPU work)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # the layer that computed the gates, if any: a bad gate then names its real cause, the layer's input
@@ -199,7 +200,7 @@ def check_gate(
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if capturing():  # a CUDA graph cannot read a value on the host; its eager warm-up step checked them
+    if capturing(x):  # a CUDA graph cannot read a value on the host; its eager warm-up step checked them
         return x.to(dtype)
     bracket = "(" if low_open else "["
     interval = f"{bracket}{'-inf' if low is None else low}, {'inf' if high is None else high}]"

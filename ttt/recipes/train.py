@@ -199,14 +199,9 @@ def _check_args(args: TrainArgs) -> None:
     check_number("--lr", args.lr, above=0)
     for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
         check_number(flag, value, least=0)
-    if args.warmup >= 1 and int(args.warmup) > args.steps:  # the peak lr would never be reached
-        raise ValueError(
-            f"--warmup {args.warmup:g} steps is longer than the run (--steps {args.steps}): give at most "
-            f"{args.steps} steps, or a fraction of --steps (< 1)"
-        )
     check_number("--grad-clip", args.grad_clip, least=0, hint=" (0: off)")
-    if not 0 <= args.min_lr <= args.lr:
-        raise ValueError(f"--min-lr must lie in [0, --lr], got {args.min_lr} (--lr {args.lr})")
+    if not args.resume:  # --resume fills the arguments not given from the checkpoint: checked after that
+        _check_together(args)
     if args.resume and args.overwrite:
         raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
     if args.strategy not in ("ddp", "fsdp"):
@@ -217,13 +212,25 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
         )
-    mixer_kwargs = train_mixer_kwargs(args)  # a bad --mixer-kwargs is refused before any data is loaded
-    if not args.resume:  # a resumed run keeps its own mixer settings: checked with its config
-        _refuse_context_parallel_share_qk(args, mixer_kwargs)
     if args.context_parallel > 1 and args.strategy == "fsdp":
         raise ValueError(
             "--context-parallel runs with --strategy ddp (FSDP with context parallelism is not built)"
         )
+
+
+def _check_together(args: TrainArgs, *, resumed: bool = False) -> None:
+    """The checks that read several arguments, on the arguments of the run: a new run's as given, a resumed
+    run's once ``resume_args`` has merged them with its checkpoint's."""
+    if args.warmup >= 1 and int(args.warmup) > args.steps:  # the peak lr would never be reached
+        raise ValueError(
+            f"--warmup {args.warmup:g} steps is longer than the run (--steps {args.steps}): give at most "
+            f"{args.steps} steps, or a fraction of --steps (< 1)"
+        )
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr must lie in [0, --lr], got {args.min_lr} (--lr {args.lr})")
+    if not resumed:  # a resumed run keeps the mixer settings of its checkpoint (_model_config)
+        # a bad --mixer-kwargs is refused before any data is loaded
+        _refuse_context_parallel_share_qk(args, train_mixer_kwargs(args))
 
 
 def _refuse_context_parallel_share_qk(args: TrainArgs, mixer_kwargs: dict[str, dict[str, Any]]) -> None:
@@ -358,6 +365,7 @@ def _prepare(run: _Run) -> _Run:
         run.saved = load_checkpoint(run_dir, load_trainer=True)
         _check_resumable(run.saved[1], run.saved[2])
         run.args = args = resume_args(run.saved[1]["args"], args)
+        _check_together(args, resumed=True)
         if args.steps < run.saved[1]["step"]:
             raise ValueError(
                 f"--steps {args.steps} is below the checkpoint's step {run.saved[1]['step']}; give a larger "
@@ -459,10 +467,11 @@ def _model_config(args: TrainArgs, vocab_size: int, saved: tuple | None) -> Any:
     from ttt.models import LMConfig, build_mixer
     from ttt.models.checkpoint import CheckpointError, config_diff
 
-    mixer_kwargs = train_mixer_kwargs(args)
     if saved:
         mixer_kwargs = LMConfig.from_dict(saved[1]["config"]).mixer_kwargs
         _refuse_context_parallel_share_qk(args, mixer_kwargs)
+    else:
+        mixer_kwargs = train_mixer_kwargs(args)
     config = LMConfig.from_name(
         args.preset,
         mixer=args.mixer,
