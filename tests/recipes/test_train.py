@@ -81,7 +81,7 @@ def test_a_run_made_before_a_default_changed_resumes_as_it_was_made(corpus_dir, 
 
 def test_resume_checks_arguments_that_go_together_after_taking_the_checkpoints(corpus_dir, tmp_path):
     """--resume takes the arguments not given from the checkpoint; checks that read several arguments
-    (--mixer-kwargs against the mixers, --warmup against --steps) must see those, not the defaults."""
+    (here --mixer-kwargs against the mixers) must see those, not the defaults."""
     kwargs = '{"swa": {"window": 8}}'
     train(small_args(corpus_dir, tmp_path / "r", mixer="swa", mixer_kwargs=kwargs, steps=2))
     # the same --mixer-kwargs given again, --mixer left out (its default is ttt_linear)

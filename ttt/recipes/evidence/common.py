@@ -180,8 +180,8 @@ def run_experiment(
     write_outputs(
         out,
         name,
-        markdown=f"{md}\nCommand (last invocation): `{command.strip()}`\n",
-        payload={"command": command.strip(), "summary": summary, "records": [_report(r) for r in records]},
+        markdown=f"{md}\nCommand (last invocation): `{command}`\n",
+        payload={"command": command, "summary": summary, "records": [_report(r) for r in records]},
         plots=plots,
     )
     print(md)

@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_outputs(
         out,
         NAME,
-        markdown=md + f"\nCommand (last invocation): `{command.strip()}`\n",
-        payload={"command": command.strip(), "summary": records},
+        markdown=md + f"\nCommand (last invocation): `{command}`\n",
+        payload={"command": command, "summary": records},
         plots=plots,
     )
     print(md)

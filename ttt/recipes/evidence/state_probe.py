@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
                               xlabel="token position", ylabel="||W - W0||_F", title="Fast-weight drift"),
     }  # fmt: skip
     command = command_line(NAME, argv)
-    write_outputs(out, NAME, markdown=md + f"\nCommand: `{command.strip()}`\n",
-                  payload={"command": command.strip(), "checkpoint": label, "context": context, "band": band,
+    write_outputs(out, NAME, markdown=md + f"\nCommand: `{command}`\n",
+                  payload={"command": command, "checkpoint": label, "context": context, "band": band,
                            "windows": n, "probes": results}, plots=plots)  # fmt: skip
     print(md)
     return results
