@@ -42,6 +42,7 @@ from .config import LMConfig
 
 __all__ = [
     "CheckpointError",
+    "Interrupted",
     "RunLocked",
     "check_out_dir",
     "checkpoint_tokenizer",
@@ -72,6 +73,14 @@ class CheckpointError(RuntimeError):
 
 class RunLocked(CheckpointError):
     """Another live process trains in this run directory."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The ``KeyboardInterrupt`` this library's signal handlers raise (a SIGTERM or Ctrl-C while a run is
+    locked or trained). A subclass on purpose: when exactly ``KeyboardInterrupt`` leaves code run by
+    ``exec`` of a string (dataclasses and many libraries build functions that way), CPython marks the
+    process to end by SIGINT even after a caller has caught it, so ``python -m ttt.cli.main`` ended by
+    SIGINT instead of exiting with 130."""
 
 
 # what a checkpoint.json may describe: a sanity bound per size, far above every preset, so that an edited
@@ -291,13 +300,13 @@ def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
     gone) is stale and taken over. A run directory created here and still empty at the end is removed.
 
     The file never outlives the block: in the main thread, a SIGTERM whose action is the default (end
-    the process where it stands) raises ``KeyboardInterrupt`` while the lock is held, as Ctrl-C does, so
-    the block's exit removes the file; and SIGINT / SIGTERM arriving while the lock is taken or given
+    the process where it stands) raises :class:`Interrupted` while the lock is held, and so does Ctrl-C,
+    so the block's exit removes the file; and SIGINT / SIGTERM arriving while the lock is taken or given
     back wait until that is done.
     """
     run = Path(run_dir)
     path, fd, created = run / LOCK_NAME, None, False
-    with _sigterm_raises():
+    with _signals_raise():
         try:
             with _signals_deferred():
                 created = not run.exists()
@@ -323,23 +332,29 @@ def _in_main_thread() -> bool:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """In the block, a SIGTERM left at its default action raises ``KeyboardInterrupt`` instead (a handler
-    installed inside the block, like ``ttt train``'s, takes over until it restores this one)."""
+def _signals_raise() -> Iterator[None]:
+    """In the block, a SIGTERM left at its default action and a SIGINT left at Python's raise
+    :class:`Interrupted` (a handler installed inside the block, like ``ttt train``'s, takes over until it
+    restores these)."""
     import signal
 
-    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if not _in_main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Interrupted
 
-    signal.signal(signal.SIGTERM, interrupt)
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    previous = {s: signal.getsignal(s) for s in defaults}
+    ours = [s for s, handler in previous.items() if handler is defaults[s]]
+    for s in ours:
+        signal.signal(s, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in ours:
+            signal.signal(s, previous[s])
 
 
 @contextmanager

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ttt.models.checkpoint import Interrupted
+
 from .args import TrainArgs
 from .common import (
     Dist,
@@ -258,8 +260,8 @@ def _check_splits(data: Any, corpus: Any, context: int) -> None:
 class _StopOnInterrupt:
     """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch
     scheduler's end of job) only sets ``requested``: the loop finishes its step, saves a checkpoint and
-    stops. A second one raises KeyboardInterrupt at once. Only in the main thread (signals are
-    delivered there)."""
+    stops. A second one raises :class:`~ttt.models.checkpoint.Interrupted` at once. Only in the main
+    thread (signals are delivered there)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -271,7 +273,7 @@ class _StopOnInterrupt:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise Interrupted
         self.requested = True
         name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
@@ -706,7 +708,7 @@ def _interrupted(run: _Run) -> None:
     if run.dist.main:
         print(f"interrupted: step {run.step} is saved in {run.run_dir}; continue it with --resume",
               file=sys.stderr, flush=True)  # fmt: skip
-    raise KeyboardInterrupt
+    raise Interrupted
 
 
 def _finish(run: _Run) -> TrainResult:
