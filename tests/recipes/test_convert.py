@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,8 +133,18 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
     from ttt.models.checkpoint import load_model
 
     again, meta = load_model(tmp_path / "run" / "hf")
-    assert meta["tokenizer"]["kind"] == "bpe" and meta["step"] == 0
+    assert meta["tokenizer"]["kind"] == "bpe" and "step" not in meta
     torch.testing.assert_close(again(ids)[0], model(ids).logits, atol=1e-5, rtol=1e-5)
+    # a HF directory records no training step: its evaluation was named and described "step 0"
+    from ttt.recipes.args import EvalArgs
+    from ttt.recipes.eval import evaluate_checkpoint
+
+    (tmp_path / "held.txt").write_text("the cat sat on the mat. " * 20)
+    result = evaluate_checkpoint(EvalArgs(checkpoint=str(tmp_path / "run" / "hf"), context=16,
+                                          file=str(tmp_path / "held.txt"), out=str(tmp_path / "ev")))  # fmt: skip
+    assert result.step is None and Path(result.out).name.startswith("eval-hf-file-")
+    report = next((tmp_path / "ev").glob("loss_by_position-hf-*.md")).read_text()
+    assert "(HF model directory)" in report and "step" not in report
 
 
 def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def run(args: EvalArgs) -> int:
         raise ValueError("--checkpoint is required")
     r = evaluate_checkpoint(args)
     scored = f"the whole of {r.file} ({r.files} text files)" if r.file else f"validation split of {r.corpus}"
-    print(f"checkpoint {r.checkpoint} (step {r.step}), {scored}")
+    print(f"checkpoint {r.checkpoint} ({r.what}), {scored}")
     if r.skipped:
         shown = ", ".join(r.skipped[:5]) + (f" and {len(r.skipped) - 5} more" if len(r.skipped) > 5 else "")
         print(f"skipped {len(r.skipped)} files that are not UTF-8 text: {shown}", file=sys.stderr)

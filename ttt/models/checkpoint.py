@@ -648,7 +648,8 @@ def _is_hf_dir(p: Path) -> bool:
 
 def _load_hf_dir(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(model_state, meta)`` of a HF ``ttt_lm`` directory, in the shape :func:`load_checkpoint` returns:
-    the LMConfig fields of ``config.json``, the tokenizer of ``tokenizer.json`` (if any), step 0."""
+    the LMConfig fields of ``config.json`` and the tokenizer of ``tokenizer.json`` (if any); no ``step``:
+    the directory records none."""
     import dataclasses
 
     from safetensors.torch import load_file
@@ -656,7 +657,7 @@ def _load_hf_dir(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     hf = json.loads((p / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(LMConfig)}
     config = LMConfig.from_dict({k: v for k, v in hf.items() if k in fields})
-    meta: dict[str, Any] = {"step": 0, "config": config.to_dict()}
+    meta: dict[str, Any] = {"config": config.to_dict()}
     if (p / "tokenizer.json").is_file():
         meta["tokenizer"] = {"kind": "bpe", "json": (p / "tokenizer.json").read_text()}
     state: dict[str, Tensor] = {}

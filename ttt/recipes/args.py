@@ -150,7 +150,8 @@ class EvalArgs:
     out: str | None = None
     """directory for eval-step-N.json and loss_by_position-step-N.md/.png, named by the checkpoint's
     step (and with --file by the file's name: eval-step-N-file-NAME.json; with another --corpus or
-    --context than the checkpoint's by them: ...-corpus-NAME, ...-context-N) so evaluations do not
+    --context than the checkpoint's by them: ...-corpus-NAME, ...-context-N; a HF directory by ``hf``
+    in place of step-N) so evaluations do not
     overwrite each other (default: the run directory of the checkpoint, or the checkpoint directory itself
     when it is not in a run directory; nothing is written elsewhere)"""
     device: str = "auto"

@@ -76,8 +76,8 @@ class EvalResult:
     """(first position, last position, mean loss) per position bin"""
     checkpoint: str = ""
     """the checkpoint directory evaluated"""
-    step: int = 0
-    """its training step"""
+    step: int | None = None
+    """its training step (None: a HF model directory, which records none)"""
     corpus: str = ""
     """the corpus whose validation split was scored (empty when a file was)"""
     file: str = ""
@@ -96,6 +96,11 @@ class EvalResult:
     """the JSON file the result was written to"""
     plot: str = ""
     """the loss-by-position plot written (empty: not written, matplotlib is missing)"""
+
+    @property
+    def what(self) -> str:
+        """``step N``, or ``HF model directory`` for one (it records no step)."""
+        return "HF model directory" if self.step is None else f"step {self.step}"
 
 
 @dataclass
@@ -215,7 +220,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     edges = torch.linspace(0, context, min(args.bins, context) + 1).round().long().tolist()
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
 
-    step = int(meta.get("step", 0))
+    step = int(meta["step"]) if "step" in meta else None
     stem = _stem(args, step, corpus_name, context_asked, train_args)
     result = EvalResult(
         loss,
@@ -239,10 +244,11 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     return result
 
 
-def _stem(args: EvalArgs, step: int, corpus: str, context: int, train_args: dict) -> str:
-    """The results' name: the step, then what differs from the checkpoint's own evaluation (a file, another
-    corpus, another context), so evaluating the same checkpoint otherwise never replaces earlier results."""
-    stem = f"step-{step:06d}"
+def _stem(args: EvalArgs, step: int | None, corpus: str, context: int, train_args: dict) -> str:
+    """The results' name: the step (``hf`` for a HF model directory), then what differs from the
+    checkpoint's own evaluation (a file, another corpus, another context), so evaluating the same
+    checkpoint otherwise never replaces earlier results."""
+    stem = "hf" if step is None else f"step-{step:06d}"
     if args.file:
         stem += f"-file-{_file_slug(args.file)}"
     elif corpus != train_args.get("corpus", "shakespeare"):
@@ -279,7 +285,7 @@ def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: T
     table = format_table(["positions", "loss (nats/token)", "bits/byte"], rows)
     write_text_atomic(
         out / f"loss_by_position-{stem}.md",
-        f"# Loss by token position\n\ncheckpoint: {result.checkpoint} (step {result.step})\n\nscored: "
+        f"# Loss by token position\n\ncheckpoint: {result.checkpoint} ({result.what})\n\nscored: "
         f"{label}\n\nloss {result.loss:.4f} nats/token, {result.bits_per_byte:.4f} bits/byte, "
         f"{result.windows} windows of up to {result.context} tokens\n\n{table}\n",
     )
@@ -289,7 +295,7 @@ def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: T
         {mixer: (list(range(1, result.context + 1)), by_pos.tolist())},
         xlabel="token position",
         ylabel="loss (nats/token)",
-        title=f"Loss by position (step {result.step})",
+        title=f"Loss by position ({result.what})",
         logx=True,
     )
     result.plot = str(png) if plotted else ""
