@@ -132,6 +132,8 @@ def test_specs_mean_the_layer_defaults_not_ttt_trains(tmp_path, mixer):
 
     plain = train_args(RunSpec("x", mixer), Scale(), 1e-3, 0, tmp_path)
     assert train_mixer_kwargs(plain)[mixer]["share_qk"] is False
+    # and the model is sized to the plain attention layer, as every cached run was
+    assert train_mixer_kwargs(plain)["attention"] == {"conv_size": 0}
     conv = train_args(
         RunSpec("y", mixer, {"share_qk": True, "mini_batch_size": 4}), Scale(), 1e-3, 0, tmp_path
     )

@@ -274,7 +274,8 @@ def test_mixer_kwargs_reach_the_model_and_its_checkpoint(corpus_dir, tmp_path):
     kwargs = '{"ttt_linear": {"share_qk": true}}'
     train(small_args(corpus_dir, tmp_path / "m", mixer_kwargs=kwargs))
     model, _ = load_model(tmp_path / "m")
-    assert model.config.mixer_kwargs == {"ttt_linear": {"share_qk": True}}
+    # and the --match-params reference's (ttt train's defaults for it), which sized the model
+    assert model.config.mixer_kwargs == {"ttt_linear": {"share_qk": True}, "attention": {"conv_size": 4}}
     assert all(block.mixer.share_qk for block in model.blocks)
     for bad, match in [
         ("{share_qk}", "must be JSON"),
@@ -477,8 +478,13 @@ def test_train_builds_ttt_layers_with_short_convolutions_unless_told_otherwise()
     from ttt.recipes.train import train_mixer_kwargs
 
     def kw(**given):
-        return train_mixer_kwargs(TrainArgs(**given))
+        return train_mixer_kwargs(TrainArgs(**{"match_params": "none", **given}))
 
+    # the --match-params reference (attention by default) gets its defaults too: it sizes the model
+    assert kw(mixer="ttt_linear", match_params="attention") == {
+        "ttt_linear": {"share_qk": True},
+        "attention": {"conv_size": 4},
+    }
     assert kw(mixer="ttt_linear") == {"ttt_linear": {"share_qk": True}}
     assert kw(mixer="ttt_mlp") == {"ttt_mlp": {"share_qk": True}}
     assert kw(mixer="attention") == {"attention": {"conv_size": 4}}
@@ -554,3 +560,19 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(corpus_di
     train(small_args(corpus_dir, run, steps=1))
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert lines and all('"kind"' in line for line in lines) and '{"kind": "tra' not in lines
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "gated_deltanet", "mamba2"])
+def test_match_params_sizes_to_the_reference_model_ttt_train_builds(mixer):
+    """`--match-params attention` sized the model to plain attention, while `ttt train --mixer attention`
+    builds attention with short convolutions: 0.7% more parameters than the models matched to it (tiny)."""
+    from ttt.recipes.train import _model_config
+
+    attention = _model_config(TrainArgs(mixer="attention"), 256, None)
+    config = _model_config(TrainArgs(mixer=mixer), 256, None)
+    assert attention.mixer_kwargs["attention"]["conv_size"] == 4
+    slack = 3 * config.dim * config.n_layers * 8 // 2  # half a rounding step of the SwiGLU width
+    assert abs(config.num_params() - attention.num_params()) <= slack, (
+        config.num_params(),
+        attention.num_params(),
+    )

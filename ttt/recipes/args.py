@@ -58,7 +58,8 @@ class TrainArgs:
     (conv_size 4; docs/results.md); the paper's Transformer-backbone layer: '{"ttt_linear": {"share_qk":
     false}}', plain attention: '{"attention": {"conv_size": 0}}'"""
     match_params: str | None = "attention"
-    """resize the SwiGLU width so the model has the parameter count of this mixer's model ('none': off)"""
+    """resize the SwiGLU width so the model has the parameter count of the model `ttt train --mixer REF`
+    builds (with its defaults and any --mixer-kwargs given for REF; 'none': off)"""
     corpus: str = "shakespeare"
     """corpus name (shakespeare, python-stdlib) or path to a text file / directory"""
     tokenizer: str = "bytes"

@@ -444,8 +444,9 @@ TRAIN_MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def train_mixer_kwargs(args: TrainArgs) -> dict[str, dict[str, Any]]:
-    """``--mixer-kwargs`` over :data:`TRAIN_MIXER_DEFAULTS`, for the mixers this run builds (a given key
-    wins over its default)."""
+    """``--mixer-kwargs`` over :data:`TRAIN_MIXER_DEFAULTS`, for the mixers this run builds and the
+    ``--match-params`` reference (a given key wins over its default): the model is sized to the reference
+    model ``ttt train --mixer REF`` would build, and the checkpoint's config records what that was."""
     given = parse_mixer_kwargs(args.mixer_kwargs)
     used = set(args.layer_mixers.split(",")) if args.layer_mixers else {args.mixer}
     reference = {args.match_params} if args.match_params and args.match_params.lower() != "none" else set()
@@ -456,7 +457,7 @@ def train_mixer_kwargs(args: TrainArgs) -> dict[str, dict[str, Any]]:
             + (f"; --match-params {args.match_params}" if reference else "")
             + ")"
         )
-    merged = {name: dict(kw) for name, kw in TRAIN_MIXER_DEFAULTS.items() if name in used}
+    merged = {name: dict(kw) for name, kw in TRAIN_MIXER_DEFAULTS.items() if name in used | reference}
     for name, kw in given.items():
         merged.setdefault(name, {}).update(kw)
     return merged

@@ -302,24 +302,29 @@ def _train_and_score(
 def train_args(spec: RunSpec, scale: Scale, lr: float, seed: int, run_dir: Path) -> TrainArgs:
     """The ``ttt train`` arguments of one run. A spec names the layer's own constructor defaults: the
     mixer settings ``ttt train`` adds by default (``TRAIN_MIXER_DEFAULTS``, e.g. TTT's short convolutions)
-    are pinned back to the layer's values unless the spec sets them, so a label keeps its meaning when
-    ``ttt train``'s defaults change."""
+    are pinned back to the layer's values unless the spec sets them, and so are the parameter-matching
+    reference's, so a label (and the size it is matched to) keeps its meaning when ``ttt train``'s
+    defaults change."""
     import inspect
 
     from ttt.layers import mixer_parameters
     from ttt.recipes.train import TRAIN_MIXER_DEFAULTS
 
-    def layer_default(name: str) -> Any:  # the default of the most derived __init__ that declares ``name``
-        param = mixer_parameters(spec.mixer).get(name)
-        if param is None or param.default is inspect.Parameter.empty:
-            raise ValueError(f"{spec.mixer} has no default for {name!r}")
-        return param.default
+    def layer_defaults(mixer: str) -> dict[str, Any]:  # of the most derived __init__ declaring each name
+        params = mixer_parameters(mixer)
+        for name in TRAIN_MIXER_DEFAULTS.get(mixer, {}):
+            if name not in params or params[name].default is inspect.Parameter.empty:
+                raise ValueError(f"{mixer} has no default for {name!r}")
+        return {name: params[name].default for name in TRAIN_MIXER_DEFAULTS.get(mixer, {})}
 
-    pinned = {k: layer_default(k) for k in TRAIN_MIXER_DEFAULTS.get(spec.mixer, {})}
-    kwargs = {**pinned, **spec.mixer_kwargs}
+    kwargs = {**layer_defaults(spec.mixer), **spec.mixer_kwargs}
+    mixer_kwargs = {spec.mixer: kwargs} if kwargs else {}
+    reference = scale.match_params
+    if reference and reference.lower() != "none" and reference != spec.mixer and layer_defaults(reference):
+        mixer_kwargs[reference] = layer_defaults(reference)
     margs = dict(mixer=spec.mixer, preset=scale.preset, corpus=scale.corpus, match_params=scale.match_params)
     return TrainArgs(**margs,
-                     mixer_kwargs=json.dumps({spec.mixer: kwargs}) if kwargs else None,
+                     mixer_kwargs=json.dumps(mixer_kwargs) if mixer_kwargs else None,
                      steps=scale.steps, batch_size=scale.batch_size, context=scale.context, lr=lr, seed=seed,
                      eval_every=0, ckpt_every=0, out=str(run_dir), overwrite=True, progress=False, plot=False,
                      threads=scale.threads)  # fmt: skip
