@@ -878,3 +878,27 @@ def test_help_shows_every_default_the_same_way():
                 expected = "(default: on)" if action.default else "(default: off)"
                 assert action.help.endswith(expected), (name, action.option_strings, action.help)
             assert not re.search(r"\(default [^:]", action.help or ""), (name, action.option_strings)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--max-batches", "1"],
+        ["generate", "--prompt", "ab", "--max-new-tokens", "2"],
+        ["bench", "--mixers", "ttt_linear", "--lengths", "16", "--repeats", "1"],
+    ],
+)
+def test_every_command_runs_on_one_cpu_thread_by_default(trained, tmp_path, argv, capsys):
+    """eval, generate and bench ran on torch's default (every core) while train ran on one: a stranger's
+    `ttt generate` on the shared 2-core machine gave 4-16 tokens/s, 222 with --threads 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        where = [] if argv[0] == "bench" else ["--checkpoint", str(trained)]
+        out = [] if argv[0] == "generate" else ["--out", str(tmp_path / "out")]
+        assert main([argv[0], *where, *argv[1:], *out]) == 0, capsys.readouterr().err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

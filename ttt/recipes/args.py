@@ -104,7 +104,7 @@ class TrainArgs:
     """'float32', or 'bfloat16': torch.autocast mixed precision (matmuls in bfloat16, TTT inner loops in
     float32); saves time and memory on CUDA; accepted on CPU (CPU autocast) but usually slower there"""
     threads: int | None = None
-    """torch CPU threads (default: 1 on a CPU, which stays fast when the cores are shared; more can help a
+    """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; more can help a
     larger preset on idle cores: see docs/cli.md)"""
     progress: bool = True
     """show a progress bar when stderr is a terminal (else a log line every --log-every steps)"""
@@ -158,7 +158,7 @@ class EvalArgs:
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice)"""
+    """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; docs/cli.md)"""
 
 
 @dataclass
@@ -195,7 +195,7 @@ class GenerateArgs:
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice)"""
+    """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; docs/cli.md)"""
 
 
 @dataclass
@@ -220,7 +220,7 @@ class BenchArgs:
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice)"""
+    """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; docs/cli.md)"""
 
 
 @dataclass

@@ -96,8 +96,8 @@ def bench(args: BenchArgs) -> list[BenchRow]:
     from ttt.models.checkpoint import check_out_dir, refuse_links
 
     refuse_links(check_out_dir(args.out, expected="a directory"), BENCH_OUTPUTS)
-    set_threads(args.threads)
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown or not mixers:

@@ -72,11 +72,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None, device: torch.device | None = None) -> None:
+    """Set torch's CPU threads: ``threads``, else 1 when the work runs on a CPU (``device`` None or a CPU);
+    on a GPU torch's own choice stands.
+
+    Every command's default: on this project's shared 2-core machine two threads ran the tiny models 8-17x
+    slower than one (docs/cli.md, "Threads"); pass more for a larger model on cores of its own."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    elif device is None or device.type == "cpu":
+        torch.set_num_threads(1)
 
 
 @dataclass

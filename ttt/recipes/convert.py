@@ -114,7 +114,7 @@ class ConvertArgs:
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice)"""
+    """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; docs/cli.md)"""
     progress: bool = True
     """show progress bars (only on a terminal)"""
     from_scratch: bool = False
@@ -457,8 +457,8 @@ class _Conversion:
 
         _check_args(args)
         check_out_dir(args.out)
-        set_threads(args.threads)
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
+        set_threads(args.threads, self.device)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
         check_mixer_name(args.mixer)
         self.saved = _check_resume(args, self.run)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import set_threads
 from .loop import TrainLoop, cosine_lr
 
 __all__ = ["DigitsArgs", "DigitsResult", "train_digits"]
@@ -39,6 +40,8 @@ class DigitsArgs:
     """use only this many training images (smoke tests)"""
     seed: int = 0
     """seed"""
+    threads: int | None = None
+    """torch CPU threads (default: 1, the fast choice when cores are shared; docs/cli.md)"""
 
 
 @dataclass
@@ -54,6 +57,7 @@ def train_digits(args: DigitsArgs) -> DigitsResult:
     from ttt.data import load_digits
     from ttt.models.encoder import EncoderClassifier, EncoderConfig
 
+    set_threads(args.threads)
     x_tr, y_tr, x_te, y_te = load_digits(seed=args.seed)
     if args.limit is not None:
         x_tr, y_tr = x_tr[: args.limit], y_tr[: args.limit]

@@ -186,8 +186,8 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     _check(args)
     if args.out is not None:
         check_out_dir(args.out, expected="a directory")
-    set_threads(args.threads)
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     ckpt = find_checkpoint(args.checkpoint)
     out = _out_dir(args, ckpt)
     model, meta = load_model(ckpt, device=device)

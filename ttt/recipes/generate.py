@@ -81,8 +81,8 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     from ttt.models.checkpoint import checkpoint_tokenizer, load_model
 
     out = out or sys.stdout
-    set_threads(args.threads)
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     # not a < 0 test: NaN must fail too

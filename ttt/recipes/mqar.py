@@ -82,7 +82,7 @@ class MQARArgs:
     seed: int = 0
     """seed of the data and of the initialisation"""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice)"""
+    """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; docs/cli.md)"""
     out: str | None = None
     """directory for mqar.md and mqar.json"""
     progress: bool = True

@@ -321,9 +321,7 @@ def train(args: TrainArgs) -> TrainResult:
 
 def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
     device = resolve_device(args.device)
-    # one thread on a CPU unless asked: measured on a 2-core machine shared with other work, 2 threads ran
-    # the tiny preset 8-15x slower than 1 (docs/cli.md, "Threads")
-    set_threads(args.threads if args.threads is not None or device.type != "cpu" else 1)
+    set_threads(args.threads, device)
     if args.context_parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) % args.context_parallel:
         raise ValueError(
             f"--context-parallel {args.context_parallel} splits each sequence over that many processes: "
