@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from ttt.recipes.args import add_subcommand, dataclass_from_namespace
+from ttt.recipes.args import Parser, add_subcommand, dataclass_from_namespace
 
 from . import bench, convert, eval, generate, ls, train
 
@@ -42,8 +42,8 @@ def version() -> str:
         return getattr(ttt, "__version__", "unknown")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="ttt",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ttt`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import re
 import textwrap
@@ -27,6 +28,7 @@ __all__ = [
     "EvalArgs",
     "GenerateArgs",
     "LsArgs",
+    "Parser",
     "TrainArgs",
     "add_dataclass_args",
     "add_subcommand",
@@ -346,6 +348,27 @@ def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with errors in one line, as every other error of ``ttt``: ``PROG: error: MESSAGE;
+    `PROG -h` lists the options`` and exit code 2 (the usage block it printed first hid the message). An
+    unknown option gets the nearest known one as a hint; :meth:`parse` blames a subcommand's unknown
+    options on that subcommand, not on ``ttt``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} -h` lists the options\n")
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """``parse_args``, with unknown options reported by the (sub)command that was given them."""
+        ns, extra = self.parse_known_args(argv)
+        if extra:
+            owner = getattr(ns, "_parser", None) or self
+            known = [s for a in owner._actions for s in a.option_strings if s.startswith("--")]
+            hints = [m for x in extra if x.startswith("--") for m in difflib.get_close_matches(x, known, 1)]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            owner.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+        return ns
+
+
 def _parser_options(description: str | None, epilog: str | None) -> dict[str, Any]:
     """What every parser of ``ttt`` shares: plain description and epilog, laid out as written."""
     return {
@@ -366,7 +389,7 @@ def dataclass_parser(
     """A whole parser for a recipe run on its own (``python -m ttt.recipes.mqar``): ``description``
     (e.g. the module docstring) and ``epilog`` without markup, one option per field of ``cls``; ``kw`` as
     :func:`add_dataclass_args`."""
-    parser = argparse.ArgumentParser(prog=prog, **_parser_options(description, epilog))
+    parser = Parser(prog=prog, **_parser_options(description, epilog))
     add_dataclass_args(parser, cls, **kw)
     return parser
 
@@ -384,6 +407,7 @@ def add_subcommand(
     """A ``ttt <name>`` subcommand built like :func:`dataclass_parser`: one option per field of ``cls``
     (none when ``cls`` is None); ``help`` is its line in ``ttt -h``; ``kw`` as :func:`add_dataclass_args`."""
     parser = subparsers.add_parser(name, help=plain(help), **_parser_options(description, epilog))
+    parser.set_defaults(_parser=parser)  # so that Parser.parse blames its unknown options on it
     if cls is not None:
         add_dataclass_args(parser, cls, **kw)
     return parser
@@ -395,4 +419,4 @@ def parse_dataclass(
     """Parse ``argv`` (default ``sys.argv[1:]``) into a ``cls`` instance; ``kw`` as
     :func:`dataclass_parser`."""
     parser = dataclass_parser(cls, description, **kw)
-    return dataclass_from_namespace(cls, parser.parse_args(argv))
+    return dataclass_from_namespace(cls, parser.parse(argv))

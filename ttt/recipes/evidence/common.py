@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ttt.models.checkpoint import write_text_atomic
-from ttt.recipes.args import TrainArgs
+from ttt.recipes.args import Parser, TrainArgs
 from ttt.recipes.common import format_table, save_plot
 
 from .cache import RunBusy, read_cache, run_once
@@ -75,7 +75,7 @@ class Scale:
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """The options every evidence recipe has (its own are added by the caller)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out",
         default=None,

@@ -36,6 +36,7 @@ import torch
 
 from ttt.layers import MIXERS as ALL_MIXERS
 from ttt.models.checkpoint import write_text_atomic
+from ttt.recipes.args import Parser
 from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
 from .cache import RunBusy, read_cache, run_once
@@ -130,7 +131,7 @@ def run_one(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out", default=None, help=f"results directory (default: benchmarks/results/evidence/{NAME})"
     )

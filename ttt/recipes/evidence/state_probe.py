@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ttt.recipes.args import Parser
+
 from .common import command_line, table, write_outputs
 
 __all__ = ["main", "probe"]
@@ -108,7 +110,7 @@ def _band_means(values: list[float], width: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="run or checkpoint directory of a TTT model")
     p.add_argument("--context", type=int, default=1024, help="window length (default 1024)")
     p.add_argument("--windows", type=int, default=64, help="validation windows (default 64)")
