@@ -498,7 +498,7 @@ def test_bench_writes_under_runs_by_default_says_where_and_names_the_plot_extra(
     assert "pip install 'ttt[plot]'" in err and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
-def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
+def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys, monkeypatch):
     from ttt.cli.ls import human_bytes
 
     assert [human_bytes(n) for n in (0, 1023, 1024, 1536, 1000 * 1024, 5 * 2**30)] == [
@@ -514,7 +514,7 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
             and f"(model {human_bytes((ckpt / 'model.safetensors').stat().st_size)})" in line
         )
         assert line.endswith("[latest]") == (step == "step-000003")
-    assert "in 2 checkpoints" in out and "tiny" in out and "886K params" in out
+    assert "in 2 checkpoints" in out and "tiny" in out and "892K params" in out
     # a damaged checkpoint is flagged (its tensor files are checked against their own headers, not hashed)
     model = trained / "step-000002" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:-100])
@@ -530,8 +530,12 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys):
     assert main(["ls", "--runs", str(tmp_path)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if str(trained / "step-000002") in line)
     assert line.endswith("[damaged: model.safetensors truncated]"), line
-    assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 0
-    assert "checkpoints: none under" in capsys.readouterr().out
+    # a --runs that does not exist (a typo) looked like an empty runs directory; the default may be missing
+    assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 1
+    assert f"--runs {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["ls"]) == 0
+    assert "checkpoints: none under runs" in capsys.readouterr().out
 
 
 def test_hostile_or_broken_checkpoints_give_one_line_errors(trained, tmp_path, capsys):

@@ -104,12 +104,17 @@ def run(args: LsArgs) -> int:
     root = Path(args.runs)
     if root.exists() and not root.is_dir():
         raise ValueError(f"--runs {root} is a file; expected a directory of run directories")
+    if not root.exists() and args.runs != LsArgs.runs:  # a typo'd path, not the default before any run
+        raise ValueError(f"--runs {root} does not exist; expected a directory of run directories")
     print("mixers:  " + ", ".join(sorted(MIXERS)))
     print("presets (parameters: the attention model on bytes; ttt train sizes every mixer's model to it):")
+    from ttt.recipes.train import TRAIN_MIXER_DEFAULTS
+
+    kwargs = {"attention": TRAIN_MIXER_DEFAULTS.get("attention", {})}  # as ttt train builds it
     with torch.device("meta"):  # counts parameters without allocating them
-        counts = {
-            name: LMConfig.from_name(name, mixer="attention", vocab_size=256).num_params() for name in PRESETS
-        }
+        configs = {name: LMConfig.from_name(name, mixer="attention", vocab_size=256, mixer_kwargs=kwargs)
+                   for name in PRESETS}  # fmt: skip
+        counts = {name: config.num_params() for name, config in configs.items()}
     for name, p in PRESETS.items():
         print(
             f"  {name:6} {human_count(counts[name]):>6} params  dim {p['dim']:5}  layers {p['n_layers']:3}"
