@@ -104,7 +104,7 @@ def run(args: LsArgs) -> int:
     root = Path(args.runs)
     if root.exists() and not root.is_dir():
         raise ValueError(f"--runs {root} is a file; expected a directory of run directories")
-    if not root.exists() and args.runs != LsArgs.runs:  # a typo'd path, not the default before any run
+    if not root.exists() and root != Path(LsArgs.runs):  # a typo'd path, not the default before any run
         raise ValueError(f"--runs {root} does not exist; expected a directory of run directories")
     print("mixers:  " + ", ".join(sorted(MIXERS)))
     print("presets (parameters: the attention model on bytes; ttt train sizes every mixer's model to it):")

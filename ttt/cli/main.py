@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from ttt._interrupt import in_main_thread, sigint_raises_interrupted
 from ttt.recipes.args import Parser, add_subcommand, dataclass_from_namespace
 
 from . import bench, convert, eval, generate, ls, train
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("TTT_DEBUG", "") not in ("", "0")
+    if argv is None:  # the process's own command line: Ctrl-C must end it with 130 wherever it lands
+        sigint_raises_interrupted()
     try:
         module = args._command
         code = int(module.run(dataclass_from_namespace(module.ARGS, args)) or 0)
@@ -101,9 +104,8 @@ def _ignore_further_interrupts() -> None:
     and replayed, or a second one) must not raise again after the exit code is chosen: Python would then
     end the process by SIGINT instead of 130."""
     import signal
-    import threading
 
-    if threading.current_thread() is threading.main_thread():
+    if in_main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
 

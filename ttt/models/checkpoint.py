@@ -38,11 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ttt._interrupt import in_main_thread, plain_interrupt, raise_interrupted
+
 from .config import LMConfig
 
 __all__ = [
     "CheckpointError",
-    "Interrupted",
     "RunLocked",
     "check_out_dir",
     "checkpoint_tokenizer",
@@ -73,14 +74,6 @@ class CheckpointError(RuntimeError):
 
 class RunLocked(CheckpointError):
     """Another live process trains in this run directory."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """The ``KeyboardInterrupt`` this library's signal handlers raise (a SIGTERM or Ctrl-C while a run is
-    locked or trained). A subclass on purpose: when exactly ``KeyboardInterrupt`` leaves code run by
-    ``exec`` of a string (dataclasses and many libraries build functions that way), CPython marks the
-    process to end by SIGINT even after a caller has caught it, so ``python -m ttt.cli.main`` ended by
-    SIGINT instead of exiting with 130."""
 
 
 # what a checkpoint.json may describe: a sanity bound per size, far above every preset, so that an edited
@@ -300,13 +293,14 @@ def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
     gone) is stale and taken over. A run directory created here and still empty at the end is removed.
 
     The file never outlives the block: in the main thread, a SIGTERM whose action is the default (end
-    the process where it stands) raises :class:`Interrupted` while the lock is held, and so does Ctrl-C,
-    so the block's exit removes the file; and SIGINT / SIGTERM arriving while the lock is taken or given
-    back wait until that is done.
+    the process where it stands) raises ``KeyboardInterrupt`` while the lock is held, as Ctrl-C does,
+    so the block's exit removes the file (inside, both raise :class:`ttt._interrupt.Interrupted`, which
+    leaves the block as plain ``KeyboardInterrupt``); and SIGINT / SIGTERM arriving while the lock is
+    taken or given back wait until that is done.
     """
     run = Path(run_dir)
     path, fd, created = run / LOCK_NAME, None, False
-    with _signals_raise():
+    with plain_interrupt(), _signals_raise():
         try:
             with _signals_deferred():
                 created = not run.exists()
@@ -325,31 +319,21 @@ def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
                         pass  # not empty: the run wrote something
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 @contextmanager
 def _signals_raise() -> Iterator[None]:
     """In the block, a SIGTERM left at its default action and a SIGINT left at Python's raise
-    :class:`Interrupted` (a handler installed inside the block, like ``ttt train``'s, takes over until it
-    restores these)."""
+    :class:`~ttt._interrupt.Interrupted` (a handler installed inside the block, like ``ttt train``'s, takes
+    over until it restores these)."""
     import signal
 
-    if not _in_main_thread():
+    if not in_main_thread():
         yield
         return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted
-
     defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
     previous = {s: signal.getsignal(s) for s in defaults}
     ours = [s for s, handler in previous.items() if handler is defaults[s]]
     for s in ours:
-        signal.signal(s, interrupt)
+        signal.signal(s, raise_interrupted)
     try:
         yield
     finally:
@@ -364,7 +348,7 @@ def _signals_deferred() -> Iterator[None]:
     whichever thread the signal reached, so a recording handler there defers them all."""
     import signal
 
-    if not _in_main_thread():
+    if not in_main_thread():
         yield
         return
     caught: list[tuple[int, Any]] = []

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -350,22 +351,44 @@ def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser with errors in one line, as every other error of ``ttt``: ``PROG: error: MESSAGE;
-    `PROG -h` lists the options`` and exit code 2 (the usage block it printed first hid the message). An
-    unknown option gets the nearest known one as a hint; :meth:`parse` blames a subcommand's unknown
-    options on that subcommand, not on ``ttt``."""
+    `PROG -h` lists the options`` and exit code 2 (the usage block it printed first hid the message); an
+    option is its whole name, never a prefix of it.
+    :meth:`parse` blames a subcommand's unknown options on that subcommand, not on ``ttt``, and an unknown
+    option (or a missing required one) gets the nearest known option as a hint."""
+
+    _words: list[str] = []  # the command line :meth:`parse` is reading, for the hints of :meth:`error`
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # no prefixes of options: `--lr 1e-3` was taken for `--lrs` and started a whole experiment
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("the following arguments are required"):  # often a typo of one of them
+            message += self._hint(self._words)
         self.exit(2, f"{self.prog}: error: {message}; `{self.prog} -h` lists the options\n")
+
+    def _hint(self, words: Sequence[str]) -> str:
+        """`` (did you mean --steps?)`` for the words that look like a misspelt option of this parser."""
+        known = {s[2:]: s for a in self._actions for s in a.option_strings if s.startswith("--")}
+        hints = []
+        for word in words:
+            name = word.split("=", 1)[0]
+            if name.startswith("--") and name[2:] not in known:
+                hints += [known[m] for m in difflib.get_close_matches(name[2:], list(known), 1, cutoff=0.75)]
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
     def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
         """``parse_args``, with unknown options reported by the (sub)command that was given them."""
-        ns, extra = self.parse_known_args(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        Parser._words = words
+        ns, extra = self.parse_known_args(words)
         if extra:
-            owner = getattr(ns, "_parser", None) or self
-            known = [s for a in owner._actions for s in a.option_strings if s.startswith("--")]
-            hints = [m for x in extra if x.startswith("--") for m in difflib.get_close_matches(x, known, 1)]
-            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-            owner.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+            owner, command = getattr(ns, "_parser", None), getattr(ns, "command", None)
+            after = words[words.index(command) + 1 :] if command in words else []
+            if owner is None or not all(x in after for x in extra):  # typed before the command: ttt's
+                owner = self
+            owner.error(f"unrecognized arguments: {' '.join(extra)}{owner._hint(extra)}")
         return ns
 
 

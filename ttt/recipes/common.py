@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dist", "check_number", "lm_loss", "resolve_device", "save_plot", "setup_dist", "set_threads"]
+__all__ = [
+    "Dist",
+    "check_number",
+    "lm_loss",
+    "resolve_device",
+    "restores_threads",
+    "save_plot",
+    "set_threads",
+    "setup_dist",
+]
 
 
 def parse_mixer_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
@@ -84,6 +95,21 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> None
         torch.set_num_threads(threads)
     elif device is None or device.type == "cpu":
         torch.set_num_threads(1)
+
+
+def restores_threads(fn: Callable) -> Callable:
+    """A recipe that sets its threads (:func:`set_threads`) gives the caller's count back when it returns:
+    a notebook that set 8 threads keeps them after ``evaluate_checkpoint``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 @dataclass

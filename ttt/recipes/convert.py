@@ -39,6 +39,7 @@ from .common import (
     optimizer_tensors,
     parse_mixer_kwargs,
     resolve_device,
+    restores_threads,
     save_plot,
     set_threads,
 )
@@ -689,6 +690,7 @@ class _Conversion:
         self.student.eval()
 
 
+@restores_threads
 def convert(args: ConvertArgs) -> dict[str, Any]:
     """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
     from ttt.models.checkpoint import lock_run

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import set_threads
+from .common import restores_threads, set_threads
 from .loop import TrainLoop, cosine_lr
 
 __all__ = ["DigitsArgs", "DigitsResult", "train_digits"]
@@ -52,6 +52,7 @@ class DigitsResult:
     num_params: int
 
 
+@restores_threads
 def train_digits(args: DigitsArgs) -> DigitsResult:
     """Train and evaluate (the recipes' one loop); returns the test accuracy."""
     from ttt.data import load_digits

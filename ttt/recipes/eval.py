@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import EvalArgs
-from .common import format_table, resolve_device, save_plot, set_threads
+from .common import format_table, resolve_device, restores_threads, save_plot, set_threads
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "evaluate_loss"]
 
@@ -172,12 +172,14 @@ def _file_slug(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+@restores_threads
 def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     """Load a checkpoint, score a validation split (or a whole file), write the loss-vs-position table and
     plot.
 
     Writes ``eval-step-N.json`` (the result, with the checkpoint, step, what was scored, context and
-    batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory);
+    batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory;
+    ``hf`` in place of ``step-N`` for a HF model directory, which records no step);
     with ``args.file`` the names go on with ``-file-NAME``, with another corpus than the checkpoint's with
     ``-corpus-NAME``, and with another context than its training context with ``-context-N``."""
     from ttt.data import TokenData

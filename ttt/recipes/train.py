@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ttt.models.checkpoint import Interrupted
+from ttt._interrupt import Interrupted, in_main_thread
 
 from .args import TrainArgs
 from .common import (
@@ -39,6 +38,7 @@ from .common import (
     optimizer_tensors,
     parse_mixer_kwargs,
     resolve_device,
+    restores_threads,
     save_plot,
     set_threads,
     setup_dist,
@@ -68,6 +68,9 @@ RUN_OUTPUTS = (
     "eval-step-*.json",
     "loss_by_position-step-*.md",
     "loss_by_position-step-*.png",
+    "eval-hf*.json",
+    "loss_by_position-hf*.md",
+    "loss_by_position-hf*.png",
 )
 
 # arguments of the machine, not of the run: --resume takes them as given now, never from the checkpoint
@@ -260,7 +263,7 @@ def _check_splits(data: Any, corpus: Any, context: int) -> None:
 class _StopOnInterrupt:
     """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch
     scheduler's end of job) only sets ``requested``: the loop finishes its step, saves a checkpoint and
-    stops. A second one raises :class:`~ttt.models.checkpoint.Interrupted` at once. Only in the main
+    stops. A second one raises :class:`~ttt._interrupt.Interrupted` at once. Only in the main
     thread (signals are delivered there)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -268,7 +271,7 @@ class _StopOnInterrupt:
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
+        if in_main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -303,6 +306,7 @@ def _latest_note(run_dir: Path) -> str:
     return f" ({latest_note(run_dir)})"
 
 
+@restores_threads
 def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures.
 

@@ -23,7 +23,7 @@ import torch
 
 from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.args import Parser, TrainArgs
-from ttt.recipes.common import format_table, save_plot
+from ttt.recipes.common import format_table, save_plot, set_threads
 
 from .cache import RunBusy, read_cache, run_once
 
@@ -265,6 +265,7 @@ def _train_and_score(
     from ttt.recipes.train import train
 
     args = train_args(spec, scale, lr, seed, run_dir)
+    set_threads(scale.threads)  # for the scoring too: train() gives back the count it found
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(args)
     model, meta = load_model(find_checkpoint(run_dir))

@@ -247,7 +247,7 @@ def summarise(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = base_parser(__doc__, f"benchmarks/results/evidence/{NAME}").parse_args(argv)
+    args = base_parser(__doc__, f"benchmarks/results/evidence/{NAME}").parse(argv)
     quick = ("last-layer", "linear")  # two parallel rows: seconds
     specs = [s for s in SPECS if s.label in quick] if args.quick else SPECS
     scale = scale_from_args(args, FULL)

@@ -133,7 +133,7 @@ def summarise(records: list[dict], specs: list[RunSpec], scale: Scale) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = base_parser(__doc__, f"benchmarks/results/evidence/{NAME}").parse_args(argv)
+    args = base_parser(__doc__, f"benchmarks/results/evidence/{NAME}").parse(argv)
     specs = SPECS[:2] if args.quick else SPECS
     return run_experiment(NAME, argv, args, specs, scale_from_args(args, FULL), summarise)
 

@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    a = _parser().parse_args(argv)
+    a = _parser().parse(argv)
     if a.quick:
         a.mixers, a.widths, a.seq_len, a.num_kv, a.vocab = "ttt_linear,attention", [16], "32", "2", 64
         a.train_examples, a.test_examples, a.epochs, a.seeds = 16, 8, 1, [0]

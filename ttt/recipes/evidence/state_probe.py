@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="an untrained micro model: checks the pipeline")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     torch.set_num_threads(args.threads)
     from ttt.data import load_corpus, prepare, tokenizer_from_dict
 
