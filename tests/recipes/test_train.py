@@ -566,7 +566,8 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(corpus_di
 @pytest.mark.parametrize("mixer", ["ttt_linear", "gated_deltanet", "mamba2"])
 def test_match_params_sizes_to_the_reference_model_ttt_train_builds(mixer):
     """`--match-params attention` sized the model to plain attention, while `ttt train --mixer attention`
-    builds attention with short convolutions: 0.7% more parameters than the models matched to it (tiny)."""
+    builds attention with short convolutions: 0.7% more parameters than the models matched to it (tiny).
+    TTT-Linear failed first; Gated DeltaNet and Mamba2 fell within the rounding either way (guards)."""
     from ttt.recipes.train import _model_config
 
     attention = _model_config(TrainArgs(mixer="attention"), 256, None)
