@@ -158,6 +158,10 @@ def test_specs_mean_the_layer_defaults_not_ttt_trains(tmp_path, mixer):
         (mqar_grid, ["--train-examples", "0"], "--train-examples must be >= 1"),
         (mqar_grid, ["--seq-len", "64,x"], "--seq-len: expected comma-separated integers"),
         (mqar_grid, ["--vocab", "10"], "vocab_size must be larger than seq_len"),
+        # --threads 0 ended in a traceback (torch's, then set_threads')
+        (long_context, ["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        (mqar_grid, ["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        (state_probe, ["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_grid_arguments_stop_with_one_line(tmp_path, capsys, recipe, argv, message):

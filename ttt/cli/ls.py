@@ -108,9 +108,10 @@ def run(args: LsArgs) -> int:
         raise ValueError(f"--runs {root} does not exist; expected a directory of run directories")
     print("mixers:  " + ", ".join(sorted(MIXERS)))
     print("presets (parameters: the attention model on bytes; ttt train sizes every mixer's model to it):")
-    from ttt.recipes.train import TRAIN_MIXER_DEFAULTS
+    from ttt.recipes.args import TrainArgs
+    from ttt.recipes.train import train_mixer_kwargs
 
-    kwargs = {"attention": TRAIN_MIXER_DEFAULTS.get("attention", {})}  # as ttt train builds it
+    kwargs = train_mixer_kwargs(TrainArgs(mixer="attention"))  # the attention model ttt train builds
     with torch.device("meta"):  # counts parameters without allocating them
         configs = {name: LMConfig.from_name(name, mixer="attention", vocab_size=256, mixer_kwargs=kwargs)
                    for name in PRESETS}  # fmt: skip

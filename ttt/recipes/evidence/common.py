@@ -87,7 +87,7 @@ def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the experiment's)")
     p.add_argument("--only", default=None, help="comma-separated labels: run only these configurations")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
     p.add_argument("--corpus", default="shakespeare", help="ttt train --corpus (default: shakespeare)")
     p.add_argument("--quick", action="store_true", help="micro model, a few steps: checks the pipeline only")
     p.add_argument("--report-only", action="store_true", help="write the outputs from the cached runs only")
@@ -136,6 +136,17 @@ def _int_list(text: str, least: int, example: str) -> list[int]:
         kind = "non-negative" if least == 0 else "positive"
         raise argparse.ArgumentTypeError(f"expected {kind} integers such as {example}, got {text!r}")
     return values
+
+
+def positive_int(text: str) -> int:
+    """``--threads``: one positive integer (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def seed_list(text: str) -> list[int]:
@@ -321,8 +332,10 @@ def train_args(spec: RunSpec, scale: Scale, lr: float, seed: int, run_dir: Path)
     kwargs = {**layer_defaults(spec.mixer), **spec.mixer_kwargs}
     mixer_kwargs = {spec.mixer: kwargs} if kwargs else {}
     reference = scale.match_params
-    if reference and reference.lower() != "none" and reference != spec.mixer and layer_defaults(reference):
-        mixer_kwargs[reference] = layer_defaults(reference)
+    if reference and reference.lower() != "none" and reference != spec.mixer:
+        pinned = layer_defaults(reference)
+        if pinned:
+            mixer_kwargs[reference] = pinned
     margs = dict(mixer=spec.mixer, preset=scale.preset, corpus=scale.corpus, match_params=scale.match_params)
     return TrainArgs(**margs,
                      mixer_kwargs=json.dumps(mixer_kwargs) if mixer_kwargs else None,

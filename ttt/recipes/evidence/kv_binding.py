@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from ttt.models.checkpoint import write_text_atomic
+from ttt.recipes.common import set_threads
 
 from .cache import read_cache
 from .common import (
@@ -121,7 +122,7 @@ def time_forms(
     """
     from ttt.models import CausalLM, LMConfig
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     torch.manual_seed(seed)
     config = LMConfig.from_name(preset, mixer="kv_binding", vocab_size=vocab_size)
     if match_params and match_params.lower() != "none":

@@ -37,6 +37,7 @@ import torch
 from ttt.layers import MIXERS as ALL_MIXERS
 from ttt.models.checkpoint import write_text_atomic
 from ttt.recipes.args import Parser
+from ttt.recipes.common import set_threads
 from ttt.recipes.mqar import MQARArgs, build_model, check_args, make_splits, mixer_names, train_mqar
 
 from .cache import RunBusy, read_cache, run_once
@@ -45,6 +46,7 @@ from .common import (
     command_line,
     lr_list,
     out_dir,
+    positive_int,
     seed_list,
     table,
     width_list,
@@ -146,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=16, help="epochs (early stop above 0.99)")
     p.add_argument("--lrs", type=lr_list, default="1e-3", help="lr grid, tuned on the first seed")
     p.add_argument("--seeds", type=seed_list, default="0,1,2")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny data and models: checks the pipeline only")
     p.add_argument("--report-only", action="store_true", help="write the outputs from the cached runs only")
     return p
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = mixer_names(dataclasses.replace(base, mixers=a.mixers))
     check_only(a.only, [label for label, _, _ in variants(names)])
     out = out_dir(argparse.Namespace(out=a.out, quick=a.quick), NAME)
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     data: dict = {}
 
     def collect(train: bool) -> list[dict]:

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ttt.recipes.args import Parser
+from ttt.recipes.common import set_threads
 
-from .common import command_line, table, write_outputs
+from .common import command_line, positive_int, table, write_outputs
 
 __all__ = ["main", "probe"]
 
@@ -116,10 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--windows", type=int, default=64, help="validation windows (default 64)")
     p.add_argument("--band", type=int, default=None, help="band width (default: the training context)")
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--quick", action="store_true", help="an untrained micro model: checks the pipeline")
     args = p.parse(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from ttt.data import load_corpus, prepare, tokenizer_from_dict
 
     if args.quick:
