@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Interrupted", "plain_interrupt", "raise_interrupted"]
+__all__ = [
+    "Interrupted",
+    "in_main_thread",
+    "plain_interrupt",
+    "raise_interrupted",
+    "sigint_raises_interrupted",
+]
 
 
 class Interrupted(KeyboardInterrupt):
