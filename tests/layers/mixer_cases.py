@@ -25,6 +25,7 @@ CASES: dict[str, dict] = {
     "swa": dict(name="swa", window=5),
     "attention_conv": dict(name="attention", conv_size=4, num_kv_heads=1),
     "swa_conv": dict(name="swa", window=5, conv_size=3),
+    "swa_sink": dict(name="swa", window=4, sink=2, num_kv_heads=1),
     "ttt_linear": dict(name="ttt_linear", mini_batch_size=4),
     "ttt_linear_m": dict(name="ttt_linear", mini_batch_size=4, share_qk=True, use_gate=True),
     "ttt_mlp": dict(name="ttt_mlp", mini_batch_size=4),
@@ -44,10 +45,19 @@ CASES: dict[str, dict] = {
     "hebbian": dict(name="hebbian", chunk_size=8),
     "kv_binding": dict(name="kv_binding", chunk_size=8),
     "kv_binding_momentum": dict(name="kv_binding", chunk_size=8, momentum=0.5, hidden_mult=2),
+    "windowed": dict(name="windowed", window=5, inner_kwargs=dict(mini_batch_size=4), num_kv_heads=1),
+    "windowed_gdn": dict(
+        name="windowed", window=5, sink=1, inner="gated_deltanet", inner_kwargs=dict(chunk_size=8)
+    ),
 }
 
 # TTT states after padding are documented as not continuable (padding advances the mini-batch slot)
-EXACT_AFTER_PADDING = {case for case, spec in CASES.items() if not spec["name"].startswith("ttt_")}
+EXACT_AFTER_PADDING = {
+    case
+    for case, spec in CASES.items()
+    if not spec["name"].startswith("ttt_")
+    and spec.get("inner", "ttt_linear" if spec["name"] == "windowed" else "")[:4] != "ttt_"
+}
 
 
 def make(case: str) -> torch.nn.Module:

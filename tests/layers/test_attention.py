@@ -9,8 +9,9 @@ from ttt.layers import Attention, KVCache, SlidingWindowAttention
 from ttt.modules import apply_rotary, rotary_cos_sin
 
 
-def _explicit(layer: Attention, x: torch.Tensor, window: int | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal/window mask) v, head by head, no SDPA."""
+def _explicit(layer: Attention, x: torch.Tensor, window: int | None, sink: int = 0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal/window mask) v, head by head, no SDPA; keys before ``sink`` are
+    visible beside the window."""
     batch, length, _ = x.shape
     h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     q = layer.q_proj(x).view(batch, length, h, d).transpose(1, 2)
@@ -19,7 +20,7 @@ def _explicit(layer: Attention, x: torch.Tensor, window: int | None) -> torch.Te
     cos, sin = rotary_cos_sin(torch.arange(length), d)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    allowed = (j <= i) & ((i - j < window) if window else True)
+    allowed = (j <= i) & (((i - j < window) | (j < sink)) if window else True)
     scores = (q @ k.transpose(-1, -2)) / d**0.5
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
     return layer.o_proj((probs @ v).transpose(1, 2).reshape(batch, length, -1))
@@ -33,6 +34,28 @@ def test_matches_explicit_softmax(window, kv_heads):
     layer = Attention(dim=32, num_heads=4, num_kv_heads=kv_heads, window=window).double()
     x = torch.randn(2, 13, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x)[0], _explicit(layer, x, window), atol=1e-12, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window, sink", [(1, 1), (4, 2), (3, 20)])
+def test_attention_sinks_match_explicit_softmax_and_stay_cached(window, sink):
+    torch.manual_seed(0)
+    layer = SlidingWindowAttention(dim=32, num_heads=4, num_kv_heads=2, window=window, sink=sink).double()
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    want = _explicit(layer, x, window, sink)
+    torch.testing.assert_close(layer(x)[0], want, atol=1e-12, rtol=0)
+    y, state = layer(x[:, :7])
+    outs = [y]
+    for t in range(7, 13):
+        y, state = layer.step(x[:, t : t + 1], state)
+        outs.append(y)
+        # the sink tokens and the window - 1 newest ones, nothing else
+        assert state.positions[0].tolist() == sorted(
+            {*range(min(sink, t + 1)), *range(t + 2 - window, t + 1)}
+        )
+    torch.testing.assert_close(torch.cat(outs, dim=1), want, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="sink must be an int >= 0, and 0 without a window"):
+        Attention(dim=32, num_heads=4, sink=2)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from ttt.models.static_decode import StaticDecoder
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"num_kv_heads": 2}, {"window": 4}, {"window": 3, "num_kv_heads": 1}, {"conv_size": 4, "num_kv_heads": 2},
-     {"window": 4, "conv_size": 3}],
+     {"window": 4, "conv_size": 3}, {"window": 4, "sink": 2}, {"window": 3, "sink": 9, "num_kv_heads": 1}],
     ids=str,
 )  # fmt: skip
 def test_attention_static_cache_equals_step(kwargs):
@@ -35,7 +35,8 @@ def test_attention_static_cache_equals_step(kwargs):
             got = attention_decode_step_(layer, x[:, t : t + 1], static)
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert int(static.position) == 15
-    assert static.k.shape[2] == kwargs.get("window", 16)  # full attention: 15 rounded up to 16
+    # full attention: 15 rounded up to 16; a window: its sink tokens, then its ring
+    assert static.k.shape[2] == kwargs.get("window", 16) + kwargs.get("sink", 0)
 
 
 def test_static_cache_refuses_padding():
@@ -54,12 +55,18 @@ CASES = {
     "ttt_mlp": {},
     "ttt_linear_share_qk": {"mixer_kwargs": {"ttt_linear": {"share_qk": True, "use_gate": True}}},
     "gated_deltanet": {},
+    "windowed": {"mixer_kwargs": {"windowed": {"window": 5}}},  # TTT-Linear inside: a window and a TTT slot
+    "windowed_gdn": {"mixer_kwargs": {"windowed": {"window": 5, "sink": 2, "inner": "gated_deltanet"}}},
 }
 
 
 def _model(case: str) -> CausalLM:
     torch.manual_seed(0)
-    mixer = {"ttt_linear_share_qk": "ttt_linear", "attention_conv": "attention"}.get(case, case)
+    mixer = {
+        "ttt_linear_share_qk": "ttt_linear",
+        "attention_conv": "attention",
+        "windowed_gdn": "windowed",
+    }.get(case, case)
     config = LMConfig.from_name("micro", mixer=mixer, max_seq_len=64, **CASES[case])
     return CausalLM(config).eval()
 
@@ -87,7 +94,7 @@ def test_static_decoder_equals_model_step(case, monkeypatch):
     dec = _compare(_model(case))
     assert dec.state_nbytes() > 0
     # TTT's step can be captured only with its in-place kernels; every other mixer's can
-    assert dec.graphable == (not case.startswith("ttt"))
+    assert dec.graphable == (not case.startswith("ttt") and case != "windowed")
 
 
 def _to_meta(obj):
@@ -103,23 +110,38 @@ def _to_meta(obj):
     return obj
 
 
-@pytest.mark.parametrize("mixer", sorted(m for m in MIXERS if m not in ("ttt_linear", "ttt_mlp")))
+def _slot_to_meta(slot) -> None:
+    for name, value in vars(slot).items():
+        if name == "layer":
+            continue
+        if hasattr(value, "buffers") and hasattr(value, "step"):  # a nested slot (the windowed mixer's)
+            _slot_to_meta(value)
+        else:
+            setattr(slot, name, _to_meta(value))
+
+
+# the windowed mixer's default inner mixer is TTT-Linear (graphable with its Triton kernel only): it runs
+# here with Gated DeltaNet inside
+NOT_TTT = [m for m in MIXERS if m not in ("ttt_linear", "ttt_mlp", "windowed")] + ["windowed:gated_deltanet"]
+
+
+@pytest.mark.parametrize("mixer", sorted(NOT_TTT))
 def test_a_graphable_decode_step_reads_no_value_on_the_host(mixer):
     """A CUDA graph cannot hold a host read (``.item()``, ``bool(tensor)``, a data-dependent shape). On the
     ``meta`` device every such read raises, so a whole-model decode step that runs there reads none: what a
     capture needs, checked without a GPU. The gate checks of the family ops skip themselves while a graph
     is captured (``capturing``); the TTT slots are graphable only with their Triton kernels (the GPU test)."""
     torch.manual_seed(0)
-    model = CausalLM(LMConfig.from_name("micro", mixer=mixer, max_seq_len=32)).eval()
+    mixer, _, inner = mixer.partition(":")
+    kwargs = {mixer: {"inner": inner, "window": 4}} if inner else {}
+    model = CausalLM(LMConfig.from_name("micro", mixer=mixer, max_seq_len=32, mixer_kwargs=kwargs)).eval()
     dec = StaticDecoder(model, max_len=16)
     with torch.no_grad():
         dec.prefill(torch.randint(0, 256, (2, 5)))
     assert dec.graphable
     model.to("meta")
     for slot in dec.slots:
-        for name, value in vars(slot).items():
-            if name != "layer":
-                setattr(slot, name, _to_meta(value))
+        _slot_to_meta(slot)
     dec.token, dec.logits = dec.token.to("meta"), dec.logits.to("meta")
     no_autocast = lambda *a, **k: contextlib.nullcontext()  # noqa: E731  (autocast knows no meta device)
     with (

@@ -30,6 +30,7 @@ from ttt.layers.matrix import MatrixState
 from ttt.layers.protocol import Mixer
 from ttt.layers.rwkv import RWKV7
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
+from ttt.layers.windowed import WindowedMixer, WindowedState
 
 MIXERS: dict[str, type] = {
     "attention": SoftmaxAttention,
@@ -49,6 +50,7 @@ MIXERS: dict[str, type] = {
     "rwkv7": RWKV7,
     "hebbian": HebbianFastWeights,
     "kv_binding": KVBinding,
+    "windowed": WindowedMixer,
 }
 
 
@@ -131,6 +133,8 @@ __all__ = [
     "TTTLayerState",
     "TTTLinear",
     "TTTMLP",
+    "WindowedMixer",
+    "WindowedState",
     "check_mixer_kwargs",
     "check_mixer_name",
     "make_mixer",

@@ -55,6 +55,10 @@ class SoftmaxAttention(nn.Module):
         window: sliding window W: a token attends to itself and the W - 1 tokens before it, and the cache
             keeps only what the next token can see (constant-size state, for hybrids). Default: ``None``
             (full causal attention).
+        sink: with a window, the first ``sink`` tokens of the sequence stay visible to every query beside
+            the window, and in the cache (StreamingLLM's attention sinks, Xiao et al. 2023, arXiv
+            2309.17453: a pretrained model's heads park attention on the first tokens, and a window that
+            drops them changes what the heads compute). Default: ``0``.
         rope_theta: RoPE base. Default: ``10000`` (ttt-lm-pytorch ``rope_theta``).
         bias: bias in the q/k/v/o projections. Default: ``False`` (Llama, TTT baseline).
         conv_size: kernel K of causal depthwise short convolutions on the q, k and v projections (no
@@ -81,6 +85,7 @@ class SoftmaxAttention(nn.Module):
         *,
         num_kv_heads: int | None = None,
         window: int | None = None,
+        sink: int = 0,
         rope_theta: float = 10000.0,
         bias: bool = False,
         conv_size: int = 0,
@@ -96,11 +101,15 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
         if window is not None and window < 1:
             raise ValueError(f"window must be None or >= 1, got {window}")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0 or (sink and window is None):
+            raise ValueError(
+                f"sink must be an int >= 0, and 0 without a window; got sink={sink!r}, window={window}"
+            )
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
             raise ValueError(f"conv_size must be an int >= 0 (0: no short convolutions), got {conv_size!r}")
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        self.window, self.rope_theta = window, rope_theta
+        self.window, self.sink, self.rope_theta = window, sink, rope_theta
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
@@ -197,7 +206,7 @@ class SoftmaxAttention(nn.Module):
         """``[B, T, S+T]`` bool: which keys each new query may attend to."""
         allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
         if self.window is not None:
-            allowed &= q_pos[:, :, None] - k_pos[:, None, :] < self.window
+            allowed &= (q_pos[:, :, None] - k_pos[:, None, :] < self.window) | (k_pos[:, None, :] < self.sink)
         # a padded query may have no real key in reach; letting it see itself avoids an all -inf row (NaN)
         length = q_pos.shape[1]
         diagonal = torch.zeros_like(allowed)
@@ -214,8 +223,10 @@ class SoftmaxAttention(nn.Module):
         """Drop cached tokens that no later query can reach (sliding window only)."""
         if self.window is None or cache.k.shape[2] == 0:
             return cache
-        # the next query of row b sits at lengths[b]; later queries see even less
+        # the next query of row b sits at lengths[b]; later queries see even less (but the sink tokens)
         needed = cache.valid & (cache.positions > cache.lengths[:, None] - self.window)  # [B, S]
+        if self.sink:
+            return self._keep(cache, needed | (cache.valid & (cache.positions < self.sink)))
         if not needed.any():
             start = cache.k.shape[2]
         else:
@@ -227,6 +238,22 @@ class SoftmaxAttention(nn.Module):
             cache.v[:, :, start:],
             cache.positions[:, start:],
             cache.valid[:, start:],
+            cache.lengths,
+            cache.convs,
+        )
+
+    @staticmethod
+    def _keep(cache: KVCache, needed: Tensor) -> KVCache:
+        """``cache`` without the columns that no row needs (``needed [B, S]`` bool)."""
+        keep = needed.any(dim=0)
+        if bool(keep.all()):
+            return cache
+        cols = keep.nonzero()[:, 0]
+        return KVCache(
+            cache.k[:, :, cols],
+            cache.v[:, :, cols],
+            cache.positions[:, cols],
+            cache.valid[:, cols],
             cache.lengths,
             cache.convs,
         )
@@ -278,8 +305,9 @@ class StaticKVCache:
 
     Attributes:
         k, v: ``[B, G, S, D]`` buffers; full attention: S = the most tokens the cache can hold, rounded up
-            to a multiple of 16 (slot = position); sliding window W: a ring of S = W slots (slot = position
-            mod W).
+            to a multiple of 16 (slot = position); sliding window W (and ``sink`` first tokens): the sink
+            tokens' slots, then a ring of W slots (slot = position for a sink token, else sink + (position
+            - sink) mod W).
         slot_pos: ``[S]`` int64, the position each slot holds (-1: empty).
         position: ``[]`` int64 tensor, the position of the next token.
         convs: the short convolutions' caches ``[B, width, K - 1]``, updated in place (``()`` without).
@@ -298,7 +326,7 @@ class StaticKVCache:
 
 def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> StaticKVCache:
     """Copy ``cache`` (from ``layer``'s prefill, unpadded) into a preallocated cache for ``max_len``
-    positions in all (ignored with a window, whose ring holds ``window`` slots).
+    positions in all (ignored with a window, whose cache holds ``sink + window`` slots).
 
     Raises if the rows of ``cache`` hold padding or differ in length (the static cache keeps one position
     for the whole batch), or if the cache already holds more than ``max_len`` positions.
@@ -310,8 +338,8 @@ def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> St
         )
     length = int(cache.lengths[0])
     # full attention: round the buffer up to 16 slots (aligned rows for the fused SDPA kernels; the extra
-    # slots stay empty and masked); a window's ring has exactly `window` slots (slot = position mod window)
-    slots = layer.window if layer.window is not None else -(-max_len // 16) * 16
+    # slots stay empty and masked); a window's cache has exactly `sink + window` slots (_slots)
+    slots = layer.sink + layer.window if layer.window is not None else -(-max_len // 16) * 16
     if length > max_len:
         raise ValueError(
             f"static_kv_cache: the cache holds {length} positions, more than max_len = {max_len}"
@@ -322,12 +350,20 @@ def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> St
     slot_pos = torch.full((slots,), -1, dtype=torch.long, device=k.device)
     if cache.k.shape[2]:
         positions = cache.positions[0]
-        index = positions % slots
+        index = _slot(layer, positions, slots)
         k.index_copy_(2, index, cache.k.to(k.dtype))
         v.index_copy_(2, index, cache.v.to(v.dtype))
         slot_pos.index_copy_(0, index, positions)
     position = torch.tensor(length, dtype=torch.long, device=k.device)
     return StaticKVCache(k, v, slot_pos, position, tuple(c.clone() for c in cache.convs))
+
+
+def _slot(layer: SoftmaxAttention, positions: Tensor, slots: int) -> Tensor:
+    """The static cache's slot of each position: a sink token's own, else a place in the ring."""
+    if layer.window is None:
+        return positions % slots
+    sink = layer.sink
+    return torch.where(positions < sink, positions, sink + (positions - sink) % layer.window)
 
 
 def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKVCache) -> Tensor:
@@ -345,14 +381,14 @@ def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKV
     pos = cache.position.view(1)
     cos, sin = rotary_cos_sin(pos, head_dim, theta=layer.rope_theta)  # [1, D/2]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    slot = pos % cache.k.shape[2]
+    slot = _slot(layer, pos, cache.k.shape[2])
     cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
     cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
     cache.slot_pos.index_copy_(0, slot, pos)
     seen = cache.slot_pos
     allowed = (seen >= 0) & (seen <= pos)
     if layer.window is not None:
-        allowed &= pos - seen < layer.window
+        allowed &= (pos - seen < layer.window) | (seen < layer.sink)
     # grouped queries: the R = H / G query heads of a key/value head attend as R rows of one problem
     rows = q.reshape(batch, groups, layer.num_heads // groups, head_dim)
     mask = allowed.view(1, 1, 1, -1)

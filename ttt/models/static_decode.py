@@ -13,6 +13,8 @@ Per mixer:
 * TTT-Linear / TTT-MLP: fp32 anchor and gradient-sum buffers and an int32 offset per (row, head),
   stepped by the fused in-place Triton decode kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
   elsewhere by the layer's own single-token form, whose result is copied into the buffers.
+* the windowed mixer (sliding window + a recurrent mixer in one layer): its window's and its inner
+  mixer's slots, as above, their outputs summed with the layer's gain.
 * any other mixer (the family layers, KV binding): its ``step`` on the buffers, the new state copied into
   them (``copy_``); its tensors must keep their shapes. The registered mixers' steps read no tensor value
   on the host (tested for each by running a whole-model step on the ``meta`` device), except the gate
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 from ttt.layers.attention import Attention, KVCache, attention_decode_step_, static_kv_cache
 from ttt.layers.protocol import merge_heads, split_heads
 from ttt.layers.ttt import TTTMLP, TTTLayerState, TTTLinear
+from ttt.layers.windowed import WindowedMixer, WindowedState
 from ttt.modules.rotary import apply_rotary, rotary_cos_sin
 from ttt.ops._state import last_token_weights
 from ttt.ops.types import TTTState
@@ -207,6 +210,33 @@ class _GenericSlot:
         return self.tensors
 
 
+class _WindowedSlot:
+    """A :class:`~ttt.layers.WindowedMixer`'s state: its window's slot and its inner mixer's slot."""
+
+    def __init__(self, layer: WindowedMixer, state: WindowedState, max_len: int, batch: int, device) -> None:
+        self.layer = layer
+        self.window = _AttentionSlot(layer.attn, state.window, max_len)
+        self.inner = _slot(layer.inner, state.inner, max_len, batch, device)
+        self.graphable = self.window.graphable and self.inner.graphable
+
+    def step(self, x: Tensor) -> Tensor:
+        return self.window.step(x) + self.layer.gain * self.inner.step(x)
+
+    def buffers(self) -> list[Tensor]:
+        return [*self.window.buffers(), *self.inner.buffers()]
+
+
+def _slot(mixer: nn.Module, state: Any, max_len: int, batch: int, device) -> Any:
+    """The preallocated decode slot of one block's mixer, holding its prefill ``state``."""
+    if isinstance(mixer, Attention):
+        return _AttentionSlot(mixer, state, max_len)
+    if isinstance(mixer, (TTTLinear, TTTMLP)):
+        return _TTTSlot(mixer, state, batch, device)
+    if isinstance(mixer, WindowedMixer):
+        return _WindowedSlot(mixer, state, max_len, batch, device)
+    return _GenericSlot(mixer, state)
+
+
 def _clone(state: Any) -> Any:
     if isinstance(state, Tensor):
         return state.detach().clone()
@@ -283,15 +313,9 @@ class StaticDecoder:
         with self._ctx(idx.device):
             logits, states = self.model(idx)
         batch, device = idx.shape[0], idx.device
-        self.slots = []
-        for block, state in zip(self.model.blocks, states):
-            mixer = block.mixer
-            if isinstance(mixer, Attention):
-                self.slots.append(_AttentionSlot(mixer, state, self.max_len))
-            elif isinstance(mixer, (TTTLinear, TTTMLP)):
-                self.slots.append(_TTTSlot(mixer, state, batch, device))
-            else:
-                self.slots.append(_GenericSlot(mixer, state))
+        self.slots = [
+            _slot(b.mixer, s, self.max_len, batch, device) for b, s in zip(self.model.blocks, states)
+        ]
         if self.cuda_graph and (device.type != "cuda" or not self.graphable):
             names = [type(s.layer).__name__ for s in self.slots if not s.graphable]
             raise ValueError(
