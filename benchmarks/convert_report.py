@@ -4,16 +4,23 @@ optionally time decoding of the teacher and of converted models after a prefix o
     python benchmarks/convert_report.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/convert_smollm2_cpu
     python benchmarks/convert_report.py RUN_DIR ... --decode 1024 --new-tokens 16 --threads 1 --out ...
     python benchmarks/convert_report.py RUN_DIR ... --decode 4096,16384 --prefill-chunk 1024 --no-table --out ...
+    python benchmarks/convert_report.py RUN_DIR ... --ppl-context 256,1024,2048 --ppl-tokens 8192 --out ...
 
 Decoding is timed side by side in one process, every model at one prefix length before the next length.
 Prefixes are prefilled in chunks of ``--prefill-chunk`` tokens (carrying the state), so a prefix may exceed
 the models' ``max_seq_len`` (the teacher's RoPE positions are computed, not tabled).
+
+``--ppl-context`` scores the same first ``--ppl-tokens`` held-out tokens (the first run's corpus, its
+validation split, never trained on) cut into windows of each context length, for the teacher and every run:
+held-out perplexity over all positions and over the second half of every window (positions >= context / 2,
+which see at least that many tokens before them: where a window of W < context / 2 tokens has to rely on
+what else the model keeps).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -27,11 +34,14 @@ def run_rows(runs: list[Path]) -> list[dict]:
     for run in runs:
         s = json.loads((run / "convert.json").read_text())
         a = s["args"]
+        sink = f" + {a['sink']} sink tokens" if a.get("sink") else ""
         kept = "" if a["blocks"] == "all" else f", other blocks {a['keep_as']}" + (
-            f" (window {a['window']})" if a["keep_as"] == "swa" else "")  # fmt: skip
+            f" (window {a['window']}{sink})" if a["keep_as"] == "swa" else "")  # fmt: skip
+        own = f" (window {a['window']}{sink})" if a["mixer"] == "swa" else ""
+        beside = f" beside a {a['in_layer_window']}-token window{sink}" if a.get("in_layer_window") else ""
         rows.append({
             "run": str(run),
-            "model": f"{a['mixer']} in blocks {a['blocks']}{kept}" + (
+            "model": f"{a['mixer']}{own}{beside} in blocks {a['blocks']}{kept}" + (
                 ", from scratch" if a.get("from_scratch") else ""),
             "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
             "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
@@ -63,8 +73,23 @@ def time_decode(model, length: int, new_tokens: int, vocab: int, chunk: int | No
             "state_bytes": state_nbytes(state)}  # fmt: skip
 
 
+@torch.no_grad()
+def context_perplexity(model, tokens: torch.Tensor, context: int) -> dict:
+    """Held-out perplexity of ``model`` on ``tokens`` cut into windows of ``context`` tokens: over every
+    position, and over the second half of each window."""
+    from ttt.recipes.eval import evaluate_loss
+
+    loss, by_position = evaluate_loss(
+        model, tokens, batch_size=1, context=context, max_batches=None, device=torch.device("cpu")
+    )
+    return {"context": context, "windows": (tokens.numel() - 1) // context, "perplexity": math.exp(loss),
+            "second_half": math.exp(float(by_position[context // 2 :].mean()))}  # fmt: skip
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    from ttt.recipes.args import Parser, positive_int
+
+    p = Parser(description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", required=True)
     p.add_argument("--decode", default="", help="comma-separated prefix lengths to time decoding after")
@@ -76,16 +101,24 @@ def main() -> None:
         "--prompt", action="append", default=[], help="greedy continuation of this prompt per model"
     )
     p.add_argument("--prompt-tokens", type=int, default=30)
-    args = p.parse_args()
+    p.add_argument(
+        "--ppl-context", default="", help="comma-separated window lengths to score held-out text at"
+    )
+    p.add_argument(
+        "--ppl-tokens", type=positive_int, default=8192, help="held-out tokens --ppl-context scores"
+    )
+    args = p.parse()
     torch.set_num_threads(args.threads)
     rows = run_rows(args.runs)
-    decode, samples = [], []
-    if args.decode or args.prompt:
+    decode, samples, contexts = [], [], []
+    if args.decode or args.prompt or args.ppl_context:
         from ttt.models.checkpoint import load_model
-        from ttt.models.llama import fetch_smollm2, load_llama
+        from ttt.recipes.convert import load_teacher, truncate_blocks
 
         lengths = [int(n) for n in args.decode.split(",") if n]
-        teacher, tok = load_llama(fetch_smollm2(download=False))
+        teacher, tok = load_teacher(rows[0]["args"]["teacher"])  # the first run's; fetched when missing
+        if rows[0]["args"].get("first_blocks") is not None:
+            truncate_blocks(teacher, rows[0]["args"]["first_blocks"])
         models = [("teacher (attention)", teacher)]
         models += [(r["model"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
         vocab = teacher.config.vocab_size
@@ -95,6 +128,14 @@ def main() -> None:
                     {"model": name, **time_decode(model, n, args.new_tokens, vocab, args.prefill_chunk)}
                 )
                 print(decode[-1], flush=True)
+        if args.ppl_context:
+            from ttt.data import load_corpus, prepare
+
+            held = prepare(load_corpus(rows[0]["args"]["corpus"]), tok).validation[: args.ppl_tokens + 1]
+            for n in [int(c) for c in args.ppl_context.split(",") if c]:
+                for name, model in models:
+                    contexts.append({"model": name, **context_perplexity(model, held, n)})
+                    print(contexts[-1], flush=True)
         for name, model in models:
             for prompt in args.prompt:
                 ids = torch.tensor([tok.encode(prompt)])
@@ -103,7 +144,7 @@ def main() -> None:
                 print(samples[-1], flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(
-        json.dumps({"runs": rows, "decode": decode, "samples": samples}, indent=1)
+        json.dumps({"runs": rows, "decode": decode, "samples": samples, "contexts": contexts}, indent=1)
     )
     lines = [] if args.no_table else [
         "| model | " + " | ".join(STAGES) + " | transfer tokens, s | distill tokens, s |",
@@ -124,6 +165,15 @@ def main() -> None:
         ]
         lines += [f"| {d['model']} | {d['context']} | {d['prefill_s']:.1f} | {d['decode_tokens_per_s']:.2f} | "
                   f"{d['state_bytes']:,} |" for d in decode]  # fmt: skip
+    if contexts:
+        lines += [
+            "",
+            f"| model | context | windows of it in the first {args.ppl_tokens:,} held-out tokens | perplexity | "
+            "second half of each window |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {d['model']} | {d['context']} | {d['windows']} | {d['perplexity']:.2f} | "
+                  f"{d['second_half']:.2f} |" for d in contexts]  # fmt: skip
     for d in samples:
         lines += ["", f"**{d['model']}**, greedy after {d['prompt']!r}: {d['continuation']!r}"]
     out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")

@@ -338,3 +338,61 @@ def test_divergence_stops_before_a_checkpoint_and_keeps_the_last_good_one(
     assert all(torch.isfinite(v).all() for v in state.values())
     losses = json.loads((run / "convert.json").read_text())["losses"]
     assert all(v == v for _, v in losses.get(stage, []))  # no NaN recorded as a step that was taken
+
+
+def test_in_layer_window_starts_as_the_attention_cut_to_the_window(teacher_dir):
+    """``--in-layer-window W``: each converted block is the teacher's attention over its newest W tokens
+    plus the new mixer with gain 0, so on up to W tokens the student is the teacher; calibration then fits
+    the window's and the mixer's gains to the attention output, never doing worse than the window alone."""
+    from ttt.layers import WindowedMixer
+    from ttt.recipes.convert import calibrate_gains, transfer_loss
+
+    teacher, _ = load_llama(teacher_dir)
+    student, mapping = swap_mixers(teacher, "ttt_linear", [0, 1, 2, 3], in_layer_window=6)
+    assert student.config.mixers == ("windowed",) * 4
+    mixer = student.blocks[1].mixer
+    assert isinstance(mixer, WindowedMixer) and mixer.window == 6 and mixer.inner_name == "ttt_linear"
+    assert mixer.attn.num_kv_heads == teacher.blocks[1].mixer.num_kv_heads
+    where = mapping["1"]["parameters"]
+    assert where["attn.k_proj.weight"] == "attention k_proj.weight" and where["gain"].startswith("zero")
+    assert where["inner.q_proj.weight"] == "attention q_proj" and where["inner.W0"] == "fresh"
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids[:, :6])[0], teacher(ids[:, :6])[0])  # within the window
+        assert not torch.allclose(student(ids)[0], teacher(ids)[0])  # beyond it: the window cuts
+        window_only = float(transfer_loss(student, teacher, [0, 1, 2, 3], ids))
+        gains = calibrate_gains(student, teacher, [0, 1, 2, 3], ids)
+        after = float(transfer_loss(student, teacher, [0, 1, 2, 3], ids))
+    assert set(gains) == {"0", "1", "2", "3"} and gains["1"]["inner"] != 0 and gains["1"]["window"] != 1
+    assert float(mixer.gain.detach()[0]) == pytest.approx(gains["1"]["inner"], rel=1e-6)
+    assert after <= window_only
+
+
+def test_in_layer_window_pipeline_saves_a_constant_state_model(teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import ttt.models.hf  # noqa: F401  (registers the Auto classes)
+
+    run = tmp_path / "run"
+    summary = convert(args_for(teacher_dir, run, mixer="gated_deltanet", in_layer_window=4))
+    assert summary["perplexity"]["after_distill"] < summary["perplexity"]["swapped"] * 10
+    model = AutoModelForCausalLM.from_pretrained(run / "hf")
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(5))
+    sizes = [model(ids[:, :n]).cache.nbytes() for n in (4, 12)]
+    assert sizes[0] == sizes[1]  # a full window and the recurrent state: no growth past W tokens
+    # resuming checks the argument (runs from before it existed read it as 0)
+    with pytest.raises(Exception, match=r"--in-layer-window 4 -> 8"):
+        convert(args_for(teacher_dir, run, mixer="gated_deltanet", in_layer_window=8, resume=True))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"in_layer_window": -1}, "--in-layer-window must be >= 0 (0: none), got -1"),
+        ({"in_layer_window": 8, "mixer": "swa"}, "--in-layer-window pairs the window with a recurrent mixer"),
+    ],
+)
+def test_in_layer_window_bad_values_are_one_line(teacher_dir, tmp_path, change, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        convert(args_for(teacher_dir, tmp_path / "run", **change))
+    assert not (tmp_path / "run").exists()

@@ -38,6 +38,7 @@ __all__ = [
     "field_docs",
     "parse_dataclass",
     "plain",
+    "positive_int",
 ]
 
 
@@ -347,6 +348,17 @@ def add_dataclass_args(
 def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
     """The ``cls`` instance held by the options that :func:`add_dataclass_args` added to ``ns``."""
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def positive_int(text: str) -> int:
+    """An option of one positive integer (``--threads``) (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):

@@ -69,6 +69,14 @@ class ConvertArgs:
     weights)"""
     window: int = 512
     """window of 'swa' blocks (tokens each query sees, itself included)"""
+    sink: int = 0
+    """attention sinks: the first N tokens of the sequence stay visible beside every window ('swa' blocks,
+    --in-layer-window) and in its cache (StreamingLLM; SmolLM2's heads park attention on the first
+    tokens)"""
+    in_layer_window: int = 0
+    """W > 0: every converted block keeps softmax attention over its newest W tokens beside --mixer, the
+    two outputs summed (ttt.layers.WindowedMixer, LoLCATs' pairing; the mixer's gain starts at 0, so the
+    block starts as its attention cut to W tokens); 0: the mixer alone"""
     mixer_kwargs: str | None = None
     """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}' (a key the
     mixer does not take is refused, naming those it takes); otherwise the layer's own defaults apply, not
@@ -179,8 +187,17 @@ def init_from_attention(mixer: nn.Module, attn: nn.Module) -> dict[str, str]:
     computed them (through the conv's activation, if any); every other parameter keeps the mixer's own
     initialisation ("fresh").
     """
+    from ttt.layers import WindowedMixer
     from ttt.modules.conv import ShortConv
 
+    if isinstance(mixer, WindowedMixer):  # the window is the attention itself; the inner mixer as below
+        mixer.attn.load_state_dict(attn.state_dict())
+        mixer.gain.zero_()
+        return {
+            **{f"attn.{n}": f"attention {n}" for n, _ in mixer.attn.named_parameters()},
+            **{f"inner.{n}": where for n, where in init_from_attention(mixer.inner, attn).items()},
+            "gain": "zero (the block starts as its attention cut to the window)",
+        }
     source: dict[str, str] = {}
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         lin, ref = getattr(mixer, name, None), getattr(attn, name)
@@ -218,12 +235,16 @@ def swap_mixers(
     *,
     keep_as: str = "attention",
     window: int = 512,
+    in_layer_window: int = 0,
+    sink: int = 0,
     mixer_kwargs: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A student :class:`CausalLM`: the teacher's weights, ``mixer`` in ``blocks`` (initialised from the
-    attention there), the other blocks attention or ``swa``. Returns ``(student, mapping)`` where
-    ``mapping[block] = {parameter: source}``. The teacher is not modified."""
+    attention there), the other blocks attention or ``swa``. With ``in_layer_window`` W > 0 the blocks get
+    a ``windowed`` mixer instead: the attention cut to its newest W tokens plus ``mixer``, summed, the
+    mixer's gain at 0. ``sink`` > 0 keeps the first tokens visible beside every window. Returns
+    ``(student, mapping)`` where ``mapping[block] = {parameter: source}``. The teacher is not modified."""
     from ttt.layers import check_mixer_name
     from ttt.models import CausalLM
 
@@ -235,9 +256,20 @@ def swap_mixers(
     for name, extra in (mixer_kwargs or {}).items():
         kwargs.setdefault(name, {}).update(extra)
     kwargs.setdefault("swa", dict(kwargs.get("attention", {})))["window"] = window
-    layer_mixers = [mixer if i in blocks else keep_as for i in range(config.n_layers)]
+    sinks = {"sink": sink} if sink else {}
+    kwargs["swa"].update(sinks)
+    swapped = mixer
+    if in_layer_window:
+        attention = {
+            k: v for k, v in kwargs.get("attention", {}).items() if k in ("num_kv_heads", "rope_theta")
+        }
+        kwargs["windowed"] = dict(
+            attention, inner=mixer, window=in_layer_window, inner_kwargs=kwargs.get(mixer, {}), **sinks
+        )
+        swapped = "windowed"
+    layer_mixers = [swapped if i in blocks else keep_as for i in range(config.n_layers)]
     student_config = dataclasses.replace(
-        config, mixer=mixer, layer_mixers=tuple(layer_mixers), mixer_kwargs=kwargs
+        config, mixer=swapped, layer_mixers=tuple(layer_mixers), mixer_kwargs=kwargs
     )
     torch.manual_seed(seed)
     student = CausalLM(student_config)
@@ -342,20 +374,36 @@ def transfer_loss(student: nn.Module, teacher: nn.Module, blocks: list[int], x: 
 
 
 @torch.no_grad()
-def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[str, float]:
+def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[str, Any]:
     """Scale each swapped mixer's ``o_proj`` by the least-squares gain ``<y, a> / <y, y>`` between its output
     y and the attention output a on the teacher's hidden states of batch ``x``: the new mixers' output norms
-    (TTT's LayerNorm, GDN's RMSNorm) start at another scale than attention's. Returns ``{block: gain}``."""
+    (TTT's LayerNorm, GDN's RMSNorm) start at another scale than attention's. A ``windowed`` mixer gets the
+    pair of gains that best fits ``a ~ alpha * window(h) + beta * inner(h)``: alpha scales its window's
+    ``o_proj`` (a window that drops the attention's first tokens puts their weight on the newest ones) and
+    beta is its gain g. Returns ``{block: gain}`` (``{block: {"window": alpha, "inner": beta}}``)."""
+    from ttt.layers import WindowedMixer
+
     captured = _capture_attention(teacher, blocks, x)
-    gains = {}
+    gains: dict[str, Any] = {}
     for i in blocks:
         mixer = student.blocks[i].mixer
+        h, target = captured[i]
+        a = target.double().flatten()
+        if isinstance(mixer, WindowedMixer):
+            w, r = mixer.attn(h)[0].double().flatten(), mixer.inner(h)[0].double().flatten()
+            gram = torch.stack([torch.stack([w @ w, w @ r]), torch.stack([w @ r, r @ r])])
+            alpha, beta = (
+                torch.linalg.lstsq(gram, torch.stack([w @ a, r @ a])[:, None]).solution[:, 0].tolist()
+            )
+            mixer.attn.o_proj.weight.mul_(alpha)
+            mixer.gain.fill_(beta)
+            gains[str(i)] = {"window": alpha, "inner": beta}
+            continue
         proj = getattr(mixer, "o_proj", None)
         if not isinstance(proj, nn.Linear):
             continue
-        h, target = captured[i]
-        y, _ = mixer(h)
-        gain = float((y.double() * target.double()).sum() / (y.double().pow(2).sum()).clamp_min(1e-30))
+        y = mixer(h)[0].double().flatten()
+        gain = float((y @ a) / (y @ y).clamp_min(1e-30))
         proj.weight.mul_(gain)
         gains[str(i)] = gain
     return gains
@@ -390,6 +438,15 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
+    if args.sink < 0:
+        raise ValueError(f"--sink must be >= 0 (0: none), got {args.sink}")
+    if args.in_layer_window < 0:
+        raise ValueError(f"--in-layer-window must be >= 0 (0: none), got {args.in_layer_window}")
+    if args.in_layer_window and args.mixer in (*ATTENTION_LIKE, "windowed"):
+        raise ValueError(
+            f"--in-layer-window pairs the window with a recurrent mixer: expected --mixer ttt_linear, "
+            f"gated_deltanet, ..., got {args.mixer!r}"
+        )
     check_number("--transfer-lr", args.transfer_lr, above=0)
     check_number("--distill-lr", args.distill_lr, above=0)
     check_number("--ce-weight", args.ce_weight, least=0)
@@ -435,13 +492,13 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
             )
         return None
     _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
-    now = dataclasses.asdict(args)
+    now, default = dataclasses.asdict(args), dataclasses.asdict(ConvertArgs())
     # before distillation begins, its arguments have not acted yet: a resumed run equals a fresh one
     free = RUNTIME_ARGS + (DISTILL_ARGS if int(saved["step"]) <= args.transfer_steps else ())
+    # an argument added after the run began is read as its default (what the run used)
+    was = {k: saved["args"].get(k, default[k]) for k in now}
     diff = [
-        f"--{k.replace('_', '-')} {saved['args'].get(k)!r} -> {now[k]!r}"
-        for k in now
-        if k not in free and saved["args"].get(k) != now[k]
+        f"--{k.replace('_', '-')} {was[k]!r} -> {now[k]!r}" for k in now if k not in free and was[k] != now[k]
     ]
     if diff:
         raise CheckpointError("cannot resume: the run used other arguments: " + "; ".join(diff))
@@ -479,6 +536,8 @@ class _Conversion:
             self.blocks,
             keep_as=args.keep_as,
             window=args.window,
+            in_layer_window=args.in_layer_window,
+            sink=args.sink,
             mixer_kwargs=extra,
             seed=args.seed,
         )
@@ -492,7 +551,9 @@ class _Conversion:
         self.data = prepare(corpus, self.tokenizer)
         print(
             f"teacher {args.teacher}: {teacher.config.n_layers} blocks, {teacher.num_params():,} parameters; "
-            f"converting blocks {self.blocks} to {args.mixer}; {self.data.train.numel():,} train / "
+            f"converting blocks {self.blocks} to {args.mixer}"
+            + (f" beside a {args.in_layer_window}-token window" if args.in_layer_window else "")
+            + f"; {self.data.train.numel():,} train / "
             f"{self.data.validation.numel():,} held-out tokens of {corpus.name}; loaded in "
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ttt.models.checkpoint import write_text_atomic
-from ttt.recipes.args import Parser, TrainArgs
+from ttt.recipes.args import Parser, TrainArgs, positive_int
 from ttt.recipes.common import format_table, save_plot, set_threads
 
 from .cache import RunBusy, read_cache, run_once
@@ -136,17 +136,6 @@ def _int_list(text: str, least: int, example: str) -> list[int]:
         kind = "non-negative" if least == 0 else "positive"
         raise argparse.ArgumentTypeError(f"expected {kind} integers such as {example}, got {text!r}")
     return values
-
-
-def positive_int(text: str) -> int:
-    """``--threads``: one positive integer (argparse reports the error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def seed_list(text: str) -> list[int]:

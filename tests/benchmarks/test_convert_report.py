@@ -1,0 +1,55 @@
+"""benchmarks/convert_report.py on two tiny conversions (an in-layer window with attention sinks, and
+sliding-window blocks): the stage table, held-out perplexity at several window lengths, decoding and a
+greedy sample, all from the runs' own teacher."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_report.py"
+TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("convert_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_of_windowed_conversions(tmp_path, monkeypatch):
+    from ttt.recipes.convert import ConvertArgs, convert
+    from ttt.testing import tiny_llama
+
+    tiny_llama(tmp_path / "llama", n_layers=2)
+    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
+    common = dict(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), context=16, batch_size=2,
+                  transfer_steps=1, distill_steps=1, eval_batches=1, ckpt_every=1, progress=False, sink=2)  # fmt: skip
+    convert(ConvertArgs(**common, mixer="ttt_linear", in_layer_window=4, out=str(tmp_path / "a")))
+    convert(ConvertArgs(**common, mixer="swa", window=4, out=str(tmp_path / "b")))
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--ppl-context", "8,16", "--ppl-tokens", "64",
+            "--decode", "12", "--new-tokens", "2", "--prompt", "the cat", "--prompt-tokens", "3",
+            "--out", str(tmp_path / "report")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["convert_report.py", *argv])
+    _module().main()
+    report = json.loads((tmp_path / "report.json").read_text())
+    models = [r["model"] for r in report["runs"]]
+    assert models == [
+        "ttt_linear beside a 4-token window + 2 sink tokens in blocks all",
+        "swa (window 4 + 2 sink tokens) in blocks all",
+    ]
+    # every model (the teacher and both runs) at both window lengths, on the same 64 tokens
+    assert [(c["context"], c["windows"]) for c in report["contexts"]] == [(8, 8)] * 3 + [(16, 4)] * 3
+    assert all(math.isfinite(c["perplexity"]) and math.isfinite(c["second_half"]) for c in report["contexts"])
+    assert len(report["decode"]) == 3 and len(report["samples"]) == 3
+    table = (tmp_path / "report.table.md").read_text()
+    assert "second half of each window" in table and "| 16 | 4 |" in table
