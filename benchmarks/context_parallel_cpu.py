@@ -16,7 +16,6 @@ all-gathers K and V (``all_gather`` of ``[2, B, H, T/R, D]`` and its backward).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ttt.ops.family as fam  # noqa: E402
 from ttt.distributed import COUNTER, all_gather, cp_attention, cp_bytes, cp_family, cp_ttt, spawn  # noqa: E402
 from ttt.ops import ttt_linear  # noqa: E402
+from ttt.recipes.args import Parser
 
 SCHEMES = {"ttt_linear": "relay", "gated_deltanet": "scan", "attention": "kv"}
 
@@ -114,7 +114,7 @@ def _one_process(name: str, B: int, H: int, T: int, D: int, reps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--time-T", type=int, nargs="+", default=[8192])
     p.add_argument(
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=1, help="the relay's pipelining pieces (divides B)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/context_parallel_cpu")
-    a = p.parse_args()
+    a = p.parse()
     torch.set_num_threads(1)
     rows = []
     for name in a.schemes:

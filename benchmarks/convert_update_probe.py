@@ -20,7 +20,6 @@ validation split, the first ones, the same for every row.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ttt.recipes.args import Parser
 
 
 def group_of(name: str) -> str:
@@ -102,7 +103,7 @@ def probe(run: Path, before: str, after: str, *, windows: int, per_block: str | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="run directory holding both checkpoints")
     p.add_argument("--before", required=True, help="earlier checkpoint directory name, e.g. step-000020")
     p.add_argument("--after", required=True, help="later checkpoint directory name, e.g. step-000030")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default: print only)")
-    a = p.parse_args(argv)
+    a = p.parse(argv)
     torch.set_num_threads(a.threads)
     blocks = [int(i) for i in a.blocks.split(",")] if a.blocks else None
     controls = [c for c in a.controls.split(",") if c]

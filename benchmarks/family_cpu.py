@@ -12,7 +12,6 @@ medians of ``--repeats`` runs after one warm-up, the paths taking turns; fwd+bwd
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import platform
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import ttt.ops.family as fam
+from ttt.recipes.args import Parser
 
 
 def _fla_naive(rel: str):
@@ -152,7 +152,7 @@ def median_times(fns: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--T", type=int, default=4096)
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared 2-core box: 1)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "family_cpu.md"))
-    args = ap.parse_args()
+    args = ap.parse()
     torch.set_num_threads(args.threads)
     rows = []
     for rule in ("gated_deltanet", "deltanet"):

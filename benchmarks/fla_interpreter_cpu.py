@@ -15,7 +15,6 @@ Results go to stdout as Markdown rows; ``benchmarks/results/fla_interpreter_cpu.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "ops" / "
 from family_cases import grads, make_case  # noqa: E402
 
 from ttt.ops.family.fla_backend import FLA_KERNELS  # noqa: E402
+from ttt.recipes.args import Parser
 
 PROBLEMS = {
     "base": {"B": 1, "H": 2, "T": 40},
@@ -70,10 +70,10 @@ def compare(rule: str, problem: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="*", default=sorted(FLA_KERNELS), choices=sorted(FLA_KERNELS))
     parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
-    args = parser.parse_args()
+    args = parser.parse()
     torch.set_num_threads(1)
     print("| rule | problem | output | final state | worst gradient | fla fwd+bwd s |")
     print("|---|---|---|---|---|---|")

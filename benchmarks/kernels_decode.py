@@ -20,7 +20,6 @@ depend on the context length; SDPA reads the whole cache.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -39,6 +38,7 @@ from ttt.ops import ttt_linear, ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
 from ttt.ops.ttt_linear.triton.decode import ttt_linear_decode_  # noqa: E402
 from ttt.ops.ttt_mlp.triton.decode import ttt_mlp_decode_  # noqa: E402
+from ttt.recipes.args import Parser
 
 
 def graphed(fn):
@@ -122,14 +122,14 @@ def sdpa_rows(B, H, D, contexts, dtype, device, quick):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", nargs="*", type=int, default=[1024, 4096, 16384, 65536])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="shorter do_bench windows")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, D = args.batch, args.heads, args.head_dim
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

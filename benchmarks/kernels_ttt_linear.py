@@ -54,6 +54,7 @@ from _harness import (  # noqa: E402
 
 from ttt.ops import ttt_linear  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.recipes.args import Parser
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
 
@@ -355,7 +356,7 @@ def decode_table(dec):
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--shapes", nargs="*", default=None, help="B,T,H,D ... (default: the three reference shapes)"
     )
@@ -378,7 +379,7 @@ def parse_args():
     ap.add_argument(
         "--decode", nargs="*", type=int, default=[1024, 4096, 16384, 65536], help="KV lengths (none: skip)"
     )
-    return ap.parse_args()
+    return ap.parse()
 
 
 def main():

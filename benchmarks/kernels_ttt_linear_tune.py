@@ -7,7 +7,6 @@ warps per program, anchor checkpointing on/off, backward and its parallel stage.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,12 +19,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ttt.ops.common import default_token_eta  # noqa: E402
 from ttt.ops.ttt_linear.triton.chunk_bwd import chunk_ttt_linear_bwd, chunk_ttt_linear_bwd_local  # noqa: E402
 from ttt.ops.ttt_linear.triton.chunk_fwd import chunk_ttt_linear_fwd_fused  # noqa: E402
+from ttt.recipes.args import Parser
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64), (2, 16384, 16, 128)]
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--warps", nargs="*", type=int, default=[2, 4, 8])
     ap.add_argument("--stages", nargs="*", type=int, default=[2])
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--local-maxnreg", nargs="*", type=int, default=[0], help="register caps (0: none)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse()
     import triton
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -57,6 +57,7 @@ from _harness import (  # noqa: E402
 
 from ttt.ops import ttt_mlp  # noqa: E402
 from ttt.ops.common import default_token_eta  # noqa: E402
+from ttt.recipes.args import Parser
 
 SHAPES = [(8, 2048, 16, 64), (4, 8192, 16, 64)]
 MB = 16
@@ -240,7 +241,7 @@ def table(rows, header, peak, dots):
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D ... (default: two issue shapes)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
@@ -257,7 +258,7 @@ def parse_args():
         help="TTT_TRITON_DOTS modes of our kernel to check and time (tf32, input; default: the default); "
         "the first is the 'ours' column",
     )
-    return ap.parse_args()
+    return ap.parse()
 
 
 def main():

@@ -14,7 +14,6 @@ Times are process CPU times (single thread), medians after a warm-up; paths over
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 import ttt
 from ttt.ops.general import inner
 from ttt.ops.kv_binding import kv_binding_parallel, lact_recurrent, reduce_kv_binding, swiglu_features
+from ttt.recipes.args import Parser
 
 SWITCHES = [
     ("baseline: last layer only, dot loss, per-token lr", {}, {}, "keeps", "Thm 5.2"),
@@ -144,12 +144,12 @@ def speed(T: int, repeats: int) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kv_binding_cpu.md"))
-    args = ap.parse_args()
+    args = ap.parse()
     torch.set_num_threads(args.threads)
     table = ablation_table()
     timing = speed(args.T, args.repeats)

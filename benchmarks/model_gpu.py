@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ttt.models import CausalLM, LMConfig  # noqa: E402
 from ttt.models.static_decode import StaticDecoder  # noqa: E402
+from ttt.recipes.args import Parser
 from ttt.recipes.common import parse_mixer_kwargs  # noqa: E402
 
 MIXERS = ("ttt_linear", "attention", "ttt_mlp", "swa", "gated_deltanet")
@@ -471,9 +472,7 @@ def _strs(s: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--presets", default="125m,350m", help="ttt.models.config presets, in order")
     p.add_argument(
@@ -509,7 +508,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", default="model_gpu_out")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed cases")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     unknown = set(_strs(args.phases)) - {"train", "infer"}
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}; choose from train, infer")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import ttt
+from ttt.recipes.args import Parser
 from ttt.testing import max_abs_diff, ttt_inputs
 
 B, H, D, MB = 1, 4, 64, 16
@@ -82,11 +83,11 @@ def correctness_gate() -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="T up to 4k, fewer repeats")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ttt_linear_cpu.md")
-    args = p.parse_args()
+    args = p.parse()
     torch.set_num_threads(args.threads)
     err = correctness_gate()
     lengths = [1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]

@@ -1,0 +1,22 @@
+"""The benchmark scripts parse their command lines as ``ttt`` does (``ttt.recipes.args.Parser``): a wrong
+option is one line naming it and exit code 2, never argparse's usage block, and no option is a prefix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_no_script_builds_a_plain_argparse_parser():
+    plain = [p.name for p in sorted(BENCHMARKS.glob("*.py")) if "ArgumentParser(" in p.read_text()]
+    assert not plain, f"use ttt.recipes.args.Parser in {plain}"
+
+
+def test_a_wrong_option_is_one_line_and_exit_2():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "family_cpu.py"), "--stpes", "3"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "unrecognized arguments: --stpes 3" in out.stderr
