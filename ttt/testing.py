@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -345,3 +348,15 @@ def write_llama_gguf(model, tokenizer_json, path, *, metadata: dict | None = Non
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def load_script(path: str | Path, name: str | None = None) -> ModuleType:
+    """Import the script at ``path`` (e.g. ``benchmarks/convert_report.py``, not a package module) as a
+    module named ``name`` (default: its file's stem), registered in ``sys.modules`` (dataclasses look
+    their module up there)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

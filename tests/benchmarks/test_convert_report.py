@@ -4,7 +4,6 @@ greedy sample, all from the runs' own teacher."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -12,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from ttt.testing import load_script
+
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_report.py"
 TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("convert_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_report_of_windowed_conversions(tmp_path, monkeypatch):
@@ -40,7 +34,7 @@ def test_report_of_windowed_conversions(tmp_path, monkeypatch):
             "--decode", "12", "--new-tokens", "2", "--prompt", "the cat", "--prompt-tokens", "3",
             "--out", str(tmp_path / "report")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["convert_report.py", *argv])
-    _module().main()
+    load_script(SCRIPT).main()
     report = json.loads((tmp_path / "report.json").read_text())
     models = [r["model"] for r in report["runs"]]
     assert models == [

@@ -3,25 +3,19 @@ checkpoint, the whole update the later one, and every row is finite."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from ttt.testing import load_script
+
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_update_probe.py"
 TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("convert_update_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_parts_of_an_update_between_the_two_checkpoints(tmp_path):
@@ -34,7 +28,7 @@ def test_parts_of_an_update_between_the_two_checkpoints(tmp_path):
     convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), mixer="ttt_linear",
                         context=16, batch_size=2, transfer_steps=1, distill_steps=2, distill_lr=1e-2,
                         eval_batches=1, ckpt_every=1, out=str(run), progress=False))  # fmt: skip
-    probe = _module()
+    probe = load_script(SCRIPT)
     rows = probe.probe(run, "step-000002", "step-000003", windows=2, per_block="mixer.o_proj.weight",
                        blocks=[0], controls=["blocks.0.mixer.o_proj.weight"])  # fmt: skip
     by = {r["row"]: r["perplexity"] for r in rows}

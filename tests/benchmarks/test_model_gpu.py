@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from ttt.testing import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "model_gpu.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("model_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_mixer_and_phase_runs_on_cpu(tmp_path, monkeypatch):
@@ -25,7 +17,7 @@ def test_every_mixer_and_phase_runs_on_cpu(tmp_path, monkeypatch):
 
     # the suite runs Triton under its interpreter on CPU: far too slow for a smoke test of the script
     monkeypatch.setattr(sd, "_triton_decode", lambda layer, device: None)
-    bench = _module()
+    bench = load_script(SCRIPT)
     args = ["--device", "cpu", "--presets", "micro", "--train-lengths", "16", "--tokens-per-step", "32",
             "--train-steps", "1", "--contexts", "16", "--prefill-repeats", "1", "--decode-tokens", "2",
             "--out", str(tmp_path)]  # fmt: skip
@@ -41,7 +33,7 @@ def test_every_mixer_and_phase_runs_on_cpu(tmp_path, monkeypatch):
 
 
 def test_budget_and_flops_formulas(tmp_path):
-    bench = _module()
+    bench = load_script(SCRIPT)
     cases = bench.main(["--device", "cpu", "--presets", "micro", "--mixers", "attention", "--budget", "0",
                         "--out", str(tmp_path)])  # fmt: skip
     assert [c.status for c in cases] == ["skipped: budget"]
@@ -57,7 +49,7 @@ def test_budget_and_flops_formulas(tmp_path):
 
 
 def test_a_static_decoder_that_fails_its_gate_is_not_timed(tmp_path, monkeypatch):
-    bench = _module()
+    bench = load_script(SCRIPT)
 
     class Wrong(bench.StaticDecoder):
         def step(self, token):
@@ -74,7 +66,7 @@ def test_a_static_decoder_that_fails_its_gate_is_not_timed(tmp_path, monkeypatch
 
 
 def test_mixer_kwargs_reach_the_layers_and_the_forms_they_ran_are_recorded(tmp_path):
-    bench = _module()
+    bench = load_script(SCRIPT)
     cases = bench.main(["--device", "cpu", "--presets", "micro", "--mixers", "gated_deltanet", "--phases", "train",
                         "--train-lengths", "16", "--tokens-per-step", "32", "--train-steps", "1",
                         "--mixer-kwargs", '{"gated_deltanet": {"impl": "recurrent"}}',
@@ -85,7 +77,7 @@ def test_mixer_kwargs_reach_the_layers_and_the_forms_they_ran_are_recorded(tmp_p
 
 
 def test_bad_mixer_kwargs_are_a_one_line_error(capsys):
-    bench = _module()
+    bench = load_script(SCRIPT)
     with pytest.raises(SystemExit):
         bench.parse_args(["--mixer-kwargs", '{"no_such_mixer": {}}'])
     assert "unknown mixers ['no_such_mixer']" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ttt.ops.family as fam
+from ttt.testing import load_script
 
 pytest.importorskip("einops")
 
@@ -40,12 +41,7 @@ pytestmark = pytest.mark.skipif(OPS is None, reason="fla-core not found (set TTT
 
 
 def _naive(rel: str):
-    spec = importlib.util.spec_from_file_location(
-        f"_fla_naive_{rel.replace('/', '_')}", OPS / rel / "naive.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(OPS / rel / "naive.py", f"_fla_naive_{rel.replace('/', '_')}")
 
 
 B, H, T, D = 2, 2, 64, 16  # T a multiple of fla's chunk sizes (its chunk references require it)
