@@ -88,26 +88,39 @@ def context_perplexity(model, tokens: torch.Tensor, context: int) -> dict:
 
 def main() -> None:
     from ttt.recipes.args import Parser, positive_int
+    from ttt.recipes.evidence.common import width_list
 
     p = Parser(description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", required=True)
-    p.add_argument("--decode", default="", help="comma-separated prefix lengths to time decoding after")
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument(
+        "--decode", type=width_list, default=[], help="comma-separated prefix lengths to time decoding after"
+    )
+    p.add_argument("--new-tokens", type=positive_int, default=16)
+    p.add_argument(
+        "--prefill-chunk", type=positive_int, default=None, help="prefill in chunks of this many tokens"
+    )
     p.add_argument("--no-table", action="store_true", help="decoding/samples only: no perplexity table")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument(
         "--prompt", action="append", default=[], help="greedy continuation of this prompt per model"
     )
-    p.add_argument("--prompt-tokens", type=int, default=30)
+    p.add_argument("--prompt-tokens", type=positive_int, default=30)
     p.add_argument(
-        "--ppl-context", default="", help="comma-separated window lengths to score held-out text at"
+        "--ppl-context",
+        type=width_list,
+        default=[],
+        help="comma-separated window lengths to score held-out text at",
     )
     p.add_argument(
         "--ppl-tokens", type=positive_int, default=8192, help="held-out tokens --ppl-context scores"
     )
     args = p.parse()
+    if args.ppl_context and max(args.ppl_context) > args.ppl_tokens:
+        p.error(f"--ppl-context {max(args.ppl_context)} is longer than --ppl-tokens {args.ppl_tokens}")
+    missing = [str(run) for run in args.runs if not (run / "convert.json").is_file()]
+    if missing:
+        p.error(f"no convert.json in {', '.join(missing)}: expected ttt convert run directories")
     torch.set_num_threads(args.threads)
     rows = run_rows(args.runs)
     decode, samples, contexts = [], [], []
@@ -115,7 +128,7 @@ def main() -> None:
         from ttt.models.checkpoint import load_model
         from ttt.recipes.convert import load_teacher, truncate_blocks
 
-        lengths = [int(n) for n in args.decode.split(",") if n]
+        lengths = args.decode
         teacher, tok = load_teacher(rows[0]["args"]["teacher"])  # the first run's; fetched when missing
         if rows[0]["args"].get("first_blocks") is not None:
             truncate_blocks(teacher, rows[0]["args"]["first_blocks"])
@@ -132,7 +145,10 @@ def main() -> None:
             from ttt.data import load_corpus, prepare
 
             held = prepare(load_corpus(rows[0]["args"]["corpus"]), tok).validation[: args.ppl_tokens + 1]
-            for n in [int(c) for c in args.ppl_context.split(",") if c]:
+            if held.numel() <= max(args.ppl_context):
+                p.error(f"the held-out split has {held.numel():,} tokens, too few for --ppl-context "
+                        f"{max(args.ppl_context)}")  # fmt: skip
+            for n in args.ppl_context:
                 for name, model in models:
                     contexts.append({"model": name, **context_perplexity(model, held, n)})
                     print(contexts[-1], flush=True)
@@ -168,7 +184,7 @@ def main() -> None:
     if contexts:
         lines += [
             "",
-            f"| model | context | windows of it in the first {args.ppl_tokens:,} held-out tokens | perplexity | "
+            f"| model | context | windows of it in the first {held.numel() - 1:,} held-out tokens | perplexity | "
             "second half of each window |",
             "|---|---|---|---|---|",
         ]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -20,3 +22,13 @@ def test_a_wrong_option_is_one_line_and_exit_2():
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "unrecognized arguments: --stpes 3" in out.stderr
+
+
+def test_an_option_is_its_whole_name(monkeypatch, capsys):
+    from ttt.testing import load_script
+
+    # --ppl is a prefix of --ppl-context and --ppl-tokens; plain argparse would have taken it for one
+    monkeypatch.setattr(sys, "argv", ["convert_report.py", "run", "--out", "x", "--ppl", "256"])
+    with pytest.raises(SystemExit) as e:
+        load_script(BENCHMARKS / "convert_report.py").main()
+    assert e.value.code == 2 and "unrecognized arguments: --ppl 256" in capsys.readouterr().err

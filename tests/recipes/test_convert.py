@@ -380,7 +380,7 @@ def test_in_layer_window_pipeline_saves_a_constant_state_model(teacher_dir, tmp_
     ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(5))
     sizes = [model(ids[:, :n]).cache.nbytes() for n in (4, 12)]
     assert sizes[0] == sizes[1]  # a full window and the recurrent state: no growth past W tokens
-    # resuming checks the argument (runs from before it existed read it as 0)
+    # resuming checks the argument
     with pytest.raises(Exception, match=r"--in-layer-window 4 -> 8"):
         convert(args_for(teacher_dir, run, mixer="gated_deltanet", in_layer_window=8, resume=True))
 
@@ -390,9 +390,42 @@ def test_in_layer_window_pipeline_saves_a_constant_state_model(teacher_dir, tmp_
     [
         ({"in_layer_window": -1}, "--in-layer-window must be >= 0 (0: none), got -1"),
         ({"in_layer_window": 8, "mixer": "swa"}, "--in-layer-window pairs the window with a recurrent mixer"),
+        ({"sink": -1}, "--sink must be >= 0 (0: none), got -1"),
+        ({"sink": 2}, "--sink 2 keeps tokens beside a window, but the student has none"),
+        ({"mixer": "windowed"}, "--mixer windowed is built by --in-layer-window W"),
+        (
+            {"in_layer_window": 8, "mixer_kwargs": '{"windowed": {"window": 3}}'},
+            "--mixer-kwargs: the windowed",
+        ),
     ],
 )
 def test_in_layer_window_bad_values_are_one_line(teacher_dir, tmp_path, change, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         convert(args_for(teacher_dir, tmp_path / "run", **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_from_before_an_argument_existed_resumes_with_its_default(teacher_dir, tmp_path, monkeypatch):
+    """A checkpoint whose saved arguments lack one added later (``--in-layer-window``, ``--sink``) ran with
+    its default: resuming with the default is allowed, with another value refused (it was refused always,
+    as ``None -> 0``)."""
+    import ttt.models.checkpoint as ckpt
+    from ttt.models.checkpoint import CheckpointError
+    from ttt.recipes.convert import _check_resume
+
+    run = tmp_path / "run"
+    convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=0, ckpt_every=1))
+    load = ckpt.load_checkpoint
+
+    def old_run(*a, **k):
+        state, meta, trainer = load(*a, **k)
+        for key in ("in_layer_window", "sink"):
+            meta["args"].pop(key)
+        return state, meta, trainer
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", old_run)
+    same = args_for(teacher_dir, run, transfer_steps=1, distill_steps=0, ckpt_every=1, resume=True)
+    assert _check_resume(same, run)["step"] == 1
+    with pytest.raises(CheckpointError, match=r"--in-layer-window 0 -> 4"):
+        _check_resume(args_for(teacher_dir, run, transfer_steps=1, distill_steps=0, ckpt_every=1, resume=True,
+                               in_layer_window=4), run)  # fmt: skip

@@ -4,15 +4,15 @@
 
 The window attends exactly to the newest W tokens; the inner mixer (TTT-Linear, TTT-MLP, Gated DeltaNet,
 ... any mixer of ``ttt.layers.MIXERS`` but attention) reads the whole past into its constant-size state.
-The decoding state is the window's KV cache (at most W tokens, and the ``sink`` first ones) plus the
+The decoding state is the window's KV cache (the W - 1 newest tokens and the ``sink`` first ones) plus the
 inner mixer's state: constant in the context length, as a whole model of recurrent mixers.
 
 This is the pairing LoLCATs (Zhang et al. 2024, arXiv 2410.10254) puts in every layer of a linearised
 transformer (softmax over the newest 64 tokens, linear attention for the rest), with one difference: there
 both parts share one softmax normaliser, which a TTT output (``f_W(q)``, no normaliser) does not have, so
 here the two outputs are added and the gain g learns how much the inner mixer contributes. For a
-conversion (``ttt convert --in-layer-window W``) g starts at zero, so the swapped layer starts as its
-teacher's attention cut to the window, which on contexts up to W is the teacher itself.
+conversion (``ttt convert --in-layer-window W``) g starts at zero, so the swapped layer is its teacher's
+attention cut to the window (on contexts up to W the teacher itself) until the output gains are fitted.
 
 Shapes: B batch, T tokens, C model width.
 """
@@ -129,7 +129,8 @@ class WindowedMixer(nn.Module):
             raise TypeError(f"WindowedMixer: state must be a WindowedState, got {type(state).__name__}")
         a, window_state = self.attn(x, None if state is None else state.window, mask)
         r, inner_state = self.inner(x, None if state is None else state.inner, mask)
-        return a + self.gain * r, WindowedState(window_state, inner_state)
+        # the gain in the parts' dtype: under autocast the sum stays in the dtype the parts computed in
+        return a + self.gain.to(r.dtype) * r, WindowedState(window_state, inner_state)
 
     def step(self, x_t: Tensor, state: WindowedState) -> tuple[Tensor, WindowedState]:
         """One decoding step: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], WindowedState)``."""

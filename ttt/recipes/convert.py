@@ -76,7 +76,8 @@ class ConvertArgs:
     in_layer_window: int = 0
     """W > 0: every converted block keeps softmax attention over its newest W tokens beside --mixer, the
     two outputs summed (ttt.layers.WindowedMixer, LoLCATs' pairing; the mixer's gain starts at 0, so the
-    block starts as its attention cut to W tokens); 0: the mixer alone"""
+    swapped block is its attention cut to W tokens until --calibrate fits both gains); 0: the mixer
+    alone"""
     mixer_kwargs: str | None = None
     """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}' (a key the
     mixer does not take is refused, naming those it takes); otherwise the layer's own defaults apply, not
@@ -196,7 +197,7 @@ def init_from_attention(mixer: nn.Module, attn: nn.Module) -> dict[str, str]:
         return {
             **{f"attn.{n}": f"attention {n}" for n, _ in mixer.attn.named_parameters()},
             **{f"inner.{n}": where for n, where in init_from_attention(mixer.inner, attn).items()},
-            "gain": "zero (the block starts as its attention cut to the window)",
+            "gain": "zero (the block is its attention cut to the window until --calibrate)",
         }
     source: dict[str, str] = {}
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -440,6 +441,16 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     if args.sink < 0:
         raise ValueError(f"--sink must be >= 0 (0: none), got {args.sink}")
+    if args.sink and not (args.in_layer_window or args.mixer == "swa" or args.keep_as == "swa"):
+        raise ValueError(
+            f"--sink {args.sink} keeps tokens beside a window, but the student has none: expected "
+            "--in-layer-window, --mixer swa or --keep-as swa"
+        )
+    if args.mixer == "windowed":
+        raise ValueError(
+            "--mixer windowed is built by --in-layer-window W with a recurrent --mixer (ttt_linear, ...), "
+            "which gives its window the teacher's heads and RoPE"
+        )
     if args.in_layer_window < 0:
         raise ValueError(f"--in-layer-window must be >= 0 (0: none), got {args.in_layer_window}")
     if args.in_layer_window and args.mixer in (*ATTENTION_LIKE, "windowed"):
@@ -518,6 +529,11 @@ class _Conversion:
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
         set_threads(args.threads, self.device)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
+        if "windowed" in extra:
+            raise ValueError(
+                "--mixer-kwargs: the windowed mixer is set by --in-layer-window and --sink (its inner "
+                "mixer's arguments go under that mixer's own name)"
+            )
         check_mixer_name(args.mixer)
         self.saved = _check_resume(args, self.run)
         t0 = time.perf_counter()
