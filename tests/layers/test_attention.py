@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttt.layers import Attention, KVCache, SlidingWindowAttention
+from ttt.layers import Attention, KVCache, SlidingWindowAttention, make_mixer
 from ttt.modules import apply_rotary, rotary_cos_sin
 
 
@@ -84,6 +84,11 @@ def test_constructor_errors():
         Attention(dim=12, num_heads=4)
     with pytest.raises(ValueError, match="window"):
         Attention(dim=16, num_heads=2, window=0)
+    for bad in (2.5, True, "4"):  # the windowed mixer's window is this check too
+        with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+            Attention(dim=16, num_heads=2, window=bad)
+        with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+            make_mixer("windowed", 16, 2, {"window": bad})
     for bad in (-1, None, 2.5, "4", True):  # 2.5 / "4" ended in tensor errors, True passed as 1
         with pytest.raises(ValueError, match="conv_size must be an int >= 0"):
             Attention(dim=16, num_heads=2, conv_size=bad)

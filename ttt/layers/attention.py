@@ -99,8 +99,8 @@ class SoftmaxAttention(nn.Module):
             )
         if (dim // num_heads) % 2:
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {dim // num_heads}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be None or >= 1, got {window}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
         if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0 or (sink and window is None):
             raise ValueError(
                 f"sink must be an int >= 0, and 0 without a window; got sink={sink!r}, window={window}"
@@ -338,7 +338,7 @@ def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> St
         )
     length = int(cache.lengths[0])
     # full attention: round the buffer up to 16 slots (aligned rows for the fused SDPA kernels; the extra
-    # slots stay empty and masked); a window's cache has exactly `sink + window` slots (_slots)
+    # slots stay empty and masked); a window's cache has exactly `sink + window` slots (_cache_slot)
     slots = layer.sink + layer.window if layer.window is not None else -(-max_len // 16) * 16
     if length > max_len:
         raise ValueError(
@@ -350,7 +350,7 @@ def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> St
     slot_pos = torch.full((slots,), -1, dtype=torch.long, device=k.device)
     if cache.k.shape[2]:
         positions = cache.positions[0]
-        index = _slot(layer, positions, slots)
+        index = _cache_slot(layer, positions, slots)
         k.index_copy_(2, index, cache.k.to(k.dtype))
         v.index_copy_(2, index, cache.v.to(v.dtype))
         slot_pos.index_copy_(0, index, positions)
@@ -358,7 +358,7 @@ def static_kv_cache(layer: SoftmaxAttention, cache: KVCache, max_len: int) -> St
     return StaticKVCache(k, v, slot_pos, position, tuple(c.clone() for c in cache.convs))
 
 
-def _slot(layer: SoftmaxAttention, positions: Tensor, slots: int) -> Tensor:
+def _cache_slot(layer: SoftmaxAttention, positions: Tensor, slots: int) -> Tensor:
     """The static cache's slot of each position: a sink token's own, else a place in the ring."""
     if layer.window is None:
         return positions % slots
@@ -381,7 +381,7 @@ def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKV
     pos = cache.position.view(1)
     cos, sin = rotary_cos_sin(pos, head_dim, theta=layer.rope_theta)  # [1, D/2]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    slot = _slot(layer, pos, cache.k.shape[2])
+    slot = _cache_slot(layer, pos, cache.k.shape[2])
     cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
     cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
     cache.slot_pos.index_copy_(0, slot, pos)

@@ -41,9 +41,7 @@ class WindowedState:
 
     def nbytes(self) -> int:
         """Bytes held by both parts' tensors (the window's cache and the inner mixer's state)."""
-        from ttt.models.lm import state_nbytes
-
-        return self.window.nbytes() + state_nbytes(self.inner)
+        return self.window.nbytes() + self.inner.nbytes()
 
 
 class WindowedMixer(nn.Module):
@@ -96,8 +94,6 @@ class WindowedMixer(nn.Module):
                 f"WindowedMixer: inner must be a recurrent mixer (ttt_linear, gated_deltanet, ...), "
                 f"got {inner!r}"
             )
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"WindowedMixer: window must be an int >= 1, got {window!r}")
         self.dim, self.num_heads, self.inner_name = dim, num_heads, inner
         self.attn = SlidingWindowAttention(
             dim, num_heads, window=window, sink=sink, num_kv_heads=num_kv_heads, rope_theta=rope_theta
@@ -129,8 +125,12 @@ class WindowedMixer(nn.Module):
             raise TypeError(f"WindowedMixer: state must be a WindowedState, got {type(state).__name__}")
         a, window_state = self.attn(x, None if state is None else state.window, mask)
         r, inner_state = self.inner(x, None if state is None else state.inner, mask)
-        # the gain in the parts' dtype: under autocast the sum stays in the dtype the parts computed in
-        return a + self.gain.to(r.dtype) * r, WindowedState(window_state, inner_state)
+        return self.combine(a, r), WindowedState(window_state, inner_state)
+
+    def combine(self, window_out: Tensor, inner_out: Tensor) -> Tensor:
+        """``window_out + g * inner_out`` (both ``[B, T, C]``), g in the parts' dtype: under autocast the
+        sum stays in the dtype the parts computed in. The one place the parts meet (``StaticDecoder`` too)."""
+        return window_out + self.gain.to(inner_out.dtype) * inner_out
 
     def step(self, x_t: Tensor, state: WindowedState) -> tuple[Tensor, WindowedState]:
         """One decoding step: ``x_t [B, 1, C]`` -> ``(y [B, 1, C], WindowedState)``."""

@@ -220,7 +220,7 @@ class _WindowedSlot:
         self.graphable = self.window.graphable and self.inner.graphable
 
     def step(self, x: Tensor) -> Tensor:
-        return self.window.step(x) + self.layer.gain * self.inner.step(x)
+        return self.layer.combine(self.window.step(x), self.inner.step(x))
 
     def buffers(self) -> list[Tensor]:
         return [*self.window.buffers(), *self.inner.buffers()]

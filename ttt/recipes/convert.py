@@ -389,25 +389,24 @@ def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x
     for i in blocks:
         mixer = student.blocks[i].mixer
         h, target = captured[i]
-        a = target.double().flatten()
         if isinstance(mixer, WindowedMixer):
-            w, r = mixer.attn(h)[0].double().flatten(), mixer.inner(h)[0].double().flatten()
-            gram = torch.stack([torch.stack([w @ w, w @ r]), torch.stack([w @ r, r @ r])])
-            alpha, beta = (
-                torch.linalg.lstsq(gram, torch.stack([w @ a, r @ a])[:, None]).solution[:, 0].tolist()
-            )
+            alpha, beta = _least_squares(target, mixer.attn(h)[0], mixer.inner(h)[0])
             mixer.attn.o_proj.weight.mul_(alpha)
             mixer.gain.fill_(beta)
             gains[str(i)] = {"window": alpha, "inner": beta}
-            continue
-        proj = getattr(mixer, "o_proj", None)
-        if not isinstance(proj, nn.Linear):
-            continue
-        y = mixer(h)[0].double().flatten()
-        gain = float((y @ a) / (y @ y).clamp_min(1e-30))
-        proj.weight.mul_(gain)
-        gains[str(i)] = gain
+        elif isinstance(proj := getattr(mixer, "o_proj", None), nn.Linear):
+            (gain,) = _least_squares(target, mixer(h)[0])
+            proj.weight.mul_(gain)
+            gains[str(i)] = gain
     return gains
+
+
+def _least_squares(target: Tensor, *outputs: Tensor) -> list[float]:
+    """The gains ``c`` that minimise ``|target - sum_j c_j outputs_j|^2`` (all the same shape), in float64
+    through the normal equations (an output of zeros gets gain 0)."""
+    ys = torch.stack([y.double().flatten() for y in outputs])  # [J, N]
+    gram, rhs = ys @ ys.T, ys @ target.double().flatten()
+    return torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0].tolist()
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, ce_weight: float) -> Tensor:
@@ -453,7 +452,7 @@ def _check_args(args: ConvertArgs) -> None:
         )
     if args.in_layer_window < 0:
         raise ValueError(f"--in-layer-window must be >= 0 (0: none), got {args.in_layer_window}")
-    if args.in_layer_window and args.mixer in (*ATTENTION_LIKE, "windowed"):
+    if args.in_layer_window and args.mixer in ATTENTION_LIKE:
         raise ValueError(
             f"--in-layer-window pairs the window with a recurrent mixer: expected --mixer ttt_linear, "
             f"gated_deltanet, ..., got {args.mixer!r}"
