@@ -87,6 +87,7 @@ def context_perplexity(model, tokens: torch.Tensor, context: int) -> dict:
 
 
 def main() -> None:
+    from ttt.models.checkpoint import write_text_atomic
     from ttt.recipes.args import Parser, positive_int
     from ttt.recipes.evidence.common import width_list
 
@@ -121,6 +122,9 @@ def main() -> None:
     missing = [str(run) for run in args.runs if not (run / "convert.json").is_file()]
     if missing:
         p.error(f"no convert.json in {', '.join(missing)}: expected ttt convert run directories")
+    out = Path(args.out)
+    if not out.parent.is_dir():  # checked before minutes of evaluation, not when writing
+        p.error(f"--out {out}: no directory {out.parent} to write the report into")
     torch.set_num_threads(args.threads)
     rows = run_rows(args.runs)
     decode, samples, contexts = [], [], []
@@ -128,39 +132,38 @@ def main() -> None:
         from ttt.models.checkpoint import load_model
         from ttt.recipes.convert import load_teacher, truncate_blocks
 
-        lengths = args.decode
         teacher, tok = load_teacher(rows[0]["args"]["teacher"])  # the first run's; fetched when missing
         if rows[0]["args"].get("first_blocks") is not None:
             truncate_blocks(teacher, rows[0]["args"]["first_blocks"])
         models = [("teacher (attention)", teacher)]
         models += [(r["model"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
-        vocab = teacher.config.vocab_size
-        for n in lengths:  # all models at one length, then the next: partial results stay comparable
-            for name, model in models:
-                decode.append(
-                    {"model": name, **time_decode(model, n, args.new_tokens, vocab, args.prefill_chunk)}
-                )
-                print(decode[-1], flush=True)
-        if args.ppl_context:
+        if args.ppl_context:  # the held-out text first: a split too short fails before any timing
             from ttt.data import load_corpus, prepare
 
             held = prepare(load_corpus(rows[0]["args"]["corpus"]), tok).validation[: args.ppl_tokens + 1]
             if held.numel() <= max(args.ppl_context):
                 p.error(f"the held-out split has {held.numel():,} tokens, too few for --ppl-context "
                         f"{max(args.ppl_context)}")  # fmt: skip
-            for n in args.ppl_context:
-                for name, model in models:
-                    contexts.append({"model": name, **context_perplexity(model, held, n)})
-                    print(contexts[-1], flush=True)
+        vocab = teacher.config.vocab_size
+        for n in args.decode:  # all models at one length, then the next: partial results stay comparable
+            for name, model in models:
+                decode.append(
+                    {"model": name, **time_decode(model, n, args.new_tokens, vocab, args.prefill_chunk)}
+                )
+                print(decode[-1], flush=True)
+        for n in args.ppl_context:
+            for name, model in models:
+                contexts.append({"model": name, **context_perplexity(model, held, n)})
+                print(contexts[-1], flush=True)
         for name, model in models:
             for prompt in args.prompt:
                 ids = torch.tensor([tok.encode(prompt)])
-                out = model.generate(ids, args.prompt_tokens, temperature=0)[0, ids.shape[1] :].tolist()
-                samples.append({"model": name, "prompt": prompt, "continuation": tok.decode(out)})
+                new = model.generate(ids, args.prompt_tokens, temperature=0)[0, ids.shape[1] :].tolist()
+                samples.append({"model": name, "prompt": prompt, "continuation": tok.decode(new)})
                 print(samples[-1], flush=True)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(
-        json.dumps({"runs": rows, "decode": decode, "samples": samples, "contexts": contexts}, indent=1)
+    write_text_atomic(  # a report is replaced whole or not at all
+        out.with_suffix(".json"),
+        json.dumps({"runs": rows, "decode": decode, "samples": samples, "contexts": contexts}, indent=1),
     )
     lines = [] if args.no_table else [
         "| model | " + " | ".join(STAGES) + " | transfer tokens, s | distill tokens, s |",
@@ -192,7 +195,7 @@ def main() -> None:
                   f"{d['second_half']:.2f} |" for d in contexts]  # fmt: skip
     for d in samples:
         lines += ["", f"**{d['model']}**, greedy after {d['prompt']!r}: {d['continuation']!r}"]
-    out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".table.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,3 +32,16 @@ def test_an_option_is_its_whole_name(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         load_script(BENCHMARKS / "convert_report.py").main()
     assert e.value.code == 2 and "unrecognized arguments: --ppl 256" in capsys.readouterr().err
+
+
+def test_convert_report_refuses_an_out_it_cannot_write_before_any_work(tmp_path, monkeypatch, capsys):
+    from ttt.testing import load_script
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "convert.json").write_text("{}")  # never read: the check comes first
+    out = tmp_path / "no" / "such" / "report"
+    monkeypatch.setattr(sys, "argv", ["convert_report.py", str(tmp_path / "run"), "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        load_script(BENCHMARKS / "convert_report.py").main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"no directory {out.parent}" in err
