@@ -385,9 +385,64 @@ def test_in_layer_window_pipeline_saves_a_constant_state_model(teacher_dir, tmp_
         convert(args_for(teacher_dir, run, mixer="gated_deltanet", in_layer_window=8, resume=True))
 
 
+def test_residual_transfer_fits_the_window_to_attention_and_the_inner_mixer_to_the_rest(teacher_dir):
+    """``transfer_loss(residual=True)``, per block: the window against the attention output plus the inner
+    mixer against attention minus window (each relative to its target's energy); no gradient reaches the
+    window through the inner mixer's target, none the gain."""
+    from ttt.recipes.convert import _capture_attention, transfer_loss
+
+    teacher, _ = load_llama(teacher_dir)
+    student, _ = swap_mixers(teacher, "ttt_linear", [1, 2], in_layer_window=6)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(6))
+    captured = _capture_attention(teacher, [1, 2], ids)
+    expected, window_loss = [], []
+    for i in (1, 2):
+        h, a = captured[i]
+        mixer = student.blocks[i].mixer
+        w = mixer.attn(h)[0]
+        window_loss.append(((w - a) ** 2).mean() / (a**2).mean())
+        with torch.no_grad():
+            r = a - w
+            expected.append(window_loss[-1] + ((mixer.inner(h)[0] - r) ** 2).mean() / (r**2).mean())
+    loss = transfer_loss(student, teacher, [1, 2], ids, residual=True)
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    mixer = student.blocks[1].mixer
+    window_grad = torch.autograd.grad(torch.stack(window_loss).mean(), mixer.attn.q_proj.weight)[0]
+    loss.backward()
+    torch.testing.assert_close(mixer.attn.q_proj.weight.grad, window_grad)  # the window: its own loss only
+    assert mixer.inner.q_proj.weight.grad.abs().sum() > 0 and mixer.gain.grad is None
+    with pytest.raises(ValueError, match="residual transfer needs windowed mixers; block 0"):
+        transfer_loss(swap_mixers(teacher, "ttt_linear", [0])[0], teacher, [0], ids, residual=True)
+
+
+def test_residual_transfer_starts_the_inner_mixers_silent_then_refits_the_gains(teacher_dir, tmp_path):
+    from ttt.models.checkpoint import find_checkpoint, load_checkpoint
+
+    run = tmp_path / "run"
+    kw = dict(in_layer_window=4, transfer_target="residual", transfer_inner_lr=3e-4, distill_steps=0,
+              transfer_steps=2)  # fmt: skip
+    summary = convert(args_for(teacher_dir, run, **kw))
+    state, _, _ = load_checkpoint(find_checkpoint(run))
+    for i in range(4):
+        gains = summary["gains_after_transfer"][str(i)]
+        # the inner mixer started silent (its block was the window alone), so its first fitted gain is 0
+        assert summary["mapping"][str(i)]["parameters"]["inner.o_proj.weight"].startswith("zero")
+        assert summary["gains"][str(i)]["inner"] == 0.0 and gains["inner"] != 0.0  # fitted again
+        assert float(state[f"blocks.{i}.mixer.gain"][0]) == pytest.approx(gains["inner"], rel=1e-6)
+        assert state[f"blocks.{i}.mixer.inner.o_proj.weight"].abs().sum() > 0  # grew from zero
+    assert "calibrate_after_transfer" in summary["seconds"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        ({"transfer_target": "resid"}, "--transfer-target must be 'output' or 'residual', got 'resid'"),
+        ({"transfer_target": "residual"}, "--transfer-target residual trains the inner mixer on what"),
+        ({"transfer_inner_lr": 1e-4}, "--transfer-inner-lr sets the inner mixers' lr of --transfer-target"),
+        (
+            {"transfer_inner_lr": -1.0, "transfer_target": "residual", "in_layer_window": 4},
+            "--transfer-inner-lr must be a finite number > 0, got -1.0",
+        ),
         ({"in_layer_window": -1}, "--in-layer-window must be >= 0 (0: none), got -1"),
         ({"in_layer_window": 8, "mixer": "swa"}, "--in-layer-window pairs the window with a recurrent mixer"),
         ({"sink": -1}, "--sink must be >= 0 (0: none), got -1"),

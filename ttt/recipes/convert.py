@@ -95,6 +95,16 @@ class ConvertArgs:
     """steps of stage (a), attention transfer (0: skip)"""
     transfer_lr: float = 1e-3
     """peak learning rate of stage (a)"""
+    transfer_target: str = "output"
+    """what stage (a) fits: 'output' (each converted mixer's whole output matches its attention's) or
+    'residual' (with --in-layer-window: the window learns the attention output as a sliding-window block
+    would and the inner mixer, from a zero output projection, what the window misses; the gain stays out
+    of the loss and both gains are fitted again after the stage). With 'output' the inner mixer starts at
+    gain ~0 and stays there (docs/convert.md)"""
+    transfer_inner_lr: float | None = None
+    """peak learning rate of the inner mixers in stage (a) with --transfer-target residual (default:
+    --transfer-lr): their output starts at zero and the residual is small, so they want a lower one than
+    the window (docs/convert.md)"""
     distill_steps: int = 100
     """steps of stage (b), distillation (0: skip)"""
     distill_lr: float = 1e-4
@@ -285,6 +295,24 @@ def swap_mixers(
     return student.to(teacher.embed.weight.device), mapping
 
 
+@torch.no_grad()
+def silence_inner_mixers(student: nn.Module, blocks: list[int], mapping: dict[str, Any]) -> None:
+    """Zero the output projection of each ``windowed`` block's inner mixer (for --transfer-target residual):
+    the block is its window alone and the inner mixer starts from a residual loss of exactly 1. Its output
+    then grows from zero toward what the window misses; from the swapped scale (its output has hundreds of
+    times the residual's energy in SmolLM2) the residual loss starts in the thousands. ``mapping`` records
+    it."""
+    for i in blocks:
+        proj = getattr(student.blocks[i].mixer.inner, "o_proj", None)
+        if not isinstance(proj, nn.Linear):
+            raise ValueError(
+                f"--transfer-target residual zeroes the inner mixer's o_proj; "
+                f"{student.blocks[i].mixer.inner_name} has none"
+            )
+        proj.weight.zero_()
+        mapping[str(i)]["parameters"]["inner.o_proj.weight"] = "zero (--transfer-target residual)"
+
+
 def _non_mixer_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".mixer." not in k}
 
@@ -362,15 +390,32 @@ def _capture_attention(teacher: nn.Module, blocks: list[int], x: Tensor) -> dict
     return captured
 
 
-def transfer_loss(student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor) -> Tensor:
-    """Stage (a): mean over ``blocks`` of ``|mixer(h) - attention(h)|^2 / mean(attention(h)^2)``, where h is
-    the teacher's normed hidden state entering the block (each block's loss is 1 for a zero output)."""
+def transfer_loss(
+    student: nn.Module, teacher: nn.Module, blocks: list[int], x: Tensor, *, residual: bool = False
+) -> Tensor:
+    """Stage (a): the mean over ``blocks`` of ``rel(mixer(h), a)``, where ``rel(y, t) = |y - t|^2 /
+    mean(t^2)`` (1 for a zero output), h is the teacher's normed hidden state entering the block and a its
+    attention output there. ``residual`` (``windowed`` mixers only): each block's loss is instead
+    ``rel(window(h), a) + rel(inner(h), a - window(h))``: the window learns the attention output as a
+    sliding-window block would, the inner mixer what the window misses (its target without gradient);
+    the gain stays out."""
+    from ttt.layers import WindowedMixer
+
+    def rel(y: Tensor, t: Tensor) -> Tensor:
+        return F.mse_loss(y.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+
     captured = _capture_attention(teacher, blocks, x)
     losses = []
     for i in blocks:
         h, target = captured[i]
-        y, _ = student.blocks[i].mixer(h)
-        losses.append(F.mse_loss(y.float(), target.float()) / target.float().pow(2).mean().clamp_min(1e-12))
+        mixer = student.blocks[i].mixer
+        if not residual:
+            losses.append(rel(mixer(h)[0], target))
+            continue
+        if not isinstance(mixer, WindowedMixer):
+            raise ValueError(f"residual transfer needs windowed mixers; block {i} has {type(mixer).__name__}")
+        window = mixer.attn(h)[0]
+        losses.append(rel(window, target) + rel(mixer.inner(h)[0], target - window.detach()))
     return torch.stack(losses).mean()
 
 
@@ -457,7 +502,18 @@ def _check_args(args: ConvertArgs) -> None:
             f"--in-layer-window pairs the window with a recurrent mixer: expected --mixer ttt_linear, "
             f"gated_deltanet, ..., got {args.mixer!r}"
         )
+    if args.transfer_target not in ("output", "residual"):
+        raise ValueError(f"--transfer-target must be 'output' or 'residual', got {args.transfer_target!r}")
+    if args.transfer_target == "residual" and not args.in_layer_window:
+        raise ValueError(
+            "--transfer-target residual trains the inner mixer on what its window misses: expected "
+            "--in-layer-window W"
+        )
     check_number("--transfer-lr", args.transfer_lr, above=0)
+    if args.transfer_inner_lr is not None:
+        if args.transfer_target != "residual":
+            raise ValueError("--transfer-inner-lr sets the inner mixers' lr of --transfer-target residual")
+        check_number("--transfer-inner-lr", args.transfer_inner_lr, above=0)
     check_number("--distill-lr", args.distill_lr, above=0)
     check_number("--ce-weight", args.ce_weight, least=0)
     if args.lora_rank < 1:
@@ -556,6 +612,8 @@ class _Conversion:
             mixer_kwargs=extra,
             seed=args.seed,
         )
+        if args.transfer_target == "residual":
+            silence_inner_mixers(self.student, self.blocks, mapping)
         if args.from_scratch:
             from ttt.models import CausalLM
 
@@ -645,19 +703,20 @@ class _Conversion:
             )
         print(f"resumed from step {self.step}", flush=True)
 
-    def calibrate(self) -> None:
+    def calibrate(self, when: str = "") -> None:
+        """Fit the output gains (:func:`calibrate_gains`) on one training batch, kept in ``summary["gains" +
+        when]``: before stage (a) when --calibrate; after it (``when="_after_transfer"``) for
+        --transfer-target residual."""
         from ttt.data import sample_batch
 
-        if self.saved is not None or not self.args.calibrate or self.args.from_scratch:
-            return
         a, t = self.args, time.perf_counter()
         x, _ = sample_batch(
             self.data.train, a.batch_size, a.context, torch.Generator().manual_seed(a.seed + 2)
         )
-        self.summary["gains"] = calibrate_gains(self.student, self.teacher, self.blocks, x.to(self.device))
-        self.ppl["calibrated"] = self.perplexity(self.student)
-        self.summary["seconds"]["calibrate"] = time.perf_counter() - t
-        print(f"held-out perplexity after the output gains: {self.ppl['calibrated']:.2f}", flush=True)
+        self.summary["gains" + when] = calibrate_gains(
+            self.student, self.teacher, self.blocks, x.to(self.device)
+        )
+        self.summary["seconds"]["calibrate" + when] = time.perf_counter() - t
 
     def checkpoint(self, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
         from ttt.models.checkpoint import save_checkpoint, write_text_atomic
@@ -687,10 +746,8 @@ class _Conversion:
 
     def trainable(self, stage: str) -> list[nn.Parameter]:
         """Freeze everything, then unfreeze (or create, for LoRA) what ``stage`` trains."""
-        student, mixers = (
-            self.student,
-            [p for i in self.blocks for p in self.student.blocks[i].mixer.parameters()],
-        )
+        student = self.student
+        mixer_params = [p for i in self.blocks for p in student.blocks[i].mixer.parameters()]
         if stage == "distill" and self.args.update == "lora":
             if any(".parametrizations." in k for k in student.state_dict()):  # restored with its adapters
                 return [p for n, p in student.named_parameters() if n.endswith((".A", ".B"))]
@@ -698,7 +755,7 @@ class _Conversion:
         for p in student.parameters():
             p.requires_grad_(False)
         full = stage == "distill" and self.args.update == "full" or self.args.from_scratch
-        params = list(student.parameters()) if full else mixers
+        params = list(student.parameters()) if full else mixer_params
         for p in params:
             p.requires_grad_(True)
         return params
@@ -712,13 +769,21 @@ class _Conversion:
         from .loop import Every, MetricsLog, TrainLoop, check_finite_weights, cosine_lr
 
         a = self.args
+        residual = name == "transfer" and a.transfer_target == "residual"
         if self.step >= end or end == begin:
             if end > begin and f"after_{name}" not in self.ppl:
                 self.ppl[f"after_{name}"] = self.perplexity(self.student)
             return
         params = self.trainable(name)
         peak = a.transfer_lr if name == "transfer" else a.distill_lr
-        optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
+        groups = [{"params": params}]
+        if residual and a.transfer_inner_lr is not None:  # the inner mixers: their own multiple of the lr
+            inner = {id(p) for i in self.blocks for p in self.student.blocks[i].mixer.inner.parameters()}
+            groups = [
+                {"params": [p for p in params if id(p) not in inner]},
+                {"params": [p for p in params if id(p) in inner], "lr_scale": a.transfer_inner_lr / peak},
+            ]
+        optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
         sampler = torch.Generator().manual_seed(a.seed + (0 if name == "transfer" else 1))
         if self.trainer is not None and self.step > begin:
             load_optimizer_tensors(optimizer, self.trainer, self.opt_meta)
@@ -736,7 +801,7 @@ class _Conversion:
             if a.from_scratch:
                 return F.cross_entropy(self.student(x)[0].flatten(0, 1), y.flatten())
             if name == "transfer":
-                return transfer_loss(self.student, self.teacher, self.blocks, x)
+                return transfer_loss(self.student, self.teacher, self.blocks, x, residual=residual)
             return distill_loss(self.student, self.teacher, x, y, a.ce_weight)
 
         def checkpoint(step: int) -> None:
@@ -744,6 +809,8 @@ class _Conversion:
             seconds[name] = seconds.get(name, 0.0) + loop.seconds - counted[0]
             counted[0] = loop.seconds
             check_finite_weights(self.student, step, f" ({latest_note(self.run)})")
+            if step == end and residual:  # the inner mixers now model the residual: fit both gains again
+                self.calibrate("_after_transfer")
             if step == end:
                 self.ppl[f"after_{name}"] = self.perplexity(self.student)
                 log.print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}")
@@ -782,7 +849,10 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     refuse_links(job.run, (*RUN_OUTPUTS, "hf/*"))
     job.baselines()
     job.restore()
-    job.calibrate()
+    if job.saved is None and args.calibrate and not args.from_scratch:
+        job.calibrate()
+        job.ppl["calibrated"] = job.perplexity(job.student)
+        print(f"held-out perplexity after the output gains: {job.ppl['calibrated']:.2f}", flush=True)
     total = args.transfer_steps + args.distill_steps
     stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
     for name, begin, end in stages:

@@ -247,8 +247,8 @@ class TrainLoop:
         """Optimizer step number ``step + 1``: nothing is applied when its loss or gradient is not finite."""
         t0 = time.perf_counter()
         lr = self.lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # a group may carry its own multiple of the schedule
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss = self.loss(self.batch(step))
         loss_value = float(self.reduce(loss.detach()))
         loss.backward()

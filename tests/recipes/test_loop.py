@@ -1,0 +1,32 @@
+"""The recipes' one training loop (:mod:`ttt.recipes.loop`): the lr schedule and its per-group multiples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ttt.recipes.loop import TrainLoop, cosine_lr
+
+
+def test_cosine_lr_is_torchs_cosine_annealing_after_the_warmup():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=0.03)
+    for step in range(21):
+        assert cosine_lr(step, peak=0.3, total=20, final=0.03) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert cosine_lr(0, peak=0.3, total=20, warmup=4) == pytest.approx(0.3 / 4)
+
+
+def test_a_param_group_with_lr_scale_follows_the_schedule_times_its_scale():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "lr_scale": 0.1}], lr=1.0)
+    seen = []
+
+    def loss(batch):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return model(batch).pow(2).sum()
+
+    TrainLoop(model, opt, lambda s: torch.ones(4, 3), loss, steps=3, lr=lambda s: 0.5 / (s + 1)).run()
+    assert sum(seen, []) == pytest.approx([0.5, 0.05, 0.25, 0.025, 0.5 / 3, 0.05 / 3])
