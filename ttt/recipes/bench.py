@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ttt._extras import require
 
 from .args import BenchArgs
-from .common import format_table, resolve_device, restores_threads, save_figure, set_threads
+from .common import format_table, resolve_device, save_figure, with_threads
 
 __all__ = ["BenchRow", "bench", "check_decode_matches_forward"]
 
@@ -89,7 +89,7 @@ def _saved_bytes(layer: nn.Module, x: Tensor) -> int:
     return total
 
 
-@restores_threads
+@with_threads
 def bench(args: BenchArgs) -> list[BenchRow]:
     """Run the benchmark; writes ``bench.md`` and ``bench.png`` into ``args.out``."""
     from ttt.layers import MIXERS
@@ -98,7 +98,6 @@ def bench(args: BenchArgs) -> list[BenchRow]:
 
     refuse_links(check_out_dir(args.out, expected="a directory"), BENCH_OUTPUTS)
     device = resolve_device(args.device)
-    set_threads(args.threads, device)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown or not mixers:

@@ -19,10 +19,10 @@ __all__ = [
     "check_number",
     "lm_loss",
     "resolve_device",
-    "restores_threads",
     "save_plot",
     "set_threads",
     "setup_dist",
+    "with_threads",
 ]
 
 
@@ -97,15 +97,18 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> None
         torch.set_num_threads(1)
 
 
-def restores_threads(fn: Callable) -> Callable:
-    """A recipe that sets its threads (:func:`set_threads`) gives the caller's count back when it returns:
-    a notebook that set 8 threads keeps them after ``evaluate_checkpoint``."""
+def with_threads(fn: Callable) -> Callable:
+    """A recipe ``fn(args, ...)`` runs with ``args.threads`` CPU threads (:func:`set_threads`, on the device
+    ``args.device`` names when it has one) and gives the caller's count back when it returns: a notebook
+    that set 8 threads keeps them after ``evaluate_checkpoint``. The one place a recipe sets threads."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(args: Any, *rest: Any, **kwargs: Any) -> Any:
         before = torch.get_num_threads()
         try:
-            return fn(*args, **kwargs)
+            device = getattr(args, "device", None)
+            set_threads(args.threads, None if device is None else resolve_device(device))
+            return fn(args, *rest, **kwargs)
         finally:
             torch.set_num_threads(before)
 

@@ -39,9 +39,8 @@ from .common import (
     optimizer_tensors,
     parse_mixer_kwargs,
     resolve_device,
-    restores_threads,
     save_plot,
-    set_threads,
+    with_threads,
 )
 
 __all__ = ["ConvertArgs", "convert", "parse_blocks", "swap_mixers"]
@@ -582,7 +581,6 @@ class _Conversion:
         _check_args(args)
         check_out_dir(args.out)
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
-        set_threads(args.threads, self.device)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
         if "windowed" in extra:
             raise ValueError(
@@ -833,7 +831,7 @@ class _Conversion:
         self.student.eval()
 
 
-@restores_threads
+@with_threads
 def convert(args: ConvertArgs) -> dict[str, Any]:
     """Run the conversion (see the module docstring); returns the summary also written to convert.json."""
     from ttt.models.checkpoint import lock_run

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import restores_threads, set_threads
+from .common import with_threads
 from .loop import TrainLoop, cosine_lr
 
 __all__ = ["DigitsArgs", "DigitsResult", "train_digits"]
@@ -52,13 +52,12 @@ class DigitsResult:
     num_params: int
 
 
-@restores_threads
+@with_threads
 def train_digits(args: DigitsArgs) -> DigitsResult:
     """Train and evaluate (the recipes' one loop); returns the test accuracy."""
     from ttt.data import load_digits
     from ttt.models.encoder import EncoderClassifier, EncoderConfig
 
-    set_threads(args.threads)
     x_tr, y_tr, x_te, y_te = load_digits(seed=args.seed)
     if args.limit is not None:
         x_tr, y_tr = x_tr[: args.limit], y_tr[: args.limit]

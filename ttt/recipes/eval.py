@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import EvalArgs
-from .common import format_table, resolve_device, restores_threads, save_plot, set_threads
+from .common import format_table, resolve_device, save_plot, with_threads
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "evaluate_loss"]
 
@@ -172,7 +172,7 @@ def _file_slug(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-@restores_threads
+@with_threads
 def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     """Load a checkpoint, score a validation split (or a whole file), write the loss-vs-position table and
     plot.
@@ -189,7 +189,6 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     if args.out is not None:
         check_out_dir(args.out, expected="a directory")
     device = resolve_device(args.device)
-    set_threads(args.threads, device)
     ckpt = find_checkpoint(args.checkpoint)
     out = _out_dir(args, ckpt)
     model, meta = load_model(ckpt, device=device)

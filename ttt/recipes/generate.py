@@ -17,7 +17,7 @@ from typing import TextIO
 import torch
 
 from .args import GenerateArgs
-from .common import check_number, resolve_device, restores_threads, set_threads
+from .common import check_number, resolve_device, with_threads
 
 __all__ = ["GenerateResult", "generate_text"]
 
@@ -72,7 +72,7 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> tuple[str, list[in
     return text, tokenizer.encode(text)
 
 
-@restores_threads
+@with_threads
 @torch.inference_mode()
 def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResult:
     """Load a checkpoint and continue a prompt; streams to ``out`` (default stdout) when ``args.stream``,
@@ -83,7 +83,6 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
 
     out = out or sys.stdout
     device = resolve_device(args.device)
-    set_threads(args.threads, device)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     # not a < 0 test: NaN must fail too

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import check_number, format_table, parse_mixer_kwargs, restores_threads, set_threads
+from .common import check_number, format_table, parse_mixer_kwargs, with_threads
 from .loop import Every, MetricsLog, TrainLoop, cosine_lr
 
 __all__ = ["MQARArgs", "MQARResult", "check_args", "main", "run_mqar", "train_mqar"]
@@ -262,11 +262,10 @@ def train_mqar(mixer: str, args: MQARArgs, train: Split, test: Split) -> MQARRes
                       n_params, history)  # fmt: skip
 
 
-@restores_threads
+@with_threads
 def run_mqar(args: MQARArgs) -> list[MQARResult]:
     """Train and score every mixer of ``args.mixers`` on the same data."""
     check_args(args)
-    set_threads(args.threads)
     train, test = make_splits(args)
     return [train_mqar(m, args, train, test) for m in mixer_names(args)]
 

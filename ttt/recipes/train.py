@@ -38,10 +38,9 @@ from .common import (
     optimizer_tensors,
     parse_mixer_kwargs,
     resolve_device,
-    restores_threads,
     save_plot,
-    set_threads,
     setup_dist,
+    with_threads,
 )
 from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
 
@@ -306,7 +305,7 @@ def _latest_note(run_dir: Path) -> str:
     return f" ({latest_note(run_dir)})"
 
 
-@restores_threads
+@with_threads
 def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures.
 
@@ -325,7 +324,6 @@ def train(args: TrainArgs) -> TrainResult:
 
 def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
     device = resolve_device(args.device)
-    set_threads(args.threads, device)
     if args.context_parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) % args.context_parallel:
         raise ValueError(
             f"--context-parallel {args.context_parallel} splits each sequence over that many processes: "
