@@ -99,17 +99,10 @@ def residual_stats(parts: dict[str, Tensor], betas: Tensor | None = None) -> dic
 
 def probe(teacher: nn.Module, x: Tensor, windows: list[int], sink: int) -> list[dict]:
     """``[{"window", "block", **residual_stats}]`` for every block of ``teacher`` on the batch ``x``."""
-    inputs: dict[int, Tensor] = {}
-    hooks = [
-        block.mixer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
-        for i, block in enumerate(teacher.blocks)
-    ]
-    try:
-        with torch.no_grad():
-            teacher(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    from ttt.recipes.convert import capture_attention
+
+    blocks = list(range(len(teacher.blocks)))
+    inputs = {i: h for i, (h, _) in capture_attention(teacher, blocks, x).items()}
     rows = []
     for window in windows:
         for i, block in enumerate(teacher.blocks):

@@ -389,12 +389,12 @@ def test_residual_transfer_fits_the_window_to_attention_and_the_inner_mixer_to_t
     """``transfer_loss(residual=True)``, per block: the window against the attention output plus the inner
     mixer against attention minus window (each relative to its target's energy); no gradient reaches the
     window through the inner mixer's target, none the gain."""
-    from ttt.recipes.convert import _capture_attention, transfer_loss
+    from ttt.recipes.convert import capture_attention, transfer_loss
 
     teacher, _ = load_llama(teacher_dir)
     student, _ = swap_mixers(teacher, "ttt_linear", [1, 2], in_layer_window=6)
     ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(6))
-    captured = _capture_attention(teacher, [1, 2], ids)
+    captured = capture_attention(teacher, [1, 2], ids)
     expected, window_loss = [], []
     for i in (1, 2):
         h, a = captured[i]

@@ -370,7 +370,7 @@ def merge_lora(model: nn.Module) -> None:
 # --- the two training stages ------------------------------------------------------------------------
 
 
-def _capture_attention(teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+def capture_attention(teacher: nn.Module, blocks: list[int], x: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
     """``{block: (mixer input [B, T, C], attention output [B, T, C])}`` of a teacher forward on ``x``."""
     captured: dict[int, tuple[Tensor, Tensor]] = {}
     hooks = []
@@ -403,7 +403,7 @@ def transfer_loss(
     def rel(y: Tensor, t: Tensor) -> Tensor:
         return F.mse_loss(y.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
 
-    captured = _capture_attention(teacher, blocks, x)
+    captured = capture_attention(teacher, blocks, x)
     losses = []
     for i in blocks:
         h, target = captured[i]
@@ -428,7 +428,7 @@ def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x
     beta is its gain g. Returns ``{block: gain}`` (``{block: {"window": alpha, "inner": beta}}``)."""
     from ttt.layers import WindowedMixer
 
-    captured = _capture_attention(teacher, blocks, x)
+    captured = capture_attention(teacher, blocks, x)
     gains: dict[str, Any] = {}
     for i in blocks:
         mixer = student.blocks[i].mixer
