@@ -440,6 +440,10 @@ def test_residual_transfer_starts_the_inner_mixers_silent_then_refits_the_gains(
         ({"transfer_target": "residual"}, "--transfer-target residual trains the inner mixer on what"),
         ({"transfer_inner_lr": 1e-4}, "--transfer-inner-lr sets the inner mixers' lr of --transfer-target"),
         (
+            {"transfer_target": "residual", "in_layer_window": 4, "from_scratch": True},
+            "--from-scratch has no teacher to transfer from: expected --transfer-target output",
+        ),
+        (
             {"transfer_inner_lr": -1.0, "transfer_target": "residual", "in_layer_window": 4},
             "--transfer-inner-lr must be a finite number > 0, got -1.0",
         ),

@@ -517,6 +517,8 @@ def _check_args(args: ConvertArgs) -> None:
     check_number("--ce-weight", args.ce_weight, least=0)
     if args.lora_rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.from_scratch and args.transfer_target != "output":
+        raise ValueError("--from-scratch has no teacher to transfer from: expected --transfer-target output")
     if args.from_scratch and args.update != "full":
         raise ValueError(
             f"--from-scratch trains every parameter: expected --update full, got {args.update!r}"
