@@ -46,6 +46,8 @@ def attention_parts(mixer: nn.Module, h: Tensor, window: int, sink: int) -> dict
     beyond the window and the first ``sink`` tokens)."""
     from ttt.layers.attention import apply_rotary, rotary_cos_sin, split_heads
 
+    if mixer.q_proj.bias is not None or getattr(mixer, "conv_size", 0):
+        raise ValueError("attention_parts: expected attention without biases or short convolutions (Llama's)")
     h = h.double()
     w = {n: p.double() for n, p in mixer.named_parameters()}
     q = split_heads(h @ w["q_proj.weight"].T, mixer.num_heads)
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--windows: expected comma-separated positive integers, got {a.windows!r}")
     if a.sink < 0:
         p.error(f"--sink must be >= 0, got {a.sink}")
+    if a.context <= max(windows) + a.sink:
+        p.error(f"--context {a.context}: no query would have keys beyond a window + sinks (expected more "
+                f"than {max(windows) + a.sink} tokens)")  # fmt: skip
     if a.out is not None and not a.out.parent.is_dir():
         p.error(f"--out {a.out}: no directory {a.out.parent}")
     torch.set_num_threads(a.threads)

@@ -71,3 +71,5 @@ def test_main_writes_the_table(teacher, tmp_path):
     assert "| 4 | 1 |" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit):
         script.main(["--teacher", str(path), "--windows", "4,x"])
+    with pytest.raises(SystemExit):  # no query has keys beyond 10 + 2 of 12 tokens (a ZeroDivisionError)
+        script.main(["--teacher", str(path), "--windows", "10", "--sink", "2", "--context", "12"])

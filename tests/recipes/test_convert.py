@@ -433,12 +433,62 @@ def test_residual_transfer_starts_the_inner_mixers_silent_then_refits_the_gains(
     assert "calibrate_after_transfer" in summary["seconds"]
 
 
+@pytest.mark.parametrize("stop_at", [2, 3])  # mid-transfer; at its last step, after the gains' refit
+def test_a_residual_run_resumes_exactly(teacher_dir, tmp_path, monkeypatch, stop_at):
+    """Interrupted after a checkpoint inside stage (a) or at its end, a residual run (two param groups)
+    resumes to the uninterrupted run's losses, gains and perplexities; the refit runs once."""
+    import ttt.recipes.convert as recipe
+
+    common = dict(in_layer_window=4, transfer_target="residual", transfer_inner_lr=3e-4, ckpt_every=1)
+    whole = convert(args_for(teacher_dir, tmp_path / "a", **common))
+    calls, real = {"n": 0}, recipe.transfer_loss if stop_at == 2 else recipe.distill_loss
+
+    def dies(*args, **kwargs):  # the step after stop_at
+        calls["n"] += 1
+        if calls["n"] == (stop_at + 1 if stop_at == 2 else 1):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, real.__name__, dies)
+    with pytest.raises(KeyboardInterrupt):
+        convert(args_for(teacher_dir, tmp_path / "b", **common))
+    assert (tmp_path / "b" / "latest").read_text().strip() == f"step-{stop_at:06d}"
+    monkeypatch.setattr(recipe, real.__name__, real)
+    refits = []
+    real_calibrate = recipe.calibrate_gains
+    monkeypatch.setattr(
+        recipe, "calibrate_gains", lambda *a, **k: refits.append(1) or real_calibrate(*a, **k)
+    )
+    again = convert(args_for(teacher_dir, tmp_path / "b", resume=True, **common))
+    assert len(refits) == (1 if stop_at == 2 else 0)
+    for key in ("losses", "perplexity", "gains", "gains_after_transfer"):
+        assert again[key] == whole[key], key
+
+
+def test_least_squares_gives_a_zero_output_gain_zero():
+    """A silenced inner mixer's output is all zeros: the Gram matrix is singular, and the fit (on the CPU,
+    the SVD driver, wherever the tensors live) gives it gain 0 and the window its exact gain."""
+    from ttt.recipes.convert import _least_squares
+
+    y = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    alpha, beta = _least_squares(0.7 * y, y, torch.zeros_like(y))
+    assert alpha == pytest.approx(0.7) and beta == 0.0
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"transfer_target": "resid"}, "--transfer-target must be 'output' or 'residual', got 'resid'"),
         ({"transfer_target": "residual"}, "--transfer-target residual trains the inner mixer on what"),
         ({"transfer_inner_lr": 1e-4}, "--transfer-inner-lr sets the inner mixers' lr of --transfer-target"),
+        (
+            {"transfer_target": "residual", "in_layer_window": 4, "transfer_steps": 0},
+            "--transfer-target residual starts the inner mixers at zero and fits their gains after stage (a)",
+        ),
+        (
+            {"transfer_target": "residual", "in_layer_window": 4, "mixer": "mamba2"},
+            "--transfer-target residual zeroes the inner mixer's o_proj; mamba2 has none",
+        ),
         (
             {"transfer_target": "residual", "in_layer_window": 4, "from_scratch": True},
             "--from-scratch has no teacher to transfer from: expected --transfer-target output",

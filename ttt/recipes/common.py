@@ -91,7 +91,7 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> None
     slower than one (docs/cli.md, "Threads"); pass more for a larger model on cores of its own."""
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     elif device is None or device.type == "cpu":
         torch.set_num_threads(1)

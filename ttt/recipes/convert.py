@@ -449,8 +449,10 @@ def _least_squares(target: Tensor, *outputs: Tensor) -> list[float]:
     """The gains ``c`` that minimise ``|target - sum_j c_j outputs_j|^2`` (all the same shape), in float64
     through the normal equations (an output of zeros gets gain 0)."""
     ys = torch.stack([y.double().flatten() for y in outputs])  # [J, N]
-    gram, rhs = ys @ ys.T, ys @ target.double().flatten()
-    return torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0].tolist()
+    gram, rhs = (ys @ ys.T).cpu(), (ys @ target.double().flatten()).cpu()
+    # gelsd (SVD, CPU only) gives the least-norm solution of a singular system: a CUDA solve (gels) would
+    # refuse the zero output of a silenced inner mixer
+    return torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0].tolist()
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, ce_weight: float) -> Tensor:
@@ -507,6 +509,11 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(
             "--transfer-target residual trains the inner mixer on what its window misses: expected "
             "--in-layer-window W"
+        )
+    if args.transfer_target == "residual" and args.transfer_steps == 0:
+        raise ValueError(
+            "--transfer-target residual starts the inner mixers at zero and fits their gains after stage "
+            "(a): expected --transfer-steps >= 1 (with 0 they would stay zero)"
         )
     check_number("--transfer-lr", args.transfer_lr, above=0)
     if args.transfer_inner_lr is not None:
@@ -850,8 +857,10 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     job.baselines()
     job.restore()
     if job.saved is None and args.calibrate and not args.from_scratch:
+        t = time.perf_counter()
         job.calibrate()
         job.ppl["calibrated"] = job.perplexity(job.student)
+        job.summary["seconds"]["calibrate"] = time.perf_counter() - t  # the fit and its evaluation
         print(f"held-out perplexity after the output gains: {job.ppl['calibrated']:.2f}", flush=True)
     total = args.transfer_steps + args.distill_steps
     stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
