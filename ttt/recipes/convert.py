@@ -713,17 +713,16 @@ class _Conversion:
     def calibrate(self, when: str = "") -> None:
         """Fit the output gains (:func:`calibrate_gains`) on one training batch, kept in ``summary["gains" +
         when]``: before stage (a) when --calibrate; after it (``when="_after_transfer"``) for
-        --transfer-target residual."""
+        --transfer-target residual. The caller times it (``seconds["calibrate" + when]``)."""
         from ttt.data import sample_batch
 
-        a, t = self.args, time.perf_counter()
+        a = self.args
         x, _ = sample_batch(
             self.data.train, a.batch_size, a.context, torch.Generator().manual_seed(a.seed + 2)
         )
         self.summary["gains" + when] = calibrate_gains(
             self.student, self.teacher, self.blocks, x.to(self.device)
         )
-        self.summary["seconds"]["calibrate" + when] = time.perf_counter() - t
 
     def checkpoint(self, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
         from ttt.models.checkpoint import save_checkpoint, write_text_atomic
@@ -753,8 +752,10 @@ class _Conversion:
 
     def trainable(self, stage: str) -> list[nn.Parameter]:
         """Freeze everything, then unfreeze (or create, for LoRA) what ``stage`` trains."""
-        student = self.student
-        mixer_params = [p for i in self.blocks for p in student.blocks[i].mixer.parameters()]
+        student, mixers = (
+            self.student,
+            [p for i in self.blocks for p in self.student.blocks[i].mixer.parameters()],
+        )
         if stage == "distill" and self.args.update == "lora":
             if any(".parametrizations." in k for k in student.state_dict()):  # restored with its adapters
                 return [p for n, p in student.named_parameters() if n.endswith((".A", ".B"))]
@@ -762,7 +763,7 @@ class _Conversion:
         for p in student.parameters():
             p.requires_grad_(False)
         full = stage == "distill" and self.args.update == "full" or self.args.from_scratch
-        params = list(student.parameters()) if full else mixer_params
+        params = list(student.parameters()) if full else mixers
         for p in params:
             p.requires_grad_(True)
         return params
@@ -817,7 +818,9 @@ class _Conversion:
             counted[0] = loop.seconds
             check_finite_weights(self.student, step, f" ({latest_note(self.run)})")
             if step == end and residual:  # the inner mixers now model the residual: fit both gains again
+                t = time.perf_counter()
                 self.calibrate("_after_transfer")
+                seconds["calibrate_after_transfer"] = time.perf_counter() - t
             if step == end:
                 self.ppl[f"after_{name}"] = self.perplexity(self.student)
                 log.print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}")
