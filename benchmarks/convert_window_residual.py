@@ -116,11 +116,14 @@ def probe(teacher: nn.Module, x: Tensor, windows: list[int], sink: int) -> list[
 def main(argv: list[str] | None = None) -> None:
     from ttt.data import load_corpus, prepare, sample_batch
     from ttt.recipes.convert import load_teacher, truncate_blocks
+    from ttt.recipes.evidence.common import width_list
 
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="smollm2", help="as ttt convert --teacher (default: smollm2)")
     p.add_argument("--blocks", type=positive_int, default=8, help="the teacher's first N blocks (default: 8)")
-    p.add_argument("--windows", default="64,16", help="comma-separated windows W (default: 64,16)")
+    p.add_argument(
+        "--windows", type=width_list, default=[64, 16], help="comma-separated windows W (default: 64,16)"
+    )
     p.add_argument("--sink", type=int, default=4, help="attention sinks beside every window (default: 4)")
     p.add_argument("--corpus", default="shakespeare", help="training text (its train split)")
     p.add_argument("--context", type=positive_int, default=256)
@@ -129,10 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default: print only)")
     a = p.parse(argv)
-    try:
-        windows = [positive_int(w) for w in a.windows.split(",")]
-    except Exception:
-        p.error(f"--windows: expected comma-separated positive integers, got {a.windows!r}")
+    windows = a.windows
     if a.sink < 0:
         p.error(f"--sink must be >= 0, got {a.sink}")
     if a.context <= max(windows) + a.sink:
@@ -141,9 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.out is not None and not a.out.parent.is_dir():
         p.error(f"--out {a.out}: no directory {a.out.parent}")
     torch.set_num_threads(a.threads)
-    teacher, tokenizer = load_teacher(a.teacher)
-    truncate_blocks(teacher, min(a.blocks, len(teacher.blocks)))
-    data = prepare(load_corpus(a.corpus), tokenizer)
+    try:  # an unreadable teacher or corpus: one line, not a traceback
+        teacher, tokenizer = load_teacher(a.teacher)
+        truncate_blocks(teacher, min(a.blocks, len(teacher.blocks)))
+        data = prepare(load_corpus(a.corpus), tokenizer)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     x, _ = sample_batch(data.train, a.batch_size, a.context, torch.Generator().manual_seed(a.seed))
     rows = probe(teacher, x, windows, a.sink)
     lines = [

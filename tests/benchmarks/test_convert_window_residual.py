@@ -60,7 +60,7 @@ def test_the_probes_attention_is_the_librarys(teacher):
     assert stats["scaled_window"] >= stats["lse_gate"] - 1e-9  # the per-token scalar bounds any gate
 
 
-def test_main_writes_the_table(teacher, tmp_path):
+def test_main_writes_the_table(teacher, tmp_path, capsys):
     _, path = teacher
     (tmp_path / "text.txt").write_text("the cat then the hat, he said.\n" * 400)
     script = load_script(SCRIPT)
@@ -71,5 +71,8 @@ def test_main_writes_the_table(teacher, tmp_path):
     assert "| 4 | 1 |" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit):
         script.main(["--teacher", str(path), "--windows", "4,x"])
+    with pytest.raises(SystemExit):  # a missing teacher: argparse's one line (was a LlamaLoadError traceback)
+        script.main(["--teacher", str(tmp_path / "nothing")])
+    assert "--teacher" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no query has keys beyond 10 + 2 of 12 tokens (a ZeroDivisionError)
         script.main(["--teacher", str(path), "--windows", "10", "--sink", "2", "--context", "12"])
