@@ -39,6 +39,8 @@ def run_rows(runs: list[Path]) -> list[dict]:
             f" (window {a['window']}{sink})" if a["keep_as"] == "swa" else "")  # fmt: skip
         own = f" (window {a['window']}{sink})" if a["mixer"] == "swa" else ""
         beside = f" beside a {a['in_layer_window']}-token window{sink}" if a.get("in_layer_window") else ""
+        if a.get("transfer_target", "output") != "output":  # two runs differing only here stay apart
+            beside += f" ({a['transfer_target']} transfer)"
         rows.append({
             "run": str(run),
             "model": f"{a['mixer']}{own}{beside} in blocks {a['blocks']}{kept}" + (
@@ -132,7 +134,10 @@ def main() -> None:
         from ttt.models.checkpoint import load_model
         from ttt.recipes.convert import load_teacher, truncate_blocks
 
-        teacher, tok = load_teacher(rows[0]["args"]["teacher"])  # the first run's; fetched when missing
+        try:  # the first run's; fetched when missing (a moved or unfetchable teacher: one line)
+            teacher, tok = load_teacher(rows[0]["args"]["teacher"])
+        except (OSError, ValueError) as e:
+            p.error(f"{rows[0]['run']}: its teacher: {e}")
         if rows[0]["args"].get("first_blocks") is not None:
             truncate_blocks(teacher, rows[0]["args"]["first_blocks"])
         models = [("teacher (attention)", teacher)]

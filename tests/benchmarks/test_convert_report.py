@@ -47,3 +47,31 @@ def test_report_of_windowed_conversions(tmp_path, monkeypatch):
     assert len(report["decode"]) == 3 and len(report["samples"]) == 3
     table = (tmp_path / "report.table.md").read_text()
     assert "second half of each window" in table and "| 16 | 4 |" in table
+
+
+def test_a_residual_run_is_labelled_and_a_missing_teacher_is_one_line(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from ttt.recipes.convert import ConvertArgs, convert
+    from ttt.testing import tiny_llama
+
+    tiny_llama(tmp_path / "llama", n_layers=2)
+    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
+    convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), context=16,
+                        batch_size=2, transfer_steps=1, distill_steps=0, eval_batches=1, progress=False,
+                        mixer="ttt_linear", in_layer_window=4, transfer_target="residual",
+                        out=str(tmp_path / "a")))  # fmt: skip
+    script = load_script(SCRIPT)
+    # it and an output-transfer run of the same shape were one label
+    assert script.run_rows([tmp_path / "a"])[0]["model"] == (
+        "ttt_linear beside a 4-token window (residual transfer) in blocks all"
+    )
+    shutil.rmtree(tmp_path / "llama")  # the teacher moved away: was a LlamaLoadError traceback
+    capsys.readouterr()  # the conversion's own output
+    monkeypatch.setattr(sys, "argv", ["convert_report.py", str(tmp_path / "a"), "--prompt", "the",
+                                      "--out", str(tmp_path / "report")])  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "its teacher" in err
+    assert not (tmp_path / "report.json").exists()
