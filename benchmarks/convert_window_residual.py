@@ -18,8 +18,13 @@ It carries the window's own output ``a_w``, which a mixer added beside the windo
   best scalar per token and head (a gate on the window that knew ``r`` could do this well);
 - ``LSE gate``: the share explained by ``-sigmoid(beta_h + log n_far - LSE_w) a_w``, a gate from the
   window's own log-normaliser ``LSE_w`` and the number of keys beyond it, with the best constant beta
-  per head (``lam`` exactly if the keys beyond the window all scored ``beta_h``);
-- ``lam a_f``: the energy of the part only a memory of the far keys can supply, relative to ``|r|^2``.
+  per head on a grid (and the next column's beta) (``lam`` exactly if the keys beyond the window all
+  scored ``beta_h``);
+- ``mass gate``: the same gate with ``beta_h`` the mean of ``lse_f - log n_far`` over the batch (the
+  teacher's log-mass per far key: how ``ttt convert --far-gate`` starts it); negative when it fits worse
+  than no gate;
+- ``lam a_f``: the energy of the part only a memory of the far keys can supply, relative to ``|r|^2``
+  (what a mixer beside a window with an exact gate would have to supply).
 
 Independent of the library's attention: scores, masks and softmax are computed here in float64 from the
 teacher's projections (tests/benchmarks/test_convert_window_residual.py checks them against it).
@@ -87,14 +92,20 @@ def residual_stats(parts: dict[str, Tensor], betas: Tensor | None = None) -> dic
     lam = torch.sigmoid(lse_f - lse_w)[..., None]
     log_far = parts["far"].sum(-1)[has].double().log()
     betas = torch.linspace(-20, 10, 121, dtype=torch.float64) if betas is None else betas
-    best = 0.0
-    for head in range(r.shape[1]):
+    mass_betas = (lse_f - log_far).mean(dim=(0, 2))  # [H]: fit_far_gates's start
+
+    def gated(head: int, beta: float) -> float:
         rh, wh, lh = r[:, head], a_w[:, head], lse_w[:, head]
-        best += min(float((rh + torch.sigmoid(b + log_far - lh)[..., None] * wh).pow(2).sum()) for b in betas)
+        return float((rh + torch.sigmoid(beta + log_far - lh)[..., None] * wh).pow(2).sum())
+
+    mass_fits = [gated(head, float(mass_betas[head])) for head in range(r.shape[1])]
+    best = sum(min(fit, *(gated(head, float(b)) for b in betas)) for head, fit in enumerate(mass_fits))
+    mass = sum(mass_fits)
     return {
         "residual_share": float(r.pow(2).sum() / a.pow(2).sum()),
         "scaled_window": 1 - float((r - c * a_w).pow(2).sum()) / total,
         "lse_gate": 1 - best / total,
+        "mass_gate": 1 - mass / total,
         "far_part": float((lam * a_f).pow(2).sum()) / total,
     }
 
@@ -154,12 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         f"batch of {a.batch_size} x {a.context} tokens of {a.corpus}; per head before o_proj "
         "(columns: the script's docstring).",
         "",
-        "| window | block | \\|r\\|^2 / \\|a\\|^2 | c * a_w (upper bound) | LSE gate | lam a_f |",
-        "|---|---|---|---|---|---|",
+        "| window | block | \\|r\\|^2 / \\|a\\|^2 | c * a_w (upper bound) | LSE gate | mass gate | lam a_f |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['window']} | {r['block']} | {r['residual_share']:.3f} | {r['scaled_window']:.2f} | "
-        f"{r['lse_gate']:.2f} | {r['far_part']:.2f} |"
+        f"{r['lse_gate']:.2f} | {r['mass_gate']:.2f} | {r['far_part']:.2f} |"
         for r in rows
     ]
     command = " ".join(argv if argv is not None else sys.argv[1:])

@@ -58,6 +58,7 @@ def test_the_probes_attention_is_the_librarys(teacher):
     assert 0 < stats["residual_share"] < 1
     assert all(s <= 1 for s in (stats["scaled_window"], stats["lse_gate"]))
     assert stats["scaled_window"] >= stats["lse_gate"] - 1e-9  # the per-token scalar bounds any gate
+    assert stats["lse_gate"] >= stats["mass_gate"]  # the best beta is at least as good as the mass start
 
 
 def test_main_writes_the_table(teacher, tmp_path, capsys):

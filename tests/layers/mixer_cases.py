@@ -26,6 +26,7 @@ CASES: dict[str, dict] = {
     "attention_conv": dict(name="attention", conv_size=4, num_kv_heads=1),
     "swa_conv": dict(name="swa", window=5, conv_size=3),
     "swa_sink": dict(name="swa", window=4, sink=2, num_kv_heads=1),
+    "swa_far_gate": dict(name="swa", window=4, sink=1, num_kv_heads=1, far_gate=True),
     "ttt_linear": dict(name="ttt_linear", mini_batch_size=4),
     "ttt_linear_m": dict(name="ttt_linear", mini_batch_size=4, share_qk=True, use_gate=True),
     "ttt_mlp": dict(name="ttt_mlp", mini_batch_size=4),
@@ -48,6 +49,9 @@ CASES: dict[str, dict] = {
     "windowed": dict(name="windowed", window=5, inner_kwargs=dict(mini_batch_size=4), num_kv_heads=1),
     "windowed_gdn": dict(
         name="windowed", window=5, sink=1, inner="gated_deltanet", inner_kwargs=dict(chunk_size=8)
+    ),
+    "windowed_far_gate": dict(
+        name="windowed", window=3, inner="deltanet", inner_kwargs=dict(chunk_size=8), far_gate=True
     ),
 }
 

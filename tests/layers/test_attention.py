@@ -117,3 +117,85 @@ def test_short_convolutions_with_identity_kernels_change_nothing():
     torch.testing.assert_close(conv(x)[0], plain(x)[0], atol=1e-12, rtol=0)
     assert [c.conv.weight.shape[0] for c in conv.convs] == [32, 16, 16]
     assert conv.init_state(3).nbytes() == 3 * (32 + 16 + 16) * 3 * 8  # float64 caches of K - 1 = 3 inputs
+
+
+def _far_gated_layer(window: int, sink: int, kv_heads: int) -> SlidingWindowAttention:
+    torch.manual_seed(0)
+    layer = SlidingWindowAttention(
+        dim=32, num_heads=4, num_kv_heads=kv_heads, window=window, sink=sink, far_gate=True
+    ).double()
+    with torch.no_grad():  # away from their zero start, so every term of the gate is checked
+        layer.far_bias.normal_()
+        layer.far_proj.weight.normal_(std=0.3)
+    return layer
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window, sink, kv_heads", [(4, 0, 4), (3, 2, 2), (20, 0, 2)])
+def test_far_gate_matches_explicit_share_and_decodes_the_same(window, sink, kv_heads):
+    """alpha = Z_w / (Z_w + n_far exp(b + u.x)) on each head's window softmax, written out; 1 while no key
+    lies beyond the window; prefill + step (the forward's and the preallocated cache's) give the same."""
+    from ttt.layers.attention import attention_decode_step_, static_kv_cache
+    from ttt.layers.protocol import merge_heads, split_heads
+
+    layer = _far_gated_layer(window, sink, kv_heads)
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    batch, length, _ = x.shape
+    h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q = split_heads(layer.q_proj(x), h)
+    k = split_heads(layer.k_proj(x), g).repeat_interleave(h // g, dim=1)
+    v = split_heads(layer.v_proj(x), g).repeat_interleave(h // g, dim=1)
+    cos, sin = rotary_cos_sin(torch.arange(length), d)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    near = (j <= i) & ((i - j < window) | (j < sink))
+    scores = (q @ k.transpose(-1, -2)) / d**0.5
+    z_window = scores.masked_fill(~near, float("-inf")).exp().sum(-1)  # [B, H, T]
+    n_far = (torch.arange(length) + 1 - window - sink).clamp(min=0).double()
+    z_far = n_far * torch.exp(layer.far_bias[:, None] + layer.far_proj(x).transpose(1, 2))
+    alpha = z_window / (z_window + z_far)
+    probs = scores.masked_fill(~near, float("-inf")).softmax(dim=-1)
+    want = layer.o_proj(merge_heads(alpha[..., None] * (probs @ v)))
+    torch.testing.assert_close(layer(x)[0], want, atol=1e-12, rtol=0)
+    assert (alpha[..., : window + sink] == 1).all() and (alpha[..., window + sink :] < 1).all()
+
+    y, state = layer(x[:, :5])
+    static = static_kv_cache(layer, state, max_len=length)
+    outs, static_outs = [y], [y]
+    for t in range(5, length):
+        y, state = layer.step(x[:, t : t + 1], state)
+        outs.append(y)
+        static_outs.append(attention_decode_step_(layer, x[:, t : t + 1], static))
+    torch.testing.assert_close(torch.cat(outs, dim=1), want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cat(static_outs, dim=1), want, atol=1e-12, rtol=0)
+
+
+@torch.no_grad()
+def test_log_masses_split_the_full_softmax_at_the_window():
+    """logaddexp(lse_window, lse_far) is the full causal softmax's normaliser; lse_window the gated
+    forward's own; n_far the keys beyond the window and the sinks."""
+    from ttt.layers.protocol import split_heads
+
+    layer = _far_gated_layer(window=3, sink=1, kv_heads=2)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    lse_window, lse_far, n_far = layer.log_masses(x)
+    assert n_far.tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert torch.isneginf(lse_far[..., :4]).all() and torch.isfinite(lse_far[..., 4:]).all()
+    full = Attention(dim=32, num_heads=4, num_kv_heads=2).double()
+    full.load_state_dict(layer.state_dict(), strict=False)
+    h, g, d = 4, 2, 8
+    q = split_heads(full.q_proj(x), h)
+    k = split_heads(full.k_proj(x), g).repeat_interleave(h // g, dim=1)
+    cos, sin = rotary_cos_sin(torch.arange(11), d)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    want = torch.logsumexp(((q @ k.transpose(-1, -2)) / d**0.5).masked_fill(~causal, float("-inf")), -1)
+    torch.testing.assert_close(torch.logaddexp(lse_window, lse_far), want, atol=1e-12, rtol=0)
+    # with b = lse_far - log n_far at one token, the gate there is the window's true share Z_w / Z
+    t = 8
+    layer.far_proj.weight.zero_()
+    layer.far_bias.copy_(lse_far[0, :, t] - torch.log(n_far[t].double()))
+    share = layer.window_share(x, lse_window, torch.arange(11))[0, :, t]
+    torch.testing.assert_close(share, torch.exp(lse_window - want)[0, :, t], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="far_gate must be a bool, and False without a window"):
+        Attention(dim=32, num_heads=4, far_gate=True)

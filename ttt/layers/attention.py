@@ -65,6 +65,12 @@ class SoftmaxAttention(nn.Module):
             activation), as the recurrent mixers have; ``0`` for none. Zoology's recall configs give every
             mixer a short convolution: one lets a single attention layer bind a key to its neighbour.
             Default: ``0`` (Llama).
+        far_gate: with a window, scale each head's output by the window's estimated share of the full
+            softmax, ``alpha = Z_w / (Z_w + Z_far)``: ``Z_w`` the window's normaliser (exact), ``Z_far`` the
+            mass the keys beyond it would get, estimated as ``n_far * exp(b_h + u_h . x)`` (``n_far`` keys
+            lie beyond the window and the sinks; ``b`` [H] and ``u`` [H, C] learned, ``u`` from zero). A
+            window cut from a full attention thus gives back the weight its far keys held, as the shared
+            normaliser of LoLCATs' hybrid layer does (derivation: docs/convert.md). Default: ``False``.
 
     Examples::
 
@@ -89,6 +95,7 @@ class SoftmaxAttention(nn.Module):
         rope_theta: float = 10000.0,
         bias: bool = False,
         conv_size: int = 0,
+        far_gate: bool = False,
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -107,6 +114,11 @@ class SoftmaxAttention(nn.Module):
             )
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
             raise ValueError(f"conv_size must be an int >= 0 (0: no short convolutions), got {conv_size!r}")
+        if not isinstance(far_gate, bool) or (far_gate and window is None):
+            raise ValueError(
+                f"far_gate must be a bool, and False without a window; got far_gate={far_gate!r}, "
+                f"window={window}"
+            )
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.window, self.sink, self.rope_theta = window, sink, rope_theta
@@ -119,6 +131,11 @@ class SoftmaxAttention(nn.Module):
         self.convs = nn.ModuleList(
             [ShortConv(w, conv_size) for w in (dim, kv_width, kv_width)] if conv_size else []
         )
+        self.far_gate = far_gate
+        if far_gate:  # log of the mass per far key: b_h + u_h . x (module docstring)
+            self.far_bias = nn.Parameter(torch.zeros(num_heads))
+            self.far_proj = nn.Linear(dim, num_heads, bias=False)
+            nn.init.zeros_(self.far_proj.weight)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
         """An empty cache for ``batch_size`` sequences."""
@@ -178,6 +195,10 @@ class SoftmaxAttention(nn.Module):
 
         if state.k.shape[2] == 0 and mask is None and self.window is None:
             o = self._sdpa(q, keys, values, None, is_causal=True)
+        elif self.far_gate:
+            allowed = self._allowed(positions, key_positions, key_valid, cached=state.k.shape[2])
+            o, lse = self._attend_lse(q, keys, values, allowed[:, None])
+            o = o * self.window_share(x, lse, positions)[..., None]
         else:
             allowed = self._allowed(positions, key_positions, key_valid, cached=state.k.shape[2])
             o = self._sdpa(q, keys, values, allowed[:, None], is_causal=False)
@@ -218,6 +239,47 @@ class SoftmaxAttention(nn.Module):
             repeats = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _attend_lse(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`softmax_lse` with the key/value heads repeated for grouped queries."""
+        if self.num_kv_heads != self.num_heads:
+            repeats = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        return softmax_lse(q, k, v, allowed)
+
+    def window_share(self, x: Tensor, lse: Tensor, positions: Tensor) -> Tensor:
+        """The far gate ``alpha [B, H, T]`` (class docstring) of queries ``x [B, T, C]`` at ``positions
+        [B, T]`` (or ``[T]``) whose window normalisers are ``exp(lse [B, H, T])``: 1 where no key lies
+        beyond the window and the sinks."""
+        far = (positions + 1 - self.window - self.sink).clamp(min=0)  # keys beyond window and sinks
+        log_far = self.far_bias[:, None] + self.far_proj(x).transpose(1, 2)  # [B, H, T]
+        logit = lse - log_far - far.to(lse.dtype).clamp(min=1).log().unsqueeze(-2)
+        return torch.where((far > 0).unsqueeze(-2), torch.sigmoid(logit), torch.ones_like(logit))
+
+    @torch.no_grad()
+    def log_masses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Where the full causal softmax of ``x [B, T, C]`` (one sequence start, no padding) puts its mass:
+        ``(lse_window [B, H, T], lse_far [B, H, T], n_far [T])``, the logs of the normalisers over the keys
+        this layer's window (and sinks) sees and over the ``n_far`` keys beyond it (``-inf`` where there
+        are none). Fits the far gate to a full-attention teacher (``ttt convert --far-gate``)."""
+        if self.window is None:
+            raise ValueError("log_masses splits the softmax at the window: the layer has none")
+        caches = tuple(c.init_cache(x.shape[0], device=x.device, dtype=x.dtype) for c in self.convs)
+        projected, _ = self._project(x, caches, None)
+        q = split_heads(projected[0], self.num_heads)
+        k = split_heads(projected[1], self.num_kv_heads)
+        steps = torch.arange(x.shape[1], device=x.device)
+        cos, sin = rotary_cos_sin(steps, self.head_dim, theta=self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, T, T]
+        causal = steps[None, :] <= steps[:, None]
+        near = causal & ((steps[:, None] - steps[None, :] < self.window) | (steps[None, :] < self.sink))
+        inf = float("-inf")
+        lse_window = torch.logsumexp(scores.masked_fill(~near, inf), dim=-1)
+        lse_far = torch.logsumexp(scores.masked_fill(~(causal & ~near), inf), dim=-1)
+        return lse_window, lse_far, (steps + 1 - self.window - self.sink).clamp(min=0)
 
     def _trim(self, cache: KVCache) -> KVCache:
         """Drop cached tokens that no later query can reach (sliding window only)."""
@@ -288,6 +350,15 @@ class SlidingWindowAttention(SoftmaxAttention):
         if window is None:
             raise ValueError("SlidingWindowAttention needs a window (use Attention for full attention)")
         super().__init__(dim, num_heads, window=window, **kwargs)
+
+
+def softmax_lse(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax attention written out (for the far gate; SDPA does not return the normaliser): ``q [B, H,
+    T, D]``, ``k, v [B, H, S, D]``, ``allowed`` bool broadcasting to ``[B, H, T, S]`` (a key in every row)
+    -> ``(o [B, H, T, D], lse [B, H, T])``, ``lse`` the log of each row's normaliser."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
 
 
 # the former name of the softmax layer, kept for old imports (``ttt.attention`` is the TTT operator)
@@ -392,6 +463,12 @@ def attention_decode_step_(layer: SoftmaxAttention, x_t: Tensor, cache: StaticKV
     # grouped queries: the R = H / G query heads of a key/value head attend as R rows of one problem
     rows = q.reshape(batch, groups, layer.num_heads // groups, head_dim)
     mask = allowed.view(1, 1, 1, -1)
-    o = F.scaled_dot_product_attention(rows, cache.k.to(q.dtype), cache.v.to(q.dtype), attn_mask=mask)
+    keys, values = cache.k.to(q.dtype), cache.v.to(q.dtype)
+    if layer.far_gate:  # the rows as one head each (G = H): the written-out softmax gives its normaliser
+        o, lse = softmax_lse(rows, keys, values, mask)  # [B, G, R, D], [B, G, R]
+        share = layer.window_share(x_t, lse.reshape(batch, layer.num_heads, 1), pos)
+        o = o * share.reshape(batch, groups, -1, 1)
+    else:
+        o = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask)
     cache.position.add_(1)
     return layer.o_proj(merge_heads(o.reshape(batch, layer.num_heads, 1, head_dim)))

@@ -10,9 +10,12 @@ inner mixer's state: constant in the context length, as a whole model of recurre
 This is the pairing LoLCATs (Zhang et al. 2024, arXiv 2410.10254) puts in every layer of a linearised
 transformer (softmax over the newest 64 tokens, linear attention for the rest), with one difference: there
 both parts share one softmax normaliser, which a TTT output (``f_W(q)``, no normaliser) does not have, so
-here the two outputs are added and the gain g learns how much the inner mixer contributes. For a
-conversion (``ttt convert --in-layer-window W``) g starts at zero, so the swapped layer is its teacher's
-attention cut to the window (on contexts up to W the teacher itself) until the output gains are fitted.
+here the two outputs are added and the gain g learns how much the inner mixer contributes. With
+``far_gate=True`` the window's heads are scaled by their estimated share of the full softmax (see
+:class:`~ttt.layers.SoftmaxAttention`), the part of that shared normaliser a window can compute on its
+own. For a conversion (``ttt convert --in-layer-window W``) g starts at zero, so the swapped layer is its
+teacher's attention cut to the window (on contexts up to W the teacher itself) until the output gains are
+fitted.
 
 Shapes: B batch, T tokens, C model width.
 """
@@ -60,6 +63,8 @@ class WindowedMixer(nn.Module):
         num_kv_heads: key/value heads of the window (grouped-query attention). Default: ``num_heads``.
         rope_theta: RoPE base of the window. Default: ``10000``.
         gain_init: initial value of every entry of g. Default: ``1.0``.
+        far_gate: scale the window's heads by their estimated share of the full softmax
+            (:class:`~ttt.layers.SoftmaxAttention`'s ``far_gate``). Default: ``False``.
 
     Examples::
 
@@ -85,6 +90,7 @@ class WindowedMixer(nn.Module):
         num_kv_heads: int | None = None,
         rope_theta: float = 10000.0,
         gain_init: float = 1.0,
+        far_gate: bool = False,
     ) -> None:
         super().__init__()
         from ttt.layers import make_mixer
@@ -96,7 +102,13 @@ class WindowedMixer(nn.Module):
             )
         self.dim, self.num_heads, self.inner_name = dim, num_heads, inner
         self.attn = SlidingWindowAttention(
-            dim, num_heads, window=window, sink=sink, num_kv_heads=num_kv_heads, rope_theta=rope_theta
+            dim,
+            num_heads,
+            window=window,
+            sink=sink,
+            num_kv_heads=num_kv_heads,
+            rope_theta=rope_theta,
+            far_gate=far_gate,
         )
         self.inner = make_mixer(inner, dim, num_heads, inner_kwargs)
         if not getattr(self.inner, "causal", True):
@@ -138,4 +150,5 @@ class WindowedMixer(nn.Module):
         return self.forward(x_t, state)
 
     def extra_repr(self) -> str:
-        return f"inner={self.inner_name!r}, window={self.window}"
+        gate = ", far_gate=True" if self.attn.far_gate else ""
+        return f"inner={self.inner_name!r}, window={self.window}{gate}"

@@ -77,6 +77,10 @@ class ConvertArgs:
     two outputs summed (ttt.layers.WindowedMixer, LoLCATs' pairing; the mixer's gain starts at 0, so the
     swapped block is its attention cut to W tokens until --calibrate fits both gains); 0: the mixer
     alone"""
+    far_gate: bool = False
+    """scale each window's heads ('swa' blocks, --in-layer-window) by their estimated share of the full
+    softmax, as a shared normaliser would (SoftmaxAttention's far_gate): the gate's log-mass per far key is
+    fitted to the teacher's before stage (a), then trained with the window (docs/convert.md)"""
     mixer_kwargs: str | None = None
     """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}' (a key the
     mixer does not take is refused, naming those it takes); otherwise the layer's own defaults apply, not
@@ -201,10 +205,12 @@ def init_from_attention(mixer: nn.Module, attn: nn.Module) -> dict[str, str]:
     from ttt.modules.conv import ShortConv
 
     if isinstance(mixer, WindowedMixer):  # the window is the attention itself; the inner mixer as below
-        mixer.attn.load_state_dict(attn.state_dict())
+        missing, unexpected = mixer.attn.load_state_dict(attn.state_dict(), strict=False)
+        assert not unexpected and set(missing) <= set(FAR_GATE_SOURCE), (missing, unexpected)
         mixer.gain.zero_()
+        window = {n: FAR_GATE_SOURCE.get(n, f"attention {n}") for n, _ in mixer.attn.named_parameters()}
         return {
-            **{f"attn.{n}": f"attention {n}" for n, _ in mixer.attn.named_parameters()},
+            **{f"attn.{n}": where for n, where in window.items()},
             **{f"inner.{n}": where for n, where in init_from_attention(mixer.inner, attn).items()},
             "gain": "zero (the block is its attention cut to the window until --calibrate)",
         }
@@ -234,8 +240,15 @@ def init_from_attention(mixer: nn.Module, attn: nn.Module) -> dict[str, str]:
                 mod.conv.bias.zero_()
                 source[f"{mod_name}.conv.bias"] = "zero"
     for name, _ in mixer.named_parameters():
-        source.setdefault(name, "fresh")
+        source.setdefault(name, FAR_GATE_SOURCE.get(name, "fresh"))
     return source
+
+
+# a window's far gate (--far-gate): where its parameters start
+FAR_GATE_SOURCE = {
+    "far_bias": "the teacher's mean log-mass per far key (fit_far_gates)",
+    "far_proj.weight": "zero (the gate's estimate starts the same for every token)",
+}
 
 
 def swap_mixers(
@@ -247,13 +260,15 @@ def swap_mixers(
     window: int = 512,
     in_layer_window: int = 0,
     sink: int = 0,
+    far_gate: bool = False,
     mixer_kwargs: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A student :class:`CausalLM`: the teacher's weights, ``mixer`` in ``blocks`` (initialised from the
     attention there), the other blocks attention or ``swa``. With ``in_layer_window`` W > 0 the blocks get
     a ``windowed`` mixer instead: the attention cut to its newest W tokens plus ``mixer``, summed, the
-    mixer's gain at 0. ``sink`` > 0 keeps the first tokens visible beside every window. Returns
+    mixer's gain at 0. ``sink`` > 0 keeps the first tokens visible beside every window; ``far_gate`` gives
+    every window the far gate (:func:`fit_far_gates` fits it). Returns
     ``(student, mapping)`` where ``mapping[block] = {parameter: source}``. The teacher is not modified."""
     from ttt.layers import check_mixer_name
     from ttt.models import CausalLM
@@ -266,15 +281,16 @@ def swap_mixers(
     for name, extra in (mixer_kwargs or {}).items():
         kwargs.setdefault(name, {}).update(extra)
     kwargs.setdefault("swa", dict(kwargs.get("attention", {})))["window"] = window
-    sinks = {"sink": sink} if sink else {}
-    kwargs["swa"].update(sinks)
+    window_extra = {"sink": sink} if sink else {}
+    window_extra.update({"far_gate": True} if far_gate else {})
+    kwargs["swa"].update(window_extra)
     swapped = mixer
     if in_layer_window:
         attention = {
             k: v for k, v in kwargs.get("attention", {}).items() if k in ("num_kv_heads", "rope_theta")
         }
         kwargs["windowed"] = dict(
-            attention, inner=mixer, window=in_layer_window, inner_kwargs=kwargs.get(mixer, {}), **sinks
+            attention, inner=mixer, window=in_layer_window, inner_kwargs=kwargs.get(mixer, {}), **window_extra
         )
         swapped = "windowed"
     layer_mixers = [swapped if i in blocks else keep_as for i in range(config.n_layers)]
@@ -310,6 +326,37 @@ def silence_inner_mixers(student: nn.Module, blocks: list[int], mapping: dict[st
             )
         proj.weight.zero_()
         mapping[str(i)]["parameters"]["inner.o_proj.weight"] = "zero (--transfer-target residual)"
+
+
+def _gated_window(mixer: nn.Module) -> Any:
+    """The windowed softmax attention with a far gate inside ``mixer`` (``swa`` or ``windowed``), or None."""
+    from ttt.layers import SoftmaxAttention, WindowedMixer
+
+    attn = mixer.attn if isinstance(mixer, WindowedMixer) else mixer
+    return attn if isinstance(attn, SoftmaxAttention) and attn.far_gate else None
+
+
+@torch.no_grad()
+def fit_far_gates(student: nn.Module, teacher: nn.Module, x: Tensor) -> dict[str, list[float]]:
+    """Set each far gate's bias ``b_h`` (its ``u`` stays zero) to the mean over the tokens of batch ``x``
+    of ``log Z_far - log n_far``: the log of the teacher's softmax mass per key beyond the window, from the
+    window's own q/k (copied from the teacher's attention) on the teacher's hidden states. The gate then
+    starts at the window's typical share of the teacher's softmax. Returns ``{block: b}``."""
+    gated = {i: attn for i, block in enumerate(student.blocks) if (attn := _gated_window(block.mixer))}
+    captured = capture_attention(teacher, list(gated), x)
+    biases: dict[str, list[float]] = {}
+    for i, attn in gated.items():
+        _, lse_far, n_far = attn.log_masses(captured[i][0])  # [B, H, T], [T]
+        has = n_far > 0
+        if not bool(has.any()):
+            raise ValueError(
+                f"--far-gate: the calibration windows of {x.shape[1]} tokens leave no key beyond block "
+                f"{i}'s window of {attn.window} (+ {attn.sink} sinks): expected a longer --context"
+            )
+        per_key = lse_far[..., has].double() - n_far[has].double().log()  # [B, H, N]
+        attn.far_bias.copy_(per_key.mean(dim=(0, 2)).to(attn.far_bias.dtype))
+        biases[str(i)] = attn.far_bias.tolist()
+    return biases
 
 
 def _non_mixer_state(model: nn.Module) -> dict[str, Tensor]:
@@ -491,6 +538,11 @@ def _check_args(args: ConvertArgs) -> None:
             f"--sink {args.sink} keeps tokens beside a window, but the student has none: expected "
             "--in-layer-window, --mixer swa or --keep-as swa"
         )
+    if args.far_gate and not (args.in_layer_window or args.mixer == "swa" or args.keep_as == "swa"):
+        raise ValueError(
+            "--far-gate scales a window's output, but the student has none: expected --in-layer-window, "
+            "--mixer swa or --keep-as swa"
+        )
     if args.mixer == "windowed":
         raise ValueError(
             "--mixer windowed is built by --in-layer-window W with a recurrent --mixer (ttt_linear, ...), "
@@ -616,6 +668,7 @@ class _Conversion:
             window=args.window,
             in_layer_window=args.in_layer_window,
             sink=args.sink,
+            far_gate=args.far_gate,
             mixer_kwargs=extra,
             seed=args.seed,
         )
@@ -714,15 +767,17 @@ class _Conversion:
         """Fit the output gains (:func:`calibrate_gains`) on one training batch, kept in ``summary["gains" +
         when]``: before stage (a) when --calibrate; after it (``when="_after_transfer"``) for
         --transfer-target residual. The caller times it (``seconds["calibrate" + when]``)."""
+        self.summary["gains" + when] = calibrate_gains(
+            self.student, self.teacher, self.blocks, self.calibration_batch()
+        )
+
+    def calibration_batch(self) -> Tensor:
+        """The one training batch ``[B, T]`` the gains and the far gates are fitted on (seeded)."""
         from ttt.data import sample_batch
 
         a = self.args
-        x, _ = sample_batch(
-            self.data.train, a.batch_size, a.context, torch.Generator().manual_seed(a.seed + 2)
-        )
-        self.summary["gains" + when] = calibrate_gains(
-            self.student, self.teacher, self.blocks, x.to(self.device)
-        )
+        generator = torch.Generator().manual_seed(a.seed + 2)
+        return sample_batch(self.data.train, a.batch_size, a.context, generator)[0].to(self.device)
 
     def checkpoint(self, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
         from ttt.models.checkpoint import save_checkpoint, write_text_atomic
@@ -857,6 +912,10 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     from ttt.models.checkpoint import refuse_links, write_text_atomic
 
     refuse_links(job.run, (*RUN_OUTPUTS, "hf/*"))
+    if job.saved is None and args.far_gate and not args.from_scratch:  # part of the swap: before "swapped"
+        t = time.perf_counter()
+        job.summary["far_gate_bias"] = fit_far_gates(job.student, job.teacher, job.calibration_batch())
+        job.summary["seconds"]["far_gate"] = time.perf_counter() - t
     job.baselines()
     job.restore()
     if job.saved is None and args.calibrate and not args.from_scratch:
