@@ -171,14 +171,16 @@ def test_far_gate_matches_explicit_share_and_decodes_the_same(window, sink, kv_h
 
 
 @torch.no_grad()
-def test_log_masses_split_the_full_softmax_at_the_window():
-    """logaddexp(lse_window, lse_far) is the full causal softmax's normaliser; lse_window the gated
-    forward's own; n_far the keys beyond the window and the sinks."""
-    from ttt.layers.protocol import split_heads
+def test_window_split_splits_the_full_softmax_at_the_window():
+    """logaddexp(lse_window, lse_far) is the full causal softmax's normaliser; n_far the keys beyond the
+    window and the sinks; the outputs are the full attention's and the bare window's (before o_proj), and
+    the full one is the window's share of the window's plus the rest's."""
+    from ttt.layers.protocol import merge_heads, split_heads
 
     layer = _far_gated_layer(window=3, sink=1, kv_heads=2)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
-    lse_window, lse_far, n_far = layer.log_masses(x)
+    split = layer.window_split(x)
+    lse_window, lse_far, n_far = split.lse_window, split.lse_far, split.n_far
     assert n_far.tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]
     assert torch.isneginf(lse_far[..., :4]).all() and torch.isfinite(lse_far[..., 4:]).all()
     full = Attention(dim=32, num_heads=4, num_kv_heads=2).double()
@@ -191,6 +193,14 @@ def test_log_masses_split_the_full_softmax_at_the_window():
     causal = torch.ones(11, 11, dtype=torch.bool).tril()
     want = torch.logsumexp(((q @ k.transpose(-1, -2)) / d**0.5).masked_fill(~causal, float("-inf")), -1)
     torch.testing.assert_close(torch.logaddexp(lse_window, lse_far), want, atol=1e-12, rtol=0)
+    bare = SlidingWindowAttention(dim=32, num_heads=4, num_kv_heads=2, window=3, sink=1).double()
+    bare.load_state_dict(layer.state_dict(), strict=False)
+    for module, out in ((full, split.out_full), (bare, split.out_window)):
+        seen = []
+        hook = module.o_proj.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
+        module(x)
+        hook.remove()
+        torch.testing.assert_close(merge_heads(out), seen[0], atol=1e-12, rtol=0)
     # with b = lse_far - log n_far at one token, the gate there is the window's true share Z_w / Z
     t = 8
     layer.far_proj.weight.zero_()

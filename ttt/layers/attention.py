@@ -44,6 +44,24 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, *self.convs))
 
 
+@dataclass(frozen=True)
+class WindowSplit:
+    """Full causal softmax attention split at a window (:meth:`SoftmaxAttention.window_split`).
+
+    Attributes:
+        lse_window, lse_far: ``[B, H, T]`` logs of the normalisers over the keys the window (and the sinks)
+            sees and over the keys beyond it (``-inf`` where there are none).
+        n_far: ``[T]`` int64, the number of keys beyond the window and the sinks.
+        out_window, out_full: ``[B, H, T, D]`` the window's softmax output and the full one (before o_proj).
+    """
+
+    lse_window: Tensor
+    lse_far: Tensor
+    n_far: Tensor
+    out_window: Tensor
+    out_full: Tensor
+
+
 class SoftmaxAttention(nn.Module):
     """Causal softmax attention with rotary positions, as in Llama (and the TTT paper's Transformer baseline).
 
@@ -257,29 +275,31 @@ class SoftmaxAttention(nn.Module):
         return torch.where((far > 0).unsqueeze(-2), torch.sigmoid(logit), torch.ones_like(logit))
 
     @torch.no_grad()
-    def log_masses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Where the full causal softmax of ``x [B, T, C]`` (one sequence start, no padding) puts its mass:
-        ``(lse_window [B, H, T], lse_far [B, H, T], n_far [T])``, the logs of the normalisers over the keys
-        this layer's window (and sinks) sees and over the ``n_far`` keys beyond it (``-inf`` where there
-        are none). Fits the far gate to a full-attention teacher (``ttt convert --far-gate``)."""
+    def window_split(self, x: Tensor) -> WindowSplit:
+        """The full causal softmax attention of ``x [B, T, C]`` (one sequence start, no padding) split at
+        this layer's window: a :class:`WindowSplit`. Fits the far gate to a full-attention teacher whose
+        projections the layer holds (``ttt convert --far-gate``)."""
         if self.window is None:
-            raise ValueError("log_masses splits the softmax at the window: the layer has none")
+            raise ValueError("window_split splits the softmax at the window: the layer has none")
         caches = tuple(c.init_cache(x.shape[0], device=x.device, dtype=x.dtype) for c in self.convs)
         projected, _ = self._project(x, caches, None)
         q = split_heads(projected[0], self.num_heads)
         k = split_heads(projected[1], self.num_kv_heads)
+        v = split_heads(projected[2], self.num_kv_heads)
         steps = torch.arange(x.shape[1], device=x.device)
         cos, sin = rotary_cos_sin(steps, self.head_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, T, T]
+            repeats = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         causal = steps[None, :] <= steps[:, None]
         near = causal & ((steps[:, None] - steps[None, :] < self.window) | (steps[None, :] < self.sink))
-        inf = float("-inf")
-        lse_window = torch.logsumexp(scores.masked_fill(~near, inf), dim=-1)
-        lse_far = torch.logsumexp(scores.masked_fill(~(causal & ~near), inf), dim=-1)
-        return lse_window, lse_far, (steps + 1 - self.window - self.sink).clamp(min=0)
+        out_full, _ = softmax_lse(q, k, v, causal)
+        out_window, lse_window = softmax_lse(q, k, v, near)
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        lse_far = torch.logsumexp(scores.masked_fill(near | ~causal, float("-inf")), dim=-1)
+        n_far = (steps + 1 - self.window - self.sink).clamp(min=0)
+        return WindowSplit(lse_window, lse_far, n_far, out_window, out_full)
 
     def _trim(self, cache: KVCache) -> KVCache:
         """Drop cached tokens that no later query can reach (sliding window only)."""

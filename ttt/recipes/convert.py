@@ -77,10 +77,12 @@ class ConvertArgs:
     two outputs summed (ttt.layers.WindowedMixer, LoLCATs' pairing; the mixer's gain starts at 0, so the
     swapped block is its attention cut to W tokens until --calibrate fits both gains); 0: the mixer
     alone"""
-    far_gate: bool = False
-    """scale each window's heads ('swa' blocks, --in-layer-window) by their estimated share of the full
-    softmax, as a shared normaliser would (SoftmaxAttention's far_gate): the gate's log-mass per far key is
-    fitted to the teacher's before stage (a), then trained with the window (docs/convert.md)"""
+    far_gate: str = "none"
+    """'output' or 'mass': scale each window's heads ('swa' blocks, --in-layer-window) by their estimated
+    share of the full softmax (SoftmaxAttention's far_gate), its bias fitted to the teacher before stage
+    (a): 'output' to best match the attention output with the window alone, 'mass' to the teacher's
+    softmax mass per key beyond the window; then trained with the window (docs/convert.md). 'none': no
+    gate"""
     mixer_kwargs: str | None = None
     """JSON of extra constructor arguments per mixer, e.g. '{"ttt_linear": {"base_lr": 0.1}}' (a key the
     mixer does not take is refused, naming those it takes); otherwise the layer's own defaults apply, not
@@ -246,7 +248,7 @@ def init_from_attention(mixer: nn.Module, attn: nn.Module) -> dict[str, str]:
 
 # a window's far gate (--far-gate): where its parameters start
 FAR_GATE_SOURCE = {
-    "far_bias": "the teacher's mean log-mass per far key (fit_far_gates)",
+    "far_bias": "fitted to the teacher's softmax (fit_far_gates)",
     "far_proj.weight": "zero (the gate's estimate starts the same for every token)",
 }
 
@@ -336,27 +338,61 @@ def _gated_window(mixer: nn.Module) -> Any:
     return attn if isinstance(attn, SoftmaxAttention) and attn.far_gate else None
 
 
+FAR_GATE_FITS = ("none", "output", "mass")
+
+
 @torch.no_grad()
-def fit_far_gates(student: nn.Module, teacher: nn.Module, x: Tensor) -> dict[str, list[float]]:
-    """Set each far gate's bias ``b_h`` (its ``u`` stays zero) to the mean over the tokens of batch ``x``
-    of ``log Z_far - log n_far``: the log of the teacher's softmax mass per key beyond the window, from the
-    window's own q/k (copied from the teacher's attention) on the teacher's hidden states. The gate then
-    starts at the window's typical share of the teacher's softmax. Returns ``{block: b}``."""
+def fit_far_gates(student: nn.Module, teacher: nn.Module, x: Tensor, fit: str = "output") -> dict[str, Any]:
+    """Start each far gate (its ``u`` zero) from the teacher's softmax on batch ``x``, seen through the
+    window's own projections (copied from the teacher's attention) on the teacher's hidden states. Per head,
+    ``b_h`` is, with ``fit``:
+
+    - ``"mass"``: the mean of ``log Z_far - log n_far``, the log of the teacher's softmax mass per key
+      beyond the window: the gate then estimates the window's share of the teacher's softmax (the shared
+      normaliser LoLCATs' layer has, with the far keys' output left to a mixer beside it);
+    - ``"output"``: the ``b`` that minimises ``|alpha_b * o_window - o_full|^2`` (the gated window against
+      the full attention output, per head before o_proj) over a grid of 121 values in [-20, 10] and the
+      mass value: the gate the window alone is best with.
+
+    Returns ``{block: {"bias": [H], "residual": [H]}}``, ``residual`` the share ``|alpha o_window -
+    o_full|^2 / |o_window - o_full|^2`` left of the window's miss (1: no better than no gate)."""
+    if fit not in FAR_GATE_FITS[1:]:
+        raise ValueError(f"fit_far_gates: fit must be 'output' or 'mass', got {fit!r}")
     gated = {i: attn for i, block in enumerate(student.blocks) if (attn := _gated_window(block.mixer))}
     captured = capture_attention(teacher, list(gated), x)
-    biases: dict[str, list[float]] = {}
+    fitted: dict[str, Any] = {}
     for i, attn in gated.items():
-        _, lse_far, n_far = attn.log_masses(captured[i][0])  # [B, H, T], [T]
-        has = n_far > 0
+        split = attn.window_split(captured[i][0])
+        has = split.n_far > 0
         if not bool(has.any()):
             raise ValueError(
                 f"--far-gate: the calibration windows of {x.shape[1]} tokens leave no key beyond block "
                 f"{i}'s window of {attn.window} (+ {attn.sink} sinks): expected a longer --context"
             )
-        per_key = lse_far[..., has].double() - n_far[has].double().log()  # [B, H, N]
-        attn.far_bias.copy_(per_key.mean(dim=(0, 2)).to(attn.far_bias.dtype))
-        biases[str(i)] = attn.far_bias.tolist()
-    return biases
+        log_far = split.n_far[has].double().log()  # [N]
+        lse_w, lse_far = split.lse_window[..., has].double(), split.lse_far[..., has].double()  # [B, H, N]
+        o_w, o = split.out_window[:, :, has].double(), split.out_full[:, :, has].double()  # [B, H, N, D]
+        mass = (lse_far - log_far).mean(dim=(0, 2))  # [H]
+
+        grid = torch.linspace(-20, 10, 121, dtype=torch.float64, device=o.device)
+        bias, residual = [], []
+        for head in range(attn.num_heads):
+            candidates = torch.cat([mass[head, None], grid]) if fit == "output" else mass[head, None]
+            parts = (lse_w[:, head], log_far, o_w[:, head], o[:, head])
+            errors = torch.cat([_gated_miss(*parts, c) for c in candidates.split(16)])
+            best = int(errors.argmin())
+            bias.append(float(candidates[best]))
+            residual.append(float(errors[best] / (o_w[:, head] - o[:, head]).pow(2).sum().clamp_min(1e-300)))
+        attn.far_bias.copy_(torch.tensor(bias, dtype=attn.far_bias.dtype))
+        fitted[str(i)] = {"bias": bias, "residual": residual}
+    return fitted
+
+
+def _gated_miss(lse_w: Tensor, log_far: Tensor, o_w: Tensor, o: Tensor, biases: Tensor) -> Tensor:
+    """``|alpha_b o_w - o|^2`` of one head for each far-gate bias b of ``biases [K]``: ``lse_w [B, N]``,
+    ``log_far [N]``, ``o_w, o [B, N, D]`` -> ``[K]``."""
+    alpha = torch.sigmoid(lse_w[:, None] - biases[None, :, None] - log_far)  # [B, K, N]
+    return (alpha[..., None] * o_w[:, None] - o[:, None]).pow(2).sum(dim=(0, 2, 3))
 
 
 def _non_mixer_state(model: nn.Module) -> dict[str, Tensor]:
@@ -538,7 +574,10 @@ def _check_args(args: ConvertArgs) -> None:
             f"--sink {args.sink} keeps tokens beside a window, but the student has none: expected "
             "--in-layer-window, --mixer swa or --keep-as swa"
         )
-    if args.far_gate and not (args.in_layer_window or args.mixer == "swa" or args.keep_as == "swa"):
+    if args.far_gate not in FAR_GATE_FITS:
+        raise ValueError(f"--far-gate must be 'none', 'output' or 'mass', got {args.far_gate!r}")
+    gate = args.far_gate != "none"
+    if gate and not (args.in_layer_window or args.mixer == "swa" or args.keep_as == "swa"):
         raise ValueError(
             "--far-gate scales a window's output, but the student has none: expected --in-layer-window, "
             "--mixer swa or --keep-as swa"
@@ -668,7 +707,7 @@ class _Conversion:
             window=args.window,
             in_layer_window=args.in_layer_window,
             sink=args.sink,
-            far_gate=args.far_gate,
+            far_gate=args.far_gate != "none",
             mixer_kwargs=extra,
             seed=args.seed,
         )
@@ -912,9 +951,10 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     from ttt.models.checkpoint import refuse_links, write_text_atomic
 
     refuse_links(job.run, (*RUN_OUTPUTS, "hf/*"))
-    if job.saved is None and args.far_gate and not args.from_scratch:  # part of the swap: before "swapped"
+    if job.saved is None and args.far_gate != "none" and not args.from_scratch:  # part of the swap
         t = time.perf_counter()
-        job.summary["far_gate_bias"] = fit_far_gates(job.student, job.teacher, job.calibration_batch())
+        batch = job.calibration_batch()
+        job.summary["far_gates"] = fit_far_gates(job.student, job.teacher, batch, args.far_gate)
         job.summary["seconds"]["far_gate"] = time.perf_counter() - t
     job.baselines()
     job.restore()
