@@ -21,7 +21,7 @@ It carries the window's own output ``a_w``, which a mixer added beside the windo
   per head on a grid (and the next column's beta) (``lam`` exactly if the keys beyond the window all
   scored ``beta_h``);
 - ``mass gate``: the same gate with ``beta_h`` the mean of ``lse_f - log n_far`` over the batch (the
-  teacher's log-mass per far key: how ``ttt convert --far-gate`` starts it); negative when it fits worse
+  teacher's log-mass per far key: how ``ttt convert --far-gate mass`` starts it); negative when it fits worse
   than no gate;
 - ``lam a_f``: the energy of the part only a memory of the far keys can supply, relative to ``|r|^2``
   (what a mixer beside a window with an exact gate would have to supply).
@@ -92,7 +92,7 @@ def residual_stats(parts: dict[str, Tensor], betas: Tensor | None = None) -> dic
     lam = torch.sigmoid(lse_f - lse_w)[..., None]
     log_far = parts["far"].sum(-1)[has].double().log()
     betas = torch.linspace(-20, 10, 121, dtype=torch.float64) if betas is None else betas
-    mass_betas = (lse_f - log_far).mean(dim=(0, 2))  # [H]: fit_far_gates's start
+    mass_betas = (lse_f - log_far).mean(dim=(0, 2))  # [H]: fit_far_gates(fit="mass")'s start
 
     def gated(head: int, beta: float) -> float:
         rh, wh, lh = r[:, head], a_w[:, head], lse_w[:, head]

@@ -434,6 +434,24 @@ def test_far_gate_fits_start_from_the_teachers_softmax_and_survive_the_round_tri
     assert out.shape[1] == 18 and (logits.argmax(-1) == out[0, 10:]).all()  # decode == forward
 
 
+def test_a_run_from_the_far_gate_flag_resumes_as_mass(teacher_dir, tmp_path):
+    """``--far-gate`` was first a flag (True: the mass start); a run saved then resumes with 'mass'."""
+    from ttt.models.checkpoint import _meta_digest, find_checkpoint
+    from ttt.recipes.convert import _check_resume
+
+    run = tmp_path / "run"
+    kw = dict(mixer="swa", window=5, far_gate="mass", distill_steps=0)
+    convert(args_for(teacher_dir, run, **kw))
+    meta_file = find_checkpoint(run) / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    meta["args"]["far_gate"] = True
+    meta["meta_sha256"] = _meta_digest(meta)  # as that version wrote it
+    meta_file.write_text(json.dumps(meta))
+    assert _check_resume(args_for(teacher_dir, run, resume=True, **kw), run)["step"] == 3
+    with pytest.raises(Exception, match="--far-gate 'mass' -> 'output'"):
+        _check_resume(args_for(teacher_dir, run, resume=True, **{**kw, "far_gate": "output"}), run)
+
+
 def test_residual_transfer_fits_the_window_to_attention_and_the_inner_mixer_to_the_rest(teacher_dir):
     """``transfer_loss(residual=True)``, per block: the window against the attention output plus the inner
     mixer against attention minus window (each relative to its target's energy); no gradient reaches the
@@ -552,6 +570,14 @@ def test_least_squares_gives_a_zero_output_gain_zero():
         ({"sink": 2}, "--sink 2 keeps tokens beside a window, but the student has none"),
         ({"far_gate": "output"}, "--far-gate scales a window's output, but the student has none"),
         ({"far_gate": "yes"}, "--far-gate must be 'none', 'output' or 'mass', got 'yes'"),
+        (
+            {"far_gate": "output", "keep_as": "swa", "blocks": "all"},
+            "--sink / --far-gate act on windows, but --blocks all converts every block to ttt_linear",
+        ),
+        (
+            {"sink": 1, "keep_as": "swa", "blocks": "all"},
+            "--sink / --far-gate act on windows, but --blocks all converts every block to ttt_linear",
+        ),
         (
             {"far_gate": "mass", "mixer": "swa", "window": 16},
             "--far-gate: the calibration windows of 16 tokens leave no key beyond block 0's window of 16",

@@ -88,7 +88,9 @@ class SoftmaxAttention(nn.Module):
             mass the keys beyond it would get, estimated as ``n_far * exp(b_h + u_h . x)`` (``n_far`` keys
             lie beyond the window and the sinks; ``b`` [H] and ``u`` [H, C] learned, ``u`` from zero). A
             window cut from a full attention thus gives back the weight its far keys held, as the shared
-            normaliser of LoLCATs' hybrid layer does (derivation: docs/convert.md). Default: ``False``.
+            normaliser of LoLCATs' hybrid layer does (derivation: docs/convert.md). The gated layer writes
+            its softmax out (SDPA does not return the normaliser): ``[B, H, T, S]`` scores in memory, as
+            SDPA's math path on a CPU, where a fused GPU kernel would not. Default: ``False``.
 
     Examples::
 

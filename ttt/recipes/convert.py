@@ -662,6 +662,8 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     free = RUNTIME_ARGS + (DISTILL_ARGS if int(saved["step"]) <= args.transfer_steps else ())
     # an argument added after the run began is read as its default (what the run used)
     was = {k: saved["args"].get(k, default[k]) for k in now}
+    if isinstance(was["far_gate"], bool):  # the option's first form, a flag that fitted the mass start
+        was["far_gate"] = "mass" if was["far_gate"] else "none"
     diff = [
         f"--{k.replace('_', '-')} {was[k]!r} -> {now[k]!r}" for k in now if k not in free and was[k] != now[k]
     ]
@@ -694,6 +696,13 @@ class _Conversion:
         if args.first_blocks is not None:
             truncate_blocks(teacher, args.first_blocks)
         self.blocks = parse_blocks(args.blocks, teacher.config.n_layers)
+        kept = len(self.blocks) < teacher.config.n_layers and args.keep_as == "swa"
+        windows = args.in_layer_window or args.mixer == "swa" or kept
+        if (args.sink or args.far_gate != "none") and not windows:
+            raise ValueError(
+                f"--sink / --far-gate act on windows, but --blocks {args.blocks} converts every block to "
+                f"{args.mixer}, so --keep-as swa keeps none: expected --in-layer-window or fewer --blocks"
+            )
         if args.context > teacher.config.max_seq_len:
             raise ValueError(
                 f"--context {args.context} exceeds the teacher's {teacher.config.max_seq_len} positions"
