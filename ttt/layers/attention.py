@@ -271,10 +271,14 @@ class SoftmaxAttention(nn.Module):
         """The far gate ``alpha [B, H, T]`` (class docstring) of queries ``x [B, T, C]`` at ``positions
         [B, T]`` (or ``[T]``) whose window normalisers are ``exp(lse [B, H, T])``: 1 where no key lies
         beyond the window and the sinks."""
-        far = (positions + 1 - self.window - self.sink).clamp(min=0)  # keys beyond window and sinks
+        far = self.far_keys(positions)
         log_far = self.far_bias[:, None] + self.far_proj(x).transpose(1, 2)  # [B, H, T]
         logit = lse - log_far - far.to(lse.dtype).clamp(min=1).log().unsqueeze(-2)
         return torch.where((far > 0).unsqueeze(-2), torch.sigmoid(logit), torch.ones_like(logit))
+
+    def far_keys(self, positions: Tensor) -> Tensor:
+        """How many keys lie beyond the window and the sinks of a query at each of ``positions`` (int64)."""
+        return (positions + 1 - self.window - self.sink).clamp(min=0)
 
     @torch.no_grad()
     def window_split(self, x: Tensor) -> WindowSplit:
@@ -294,13 +298,14 @@ class SoftmaxAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             repeats = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, T, T], computed once
         causal = steps[None, :] <= steps[:, None]
-        near = causal & ((steps[:, None] - steps[None, :] < self.window) | (steps[None, :] < self.sink))
-        out_full, _ = softmax_lse(q, k, v, causal)
-        out_window, lse_window = softmax_lse(q, k, v, near)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        positions = steps[None]  # the forward's own rule of what the window and the sinks see
+        near = self._allowed(positions, positions, torch.ones_like(positions, dtype=torch.bool), cached=0)[0]
+        out_full, _ = _attend_scores(scores, causal, v)
+        out_window, lse_window = _attend_scores(scores, near, v)
         lse_far = torch.logsumexp(scores.masked_fill(near | ~causal, float("-inf")), dim=-1)
-        n_far = (steps + 1 - self.window - self.sink).clamp(min=0)
+        n_far = self.far_keys(steps)
         return WindowSplit(lse_window, lse_far, n_far, out_window, out_full)
 
     def _trim(self, cache: KVCache) -> KVCache:
@@ -378,9 +383,13 @@ def softmax_lse(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tenso
     """Softmax attention written out (for the far gate; SDPA does not return the normaliser): ``q [B, H,
     T, D]``, ``k, v [B, H, S, D]``, ``allowed`` bool broadcasting to ``[B, H, T, S]`` (a key in every row)
     -> ``(o [B, H, T, D], lse [B, H, T])``, ``lse`` the log of each row's normaliser."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+    return _attend_scores((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, allowed, v)
+
+
+def _attend_scores(scores: Tensor, allowed: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`softmax_lse` from its scaled scores ``[B, H, T, S]``."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(masked, dim=-1) @ v, torch.logsumexp(masked, dim=-1)
 
 
 # the former name of the softmax layer, kept for old imports (``ttt.attention`` is the TTT operator)

@@ -569,15 +569,14 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     if args.sink < 0:
         raise ValueError(f"--sink must be >= 0 (0: none), got {args.sink}")
-    if args.sink and not (args.in_layer_window or args.mixer == "swa" or args.keep_as == "swa"):
+    if args.sink and not _has_window(args):
         raise ValueError(
             f"--sink {args.sink} keeps tokens beside a window, but the student has none: expected "
             "--in-layer-window, --mixer swa or --keep-as swa"
         )
     if args.far_gate not in FAR_GATE_FITS:
         raise ValueError(f"--far-gate must be 'none', 'output' or 'mass', got {args.far_gate!r}")
-    gate = args.far_gate != "none"
-    if gate and not (args.in_layer_window or args.mixer == "swa" or args.keep_as == "swa"):
+    if args.far_gate != "none" and not _has_window(args):
         raise ValueError(
             "--far-gate scales a window's output, but the student has none: expected --in-layer-window, "
             "--mixer swa or --keep-as swa"
@@ -621,6 +620,12 @@ def _check_args(args: ConvertArgs) -> None:
         raise ValueError(
             f"--from-scratch trains every parameter: expected --update full, got {args.update!r}"
         )
+
+
+def _has_window(args: ConvertArgs, *, every_block: bool = False) -> bool:
+    """Whether the student ``args`` ask for has a window (what --sink and --far-gate act on): windowed or
+    ``swa`` converted blocks, or kept blocks as ``swa`` (none kept when ``every_block`` is converted)."""
+    return bool(args.in_layer_window or args.mixer == "swa" or (args.keep_as == "swa" and not every_block))
 
 
 def load_teacher(spec: str) -> tuple[nn.Module, Any]:
@@ -696,9 +701,8 @@ class _Conversion:
         if args.first_blocks is not None:
             truncate_blocks(teacher, args.first_blocks)
         self.blocks = parse_blocks(args.blocks, teacher.config.n_layers)
-        kept = len(self.blocks) < teacher.config.n_layers and args.keep_as == "swa"
-        windows = args.in_layer_window or args.mixer == "swa" or kept
-        if (args.sink or args.far_gate != "none") and not windows:
+        every_block = len(self.blocks) == teacher.config.n_layers
+        if (args.sink or args.far_gate != "none") and not _has_window(args, every_block=every_block):
             raise ValueError(
                 f"--sink / --far-gate act on windows, but --blocks {args.blocks} converts every block to "
                 f"{args.mixer}, so --keep-as swa keeps none: expected --in-layer-window or fewer --blocks"
@@ -855,10 +859,8 @@ class _Conversion:
 
     def trainable(self, stage: str) -> list[nn.Parameter]:
         """Freeze everything, then unfreeze (or create, for LoRA) what ``stage`` trains."""
-        student, mixers = (
-            self.student,
-            [p for i in self.blocks for p in self.student.blocks[i].mixer.parameters()],
-        )
+        student = self.student
+        mixers = [p for i in self.blocks for p in student.blocks[i].mixer.parameters()]
         if stage == "distill" and self.args.update == "lora":
             if any(".parametrizations." in k for k in student.state_dict()):  # restored with its adapters
                 return [p for n, p in student.named_parameters() if n.endswith((".A", ".B"))]
