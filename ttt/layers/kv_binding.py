@@ -5,8 +5,9 @@ A LaCT-style layer: per head a SwiGLU fast weight ``f(x) = (silu(x W0) * (x W2))
 step per token, read after the step) on the dot-product loss ``-<f(k), v>`` with a learned per-token inner
 learning rate. When only the last layer ``W1`` is trained, the layer *is* causal linear attention over the
 features ``phi(x) = silu(x W0) * (x W2)`` from the initial state ``W1`` (Thm 5.2), which the ``"parallel"``
-form evaluates chunk-parallel; the ``"recurrent"`` form runs the TTT recurrence itself (inner gradients
-from ``torch.func``, token by token), so both forms run in the same model. Derivation:
+form evaluates chunk-parallel; the ``"recurrent"`` form runs the TTT recurrence itself, token by token
+(``lact_online``: the inner gradient written out, tested against ``lact_recurrent``'s from ``torch.func``),
+so both forms run in the same model. Derivation:
 ttt/ops/kv_binding/README.md.
 
 Shapes: B batch, T tokens, C model width, H heads, D head dim C/H, M fast-weight hidden width.
@@ -24,7 +25,7 @@ from ttt.layers.base import RecurrentMixer
 from ttt.layers.protocol import merge_heads, split_heads
 from ttt.modules.norm import RMSNorm
 from ttt.ops._checks import check_coefficient, gates_computed_by
-from ttt.ops.kv_binding import kv_binding_parallel, lact_recurrent, reduce_kv_binding, swiglu_features
+from ttt.ops.kv_binding import kv_binding_parallel, lact_online, reduce_kv_binding, swiglu_features
 
 #: inner models: LaCT's SwiGLU fast weight, or one linear map (features ``phi(x) = x``)
 INNER_MODELS = ("swiglu", "linear")
@@ -87,7 +88,7 @@ class KVBinding(RecurrentMixer):
             paper's "no per-token lr"). Default: ``True``.
         base_lr: inner base learning rate. Default: ``1.0``.
         impl: ``"parallel"`` (chunk-parallel linear attention), ``"recurrent"`` (the TTT recurrence,
-            ``lact_recurrent``; whole sequences from the learned initial weights: its state cannot be
+            ``lact_online``; whole sequences from the learned initial weights: its state cannot be
             continued) or ``"auto"``: parallel where the switches allow, else recurrent. Default: ``"auto"``.
         decode_impl: form in a one-token ``forward`` and in ``step``: as ``impl``. ``step`` needs the
             parallel form (it carries ``W1`` and the momentum buffer): with ``update_all`` or ``weight_norm``
@@ -235,7 +236,7 @@ class KVBinding(RecurrentMixer):
                         "pass state=None (or a fresh init_state)"
                     )
                 params = tuple(p.to(dtype) for p in (self.W0, self.W1, self.W2))
-                o = lact_recurrent(q, k, v, params, lr=lr, update_all=self.update_all,
+                o = lact_online(q, k, v, params, lr=lr, update_all=self.update_all,
                                    weight_norm=self.weight_norm, **settings)  # fmt: skip
                 new = KVBindingState(None, None, lengths, final=False)
             else:

@@ -1,0 +1,72 @@
+"""``lact_online`` (the inner gradient written out) equals ``lact_recurrent`` (the inner gradient from
+``torch.func``) in float64: forward and the gradients of q, k, v, the three initial fast weights and the
+per-token lr, under every switch of the online recurrence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.ops.kv_binding import lact_online, lact_recurrent
+
+from .test_reduction import problem
+
+ATOL = 1e-10
+
+SWITCHES = [
+    {},
+    {"update_all": True},
+    {"weight_norm": True},
+    {"update_all": True, "weight_norm": True},  # the lact rows of the evidence recipe
+    {"update_all": True, "weight_norm": True, "ascent": True},
+    {"update_all": True, "weight_norm": True, "inner_steps": 2},
+    {"update_all": True, "momentum": 0.7},
+    {"momentum": 0.5, "ascent": True, "inner_steps": 3},
+    {"loss": "mse", "update_all": True, "weight_norm": True},
+    {"loss": "mse", "inner_steps": 2, "momentum": 0.3},
+]
+
+
+def _run(fn, x, **switches):
+    return fn(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), lr=x["lr"], **switches)
+
+
+@pytest.mark.parametrize(
+    "switches", SWITCHES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "base"
+)
+def test_online_equals_the_torch_func_oracle(switches):
+    x = problem(T=13, D=4, M=6, grad=True)
+    for n in ("q", "k"):  # unit norm, as the layer gives them: the weights stay O(1) over the sequence
+        x[n] = torch.nn.functional.normalize(x[n].detach(), dim=-1).requires_grad_()
+    x["v"] = x["v"][..., :3].detach().requires_grad_()  # Dv != D
+    x["W1"] = x["W1"][..., :3].detach().requires_grad_()
+    names = list(x)
+    outs = []
+    for fn in (lact_recurrent, lact_online):
+        o = _run(fn, x, **switches)
+        weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)
+        outs.append((o, torch.autograd.grad((o * weights).sum(), [x[n] for n in names])))
+    (o_ref, g_ref), (o, g) = outs
+    assert o.shape == o_ref.shape == (2, 2, 13, 3)
+    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=0)
+    for name, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=f"d/d{name}")
+
+
+def test_constant_lr_and_empty_sequence():
+    x = problem(T=7)
+    ref = lact_recurrent(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), lr=0.05, update_all=True)
+    out = lact_online(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), lr=0.05, update_all=True)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    empty = {n: x[n][:, :, :0] for n in ("q", "k", "v")}
+    assert lact_online(empty["q"], empty["k"], empty["v"], (x["W0"], x["W1"], x["W2"])).shape == (2, 2, 0, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"loss": "l1"}, "loss must be"), ({"inner_steps": 0}, "inner_steps"), ({"momentum": 1.0}, "momentum")],
+)
+def test_bad_switches_raise_one_line(kwargs, match):
+    x = problem(T=3)
+    with pytest.raises(ValueError, match=match):
+        lact_online(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), **kwargs)
