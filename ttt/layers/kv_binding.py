@@ -78,8 +78,8 @@ class KVBinding(RecurrentMixer):
         update_all: train all three fast weights (W0, W2 too: a dynamic feature map, so no parallel form:
             runs ``"recurrent"``); ``False``: only the last layer W1 (Liu et al.'s Variant 1). Default:
             ``False``.
-        weight_norm: after each step rescale every column of W1 to its initial norm (LaCT; breaks the
-            parallel form). Default: ``False``.
+        weight_norm: after each step rescale every column of each trained fast weight (W1; W0 and W2 too
+            with ``update_all``) to its initial norm (LaCT; breaks the parallel form). Default: ``False``.
         ascent: gradient ascent on the inner loss. Default: ``False``.
         q_from_k: read with the key, ``o_t = f_t(k_t)`` (no query projection). Default: ``False``.
         inner_steps: gradient steps per token, all on that token. Default: ``1``.

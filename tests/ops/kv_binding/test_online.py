@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ttt
+from ttt.ops.general import inner
 from ttt.ops.kv_binding import lact_online, lact_recurrent
 
 from .test_reduction import problem
@@ -70,3 +72,22 @@ def test_bad_switches_raise_one_line(kwargs, match):
     x = problem(T=3)
     with pytest.raises(ValueError, match=match):
         lact_online(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), **kwargs)
+
+
+@pytest.mark.parametrize("fn", [lact_recurrent, lact_online], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("update_all", [False, True])
+def test_weight_norm_rescales_every_trained_fast_weight(fn, update_all):
+    """LaCT rescales each trained fast weight (W0 and W2 as well as W1, with ``update_all``) back to its
+    initial column norms after every step, as ``ttt_general(weight_norm=True)`` does at mini-batch 1.
+    (Normalising W1 alone let W0 and W2 grow without bound under the dot loss, which is unbounded below:
+    the ``lact`` row's training gradient overflowed to NaN within 31 steps.)"""
+    x = problem(T=11, seed=3)
+    for n in ("q", "k"):
+        x[n] = torch.nn.functional.normalize(x[n], dim=-1)
+    x["lr"] = 2.0 * x["lr"]  # large steps, so the norms matter
+    want = ttt.ops.ttt_general(
+        x["q"], x["k"], x["v"], model=inner.swiglu_no_bias, initial_state=(x["W0"][None], x["W1"][None], x["W2"][None]),
+        loss="dot", lr=x["lr"], update=(update_all, True, update_all), weight_norm=True,
+    ).output  # fmt: skip
+    got = _run(fn, x, update_all=update_all, weight_norm=True)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

@@ -55,7 +55,8 @@ def lact_online(
         inner_steps: gradient steps per token, all on that token.
         momentum: ``U_t = mu U_{t-1} + sign * Delta_t``, ``P_t = P_{t-1} - U_t``.
         update_all: also train W0 and W2; default: the last layer W1 only.
-        weight_norm: after each update rescale every column of W1 to its initial norm.
+        weight_norm: after each update rescale every column of each trained fast weight (W1; W0 and W2
+            too with ``update_all``) to its initial norm, as LaCT does.
 
     Returns:
         o [B, H, T, Dv]: ``o_t = f_{P_t}(q_t)``, read after the step on token t.
@@ -73,7 +74,8 @@ def lact_online(
         return q.new_zeros(B, H, 0, Dv)
     Wf = torch.cat([W0, W2], dim=-1).unsqueeze(0).expand(B, H, D, 2 * M).reshape(N, D, 2 * M)
     W1 = W1.unsqueeze(0).expand(B, H, M, Dv).reshape(N, M, Dv)
-    norms = W1.norm(dim=-2, keepdim=True) if weight_norm else None
+    norm_1 = W1.norm(dim=-2, keepdim=True) if weight_norm else None
+    norm_f = Wf.norm(dim=-2, keepdim=True) if weight_norm and update_all else None
     sign = -1.0 if ascent else 1.0
     fused = inner_steps == 1 and momentum == 0.0  # the step is one rank-one product: fold it in directly
     qs = q.reshape(N, T, 1, D).unbind(1)  # T tensors [N, 1, D]
@@ -112,8 +114,10 @@ def lact_online(
                 Wf = Wf - Uf
             U1 = sign * (W1 - cur_1) + (0.0 if U1 is None else momentum * U1)
             W1 = W1 - U1
-        if weight_norm:
-            W1 = W1 * (norms * torch.rsqrt(W1.square().sum(dim=-2, keepdim=True)))
+        if weight_norm:  # every column of each trained matrix back to its initial norm
+            W1 = W1 * (norm_1 * torch.rsqrt(W1.square().sum(dim=-2, keepdim=True)))
+            if update_all:
+                Wf = Wf * (norm_f * torch.rsqrt(Wf.square().sum(dim=-2, keepdim=True)))
         a_q = _swiglu_features(qs[t] @ Wf, M) if update_all else feats_q[t][:, None]
         outputs.append(a_q @ W1)  # [N, 1, Dv]
     return torch.cat(outputs, dim=1).reshape(B, H, T, Dv)

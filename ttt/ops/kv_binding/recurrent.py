@@ -62,7 +62,8 @@ def lact_recurrent(
         inner_steps: gradient steps per token (per chunk), all on the same token (chunk).
         momentum: ``U_t = mu U_{t-1} + sign * Delta_t``, ``P_t = P_{t-1} - U_t`` (as ttt_general).
         update_all: also train W0 and W2 (a dynamic feature map); default: last layer only.
-        weight_norm: after each update rescale every column of W1 to its initial norm (LaCT).
+        weight_norm: after each update rescale every column of each trained fast weight (W1; W0 and W2
+            too with ``update_all``) to its initial norm, as LaCT does.
         shifted_chunk_size: C: LaCT's shifted block-causal chunks. Chunk i (C tokens, the last may be
             shorter) is answered with the weights after chunks < i; then one step on the
             lr-weighted sum of chunk i's losses, all gradients at the weights before chunk i
@@ -78,7 +79,7 @@ def lact_recurrent(
         raise ValueError(MUON_NEEDS_CHUNKS)
     B, H, T, _ = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
     P = tuple(p.unsqueeze(0).expand(B, *p.shape).clone() for p in params)
-    norms = P[1].norm(dim=-2, keepdim=True)
+    norms = tuple(p.norm(dim=-2, keepdim=True) for p in P)
     lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)  # >= 0: gradient ascent is ascent=True
     momentum = _checks.check_coefficient("momentum", momentum, high_open=True)
     step_grad = vmap(vmap(grad(_loss(loss))))
@@ -104,8 +105,8 @@ def lact_recurrent(
         step = tuple(newton_schulz(u) if muon and on else u for u, on in zip(U, trained))
         P = tuple(p - s for p, s in zip(P, step))
         if weight_norm:
-            W1 = P[1] * (norms / P[1].norm(dim=-2, keepdim=True))
-            P = (P[0], W1, P[2])
+            P = tuple(p * (n / p.norm(dim=-2, keepdim=True)) if on else p
+                      for p, n, on in zip(P, norms, trained))  # fmt: skip
         if not read_before:
             outputs.append(read(P, q[:, :, block]))
     if not outputs:  # T = 0, as every op: an empty output
