@@ -7,9 +7,12 @@ form, and the speed of the parallel form vs the TTT recurrence on CPU.
 Part 1 (float64, B=1 H=2 T=64 D=8 M=16): max |parallel - recurrence| under each switch. Part 2
 (float32, B=1 H=4 T D=64 M=64, LaCT SwiGLU features, dot loss, last layer only): the chunk-parallel
 form (features + chunked linear attention, chunk 64) vs (i) the closed-form token loop of the same
-linear attention, (ii) the autograd TTT recurrence ``lact_recurrent``, (iii) ``ttt.ops.ttt_general``.
-Times are process CPU times (single thread), medians after a warm-up; paths over 2 s run once. Writes
-``benchmarks/results/kv_binding_cpu.md``.
+linear attention, (ii) the TTT recurrence with its inner gradient from ``torch.func`` (``lact_recurrent``)
+and (iii) written out (``lact_online``), (iv) ``ttt.ops.ttt_general``. Part 3 (float32, the tiny preset's
+mixer: B=16 H=4 T=128 D=M=32, all three fast weights trained with weight normalisation, the ``lact`` row
+of ``ttt.recipes.evidence.kv_binding``, which has no parallel form): forward + backward of the two
+recurrences, alternating. Times are process CPU times (single thread), medians after a warm-up; paths
+over 2 s run once. Writes ``benchmarks/results/kv_binding_cpu.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import torch
 
 import ttt
 from ttt.ops.general import inner
-from ttt.ops.kv_binding import kv_binding_parallel, lact_recurrent, reduce_kv_binding, swiglu_features
+from ttt.ops.kv_binding import (
+    kv_binding_parallel,
+    lact_online,
+    lact_recurrent,
+    reduce_kv_binding,
+    swiglu_features,
+)
 from ttt.recipes.args import Parser
 
 SWITCHES = [
@@ -101,6 +110,9 @@ def speed(T: int, repeats: int) -> list[str]:
     def autograd_loop():
         return lact_recurrent(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), lr=x["lr"])
 
+    def written_out():
+        return lact_online(x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), lr=x["lr"])
+
     def general():
         return ttt.ops.ttt_general(
             x["q"], x["k"], x["v"], model=inner.swiglu_no_bias,
@@ -124,7 +136,8 @@ def speed(T: int, repeats: int) -> list[str]:
         for name, fn in [
             ("parallel: phi + chunked linear attention (C=64)", par),
             ("closed-form token loop (linear_attention impl=recurrent)", closed_loop),
-            ("TTT recurrence, autograd (lact_recurrent)", autograd_loop),
+            ("TTT recurrence, inner gradient from torch.func (lact_recurrent)", autograd_loop),
+            ("TTT recurrence, inner gradient written out (lact_online)", written_out),
             ("TTT recurrence, ttt.ops.ttt_general", general),
         ]:
             t = timed(fn, repeats)
@@ -143,6 +156,40 @@ def speed(T: int, repeats: int) -> list[str]:
     return lines
 
 
+def training_speed(repeats: int) -> list[str]:
+    """Forward + backward of the ``lact`` recurrence (update_all, weight_norm), the two implementations
+    alternating on the same inputs; their outputs and gradients checked equal first."""
+    B, H, T, D = 16, 4, 128, 32
+    x = problem(B, H, T, D, D, torch.float32, seed=1)
+    for n in ("q", "k"):  # unit norm, as the layer gives them
+        x[n] = torch.nn.functional.normalize(x[n], dim=-1)
+    x = {n: t.requires_grad_() for n, t in x.items()}
+    fns = {"lact_recurrent (torch.func)": lact_recurrent, "lact_online (written out)": lact_online}
+
+    def step(fn):
+        o = fn(
+            x["q"], x["k"], x["v"], (x["W0"], x["W1"], x["W2"]), lr=x["lr"], update_all=True, weight_norm=True
+        )
+        return o, torch.autograd.grad(o.square().sum(), list(x.values()))
+
+    (o_a, g_a), (o_b, g_b) = (step(fn) for fn in fns.values())
+    err = max((a - b).abs().max().item() for a, b in zip((o_a, *g_a), (o_b, *g_b)))
+    print(f"check lact_online vs lact_recurrent, forward and gradients, float32: max err {err:.1e}")
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for i in range(repeats):
+        for name, fn in fns.items() if i % 2 == 0 else reversed(fns.items()):
+            t0 = time.process_time()
+            step(fn)
+            times[name].append(time.process_time() - t0)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    base = med["lact_online (written out)"]
+    lines = ["| recurrence | ms (fwd + bwd, process CPU time, median) | / lact_online |", "|---|---|---|"]
+    lines += [f"| {n} | {t * 1e3:.0f} | {t / base:.1f}x |" for n, t in med.items()]
+    for line in lines[2:]:
+        print(line, flush=True)
+    return lines + ["", f"Largest difference, outputs and all gradients (float32): {err:.1e}."]
+
+
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=4096)
@@ -153,6 +200,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     table = ablation_table()
     timing = speed(args.T, args.repeats)
+    training = training_speed(max(args.repeats, 5))
     Path(args.out).write_text(
         "# KV-binding TTT as linear attention (Liu et al. 2026) on CPU\n\n"
         "## Which ablation switches keep the exact parallel form (float64, B=1 H=2 T=64 D=8 M=16)\n\n"
@@ -162,6 +210,11 @@ def main() -> None:
         + f"\n\n## Speed, T={args.T} (float32, B=1 H=4 D=64 M=64, forward)\n\n"
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}. "
         "Produced by `python benchmarks/kv_binding_cpu.py`.\n\n" + "\n".join(timing) + "\n"
+        "\n## Training the recurrence: B=16 H=4 T=128 D=M=32, all three fast weights, weight normalisation\n\n"
+        "The `lact` rows of `python -m ttt.recipes.evidence.kv_binding` (the tiny preset's mixer shape),\n"
+        "forward + backward of the op alone, the two implementations alternating.\n\n"
+        + "\n".join(training)
+        + "\n"
     )
     print(f"wrote {args.out}")
 
