@@ -44,6 +44,8 @@ class _Args:
     """a name, e.g. ``x``"""
     count: int = 3
     """how many"""
+    mode: str = "fast"
+    """the mode; its other defaults come from the preset"""
     scale: float | None = None
     """a scale ('none': off)"""
     flag: bool = False
@@ -52,7 +54,7 @@ class _Args:
 
 def test_one_converter_types_defaults_aliases_and_none():
     args = parse_dataclass(_Args, ["--name", "b", "--count", "4", "--scale", "none", "--flag"])
-    assert args == _Args("b", 4, None, True)
+    assert args == _Args("b", 4, "fast", None, True)
     assert parse_dataclass(_Args, []) == _Args()
     assert parse_dataclass(_Args, ["--scale", "0.5", "--no-flag"]) == _Args(scale=0.5)
     assert parse_dataclass(_Args, ["--n", "z"], aliases={"name": ["--n"]}).name == "z"
@@ -60,6 +62,14 @@ def test_one_converter_types_defaults_aliases_and_none():
         parse_dataclass(_Args, ["--count", "x"])
     text = dataclass_parser(_Args, "A tool; see ``x``.", prog="p").format_help()
     assert "(default: 3)" in text and "A tool; see x." in text and "`" not in text
+    # a help text that only uses the word "default" still gets its default named (--match-params did not)
+    assert "(default: fast)" in " ".join(text.split())
+
+
+def test_counted_gives_the_noun_its_number():
+    from ttt.recipes.common import counted
+
+    assert [counted(n, "checkpoint") for n in (0, 1, 2)] == ["0 checkpoints", "1 checkpoint", "2 checkpoints"]
 
 
 def test_recipes_parse_through_the_converter():

@@ -530,6 +530,15 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys, monkey
     assert main(["ls", "--runs", str(tmp_path)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if str(trained / "step-000002") in line)
     assert line.endswith("[damaged: model.safetensors truncated]"), line
+    # a `latest` that names no checkpoint of its run is flagged (it was listed as if nothing were wrong)
+    latest = trained / "latest"
+    kept = latest.read_text()
+    latest.write_text("step-000999\n")
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{latest} names step-000999, which is not a checkpoint of the run" in out
+    assert not any(line.endswith("[latest]") for line in out.splitlines())
+    latest.write_text(kept)
     # a --runs that does not exist (a typo) looked like an empty runs directory; the default may be missing
     assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 1
     assert f"--runs {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err

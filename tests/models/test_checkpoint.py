@@ -108,6 +108,14 @@ def test_missing_checkpoint(tmp_path):
         find_checkpoint(tmp_path / "nope")
 
 
+def test_a_missing_model_file_is_named_without_the_resume_reason(tmp_path):
+    """Only a missing trainer file is about resuming; a missing model file said so too."""
+    saved_model(tmp_path)
+    (find_checkpoint(tmp_path) / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model.safetensors is missing$"):
+        load_model(tmp_path)
+
+
 def rewrite_meta(ckpt, resign: bool = True, **changes):
     """Edit a checkpoint.json as a user (resign=False) or an attacker who recomputes its digest would."""
     import json

@@ -90,7 +90,7 @@ def test_identity_convs_pass_projections_through(teacher_dir):
     )
 
 
-def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
+def test_whole_pipeline_to_transformers(teacher_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     import ttt.models.hf  # noqa: F401  (registers the Auto classes)
@@ -98,6 +98,8 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path):
     summary = convert(
         args_for(teacher_dir, tmp_path / "run", mixer="ttt_linear", blocks="all", update="lora")
     )
+    # the last line names the import that registers the Auto classes (it said `import ttt`, which does not)
+    assert "after import ttt.models.hf" in capsys.readouterr().out
     assert set(summary["perplexity"]) == {
         "teacher",
         "swapped",
@@ -619,3 +621,19 @@ def test_a_run_from_before_an_argument_existed_resumes_with_its_default(teacher_
     with pytest.raises(CheckpointError, match=r"--in-layer-window 0 -> 4"):
         _check_resume(args_for(teacher_dir, run, transfer_steps=1, distill_steps=0, ckpt_every=1, resume=True,
                                in_layer_window=4), run)  # fmt: skip
+
+
+def test_resume_on_a_run_of_ttt_train_says_it_is_not_a_conversion(teacher_dir, tmp_path):
+    """It listed every argument that differs (--context 128 -> 16; ...), as if the run were a conversion
+    with other arguments."""
+    from ttt.models import CausalLM, LMConfig
+    from ttt.models.checkpoint import CheckpointError, save_checkpoint
+
+    run = tmp_path / "train-run"
+    config = LMConfig.from_name("micro", mixer="ttt_linear", vocab_size=50)
+    meta = {"args": {"steps": 1, "context": 128}, "history": {"train": [], "val": []}}
+    save_checkpoint(run, step=1, model_state=CausalLM(config).state_dict(), config=config, meta=meta)
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(CheckpointError, match=r"not a ttt convert run"):
+        convert(args_for(teacher_dir, run, resume=True))
+    assert sorted(p.name for p in run.rglob("*")) == before

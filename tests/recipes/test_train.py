@@ -138,6 +138,14 @@ def test_bad_arguments(corpus_dir, tmp_path):
         ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
         ({"grad_clip": -1.0}, r"--grad-clip must be a finite number >= 0 \(0: off\)"),
         ({"grad_clip": float("nan")}, r"--grad-clip must be a finite number >= 0 \(0: off\), got nan"),
+        # each 0 says what it means for its own flag (--log-every said "only at the end")
+        ({"log_every": -1}, r"--log-every must be >= 0 \(0: validations only\), got -1"),
+        ({"eval_every": -1}, r"--eval-every must be >= 0 \(0: only at the end\), got -1"),
+        ({"context_parallel": 0}, r"--context-parallel must be >= 1, got 0"),
+        (
+            {"layer_mixers": "ttt_linear,attention,swa"},
+            r"\(--layer-mixers\) has 3 entries: give one per block \(2\)",
+        ),
     ],
 )
 def test_bad_optimizer_numbers_are_refused_before_anything_is_written(corpus_dir, tmp_path, change, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ttt.recipes.args import EvalArgs
+from ttt.recipes.common import counted
 
 EPILOG = """examples:
   ttt eval --checkpoint runs/ttt_linear-tiny
@@ -31,7 +32,8 @@ def run(args: EvalArgs) -> int:
     if not args.checkpoint:
         raise ValueError("--checkpoint is required")
     r = evaluate_checkpoint(args)
-    scored = f"the whole of {r.file} ({r.files} text files)" if r.file else f"validation split of {r.corpus}"
+    whole = f"the whole of {r.file} ({counted(r.files, 'text file')})"
+    scored = whole if r.file else f"validation split of {r.corpus}"
     print(f"checkpoint {r.checkpoint} ({r.what}), {scored}")
     if r.skipped:
         shown = ", ".join(r.skipped[:5]) + (f" and {len(r.skipped) - 5} more" if len(r.skipped) > 5 else "")
@@ -39,7 +41,7 @@ def run(args: EvalArgs) -> int:
     print(
         f"{'file' if r.file else 'validation'}: loss {r.loss:.4f} nats/token, "
         f"{r.bits_per_byte:.4f} bits/byte, perplexity {r.perplexity:.2f} "
-        f"({r.windows} windows of up to {r.context} tokens)"
+        f"({counted(r.windows, 'window')} of up to {r.context} tokens)"
     )
     print("loss by position:")
     for a, b, v in r.positions:

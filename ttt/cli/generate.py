@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ttt.recipes.args import GenerateArgs
+from ttt.recipes.common import counted
 
 EPILOG = """examples:
   ttt generate --checkpoint runs/ttt_linear-tiny --prompt "ROMEO:"
@@ -32,16 +33,17 @@ def run(args: GenerateArgs) -> int:
         print(f"--- prompt {i + 1} of {len(r.prompts)} ---\n{prompt if args.echo else ''}{text}")
     if r.prompts:
         print(
-            f"[{len(r.prompts)} prompts, {r.prompt_tokens} prompt tokens; first new tokens after "
-            f"{r.prefill_seconds:.3f} s; {r.new_tokens} new tokens, then {rate} "
-            f"tokens/s over the batch]",
+            f"[{counted(len(r.prompts), 'prompt')}, {counted(r.prompt_tokens, 'prompt token')}; "
+            f"first new tokens after {r.prefill_seconds:.3f} s; {counted(r.new_tokens, 'new token')}, "
+            f"then {rate} tokens/s over the batch]",
             file=sys.stderr,
         )
         return 0
     if not args.stream:
         print((r.prompt if args.echo else "") + r.text)
     print(
-        f"[{r.prompt_tokens} prompt tokens prefilled in {r.prefill_seconds:.3f} s; {r.new_tokens} new tokens "
+        f"[{counted(r.prompt_tokens, 'prompt token')} prefilled in {r.prefill_seconds:.3f} s; "
+        f"{counted(r.new_tokens, 'new token')} "
         f"at {rate} tokens/s; decode state {r.state_bytes / 2**10:,.1f} KB]",
         file=sys.stderr,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ttt.recipes.args import LsArgs
+from ttt.recipes.common import counted
 
 EPILOG = """examples:
   ttt ls
@@ -137,5 +138,13 @@ def run(args: LsArgs) -> int:
             f"{meta.get('step', '?')}  {mixer}" + ("  [latest]" if is_latest else "") + (
                 f" [damaged: {', '.join(bad)}]" if (bad := damage(ckpt, meta)) else "")
         )  # fmt: skip
-    print(f"  total {human_bytes(sum(t for _, _, t, _ in found))} in {len(found)} checkpoints")
+    names = {(ckpt.parent, ckpt.name) for ckpt, *_ in found}
+    for run_dir in sorted({ckpt.parent for ckpt, *_ in found}):
+        latest = run_dir / "latest"
+        if latest.is_file() and (run_dir, name := latest.read_text().strip()) not in names:
+            print(
+                f"  {latest} names {name}, which is not a checkpoint of the run: ttt eval and --resume "
+                "refuse the run until it names one of the steps above"
+            )
+    print(f"  total {human_bytes(sum(t for _, _, t, _ in found))} in {counted(len(found), 'checkpoint')}")
     return 0

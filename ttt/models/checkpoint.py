@@ -612,7 +612,9 @@ def load_checkpoint(
     for fname in wanted:
         f = ckpt / fname
         if not f.is_file():
-            raise CheckpointError(f"{f} is missing (a model-only checkpoint cannot resume training)")
+            resuming = fname == "trainer.safetensors"
+            why = " (a model-only checkpoint cannot resume training)" if resuming else ""
+            raise CheckpointError(f"{f} is missing{why}")
         if _sha256(f) != meta["sha256"].get(fname):
             raise CheckpointError(f"{f} is truncated or corrupted: its sha256 does not match checkpoint.json")
         try:

@@ -52,7 +52,8 @@ class LMConfig:
             self.layer_mixers = tuple(self.layer_mixers)
             if len(self.layer_mixers) != self.n_layers:
                 raise ValueError(
-                    f"layer_mixers has {len(self.layer_mixers)} entries, n_layers is {self.n_layers}"
+                    f"layer_mixers (--layer-mixers) has {len(self.layer_mixers)} entries: give one per block "
+                    f"({self.n_layers})"
                 )
         if not isinstance(self.mixer_kwargs, dict) or not all(
             isinstance(v, dict) for v in self.mixer_kwargs.values()

@@ -322,7 +322,7 @@ def add_dataclass_args(
         if tp not in (str, int, float, bool):
             raise TypeError(f"{cls.__name__}.{f.name}: a CLI field is str, int, float or bool, not {tp}")
         if tp is bool:
-            if "default" not in doc.lower():
+            if "(default:" not in doc.lower():
                 doc += " (default: on)" if f.default else " (default: off)"
             action = parser.add_argument(
                 *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=doc
@@ -333,7 +333,7 @@ def add_dataclass_args(
             parser.add_argument(*flags, dest=f.name, type=tp, required=True, metavar=f.name.upper(), help=doc)
             continue
         # None says nothing a user can act on; a docstring that names its default says it better
-        if f.default is not None and "default" not in doc.lower():
+        if f.default is not None and "(default:" not in doc.lower():
             doc += f" (default: {f.default})".replace("%", "%%")
         parser.add_argument(
             *flags,

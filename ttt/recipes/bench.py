@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ttt._extras import require
 
 from .args import BenchArgs
-from .common import format_table, resolve_device, save_figure, with_threads
+from .common import counted, format_table, resolve_device, save_figure, with_threads
 
 __all__ = ["BenchRow", "bench", "check_decode_matches_forward"]
 
@@ -166,7 +166,7 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
     hw = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
+        else f"CPU, {counted(torch.get_num_threads(), 'thread')}"
     )
     mem = "peak CUDA MB" if device.type == "cuda" else "saved-for-backward MB"
     table = format_table(

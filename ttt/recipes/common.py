@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "Dist",
     "check_number",
+    "counted",
     "lm_loss",
     "resolve_device",
     "save_plot",
@@ -204,6 +205,12 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+
+
+def counted(n: int, noun: str) -> str:
+    """``"1 checkpoint"``, ``"2 checkpoints"``: a count and its noun in the right number (nouns that take
+    an ``s``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:

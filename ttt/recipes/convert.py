@@ -662,6 +662,11 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
             )
         return None
     _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
+    if "summary" not in saved or "transfer_steps" not in saved.get("args", {}):
+        raise CheckpointError(
+            f"cannot resume: {run} is not a ttt convert run (its checkpoint holds no conversion summary; "
+            "one of ttt train?): choose another --out"
+        )
     now, default = dataclasses.asdict(args), dataclasses.asdict(ConvertArgs())
     # before distillation begins, its arguments have not acted yet: a resumed run equals a fresh one
     free = RUNTIME_ARGS + (DISTILL_ARGS if int(saved["step"]) <= args.transfer_steps else ())
@@ -987,7 +992,8 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     summary["hf"] = str(hf_dir)
     write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
     _plot(run, summary)
-    print(f"wrote {run / 'convert.json'}, {hf_dir} (AutoModelForCausalLM.from_pretrained after import ttt)")
+    loads = "AutoModelForCausalLM.from_pretrained after import ttt.models.hf"
+    print(f"wrote {run / 'convert.json'}, {hf_dir} ({loads})")
     return summary
 
 

@@ -196,7 +196,13 @@ def _check_args(args: TrainArgs) -> None:
         ("--log-every", args.log_every, 0),
     ):
         if value < least:
-            hint = " (0: only at the end)" if least == 0 else ""
+            hint = (
+                " (0: validations only)"
+                if flag == "--log-every"
+                else " (0: only at the end)"
+                if least == 0
+                else ""
+            )
             raise ValueError(f"{flag} must be >= {least}{hint}, got {value}")
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
@@ -212,7 +218,9 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {args.strategy!r}")
     if args.activation_checkpointing and args.strategy != "fsdp":
         raise ValueError("--activation-checkpointing needs --strategy fsdp")
-    if args.context_parallel < 1 or args.context % args.context_parallel:
+    if args.context_parallel < 1:
+        raise ValueError(f"--context-parallel must be >= 1, got {args.context_parallel}")
+    if args.context % args.context_parallel:
         raise ValueError(
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
         )
