@@ -988,7 +988,7 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     summary["tokens"] = {
         n: len(summary["losses"].get(n, [])) * args.batch_size * args.context for n, _, _ in stages
     }
-    hf_dir = export_hf(job.student, job.tokenizer, run / "hf")
+    hf_dir = export_hf(job.student, job.tokenizer, run / "hf", progress=job.args.progress)
     summary["hf"] = str(hf_dir)
     write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
     _plot(run, summary)
@@ -1022,14 +1022,25 @@ def _plot(run: Path, summary: dict[str, Any]) -> None:
         )
 
 
-def export_hf(student: nn.Module, tokenizer: Any, out: str | Path) -> Path:
-    """Save ``student`` (LoRA merged, on the CPU) and its tokenizer as a HF-format directory."""
+def export_hf(student: nn.Module, tokenizer: Any, out: str | Path, *, progress: bool = True) -> Path:
+    """Save ``student`` (LoRA merged, on the CPU) and its tokenizer as a HF-format directory;
+    transformers' own progress bar only with ``progress`` and on a terminal, as the run's bars."""
     import copy
+    import sys
+
+    from transformers.utils import logging as hf_logging
 
     from ttt.models.hf import TTTForCausalLM
 
     model = copy.deepcopy(student).cpu()
     merge_lora(model)
     hf = TTTForCausalLM.from_ttt(model, tokenizer=tokenizer)
-    hf.save_pretrained(out)
+    quiet = hf_logging.is_progress_bar_enabled() and not (progress and sys.stderr.isatty())
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        hf.save_pretrained(out)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return Path(out)
