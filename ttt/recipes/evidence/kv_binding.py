@@ -14,8 +14,9 @@ LaCT-style SwiGLU fast weight, dot-product loss, online steps) or, for reference
 - ``lact-ascent``: gradient ascent in the inner loop (paper 16.19);
 - ``lact-q-from-k``: the query replaced by the key (paper 16.18);
 - ``lact-steps-2``: 2 inner steps per token at the same inner lr (the paper reports a worse perplexity, no
-  number here). 4 steps overflow to NaN in the forward pass at initialisation on this model (3 of 3
-  seeds, tiny preset, 4 x 128 bytes), so the row takes 2;
+  number here). It takes 2 because 4 overflowed to NaN in the forward pass at initialisation (3 of 3
+  seeds, tiny preset, 4 x 128 bytes) while only W1 was normalised; with every trained weight
+  normalised 4 stay finite;
 - ``last-layer``: only the last layer W1 trained, no weight normalisation (the paper's Variant 1 with
   weight normalisation also removed, which its next step does; paper 15.93). Parallel form;
 - ``last-layer-ascent``, ``last-layer-q-from-k``, ``last-layer-steps-2``: the same three ablations on the
