@@ -17,8 +17,11 @@ LaCT-style SwiGLU fast weight, dot-product loss, online steps) or, for reference
   number here). It takes 2 because 4 overflowed to NaN in the forward pass at initialisation (3 of 3
   seeds, tiny preset, 4 x 128 bytes) while only W1 was normalised; with every trained weight
   normalised 4 stay finite;
-- ``last-layer``: only the last layer W1 trained, no weight normalisation (the paper's Variant 1 with
-  weight normalisation also removed, which its next step does; paper 15.93). Parallel form;
+- ``last-layer-wn``: only the last layer W1 trained, with weight normalisation: the paper's Variant 1
+  (paper 15.93), the best step of its reduction path. Recurrent form (the rescaling breaks the parallel
+  one), with the features computed once;
+- ``last-layer``: the same without weight normalisation, the paper's next step ("very similar learning
+  curves", no number quoted). Parallel form;
 - ``last-layer-ascent``, ``last-layer-q-from-k``, ``last-layer-steps-2``: the same three ablations on the
   ``last-layer`` base, in the parallel form (affordable; there ascent is exactly descent with ``v_proj``
   negated and 2 steps are one step at twice the lr, so only ``q-from-k`` changes the model family);
@@ -82,6 +85,7 @@ SPECS = [
     RunSpec("lact-ascent", "kv_binding", {**LACT, "ascent": True}),
     RunSpec("lact-q-from-k", "kv_binding", {**LACT, "q_from_k": True}),
     RunSpec("lact-steps-2", "kv_binding", {**LACT, "inner_steps": 2}),
+    RunSpec("last-layer-wn", "kv_binding", {"weight_norm": True}),
     RunSpec("last-layer", "kv_binding"),
     RunSpec("last-layer-ascent", "kv_binding", {"ascent": True}),
     RunSpec("last-layer-q-from-k", "kv_binding", {"q_from_k": True}),
@@ -96,7 +100,7 @@ PAPER_PPL = {
     "lact": 16.43,
     "lact-ascent": 16.19,
     "lact-q-from-k": 16.18,
-    "last-layer": 15.93,
+    "last-layer-wn": 15.93,
     "linear": 16.80,
 }
 
