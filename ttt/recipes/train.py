@@ -186,23 +186,17 @@ def _check_resumable(meta: dict[str, Any], trainer: dict[str, Tensor]) -> None:
 
 def _check_args(args: TrainArgs) -> None:
     """Everything about the arguments that can be checked without loading data."""
-    for flag, value, least in (
-        ("--steps", args.steps, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--context", args.context, 1),
-        ("--eval-batches", args.eval_batches, 1),
-        ("--eval-every", args.eval_every, 0),
-        ("--ckpt-every", args.ckpt_every, 0),
-        ("--log-every", args.log_every, 0),
+    at_end = " (0: only at the end)"
+    for flag, value, least, hint in (
+        ("--steps", args.steps, 1, ""),
+        ("--batch-size", args.batch_size, 1, ""),
+        ("--context", args.context, 1, ""),
+        ("--eval-batches", args.eval_batches, 1, ""),
+        ("--eval-every", args.eval_every, 0, at_end),
+        ("--ckpt-every", args.ckpt_every, 0, at_end),
+        ("--log-every", args.log_every, 0, " (0: validations only)"),
     ):
         if value < least:
-            hint = (
-                " (0: validations only)"
-                if flag == "--log-every"
-                else " (0: only at the end)"
-                if least == 0
-                else ""
-            )
             raise ValueError(f"{flag} must be >= {least}{hint}, got {value}")
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")

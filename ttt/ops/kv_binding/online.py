@@ -1,6 +1,6 @@
 """The online TTT recurrence of a LaCT-style SwiGLU fast weight with its inner gradient written out: the
 training form of the ``lact`` ablations, which have no parallel form (``update_all`` trains the feature
-map; ``weight_norm`` rescales W1 after every step).
+map; ``weight_norm`` rescales every trained fast weight after every step).
 
 Per head, inner model ``f(x) = a(x) W1`` with ``a(x) = silu(x W0) * (x W2)``. One token's loss is
 ``lr_t l(f(k_t), v_t)`` with the dot loss ``l = -<f, v>`` (gradient ``g = -lr_t v_t`` at ``f``) or the
