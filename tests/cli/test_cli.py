@@ -538,6 +538,9 @@ def test_ls_lists_checkpoints_with_their_sizes(trained, tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert f"{latest} names step-000999, which is not a checkpoint of the run" in out
     assert not any(line.endswith("[latest]") for line in out.splitlines())
+    latest.write_bytes(b"\xff\xfe\x00")  # not text at all: flagged the same, the listing goes on
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    assert f"{latest} names " in capsys.readouterr().out
     latest.write_text(kept)
     # a --runs that does not exist (a typo) looked like an empty runs directory; the default may be missing
     assert main(["ls", "--runs", str(tmp_path / "nowhere")]) == 1

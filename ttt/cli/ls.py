@@ -129,9 +129,11 @@ def run(args: LsArgs) -> int:
         return 0
     print(f"checkpoints under {root} (size on disk: all files, and the model weights alone):")
     width = max(len(str(c)) for c, *_ in found)
+    # each run's `latest`, read once: it tags a checkpoint below, or is flagged when it names none
+    runs = sorted({ckpt.parent for ckpt, *_ in found})
+    latest = {r: (r / "latest").read_text(errors="replace").strip() for r in runs if (r / "latest").is_file()}
     for ckpt, meta, total, model in found:
-        latest = ckpt.parent / "latest"
-        is_latest = latest.is_file() and latest.read_text().strip() == ckpt.name
+        is_latest = latest.get(ckpt.parent) == ckpt.name
         mixer = meta.get("config", {}).get("mixer", "?")
         print(
             f"  {str(ckpt):{width}}  {human_bytes(total):>9}  (model {human_bytes(model)})  step "
@@ -139,12 +141,11 @@ def run(args: LsArgs) -> int:
                 f" [damaged: {', '.join(bad)}]" if (bad := damage(ckpt, meta)) else "")
         )  # fmt: skip
     names = {(ckpt.parent, ckpt.name) for ckpt, *_ in found}
-    for run_dir in sorted({ckpt.parent for ckpt, *_ in found}):
-        latest = run_dir / "latest"
-        if latest.is_file() and (run_dir, name := latest.read_text().strip()) not in names:
+    for run_dir, name in latest.items():
+        if (run_dir, name) not in names:
             print(
-                f"  {latest} names {name}, which is not a checkpoint of the run: ttt eval and --resume "
-                "refuse the run until it names one of the steps above"
+                f"  {run_dir / 'latest'} names {name}, which is not a checkpoint of the run: ttt eval and "
+                "--resume refuse the run until it names one of the steps above"
             )
     print(f"  total {human_bytes(sum(t for _, _, t, _ in found))} in {counted(len(found), 'checkpoint')}")
     return 0
