@@ -126,7 +126,13 @@ def _ops(T: int, b: int):
     """``name -> call(lr=..., eps=...)`` for every op that takes an inner learning rate, at mini-batch b,
     each returning ``(o, state or None, initial state or None)``."""
     from ttt.ops.general import inner
-    from ttt.ops.kv_binding import kv_binding_parallel, lact_recurrent, reduce_kv_binding, swiglu_features
+    from ttt.ops.kv_binding import (
+        kv_binding_parallel,
+        lact_online,
+        lact_recurrent,
+        reduce_kv_binding,
+        swiglu_features,
+    )
 
     x = ttt_inputs(2, 3, T, 4)
     mlp = ttt_inputs(2, 3, T, 4, hidden=8)["initial_state"]
@@ -172,6 +178,7 @@ def _ops(T: int, b: int):
     cases["ttt_linear/recurrent"] = ttt_op(ttt.ops.ttt_linear, x["initial_state"], "recurrent")
     cases.update({f"ttt_mlp/{i}": ttt_op(ttt.ops.ttt_mlp, mlp, i) for i in ("reference", "chunk")})
     cases.update({"ttt_general": general, "attention/chunk": attention, "kv_binding": kv, "lact": lact})
+    cases["lact_online"] = lambda lr=1.0, eps=None: (lact_online(q, k, v, (W0, W1, W2), lr=lr), None, None)
     cases["attention/reference"] = lambda **kw: attention(impl="reference", **kw)
     cases["attention/non-causal"] = lambda **kw: attention(causal=False, **kw)
     cases["kv_binding/momentum"] = lambda **kw: kv(**kw) if b > 1 else kv(lr=kw.get("lr", 1.0))
@@ -256,7 +263,7 @@ def test_token_eta_must_be_finite_and_non_negative():
 def test_inner_optimiser_coefficients_are_checked(option, value):
     """momentum in [0, 1), weight decay in [0, 1]: a NaN one gave NaN outputs without a word."""
     from ttt.ops.general import inner
-    from ttt.ops.kv_binding import lact_recurrent
+    from ttt.ops.kv_binding import lact_online, lact_recurrent
 
     x = ttt_inputs(2, 3, 10, 4)
     S0 = tuple(t[None] for t in x["initial_state"])
@@ -264,8 +271,9 @@ def test_inner_optimiser_coefficients_are_checked(option, value):
         ttt_general(x["q"], x["k"], x["v"], model=inner.linear, initial_state=S0, **{option: value})
     if option == "momentum":
         W = tuple(torch.randn(3, *s, dtype=torch.float64) for s in ((4, 8), (8, 4), (4, 8)))
-        with pytest.raises(ValueError, match=r"^momentum must be a finite number in \[0, 1\)"):
-            lact_recurrent(x["q"], x["k"], x["v"], W, momentum=value)
+        for fn in (lact_recurrent, lact_online):
+            with pytest.raises(ValueError, match=r"^momentum must be a finite number in \[0, 1\)"):
+                fn(x["q"], x["k"], x["v"], W, momentum=value)
 
 
 def test_gate_values_are_checked_except_while_a_cuda_graph_is_captured(monkeypatch):

@@ -57,6 +57,21 @@ def check_per_token(name: str, x: Tensor, B: int, H: int, T: int, device: torch.
         raise ValueError(f"{name} must be on {device} like q, got {x.device}")
 
 
+def check_swiglu_weights(params: tuple[Tensor, Tensor, Tensor], H: int, D: int, Dv: int) -> int:
+    """LaCT's fast weights ``(W0 [H, D, M], W1 [H, M, Dv], W2 [H, D, M])`` against q's ``H, D`` and v's
+    ``Dv``; returns ``M``."""
+    if not (
+        isinstance(params, (tuple, list)) and len(params) == 3 and all(isinstance(p, Tensor) for p in params)
+    ):
+        raise TypeError("params must be three tensors (W0 [H, D, M], W1 [H, M, Dv], W2 [H, D, M])")
+    M = params[0].shape[-1]
+    want = {"W0": ("[H, D, M]", (H, D, M)), "W1": ("[H, M, Dv]", (H, M, Dv)), "W2": ("[H, D, M]", (H, D, M))}
+    for (name, (dims, shape)), p in zip(want.items(), params):
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{name} must be {dims} = {list(shape)} (from q, v and W0), got {list(p.shape)}")
+    return M
+
+
 def check_lr(
     lr: Tensor | float, B: int, H: int, T: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> Tensor:

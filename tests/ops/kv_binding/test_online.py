@@ -91,3 +91,19 @@ def test_weight_norm_rescales_every_trained_fast_weight(fn, update_all):
     ).output  # fmt: skip
     got = _run(fn, x, update_all=update_all, weight_norm=True)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [lact_recurrent, lact_online], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "which, shape",
+    [(0, (2, 3, 6)), (1, (2, 7, 4)), (2, (3, 4, 6)), (1, (2, 6, 4, 1))],
+    ids=["W0-input", "W1-hidden", "W2-heads", "W1-rank"],
+)
+def test_fast_weights_of_the_wrong_shape_are_refused_in_one_line(fn, which, shape):
+    """A W1 with another hidden width (or W2 with other heads) failed inside a matmul with torch's own
+    message, naming neither the weight nor the shape expected."""
+    x = problem(T=5, D=4, M=6)
+    params = [x["W0"], x["W1"], x["W2"]]
+    params[which] = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"^W{which} must be \["):
+        fn(x["q"], x["k"], x["v"], tuple(params))

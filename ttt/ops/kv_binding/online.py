@@ -68,8 +68,9 @@ def lact_online(
     momentum = _checks.check_coefficient("momentum", momentum, high_open=True)
     if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
         raise ValueError(f"inner_steps must be a positive int, got {inner_steps!r}")
+    Dv, N = v.shape[-1], B * H
+    M = _checks.check_swiglu_weights(params, H, D, Dv)
     W0, W1, W2 = params
-    M, Dv, N = W0.shape[-1], W1.shape[-1], B * H
     if T == 0:  # as every op: an empty output
         return q.new_zeros(B, H, 0, Dv)
     Wf = torch.cat([W0, W2], dim=-1).unsqueeze(0).expand(B, H, D, 2 * M).reshape(N, D, 2 * M)

@@ -77,7 +77,8 @@ def lact_recurrent(
     """
     if muon and shifted_chunk_size is None:
         raise ValueError(MUON_NEEDS_CHUNKS)
-    B, H, T, _ = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
+    B, H, T, D = _checks.check_qkv(q, k, v, same_qk_v_dim=False)
+    _checks.check_swiglu_weights(params, H, D, v.shape[-1])
     P = tuple(p.unsqueeze(0).expand(B, *p.shape).clone() for p in params)
     norms = tuple(p.norm(dim=-2, keepdim=True) for p in P)
     lr = _checks.check_lr(lr, B, H, T, q.device, q.dtype)  # >= 0: gradient ascent is ascent=True
