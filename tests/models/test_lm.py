@@ -237,7 +237,7 @@ def test_ragged_generate_pads_also_without_new_tokens_and_yields_fresh_tensors()
     model = micro("attention")
     batch = torch.tensor([[5, 6, 7], [8, 99, 99]])
     assert model.generate(batch, 0, lengths=[3, 1], pad_id=0).tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert torch.equal(model.generate(batch, 0), batch)
+    assert torch.equal(model.generate(batch[:, :1], 0), batch[:, :1])  # no lengths: every id is real
     columns = list(model.generate_stream(batch, 3, lengths=[3, 1], temperature=0.0))
     assert all(c.is_contiguous() and c._base is None for c in columns)
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -257,3 +257,50 @@ def test_token_ids_outside_the_vocabulary_are_a_clear_error():
             model.generate(idx, max_new_tokens=1)
     with pytest.raises(TypeError, match="token ids must be an integer tensor"):
         model(torch.tensor([[1.0, 2.0]]))
+
+
+def test_a_tiny_temperature_is_greedy_and_a_non_finite_one_is_refused():
+    """temperature=1e-45 passed the check, then logits / temperature held inf - inf = NaN and multinomial
+    failed halfway through the printed output (stranger review)."""
+    logits = torch.randn(3, 61, generator=torch.Generator().manual_seed(0))
+    for t in (1e-45, 1e-30):
+        assert torch.equal(sample(logits, temperature=t), logits.argmax(-1))
+    for t in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            sample(logits, temperature=t)
+
+
+def test_generate_takes_int32_ids_as_forward_does():
+    """forward accepts int32 ids, generate failed writing its int64 samples into an int32 buffer."""
+    model = micro("ttt_linear")
+    idx = torch.tensor([[1, 2, 3]])
+    want = model.generate(idx, 4, temperature=0)
+    got = model.generate(idx.int(), 4, temperature=0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mixer", LM_MIXERS)
+def test_step_and_a_continued_forward_check_their_input_and_state(mixer):
+    """step() skipped forward's checks: ids [1, 2] with a state of one row came back as a batch of 2
+    (broadcast), an id out of the vocabulary gave torch's 'index out of range', a state of None 'NoneType
+    object is not iterable'; forward(state=...) took a state of another batch size (stranger review)."""
+    model = micro(mixer)
+    _, state = model(torch.tensor([[1, 2, 3]]))
+    logits, _ = model.step(torch.tensor([4]), state)  # [B] and [B, 1] both work
+    assert logits.shape == (1, 61)
+    assert torch.equal(model.step(torch.tensor([[4]]), state)[0], logits)
+    with pytest.raises(ValueError, match=r"idx must be \[B\] or \[B, 1\] token ids, got shape \[1, 2\]"):
+        model.step(torch.tensor([[1, 2]]), state)
+    with pytest.raises(ValueError, match=r"the state holds 1 sequence\(s\) but idx has 2 rows"):
+        model.step(torch.tensor([1, 2]), state)
+    with pytest.raises(ValueError, match=r"the state holds 1 sequence\(s\) but idx has 2 rows"):
+        model(torch.tensor([[1, 2], [3, 4]]), state=state)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 61\)"):
+        model.step(torch.tensor([61]), state)
+    with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+        model.step(torch.tensor([1.0]), state)
+    with pytest.raises(TypeError, match="idx must be a tensor of token ids"):
+        model.step(3, state)
+    for bad in (None, state[:-1], "state"):
+        with pytest.raises(ValueError, match=r"state must be the list of 2 per-block states"):
+            model.step(torch.tensor([4]), bad)

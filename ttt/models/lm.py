@@ -11,6 +11,7 @@ Shapes: B batch, T tokens, C width, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -88,6 +89,26 @@ class CausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 
+    def _check_state(self, state: Any, batch: int) -> None:
+        """``state`` is a list of one state per block whose tensors hold ``batch`` sequences (every state
+        class keeps its batch-first tensors first; a state still without tensors passes)."""
+        n = len(self.blocks)
+        if not isinstance(state, list | tuple) or len(state) != n:
+            got = f"{len(state)} entries" if isinstance(state, list | tuple) else type(state).__name__
+            raise ValueError(
+                f"state must be the list of {n} per-block states that forward, step or init_state "
+                f"returned, got {got}"
+            )
+        for s in state:
+            rows = _leading_rows(s)
+            if rows is not None and rows != batch:
+                raise ValueError(
+                    f"the state holds {rows} sequence(s) but idx has {batch} rows: continue a state with "
+                    "the batch that made it"
+                )
+            if rows is not None:
+                return
+
     def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> list[Any]:
         """Empty per-block states for ``batch_size`` sequences."""
         return [b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
@@ -113,6 +134,8 @@ class CausalLM(nn.Module):
                 f"{self.config.max_seq_len} of this model"
             )
         _check_token_ids(idx, self.config.vocab_size)
+        if state is not None:
+            self._check_state(state, idx.shape[0])
         states = state if state is not None else [None] * len(self.blocks)
         x = self.embed(idx)  # [B, T, C]
         new_states = []
@@ -122,7 +145,21 @@ class CausalLM(nn.Module):
         return self.head(self.norm(x)).float(), new_states
 
     def step(self, idx: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
-        """One decoding step: ``idx [B]`` or ``[B, 1]`` -> ``(logits [B, V] float32, state)``."""
+        """One decoding step: ``idx [B]`` or ``[B, 1]`` -> ``(logits [B, V] float32, state)``.
+
+        ``state``: the per-block states a ``forward`` or ``step`` of the same ``B`` sequences returned
+        (or ``init_state(B)``). The ids and the state are checked (one host sync, as ``forward``'s)."""
+        if not isinstance(idx, Tensor):
+            raise TypeError(f"idx must be a tensor of token ids [B] or [B, 1], got {type(idx).__name__}")
+        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[1] != 1) or idx.numel() == 0:
+            raise ValueError(f"idx must be [B] or [B, 1] token ids, got shape {list(idx.shape)}")
+        _check_token_ids(idx, self.config.vocab_size)
+        self._check_state(state, idx.shape[0])
+        return self._step(idx, state)
+
+    def _step(self, idx: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
+        """:meth:`step` without its checks (the decode loop of :meth:`generate_stream`, whose tokens
+        and state are its own)."""
         x = self.embed(idx.view(-1, 1))  # [B, 1, C]
         new_states = []
         for block, s in zip(self.blocks, state):
@@ -163,6 +200,10 @@ class CausalLM(nn.Module):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         lengths = _prompt_lengths(lengths, batch, width)
+        # the real prompt tokens (padding is never read); int32 ids as forward takes them, made int64 for
+        # the samples written beside them
+        _check_token_ids(idx[torch.arange(width) < lengths[:, None].to(idx.device)], self.config.vocab_size)
+        idx = idx.long()
         longest = int(lengths.max())
         if longest + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
@@ -191,7 +232,7 @@ class CausalLM(nn.Module):
             if t + 1 < longest + max_new_tokens:
                 if t < longest:
                     token = torch.where(k < 0, idx[:, t], token)
-                logits, state = self.step(token, state)
+                logits, state = self._step(token, state)
 
     @torch.no_grad()
     def generate(
@@ -220,6 +261,24 @@ class CausalLM(nn.Module):
         in_new = ~in_prompt & (steps < lengths[:, None] + max_new_tokens)
         out[in_new] = new.reshape(-1)
         return out
+
+
+def _leading_rows(state: Any) -> int | None:
+    """The leading size of the first tensor in a block's state (its batch), walking dataclass fields,
+    tuples and lists in order; None for a state without tensors (a fresh TTT layer's)."""
+    if isinstance(state, Tensor):
+        return state.shape[0] if state.dim() else None
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        parts: Any = (getattr(state, f.name) for f in dataclasses.fields(state))
+    elif isinstance(state, list | tuple):
+        parts = state
+    else:
+        return None
+    for part in parts:
+        rows = _leading_rows(part)
+        if rows is not None:
+            return rows
+    return None
 
 
 def _prompt_lengths(lengths: Tensor | Sequence[int] | None, batch: int, width: int) -> Tensor:
@@ -253,8 +312,8 @@ def sample(
     Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration") then keeps the smallest set of
     most likely tokens whose probability (after temperature and top-k) sums to at least p, 0 < p <= 1;
     ``None`` or 1 keep every token, so ``top_p=1`` draws exactly what plain sampling draws."""
-    if temperature < 0 or temperature != temperature:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None (all tokens), got {top_k!r}")
     if top_p is not None and (
@@ -263,7 +322,9 @@ def sample(
         raise ValueError(f"top_p must be a number with 0 < top_p <= 1, or None (all tokens), got {top_p!r}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted by the row's max first: the best token stays at 0, so a tiny temperature turns the rest into
+    # -inf (greedy) instead of inf - inf = NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
