@@ -106,6 +106,11 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         find_checkpoint(tmp_path / "nope")
+    # without 'latest' the hint names the run's newest step directory (it named a made-up step-000200)
+    saved_model(tmp_path / "run")
+    (tmp_path / "run" / "latest").unlink()
+    with pytest.raises(CheckpointError, match=f"e.g. --checkpoint {tmp_path / 'run' / 'step-000007'}\\)$"):
+        find_checkpoint(tmp_path / "run")
 
 
 def test_a_missing_model_file_is_named_without_the_resume_reason(tmp_path):
@@ -392,3 +397,77 @@ def test_weights_of_an_integer_dtype_are_refused(tmp_path):
     save_checkpoint(tmp_path, step=8, model_state=state, config=config)
     with pytest.raises(CheckpointError, match="checkpoint weights do not fit .* other dtypes .*int32"):
         load_model(tmp_path)
+
+
+def saved_hf_dir(tmp_path):
+    pytest.importorskip("transformers")
+    from ttt.models.hf import TTTForCausalLM
+
+    model, _ = saved_model(tmp_path / "ckpt")
+    hf = tmp_path / "hf"
+    TTTForCausalLM.from_checkpoint(str(tmp_path / "ckpt")).save_pretrained(hf)
+    return model, hf
+
+
+def test_a_hf_directory_is_read_as_transformers_reads_it(tmp_path):
+    """ttt merged every *.safetensors of a HF directory (a zeroed backup file replaced the weights, while
+    transformers read model.safetensors alone); an empty or truncated model.safetensors gave
+    safetensors' traceback (stranger review)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, hf = saved_hf_dir(tmp_path)
+    idx = torch.randint(0, 50, (1, 9))
+    want = model(idx)[0]
+    zeros = {k: torch.zeros_like(v) for k, v in load_file(str(hf / "model.safetensors")).items()}
+    save_file(zeros, str(hf / "zz-old-backup.safetensors"))
+    assert torch.equal(load_model(hf)[0].eval()(idx)[0], want)
+    broken = tmp_path / "broken"
+    shutil.copytree(hf, broken)
+    for content in (b"", (hf / "model.safetensors").read_bytes()[:100]):
+        (broken / "model.safetensors").write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"^{broken / 'model.safetensors'} cannot be read: "):
+            load_model(broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=f"^{broken} holds no model.safetensors"):
+        load_model(broken)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"norm_eps": -1}, r"config 'norm_eps' must be a number in \(0.0, 1.0\], got -1"),
+        ({"layer_mixers": "attention"}, "config 'layer_mixers' must be a list of mixer names or null"),
+        ({"n_layers": 200000}, r"config 'n_layers' must be an integer in \[1, 1024\], got 200000"),
+        ({"mixer": "bogus"}, r"config names unknown mixers \['bogus'\]"),
+    ],
+)
+def test_a_hf_config_json_is_checked_as_checkpoint_json_is(tmp_path, change, message):
+    """An HF directory's config.json skipped checkpoint.json's checks: a negative norm_eps failed inside a
+    TTT layer ('lr must be finite'), layer_mixers "attention" counted its characters, n_layers 200000
+    hung building the model (stranger review)."""
+    import json
+
+    _, hf = saved_hf_dir(tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=f"^{hf / 'config.json'}: {message}"):
+        load_model(hf)
+
+
+def test_a_hf_config_json_that_is_not_utf8_is_named(tmp_path):
+    _, hf = saved_hf_dir(tmp_path)
+    (hf / "config.json").write_bytes(b'{"model_type": "ttt_lm", "x": "\xff"}')
+    with pytest.raises(CheckpointError, match=f"^{hf / 'config.json'} is unreadable or corrupted: "):
+        load_model(hf)
+
+
+def test_hf_weights_that_lead_out_of_their_directory_are_refused(tmp_path):
+    import shutil
+
+    _, hf = saved_hf_dir(tmp_path)
+    shutil.move(hf / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    (hf / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors leads out of .* \(a link\): refused"):
+        load_model(hf)

@@ -500,10 +500,11 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{latest} points at {target.name}, which is not a complete checkpoint")
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}: the path does not exist")
-    if _step_dirs(p):
+    steps = _step_dirs(p)
+    if steps:
         raise CheckpointError(
             f"no checkpoint at {p}: it holds step-N directories but no 'latest' file; name one of them "
-            "(e.g. --checkpoint DIR/step-000200)"
+            f"(e.g. --checkpoint {max(steps)[1]})"
         )
     raise CheckpointError(f"no checkpoint at {p}: expected checkpoint.json or a 'latest' file")
 
@@ -625,32 +626,86 @@ def load_checkpoint(
 
 
 def _is_hf_dir(p: Path) -> bool:
-    """A directory written by ``TTTForCausalLM.save_pretrained`` (``model_type`` ``ttt_lm``)."""
-    try:
-        return json.loads((p / "config.json").read_text()).get("model_type") == "ttt_lm"
-    except (OSError, json.JSONDecodeError, AttributeError):
+    """A directory written by ``TTTForCausalLM.save_pretrained`` (``model_type`` ``ttt_lm``), or one whose
+    config.json cannot be read (loading it then says so, naming the file)."""
+    if not (p / "config.json").is_file():
         return False
+    try:
+        return _read_hf_config(p).get("model_type") == "ttt_lm"
+    except CheckpointError:
+        return True
+
+
+def _read_hf_config(p: Path) -> dict[str, Any]:
+    """config.json of a HF directory as a JSON object (strict JSON, UTF-8), or :class:`CheckpointError`."""
+    try:
+        with open(p / "config.json", "rb") as f:
+            doc = json.loads(f.read(64 << 20), parse_constant=_refuse_constant)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p / 'config.json'} is unreadable or corrupted: {str(e)[:200]}") from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{p / 'config.json'}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _hf_weight_files(p: Path) -> list[Path]:
+    """The weight files transformers reads from ``p``: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` names; none may lead out of ``p`` (a link)."""
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is unreadable or corrupted: {str(e)[:200]}") from e
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise CheckpointError(f"{index} names files outside {p}: {names[:3]}")
+        files = [p / n for n in names]
+    elif (p / "model.safetensors").exists():
+        files = [p / "model.safetensors"]
+    else:
+        raise CheckpointError(f"{p} holds no model.safetensors (nor model.safetensors.index.json)")
+    for f in files:
+        if not f.resolve().is_relative_to(p.resolve()):
+            raise CheckpointError(f"{f} leads out of {p} (a link): refused")
+    return files
 
 
 def _load_hf_dir(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(model_state, meta)`` of a HF ``ttt_lm`` directory, in the shape :func:`load_checkpoint` returns:
-    the LMConfig fields of ``config.json`` and the tokenizer of ``tokenizer.json`` (if any); no ``step``:
-    the directory records none."""
+    the LMConfig fields of ``config.json`` (checked as checkpoint.json's config is) and the tokenizer of
+    ``tokenizer.json`` (if any); no ``step``: the directory records none. The weights are the files
+    transformers reads (:func:`_hf_weight_files`), nothing else in the directory."""
     import dataclasses
 
     from safetensors.torch import load_file
 
-    hf = json.loads((p / "config.json").read_text())
+    hf = _read_hf_config(p)
+
+    def fail(what: str) -> None:
+        raise CheckpointError(f"{p / 'config.json'}: {what}")
+
+    if hf.get("model_type") != "ttt_lm":
+        got = str(hf.get("model_type"))[:40]
+        fail(f"model_type must be 'ttt_lm' (a directory saved from a ttt model), got {got!r}")
     fields = {f.name for f in dataclasses.fields(LMConfig)}
-    config = LMConfig.from_dict({k: v for k, v in hf.items() if k in fields})
+    _validate_config({k: v for k, v in hf.items() if k in fields}, fail)
+    try:
+        config = LMConfig.from_dict({k: v for k, v in hf.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p / 'config.json'}: {e}") from e
     meta: dict[str, Any] = {"config": config.to_dict()}
     if (p / "tokenizer.json").is_file():
-        meta["tokenizer"] = {"kind": "bpe", "json": (p / "tokenizer.json").read_text()}
+        try:
+            meta["tokenizer"] = {"kind": "bpe", "json": (p / "tokenizer.json").read_bytes().decode()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{p / 'tokenizer.json'} is unreadable or not UTF-8: {str(e)[:200]}") from e
     state: dict[str, Tensor] = {}
-    for f in sorted(p.glob("*.safetensors")):
-        state.update({k.removeprefix("model."): v for k, v in load_file(str(f)).items()})
-    if not state:
-        raise CheckpointError(f"{p} holds no *.safetensors weights")
+    for f in _hf_weight_files(p):
+        try:
+            tensors = load_file(str(f))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f} cannot be read: {str(e)[:200]}") from e
+        state.update({k.removeprefix("model."): v for k, v in tensors.items()})
     return state, meta
 
 
@@ -714,7 +769,10 @@ def checkpoint_tokenizer(meta: dict[str, Any], vocab_size: int | None = None) ->
     from ttt.data import tokenizer_from_dict
 
     if "tokenizer" not in meta:
-        raise CheckpointError("the checkpoint has no tokenizer (it was not written by ttt train)")
+        raise CheckpointError(
+            "the checkpoint has no tokenizer (a ttt checkpoint keeps it in checkpoint.json, as ttt train "
+            "writes it; a HF directory in tokenizer.json)"
+        )
     try:
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
     except Exception as e:  # tokenizers raises its own error types on a corrupt description
