@@ -764,17 +764,19 @@ def test_eval_on_another_corpus_or_context_keeps_the_earlier_results(trained, tm
 @pytest.mark.parametrize("name", ["bench.md", "bench.json", "bench.png"])
 def test_bench_never_writes_through_a_link(tmp_path, capsys, name):
     """bench wrote its files with plain writes: a bench.md, bench.json or bench.png in --out that links
-    elsewhere had its target overwritten."""
+    elsewhere had its target overwritten. A name taken (by a link too) is never written: bench-2.*."""
     out, victim = tmp_path / "b", tmp_path / "victim.txt"
     out.mkdir()
     victim.write_text("precious\n")
     (out / name).symlink_to(victim)
     argv = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
             "--out", str(out)]  # fmt: skip
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"ttt bench: error: {out / name} is a symbolic link") and err.count("\n") == 1
-    assert victim.read_text() == "precious\n" and sorted(p.name for p in out.iterdir()) == [name]
+    assert main(argv) == 0
+    assert f"written: {out / 'bench-2.md'}" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [name, "bench-2.md", "bench-2.json", "bench-2.png"]
+    )
 
 
 def test_ls_and_device_bad_input_name_what_was_expected(tmp_path, capsys):
@@ -970,3 +972,151 @@ def test_ctrl_c_inside_exec_code_of_any_command_exits_with_130(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ctrl_c_main"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert proc.returncode == 130 and "ttt ls: interrupted" in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def test_a_huge_thread_count_is_refused_before_torch_takes_it(tmp_path, capsys):
+    """--threads 100000 reached torch.set_num_threads and the process died with a segfault (rc 139, no
+    message) (stranger review)."""
+    import os
+
+    limit = 4 * (os.cpu_count() or 1)
+    argv = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+            "--out", str(tmp_path / "b"), "--threads", "100000"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"ttt bench: error: --threads 100000 is more than 4 per CPU of this machine (1..{limit})"
+    )
+    assert not (tmp_path / "b").exists()
+
+
+def test_eval_and_bench_never_replace_earlier_results(trained, tmp_path, capsys):
+    """eval named its results by the step, the file's base name and the context only: the same command run
+    again (or with other --max-batches / --batch-size / --bins), or --file a/x.txt then b/x.txt, replaced
+    the earlier eval-*.json, table and plot; bench replaced bench.md, .json and .png (stranger review).
+    Each now writes under the first free name (-2, -3, ...) and says where."""
+    import json
+
+    base = ["eval", "--checkpoint", str(trained), "--max-batches", "1", "--bins", "4"]
+    assert main(base) == 0
+    first = (trained / "eval-step-000003.json").read_text()
+    assert main([*base[:-1], "2"]) == 0
+    out = capsys.readouterr().out
+    assert (trained / "eval-step-000003.json").read_text() == first
+    again = json.loads((trained / "eval-step-000003-2.json").read_text())
+    assert (
+        again["out"] == str(trained / "eval-step-000003-2.json")
+        and str(trained / "eval-step-000003-2") in out
+    )
+    assert len(again["positions"]) == 2 and (trained / "loss_by_position-step-000003-2.png").exists()
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.txt").write_text(f"text of {sub}: " + "the quick brown fox " * 20 + "\n")
+        assert main(["eval", "--checkpoint", str(trained), "--file", str(tmp_path / sub / "x.txt")]) == 0
+    scored = [
+        json.loads((trained / f"eval-step-000003-file-x.txt{s}.json").read_text())["file"] for s in ("", "-2")
+    ]
+    assert scored == [str(tmp_path / "a" / "x.txt"), str(tmp_path / "b" / "x.txt")]
+
+    bench = [
+        "bench",
+        "--dim",
+        "16",
+        "--heads",
+        "2",
+        "--lengths",
+        "8",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path / "bn"),
+    ]
+    assert main([*bench, "--mixers", "attention"]) == 0
+    assert main([*bench, "--mixers", "gated_deltanet"]) == 0
+    captured = capsys.readouterr()
+    assert "| gated_deltanet |" in captured.out and str(tmp_path / "bn" / "bench-2.md") in captured.err
+    assert "attention" in (tmp_path / "bn" / "bench.md").read_text()
+    assert "gated_deltanet" in (tmp_path / "bn" / "bench-2.md").read_text()
+    assert (tmp_path / "bn" / "bench-2.json").exists()
+
+
+def test_a_corpus_given_by_a_relative_path_is_recorded_absolute(corpus_dir, tmp_path, capsys, monkeypatch):
+    """ttt train stored --corpus as typed: from another directory eval then scored (and named its results
+    after) whatever held that relative name there, or failed with 'unknown corpus' (stranger review).
+    A checkpoint of an earlier version that holds a relative path is refused rather than guessed at."""
+    import json
+    import shutil
+
+    from ttt.models.checkpoint import update_checkpoint_meta
+
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    shutil.copytree(corpus_dir, w1 / "texts")
+    (w2 / "texts").mkdir(parents=True)
+    (w2 / "texts" / "other.txt").write_text("not the training text\n" * 300)
+    monkeypatch.chdir(w1)
+    argv = ["train", "--preset", "micro", "--corpus", "texts", "--steps", "2", "--batch-size", "2", "--context",
+            "16", "--eval-batches", "1", "--out", "run", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    ckpt = find_checkpoint(w1 / "run")
+    assert json.loads((ckpt / "checkpoint.json").read_text())["args"]["corpus"] == str(w1 / "texts")
+    assert main(["eval", "--checkpoint", "run", "--max-batches", "1"]) == 0
+    monkeypatch.chdir(w2)
+    assert main(["eval", "--checkpoint", str(w1 / "run"), "--max-batches", "1", "--out", str(w2 / "e")]) == 0
+    capsys.readouterr()
+    here, there = (
+        json.loads(p.read_text())
+        for p in (w1 / "run" / "eval-step-000002.json", w2 / "e" / "eval-step-000002.json")
+    )
+    assert here["loss"] == there["loss"] and there["corpus"] == str(w1 / "texts")
+
+    update_checkpoint_meta(
+        ckpt, args={**json.loads((ckpt / "checkpoint.json").read_text())["args"], "corpus": "texts"}
+    )
+    for cmd in (
+        ["eval", "--checkpoint", str(ckpt)],
+        ["generate", "--checkpoint", str(ckpt), "--prompt-tokens", "4"],
+    ):
+        assert main(cmd) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"ttt {cmd[0]}: error: the checkpoint names its corpus by the relative path 'texts'"
+        )
+        assert err.count("\n") == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--max-batches",
+                "1",
+                "--corpus",
+                str(w1 / "texts"),
+                "--out",
+                str(w2 / "f"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_small_bad_inputs_name_the_flag_and_the_value(trained, tmp_path, capsys):
+    """From the stranger review: --seed 10**23 gave 'Overflow when unpacking long long'; --bins 0 did not
+    say what it got; bench --mixers '' said "unknown mixer(s) []"; generate printed bytes / 1024 as KB."""
+    huge = str(10**23)
+    cases = [
+        (["generate", "--checkpoint", str(trained), "--prompt", "x", "--seed", huge],
+         f"ttt generate: error: --seed must be an integer in [0, 2**63), got {huge}"),
+        (["train", "--preset", "micro", "--seed", "-1", "--out", str(tmp_path / "r")],
+         "ttt train: error: --seed must be an integer in [0, 2**63), got -1"),
+        (["eval", "--checkpoint", str(trained), "--bins", "0"], "ttt eval: error: --bins must be >= 1, got 0"),
+        (["bench", "--mixers", " , ", "--out", str(tmp_path / "b")],
+         "ttt bench: error: --mixers is empty; expected comma-separated names of"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "b").exists()
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert " KiB]" in capsys.readouterr().err

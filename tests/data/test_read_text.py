@@ -48,3 +48,27 @@ def test_a_ttt_run_or_checkpoint_directory_is_not_text_to_read(tmp_path):
             ValueError, match=f"^{path} is a ttt run or checkpoint directory, not text to evaluate; "
         ):
             read_text_files(path)
+
+
+@pytest.mark.parametrize("nested", ["run", "texts/run"])
+def test_a_ttt_run_inside_a_directory_of_texts_is_refused_too(tmp_path, nested):
+    """`ttt eval --file DIR` with a run directory somewhere below DIR scored the run's checkpoint.json,
+    metrics.jsonl and earlier eval results as text; a training corpus directory read them too (stranger
+    review). Only a run given directly was refused."""
+    from ttt.data import load_corpus
+
+    top = tmp_path / "top"
+    for i in range(3):
+        (top / "texts").mkdir(parents=True, exist_ok=True)
+        (top / "texts" / f"doc{i}.txt").write_text(f"document {i}\n" * 20)
+    run = top / nested
+    (run / "step-000002").mkdir(parents=True)
+    (run / "step-000002" / "checkpoint.json").write_text('{"format": "ttt-checkpoint-2"}\n')
+    (run / "latest").write_text("step-000002\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(ValueError, match=f"^{top} holds a ttt run or checkpoint directory, {run}: "):
+        read_text_files(top)
+    with pytest.raises(ValueError, match=f"^corpus {top} holds a ttt run or checkpoint directory, {run}: "):
+        load_corpus(str(top))
+    texts, skipped = read_text_files(top / "texts" if nested == "run" else top / "texts" / "doc0.txt")
+    assert skipped == [] and texts

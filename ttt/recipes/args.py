@@ -156,7 +156,7 @@ class EvalArgs:
     """directory for eval-step-N.json and loss_by_position-step-N.md/.png, named by the checkpoint's
     step (and with --file by the file's name: eval-step-N-file-NAME.json; with another --corpus or
     --context than the checkpoint's by them: ...-corpus-NAME, ...-context-N; a HF directory by ``hf``
-    in place of step-N) so evaluations do not
+    in place of step-N; then -2, -3, ... where those files exist) so evaluations never
     overwrite each other (default: the run directory of the checkpoint, or the checkpoint directory itself
     when it is not in a run directory; nothing is written elsewhere)"""
     device: str = "auto"
@@ -219,8 +219,9 @@ class BenchArgs:
     repeats: int = 3
     """timed repetitions (after one warm-up); the median is reported"""
     out: str = "runs/bench"
-    """directory for bench.md, bench.json and bench.png (default: runs/bench under the current directory,
-    where ttt train writes its runs)"""
+    """directory for bench.md, bench.json and bench.png (bench-2.*, bench-3.*, ... where earlier results
+    are: nothing is replaced) (default: runs/bench under the current directory, where ttt train writes its
+    runs)"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     threads: int | None = None

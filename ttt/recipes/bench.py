@@ -22,12 +22,9 @@ from torch import Tensor, nn
 from ttt._extras import require
 
 from .args import BenchArgs
-from .common import counted, format_table, resolve_device, save_figure, with_threads
+from .common import counted, format_table, free_stem, resolve_device, save_figure, with_threads
 
-__all__ = ["BenchRow", "bench", "check_decode_matches_forward"]
-
-#: the files bench writes into --out
-BENCH_OUTPUTS = ("bench.md", "bench.json", "bench.png")
+__all__ = ["BenchRow", "bench", "check_decode_matches_forward", "run_bench"]
 
 
 @dataclass
@@ -89,18 +86,26 @@ def _saved_bytes(layer: nn.Module, x: Tensor) -> int:
     return total
 
 
-@with_threads
 def bench(args: BenchArgs) -> list[BenchRow]:
-    """Run the benchmark; writes ``bench.md`` and ``bench.png`` into ``args.out``."""
+    """Run the benchmark; writes ``bench.md``, ``bench.json`` and ``bench.png`` into ``args.out``
+    (``bench-2.*``, ``bench-3.*``, ... where earlier results are: nothing is replaced)."""
+    return run_bench(args)[0]
+
+
+@with_threads
+def run_bench(args: BenchArgs) -> tuple[list[BenchRow], Path]:
+    """:func:`bench`, also returning the path of the table it wrote."""
     from ttt.layers import MIXERS
     from ttt.models import state_nbytes
-    from ttt.models.checkpoint import check_out_dir, refuse_links
+    from ttt.models.checkpoint import check_out_dir
 
-    refuse_links(check_out_dir(args.out, expected="a directory"), BENCH_OUTPUTS)
+    check_out_dir(args.out, expected="a directory")
     device = resolve_device(args.device)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    if not mixers:
+        raise ValueError(f"--mixers is empty; expected comma-separated names of {sorted(MIXERS)}")
     unknown = [m for m in mixers if m not in MIXERS]
-    if unknown or not mixers:
+    if unknown:
         raise ValueError(f"unknown mixer(s) {unknown}; choose from {sorted(MIXERS)}")
     for flag, value in (("--dim", args.dim), ("--heads", args.heads), ("--batch-size", args.batch_size),
                         ("--repeats", args.repeats)):  # fmt: skip
@@ -154,23 +159,26 @@ def bench(args: BenchArgs) -> list[BenchRow]:
                     state_nbytes(state) / 2**10,
                 )
             )
-    _write(rows, args, device)
-    return rows
+    return rows, _write(rows, args, device)
 
 
-def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
+def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> Path:
+    """``bench.md``, ``.json`` and ``.png`` (or ``bench-N.*``, the first free name) in ``args.out``; returns
+    the table's path."""
     from ttt.models.checkpoint import write_text_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = free_stem(out, "bench", lambda s: [f"{s}.md", f"{s}.json", f"{s}.png"])
+    md, js, png = (out / f"{stem}.{ext}" for ext in ("md", "json", "png"))
     hw = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU, {counted(torch.get_num_threads(), 'thread')}"
     )
-    mem = "peak CUDA MB" if device.type == "cuda" else "saved-for-backward MB"
+    mem = "peak CUDA MiB" if device.type == "cuda" else "saved-for-backward MiB"
     table = format_table(
-        ["mixer", "T", "fwd ms", "fwd tok/s", "fwd+bwd ms", mem, "state KB"],
+        ["mixer", "T", "fwd ms", "fwd tok/s", "fwd+bwd ms", mem, "state KiB"],
         [
             [
                 r.mixer,
@@ -184,19 +192,19 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
             for r in rows
         ],
     )
-    # atomic writes (a temporary renamed into place), never through a link (refused at the start)
+    # atomic writes (a temporary renamed into place) under names nothing holds: never through a link
     write_text_atomic(
-        out / "bench.md",
+        md,
         f"# Layer benchmark\n\n{hw}; dim {args.dim}, {args.heads} heads, batch "
         f"{args.batch_size}, torch {torch.__version__}\n\n{table}\n",
     )
-    write_text_atomic(out / "bench.json", json.dumps([asdict(r) for r in rows], indent=1))
+    write_text_atomic(js, json.dumps([asdict(r) for r in rows], indent=1))
     try:
-        require("matplotlib", "the plot bench.png").use("Agg")
+        require("matplotlib", f"the plot {png.name}").use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        print(f"written: {out / 'bench.md'}, {out / 'bench.json'}; no bench.png: {e}", file=sys.stderr)
-        return
+        print(f"written: {md}, {js}; no {png.name}: {e}", file=sys.stderr)
+        return md
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
     for name in dict.fromkeys(r.mixer for r in rows):
         rs = [r for r in rows if r.mixer == name]
@@ -204,12 +212,13 @@ def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> None:
         axes[0].plot(ts, [r.forward_backward_ms for r in rs], marker="o", label=name)
         axes[1].plot(ts, [r.memory_mb for r in rs], marker="o", label=name)
         axes[2].plot(ts, [r.state_kb for r in rs], marker="o", label=name)
-    for ax, ylabel in zip(axes, ["forward+backward ms", mem, "decode state KB"]):
+    for ax, ylabel in zip(axes, ["forward+backward ms", mem, "decode state KiB"]):
         ax.set(xscale="log", xlabel="context length T", ylabel=ylabel)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{hw}, dim {args.dim}, {args.heads} heads")
     fig.tight_layout()
-    save_figure(fig, out / "bench.png")
-    print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}", file=sys.stderr)
+    save_figure(fig, png)
+    print(f"written: {md}, {js}, {png}", file=sys.stderr)
+    return md

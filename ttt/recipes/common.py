@@ -68,6 +68,12 @@ def check_number(
         raise ValueError(f"{flag} must be a finite number {bound}{hint}, got {value}")
 
 
+def check_seed(value: int) -> None:
+    """Refuse (one-line ``ValueError``) a ``--seed`` torch's generators cannot take."""
+    if not 0 <= value < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {value}")
+
+
 def resolve_device(name: str) -> torch.device:
     """``'auto'`` -> CUDA when present, else CPU; anything else is checked."""
     if name == "auto":
@@ -93,6 +99,12 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> None
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
+        limit = 4 * (os.cpu_count() or 1)  # torch crashed (a segfault, no message) at 100,000 threads
+        if threads > limit:
+            raise ValueError(
+                f"--threads {threads} is more than 4 per CPU of this machine (1..{limit}); more threads than "
+                "cores only slow a run down"
+            )
         torch.set_num_threads(threads)
     elif device is None or device.type == "cpu":
         torch.set_num_threads(1)
@@ -205,6 +217,33 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+
+
+def trained_corpus(meta: dict[str, Any]) -> str:
+    """The corpus a checkpoint was trained on (``shakespeare`` when it records none). A relative path, as
+    runs before paths were recorded absolute stored one, is refused: read from here it could name another
+    text."""
+    from ttt.data import CORPORA
+
+    corpus = str(meta.get("args", {}).get("corpus", "shakespeare"))
+    if corpus not in CORPORA and not os.path.isabs(corpus):
+        raise ValueError(
+            f"the checkpoint names its corpus by the relative path {corpus!r}, which depends on the "
+            "directory ttt runs in (an earlier ttt train recorded it so); give the text itself (eval: "
+            "--corpus PATH or --file PATH; generate: --prompt or --prompt-file)"
+        )
+    return corpus
+
+
+def free_stem(out: Path, stem: str, names: Callable[[str], list[str]]) -> str:
+    """``stem``, else ``stem-2``, ``stem-3``, ...: the first for which no file of ``names(stem)`` is in
+    ``out`` (a link counts, even a broken one), so that a command's results never replace earlier ones nor
+    are written through a link."""
+    candidate, n = stem, 1
+    while any(os.path.lexists(out / name) for name in names(candidate)):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
 
 
 def counted(n: int, noun: str) -> str:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .common import (
     check_number,
+    check_seed,
     load_optimizer_tensors,
     optimizer_tensors,
     parse_mixer_kwargs,
@@ -563,6 +564,7 @@ def _check_args(args: ConvertArgs) -> None:
     for name in ("transfer_steps", "distill_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_seed(args.seed)
     if args.update not in ("full", "mixers", "lora"):
         raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")
     if args.window < 1:
@@ -686,12 +688,13 @@ class _Conversion:
     """The state of one ``convert`` run: teacher, student, data, summary, step; one method per phase."""
 
     def __init__(self, args: ConvertArgs) -> None:
-        from ttt.data import load_corpus, prepare
+        from ttt.data import corpus_ref, load_corpus, prepare
         from ttt.layers import check_mixer_name
         from ttt.models.checkpoint import check_out_dir
 
         _check_args(args)
         check_out_dir(args.out)
+        args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute
         self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
         if "windowed" in extra:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import EvalArgs
-from .common import format_table, resolve_device, save_plot, with_threads
+from .common import format_table, free_stem, resolve_device, save_plot, trained_corpus, with_threads
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "evaluate_loss"]
 
@@ -122,8 +122,9 @@ class _Scored:
 
 
 def _check(args: EvalArgs) -> None:
-    if args.bins < 1 or args.batch_size < 1:
-        raise ValueError("--bins and --batch-size must be >= 1")
+    for flag, value in (("--bins", args.bins), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.max_batches is not None and args.max_batches < 1:
         raise ValueError(
             f"--max-batches must be >= 1, or none for the whole validation split, got {args.max_batches}"
@@ -181,8 +182,10 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     batches), ``loss_by_position-step-N.md`` and ``.png`` into ``args.out`` (default: the run directory;
     ``hf`` in place of ``step-N`` for a HF model directory, which records no step);
     with ``args.file`` the names go on with ``-file-NAME``, with another corpus than the checkpoint's with
-    ``-corpus-NAME``, and with another context than its training context with ``-context-N``."""
-    from ttt.data import TokenData
+    ``-corpus-NAME``, and with another context than its training context with ``-context-N``; where
+    those files exist already (the same evaluation again, other --max-batches, another file of the same
+    name) the name ends in ``-2``, ``-3``, ...: nothing is replaced."""
+    from ttt.data import TokenData, corpus_ref
     from ttt.models.checkpoint import check_out_dir, checkpoint_tokenizer, find_checkpoint, load_model
 
     _check(args)
@@ -200,7 +203,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
             f"context {context} is longer than this model's max_seq_len = {model.config.max_seq_len}"
         )
     tokenizer = checkpoint_tokenizer(meta)
-    corpus_name = "" if args.file else args.corpus or train_args.get("corpus", "shakespeare")
+    corpus_name = "" if args.file else corpus_ref(args.corpus) if args.corpus else trained_corpus(meta)
     scored = (
         _file_tokens(args.file, tokenizer, context)
         if args.file
@@ -222,7 +225,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
 
     step = int(meta["step"]) if "step" in meta else None
-    stem = _stem(args, step, corpus_name, context_asked, train_args)
+    stem = free_stem(out, _stem(args, step, corpus_name, context_asked, train_args), _outputs)
     result = EvalResult(
         loss,
         data.bits_per_byte(loss),
@@ -247,8 +250,8 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
 
 def _stem(args: EvalArgs, step: int | None, corpus: str, context: int, train_args: dict) -> str:
     """The results' name: the step (``hf`` for a HF model directory), then what differs from the
-    checkpoint's own evaluation (a file, another corpus, another context), so evaluating the same
-    checkpoint otherwise never replaces earlier results."""
+    checkpoint's own evaluation (a file, another corpus, another context); :func:`free_stem` adds
+    ``-2``, ``-3``, ... where those results exist already, so no evaluation replaces another."""
     stem = "hf" if step is None else f"step-{step:06d}"
     if args.file:
         stem += f"-file-{_file_slug(args.file)}"
@@ -257,6 +260,11 @@ def _stem(args: EvalArgs, step: int | None, corpus: str, context: int, train_arg
     if context != train_args.get("context", 128):
         stem += f"-context-{context}"
     return stem
+
+
+def _outputs(stem: str) -> list[str]:
+    """The files one evaluation writes."""
+    return [f"eval-{stem}.json", f"loss_by_position-{stem}.md", f"loss_by_position-{stem}.png"]
 
 
 def _out_dir(args: EvalArgs, ckpt: Path) -> Path:

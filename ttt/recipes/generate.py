@@ -17,7 +17,7 @@ from typing import TextIO
 import torch
 
 from .args import GenerateArgs
-from .common import check_number, resolve_device, with_threads
+from .common import check_number, check_seed, resolve_device, trained_corpus, with_threads
 
 __all__ = ["GenerateResult", "generate_text"]
 
@@ -53,7 +53,7 @@ def _prompt_ids(args: GenerateArgs, meta: dict, tokenizer) -> tuple[str, list[in
 
         if args.prompt_tokens < 1:
             raise ValueError("--prompt-tokens must be >= 1")
-        corpus = load_corpus(meta.get("args", {}).get("corpus", "shakespeare"))
+        corpus = load_corpus(trained_corpus(meta))
         ids = tokenizer.encode(corpus.validation_text()[: args.prompt_tokens * 16])[: args.prompt_tokens]
         if len(ids) < args.prompt_tokens:
             raise ValueError(f"the validation split has only {len(ids)} tokens")
@@ -84,7 +84,8 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     out = out or sys.stdout
     device = resolve_device(args.device)
     if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_seed(args.seed)
     # not a < 0 test: NaN must fail too
     check_number("--temperature", args.temperature, least=0, hint=" (0: greedy)")
     if args.top_k is not None and args.top_k < 1:

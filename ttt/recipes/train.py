@@ -33,6 +33,7 @@ from .args import TrainArgs
 from .common import (
     Dist,
     check_number,
+    check_seed,
     lm_loss,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -204,6 +205,7 @@ def _check_args(args: TrainArgs) -> None:
     for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
         check_number(flag, value, least=0)
     check_number("--grad-clip", args.grad_clip, least=0, hint=" (0: off)")
+    check_seed(args.seed)
     if not args.resume:  # --resume fills the arguments not given from the checkpoint: checked after that
         _check_together(args)
     if args.resume and args.overwrite:
@@ -312,9 +314,11 @@ def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) a model as ``args`` says; returns the final validation figures.
 
     The run directory is locked (``.lock``) while it runs: a second ``train`` on it is refused."""
+    from ttt.data import corpus_ref
     from ttt.models.checkpoint import check_out_dir, find_checkpoint, lock_run
 
     _check_args(args)
+    args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute: read from anywhere
     run_dir = check_out_dir(args.out if args.out is not None else f"runs/{args.mixer}-{args.preset}")
     if args.resume:
         find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
