@@ -1120,3 +1120,15 @@ def test_small_bad_inputs_name_the_flag_and_the_value(trained, tmp_path, capsys)
     assert not (tmp_path / "r").exists() and not (tmp_path / "b").exists()
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "2"]) == 0
     assert " KiB]" in capsys.readouterr().err
+
+
+def test_ls_flags_a_checkpoint_json_that_eval_would_refuse(trained, tmp_path, capsys):
+    """ttt ls listed a checkpoint whose checkpoint.json had been edited (its digest no longer matching, the
+    mixer shown as 'bogus') as healthy, while eval and --resume refuse it (stranger review)."""
+    meta = trained / "step-000003" / "checkpoint.json"
+    meta.write_text(meta.read_text().replace('"mixer": "ttt_linear"', '"mixer": "bogus"', 1))
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if str(trained / "step-000003") in line)
+    assert line.endswith(
+        "[damaged: checkpoint.json: its content does not match its sha256 (the file was edited or corrupted)]"
+    ), line

@@ -60,10 +60,17 @@ def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
 def damage(ckpt: Path, meta: dict) -> list[str]:
     """What is visibly wrong with a checkpoint, cheaply (no hashing: ``ttt eval`` and ``--resume`` check
     the sha256): an unreadable ``checkpoint.json``, a listed file missing, or a safetensors file whose size
-    differs from what its own header describes (a truncated copy or an interrupted transfer)."""
+    differs from what its own header describes (a truncated copy or an interrupted transfer); and whatever
+    makes ``ttt eval`` refuse its checkpoint.json (an edited file no longer matches its digest)."""
+    from ttt.models.checkpoint import CheckpointError, validate_meta
+
     if not meta:
         return ["checkpoint.json unreadable"]
     found = []
+    try:
+        validate_meta(meta, where="checkpoint.json")
+    except CheckpointError as e:
+        found.append(str(e)[:120])
     for name in sorted(meta.get("sha256") or {}):
         f = ckpt / name
         if not f.is_file():
