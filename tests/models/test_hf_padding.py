@@ -24,3 +24,14 @@ def test_right_padded_generate_continues_each_prompt_exactly(mixer):
     for row, n in enumerate(lengths):
         alone = model.generate(ids[row : row + 1, :n], max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert out[row, 11:].tolist() == alone[0, n:].tolist()
+
+
+def test_a_row_without_a_real_token_is_refused():
+    """An attention_mask row of zeros (an empty prompt) was generated from: the model read the logits of
+    the row's last column, padding (stranger review)."""
+    torch.manual_seed(0)
+    model = TTTForCausalLM(TTTLMConfig(preset="micro", mixer="ttt_linear", vocab_size=61)).eval()
+    ids = torch.randint(1, 61, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"attention_mask row 1 holds no token \(an empty prompt\)"):
+        model(ids, attention_mask=mask)

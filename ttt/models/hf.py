@@ -225,6 +225,12 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, -input_ids.shape[1] :].bool()
+            empty = (~mask.any(1)).nonzero()
+            if cache is None and len(empty):
+                raise ValueError(
+                    f"attention_mask row {int(empty[0])} holds no token (an empty prompt): every row needs "
+                    "at least one real token"
+                )
             if bool(mask.all()):
                 mask = None
             elif cache is not None or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
