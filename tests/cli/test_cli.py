@@ -13,6 +13,9 @@ import pytest
 from ttt.cli.main import COMMANDS, build_parser, main
 from ttt.models.checkpoint import find_checkpoint
 
+#: the smallest bench run (add --mixers and --out)
+TINY_BENCH = ["bench", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"]
+
 SUBCOMMANDS = ["train", "eval", "generate", "bench", "ls", "convert"]
 
 
@@ -476,19 +479,7 @@ def test_bench_writes_under_runs_by_default_says_where_and_names_the_plot_extra(
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    argv = [
-        "bench",
-        "--mixers",
-        "attention",
-        "--dim",
-        "16",
-        "--heads",
-        "2",
-        "--lengths",
-        "8",
-        "--repeats",
-        "1",
-    ]
+    argv = [*TINY_BENCH, "--mixers", "attention"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert (tmp_path / "runs" / "bench" / "bench.md").exists() and (
@@ -628,7 +619,7 @@ def test_an_out_that_is_a_file_is_one_line_and_writes_nothing(trained, corpus_di
     commands = [
         ["train", *train_argv],
         ["eval", "--checkpoint", str(trained), "--max-batches", "1"],
-        ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"],
+        [*TINY_BENCH, "--mixers", "attention"],
         ["convert", "--teacher", str(tmp_path / "teacher"), "--context", "16"],
     ]
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -696,7 +687,7 @@ def test_an_out_that_is_empty_or_inside_a_checkpoint_is_refused(
         ["train", "--preset", "micro", "--corpus", corpus_dir, "--steps", "1", "--batch-size", "2",
          "--context", "16", "--no-progress"],
         ["eval", "--checkpoint", str(trained), "--max-batches", "1"],
-        ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1"],
+        [*TINY_BENCH, "--mixers", "attention"],
         ["convert", "--teacher", str(tmp_path / "teacher"), "--context", "16"],
     ]  # fmt: skip
     top = sorted(p.name for p in tmp_path.iterdir())
@@ -717,7 +708,7 @@ def test_bench_and_generate_numbers_are_checked(trained, tmp_path, capsys):
     """bench: --heads 0 was a raw ZeroDivisionError traceback, --dim 0 torch's three-line message,
     --batch-size 0 wrote a table of nothing, --lengths abc named no option; generate --temperature inf
     sampled uniformly without a word."""
-    bench = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+    bench = [*TINY_BENCH, "--mixers", "attention",
              "--out", str(tmp_path / "b")]  # fmt: skip
     cases = [
         ([*bench, "--heads", "0"], "--heads must be >= 1, got 0"),
@@ -769,7 +760,7 @@ def test_bench_never_writes_through_a_link(tmp_path, capsys, name):
     out.mkdir()
     victim.write_text("precious\n")
     (out / name).symlink_to(victim)
-    argv = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+    argv = [*TINY_BENCH, "--mixers", "attention",
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert f"written: {out / 'bench-2.md'}" in capsys.readouterr().err
@@ -980,7 +971,7 @@ def test_a_huge_thread_count_is_refused_before_torch_takes_it(tmp_path, capsys):
     import os
 
     limit = 4 * (os.cpu_count() or 1)
-    argv = ["bench", "--mixers", "attention", "--dim", "16", "--heads", "2", "--lengths", "8", "--repeats", "1",
+    argv = [*TINY_BENCH, "--mixers", "attention",
             "--out", str(tmp_path / "b"), "--threads", "100000"]  # fmt: skip
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -1018,19 +1009,7 @@ def test_eval_and_bench_never_replace_earlier_results(trained, tmp_path, capsys)
     ]
     assert scored == [str(tmp_path / "a" / "x.txt"), str(tmp_path / "b" / "x.txt")]
 
-    bench = [
-        "bench",
-        "--dim",
-        "16",
-        "--heads",
-        "2",
-        "--lengths",
-        "8",
-        "--repeats",
-        "1",
-        "--out",
-        str(tmp_path / "bn"),
-    ]
+    bench = [*TINY_BENCH, "--out", str(tmp_path / "bn")]
     assert main([*bench, "--mixers", "attention"]) == 0
     assert main([*bench, "--mixers", "gated_deltanet"]) == 0
     captured = capsys.readouterr()
