@@ -28,7 +28,10 @@ class LMConfig:
         mixer_kwargs: extra constructor arguments per mixer name, e.g. ``{"ttt_linear": {"base_lr": 1.0}}``;
             a name that is not a mixer, or an argument its mixer does not take, is refused here.
         mlp_hidden: SwiGLU inner width; ``None`` = Llama's 8/3 * dim rounded to 64.
-        max_seq_len: the longest sequence (prompt + generated tokens) the model accepts.
+        max_seq_len: the longest sequence one ``forward`` call takes, and the longest prompt + new tokens
+            ``generate`` takes. Continuing a state (``forward(state=...)``, ``step``) goes on past it on
+            purpose: TTT and the family carry a constant state, and attention computes its RoPE positions
+            rather than reading a table (length generalisation is then the model's, not guaranteed).
         norm_eps: RMSNorm epsilon (ttt-lm-pytorch ``rms_norm_eps``).
         tie_embeddings: share the input embedding and the output head (as ttt-lm-pytorch).
         init_std: std of the normal init of embeddings and MLP weights (GPT-2 / TTT: 0.02).
