@@ -1111,3 +1111,15 @@ def test_ls_flags_a_checkpoint_json_that_eval_would_refuse(trained, tmp_path, ca
     assert line.endswith(
         "[damaged: checkpoint.json: its content does not match its sha256 (the file was edited or corrupted)]"
     ), line
+
+
+def test_the_meta_device_is_refused_with_the_flag_named(tmp_path, capsys):
+    """--device meta passed the check and failed later with "META device type not an accelerator" (bench)
+    or "Tensor.item() cannot be called on meta tensors" (eval) (stranger review)."""
+    assert main([*TINY_BENCH, "--mixers", "attention", "--device", "meta", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ttt bench: error: --device 'meta': the meta device holds no data")
+        and err.count("\n") == 1
+    )
+    assert not (tmp_path / "b").exists()

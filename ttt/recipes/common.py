@@ -85,8 +85,15 @@ def resolve_device(name: str) -> torch.device:
             f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (or another torch device: "
             f"{str(e).splitlines()[0][:120]})"
         ) from None
+    if device.type == "meta":
+        raise ValueError(
+            f"--device {name!r}: the meta device holds no data, nothing runs on it; expected 'auto', 'cpu', "
+            "'cuda' or 'cuda:N'"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
