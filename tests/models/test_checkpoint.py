@@ -471,3 +471,16 @@ def test_hf_weights_that_lead_out_of_their_directory_are_refused(tmp_path):
     (hf / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
     with pytest.raises(CheckpointError, match=r"model.safetensors leads out of .* \(a link\): refused"):
         load_model(hf)
+
+
+def test_weights_that_hold_nan_or_inf_are_named_on_load(tmp_path):
+    """A checkpoint (or HF directory) whose weights held NaN loaded, and the first forward failed inside a
+    TTT layer with "lr must be finite" (stranger review)."""
+    model, config = saved_model(tmp_path / "a")
+    state = model.state_dict()
+    name = next(k for k in state if k.startswith("blocks.1."))
+    state[name] = state[name].clone()
+    state[name].view(-1)[3] = float("nan")
+    save_checkpoint(tmp_path / "b", step=1, model_state=state, config=config)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint weights hold NaN or Inf: \['{name}'\]"):
+        load_model(tmp_path / "b")

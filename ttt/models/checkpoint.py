@@ -747,8 +747,8 @@ def load_model(
 def _check_weights_fit(
     shapes: dict[str, tuple[int, ...]], state: dict[str, Tensor], tied: set[str], floating: set[str]
 ) -> None:
-    """Names and shapes as the model's, and floating-point weights where the model's are (an integer
-    tensor would be cast in silently)."""
+    """Names and shapes as the model's, floating-point weights where the model's are (an integer tensor
+    would be cast in silently), and finite ones (a NaN failed later, deep inside a layer)."""
     missing = sorted(set(shapes) - set(state) - tied)
     unexpected = sorted(set(state) - set(shapes))
     wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes if k in state
@@ -761,6 +761,9 @@ def _check_weights_fit(
             f"checkpoint weights do not fit the model of its config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}, other dtypes {dtypes[:5]}"
         )
+    bad = [k for k in sorted(floating & set(state)) if not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint weights hold NaN or Inf: {bad[:5]}")
 
 
 def checkpoint_tokenizer(meta: dict[str, Any], vocab_size: int | None = None) -> Any:
