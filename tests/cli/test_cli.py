@@ -1123,3 +1123,15 @@ def test_the_meta_device_is_refused_with_the_flag_named(tmp_path, capsys):
         and err.count("\n") == 1
     )
     assert not (tmp_path / "b").exists()
+
+
+def test_ls_flags_a_run_without_latest_and_a_step_directory_holding_another_step(trained, tmp_path, capsys):
+    """ttt ls listed a run whose 'latest' was gone (eval and --resume refuse it) and a step-000007 that
+    holds step 3 without a word (stranger review)."""
+    (trained / "latest").unlink()
+    (trained / "step-000003").rename(trained / "step-000007")
+    assert main(["ls", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"  {trained} has no 'latest': ttt eval and --resume refuse the run; name a step directory" in out
+    line = next(line for line in out.splitlines() if str(trained / "step-000007") in line)
+    assert line.endswith("[damaged: the directory is named step 7 but holds step 3]"), line

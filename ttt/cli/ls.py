@@ -62,7 +62,7 @@ def damage(ckpt: Path, meta: dict) -> list[str]:
     the sha256): an unreadable ``checkpoint.json``, a listed file missing, or a safetensors file whose size
     differs from what its own header describes (a truncated copy or an interrupted transfer); and whatever
     makes ``ttt eval`` refuse its checkpoint.json (an edited file no longer matches its digest)."""
-    from ttt.models.checkpoint import CheckpointError, validate_meta
+    from ttt.models.checkpoint import CheckpointError, step_of_dir, validate_meta
 
     if not meta:
         return ["checkpoint.json unreadable"]
@@ -71,6 +71,9 @@ def damage(ckpt: Path, meta: dict) -> list[str]:
         validate_meta(meta, where="checkpoint.json")
     except CheckpointError as e:
         found.append(str(e)[:120])
+    named = step_of_dir(ckpt.name)
+    if named is not None and meta.get("step") != named:
+        found.append(f"the directory is named step {named} but holds step {meta.get('step')}")
     for name in sorted(meta.get("sha256") or {}):
         f = ckpt / name
         if not f.is_file():
@@ -108,6 +111,7 @@ def run(args: LsArgs) -> int:
     from ttt.data import CORPORA
     from ttt.layers import MIXERS
     from ttt.models import PRESETS, LMConfig
+    from ttt.models.checkpoint import step_of_dir
 
     root = Path(args.runs)
     if root.exists() and not root.is_dir():
@@ -154,5 +158,9 @@ def run(args: LsArgs) -> int:
                 f"  {run_dir / 'latest'} names {name}, which is not a checkpoint of the run: ttt eval and "
                 "--resume refuse the run until it names one of the steps above"
             )
+    for run_dir in runs:
+        steps = [c for c, *_ in found if c.parent == run_dir and step_of_dir(c.name) is not None]
+        if run_dir not in latest and steps:
+            print(f"  {run_dir} has no 'latest': ttt eval and --resume refuse the run; name a step directory")
     print(f"  total {human_bytes(sum(t for _, _, t, _ in found))} in {counted(len(found), 'checkpoint')}")
     return 0

@@ -237,6 +237,12 @@ def latest_note(run_dir: str | os.PathLike) -> str:
         return f"{run_dir} holds no earlier checkpoint"
 
 
+def step_of_dir(name: str) -> int | None:
+    """The step a checkpoint directory's name gives (``step-000200`` -> 200), or None for another name."""
+    m = _STEP_DIR.fullmatch(name)
+    return int(m[1]) if m else None
+
+
 def _step_dirs(run: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the ``step-<digits>`` directories of a run directory."""
     found = []
