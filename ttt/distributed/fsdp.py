@@ -17,7 +17,6 @@ Four pieces, each a collective (every rank calls it):
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from ..models.checkpoint import step_of_dir
+
 __all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model"]
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _COMPLETE = ".complete"
 
 
@@ -85,17 +85,20 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
+def _complete(root: Path) -> list[Path]:
+    """The complete sharded checkpoints (``step-N`` with their marker) under ``root``, oldest first."""
+    done = [(step, p) for p in root.iterdir() if (step := step_of_dir(p.name)) is not None
+            and (p / _COMPLETE).exists()]  # fmt: skip
+    return [p for _, p in sorted(done)]
+
+
 def latest_sharded(root: str | Path) -> Path | None:
     """The newest complete sharded checkpoint under ``root`` (``<run>/dcp``), or None."""
     root = Path(root)
     if not root.is_dir():
         return None
-    done = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / _COMPLETE).exists()
-    ]
-    return max(done)[1] if done else None
+    done = _complete(root)
+    return done[-1] if done else None
 
 
 def save_sharded(
@@ -118,10 +121,7 @@ def save_sharded(
     dist.barrier()
     if dist.get_rank() == 0:
         (path / _COMPLETE).write_text(str(step))
-        complete = sorted(
-            p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and (p / _COMPLETE).exists()
-        )
-        for old in complete[:-keep] if keep > 0 else []:
+        for old in _complete(Path(root))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path

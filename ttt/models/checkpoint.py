@@ -245,12 +245,7 @@ def step_of_dir(name: str) -> int | None:
 
 def _step_dirs(run: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the ``step-<digits>`` directories of a run directory."""
-    found = []
-    for p in run.glob("step-*"):
-        m = _STEP_DIR.fullmatch(p.name)
-        if m and p.is_dir():
-            found.append((int(m[1]), p))
-    return found
+    return [(step, p) for p in run.glob("step-*") if (step := step_of_dir(p.name)) is not None and p.is_dir()]
 
 
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
@@ -496,7 +491,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if latest.is_file():
         with open(latest, "rb") as f:
             name = f.read(256).decode(errors="replace").strip()
-        if not _STEP_DIR.fullmatch(name):
+        if step_of_dir(name) is None:
             raise CheckpointError(f"{latest} must name a step-N directory of {p}, but says {name[:60]!r}")
         target = p / name
         if not target.resolve().is_relative_to(p.resolve()):
@@ -609,7 +604,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     ckpt = find_checkpoint(path)
-    if _is_hf_dir(ckpt) and not (ckpt / "checkpoint.json").is_file():
+    if not (ckpt / "checkpoint.json").is_file():  # find_checkpoint returned a HF directory
         if load_trainer:
             raise CheckpointError(f"{ckpt} is a HF model directory: it holds no training state to resume")
         return (*_load_hf_dir(ckpt), None)

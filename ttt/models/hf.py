@@ -225,8 +225,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, -input_ids.shape[1] :].bool()
-            empty = (~mask.any(1)).nonzero()
-            if cache is None and len(empty):
+            if cache is None and len(empty := (~mask.any(1)).nonzero()):  # a prompt: no row may be empty
                 raise ValueError(
                     f"attention_mask row {int(empty[0])} holds no token (an empty prompt): every row needs "
                     "at least one real token"

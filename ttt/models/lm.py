@@ -99,15 +99,12 @@ class CausalLM(nn.Module):
                 f"state must be the list of {n} per-block states that forward, step or init_state "
                 f"returned, got {got}"
             )
-        for s in state:
-            rows = _leading_rows(s)
-            if rows is not None and rows != batch:
-                raise ValueError(
-                    f"the state holds {rows} sequence(s) but idx has {batch} rows: continue a state with "
-                    "the batch that made it"
-                )
-            if rows is not None:
-                return
+        rows = next((r for r in map(_leading_rows, state) if r is not None), None)
+        if rows is not None and rows != batch:
+            raise ValueError(
+                f"the state holds {rows} sequence(s) but idx has {batch} rows: continue a state with the "
+                "batch that made it"
+            )
 
     def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> list[Any]:
         """Empty per-block states for ``batch_size`` sequences."""
