@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ttt._extras import require
 
 from .args import BenchArgs
-from .common import counted, format_table, free_stem, resolve_device, save_figure, with_threads
+from .common import counted, format_table, reserved_stem, resolve_device, save_figure, with_threads
 
 __all__ = ["BenchRow", "bench", "check_decode_matches_forward", "run_bench"]
 
@@ -165,11 +165,15 @@ def run_bench(args: BenchArgs) -> tuple[list[BenchRow], Path]:
 def _write(rows: list[BenchRow], args: BenchArgs, device: torch.device) -> Path:
     """``bench.md``, ``.json`` and ``.png`` (or ``bench-N.*``, the first free name) in ``args.out``; returns
     the table's path."""
-    from ttt.models.checkpoint import write_text_atomic
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = free_stem(out, "bench", lambda s: [f"{s}.md", f"{s}.json", f"{s}.png"])
+    with reserved_stem(out, "bench", lambda s: [f"{s}.md", f"{s}.json", f"{s}.png"]) as stem:
+        return _write_as(rows, args, device, out, stem)
+
+
+def _write_as(rows: list[BenchRow], args: BenchArgs, device: torch.device, out: Path, stem: str) -> Path:
+    from ttt.models.checkpoint import write_text_atomic
+
     md, js, png = (out / f"{stem}.{ext}" for ext in ("md", "json", "png"))
     hw = (
         torch.cuda.get_device_name(device)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,15 +243,38 @@ def trained_corpus(meta: dict[str, Any]) -> str:
     return corpus
 
 
-def free_stem(out: Path, stem: str, names: Callable[[str], list[str]]) -> str:
-    """``stem``, else ``stem-2``, ``stem-3``, ...: the first for which no file of ``names(stem)`` is in
-    ``out`` (a link counts, even a broken one), so that a command's results never replace earlier ones nor
-    are written through a link."""
+@contextmanager
+def reserved_stem(out: Path, stem: str, names: Callable[[str], list[str]]) -> Iterator[str]:
+    """``stem``, else ``stem-2``, ``stem-3``, ...: the first name for which no file of ``names(stem)`` is in
+    ``out`` (a link counts, even a broken one) and no other run holds it, held until the ``with`` block ends.
+
+    So a command's results never replace earlier ones, nor those of a run writing into the same folder at
+    the same moment, nor are written through a link. The hold is a hidden marker ``.<stem>.reserved``
+    created exclusively (``O_EXCL``) and removed on leaving; the names are checked again once it is held,
+    since a run that has just finished has written its files before letting its marker go.
+    """
+
+    def taken(candidate: str) -> bool:
+        return any(os.path.lexists(out / name) for name in names(candidate))
+
     candidate, n = stem, 1
-    while any(os.path.lexists(out / name) for name in names(candidate)):
+    while True:
+        marker = out / f".{candidate}.reserved"
+        if not taken(candidate):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                pass  # another run holds this name
+            else:
+                if not taken(candidate):
+                    break
+                marker.unlink()
         n += 1
         candidate = f"{stem}-{n}"
-    return candidate
+    try:
+        yield candidate
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def counted(n: int, noun: str) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import EvalArgs
-from .common import format_table, free_stem, resolve_device, save_plot, trained_corpus, with_threads
+from .common import format_table, reserved_stem, resolve_device, save_plot, trained_corpus, with_threads
 
 __all__ = ["EvalResult", "evaluate_checkpoint", "evaluate_loss"]
 
@@ -225,32 +225,33 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
     bins = [(a, b - 1, float(by_pos[a:b].mean())) for a, b in zip(edges, edges[1:]) if b > a]
 
     step = int(meta["step"]) if "step" in meta else None
-    stem = free_stem(out, _stem(args, step, corpus_name, context_asked, train_args), _outputs)
-    result = EvalResult(
-        loss,
-        data.bits_per_byte(loss),
-        math.exp(loss),
-        context,
-        windows,
-        bins,
-        checkpoint=str(ckpt),
-        step=step,
-        corpus=corpus_name,
-        file=args.file or "",
-        files=scored.files,
-        skipped=scored.skipped,
-        batch_size=args.batch_size,
-        batches=batches,
-        max_batches=max_batches,
-        out=str(out / f"eval-{stem}.json"),
-    )
-    _write(result, out, stem, scored.label, data, by_pos, meta["config"]["mixer"])
+    out.mkdir(parents=True, exist_ok=True)
+    with reserved_stem(out, _stem(args, step, corpus_name, context_asked, train_args), _outputs) as stem:
+        result = EvalResult(
+            loss,
+            data.bits_per_byte(loss),
+            math.exp(loss),
+            context,
+            windows,
+            bins,
+            checkpoint=str(ckpt),
+            step=step,
+            corpus=corpus_name,
+            file=args.file or "",
+            files=scored.files,
+            skipped=scored.skipped,
+            batch_size=args.batch_size,
+            batches=batches,
+            max_batches=max_batches,
+            out=str(out / f"eval-{stem}.json"),
+        )
+        _write(result, out, stem, scored.label, data, by_pos, meta["config"]["mixer"])
     return result
 
 
 def _stem(args: EvalArgs, step: int | None, corpus: str, context: int, train_args: dict) -> str:
     """The results' name: the step (``hf`` for a HF model directory), then what differs from the
-    checkpoint's own evaluation (a file, another corpus, another context); :func:`free_stem` adds
+    checkpoint's own evaluation (a file, another corpus, another context); :func:`reserved_stem` adds
     ``-2``, ``-3``, ... where those results exist already, so no evaluation replaces another."""
     stem = "hf" if step is None else f"step-{step:06d}"
     if args.file:
