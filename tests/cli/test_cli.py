@@ -119,7 +119,9 @@ def test_generate_a_batch_of_prompts_equals_each_prompt_alone(trained, tmp_path,
     for i, prompt in enumerate(prompts):
         assert main(["generate", *greedy, "--prompt", prompt, "--no-stream", "--no-echo"]) == 0
         alone = capsys.readouterr().out.rstrip("\n")
-        assert f"--- prompt {i + 1} of 3 ---\n{prompt}{alone}\n" in captured.out
+        # the blank line is skipped, and the third prompt's header names its line in the file
+        where = " (line 4)" if i == 2 else ""
+        assert f"--- prompt {i + 1} of 3{where} ---\n{prompt}{alone}\n" in captured.out
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -210,6 +212,7 @@ def test_bad_input_exits_nonzero_with_a_message(trained, corpus_dir, tmp_path, c
         ),
         (["eval", "--checkpoint", str(trained), "--context", "100000"], "max_seq_len"),
         (["bench", "--mixers", "nope"], "unknown mixer"),
+        (["bench", "--dim", "15", "--heads", "4"], "--dim (15) must be divisible by --heads (4)"),
         (["eval", "--checkpoint", str(trained), "--max-batches", "0"], "--max-batches must be >= 1"),
         (["eval", "--checkpoint", str(trained), "--corpus", str(tmp_path / "one.txt")], "split by lines"),
         (["generate", "--checkpoint", str(trained), "--prompt", "x", "--temperature", "-1"], "temperature"),
@@ -314,6 +317,11 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "CheckpointError" in err
+    # a refused value (a ValueError: the message says what was expected) needs no traceback hint
+    monkeypatch.delenv("TTT_DEBUG")
+    assert main(["bench", "--mixers", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown mixer" in err and "TTT_DEBUG" not in err and err.count("\n") == 1
 
 
 def test_closed_pipe_exits_quietly():
@@ -396,6 +404,9 @@ def test_generate_echoes_the_prompt_unless_told_not_to_and_offers_top_p(trained,
     for bad in ("0", "1.5", "nan"):
         assert main([*base, "--top-p", bad]) == 1
         assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
+    # greedy decoding takes the most likely token whatever top-p says: asking for both is refused
+    assert main([*base, "--top-p", "0.9", "--temperature", "0"]) == 1
+    assert "--top-p has no effect with --temperature 0" in capsys.readouterr().err
 
 
 def test_eval_scores_every_token_of_a_named_file_or_directory(trained, tmp_path, capsys, monkeypatch):
@@ -1135,3 +1146,32 @@ def test_ls_flags_a_run_without_latest_and_a_step_directory_holding_another_step
     assert f"  {trained} has no 'latest': ttt eval and --resume refuse the run; name a step directory" in out
     line = next(line for line in out.splitlines() if str(trained / "step-000007") in line)
     assert line.endswith("[damaged: the directory is named step 7 but holds step 3]"), line
+
+
+def test_ls_follows_linked_runs_and_lists_hf_model_directories(trained, tmp_path, capsys):
+    """ttt ls skipped a run reached through a symbolic link and the HF directories that ttt convert writes,
+    both of which eval and generate accept (stranger review)."""
+    pytest.importorskip("transformers")
+    from ttt.cli.ls import human_bytes
+    from ttt.models.hf import TTTForCausalLM
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "linked").symlink_to(trained, target_is_directory=True)
+    (runs / "loop").symlink_to(runs, target_is_directory=True)  # a cycle must not hang the walk
+    hf = runs / "conv" / "hf"
+    TTTForCausalLM.from_checkpoint(str(trained)).save_pretrained(hf)
+    (runs / "other").mkdir()
+    (runs / "other" / "config.json").write_text('{"model_type": "llama"}')  # not a ttt model: not listed
+    assert main(["ls", "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if str(runs / "linked" / "step-000003") in line)
+    assert line.endswith("[latest]"), line
+    line = next(line for line in out.splitlines() if str(hf) in line)
+    model = (hf / "model.safetensors").stat().st_size
+    assert f"(model {human_bytes(model)})  HF model" in line and "[damaged" not in line, line
+    assert "in 3 checkpoints" in out and str(runs / "other") not in out and "loop" not in out
+    (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:-10])
+    assert main(["ls", "--runs", str(runs)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if str(hf) in line)
+    assert line.endswith("[damaged: model.safetensors truncated]"), line

@@ -29,8 +29,9 @@ def run(args: GenerateArgs) -> int:
         raise ValueError("--checkpoint is required")
     r = generate_text(args)
     rate = "n/a" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.1f}"
-    for i, (prompt, text) in enumerate(zip(r.prompts, r.texts)):
-        print(f"--- prompt {i + 1} of {len(r.prompts)} ---\n{prompt if args.echo else ''}{text}")
+    for i, (prompt, text, line) in enumerate(zip(r.prompts, r.texts, r.prompt_lines)):
+        where = "" if line == i + 1 else f" (line {line})"  # blank lines before it were skipped
+        print(f"--- prompt {i + 1} of {len(r.prompts)}{where} ---\n{prompt if args.echo else ''}{text}")
     if r.prompts:
         print(
             f"[{counted(len(r.prompts), 'prompt')}, {counted(r.prompt_tokens, 'prompt token')}; "

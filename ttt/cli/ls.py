@@ -37,24 +37,59 @@ def human_count(n: int) -> str:
 
 def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
     """``(directory, checkpoint.json, total bytes, model bytes)`` of every complete checkpoint under
-    ``root`` (hidden temporaries of an interrupted save left out), sorted by path."""
+    ``root``, sorted by path: ttt checkpoints and the HF model directories of ``ttt convert`` /
+    ``save_pretrained`` (whose meta is ``{"hf": config.json}``). Runs reached through a symbolic link are
+    followed (each directory once); hidden temporaries of an interrupted save are left out."""
     import json
 
+    from ttt.models.checkpoint import _hf_weight_files
+
     found = []
-    for meta_file in sorted(root.rglob("checkpoint.json")):
-        ckpt = meta_file.parent
-        if any(part.startswith(".") for part in ckpt.relative_to(root).parts):
-            continue
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            meta = {}
+    for ckpt in _model_dirs(root):
+        if (ckpt / "checkpoint.json").is_file():
+            try:
+                meta = json.loads((ckpt / "checkpoint.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            model = ckpt / "model.safetensors"
+            weights = [model] if model.is_file() else []
+        else:
+            meta = {"hf": json.loads((ckpt / "config.json").read_text())}
+            try:
+                weights = [w for w in _hf_weight_files(ckpt) if w.is_file()]
+            except Exception:  # flagged by damage()
+                weights = []
         files = [f for f in ckpt.iterdir() if f.is_file()]
-        model = ckpt / "model.safetensors"
         found.append(
-            (ckpt, meta, sum(f.stat().st_size for f in files), model.stat().st_size if model.is_file() else 0)
+            (ckpt, meta, sum(f.stat().st_size for f in files), sum(w.stat().st_size for w in weights))
         )
     return found
+
+
+def _model_dirs(root: Path) -> list[Path]:
+    """Directories under ``root`` (not hidden, links followed, each real directory once) holding a
+    checkpoint.json or a HF config.json of ``model_type`` ``ttt_lm``, sorted."""
+    import json
+    import os
+
+    found, seen = [], set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back into the tree: walked already
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "checkpoint.json" in files:
+            found.append(Path(top))
+        elif "config.json" in files:
+            try:
+                config = json.loads((Path(top) / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(config, dict) and config.get("model_type") == "ttt_lm":
+                found.append(Path(top))
+    return sorted(found)
 
 
 def damage(ckpt: Path, meta: dict) -> list[str]:
@@ -64,6 +99,8 @@ def damage(ckpt: Path, meta: dict) -> list[str]:
     makes ``ttt eval`` refuse its checkpoint.json (an edited file no longer matches its digest)."""
     from ttt.models.checkpoint import CheckpointError, step_of_dir, validate_meta
 
+    if "hf" in meta:
+        return _hf_damage(ckpt)
     if not meta:
         return ["checkpoint.json unreadable"]
     found = []
@@ -74,7 +111,24 @@ def damage(ckpt: Path, meta: dict) -> list[str]:
     named = step_of_dir(ckpt.name)
     if named is not None and meta.get("step") != named:
         found.append(f"the directory is named step {named} but holds step {meta.get('step')}")
-    for name in sorted(meta.get("sha256") or {}):
+    return found + _file_damage(ckpt, sorted(meta.get("sha256") or {}))
+
+
+def _hf_damage(ckpt: Path) -> list[str]:
+    """What is visibly wrong with a HF model directory: weights that transformers would not find, or
+    whose size differs from what their headers describe."""
+    from ttt.models.checkpoint import CheckpointError, _hf_weight_files
+
+    try:
+        weights = _hf_weight_files(ckpt)
+    except CheckpointError as e:
+        return [str(e)[:120]]
+    return _file_damage(ckpt, [w.name for w in weights])
+
+
+def _file_damage(ckpt: Path, names: list[str]) -> list[str]:
+    found = []
+    for name in names:
         f = ckpt / name
         if not f.is_file():
             found.append(f"{name} missing")
@@ -145,10 +199,11 @@ def run(args: LsArgs) -> int:
     latest = {r: (r / "latest").read_text(errors="replace").strip() for r in runs if (r / "latest").is_file()}
     for ckpt, meta, total, model in found:
         is_latest = latest.get(ckpt.parent) == ckpt.name
-        mixer = meta.get("config", {}).get("mixer", "?")
+        mixer = (meta.get("hf") or meta.get("config", {})).get("mixer", "?")
+        what = "HF model" if "hf" in meta else f"step {meta.get('step', '?')}"
         print(
-            f"  {str(ckpt):{width}}  {human_bytes(total):>9}  (model {human_bytes(model)})  step "
-            f"{meta.get('step', '?')}  {mixer}" + ("  [latest]" if is_latest else "") + (
+            f"  {str(ckpt):{width}}  {human_bytes(total):>9}  (model {human_bytes(model)})  {what}"
+            f"  {mixer}" + ("  [latest]" if is_latest else "") + (
                 f" [damaged: {', '.join(bad)}]" if (bad := damage(ckpt, meta)) else "")
         )  # fmt: skip
     names = {(ckpt.parent, ckpt.name) for ckpt, *_ in found}

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        hint = "" if debug else " (run with TTT_DEBUG=1 or ttt --debug for the traceback)"
+        # a refused value (ValueError) says what was expected; other errors may come from deep inside
+        quiet = debug or isinstance(e, ValueError)
+        hint = "" if quiet else " (run with TTT_DEBUG=1 or ttt --debug for the traceback)"
         print(f"ttt {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
 

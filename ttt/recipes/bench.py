@@ -111,6 +111,8 @@ def run_bench(args: BenchArgs) -> tuple[list[BenchRow], Path]:
                         ("--repeats", args.repeats)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.dim % args.heads:
+        raise ValueError(f"--dim ({args.dim}) must be divisible by --heads ({args.heads})")
     try:
         lengths = [int(t) for t in args.lengths.split(",")]
     except ValueError:

@@ -37,6 +37,8 @@ class GenerateResult:
     state_bytes: int
     prompts: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    prompt_lines: list[int] = field(default_factory=list)
+    """for a batch: each prompt's line in ``prompts_file``, from 1 (blank lines hold no prompt)"""
     prompt: str = ""
     """the prompt of a single continuation as text (empty for a batch)"""
 
@@ -93,6 +95,8 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     # written so that NaN fails too
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], or none to sample from every token, got {args.top_p}")
+    if args.top_p is not None and args.temperature == 0:
+        raise ValueError("--top-p has no effect with --temperature 0 (greedy): give one of them")
     model, meta = load_model(args.checkpoint, device=device)
     model.eval()
     tokenizer = checkpoint_tokenizer(meta)
@@ -143,11 +147,12 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     return GenerateResult(text, len(ids), len(new), prefill, rate, size, prompt=prompt)
 
 
-def _read_prompts(path: str) -> list[str]:
+def _read_prompts(path: str) -> list[tuple[int, str]]:
+    """``(line number from 1, prompt)`` for every line of ``path`` that is not blank."""
     from ttt.data import read_text
 
-    prompts = read_text(path).splitlines()  # \n, \r\n and \r line ends alike
-    prompts = [p for p in prompts if p.strip()]
+    lines = read_text(path).splitlines()  # \n, \r\n and \r line ends alike
+    prompts = [(n, p) for n, p in enumerate(lines, 1) if p.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one prompt per line")
     return prompts
@@ -155,10 +160,12 @@ def _read_prompts(path: str) -> list[str]:
 
 def _generate_batch(args: GenerateArgs, model, tokenizer, device: torch.device) -> GenerateResult:
     """Every line of ``args.prompts_file`` continued in one ragged batch."""
-    prompts = _read_prompts(args.prompts_file)
+    numbered = _read_prompts(args.prompts_file)
+    prompts = [p for _, p in numbered]
     ids = [tokenizer.encode(p) for p in prompts]
-    if min(len(i) for i in ids) == 0:
-        raise ValueError("a prompt encodes to no tokens")
+    empty = [n for (n, _), i in zip(numbered, ids) if not i]
+    if empty:
+        raise ValueError(f"{args.prompts_file}: the prompt on line {empty[0]} encodes to no tokens")
     longest = max(len(i) for i in ids)
     if longest + args.max_new_tokens > model.config.max_seq_len:
         raise ValueError(
@@ -188,5 +195,6 @@ def _generate_batch(args: GenerateArgs, model, tokenizer, device: torch.device) 
     rate = len(ids) * (args.max_new_tokens - 1) / max(rest, 1e-9) if args.max_new_tokens > 1 else None
     # generate_stream keeps its state to itself: no decode-state size for a batch
     return GenerateResult(
-        "", int(lengths.sum()), len(ids) * args.max_new_tokens, first, rate, 0, prompts, texts
-    )
+        "", int(lengths.sum()), len(ids) * args.max_new_tokens, first, rate, 0, prompts, texts,
+        prompt_lines=[n for n, _ in numbered],
+    )  # fmt: skip
