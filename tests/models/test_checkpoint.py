@@ -484,3 +484,29 @@ def test_weights_that_hold_nan_or_inf_are_named_on_load(tmp_path):
     save_checkpoint(tmp_path / "b", step=1, model_state=state, config=config)
     with pytest.raises(CheckpointError, match=rf"^checkpoint weights hold NaN or Inf: \['{name}'\]"):
         load_model(tmp_path / "b")
+
+
+def test_check_out_dir_refuses_a_run_inside_another_run_or_a_model_directory(tmp_path):
+    """ttt train --out cn/hf wrote a run beside a converted model's weights (eval then scored the model, not
+    the run), and --out r1/inner nested a run in another (stranger review)."""
+    import json
+
+    from ttt.models.checkpoint import check_out_dir
+
+    run = tmp_path / "r1"
+    (run / "step-000002").mkdir(parents=True)
+    (run / "step-000002" / "checkpoint.json").write_text("{}")
+    (run / "latest").write_text("step-000002\n")
+    hf = tmp_path / "cn" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text(json.dumps({"model_type": "ttt_lm"}))
+    assert check_out_dir(run) == run  # the run itself: --resume / --overwrite
+    for bad, what in [
+        (run / "inner", f"{run} is a run directory"),
+        (hf, "a HF model directory"),
+        (hf / "x", f"{hf} is a HF model directory"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            check_out_dir(bad)
+    # results of eval / bench may go into a folder of a run
+    assert check_out_dir(run / "evals", expected="a directory", for_run=False) == run / "evals"

@@ -69,8 +69,9 @@ def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
 def _model_dirs(root: Path) -> list[Path]:
     """Directories under ``root`` (not hidden, links followed, each real directory once) holding a
     checkpoint.json or a HF config.json of ``model_type`` ``ttt_lm``, sorted."""
-    import json
     import os
+
+    from ttt.models.checkpoint import _is_ttt_hf_dir
 
     found, seen = [], set()
     for top, dirs, files in os.walk(root, followlinks=True):
@@ -82,13 +83,8 @@ def _model_dirs(root: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if "checkpoint.json" in files:
             found.append(Path(top))
-        elif "config.json" in files:
-            try:
-                config = json.loads((Path(top) / "config.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(config, dict) and config.get("model_type") == "ttt_lm":
-                found.append(Path(top))
+        elif "config.json" in files and _is_ttt_hf_dir(Path(top)):
+            found.append(Path(top))
     return sorted(found)
 
 

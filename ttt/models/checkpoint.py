@@ -264,12 +264,16 @@ def update_checkpoint_meta(ckpt_dir: str | os.PathLike, **fields: Any) -> None:
     write_text_atomic(path, _dump_meta({k: v for k, v in {**doc, **fields}.items() if k != "meta_sha256"}))
 
 
-def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", expected: str = "a run directory") -> Path:
+def check_out_dir(
+    path: str | os.PathLike, *, flag: str = "--out", expected: str = "a run directory", for_run: bool = True
+) -> Path:
     """Refuse, before any work, an output directory that cannot be one: an empty path (it would mean the
     current directory), ``path`` or a folder above it is a file (or another non-directory, a dangling
     link), or it is or lies inside a checkpoint directory (one holding ``checkpoint.json``: a run written
-    there would mix with the checkpoint's files). Raises a one-line ``ValueError`` naming ``flag`` and what
-    was expected; returns ``Path(path)``. Nothing is created."""
+    there would mix with the checkpoint's files). With ``for_run`` (the ``--out`` of train / convert) also
+    a HF model directory or a folder inside one, and a folder inside another run directory (one holding
+    ``latest``): eval would read the model or that run instead. Raises a one-line ``ValueError`` naming
+    ``flag`` and what was expected; returns ``Path(path)``. Nothing is created."""
     if not str(path):
         raise ValueError(f"{flag} is empty; expected {expected}")
     p = Path(path)
@@ -278,6 +282,10 @@ def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", expected: str
         if q.is_dir():
             if (q / "checkpoint.json").is_file():
                 raise ValueError(f"{flag} {where} a checkpoint directory; expected {expected} outside it")
+            if for_run and _is_ttt_hf_dir(q):
+                raise ValueError(f"{flag} {where} a HF model directory; expected {expected} outside it")
+            if for_run and q != p and (q / "latest").is_file():
+                raise ValueError(f"{flag} {where} a run directory; expected {expected} outside it")
             continue
         if q.exists() or q.is_symlink():
             what = "a file" if q.is_file() else "a link to nothing" if not q.exists() else "not a directory"
@@ -635,6 +643,14 @@ def _is_hf_dir(p: Path) -> bool:
         return _read_hf_config(p).get("model_type") == "ttt_lm"
     except CheckpointError:
         return True
+
+
+def _is_ttt_hf_dir(p: Path) -> bool:
+    """A directory whose config.json reads as a ``ttt_lm`` model's (an unreadable one does not count)."""
+    try:
+        return (p / "config.json").is_file() and _read_hf_config(p).get("model_type") == "ttt_lm"
+    except CheckpointError:
+        return False
 
 
 def _read_hf_config(p: Path) -> dict[str, Any]:

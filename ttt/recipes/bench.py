@@ -99,7 +99,7 @@ def run_bench(args: BenchArgs) -> tuple[list[BenchRow], Path]:
     from ttt.models import state_nbytes
     from ttt.models.checkpoint import check_out_dir
 
-    check_out_dir(args.out, expected="a directory")
+    check_out_dir(args.out, expected="a directory", for_run=False)
     device = resolve_device(args.device)
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     if not mixers:

@@ -190,7 +190,7 @@ def evaluate_checkpoint(args: EvalArgs) -> EvalResult:
 
     _check(args)
     if args.out is not None:
-        check_out_dir(args.out, expected="a directory")
+        check_out_dir(args.out, expected="a directory", for_run=False)
     device = resolve_device(args.device)
     ckpt = find_checkpoint(args.checkpoint)
     out = _out_dir(args, ckpt)
