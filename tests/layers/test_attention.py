@@ -87,7 +87,7 @@ def test_constructor_errors():
     for bad in (2.5, True, "4"):  # the windowed mixer's window is this check too
         with pytest.raises(ValueError, match="window must be None or an int >= 1"):
             Attention(dim=16, num_heads=2, window=bad)
-        with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+        with pytest.raises(ValueError, match="window"):  # its annotation refuses it first
             make_mixer("windowed", 16, 2, {"window": bad})
     for bad in (-1, None, 2.5, "4", True):  # 2.5 / "4" ended in tensor errors, True passed as 1
         with pytest.raises(ValueError, match="conv_size must be an int >= 0"):

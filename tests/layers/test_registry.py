@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from ttt.layers import MIXERS, Bidirectional, make_mixer, mixer_parameters
+from ttt.layers import MIXERS, Bidirectional, check_mixer_kwargs, make_mixer, mixer_parameters
 
 from .mixer_cases import DIM, HEADS
 
@@ -43,3 +43,28 @@ def test_an_unknown_argument_names_the_mixer_the_key_and_the_accepted_ones():
         mixer_parameters("mamba9")
     with pytest.raises(TypeError, match="'nope' for mixer 'gla'"):
         Bidirectional.from_name("gla", dim=DIM, num_heads=HEADS, nope=1)
+
+
+def test_argument_values_of_the_wrong_type_or_not_finite_are_refused_in_one_line():
+    """--mixer-kwargs '{"ttt_linear": {"mini_batch_size": "8"}}' failed deep inside with "'<' not supported
+    between instances of 'str' and 'int'", and a NaN base_lr only at the first training step (review)."""
+    for name, kwargs, match in [
+        ("ttt_linear", {"mini_batch_size": "8"}, r"'mini_batch_size' of mixer 'ttt_linear' must be int, got '8'"),
+        ("ttt_linear", {"mini_batch_size": True}, "must be int, got True"),
+        ("ttt_linear", {"share_qk": 1}, "'share_qk' of mixer 'ttt_linear' must be bool, got 1"),
+        ("ttt_linear", {"base_lr": float("nan")}, "'base_lr' of mixer 'ttt_linear' must be finite, got nan"),
+        ("attention", {"window": 1.5}, "must be int or None, got 1.5"),
+        ("ttt_linear", {"token_eta_base": 3}, "must be str, got 3"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=match) as e:
+            check_mixer_kwargs(name, kwargs)
+        assert "\n" not in str(e.value)
+    # what the annotations allow passes: an int for a float, None where None is allowed, any string impl
+    for name, kwargs in [("ttt_linear", {"base_lr": 1, "impl": "chunk"}), ("swa", {"num_kv_heads": None})]:
+        check_mixer_kwargs(name, kwargs)
+
+
+def test_rope_theta_must_be_a_positive_finite_number():
+    for theta in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="rope_theta must be a finite number > 0"):
+            make_mixer("attention", DIM, HEADS, {"rope_theta": theta})

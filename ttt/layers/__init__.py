@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -82,12 +83,27 @@ def mixer_parameters(name: str) -> dict[str, inspect.Parameter]:
     return params
 
 
+#: annotation names whose values a JSON ``--mixer-kwargs`` can give, and the check of each
+_SIMPLE_TYPES: dict[str, Callable[[Any], bool]] = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+}
+
+
 def check_mixer_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     """Refuse in one line (``TypeError``) an argument mixer ``name`` does not take, naming the mixer, the
-    argument (and a close match) and the accepted ones; an unknown name is a ``ValueError``."""
+    argument (and a close match) and the accepted ones. A value is refused in one line (``ValueError``) when
+    it is a number that is not finite, or of a type its annotation does not allow (where the annotation is
+    made of ``bool`` / ``int`` / ``float`` / ``str`` / ``None``; an ``int`` passes for a ``float``); an
+    unknown mixer name is a ``ValueError`` too."""
     accepted = mixer_parameters(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if not unknown:
+        for key, value in kwargs.items():
+            _check_value(name, key, value, accepted[key].annotation)
         return
     close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
     plural = "s" if len(unknown) > 1 else ""
@@ -97,6 +113,16 @@ def check_mixer_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
         + ("" if {"dim", "num_heads"}.isdisjoint(unknown) else " (dim and num_heads are set by the model)")
         + f"; it accepts: {', '.join(sorted(accepted))}"
     )
+
+
+def _check_value(name: str, key: str, value: Any, annotation: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"argument {key!r} of mixer {name!r} must be finite, got {value}")
+    kinds = [t.strip() for t in annotation.split("|")] if isinstance(annotation, str) else []
+    if not kinds or not all(k in _SIMPLE_TYPES for k in kinds):
+        return  # no annotation, or one naming other types (an enum, a tuple): the constructor checks
+    if not any(_SIMPLE_TYPES[k](value) for k in kinds):
+        raise ValueError(f"argument {key!r} of mixer {name!r} must be {' or '.join(kinds)}, got {value!r}")
 
 
 def make_mixer(name: str, dim: int, num_heads: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:

@@ -20,7 +20,7 @@ from ttt.layers.matrix import MatrixMixer, MatrixState, mamba_decay_init, mask_t
 from ttt.layers.protocol import merge_heads, split_heads
 from ttt.modules.conv import ShortConv
 from ttt.modules.norm import GatedRMSNorm, RMSNorm
-from ttt.modules.rotary import apply_rotary, rotary_cos_sin
+from ttt.modules.rotary import apply_rotary, check_rope_theta, rotary_cos_sin
 
 _FORMS_DOC = """
         impl: operator form in ``forward``: ``"auto"`` | ``"chunk"`` | ``"recurrent"`` | ``"reference"``,
@@ -117,7 +117,7 @@ class RetNet(MatrixMixer):
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.head_k_dim, self.rope_theta = dim // num_heads, rope_theta
+        self.head_k_dim, self.rope_theta = dim // num_heads, check_rope_theta(rope_theta)
         if self.head_k_dim % 2:
             raise ValueError(f"head dim dim/num_heads must be even for RoPE, got {self.head_k_dim}")
         self.head_v_dim = int(self.head_k_dim * expand_v)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ttt.layers.protocol import check_input, check_mask, merge_heads, param_dtype, split_heads
 from ttt.modules.conv import ShortConv
-from ttt.modules.rotary import apply_rotary, rotary_cos_sin
+from ttt.modules.rotary import apply_rotary, check_rope_theta, rotary_cos_sin
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class SoftmaxAttention(nn.Module):
             )
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        self.window, self.sink, self.rope_theta = window, sink, rope_theta
+        self.window, self.sink, self.rope_theta = window, sink, check_rope_theta(rope_theta)
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)

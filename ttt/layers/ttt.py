@@ -24,7 +24,7 @@ import ttt.ops
 from ttt.layers.base import RecurrentMixer
 from ttt.layers.protocol import merge_heads, split_heads
 from ttt.modules.conv import ShortConv
-from ttt.modules.rotary import apply_rotary, rotary_cos_sin
+from ttt.modules.rotary import apply_rotary, check_rope_theta, rotary_cos_sin
 from ttt.ops import Impl, TTTState
 from ttt.ops._checks import gates_computed_by
 from ttt.ops.common import default_token_eta
@@ -164,7 +164,11 @@ class _TTTLayer(RecurrentMixer):
         if token_eta_base not in TOKEN_ETA_BASES:
             raise ValueError(f"token_eta_base must be one of {TOKEN_ETA_BASES}, got {token_eta_base!r}")
         self.head_dim = dim // num_heads
-        self.mini_batch_size, self.base_lr, self.rope_theta = mini_batch_size, base_lr, rope_theta
+        self.mini_batch_size, self.base_lr, self.rope_theta = (
+            mini_batch_size,
+            base_lr,
+            check_rope_theta(rope_theta),
+        )
         self.share_qk = share_qk
         # set by ttt.distributed.enable_context_parallel: (process group, rank, micro-batches) of the split
         self.context_parallel: tuple[Any, int, int] | None = None

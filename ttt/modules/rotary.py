@@ -7,8 +7,22 @@ embedding up to a fixed reordering of the head dims.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+
+def check_rope_theta(theta: float) -> float:
+    """``theta`` if it is a finite number > 0 (a layer's ``rope_theta``), else a one-line ``ValueError``:
+    a negative or zero base gives NaN / constant angles that only show up as a diverging loss."""
+    if (
+        isinstance(theta, bool)
+        or not isinstance(theta, int | float)
+        or not (math.isfinite(theta) and theta > 0)
+    ):
+        raise ValueError(f"rope_theta must be a finite number > 0, got {theta!r}")
+    return float(theta)
 
 
 def rotary_cos_sin(positions: Tensor, head_dim: int, *, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
