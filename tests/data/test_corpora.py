@@ -73,3 +73,26 @@ def test_a_ttt_run_or_checkpoint_directory_is_not_a_corpus(tmp_path):
     (run / "latest").unlink()  # step-N directories alone still make it a run
     with pytest.raises(ValueError, match="is a ttt run or checkpoint directory"):
         load_corpus(str(run))
+
+
+def test_an_empty_name_or_binary_files_are_not_a_corpus(tmp_path, monkeypatch):
+    """--corpus '' trained on the current directory, and binary files (model weights, random bytes) were
+    trained on as text, their bytes replaced (stranger review)."""
+    from ttt.data.corpora import corpus_ref
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.txt").write_text("three\nfour\n")
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="--corpus is empty"):
+            load_corpus(empty)
+        assert corpus_ref(empty) == empty
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01" * 50)
+    with pytest.raises(ValueError, match=r"weights.bin is not a text file: it holds NUL bytes"):
+        load_corpus(str(tmp_path))
+    with pytest.raises(ValueError, match=r"weights.bin is not a text file"):
+        load_corpus(str(tmp_path / "weights.bin"))
+    (tmp_path / "weights.bin").unlink()
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\nna\xefve\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text .*iconv"):
+        load_corpus(str(tmp_path))

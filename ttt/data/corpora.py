@@ -136,8 +136,9 @@ def load_python_stdlib() -> Corpus:
 
 
 def load_file(path: str | os.PathLike, validation_fraction: float = 0.1) -> Corpus:
-    """One text file: the last ``validation_fraction`` of its lines are the validation document."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    """One text file: the last ``validation_fraction`` of its lines are the validation document. A file that
+    is not UTF-8 text is refused (:func:`read_text`)."""
+    text = read_text(path)
     lines = text.splitlines(keepends=True)
     if len(lines) < 2:
         raise ValueError(
@@ -150,10 +151,11 @@ def load_file(path: str | os.PathLike, validation_fraction: float = 0.1) -> Corp
 
 def load_directory(path: str | os.PathLike, every: int = 10) -> Corpus:
     """A directory of text files (recursively, hidden files and folders left out): validation = every
-    ``every``-th file in sorted order. A ttt run directory in it (or it itself) is refused."""
+    ``every``-th file in sorted order. A ttt run directory in it (or it itself), and a file that is not
+    UTF-8 text (binary data, another encoding: :func:`read_text`), are refused."""
     expected = f"a corpus name ({', '.join(sorted(CORPORA))}), a text file or a directory of texts"
     files = _text_paths(Path(path), f"corpus {path}", "to train or evaluate on", expected)
-    docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    docs = [read_text(p) for p in files]
     docs = [d for d in docs if d.strip()]
     if len(docs) < 2:
         raise ValueError(f"{path}: need at least 2 non-empty text files to split train / validation")
@@ -177,7 +179,10 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise ValueError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from e
 
 
 def _is_run_directory(path: Path) -> bool:
@@ -246,6 +251,10 @@ def load_corpus(name_or_path: str) -> Corpus:
     """A corpus by name (see ``CORPORA``) or by a path to a text file or a directory of text files."""
     if name_or_path in CORPORA:
         return CORPORA[name_or_path]()
+    if not name_or_path.strip():
+        raise ValueError(
+            f"--corpus is empty; expected one of {sorted(CORPORA)}, a text file or a directory of texts"
+        )
     p = Path(name_or_path)
     if p.is_file():
         return load_file(p)
