@@ -310,7 +310,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     argv = ["eval", "--checkpoint", str(tmp_path / "missing")]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "does not exist" in err and "TTT_DEBUG=1" in err and "Traceback" not in err
+    assert "does not exist" in err and "Traceback" not in err
     assert main(["--debug", *argv]) == 1
     assert "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("TTT_DEBUG", "1")
@@ -322,6 +322,24 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--mixers", "nope"]) == 1
     err = capsys.readouterr().err
     assert "unknown mixer" in err and "TTT_DEBUG" not in err and err.count("\n") == 1
+    # nor does an argument a run refuses (CheckpointError); an error of many lines (torch's C++ frames)
+    # or an arithmetic one (OverflowError) is shown as one line, not a traceback
+    from ttt.models.checkpoint import CheckpointError
+
+    for raised, shown in [
+        (CheckpointError("cannot resume: other arguments"), "error: cannot resume: other arguments\n"),
+        (RuntimeError("can't allocate\nframe #0: c10::alloc\nframe #1: at::empty"), "error: can't allocate ("),
+        (OverflowError("math range error"), "error: math range error ("),
+    ]:
+
+        def fail(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr("ttt.cli.bench.run", fail)
+        assert main(["bench"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and shown in err and "Traceback" not in err, err
+        assert ("TTT_DEBUG" in err) == (not isinstance(raised, CheckpointError))
 
 
 def test_closed_pipe_exits_quietly():

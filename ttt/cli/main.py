@@ -89,16 +89,25 @@ def main(argv: list[str] | None = None) -> int:
             _ignore_further_interrupts()
         print(f"ttt {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, ArithmeticError) as e:
         if debug:
             import traceback
 
             traceback.print_exc()
-        # a refused value (ValueError) says what was expected; other errors may come from deep inside
-        quiet = debug or isinstance(e, ValueError)
-        hint = "" if quiet else " (run with TTT_DEBUG=1 or ttt --debug for the traceback)"
-        print(f"ttt {args.command}: error: {e}{hint}", file=sys.stderr)
+        print(f"ttt {args.command}: error: {_one_line(e, debug)}", file=sys.stderr)
         return 1
+
+
+def _one_line(e: BaseException, debug: bool) -> str:
+    """An error's message as one line: its first line (torch's C++ errors go on with stack frames). A
+    refused value (``ValueError``) or argument (``CheckpointError``) says what was expected; other errors
+    may come from deep inside, so they end with how to see the traceback."""
+    from ttt.models.checkpoint import CheckpointError
+
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if debug or isinstance(e, ValueError | CheckpointError):
+        return lines[0]
+    return lines[0] + " (run with TTT_DEBUG=1 or ttt --debug for the traceback)"
 
 
 def _ignore_further_interrupts() -> None:
