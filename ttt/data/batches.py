@@ -62,7 +62,10 @@ def sample_batch(
     """Random windows: inputs ``x`` and next-token targets ``y``, both ``[B_local, T]``.
 
     The global batch of ``batch_size`` rows is drawn from ``generator``; ``shard = (rank, world)``
-    keeps rows ``rank::world`` so the union over ranks is the single-process batch.
+    keeps rows ``rank::world`` so the union over ranks is the single-process batch. Starts are uniform
+    over ``[0, numel - context - 2]``: the very last window (start ``numel - context - 1``) is never drawn.
+    That is one window of the whole split, and it stays so, since drawing it would change every batch of
+    every run and the published results would no longer replay from their commands.
     """
     if tokens.numel() <= context + 1:
         raise ValueError(
