@@ -586,3 +586,46 @@ def test_match_params_sizes_to_the_reference_model_ttt_train_builds(mixer):
         config.num_params(),
         attention.num_params(),
     )
+
+
+def _cli_train(corpus_dir: str, run: Path, *extra: str) -> list[str]:
+    """`ttt train` of the micro preset into ``run`` (add --steps, --resume, ...)."""
+    return ["train", "--preset", "micro", "--corpus", corpus_dir, "--context", "24", "--batch-size", "4",
+            "--eval-batches", "1", "--threads", "1", "--no-plot", "--no-progress", "--log-every", "0",
+            "--eval-every", "0", "--out", str(run), *extra]  # fmt: skip
+
+
+def test_the_parser_tells_which_options_were_given_even_at_their_default():
+    """--resume told a given option from one left out by comparing it with its default: `--steps 600` (the
+    default) did not extend a run, `--lr 3e-3` (the default) against a run of --lr 1e-3 was ignored."""
+    from ttt.cli.main import build_parser
+    from ttt.recipes.args import dataclass_from_namespace
+
+    ns = build_parser().parse(["train", "--out", "r", "--resume", "--steps", "600", "--lr", "3e-3", "--plot"])
+    args = dataclass_from_namespace(TrainArgs, ns)
+    assert args.given == {"out", "resume", "steps", "lr", "plot"} and args.steps == 600
+    assert dataclass_from_namespace(TrainArgs, build_parser().parse(["train"])).given == frozenset()
+
+
+def test_resume_refuses_or_takes_an_option_typed_at_its_default(corpus_dir, tmp_path, capsys):
+    from ttt.cli.main import main
+    from ttt.recipes.train import resume_args
+
+    run = tmp_path / "r"
+    assert main(_cli_train(corpus_dir, run, "--steps", "2", "--lr", "1e-3")) == 0
+    capsys.readouterr()
+    # --lr 3e-3 is the default, typed: refused as any other value than the checkpoint's
+    assert (
+        main(["train", "--out", str(run), "--resume", "--lr", "3e-3", "--steps", "3", "--threads", "1"]) == 1
+    )
+    assert "--lr 0.001 -> 0.003" in capsys.readouterr().err
+    assert find_checkpoint(run).name == "step-000002"
+    # --steps 600 (the default) typed extends the run to 600
+    _, meta, _ = load_checkpoint(run)
+    stored = meta["args"]
+    assert resume_args(stored, TrainArgs(steps=600, given=frozenset({"steps"}))).steps == 600
+    assert resume_args(stored, TrainArgs(steps=600)).steps == 2  # Python API: a default is "not given"
+    with pytest.raises(CheckpointError, match="--lr 0.001 -> 0.003"):
+        resume_args(stored, TrainArgs(lr=3e-3, given=frozenset({"lr"})))
+    with pytest.raises(ValueError, match="given names no argument"):
+        train(small_args(corpus_dir, run, resume=True, given=frozenset({"learning_rate"})))

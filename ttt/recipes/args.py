@@ -20,7 +20,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -36,10 +36,16 @@ __all__ = [
     "dataclass_from_namespace",
     "dataclass_parser",
     "field_docs",
+    "given_options",
     "parse_dataclass",
     "plain",
     "positive_int",
 ]
+
+
+#: ``metadata`` key of the dataclass field that receives the names of the options given on the command
+#: line (:func:`dataclass_from_namespace` fills it; it is no option itself)
+GIVEN = "given_options"
 
 
 @dataclass
@@ -127,6 +133,10 @@ class TrainArgs:
     TTT-MLP mixers without share_qk, which ttt train turns on by default: add --mixer-kwargs
     '{"ttt_linear": {"share_qk": false}}'; --context divisible by it); the processes are this many times the
     data-parallel groups (torchrun --nproc_per_node 4 with --context-parallel 2: 2 groups of 2)"""
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False, metadata={GIVEN: True})
+    """not an option: the names of the fields given on the command line (`ttt train` fills it), which
+    --resume compares with the checkpoint's arguments, whatever their value; None (a TrainArgs made in
+    Python): the fields whose value differs from their default"""
 
 
 @dataclass
@@ -313,7 +323,7 @@ def add_dataclass_args(
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get(GIVEN):
             continue
         flags = ["--" + f.name.replace("_", "-"), *((aliases or {}).get(f.name, ()))]
         doc = plain(docs[f.name] + (f"; {notes[f.name]}" if notes and f.name in notes else ""))
@@ -326,12 +336,13 @@ def add_dataclass_args(
             if "(default:" not in doc.lower():
                 doc += " (default: on)" if f.default else " (default: off)"
             action = parser.add_argument(
-                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=doc
+                *flags, dest=f.name, action=_GivenBooleanOptional, default=f.default, help=doc
             )
             action.help = doc  # Python 3.10's BooleanOptionalAction appends "(default: True)" of its own
             continue
         if f.name in required:
-            parser.add_argument(*flags, dest=f.name, type=tp, required=True, metavar=f.name.upper(), help=doc)
+            parser.add_argument(*flags, dest=f.name, action=_GivenStore, type=tp, required=True,
+                                metavar=f.name.upper(), help=doc)  # fmt: skip
             continue
         # None says nothing a user can act on; a docstring that names its default says it better
         if f.default is not None and "(default:" not in doc.lower():
@@ -339,6 +350,7 @@ def add_dataclass_args(
         parser.add_argument(
             *flags,
             dest=f.name,
+            action=_GivenStore,
             type=_or_none(tp) if optional and tp in (int, float) else tp,
             default=f.default,
             metavar=f.name.upper(),
@@ -346,9 +358,47 @@ def add_dataclass_args(
         )
 
 
+_GIVEN_DEST = "_given_options"  # the namespace attribute of the options given, by their dest
+
+
+def given_options(ns: argparse.Namespace) -> frozenset[str]:
+    """The fields whose options were given on the command line that ``ns`` was parsed from (at any value,
+    their default too): what a parser of :func:`add_dataclass_args` recorded."""
+    return frozenset(getattr(ns, _GIVEN_DEST, ()))
+
+
+def _note_given(namespace: argparse.Namespace, dest: str) -> None:
+    given = getattr(namespace, _GIVEN_DEST, None)
+    if given is None:
+        given = set()
+        setattr(namespace, _GIVEN_DEST, given)
+    given.add(dest)
+
+
+class _GivenStore(argparse._StoreAction):
+    """argparse's ``store``, noting that the option was given (:func:`given_options`)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None):
+        _note_given(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _GivenBooleanOptional(argparse.BooleanOptionalAction):
+    """``--x / --no-x``, noting that the option was given (:func:`given_options`)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None):
+        _note_given(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    """The ``cls`` instance held by the options that :func:`add_dataclass_args` added to ``ns``."""
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    """The ``cls`` instance held by the options that :func:`add_dataclass_args` added to ``ns``; a field
+    with ``metadata={GIVEN: True}`` (``TrainArgs.given``) gets the names of the options given."""
+    fields = dataclasses.fields(cls)
+    values = {f.name: getattr(ns, f.name) for f in fields if not f.metadata.get(GIVEN)}
+    names = set(values)
+    values |= {f.name: given_options(ns) & names for f in fields if f.metadata.get(GIVEN)}
+    return cls(**values)
 
 
 def positive_int(text: str) -> int:

@@ -138,17 +138,32 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def given_fields(args: TrainArgs) -> set[str]:
+    """The arguments given: ``args.given`` (``ttt train`` records the options typed, at any value), or for
+    a ``TrainArgs`` made in Python (``given`` None) the fields whose value differs from the default."""
+    if args.given is not None:
+        return set(args.given)
+    defaults = TrainArgs()
+    return {f.name for f in _arg_fields() if getattr(args, f.name) != getattr(defaults, f.name)}
+
+
+def _arg_fields() -> list[dataclasses.Field]:
+    """The fields of TrainArgs that are arguments of the run (not ``given``, which says which were given)."""
+    return [f for f in dataclasses.fields(TrainArgs) if f.name != "given"]
+
+
 def resume_args(saved: dict[str, Any], given: TrainArgs) -> TrainArgs:
-    """The arguments of a resumed run: the checkpoint's, except those given now (not at their default).
+    """The arguments of a resumed run: the checkpoint's, except those given now (:func:`given_fields`).
 
     Machine arguments (``--threads``, ``--device``, ...) are always taken as given; ``--steps`` may grow
-    (the cosine schedule is then stretched to the new end); any other argument given with another value
-    than the checkpoint's is refused, since the run would no longer continue the one it resumes.
+    (the cosine schedule is then stretched to the new end; the warm-up keeps its length); any other
+    argument given with another value than the checkpoint's is refused, since the run would no longer
+    continue the one it resumes (given with the checkpoint's value, or at its default, it is taken).
     """
     from ttt.models.checkpoint import CheckpointError
 
-    defaults, merged, diff = TrainArgs(), {}, []
-    for f in dataclasses.fields(TrainArgs):
+    defaults, merged, diff, typed = TrainArgs(), {}, [], given_fields(given)
+    for f in _arg_fields():
         now, default = getattr(given, f.name), getattr(defaults, f.name)
         if f.name in RUNTIME_ARGS or f.name not in saved:
             merged[f.name] = now
@@ -158,7 +173,7 @@ def resume_args(saved: dict[str, Any], given: TrainArgs) -> TrainArgs:
             raise CheckpointError(
                 f"the checkpoint's argument {f.name} = {str(stored)[:40]!r} has the wrong type"
             )
-        if now == default or now == stored:
+        if f.name not in typed or now == stored:
             merged[f.name] = stored
         elif f.name in RESUME_MAY_CHANGE:
             merged[f.name] = now
@@ -187,6 +202,9 @@ def _check_resumable(meta: dict[str, Any], trainer: dict[str, Tensor]) -> None:
 
 def _check_args(args: TrainArgs) -> None:
     """Everything about the arguments that can be checked without loading data."""
+    unknown = sorted(set(args.given or ()) - {f.name for f in _arg_fields()})
+    if unknown:
+        raise ValueError(f"TrainArgs.given names no argument: {unknown}; expected names of TrainArgs fields")
     at_end = " (0: only at the end)"
     for flag, value, least, hint in (
         ("--steps", args.steps, 1, ""),
@@ -597,7 +615,7 @@ def _save(run: _Run) -> Path | None:
     tensors["rng.sampler"] = run.sampler.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
-        "args": dataclasses.asdict(run.args),
+        "args": {f.name: getattr(run.args, f.name) for f in _arg_fields()},
         "tokenizer": run.tokenizer.to_dict(),
         "optimizer": opt_meta,
         "history": run.history,
