@@ -629,3 +629,28 @@ def test_resume_refuses_or_takes_an_option_typed_at_its_default(corpus_dir, tmp_
         resume_args(stored, TrainArgs(lr=3e-3, given=frozenset({"lr"})))
     with pytest.raises(ValueError, match="given names no argument"):
         train(small_args(corpus_dir, run, resume=True, given=frozenset({"learning_rate"})))
+
+
+def test_extending_a_run_never_puts_the_lr_back_into_warm_up(corpus_dir, tmp_path):
+    """The warm-up (a fraction of --steps) was recomputed from the new --steps of a --resume: 6 steps with
+    --warmup 0.5 extended to 20 warmed up again to step 10 (lr 2.25e-3, 7.6e-4, 2.1e-3, 2.4e-3, ...). The
+    warm-up keeps the length it had when the run started; the cosine decay is stretched to the new end."""
+    import json
+
+    from ttt.recipes.loop import cosine_lr
+
+    run = tmp_path / "r"
+    kw = dict(warmup=0.5, eval_every=0, ckpt_every=0)
+    train(small_args(corpus_dir, run, steps=6, **kw))
+    train(small_args(corpus_dir, run, steps=20, resume=True, **kw))
+    train(small_args(corpus_dir, run, steps=30, resume=True, **kw))  # a second extension: still 3 steps
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert len(lrs) == 30 and lrs[:3] == pytest.approx([1e-3, 2e-3, 3e-3])
+    for start, end in ((3, 6), (6, 20), (20, 30)):  # each part decays from where it starts
+        part = lrs[start:end]
+        assert all(a >= b for a, b in zip(part, part[1:])), (start, part)
+    expected = [cosine_lr(s, peak=3e-3, total=30, warmup=3, final=1e-5) for s in range(20, 30)]
+    assert lrs[20:] == pytest.approx(expected)
+    _, meta, _ = load_checkpoint(run)
+    assert meta["warmup_steps"] == 3 and meta["args"]["warmup"] == 0.5

@@ -77,7 +77,8 @@ class TrainArgs:
     vocab_size: int = 1024
     """BPE vocabulary size (ignored for bytes)"""
     steps: int = 600
-    """optimizer steps"""
+    """optimizer steps; --resume with a larger --steps extends a run: its warm-up keeps the length it had
+    when the run started and the cosine decay is stretched to the new end"""
     batch_size: int = 16
     """sequences per step (global, over all processes)"""
     context: int = 128
@@ -85,9 +86,11 @@ class TrainArgs:
     lr: float = 3e-3
     """peak learning rate (AdamW)"""
     min_lr: float = 1e-5
-    """final learning rate of the cosine schedule"""
+    """learning rate the cosine schedule reaches at the end of the run (after the last step, as torch's
+    CosineAnnealingLR: the last step itself runs a little above it)"""
     warmup: float = 0.1
-    """linear warm-up, as a fraction of steps (< 1) or a number of steps (>= 1)"""
+    """linear warm-up, as a fraction of --steps (< 1) or a number of steps (>= 1); its length in steps is
+    fixed when the run starts (recorded in its checkpoints): a --resume that extends --steps keeps it"""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (not on norms, biases, gates)"""
     grad_clip: float = 1.0

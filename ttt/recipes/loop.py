@@ -33,6 +33,7 @@ __all__ = [
     "TrainingDiverged",
     "check_finite_weights",
     "cosine_lr",
+    "warmup_steps",
 ]
 
 
@@ -40,11 +41,18 @@ class TrainingDiverged(RuntimeError):
     """The loss, the gradient or the weights became NaN or infinite; nothing of that step was saved."""
 
 
+def warmup_steps(warmup: float, total: int) -> int:
+    """The warm-up's length in steps: ``warmup`` steps (>= 1), or that fraction of ``total`` (< 1)."""
+    return int(warmup * total) if warmup < 1 else int(warmup)
+
+
 def cosine_lr(step: int, *, peak: float, total: int, warmup: float = 0.0, final: float = 0.0) -> float:
     """Learning rate of ``step`` (0-based): linear warm-up to ``peak`` over ``warmup`` steps (a fraction
-    of ``total`` when < 1), then cosine down to ``final`` at ``total``. Without warm-up this equals
+    of ``total`` when < 1; :func:`warmup_steps`), then cosine down to ``final`` at step ``total``: the
+    schedule's value once the run is over, so the last step (``total - 1``) runs a little above ``final``
+    (``final + (peak - final) * (1 - cos(pi / (total - warmup))) / 2``). Without warm-up this equals
     ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total, eta_min=final)`` after ``step`` steps."""
-    n_warmup = int(warmup * total) if warmup < 1 else int(warmup)
+    n_warmup = warmup_steps(warmup, total)
     if step < n_warmup:
         return peak * (step + 1) / n_warmup
     progress = (step - n_warmup) / max(1, total - n_warmup)

@@ -43,7 +43,15 @@ from .common import (
     setup_dist,
     with_threads,
 )
-from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
+from .loop import (
+    Every,
+    MetricsLog,
+    TrainingDiverged,
+    TrainLoop,
+    check_finite_weights,
+    cosine_lr,
+    warmup_steps,
+)
 
 __all__ = [
     "RUN_OUTPUTS",
@@ -112,6 +120,8 @@ class _Run:
     sampler: torch.Generator | None = None
     step: int = 0
     saved_step: int = -1
+    warmup_steps: int = 0
+    """the warm-up's length, fixed when the run starts (an extension by --resume --steps keeps it)"""
     history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
     seconds: float = 0.0
     wrote: list[str] = field(default_factory=list)
@@ -124,9 +134,13 @@ class _Run:
     dp_world: int = 1
 
 
-def lr_at(step: int, args: TrainArgs) -> float:
-    """Learning rate of ``step``: linear warm-up to ``lr``, then cosine down to ``min_lr``."""
-    return cosine_lr(step, peak=args.lr, total=args.steps, warmup=args.warmup, final=args.min_lr)
+def lr_at(step: int, args: TrainArgs, n_warmup: int | None = None) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up to ``lr`` over ``n_warmup`` steps (default:
+    ``--warmup`` of ``--steps``), then cosine down to ``min_lr``, reached at step ``--steps`` (after the
+    last one). A run extended by ``--resume --steps`` keeps the warm-up length it started with
+    (``warmup_steps`` in its checkpoints) and stretches the cosine to the new end."""
+    n = warmup_steps(args.warmup, args.steps) if n_warmup is None else n_warmup
+    return cosine_lr(step, peak=args.lr, total=args.steps, warmup=n, final=args.min_lr)
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -397,12 +411,15 @@ def _prepare(run: _Run) -> _Run:
                 f"--steps {args.steps} is below the checkpoint's step {run.saved[1]['step']}; give a larger "
                 "--steps to extend the run"
             )
-    elif not args.overwrite and has_checkpoints(run_dir):
+        run.warmup_steps = _stored_warmup(run.saved[1])
+    else:
+        run.warmup_steps = warmup_steps(args.warmup, args.steps)
+    if not args.resume and not args.overwrite and has_checkpoints(run_dir):
         raise FileExistsError(
             f"{run_dir} already holds checkpoints ('latest' or step-N); pass --resume to continue it or "
             "--overwrite to start over (or choose another --out)"
         )
-    elif not has_checkpoints(run_dir):
+    if not args.resume and not has_checkpoints(run_dir):
         _refuse_foreign_outputs(run_dir)
     run.corpus = load_corpus(args.corpus)
     if run.saved:
@@ -420,6 +437,20 @@ def _prepare(run: _Run) -> _Run:
     if run.dist.main:
         refuse_links(run_dir, RUN_OUTPUTS)
     return run
+
+
+def _stored_warmup(meta: dict[str, Any]) -> int:
+    """The warm-up length of a resumed run: its checkpoint's ``warmup_steps``, or (a checkpoint written
+    before they were recorded) the warm-up of the arguments stored with it."""
+    from ttt.models.checkpoint import CheckpointError
+
+    if "warmup_steps" not in meta:
+        args = meta["args"]
+        return warmup_steps(args.get("warmup", TrainArgs.warmup), args.get("steps", TrainArgs.steps))
+    n = meta["warmup_steps"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 2**31:
+        raise CheckpointError(f"the checkpoint's warmup_steps must be an integer >= 0, got {str(n)[:40]!r}")
+    return n
 
 
 def _refuse_foreign_outputs(run_dir: Path) -> None:
@@ -621,6 +652,7 @@ def _save(run: _Run) -> Path | None:
         "history": run.history,
         "seconds": run.seconds,
         "num_params": run.model.num_params(),
+        "warmup_steps": run.warmup_steps,
     }
     return save_checkpoint(
         run.run_dir,
@@ -686,7 +718,8 @@ def _fit(run: _Run) -> None:
 
     log = _open_log(run)
     loop = TrainLoop(
-        run.wrapped, run.optimizer, batch, loss, steps=args.steps, lr=lambda s: lr_at(s, args),
+        run.wrapped, run.optimizer, batch, loss, steps=args.steps,
+        lr=lambda s: lr_at(s, args, run.warmup_steps),
         grad_clip=args.grad_clip, log=log, tokens_per_step=args.batch_size * args.context,
         hooks=[Every(args.ckpt_every, checkpoint), Every(args.eval_every, validate)],
         reduce=_global_mean(run), on_diverged=lambda s: _latest_note(run.run_dir),
