@@ -654,3 +654,28 @@ def test_extending_a_run_never_puts_the_lr_back_into_warm_up(corpus_dir, tmp_pat
     assert lrs[20:] == pytest.approx(expected)
     _, meta, _ = load_checkpoint(run)
     assert meta["warmup_steps"] == 3 and meta["args"]["warmup"] == 0.5
+
+
+def test_overwrite_deletes_nothing_when_the_model_cannot_be_built(corpus_dir, tmp_path, monkeypatch):
+    """--overwrite deleted the previous run before the model was built: a model that failed to build (or
+    to take the optimizer) left the run directory empty. Everything that can fail from the arguments is
+    now done first."""
+    import ttt.models
+    import ttt.recipes.train as recipe
+
+    run = tmp_path / "ow"
+    train(small_args(corpus_dir, run, steps=2, ckpt_every=0, eval_every=0))
+    before = sorted(p.name for p in run.iterdir())
+
+    class Unbuildable(ttt.models.CausalLM):
+        def __init__(self, config):
+            raise ValueError("this model cannot be built")
+
+    monkeypatch.setattr(ttt.models, "CausalLM", Unbuildable)
+    with pytest.raises(ValueError, match="cannot be built"):
+        train(small_args(corpus_dir, run, steps=2, overwrite=True))
+    monkeypatch.undo()
+    monkeypatch.setattr(recipe, "build_optimizer", lambda model, args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(small_args(corpus_dir, run, steps=2, overwrite=True))
+    assert sorted(p.name for p in run.iterdir()) == before and find_checkpoint(run).name == "step-000002"

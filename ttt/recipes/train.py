@@ -7,7 +7,8 @@ its rows, so N processes follow the single-process run.
 
 The pieces, in order: :func:`resume_args` (a run's stored arguments), :func:`_prepare` (data, tokenizer,
 model config: everything checked before anything is written), :func:`_build` (model, optimizer, the
-state of a resumed run), :func:`wrap_model` (the place where a parallel strategy wraps the model),
+state of a resumed run), :func:`_clear` (only then does --overwrite delete the previous run),
+:func:`wrap_model` (the place where a parallel strategy wraps the model),
 :func:`_fit` (the loop with its validation and checkpoint hooks), :func:`_finish` (result files).
 """
 
@@ -384,21 +385,16 @@ def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
         )
     run = _prepare(run)
     _build(run)
+    _clear(run)
     _fit(run)
     return _finish(run)
 
 
 def _prepare(run: _Run) -> _Run:
-    """Resume or refuse a previous run, load the data, make the tokenizer and the model config; every
-    argument is checked before --overwrite deletes anything."""
+    """Resume or refuse a previous run, load the data, make the tokenizer and the model config (all of it
+    before --overwrite deletes anything: :func:`_clear` runs after :func:`_build`)."""
     from ttt.data import load_corpus, prepare, train_tokenizer
-    from ttt.models.checkpoint import (
-        checkpoint_tokenizer,
-        clear_run,
-        has_checkpoints,
-        load_checkpoint,
-        refuse_links,
-    )
+    from ttt.models.checkpoint import checkpoint_tokenizer, has_checkpoints, load_checkpoint
 
     args, run_dir = run.args, run.run_dir
     if args.resume:
@@ -429,14 +425,22 @@ def _prepare(run: _Run) -> _Run:
     run.data = prepare(run.corpus, run.tokenizer)
     run.config = _model_config(args, run.tokenizer.vocab_size, run.saved)
     _check_splits(run.data, run.corpus, args.context)
-    if args.overwrite and run.dist.main:
-        removed = clear_run(run_dir, RUN_OUTPUTS)
-        shutil.rmtree(run_dir / "dcp", ignore_errors=True)  # --strategy fsdp's sharded checkpoints
-        if removed:
-            print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}", flush=True)
-    if run.dist.main:
-        refuse_links(run_dir, RUN_OUTPUTS)
     return run
+
+
+def _clear(run: _Run) -> None:
+    """Once the model and its optimizer are built (everything that can fail from the arguments has been
+    done): --overwrite deletes the previous run's outputs; then no file the run writes may be a link."""
+    from ttt.models.checkpoint import clear_run, refuse_links
+
+    if not run.dist.main:
+        return
+    if run.args.overwrite:
+        removed = clear_run(run.run_dir, RUN_OUTPUTS)
+        shutil.rmtree(run.run_dir / "dcp", ignore_errors=True)  # --strategy fsdp's sharded checkpoints
+        if removed:
+            print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run.run_dir}", flush=True)
+    refuse_links(run.run_dir, RUN_OUTPUTS)
 
 
 def _stored_warmup(meta: dict[str, Any]) -> int:
