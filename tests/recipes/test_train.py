@@ -679,3 +679,22 @@ def test_overwrite_deletes_nothing_when_the_model_cannot_be_built(corpus_dir, tm
     with pytest.raises(ZeroDivisionError):
         train(small_args(corpus_dir, run, steps=2, overwrite=True))
     assert sorted(p.name for p in run.iterdir()) == before and find_checkpoint(run).name == "step-000002"
+
+
+def test_a_run_directory_in_the_corpus_directory_is_refused_before_anything_is_written(corpus_dir, tmp_path):
+    """`--corpus cdir --out cdir/run` trained once; then the corpus held a ttt run, and --resume and
+    --overwrite failed on it. It is refused at the start, naming both; a run moved there is refused too."""
+    import shutil
+
+    corpus, docs = Path(corpus_dir), sorted(p.name for p in Path(corpus_dir).iterdir())
+    for out in (corpus / "run", corpus, corpus / "a" / "b", tmp_path / "link" / "run"):
+        if out.parent.name == "link":
+            (tmp_path / "link").symlink_to(corpus)  # the same directory by another path
+        with pytest.raises(ValueError, match=r"--out .* is (inside|the) --corpus directory .*corpus"):
+            train(small_args(corpus_dir, out))
+        assert sorted(p.name for p in corpus.iterdir()) == docs
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=1, eval_every=0, ckpt_every=0))
+    shutil.move(run, corpus / "run")
+    with pytest.raises(ValueError, match=rf"--out {corpus / 'run'} is inside --corpus directory"):
+        train(TrainArgs(out=str(corpus / "run"), resume=True, steps=2, progress=False, plot=False))

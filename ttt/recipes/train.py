@@ -283,6 +283,19 @@ def _refuse_context_parallel_share_qk(args: TrainArgs, mixer_kwargs: dict[str, d
         )
 
 
+def _refuse_run_in_corpus(run_dir: Path, corpus: str) -> None:
+    """Refuse a run directory that is, or lies inside, the corpus directory (by any path to it): the run's
+    files would join the corpus, which then holds a ttt run and is refused by every later command."""
+    if not os.path.isdir(corpus):
+        return
+    where, home = run_dir.resolve(), Path(corpus).resolve()
+    if where == home or home in where.parents:
+        raise ValueError(
+            f"--out {run_dir} is {'the' if where == home else 'inside'} --corpus directory {corpus}: the "
+            "run's files would become part of the corpus; expected an --out outside it"
+        )
+
+
 def _check_splits(data: Any, corpus: Any, context: int) -> None:
     """Refuse, before training, a corpus whose splits are too short for one window of ``context``."""
     n_train, n_val = data.train.numel(), data.validation.numel()
@@ -353,6 +366,7 @@ def train(args: TrainArgs) -> TrainResult:
     _check_args(args)
     args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute: read from anywhere
     run_dir = check_out_dir(args.out if args.out is not None else f"runs/{args.mixer}-{args.preset}")
+    _refuse_run_in_corpus(run_dir, args.corpus)
     if args.resume:
         find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
     if int(os.environ.get("RANK", "0")) != 0:
@@ -401,6 +415,7 @@ def _prepare(run: _Run) -> _Run:
         run.saved = load_checkpoint(run_dir, load_trainer=True)
         _check_resumable(run.saved[1], run.saved[2])
         run.args = args = resume_args(run.saved[1]["args"], args)
+        _refuse_run_in_corpus(run_dir, args.corpus)
         _check_together(args, resumed=True)
         if args.steps < run.saved[1]["step"]:
             raise ValueError(
