@@ -107,9 +107,11 @@ def _nan(name, t):
         ),
         ({"feed_forward_length": 65}, None, "blk.0.ffn_gate.weight has shape (64, 32), expected (65, 32)"),
         ({"layer_norm_rms_eps": -1.0}, None, "layer_norm_rms_epsilon must be a number > 0, got -1.0"),
+        ({"context_length": 2**25}, None, "context_length must be an integer in [1, 16777216], got 33554432"),
         ({}, _nan, "blk.0.attn_v.weight holds NaN or infinite values"),
     ],
-    ids=["no-output-norm", "no-heads", "kv-heads", "q-shape", "ffn-length", "negative-eps", "nan-weights"],
+    ids=["no-output-norm", "no-heads", "kv-heads", "q-shape", "ffn-length", "negative-eps", "positions",
+         "nan-weights"],  # fmt: skip
 )
 def test_a_corrupt_llama_gguf_is_a_one_line_error(tmp_path, metadata, edit, message):
     """A GGUF that says 'llama' but does not hold one: a raw KeyError or ZeroDivisionError traceback, a
@@ -129,6 +131,12 @@ def test_a_corrupt_llama_gguf_is_a_one_line_error(tmp_path, metadata, edit, mess
         ("config:hidden_size", "config.json lacks 'hidden_size'"),
         ("config:num_attention_heads=0", "num_attention_heads must be an integer >= 1, got 0"),
         ("config:rms_norm_eps=nan", "rms_norm_eps must be a number > 0, got nan"),
+        # a ttt checkpoint records at most 2**24 positions: a teacher with more converted, then its own
+        # checkpoints were unreadable
+        (
+            "config:max_position_embeddings=33554432",
+            "max_position_embeddings must be an integer in [1, 16777216], got 33554432",
+        ),
         ("weights", "model.safetensors cannot be read"),
         ("tokenizer", "tokenizer.json cannot be read"),
         ("nan", "layers.0.self_attn.v_proj.weight holds NaN or infinite values"),

