@@ -639,3 +639,21 @@ def test_resume_on_a_run_of_ttt_train_says_it_is_not_a_conversion(teacher_dir, t
     with pytest.raises(CheckpointError, match=r"not a ttt convert run"):
         convert(args_for(teacher_dir, run, resume=True))
     assert sorted(p.name for p in run.rglob("*")) == before
+
+
+# --- the stranger's review: --blocks, restarts, the teacher, argument order, bounds, divergence, export ----
+
+
+@pytest.mark.parametrize("spec", ["except-every:1", "every:5"])
+@pytest.mark.parametrize("transfer_steps", [0, 1])
+def test_blocks_that_select_no_block_are_refused(teacher_dir, tmp_path, spec, transfer_steps):
+    """``except-every:1`` (or ``every:5`` of 4 blocks) selected nothing: a traceback from stage (a), or with
+    no stage (a) the unchanged teacher saved as the "converted" model."""
+    message = f"--blocks {spec} selects no block of the teacher's 4"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        parse_blocks(spec, 4)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert(args_for(teacher_dir, run, blocks=spec, transfer_steps=transfer_steps, distill_steps=1))
+    assert not run.exists()
+

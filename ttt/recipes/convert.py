@@ -157,11 +157,12 @@ DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank
 RUN_OUTPUTS = ("convert.json", "losses.png", "hf", "metrics.jsonl", "events.out.tfevents.*")
 
 
-def parse_blocks(spec: str, n_layers: int) -> list[int]:
-    """Block indices of a ``--blocks`` spec (see :class:`ConvertArgs`), sorted; one-line errors."""
+def _block_spec(spec: str) -> tuple[str, int] | list[int]:
+    """The syntax of a ``--blocks`` spec, without the model: ``("all", 0)``, ``("every", K)``,
+    ``("except-every", K)`` or the listed indices; one-line errors."""
     spec = spec.strip()
     if spec == "all":
-        return list(range(n_layers))
+        return ("all", 0)
     for prefix in ("every:", "except-every:"):
         if spec.startswith(prefix):
             try:
@@ -170,19 +171,33 @@ def parse_blocks(spec: str, n_layers: int) -> list[int]:
                 k = 0
             if k < 1:
                 raise ValueError(f"--blocks {spec!r}: expected {prefix}K with an integer K >= 1")
-            every = [i for i in range(n_layers) if i % k == k - 1]
-            return every if prefix == "every:" else [i for i in range(n_layers) if i not in every]
+            return (prefix[:-1], k)
     try:
-        blocks = sorted({int(b) for b in spec.split(",")})
+        return sorted({int(b) for b in spec.split(",")})
     except ValueError:
         raise ValueError(
             f"--blocks {spec!r}: expected 'all', 'every:K', 'except-every:K' or indices like '0,3,7'"
         ) from None
-    bad = [b for b in blocks if not 0 <= b < n_layers]
-    if bad:
-        raise ValueError(
-            f"--blocks: block index {bad[0]} out of range: the model has blocks 0..{n_layers - 1}"
-        )
+
+
+def parse_blocks(spec: str, n_layers: int) -> list[int]:
+    """Block indices of a ``--blocks`` spec (see :class:`ConvertArgs`), sorted; one-line errors, also for a
+    spec that selects no block of the ``n_layers``."""
+    parsed = _block_spec(spec)
+    if isinstance(parsed, list):
+        bad = [b for b in parsed if not 0 <= b < n_layers]
+        if bad:
+            raise ValueError(
+                f"--blocks: block index {bad[0]} out of range: the model has blocks 0..{n_layers - 1}"
+            )
+        return parsed
+    kind, k = parsed
+    every = [i for i in range(n_layers) if i % k == k - 1] if k else []
+    blocks = {"all": list(range(n_layers)), "every": every}.get(kind)
+    if blocks is None:
+        blocks = [i for i in range(n_layers) if i not in every]
+    if not blocks:
+        raise ValueError(f"--blocks {spec.strip()} selects no block of the teacher's {n_layers}")
     return blocks
 
 
