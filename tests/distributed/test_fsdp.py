@@ -86,3 +86,25 @@ def test_train_names_bad_strategy():
         _check_args(TrainArgs(strategy="zero3"))
     with pytest.raises(ValueError, match="--activation-checkpointing needs --strategy fsdp"):
         _check_args(TrainArgs(activation_checkpointing=True))
+
+
+def test_every_rank_refuses_a_corrupt_shard_naming_it(sharded, tmp_path):
+    """The sha256 of each file is recorded in the marker when the shards are saved and checked (each rank
+    its share of the files) before any is loaded: every rank raises the same one-line error."""
+    import json
+    import shutil
+
+    root, _ = sharded
+    step = tmp_path / "step-0000003"
+    shutil.copytree(root / "step-0000003", step)
+    assert sorted(json.loads((step / ".complete").read_text())["sha256"]) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
+    shard = step / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=rf"{shard} does not match its sha256") as e:
+        spawn(_run, 2, {"root": str(tmp_path), "resume_from": str(step)}, start_method="fork")
+    assert "CheckpointError" in str(e.value)
+    assert not list(root.glob(".tmp-step-*"))  # the saves left no temporaries

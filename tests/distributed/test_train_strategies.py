@@ -71,3 +71,69 @@ def test_fsdp_runs_in_one_process_and_context_parallel_asks_for_processes(corpus
     with pytest.raises(ValueError, match="launch with torchrun --nproc_per_node 2"):
         train(small_args(corpus_dir, tmp_path / "cp", context_parallel=2, mixer_kwargs=OFFICIAL))
     assert not (tmp_path / "cp").exists()
+
+
+def _fsdp(corpus_dir: str, out: Path, **kw) -> object:
+    """`ttt train --strategy fsdp` in one process, a checkpoint (and its shards) every step."""
+    return small_args(corpus_dir, out, match_params="none", strategy="fsdp", eval_every=0, ckpt_every=1, **kw)
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_linked_dcp_is_refused_and_the_shards_it_names_are_untouched(corpus_dir, tmp_path):
+    """`dcp` of a run directory may be a link to another run's: a resumed or overwritten run then loaded,
+    wrote and pruned the other run's shards."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint
+
+    other, run = tmp_path / "other", tmp_path / "run"
+    train(_fsdp(corpus_dir, other, steps=2))
+    train(_fsdp(corpus_dir, run, steps=1))
+    before = _tree(other)
+    shutil.rmtree(run / "dcp")
+    (run / "dcp").symlink_to(other / "dcp")
+    for kw in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(CheckpointError, match="dcp is a symbolic link"):
+            train(_fsdp(corpus_dir, run, steps=3, **kw))
+        assert _tree(other) == before and find_checkpoint(run).name == "step-000001"
+        assert not dist.is_initialized()  # a failed run gives back the process group it made
+
+
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata"])
+def test_a_corrupt_shard_is_refused_on_resume_naming_the_file(corpus_dir, tmp_path, name):
+    """--resume of an FSDP run reads its weights and moments from dcp/, whose files were not hash-checked:
+    a flipped byte in a shard loaded silently."""
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint
+
+    run = tmp_path / "run"
+    train(_fsdp(corpus_dir, run, steps=2))
+    shard = run / "dcp" / "step-0000002" / name
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard} does not match its sha256"):
+        train(_fsdp(corpus_dir, run, steps=3, resume=True))
+    assert find_checkpoint(run).name == "step-000002"
+
+
+def test_a_sharded_save_cut_short_leaves_no_step_directory(corpus_dir, tmp_path, monkeypatch):
+    """Shards are written into a hidden temporary directory and renamed into place once complete: a save
+    that fails leaves no step-N directory (and no temporary) behind."""
+    import torch.distributed.checkpoint as dcp
+
+    run, real = tmp_path / "run", dcp.save
+
+    def failing(state, *, checkpoint_id):
+        real(state, checkpoint_id=checkpoint_id)
+        raise OSError("no space left on device")
+
+    train(_fsdp(corpus_dir, run, steps=1))
+    monkeypatch.setattr(dcp, "save", failing)
+    with pytest.raises(OSError, match="no space left"):
+        train(_fsdp(corpus_dir, run, steps=2, resume=True))
+    assert sorted(p.name for p in (run / "dcp").iterdir()) == ["step-0000001"]

@@ -8,15 +8,21 @@ Four pieces, each a collective (every rank calls it):
   an optional bfloat16 mixed-precision policy (parameters cast to bfloat16 for compute, gradients
   reduced in float32; the TTT inner loops stay float32 as the ops always run them).
 - :func:`save_sharded` / :func:`load_sharded`: model and optimizer state (each rank writes its own
-  shards) plus small replicated trainer state, in ``<run>/dcp/step-XXXXXXX``. A checkpoint counts only
-  once a ``.complete`` marker is written after every rank has finished, so a rank killed mid-save
-  leaves the previous checkpoint as the latest (:func:`latest_sharded`).
+  shards) plus small replicated trainer state, in ``<run>/dcp/step-XXXXXXX``. The shards are written
+  into a hidden ``.tmp-step-XXXXXXX`` directory; once every rank has finished, the sha256 of each file
+  goes into its ``.complete`` marker (written atomically) and the directory is renamed into place, so a
+  rank killed mid-save leaves the previous checkpoint as the latest (:func:`latest_sharded`) and no
+  half-written step directory. Loading checks every file against its recorded sha256 first.
 - :func:`full_model_state`: the whole, unsharded ``state_dict`` on rank 0 (for the usual safetensors
   checkpoint that ``ttt eval`` / ``ttt generate`` / ``from_pretrained`` read).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,11 +40,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..models.checkpoint import step_of_dir
+from ..models.checkpoint import CheckpointError, step_of_dir, write_text_atomic
 
 __all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model"]
 
 _COMPLETE = ".complete"
+_TMP = ".tmp-step-"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def shard_model(
@@ -113,18 +121,114 @@ def save_sharded(
     """Write ``<root>/step-XXXXXXX`` (collective): model and optimizer shards plus ``extra``.
 
     ``extra`` holds small replicated trainer state (tensors such as RNG states, and picklable values);
-    every rank must pass the same. Older complete checkpoints beyond the newest ``keep`` are removed.
+    every rank must pass the same. The files are written into ``<root>/.tmp-step-XXXXXXX``; once every
+    rank has finished, their sha256 go into the ``.complete`` marker and the directory is renamed to
+    ``step-XXXXXXX`` (a save that fails leaves no step directory). Older complete checkpoints beyond the
+    newest ``keep`` are removed. ``root`` must not be a symbolic link (the shards would go elsewhere).
     """
-    path = _step_dir(Path(root), step)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})}, checkpoint_id=path)
+    root = Path(root)
+    if root.is_symlink():
+        raise CheckpointError(f"{root} is a symbolic link: sharded checkpoints are never written through one")
+    path, tmp, main = _step_dir(root, step), root / f"{_TMP}{step:07d}", dist.get_rank() == 0
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.is_symlink():  # never written through
+            tmp.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step cut short before
     dist.barrier()
-    if dist.get_rank() == 0:
-        (path / _COMPLETE).write_text(str(step))
-        for old in _complete(Path(root))[:-keep] if keep > 0 else []:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})}, checkpoint_id=tmp)
+        dist.barrier()
+        hashes = _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
+        if main:
+            write_text_atomic(tmp / _COMPLETE, json.dumps({"step": step, "sha256": hashes}, indent=1) + "\n")
+            _replace_dir(tmp, path)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main:
+        for old in _complete(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(f"{_TMP}*"):  # left by saves of other steps cut short
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` (the same step saved again) is moved away first."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = tmp.with_name(f".old-{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_files(path: Path, names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` of the files ``names`` of ``path`` (collective: each rank hashes its share)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = {name: _sha256(path / name) for name in names[rank::world]}
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, share)
+    return {name: digest for part in parts for name, digest in sorted(part.items())}
+
+
+def _recorded_hashes(path: Path) -> dict[str, str] | None:
+    """The sha256 of each file that the ``.complete`` marker of ``path`` records; None for a marker of a
+    version that recorded none (it holds the step number only)."""
+    marker = path / _COMPLETE
+    text = marker.read_text(errors="replace")
+    if text.strip().isdigit():
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    hashes = doc.get("sha256") if isinstance(doc, dict) else None
+    if not isinstance(hashes, dict) or not hashes or not all(map(_is_entry, hashes.items())):
+        raise CheckpointError(f"{marker} is corrupted: expected the sha256 of each file of the checkpoint")
+    return hashes
+
+
+def _is_entry(item: tuple[Any, Any]) -> bool:
+    """Whether a marker's ``name: sha256`` pair names a file of the checkpoint directory itself."""
+    name, digest = item
+    plain = isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
+    return plain and isinstance(digest, str) and _SHA256.fullmatch(digest) is not None
+
+
+def _check_files(path: Path) -> None:
+    """Refuse (:class:`CheckpointError` naming the file) a file of ``path`` that is missing or does not
+    match the sha256 its marker records (collective: each rank reads its share of the files)."""
+    hashes = _recorded_hashes(path)
+    if hashes is None:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bad = []
+    for name in sorted(hashes)[rank::world]:
+        file = path / name
+        if not file.is_file() or file.is_symlink():
+            bad.append(f"{file} is missing (its sha256 is recorded in {path / _COMPLETE})")
+        elif _sha256(file) != hashes[name]:
+            bad.append(f"{file} does not match its sha256 in {path / _COMPLETE} (corrupted or changed)")
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, bad)
+    found = [b for part in parts for b in part]
+    if found:
+        raise CheckpointError(found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
 
 
 def load_sharded(
@@ -134,11 +238,13 @@ def load_sharded(
     extra_like: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_sharded` into the sharded ``model`` and ``optimizer``
-    (collective; any number of ranks). Returns the ``extra`` dict; ``extra_like`` names its keys
-    (tensor values give the shapes)."""
+    (collective; any number of ranks), once every file matches the sha256 its marker records
+    (:class:`~ttt.models.checkpoint.CheckpointError` names a corrupt one). Returns the ``extra`` dict;
+    ``extra_like`` names its keys (tensor values give the shapes)."""
     path = Path(path)
     if not (path / _COMPLETE).exists():
         raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {_COMPLETE} marker)")
+    _check_files(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "extra": dict(extra_like or {})}
     dcp.load(state, checkpoint_id=path)

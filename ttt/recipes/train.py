@@ -82,6 +82,10 @@ RUN_OUTPUTS = (
     "loss_by_position-hf*.png",
 )
 
+#: what --strategy fsdp writes besides (its sharded checkpoints), never a link: they would be written and
+#: pruned wherever it leads (--overwrite deletes dcp as a whole)
+SHARDED_OUTPUTS = ("dcp", "dcp/*")
+
 # arguments of the machine, not of the run: --resume takes them as given now, never from the checkpoint
 RUNTIME_ARGS = {"resume", "overwrite", "progress", "plot", "threads", "device", "out"}
 # arguments a --resume may change without changing what was trained so far (--steps: extend the run)
@@ -383,6 +387,15 @@ def _train(args: TrainArgs, run_dir: Path) -> TrainResult:
             f"launch with torchrun --nproc_per_node {args.context_parallel} (or a multiple of it)"
         )
     dist = setup_dist(device, need_group=args.strategy == "fsdp")
+    try:
+        return _train_in_group(args, run_dir, device, dist)
+    finally:  # a failed run gives back the one-process group it made for --strategy fsdp (_finish does on
+        # success); under torchrun the process ends with the error
+        if dist.owns_group and dist.world == 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train_in_group(args: TrainArgs, run_dir: Path, device: torch.device, dist: Dist) -> TrainResult:
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
@@ -408,12 +421,13 @@ def _prepare(run: _Run) -> _Run:
     """Resume or refuse a previous run, load the data, make the tokenizer and the model config (all of it
     before --overwrite deletes anything: :func:`_clear` runs after :func:`_build`)."""
     from ttt.data import load_corpus, prepare, train_tokenizer
-    from ttt.models.checkpoint import checkpoint_tokenizer, has_checkpoints, load_checkpoint
+    from ttt.models.checkpoint import checkpoint_tokenizer, has_checkpoints, load_checkpoint, refuse_links
 
     args, run_dir = run.args, run.run_dir
     if args.resume:
         run.saved = load_checkpoint(run_dir, load_trainer=True)
         _check_resumable(run.saved[1], run.saved[2])
+        refuse_links(run_dir, SHARDED_OUTPUTS)  # before the shards are read through a link
         run.args = args = resume_args(run.saved[1]["args"], args)
         _refuse_run_in_corpus(run_dir, args.corpus)
         _check_together(args, resumed=True)
@@ -450,12 +464,13 @@ def _clear(run: _Run) -> None:
 
     if not run.dist.main:
         return
+    refuse_links(run.run_dir, SHARDED_OUTPUTS)  # before anything is deleted: not the other run's shards
     if run.args.overwrite:
         removed = clear_run(run.run_dir, RUN_OUTPUTS)
         shutil.rmtree(run.run_dir / "dcp", ignore_errors=True)  # --strategy fsdp's sharded checkpoints
         if removed:
             print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {run.run_dir}", flush=True)
-    refuse_links(run.run_dir, RUN_OUTPUTS)
+    refuse_links(run.run_dir, RUN_OUTPUTS + SHARDED_OUTPUTS)
 
 
 def _stored_warmup(meta: dict[str, Any]) -> int:
