@@ -657,3 +657,35 @@ def test_blocks_that_select_no_block_are_refused(teacher_dir, tmp_path, spec, tr
         convert(args_for(teacher_dir, run, blocks=spec, transfer_steps=transfer_steps, distill_steps=1))
     assert not run.exists()
 
+
+def test_export_never_leaves_a_partial_hf_directory(teacher_dir, tmp_path, monkeypatch):
+    """export_hf wrote straight into hf/: an interrupted export left a partial directory that eval misread."""
+    from ttt.models.hf import TTTForCausalLM
+    from ttt.recipes.convert import export_hf
+
+    teacher, tok = load_llama(teacher_dir)
+    student, _ = swap_mixers(teacher, "ttt_linear", [0])
+    out = tmp_path / "hf"
+    real = TTTForCausalLM.save_pretrained
+
+    def cut_short(self, path, *args, **kwargs):
+        Path(path).mkdir(exist_ok=True)
+        Path(path, "config.json").write_text("{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TTTForCausalLM, "save_pretrained", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(student, tok, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no hf/, no temporary
+    monkeypatch.setattr(TTTForCausalLM, "save_pretrained", real)
+    export_hf(student, tok, out)
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(TTTForCausalLM, "save_pretrained", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(student, tok, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole  # the previous export stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    monkeypatch.setattr(TTTForCausalLM, "save_pretrained", real)
+    export_hf(student, tok, out)  # and replaces itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+

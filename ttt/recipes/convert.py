@@ -24,6 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -1044,21 +1048,41 @@ def export_hf(student: nn.Module, tokenizer: Any, out: str | Path, *, progress: 
     """Save ``student`` (LoRA merged, on the CPU) and its tokenizer as a HF-format directory;
     transformers' own progress bar only with ``progress`` and on a terminal, as the run's bars."""
     import copy
-    import sys
 
     from transformers.utils import logging as hf_logging
 
     from ttt.models.hf import TTTForCausalLM
 
+    out = Path(out)
     model = copy.deepcopy(student).cpu()
     merge_lora(model)
     hf = TTTForCausalLM.from_ttt(model, tokenizer=tokenizer)
     quiet = hf_logging.is_progress_bar_enabled() and not (progress and sys.stderr.isatty())
-    if quiet:
-        hf_logging.disable_progress_bar()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside ``out`` under a hidden name, then renamed into place: never a partial directory
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        hf.save_pretrained(out)
-    finally:
         if quiet:
-            hf_logging.enable_progress_bar()
-    return Path(out)
+            hf_logging.disable_progress_bar()
+        try:
+            hf.save_pretrained(tmp)
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
+        os.chmod(tmp, 0o755)
+        if out.exists() or out.is_symlink():  # the previous export: moved aside, then removed
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                old.rmdir()
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
