@@ -658,6 +658,180 @@ def test_blocks_that_select_no_block_are_refused(teacher_dir, tmp_path, spec, tr
     assert not run.exists()
 
 
+def _metrics(run: Path) -> list[tuple[str, int]]:
+    return [(r["kind"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again(teacher_dir, tmp_path):
+    """A run that diverged before its first checkpoint left metrics.jsonl and an event file: every later
+    run into the directory was refused ("of another conversion"), and --resume found no checkpoint."""
+    from ttt.models.checkpoint import has_checkpoints
+    from ttt.recipes.loop import TrainingDiverged
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged):
+        convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1, transfer_lr=1e308))
+    assert (run / "metrics.jsonl").is_file() and not has_checkpoints(run)
+    failed = set(run.glob("events.out.tfevents.*"))
+    convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1))
+    assert _metrics(run) == [("transfer", 1), ("distill", 2)]
+    assert not failed & set(run.glob("events.out.tfevents.*"))  # the failed run's event file is gone
+    # a metrics.jsonl that is not a run's record is the user's: refused, kept
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("my notes\n")
+    with pytest.raises(Exception, match=r"already holds metrics.jsonl"):
+        convert(args_for(teacher_dir, other, transfer_steps=1, distill_steps=1))
+    assert (other / "metrics.jsonl").read_text() == "my notes\n"
+
+
+def test_overwrite_starts_a_run_over_after_every_check(teacher_dir, tmp_path):
+    from ttt.models.checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1))
+    (run / "notes.txt").write_text("mine\n")
+    with pytest.raises(Exception, match=r"already holds checkpoints .*--overwrite"):
+        convert(args_for(teacher_dir, run, transfer_steps=2, distill_steps=0))
+    with pytest.raises(ValueError, match=r"^give --resume .* or --overwrite .*, not both$"):
+        convert(args_for(teacher_dir, run, transfer_steps=1, distill_steps=1, resume=True, overwrite=True))
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    with pytest.raises(ValueError, match="block index 9 out of range"):  # nothing deleted for a bad argument
+        convert(args_for(teacher_dir, run, blocks="0,9", overwrite=True))
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    summary = convert(args_for(teacher_dir, run, transfer_steps=2, distill_steps=0, overwrite=True))
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]  # the old run's step 1 is gone
+    assert find_checkpoint(run).name == "step-000002" and (run / "notes.txt").read_text() == "mine\n"
+    assert _metrics(run) == [("transfer", 1), ("transfer", 2)]
+    assert json.loads((run / "convert.json").read_text())["args"]["transfer_steps"] == 2
+    assert "after_distill" not in summary["perplexity"]
+
+
+def test_a_run_without_training_steps_is_a_checkpointed_run(teacher_dir, tmp_path):
+    """--transfer-steps 0 --distill-steps 0 left hf/ and convert.json but no checkpoint: neither --resume nor
+    a new run could use the directory again."""
+    from ttt.models.checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    convert(args_for(teacher_dir, run, transfer_steps=0, distill_steps=0))
+    assert find_checkpoint(run).name == "step-000000" and (run / "hf" / "config.json").is_file()
+    summary = convert(args_for(teacher_dir, run, transfer_steps=0, distill_steps=1, resume=True))
+    assert "after_distill" in summary["perplexity"] and find_checkpoint(run).name == "step-000001"
+
+
+def test_resume_refuses_another_teacher(teacher_dir, tmp_path, monkeypatch):
+    """The teacher was recorded as given (a relative path) and without a fingerprint: resumed from another
+    directory where that path is another model, the run distilled against it silently."""
+    import shutil
+
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint
+
+    for name, seed in (("a", 0), ("b", 1)):
+        tiny_llama(tmp_path / name / "teacher", n_layers=4, seed=seed)
+    shutil.copytree(tmp_path / "a" / "teacher", tmp_path / "c" / "teacher")  # the same model elsewhere
+    run = tmp_path / "run"
+    kw = dict(teacher="teacher", transfer_steps=1, distill_steps=0)
+    monkeypatch.chdir(tmp_path / "a")
+    convert(args_for(teacher_dir, run, **kw))
+    meta = json.loads((find_checkpoint(run) / "checkpoint.json").read_text())
+    assert meta["args"]["teacher"] == str(tmp_path / "a" / "teacher")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(CheckpointError) as e:
+        convert(args_for(teacher_dir, run, resume=True, **{**kw, "distill_steps": 1}))
+    assert "another teacher" in str(e.value) and "\n" not in str(e.value)
+    assert str(tmp_path / "a" / "teacher") in str(e.value) and str(tmp_path / "b" / "teacher") in str(e.value)
+    assert find_checkpoint(run).name == "step-000001"
+    monkeypatch.chdir(tmp_path / "c")  # the same weights at another path: the run goes on
+    summary = convert(args_for(teacher_dir, run, resume=True, **{**kw, "distill_steps": 1}))
+    assert (
+        summary["teacher"]["path"] == str(tmp_path / "c" / "teacher")
+        and len(summary["teacher"]["sha256"]) == 64
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"keep_as": "nope"}, "--keep-as must be 'attention' or 'swa', got 'nope'"),
+        ({"corpus": "/nonexistent/corpus"}, "unknown corpus '/nonexistent/corpus'"),
+        ({"first_blocks": 0}, "--first-blocks must be >= 1, got 0"),
+        ({"blocks": "every:x"}, "--blocks 'every:x': expected every:K with an integer K >= 1"),
+        ({"blocks": "half"}, "--blocks 'half': expected 'all', 'every:K', 'except-every:K'"),
+        ({"batch_size": 10**20}, "--batch-size must be in 1..65536, got 100000000000000000000"),
+    ],
+)
+def test_every_argument_is_checked_before_the_teacher_is_read(teacher_dir, tmp_path, change, message):
+    """These were reported after the teacher's own error (or after its slow load)."""
+    bad = str(tmp_path / "nothing.gguf")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        convert(args_for(teacher_dir, tmp_path / "run", teacher=bad, **change))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"blocks": "0,9"}, "--blocks: block index 9 out of range: the model has blocks 0..3"),
+        ({"first_blocks": 5}, "--first-blocks must lie in 1..4, got 5"),
+        ({"context": 300}, "--context 300 exceeds the teacher's 256 positions"),
+        (
+            {"keep_as": "swa", "blocks": "0", "window": 10**20},
+            "--window must be at most the teacher's 256 positions, got 100000000000000000000",
+        ),
+        (
+            {"keep_as": "swa", "blocks": "0", "window": 8, "sink": 10**20},
+            "--sink must be at most the teacher's 256 positions, got 100000000000000000000",
+        ),
+        ({"in_layer_window": 4, "sink": 100000}, "--sink must be at most the teacher's 256 positions"),
+        (
+            {"in_layer_window": 10**20},
+            "--in-layer-window must be at most the teacher's 256 positions, got 100000000000000000000",
+        ),
+        (
+            {"update": "lora", "lora_rank": 10**8},
+            "--lora-rank must be at most the teacher's width 32, got 100000000",
+        ),
+    ],
+)
+def test_bounds_of_the_teacher_are_checked_before_its_weights_are_read(
+    teacher_dir, tmp_path, monkeypatch, change, message
+):
+    """Huge --window / --sink / --in-layer-window gave 'int too big to convert' tracebacks, a huge --sink was
+    accepted, a huge --lora-rank failed (or ran out of memory) after stage (a)."""
+    import ttt.models.llama as llama
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the teacher's weights were read")
+
+    monkeypatch.setattr(llama, "load_llama", no_weights)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        convert(args_for(teacher_dir, tmp_path / "run", **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_distillation_stops_in_one_line_and_resumes_to_the_same_line(teacher_dir, tmp_path):
+    """--distill-lr 10: the held-out loss grew past what math.exp takes, an OverflowError traceback after
+    the step-2 checkpoint, and every --resume hit it again."""
+    from ttt.models.checkpoint import find_checkpoint
+    from ttt.recipes.convert import _json_safe, perplexity_of
+    from ttt.recipes.loop import TrainingDiverged
+
+    assert perplexity_of(1e4) == float("inf") and perplexity_of(0.0) == 1.0
+    assert _json_safe({"swapped": float("inf"), "x": [float("nan"), 2.0]}) == {
+        "swapped": "inf",
+        "x": ["nan", 2.0],
+    }
+    run = tmp_path / "run"
+    kw = dict(transfer_steps=0, distill_steps=3, distill_lr=10.0)
+    for resume in (False, True):
+        with pytest.raises(
+            TrainingDiverged, match=r"^training diverged at step 3: the held-out loss is .*"
+        ) as e:
+            convert(args_for(teacher_dir, run, resume=resume, **kw))
+        assert "\n" not in str(e.value) and "step-000002" in str(e.value)
+        assert find_checkpoint(run).name == "step-000002" and not (run / "hf").exists()
+
+
 def test_export_never_leaves_a_partial_hf_directory(teacher_dir, tmp_path, monkeypatch):
     """export_hf wrote straight into hf/: an interrupted export left a partial directory that eval misread."""
     from ttt.models.hf import TTTForCausalLM
@@ -689,3 +863,43 @@ def test_export_never_leaves_a_partial_hf_directory(teacher_dir, tmp_path, monke
     export_hf(student, tok, out)  # and replaces itself
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
+
+def test_a_corpus_directory_that_holds_the_run_is_refused(teacher_dir, tmp_path):
+    """The run's own files (metrics.jsonl, convert.json, ...) would become training and held-out text."""
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text("\n".join([TEXT] * 6))
+    for out in (corpus / "run", corpus):
+        with pytest.raises(ValueError, match=rf"^--out {re.escape(str(out))} lies inside --corpus "):
+            convert(args_for(teacher_dir, out, corpus=str(corpus)))
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_ctrl_c_saves_the_step_in_progress_and_says_how_to_resume(teacher_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C exited 130 with the step in progress lost and no word on --resume."""
+    import os
+    import signal
+
+    import ttt.recipes.convert as recipe
+    from ttt.models.checkpoint import find_checkpoint
+
+    real, calls = recipe.transfer_loss, {"n": 0}
+
+    def ctrl_c_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "transfer_loss", ctrl_c_in_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        convert(args_for(teacher_dir, run, transfer_steps=4, distill_steps=1, ckpt_every=2))
+    assert find_checkpoint(run).name == "step-000003"
+    assert f"interrupted: step 3 is saved in {run}; continue it with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(recipe, "transfer_loss", real)
+    summary = convert(
+        args_for(teacher_dir, run, transfer_steps=4, distill_steps=1, ckpt_every=2, resume=True)
+    )
+    assert [s for s, _ in summary["losses"]["transfer"]] == [1, 2, 3, 4]

@@ -138,7 +138,11 @@ class ConvertArgs:
     resume: bool = False
     """continue the run in --out from its latest checkpoint: give the run's arguments again (one that
     differs is refused; --device, --threads, --progress may change, and stage (b)'s options until it
-    begins)"""
+    begins; --teacher may name the same model at another path)"""
+    overwrite: bool = False
+    """start over in an --out that holds a conversion: once every argument is checked and the teacher is
+    loaded, its checkpoints, convert.json, losses.png, metrics.jsonl, event files and hf/ are removed
+    (other files stay)"""
     seed: int = 0
     """seed of the batch sampler and of the fresh parameters"""
     device: str = "auto"
@@ -154,11 +158,18 @@ class ConvertArgs:
 
 
 # the arguments that may change when a run resumes
-RUNTIME_ARGS = ("resume", "device", "threads", "progress", "out")
+RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out")
 # ... and those that may change while the latest checkpoint is not past attention transfer
 DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank")
 #: what a conversion writes into its run directory besides its checkpoints
 RUN_OUTPUTS = ("convert.json", "losses.png", "hf", "metrics.jsonl", "events.out.tfevents.*")
+#: what a conversion stopped before its first checkpoint leaves (a new run into the directory replaces it)
+LEFTOVERS = ("metrics.jsonl", "events.out.tfevents.*")
+#: the files export_hf writes into hf/ (what --overwrite may remove there)
+HF_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json")  # fmt: skip
+#: the largest --batch-size (windows per step)
+MAX_BATCH = 1 << 16
 
 
 def _block_spec(spec: str) -> tuple[str, int] | list[int]:
@@ -577,9 +588,19 @@ def distill_loss(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, c
 
 
 def _check_args(args: ConvertArgs) -> None:
+    """Every check that needs no teacher (those against its size: :func:`_check_against_teacher`)."""
+    if args.resume and args.overwrite:
+        raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
     for name in ("context", "batch_size", "eval_batches", "ckpt_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size > MAX_BATCH:
+        raise ValueError(f"--batch-size must be in 1..{MAX_BATCH}, got {args.batch_size}")
+    if args.keep_as not in ATTENTION_LIKE:
+        raise ValueError(f"--keep-as must be 'attention' or 'swa', got {args.keep_as!r}")
+    if args.first_blocks is not None and args.first_blocks < 1:
+        raise ValueError(f"--first-blocks must be >= 1, got {args.first_blocks}")
+    _block_spec(args.blocks)
     for name in ("transfer_steps", "distill_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -649,13 +670,51 @@ def _has_window(args: ConvertArgs, *, every_block: bool = False) -> bool:
     return bool(args.in_layer_window or args.mixer == "swa" or (args.keep_as == "swa" and not every_block))
 
 
-def load_teacher(spec: str) -> tuple[nn.Module, Any]:
-    """``(CausalLM, tokenizer)`` of ``--teacher``: 'smollm2' (fetched when missing) or a path."""
-    from ttt.models.llama import LlamaLoadError, fetch_smollm2, load_llama
+def _check_against_teacher(args: ConvertArgs, config: Any) -> list[int]:
+    """The checks of ``args`` against the teacher's ``config`` (read from its metadata, before its
+    weights); returns the blocks to convert."""
+    n_layers = config.n_layers
+    if args.first_blocks is not None:
+        if args.first_blocks > n_layers:
+            raise ValueError(f"--first-blocks must lie in 1..{n_layers}, got {args.first_blocks}")
+        n_layers = args.first_blocks
+    blocks = parse_blocks(args.blocks, n_layers)
+    every_block = len(blocks) == n_layers
+    if (args.sink or args.far_gate != "none") and not _has_window(args, every_block=every_block):
+        raise ValueError(
+            f"--sink / --far-gate act on windows, but --blocks {args.blocks} converts every block to "
+            f"{args.mixer}, so --keep-as swa keeps none: expected --in-layer-window or fewer --blocks"
+        )
+    positions = config.max_seq_len
+    if args.context > positions:
+        raise ValueError(f"--context {args.context} exceeds the teacher's {positions} positions")
+    swa = args.mixer == "swa" or (args.keep_as == "swa" and not every_block)
+    for flag, value, used in (("--window", args.window, swa), ("--sink", args.sink, True),
+                              ("--in-layer-window", args.in_layer_window, True)):  # fmt: skip
+        if used and value > positions:
+            raise ValueError(f"{flag} must be at most the teacher's {positions} positions, got {value}")
+    if args.update == "lora" and args.lora_rank > config.dim:
+        raise ValueError(
+            f"--lora-rank must be at most the teacher's width {config.dim}, got {args.lora_rank}"
+        )
+    return blocks
+
+
+def teacher_path(spec: str) -> Path:
+    """The file or directory of ``--teacher``: 'smollm2' (fetched when missing) or an existing path."""
+    from ttt.models.llama import LlamaLoadError, fetch_smollm2
 
     path = fetch_smollm2() if spec == "smollm2" else Path(spec)
     if spec != "smollm2" and not path.exists():
         raise LlamaLoadError(f"--teacher {spec!r}: no such file or directory (or use 'smollm2')")
+    return path
+
+
+def load_teacher(spec: str | Path) -> tuple[nn.Module, Any]:
+    """``(CausalLM, tokenizer)`` of ``--teacher``: 'smollm2' (fetched when missing) or a path."""
+    from ttt.models.llama import LlamaLoadError, load_llama
+
+    path = teacher_path(str(spec))
     model, tokenizer = load_llama(path)
     if tokenizer is None:
         raise LlamaLoadError(f"--teacher {spec!r} carries no tokenizer (tokenizer.json in a HF directory)")
@@ -664,22 +723,100 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def _check_corpus_outside(corpus: str, out: Path) -> None:
+    """A --corpus directory must not hold --out: the run's own files would become its text."""
+    c = Path(corpus)
+    if c.is_dir():
+        where, texts = out.resolve(), c.resolve()
+        if where == texts or texts in where.parents:
+            raise ValueError(
+                f"--out {out} lies inside --corpus {corpus}: the run's files would be read as its training "
+                "and held-out text; choose an --out outside it"
+            )
+
+
+def _is_convert_log(path: Path) -> bool:
+    """Whether ``metrics.jsonl`` holds only a conversion's step records (its last line possibly cut short
+    by a killed run)."""
+    with open(path, "rb") as f:
+        lines = f.read(64 << 20).decode(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and line.startswith('{"kind"'):
+                continue
+            return False
+        if not (
+            isinstance(record, dict) and record.get("kind") in ("transfer", "distill") and "step" in record
+        ):
+            return False
+    return True
+
+
+def _outputs_without_checkpoints(run: Path) -> tuple[list[Path], list[str]]:
+    """``(leftovers, others)`` of a directory without checkpoints: the records of a conversion stopped
+    before its first checkpoint (ttt's metrics.jsonl and the event files beside it), which a new run
+    replaces; and the names of other run outputs there, which nothing replaces."""
+    others = [
+        name
+        for name in ("convert.json", "losses.png", "hf")
+        if (run / name).exists() or (run / name).is_symlink()
+    ]
+    jsonl, events = run / "metrics.jsonl", sorted(run.glob("events.out.tfevents.*"))
+    ours = jsonl.is_file() and not jsonl.is_symlink() and _is_convert_log(jsonl)
+    leftovers = [jsonl, *events] if ours else []
+    if not ours and (jsonl.exists() or jsonl.is_symlink()):
+        others.append("metrics.jsonl")
+    if not ours and events:
+        others.append("events.out.tfevents.*")
+    return leftovers, others
+
+
+def _check_hf_removable(run: Path) -> None:
+    """--overwrite removes hf/ only when it holds nothing but what :func:`export_hf` writes."""
+    import fnmatch
+
+    from ttt.models.checkpoint import CheckpointError
+
+    hf = run / "hf"
+    if hf.is_symlink() or (hf.exists() and not hf.is_dir()):
+        raise CheckpointError(
+            f"{hf} is not the directory ttt convert writes (a link or a file): move it away"
+        )
+    if hf.is_dir():
+        foreign = [
+            p.name
+            for p in sorted(hf.iterdir())
+            if p.is_symlink() or not p.is_file() or not any(fnmatch.fnmatch(p.name, g) for g in HF_FILES)
+        ]
+        if foreign:
+            raise CheckpointError(
+                f"{hf} holds {', '.join(foreign[:5])}, which ttt convert does not write: move them away "
+                "(nothing was deleted)"
+            )
+
+
 def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
-    """The latest checkpoint's metadata when resuming (same arguments required), else None; a fresh run
-    refuses a directory that already holds a run."""
+    """The latest checkpoint's metadata when resuming (same arguments required; the teacher is compared
+    by :func:`_check_same_teacher`), else None; a fresh run refuses a directory that already holds a run,
+    unless --overwrite."""
     from ttt.models.checkpoint import CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint
 
     if not args.resume:
         if has_checkpoints(run):
+            if not args.overwrite:
+                raise CheckpointError(
+                    f"{run} already holds checkpoints ('latest' or step-N): pass --resume to continue its "
+                    "run, --overwrite to start it over, or choose another --out (nothing is replaced)"
+                )
+            _check_hf_removable(run)
+            return None
+        _, others = _outputs_without_checkpoints(run)
+        if others:
             raise CheckpointError(
-                f"{run} already holds checkpoints ('latest' or step-N): pass --resume to continue its run or "
-                "choose another --out (nothing is replaced)"
-            )
-        outputs = [name for name in RUN_OUTPUTS if any(run.glob(name)) or (run / name).is_symlink()]
-        if outputs:
-            raise CheckpointError(
-                f"{run} already holds {', '.join(outputs)} of another conversion: choose another --out "
-                "(nothing is replaced)"
+                f"{run} already holds {', '.join(others)} of another conversion but no checkpoint: move them "
+                "away or choose another --out (nothing is replaced)"
             )
         return None
     _, saved, _ = load_checkpoint(find_checkpoint(run), load_trainer=False)
@@ -691,6 +828,7 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     now, default = dataclasses.asdict(args), dataclasses.asdict(ConvertArgs())
     # before distillation begins, its arguments have not acted yet: a resumed run equals a fresh one
     free = RUNTIME_ARGS + (DISTILL_ARGS if int(saved["step"]) <= args.transfer_steps else ())
+    free += ("teacher",)  # compared by its fingerprint (_check_same_teacher)
     # an argument added after the run began is read as its default (what the run used)
     was = {k: saved["args"].get(k, default[k]) for k in now}
     if isinstance(was["far_gate"], bool):  # the option's first form, a flag that fitted the mass start
@@ -703,6 +841,48 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     return saved
 
 
+def _check_same_teacher(args: ConvertArgs, saved: dict[str, Any], teacher: dict[str, str]) -> None:
+    """A resumed run must distil against its own teacher: the same fingerprint (any path); a run from
+    before fingerprints were recorded, the same path (read from here)."""
+    from ttt.models.checkpoint import CheckpointError
+
+    was = saved["summary"].get("teacher")
+    if isinstance(was, dict) and isinstance(was.get("sha256"), str):
+        if was["sha256"] != teacher["sha256"]:
+            raise CheckpointError(
+                f"cannot resume: --teacher {teacher['path']} (sha256 {teacher['sha256'][:12]}) is another "
+                f"teacher than the run's, {was.get('path')} (sha256 {was['sha256'][:12]}): give the run's "
+                "teacher or choose another --out"
+            )
+        return
+    old = saved["args"].get("teacher", ConvertArgs.teacher)
+    if (old == "smollm2") != (args.teacher == "smollm2") or (
+        old != "smollm2" and os.path.abspath(old) != args.teacher
+    ):
+        raise CheckpointError(
+            f"cannot resume: the run used other arguments: --teacher {old!r} -> {args.teacher!r}"
+        )
+
+
+def perplexity_of(loss: float) -> float:
+    """``exp(loss)``: infinity where that overflows a float (a loss above ~709.8 nats), NaN for NaN."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every float that is not finite written as a string ('inf', 'nan'): strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 class _Conversion:
     """The state of one ``convert`` run: teacher, student, data, summary, step; one method per phase."""
 
@@ -710,11 +890,12 @@ class _Conversion:
         from ttt.data import corpus_ref, load_corpus, prepare
         from ttt.layers import check_mixer_name
         from ttt.models.checkpoint import check_out_dir
+        from ttt.models.llama import fingerprint_llama, read_llama_config
 
+        # every argument first (the teacher's metadata, not its weights, for those against its size)
         _check_args(args)
         check_out_dir(args.out)
-        args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute
-        self.args, self.device, self.run = args, resolve_device(args.device), Path(args.out)
+        self.device, self.run = resolve_device(args.device), Path(args.out)
         extra = parse_mixer_kwargs(args.mixer_kwargs)
         if "windowed" in extra:
             raise ValueError(
@@ -722,22 +903,22 @@ class _Conversion:
                 "mixer's arguments go under that mixer's own name)"
             )
         check_mixer_name(args.mixer)
+        args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute
+        _check_corpus_outside(args.corpus, self.run)
+        corpus = load_corpus(args.corpus)
         self.saved = _check_resume(args, self.run)
+        path = teacher_path(args.teacher)
+        self.blocks = _check_against_teacher(args, read_llama_config(path))
+        self.teacher_id = {"path": os.path.abspath(path), "sha256": fingerprint_llama(path)}
+        if args.teacher != "smollm2":  # recorded absolute, as the corpus
+            args = dataclasses.replace(args, teacher=self.teacher_id["path"])
+        if self.saved is not None:
+            _check_same_teacher(args, self.saved, self.teacher_id)
+        self.args = args
         t0 = time.perf_counter()
-        teacher, self.tokenizer = load_teacher(args.teacher)
+        teacher, self.tokenizer = load_teacher(path)
         if args.first_blocks is not None:
             truncate_blocks(teacher, args.first_blocks)
-        self.blocks = parse_blocks(args.blocks, teacher.config.n_layers)
-        every_block = len(self.blocks) == teacher.config.n_layers
-        if (args.sink or args.far_gate != "none") and not _has_window(args, every_block=every_block):
-            raise ValueError(
-                f"--sink / --far-gate act on windows, but --blocks {args.blocks} converts every block to "
-                f"{args.mixer}, so --keep-as swa keeps none: expected --in-layer-window or fewer --blocks"
-            )
-        if args.context > teacher.config.max_seq_len:
-            raise ValueError(
-                f"--context {args.context} exceeds the teacher's {teacher.config.max_seq_len} positions"
-            )
         self.teacher = teacher.to(self.device)
         self.student, mapping = swap_mixers(
             self.teacher,
@@ -759,7 +940,6 @@ class _Conversion:
             torch.manual_seed(args.seed)
             self.student = CausalLM(self.student.config).to(self.device)
             mapping = {"all": "fresh (--from-scratch: random initialisation, no teacher weights)"}
-        corpus = load_corpus(args.corpus)
         self.data = prepare(corpus, self.tokenizer)
         print(
             f"teacher {args.teacher}: {teacher.config.n_layers} blocks, {teacher.num_params():,} parameters; "
@@ -776,13 +956,16 @@ class _Conversion:
         self.summary.update(
             args=dataclasses.asdict(args),
             blocks=self.blocks,
+            teacher=self.teacher_id,
             mapping=mapping,
             eval_tokens=windows * args.context,
         )
         self.ppl = self.summary["perplexity"]
         self.step, self.trainer, self.opt_meta = 0, None, {}
+        self.told_resume = False  # the interrupted run's last line said how to continue it
 
-    def perplexity(self, model: nn.Module) -> float:
+    def held_out_loss(self, model: nn.Module) -> float:
+        """Mean next-token loss (nats) of ``model`` on the held-out windows."""
         from .eval import evaluate_loss
 
         a = self.args
@@ -794,7 +977,11 @@ class _Conversion:
             max_batches=a.eval_batches,
             device=self.device,
         )
-        return math.exp(loss)
+        return loss
+
+    def perplexity(self, model: nn.Module) -> float:
+        """Held-out perplexity of ``model`` (infinity where it overflows a float: :func:`perplexity_of`)."""
+        return perplexity_of(self.held_out_loss(model))
 
     def baselines(self) -> None:
         """Held-out perplexity of the teacher and of the student straight after swapping."""
@@ -817,12 +1004,15 @@ class _Conversion:
         )
 
     def restore(self) -> None:
-        """Load the latest checkpoint into the student (LoRA adapters too), or clear a stale directory."""
-        from ttt.models.checkpoint import CheckpointError, clear_run, find_checkpoint, load_checkpoint
+        """Load the latest checkpoint into the student (LoRA adapters too); for a fresh run, clear what the
+        directory holds of an earlier one (its checkpoints and outputs with --overwrite, else the records of
+        a run stopped before its first checkpoint) and the temporaries of a cut-short save or export."""
+        from ttt.models.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
+        for stale in [*self.run.glob(".hf.tmp-*"), *self.run.glob(".hf.old-*")]:  # an export cut short
+            shutil.rmtree(stale, ignore_errors=True)
         if self.saved is None:
-            if self.run.exists():
-                clear_run(self.run)
+            self.clear()
             return
         state, meta, self.trainer = load_checkpoint(find_checkpoint(self.run), load_trainer=True)
         self.opt_meta, self.step = meta["optimizer"], int(meta["step"])
@@ -842,6 +1032,32 @@ class _Conversion:
             )
         print(f"resumed from step {self.step}", flush=True)
 
+    def clear(self) -> None:
+        """A fresh run: remove the earlier run's checkpoints and outputs (--overwrite; checked removable
+        before the teacher was read) or the leftovers of a run stopped before its first checkpoint."""
+        from ttt.models.checkpoint import clear_run, has_checkpoints
+
+        run = self.run
+        if not run.exists():
+            return
+        if has_checkpoints(run):  # only with --overwrite (_check_resume)
+            _check_hf_removable(run)
+            removed = clear_run(run, tuple(n for n in RUN_OUTPUTS if n != "hf"))
+            if (run / "hf").is_dir():
+                trash = Path(tempfile.mkdtemp(dir=run, prefix=".hf.old-"))
+                os.replace(run / "hf", trash / "hf")
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(run / "hf")
+            why = "--overwrite: removed"
+        else:
+            clear_run(run)  # temporaries only
+            removed, _ = _outputs_without_checkpoints(run)
+            for p in removed:
+                p.unlink()
+            why = "removed the records of a conversion stopped before its first checkpoint:"
+        if removed:
+            print(f"{why} {', '.join(sorted(p.name for p in removed))} from {run}", flush=True)
+
     def calibrate(self, when: str = "") -> None:
         """Fit the output gains (:func:`calibrate_gains`) on one training batch, kept in ``summary["gains" +
         when]``: before stage (a) when --calibrate; after it (``when="_after_transfer"``) for
@@ -858,11 +1074,15 @@ class _Conversion:
         generator = torch.Generator().manual_seed(a.seed + 2)
         return sample_batch(self.data.train, a.batch_size, a.context, generator)[0].to(self.device)
 
-    def checkpoint(self, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> None:
+    def checkpoint(
+        self, optimizer: torch.optim.Optimizer | None = None, sampler: torch.Generator | None = None
+    ) -> None:
+        """Save step ``self.step`` (without an optimizer: a run of no training step, saved at step 0)."""
         from ttt.models.checkpoint import save_checkpoint, write_text_atomic
 
-        tensors, opt_meta = optimizer_tensors(optimizer)
-        tensors["rng.sampler"] = sampler.get_state()
+        tensors, opt_meta = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
+        if sampler is not None:
+            tensors["rng.sampler"] = sampler.get_state()
         # model.safetensors holds plain (LoRA-merged) weights, so ttt eval / generate read the run;
         # the adapters and the weights under them go with the trainer state, for an exact resume
         state = self.student.state_dict()
@@ -871,7 +1091,7 @@ class _Conversion:
             "tokenizer": self.tokenizer.to_dict(),
             "args": dataclasses.asdict(self.args),
             "optimizer": opt_meta,
-            "summary": self.summary,
+            "summary": _json_safe(self.summary),
         }
         save_checkpoint(
             self.run,
@@ -881,7 +1101,7 @@ class _Conversion:
             meta=meta,
             trainer_tensors=tensors,
         )
-        write_text_atomic(self.run / "convert.json", json.dumps(self.summary, indent=1))
+        write_text_atomic(self.run / "convert.json", json.dumps(_json_safe(self.summary), indent=1))
         _plot(self.run, self.summary)
 
     def trainable(self, stage: str) -> list[nn.Parameter]:
@@ -903,10 +1123,12 @@ class _Conversion:
     def train_stage(self, name: str, begin: int, end: int) -> None:
         """Steps ``begin..end`` (global numbering) of stage ``name``, from wherever the run is, in the
         recipes' one training loop: a non-finite loss or gradient stops the run before it is applied."""
+        from ttt._interrupt import Interrupted
         from ttt.data import sample_batch
         from ttt.models.checkpoint import latest_note
 
-        from .loop import Every, MetricsLog, TrainLoop, check_finite_weights, cosine_lr
+        from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
+        from .train import _StopOnInterrupt
 
         a = self.args
         residual = name == "transfer" and a.transfer_target == "residual"
@@ -954,7 +1176,14 @@ class _Conversion:
                 self.calibrate("_after_transfer")
                 seconds["calibrate_after_transfer"] = time.perf_counter() - t
             if step == end:
-                self.ppl[f"after_{name}"] = self.perplexity(self.student)
+                held_out = self.held_out_loss(self.student)
+                if not math.isfinite(perplexity_of(held_out)):  # a model far worse than uniform: diverged
+                    raise TrainingDiverged(
+                        f"training diverged at step {step}: the held-out loss is {held_out:.6g} nats per "
+                        f"token (perplexity {perplexity_of(held_out)}); nothing of step {step} was saved "
+                        f"({latest_note(self.run)}); lower --{name}-lr (--overwrite starts the run over)"
+                    )
+                self.ppl[f"after_{name}"] = perplexity_of(held_out)
                 log.print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}")
             self.checkpoint(optimizer, sampler)
 
@@ -968,9 +1197,21 @@ class _Conversion:
             hooks=[Every(a.ckpt_every, checkpoint)], on_diverged=lambda s: f" ({latest_note(self.run)})",
             history=losses,
         )  # fmt: skip
+        # from here on, the first Ctrl-C / SIGTERM finishes the step in progress, saves it and stops (as
+        # ttt train); a second one stops at once
+        stop = _StopOnInterrupt()
+        loop.stop = lambda: stop.requested
         try:
-            loop.run(start=self.step)
+            last = loop.run(start=self.step)
+            if stop.requested:
+                if self.step != last:
+                    checkpoint(last)
+                print(f"interrupted: step {last} is saved in {self.run}; continue it with --resume",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                self.told_resume = True
+                raise Interrupted
         finally:
+            stop.restore()
             log.close()
         self.student.eval()
 
@@ -982,7 +1223,22 @@ def convert(args: ConvertArgs) -> dict[str, Any]:
 
     job = _Conversion(args)
     with lock_run(job.run):  # one process per run directory; SIGTERM raises while it is held
-        return _run(job, args)
+        try:
+            return _run(job, args)
+        except KeyboardInterrupt:
+            if not job.told_resume:
+                print(_interrupted_note(job.run), file=sys.stderr, flush=True)
+            raise
+
+
+def _interrupted_note(run: Path) -> str:
+    """The last line of a conversion interrupted outside a training step: where it can go on."""
+    from ttt.models.checkpoint import CheckpointError, find_checkpoint
+
+    try:
+        return f"interrupted: {find_checkpoint(run).name} is the latest in {run}; continue it with --resume"
+    except CheckpointError:
+        return f"interrupted before the first checkpoint of {run}: the same command starts it again"
 
 
 def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
@@ -1006,13 +1262,17 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     stages = [("transfer", 0, args.transfer_steps), ("distill", args.transfer_steps, total)]
     for name, begin, end in stages:
         job.train_stage(name, begin, end)
+    # no training step: step 0 (the swapped, calibrated model) is the run's checkpoint, so the directory
+    # is a run like any other (--resume adds steps, --overwrite starts over, ttt eval reads it)
+    if total == 0 and job.saved is None:
+        job.checkpoint()
     summary, run = job.summary, job.run
     summary["tokens"] = {
         n: len(summary["losses"].get(n, [])) * args.batch_size * args.context for n, _, _ in stages
     }
     hf_dir = export_hf(job.student, job.tokenizer, run / "hf", progress=job.args.progress)
     summary["hf"] = str(hf_dir)
-    write_text_atomic(run / "convert.json", json.dumps(summary, indent=1))
+    write_text_atomic(run / "convert.json", json.dumps(_json_safe(summary), indent=1))
     _plot(run, summary)
     loads = "AutoModelForCausalLM.from_pretrained after import ttt.models.hf"
     print(f"wrote {run / 'convert.json'}, {hf_dir} ({loads})")
