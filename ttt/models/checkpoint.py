@@ -394,7 +394,7 @@ def _acquire_lock(path: Path) -> int:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise RunLocked(
-                    f"{path.parent} is in use by another ttt train (pid {holder}, see {path}); wait for it "
+                    f"{path.parent} is in use by another ttt train or convert (pid {holder}, see {path}); wait for it "
                     "to end or choose another --out (a lock left by a process that has ended is taken over)"
                 ) from None
             raise
