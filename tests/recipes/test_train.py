@@ -698,3 +698,27 @@ def test_a_run_directory_in_the_corpus_directory_is_refused_before_anything_is_w
     shutil.move(run, corpus / "run")
     with pytest.raises(ValueError, match=rf"--out {corpus / 'run'} is inside --corpus directory"):
         train(TrainArgs(out=str(corpus / "run"), resume=True, steps=2, progress=False, plot=False))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": 10**20}, r"--batch-size must be at most 2,147,483,647 \(2\*\*31 - 1\), got 1000"),
+        ({"steps": 10**20}, r"--steps must be at most 2,147,483,647"),
+        ({"context": 2**40}, r"--context must be at most 2,147,483,647"),
+        ({"eval_batches": 2**31}, r"--eval-batches must be at most 2,147,483,647"),
+        ({"context_parallel": 2**63}, r"--context-parallel must be at most 2,147,483,647"),
+        (
+            {"batch_size": 2**27},
+            r"--batch-size x --context is 3,221,225,472 tokens per step; expected at most",
+        ),
+        ({"tokenizer": "bpe", "vocab_size": 10**20}, r"--vocab-size must be in \[257, 4,194,304\] for --tok"),
+        ({"tokenizer": "bpe", "vocab_size": 100}, r"--vocab-size must be in \[257, 4,194,304\] for --tok"),
+    ],
+)
+def test_sizes_beyond_any_machine_are_refused_in_one_line(corpus_dir, tmp_path, change, message):
+    """--batch-size 99999999999999999999 ended in a C++ stack dump, --vocab-size of that size (BPE) in an
+    OverflowError traceback; --steps of that size trained on and on."""
+    with pytest.raises(ValueError, match=message):
+        train(small_args(corpus_dir, tmp_path / "x", **change))
+    assert not (tmp_path / "x").exists()

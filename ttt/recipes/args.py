@@ -75,7 +75,7 @@ class TrainArgs:
     tokenizer: str = "bytes"
     """'bytes' (256 ids, bits per byte) or 'bpe' (byte-level BPE trained on the training split)"""
     vocab_size: int = 1024
-    """BPE vocabulary size (ignored for bytes)"""
+    """BPE vocabulary size, 257 to 4,194,304 (ignored for bytes)"""
     steps: int = 600
     """optimizer steps; --resume with a larger --steps extends a run: its warm-up keeps the length it had
     when the run started and the cosine decay is stretched to the new end"""

@@ -82,6 +82,11 @@ RUN_OUTPUTS = (
     "loss_by_position-hf*.png",
 )
 
+#: the largest count an integer option takes (steps, batch size, context, ...): torch overflows beyond
+MAX_COUNT = 2**31 - 1
+#: the most tokens one step may hold (--batch-size x --context)
+MAX_TOKENS = 2**31
+
 #: what --strategy fsdp writes besides (its sharded checkpoints), never a link: they would be written and
 #: pruned wherever it leads (--overwrite deletes dcp as a whole)
 SHARDED_OUTPUTS = ("dcp", "dcp/*")
@@ -233,9 +238,23 @@ def _check_args(args: TrainArgs) -> None:
         ("--eval-every", args.eval_every, 0, at_end),
         ("--ckpt-every", args.ckpt_every, 0, at_end),
         ("--log-every", args.log_every, 0, " (0: validations only)"),
+        ("--context-parallel", args.context_parallel, 1, ""),
     ):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}{hint}, got {value}")
+        if value > MAX_COUNT:  # torch's sizes and ids overflow further on (a C++ stack dump)
+            raise ValueError(f"{flag} must be at most {MAX_COUNT:,} (2**31 - 1), got {value}")
+    if args.batch_size * args.context > MAX_TOKENS:
+        raise ValueError(
+            f"--batch-size x --context is {args.batch_size * args.context:,} tokens per step; expected at "
+            f"most {MAX_TOKENS:,} (2**31)"
+        )
+    max_vocab = _max_vocab()
+    if args.tokenizer == "bpe" and not 257 <= args.vocab_size <= max_vocab:
+        raise ValueError(
+            f"--vocab-size must be in [257, {max_vocab:,}] for --tokenizer bpe (the 256 bytes and at least "
+            f"one merge; at most the vocabulary a checkpoint may hold), got {args.vocab_size}"
+        )
     if args.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
     check_number("--lr", args.lr, above=0)
@@ -251,8 +270,6 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {args.strategy!r}")
     if args.activation_checkpointing and args.strategy != "fsdp":
         raise ValueError("--activation-checkpointing needs --strategy fsdp")
-    if args.context_parallel < 1:
-        raise ValueError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     if args.context % args.context_parallel:
         raise ValueError(
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
@@ -261,6 +278,13 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError(
             "--context-parallel runs with --strategy ddp (FSDP with context parallelism is not built)"
         )
+
+
+def _max_vocab() -> int:
+    """The largest vocabulary a checkpoint may hold (``load_checkpoint`` refuses a larger config)."""
+    from ttt.models.checkpoint import _CONFIG_INTS
+
+    return _CONFIG_INTS["vocab_size"][1]
 
 
 def _check_together(args: TrainArgs, *, resumed: bool = False) -> None:
