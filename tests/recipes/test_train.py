@@ -722,3 +722,17 @@ def test_sizes_beyond_any_machine_are_refused_in_one_line(corpus_dir, tmp_path, 
     with pytest.raises(ValueError, match=message):
         train(small_args(corpus_dir, tmp_path / "x", **change))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_resume_with_nothing_to_train_says_so_and_claims_no_checkpoint(corpus_dir, tmp_path, capsys):
+    """A --resume of a run already at --steps printed 'training to step 3' and 'wrote .../step-000003
+    (latest)', though it trained nothing and wrote no checkpoint."""
+    run = tmp_path / "r"
+    train(small_args(corpus_dir, run, steps=3))
+    before = (find_checkpoint(run) / "checkpoint.json").read_bytes()
+    capsys.readouterr()
+    assert train(small_args(corpus_dir, run, steps=3, resume=True)).step == 3
+    out = capsys.readouterr().out
+    assert f"resumed from step 3 of {run}: nothing to train (the run is at --steps 3" in out, out
+    assert "training to step" not in out and "(latest)" not in out and f"wrote result.json in {run}" in out
+    assert (find_checkpoint(run) / "checkpoint.json").read_bytes() == before

@@ -130,6 +130,8 @@ class _Run:
     sampler: torch.Generator | None = None
     step: int = 0
     saved_step: int = -1
+    saved_dir: Path | None = None
+    """the checkpoint this process last wrote (the main process; None: none yet)"""
     warmup_steps: int = 0
     """the warm-up's length, fixed when the run starts (an extension by --resume --steps keeps it)"""
     history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
@@ -712,7 +714,7 @@ def _save(run: _Run) -> Path | None:
         "num_params": run.model.num_params(),
         "warmup_steps": run.warmup_steps,
     }
-    return save_checkpoint(
+    run.saved_dir = save_checkpoint(
         run.run_dir,
         step=run.step,
         model_state=full if fsdp else run.model.state_dict(),
@@ -720,6 +722,7 @@ def _save(run: _Run) -> Path | None:
         meta=meta,
         trainer_tensors=tensors,
     )
+    return run.saved_dir
 
 
 def _global_mean(run: _Run) -> Any:
@@ -813,7 +816,10 @@ def _banner(run: _Run) -> str:
         f"{run.data.train.numel():,} train tokens; device {run.device}, {run.dist.world} process(es), "
         f"{torch.get_num_threads()} thread(s)"
     )
-    if args.resume:
+    if args.resume and run.step >= args.steps:
+        text += (f"\nresumed from step {run.step} of {run.run_dir}: nothing to train (the run is at --steps "
+                 f"{args.steps}; give a larger --steps to extend it)")  # fmt: skip
+    elif args.resume:
         text += f"\nresumed from step {run.step} of {run.run_dir}; training to step {args.steps}"
     return text
 
@@ -849,7 +855,8 @@ def _finish(run: _Run) -> TrainResult:
         torch.distributed.destroy_process_group()
     if not run.dist.main:
         return result
-    wrote = [f"{run.run_dir / f'step-{step:06d}'} (latest)"] if run.saved_step == step else []
+    # a resume with nothing to train wrote no checkpoint
+    wrote = [f"{run.saved_dir} (latest)"] if run.saved_dir is not None and run.saved_step == step else []
     if args.plot and _plot(run):
         wrote.append("loss_curve.png")
     elif args.plot:  # matplotlib is missing: say which extra draws the curve
