@@ -30,3 +30,23 @@ def test_a_param_group_with_lr_scale_follows_the_schedule_times_its_scale():
 
     TrainLoop(model, opt, lambda s: torch.ones(4, 3), loss, steps=3, lr=lambda s: 0.5 / (s + 1)).run()
     assert sum(seen, []) == pytest.approx([0.5, 0.05, 0.25, 0.025, 0.5 / 3, 0.05 / 3])
+
+
+def test_a_resumed_log_replaces_metrics_jsonl_whole_never_rewrites_it_in_place(tmp_path):
+    """A resumed run dropped the records after its checkpoint by rewriting metrics.jsonl in place (truncate,
+    then write): a run killed meanwhile lost the whole log. A temporary is now renamed over it, so a reader
+    of the old file (the file as it was, if the rename never comes) sees all of it."""
+    import json
+
+    from ttt.recipes.loop import MetricsLog, StepOutcome
+
+    path = tmp_path / "metrics.jsonl"
+    old = "".join(json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
+    path.write_text(old + '{"kind": "tra')
+    with open(path) as reader:
+        log = MetricsLog(tmp_path, total=10, start=3, progress=False)
+        log.step(4, StepOutcome(0.5, 1.0, 1e-3, 0.1))
+        log.close()
+        assert reader.read() == old + '{"kind": "tra'
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob(".metrics.jsonl*")) and path.stat().st_mode & 0o777 == 0o644

@@ -181,10 +181,16 @@ class MetricsLog:
 
 def _open_jsonl(path: Path, keep_until: int) -> Any:
     """Append to ``path``, first dropping the records of steps after ``keep_until`` (an interrupted run's)
-    and any line cut short (a run killed while writing it)."""
+    and any line cut short (a run killed while writing it): the records kept go into a temporary that is
+    renamed over ``path``, so a run killed meanwhile leaves the old file or the new one, never a part."""
+    from ttt.models.checkpoint import write_text_atomic
+
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
-        path.write_text("".join(line + "\n" for line in kept))
+        text = path.read_text()
+        lines = text.splitlines()
+        kept = [line for line in lines if _step_of(line) <= keep_until]
+        if len(kept) < len(lines) or (text and not text.endswith("\n")):
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
     return open(path, "a")
 
 
