@@ -466,7 +466,7 @@ def test_one_cpu_thread_by_default_and_the_callers_count_given_back(corpus_dir, 
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "result.json", "loss_curve.png.tmp.png"])
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "result.json", ".loss_curve.png.x1y2z3.png"])
 def test_files_of_the_run_that_are_links_are_refused_and_their_targets_untouched(corpus_dir, tmp_path, name):
     """A run directory from elsewhere may hold links among the files train writes: each was followed, and
     the file it named (outside the run) was truncated or overwritten."""
@@ -736,3 +736,15 @@ def test_a_resume_with_nothing_to_train_says_so_and_claims_no_checkpoint(corpus_
     assert f"resumed from step 3 of {run}: nothing to train (the run is at --steps 3" in out, out
     assert "training to step" not in out and "(latest)" not in out and f"wrote result.json in {run}" in out
     assert (find_checkpoint(run) / "checkpoint.json").read_bytes() == before
+
+
+def test_overwrite_removes_the_temporaries_a_killed_run_left(corpus_dir, tmp_path):
+    """RUN_OUTPUTS named 'loss_curve.png.tmp.png', a name nothing writes, while the plot, result.json and a
+    resumed metrics.jsonl are written into '.NAME.*' temporaries: those a killed run left stayed forever."""
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=1, ckpt_every=0, eval_every=0))
+    left = [".loss_curve.png.k3j_x9.png", ".result.json.abc123", ".metrics.jsonl.zz9_1q"]
+    for name in left:
+        (run / name).write_text("cut short")
+    train(small_args(corpus_dir, run, steps=1, ckpt_every=0, eval_every=0, overwrite=True))
+    assert not [name for name in left if (run / name).exists()]

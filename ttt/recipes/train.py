@@ -64,12 +64,16 @@ __all__ = [
     "train",
 ]
 
-#: files a run directory holds besides its checkpoints (train and eval outputs): what --overwrite removes
+#: files a run directory holds besides its checkpoints (train and eval outputs, and the temporaries that
+#: train's plot, result.json and resumed metrics.jsonl are written into before their rename, which a killed
+#: run leaves behind): what --overwrite removes
 RUN_OUTPUTS = (
     "loss_curve.png",
-    "loss_curve.png.tmp.png",
+    ".loss_curve.png.*.png",
     "result.json",
+    ".result.json.*",
     "metrics.jsonl",
+    ".metrics.jsonl.*",
     "events.out.tfevents.*",
     "eval.json",
     "loss_by_position.md",
