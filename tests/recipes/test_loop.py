@@ -50,3 +50,13 @@ def test_a_resumed_log_replaces_metrics_jsonl_whole_never_rewrites_it_in_place(t
         assert reader.read() == old + '{"kind": "tra'
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert not list(tmp_path.glob(".metrics.jsonl*")) and path.stat().st_mode & 0o777 == 0o644
+
+
+def test_the_schedule_reaches_its_final_lr_after_the_last_step():
+    """As documented (cosine_lr, --min-lr): the value ``final`` is the schedule's at step ``total``, once
+    the run is over; the last step (``total - 1``) runs a little above it, as with CosineAnnealingLR."""
+    import math
+
+    last = cosine_lr(5, peak=3e-3, total=6, warmup=3, final=1e-5)
+    assert last == pytest.approx(1e-5 + (3e-3 - 1e-5) * (1 - math.cos(math.pi / 3)) / 2)
+    assert cosine_lr(6, peak=3e-3, total=6, warmup=3, final=1e-5) == pytest.approx(1e-5)

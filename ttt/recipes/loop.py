@@ -219,8 +219,8 @@ class TrainLoop:
     runs the model and returns a scalar; ``hooks`` run after the steps they are due (in order: put a
     checkpoint before a validation); ``stop()`` True after a step ends the loop there (Ctrl-C, SIGTERM).
 
-    ``reduce``: the loss as logged and checked, e.g. its mean over ``torch.distributed`` processes.
-    ``params``: the parameters to clip and check (default: the model's).
+    ``reduce``: the loss as logged and checked, e.g. its mean over ``torch.distributed`` processes. The
+    gradient norm is clipped and checked over the model's parameters that have a gradient.
     """
 
     model: nn.Module

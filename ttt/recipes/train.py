@@ -846,7 +846,7 @@ def _finish(run: _Run) -> TrainResult:
         val_loss, bpb = _validate(run)
         history["val"].append([step, val_loss, bpb])
     val_loss, bpb = history["val"][-1][1], history["val"][-1][2]
-    tokens = args.batch_size * args.context * max(0, len(history["train"]))
+    tokens = args.batch_size * args.context * len(history["train"])
     result = TrainResult(str(run.run_dir), step, val_loss, bpb, run.model.num_params(), run.seconds,
                          tokens / max(run.seconds, 1e-9), history)  # fmt: skip
     if run.dist.owns_group:
