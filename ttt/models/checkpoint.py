@@ -87,6 +87,12 @@ _CONFIG_INTS = {
     "mlp_hidden": (1, 1 << 20),
 }
 _META_REQUIRED = ("format", "step", "config", "sha256", "meta_sha256")
+
+
+def config_bound(key: str) -> int:
+    """The largest value of the ``LMConfig`` size ``key`` (``vocab_size``, ``max_seq_len``, ...) that a
+    checkpoint may record: :func:`load_checkpoint` refuses a larger one, so nothing larger is written."""
+    return _CONFIG_INTS[key][1]
 LOCK_NAME = ".lock"
 
 
@@ -394,8 +400,9 @@ def _acquire_lock(path: Path) -> int:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise RunLocked(
-                    f"{path.parent} is in use by another ttt train or convert (pid {holder}, see {path}); wait for it "
-                    "to end or choose another --out (a lock left by a process that has ended is taken over)"
+                    f"{path.parent} is in use by another ttt train or convert (pid {holder}, see {path}); "
+                    "wait for it to end or choose another --out (a lock left by a process that has ended is "
+                    "taken over)"
                 ) from None
             raise
         # the previous holder may have removed the file between our open and our lock: lock the new one

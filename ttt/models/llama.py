@@ -78,9 +78,9 @@ def _count(value: Any, key: str, where: str, high: int | None = None) -> int:
 def _bound(config_key: str) -> int:
     """The largest value of an ``LMConfig`` size that a ttt checkpoint records (what it can read back): a
     teacher beyond it would convert, then its own checkpoints would be unreadable."""
-    from .checkpoint import _CONFIG_INTS
+    from .checkpoint import config_bound
 
-    return _CONFIG_INTS[config_key][1]
+    return config_bound(config_key)
 
 
 def _positive(value: Any, key: str, where: str) -> float:

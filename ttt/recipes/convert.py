@@ -162,7 +162,10 @@ RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out")
 # ... and those that may change while the latest checkpoint is not past attention transfer
 DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank")
 #: what a conversion writes into its run directory besides its checkpoints
-RUN_OUTPUTS = ("convert.json", "losses.png", "hf", "metrics.jsonl", "events.out.tfevents.*")
+RUN_OUTPUTS = ("convert.json", ".convert.json.*", "losses.png", ".losses.png.*.png", "hf", "metrics.jsonl",
+               ".metrics.jsonl.*", "events.out.tfevents.*")  # fmt: skip
+#: what a divergence message of ``ttt convert`` suggests
+CONVERT_REMEDY = "lower --transfer-lr / --distill-lr, or check the data"
 #: what a conversion stopped before its first checkpoint leaves (a new run into the directory replaces it)
 LEFTOVERS = ("metrics.jsonl", "events.out.tfevents.*")
 #: the files export_hf writes into hf/ (what --overwrite may remove there)
@@ -1127,8 +1130,15 @@ class _Conversion:
         from ttt.data import sample_batch
         from ttt.models.checkpoint import latest_note
 
-        from .loop import Every, MetricsLog, TrainingDiverged, TrainLoop, check_finite_weights, cosine_lr
-        from .train import _StopOnInterrupt
+        from .loop import (
+            Every,
+            MetricsLog,
+            StopOnInterrupt,
+            TrainingDiverged,
+            TrainLoop,
+            check_finite_weights,
+            cosine_lr,
+        )
 
         a = self.args
         residual = name == "transfer" and a.transfer_target == "residual"
@@ -1170,7 +1180,7 @@ class _Conversion:
             self.step = step
             seconds[name] = seconds.get(name, 0.0) + loop.seconds - counted[0]
             counted[0] = loop.seconds
-            check_finite_weights(self.student, step, f" ({latest_note(self.run)})")
+            check_finite_weights(self.student, step, f" ({latest_note(self.run)})", CONVERT_REMEDY)
             if step == end and residual:  # the inner mixers now model the residual: fit both gains again
                 t = time.perf_counter()
                 self.calibrate("_after_transfer")
@@ -1195,11 +1205,11 @@ class _Conversion:
                 s - begin, peak=peak, total=end - begin, warmup=max(1, (end - begin) // 10), final=0.1 * peak
             ), grad_clip=1.0, log=log, tokens_per_step=a.batch_size * a.context,
             hooks=[Every(a.ckpt_every, checkpoint)], on_diverged=lambda s: f" ({latest_note(self.run)})",
-            history=losses,
+            remedy=CONVERT_REMEDY, history=losses,
         )  # fmt: skip
         # from here on, the first Ctrl-C / SIGTERM finishes the step in progress, saves it and stops (as
         # ttt train); a second one stops at once
-        stop = _StopOnInterrupt()
+        stop = StopOnInterrupt()
         loop.stop = lambda: stop.requested
         try:
             last = loop.run(start=self.step)

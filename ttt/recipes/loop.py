@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ttt._interrupt import Interrupted, in_main_thread
+
 __all__ = [
     "Every",
+    "StopOnInterrupt",
     "MetricsLog",
     "StepOutcome",
     "TrainLoop",
@@ -35,6 +40,10 @@ __all__ = [
     "cosine_lr",
     "warmup_steps",
 ]
+
+
+#: what a divergence message of ``ttt train`` suggests; other recipes name their own flags
+TRAIN_REMEDY = "lower --lr, lengthen --warmup, or check the data"
 
 
 class TrainingDiverged(RuntimeError):
@@ -236,6 +245,8 @@ class TrainLoop:
     stop: Callable[[], bool] = lambda: False
     reduce: Callable[[Tensor], Tensor] = lambda t: t
     on_diverged: Callable[[int], str] = lambda step: ""
+    remedy: str = TRAIN_REMEDY
+    """what the divergence message suggests (the recipe's own flags)"""
     history: list[list[float]] = field(default_factory=list)
     """``[step, loss]`` of every step run"""
     seconds: float = 0.0
@@ -274,18 +285,48 @@ class TrainLoop:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"training diverged at step {step + 1}: the loss is {loss_value}, the gradient norm {norm}; "
-                f"nothing of step {step + 1} was applied or saved{self.on_diverged(step + 1)}; lower --lr, "
-                "lengthen --warmup, or check the data"
+                f"nothing of step {step + 1} was applied or saved{self.on_diverged(step + 1)}; {self.remedy}"
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(loss_value, norm, lr, time.perf_counter() - t0)
 
 
-def check_finite_weights(model: nn.Module, step: int, note: str = "") -> None:
+def check_finite_weights(model: nn.Module, step: int, note: str = "", remedy: str = TRAIN_REMEDY) -> None:
     """Raise :class:`TrainingDiverged` when a parameter holds NaN or infinity (before saving it)."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingDiverged(
             f"training diverged at step {step}: the weights hold NaN or infinity; nothing of step {step} "
-            f"was saved{note}; lower --lr, lengthen --warmup, or check the data"
+            f"was saved{note}; {remedy}"
         )
+
+
+class StopOnInterrupt:
+    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch
+    scheduler's end of job) only sets ``requested``: the loop finishes its step, saves a checkpoint and
+    stops. A second one raises :class:`~ttt._interrupt.Interrupted` at once. Only in the main
+    thread (signals are delivered there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if in_main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise Interrupted
+        self.requested = True
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(
+            f"\n{name}: stopping after this step and saving a checkpoint (again: stop now, no save)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def restore(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ttt._interrupt import Interrupted, in_main_thread
+from ttt._interrupt import Interrupted
 
 from .args import TrainArgs
 from .common import (
@@ -47,6 +46,7 @@ from .common import (
 from .loop import (
     Every,
     MetricsLog,
+    StopOnInterrupt,
     TrainingDiverged,
     TrainLoop,
     check_finite_weights,
@@ -288,9 +288,9 @@ def _check_args(args: TrainArgs) -> None:
 
 def _max_vocab() -> int:
     """The largest vocabulary a checkpoint may hold (``load_checkpoint`` refuses a larger config)."""
-    from ttt.models.checkpoint import _CONFIG_INTS
+    from ttt.models.checkpoint import config_bound
 
-    return _CONFIG_INTS["vocab_size"][1]
+    return config_bound("vocab_size")
 
 
 def _check_together(args: TrainArgs, *, resumed: bool = False) -> None:
@@ -341,37 +341,6 @@ def _check_splits(data: Any, corpus: Any, context: int) -> None:
         f"{context}); a text file's validation split is its last 10% of lines, a directory's every 10th "
         "file: use a smaller --context or more text"
     )
-
-
-class _StopOnInterrupt:
-    """From creation to :meth:`restore`, the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a batch
-    scheduler's end of job) only sets ``requested``: the loop finishes its step, saves a checkpoint and
-    stops. A second one raises :class:`~ttt._interrupt.Interrupted` at once. Only in the main
-    thread (signals are delivered there)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-        if in_main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise Interrupted
-        self.requested = True
-        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(
-            f"\n{name}: stopping after this step and saving a checkpoint (again: stop now, no save)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def restore(self) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-        self._previous = {}
 
 
 def _stop_everywhere(requested: bool, dist: Dist, device: torch.device) -> bool:
@@ -792,7 +761,7 @@ def _fit(run: _Run) -> None:
     )  # fmt: skip
     # from here on, Ctrl-C / SIGTERM finish the step in progress, save it and stop (in place before the
     # first line is printed: a script may signal as soon as it reads it)
-    stop = _StopOnInterrupt()
+    stop = StopOnInterrupt()
     loop.stop = lambda: _stop_everywhere(stop.requested, dist, run.device)
     try:
         log.print(_banner(run))
