@@ -328,7 +328,10 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
 
     for raised, shown in [
         (CheckpointError("cannot resume: other arguments"), "error: cannot resume: other arguments\n"),
-        (RuntimeError("can't allocate\nframe #0: c10::alloc\nframe #1: at::empty"), "error: can't allocate ("),
+        (
+            RuntimeError("can't allocate\nframe #0: c10::alloc\nframe #1: at::empty"),
+            "error: can't allocate (",
+        ),
         (OverflowError("math range error"), "error: math range error ("),
     ]:
 

@@ -49,7 +49,11 @@ def test_argument_values_of_the_wrong_type_or_not_finite_are_refused_in_one_line
     """--mixer-kwargs '{"ttt_linear": {"mini_batch_size": "8"}}' failed deep inside with "'<' not supported
     between instances of 'str' and 'int'", and a NaN base_lr only at the first training step (review)."""
     for name, kwargs, match in [
-        ("ttt_linear", {"mini_batch_size": "8"}, r"'mini_batch_size' of mixer 'ttt_linear' must be int, got '8'"),
+        (
+            "ttt_linear",
+            {"mini_batch_size": "8"},
+            r"'mini_batch_size' of mixer 'ttt_linear' must be int, got '8'",
+        ),
         ("ttt_linear", {"mini_batch_size": True}, "must be int, got True"),
         ("ttt_linear", {"share_qk": 1}, "'share_qk' of mixer 'ttt_linear' must be bool, got 1"),
         ("ttt_linear", {"base_lr": float("nan")}, "'base_lr' of mixer 'ttt_linear' must be finite, got nan"),

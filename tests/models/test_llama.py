@@ -110,8 +110,16 @@ def _nan(name, t):
         ({"context_length": 2**25}, None, "context_length must be an integer in [1, 16777216], got 33554432"),
         ({}, _nan, "blk.0.attn_v.weight holds NaN or infinite values"),
     ],
-    ids=["no-output-norm", "no-heads", "kv-heads", "q-shape", "ffn-length", "negative-eps", "positions",
-         "nan-weights"],  # fmt: skip
+    ids=[
+        "no-output-norm",
+        "no-heads",
+        "kv-heads",
+        "q-shape",
+        "ffn-length",
+        "negative-eps",
+        "positions",
+        "nan-weights",
+    ],  # fmt: skip
 )
 def test_a_corrupt_llama_gguf_is_a_one_line_error(tmp_path, metadata, edit, message):
     """A GGUF that says 'llama' but does not hold one: a raw KeyError or ZeroDivisionError traceback, a

@@ -93,6 +93,8 @@ def config_bound(key: str) -> int:
     """The largest value of the ``LMConfig`` size ``key`` (``vocab_size``, ``max_seq_len``, ...) that a
     checkpoint may record: :func:`load_checkpoint` refuses a larger one, so nothing larger is written."""
     return _CONFIG_INTS[key][1]
+
+
 LOCK_NAME = ".lock"
 
 
