@@ -19,7 +19,6 @@ Four pieces, each a collective (every rank calls it):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..models.checkpoint import CheckpointError, step_of_dir, write_text_atomic
+from ..models.checkpoint import CheckpointError, file_sha256, step_of_dir, write_text_atomic
 
 __all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model"]
 
@@ -169,18 +168,10 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_files(path: Path, names: list[str]) -> dict[str, str]:
     """``{name: sha256}`` of the files ``names`` of ``path`` (collective: each rank hashes its share)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    share = {name: _sha256(path / name) for name in names[rank::world]}
+    share = {name: file_sha256(path / name) for name in names[rank::world]}
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, share)
     return {name: digest for part in parts for name, digest in sorted(part.items())}
@@ -222,7 +213,7 @@ def _check_files(path: Path) -> None:
         file = path / name
         if not file.is_file() or file.is_symlink():
             bad.append(f"{file} is missing (its sha256 is recorded in {path / _COMPLETE})")
-        elif _sha256(file) != hashes[name]:
+        elif file_sha256(file) != hashes[name]:
             bad.append(f"{file} does not match its sha256 in {path / _COMPLETE} (corrupted or changed)")
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, bad)

@@ -98,7 +98,8 @@ def config_bound(key: str) -> int:
 LOCK_NAME = ".lock"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as hex (read in 1 MiB pieces)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -231,7 +232,7 @@ def _write_checkpoint_files(
             raise OSError(f"{fname}: {e}") from e
         os.chmod(tmp / fname, 0o644)
         _fsync(tmp / fname)
-        hashes[fname] = _sha256(tmp / fname)
+        hashes[fname] = file_sha256(tmp / fname)
     doc = {"format": FORMAT, "step": step, "config": config.to_dict(), "sha256": hashes, **(meta or {})}
     (tmp / "checkpoint.json").write_text(_dump_meta(doc))
     _fsync(tmp / "checkpoint.json")
@@ -634,7 +635,7 @@ def load_checkpoint(
             resuming = fname == "trainer.safetensors"
             why = " (a model-only checkpoint cannot resume training)" if resuming else ""
             raise CheckpointError(f"{f} is missing{why}")
-        if _sha256(f) != meta["sha256"].get(fname):
+        if file_sha256(f) != meta["sha256"].get(fname):
             raise CheckpointError(f"{f} is truncated or corrupted: its sha256 does not match checkpoint.json")
         try:
             tensors[fname] = load_file(str(f))

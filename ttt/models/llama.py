@@ -473,6 +473,8 @@ def fingerprint_llama(path: str | os.PathLike) -> str:
     teacher from another whatever their paths (about 0.1 s per 100 MB)."""
     import hashlib
 
+    from .checkpoint import file_sha256
+
     p = Path(path)
     if p.is_dir():
         files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
@@ -481,14 +483,11 @@ def fingerprint_llama(path: str | os.PathLike) -> str:
         files = [p]
     total = hashlib.sha256()
     for f in files:
-        h = hashlib.sha256()
         try:
-            with open(f, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    h.update(chunk)
+            digest = file_sha256(f)
         except OSError as e:
             raise LlamaLoadError(f"{f} cannot be read: {e}") from None
-        total.update(f"{f.name}\0{f.stat().st_size}\0{h.hexdigest()}\n".encode())
+        total.update(f"{f.name}\0{f.stat().st_size}\0{digest}\n".encode())
     return total.hexdigest()
 
 
