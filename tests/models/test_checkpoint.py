@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -510,3 +512,13 @@ def test_check_out_dir_refuses_a_run_inside_another_run_or_a_model_directory(tmp
             check_out_dir(bad)
     # results of eval / bench may go into a folder of a run
     assert check_out_dir(run / "evals", expected="a directory", for_run=False) == run / "evals"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_a_run_directory_that_cannot_be_created_is_named_in_one_line():
+    """--out /proc/foo gave a bare "[Errno 2] No such file or directory: '/proc/foo'" (stranger review)."""
+    from ttt.models.checkpoint import CheckpointError, lock_run
+
+    with pytest.raises(CheckpointError, match=r"^cannot create the run directory /proc/ttt-no-such-run \("):
+        with lock_run("/proc/ttt-no-such-run"):
+            pass

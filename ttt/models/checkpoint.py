@@ -322,7 +322,13 @@ def lock_run(run_dir: str | os.PathLike) -> Iterator[Path]:
         try:
             with _signals_deferred():
                 created = not run.exists()
-                run.mkdir(parents=True, exist_ok=True)
+                try:
+                    run.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"cannot create the run directory {run} ({e.strerror}); expected a folder this "
+                        "process can create, e.g. under the working directory"
+                    ) from None
                 fd = _acquire_lock(path)
             yield run
         finally:
