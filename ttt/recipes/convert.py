@@ -119,8 +119,9 @@ class ConvertArgs:
     """steps of stage (b), distillation (0: skip)"""
     distill_lr: float = 1e-4
     """peak learning rate of stage (b) (LoRA: of the adapters)"""
-    ce_weight: float = 0.0
-    """weight of the next-token cross-entropy added to the distillation KL"""
+    ce_weight: float = 1.0
+    """weight of the next-token cross-entropy on the text added to the distillation KL: in four paired
+    SmolLM2 conversions 1 beat 0 (KL only, the default until 2026-12-06) by 6-10 perplexity points"""
     calibrate: bool = True
     """before stage (a), scale each converted mixer's output projection by the least-squares gain that
     best matches the attention output on one training batch"""
