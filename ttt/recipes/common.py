@@ -277,6 +277,20 @@ def reserved_stem(out: Path, stem: str, names: Callable[[str], list[str]]) -> It
         marker.unlink(missing_ok=True)
 
 
+def refuse_run_in_corpus(run_dir: Path, corpus: str) -> None:
+    """Refuse a run directory that is, or lies inside, the corpus directory (by any path to it): the run's
+    files would join the corpus (read as training and held-out text), which then holds a ttt run and is
+    refused by every later command (train and convert)."""
+    if not os.path.isdir(corpus):
+        return
+    where, home = run_dir.resolve(), Path(corpus).resolve()
+    if where == home or home in where.parents:
+        raise ValueError(
+            f"--out {run_dir} is {'the' if where == home else 'inside'} --corpus directory {corpus}: the "
+            "run's files would become part of the corpus; expected an --out outside it"
+        )
+
+
 def counted(n: int, noun: str) -> str:
     """``"1 checkpoint"``, ``"2 checkpoints"``: a count and its noun in the right number (nouns that take
     an ``s``)."""

@@ -43,6 +43,7 @@ from .common import (
     load_optimizer_tensors,
     optimizer_tensors,
     parse_mixer_kwargs,
+    refuse_run_in_corpus,
     resolve_device,
     save_plot,
     with_threads,
@@ -727,18 +728,6 @@ def load_teacher(spec: str | Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _check_corpus_outside(corpus: str, out: Path) -> None:
-    """A --corpus directory must not hold --out: the run's own files would become its text."""
-    c = Path(corpus)
-    if c.is_dir():
-        where, texts = out.resolve(), c.resolve()
-        if where == texts or texts in where.parents:
-            raise ValueError(
-                f"--out {out} lies inside --corpus {corpus}: the run's files would be read as its training "
-                "and held-out text; choose an --out outside it"
-            )
-
-
 def _is_convert_log(path: Path) -> bool:
     """Whether ``metrics.jsonl`` holds only a conversion's step records (its last line possibly cut short
     by a killed run)."""
@@ -908,7 +897,7 @@ class _Conversion:
             )
         check_mixer_name(args.mixer)
         args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute
-        _check_corpus_outside(args.corpus, self.run)
+        refuse_run_in_corpus(self.run, args.corpus)
         corpus = load_corpus(args.corpus)
         self.saved = _check_resume(args, self.run)
         path = teacher_path(args.teacher)

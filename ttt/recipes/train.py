@@ -38,6 +38,7 @@ from .common import (
     load_optimizer_tensors,
     optimizer_tensors,
     parse_mixer_kwargs,
+    refuse_run_in_corpus,
     resolve_device,
     save_plot,
     setup_dist,
@@ -317,19 +318,6 @@ def _refuse_context_parallel_share_qk(args: TrainArgs, mixer_kwargs: dict[str, d
         )
 
 
-def _refuse_run_in_corpus(run_dir: Path, corpus: str) -> None:
-    """Refuse a run directory that is, or lies inside, the corpus directory (by any path to it): the run's
-    files would join the corpus, which then holds a ttt run and is refused by every later command."""
-    if not os.path.isdir(corpus):
-        return
-    where, home = run_dir.resolve(), Path(corpus).resolve()
-    if where == home or home in where.parents:
-        raise ValueError(
-            f"--out {run_dir} is {'the' if where == home else 'inside'} --corpus directory {corpus}: the "
-            "run's files would become part of the corpus; expected an --out outside it"
-        )
-
-
 def _check_splits(data: Any, corpus: Any, context: int) -> None:
     """Refuse, before training, a corpus whose splits are too short for one window of ``context``."""
     n_train, n_val = data.train.numel(), data.validation.numel()
@@ -369,7 +357,7 @@ def train(args: TrainArgs) -> TrainResult:
     _check_args(args)
     args = dataclasses.replace(args, corpus=corpus_ref(args.corpus))  # recorded absolute: read from anywhere
     run_dir = check_out_dir(args.out if args.out is not None else f"runs/{args.mixer}-{args.preset}")
-    _refuse_run_in_corpus(run_dir, args.corpus)
+    refuse_run_in_corpus(run_dir, args.corpus)
     if args.resume:
         find_checkpoint(run_dir)  # a missing run is refused before the lock creates its directory
     if int(os.environ.get("RANK", "0")) != 0:
@@ -428,7 +416,7 @@ def _prepare(run: _Run) -> _Run:
         _check_resumable(run.saved[1], run.saved[2])
         refuse_links(run_dir, SHARDED_OUTPUTS)  # before the shards are read through a link
         run.args = args = resume_args(run.saved[1]["args"], args)
-        _refuse_run_in_corpus(run_dir, args.corpus)
+        refuse_run_in_corpus(run_dir, args.corpus)
         _check_together(args, resumed=True)
         if args.steps < run.saved[1]["step"]:
             raise ValueError(
