@@ -903,3 +903,18 @@ def test_ctrl_c_saves_the_step_in_progress_and_says_how_to_resume(teacher_dir, t
         args_for(teacher_dir, run, transfer_steps=4, distill_steps=1, ckpt_every=2, resume=True)
     )
     assert [s for s, _ in summary["losses"]["transfer"]] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_corpus_whose_text_changed(teacher_dir, tmp_path):
+    """A resume on edited text went unnoticed (stranger review)."""
+    from ttt.models.checkpoint import CheckpointError
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join([TEXT] * 12))
+    out = tmp_path / "run"
+    convert(args_for(teacher_dir, out, corpus=str(corpus), transfer_steps=2, distill_steps=0))
+    corpus.write_text("\n".join([TEXT] * 13))
+    with pytest.raises(CheckpointError, match=r"^cannot resume: the text of --corpus .* differs from"):
+        convert(
+            args_for(teacher_dir, out, corpus=str(corpus), transfer_steps=2, distill_steps=2, resume=True)
+        )

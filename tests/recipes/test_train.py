@@ -748,3 +748,15 @@ def test_overwrite_removes_the_temporaries_a_killed_run_left(corpus_dir, tmp_pat
         (run / name).write_text("cut short")
     train(small_args(corpus_dir, run, steps=1, ckpt_every=0, eval_every=0, overwrite=True))
     assert not [name for name in left if (run / name).exists()]
+
+
+def test_resume_refuses_a_corpus_whose_text_changed(corpus_dir, tmp_path):
+    """A resume on edited text went unnoticed: the run went on training on other data (stranger review)."""
+    from ttt.models.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    train(small_args(corpus_dir, out, steps=2, eval_every=0))
+    doc = Path(corpus_dir) / "doc03.txt"
+    doc.write_text(doc.read_text() + "an added line\n")
+    with pytest.raises(CheckpointError, match=r"^cannot resume: the text of --corpus .* differs from"):
+        train(small_args(corpus_dir, out, steps=3, eval_every=0, resume=True))

@@ -54,6 +54,20 @@ class Corpus:
     def validation_text(self) -> str:
         return "\n\n".join(self.validation)
 
+    def sha256(self) -> str:
+        """A fingerprint of the text (every document of both splits, in order, length-prefixed): a run
+        records it, and ``--resume`` refuses a corpus whose text has changed since."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for split in (self.train, self.validation):
+            h.update(f"{len(split)}\n".encode())
+            for doc in split:
+                data = doc.encode("utf-8", "surrogatepass")
+                h.update(f"{len(data)}\n".encode())
+                h.update(data)
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         n_tr = sum(len(d) for d in self.train)
         n_va = sum(len(d) for d in self.validation)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .common import (
     check_number,
+    check_same_corpus,
     check_seed,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -905,8 +906,10 @@ class _Conversion:
         self.teacher_id = {"path": os.path.abspath(path), "sha256": fingerprint_llama(path)}
         if args.teacher != "smollm2":  # recorded absolute, as the corpus
             args = dataclasses.replace(args, teacher=self.teacher_id["path"])
+        self.corpus_sha256 = corpus.sha256()
         if self.saved is not None:
             _check_same_teacher(args, self.saved, self.teacher_id)
+            check_same_corpus(self.saved.get("corpus_sha256"), corpus)
         self.args = args
         t0 = time.perf_counter()
         teacher, self.tokenizer = load_teacher(path)
@@ -1085,6 +1088,7 @@ class _Conversion:
             "args": dataclasses.asdict(self.args),
             "optimizer": opt_meta,
             "summary": _json_safe(self.summary),
+            "corpus_sha256": self.corpus_sha256,
         }
         save_checkpoint(
             self.run,

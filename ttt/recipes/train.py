@@ -33,6 +33,7 @@ from .args import TrainArgs
 from .common import (
     Dist,
     check_number,
+    check_same_corpus,
     check_seed,
     lm_loss,
     load_optimizer_tensors,
@@ -435,6 +436,7 @@ def _prepare(run: _Run) -> _Run:
         _refuse_foreign_outputs(run_dir)
     run.corpus = load_corpus(args.corpus)
     if run.saved:
+        check_same_corpus(run.saved[1].get("corpus_sha256"), run.corpus)
         run.tokenizer = checkpoint_tokenizer(run.saved[1])
     else:
         run.tokenizer = train_tokenizer(args.tokenizer, run.corpus.train_text(), args.vocab_size)
@@ -674,6 +676,7 @@ def _save(run: _Run) -> Path | None:
         "seconds": run.seconds,
         "num_params": run.model.num_params(),
         "warmup_steps": run.warmup_steps,
+        "corpus_sha256": run.corpus.sha256(),
     }
     run.saved_dir = save_checkpoint(
         run.run_dir,
