@@ -42,7 +42,7 @@ def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
     followed (each directory once); hidden temporaries of an interrupted save are left out."""
     import json
 
-    from ttt.models.checkpoint import _hf_weight_files
+    from ttt.models.checkpoint import CheckpointError, _hf_weight_files, _read_hf_config
 
     found = []
     for ckpt in _model_dirs(root):
@@ -54,10 +54,10 @@ def checkpoints(root: Path) -> list[tuple[Path, dict, int, int]]:
             model = ckpt / "model.safetensors"
             weights = [model] if model.is_file() else []
         else:
-            meta = {"hf": json.loads((ckpt / "config.json").read_text())}
+            meta = {"hf": _read_hf_config(ckpt)}  # readable: _model_dirs found it a ttt_lm config
             try:
                 weights = [w for w in _hf_weight_files(ckpt) if w.is_file()]
-            except Exception:  # flagged by damage()
+            except CheckpointError:  # flagged by damage()
                 weights = []
         files = [f for f in ckpt.iterdir() if f.is_file()]
         found.append(

@@ -20,7 +20,6 @@ Four pieces, each a collective (every rank calls it):
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..models.checkpoint import CheckpointError, file_sha256, step_of_dir, write_text_atomic
+from ..models.checkpoint import CheckpointError, file_sha256, replace_dir, step_of_dir, write_text_atomic
 
 __all__ = ["full_model_state", "latest_sharded", "load_sharded", "save_sharded", "shard_model"]
 
@@ -142,7 +141,7 @@ def save_sharded(
         hashes = _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
         if main:
             write_text_atomic(tmp / _COMPLETE, json.dumps({"step": step, "sha256": hashes}, indent=1) + "\n")
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)  # the same step saved again: the earlier one is moved aside first
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,22 +149,10 @@ def save_sharded(
     if main:
         for old in _complete(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(f"{_TMP}*"):  # left by saves of other steps cut short
+        for stale in [*root.glob(f"{_TMP}*"), *root.glob(".step-*.old-*")]:  # left by saves cut short
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return path
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` (the same step saved again) is moved away first."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = tmp.with_name(f".old-{path.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _hash_files(path: Path, names: list[str]) -> dict[str, str]:

@@ -164,11 +164,8 @@ class _TTTLayer(RecurrentMixer):
         if token_eta_base not in TOKEN_ETA_BASES:
             raise ValueError(f"token_eta_base must be one of {TOKEN_ETA_BASES}, got {token_eta_base!r}")
         self.head_dim = dim // num_heads
-        self.mini_batch_size, self.base_lr, self.rope_theta = (
-            mini_batch_size,
-            base_lr,
-            check_rope_theta(rope_theta),
-        )
+        self.mini_batch_size, self.base_lr = mini_batch_size, base_lr
+        self.rope_theta = check_rope_theta(rope_theta)
         self.share_qk = share_qk
         # set by ttt.distributed.enable_context_parallel: (process group, rank, micro-batches) of the split
         self.context_parallel: tuple[Any, int, int] | None = None

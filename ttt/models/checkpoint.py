@@ -183,13 +183,7 @@ def save_checkpoint(
     try:
         _write_checkpoint_files(tmp, step, model_state, config, meta, trainer_tensors)
         final = run / name
-        if final.exists():  # the same step saved again (a run resumed from an older checkpoint)
-            old = Path(tempfile.mkdtemp(dir=run, prefix=".trash-"))
-            os.replace(final, old / name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # over the same step saved before (a run resumed from an older checkpoint)
         write_text_atomic(run / "latest", name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,9 +196,28 @@ def save_checkpoint(
     older = sorted((s, p) for s, p in _step_dirs(run) if s < step)
     for _, old_dir in older[: max(0, len(older) - keep + 1)] if keep > 0 else []:
         shutil.rmtree(old_dir, ignore_errors=True)
-    for stale in [*run.glob(".tmp-step-*"), *run.glob(".trash-*")]:
+    for stale in [*run.glob(".tmp-step-*"), *run.glob(".trash-*"), *run.glob(".step-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory ``tmp`` to its sibling ``final``. An existing ``final`` (or a link
+    there) is first moved aside into a hidden ``.<name>.old-*`` directory beside it, put back if the rename
+    of ``tmp`` fails, and removed once ``tmp`` is in place: ``final`` is never a mix of the two (a process
+    killed in between leaves the old one aside, which its writer's next run removes)."""
+    if not (final.exists() or final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+    os.replace(final, old / final.name)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old / final.name, final)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_checkpoint_files(

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import config_bound
 from .config import LMConfig
 
 __all__ = [
@@ -66,21 +67,14 @@ class LlamaLoadError(ValueError):
 
 
 def _count(value: Any, key: str, where: str, high: int | None = None) -> int:
-    """A size of a checkpoint's metadata: an integer >= 1 (and <= ``high``), else a
-    :class:`LlamaLoadError` naming it."""
+    """A size of a checkpoint's metadata: an integer >= 1 (and <= ``high``: the largest that a ttt checkpoint
+    records, :func:`~ttt.models.checkpoint.config_bound`, or a teacher beyond it would convert and then
+    its own checkpoints would be unreadable), else a :class:`LlamaLoadError` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise LlamaLoadError(f"{where}: {key} must be an integer >= 1, got {str(value)[:40]}")
     if high is not None and value > high:
         raise LlamaLoadError(f"{where}: {key} must be an integer in [1, {high}], got {str(value)[:40]}")
     return int(value)
-
-
-def _bound(config_key: str) -> int:
-    """The largest value of an ``LMConfig`` size that a ttt checkpoint records (what it can read back): a
-    teacher beyond it would convert, then its own checkpoints would be unreadable."""
-    from .checkpoint import config_bound
-
-    return config_bound(config_key)
 
 
 def _positive(value: Any, key: str, where: str) -> float:
@@ -248,7 +242,7 @@ def _gguf_config(reader: Any, path: Path) -> LMConfig:
     where = str(path)
 
     def count(key: str, default: Any = None, bound: str | None = None) -> int:
-        return _count(field(key, default), key, where, _bound(bound) if bound else None)
+        return _count(field(key, default), key, where, config_bound(bound) if bound else None)
 
     n_heads = count("llama.attention.head_count", bound="n_heads")
     n_kv = count("llama.attention.head_count_kv", n_heads)
@@ -257,7 +251,8 @@ def _gguf_config(reader: Any, path: Path) -> LMConfig:
     shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise LlamaLoadError(f"{path} has no tensor token_embd.weight: not a complete Llama checkpoint")
-    vocab = _count(shapes["token_embd.weight"][0], "token_embd.weight rows", where, _bound("vocab_size"))
+    rows = shapes["token_embd.weight"][0]
+    vocab = _count(rows, "token_embd.weight rows", where, config_bound("vocab_size"))
     rope_dims = count("llama.rope.dimension_count", dim // n_heads)
     if rope_dims != dim // n_heads:
         raise LlamaLoadError(f"{path}: partial RoPE ({rope_dims} of {dim // n_heads} dims) is not supported")
@@ -379,7 +374,7 @@ def _hf_llama_config(path: Path) -> tuple[LMConfig, list[Path]]:
         if key not in hf and default is None:
             raise LlamaLoadError(f"{where} lacks {key!r}")
         value = hf.get(key) if hf.get(key) is not None else default
-        return _count(value, key, where, _bound(bound) if bound else None)
+        return _count(value, key, where, config_bound(bound) if bound else None)
 
     dim, n_heads = count("hidden_size", bound="dim"), count("num_attention_heads", bound="n_heads")
     unsupported = {

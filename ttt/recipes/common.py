@@ -291,18 +291,17 @@ def refuse_run_in_corpus(run_dir: Path, corpus: str) -> None:
         )
 
 
-def check_same_corpus(recorded: Any, corpus: Any) -> None:
-    """A resumed run must train on the text it began with: refuse (``CheckpointError``) a ``corpus``
-    (:class:`ttt.data.Corpus`) whose :meth:`~ttt.data.Corpus.sha256` differs from the one its checkpoint
+def check_same_corpus(recorded: Any, name: str, now: str) -> None:
+    """A resumed run must train on the text it began with: refuse (``CheckpointError``) the corpus ``name``
+    whose fingerprint ``now`` (:meth:`ttt.data.Corpus.sha256`) differs from the one its checkpoint
     ``recorded`` (None: a checkpoint from before fingerprints were recorded, not checked)."""
     from ttt.models.checkpoint import CheckpointError
 
     if recorded is None:
         return
-    now = corpus.sha256()
     if recorded != now:
         raise CheckpointError(
-            f"cannot resume: the text of --corpus {corpus.name} differs from what the run trained on (sha256 "
+            f"cannot resume: the text of --corpus {name} differs from what the run trained on (sha256 "
             f"{str(recorded)[:12]} then, {now[:12]} now): restore that text, or start a new run with another "
             "--out"
         )

@@ -213,10 +213,10 @@ def parse_blocks(spec: str, n_layers: int) -> list[int]:
             )
         return parsed
     kind, k = parsed
-    every = [i for i in range(n_layers) if i % k == k - 1] if k else []
-    blocks = {"all": list(range(n_layers)), "every": every}.get(kind)
-    if blocks is None:
-        blocks = [i for i in range(n_layers) if i not in every]
+    if kind == "all":
+        blocks = list(range(n_layers))
+    else:  # every K-th block, counted from 0 (K-1, 2K-1, ...), or all but those
+        blocks = [i for i in range(n_layers) if (i % k == k - 1) == (kind == "every")]
     if not blocks:
         raise ValueError(f"--blocks {spec.strip()} selects no block of the teacher's {n_layers}")
     return blocks
@@ -729,36 +729,19 @@ def load_teacher(spec: str | Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _is_convert_log(path: Path) -> bool:
-    """Whether ``metrics.jsonl`` holds only a conversion's step records (its last line possibly cut short
-    by a killed run)."""
-    with open(path, "rb") as f:
-        lines = f.read(64 << 20).decode(errors="replace").splitlines()
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1 and line.startswith('{"kind"'):
-                continue
-            return False
-        if not (
-            isinstance(record, dict) and record.get("kind") in ("transfer", "distill") and "step" in record
-        ):
-            return False
-    return True
-
-
 def _outputs_without_checkpoints(run: Path) -> tuple[list[Path], list[str]]:
     """``(leftovers, others)`` of a directory without checkpoints: the records of a conversion stopped
     before its first checkpoint (ttt's metrics.jsonl and the event files beside it), which a new run
     replaces; and the names of other run outputs there, which nothing replaces."""
+    from .loop import is_metrics_log
+
     others = [
         name
         for name in ("convert.json", "losses.png", "hf")
         if (run / name).exists() or (run / name).is_symlink()
     ]
     jsonl, events = run / "metrics.jsonl", sorted(run.glob("events.out.tfevents.*"))
-    ours = jsonl.is_file() and not jsonl.is_symlink() and _is_convert_log(jsonl)
+    ours = jsonl.is_file() and not jsonl.is_symlink() and is_metrics_log(jsonl, ("transfer", "distill"))
     leftovers = [jsonl, *events] if ours else []
     if not ours and (jsonl.exists() or jsonl.is_symlink()):
         others.append("metrics.jsonl")
@@ -909,7 +892,7 @@ class _Conversion:
         self.corpus_sha256 = corpus.sha256()
         if self.saved is not None:
             _check_same_teacher(args, self.saved, self.teacher_id)
-            check_same_corpus(self.saved.get("corpus_sha256"), corpus)
+            check_same_corpus(self.saved.get("corpus_sha256"), corpus.name, self.corpus_sha256)
         self.args = args
         t0 = time.perf_counter()
         teacher, self.tokenizer = load_teacher(path)
@@ -1181,13 +1164,14 @@ class _Conversion:
                 seconds["calibrate_after_transfer"] = time.perf_counter() - t
             if step == end:
                 held_out = self.held_out_loss(self.student)
-                if not math.isfinite(perplexity_of(held_out)):  # a model far worse than uniform: diverged
+                ppl = perplexity_of(held_out)
+                if not math.isfinite(ppl):  # a model far worse than uniform: diverged
                     raise TrainingDiverged(
                         f"training diverged at step {step}: the held-out loss is {held_out:.6g} nats per "
-                        f"token (perplexity {perplexity_of(held_out)}); nothing of step {step} was saved "
+                        f"token (perplexity {ppl}); nothing of step {step} was saved "
                         f"({latest_note(self.run)}); lower --{name}-lr (--overwrite starts the run over)"
                     )
-                self.ppl[f"after_{name}"] = perplexity_of(held_out)
+                self.ppl[f"after_{name}"] = ppl
                 log.print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}")
             self.checkpoint(optimizer, sampler)
 
@@ -1315,6 +1299,7 @@ def export_hf(student: nn.Module, tokenizer: Any, out: str | Path, *, progress: 
 
     from transformers.utils import logging as hf_logging
 
+    from ttt.models.checkpoint import replace_dir
     from ttt.models.hf import TTTForCausalLM
 
     out = Path(out)
@@ -1334,18 +1319,7 @@ def export_hf(student: nn.Module, tokenizer: Any, out: str | Path, *, progress: 
             if quiet:
                 hf_logging.enable_progress_bar()
         os.chmod(tmp, 0o755)
-        if out.exists() or out.is_symlink():  # the previous export: moved aside, then removed
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                old.rmdir()
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # the previous export: moved aside, then removed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

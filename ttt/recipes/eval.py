@@ -290,7 +290,6 @@ def _write(result: EvalResult, out: Path, stem: str, label: str, data, by_pos: T
     """``eval-STEM.json``, ``loss_by_position-STEM.md`` and ``.png`` in ``out`` (sets ``result.plot``)."""
     from ttt.models.checkpoint import write_text_atomic
 
-    out.mkdir(parents=True, exist_ok=True)
     rows = [[f"{a}-{b}", f"{v:.4f}", f"{data.bits_per_byte(v):.4f}"] for a, b, v in result.positions]
     table = format_table(["positions", "loss (nats/token)", "bits/byte"], rows)
     write_text_atomic(

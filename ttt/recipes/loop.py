@@ -19,7 +19,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "TrainingDiverged",
     "check_finite_weights",
     "cosine_lr",
+    "is_metrics_log",
     "warmup_steps",
 ]
 
@@ -201,6 +202,30 @@ def _open_jsonl(path: Path, keep_until: int) -> Any:
         if len(kept) < len(lines) or (text and not text.endswith("\n")):
             write_text_atomic(path, "".join(line + "\n" for line in kept))
     return open(path, "a")
+
+
+def is_metrics_log(path: Path, kinds: Collection[str] | None = None) -> bool:
+    """Whether the file ``path`` holds nothing but ttt's step records (JSON objects with a ``kind`` and a
+    ``step``; with ``kinds``, of those kinds), the last line possibly cut short by a killed run (it still
+    begins ``{"kind"``, as every record :class:`MetricsLog` writes): the records of a run that stopped
+    before its first checkpoint, which a new run into the directory may replace."""
+    with open(path, "rb") as f:
+        lines = f.read(64 << 20).decode(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and not line.startswith('{"kind"'):
+            return False
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if last:
+                continue  # cut short
+            return False
+        if not (isinstance(record, dict) and "kind" in record and "step" in record):
+            return False
+        if kinds is not None and record["kind"] not in kinds:
+            return False
+    return True
 
 
 def _step_of(line: str) -> float:

@@ -140,6 +140,8 @@ class _Run:
     """the checkpoint this process last wrote (the main process; None: none yet)"""
     warmup_steps: int = 0
     """the warm-up's length, fixed when the run starts (an extension by --resume --steps keeps it)"""
+    corpus_sha256: str = ""
+    """the fingerprint of the corpus text (:meth:`ttt.data.Corpus.sha256`), recorded in every checkpoint"""
     history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
     seconds: float = 0.0
     wrote: list[str] = field(default_factory=list)
@@ -435,8 +437,9 @@ def _prepare(run: _Run) -> _Run:
     if not args.resume and not has_checkpoints(run_dir):
         _refuse_foreign_outputs(run_dir)
     run.corpus = load_corpus(args.corpus)
+    run.corpus_sha256 = run.corpus.sha256()
     if run.saved:
-        check_same_corpus(run.saved[1].get("corpus_sha256"), run.corpus)
+        check_same_corpus(run.saved[1].get("corpus_sha256"), run.corpus.name, run.corpus_sha256)
         run.tokenizer = checkpoint_tokenizer(run.saved[1])
     else:
         run.tokenizer = train_tokenizer(args.tokenizer, run.corpus.train_text(), args.vocab_size)
@@ -481,30 +484,17 @@ def _refuse_foreign_outputs(run_dir: Path) -> None:
     ``metrics.jsonl`` with lines that are not ttt's records, is the user's, and a fresh run (``--overwrite``
     too, which deletes only a run's files) would replace it. The records of a run killed before its first
     checkpoint (the last line possibly cut short) are ttt's: the new run replaces them."""
-    from .loop import MetricsLog
+    from .loop import MetricsLog, is_metrics_log
 
     found = [name for name in ("result.json", "loss_curve.png") if (run_dir / name).exists()]
     jsonl = run_dir / MetricsLog.JSONL
-    if jsonl.is_file():
-        with open(jsonl, "rb") as f:
-            lines = f.read(64 << 20).decode(errors="replace").splitlines()
-        if any(not _is_record(line) for line in lines[:-1]) or (
-            lines and not lines[-1].startswith('{"kind"')
-        ):
-            found.append(MetricsLog.JSONL)
+    if jsonl.is_file() and not is_metrics_log(jsonl):
+        found.append(MetricsLog.JSONL)
     if found:
         raise FileExistsError(
             f"{run_dir} holds {', '.join(found)}, which no ttt run here wrote (it has no checkpoints): a new "
             "run would replace them; move them away or choose another --out"
         )
-
-
-def _is_record(line: str) -> bool:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    return isinstance(record, dict) and "kind" in record and "step" in record
 
 
 # The layers `ttt train` builds by default, with the short causal convolutions that won every CPU
@@ -676,7 +666,7 @@ def _save(run: _Run) -> Path | None:
         "seconds": run.seconds,
         "num_params": run.model.num_params(),
         "warmup_steps": run.warmup_steps,
-        "corpus_sha256": run.corpus.sha256(),
+        "corpus_sha256": run.corpus_sha256,
     }
     run.saved_dir = save_checkpoint(
         run.run_dir,
