@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.utils import ModelOutput
 
 from .config import LMConfig
-from .lm import CausalLM, state_nbytes
+from .lm import CausalLM, build_mixer, state_nbytes
 
 __all__ = ["TTTCache", "TTTCausalLMOutput", "TTTForCausalLM", "TTTLMConfig", "hf_tokenizer"]
 
@@ -83,6 +84,9 @@ def _gpt2_byte_of(char: str) -> int:
     return others[code - 256]
 
 
+_TTT_CKPT_FILES = ("checkpoint.json", "latest")  # what a ttt run or checkpoint directory holds
+
+
 class TTTLMConfig(PretrainedConfig):
     """A ``PretrainedConfig`` wrapping :class:`LMConfig`.
 
@@ -111,6 +115,26 @@ class TTTLMConfig(PretrainedConfig):
 
     def to_lm_config(self) -> LMConfig:
         return LMConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(LMConfig)})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """``PretrainedConfig.from_pretrained`` that refuses what is not a ``ttt_lm`` config: a directory
+        without config.json (transformers would build the default config) or another model type's."""
+        where = pretrained_model_name_or_path
+        config_dict, _ = cls.get_config_dict(where, **dict(kwargs))
+        if not config_dict:
+            if os.path.isdir(where) and any(os.path.exists(os.path.join(where, n)) for n in _TTT_CKPT_FILES):
+                raise ValueError(
+                    f"{where} is a ttt checkpoint directory, not a HF one: load it with "
+                    f"TTTForCausalLM.from_checkpoint({str(where)!r})"
+                )
+            raise ValueError(f"{where} holds no config.json: expected a directory that save_pretrained wrote")
+        if config_dict.get("model_type") != cls.model_type:
+            raise ValueError(
+                f"{where}: config.json has model_type {config_dict.get('model_type')!r}, not "
+                f"{cls.model_type!r}: TTTForCausalLM loads only what a TTTForCausalLM saved"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 class TTTCache:
@@ -183,6 +207,58 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         hf.model.load_state_dict(model.state_dict())
         hf.tokenizer = hf_tokenizer(tokenizer) if tokenizer is not None else None
         return hf.eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, strict: every tensor of the model comes from the file.
+
+        transformers builds the model on the ``meta`` device and leaves to ``_init_weights`` whatever the
+        file lacks; this model initialises itself at construction instead, so a missing, unexpected or
+        resized tensor is an error here, and the buffers that are not saved are computed again."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        problems = []
+        for what, keys in (("missing", info.get("missing_keys", ())),
+                           ("unexpected", info.get("unexpected_keys", ())),
+                           ("other shapes", [k if isinstance(k, str) else k[0]
+                                             for k in info.get("mismatched_keys", ())])):  # fmt: skip
+            if keys:
+                names = sorted(keys)
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                problems.append(f"{what}: {', '.join(names[:3])}{more}")
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: model.safetensors does not fit the model of its "
+                f"config.json ({'; '.join(problems)})"
+            )
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: model.safetensors holds NaN or Inf: {', '.join(bad[:3])}"
+            )
+        model._compute_unsaved_buffers()
+        return (model, info) if want_info else model
+
+    def _compute_unsaved_buffers(self) -> None:
+        """The buffers a state dict leaves out (RetNet's decay rates), which transformers' loading leaves
+        uninitialised: each block's mixer that holds one is built again on the CPU to read them."""
+        config = self.model.config
+        for name, block in zip(config.mixers, self.model.blocks):
+            keys = [
+                f"{prefix}.{b}" if prefix else b
+                for prefix, module in block.mixer.named_modules()
+                for b in module._non_persistent_buffers_set
+            ]
+            if not keys:
+                continue
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                fresh = dict(build_mixer(name, config).named_buffers())
+            own = dict(block.mixer.named_buffers())
+            with torch.no_grad():
+                for key in keys:
+                    own[key].copy_(fresh[key])
 
     @classmethod
     def from_checkpoint(cls, path: str) -> TTTForCausalLM:
