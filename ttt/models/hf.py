@@ -198,6 +198,15 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.head
 
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        """For ``resize_token_embeddings``: the new embedding, and the vocabulary size the model checks ids
+        against."""
+        self.model.embed = value
+        self.model.config = dataclasses.replace(self.model.config, vocab_size=value.num_embeddings)
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.head = value
+
     @classmethod
     def from_ttt(cls, model: CausalLM, tokenizer: Any = None) -> TTTForCausalLM:
         """Wrap a trained :class:`CausalLM` (weights are copied); a ``ttt`` tokenizer given here is

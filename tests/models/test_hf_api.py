@@ -1,0 +1,42 @@
+"""The parts of the transformers model API that the adapter must honour or refuse: resizing the
+vocabulary, the Trainer's loss normalisation, and outputs it does not produce (stranger review)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from ttt.models.hf import TTTForCausalLM, TTTLMConfig  # noqa: E402
+
+
+def hf_model(mixer: str = "ttt_linear", **kwargs) -> TTTForCausalLM:
+    torch.manual_seed(0)
+    return TTTForCausalLM(TTTLMConfig(preset="micro", mixer=mixer, vocab_size=61, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_token_embeddings(tmp_path, tie):
+    """resize_token_embeddings raised NotImplementedError (set_input_embeddings was not implemented)."""
+    model = hf_model(tie_embeddings=tie)
+    idx = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(idx).logits
+    model.resize_token_embeddings(70)
+    assert model.config.vocab_size == 70 and model.model.config.vocab_size == 70
+    assert (model.model.head.weight is model.model.embed.weight) == tie
+    with torch.no_grad():
+        after = model(idx).logits
+        assert after.shape == (2, 9, 70)
+        assert torch.equal(after[..., :61], before)  # the old tokens' rows are kept
+        assert model(torch.tensor([[65, 69]])).logits.shape == (1, 2, 70)  # a new id is accepted
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, after)
+    model.resize_token_embeddings(50)  # shrinking: the ids it drops are refused
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50\)"):
+        model(torch.tensor([[55]]))
