@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
@@ -40,3 +41,20 @@ def test_resize_token_embeddings(tmp_path, tie):
     model.resize_token_embeddings(50)  # shrinking: the ids it drops are refused
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50\)"):
         model(torch.tensor([[55]]))
+
+
+def test_loss_honours_num_items_in_batch():
+    """transformers' Trainer sees **kwargs in forward, passes num_items_in_batch and then no longer
+    divides the loss by the gradient-accumulation steps: the model must return sum / num_items_in_batch
+    (it returned the mean, so accumulating k micro-batches gave k times the gradient)."""
+    model = hf_model()
+    idx = torch.randint(0, 61, (2, 12))
+    labels = idx.clone()
+    labels[1, 5:] = -100
+    with torch.no_grad():
+        out = model(idx, labels=labels, num_items_in_batch=40)
+        shifted = labels[:, 1:]
+        total = F.cross_entropy(out.logits[:, :-1].reshape(-1, 61), shifted.reshape(-1), reduction="sum")
+        torch.testing.assert_close(out.loss, total / 40)
+        mean = model(idx, labels=labels).loss
+        torch.testing.assert_close(mean, total / (shifted != -100).sum())

@@ -336,8 +336,14 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             seen = cache.seen_tokens
         loss = None
         if labels is not None:
+            # transformers' Trainer passes num_items_in_batch (the labelled tokens of all accumulated
+            # micro-batches) and then leaves the loss unscaled: the sum over it, as its own models return
+            n_items = kwargs.get("num_items_in_batch")
+            reduction = "mean" if n_items is None else "sum"
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)  # fmt: skip
+                                   ignore_index=-100, reduction=reduction)  # fmt: skip
+            if n_items is not None:
+                loss = loss / (n_items.to(loss.device) if isinstance(n_items, Tensor) else n_items)
         new_cache = TTTCache(states, seen + input_ids.shape[1]) if use_cache else None
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=new_cache)
 
