@@ -58,3 +58,19 @@ def test_loss_honours_num_items_in_batch():
         torch.testing.assert_close(out.loss, total / 40)
         mean = model(idx, labels=labels).loss
         torch.testing.assert_close(mean, total / (shifted != -100).sum())
+
+
+@pytest.mark.parametrize(
+    "kwarg, match",
+    [("output_hidden_states", "returns no hidden states"), ("output_attentions", "no attention weights")],
+)
+def test_outputs_the_model_does_not_produce_are_refused(kwarg, match):
+    """They were accepted and dropped: ``.hidden_states`` then raised AttributeError, and so did
+    generate(..., output_hidden_states=True, return_dict_in_generate=True) after decoding."""
+    model = hf_model()
+    idx = torch.randint(0, 61, (1, 5))
+    with pytest.raises(ValueError, match=match):
+        model(idx, **{kwarg: True})
+    with pytest.raises(ValueError, match=match):
+        model.generate(idx, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **{kwarg: True})
+    assert model(idx, **{kwarg: False}).logits.shape == (1, 5, 61)

@@ -168,6 +168,20 @@ class TTTCausalLMOutput(ModelOutput):
     cache: TTTCache | None = None
 
 
+def _refuse_outputs(kwargs: dict[str, Any]) -> None:
+    """One-line errors for outputs the model does not produce, asked for in ``kwargs``."""
+    if kwargs.get("output_hidden_states"):
+        raise ValueError(
+            "TTTForCausalLM returns no hidden states (output_hidden_states=True): it returns logits and the "
+            "cache; leave output_hidden_states off"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "TTTForCausalLM has no attention weights to return (output_attentions=True): leave "
+            "output_attentions off"
+        )
+
+
 class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     """:class:`CausalLM` behind the ``transformers`` model API (``generate``, ``save_pretrained``, Auto*)."""
 
@@ -306,6 +320,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         logits of that token, so ``generate`` continues each prompt as if alone (the new tokens sit after
         the padding in the returned ids).
         """
+        _refuse_outputs(kwargs)
         cache = cache if cache is not None else past_key_values
         mask = None
         if attention_mask is not None:
@@ -346,6 +361,13 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
                 loss = loss / (n_items.to(loss.device) if isinstance(n_items, Tensor) else n_items)
         new_cache = TTTCache(states, seen + input_ids.shape[1]) if use_cache else None
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=new_cache)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``; ``output_hidden_states`` and ``output_attentions`` are refused (the
+        model returns neither: transformers failed on the missing attribute after decoding)."""
+        config = kwargs.get("generation_config")
+        _refuse_outputs({**({} if config is None else config.to_dict()), **kwargs})
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
