@@ -79,9 +79,8 @@ def test_loss_with_labels_and_padding_rules():
     torch.testing.assert_close(out.loss.double(), torch.stack(nll).mean(), rtol=1e-5, atol=1e-6)
     unshifted = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(12) if labels[b, t] != -100]
     assert not torch.allclose(out.loss.double(), torch.stack(unshifted).mean(), atol=1e-3)
-    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    with pytest.raises(ValueError, match="right padding"):
-        model(idx[:, :3], attention_mask=left_padded)
+    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])  # accepted since the stranger review
+    assert model(idx[:, :3], attention_mask=left_padded).logits.shape == (2, 3, 61)
 
 
 def test_from_ttt_checkpoint(tmp_path):

@@ -314,17 +314,28 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> TTTCausalLMOutput:
         """``input_ids [B, T]`` -> logits ``[B, T, V]``; with a cache, continue the cached sequences.
 
-        ``attention_mask`` must be right padding (1 = token): left-padded batches are refused, since
-        TTT's mini-batches are aligned to the start of each sequence. After a right-padded prompt the
-        state of every row continues from its last real token, and a padded row's last column holds the
-        logits of that token, so ``generate`` continues each prompt as if alone (the new tokens sit after
-        the padding in the returned ids).
+        ``attention_mask`` (1 = token) may pad a prompt on either side: each row's real tokens run as one
+        sequence from its first, so its state continues from its last real token, and a row whose last
+        column is padding holds the logits of that token there; ``generate`` thus continues each prompt as
+        if alone (the new tokens sit after the padding in the returned ids). Tokens fed with a cache
+        may not be padding.
         """
         _refuse_outputs(kwargs)
         cache = cache if cache is not None else past_key_values
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[:, -input_ids.shape[1] :].bool()
+            (batch, length), seen_before = input_ids.shape, 0 if cache is None else cache.seen_tokens
+            if (
+                attention_mask.dim() != 2
+                or attention_mask.shape[0] != batch
+                or attention_mask.shape[1] not in (length, seen_before + length)
+            ):
+                also = f" or [B, tokens seen + T] = [{batch}, {seen_before + length}]" if seen_before else ""
+                raise ValueError(
+                    f"attention_mask must be [B, T] = [{batch}, {length}]{also} like input_ids, "
+                    f"got {list(attention_mask.shape)}"
+                )
+            mask = attention_mask[:, -length:].bool()
             if cache is None and len(empty := (~mask.any(1)).nonzero()):  # a prompt: no row may be empty
                 raise ValueError(
                     f"attention_mask row {int(empty[0])} holds no token (an empty prompt): every row needs "
@@ -332,17 +343,21 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             if bool(mask.all()):
                 mask = None
-            elif cache is not None or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-                raise ValueError("TTTForCausalLM supports right padding only (no left padding, no padding "
-                                 "while decoding): for prompts of different lengths use the CausalLM "
-                                 "underneath, model.model.generate(ids, n, lengths=...)")  # fmt: skip
+            elif cache is not None:
+                raise ValueError("TTTForCausalLM takes no padding while decoding (attention_mask zeros among "
+                                 "the tokens fed with a cache): pad the prompt instead")  # fmt: skip
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is None:
-            logits, states = self.model(input_ids, mask=mask)
             seen = 0
-            if mask is not None:  # a padded row's last column answers as its last real token: generate
-                last = logits[torch.arange(len(mask)), mask.sum(1) - 1]  # continues each prompt exactly
-                logits = torch.cat([logits[:, :-1], last[:, None]], dim=1)
+            if mask is None:
+                logits, states = self.model(input_ids)
+            else:
+                # every row's real tokens first, in order (the mixers take right padding only), then back
+                order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
+                packed, states = self.model(input_ids.gather(1, order), mask=mask.gather(1, order))
+                logits = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
+                # a row padded at the end answers there as its last real token: generate reads that column
+                logits[:, -1] = packed[torch.arange(len(mask)), mask.sum(1) - 1]
         elif input_ids.shape[1] == 1:
             logits, states = self.model.step(input_ids[:, 0], cache.states)
             logits, seen = logits[:, None], cache.seen_tokens
@@ -355,7 +370,10 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             # micro-batches) and then leaves the loss unscaled: the sum over it, as its own models return
             n_items = kwargs.get("num_items_in_batch")
             reduction = "mean" if n_items is None else "sum"
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+            targets = labels[:, 1:]
+            if mask is not None and cache is None:  # a padding column predicts nothing (left padding)
+                targets = targets.masked_fill(~mask[:, :-1], -100)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction)  # fmt: skip
             if n_items is not None:
                 loss = loss / (n_items.to(loss.device) if isinstance(n_items, Tensor) else n_items)
