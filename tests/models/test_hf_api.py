@@ -74,3 +74,29 @@ def test_outputs_the_model_does_not_produce_are_refused(kwarg, match):
     with pytest.raises(ValueError, match=match):
         model.generate(idx, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **{kwarg: True})
     assert model(idx, **{kwarg: False}).logits.shape == (1, 5, 61)
+
+
+def test_the_tokenizers_special_tokens_reach_generate(tmp_path):
+    """A model converted from a GGUF teacher carries its tokenizer's end-of-text token, but the config and
+    generation_config named none, so generate() and pipeline() ran past it to max_new_tokens."""
+    pytest.importorskip("gguf")
+    from ttt.models.llama import load_llama
+    from ttt.testing import tiny_llama, write_llama_gguf
+
+    llama = tiny_llama(tmp_path / "llama", n_layers=1)
+    write_llama_gguf(llama, tmp_path / "llama" / "tokenizer.json", tmp_path / "m.gguf")
+    model, tokenizer = load_llama(tmp_path / "m.gguf")
+    assert tokenizer.special == {"eos": "<|endoftext|>"}
+    hf = TTTForCausalLM.from_ttt(model, tokenizer=tokenizer)
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == 0
+    hf.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert again.config.eos_token_id == again.generation_config.eos_token_id == 0
+    # generation ends at the token: make it the most likely one after any input
+
+    def eos_first(module, inputs, logits):
+        return logits + 100 * (torch.arange(logits.shape[-1]) == 0)
+
+    again.model.head.register_forward_hook(eos_first)
+    out = again.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, do_sample=False)
+    assert out.tolist() == [[5, 6, 7, 0]]

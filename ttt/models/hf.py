@@ -224,11 +224,18 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_ttt(cls, model: CausalLM, tokenizer: Any = None) -> TTTForCausalLM:
         """Wrap a trained :class:`CausalLM` (weights are copied); a ``ttt`` tokenizer given here is
-        written by ``save_pretrained`` (as ``tokenizer.json`` + ``tokenizer_config.json``). Eval mode."""
+        written by ``save_pretrained`` (as ``tokenizer.json`` + ``tokenizer_config.json``) and the ids of the
+        bos / eos / padding tokens it names go into the config and generation config. Eval mode."""
         config = TTTLMConfig(**model.config.to_dict())
         hf = cls(config)
         hf.model.load_state_dict(model.state_dict())
         hf.tokenizer = hf_tokenizer(tokenizer) if tokenizer is not None else None
+        # the tokens the tokenizer names (a GGUF teacher's end of text): generate stops at its eos
+        for name in ("bos", "eos", "pad"):
+            token_id = None if hf.tokenizer is None else getattr(hf.tokenizer, f"{name}_token_id")
+            if token_id is not None:
+                setattr(hf.config, f"{name}_token_id", token_id)
+                setattr(hf.generation_config, f"{name}_token_id", token_id)
         return hf.eval()
 
     @classmethod
