@@ -198,3 +198,26 @@ def test_cuda_graph_decoder_equals_model_step(case):
             got = dec.step(idx[:, t])
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert dec._graph is not None
+
+
+def test_step_refuses_tokens_that_do_not_fit_the_batch():
+    """A [1] token for a batch of 2 was broadcast to every row, and float ids were truncated to
+    integers, both silently (the step copies the token into its buffer)."""
+    torch.manual_seed(0)
+    model = CausalLM(LMConfig.from_name("micro", mixer="ttt_linear", vocab_size=61)).eval()
+    dec = StaticDecoder(model, max_len=12)
+    dec.prefill(torch.randint(0, 61, (2, 5)))
+    for bad in (torch.tensor([1]), torch.tensor([1, 2, 3]), torch.tensor([[1, 2], [3, 4]]), torch.tensor(1)):
+        with pytest.raises(ValueError, match=r"token must be \[B\] or \[B, 1\] token ids with B = 2"):
+            dec.step(bad)
+    with pytest.raises(ValueError, match="token must hold integer ids, got torch.float32"):
+        dec.step(torch.tensor([1.7, 2.2]))
+    assert dec.length == 5  # nothing was fed
+    assert dec.step(torch.tensor([[1], [2]])).shape == (2, 61) and dec.length == 6
+
+
+@pytest.mark.parametrize("max_len", [10.5, True, "10"])
+def test_max_len_must_be_an_int(max_len):
+    model = CausalLM(LMConfig.from_name("micro", mixer="attention", vocab_size=61)).eval()
+    with pytest.raises(TypeError, match="max_len must be an int"):
+        StaticDecoder(model, max_len=max_len)

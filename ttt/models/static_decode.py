@@ -282,6 +282,8 @@ class StaticDecoder:
         cuda_graph: bool = False,
         autocast: torch.dtype | None = None,
     ) -> None:
+        if not isinstance(max_len, int) or isinstance(max_len, bool):
+            raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
         if max_len < 1 or max_len > model.config.max_seq_len:
             raise ValueError(
                 f"max_len must lie in 1..max_seq_len = {model.config.max_seq_len}, got {max_len}"
@@ -362,6 +364,15 @@ class StaticDecoder:
             raise RuntimeError("StaticDecoder.step before prefill")
         if self.length >= self.max_len:
             raise ValueError(f"the sequence reached max_len = {self.max_len}")
+        batch = self.token.shape[0]
+        # shape and dtype only (no host read): a [1] token would broadcast into every row of the buffer
+        if token.dim() not in (1, 2) or token.shape[0] != batch or token.numel() != batch:
+            raise ValueError(
+                f"token must be [B] or [B, 1] token ids with B = {batch} (the prefill's batch), "
+                f"got shape {list(token.shape)}"
+            )
+        if token.dtype.is_floating_point or token.dtype.is_complex or token.dtype == torch.bool:
+            raise ValueError(f"token must hold integer ids, got {token.dtype}")
         self.token.copy_(token.view(-1))
         if self.cuda_graph:
             if self._graph is None:
