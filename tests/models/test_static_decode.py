@@ -221,3 +221,16 @@ def test_max_len_must_be_an_int(max_len):
     model = CausalLM(LMConfig.from_name("micro", mixer="attention", vocab_size=61)).eval()
     with pytest.raises(TypeError, match="max_len must be an int"):
         StaticDecoder(model, max_len=max_len)
+
+
+def test_the_decoding_docs_example_runs_and_prints_what_it_says(capsys):
+    """docs/decoding.md's example was a fragment (model, prompt, prompt_len, new_tokens undefined) that
+    asked for a CUDA graph, which raises on the CPU."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "decoding.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/decoding.md", "exec"), {"__name__": "__decoding_md__"})
+    assert capsys.readouterr().out == "27 True\n"
