@@ -100,3 +100,16 @@ def test_the_tokenizers_special_tokens_reach_generate(tmp_path):
     again.model.head.register_forward_hook(eos_first)
     out = again.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, do_sample=False)
     assert out.tolist() == [[5, 6, 7, 0]]
+
+
+def test_a_cache_of_another_kind_is_refused():
+    """A transformers DynamicCache (or anything but the TTTCache a call returned) raised AttributeError."""
+    from transformers import DynamicCache
+
+    model = hf_model()
+    idx = torch.randint(0, 61, (1, 5))
+    for kwargs in ({"past_key_values": DynamicCache()}, {"cache": (1, 2)}):
+        with pytest.raises(TypeError, match=r"the cache must be the TTTCache .* got (DynamicCache|tuple)"):
+            model(idx, **kwargs)
+    with pytest.raises(TypeError, match=r"the cache must be the TTTCache .* got DynamicCache"):
+        model.generate(idx, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache())

@@ -168,6 +168,17 @@ class TTTCausalLMOutput(ModelOutput):
     cache: TTTCache | None = None
 
 
+def _the_cache(cache: Any, past_key_values: Any) -> TTTCache | None:
+    """``cache``, else ``past_key_values``: None or the :class:`TTTCache` a call returned."""
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, TTTCache):
+        raise TypeError(
+            "the cache must be the TTTCache a previous call returned (output.cache), got "
+            f"{type(cache).__name__}"
+        )
+    return cache
+
+
 def _refuse_outputs(kwargs: dict[str, Any]) -> None:
     """One-line errors for outputs the model does not produce, asked for in ``kwargs``."""
     if kwargs.get("output_hidden_states"):
@@ -328,7 +339,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         may not be padding.
         """
         _refuse_outputs(kwargs)
-        cache = cache if cache is not None else past_key_values
+        cache = _the_cache(cache, past_key_values)
         mask = None
         if attention_mask is not None:
             (batch, length), seen_before = input_ids.shape, 0 if cache is None else cache.seen_tokens
@@ -404,7 +415,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """First call: the whole prompt (chunked prefill). Later calls: only the newest token."""
-        cache = cache if cache is not None else past_key_values
+        cache = _the_cache(cache, past_key_values)
         if cache is not None:
             input_ids = input_ids[:, cache.seen_tokens :]
             attention_mask = None
