@@ -17,6 +17,8 @@ A model made from a ``ttt`` checkpoint (:meth:`TTTForCausalLM.from_checkpoint`) 
 
 Example::
 
+    import torch
+    from transformers import AutoModelForCausalLM
     from ttt.models.hf import TTTForCausalLM, TTTLMConfig
     model = TTTForCausalLM(TTTLMConfig(preset="micro", mixer="ttt_linear"))
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
