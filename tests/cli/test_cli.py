@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from ttt.cli.main import COMMANDS, build_parser, main
 from ttt.models.checkpoint import find_checkpoint
@@ -406,6 +407,20 @@ def test_generate_options(trained, tmp_path, capsys):
     assert "n/a tokens/s" in capsys.readouterr().err
     assert main([*base, "--prompt", "The", "--top-k", "none"]) == 0
     assert "n/a tokens/s" in capsys.readouterr().err
+
+
+def test_streamed_text_ends_like_the_whole_text_when_a_character_is_cut(trained, capsys, monkeypatch):
+    # the last new token is the first byte of a two-byte character: streamed output used to drop it
+    import ttt.models
+
+    monkeypatch.setattr(ttt.models, "sample", lambda logits, **kw: torch.full(logits.shape[:1], 0xC3))
+    base = ["generate", "--checkpoint", str(trained), "--prompt", "The", "--no-echo", "--max-new-tokens"]
+    for n in ("1", "2", "5"):
+        outs = []
+        for extra in ([], ["--no-stream"]):
+            assert main([*base, n, *extra]) == 0
+            outs.append(capsys.readouterr().out)
+        assert outs[0] == outs[1] and outs[0].rstrip("\n").endswith("\ufffd")
 
 
 def test_generate_echoes_the_prompt_unless_told_not_to_and_offers_top_p(trained, capsys):

@@ -44,6 +44,14 @@ def test_stream_decoder_waits_for_whole_characters():
     assert "".join(pieces) == "a—é" and pieces[1] == "" and pieces[2] == ""
 
 
+def test_stream_decoder_flush_gives_what_decoding_at_once_gives():
+    tok = ByteTokenizer()
+    for ids in (list("a—".encode())[:-1], list(b"ab"), [0xC3], []):
+        dec = StreamDecoder(tok)
+        streamed = "".join(dec.push(b) for b in ids) + dec.flush()
+        assert streamed == tok.decode(ids) and dec.flush() == ""
+
+
 def test_prepare_and_bits_per_byte():
     data = prepare(Corpus("t", (TEXT,), (TEXT[:500],)))
     assert data.train.dtype == torch.long and data.tokens_per_byte == 1.0

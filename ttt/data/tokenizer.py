@@ -58,6 +58,12 @@ class StreamDecoder:
         self.pending = []
         return text
 
+    def flush(self) -> str:
+        """What is still held back (a character cut at the end of the output), decoded as ``decode``
+        would: the streamed pieces and this add up to the whole text decoded at once."""
+        text, self.pending = self.tokenizer.decode(self.pending), []
+        return text
+
 
 class BPETokenizer:
     """Byte-level BPE (HuggingFace ``tokenizers``), trained locally with ``BPETokenizer.train``."""

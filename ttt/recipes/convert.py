@@ -12,7 +12,8 @@ Steps (see docs/convert.md):
    the teacher's own hidden states (MSE, all swapped blocks at once; only the swapped mixers train);
 4. (b) *distillation*: the whole student learns the teacher's next-token distribution (KL, optionally
    plus cross-entropy on the text), with full, mixer-only or low-rank (LoRA) updates;
-5. save the result as a HF directory (``AutoModelForCausalLM`` after ``import ttt``) with its tokenizer.
+5. save the result as a HF directory with its tokenizer (``AutoModelForCausalLM`` after
+   ``import ttt.models.hf``).
 
 The teacher stays frozen throughout. The run directory holds ``ttt train``-style checkpoints (atomic,
 resumable with ``--resume``; ``ttt eval`` / ``ttt generate`` read it), ``convert.json`` (the

@@ -138,7 +138,7 @@ def generate_text(args: GenerateArgs, out: TextIO | None = None) -> GenerateResu
     sync()
     decode = time.perf_counter() - t0
     if args.stream:
-        out.write("\n")
+        out.write(stream.flush() + "\n")
         out.flush()
     # the last sampled token needs no step, so max_new_tokens - 1 steps were timed (plus sampling)
     steps = args.max_new_tokens - 1
