@@ -28,6 +28,18 @@ def _heads(t: torch.Tensor, h: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
+def test_retnet_decay_keeps_its_precision_and_is_not_state():
+    # the decay is a constant of the layer, not a tensor to save or cast: under .to(bfloat16) a stored copy
+    # was rounded (gamma 1 - 2^-10 to 1 - 2^-9 in block 5), and transformers' meta-device loading left it
+    # uninitialised
+    layer = RetNet(64, num_heads=8).to(torch.bfloat16)
+    decay = torch.exp(layer.log_gamma(torch.float32, torch.device("cpu")))
+    want = 1 - 2.0 ** (-5.0 - torch.arange(8, dtype=torch.float64))
+    torch.testing.assert_close(decay.double(), want, atol=1e-7, rtol=0)
+    assert "log_gamma" not in dict(layer.named_buffers())
+
+
+@torch.no_grad()
 def test_linear_attention_is_the_normalised_causal_form():
     layer = _layer("linear_attention")
     x = _x(2, 9)

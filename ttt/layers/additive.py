@@ -128,8 +128,13 @@ class RetNet(MatrixMixer):
         self.g_proj = nn.Linear(dim, value_width, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v_dim)
         self.o_proj = nn.Linear(value_width, dim, bias=False)
-        gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))
-        self.register_buffer("log_gamma", torch.log(gamma), persistent=False)
+
+    def log_gamma(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``log gamma_h = log(1 - 2^(-5 - h))`` per head ``[H]``, in ``dtype``: a constant of the layer,
+        computed where it is used (a buffer would be cast by ``.to(bfloat16)`` and is not in the state
+        dict, which transformers' loading leaves uninitialised)."""
+        h = torch.arange(self.num_heads, device=device, dtype=dtype)
+        return torch.log1p(-torch.exp2(-5.0 - h))
 
     def _mix(self, x: Tensor, state: MatrixState, mask: Tensor | None, decode: bool):
         batch, length, _ = x.shape
@@ -139,7 +144,8 @@ class RetNet(MatrixMixer):
         positions = state.lengths[:, None] + torch.arange(length, device=x.device)  # [B, T]
         cos, sin = rotary_cos_sin(positions, self.head_k_dim, theta=self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        log_alpha = per_head_per_token(self.log_gamma, batch, length, q.dtype)  # [B, H, T]
+        real = torch.promote_types(q.dtype, torch.float32)
+        log_alpha = per_head_per_token(self.log_gamma(real, x.device), batch, length, q.dtype)  # [B, H, T]
         k, log_alpha = mask_tokens(mask, k, log_alpha)
         o, S = self._operator(q, k, v, state=state, decode=decode, alpha=log_alpha.exp())
         gate = self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim)

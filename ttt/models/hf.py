@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.utils import ModelOutput
 
 from .config import LMConfig
-from .lm import CausalLM, build_mixer, state_nbytes
+from .lm import CausalLM, state_nbytes
 
 __all__ = ["TTTCache", "TTTCausalLMOutput", "TTTForCausalLM", "TTTLMConfig", "hf_tokenizer"]
 
@@ -257,7 +257,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
 
         transformers builds the model on the ``meta`` device and leaves to ``_init_weights`` whatever the
         file lacks; this model initialises itself at construction instead, so a missing, unexpected or
-        resized tensor is an error here, and the buffers that are not saved are computed again."""
+        resized tensor is an error here (the layers hold no unsaved buffer with values to compute again)."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -281,27 +281,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"{pretrained_model_name_or_path}: model.safetensors holds NaN or Inf: {', '.join(bad[:3])}"
             )
-        model._compute_unsaved_buffers()
         return (model, info) if want_info else model
-
-    def _compute_unsaved_buffers(self) -> None:
-        """The buffers a state dict leaves out (RetNet's decay rates), which transformers' loading leaves
-        uninitialised: each block's mixer that holds one is built again on the CPU to read them."""
-        config = self.model.config
-        for name, block in zip(config.mixers, self.model.blocks):
-            keys = [
-                f"{prefix}.{b}" if prefix else b
-                for prefix, module in block.mixer.named_modules()
-                for b in module._non_persistent_buffers_set
-            ]
-            if not keys:
-                continue
-            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-                fresh = dict(build_mixer(name, config).named_buffers())
-            own = dict(block.mixer.named_buffers())
-            with torch.no_grad():
-                for key in keys:
-                    own[key].copy_(fresh[key])
 
     @classmethod
     def from_checkpoint(cls, path: str) -> TTTForCausalLM:
