@@ -140,8 +140,9 @@ def main() -> None:
             p.error(f"{rows[0]['run']}: its teacher: {e}")
         if rows[0]["args"].get("first_blocks") is not None:
             truncate_blocks(teacher, rows[0]["args"]["first_blocks"])
-        models = [("teacher (attention)", teacher)]
-        models += [(r["model"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
+        # (label, run directory, model): rows of one mixer and blocks differ only in their run
+        models = [("teacher (attention)", None, teacher)]
+        models += [(r["model"], r["run"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]
         if args.ppl_context:  # the held-out text first: a split too short fails before any timing
             from ttt.data import load_corpus, prepare
 
@@ -151,20 +152,24 @@ def main() -> None:
                         f"{max(args.ppl_context)}")  # fmt: skip
         vocab = teacher.config.vocab_size
         for n in args.decode:  # all models at one length, then the next: partial results stay comparable
-            for name, model in models:
+            for name, run, model in models:
                 decode.append(
-                    {"model": name, **time_decode(model, n, args.new_tokens, vocab, args.prefill_chunk)}
+                    {
+                        "model": name,
+                        "run": run,
+                        **time_decode(model, n, args.new_tokens, vocab, args.prefill_chunk),
+                    }
                 )
                 print(decode[-1], flush=True)
         for n in args.ppl_context:
-            for name, model in models:
-                contexts.append({"model": name, **context_perplexity(model, held, n)})
+            for name, run, model in models:
+                contexts.append({"model": name, "run": run, **context_perplexity(model, held, n)})
                 print(contexts[-1], flush=True)
-        for name, model in models:
+        for name, run, model in models:
             for prompt in args.prompt:
                 ids = torch.tensor([tok.encode(prompt)])
                 new = model.generate(ids, args.prompt_tokens, temperature=0)[0, ids.shape[1] :].tolist()
-                samples.append({"model": name, "prompt": prompt, "continuation": tok.decode(new)})
+                samples.append({"model": name, "run": run, "prompt": prompt, "continuation": tok.decode(new)})
                 print(samples[-1], flush=True)
     write_text_atomic(  # a report is replaced whole or not at all
         out.with_suffix(".json"),
@@ -178,7 +183,7 @@ def main() -> None:
         ppl, sec, tok = r["perplexity"], r["seconds"], r["tokens"]
         cells = [f"{ppl[k]:.2f}" if k in ppl and ppl[k] < 1e4 else (f"{ppl[k]:.3g}" if k in ppl else "-")
                  for k in STAGES]  # fmt: skip
-        lines.append(f"| {r['model']} | " + " | ".join(cells) +
+        lines.append(f"| {_label(r)} | " + " | ".join(cells) +
                      f" | {tok.get('transfer', 0):,}, {sec.get('transfer', 0):.0f} | "
                      f"{tok.get('distill', 0):,}, {sec.get('distill', 0):.0f} |")  # fmt: skip
     if decode:
@@ -187,7 +192,7 @@ def main() -> None:
             "| model | context | prefill s | decode tokens/s | state bytes |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {d['model']} | {d['context']} | {d['prefill_s']:.1f} | {d['decode_tokens_per_s']:.2f} | "
+        lines += [f"| {_label(d)} | {d['context']} | {d['prefill_s']:.1f} | {d['decode_tokens_per_s']:.2f} | "
                   f"{d['state_bytes']:,} |" for d in decode]  # fmt: skip
     if contexts:
         lines += [
@@ -196,12 +201,18 @@ def main() -> None:
             "second half of each window |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {d['model']} | {d['context']} | {d['windows']} | {d['perplexity']:.2f} | "
+        lines += [f"| {_label(d)} | {d['context']} | {d['windows']} | {d['perplexity']:.2f} | "
                   f"{d['second_half']:.2f} |" for d in contexts]  # fmt: skip
     for d in samples:
-        lines += ["", f"**{d['model']}**, greedy after {d['prompt']!r}: {d['continuation']!r}"]
+        lines += ["", f"**{_label(d)}**, greedy after {d['prompt']!r}: {d['continuation']!r}"]
     write_text_atomic(out.with_suffix(".table.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _label(entry: dict) -> str:
+    """A table's name for a model: its description, and the run directory's name where it has one."""
+    run = entry.get("run")
+    return entry["model"] + (f" (`{Path(run).name}`)" if run else "")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def test_report_of_windowed_conversions(tmp_path, monkeypatch):
     assert len(report["decode"]) == 3 and len(report["samples"]) == 3
     table = (tmp_path / "report.table.md").read_text()
     assert "second half of each window" in table and "| 16 | 4 |" in table
+    # each entry names its run, so two runs of one mixer and blocks (two seeds) stay apart
+    runs = [None, str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [c["run"] for c in report["contexts"]] == runs * 2 and [d["run"] for d in report["decode"]] == runs
+    assert "(`a`) | 16 | 4 |" in table and "(`b`) | 16 | 4 |" in table
 
 
 def test_a_residual_run_is_labelled_and_a_missing_teacher_is_one_line(tmp_path, monkeypatch, capsys):
