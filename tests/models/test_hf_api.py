@@ -113,3 +113,87 @@ def test_a_cache_of_another_kind_is_refused():
             model(idx, **kwargs)
     with pytest.raises(TypeError, match=r"the cache must be the TTTCache .* got DynamicCache"):
         model.generate(idx, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache())
+
+
+def test_position_ids_of_one_document_per_row_are_taken():
+    """Consecutive positions over each row's real tokens (what a tokenizer's padded batch gives with
+    ``cumsum(mask) - 1``, or a plain arange) change nothing: the model counts positions itself."""
+    model = hf_model()
+    idx = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        want = model(idx, attention_mask=mask).logits
+        positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+        assert torch.equal(model(idx, attention_mask=mask, position_ids=positions).logits, want)
+        plain = model(idx).logits
+        assert torch.equal(model(idx, position_ids=torch.arange(7)[None].expand(2, 7)).logits, plain)
+        assert torch.equal(model(idx, position_ids=torch.arange(7)).logits, plain)  # [T] broadcasts
+        out = model(idx[:, :4])  # a continuation: positions carry on from the cache
+        more = model(idx[:, 4:], cache=out.cache, position_ids=torch.arange(4, 7)[None].expand(2, 3))
+        torch.testing.assert_close(more.logits, plain[:, 4:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "attention", "gated_deltanet"])
+def test_packed_documents_run_apart(mixer):
+    """position_ids restarting at 0 (transformers' DataCollatorWithFlattening) were accepted and ignored:
+    the documents packed into a row ran as one sequence, each reading the others' state."""
+    model = hf_model(mixer)
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 61, (n,), generator=gen) for n in (3, 5, 1, 4)]
+    positions = torch.cat([torch.arange(len(d)) for d in docs] + [torch.zeros(0, dtype=torch.long)])
+    # two rows: the first packs three documents, the second holds the fourth, right-padded
+    idx = torch.stack([torch.cat(docs[:3]), torch.cat([docs[3], torch.zeros(5, dtype=torch.long)])])
+    mask = torch.stack([torch.ones(9), torch.cat([torch.ones(4), torch.zeros(5)])]).long()
+    pos = torch.stack([positions[:9], torch.cat([positions[9:], torch.ones(5, dtype=torch.long)])])
+    with torch.no_grad():
+        out = model(idx, attention_mask=mask, position_ids=pos, labels=idx.masked_fill(mask == 0, -100))
+        assert out.cache is None
+        alone = [model(d[None]).logits[0] for d in docs]
+        got = [out.logits[0, :3], out.logits[0, 3:8], out.logits[0, 8:9], out.logits[1, :4]]
+        for g, a in zip(got, alone):
+            torch.testing.assert_close(g, a, rtol=1e-4, atol=1e-4)
+        assert torch.equal(out.logits[1, 4:], torch.zeros(5, 61))
+        # the loss: each document's next-token predictions, none across a boundary
+        terms = [F.cross_entropy(a[:-1], d[1:], reduction="sum") for a, d in zip(alone, docs)]
+        torch.testing.assert_close(out.loss, sum(terms) / sum(len(d) - 1 for d in docs), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="packed documents .* neither continue a cache nor leave one"):
+        model(idx, attention_mask=mask, position_ids=pos, use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "positions, match",
+    [
+        ([[0, 1, 2, 4, 5, 6, 7]], r"row 0 jumps at column 3 \(2 -> 4\)"),
+        ([[0, 1, 2, 1, 2, 3, 4]], r"row 0 jumps at column 3 \(2 -> 1\)"),
+        ([[0, 1, 2, 3, 4, 5]], r"position_ids must be \[B, T\] = \[1, 7\] or \[T\]"),
+    ],
+)
+def test_position_ids_that_neither_continue_nor_restart_are_refused(positions, match):
+    model = hf_model()
+    idx = torch.randint(0, 61, (1, 7))
+    with pytest.raises(ValueError, match=match):
+        model(idx, position_ids=torch.tensor(positions))
+
+
+def test_an_argument_forward_does_not_take_is_refused():
+    """Any keyword went into **kwargs and was dropped without a word."""
+    model = hf_model()
+    idx = torch.randint(0, 61, (1, 5))
+    with pytest.raises(TypeError, match=r"takes no argument 'token_type_ids': it takes input_ids"):
+        model(idx, token_type_ids=torch.zeros_like(idx))
+    assert model(idx, inputs_embeds=None, cache_position=torch.arange(5)).logits.shape == (1, 5, 61)
+
+
+def test_a_flattening_collators_batch_trains_each_document_alone():
+    """What ``DataCollatorWithFlattening`` gives (one row, positions restarting, labels -100 at each
+    document's first token) goes straight into the model, and the loss is that of the documents apart."""
+    from transformers import DataCollatorWithFlattening
+
+    model = hf_model()
+    docs = [[5, 9, 2, 7], [3, 3, 8], [1, 4, 4, 6, 2]]
+    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs])
+    with torch.no_grad():
+        loss = model(**batch).loss
+        alone = [model(torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1) for d in docs]
+    torch.testing.assert_close(loss, sum(alone) / sum(len(d) - 1 for d in docs), rtol=1e-4, atol=1e-5)

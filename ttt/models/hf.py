@@ -195,6 +195,59 @@ def _refuse_outputs(kwargs: dict[str, Any]) -> None:
         )
 
 
+#: keywords ``forward`` takes besides its named arguments; any other is refused (it used to be dropped)
+_FORWARD_EXTRAS = ("num_items_in_batch", "position_ids", "cache_position", "output_hidden_states",
+                   "output_attentions")  # fmt: skip
+
+
+def _document_starts(
+    kwargs: dict[str, Any], input_ids: Tensor, mask: Tensor | None, seen: int
+) -> Tensor | None:
+    """Check the keywords ``forward`` takes in ``**kwargs``; return where packed documents start.
+
+    An unknown keyword (unless None) is refused, and so are ``cache_position`` other than the tokens after
+    the ``seen`` cached ones and ``position_ids`` that neither continue by one nor restart at 0 over a
+    row's real tokens (``mask [B, T]`` bool, or None: all real). Returns None when every row holds one
+    document (the model counts positions itself), else ``[B, T]`` bool: True at each document's first
+    token (transformers' packing collators restart the positions at 0 there)."""
+    for key, value in kwargs.items():
+        if key not in _FORWARD_EXTRAS and value is not None:
+            raise TypeError(
+                f"TTTForCausalLM.forward takes no argument {key!r}: it takes input_ids, attention_mask, "
+                f"cache / past_key_values, labels, use_cache, return_dict, {', '.join(_FORWARD_EXTRAS)}"
+            )
+    batch, length = input_ids.shape
+    if (where := kwargs.get("cache_position")) is not None:
+        if not torch.equal(torch.as_tensor(where).cpu(), torch.arange(seen, seen + length)):
+            raise ValueError(f"cache_position must be arange({seen}, {seen + length}): the tokens follow the "
+                             f"{seen} the cache holds")  # fmt: skip
+    if (positions := kwargs.get("position_ids")) is None:
+        return None
+    positions = torch.as_tensor(positions).to(input_ids.device)
+    if positions.dim() == 1 and positions.shape[0] == length:
+        positions = positions[None].expand(batch, length)
+    if positions.shape != (batch, length):
+        raise ValueError(f"position_ids must be [B, T] = [{batch}, {length}] or [T] like input_ids, got "
+                         f"{list(positions.shape)}")  # fmt: skip
+    real = torch.ones_like(positions, dtype=torch.bool) if mask is None else mask
+    starts = torch.zeros_like(real)
+    for row in range(batch):
+        cols = real[row].nonzero()[:, 0]
+        pos = positions[row, cols]
+        step = pos[1:] - pos[:-1]
+        restart = pos[1:] == 0
+        if len(bad := ((step != 1) & ~restart).nonzero()):
+            col = int(cols[int(bad[0]) + 1])
+            raise ValueError(
+                f"position_ids row {row} jumps at column {col} ({int(pos[int(bad[0])])} -> "
+                f"{int(positions[row, col])}): within a row they go up by one, or restart at 0 where a "
+                "packed document begins"
+            )
+        starts[row, cols[0]] = True
+        starts[row, cols[1:][restart]] = True
+    return starts if bool((starts.sum(1) > 1).any()) else None
+
+
 class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     """:class:`CausalLM` behind the ``transformers`` model API (``generate``, ``save_pretrained``, Auto*)."""
 
@@ -318,7 +371,10 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         sequence from its first, so its state continues from its last real token, and a row whose last
         column is padding holds the logits of that token there; ``generate`` thus continues each prompt as
         if alone (the new tokens sit after the padding in the returned ids). Tokens fed with a cache
-        may not be padding.
+        may not be padding. ``position_ids`` are checked, not used, while they go up by one over each row's
+        real tokens; where they restart at 0 a packed document begins (transformers'
+        ``DataCollatorWithFlattening``): each document then runs as its own sequence, a document's last
+        token predicts nothing in the loss, and no cache is taken or returned.
         """
         _refuse_outputs(kwargs)
         cache = _the_cache(cache, past_key_values)
@@ -346,8 +402,17 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             elif cache is not None:
                 raise ValueError("TTTForCausalLM takes no padding while decoding (attention_mask zeros among "
                                  "the tokens fed with a cache): pad the prompt instead")  # fmt: skip
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if cache is None:
+        starts = _document_starts(kwargs, input_ids, mask, 0 if cache is None else cache.seen_tokens)
+        if starts is not None and (cache is not None or use_cache):
+            raise ValueError(
+                "packed documents (position_ids restarting at 0 within a row) neither continue a cache nor "
+                "leave one: pass no cache and use_cache=False"
+            )
+        use_cache = self.config.use_cache if use_cache is None and starts is None else bool(use_cache)
+        if starts is not None:
+            seen, states = 0, None
+            logits = self._documents_apart(input_ids, mask, starts)
+        elif cache is None:
             seen = 0
             if mask is None:
                 logits, states = self.model(input_ids)
@@ -373,12 +438,34 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             targets = labels[:, 1:]
             if mask is not None and cache is None:  # a padding column predicts nothing (left padding)
                 targets = targets.masked_fill(~mask[:, :-1], -100)
+            if starts is not None:  # nor does a document's last token predict the next one's first
+                targets = targets.masked_fill(starts[:, 1:], -100)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction)  # fmt: skip
             if n_items is not None:
                 loss = loss / (n_items.to(loss.device) if isinstance(n_items, Tensor) else n_items)
         new_cache = TTTCache(states, seen + input_ids.shape[1]) if use_cache else None
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=new_cache)
+
+    def _documents_apart(self, input_ids: Tensor, mask: Tensor | None, starts: Tensor) -> Tensor:
+        """Logits ``[B, T, V]`` of packed documents (``starts [B, T]`` bool marks each one's first token,
+        ``mask`` the real tokens), each run as its own sequence: one right-padded row per document.
+        Padding columns hold zeros."""
+        real = torch.ones_like(starts) if mask is None else mask
+        per_row = starts.sum(1)
+        doc = (per_row.cumsum(0) - per_row)[:, None] + starts.cumsum(1) - 1  # [B, T] document of a column
+        rows, cols = real.nonzero(as_tuple=True)  # row-major: a document's tokens are adjacent, in order
+        which = doc[rows, cols]
+        lengths = torch.bincount(which, minlength=int(per_row.sum()))
+        where = torch.arange(len(which), device=which.device) - (lengths.cumsum(0) - lengths)[which]
+        ids = input_ids.new_zeros(len(lengths), int(lengths.max()))
+        ids[which, where] = input_ids[rows, cols]
+        apart = torch.zeros_like(ids, dtype=torch.bool)
+        apart[which, where] = True
+        out, _ = self.model(ids, mask=apart)
+        logits = out.new_zeros(*input_ids.shape, out.shape[-1])
+        logits[rows, cols] = out[which, where]
+        return logits
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``GenerationMixin.generate``; ``output_hidden_states`` and ``output_attentions`` are refused (the
