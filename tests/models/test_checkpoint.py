@@ -443,6 +443,8 @@ def test_a_hf_directory_is_read_as_transformers_reads_it(tmp_path):
         ({"layer_mixers": "attention"}, "config 'layer_mixers' must be a list of mixer names or null"),
         ({"n_layers": 200000}, r"config 'n_layers' must be an integer in \[1, 1024\], got 200000"),
         ({"mixer": "bogus"}, r"config names unknown mixers \['bogus'\]"),
+        ({"ttt_trained_on": {"corpus": "shakespeare", "context": 0}}, "ttt_trained_on must be"),
+        ({"ttt_trained_on": "shakespeare"}, "ttt_trained_on must be"),
     ],
 )
 def test_a_hf_config_json_is_checked_as_checkpoint_json_is(tmp_path, change, message):

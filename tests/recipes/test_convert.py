@@ -149,6 +149,14 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path, capsys):
     assert result.step is None and Path(result.out).name.startswith("eval-hf-file-")
     report = next((tmp_path / "ev").glob("loss_by_position-hf-*.md")).read_text()
     assert "(HF model directory)" in report and "step" not in report
+    # the HF directory records the text and context it was trained on, and eval defaults to them (it
+    # scored Shakespeare at 128 tokens, whatever the model had seen); a re-save keeps the tokenizer
+    assert meta["args"] == {"corpus": str(teacher_dir.parent / "text.txt"), "context": 16}
+    result = evaluate_checkpoint(EvalArgs(checkpoint=str(tmp_path / "run" / "hf"), out=str(tmp_path / "ev")))
+    assert (result.context, result.corpus) == (16, str(teacher_dir.parent / "text.txt"))
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "tokenizer.json").is_file()
+    assert load_model(tmp_path / "again")[1]["args"]["context"] == 16
 
 
 def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):

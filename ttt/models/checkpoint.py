@@ -740,6 +740,16 @@ def _load_hf_dir(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{p / 'config.json'}: {e}") from e
     meta: dict[str, Any] = {"config": config.to_dict()}
+    if (trained := hf.get("ttt_trained_on")) is not None:  # the run's text and context (from_ttt)
+        corpus, context = (
+            trained.get(k) if isinstance(trained, dict) else None for k in ("corpus", "context")
+        )
+        if not isinstance(corpus, str) or not corpus or type(context) is not int or context < 1:
+            fail(
+                'ttt_trained_on must be {"corpus": a name or path, "context": an int >= 1}, got '
+                f"{trained!r:.80}"
+            )
+        meta["args"] = {"corpus": corpus, "context": context}
     if (p / "tokenizer.json").is_file():
         try:
             meta["tokenizer"] = {"kind": "bpe", "json": (p / "tokenizer.json").read_bytes().decode()}

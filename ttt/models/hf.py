@@ -288,11 +288,20 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         self.model.head = value
 
     @classmethod
-    def from_ttt(cls, model: CausalLM, tokenizer: Any = None) -> TTTForCausalLM:
+    def from_ttt(
+        cls, model: CausalLM, tokenizer: Any = None, trained_on: dict[str, Any] | None = None
+    ) -> TTTForCausalLM:
         """Wrap a trained :class:`CausalLM` (weights are copied); a ``ttt`` tokenizer given here is
         written by ``save_pretrained`` (as ``tokenizer.json`` + ``tokenizer_config.json``) and the ids of the
-        bos / eos / padding tokens it names go into the config and generation config. Eval mode."""
+        bos / eos / padding tokens it names go into the config and generation config. ``trained_on``
+        (``{"corpus": ..., "context": ...}`` of the run) goes into the config as ``ttt_trained_on``: ``ttt
+        eval`` and ``ttt generate`` default to them. Eval mode."""
         config = TTTLMConfig(**model.config.to_dict())
+        if trained_on:
+            config.ttt_trained_on = {
+                "corpus": str(trained_on["corpus"]),
+                "context": int(trained_on["context"]),
+            }
         hf = cls(config)
         hf.model.load_state_dict(model.state_dict())
         hf.tokenizer = hf_tokenizer(tokenizer) if tokenizer is not None else None
@@ -334,6 +343,11 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"{pretrained_model_name_or_path}: model.safetensors holds NaN or Inf: {', '.join(bad[:3])}"
             )
+        # the directory's tokenizer rides along, so save_pretrained writes a directory ttt eval can read
+        if os.path.isfile(os.path.join(str(pretrained_model_name_or_path), "tokenizer.json")):
+            from transformers import PreTrainedTokenizerFast
+
+            model.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(pretrained_model_name_or_path))
         return (model, info) if want_info else model
 
     @classmethod
@@ -346,7 +360,9 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
 
         model, meta = load_model(path)
         tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
-        return cls.from_ttt(model, tokenizer)
+        run = meta.get("args", {})
+        trained_on = {"corpus": run["corpus"], "context": run["context"]} if "context" in run else None
+        return cls.from_ttt(model, tokenizer, trained_on=trained_on)
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained``, plus the tokenizer files when the model carries one."""

@@ -1259,7 +1259,10 @@ def _run(job: _Conversion, args: ConvertArgs) -> dict[str, Any]:
     summary["tokens"] = {
         n: len(summary["losses"].get(n, [])) * args.batch_size * args.context for n, _, _ in stages
     }
-    hf_dir = export_hf(job.student, job.tokenizer, run / "hf", progress=job.args.progress)
+    trained_on = {"corpus": job.args.corpus, "context": job.args.context}
+    hf_dir = export_hf(
+        job.student, job.tokenizer, run / "hf", progress=job.args.progress, trained_on=trained_on
+    )
     summary["hf"] = str(hf_dir)
     write_text_atomic(run / "convert.json", json.dumps(_json_safe(summary), indent=1))
     _plot(run, summary)
@@ -1293,9 +1296,17 @@ def _plot(run: Path, summary: dict[str, Any]) -> None:
         )
 
 
-def export_hf(student: nn.Module, tokenizer: Any, out: str | Path, *, progress: bool = True) -> Path:
-    """Save ``student`` (LoRA merged, on the CPU) and its tokenizer as a HF-format directory;
-    transformers' own progress bar only with ``progress`` and on a terminal, as the run's bars."""
+def export_hf(
+    student: nn.Module,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    trained_on: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``student`` (LoRA merged, on the CPU) and its tokenizer as a HF-format directory, recording
+    ``trained_on`` (``{"corpus", "context"}``, :meth:`TTTForCausalLM.from_ttt`); transformers' own
+    progress bar only with ``progress`` and on a terminal, as the run's bars."""
     import copy
 
     from transformers.utils import logging as hf_logging
@@ -1306,7 +1317,7 @@ def export_hf(student: nn.Module, tokenizer: Any, out: str | Path, *, progress: 
     out = Path(out)
     model = copy.deepcopy(student).cpu()
     merge_lora(model)
-    hf = TTTForCausalLM.from_ttt(model, tokenizer=tokenizer)
+    hf = TTTForCausalLM.from_ttt(model, tokenizer=tokenizer, trained_on=trained_on)
     quiet = hf_logging.is_progress_bar_enabled() and not (progress and sys.stderr.isatty())
     out.parent.mkdir(parents=True, exist_ok=True)
     # written beside ``out`` under a hidden name, then renamed into place: never a partial directory
