@@ -3,6 +3,7 @@ transformers, generate; exact resume; bad input fails in one line and writes not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from ttt.models.llama import LlamaLoadError, load_llama  # noqa: E402
-from ttt.recipes.convert import ConvertArgs, convert, init_from_attention, parse_blocks, swap_mixers  # noqa: E402
+from ttt.recipes.convert import (  # noqa: E402
+    ConvertArgs,
+    convert,
+    init_from_attention,
+    out_lr_scales,
+    parse_blocks,
+    swap_mixers,
+)
 from ttt.testing import tiny_llama  # noqa: E402
 
 TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent", "heath"] * 40)
@@ -159,10 +167,11 @@ def test_whole_pipeline_to_transformers(teacher_dir, tmp_path, capsys):
     assert load_model(tmp_path / "again")[1]["args"]["context"] == 16
 
 
-def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"mixer": "ttt_linear", "distill_out_lr": "relative"}])
+def test_resume_continues_exactly(teacher_dir, tmp_path, monkeypatch, extra):
     import ttt.recipes.convert as recipe
 
-    common = dict(mixer="gated_deltanet", blocks="except-every:2", keep_as="swa", window=8)
+    common = {**dict(mixer="gated_deltanet", blocks="except-every:2", keep_as="swa", window=8), **extra}
     whole = convert(args_for(teacher_dir, tmp_path / "a", **common))
     calls = {"n": 0}
     real = recipe.distill_loss
@@ -926,3 +935,35 @@ def test_resume_refuses_a_corpus_whose_text_changed(teacher_dir, tmp_path):
         convert(
             args_for(teacher_dir, out, corpus=str(corpus), transfer_steps=2, distill_steps=2, resume=True)
         )
+
+
+def test_relative_out_lr_scales_each_output_projection_by_its_rms(teacher_dir, tmp_path, monkeypatch):
+    """--distill-out-lr relative: each converted mixer's o_proj learns in stage (b) at the lr times its RMS
+    over the teacher attention's o_proj RMS (at most 1), fixed when the stage starts and recorded."""
+    import ttt.recipes.convert as recipe
+    from ttt.models.checkpoint import load_model
+
+    args = args_for(teacher_dir, tmp_path / "a", mixer="ttt_linear", blocks="0,2", transfer_steps=2, distill_steps=2,
+                    distill_out_lr="relative")  # fmt: skip
+    summary = convert(args)
+    student, _ = load_model(tmp_path / "a" / "step-000002")  # the end of transfer
+    teacher, _ = load_llama(teacher_dir)
+    want = out_lr_scales(student, teacher, [0, 2])
+    assert summary["out_lr_scale"] == want and set(want) == {"0", "2"}
+    rms = [float(m.blocks[0].mixer.o_proj.weight.pow(2).mean().sqrt()) for m in (student, teacher)]
+    assert want["0"] == pytest.approx(min(1.0, rms[0] / rms[1]))
+    # the scales reach the optimizer: at 0 the projections do not move, everything else does
+    monkeypatch.setattr(recipe, "out_lr_scales", lambda s, t, blocks: {str(i): 0.0 for i in blocks})
+    convert(dataclasses.replace(args, out=str(tmp_path / "b")))
+    before, _ = load_model(tmp_path / "b" / "step-000002")
+    after, _ = load_model(tmp_path / "b")
+    for i in (0, 2):
+        assert torch.equal(after.blocks[i].mixer.o_proj.weight, before.blocks[i].mixer.o_proj.weight)
+        assert not torch.equal(after.blocks[i].mixer.q_proj.weight, before.blocks[i].mixer.q_proj.weight)
+    with pytest.raises(ValueError, match="--distill-out-lr must be 'same' or 'relative'"):
+        convert(args_for(teacher_dir, tmp_path / "c", distill_out_lr="half"))
+    with pytest.raises(ValueError, match="--distill-out-lr relative .* not with --update lora"):
+        convert(args_for(teacher_dir, tmp_path / "c", distill_out_lr="relative", update="lora"))
+    with pytest.raises(ValueError, match="--distill-out-lr relative .* not with --in-layer-window"):
+        convert(args_for(teacher_dir, tmp_path / "c", distill_out_lr="relative", in_layer_window=4))
+    assert not (tmp_path / "c").exists()

@@ -122,6 +122,12 @@ class ConvertArgs:
     """steps of stage (b), distillation (0: skip)"""
     distill_lr: float = 1e-4
     """peak learning rate of stage (b) (LoRA: of the adapters)"""
+    distill_out_lr: str = "same"
+    """learning rate of each converted mixer's output projection in stage (b): 'same' as every weight, or
+    'relative': times its RMS over that of the teacher attention's o_proj in its block (at most 1), fixed
+    when the stage starts. The output gains leave those projections 10-1000x smaller than the teacher's,
+    while AdamW moves every weight by about the lr a step, so their relative steps are that much larger;
+    block 0's diverged a hybrid at lr 3e-4 (docs/convert.md)"""
     ce_weight: float = 1.0
     """weight of the next-token cross-entropy on the text added to the distillation KL: in four paired
     SmolLM2 conversions 1 beat 0 (KL only, the default until 2026-12-06) by 6-10 perplexity points"""
@@ -164,7 +170,7 @@ class ConvertArgs:
 # the arguments that may change when a run resumes
 RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out")
 # ... and those that may change while the latest checkpoint is not past attention transfer
-DISTILL_ARGS = ("distill_steps", "distill_lr", "ce_weight", "update", "lora_rank")
+DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "ce_weight", "update", "lora_rank")
 #: what a conversion writes into its run directory besides its checkpoints
 RUN_OUTPUTS = ("convert.json", ".convert.json.*", "losses.png", ".losses.png.*.png", "hf", "metrics.jsonl",
                ".metrics.jsonl.*", "events.out.tfevents.*")  # fmt: skip
@@ -566,6 +572,17 @@ def calibrate_gains(student: nn.Module, teacher: nn.Module, blocks: list[int], x
     return gains
 
 
+def out_lr_scales(student: nn.Module, teacher: nn.Module, blocks: list[int]) -> dict[str, float]:
+    """``{block: min(1, RMS(student o_proj) / RMS(teacher o_proj))}`` of the converted ``blocks``: the
+    multiple of the distillation lr that ``--distill-out-lr relative`` gives each output projection, so
+    that AdamW's steps (about the lr per weight) are the same fraction of it as of a teacher-sized one."""
+
+    def rms(layer: nn.Module) -> float:
+        return float(layer.o_proj.weight.detach().double().pow(2).mean().sqrt())
+
+    return {str(i): min(1.0, rms(student.blocks[i].mixer) / rms(teacher.blocks[i].mixer)) for i in blocks}
+
+
 def _least_squares(target: Tensor, *outputs: Tensor) -> list[float]:
     """The gains ``c`` that minimise ``|target - sum_j c_j outputs_j|^2`` (all the same shape), in float64
     through the normal equations (an output of zeros gets gain 0)."""
@@ -654,6 +671,16 @@ def _check_args(args: ConvertArgs) -> None:
             "--transfer-target residual starts the inner mixers at zero and fits their gains after stage "
             "(a): expected --transfer-steps >= 1 (with 0 they would stay zero)"
         )
+    if args.distill_out_lr not in ("same", "relative"):
+        raise ValueError(f"--distill-out-lr must be 'same' or 'relative', got {args.distill_out_lr!r}")
+    if args.distill_out_lr == "relative":
+        for what, bad in (("--update lora", args.update == "lora"), ("--from-scratch", args.from_scratch),
+                          ("--in-layer-window", bool(args.in_layer_window))):  # fmt: skip
+            if bad:
+                raise ValueError(
+                    "--distill-out-lr relative scales the lr of each converted mixer's own output projection "
+                    f"by its size against the teacher's: not with {what}"
+                )
     check_number("--transfer-lr", args.transfer_lr, above=0)
     if args.transfer_inner_lr is not None:
         if args.transfer_target != "residual":
@@ -1132,6 +1159,14 @@ class _Conversion:
             groups = [
                 {"params": [p for p in params if id(p) not in inner]},
                 {"params": [p for p in params if id(p) in inner], "lr_scale": a.transfer_inner_lr / peak},
+            ]
+        if name == "distill" and a.distill_out_lr == "relative":  # fixed at the stage's start, kept on resume
+            if "out_lr_scale" not in self.summary:
+                self.summary["out_lr_scale"] = out_lr_scales(self.student, self.teacher, self.blocks)
+            scale = {id(self.student.blocks[i].mixer.o_proj.weight): s
+                     for i, s in ((int(b), s) for b, s in self.summary["out_lr_scale"].items())}  # fmt: skip
+            groups = [{"params": [p for p in params if id(p) not in scale]}] + [
+                {"params": [p], "lr_scale": scale[id(p)]} for p in params if id(p) in scale
             ]
         optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
         sampler = torch.Generator().manual_seed(a.seed + (0 if name == "transfer" else 1))
