@@ -578,7 +578,9 @@ def out_lr_scales(student: nn.Module, teacher: nn.Module, blocks: list[int]) -> 
     that AdamW's steps (about the lr per weight) are the same fraction of it as of a teacher-sized one."""
 
     def rms(layer: nn.Module) -> float:
-        return float(layer.o_proj.weight.detach().double().pow(2).mean().sqrt())
+        if not isinstance(proj := getattr(layer, "o_proj", None), nn.Linear):
+            raise ValueError(f"--distill-out-lr relative: a {type(layer).__name__} mixer has no o_proj")
+        return float(proj.weight.detach().double().pow(2).mean().sqrt())
 
     return {str(i): min(1.0, rms(student.blocks[i].mixer) / rms(teacher.blocks[i].mixer)) for i in blocks}
 
