@@ -200,29 +200,27 @@ _FORWARD_EXTRAS = ("num_items_in_batch", "position_ids", "cache_position", "outp
                    "output_attentions")  # fmt: skip
 
 
-def _document_starts(
-    kwargs: dict[str, Any], input_ids: Tensor, mask: Tensor | None, seen: int
-) -> Tensor | None:
-    """Check the keywords ``forward`` takes in ``**kwargs``; return where packed documents start.
-
-    An unknown keyword (unless None) is refused, and so are ``cache_position`` other than the tokens after
-    the ``seen`` cached ones and ``position_ids`` that neither continue by one nor restart at 0 over a
-    row's real tokens (``mask [B, T]`` bool, or None: all real). Returns None when every row holds one
-    document (the model counts positions itself), else ``[B, T]`` bool: True at each document's first
-    token (transformers' packing collators restart the positions at 0 there)."""
+def _check_keywords(kwargs: dict[str, Any], length: int, seen: int) -> None:
+    """One-line errors for what ``forward`` would otherwise drop from its ``**kwargs``: an unknown keyword
+    (unless None), and a ``cache_position`` other than the ``length`` tokens after the ``seen`` cached."""
     for key, value in kwargs.items():
         if key not in _FORWARD_EXTRAS and value is not None:
             raise TypeError(
                 f"TTTForCausalLM.forward takes no argument {key!r}: it takes input_ids, attention_mask, "
                 f"cache / past_key_values, labels, use_cache, return_dict, {', '.join(_FORWARD_EXTRAS)}"
             )
-    batch, length = input_ids.shape
     if (where := kwargs.get("cache_position")) is not None:
         if not torch.equal(torch.as_tensor(where).cpu(), torch.arange(seen, seen + length)):
             raise ValueError(f"cache_position must be arange({seen}, {seen + length}): the tokens follow the "
                              f"{seen} the cache holds")  # fmt: skip
-    if (positions := kwargs.get("position_ids")) is None:
-        return None
+
+
+def _document_starts(positions: Any, input_ids: Tensor, mask: Tensor | None) -> Tensor | None:
+    """Where packed documents start, from ``position_ids`` (``[B, T]`` or ``[T]``), which must go up by
+    one or restart at 0 over a row's real tokens (``mask [B, T]`` bool, or None: all real). Returns None
+    when every row holds one document (the model counts positions itself), else ``[B, T]`` bool: True at
+    each document's first token (transformers' packing collators restart the positions at 0 there)."""
+    batch, length = input_ids.shape
     positions = torch.as_tensor(positions).to(input_ids.device)
     if positions.dim() == 1 and positions.shape[0] == length:
         positions = positions[None].expand(batch, length)
@@ -418,7 +416,9 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             elif cache is not None:
                 raise ValueError("TTTForCausalLM takes no padding while decoding (attention_mask zeros among "
                                  "the tokens fed with a cache): pad the prompt instead")  # fmt: skip
-        starts = _document_starts(kwargs, input_ids, mask, 0 if cache is None else cache.seen_tokens)
+        _check_keywords(kwargs, input_ids.shape[1], 0 if cache is None else cache.seen_tokens)
+        positions = kwargs.get("position_ids")
+        starts = None if positions is None else _document_starts(positions, input_ids, mask)
         if starts is not None and (cache is not None or use_cache):
             raise ValueError(
                 "packed documents (position_ids restarting at 0 within a row) neither continue a cache nor "
@@ -426,19 +426,20 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
             )
         use_cache = self.config.use_cache if use_cache is None and starts is None else bool(use_cache)
         if starts is not None:
-            seen, states = 0, None
-            logits = self._documents_apart(input_ids, mask, starts)
+            seen = 0
+            logits, states = self._documents_apart(input_ids, mask, starts)
         elif cache is None:
             seen = 0
             if mask is None:
                 logits, states = self.model(input_ids)
-            else:
-                # every row's real tokens first, in order (the mixers take right padding only), then back
-                order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
-                packed, states = self.model(input_ids.gather(1, order), mask=mask.gather(1, order))
-                logits = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
+            else:  # one document per row, from its first real token
+                rows = torch.arange(len(mask), device=mask.device)
+                first = torch.zeros_like(mask)
+                first[rows, mask.to(torch.int8).argmax(1)] = True
+                logits, states = self._documents_apart(input_ids, mask, first)
                 # a row padded at the end answers there as its last real token: generate reads that column
-                logits[:, -1] = packed[torch.arange(len(mask)), mask.sum(1) - 1]
+                last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)
+                logits[:, -1] = logits[rows, last]
         elif input_ids.shape[1] == 1:
             logits, states = self.model.step(input_ids[:, 0], cache.states)
             logits, seen = logits[:, None], cache.seen_tokens
@@ -463,10 +464,11 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         new_cache = TTTCache(states, seen + input_ids.shape[1]) if use_cache else None
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=new_cache)
 
-    def _documents_apart(self, input_ids: Tensor, mask: Tensor | None, starts: Tensor) -> Tensor:
-        """Logits ``[B, T, V]`` of packed documents (``starts [B, T]`` bool marks each one's first token,
-        ``mask`` the real tokens), each run as its own sequence: one right-padded row per document.
-        Padding columns hold zeros."""
+    def _documents_apart(self, input_ids: Tensor, mask: Tensor | None, starts: Tensor) -> tuple[Tensor, Any]:
+        """``(logits [B, T, V], states)`` of the documents in ``input_ids`` (``starts [B, T]`` bool marks
+        each one's first token, ``mask`` the real tokens), each run as its own sequence: one right-padded
+        row per document, since the mixers take right padding only. Padding columns hold zeros; ``states``
+        are per document (per row where each row holds one)."""
         real = torch.ones_like(starts) if mask is None else mask
         per_row = starts.sum(1)
         doc = (per_row.cumsum(0) - per_row)[:, None] + starts.cumsum(1) - 1  # [B, T] document of a column
@@ -478,10 +480,10 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
         ids[which, where] = input_ids[rows, cols]
         apart = torch.zeros_like(ids, dtype=torch.bool)
         apart[which, where] = True
-        out, _ = self.model(ids, mask=apart)
+        out, states = self.model(ids, mask=apart)
         logits = out.new_zeros(*input_ids.shape, out.shape[-1])
         logits[rows, cols] = out[which, where]
-        return logits
+        return logits, states
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``GenerationMixin.generate``; ``output_hidden_states`` and ``output_attentions`` are refused (the

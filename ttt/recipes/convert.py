@@ -1165,8 +1165,10 @@ class _Conversion:
         if name == "distill" and a.distill_out_lr == "relative":  # fixed at the stage's start, kept on resume
             if "out_lr_scale" not in self.summary:
                 self.summary["out_lr_scale"] = out_lr_scales(self.student, self.teacher, self.blocks)
-            scale = {id(self.student.blocks[i].mixer.o_proj.weight): s
-                     for i, s in ((int(b), s) for b, s in self.summary["out_lr_scale"].items())}  # fmt: skip
+            scale = {
+                id(self.student.blocks[int(b)].mixer.o_proj.weight): s
+                for b, s in self.summary["out_lr_scale"].items()
+            }
             groups = [{"params": [p for p in params if id(p) not in scale]}] + [
                 {"params": [p], "lr_scale": scale[id(p)]} for p in params if id(p) in scale
             ]
