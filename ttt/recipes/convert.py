@@ -125,9 +125,9 @@ class ConvertArgs:
     distill_out_lr: str = "same"
     """learning rate of each converted mixer's output projection in stage (b): 'same' as every weight, or
     'relative': times its RMS over that of the teacher attention's o_proj in its block (at most 1), fixed
-    when the stage starts. The output gains leave those projections 10-1000x smaller than the teacher's,
-    while AdamW moves every weight by about the lr a step, so their relative steps are that much larger;
-    block 0's diverged a hybrid at lr 3e-4 (docs/convert.md)"""
+    when the stage starts. The output gains left those projections up to 50x smaller than the teacher's
+    (SmolLM2), while AdamW moves every weight by about the lr a step, so their relative steps are that
+    much larger; block 0's diverged a hybrid at lr 3e-4 (docs/convert.md)"""
     ce_weight: float = 1.0
     """weight of the next-token cross-entropy on the text added to the distillation KL: in four paired
     SmolLM2 conversions 1 beat 0 (KL only, the default until 2026-12-06) by 6-10 perplexity points"""
