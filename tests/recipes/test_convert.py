@@ -967,3 +967,9 @@ def test_relative_out_lr_scales_each_output_projection_by_its_rms(teacher_dir, t
     with pytest.raises(ValueError, match="--distill-out-lr relative .* not with --in-layer-window"):
         convert(args_for(teacher_dir, tmp_path / "c", distill_out_lr="relative", in_layer_window=4))
     assert not (tmp_path / "c").exists()
+
+
+def test_relative_out_lr_refuses_a_mixer_without_output_projection_before_any_step(teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="--distill-out-lr relative: a Mamba2 mixer has no o_proj"):
+        convert(args_for(teacher_dir, tmp_path / "c", distill_out_lr="relative", mixer="mamba2"))
+    assert not (tmp_path / "c").exists()

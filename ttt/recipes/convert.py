@@ -943,6 +943,8 @@ class _Conversion:
         )
         if args.transfer_target == "residual":
             silence_inner_mixers(self.student, self.blocks, mapping)
+        if args.distill_out_lr == "relative":  # a mixer without o_proj is refused now, not after stage (a)
+            out_lr_scales(self.student, self.teacher, self.blocks)
         if args.from_scratch:
             from ttt.models import CausalLM
 
