@@ -75,6 +75,30 @@ def gate_means(model: nn.Module, tokens: Tensor, context: int) -> dict[str, floa
     return means
 
 
+def table(report: dict) -> str:
+    """The markdown tables of a report (``{"context", "tokens", "rows"}``, as the JSON this writes)."""
+    rows = report["rows"]
+    names = list(rows[0]["buckets"])
+    lines = [
+        f"Perplexity by position in windows of {report['context']} tokens (the first {report['tokens']:,} held-out "
+        "tokens)",
+        "",
+        "| model | inner lr x | all | " + " | ".join(f"positions {n}" for n in names) + " |",
+        "|---" * (3 + len(names)) + "|",
+    ]
+    for r in rows:
+        scale = "" if r["inner_lr_scale"] is None else f"{r['inner_lr_scale']:g}"
+        lines.append(f"| {r['model']} | {scale} | {r['perplexity']:.2f} | "
+                     + " | ".join(f"{r['buckets'][n]:.2f}" for n in names) + " |")  # fmt: skip
+    gated = [r for r in rows if r.get("gates")]
+    if gated:
+        lines += ["", "Mean inner-lr gate per converted block (first window)", ""]
+        for r in gated:
+            g = r["gates"]
+            lines.append(f"- {r['model']}: " + ", ".join(f"{b}: {v:.2f}" for b, v in g.items()))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     from ttt.models.checkpoint import load_model, write_text_atomic
     from ttt.recipes.args import Parser, positive_int
@@ -143,26 +167,9 @@ def main() -> None:
         del model
     write_text_atomic(out.with_suffix(".json"), json.dumps({"context": args.context, "tokens": held.numel() - 1,
                                                             "rows": rows}, indent=1) + "\n")  # fmt: skip
-    names = list(rows[0]["buckets"])
-    lines = [
-        f"Perplexity by position in windows of {args.context} tokens (the first {held.numel() - 1:,} held-out "
-        "tokens)",
-        "",
-        "| model | inner lr x | all | " + " | ".join(f"positions {n}" for n in names) + " |",
-        "|---" * (3 + len(names)) + "|",
-    ]
-    for r in rows:
-        scale = "" if r["inner_lr_scale"] is None else f"{r['inner_lr_scale']:g}"
-        lines.append(f"| {r['model']} | {scale} | {r['perplexity']:.2f} | "
-                     + " | ".join(f"{r['buckets'][n]:.2f}" for n in names) + " |")  # fmt: skip
-    gated = [r for r in rows if r.get("gates")]
-    if gated:
-        lines += ["", "Mean inner-lr gate per converted block (first window)", ""]
-        for r in gated:
-            g = r["gates"]
-            lines.append(f"- {r['model']}: " + ", ".join(f"{b}: {v:.2f}" for b, v in g.items()))
-    write_text_atomic(out.with_suffix(".table.md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = table({"context": args.context, "tokens": held.numel() - 1, "rows": rows})
+    write_text_atomic(out.with_suffix(".table.md"), text)
+    print(text)
 
 
 if __name__ == "__main__":
