@@ -973,3 +973,23 @@ def test_relative_out_lr_refuses_a_mixer_without_output_projection_before_any_st
     with pytest.raises(ValueError, match="--distill-out-lr relative: a Mamba2 mixer has no o_proj"):
         convert(args_for(teacher_dir, tmp_path / "c", distill_out_lr="relative", mixer="mamba2"))
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, label",
+    [
+        ({}, "distill: KL + cross-entropy"),
+        ({"ce_weight": 0.0}, "distill: KL)"),
+        ({"ce_weight": 3.0}, "distill: KL + 3 x cross-entropy"),
+        ({"from_scratch": True}, "next-token cross-entropy"),
+    ],
+)
+def test_loss_plot_names_the_loss_the_run_trained_on(teacher_dir, tmp_path, monkeypatch, extra, label):
+    """losses.png said 'distill: KL' also when the cross-entropy term (the default since 2026-12-06) was in
+    the loss, or for --from-scratch, which trains on cross-entropy alone."""
+    import ttt.recipes.convert as recipe
+
+    labels = []
+    monkeypatch.setattr(recipe, "save_plot", lambda path, series, **kw: labels.append(kw["ylabel"]))
+    convert(args_for(teacher_dir, tmp_path / "run", transfer_steps=1, distill_steps=1, **extra))
+    assert labels and all(label in y for y in labels), labels

@@ -1323,6 +1323,15 @@ def _merged_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def _loss_label(args: dict[str, Any]) -> str:
+    """The y-axis of ``losses.png``: what each stage's loss was for the run's arguments."""
+    if args.get("from_scratch"):
+        return "loss (next-token cross-entropy)"
+    w = float(args.get("ce_weight", 0.0))
+    distill = "KL" if w == 0 else "KL + cross-entropy" if w == 1 else f"KL + {w:g} x cross-entropy"
+    return f"loss (transfer: relative MSE; distill: {distill})"
+
+
 def _plot(run: Path, summary: dict[str, Any]) -> None:
     series = {
         name: ([s for s, _ in pts], [v for _, v in pts]) for name, pts in summary["losses"].items() if pts
@@ -1332,7 +1341,7 @@ def _plot(run: Path, summary: dict[str, Any]) -> None:
             run / "losses.png",
             series,
             xlabel="step",
-            ylabel="loss (transfer: relative MSE; distill: KL)",
+            ylabel=_loss_label(summary.get("args", {})),
             title="ttt convert",
         )
 
