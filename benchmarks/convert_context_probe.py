@@ -102,7 +102,7 @@ def table(report: dict) -> str:
 def main() -> None:
     from ttt.models.checkpoint import load_model, write_text_atomic
     from ttt.recipes.args import Parser, positive_int
-    from ttt.recipes.convert import load_teacher, truncate_blocks
+    from ttt.recipes.convert import load_teacher
 
     p = Parser(description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
@@ -137,11 +137,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     first = json.loads((args.runs[0] / "convert.json").read_text())["args"]
     try:
-        teacher, tok = load_teacher(first["teacher"])
+        teacher, tok = load_teacher(first["teacher"], first.get("first_blocks"))
     except (OSError, ValueError) as e:
         p.error(f"{args.runs[0]}: its teacher: {e}")
-    if first.get("first_blocks") is not None:
-        truncate_blocks(teacher, first["first_blocks"])
     from ttt.data import load_corpus, prepare
 
     held = prepare(load_corpus(first["corpus"]), tok).validation[: args.tokens + 1]

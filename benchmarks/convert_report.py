@@ -132,14 +132,12 @@ def main() -> None:
     decode, samples, contexts = [], [], []
     if args.decode or args.prompt or args.ppl_context:
         from ttt.models.checkpoint import load_model
-        from ttt.recipes.convert import load_teacher, truncate_blocks
+        from ttt.recipes.convert import load_teacher
 
         try:  # the first run's; fetched when missing (a moved or unfetchable teacher: one line)
-            teacher, tok = load_teacher(rows[0]["args"]["teacher"])
+            teacher, tok = load_teacher(rows[0]["args"]["teacher"], rows[0]["args"].get("first_blocks"))
         except (OSError, ValueError) as e:
             p.error(f"{rows[0]['run']}: its teacher: {e}")
-        if rows[0]["args"].get("first_blocks") is not None:
-            truncate_blocks(teacher, rows[0]["args"]["first_blocks"])
         # (label, run directory, model): rows of one mixer and blocks differ only in their run
         models = [("teacher (attention)", None, teacher)]
         models += [(r["model"], r["run"], load_model(Path(r["run"]) / "hf")[0].eval()) for r in rows]

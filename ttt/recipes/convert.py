@@ -746,14 +746,17 @@ def teacher_path(spec: str) -> Path:
     return path
 
 
-def load_teacher(spec: str | Path) -> tuple[nn.Module, Any]:
-    """``(CausalLM, tokenizer)`` of ``--teacher``: 'smollm2' (fetched when missing) or a path."""
+def load_teacher(spec: str | Path, first_blocks: int | None = None) -> tuple[nn.Module, Any]:
+    """``(CausalLM, tokenizer)`` of ``--teacher``: 'smollm2' (fetched when missing) or a path; with
+    ``first_blocks``, only its first blocks (:func:`truncate_blocks`, ``--first-blocks``)."""
     from ttt.models.llama import LlamaLoadError, load_llama
 
     path = teacher_path(str(spec))
     model, tokenizer = load_llama(path)
     if tokenizer is None:
         raise LlamaLoadError(f"--teacher {spec!r} carries no tokenizer (tokenizer.json in a HF directory)")
+    if first_blocks is not None:
+        truncate_blocks(model, first_blocks)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
@@ -925,9 +928,7 @@ class _Conversion:
             check_same_corpus(self.saved.get("corpus_sha256"), corpus.name, self.corpus_sha256)
         self.args = args
         t0 = time.perf_counter()
-        teacher, self.tokenizer = load_teacher(path)
-        if args.first_blocks is not None:
-            truncate_blocks(teacher, args.first_blocks)
+        teacher, self.tokenizer = load_teacher(path, args.first_blocks)
         self.teacher = teacher.to(self.device)
         self.student, mapping = swap_mixers(
             self.teacher,
