@@ -103,6 +103,7 @@ def main() -> None:
     from ttt.models.checkpoint import load_model, write_text_atomic
     from ttt.recipes.args import Parser, positive_int
     from ttt.recipes.convert import load_teacher
+    from ttt.recipes.evidence.common import factor_list
 
     p = Parser(description=__doc__)
     p.add_argument("runs", nargs="+", type=Path)
@@ -111,17 +112,12 @@ def main() -> None:
     p.add_argument("--tokens", type=positive_int, default=16384, help="held-out tokens scored")
     p.add_argument(
         "--inner-lr-scale",
-        default="",
+        type=factor_list,
+        default=[],
         help="comma-separated factors for every TTT mixer's base_lr (e.g. 0,2)",
     )
     p.add_argument("--threads", type=positive_int, default=1)
     args = p.parse()
-    try:
-        factors = [float(f) for f in args.inner_lr_scale.split(",") if f.strip()]
-    except ValueError:
-        p.error(f"--inner-lr-scale: expected comma-separated numbers, got {args.inner_lr_scale!r}")
-    if any(not math.isfinite(f) or f < 0 for f in factors):
-        p.error(f"--inner-lr-scale: expected finite factors >= 0, got {args.inner_lr_scale!r}")
     if args.context > args.tokens:
         p.error(f"--context {args.context} is longer than --tokens {args.tokens}")
     missing = [
@@ -154,7 +150,7 @@ def main() -> None:
                      "gates": gate_means(model, held, args.context), **profile(model, held, args.context)})  # fmt: skip
         print({k: v for k, v in rows[-1].items() if k != "gates"}, flush=True)
         base = inner_lrs(model)
-        for f in factors if base else []:
+        for f in args.inner_lr_scale if base else []:
             for mixer, lr in base.items():
                 mixer.base_lr = lr * f
             rows.append({"model": run.name, "run": str(run), "inner_lr_scale": f,

@@ -58,8 +58,9 @@ def test_probe_of_a_ttt_and_an_attention_conversion(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--inner-lr-scale", "0,x"], "expected comma-separated numbers"),
-        (["--inner-lr-scale", "-1"], "expected finite factors >= 0"),
+        (["--inner-lr-scale", "0,x"], "--inner-lr-scale: expected non-negative numbers such as 0,0.5,2"),
+        (["--inner-lr-scale", "-1"], "--inner-lr-scale: expected non-negative numbers such as 0,0.5,2"),
+        (["--inner-lr-scale", "nan"], "--inner-lr-scale: expected non-negative numbers such as 0,0.5,2"),
         (["--context", "128", "--tokens", "64"], "longer than --tokens"),
     ],
 )

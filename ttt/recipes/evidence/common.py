@@ -107,15 +107,25 @@ def scale_from_args(args: argparse.Namespace, full: Scale) -> Scale:
     return dataclasses.replace(scale, threads=args.threads, corpus=args.corpus)
 
 
+def _float_list(text: str, positive: bool, example: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values):
+        kind = "positive" if positive else "non-negative"
+        raise argparse.ArgumentTypeError(f"expected {kind} numbers such as {example}, got {text!r}")
+    return values
+
+
 def lr_list(text: str) -> list[float]:
     """``--lrs``: ``"1e-3,3e-3"`` -> ``[0.001, 0.003]``; positive finite numbers (argparse reports errors)."""
-    try:
-        lrs = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        lrs = []
-    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-        raise argparse.ArgumentTypeError(f"expected positive numbers such as 1e-3,3e-3, got {text!r}")
-    return lrs
+    return _float_list(text, True, "1e-3,3e-3")
+
+
+def factor_list(text: str) -> list[float]:
+    """``"0,0.5,2"`` -> ``[0.0, 0.5, 2.0]``: non-negative finite factors (argparse reports errors)."""
+    return _float_list(text, False, "0,0.5,2")
 
 
 def command_line(name: str, argv: list[str] | None) -> str:
