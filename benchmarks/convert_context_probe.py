@@ -102,7 +102,7 @@ def table(report: dict) -> str:
 def main() -> None:
     from ttt.models.checkpoint import load_model, write_text_atomic
     from ttt.recipes.args import Parser, positive_int
-    from ttt.recipes.convert import load_teacher
+    from ttt.recipes.convert import load_teacher, read_summary
     from ttt.recipes.evidence.common import factor_list
 
     p = Parser(description=__doc__)
@@ -131,7 +131,10 @@ def main() -> None:
     if not out.parent.is_dir():
         p.error(f"--out {out}: no directory {out.parent} to write the report into")
     torch.set_num_threads(args.threads)
-    first = json.loads((args.runs[0] / "convert.json").read_text())["args"]
+    try:
+        first = read_summary(args.runs[0])["args"]
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     try:
         teacher, tok = load_teacher(first["teacher"], first.get("first_blocks"))
     except (OSError, ValueError) as e:

@@ -30,26 +30,36 @@ STAGES = ["teacher", "swapped", "calibrated", "after_transfer", "after_distill"]
 
 
 def run_rows(runs: list[Path]) -> list[dict]:
+    """A row per run from its ``convert.json``; ``ValueError`` (one line) for one that lacks a field."""
+    from ttt.recipes.convert import read_summary
+
     rows = []
     for run in runs:
-        s = json.loads((run / "convert.json").read_text())
-        a = s["args"]
-        sink = f" + {a['sink']} sink tokens" if a.get("sink") else ""
-        kept = "" if a["blocks"] == "all" else f", other blocks {a['keep_as']}" + (
-            f" (window {a['window']}{sink})" if a["keep_as"] == "swa" else "")  # fmt: skip
-        own = f" (window {a['window']}{sink})" if a["mixer"] == "swa" else ""
-        beside = f" beside a {a['in_layer_window']}-token window{sink}" if a.get("in_layer_window") else ""
-        if a.get("transfer_target", "output") != "output":  # two runs differing only here stay apart
-            beside += f" ({a['transfer_target']} transfer)"
-        rows.append({
-            "run": str(run),
-            "model": f"{a['mixer']}{own}{beside} in blocks {a['blocks']}{kept}" + (
-                ", from scratch" if a.get("from_scratch") else ""),
-            "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
-            "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
-            "eval_tokens": s["eval_tokens"], "args": a,
-        })  # fmt: skip
+        try:
+            rows.append(_row(run, read_summary(run)))
+        except KeyError as e:
+            raise ValueError(f"{run / 'convert.json'}: no {e} (not what ttt convert wrote)") from None
     return rows
+
+
+def _row(run: Path, s: dict) -> dict:
+    """The table row of one run's summary (a missing field: ``KeyError``)."""
+    a = s["args"]
+    sink = f" + {a['sink']} sink tokens" if a.get("sink") else ""
+    kept = "" if a["blocks"] == "all" else f", other blocks {a['keep_as']}" + (
+        f" (window {a['window']}{sink})" if a["keep_as"] == "swa" else "")  # fmt: skip
+    own = f" (window {a['window']}{sink})" if a["mixer"] == "swa" else ""
+    beside = f" beside a {a['in_layer_window']}-token window{sink}" if a.get("in_layer_window") else ""
+    if a.get("transfer_target", "output") != "output":  # two runs differing only here stay apart
+        beside += f" ({a['transfer_target']} transfer)"
+    return {
+        "run": str(run),
+        "model": f"{a['mixer']}{own}{beside} in blocks {a['blocks']}{kept}" + (
+            ", from scratch" if a.get("from_scratch") else ""),
+        "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
+        "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
+        "eval_tokens": s["eval_tokens"], "args": a,
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -128,7 +138,10 @@ def main() -> None:
     if not out.parent.is_dir():  # checked before minutes of evaluation, not when writing
         p.error(f"--out {out}: no directory {out.parent} to write the report into")
     torch.set_num_threads(args.threads)
-    rows = run_rows(args.runs)
+    try:
+        rows = run_rows(args.runs)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     decode, samples, contexts = [], [], []
     if args.decode or args.prompt or args.ppl_context:
         from ttt.models.checkpoint import load_model

@@ -45,3 +45,27 @@ def test_convert_report_refuses_an_out_it_cannot_write_before_any_work(tmp_path,
         load_script(BENCHMARKS / "convert_report.py").main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and f"no directory {out.parent}" in err
+
+
+@pytest.mark.parametrize(
+    "script, text, message",
+    [
+        ("convert_report.py", "{}", "expected the summary ttt convert writes"),
+        ("convert_report.py", "{not json", "not JSON"),
+        ("convert_report.py", '{"args": {"teacher": "t", "corpus": "c"}}', "no 'blocks'"),
+        ("convert_context_probe.py", "{}", "expected the summary ttt convert writes"),
+        ("convert_context_probe.py", "[1, 2]", "expected the summary ttt convert writes"),
+    ],
+)
+def test_a_hand_edited_convert_json_is_one_line(tmp_path, monkeypatch, capsys, script, text, message):
+    """A run's convert.json that is not what ttt convert wrote was a KeyError or JSONDecodeError traceback."""
+    from ttt.testing import load_script
+
+    (tmp_path / "run" / "hf").mkdir(parents=True)
+    (tmp_path / "run" / "convert.json").write_text(text)
+    monkeypatch.setattr(sys, "argv", [script, str(tmp_path / "run"), "--out", str(tmp_path / "report")])
+    with pytest.raises(SystemExit) as e:
+        load_script(BENCHMARKS / script).main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "convert.json" in err
+    assert not list(tmp_path.glob("report*"))

@@ -762,6 +762,20 @@ def load_teacher(spec: str | Path, first_blocks: int | None = None) -> tuple[nn.
     return model, tokenizer
 
 
+def read_summary(run: str | Path) -> dict[str, Any]:
+    """A finished run's ``convert.json`` (what :func:`convert` returns), for tools that read runs; a file
+    that is not what ``ttt convert`` wrote (hand-edited, truncated) is a one-line ``ValueError``."""
+    path = Path(run) / "convert.json"
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    args = summary.get("args") if isinstance(summary, dict) else None
+    if not isinstance(args, dict) or not {"teacher", "corpus"} <= set(args):
+        raise ValueError(f"{path}: expected the summary ttt convert writes (with its 'args')")
+    return summary
+
+
 def _outputs_without_checkpoints(run: Path) -> tuple[list[Path], list[str]]:
     """``(leftovers, others)`` of a directory without checkpoints: the records of a conversion stopped
     before its first checkpoint (ttt's metrics.jsonl and the event files beside it), which a new run
