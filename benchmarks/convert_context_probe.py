@@ -6,8 +6,8 @@ inner update? Scores the same held-out windows for the teacher and each ``ttt co
 - with ``--inner-lr-scale``, the same for each run with every TTT mixer's inner learning rate
   (``base_lr``) multiplied by each factor: 0 freezes the fast weights at their learned initial value
   (the converted blocks then see no other token), 2 doubles every inner step;
-- the mean of each TTT mixer's inner-lr gate (``sigmoid(x w_h + b_h)``, in (0, 1)) over the held-out
-  tokens, per block: a gate near 1 means ``base_lr`` caps the step the training wanted.
+- the mean of each TTT mixer's inner-lr gate (``sigmoid(x w_h + b_h)``, in (0, 1)) over the first
+  held-out window, per block: a gate near 1 means ``base_lr`` caps the step the training wanted.
 
     python benchmarks/convert_context_probe.py RUN [RUN ...] --context 2048 --tokens 16384 \
         --inner-lr-scale 0,0.5,2 --out benchmarks/results/convert_smollm2_cpu_context_probe
