@@ -84,8 +84,9 @@ def test_train_names_bad_strategy():
 
     with pytest.raises(ValueError, match="strategy must be 'ddp' or 'fsdp'"):
         _check_args(TrainArgs(strategy="zero3"))
-    with pytest.raises(ValueError, match="--activation-checkpointing needs --strategy fsdp"):
-        _check_args(TrainArgs(activation_checkpointing=True))
+    with pytest.raises(ValueError, match="--activation-checkpointing with --context-parallel is not built"):
+        no_conv = '{"ttt_linear": {"share_qk": false}}'
+        _check_args(TrainArgs(activation_checkpointing=True, context_parallel=2, mixer_kwargs=no_conv))
 
 
 def test_every_rank_refuses_a_corrupt_shard_naming_it(sharded, tmp_path):

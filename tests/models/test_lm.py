@@ -304,3 +304,30 @@ def test_step_and_a_continued_forward_check_their_input_and_state(mixer):
     for bad in (None, state[:-1], "state"):
         with pytest.raises(ValueError, match=r"state must be the list of 2 per-block states"):
             model.step(torch.tensor([4]), bad)
+
+
+@pytest.mark.parametrize("mixer", LM_MIXERS)
+def test_checkpoint_blocks_recomputes_each_block_with_the_same_gradients(mixer):
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(3))
+    grads, losses = [], []
+    for recompute in (False, True):
+        model = micro(mixer).train()
+        model.checkpoint_blocks = recompute
+        calls = []
+        for block in model.blocks:
+            block.register_forward_pre_hook(
+                lambda *_, calls=calls: calls.append(1)
+            )  # recomputing stops early
+        with torch.no_grad():  # a forward that records no gradient has nothing to recompute
+            model(idx)
+        assert len(calls) == len(model.blocks)
+        calls.clear()
+        logits, _ = model(idx)
+        loss = logits.logsumexp(-1).mean()
+        loss.backward()
+        assert len(calls) == len(model.blocks) * (2 if recompute else 1)
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert losses[0] == losses[1]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=1e-7, msg=n)

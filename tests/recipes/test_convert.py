@@ -993,3 +993,33 @@ def test_loss_plot_names_the_loss_the_run_trained_on(teacher_dir, tmp_path, monk
     monkeypatch.setattr(recipe, "save_plot", lambda path, series, **kw: labels.append(kw["ylabel"]))
     convert(args_for(teacher_dir, tmp_path / "run", transfer_steps=1, distill_steps=1, **extra))
     assert labels and all(label in y for y in labels), labels
+
+
+def test_activation_checkpointing_recomputes_both_stages_and_may_change_on_resume(
+    teacher_dir, tmp_path, monkeypatch
+):
+    import torch.utils.checkpoint
+
+    import ttt.models.lm as lm
+
+    common = dict(mixer="ttt_linear", blocks="except-every:2")
+    plain = convert(args_for(teacher_dir, tmp_path / "a", **common))
+    calls = {"n": 0}
+    real = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    monkeypatch.setattr(lm, "checkpoint", counted)
+    recomputed = convert(args_for(teacher_dir, tmp_path / "b", activation_checkpointing=True, **common))
+    # 3 transfer steps x 2 converted mixers + 3 distillation steps x 4 blocks, nothing in evaluation
+    assert calls["n"] == 3 * 2 + 3 * 4
+    assert recomputed["losses"] == plain["losses"]
+    assert recomputed["perplexity"] == plain["perplexity"]
+    # a stopped run may resume with or without it
+    stopped = args_for(teacher_dir, tmp_path / "c", distill_steps=0, activation_checkpointing=True, **common)
+    convert(stopped)
+    resumed = convert(args_for(teacher_dir, tmp_path / "c", resume=True, **common))
+    assert resumed["losses"] == plain["losses"]

@@ -760,3 +760,13 @@ def test_resume_refuses_a_corpus_whose_text_changed(corpus_dir, tmp_path):
     doc.write_text(doc.read_text() + "an added line\n")
     with pytest.raises(CheckpointError, match=r"^cannot resume: the text of --corpus .* differs from"):
         train(small_args(corpus_dir, out, steps=3, eval_every=0, resume=True))
+
+
+def test_activation_checkpointing_trains_the_same_without_fsdp_and_may_change_on_resume(corpus_dir, tmp_path):
+    plain = train(small_args(corpus_dir, tmp_path / "a", steps=4, ckpt_every=2))
+    recomputed = train(small_args(corpus_dir, tmp_path / "b", steps=4, activation_checkpointing=True))
+    assert recomputed.history["train"] == plain.history["train"]  # the same arithmetic, recomputed
+    (tmp_path / "a" / "latest").write_text("step-000002\n")
+    resumed = train(small_args(corpus_dir, tmp_path / "a", steps=4, ckpt_every=2, resume=True,
+                               activation_checkpointing=True))  # fmt: skip
+    assert resumed.history["train"] == plain.history["train"]

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -60,7 +59,7 @@ def shard_model(
         mixed_precision: compute in bfloat16 (FSDP casts the gathered parameters), reduce gradients
             and keep the sharded master weights in float32.
         checkpoint_blocks: recompute each block's activations in the backward (less memory, one more
-            forward per block).
+            forward per block): sets the model's ``checkpoint_blocks``, which ``CausalLM`` has.
         mesh: a 1-d ``DeviceMesh``. Default: every rank of the default group.
 
     Returns:
@@ -78,10 +77,14 @@ def shard_model(
         if mixed_precision
         else MixedPrecisionPolicy()
     )
-    for i, block in enumerate(model.blocks):
-        if checkpoint_blocks:
-            block = checkpoint_wrapper(block)
-            model.blocks[i] = block
+    if checkpoint_blocks:  # the model recomputes each (sharded) block in the backward
+        if not hasattr(model, "checkpoint_blocks"):
+            raise TypeError(
+                f"checkpoint_blocks=True needs a model with a checkpoint_blocks switch (e.g. CausalLM), got "
+                f"{type(model).__name__}"
+            )
+        model.checkpoint_blocks = True
+    for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ttt.modules import RMSNorm, SwiGLU
 
@@ -57,11 +58,17 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Token embedding -> blocks -> RMSNorm -> head. See :class:`LMConfig` for the options."""
+    """Token embedding -> blocks -> RMSNorm -> head. See :class:`LMConfig` for the options.
+
+    ``checkpoint_blocks`` (a training choice, not part of the config; default False): when True, a forward
+    that records gradients keeps only each block's input and recomputes the block in the backward
+    (``torch.utils.checkpoint``, non-reentrant): activation memory of one block instead of all, for about
+    one more forward. The results are the same."""
 
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.config = config
+        self.checkpoint_blocks = False
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(
             Block(config.dim, build_mixer(name, config), config.mlp_hidden, config.norm_eps)
@@ -135,9 +142,13 @@ class CausalLM(nn.Module):
             self._check_state(state, idx.shape[0])
         states = state if state is not None else [None] * len(self.blocks)
         x = self.embed(idx)  # [B, T, C]
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         new_states = []
         for block, s in zip(self.blocks, states):
-            x, s = block(x, state=s, mask=mask)
+            if recompute:
+                x, s = checkpoint(block, x, s, mask, use_reentrant=False)
+            else:
+                x, s = block(x, state=s, mask=mask)
             new_states.append(s)
         return self.head(self.norm(x)).float(), new_states
 

@@ -130,7 +130,8 @@ class TrainArgs:
     sharded; with --dtype bfloat16 the sharded weights stay float32 and compute runs in bfloat16; sharded
     checkpoints in <out>/dcp plus the usual safetensors export); one process runs either"""
     activation_checkpointing: bool = False
-    """recompute each block's activations in the backward (less memory); with --strategy fsdp only"""
+    """recompute each block in the backward: activation memory of one block instead of all, for about one
+    more forward; the same results (any --strategy; may change on --resume)"""
     context_parallel: int = 1
     """split every training sequence along T over this many processes (consecutive ranks; TTT-Linear /
     TTT-MLP mixers without share_qk, which ttt train turns on by default: add --mixer-kwargs

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .common import (
@@ -139,6 +140,10 @@ class ConvertArgs:
     adapters on every linear map of the blocks, merged into the weights when saved)"""
     lora_rank: int = 8
     """rank of the LoRA adapters"""
+    activation_checkpointing: bool = False
+    """keep only each block's input and recompute the block in the backward (stage (a): each converted
+    mixer; stage (b): each block): activation memory of one block instead of all, for about one more
+    forward, with the same results (docs/convert.md: conversion memory)"""
     eval_batches: int = 8
     """validation batches (of --batch-size windows) per evaluation"""
     ckpt_every: int = 50
@@ -147,8 +152,8 @@ class ConvertArgs:
     """run directory: checkpoints, convert.json, losses.png, hf/ (the HF-format result)"""
     resume: bool = False
     """continue the run in --out from its latest checkpoint: give the run's arguments again (one that
-    differs is refused; --device, --threads, --progress may change, and stage (b)'s options until it
-    begins; --teacher may name the same model at another path)"""
+    differs is refused; --device, --threads, --progress, --activation-checkpointing may change, and stage
+    (b)'s options until it begins; --teacher may name the same model at another path)"""
     overwrite: bool = False
     """start over in an --out that holds a conversion: once every argument is checked and the teacher is
     loaded, its checkpoints, convert.json, losses.png, metrics.jsonl, event files and hf/ are removed
@@ -168,7 +173,7 @@ class ConvertArgs:
 
 
 # the arguments that may change when a run resumes
-RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out")
+RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out", "activation_checkpointing")
 # ... and those that may change while the latest checkpoint is not past attention transfer
 DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "ce_weight", "update", "lora_rank")
 #: what a conversion writes into its run directory besides its checkpoints
@@ -530,18 +535,27 @@ def transfer_loss(
     def rel(y: Tensor, t: Tensor) -> Tensor:
         return F.mse_loss(y.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
 
+    def block_loss(mixer: nn.Module, h: Tensor, target: Tensor) -> Tensor:
+        if not residual:
+            return rel(mixer(h)[0], target)
+        window = mixer.attn(h)[0]
+        return rel(window, target) + rel(mixer.inner(h)[0], target - window.detach())
+
+    # the student's checkpoint_blocks: keep each block's inputs only and recompute it in the backward
+    recompute = getattr(student, "checkpoint_blocks", False) and torch.is_grad_enabled()
     captured = capture_attention(teacher, blocks, x)
     losses = []
     for i in blocks:
         h, target = captured[i]
         mixer = student.blocks[i].mixer
-        if not residual:
-            losses.append(rel(mixer(h)[0], target))
-            continue
-        if not isinstance(mixer, WindowedMixer):
+        if residual and not isinstance(mixer, WindowedMixer):
             raise ValueError(f"residual transfer needs windowed mixers; block {i} has {type(mixer).__name__}")
-        window = mixer.attn(h)[0]
-        losses.append(rel(window, target) + rel(mixer.inner(h)[0], target - window.detach()))
+        if recompute:
+            losses.append(
+                torch.utils.checkpoint.checkpoint(block_loss, mixer, h, target, use_reentrant=False)
+            )
+        else:
+            losses.append(block_loss(mixer, h, target))
     return torch.stack(losses).mean()
 
 
@@ -966,6 +980,7 @@ class _Conversion:
             torch.manual_seed(args.seed)
             self.student = CausalLM(self.student.config).to(self.device)
             mapping = {"all": "fresh (--from-scratch: random initialisation, no teacher weights)"}
+        self.student.checkpoint_blocks = args.activation_checkpointing
         self.data = prepare(corpus, self.tokenizer)
         print(
             f"teacher {args.teacher}: {teacher.config.n_layers} blocks, {teacher.num_params():,} parameters; "

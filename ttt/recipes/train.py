@@ -100,7 +100,14 @@ SHARDED_OUTPUTS = ("dcp", "dcp/*")
 # arguments of the machine, not of the run: --resume takes them as given now, never from the checkpoint
 RUNTIME_ARGS = {"resume", "overwrite", "progress", "plot", "threads", "device", "out"}
 # arguments a --resume may change without changing what was trained so far (--steps: extend the run)
-RESUME_MAY_CHANGE = {"steps", "eval_every", "ckpt_every", "eval_batches", "log_every"}
+RESUME_MAY_CHANGE = {
+    "steps",
+    "eval_every",
+    "ckpt_every",
+    "eval_batches",
+    "log_every",
+    "activation_checkpointing",
+}
 
 
 @dataclass
@@ -278,11 +285,14 @@ def _check_args(args: TrainArgs) -> None:
         raise ValueError("give --resume (continue the run in --out) or --overwrite (start over), not both")
     if args.strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {args.strategy!r}")
-    if args.activation_checkpointing and args.strategy != "fsdp":
-        raise ValueError("--activation-checkpointing needs --strategy fsdp")
     if args.context % args.context_parallel:
         raise ValueError(
             f"--context {args.context} must split into --context-parallel {args.context_parallel} parts"
+        )
+    if args.context_parallel > 1 and args.activation_checkpointing:
+        raise ValueError(
+            "--activation-checkpointing with --context-parallel is not built (recomputing a block would "
+            "repeat its exchange of states between the ranks)"
         )
     if args.context_parallel > 1 and args.strategy == "fsdp":
         raise ValueError(
@@ -576,11 +586,11 @@ def _build(run: _Run) -> None:
     args = run.args
     torch.manual_seed(args.seed)
     run.model = CausalLM(run.config).to(run.device)
+    run.model.checkpoint_blocks = args.activation_checkpointing  # FSDP too: shard_model keeps the switch
     if run.saved:  # before sharding: FSDP shards the resumed weights
         run.model.load_state_dict(run.saved[0], strict=False)
     if args.strategy == "fsdp":  # weights, gradients and optimizer state sharded (FSDP2)
-        _fsdp().shard_model(run.model, mixed_precision=args.dtype == "bfloat16",
-                            checkpoint_blocks=args.activation_checkpointing)  # fmt: skip
+        _fsdp().shard_model(run.model, mixed_precision=args.dtype == "bfloat16")
     run.optimizer = build_optimizer(run.model, args)
     run.sampler = torch.Generator().manual_seed(args.seed)
     if run.saved:
