@@ -197,3 +197,35 @@ def test_a_flattening_collators_batch_trains_each_document_alone():
         loss = model(**batch).loss
         alone = [model(torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1) for d in docs]
     torch.testing.assert_close(loss, sum(alone) / sum(len(d) - 1 for d in docs), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_through_the_transformers_switch():
+    """activation_checkpointing_enable() (the Trainer's gradient_checkpointing=True) raised "does not
+    support activation checkpointing": it now turns on CausalLM.checkpoint_blocks, with the same loss
+    and gradients; what the model cannot honour (every_n_layers, a reentrant checkpoint, offloading) is
+    refused."""
+    idx = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def loss_and_grads(model: TTTForCausalLM) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.train().zero_grad()
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model = hf_model()
+    assert not model.is_activation_checkpointing
+    plain = loss_and_grads(model)
+    model.activation_checkpointing_enable()
+    assert model.model.checkpoint_blocks and model.is_activation_checkpointing
+    recomputed = loss_and_grads(model)
+    torch.testing.assert_close(recomputed, plain)
+    model.activation_checkpointing_disable()
+    assert not model.model.checkpoint_blocks and not model.is_activation_checkpointing
+    for kwargs, match in [
+        ({"every_n_layers": 2}, "every_n_layers"),
+        ({"activation_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
+        ({"offload": True}, "offload"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.activation_checkpointing_enable(**kwargs)
+        assert not model.model.checkpoint_blocks

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -255,6 +257,7 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
     _supports_cache_class = False
     _is_stateful = True
+    supports_gradient_checkpointing = True  # activation_checkpointing_enable(): CausalLM.checkpoint_blocks
 
     def __init__(self, config: TTTLMConfig) -> None:
         super().__init__(config)
@@ -269,6 +272,39 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: torch.nn.Module) -> None:
         # CausalLM and the mixers initialise themselves
         return
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether each block is recomputed in the backward (``CausalLM.checkpoint_blocks``); what
+        transformers' ``is_activation_checkpointing`` reads."""
+        return self.model.checkpoint_blocks
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Any = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Where ``activation_checkpointing_enable`` / ``_disable`` land: the switch of
+        :class:`CausalLM`, which recomputes every block with ``torch.utils.checkpoint(use_reentrant=False)``.
+        Anything else it is asked for (``every_n_layers`` > 1, other checkpoint arguments, ``offload``)
+        is refused rather than ignored."""
+        if enable:
+            if every_n_layers != 1:
+                raise ValueError(
+                    f"TTTForCausalLM recomputes every block: every_n_layers must be 1, got {every_n_layers}"
+                )
+            func = gradient_checkpointing_func
+            inner = func.func if isinstance(func, functools.partial) else func
+            keywords = func.keywords if isinstance(func, functools.partial) else {}
+            if inner is not checkpoint:
+                raise ValueError(
+                    "TTTForCausalLM recomputes blocks with torch.utils.checkpoint itself: offload=True and "
+                    f"other checkpoint functions are not supported, got {getattr(inner, '__name__', inner)!r}"
+                )
+            if keywords.get("use_reentrant", False) or set(keywords) - {"use_reentrant"}:
+                raise ValueError(
+                    "TTTForCausalLM's checkpoint takes activation_checkpointing_kwargs "
+                    f"{{'use_reentrant': False}} only, got {keywords}"
+                )
+        self.model.checkpoint_blocks = enable
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
