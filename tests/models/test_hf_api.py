@@ -200,7 +200,7 @@ def test_a_flattening_collators_batch_trains_each_document_alone():
 
 
 def test_activation_checkpointing_through_the_transformers_switch():
-    """activation_checkpointing_enable() (the Trainer's gradient_checkpointing=True) raised "does not
+    """activation_checkpointing_enable() (the Trainer's activation_checkpointing=True) raised "does not
     support activation checkpointing": it now turns on CausalLM.checkpoint_blocks, with the same loss
     and gradients; what the model cannot honour (every_n_layers, a reentrant checkpoint, offloading) is
     refused."""
