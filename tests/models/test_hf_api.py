@@ -224,6 +224,8 @@ def test_activation_checkpointing_through_the_transformers_switch():
     for kwargs, match in [
         ({"every_n_layers": 2}, "every_n_layers"),
         ({"activation_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
+        ({"activation_checkpointing_kwargs": {"use_reentrant": None}}, "use_reentrant"),  # torch's default
+        ({"activation_checkpointing_kwargs": {"preserve_rng_state": False}}, "preserve_rng_state"),
         ({"offload": True}, "offload"),
     ]:
         with pytest.raises(ValueError, match=match):

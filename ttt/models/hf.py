@@ -292,14 +292,14 @@ class TTTForCausalLM(PreTrainedModel, GenerationMixin):
                     f"TTTForCausalLM recomputes every block: every_n_layers must be 1, got {every_n_layers}"
                 )
             func = gradient_checkpointing_func
-            inner = func.func if isinstance(func, functools.partial) else func
-            keywords = func.keywords if isinstance(func, functools.partial) else {}
+            partial = isinstance(func, functools.partial)
+            inner, keywords = (func.func, func.keywords) if partial else (func, {})
             if inner is not checkpoint:
                 raise ValueError(
                     "TTTForCausalLM recomputes blocks with torch.utils.checkpoint itself: offload=True and "
                     f"other checkpoint functions are not supported, got {getattr(inner, '__name__', inner)!r}"
                 )
-            if keywords.get("use_reentrant", False) or set(keywords) - {"use_reentrant"}:
+            if keywords.get("use_reentrant", False) is not False or set(keywords) - {"use_reentrant"}:
                 raise ValueError(
                     "TTTForCausalLM's checkpoint takes activation_checkpointing_kwargs "
                     f"{{'use_reentrant': False}} only, got {keywords}"
