@@ -9,7 +9,12 @@ the earlier weights, and re-scores held-out perplexity after each.
 Rows:
 - a group: every tensor of that name in every block (``mixer.o_proj.weight``, ...; the tensors outside
   the mixers form one group, ``non-mixer``), then ``all mixer`` and ``all`` (= the later checkpoint);
-- ``--per-block NAME``: that tensor of each block in ``--blocks`` alone, and of all the other blocks;
+- ``--per-block NAME``: that tensor (or, for a module such as ``mixer``, all its tensors) of each block in
+  ``--blocks`` alone, and of all the other blocks; with ``--leave-out``, also the update of every block but
+  each one in ``--blocks`` (where the damage needs several blocks' updates together);
+- ``--leave-out``: also ``all mixer`` but one group, for each mixer group (which tensors the damage needs),
+  and with ``--per-block MODULE --blocks ...`` each listed block's module update but one tensor's, for each
+  of its tensors;
 - ``--controls TENSOR``: whether the update of one tensor matters by its size or by its direction: a
   random direction of the same norm, the same per-element sizes with random signs, and the update scaled
   by 0.25 and 0.5.
@@ -39,7 +44,7 @@ def group_of(name: str) -> str:
 
 
 def probe(run: Path, before: str, after: str, *, windows: int, per_block: str | None, blocks: list[int] | None,
-          controls: list[str], seed: int = 0) -> list[dict]:  # fmt: skip
+          controls: list[str], leave_out: bool = False, seed: int = 0) -> list[dict]:  # fmt: skip
     """``[{"row", "kind", "perplexity"}]``: the before and after weights, then each row of the docstring."""
     from ttt.data import load_corpus, prepare
     from ttt.data.tokenizer import tokenizer_from_dict
@@ -71,20 +76,37 @@ def probe(run: Path, before: str, after: str, *, windows: int, per_block: str | 
     groups["all"] = list(a)
     for group, names in groups.items():
         rows.append({"row": group, "kind": "group", "perplexity": score({n: b[n] for n in names})})
+    mixer_groups = [g for g in groups if g.startswith("mixer.")]
+    for group in mixer_groups if leave_out else []:
+        rest = {n: b[n] for g in mixer_groups if g != group for n in groups[g]}
+        rows.append({"row": f"all mixer but {group}", "kind": "all but one group", "perplexity": score(rest)})
     if per_block:
-        owners = sorted(
-            int(m.group(1)) for n in a if (m := re.match(rf"^blocks\.(\d+)\.{re.escape(per_block)}$", n))
-        )
-        if not owners:
-            raise SystemExit(f"--per-block {per_block}: no tensor blocks.N.{per_block} in the checkpoint")
-        chosen = owners if blocks is None else [i for i in blocks if i in owners]
+        # a tensor, or every tensor of a module (``mixer``)
+        part = re.compile(rf"^blocks\.(\d+)\.{re.escape(per_block)}(\..+)?$")
+        owned: dict[int, list[str]] = {}
+        for n in a:
+            if m := part.match(n):
+                owned.setdefault(int(m.group(1)), []).append(n)
+        if not owned:
+            raise SystemExit(f"--per-block {per_block}: no tensor blocks.N.{per_block}(.*) in the checkpoint")
+        owners = sorted(owned)
+        chosen = owners if blocks is None else [i for i in blocks if i in owned]
         for i in chosen:
-            n = f"blocks.{i}.{per_block}"
-            rows.append({"row": n, "kind": "block", "perplexity": score({n: b[n]})})
-        rest = [f"blocks.{i}.{per_block}" for i in owners if i not in chosen]
+            rows.append({"row": f"blocks.{i}.{per_block}", "kind": "block",
+                         "perplexity": score({n: b[n] for n in owned[i]})})  # fmt: skip
+        rest = [n for i in owners if i not in chosen for n in owned[i]]
         if rest:
-            rows.append({"row": f"{per_block} of the {len(rest)} other blocks", "kind": "block",
+            others = len(owners) - len(chosen)
+            rows.append({"row": f"{per_block} of the {others} other blocks", "kind": "block",
                          "perplexity": score({n: b[n] for n in rest})})  # fmt: skip
+        for i in chosen if leave_out else []:
+            rows.append({"row": f"{per_block} of every block but {i}", "kind": "all but one block",
+                         "perplexity": score({n: b[n] for j in owners if j != i for n in owned[j]})})  # fmt: skip
+            if blocks is not None and len(owned[i]) > 1:  # a module: its update but one tensor's, each tensor
+                for t in owned[i]:
+                    rest = {n: b[n] for n in owned[i] if n != t}
+                    rows.append({"row": f"blocks.{i}.{per_block} but {t}", "kind": "block but one tensor",
+                                 "perplexity": score(rest)})  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     for n in controls:
         if n not in a:
@@ -109,7 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--after", required=True, help="later checkpoint directory name, e.g. step-000030")
     p.add_argument("--windows", type=int, default=4, help="held-out windows scored per row (default: 4)")
     p.add_argument(
-        "--per-block", help="also apply this tensor's update block by block (e.g. mixer.o_proj.weight)"
+        "--per-block",
+        help="also apply this tensor's (or module's) update block by block (e.g. mixer.o_proj.weight, mixer)",
+    )
+    p.add_argument(
+        "--leave-out",
+        action="store_true",
+        help="also every mixer group's update but each one's, and with --per-block every block's but each one's",
     )
     p.add_argument("--blocks", help="comma-separated blocks for --per-block (default: all)")
     p.add_argument(
@@ -122,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [int(i) for i in a.blocks.split(",")] if a.blocks else None
     controls = [c for c in a.controls.split(",") if c]
     rows = probe(a.run, a.before, a.after, windows=a.windows, per_block=a.per_block, blocks=blocks,
-                 controls=controls)  # fmt: skip
+                 controls=controls, leave_out=a.leave_out)  # fmt: skip
     lines = [f"Update {a.before} -> {a.after} of `{a.run}`, applied in parts to the {a.before} weights; "
              f"held-out perplexity on {a.windows} windows.", "", "| update applied | kind | perplexity |",
              "|---|---|---|"]  # fmt: skip
