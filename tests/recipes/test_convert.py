@@ -1023,3 +1023,40 @@ def test_activation_checkpointing_recomputes_both_stages_and_may_change_on_resum
     convert(stopped)
     resumed = convert(args_for(teacher_dir, tmp_path / "c", resume=True, **common))
     assert resumed["losses"] == plain["losses"]
+
+
+def test_distill_frozen_mixers_stay_as_transfer_left_them(teacher_dir, tmp_path):
+    """--distill-frozen-mixers: the listed converted blocks' mixers do not move in stage (b), everything
+    else does; blocks that are not converted, LoRA and --from-scratch are refused before anything is
+    written. (All-GDN seed 2 diverged from block 0's mixer update alone: benchmarks/results.)"""
+    from ttt.models.checkpoint import load_model
+
+    args = args_for(teacher_dir, tmp_path / "a", mixer="gated_deltanet", blocks="0,2", transfer_steps=2,
+                    distill_steps=2, distill_out_lr="relative", distill_frozen_mixers="0")  # fmt: skip
+    summary = convert(args)
+    assert summary["args"]["distill_frozen_mixers"] == "0"
+    before, _ = load_model(tmp_path / "a" / "step-000002")  # the end of transfer
+    after, _ = load_model(tmp_path / "a")
+    frozen = dict(before.blocks[0].mixer.named_parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in after.blocks[0].mixer.named_parameters())
+    assert not torch.equal(after.blocks[2].mixer.g_proj.weight, before.blocks[2].mixer.g_proj.weight)
+    assert not torch.equal(after.blocks[0].mlp.up_proj.weight, before.blocks[0].mlp.up_proj.weight)
+    for kw, match in (
+        (
+            {"blocks": "0,2", "distill_frozen_mixers": "1"},
+            r"--distill-frozen-mixers: block 1 is not converted",
+        ),
+        ({"distill_frozen_mixers": "x"}, r"--distill-frozen-mixers 'x': expected block indices like '0' or"),
+        (
+            {"distill_frozen_mixers": "0", "update": "lora"},
+            r"--distill-frozen-mixers .* not with --update lora",
+        ),
+        ({"distill_frozen_mixers": "0", "from_scratch": True}, r"--distill-frozen-mixers .* not with --from"),
+        (
+            {"blocks": "0", "distill_frozen_mixers": "0", "update": "mixers"},
+            r"--update mixers with every conv",
+        ),
+    ):
+        with pytest.raises(ValueError, match=match):
+            convert(args_for(teacher_dir, tmp_path / "c", **kw))
+    assert not (tmp_path / "c").exists()
