@@ -1025,38 +1025,72 @@ def test_activation_checkpointing_recomputes_both_stages_and_may_change_on_resum
     assert resumed["losses"] == plain["losses"]
 
 
-def test_distill_frozen_mixers_stay_as_transfer_left_them(teacher_dir, tmp_path):
-    """--distill-frozen-mixers: the listed converted blocks' mixers do not move in stage (b), everything
-    else does; blocks that are not converted, LoRA and --from-scratch are refused before anything is
-    written. (All-GDN seed 2 diverged from block 0's mixer update alone: benchmarks/results.)"""
+def test_distill_mixer_lr_scales_or_freezes_the_listed_mixers(teacher_dir, tmp_path):
+    """--distill-mixer-lr: multiple 0 leaves a converted block's mixer as stage (a) left it while the rest
+    trains; multiple 0.5 halves its first AdamW step (which is lr x sign-like, the same gradients), the other
+    blocks' steps unchanged; blocks that are not converted, bad specs, LoRA and --from-scratch are refused
+    before anything is written. (All-GDN seed 2 diverged from block 0's mixer update alone: benchmarks/results.)"""
     from ttt.models.checkpoint import load_model
 
-    args = args_for(teacher_dir, tmp_path / "a", mixer="gated_deltanet", blocks="0,2", transfer_steps=2,
-                    distill_steps=2, distill_out_lr="relative", distill_frozen_mixers="0")  # fmt: skip
-    summary = convert(args)
-    assert summary["args"]["distill_frozen_mixers"] == "0"
+    kw = dict(mixer="gated_deltanet", blocks="0,2", transfer_steps=2)
+    summary = convert(args_for(teacher_dir, tmp_path / "a", distill_steps=2, distill_out_lr="relative",
+                               distill_mixer_lr="0:0", **kw))  # fmt: skip
+    assert summary["args"]["distill_mixer_lr"] == "0:0"
     before, _ = load_model(tmp_path / "a" / "step-000002")  # the end of transfer
     after, _ = load_model(tmp_path / "a")
     frozen = dict(before.blocks[0].mixer.named_parameters())
     assert all(torch.equal(p, frozen[n]) for n, p in after.blocks[0].mixer.named_parameters())
     assert not torch.equal(after.blocks[2].mixer.g_proj.weight, before.blocks[2].mixer.g_proj.weight)
     assert not torch.equal(after.blocks[0].mlp.up_proj.weight, before.blocks[0].mlp.up_proj.weight)
+
+    steps = {}  # one distillation step, at the full lr and with block 0's mixer at half of it
+    for name, spec in (("full", ""), ("half", "0:0.5")):
+        convert(args_for(teacher_dir, tmp_path / name, distill_steps=1, distill_mixer_lr=spec, **kw))
+        end, _ = load_model(tmp_path / name)
+        steps[name] = {
+            n: (p - dict(before.named_parameters())[n]).double() for n, p in end.named_parameters()
+        }
+    for n, full in steps["full"].items():
+        half = steps["half"][n]
+        if n.startswith("blocks.0.mixer.") and full.abs().max() > 0:
+            torch.testing.assert_close(
+                half, full / 2, rtol=0, atol=1e-3 * full.abs().max().item() + 1e-6
+            )  # + float32 rounding
+        else:
+            torch.testing.assert_close(half, full, rtol=0, atol=1e-7)
+
     for kw, match in (
-        (
-            {"blocks": "0,2", "distill_frozen_mixers": "1"},
-            r"--distill-frozen-mixers: block 1 is not converted",
-        ),
-        ({"distill_frozen_mixers": "x"}, r"--distill-frozen-mixers 'x': expected block indices like '0' or"),
-        (
-            {"distill_frozen_mixers": "0", "update": "lora"},
-            r"--distill-frozen-mixers .* not with --update lora",
-        ),
-        ({"distill_frozen_mixers": "0", "from_scratch": True}, r"--distill-frozen-mixers .* not with --from"),
-        (
-            {"blocks": "0", "distill_frozen_mixers": "0", "update": "mixers"},
-            r"--update mixers with every conv",
-        ),
+        ({"blocks": "0,2", "distill_mixer_lr": "1:0"}, r"--distill-mixer-lr: block 1 is not converted"),
+        ({"distill_mixer_lr": "0"}, r"--distill-mixer-lr '0': expected distinct BLOCK:MULTIPLE pairs like"),
+        ({"distill_mixer_lr": "0:-1"}, r"--distill-mixer-lr '0:-1': expected"),
+        ({"distill_mixer_lr": "0:0,0:1"}, r"--distill-mixer-lr '0:0,0:1': expected distinct"),
+        ({"distill_mixer_lr": "0:nan"}, r"--distill-mixer-lr '0:nan': expected"),
+        ({"distill_mixer_lr": "0:0", "update": "lora"}, r"--distill-mixer-lr .* not with --update lora"),
+        ({"distill_mixer_lr": "0:0", "from_scratch": True}, r"--distill-mixer-lr .* not with --from-scratch"),
+        ({"blocks": "0", "distill_mixer_lr": "0:0", "update": "mixers"}, r"--update mixers with every conv"),
     ):
         with pytest.raises(ValueError, match=match):
             convert(args_for(teacher_dir, tmp_path / "c", **kw))
     assert not (tmp_path / "c").exists()
+
+
+def test_a_run_from_distill_frozen_mixers_resumes_with_multiple_0(teacher_dir, tmp_path):
+    """``--distill-frozen-mixers 0`` was the first form of ``--distill-mixer-lr 0:0``: a run saved in
+    distillation then resumes with the new form (any spelling of the same multiples), not with another."""
+    from ttt.models.checkpoint import _meta_digest, find_checkpoint
+    from ttt.recipes.convert import _check_resume
+
+    run = tmp_path / "run"
+    kw = dict(mixer="gated_deltanet", blocks="0,2", transfer_steps=2, distill_steps=2)
+    convert(args_for(teacher_dir, run, distill_mixer_lr="0:0", **kw))
+    meta_file = find_checkpoint(run) / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["step"] > 2  # past transfer, where the distillation arguments are fixed
+    del meta["args"]["distill_mixer_lr"]
+    meta["args"]["distill_frozen_mixers"] = "0"
+    meta["meta_sha256"] = _meta_digest(meta)  # as that version wrote it
+    meta_file.write_text(json.dumps(meta))
+    for spec in ("0:0", "0:0.0"):
+        assert _check_resume(args_for(teacher_dir, run, resume=True, distill_mixer_lr=spec, **kw), run)
+    with pytest.raises(Exception, match="--distill-mixer-lr '0:0' -> '0:0.1'"):
+        _check_resume(args_for(teacher_dir, run, resume=True, distill_mixer_lr="0:0.1", **kw), run)

@@ -129,11 +129,11 @@ class ConvertArgs:
     when the stage starts. The output gains left those projections up to 50x smaller than the teacher's
     (SmolLM2), while AdamW moves every weight by about the lr a step, so their relative steps are that
     much larger; block 0's diverged a hybrid at lr 3e-4 (docs/convert.md)"""
-    distill_frozen_mixers: str = ""
-    """converted blocks whose mixer stage (b) leaves as stage (a) made it (indices like '0'; the rest of
-    those blocks still trains): in all-Gated-DeltaNet SmolLM2 seed 2 block 0's mixer update alone took the
-    held-out perplexity from 213 to 712 in 40 steps at lr 6e-4, the other 29 mixers' to 106
-    (docs/convert.md) (default: none)"""
+    distill_mixer_lr: str = ""
+    """converted blocks whose mixer gets its own multiple of the distillation lr in stage (b), like '0:0.1'
+    or '0:0,5:0.5' (the rest of those blocks keeps the full lr; 0 freezes the mixer as stage (a) left it):
+    in all-Gated-DeltaNet SmolLM2 seed 2 block 0's mixer update alone took the held-out perplexity from 213
+    to 712 in 40 steps at lr 6e-4, the other 29 mixers' to 106 (docs/convert.md) (default: none)"""
     ce_weight: float = 1.0
     """weight of the next-token cross-entropy on the text added to the distillation KL: in four paired
     SmolLM2 conversions 1 beat 0 (KL only, the default until 2026-12-06) by 6-10 perplexity points"""
@@ -180,7 +180,7 @@ class ConvertArgs:
 # the arguments that may change when a run resumes
 RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out", "activation_checkpointing")
 # ... and those that may change while the latest checkpoint is not past attention transfer
-DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_frozen_mixers", "ce_weight",
+DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_mixer_lr", "ce_weight",
                 "update", "lora_rank")  # fmt: skip
 #: what a conversion writes into its run directory besides its checkpoints
 RUN_OUTPUTS = ("convert.json", ".convert.json.*", "losses.png", ".losses.png.*.png", "hf", "metrics.jsonl",
@@ -219,17 +219,23 @@ def _block_spec(spec: str) -> tuple[str, int] | list[int]:
         ) from None
 
 
-def frozen_mixers(spec: str) -> list[int]:
-    """The block indices of ``--distill-frozen-mixers`` ('' for none), sorted; a one-line error otherwise."""
-    if not spec.strip():
-        return []
-    try:
-        blocks = sorted({int(b) for b in spec.split(",")})
-    except ValueError:
-        blocks = [-1]
-    if min(blocks) < 0:
-        raise ValueError(f"--distill-frozen-mixers {spec!r}: expected block indices like '0' or '0,5'")
-    return blocks
+def mixer_lr_scales(spec: str) -> dict[int, float]:
+    """``{block: multiple of the distillation lr}`` of a ``--distill-mixer-lr`` spec like '0:0.1,5:0'
+    ('' for none); a one-line error otherwise."""
+    scales: dict[int, float] = {}
+    for item in spec.split(",") if spec.strip() else ():
+        block, _, scale = item.partition(":")
+        try:
+            b, s = int(block), float(scale)
+        except ValueError:
+            b, s = -1, 0.0
+        if b < 0 or b in scales or not 0 <= s < math.inf:
+            raise ValueError(
+                f"--distill-mixer-lr {spec!r}: expected distinct BLOCK:MULTIPLE pairs like '0:0.1' or "
+                "'0:0,5:0.5' (a block index >= 0, a multiple >= 0; 0 freezes that mixer)"
+            )
+        scales[b] = s
+    return scales
 
 
 def parse_blocks(spec: str, n_layers: int) -> list[int]:
@@ -716,11 +722,11 @@ def _check_args(args: ConvertArgs) -> None:
                     "--distill-out-lr relative scales the lr of each converted mixer's own output projection "
                     f"by its size against the teacher's: not with {what}"
                 )
-    frozen_mixers(args.distill_frozen_mixers)  # its syntax
+    mixer_lr_scales(args.distill_mixer_lr)  # its syntax
     for what, bad in (("--update lora", args.update == "lora"), ("--from-scratch", args.from_scratch)):
-        if args.distill_frozen_mixers.strip() and bad:
+        if args.distill_mixer_lr.strip() and bad:
             raise ValueError(
-                f"--distill-frozen-mixers keeps converted mixers as stage (a) left them: not with {what}"
+                f"--distill-mixer-lr sets the lr of converted mixers' own weights: not with {what}"
             )
     check_number("--transfer-lr", args.transfer_lr, above=0)
     if args.transfer_inner_lr is not None:
@@ -768,14 +774,15 @@ def _check_against_teacher(args: ConvertArgs, config: Any) -> list[int]:
                               ("--in-layer-window", args.in_layer_window, True)):  # fmt: skip
         if used and value > positions:
             raise ValueError(f"{flag} must be at most the teacher's {positions} positions, got {value}")
-    outside = [b for b in frozen_mixers(args.distill_frozen_mixers) if b not in blocks]
+    scales = mixer_lr_scales(args.distill_mixer_lr)
+    outside = [b for b in scales if b not in blocks]
     if outside:
         raise ValueError(
-            f"--distill-frozen-mixers: block {outside[0]} is not converted (--blocks {args.blocks}: {blocks})"
+            f"--distill-mixer-lr: block {outside[0]} is not converted (--blocks {args.blocks}: {blocks})"
         )
-    if args.update == "mixers" and set(blocks) <= set(frozen_mixers(args.distill_frozen_mixers)):
+    if args.update == "mixers" and all(scales.get(b) == 0 for b in blocks):
         raise ValueError(
-            "--update mixers with every converted mixer in --distill-frozen-mixers: nothing to train"
+            "--update mixers with every converted mixer frozen by --distill-mixer-lr: nothing to train"
         )
     if args.update == "lora" and args.lora_rank > config.dim:
         raise ValueError(
@@ -905,6 +912,14 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     was = {k: saved["args"].get(k, default[k]) for k in now}
     if isinstance(was["far_gate"], bool):  # the option's first form, a flag that fitted the mass start
         was["far_gate"] = "mass" if was["far_gate"] else "none"
+    if saved["args"].get("distill_frozen_mixers"):  # the first form of --distill-mixer-lr: multiple 0
+        was["distill_mixer_lr"] = ",".join(
+            f"{b}:0" for b in saved["args"]["distill_frozen_mixers"].split(",")
+        )
+    if mixer_lr_scales(was["distill_mixer_lr"]) == mixer_lr_scales(
+        now["distill_mixer_lr"]
+    ):  # '0:0' == '0:0.0'
+        was["distill_mixer_lr"] = now["distill_mixer_lr"]
     diff = [
         f"--{k.replace('_', '-')} {was[k]!r} -> {now[k]!r}" for k in now if k not in free and was[k] != now[k]
     ]
@@ -1192,8 +1207,8 @@ class _Conversion:
             p.requires_grad_(False)
         full = stage == "distill" and self.args.update == "full" or self.args.from_scratch
         params = list(student.parameters()) if full else mixers
-        if stage == "distill":  # --distill-frozen-mixers: those mixers stay as stage (a) left them
-            frozen = {id(p) for i in frozen_mixers(self.args.distill_frozen_mixers)
+        if stage == "distill":  # --distill-mixer-lr with multiple 0: those mixers stay as stage (a) left them
+            frozen = {id(p) for i, s in mixer_lr_scales(self.args.distill_mixer_lr).items() if s == 0
                       for p in student.blocks[i].mixer.parameters()}  # fmt: skip
             params = [p for p in params if id(p) not in frozen]
         for p in params:
@@ -1232,13 +1247,16 @@ class _Conversion:
                 {"params": [p for p in params if id(p) not in inner]},
                 {"params": [p for p in params if id(p) in inner], "lr_scale": a.transfer_inner_lr / peak},
             ]
-        if name == "distill" and a.distill_out_lr == "relative":  # fixed at the stage's start, kept on resume
-            if "out_lr_scale" not in self.summary:
-                self.summary["out_lr_scale"] = out_lr_scales(self.student, self.teacher, self.blocks)
-            scale = {
-                id(self.student.blocks[int(b)].mixer.o_proj.weight): s
-                for b, s in self.summary["out_lr_scale"].items()
-            }
+        if name == "distill":  # each parameter's multiple of the peak lr (absent: 1)
+            scale = {id(p): s for i, s in mixer_lr_scales(a.distill_mixer_lr).items()
+                     for p in self.student.blocks[i].mixer.parameters()}  # fmt: skip
+            if a.distill_out_lr == "relative":  # fixed at the stage's start, kept on resume
+                if "out_lr_scale" not in self.summary:
+                    self.summary["out_lr_scale"] = out_lr_scales(self.student, self.teacher, self.blocks)
+                for b, s in self.summary["out_lr_scale"].items():
+                    w = self.student.blocks[int(b)].mixer.o_proj.weight
+                    scale[id(w)] = scale.get(id(w), 1.0) * s
+            # the full-lr parameters, then one group per scaled one: the layout checkpoints hold
             groups = [{"params": [p for p in params if id(p) not in scale]}] + [
                 {"params": [p], "lr_scale": scale[id(p)]} for p in params if id(p) in scale
             ]
