@@ -1043,13 +1043,12 @@ def test_distill_mixer_lr_scales_or_freezes_the_listed_mixers(teacher_dir, tmp_p
     assert not torch.equal(after.blocks[2].mixer.g_proj.weight, before.blocks[2].mixer.g_proj.weight)
     assert not torch.equal(after.blocks[0].mlp.up_proj.weight, before.blocks[0].mlp.up_proj.weight)
 
+    start = dict(before.named_parameters())
     steps = {}  # one distillation step, at the full lr and with block 0's mixer at half of it
     for name, spec in (("full", ""), ("half", "0:0.5")):
         convert(args_for(teacher_dir, tmp_path / name, distill_steps=1, distill_mixer_lr=spec, **kw))
         end, _ = load_model(tmp_path / name)
-        steps[name] = {
-            n: (p - dict(before.named_parameters())[n]).double() for n, p in end.named_parameters()
-        }
+        steps[name] = {n: (p - start[n]).double() for n, p in end.named_parameters()}
     for n, full in steps["full"].items():
         half = steps["half"][n]
         if n.startswith("blocks.0.mixer.") and full.abs().max() > 0:

@@ -916,10 +916,8 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
         was["distill_mixer_lr"] = ",".join(
             f"{b}:0" for b in saved["args"]["distill_frozen_mixers"].split(",")
         )
-    if mixer_lr_scales(was["distill_mixer_lr"]) == mixer_lr_scales(
-        now["distill_mixer_lr"]
-    ):  # '0:0' == '0:0.0'
-        was["distill_mixer_lr"] = now["distill_mixer_lr"]
+    if mixer_lr_scales(was["distill_mixer_lr"]) == mixer_lr_scales(now["distill_mixer_lr"]):
+        was["distill_mixer_lr"] = now["distill_mixer_lr"]  # the same multiples spelled otherwise: '0:0.0'
     diff = [
         f"--{k.replace('_', '-')} {was[k]!r} -> {now[k]!r}" for k in now if k not in free and was[k] != now[k]
     ]
