@@ -775,6 +775,7 @@ def test_resume_refuses_another_teacher(teacher_dir, tmp_path, monkeypatch):
         ({"blocks": "every:x"}, "--blocks 'every:x': expected every:K with an integer K >= 1"),
         ({"blocks": "half"}, "--blocks 'half': expected 'all', 'every:K', 'except-every:K'"),
         ({"batch_size": 10**20}, "--batch-size must be in 1..65536, got 100000000000000000000"),
+        ({"keep_checkpoints": -1}, "--keep-checkpoints must be >= 0, got -1"),
     ],
 )
 def test_every_argument_is_checked_before_the_teacher_is_read(teacher_dir, tmp_path, change, message):
@@ -1093,3 +1094,17 @@ def test_a_run_from_distill_frozen_mixers_resumes_with_multiple_0(teacher_dir, t
         assert _check_resume(args_for(teacher_dir, run, resume=True, distill_mixer_lr=spec, **kw), run)
     with pytest.raises(Exception, match="--distill-mixer-lr '0:0' -> '0:0.1'"):
         _check_resume(args_for(teacher_dir, run, resume=True, distill_mixer_lr="0:0.1", **kw), run)
+
+
+def test_keep_checkpoints_sets_how_many_stay_and_may_change_on_resume(teacher_dir, tmp_path):
+    """Only the two newest stayed: a divergence at distillation step 130 could not be probed from the
+    checkpoints before it. The number changes nothing that is trained."""
+    common = dict(mixer="ttt_linear", blocks="0", ckpt_every=1)
+    whole = convert(args_for(teacher_dir, tmp_path / "a", keep_checkpoints=0, **common))
+    assert sorted(p.name for p in (tmp_path / "a").glob("step-*")) == [f"step-00000{i}" for i in range(1, 7)]
+    run = tmp_path / "b"
+    convert(args_for(teacher_dir, run, distill_steps=0, **common))
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
+    resumed = convert(args_for(teacher_dir, run, resume=True, keep_checkpoints=3, **common))
+    assert resumed["losses"] == whole["losses"]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000004", "step-000005", "step-000006"]

@@ -207,6 +207,23 @@ def test_eval_and_ckpt_every_zero_mean_only_at_the_end(corpus_dir, tmp_path):
     assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-000003"]
 
 
+def test_keep_checkpoints_sets_how_many_stay_and_may_change_on_resume(corpus_dir, tmp_path):
+    """Only the two newest stayed, so the checkpoints before a divergence were gone when it was probed."""
+    with pytest.raises(
+        ValueError, match=r"^--keep-checkpoints must be >= 0 \(0: keep every checkpoint\), got -1"
+    ):
+        train(small_args(corpus_dir, tmp_path / "x", keep_checkpoints=-1))
+    assert not (tmp_path / "x").exists()
+    run = tmp_path / "run"
+    train(small_args(corpus_dir, run, steps=4, ckpt_every=1, keep_checkpoints=0))
+    assert sorted(p.name for p in run.glob("step-*")) == [f"step-00000{i}" for i in (1, 2, 3, 4)]
+    more = TrainArgs(out=str(run), resume=True, steps=6, keep_checkpoints=3, progress=False, plot=False)
+    assert train(more).step == 6
+    assert sorted(p.name for p in run.glob("step-*")) == [f"step-00000{i}" for i in (4, 5, 6)]
+    _, meta, _ = load_checkpoint(run)
+    assert meta["args"]["keep_checkpoints"] == 3
+
+
 def test_checkpoint_is_saved_before_validation(corpus_dir, tmp_path, monkeypatch):
     # a checkpoint that was validated records that validation in its history
     train(small_args(corpus_dir, tmp_path / "ok"))

@@ -101,6 +101,8 @@ class TrainArgs:
     """validation batches (of --batch-size sequences) per evaluation"""
     ckpt_every: int = 200
     """checkpoint every this many steps and at the end (0: only at the end); Ctrl-C saves the last step"""
+    keep_checkpoints: int = 2
+    """keep this many newest checkpoints, older ones are deleted as each is saved (0: keep every one)"""
     out: str | None = None
     """run directory for checkpoints and plots (default: runs/<mixer>-<preset>)"""
     resume: bool = False

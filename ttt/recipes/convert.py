@@ -153,12 +153,14 @@ class ConvertArgs:
     """validation batches (of --batch-size windows) per evaluation"""
     ckpt_every: int = 50
     """checkpoint every this many steps and at the end of each stage"""
+    keep_checkpoints: int = 2
+    """keep this many newest checkpoints, older ones are deleted as each is saved (0: keep every one)"""
     out: str = "runs/convert"
     """run directory: checkpoints, convert.json, losses.png, hf/ (the HF-format result)"""
     resume: bool = False
     """continue the run in --out from its latest checkpoint: give the run's arguments again (one that
-    differs is refused; --device, --threads, --progress, --activation-checkpointing may change, and stage
-    (b)'s options until it begins; --teacher may name the same model at another path)"""
+    differs is refused; --device, --threads, --progress, --activation-checkpointing, --keep-checkpoints may
+    change, and stage (b)'s options until it begins; --teacher may name the same model at another path)"""
     overwrite: bool = False
     """start over in an --out that holds a conversion: once every argument is checked and the teacher is
     loaded, its checkpoints, convert.json, losses.png, metrics.jsonl, event files and hf/ are removed
@@ -178,7 +180,8 @@ class ConvertArgs:
 
 
 # the arguments that may change when a run resumes
-RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out", "activation_checkpointing")
+RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out", "activation_checkpointing",
+                "keep_checkpoints")  # fmt: skip
 # ... and those that may change while the latest checkpoint is not past attention transfer
 DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_mixer_lr", "ce_weight",
                 "update", "lora_rank")  # fmt: skip
@@ -666,7 +669,7 @@ def _check_args(args: ConvertArgs) -> None:
     if args.first_blocks is not None and args.first_blocks < 1:
         raise ValueError(f"--first-blocks must be >= 1, got {args.first_blocks}")
     _block_spec(args.blocks)
-    for name in ("transfer_steps", "distill_steps"):
+    for name in ("transfer_steps", "distill_steps", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check_seed(args.seed)
@@ -1189,6 +1192,7 @@ class _Conversion:
             config=self.student.config,
             meta=meta,
             trainer_tensors=tensors,
+            keep=self.args.keep_checkpoints,
         )
         write_text_atomic(self.run / "convert.json", json.dumps(_json_safe(self.summary), indent=1))
         _plot(self.run, self.summary)

@@ -104,6 +104,7 @@ RESUME_MAY_CHANGE = {
     "steps",
     "eval_every",
     "ckpt_every",
+    "keep_checkpoints",
     "eval_batches",
     "log_every",
     "activation_checkpointing",
@@ -254,6 +255,7 @@ def _check_args(args: TrainArgs) -> None:
         ("--eval-batches", args.eval_batches, 1, ""),
         ("--eval-every", args.eval_every, 0, at_end),
         ("--ckpt-every", args.ckpt_every, 0, at_end),
+        ("--keep-checkpoints", args.keep_checkpoints, 0, " (0: keep every checkpoint)"),
         ("--log-every", args.log_every, 0, " (0: validations only)"),
         ("--context-parallel", args.context_parallel, 1, ""),
     ):
@@ -658,7 +660,9 @@ def _save(run: _Run) -> Path | None:
     run.saved_step = run.step
     fsdp = run.args.strategy == "fsdp"
     if fsdp:  # every process writes its shards, then the main process exports the whole model as usual
-        _fsdp().save_sharded(run.run_dir / "dcp", run.step, run.model, run.optimizer)
+        _fsdp().save_sharded(
+            run.run_dir / "dcp", run.step, run.model, run.optimizer, keep=run.args.keep_checkpoints
+        )
         full = _fsdp().full_model_state(run.model)
     if not run.dist.main:
         return None
@@ -685,6 +689,7 @@ def _save(run: _Run) -> Path | None:
         config=run.config,
         meta=meta,
         trainer_tensors=tensors,
+        keep=run.args.keep_checkpoints,
     )
     return run.saved_dir
 
