@@ -775,7 +775,7 @@ def test_resume_refuses_another_teacher(teacher_dir, tmp_path, monkeypatch):
         ({"blocks": "every:x"}, "--blocks 'every:x': expected every:K with an integer K >= 1"),
         ({"blocks": "half"}, "--blocks 'half': expected 'all', 'every:K', 'except-every:K'"),
         ({"batch_size": 10**20}, "--batch-size must be in 1..65536, got 100000000000000000000"),
-        ({"keep_checkpoints": -1}, "--keep-checkpoints must be >= 0, got -1"),
+        ({"keep_checkpoints": -1}, "--keep-checkpoints must be >= 0 (0: keep every one), got -1"),
     ],
 )
 def test_every_argument_is_checked_before_the_teacher_is_read(teacher_dir, tmp_path, change, message):

@@ -209,9 +209,7 @@ def test_eval_and_ckpt_every_zero_mean_only_at_the_end(corpus_dir, tmp_path):
 
 def test_keep_checkpoints_sets_how_many_stay_and_may_change_on_resume(corpus_dir, tmp_path):
     """Only the two newest stayed, so the checkpoints before a divergence were gone when it was probed."""
-    with pytest.raises(
-        ValueError, match=r"^--keep-checkpoints must be >= 0 \(0: keep every checkpoint\), got -1"
-    ):
+    with pytest.raises(ValueError, match=r"^--keep-checkpoints must be >= 0 \(0: keep every one\), got -1"):
         train(small_args(corpus_dir, tmp_path / "x", keep_checkpoints=-1))
     assert not (tmp_path / "x").exists()
     run = tmp_path / "run"

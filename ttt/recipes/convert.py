@@ -669,9 +669,10 @@ def _check_args(args: ConvertArgs) -> None:
     if args.first_blocks is not None and args.first_blocks < 1:
         raise ValueError(f"--first-blocks must be >= 1, got {args.first_blocks}")
     _block_spec(args.blocks)
-    for name in ("transfer_steps", "distill_steps", "keep_checkpoints"):
+    every = " (0: keep every one)"
+    for name, hint in (("transfer_steps", ""), ("distill_steps", ""), ("keep_checkpoints", every)):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0{hint}, got {getattr(args, name)}")
     check_seed(args.seed)
     if args.update not in ("full", "mixers", "lora"):
         raise ValueError(f"--update must be 'full', 'mixers' or 'lora', got {args.update!r}")

@@ -255,7 +255,7 @@ def _check_args(args: TrainArgs) -> None:
         ("--eval-batches", args.eval_batches, 1, ""),
         ("--eval-every", args.eval_every, 0, at_end),
         ("--ckpt-every", args.ckpt_every, 0, at_end),
-        ("--keep-checkpoints", args.keep_checkpoints, 0, " (0: keep every checkpoint)"),
+        ("--keep-checkpoints", args.keep_checkpoints, 0, " (0: keep every one)"),
         ("--log-every", args.log_every, 0, " (0: validations only)"),
         ("--context-parallel", args.context_parallel, 1, ""),
     ):
