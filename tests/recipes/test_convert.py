@@ -1108,3 +1108,23 @@ def test_keep_checkpoints_sets_how_many_stay_and_may_change_on_resume(teacher_di
     resumed = convert(args_for(teacher_dir, run, resume=True, keep_checkpoints=3, **common))
     assert resumed["losses"] == whole["losses"]
     assert sorted(p.name for p in run.glob("step-*")) == ["step-000004", "step-000005", "step-000006"]
+
+
+def test_a_resume_never_keeps_fewer_checkpoints_than_the_run(teacher_dir, tmp_path):
+    """A run told to keep every checkpoint, resumed with the flag left out (the default, 2), deleted all but
+    the two newest: a resume may raise --keep-checkpoints, never lower it."""
+    from ttt.models.checkpoint import CheckpointError
+
+    common = dict(mixer="ttt_linear", blocks="0", ckpt_every=1)
+    run = tmp_path / "run"
+    convert(args_for(teacher_dir, run, distill_steps=0, keep_checkpoints=0, **common))
+    kept = sorted(p.name for p in run.glob("step-*"))
+    assert kept == ["step-000001", "step-000002", "step-000003"]
+    for fewer in (2, 1):
+        with pytest.raises(
+            CheckpointError, match=f"^cannot resume: --keep-checkpoints 0 -> {fewer} would delete"
+        ):
+            convert(args_for(teacher_dir, run, resume=True, keep_checkpoints=fewer, **common))
+        assert sorted(p.name for p in run.glob("step-*")) == kept
+    convert(args_for(teacher_dir, run, resume=True, keep_checkpoints=0, **common))
+    assert len(list(run.glob("step-*"))) == 6

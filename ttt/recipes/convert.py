@@ -159,8 +159,9 @@ class ConvertArgs:
     """run directory: checkpoints, convert.json, losses.png, hf/ (the HF-format result)"""
     resume: bool = False
     """continue the run in --out from its latest checkpoint: give the run's arguments again (one that
-    differs is refused; --device, --threads, --progress, --activation-checkpointing, --keep-checkpoints may
-    change, and stage (b)'s options until it begins; --teacher may name the same model at another path)"""
+    differs is refused; --device, --threads, --progress, --activation-checkpointing may change,
+    --keep-checkpoints may grow, and stage (b)'s options until it begins; --teacher may name the same model
+    at another path)"""
     overwrite: bool = False
     """start over in an --out that holds a conversion: once every argument is checked and the teacher is
     loaded, its checkpoints, convert.json, losses.png, metrics.jsonl, event files and hf/ are removed
@@ -927,6 +928,13 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
     ]
     if diff:
         raise CheckpointError("cannot resume: the run used other arguments: " + "; ".join(diff))
+    # --keep-checkpoints may grow, never shrink: the flag left out of a resume command would prune them
+    keep, kept = now["keep_checkpoints"], was["keep_checkpoints"]
+    if keep and (not kept or keep < kept):
+        raise CheckpointError(
+            f"cannot resume: --keep-checkpoints {kept} -> {keep} would delete checkpoints the run keeps: "
+            f"give --keep-checkpoints {kept} or more (0 keeps every one; delete checkpoints by hand instead)"
+        )
     return saved
 
 
