@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -776,6 +777,7 @@ def test_resume_refuses_another_teacher(teacher_dir, tmp_path, monkeypatch):
         ({"blocks": "half"}, "--blocks 'half': expected 'all', 'every:K', 'except-every:K'"),
         ({"batch_size": 10**20}, "--batch-size must be in 1..65536, got 100000000000000000000"),
         ({"keep_checkpoints": -1}, "--keep-checkpoints must be >= 0 (0: keep every one), got -1"),
+        ({"dtype": "float16"}, "--dtype must be 'float32' or 'bfloat16' (autocast), got 'float16'"),
     ],
 )
 def test_every_argument_is_checked_before_the_teacher_is_read(teacher_dir, tmp_path, change, message):
@@ -1128,3 +1130,37 @@ def test_a_resume_never_keeps_fewer_checkpoints_than_the_run(teacher_dir, tmp_pa
         assert sorted(p.name for p in run.glob("step-*")) == kept
     convert(args_for(teacher_dir, run, resume=True, keep_checkpoints=0, **common))
     assert len(list(run.glob("step-*"))) == 6
+
+
+def test_bfloat16_trains_under_autocast_and_keeps_float32_weights_and_evaluations(teacher_dir, tmp_path):
+    """--dtype bfloat16: both stages' training forwards run under autocast (the projections' outputs are
+    bfloat16), the held-out evaluations and the saved weights stay float32, and the losses follow the
+    float32 run's; a resume with another --dtype is refused."""
+    from ttt.models.checkpoint import CheckpointError, load_model
+
+    common = dict(mixer="gated_deltanet", blocks="except-every:2")
+    seen: list[tuple[bool, torch.dtype]] = []
+    real = torch.nn.Linear.forward
+
+    def watched(self, x):
+        out = real(self, x)
+        seen.append((torch.is_grad_enabled(), out.dtype))
+        return out
+
+    plain = convert(args_for(teacher_dir, tmp_path / "a", **common))
+    with mock.patch.object(torch.nn.Linear, "forward", watched):
+        half = convert(args_for(teacher_dir, tmp_path / "b", dtype="bfloat16", **common))
+    training = {d for grad, d in seen if grad}
+    evaluating = {d for grad, d in seen if not grad}  # the teacher's forwards too
+    assert training == {torch.bfloat16} and torch.float32 in evaluating
+    for stage in ("transfer", "distill"):
+        a, b = torch.tensor(plain["losses"][stage]), torch.tensor(half["losses"][stage])
+        assert torch.isfinite(b).all() and torch.allclose(a, b, rtol=0.05), (stage, a, b)
+    weights, _ = load_model(tmp_path / "b" / "hf")
+    assert {w.dtype for w in weights.state_dict().values()} == {torch.float32}
+    stopped = tmp_path / "c"
+    convert(args_for(teacher_dir, stopped, distill_steps=0, dtype="bfloat16", **common))
+    with pytest.raises(
+        CheckpointError, match="^cannot resume: the run used other arguments: --dtype 'bfloat16' ->"
+    ):
+        convert(args_for(teacher_dir, stopped, resume=True, **common))

@@ -142,6 +142,7 @@ def test_bad_arguments(corpus_dir, tmp_path):
         ({"log_every": -1}, r"--log-every must be >= 0 \(0: validations only\), got -1"),
         ({"eval_every": -1}, r"--eval-every must be >= 0 \(0: only at the end\), got -1"),
         ({"context_parallel": 0}, r"--context-parallel must be >= 1, got 0"),
+        ({"dtype": "float16"}, r"--dtype must be 'float32' or 'bfloat16' \(autocast\), got 'float16'"),
         (
             {"layer_mixers": "ttt_linear,attention,swa"},
             r"\(--layer-mixers\) has 3 entries: give one per block \(2\)",

@@ -75,6 +75,23 @@ def check_seed(value: int) -> None:
         raise ValueError(f"--seed must be an integer in [0, 2**63), got {value}")
 
 
+#: the values of --dtype (ttt train, ttt convert): the weights and the optimizer stay float32 either way
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(value: str) -> None:
+    """Refuse (one-line ``ValueError``) a ``--dtype`` other than those of :data:`DTYPES`."""
+    if value not in DTYPES:
+        raise ValueError(f"--dtype must be 'float32' or 'bfloat16' (autocast), got {value!r}")
+
+
+def autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """The context of a training forward under ``--dtype``: ``torch.autocast`` to bfloat16 on ``device``
+    for 'bfloat16' (matmuls in bfloat16; the TTT and delta-rule inner loops keep float32), a disabled one
+    for 'float32'."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def resolve_device(name: str) -> torch.device:
     """``'auto'`` -> CUDA when present, else CPU; anything else is checked."""
     if name == "auto":

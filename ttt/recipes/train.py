@@ -32,6 +32,8 @@ from ttt._interrupt import Interrupted
 from .args import TrainArgs
 from .common import (
     Dist,
+    autocast,
+    check_dtype,
     check_number,
     check_same_corpus,
     check_seed,
@@ -274,8 +276,7 @@ def _check_args(args: TrainArgs) -> None:
             f"--vocab-size must be in [257, {max_vocab:,}] for --tokenizer bpe (the 256 bytes and at least "
             f"one merge; at most the vocabulary a checkpoint may hold), got {args.vocab_size}"
         )
-    if args.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16' (autocast), got {args.dtype!r}")
+    check_dtype(args.dtype)
     check_number("--lr", args.lr, above=0)
     for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
         check_number(flag, value, least=0)
@@ -630,7 +631,7 @@ def wrap_model(model: nn.Module, dist: Dist, device: torch.device, strategy: str
 
 
 def _autocast(run: _Run) -> torch.autocast:
-    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.args.dtype == "bfloat16")
+    return autocast(run.device, run.args.dtype)
 
 
 def _validate(run: _Run) -> tuple[float, float]:
