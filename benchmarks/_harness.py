@@ -99,3 +99,4 @@ def write_out(path, text, payload):
         f.write(text)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(payload, f, indent=1)
+        f.write("\n")

@@ -25,8 +25,8 @@ validation split, the first ones, the same for every row.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,7 +34,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ttt.recipes.args import Parser
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _harness import write_out  # noqa: E402
+
+from ttt.recipes.args import Parser  # noqa: E402
 
 
 def group_of(name: str) -> str:
@@ -159,9 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:]) + "`\n"  # fmt: skip
     print(md)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".md").write_text(md)
-        a.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
+        write_out(str(a.out.with_suffix(".md")), md, {"rows": rows})
 
 
 if __name__ == "__main__":

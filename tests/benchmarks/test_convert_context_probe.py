@@ -16,7 +16,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_context_probe.py"
-TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
 
 
 def test_buckets_cover_every_position_once():
@@ -26,16 +25,9 @@ def test_buckets_cover_every_position_once():
     assert script.buckets(8) == [(0, 8)]
 
 
-def test_probe_of_a_ttt_and_an_attention_conversion(tmp_path, monkeypatch):
-    from ttt.recipes.convert import ConvertArgs, convert
-    from ttt.testing import tiny_llama
-
-    tiny_llama(tmp_path / "llama", n_layers=2)
-    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
-    common = dict(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), context=16, batch_size=2,
-                  transfer_steps=1, distill_steps=1, eval_batches=1, ckpt_every=1, progress=False)  # fmt: skip
-    convert(ConvertArgs(**common, mixer="ttt_linear", out=str(tmp_path / "a")))
-    convert(ConvertArgs(**common, mixer="swa", window=4, out=str(tmp_path / "b")))
+def test_probe_of_a_ttt_and_an_attention_conversion(tmp_path, monkeypatch, tiny_conversion):
+    tiny_conversion("a", mixer="ttt_linear")
+    tiny_conversion("b", mixer="swa", window=4)
     argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--context", "32", "--tokens", "64",
             "--inner-lr-scale", "0,2", "--out", str(tmp_path / "probe")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["convert_context_probe.py", *argv])

@@ -17,19 +17,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_report.py"
-TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
 
 
-def test_report_of_windowed_conversions(tmp_path, monkeypatch):
-    from ttt.recipes.convert import ConvertArgs, convert
-    from ttt.testing import tiny_llama
-
-    tiny_llama(tmp_path / "llama", n_layers=2)
-    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
-    common = dict(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), context=16, batch_size=2,
-                  transfer_steps=1, distill_steps=1, eval_batches=1, ckpt_every=1, progress=False, sink=2)  # fmt: skip
-    convert(ConvertArgs(**common, mixer="ttt_linear", in_layer_window=4, out=str(tmp_path / "a")))
-    convert(ConvertArgs(**common, mixer="swa", window=4, out=str(tmp_path / "b")))
+def test_report_of_windowed_conversions(tmp_path, monkeypatch, tiny_conversion):
+    tiny_conversion("a", mixer="ttt_linear", in_layer_window=4, sink=2)
+    tiny_conversion("b", mixer="swa", window=4, sink=2)
     argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--ppl-context", "8,16", "--ppl-tokens", "64",
             "--decode", "12", "--new-tokens", "2", "--prompt", "the cat", "--prompt-tokens", "3",
             "--out", str(tmp_path / "report")]  # fmt: skip
@@ -53,18 +45,12 @@ def test_report_of_windowed_conversions(tmp_path, monkeypatch):
     assert "(`a`) | 16 | 4 |" in table and "(`b`) | 16 | 4 |" in table
 
 
-def test_a_residual_run_is_labelled_and_a_missing_teacher_is_one_line(tmp_path, monkeypatch, capsys):
+def test_a_residual_run_is_labelled_and_a_missing_teacher_is_one_line(
+    tmp_path, monkeypatch, capsys, tiny_conversion
+):
     import shutil
 
-    from ttt.recipes.convert import ConvertArgs, convert
-    from ttt.testing import tiny_llama
-
-    tiny_llama(tmp_path / "llama", n_layers=2)
-    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
-    convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), context=16,
-                        batch_size=2, transfer_steps=1, distill_steps=0, eval_batches=1, progress=False,
-                        mixer="ttt_linear", in_layer_window=4, transfer_target="residual",
-                        out=str(tmp_path / "a")))  # fmt: skip
+    tiny_conversion("a", distill_steps=0, mixer="ttt_linear", in_layer_window=4, transfer_target="residual")
     script = load_script(SCRIPT)
     # it and an output-transfer run of the same shape were one label
     assert script.run_rows([tmp_path / "a"])[0]["model"] == (

@@ -11,23 +11,11 @@ import pytest
 
 from ttt.testing import load_script
 
-pytest.importorskip("transformers")
-pytest.importorskip("gguf")
-
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convert_update_probe.py"
-TEXT = " ".join(f"the {w} then the {w}s, he said." for w in ["cat", "hat", "bat", "tent"] * 50)
 
 
-def test_parts_of_an_update_between_the_two_checkpoints(tmp_path):
-    from ttt.recipes.convert import ConvertArgs, convert
-    from ttt.testing import tiny_llama
-
-    tiny_llama(tmp_path / "llama", n_layers=2)
-    (tmp_path / "text.txt").write_text("\n".join([TEXT] * 12))
-    run = tmp_path / "run"
-    convert(ConvertArgs(teacher=str(tmp_path / "llama"), corpus=str(tmp_path / "text.txt"), mixer="ttt_linear",
-                        context=16, batch_size=2, transfer_steps=1, distill_steps=2, distill_lr=1e-2,
-                        eval_batches=1, ckpt_every=1, out=str(run), progress=False))  # fmt: skip
+def test_parts_of_an_update_between_the_two_checkpoints(tmp_path, tiny_conversion):
+    run = tiny_conversion("run", mixer="ttt_linear", distill_steps=2, distill_lr=1e-2)
     probe = load_script(SCRIPT)
     rows = probe.probe(run, "step-000002", "step-000003", windows=2, per_block="mixer.o_proj.weight",
                        blocks=[0], controls=["blocks.0.mixer.o_proj.weight"])  # fmt: skip
