@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
              "| stage | --dtype | median s a step | x float32's time | loss on the batch |",
              "|---|---|---|---|---|"]  # fmt: skip
     base = {r["stage"]: r["median_s"] for r in rows if r["dtype"] == "float32"}
-    lines += [f"| {r['stage']} | {r['dtype']} | {r['median_s']:.2f} | {r['median_s'] / base[r['stage']]:.2f} | "
+    lines += [f"| {r['stage']} | {r['dtype']} | {r['median_s']:.3f} | {r['median_s'] / base[r['stage']]:.2f} | "
               f"{r['loss']:.4f} |" for r in rows]  # fmt: skip
     md = "\n".join(lines) + "\n\nCommand: `python benchmarks/convert_step_time.py " + " ".join(
         argv if argv is not None else sys.argv[1:]) + "`\n"  # fmt: skip

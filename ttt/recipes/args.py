@@ -118,7 +118,8 @@ class TrainArgs:
     dtype: str = "float32"
     """'float32', or 'bfloat16': torch.autocast mixed precision (matmuls in bfloat16, TTT inner loops in
     float32); saves time and memory on CUDA; on a CPU it pays only where the CPU has bfloat16 matrix units
-    (AMX: ttt convert measured 1.4x a step on one, docs/convert.md) and may be slower without them"""
+    (AMX: a ttt convert step's forward and backward took 0.69x the time on one, docs/convert.md) and may
+    be slower without them"""
     threads: int | None = None
     """torch CPU threads (default: 1 on a CPU, the fast choice when cores are shared; more can help a
     larger preset on idle cores: see docs/cli.md)"""
