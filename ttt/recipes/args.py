@@ -117,7 +117,7 @@ class TrainArgs:
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     dtype: str = "float32"
     """'float32', or 'bfloat16': torch.autocast mixed precision (matmuls in bfloat16, TTT inner loops in
-    float32); saves time and memory on CUDA; on a CPU it pays only where the CPU has bfloat16 matrix units
+    float32); saves time and memory on CUDA; on CPU it pays only where the CPU has bfloat16 matrix units
     (AMX: a ttt convert step's forward and backward took 0.69x the time on one, docs/convert.md) and may
     be slower without them"""
     threads: int | None = None
