@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -100,3 +101,15 @@ def write_out(path, text, payload):
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
+
+
+def finish_report(script, lines, payload, argv, out):
+    """The table ``lines`` and the command that made them (``python benchmarks/SCRIPT ARGS``, ARGS from
+    ``argv`` or the command line): printed, and with ``out`` (a path stem) written to OUT.md, with
+    ``payload`` in OUT.json. Returns the markdown."""
+    args = argv if argv is not None else sys.argv[1:]
+    md = "\n".join(lines) + f"\n\nCommand: `python benchmarks/{script} " + " ".join(args) + "`\n"
+    print(md)
+    if out:
+        write_out(os.path.splitext(str(out))[0] + ".md", md, payload)
+    return md

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _harness import write_out  # noqa: E402
+from _harness import finish_report  # noqa: E402
 
 from ttt.recipes.args import Parser  # noqa: E402
 
@@ -96,11 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     base = {r["stage"]: r["median_s"] for r in rows if r["dtype"] == "float32"}
     lines += [f"| {r['stage']} | {r['dtype']} | {r['median_s']:.3f} | {r['median_s'] / base[r['stage']]:.2f} | "
               f"{r['loss']:.4f} |" for r in rows]  # fmt: skip
-    md = "\n".join(lines) + "\n\nCommand: `python benchmarks/convert_step_time.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]) + "`\n"  # fmt: skip
-    print(md)
-    if a.out:
-        write_out(str(a.out.with_suffix(".md")), md, {"rows": rows})
+    finish_report("convert_step_time.py", lines, {"rows": rows}, argv, a.out)
 
 
 if __name__ == "__main__":

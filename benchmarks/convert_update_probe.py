@@ -36,7 +36,7 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _harness import write_out  # noqa: E402
+from _harness import finish_report  # noqa: E402
 
 from ttt.recipes.args import Parser  # noqa: E402
 
@@ -159,11 +159,7 @@ def main(argv: list[str] | None = None) -> None:
              f"held-out perplexity on {a.windows} windows.", "", "| update applied | kind | perplexity |",
              "|---|---|---|"]  # fmt: skip
     lines += [f"| {r['row']} | {r['kind']} | {r['perplexity']:.1f} |" for r in rows]
-    md = "\n".join(lines) + "\n\nCommand: `python benchmarks/convert_update_probe.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]) + "`\n"  # fmt: skip
-    print(md)
-    if a.out:
-        write_out(str(a.out.with_suffix(".md")), md, {"rows": rows})
+    finish_report("convert_update_probe.py", lines, {"rows": rows}, argv, a.out)
 
 
 if __name__ == "__main__":
