@@ -40,6 +40,9 @@ def step_times(checkpoint: Path, repeats: int, seed: int = 0) -> list[dict]:
     from ttt.recipes.convert import distill_loss, load_teacher, transfer_loss
 
     student, meta = load_model(checkpoint)
+    if "summary" not in meta or "transfer_steps" not in meta.get("args", {}):
+        raise SystemExit(f"{checkpoint} is not a checkpoint of a ttt convert run (no conversion summary): "
+                         "give RUN or RUN/step-N")  # fmt: skip
     args, summary = meta["args"], meta["summary"]
     teacher, _ = load_teacher(args["teacher"], args.get("first_blocks"))
     teacher.eval()
@@ -85,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default: print only)")
     a = p.parse(argv)
-    if a.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {a.repeats}")
+    for flag, value in (("--repeats", a.repeats), ("--threads", a.threads)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(a.threads)
     rows = step_times(a.checkpoint, a.repeats)
     lines = [f"One training step of `{a.checkpoint}` ({a.threads} threads, median of {a.repeats}; forward "

@@ -29,3 +29,16 @@ def test_both_stages_timed_in_both_modes(tmp_path, tiny_conversion):
     assert "| distill | bfloat16 |" in (tmp_path / "out" / "steps.md").read_text()
     with pytest.raises(SystemExit, match="--repeats must be >= 1, got 0"):
         timer.main([str(run / "step-000001"), "--repeats", "0"])
+
+
+def test_a_checkpoint_without_a_conversion_and_zero_threads_are_one_line(tiny_conversion):
+    """The HF directory of a conversion (no conversion summary) failed with KeyError 'summary'; --threads 0
+    with torch's RuntimeError after the arguments were read."""
+    run = tiny_conversion("run", distill_steps=0)
+    timer = load_script(SCRIPT)
+    with pytest.raises(
+        SystemExit, match=r"is not a checkpoint of a ttt convert run .*: give RUN or RUN/step-N$"
+    ):
+        timer.main([str(run / "hf"), "--repeats", "1"])
+    with pytest.raises(SystemExit, match="^--threads must be >= 1, got 0$"):
+        timer.main([str(run), "--threads", "0"])
