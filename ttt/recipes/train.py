@@ -630,10 +630,6 @@ def wrap_model(model: nn.Module, dist: Dist, device: torch.device, strategy: str
     )
 
 
-def _autocast(run: _Run) -> torch.autocast:
-    return autocast(run.device, run.args.dtype)
-
-
 def _validate(run: _Run) -> tuple[float, float]:
     """Validation loss (nats/token) and bits per byte on ``--eval-batches`` batches."""
     import ttt.distributed as dist_mod
@@ -641,7 +637,7 @@ def _validate(run: _Run) -> tuple[float, float]:
     from .eval import evaluate_loss
 
     paused = dist_mod.disable_context_parallel(run.model)  # every process scores whole windows
-    with _autocast(run):
+    with autocast(run.device, run.args.dtype):
         loss, _ = evaluate_loss(
             run.model,
             run.data.validation,
@@ -724,7 +720,7 @@ def _fit(run: _Run) -> None:
         return x[:, seg], y[:, seg]
 
     def loss(xy: tuple[Tensor, Tensor]) -> Tensor:
-        with _autocast(run):
+        with autocast(run.device, run.args.dtype):
             logits, _ = run.wrapped(xy[0].to(run.device))
             return lm_loss(logits, xy[1].to(run.device))
 
