@@ -1098,6 +1098,59 @@ def test_a_run_from_distill_frozen_mixers_resumes_with_multiple_0(teacher_dir, t
         _check_resume(args_for(teacher_dir, run, resume=True, distill_mixer_lr="0:0.1", **kw), run)
 
 
+def test_distill_skip_spikes_skips_a_spike_and_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
+    """--distill-skip-spikes: a distillation step whose gradient norm jumps (its loss x 1000 here) applies
+    nothing, is listed in the summary and logged; the window of norms goes with the checkpoints, so a run
+    stopped after the window filled resumes to the same losses, skips and perplexities. (All-GDN SmolLM2
+    seed 2 diverged after a run of gradient norms 10-100x the median: benchmarks/results.)"""
+    import json
+
+    import ttt.recipes.convert as recipe
+    from ttt.models.checkpoint import load_checkpoint
+
+    real, seen = recipe.distill_loss, []
+
+    def recording(student, teacher, x, y, ce_weight):
+        seen.append(x.clone())
+        return real(student, teacher, x, y, ce_weight)
+
+    kw = dict(mixer="gated_deltanet", blocks="0,2", distill_steps=14, distill_skip_spikes=10.0)
+    monkeypatch.setattr(recipe, "distill_loss", recording)
+    convert(args_for(teacher_dir, tmp_path / "plain", **kw))
+    spike_x = seen[11]  # global step 3 + 12 = 15: after the window's 10 norms
+
+    def spiky(student, teacher, x, y, ce_weight):
+        return real(student, teacher, x, y, ce_weight) * (1000.0 if torch.equal(x, spike_x) else 1.0)
+
+    monkeypatch.setattr(recipe, "distill_loss", spiky)
+    whole = convert(args_for(teacher_dir, tmp_path / "a", **kw))
+    assert whole["skipped_steps"] == {"distill": [15]}
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [15]
+    calls = {"n": 0}
+
+    def dies_at_step_16(*args, **kwargs):  # step 14 was checkpointed, 15 (the spike) was not
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return spiky(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "distill_loss", dies_at_step_16)
+    with pytest.raises(KeyboardInterrupt):
+        convert(args_for(teacher_dir, tmp_path / "b", **kw))
+    assert (tmp_path / "b" / "latest").read_text().strip() == "step-000014"
+    _, _, trainer = load_checkpoint(tmp_path / "b" / "step-000014", load_trainer=True)
+    assert trainer["loop.grad_norms"].shape == (11,)  # the transfer's norms are not in the window
+    monkeypatch.setattr(recipe, "distill_loss", spiky)
+    again = convert(args_for(teacher_dir, tmp_path / "b", resume=True, **kw))
+    assert again["skipped_steps"] == {"distill": [15]}
+    assert again["losses"] == whole["losses"] and again["perplexity"] == whole["perplexity"]
+    for bad in (1.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="--distill-skip-spikes"):
+            convert(args_for(teacher_dir, tmp_path / "c", distill_skip_spikes=bad))
+    assert not (tmp_path / "c").exists()
+
+
 def test_keep_checkpoints_sets_how_many_stay_and_may_change_on_resume(teacher_dir, tmp_path):
     """Only the two newest stayed: a divergence at distillation step 130 could not be probed from the
     checkpoints before it. The number changes nothing that is trained."""

@@ -1,4 +1,5 @@
-"""The recipes' one training loop (:mod:`ttt.recipes.loop`): the lr schedule and its per-group multiples."""
+"""The recipes' one training loop (:mod:`ttt.recipes.loop`): the lr schedule, its per-group multiples, and
+spike skipping."""
 
 from __future__ import annotations
 
@@ -60,3 +61,67 @@ def test_the_schedule_reaches_its_final_lr_after_the_last_step():
     last = cosine_lr(5, peak=3e-3, total=6, warmup=3, final=1e-5)
     assert last == pytest.approx(1e-5 + (3e-3 - 1e-5) * (1 - math.cos(math.pi / 3)) / 2)
     assert cosine_lr(6, peak=3e-3, total=6, warmup=3, final=1e-5) == pytest.approx(1e-5)
+
+
+def _spiky_loop(skip_spikes: float, spikes: set[int], steps: int, **kw) -> TrainLoop:
+    """A linear model whose loss gradient has norm 2, and 2000 on the ``spikes`` steps (0-based)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return TrainLoop(model, opt, lambda s: 1000.0 if s in spikes else 1.0,
+                     lambda scale: scale * model(torch.ones(1, 4)).sum(), steps=steps, lr=lambda s: 1e-2,
+                     skip_spikes=skip_spikes, **kw)  # fmt: skip
+
+
+def test_skip_spikes_applies_nothing_of_a_spike_and_logs_it(tmp_path):
+    """A step whose gradient norm is over ``skip_spikes`` x the median of the latest ones leaves the weights
+    and AdamW's moments as they were, and its record says so; without the option the same step is taken."""
+    import json
+
+    from ttt.recipes.loop import MetricsLog
+
+    loop = _spiky_loop(10.0, {12}, 12, log=MetricsLog(tmp_path, total=13, progress=False))
+    loop.run()
+    weight = loop.model.weight.detach().clone()
+    moments = {k: v.clone() for k, v in loop.optimizer.state[loop.model.weight].items()}
+    loop.steps = 13
+    loop.run(start=12)
+    loop.log.close()
+    assert loop.skipped == [13] and torch.equal(loop.model.weight, weight)
+    assert all(torch.equal(v, moments[k]) for k, v in loop.optimizer.state[loop.model.weight].items())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", 0) for r in records] == [0] * 12 + [1]
+    assert records[-1]["grad_norm"] == pytest.approx(2000.0, rel=1e-5)
+    plain = _spiky_loop(0.0, {12}, 13)
+    plain.run()
+    assert plain.skipped == [] and not torch.equal(plain.model.weight, weight)
+
+
+def test_skip_spikes_waits_for_its_window_and_accepts_a_lasting_rise():
+    """No skip before SPIKE_MIN_WINDOW norms are seen; a rise that lasts is a spike only until it is half
+    of the window (the median counts the skipped norms too)."""
+    from ttt.recipes.loop import SPIKE_MIN_WINDOW, SPIKE_WINDOW
+
+    early = _spiky_loop(10.0, {SPIKE_MIN_WINDOW - 1}, SPIKE_MIN_WINDOW)
+    early.run()
+    assert early.skipped == []
+    rise = set(range(SPIKE_WINDOW, 3 * SPIKE_WINDOW))
+    loop = _spiky_loop(10.0, rise, 3 * SPIKE_WINDOW)
+    loop.run()
+    assert loop.skipped == list(range(SPIKE_WINDOW + 1, SPIKE_WINDOW + SPIKE_WINDOW // 2 + 1))
+    assert len(loop.norms) == SPIKE_WINDOW
+
+
+def test_skip_spikes_resumes_exactly_from_its_saved_window():
+    """Steps 1..30 in one loop equal steps 1..15 then 16..30 in a new loop given the first one's norms (a
+    recipe saves them with its checkpoints), spikes skipped on both sides of the split."""
+    spikes = {13, 17, 26}
+    whole = _spiky_loop(10.0, spikes, 30)
+    whole.run()
+    first = _spiky_loop(10.0, spikes, 15)
+    first.run()
+    second = TrainLoop(first.model, first.optimizer, first.batch, first.loss, steps=30, lr=first.lr,
+                       skip_spikes=10.0, norms=list(first.norms), skipped=list(first.skipped))  # fmt: skip
+    second.run(start=15)
+    assert whole.skipped == second.skipped == [14, 18, 27]
+    assert torch.equal(whole.model.weight, second.model.weight)

@@ -136,6 +136,11 @@ class ConvertArgs:
     or '0:0,5:0.5' (the rest of those blocks keeps the full lr; 0 freezes the mixer as stage (a) left it):
     in all-Gated-DeltaNet SmolLM2 seed 2 block 0's mixer update alone took the held-out perplexity from 213
     to 712 in 40 steps at lr 6e-4, the other 29 mixers' to 106 (docs/convert.md) (default: none)"""
+    distill_skip_spikes: float = 0.0
+    """skip the update of a stage (b) step whose gradient norm is more than this multiple of the median of
+    the last 20 steps' norms (0: never; else > 1). The step's batch is used up and the step logged with
+    ``skipped``; clipping keeps a spike's size, not its direction, which lies on the few weights that made
+    it (docs/convert.md)"""
     ce_weight: float = 1.0
     """weight of the next-token cross-entropy on the text added to the distillation KL: in four paired
     SmolLM2 conversions 1 beat 0 (KL only, the default until 2026-12-06) by 6-10 perplexity points"""
@@ -191,8 +196,8 @@ class ConvertArgs:
 RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out", "activation_checkpointing",
                 "keep_checkpoints")  # fmt: skip
 # ... and those that may change while the latest checkpoint is not past attention transfer
-DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_mixer_lr", "ce_weight",
-                "update", "lora_rank")  # fmt: skip
+DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_mixer_lr", "distill_skip_spikes",
+                "ce_weight", "update", "lora_rank")  # fmt: skip
 #: what a conversion writes into its run directory besides its checkpoints
 RUN_OUTPUTS = ("convert.json", ".convert.json.*", "losses.png", ".losses.png.*.png", "hf", "metrics.jsonl",
                ".metrics.jsonl.*", "events.out.tfevents.*")  # fmt: skip
@@ -747,6 +752,12 @@ def _check_args(args: ConvertArgs) -> None:
             raise ValueError("--transfer-inner-lr sets the inner mixers' lr of --transfer-target residual")
         check_number("--transfer-inner-lr", args.transfer_inner_lr, above=0)
     check_number("--distill-lr", args.distill_lr, above=0)
+    check_number("--distill-skip-spikes", args.distill_skip_spikes, least=0)
+    if 0 < args.distill_skip_spikes <= 1:
+        raise ValueError(
+            f"--distill-skip-spikes {args.distill_skip_spikes:g}: expected 0 (never skip) or a multiple of "
+            "the median gradient norm above 1 (at most 1 would skip about every other step)"
+        )
     check_number("--ce-weight", args.ce_weight, least=0)
     if args.lora_rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
@@ -1183,14 +1194,20 @@ class _Conversion:
         return sample_batch(self.data.train, a.batch_size, a.context, generator)[0].to(self.device)
 
     def checkpoint(
-        self, optimizer: torch.optim.Optimizer | None = None, sampler: torch.Generator | None = None
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        sampler: torch.Generator | None = None,
+        norms: list[float] | None = None,
     ) -> None:
-        """Save step ``self.step`` (without an optimizer: a run of no training step, saved at step 0)."""
+        """Save step ``self.step`` (without an optimizer: a run of no training step, saved at step 0);
+        ``norms``: the loop's latest gradient norms (``--distill-skip-spikes``'s window)."""
         from ttt.models.checkpoint import save_checkpoint, write_text_atomic
 
         tensors, opt_meta = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
         if sampler is not None:
             tensors["rng.sampler"] = sampler.get_state()
+        if norms:
+            tensors["loop.grad_norms"] = torch.tensor(norms, dtype=torch.float64)
         # model.safetensors holds plain (LoRA-merged) weights, so ttt eval / generate read the run;
         # the adapters and the weights under them go with the trainer state, for an exact resume
         state = self.student.state_dict()
@@ -1281,10 +1298,15 @@ class _Conversion:
             ]
         optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
         sampler = torch.Generator().manual_seed(a.seed + (0 if name == "transfer" else 1))
+        norms: list[float] = []
         if self.trainer is not None and self.step > begin:
             load_optimizer_tensors(optimizer, self.trainer, self.opt_meta)
             sampler.set_state(self.trainer["rng.sampler"])
+            if "loop.grad_norms" in self.trainer:
+                norms = self.trainer["loop.grad_norms"].tolist()
         self.trainer = None
+        spikes = a.distill_skip_spikes if name == "distill" else 0.0
+        skipped = self.summary.setdefault("skipped_steps", {}).setdefault(name, []) if spikes else []
         losses, seconds = self.summary["losses"].setdefault(name, []), self.summary["seconds"]
         counted = [0.0]  # loop seconds already added to seconds[name]
 
@@ -1321,7 +1343,7 @@ class _Conversion:
                     )
                 self.ppl[f"after_{name}"] = ppl
                 log.print(f"held-out perplexity after {name}: {self.ppl[f'after_{name}']:.2f}")
-            self.checkpoint(optimizer, sampler)
+            self.checkpoint(optimizer, sampler, loop.norms)
 
         # one log line per step without a terminal: a full-size teacher takes seconds per step on a CPU
         log = MetricsLog(self.run, total=end, start=self.step, log_every=1, progress=a.progress, desc=name,
@@ -1331,7 +1353,7 @@ class _Conversion:
                 s - begin, peak=peak, total=end - begin, warmup=max(1, (end - begin) // 10), final=0.1 * peak
             ), grad_clip=1.0, log=log, tokens_per_step=a.batch_size * a.context,
             hooks=[Every(a.ckpt_every, checkpoint)], on_diverged=lambda s: f" ({latest_note(self.run)})",
-            remedy=CONVERT_REMEDY, history=losses,
+            remedy=CONVERT_REMEDY, history=losses, skip_spikes=spikes, norms=norms, skipped=skipped,
         )  # fmt: skip
         # from here on, the first Ctrl-C / SIGTERM finishes the step in progress, saves it and stops (as
         # ttt train); a second one stops at once

@@ -5,7 +5,8 @@ every N steps (validate, checkpoint, early stop); the loop owns the rest:
 
     for each step: set the lr (warm-up + cosine), draw a batch, loss, stop on a non-finite loss,
     backward, clip (the norm is computed even without clipping: it tells a diverged step), optimizer
-    step, log, run the due hooks, stop when asked (Ctrl-C / SIGTERM / a hook)
+    step (or, with ``skip_spikes``, none when the norm is a spike), log, run the due hooks, stop when
+    asked (Ctrl-C / SIGTERM / a hook)
 
 Logging (:class:`MetricsLog`): a progress bar when stderr is a terminal, else a line every ``log_every``
 steps; every record in ``metrics.jsonl`` and, when the ``tensorboard`` package is installed, in
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -42,6 +44,10 @@ __all__ = [
     "warmup_steps",
 ]
 
+
+#: how many of the latest gradient norms ``TrainLoop.skip_spikes`` takes the median of, and how many it
+#: needs before it skips any step
+SPIKE_WINDOW, SPIKE_MIN_WINDOW = 20, 10
 
 #: what a divergence message of ``ttt train`` suggests; other recipes name their own flags
 TRAIN_REMEDY = "lower --lr, lengthen --warmup, or check the data"
@@ -89,6 +95,8 @@ class StepOutcome:
     grad_norm: float
     lr: float
     seconds: float
+    skipped: bool = False
+    """the gradient norm was a spike (``TrainLoop.skip_spikes``): no optimizer step was taken"""
 
 
 class MetricsLog:
@@ -135,8 +143,8 @@ class MetricsLog:
         """One optimizer step's record (every step goes to the files; the console every ``log_every``)."""
         if not self.enabled:
             return
-        self._write(self.kind, step, {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
-                                    "lr": outcome.lr})  # fmt: skip
+        record = {"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm, "lr": outcome.lr}
+        self._write(self.kind, step, record | ({"skipped": 1} if outcome.skipped else {}))
         # the rate over the steps since the last console line (one step's time is noisy)
         n, seconds = self._window[0] + 1, self._window[1] + outcome.seconds
         rate = f"{tokens * n / max(seconds, 1e-9):,.0f} tok/s" if tokens else ""
@@ -255,6 +263,13 @@ class TrainLoop:
 
     ``reduce``: the loss as logged and checked, e.g. its mean over ``torch.distributed`` processes. The
     gradient norm is clipped and checked over the model's parameters that have a gradient.
+
+    ``skip_spikes`` > 0: a step whose gradient norm (before clipping) exceeds that multiple of the median
+    of the last :data:`SPIKE_WINDOW` steps' norms (skipped ones included, so a lasting rise is soon
+    accepted) applies nothing: its batch and its place in the schedule are used up, AdamW's moments stay
+    as they were. Clipping bounds a spike's norm but not its direction: the clipped gradient of a spike
+    lies mostly on the few weights that made it, and AdamW turns that into steps of about the lr on each
+    of them. ``norms`` holds the window; a recipe saves it with its checkpoints for an exact resume.
     """
 
     model: nn.Module
@@ -276,6 +291,11 @@ class TrainLoop:
     """``[step, loss]`` of every step run"""
     seconds: float = 0.0
     """time spent in steps (not in hooks)"""
+    skip_spikes: float = 0.0
+    norms: list[float] = field(default_factory=list)
+    """the latest gradient norms (at most :data:`SPIKE_WINDOW`), for ``skip_spikes``"""
+    skipped: list[int] = field(default_factory=list)
+    """the steps (1-based, as logged) whose update was skipped as a spike"""
 
     def run(self, start: int = 0) -> int:
         """Steps ``start + 1 .. steps``; returns the last step run (earlier on a stop)."""
@@ -312,9 +332,21 @@ class TrainLoop:
                 f"training diverged at step {step + 1}: the loss is {loss_value}, the gradient norm {norm}; "
                 f"nothing of step {step + 1} was applied or saved{self.on_diverged(step + 1)}; {self.remedy}"
             )
-        self.optimizer.step()
+        spike = self.is_spike(norm)
+        self.norms = (self.norms + [norm])[-SPIKE_WINDOW:]
+        if spike:
+            self.skipped.append(step + 1)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss_value, norm, lr, time.perf_counter() - t0)
+        return StepOutcome(loss_value, norm, lr, time.perf_counter() - t0, skipped=spike)
+
+    def is_spike(self, norm: float) -> bool:
+        """Whether ``norm`` is more than ``skip_spikes`` times the median of :attr:`norms` (never with
+        ``skip_spikes`` 0 or fewer than :data:`SPIKE_MIN_WINDOW` norms seen)."""
+        if self.skip_spikes <= 0 or len(self.norms) < SPIKE_MIN_WINDOW:
+            return False
+        return norm > self.skip_spikes * statistics.median(self.norms)
 
 
 def check_finite_weights(model: nn.Module, step: int, note: str = "", remedy: str = TRAIN_REMEDY) -> None:
