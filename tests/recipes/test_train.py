@@ -778,6 +778,50 @@ def test_resume_refuses_a_corpus_whose_text_changed(corpus_dir, tmp_path):
         train(small_args(corpus_dir, out, steps=3, eval_every=0, resume=True))
 
 
+def test_skip_spikes_skips_a_spike_and_resumes_exactly(corpus_dir, tmp_path, monkeypatch):
+    """--skip-spikes: a step whose gradient norm jumps (its loss x 1000 here) applies nothing and is logged
+    as skipped; the window of norms goes with the checkpoints, so a run resumed after the window filled
+    skips the same step and ends with the same losses and weights."""
+    import json
+
+    import ttt.recipes.train as recipe
+
+    real, seen = recipe.lm_loss, []
+
+    def recording(logits, y):
+        seen.append(y.clone())
+        return real(logits, y)
+
+    kw = dict(steps=14, ckpt_every=11, eval_every=0, skip_spikes=5.0)
+    monkeypatch.setattr(recipe, "lm_loss", recording)
+    train(small_args(corpus_dir, tmp_path / "plain", **kw))
+    spike_y = seen[11]  # step 12: after the window's 10 norms
+
+    def spiky(logits, y):
+        return real(logits, y) * (1000.0 if torch.equal(y, spike_y) else 1.0)
+
+    monkeypatch.setattr(recipe, "lm_loss", spiky)
+    straight = train(small_args(corpus_dir, tmp_path / "a", **kw))
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [12]
+    train(small_args(corpus_dir, tmp_path / "b", **kw))
+    b = tmp_path / "b"
+    (b / "latest").write_text("step-000011\n")  # the interruption: the run continues from step 11
+    _, _, trainer = load_checkpoint(b / "step-000011", load_trainer=True)
+    assert trainer["loop.grad_norms"].shape == (11,)
+    resumed = train(small_args(corpus_dir, b, resume=True, **kw))
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [12]
+    assert resumed.history["train"] == straight.history["train"]
+    wa, _, _ = load_checkpoint(tmp_path / "a")
+    wb, _, _ = load_checkpoint(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for bad in (0.5, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="--skip-spikes"):
+            train(small_args(corpus_dir, tmp_path / "c", skip_spikes=bad))
+    assert not (tmp_path / "c").exists()
+
+
 def test_activation_checkpointing_trains_the_same_without_fsdp_and_may_change_on_resume(corpus_dir, tmp_path):
     plain = train(small_args(corpus_dir, tmp_path / "a", steps=4, ckpt_every=2))
     recomputed = train(small_args(corpus_dir, tmp_path / "b", steps=4, activation_checkpointing=True))

@@ -95,6 +95,9 @@ class TrainArgs:
     """AdamW weight decay on matrices (not on norms, biases, gates)"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0: off)"""
+    skip_spikes: float = 0.0
+    """skip the update of a step whose gradient norm is more than this multiple of the median of the last 20
+    steps' norms (0: never; else > 1): its batch is used up and its metrics.jsonl record says skipped"""
     eval_every: int = 200
     """validate every this many steps and at the end (0: only at the end)"""
     eval_batches: int = 16

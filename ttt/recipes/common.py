@@ -69,6 +69,16 @@ def check_number(
         raise ValueError(f"{flag} must be a finite number {bound}{hint}, got {value}")
 
 
+def check_skip_spikes(flag: str, value: float) -> None:
+    """Refuse (one line) a spike-skipping multiple (``TrainLoop.skip_spikes``) other than 0 or one > 1."""
+    check_number(flag, value, least=0)
+    if 0 < value <= 1:
+        raise ValueError(
+            f"{flag} {value:g}: expected 0 (never skip) or a multiple of the median gradient norm above 1 "
+            "(at most 1 would skip about every other step)"
+        )
+
+
 def check_seed(value: int) -> None:
     """Refuse (one-line ``ValueError``) a ``--seed`` torch's generators cannot take."""
     if not 0 <= value < 2**63:

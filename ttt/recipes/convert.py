@@ -45,6 +45,7 @@ from .common import (
     check_number,
     check_same_corpus,
     check_seed,
+    check_skip_spikes,
     load_optimizer_tensors,
     optimizer_tensors,
     parse_mixer_kwargs,
@@ -752,12 +753,7 @@ def _check_args(args: ConvertArgs) -> None:
             raise ValueError("--transfer-inner-lr sets the inner mixers' lr of --transfer-target residual")
         check_number("--transfer-inner-lr", args.transfer_inner_lr, above=0)
     check_number("--distill-lr", args.distill_lr, above=0)
-    check_number("--distill-skip-spikes", args.distill_skip_spikes, least=0)
-    if 0 < args.distill_skip_spikes <= 1:
-        raise ValueError(
-            f"--distill-skip-spikes {args.distill_skip_spikes:g}: expected 0 (never skip) or a multiple of "
-            "the median gradient norm above 1 (at most 1 would skip about every other step)"
-        )
+    check_skip_spikes("--distill-skip-spikes", args.distill_skip_spikes)
     check_number("--ce-weight", args.ce_weight, least=0)
     if args.lora_rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")

@@ -37,6 +37,7 @@ from .common import (
     check_number,
     check_same_corpus,
     check_seed,
+    check_skip_spikes,
     lm_loss,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -154,6 +155,8 @@ class _Run:
     """the fingerprint of the corpus text (:meth:`ttt.data.Corpus.sha256`), recorded in every checkpoint"""
     history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
     seconds: float = 0.0
+    norms: list[float] = field(default_factory=list)
+    """the loop's latest gradient norms (the window of --skip-spikes), saved with the checkpoints"""
     wrote: list[str] = field(default_factory=list)
     """files of the metrics log, and a note on TensorBoard when it is not installed"""
     cp_group: Any = None
@@ -281,6 +284,7 @@ def _check_args(args: TrainArgs) -> None:
     for flag, value in (("--warmup", args.warmup), ("--weight-decay", args.weight_decay)):
         check_number(flag, value, least=0)
     check_number("--grad-clip", args.grad_clip, least=0, hint=" (0: off)")
+    check_skip_spikes("--skip-spikes", args.skip_spikes)
     check_seed(args.seed)
     if not args.resume:  # --resume fills the arguments not given from the checkpoint: checked after that
         _check_together(args)
@@ -605,6 +609,7 @@ def _build(run: _Run) -> None:
         run.sampler.set_state(trainer["rng.sampler"])
         torch.set_rng_state(trainer["rng.torch"])
         run.step, run.history, run.seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
+        run.norms = trainer["loop.grad_norms"].tolist() if "loop.grad_norms" in trainer else []
         run.saved_step, run.saved = run.step, None
     run.wrapped = wrap_model(run.model, run.dist, run.device, args.strategy)
     if run.cp_group is not None:
@@ -669,6 +674,8 @@ def _save(run: _Run) -> Path | None:
     )
     tensors["rng.sampler"] = run.sampler.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    if run.norms:
+        tensors["loop.grad_norms"] = torch.tensor(run.norms, dtype=torch.float64)
     meta = {
         "args": {f.name: getattr(run.args, f.name) for f in _arg_fields()},
         "tokenizer": run.tokenizer.to_dict(),
@@ -725,7 +732,7 @@ def _fit(run: _Run) -> None:
             return lm_loss(logits, xy[1].to(run.device))
 
     def checkpoint(step: int) -> None:
-        run.step, run.seconds = step, loop.seconds
+        run.step, run.seconds, run.norms = step, loop.seconds, loop.norms
         last_checkpoint[0] = _save(run)
 
     def validate(step: int) -> None:
@@ -750,7 +757,7 @@ def _fit(run: _Run) -> None:
         grad_clip=args.grad_clip, log=log, tokens_per_step=args.batch_size * args.context,
         hooks=[Every(args.ckpt_every, checkpoint), Every(args.eval_every, validate)],
         reduce=_global_mean(run), on_diverged=lambda s: _latest_note(run.run_dir),
-        history=run.history["train"], seconds=run.seconds,
+        history=run.history["train"], seconds=run.seconds, skip_spikes=args.skip_spikes, norms=run.norms,
     )  # fmt: skip
     # from here on, Ctrl-C / SIGTERM finish the step in progress, save it and stop (in place before the
     # first line is printed: a script may signal as soon as it reads it)
