@@ -59,7 +59,7 @@ def _row(run: Path, s: dict) -> dict:
         "perplexity": s["perplexity"], "tokens": s.get("tokens", {}), "seconds": s["seconds"],
         "steps": {"transfer": a["transfer_steps"], "distill": a["distill_steps"]},
         "eval_tokens": s["eval_tokens"], "args": a,
-    }  # fmt: skip
+    } | ({"skipped_steps": s["skipped_steps"]} if "skipped_steps" in s else {})  # fmt: skip
 
 
 @torch.no_grad()

@@ -56,6 +56,10 @@ def test_a_residual_run_is_labelled_and_a_missing_teacher_is_one_line(
     assert script.run_rows([tmp_path / "a"])[0]["model"] == (
         "ttt_linear beside a 4-token window (residual transfer) in blocks all"
     )
+    # a run with --distill-skip-spikes carries its skipped steps (none in one step) into its row
+    tiny_conversion("s", mixer="ttt_linear", distill_skip_spikes=5.0)
+    rows = script.run_rows([tmp_path / "a", tmp_path / "s"])
+    assert "skipped_steps" not in rows[0] and rows[1]["skipped_steps"] == {"distill": []}
     shutil.rmtree(tmp_path / "llama")  # the teacher moved away: was a LlamaLoadError traceback
     capsys.readouterr()  # the conversion's own output
     monkeypatch.setattr(sys, "argv", ["convert_report.py", str(tmp_path / "a"), "--prompt", "the",
