@@ -1076,6 +1076,50 @@ def test_distill_mixer_lr_scales_or_freezes_the_listed_mixers(teacher_dir, tmp_p
     assert not (tmp_path / "c").exists()
 
 
+def test_distill_block_lr_scales_or_freezes_whole_blocks(teacher_dir, tmp_path):
+    """--distill-block-lr: multiple 0 keeps every weight of a block (mixer, norms, MLP) as stage (a) left it,
+    converted or not; 0.5 halves the first AdamW step of all of them, times --distill-mixer-lr's for the
+    mixer; other blocks unchanged. Out-of-range blocks and LoRA are refused before anything is written.
+    (All-GDN seed 2's gradient spikes came from blocks 0 and 1's weights: benchmarks/results.)"""
+    from ttt.models.checkpoint import load_model
+
+    kw = dict(mixer="gated_deltanet", blocks="0,2", transfer_steps=2)
+    convert(args_for(teacher_dir, tmp_path / "a", distill_steps=2, distill_block_lr="1:0,2:0", **kw))
+    before, _ = load_model(tmp_path / "a" / "step-000002")
+    after, _ = load_model(tmp_path / "a")
+    for b in (1, 2):  # a kept attention block and a converted one
+        assert all(
+            torch.equal(p, q) for p, q in zip(after.blocks[b].parameters(), before.blocks[b].parameters())
+        )
+    assert not torch.equal(after.blocks[0].mlp.up_proj.weight, before.blocks[0].mlp.up_proj.weight)
+
+    start = dict(before.named_parameters())
+    steps = {}
+    for name, spec in (("full", {}), ("half", {"distill_block_lr": "0:0.5", "distill_mixer_lr": "0:0.5"})):
+        convert(args_for(teacher_dir, tmp_path / name, distill_steps=1, **spec, **kw))
+        end, _ = load_model(tmp_path / name)
+        steps[name] = {n: (p - start[n]).double() for n, p in end.named_parameters()}
+    for n, full in steps["full"].items():
+        half, atol = steps["half"][n], 1e-3 * full.abs().max().item() + 1e-6  # + float32 rounding
+        if n.startswith("blocks.0.mixer."):
+            torch.testing.assert_close(half, full / 4, rtol=0, atol=atol)
+        elif n.startswith("blocks.0."):
+            torch.testing.assert_close(half, full / 2, rtol=0, atol=atol)
+        else:
+            torch.testing.assert_close(half, full, rtol=0, atol=1e-7)
+    for kw, match in (
+        (
+            {"distill_block_lr": "4:0"},
+            r"--distill-block-lr: block index 4 out of range: the model has blocks 0..3",
+        ),
+        ({"distill_block_lr": "0"}, r"--distill-block-lr '0': expected distinct BLOCK:MULTIPLE pairs"),
+        ({"distill_block_lr": "0:0", "update": "lora"}, r"--distill-block-lr .* not with --update lora"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            convert(args_for(teacher_dir, tmp_path / "c", **kw))
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_run_from_distill_frozen_mixers_resumes_with_multiple_0(teacher_dir, tmp_path):
     """``--distill-frozen-mixers 0`` was the first form of ``--distill-mixer-lr 0:0``: a run saved in
     distillation then resumes with the new form (any spelling of the same multiples), not with another."""

@@ -137,6 +137,12 @@ class ConvertArgs:
     or '0:0,5:0.5' (the rest of those blocks keeps the full lr; 0 freezes the mixer as stage (a) left it):
     in all-Gated-DeltaNet SmolLM2 seed 2 block 0's mixer update alone took the held-out perplexity from 213
     to 712 in 40 steps at lr 6e-4, the other 29 mixers' to 106 (docs/convert.md) (default: none)"""
+    distill_block_lr: str = ""
+    """blocks whose every weight (mixer, norms, MLP) gets its own multiple of the distillation lr in stage
+    (b), like '0:0,1:0' (converted or not; times --distill-mixer-lr's for their mixers; 0 freezes the
+    block): in all-Gated-DeltaNet SmolLM2 the gradient spikes before a divergence came from blocks 0 and 1
+    (block 1's output gate and value projection, block 0's MLP and input norm; docs/convert.md)
+    (default: none)"""
     distill_skip_spikes: float = 0.0
     """skip the update of a stage (b) step whose gradient norm is more than this multiple of the median of
     the last 20 steps' norms (0: never; else > 1). The step's batch is used up and the step logged with
@@ -197,8 +203,8 @@ class ConvertArgs:
 RUNTIME_ARGS = ("resume", "overwrite", "device", "threads", "progress", "out", "activation_checkpointing",
                 "keep_checkpoints")  # fmt: skip
 # ... and those that may change while the latest checkpoint is not past attention transfer
-DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_mixer_lr", "distill_skip_spikes",
-                "ce_weight", "update", "lora_rank")  # fmt: skip
+DISTILL_ARGS = ("distill_steps", "distill_lr", "distill_out_lr", "distill_mixer_lr", "distill_block_lr",
+                "distill_skip_spikes", "ce_weight", "update", "lora_rank")  # fmt: skip
 #: what a conversion writes into its run directory besides its checkpoints
 RUN_OUTPUTS = ("convert.json", ".convert.json.*", "losses.png", ".losses.png.*.png", "hf", "metrics.jsonl",
                ".metrics.jsonl.*", "events.out.tfevents.*")  # fmt: skip
@@ -236,9 +242,9 @@ def _block_spec(spec: str) -> tuple[str, int] | list[int]:
         ) from None
 
 
-def mixer_lr_scales(spec: str) -> dict[int, float]:
-    """``{block: multiple of the distillation lr}`` of a ``--distill-mixer-lr`` spec like '0:0.1,5:0'
-    ('' for none); a one-line error otherwise."""
+def mixer_lr_scales(spec: str, flag: str = "--distill-mixer-lr") -> dict[int, float]:
+    """``{block: multiple of the distillation lr}`` of a ``--distill-mixer-lr`` (or ``flag``) spec like
+    '0:0.1,5:0' ('' for none); a one-line error otherwise."""
     scales: dict[int, float] = {}
     for item in spec.split(",") if spec.strip() else ():
         block, _, scale = item.partition(":")
@@ -248,8 +254,8 @@ def mixer_lr_scales(spec: str) -> dict[int, float]:
             b, s = -1, 0.0
         if b < 0 or b in scales or not 0 <= s < math.inf:
             raise ValueError(
-                f"--distill-mixer-lr {spec!r}: expected distinct BLOCK:MULTIPLE pairs like '0:0.1' or "
-                "'0:0,5:0.5' (a block index >= 0, a multiple >= 0; 0 freezes that mixer)"
+                f"{flag} {spec!r}: expected distinct BLOCK:MULTIPLE pairs like '0:0.1' or "
+                "'0:0,5:0.5' (a block index >= 0, a multiple >= 0; 0 freezes it)"
             )
         scales[b] = s
     return scales
@@ -742,11 +748,14 @@ def _check_args(args: ConvertArgs) -> None:
                     f"by its size against the teacher's: not with {what}"
                 )
     mixer_lr_scales(args.distill_mixer_lr)  # its syntax
+    mixer_lr_scales(args.distill_block_lr, "--distill-block-lr")
     for what, bad in (("--update lora", args.update == "lora"), ("--from-scratch", args.from_scratch)):
         if args.distill_mixer_lr.strip() and bad:
             raise ValueError(
                 f"--distill-mixer-lr sets the lr of converted mixers' own weights: not with {what}"
             )
+    if args.distill_block_lr.strip() and args.update == "lora":
+        raise ValueError("--distill-block-lr sets the lr of blocks' own weights: not with --update lora")
     check_number("--transfer-lr", args.transfer_lr, above=0)
     if args.transfer_inner_lr is not None:
         if args.transfer_target != "residual":
@@ -799,6 +808,12 @@ def _check_against_teacher(args: ConvertArgs, config: Any) -> list[int]:
     if outside:
         raise ValueError(
             f"--distill-mixer-lr: block {outside[0]} is not converted (--blocks {args.blocks}: {blocks})"
+        )
+    outside = [b for b in mixer_lr_scales(args.distill_block_lr) if not 0 <= b < n_layers]
+    if outside:
+        raise ValueError(
+            f"--distill-block-lr: block index {outside[0]} out of range: the model has blocks "
+            f"0..{n_layers - 1}"
         )
     if args.update == "mixers" and all(scales.get(b) == 0 for b in blocks):
         raise ValueError(
@@ -936,8 +951,9 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
         was["distill_mixer_lr"] = ",".join(
             f"{b}:0" for b in saved["args"]["distill_frozen_mixers"].split(",")
         )
-    if mixer_lr_scales(was["distill_mixer_lr"]) == mixer_lr_scales(now["distill_mixer_lr"]):
-        was["distill_mixer_lr"] = now["distill_mixer_lr"]  # the same multiples spelled otherwise: '0:0.0'
+    for k in ("distill_mixer_lr", "distill_block_lr"):  # the same multiples spelled otherwise: '0:0.0'
+        if mixer_lr_scales(was[k]) == mixer_lr_scales(now[k]):
+            was[k] = now[k]
     diff = [
         f"--{k.replace('_', '-')} {was[k]!r} -> {now[k]!r}" for k in now if k not in free and was[k] != now[k]
     ]
@@ -1240,12 +1256,22 @@ class _Conversion:
         full = stage == "distill" and self.args.update == "full" or self.args.from_scratch
         params = list(student.parameters()) if full else mixers
         if stage == "distill":  # --distill-mixer-lr with multiple 0: those mixers stay as stage (a) left them
-            frozen = {id(p) for i, s in mixer_lr_scales(self.args.distill_mixer_lr).items() if s == 0
-                      for p in student.blocks[i].mixer.parameters()}  # fmt: skip
+            frozen = {id(p) for p, s in self.distill_lr_multiples().items() if s == 0}
             params = [p for p in params if id(p) not in frozen]
         for p in params:
             p.requires_grad_(True)
         return params
+
+    def distill_lr_multiples(self) -> dict[nn.Parameter, float]:
+        """Each parameter's multiple of the distillation lr from ``--distill-mixer-lr`` and
+        ``--distill-block-lr`` (their product where both name it; absent: 1; ``relative`` comes on top)."""
+        scale: dict[nn.Parameter, float] = {}
+        for spec, part in ((self.args.distill_mixer_lr, "mixer"), (self.args.distill_block_lr, "")):
+            for i, s in mixer_lr_scales(spec).items():
+                block = self.student.blocks[i]
+                for p in (getattr(block, part) if part else block).parameters():
+                    scale[p] = scale.get(p, 1.0) * s
+        return scale
 
     def train_stage(self, name: str, begin: int, end: int) -> None:
         """Steps ``begin..end`` (global numbering) of stage ``name``, from wherever the run is, in the
@@ -1280,8 +1306,7 @@ class _Conversion:
                 {"params": [p for p in params if id(p) in inner], "lr_scale": a.transfer_inner_lr / peak},
             ]
         if name == "distill":  # each parameter's multiple of the peak lr (absent: 1)
-            scale = {id(p): s for i, s in mixer_lr_scales(a.distill_mixer_lr).items()
-                     for p in self.student.blocks[i].mixer.parameters()}  # fmt: skip
+            scale = {id(p): s for p, s in self.distill_lr_multiples().items()}
             if a.distill_out_lr == "relative":  # fixed at the stage's start, kept on resume
                 if "out_lr_scale" not in self.summary:
                     self.summary["out_lr_scale"] = out_lr_scales(self.student, self.teacher, self.blocks)
