@@ -1,5 +1,6 @@
-"""What the kernel benchmarks share: timing, the float64 correctness gate, the compiled-PyTorch switch,
-output files. Imported by ``kernels_ttt_linear.py`` and ``kernels_ttt_mlp.py`` (run from any directory)."""
+"""What the benchmarks share: timing, the float64 correctness gate, the compiled-PyTorch switch, output
+files (the kernel benchmarks), and a conversion checkpoint with its teacher and text (the ``convert_*``
+scripts). Imported by the scripts beside it (run from any directory)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,25 @@ def finish_report(script, lines, payload, argv, out):
     if out:
         write_out(os.path.splitext(str(out))[0] + ".md", md, payload)
     return md
+
+
+def load_conversion(checkpoint):
+    """``(student, teacher, meta, train split)`` of a ``ttt convert`` checkpoint directory: the student as
+    saved, the run's teacher (frozen, eval mode) and its corpus's training tokens in the run's tokenizer;
+    ``SystemExit`` (one line) for a checkpoint of anything else."""
+    from ttt.data import load_corpus, prepare
+    from ttt.data.tokenizer import tokenizer_from_dict
+    from ttt.models.checkpoint import load_model
+    from ttt.recipes.convert import load_teacher
+
+    student, meta = load_model(checkpoint)
+    if "summary" not in meta or "transfer_steps" not in meta.get("args", {}):
+        raise SystemExit(f"{checkpoint} is not a checkpoint of a ttt convert run (no conversion summary): "
+                         "give RUN or RUN/step-N")  # fmt: skip
+    args = meta["args"]
+    teacher, _ = load_teacher(args["teacher"], args.get("first_blocks"))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train = prepare(load_corpus(args["corpus"]), tokenizer_from_dict(meta["tokenizer"])).train
+    return student, teacher, meta, train

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _harness import finish_report  # noqa: E402
+from _harness import finish_report, load_conversion  # noqa: E402
 
 from ttt.recipes.args import Parser  # noqa: E402
 
@@ -33,23 +33,13 @@ MODES = ("float32", "bfloat16")
 def step_times(checkpoint: Path, repeats: int, seed: int = 0) -> list[dict]:
     """``[{"stage", "dtype", "seconds": [...], "median_s", "loss"}]`` for stages transfer and distill, and
     for one matmul of the blocks' largest projection on the batch's tokens (its "loss": the sum)."""
-    from ttt.data import load_corpus, prepare, sample_batch
-    from ttt.data.tokenizer import tokenizer_from_dict
-    from ttt.models.checkpoint import load_model
+    from ttt.data import sample_batch
     from ttt.recipes.common import autocast
-    from ttt.recipes.convert import distill_loss, load_teacher, transfer_loss
+    from ttt.recipes.convert import distill_loss, transfer_loss
 
-    student, meta = load_model(checkpoint)
-    if "summary" not in meta or "transfer_steps" not in meta.get("args", {}):
-        raise SystemExit(f"{checkpoint} is not a checkpoint of a ttt convert run (no conversion summary): "
-                         "give RUN or RUN/step-N")  # fmt: skip
+    student, teacher, meta, train = load_conversion(checkpoint)
     args, summary = meta["args"], meta["summary"]
-    teacher, _ = load_teacher(args["teacher"], args.get("first_blocks"))
-    teacher.eval()
     student.train()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    train = prepare(load_corpus(args["corpus"]), tokenizer_from_dict(meta["tokenizer"])).train
     x, y = sample_batch(train, args["batch_size"], args["context"], torch.Generator().manual_seed(seed))
     device, blocks = torch.device("cpu"), summary["blocks"]
     losses = {
