@@ -140,14 +140,13 @@ class ConvertArgs:
     distill_block_lr: str = ""
     """blocks whose every weight (mixer, norms, MLP) gets its own multiple of the distillation lr in stage
     (b), like '0:0,1:0' (converted or not; times --distill-mixer-lr's for their mixers; 0 freezes the
-    block): in all-Gated-DeltaNet SmolLM2 the gradient spikes before a divergence came from blocks 0 and 1
-    (block 1's output gate and value projection, block 0's MLP and input norm; docs/convert.md)
-    (default: none)"""
+    block): in all-Gated-DeltaNet SmolLM2 blocks 0 and 1 made over 90% of the spike windows' squared
+    gradient, block 0's norms and block 1's output gate the most (docs/convert.md) (default: none)"""
     distill_skip_spikes: float = 0.0
     """skip the update of a stage (b) step whose gradient norm is more than this multiple of the median of
     the last 20 steps' norms (0: never; else > 1). The step's batch is used up and the step logged with
     ``skipped``; clipping keeps a spike's size, not its direction, which lies on the few weights that made
-    it (docs/convert.md)"""
+    it. It did not keep all-Gated-DeltaNet SmolLM2 stable at 5 (docs/convert.md)"""
     ce_weight: float = 1.0
     """weight of the next-token cross-entropy on the text added to the distillation KL: in four paired
     SmolLM2 conversions 1 beat 0 (KL only, the default until 2026-12-06) by 6-10 perplexity points"""
