@@ -241,9 +241,9 @@ def _block_spec(spec: str) -> tuple[str, int] | list[int]:
         ) from None
 
 
-def mixer_lr_scales(spec: str, flag: str = "--distill-mixer-lr") -> dict[int, float]:
-    """``{block: multiple of the distillation lr}`` of a ``--distill-mixer-lr`` (or ``flag``) spec like
-    '0:0.1,5:0' ('' for none); a one-line error otherwise."""
+def block_lr_multiples(spec: str, flag: str = "--distill-mixer-lr") -> dict[int, float]:
+    """``{block: multiple of the distillation lr}`` of a ``--distill-mixer-lr`` spec (or of ``flag``,
+    ``--distill-block-lr``) like '0:0.1,5:0' ('' for none); a one-line error otherwise."""
     scales: dict[int, float] = {}
     for item in spec.split(",") if spec.strip() else ():
         block, _, scale = item.partition(":")
@@ -746,8 +746,8 @@ def _check_args(args: ConvertArgs) -> None:
                     "--distill-out-lr relative scales the lr of each converted mixer's own output projection "
                     f"by its size against the teacher's: not with {what}"
                 )
-    mixer_lr_scales(args.distill_mixer_lr)  # its syntax
-    mixer_lr_scales(args.distill_block_lr, "--distill-block-lr")
+    block_lr_multiples(args.distill_mixer_lr)  # its syntax
+    block_lr_multiples(args.distill_block_lr, "--distill-block-lr")
     for what, bad in (("--update lora", args.update == "lora"), ("--from-scratch", args.from_scratch)):
         if args.distill_mixer_lr.strip() and bad:
             raise ValueError(
@@ -802,13 +802,13 @@ def _check_against_teacher(args: ConvertArgs, config: Any) -> list[int]:
                               ("--in-layer-window", args.in_layer_window, True)):  # fmt: skip
         if used and value > positions:
             raise ValueError(f"{flag} must be at most the teacher's {positions} positions, got {value}")
-    scales = mixer_lr_scales(args.distill_mixer_lr)
+    scales = block_lr_multiples(args.distill_mixer_lr)
     outside = [b for b in scales if b not in blocks]
     if outside:
         raise ValueError(
             f"--distill-mixer-lr: block {outside[0]} is not converted (--blocks {args.blocks}: {blocks})"
         )
-    outside = [b for b in mixer_lr_scales(args.distill_block_lr) if not 0 <= b < n_layers]
+    outside = [b for b in block_lr_multiples(args.distill_block_lr) if not 0 <= b < n_layers]
     if outside:
         raise ValueError(
             f"--distill-block-lr: block index {outside[0]} out of range: the model has blocks "
@@ -951,7 +951,7 @@ def _check_resume(args: ConvertArgs, run: Path) -> dict[str, Any] | None:
             f"{b}:0" for b in saved["args"]["distill_frozen_mixers"].split(",")
         )
     for k in ("distill_mixer_lr", "distill_block_lr"):  # the same multiples spelled otherwise: '0:0.0'
-        if mixer_lr_scales(was[k]) == mixer_lr_scales(now[k]):
+        if block_lr_multiples(was[k]) == block_lr_multiples(now[k]):
             was[k] = now[k]
     diff = [
         f"--{k.replace('_', '-')} {was[k]!r} -> {now[k]!r}" for k in now if k not in free and was[k] != now[k]
@@ -1254,7 +1254,9 @@ class _Conversion:
             p.requires_grad_(False)
         full = stage == "distill" and self.args.update == "full" or self.args.from_scratch
         params = list(student.parameters()) if full else mixers
-        if stage == "distill":  # --distill-mixer-lr with multiple 0: those mixers stay as stage (a) left them
+        if (
+            stage == "distill"
+        ):  # multiple 0 (--distill-mixer-lr, --distill-block-lr): left as stage (a) left it
             frozen = {id(p) for p, s in self.distill_lr_multiples().items() if s == 0}
             params = [p for p in params if id(p) not in frozen]
         for p in params:
@@ -1266,7 +1268,7 @@ class _Conversion:
         ``--distill-block-lr`` (their product where both name it; absent: 1; ``relative`` comes on top)."""
         scale: dict[nn.Parameter, float] = {}
         for spec, part in ((self.args.distill_mixer_lr, "mixer"), (self.args.distill_block_lr, "")):
-            for i, s in mixer_lr_scales(spec).items():
+            for i, s in block_lr_multiples(spec).items():
                 block = self.student.blocks[i]
                 for p in (getattr(block, part) if part else block).parameters():
                     scale[p] = scale.get(p, 1.0) * s
