@@ -51,6 +51,9 @@ def grad_split(checkpoint: Path, steps: int) -> list[dict]:
 
     student, teacher, meta, train = load_conversion(checkpoint)
     args, step = meta["args"], int(meta["step"])
+    if step < args["transfer_steps"]:  # its next steps are attention transfer's, not distillation's
+        raise SystemExit(f"{checkpoint} is a checkpoint within attention transfer (step {step}): give one at "
+                         f"or after step {args['transfer_steps']}")  # fmt: skip
     sampler = torch.Generator().manual_seed(args["seed"] + 1)  # distillation's, as ttt convert draws it
     if step > args["transfer_steps"]:  # within distillation: where the run's sampler stood
         sampler.set_state(load_checkpoint(checkpoint, load_trainer=True)[2]["rng.sampler"])

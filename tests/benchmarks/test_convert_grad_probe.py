@@ -33,8 +33,13 @@ def test_the_probe_sees_the_runs_next_batches_and_splits_their_gradient(tmp_path
 
 
 def test_bad_arguments_are_one_line(tiny_conversion):
-    run = tiny_conversion("run", distill_steps=0)
+    run = tiny_conversion("run", distill_steps=0, transfer_steps=2, keep_checkpoints=0)
     probe = load_script(SCRIPT)
+    # its next steps are transfer's: the probe drew distillation's batches and labelled them as those steps
+    with pytest.raises(
+        SystemExit, match=r"within attention transfer \(step 1\): give one at or after step 2$"
+    ):
+        probe.main([str(run / "step-000001")])
     with pytest.raises(SystemExit, match="^--steps must be >= 1, got 0$"):
         probe.main([str(run / "step-000001"), "--steps", "0"])
     with pytest.raises(SystemExit, match="^--spike must be > 1, got 1.0$"):
